@@ -1,0 +1,169 @@
+//! Products and upfront fares: base + per km + per minute, never below the minimum.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::eta::EtaEstimate;
+
+/// The vehicle classes a rider can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Product {
+    Economy,
+    Xl,
+    Premium,
+}
+
+impl Product {
+    pub const ALL: [Product; 3] = [Product::Economy, Product::Xl, Product::Premium];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Product::Economy => "economy",
+            Product::Xl => "xl",
+            Product::Premium => "premium",
+        }
+    }
+}
+
+impl fmt::Display for Product {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Product {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Product::ALL.into_iter().find(|p| p.as_str() == s).ok_or(())
+    }
+}
+
+/// The prices of one product, in minor currency units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateCard {
+    pub base_cents: i64,
+    pub per_km_cents: i64,
+    pub per_minute_cents: i64,
+    pub minimum_cents: i64,
+}
+
+/// One rate card per product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateCards {
+    pub currency: String,
+    pub economy: RateCard,
+    pub xl: RateCard,
+    pub premium: RateCard,
+}
+
+impl Default for RateCards {
+    fn default() -> Self {
+        Self {
+            currency: "USD".to_owned(),
+            economy: RateCard {
+                base_cents: 250,
+                per_km_cents: 120,
+                per_minute_cents: 30,
+                minimum_cents: 700,
+            },
+            xl: RateCard {
+                base_cents: 400,
+                per_km_cents: 180,
+                per_minute_cents: 45,
+                minimum_cents: 1000,
+            },
+            premium: RateCard {
+                base_cents: 700,
+                per_km_cents: 300,
+                per_minute_cents: 70,
+                minimum_cents: 1500,
+            },
+        }
+    }
+}
+
+/// An upfront price for one trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FareQuote {
+    pub product: Product,
+    pub fare_cents: i64,
+    pub currency: String,
+    pub surge: f64,
+    pub distance_m: u64,
+    pub duration_s: u64,
+}
+
+impl RateCards {
+    pub fn card(&self, product: Product) -> &RateCard {
+        match product {
+            Product::Economy => &self.economy,
+            Product::Xl => &self.xl,
+            Product::Premium => &self.premium,
+        }
+    }
+
+    /// The fare for a trip of the estimated length, times `surge` (≥ 1), rounded to the
+    /// nearest minor unit and never below the product's minimum.
+    pub fn quote(&self, product: Product, trip: EtaEstimate, surge: f64) -> FareQuote {
+        let card = self.card(product);
+        let km = trip.distance_m / 1000.0;
+        let minutes = trip.duration_s / 60.0;
+        let raw = card.base_cents as f64
+            + km * card.per_km_cents as f64
+            + minutes * card.per_minute_cents as f64;
+        let surged = (raw * surge.max(1.0)).round() as i64;
+        FareQuote {
+            product,
+            fare_cents: surged.max(card.minimum_cents),
+            currency: self.currency.clone(),
+            surge: surge.max(1.0),
+            distance_m: trip.distance_m.round() as u64,
+            duration_s: trip.duration_s.round() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fare_is_base_plus_distance_plus_time_with_a_minimum() {
+        let cards = RateCards::default();
+        let q = cards.quote(
+            Product::Economy,
+            EtaEstimate {
+                distance_m: 10_000.0,
+                duration_s: 1200.0,
+            },
+            1.0,
+        );
+        assert_eq!(q.fare_cents, 250 + 1200 + 600);
+        let short = cards.quote(
+            Product::Economy,
+            EtaEstimate {
+                distance_m: 100.0,
+                duration_s: 30.0,
+            },
+            1.0,
+        );
+        assert_eq!(short.fare_cents, 700);
+        let surged = cards.quote(
+            Product::Economy,
+            EtaEstimate {
+                distance_m: 10_000.0,
+                duration_s: 1200.0,
+            },
+            1.5,
+        );
+        assert_eq!(surged.fare_cents, 3075);
+    }
+
+    #[test]
+    fn products_round_trip_their_names() {
+        for p in Product::ALL {
+            assert_eq!(p.as_str().parse::<Product>(), Ok(p));
+        }
+        assert!("limo".parse::<Product>().is_err());
+    }
+}

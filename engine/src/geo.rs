@@ -1,0 +1,203 @@
+//! Coordinates, great-circle distances and the H3 grid the drivers are indexed on.
+
+pub use h3o::CellIndex as CellId;
+use h3o::{LatLng, Resolution};
+
+/// Mean Earth radius used for every distance in the engine, in metres.
+pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GeoError {
+    #[error("lat must be a finite number in [-90, 90] and lng a finite number in [-180, 180]")]
+    InvalidLocation,
+    #[error("h3 resolution must be in 0..=15, got {0}")]
+    InvalidResolution(u8),
+}
+
+/// A validated WGS84 position in decimal degrees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    lat: f64,
+    lng: f64,
+}
+
+impl Point {
+    /// Validates a coordinate: finite, `lat` in [-90, 90], `lng` in [-180, 180].
+    pub fn new(lat: f64, lng: f64) -> Result<Self, GeoError> {
+        if lat.is_finite()
+            && lng.is_finite()
+            && (-90.0..=90.0).contains(&lat)
+            && (-180.0..=180.0).contains(&lng)
+        {
+            Ok(Self { lat, lng })
+        } else {
+            Err(GeoError::InvalidLocation)
+        }
+    }
+
+    pub fn lat(self) -> f64 {
+        self.lat
+    }
+
+    pub fn lng(self) -> f64 {
+        self.lng
+    }
+
+    /// Great-circle (haversine) distance in metres.
+    pub fn distance_m(self, other: Point) -> f64 {
+        let (p1, p2) = (self.lat.to_radians(), other.lat.to_radians());
+        let dp = p2 - p1;
+        let dl = (other.lng - self.lng).to_radians();
+        let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+        2.0 * EARTH_RADIUS_M * a.sqrt().min(1.0).asin()
+    }
+
+    /// The point on the unit sphere. Euclidean (chord) distance between these vectors is
+    /// a strictly increasing function of great-circle distance, so an R-tree over them
+    /// orders neighbours exactly as the sphere does, with no projection error.
+    pub fn unit_vector(self) -> [f64; 3] {
+        let (la, ln) = (self.lat.to_radians(), self.lng.to_radians());
+        [la.cos() * ln.cos(), la.cos() * ln.sin(), la.sin()]
+    }
+
+    /// Initial bearing from `self` to `other`, degrees clockwise from north in [0, 360).
+    pub fn bearing_deg(self, other: Point) -> f64 {
+        let (p1, p2) = (self.lat.to_radians(), other.lat.to_radians());
+        let dl = (other.lng - self.lng).to_radians();
+        let y = dl.sin() * p2.cos();
+        let x = p1.cos() * p2.sin() - p1.sin() * p2.cos() * dl.cos();
+        (y.atan2(x).to_degrees() + 360.0) % 360.0
+    }
+
+    fn to_latlng(self) -> LatLng {
+        // `Point` is validated, and h3o accepts every finite coordinate.
+        LatLng::new(self.lat, self.lng).expect("validated point is a valid LatLng")
+    }
+}
+
+/// Converts a chord length on the unit sphere to a great-circle distance in metres.
+pub fn chord_to_m(chord: f64) -> f64 {
+    2.0 * EARTH_RADIUS_M * (chord / 2.0).min(1.0).asin()
+}
+
+/// Converts a great-circle distance in metres to a chord length on the unit sphere.
+pub fn m_to_chord(m: f64) -> f64 {
+    2.0 * (m / (2.0 * EARTH_RADIUS_M))
+        .min(std::f64::consts::FRAC_PI_2)
+        .sin()
+}
+
+/// The H3 grid at one resolution: which cell a point is in, and how far a cell can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    resolution: Resolution,
+}
+
+impl Grid {
+    pub fn new(resolution: u8) -> Result<Self, GeoError> {
+        Resolution::try_from(resolution)
+            .map(|resolution| Self { resolution })
+            .map_err(|_| GeoError::InvalidResolution(resolution))
+    }
+
+    pub fn resolution(self) -> u8 {
+        u8::from(self.resolution)
+    }
+
+    pub fn cell_of(self, p: Point) -> CellId {
+        p.to_latlng().to_cell(self.resolution)
+    }
+
+    /// The cells at exactly grid distance `k` from `origin` (the origin itself for 0).
+    pub fn ring(self, origin: CellId, k: u32) -> Vec<CellId> {
+        origin.grid_ring::<Vec<_>>(k)
+    }
+
+    /// A lower bound on the distance from `p` to any point inside `cell`, in metres:
+    /// zero when `p` is inside, else the distance to the cell's centre less the largest
+    /// centre-to-vertex distance (H3 edges are great-circle arcs, so every point of the
+    /// cell lies within that radius of the centre), less a small safety margin.
+    pub fn min_distance_m(self, p: Point, cell: CellId) -> f64 {
+        if self.cell_of(p) == cell {
+            return 0.0;
+        }
+        let centre = LatLng::from(cell);
+        let radius = cell
+            .boundary()
+            .iter()
+            .map(|v| centre.distance_m(*v))
+            .fold(0.0, f64::max);
+        let to_centre = p.to_latlng().distance_m(centre);
+        (to_centre - radius * 1.01 - 1.0).max(0.0)
+    }
+
+    /// The centre of a cell.
+    pub fn centre(cell: CellId) -> Point {
+        let c = LatLng::from(cell);
+        Point {
+            lat: c.lat(),
+            lng: c.lng(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_out_of_range_and_non_finite() {
+        for (lat, lng) in [
+            (91.0, 0.0),
+            (-90.1, 0.0),
+            (0.0, 180.5),
+            (f64::NAN, 0.0),
+            (0.0, f64::INFINITY),
+        ] {
+            assert_eq!(
+                Point::new(lat, lng),
+                Err(GeoError::InvalidLocation),
+                "{lat},{lng}"
+            );
+        }
+        assert!(Point::new(90.0, -180.0).is_ok());
+    }
+
+    #[test]
+    fn haversine_matches_a_known_distance() {
+        // Empire State Building to Times Square, about 1.03 km.
+        let a = Point::new(40.7484, -73.9857).unwrap();
+        let b = Point::new(40.7580, -73.9855).unwrap();
+        let d = a.distance_m(b);
+        assert!((1060.0..1080.0).contains(&d), "{d}");
+    }
+
+    #[test]
+    fn chord_conversion_round_trips() {
+        for m in [0.0, 1.0, 1500.0, 20_000.0] {
+            assert!((chord_to_m(m_to_chord(m)) - m).abs() < 1e-6, "{m}");
+        }
+    }
+
+    #[test]
+    fn min_distance_is_a_lower_bound() {
+        let grid = Grid::new(7).unwrap();
+        let p = Point::new(45.5, -73.6).unwrap();
+        let origin = grid.cell_of(p);
+        for k in 1..4 {
+            for cell in grid.ring(origin, k) {
+                let bound = grid.min_distance_m(p, cell);
+                for v in cell.boundary().iter() {
+                    let q = Point::new(v.lat(), v.lng()).unwrap();
+                    assert!(bound <= p.distance_m(q) + 1e-6);
+                }
+                assert!(bound <= p.distance_m(Grid::centre(cell)));
+            }
+        }
+    }
+
+    #[test]
+    fn bad_resolution_is_an_error() {
+        assert_eq!(Grid::new(16), Err(GeoError::InvalidResolution(16)));
+    }
+}

@@ -1,0 +1,33 @@
+//! `dispatch-engine`: the dispatch domain as plain data and pure functions.
+//!
+//! It owns ids, coordinates and H3 cells ([`geo`]), the per-cell R-tree of drivers and
+//! the ring-by-ring candidate search ([`index`], [`search`]), the ETA and fare models
+//! ([`eta`], [`fare`]), the driver and rider status rules ([`driver`], [`rider`]) and the
+//! trip state machine with its offer cascade ([`trip`]).
+//!
+//! It must not depend on tokio, sockets, files, JSON or a clock: every function that
+//! needs the time takes `now_ms` (Unix milliseconds) as an argument, and ids are handed
+//! in by the caller, so every rule is deterministic, testable and replayable.
+
+pub mod driver;
+pub mod eta;
+pub mod fare;
+pub mod geo;
+pub mod ids;
+pub mod index;
+pub mod rider;
+pub mod search;
+pub mod trip;
+
+pub use driver::{DriverError, DriverState, DriverStatus};
+pub use eta::{EtaEstimate, EtaModel, StraightLineEta};
+pub use fare::{FareQuote, Product, RateCard, RateCards};
+pub use geo::{CellId, GeoError, Grid, Point};
+pub use ids::{DriverId, QuoteId, RiderId, TripId};
+pub use index::{CellDrivers, IndexedDriver};
+pub use rider::{RiderError, RiderState};
+pub use search::{Candidate, RingSearch, SearchParams, SearchStats};
+pub use trip::{
+    CancelledBy, DispatchConfig, Offer, QuoteTerms, Trip, TripCommand, TripEffect, TripError,
+    TripState,
+};
