@@ -1,1 +1,34 @@
-fn main() {}
+//! Run with `cargo run --release --bin dispatchd` (every flag has a `DISPATCH_*`
+//! environment variable; `--help` lists them).
+
+use clap::Parser;
+use dispatch_transport::server::{self, Args, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = match args.build_and_validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dispatchd: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::try_from_env("DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        server::run(listener, config, server::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,481 @@
+//! `DriverActor`: one per driver. Owns the driver's status (the engine's [`DriverState`]
+//! rules), its position and cell, its open offer and current trip, and its session.
+//! Every message the driver's app receives passes through here, in order.
+
+use std::time::Duration;
+
+use dispatch_engine::{
+    CellId, DriverState, DriverStatus, IndexedDriver, Point, TripCommand, TripId,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::cell::CellMsg;
+use crate::error::ApiError;
+use crate::registry::DriverRecord;
+use crate::session::{CLOSE_REPLACED, Outbound, Responder, SessionHandle};
+use crate::system::System;
+use crate::trip::{TripFrom, TripMsg};
+use crate::views::{OfferView, TripView};
+
+pub struct DriverArgs {
+    pub record: DriverRecord,
+    /// Restarted by the supervisor from `record` after a failure.
+    pub restarted: bool,
+}
+
+/// What a driver's app asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverCommand {
+    GoOnline,
+    GoOffline,
+    Location {
+        position: Point,
+        heading: Option<f64>,
+    },
+    Accept(TripId),
+    Decline(TripId),
+    Arrived(TripId),
+    StartTrip(TripId),
+    CompleteTrip(TripId),
+    CancelTrip {
+        trip_id: TripId,
+        reason: Option<String>,
+    },
+}
+
+/// How a trip update changes the driver's link to the trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TripLink {
+    /// The driver's offer was accepted: it is now on the trip.
+    Assigned,
+    /// Another transition of the trip the driver is on.
+    Update,
+    /// The driver is off the trip (completed, cancelled, taken off); this is its last update.
+    Released,
+}
+
+pub enum DriverMsg {
+    /// A new session for this identity; replies once `welcome` is queued, so it is the
+    /// session's first message.
+    Attach(SessionHandle, RpcReplyPort<()>),
+    Detach {
+        session_id: u64,
+    },
+    GraceExpired {
+        epoch: u64,
+    },
+    Command(DriverCommand, Responder),
+    /// From a trip: hold this offer if available (and connected). Replies whether it does.
+    ReserveOffer(OfferView, RpcReplyPort<bool>),
+    /// From a trip: the open offer ended; `notify` sends `offer_expired` to the app.
+    OfferEnded {
+        trip_id: TripId,
+        notify: bool,
+        responder: Option<Responder>,
+    },
+    /// From a trip: a transition the driver must see.
+    Trip {
+        view: TripView,
+        link: TripLink,
+        responder: Option<Responder>,
+    },
+    /// The driver's cell restarted: index yourself again.
+    Reindex,
+    Get(RpcReplyPort<DriverRecord>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+pub struct DriverActor {
+    pub system: System,
+}
+
+pub struct DriverActorState {
+    rec: DriverRecord,
+    st: DriverState,
+    /// The grace period ran out while the driver was busy: go offline once free.
+    offline_when_free: bool,
+}
+
+impl DriverActor {
+    /// Commits the restartable state (see `registry`).
+    fn commit(&self, s: &mut DriverActorState) {
+        s.rec.status = s.st.status().clone();
+        self.system
+            .registry
+            .driver_records
+            .insert(s.rec.id.clone(), s.rec.clone());
+    }
+
+    fn send(&self, s: &DriverActorState, msg: Outbound) {
+        if let Some(session) = &s.rec.session {
+            session.send(msg);
+        }
+    }
+
+    fn indexed(&self, s: &DriverActorState, position: Point) -> IndexedDriver {
+        IndexedDriver {
+            driver_id: s.rec.id.clone(),
+            position,
+            heading: s.rec.heading,
+            product: s.rec.profile.vehicle.product,
+            available: *s.st.status() == DriverStatus::Available,
+        }
+    }
+
+    /// Puts the driver into its current cell's index (or takes it out), moving it between
+    /// cells when it crossed a border. Returns whether the cell changed.
+    async fn reindex(&self, s: &mut DriverActorState, ping: bool) -> bool {
+        let Some(pos) = s.rec.position else {
+            return false;
+        };
+        let want: Option<CellId> =
+            s.st.status()
+                .is_indexed()
+                .then(|| self.system.config.grid.cell_of(pos));
+        let old = s.rec.cell;
+        if old != want
+            && let Some(old) = old
+            && let Some(a) = self.system.registry.cell(&old)
+        {
+            let _ = a.cast(CellMsg::Remove(s.rec.id.clone()));
+        }
+        if let Some(cell) = want {
+            match self.system.cell_actor(cell).await {
+                Some(a) => {
+                    let _ = a.cast(CellMsg::Upsert {
+                        driver: self.indexed(s, pos),
+                        ping,
+                    });
+                }
+                None => self.system.metrics.bound_hit("cell_spawn_failed"),
+            }
+        }
+        s.rec.cell = want;
+        old != want
+    }
+
+    fn welcome(&self, s: &DriverActorState) -> Outbound {
+        Outbound::DriverWelcome {
+            driver_id: s.rec.id.to_string(),
+            status: s.st.status().as_str(),
+            offer: s.rec.offer.clone(),
+            trip: s.rec.trip.clone(),
+        }
+    }
+
+    async fn go_offline_if_idle(&self, s: &mut DriverActorState) {
+        if s.rec.session.is_none()
+            && s.offline_when_free
+            && *s.st.status() == DriverStatus::Available
+        {
+            let _ = s.st.go_offline();
+            s.offline_when_free = false;
+            self.reindex(s, false).await;
+            tracing::info!(driver_id = %s.rec.id, "grace period over; driver offline");
+        }
+    }
+
+    async fn command(&self, s: &mut DriverActorState, cmd: DriverCommand, responder: Responder) {
+        let trip_cmd = match cmd {
+            DriverCommand::GoOnline => {
+                match s.st.go_online() {
+                    Ok(()) => {
+                        s.offline_when_free = false;
+                        self.reindex(s, false).await;
+                        self.commit(s);
+                        responder.ack();
+                    }
+                    Err(e) => responder.fail(e.into()),
+                }
+                return;
+            }
+            DriverCommand::GoOffline => {
+                match s.st.go_offline() {
+                    Ok(()) => {
+                        self.reindex(s, false).await;
+                        self.commit(s);
+                        responder.ack();
+                    }
+                    Err(e) => responder.fail(e.into()),
+                }
+                return;
+            }
+            DriverCommand::Location { position, heading } => {
+                s.rec.position = Some(position);
+                if heading.is_some() {
+                    s.rec.heading = heading;
+                }
+                if self.reindex(s, true).await {
+                    self.commit(s); // a new cell is worth remembering across a restart
+                }
+                if let DriverStatus::OnTrip(trip_id) = s.st.status()
+                    && let Some(t) = self.system.registry.trip(trip_id)
+                {
+                    let _ = t.cast(TripMsg::DriverLocation {
+                        driver_id: s.rec.id.clone(),
+                        position,
+                        heading: s.rec.heading,
+                    });
+                }
+                responder.ack();
+                return;
+            }
+            DriverCommand::Accept(t) => (
+                t.clone(),
+                TripCommand::Accept {
+                    driver_id: s.rec.id.clone(),
+                },
+            ),
+            DriverCommand::Decline(t) => (
+                t.clone(),
+                TripCommand::Decline {
+                    driver_id: s.rec.id.clone(),
+                },
+            ),
+            DriverCommand::Arrived(t) => (
+                t.clone(),
+                TripCommand::Arrived {
+                    driver_id: s.rec.id.clone(),
+                },
+            ),
+            DriverCommand::StartTrip(t) => (
+                t.clone(),
+                TripCommand::Start {
+                    driver_id: s.rec.id.clone(),
+                },
+            ),
+            DriverCommand::CompleteTrip(t) => (
+                t.clone(),
+                TripCommand::Complete {
+                    driver_id: s.rec.id.clone(),
+                },
+            ),
+            DriverCommand::CancelTrip { trip_id, reason } => (
+                trip_id,
+                TripCommand::DriverCancel {
+                    driver_id: s.rec.id.clone(),
+                    reason,
+                },
+            ),
+        };
+        let (trip_id, cmd) = trip_cmd;
+        // The trip decides; its answer comes back with the update it causes.
+        match self.system.registry.trip(&trip_id) {
+            Some(t) => {
+                let msg = TripMsg::Command {
+                    cmd,
+                    from: TripFrom::Driver(s.rec.id.clone()),
+                    responder: Some(responder),
+                };
+                // The trip actor may have stopped between the lookup and the cast.
+                if let Err(ractor::MessagingErr::SendErr(TripMsg::Command {
+                    responder: Some(r),
+                    ..
+                })) = t.cast(msg)
+                {
+                    r.fail(ApiError::conflict("the trip has ended"));
+                }
+            }
+            None => match self.system.trip_view(&trip_id) {
+                Some(v) if v.driver_id.as_ref() == Some(&s.rec.id) => {
+                    responder.fail(ApiError::conflict("the trip has ended"))
+                }
+                Some(_)
+                    if matches!(
+                        cmd,
+                        TripCommand::Accept { .. } | TripCommand::Decline { .. }
+                    ) =>
+                {
+                    responder.fail(ApiError::conflict(
+                        "the offer has expired or gone to another driver",
+                    ))
+                }
+                Some(_) => responder.fail(ApiError::forbidden("the driver is not on this trip")),
+                None => responder.fail(ApiError::not_found("trip")),
+            },
+        }
+    }
+
+    /// Brings the driver's status in line with a trip's word on it.
+    fn follow_trip(&self, s: &mut DriverActorState, view: &TripView, link: TripLink) {
+        let id = &view.trip_id;
+        match link {
+            TripLink::Assigned => {
+                if s.st.status() != &DriverStatus::OnTrip(id.clone())
+                    && let Err(e) = s.st.assign(id)
+                {
+                    self.system
+                        .metrics
+                        .invariant("driver_assign", &format!("{} on {id}: {e}", s.rec.id));
+                    s.st = DriverState::new(DriverStatus::OnTrip(id.clone()));
+                }
+                s.rec.offer = None;
+                s.rec.trip = Some(view.clone());
+            }
+            TripLink::Update => {
+                if s.rec.trip.as_ref().is_none_or(|t| &t.trip_id == id) {
+                    s.rec.trip = Some(view.clone());
+                }
+            }
+            TripLink::Released => {
+                if s.st.status() == &DriverStatus::OnTrip(id.clone()) {
+                    let _ = s.st.release(id);
+                }
+                if s.rec.trip.as_ref().is_some_and(|t| &t.trip_id == id) {
+                    s.rec.trip = None;
+                }
+            }
+        }
+    }
+}
+
+impl Actor for DriverActor {
+    type Msg = DriverMsg;
+    type State = DriverActorState;
+    type Arguments = DriverArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DriverMsg>,
+        args: DriverArgs,
+    ) -> Result<DriverActorState, ActorProcessingErr> {
+        let st = DriverState::new(args.record.status.clone());
+        if args.restarted {
+            tracing::warn!(driver_id = %args.record.id, status = st.status().as_str(), "driver actor restarted");
+        }
+        Ok(DriverActorState {
+            rec: args.record,
+            st,
+            offline_when_free: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<DriverMsg>,
+        s: &mut DriverActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if s.rec.session.is_none() && s.st.status().is_indexed() {
+            // Restarted while disconnected: the grace period starts again.
+            let epoch = s.rec.session_epoch;
+            myself.send_after(
+                Duration::from_millis(self.system.config.session_grace_ms),
+                move || DriverMsg::GraceExpired { epoch },
+            );
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DriverMsg>,
+        msg: DriverMsg,
+        s: &mut DriverActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DriverMsg::Attach(session, reply) => {
+                if let Some(old) = s.rec.session.replace(session)
+                    && s.rec.session.as_ref().is_some_and(|n| n.id != old.id)
+                {
+                    old.close(CLOSE_REPLACED);
+                }
+                s.rec.session_epoch += 1;
+                s.offline_when_free = false;
+                self.commit(s);
+                self.send(s, self.welcome(s));
+                let _ = reply.send(());
+            }
+            DriverMsg::Detach { session_id } => {
+                if s.rec.session.as_ref().is_some_and(|h| h.id == session_id) {
+                    s.rec.session = None;
+                    s.rec.session_epoch += 1;
+                    self.commit(s);
+                    let epoch = s.rec.session_epoch;
+                    myself.send_after(
+                        Duration::from_millis(self.system.config.session_grace_ms),
+                        move || DriverMsg::GraceExpired { epoch },
+                    );
+                }
+            }
+            DriverMsg::GraceExpired { epoch } => {
+                if epoch == s.rec.session_epoch && s.rec.session.is_none() {
+                    s.offline_when_free = true;
+                    self.go_offline_if_idle(s).await;
+                    self.commit(s);
+                }
+            }
+            DriverMsg::Command(cmd, responder) => self.command(s, cmd, responder).await,
+            DriverMsg::ReserveOffer(offer, reply) => {
+                let ok = if s.rec.session.is_none() {
+                    false // an app that is not connected cannot answer within the offer window
+                } else if s.st.status() == &DriverStatus::Offered(offer.trip_id.clone()) {
+                    true // a restarted trip re-sending its open offer
+                } else {
+                    s.st.reserve_offer(&offer.trip_id).is_ok()
+                };
+                if ok {
+                    s.rec.offer = Some(offer.clone());
+                    self.reindex(s, false).await;
+                    self.commit(s);
+                    self.send(s, Outbound::Offer(offer));
+                }
+                let _ = reply.send(ok);
+            }
+            DriverMsg::OfferEnded {
+                trip_id,
+                notify,
+                responder,
+            } => {
+                if s.st.offer_ended(&trip_id).is_ok() {
+                    s.rec.offer = None;
+                    self.reindex(s, false).await;
+                    self.go_offline_if_idle(s).await;
+                    self.commit(s);
+                    if notify {
+                        self.send(s, Outbound::OfferExpired { trip_id });
+                    }
+                }
+                if let Some(r) = responder {
+                    r.ack();
+                }
+            }
+            DriverMsg::Trip {
+                view,
+                link,
+                responder,
+            } => {
+                self.follow_trip(s, &view, link);
+                if link == TripLink::Released {
+                    self.reindex(s, false).await;
+                    self.go_offline_if_idle(s).await;
+                } else if link == TripLink::Assigned {
+                    self.reindex(s, false).await;
+                }
+                self.commit(s);
+                self.send(
+                    s,
+                    Outbound::TripUpdate {
+                        req: None,
+                        trip: view,
+                    },
+                );
+                if let Some(r) = responder {
+                    r.ack();
+                }
+            }
+            DriverMsg::Reindex => {
+                s.rec.cell = None;
+                self.reindex(s, false).await;
+                self.commit(s);
+            }
+            DriverMsg::Get(reply) => {
+                let mut rec = s.rec.clone();
+                rec.status = s.st.status().clone();
+                let _ = reply.send(rec);
+            }
+            DriverMsg::InjectPanic => panic!("injected fault in driver {}", s.rec.id),
+        }
+        Ok(())
+    }
+}

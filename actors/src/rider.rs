@@ -1,0 +1,380 @@
+//! `RiderActor`: one per rider. Enforces one active trip per rider (the engine's
+//! [`RiderState`]), turns a request into a trip actor, and relays the trip's updates,
+//! driver positions and receipt to the rider's session, in order.
+
+use dispatch_engine::{
+    Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId, TripState,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::registry::{RiderRecord, TripRecord};
+use crate::session::{CLOSE_REPLACED, Outbound, Responder, SessionHandle};
+use crate::supervisor::{Group, Spawn};
+use crate::system::{System, random_suffix};
+use crate::trip::{TripArgs, TripFrom, TripMsg};
+use crate::views::{Receipt, TripView};
+
+pub struct RiderArgs {
+    pub record: RiderRecord,
+    pub restarted: bool,
+}
+
+/// What the rider asks for: a quoted trip, or one priced now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RideRequest {
+    Quote(QuoteId),
+    Direct {
+        pickup: Point,
+        dropoff: Point,
+        product: Product,
+    },
+}
+
+pub enum RiderMsg {
+    /// A new session for this identity; replies once `welcome` is queued, so it is the
+    /// session's first message.
+    Attach(SessionHandle, RpcReplyPort<()>),
+    Detach {
+        session_id: u64,
+    },
+    RequestRide(RideRequest, Responder),
+    CancelRide {
+        trip_id: TripId,
+        reason: Option<String>,
+        responder: Responder,
+    },
+    Location(Point, Responder),
+    /// From the trip: a transition. A final state frees the rider.
+    Trip {
+        view: TripView,
+        responder: Option<Responder>,
+    },
+    DriverLocation {
+        trip_id: TripId,
+        position: Point,
+        heading: Option<f64>,
+        pickup_eta_s: Option<u64>,
+    },
+    Get(RpcReplyPort<RiderRecord>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+pub struct RiderActor {
+    pub system: System,
+}
+
+pub struct RiderActorState {
+    rec: RiderRecord,
+    st: RiderState,
+}
+
+impl RiderActor {
+    fn commit(&self, s: &RiderActorState) {
+        self.system
+            .registry
+            .rider_records
+            .insert(s.rec.id.clone(), s.rec.clone());
+    }
+
+    fn send(&self, s: &RiderActorState, msg: Outbound) {
+        if let Some(session) = &s.rec.session {
+            session.send(msg);
+        }
+    }
+
+    /// The terms of the ride: a live quote of this rider's, or a price made now.
+    fn terms(
+        &self,
+        s: &RiderActorState,
+        req: RideRequest,
+    ) -> Result<(Point, Point, Product, QuoteTerms), ApiError> {
+        let quote = match req {
+            RideRequest::Quote(id) => {
+                let q = self
+                    .system
+                    .registry
+                    .quotes
+                    .get(&id)
+                    .map(|q| q.clone())
+                    .ok_or_else(|| ApiError::not_found("quote"))?;
+                if q.rider_id != s.rec.id {
+                    return Err(ApiError::forbidden("the quote belongs to another rider"));
+                }
+                if self.system.clock.now_ms() >= q.expires_at_ms {
+                    return Err(ApiError::new(
+                        ErrorCode::QuoteExpired,
+                        "the quote has expired; ask for a new one",
+                    ));
+                }
+                q
+            }
+            RideRequest::Direct {
+                pickup,
+                dropoff,
+                product,
+            } => self
+                .system
+                .quote(s.rec.id.clone(), pickup, dropoff, product),
+        };
+        let terms = QuoteTerms {
+            fare_cents: quote.fare_cents,
+            currency: quote.currency.clone(),
+            surge: quote.surge,
+            distance_m: quote.distance_m,
+            duration_s: quote.duration_s,
+        };
+        Ok((quote.pickup, quote.dropoff, quote.product, terms))
+    }
+
+    async fn request(&self, s: &mut RiderActorState, req: RideRequest, responder: Responder) {
+        if let Some(active) = s.st.active_trip() {
+            return responder.fail(ApiError::conflict(format!(
+                "the rider already has an active trip {active}"
+            )));
+        }
+        let quote_id = match &req {
+            RideRequest::Quote(id) => Some(id.clone()),
+            RideRequest::Direct { .. } => None,
+        };
+        let (pickup, dropoff, product, terms) = match self.terms(s, req) {
+            Ok(t) => t,
+            Err(e) => return responder.fail(e),
+        };
+        let now = self.system.clock.now_ms();
+        let trip_id = TripId::with_suffix(&random_suffix());
+        let (trip, _) = Trip::request(
+            trip_id.clone(),
+            s.rec.id.clone(),
+            product,
+            pickup,
+            dropoff,
+            terms,
+            now,
+            &self.system.config.dispatch,
+        );
+        let view = TripView::of(&trip, None);
+        let record = TripRecord {
+            trip,
+            driver: None,
+            history: Vec::new(),
+        };
+        // Commit the trip before anyone hears of it.
+        self.system
+            .registry
+            .trip_records
+            .insert(trip_id.clone(), record.clone());
+        self.system
+            .registry
+            .trip_views
+            .insert(trip_id.clone(), view.clone());
+        if s.st.begin(trip_id.clone()).is_err() {
+            self.system
+                .metrics
+                .invariant("rider_two_trips", s.rec.id.as_str());
+        }
+        s.rec.trip = Some(view.clone());
+        self.commit(s);
+        if let Some(q) = quote_id {
+            self.system.registry.quotes.remove(&q); // a quote buys one trip
+        }
+        // The reply is the trip's first update: sent before the trip actor can send any other.
+        responder.trip(view);
+        let args = TripArgs {
+            record,
+            restarted: false,
+        };
+        if let Err(e) = self.system.spawn(Group::Trip, Spawn::Trip(args)).await {
+            tracing::error!(trip_id = %trip_id, error = %e, "could not start the trip actor");
+        }
+    }
+
+    fn cancel(
+        &self,
+        s: &RiderActorState,
+        trip_id: TripId,
+        reason: Option<String>,
+        responder: Responder,
+    ) {
+        let mine = s.st.active_trip() == Some(&trip_id);
+        if mine && let Some(t) = self.system.registry.trip(&trip_id) {
+            let cmd = TripCommand::Cancel {
+                by: dispatch_engine::CancelledBy::Rider,
+                reason,
+            };
+            if let Err(ractor::MessagingErr::SendErr(TripMsg::Command {
+                responder: Some(r), ..
+            })) = t.cast(TripMsg::Command {
+                cmd,
+                from: TripFrom::Rider,
+                responder: Some(responder),
+            }) {
+                r.fail(ApiError::conflict("the trip has already ended"));
+            }
+            return;
+        }
+        match self.system.trip_view(&trip_id) {
+            Some(v) if v.rider_id == s.rec.id => {
+                responder.fail(ApiError::conflict("the trip has already ended"))
+            }
+            Some(_) => responder.fail(ApiError::forbidden("the trip belongs to another rider")),
+            None => responder.fail(ApiError::not_found("trip")),
+        }
+    }
+}
+
+impl Actor for RiderActor {
+    type Msg = RiderMsg;
+    type State = RiderActorState;
+    type Arguments = RiderArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RiderMsg>,
+        args: RiderArgs,
+    ) -> Result<RiderActorState, ActorProcessingErr> {
+        let active = args
+            .record
+            .trip
+            .as_ref()
+            .filter(|t| !t.state.is_final())
+            .map(|t| t.trip_id.clone());
+        if args.restarted {
+            tracing::warn!(rider_id = %args.record.id, "rider actor restarted");
+        }
+        Ok(RiderActorState {
+            st: RiderState::new(active),
+            rec: args.record,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RiderMsg>,
+        msg: RiderMsg,
+        s: &mut RiderActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RiderMsg::Attach(session, reply) => {
+                if let Some(old) = s.rec.session.replace(session)
+                    && s.rec.session.as_ref().is_some_and(|n| n.id != old.id)
+                {
+                    old.close(CLOSE_REPLACED);
+                }
+                self.commit(s);
+                self.send(
+                    s,
+                    Outbound::RiderWelcome {
+                        rider_id: s.rec.id.to_string(),
+                        trip: s.rec.trip.clone(),
+                    },
+                );
+                let _ = reply.send(());
+            }
+            RiderMsg::Detach { session_id } => {
+                if s.rec.session.as_ref().is_some_and(|h| h.id == session_id) {
+                    s.rec.session = None;
+                    self.commit(s);
+                }
+            }
+            RiderMsg::RequestRide(req, responder) => self.request(s, req, responder).await,
+            RiderMsg::CancelRide {
+                trip_id,
+                reason,
+                responder,
+            } => self.cancel(s, trip_id, reason, responder),
+            RiderMsg::Location(p, responder) => {
+                s.rec.position = Some(p);
+                responder.ack();
+            }
+            RiderMsg::Trip { view, responder } => {
+                if s.rec
+                    .trip
+                    .as_ref()
+                    .is_some_and(|t| t.trip_id == view.trip_id && t.version > view.version)
+                {
+                    // An older update than the one already sent (a restarted trip re-syncing).
+                    if let Some(r) = responder {
+                        r.ack();
+                    }
+                    return Ok(());
+                }
+                if view.state.is_final() {
+                    s.st.end(&view.trip_id);
+                    s.rec.trip = None;
+                } else {
+                    s.rec.trip = Some(view.clone());
+                }
+                self.commit(s);
+                let receipt = (view.state == TripState::Completed).then(|| self.receipt(&view));
+                self.send(
+                    s,
+                    Outbound::TripUpdate {
+                        req: None,
+                        trip: view,
+                    },
+                );
+                if let Some(r) = receipt {
+                    self.send(s, Outbound::Receipt(r));
+                }
+                if let Some(r) = responder {
+                    r.ack();
+                }
+            }
+            RiderMsg::DriverLocation {
+                trip_id,
+                position,
+                heading,
+                pickup_eta_s,
+            } => {
+                if s.st.active_trip() == Some(&trip_id) {
+                    self.send(
+                        s,
+                        Outbound::DriverLocation {
+                            trip_id,
+                            lat: position.lat(),
+                            lng: position.lng(),
+                            heading,
+                            pickup_eta_s,
+                        },
+                    );
+                }
+            }
+            RiderMsg::Get(reply) => {
+                let _ = reply.send(s.rec.clone());
+            }
+            RiderMsg::InjectPanic => panic!("injected fault in rider {}", s.rec.id),
+        }
+        Ok(())
+    }
+}
+
+impl RiderActor {
+    fn receipt(&self, view: &TripView) -> Receipt {
+        let rec = self
+            .system
+            .registry
+            .trip_records
+            .get(&view.trip_id)
+            .map(|r| r.trip.clone());
+        let (distance_m, duration_s) = match rec {
+            Some(t) => (
+                t.quote.distance_m,
+                match (t.started_at_ms(), t.completed_at_ms()) {
+                    (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
+                    _ => 0,
+                },
+            ),
+            None => (0, 0),
+        };
+        Receipt {
+            trip_id: view.trip_id.clone(),
+            fare_cents: view.fare_cents.unwrap_or(view.quote_fare_cents),
+            currency: view.currency.clone(),
+            distance_m,
+            duration_s,
+            surge: view.surge,
+        }
+    }
+}

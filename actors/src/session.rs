@@ -1,0 +1,235 @@
+//! What actors send to a connected app, and how a command gets exactly one reply.
+//!
+//! A [`SessionHandle`] is the sending end of one WebSocket session's bounded outbound
+//! queue. Everything an app sees about its own driver or rider passes through that
+//! entity's actor, in order; a command's reply ([`Responder`]) travels with the update
+//! it caused, so an app always sees the `trip_update` before the `ack` that confirms it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+
+use dispatch_engine::TripId;
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+use crate::views::{OfferView, Receipt, TripView};
+
+/// WebSocket close code for a session replaced by a newer one for the same identity.
+pub const CLOSE_REPLACED: u16 = 4001;
+/// WebSocket close code for a policy violation (a client that keeps sending bad messages,
+/// or that stops reading until its outbound queue is full).
+pub const CLOSE_POLICY: u16 = 1008;
+/// WebSocket close code for "going away" (the server shuts down).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// A message for an app. The transport renders each as one JSON text frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    DriverWelcome {
+        driver_id: String,
+        status: &'static str,
+        offer: Option<OfferView>,
+        trip: Option<TripView>,
+    },
+    RiderWelcome {
+        rider_id: String,
+        trip: Option<TripView>,
+    },
+    Offer(OfferView),
+    OfferExpired {
+        trip_id: TripId,
+    },
+    TripUpdate {
+        req: Option<u64>,
+        trip: TripView,
+    },
+    DriverLocation {
+        trip_id: TripId,
+        lat: f64,
+        lng: f64,
+        heading: Option<f64>,
+        pickup_eta_s: Option<u64>,
+    },
+    Receipt(Receipt),
+    Ack {
+        req: u64,
+    },
+    Error {
+        req: Option<u64>,
+        error: ApiError,
+    },
+}
+
+#[derive(Debug)]
+struct CloseSignal {
+    notify: Notify,
+    code: AtomicU16,
+    closed: AtomicBool,
+}
+
+/// The actors' end of one session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: u64,
+    tx: mpsc::Sender<Outbound>,
+    close: Arc<CloseSignal>,
+    metrics: Arc<Metrics>,
+}
+
+/// The session's end: what the transport's writer task reads.
+#[derive(Debug)]
+pub struct SessionInbox {
+    rx: mpsc::Receiver<Outbound>,
+    close: Arc<CloseSignal>,
+}
+
+impl SessionInbox {
+    /// The queue, and a watch that resolves once someone asked to close the session.
+    pub fn into_parts(self) -> (mpsc::Receiver<Outbound>, CloseWatch) {
+        (self.rx, CloseWatch(self.close))
+    }
+}
+
+/// Resolves with the close code once someone asked to close the session.
+#[derive(Debug, Clone)]
+pub struct CloseWatch(Arc<CloseSignal>);
+
+impl CloseWatch {
+    pub async fn closed(&self) -> u16 {
+        wait_closed(&self.0).await
+    }
+}
+
+async fn wait_closed(close: &CloseSignal) -> u16 {
+    loop {
+        let notified = close.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if close.closed.load(Ordering::Acquire) {
+            return close.code.load(Ordering::Acquire);
+        }
+        notified.await;
+    }
+}
+
+impl SessionHandle {
+    /// A new session with an outbound queue of `capacity` messages.
+    pub fn new(id: u64, capacity: usize, metrics: Arc<Metrics>) -> (SessionHandle, SessionInbox) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let close = Arc::new(CloseSignal {
+            notify: Notify::new(),
+            code: AtomicU16::new(0),
+            closed: AtomicBool::new(false),
+        });
+        (
+            SessionHandle {
+                id,
+                tx,
+                close: close.clone(),
+                metrics,
+            },
+            SessionInbox { rx, close },
+        )
+    }
+
+    /// Queues a message. A client that has stopped reading until its queue is full is
+    /// disconnected (1008) rather than let the server's memory grow: returns false then.
+    pub fn send(&self, msg: Outbound) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.bound_hit("ws_outbound_queue");
+                self.close(CLOSE_POLICY);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `code`; the first request wins.
+    pub fn close(&self, code: u16) {
+        if !self.close.closed.swap(true, Ordering::AcqRel) {
+            self.close.code.store(code, Ordering::Release);
+            self.close.notify.notify_waiters();
+        }
+    }
+
+    /// Resolves with the close code once someone asked to close the session.
+    pub async fn closed(&self) -> u16 {
+        wait_closed(&self.close).await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.close.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The one reply owed for a client message. Dropping it unanswered sends `internal` to a
+/// message that carried a `req`, so "exactly one reply" holds even if an actor dies.
+#[derive(Debug)]
+pub struct Responder {
+    req: Option<u64>,
+    session: Option<SessionHandle>,
+}
+
+impl Responder {
+    pub fn new(req: Option<u64>, session: SessionHandle) -> Self {
+        Self {
+            req,
+            session: Some(session),
+        }
+    }
+
+    /// A responder that answers nobody (for commands from timers, admins, tests).
+    pub fn none() -> Self {
+        Self {
+            req: None,
+            session: None,
+        }
+    }
+
+    pub fn req(&self) -> Option<u64> {
+        self.req
+    }
+
+    /// Success: `ack` when the message carried a `req`, else nothing.
+    pub fn ack(mut self) {
+        if let (Some(req), Some(s)) = (self.req, self.session.take()) {
+            s.send(Outbound::Ack { req });
+        }
+    }
+
+    /// Success answered with a trip (`request_ride`): always sent, carrying the `req` if any.
+    pub fn trip(mut self, trip: TripView) {
+        if let Some(s) = self.session.take() {
+            s.send(Outbound::TripUpdate {
+                req: self.req,
+                trip,
+            });
+        }
+    }
+
+    /// Failure: always sent, carrying the `req` if any.
+    pub fn fail(mut self, error: ApiError) {
+        if let Some(s) = self.session.take() {
+            s.metrics.rejected(error.code);
+            s.send(Outbound::Error {
+                req: self.req,
+                error,
+            });
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let (Some(req), Some(s)) = (self.req, self.session.take()) {
+            s.metrics.rejected(ErrorCode::Internal);
+            s.send(Outbound::Error {
+                req: Some(req),
+                error: ApiError::new(ErrorCode::Internal, "the request was lost; retry it"),
+            });
+        }
+    }
+}

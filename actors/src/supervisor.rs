@@ -1,0 +1,271 @@
+//! One supervisor per actor group. It spawns the group's actors, so it always knows
+//! which entity a child is, and restarts a child that failed from the entity's last
+//! committed snapshot. One actor's failure touches no other actor.
+
+use std::collections::HashMap;
+
+use dispatch_engine::{CellId, DriverId, RiderId, TripId};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
+
+use crate::cell::{CellActor, CellArgs};
+use crate::driver::{DriverActor, DriverArgs};
+use crate::rider::{RiderActor, RiderArgs};
+use crate::system::System;
+use crate::trip::{TripActor, TripArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    Driver,
+    Rider,
+    Trip,
+    Cell,
+}
+
+impl Group {
+    pub const ALL: [Group; 4] = [Group::Driver, Group::Rider, Group::Trip, Group::Cell];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Group::Driver => "driver",
+            Group::Rider => "rider",
+            Group::Trip => "trip",
+            Group::Cell => "cell",
+        }
+    }
+}
+
+/// Which entity a child actor is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Entity {
+    Driver(DriverId),
+    Rider(RiderId),
+    Trip(TripId),
+    Cell(CellId),
+}
+
+/// What to start.
+pub enum Spawn {
+    Driver(DriverArgs),
+    Rider(RiderArgs),
+    Trip(TripArgs),
+    Cell(CellArgs),
+}
+
+pub enum SupervisorMsg {
+    Spawn(Spawn, RpcReplyPort<Result<ActorCell, String>>),
+    /// How many children are alive (for tests and stats).
+    Count(RpcReplyPort<usize>),
+}
+
+pub struct Supervisor {
+    pub group: Group,
+    pub system: System,
+}
+
+pub struct SupervisorState {
+    children: HashMap<ActorId, Entity>,
+}
+
+impl Supervisor {
+    async fn start_child(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        spawn: Spawn,
+    ) -> Result<(Entity, ActorCell), String> {
+        let sup = myself.get_cell();
+        let sys = self.system.clone();
+        let reg = &self.system.registry;
+        match spawn {
+            Spawn::Driver(args) => {
+                let id = args.record.id.clone();
+                let (r, _) = Actor::spawn_linked(None, DriverActor { system: sys }, args, sup)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                reg.drivers.insert(id.clone(), r.clone());
+                Ok((Entity::Driver(id), r.get_cell()))
+            }
+            Spawn::Rider(args) => {
+                let id = args.record.id.clone();
+                let (r, _) = Actor::spawn_linked(None, RiderActor { system: sys }, args, sup)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                reg.riders.insert(id.clone(), r.clone());
+                Ok((Entity::Rider(id), r.get_cell()))
+            }
+            Spawn::Trip(args) => {
+                let id = args.record.trip.id.clone();
+                let (r, _) = Actor::spawn_linked(None, TripActor { system: sys }, args, sup)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                reg.trips.insert(id.clone(), r.clone());
+                Ok((Entity::Trip(id), r.get_cell()))
+            }
+            Spawn::Cell(args) => {
+                let id = args.cell;
+                if let Some(existing) = reg.cell(&id) {
+                    // Two drivers entered a new cell at once: the first spawn won.
+                    return Ok((Entity::Cell(id), existing.get_cell()));
+                }
+                let (r, _) = Actor::spawn_linked(None, CellActor { system: sys }, args, sup)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                reg.cells.insert(id, r.clone());
+                Ok((Entity::Cell(id), r.get_cell()))
+            }
+        }
+    }
+
+    /// The spawn that brings a failed entity back from its last snapshot.
+    fn restart_spec(&self, entity: &Entity) -> Option<Spawn> {
+        let reg = &self.system.registry;
+        match entity {
+            Entity::Driver(id) => reg.driver_records.get(id).map(|r| {
+                Spawn::Driver(DriverArgs {
+                    record: r.clone(),
+                    restarted: true,
+                })
+            }),
+            Entity::Rider(id) => reg.rider_records.get(id).map(|r| {
+                Spawn::Rider(RiderArgs {
+                    record: r.clone(),
+                    restarted: true,
+                })
+            }),
+            Entity::Trip(id) => {
+                let rec = reg.trip_records.get(id).map(|r| r.clone())?;
+                if rec.trip.state().is_final() {
+                    return None; // it had finished; nothing left to run
+                }
+                Some(Spawn::Trip(TripArgs {
+                    record: rec,
+                    restarted: true,
+                }))
+            }
+            Entity::Cell(cell) => Some(Spawn::Cell(CellArgs {
+                cell: *cell,
+                restarted: true,
+            })),
+        }
+    }
+
+    fn forget(&self, entity: &Entity, who: ActorId) {
+        let reg = &self.system.registry;
+        // Remove the registry entry only if it still points at this (dead) actor.
+        match entity {
+            Entity::Driver(id) => {
+                reg.drivers.remove_if(id, |_, r| r.get_id() == who);
+            }
+            Entity::Rider(id) => {
+                reg.riders.remove_if(id, |_, r| r.get_id() == who);
+            }
+            Entity::Trip(id) => {
+                reg.trips.remove_if(id, |_, r| r.get_id() == who);
+            }
+            Entity::Cell(id) => {
+                reg.cells.remove_if(id, |_, r| r.get_id() == who);
+            }
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _args: (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(SupervisorState {
+            children: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Spawn(spawn, reply) => {
+                let res = self.start_child(&myself, spawn).await;
+                if let Ok((entity, cell)) = &res
+                    && state
+                        .children
+                        .insert(cell.get_id(), entity.clone())
+                        .is_none()
+                {
+                    self.system
+                        .metrics
+                        .actors_alive
+                        .with_label_values(&[self.group.as_str()])
+                        .inc();
+                }
+                let _ = reply.send(res.map(|(_, c)| c));
+            }
+            SupervisorMsg::Count(reply) => {
+                let _ = reply.send(state.children.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let group = self.group.as_str();
+        match evt {
+            SupervisionEvent::ActorTerminated(who, _, _) => {
+                if let Some(entity) = state.children.remove(&who.get_id()) {
+                    self.system
+                        .metrics
+                        .actors_alive
+                        .with_label_values(&[group])
+                        .dec();
+                    self.forget(&entity, who.get_id());
+                }
+            }
+            SupervisionEvent::ActorFailed(who, err) => {
+                let Some(entity) = state.children.remove(&who.get_id()) else {
+                    return Ok(());
+                };
+                self.system
+                    .metrics
+                    .actors_alive
+                    .with_label_values(&[group])
+                    .dec();
+                self.forget(&entity, who.get_id());
+                tracing::error!(group, entity = ?entity, error = %err, "actor failed; restarting from its last snapshot");
+                self.system
+                    .metrics
+                    .actor_restarts
+                    .with_label_values(&[group])
+                    .inc();
+                if let Some(spec) = self.restart_spec(&entity) {
+                    match self.start_child(&myself, spec).await {
+                        Ok((entity, cell)) => {
+                            state.children.insert(cell.get_id(), entity);
+                            self.system
+                                .metrics
+                                .actors_alive
+                                .with_label_values(&[group])
+                                .inc();
+                        }
+                        Err(e) => {
+                            tracing::error!(group, entity = ?entity, error = %e, "restart failed")
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

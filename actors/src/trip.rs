@@ -1,0 +1,474 @@
+//! `TripActor`: one per live trip. Runs the engine's trip machine and carries out its
+//! effects in a fixed order: commit the new state first, then tell the driver(s) and
+//! the rider, then arm timers, reserve offers and search. Because the commit comes
+//! first, a restart from the snapshot never forgets something a client was told.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_engine::trip::OfferEnd;
+use dispatch_engine::{DriverId, Point, TripCommand, TripEffect, TripState};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::cell::SearchFilter;
+use crate::driver::{DriverMsg, TripLink};
+use crate::registry::{HistoryEntry, TripRecord};
+use crate::rider::RiderMsg;
+use crate::session::Responder;
+use crate::system::System;
+use crate::views::{OfferView, TripDriver, TripView};
+
+/// Who sent a command, so its reply can travel with the update it causes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TripFrom {
+    Rider,
+    Driver(DriverId),
+    Admin,
+    System,
+}
+
+pub struct TripArgs {
+    pub record: TripRecord,
+    /// Restarted by the supervisor from `record` after a failure.
+    pub restarted: bool,
+}
+
+pub enum TripMsg {
+    Command {
+        cmd: TripCommand,
+        from: TripFrom,
+        responder: Option<Responder>,
+    },
+    DriverLocation {
+        driver_id: DriverId,
+        position: Point,
+        heading: Option<f64>,
+    },
+    Get(RpcReplyPort<TripRecord>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+pub struct TripActor {
+    pub system: System,
+}
+
+pub struct TripActorState {
+    rec: TripRecord,
+    last_location_push_ms: u64,
+    first_offer_seen: bool,
+    restarted: bool,
+}
+
+/// What a trip actor still has to do within one message: engine commands, and searches
+/// (which run between commands, so their results are applied in order).
+enum Step {
+    Command(TripCommand, TripFrom, Option<Responder>),
+    Search(Vec<DriverId>),
+}
+
+type Work = VecDeque<Step>;
+
+impl TripActor {
+    fn view(&self, s: &TripActorState) -> TripView {
+        TripView::of(&s.rec.trip, s.rec.driver.clone())
+    }
+
+    /// The timers and searches a trip in this state needs (a new or a restarted trip).
+    fn resume(&self, myself: &ActorRef<TripMsg>, s: &TripActorState, work: &mut Work) {
+        let t = &s.rec.trip;
+        if t.state() != TripState::Dispatching {
+            return;
+        }
+        let now = self.system.clock.now_ms();
+        arm(myself, now, t.deadline_ms(), TripCommand::DeadlineReached);
+        if let Some(o) = t.offer() {
+            arm(
+                myself,
+                now,
+                o.expires_at_ms,
+                TripCommand::OfferTimeout { seq: o.seq },
+            );
+        }
+        if t.is_searching() {
+            work.push_back(Step::Search(t.excluded().cloned().collect()));
+        }
+    }
+
+    async fn run(&self, myself: &ActorRef<TripMsg>, s: &mut TripActorState, mut work: Work) {
+        while let Some(step) = work.pop_front() {
+            let (cmd, from, responder) = match step {
+                Step::Command(cmd, from, responder) => (cmd, from, responder),
+                Step::Search(exclude) => (self.search(s, exclude).await, TripFrom::System, None),
+            };
+            let now = self.system.clock.now_ms();
+            let cfg = self.system.config.dispatch;
+            match s
+                .rec
+                .trip
+                .apply(cmd, now, &cfg, self.system.config.eta.as_ref())
+            {
+                Err(e) => {
+                    if let Some(r) = responder {
+                        r.fail(e.into());
+                    }
+                }
+                Ok(fx) => {
+                    self.carry_out(myself, s, fx, from, responder, &mut work)
+                        .await
+                }
+            }
+        }
+    }
+
+    async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
+        let t = &s.rec.trip;
+        let filter = SearchFilter {
+            product: Some(t.product),
+            available_only: true,
+            exclude: Arc::new(exclude),
+        };
+        let (found, stats) = self
+            .system
+            .search(t.pickup, self.system.config.search, filter)
+            .await;
+        tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
+        TripCommand::Candidates(found)
+    }
+
+    async fn carry_out(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        fx: Vec<TripEffect>,
+        from: TripFrom,
+        responder: Option<Responder>,
+        work: &mut Work,
+    ) {
+        let mut responder = responder;
+        let mut take_for = |who: &TripFrom| if &from == who { responder.take() } else { None };
+        let reg = &self.system.registry;
+        let m = &self.system.metrics;
+        let trip_id = s.rec.trip.id.clone();
+
+        // 1. Bookkeeping, then commit, before anyone is told anything.
+        let mut transitioned = None;
+        let mut assigned = None;
+        let mut released = None;
+        for e in &fx {
+            match e {
+                TripEffect::Transitioned {
+                    from,
+                    to,
+                    by,
+                    at_ms,
+                } => {
+                    s.rec.history.push(HistoryEntry {
+                        from: *from,
+                        to: *to,
+                        by: by.clone(),
+                        at_ms: *at_ms,
+                        version: s.rec.trip.version(),
+                    });
+                    debug_assert!(transitioned.is_none(), "one transition per command");
+                    transitioned = Some(*to);
+                }
+                TripEffect::DriverAssigned { driver_id } => {
+                    s.rec.driver = reg.driver_records.get(driver_id).map(|d| TripDriver {
+                        name: d.profile.name.clone(),
+                        vehicle: d.profile.vehicle.clone(),
+                        location: d.position,
+                    });
+                    assigned = Some(driver_id.clone());
+                }
+                TripEffect::DriverReleased { driver_id } => released = Some(driver_id.clone()),
+                _ => {}
+            }
+        }
+        if s.rec.trip.driver_id().is_none() {
+            s.rec.driver = None;
+        }
+        let view = self.view(s);
+        reg.trip_records.insert(trip_id.clone(), s.rec.clone());
+        reg.trip_views.insert(trip_id.clone(), view.clone());
+
+        // 2. Offers that ended.
+        for e in &fx {
+            if let TripEffect::OfferEnded { driver_id, why, .. } = e {
+                m.offers
+                    .with_label_values(&[match why {
+                        OfferEnd::Declined => "declined",
+                        OfferEnd::Expired => "expired",
+                        OfferEnd::Withdrawn => "withdrawn",
+                    }])
+                    .inc();
+                let r = take_for(&TripFrom::Driver(driver_id.clone()));
+                if let Some(d) = reg.driver(driver_id) {
+                    let _ = d.cast(DriverMsg::OfferEnded {
+                        trip_id: trip_id.clone(),
+                        notify: *why != OfferEnd::Declined,
+                        responder: r,
+                    });
+                }
+            }
+        }
+        if assigned.is_some() {
+            m.offers.with_label_values(&["accepted"]).inc();
+        }
+
+        // 3. The transition, to the rider and to the driver(s).
+        if let Some(to) = transitioned {
+            m.trip_transitions.with_label_values(&[to.as_str()]).inc();
+            tracing::info!(trip_id = %trip_id, state = to.as_str(), version = view.version, "trip transition");
+            if let Some(r) = reg.rider(&s.rec.trip.rider_id) {
+                let _ = r.cast(RiderMsg::Trip {
+                    view: view.clone(),
+                    responder: take_for(&TripFrom::Rider),
+                });
+            }
+            if let Some(d) = &released {
+                self.tell_driver(
+                    d,
+                    &view,
+                    TripLink::Released,
+                    take_for(&TripFrom::Driver(d.clone())),
+                );
+            }
+            if let Some(d) = &assigned {
+                self.tell_driver(
+                    d,
+                    &view,
+                    TripLink::Assigned,
+                    take_for(&TripFrom::Driver(d.clone())),
+                );
+            } else if let Some(d) = s.rec.trip.driver_id().cloned()
+                && Some(&d) != released.as_ref()
+            {
+                self.tell_driver(
+                    &d,
+                    &view,
+                    TripLink::Update,
+                    take_for(&TripFrom::Driver(d.clone())),
+                );
+            }
+        }
+
+        // 4. Timers, offers, searches.
+        let now = self.system.clock.now_ms();
+        for e in fx.iter() {
+            match e {
+                TripEffect::ArmDeadline { at_ms } => {
+                    arm(myself, now, *at_ms, TripCommand::DeadlineReached)
+                }
+                TripEffect::SendOffer(offer) => {
+                    let t = &s.rec.trip;
+                    let ov = OfferView {
+                        trip_id: trip_id.clone(),
+                        pickup: t.pickup,
+                        dropoff: t.dropoff,
+                        product: t.product,
+                        fare_cents: t.quote.fare_cents,
+                        currency: t.quote.currency.clone(),
+                        pickup_distance_m: offer.pickup_distance_m,
+                        pickup_eta_s: offer.pickup_eta_s,
+                        expires_at_ms: offer.expires_at_ms,
+                    };
+                    let held = match reg.driver(&offer.driver_id) {
+                        Some(d) => matches!(
+                            d.call(
+                                |r| DriverMsg::ReserveOffer(ov, r),
+                                Some(self.system.call_timeout())
+                            )
+                            .await,
+                            Ok(ractor::rpc::CallResult::Success(true))
+                        ),
+                        None => false,
+                    };
+                    if held {
+                        m.offers.with_label_values(&["sent"]).inc();
+                        if !s.first_offer_seen {
+                            s.first_offer_seen = true;
+                            let waited = now.saturating_sub(s.rec.trip.created_at_ms);
+                            m.request_to_offer.observe(waited as f64 / 1000.0);
+                        }
+                        arm(
+                            myself,
+                            now,
+                            offer.expires_at_ms,
+                            TripCommand::OfferTimeout { seq: offer.seq },
+                        );
+                    } else {
+                        m.offers.with_label_values(&["refused"]).inc();
+                        work.push_back(Step::Command(
+                            TripCommand::OfferRefused { seq: offer.seq },
+                            TripFrom::System,
+                            None,
+                        ));
+                    }
+                }
+                TripEffect::Search { exclude } => {
+                    work.push_back(Step::Search(exclude.clone()));
+                }
+                _ => {}
+            }
+        }
+
+        // 5. A reply no update carried (an admin's command, a decline that ended nothing).
+        if let Some(r) = responder {
+            r.ack();
+        }
+
+        // 6. A final trip answers what is already queued, then stops.
+        if fx.iter().any(|e| matches!(e, TripEffect::Finished)) {
+            m.trips_final
+                .with_label_values(&[s.rec.trip.state().as_str()])
+                .inc();
+            reg.trips.remove(&trip_id);
+            let _ = myself.drain();
+        }
+    }
+
+    fn tell_driver(
+        &self,
+        driver_id: &DriverId,
+        view: &TripView,
+        link: TripLink,
+        responder: Option<Responder>,
+    ) {
+        match self.system.registry.driver(driver_id) {
+            Some(d) => {
+                let _ = d.cast(DriverMsg::Trip {
+                    view: view.clone(),
+                    link,
+                    responder,
+                });
+            }
+            None => {
+                if let Some(r) = responder {
+                    r.ack();
+                }
+            }
+        }
+    }
+}
+
+/// Arms a timer that sends `cmd` to the trip at `at_ms` (now, if that has passed).
+fn arm(myself: &ActorRef<TripMsg>, now: u64, at_ms: u64, cmd: TripCommand) {
+    let after = Duration::from_millis(at_ms.saturating_sub(now));
+    myself.send_after(after, move || TripMsg::Command {
+        cmd,
+        from: TripFrom::System,
+        responder: None,
+    });
+}
+
+impl Actor for TripActor {
+    type Msg = TripMsg;
+    type State = TripActorState;
+    type Arguments = TripArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<TripMsg>,
+        args: TripArgs,
+    ) -> Result<TripActorState, ActorProcessingErr> {
+        if args.restarted {
+            tracing::warn!(trip_id = %args.record.trip.id, state = args.record.trip.state().as_str(), "trip actor restarted");
+        }
+        let first_offer_seen = args.restarted || args.record.trip.offer().is_some();
+        Ok(TripActorState {
+            rec: args.record,
+            last_location_push_ms: 0,
+            first_offer_seen,
+            restarted: args.restarted,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<TripMsg>,
+        s: &mut TripActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if s.restarted {
+            // Whatever was lost with the failed actor, the rider and driver see the
+            // committed state again (each ignores a version it already has).
+            let view = self.view(s);
+            if let Some(r) = self.system.registry.rider(&s.rec.trip.rider_id) {
+                let _ = r.cast(RiderMsg::Trip {
+                    view: view.clone(),
+                    responder: None,
+                });
+            }
+            if let Some(d) = s.rec.trip.driver_id().cloned() {
+                self.tell_driver(&d, &view, TripLink::Assigned, None);
+            }
+        }
+        let mut work = Work::new();
+        self.resume(&myself, s, &mut work);
+        self.run(&myself, s, work).await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TripMsg>,
+        msg: TripMsg,
+        s: &mut TripActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TripMsg::Command {
+                cmd,
+                from,
+                responder,
+            } => {
+                self.run(
+                    &myself,
+                    s,
+                    Work::from([Step::Command(cmd, from, responder)]),
+                )
+                .await;
+            }
+            TripMsg::DriverLocation {
+                driver_id,
+                position,
+                heading,
+            } => {
+                if s.rec.trip.driver_id() != Some(&driver_id) {
+                    return Ok(());
+                }
+                if let Some(d) = s.rec.driver.as_mut() {
+                    d.location = Some(position);
+                }
+                let eta =
+                    s.rec
+                        .trip
+                        .driver_moved(&driver_id, position, self.system.config.eta.as_ref());
+                let now = self.system.clock.now_ms();
+                let active = matches!(
+                    s.rec.trip.state(),
+                    TripState::DriverAssigned | TripState::DriverArrived | TripState::InProgress
+                );
+                if active
+                    && now.saturating_sub(s.last_location_push_ms)
+                        >= self.system.config.driver_location_interval_ms
+                {
+                    s.last_location_push_ms = now;
+                    if let Some(r) = self.system.registry.rider(&s.rec.trip.rider_id) {
+                        let _ = r.cast(RiderMsg::DriverLocation {
+                            trip_id: s.rec.trip.id.clone(),
+                            position,
+                            heading,
+                            pickup_eta_s: eta,
+                        });
+                    }
+                }
+            }
+            TripMsg::Get(reply) => {
+                let _ = reply.send(s.rec.clone());
+            }
+            TripMsg::InjectPanic => panic!("injected fault in trip {}", s.rec.trip.id),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,138 @@
+//! Plain-data views of the live state, handed to the transport to render and to new
+//! sessions in `welcome`. No JSON here: the transport owns the wire format.
+
+use dispatch_engine::{
+    CancelledBy, DriverId, Point, Product, QuoteId, RiderId, Trip, TripId, TripState,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vehicle {
+    pub make: String,
+    pub model: String,
+    pub plate: String,
+    pub color: String,
+    pub product: Product,
+    pub seats: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverProfile {
+    pub name: String,
+    pub vehicle: Vehicle,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RiderProfile {
+    pub name: String,
+    pub phone: String,
+}
+
+/// The driver as a rider sees it on the trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TripDriver {
+    pub name: String,
+    pub vehicle: Vehicle,
+    pub location: Option<Point>,
+}
+
+/// The trip object of PROTOCOL.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TripView {
+    pub trip_id: TripId,
+    pub state: TripState,
+    pub version: u64,
+    pub rider_id: RiderId,
+    pub driver_id: Option<DriverId>,
+    pub product: Product,
+    pub pickup: Point,
+    pub dropoff: Point,
+    pub quote_fare_cents: i64,
+    pub currency: String,
+    pub surge: f64,
+    pub driver: Option<TripDriver>,
+    pub pickup_eta_s: Option<u64>,
+    pub fare_cents: Option<i64>,
+    pub cancelled_by: Option<CancelledBy>,
+    pub cancel_reason: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl TripView {
+    pub fn of(trip: &Trip, driver: Option<TripDriver>) -> Self {
+        Self {
+            trip_id: trip.id.clone(),
+            state: trip.state(),
+            version: trip.version(),
+            rider_id: trip.rider_id.clone(),
+            driver_id: trip.driver_id().cloned(),
+            product: trip.product,
+            pickup: trip.pickup,
+            dropoff: trip.dropoff,
+            quote_fare_cents: trip.quote.fare_cents,
+            currency: trip.quote.currency.clone(),
+            surge: trip.quote.surge,
+            driver: if trip.driver_id().is_some() {
+                driver
+            } else {
+                None
+            },
+            pickup_eta_s: trip.pickup_eta_s(),
+            fare_cents: trip.fare_cents(),
+            cancelled_by: trip.cancelled_by(),
+            cancel_reason: trip.cancel_reason().map(str::to_owned),
+            created_at_ms: trip.created_at_ms,
+            updated_at_ms: trip.updated_at_ms(),
+        }
+    }
+}
+
+/// An offer as the driver sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfferView {
+    pub trip_id: TripId,
+    pub pickup: Point,
+    pub dropoff: Point,
+    pub product: Product,
+    pub fare_cents: i64,
+    pub currency: String,
+    pub pickup_distance_m: u64,
+    pub pickup_eta_s: u64,
+    pub expires_at_ms: u64,
+}
+
+/// The end-of-trip summary sent to the rider after `completed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub trip_id: TripId,
+    pub fare_cents: i64,
+    pub currency: String,
+    pub distance_m: u64,
+    pub duration_s: u64,
+    pub surge: f64,
+}
+
+/// An available driver as `GET /v1/drivers/nearby` shows it: no id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NearbyDriver {
+    pub position: Point,
+    pub heading: Option<f64>,
+    pub product: Product,
+    pub distance_m: u64,
+}
+
+/// A stored upfront quote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quote {
+    pub quote_id: QuoteId,
+    pub rider_id: RiderId,
+    pub product: Product,
+    pub pickup: Point,
+    pub dropoff: Point,
+    pub fare_cents: i64,
+    pub currency: String,
+    pub surge: f64,
+    pub distance_m: u64,
+    pub duration_s: u64,
+    pub expires_at_ms: u64,
+}

@@ -1,0 +1,250 @@
+//! `dispatchd`'s one configuration: flags, each with an environment variable, validated
+//! once at start into a [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use dispatch_actors::SystemConfig;
+use dispatch_engine::{DispatchConfig, Grid, RateCards, SearchParams, StraightLineEta};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The real-time ride-hailing dispatch engine.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dispatchd", version, about)]
+pub struct Args {
+    /// Address to listen on for REST and WebSocket clients.
+    #[arg(long, env = "DISPATCH_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the engine's state.
+    #[arg(long, env = "DISPATCH_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Bearer token for the admin routes.
+    #[arg(long, env = "DISPATCH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How long one driver has to answer an offer.
+    #[arg(long, env = "DISPATCH_OFFER_TIMEOUT_MS", default_value_t = 15_000)]
+    pub offer_timeout_ms: u64,
+    /// How long a trip may stay in `dispatching` before it ends `no_driver_found`.
+    #[arg(long, env = "DISPATCH_DISPATCH_DEADLINE_MS", default_value_t = 120_000)]
+    pub dispatch_deadline_ms: u64,
+    /// How long a driver whose session dropped keeps its status.
+    #[arg(long, env = "DISPATCH_SESSION_GRACE_MS", default_value_t = 30_000)]
+    pub session_grace_ms: u64,
+    /// H3 resolution of the driver index (0-15).
+    #[arg(long, env = "DISPATCH_H3_RESOLUTION", default_value_t = 7)]
+    pub h3_resolution: u8,
+    #[arg(long, env = "DISPATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Largest request body or WebSocket frame answered normally; larger gets `too_large`.
+    #[arg(long, env = "DISPATCH_MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Largest WebSocket message read at all; a larger one closes the connection (1009).
+    #[arg(long, env = "DISPATCH_WS_HARD_MAX_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub ws_hard_max_bytes: usize,
+    /// Location pings accepted per second per session (a burst of this many is allowed).
+    #[arg(long, env = "DISPATCH_LOCATION_MAX_PER_S", default_value_t = 10)]
+    pub location_max_per_s: u32,
+    /// Bad messages tolerated per window before the session is closed with 1008.
+    #[arg(long, env = "DISPATCH_BAD_MESSAGE_LIMIT", default_value_t = 50)]
+    pub bad_message_limit: usize,
+    #[arg(long, env = "DISPATCH_BAD_MESSAGE_WINDOW_MS", default_value_t = 10_000)]
+    pub bad_message_window_ms: u64,
+    /// Messages queued for one session before it is considered stuck and closed (1008).
+    #[arg(long, env = "DISPATCH_WS_OUTBOUND_QUEUE_MAX", default_value_t = 256)]
+    pub ws_outbound_queue_max: usize,
+    /// Open WebSocket sessions at most; upgrades past it get 503.
+    #[arg(long, env = "DISPATCH_MAX_CONNECTIONS", default_value_t = 19_000)]
+    pub max_connections: usize,
+    /// Candidates ranked per dispatch search.
+    #[arg(long, env = "DISPATCH_SEARCH_K", default_value_t = 10)]
+    pub search_k: usize,
+    /// Drivers further than this from the pickup are never offered the trip.
+    #[arg(long, env = "DISPATCH_SEARCH_MAX_RADIUS_M", default_value_t = 5_000.0)]
+    pub search_max_radius_m: f64,
+    /// Rings of H3 cells around the pickup cell searched at most.
+    #[arg(long, env = "DISPATCH_SEARCH_MAX_RINGS", default_value_t = 8)]
+    pub search_max_rings: u32,
+    /// How long an upfront quote stays valid.
+    #[arg(long, env = "DISPATCH_QUOTE_TTL_MS", default_value_t = 120_000)]
+    pub quote_ttl_ms: u64,
+    /// Road distance over straight-line distance, for ETAs and fares.
+    #[arg(long, env = "DISPATCH_ETA_DETOUR_FACTOR", default_value_t = 1.3)]
+    pub eta_detour_factor: f64,
+    /// Average city driving speed, for ETAs and fares.
+    #[arg(long, env = "DISPATCH_ETA_SPEED_MPS", default_value_t = 8.33)]
+    pub eta_speed_mps: f64,
+    /// ISO 4217 currency of every fare.
+    #[arg(long, env = "DISPATCH_CURRENCY", default_value = "USD")]
+    pub currency: String,
+    /// Time allowed for a graceful shutdown before the process exits anyway.
+    #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub admin_token: Option<String>,
+    pub log_format: LogFormat,
+    pub max_frame_bytes: usize,
+    pub ws_hard_max_bytes: usize,
+    pub location_max_per_s: u32,
+    pub bad_message_limit: usize,
+    pub bad_message_window_ms: u64,
+    pub max_connections: usize,
+    pub shutdown_timeout_ms: u64,
+    pub system: SystemConfig,
+}
+
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what.to_owned()) }
+}
+
+impl Args {
+    /// Checks every value once, so a bad flag fails at start with a clear message.
+    pub fn build_and_validate(self) -> Result<Config, String> {
+        let grid = Grid::new(self.h3_resolution).map_err(|e| format!("--h3-resolution: {e}"))?;
+        check(
+            self.offer_timeout_ms > 0,
+            "--offer-timeout-ms must be positive",
+        )?;
+        check(
+            self.dispatch_deadline_ms > 0,
+            "--dispatch-deadline-ms must be positive",
+        )?;
+        check(
+            self.max_frame_bytes >= 256,
+            "--max-frame-bytes must be at least 256",
+        )?;
+        check(
+            self.ws_hard_max_bytes >= self.max_frame_bytes,
+            "--ws-hard-max-bytes must be at least --max-frame-bytes",
+        )?;
+        check(
+            self.location_max_per_s > 0,
+            "--location-max-per-s must be positive",
+        )?;
+        check(
+            self.bad_message_window_ms > 0,
+            "--bad-message-window-ms must be positive",
+        )?;
+        check(
+            self.ws_outbound_queue_max >= 8,
+            "--ws-outbound-queue-max must be at least 8",
+        )?;
+        check(
+            self.max_connections > 0,
+            "--max-connections must be positive",
+        )?;
+        check(
+            (1..=100).contains(&self.search_k),
+            "--search-k must be in 1..=100",
+        )?;
+        check(
+            self.search_max_radius_m.is_finite()
+                && self.search_max_radius_m > 0.0
+                && self.search_max_radius_m <= 50_000.0,
+            "--search-max-radius-m must be in (0, 50000]",
+        )?;
+        check(
+            (1..=30).contains(&self.search_max_rings),
+            "--search-max-rings must be in 1..=30",
+        )?;
+        check(self.quote_ttl_ms > 0, "--quote-ttl-ms must be positive")?;
+        check(
+            self.eta_detour_factor.is_finite() && (1.0..=5.0).contains(&self.eta_detour_factor),
+            "--eta-detour-factor must be in [1, 5]",
+        )?;
+        check(
+            self.eta_speed_mps.is_finite() && self.eta_speed_mps > 0.5 && self.eta_speed_mps < 60.0,
+            "--eta-speed-mps must be in (0.5, 60)",
+        )?;
+        check(
+            self.currency.len() == 3 && self.currency.chars().all(|c| c.is_ascii_uppercase()),
+            "--currency must be a three-letter ISO 4217 code such as USD",
+        )?;
+        if let Some(t) = &self.admin_token {
+            check(
+                t.len() >= 16,
+                "--admin-token must be at least 16 characters",
+            )?;
+        }
+        let rates = RateCards {
+            currency: self.currency.clone(),
+            ..RateCards::default()
+        };
+        let system = SystemConfig {
+            grid,
+            search: SearchParams {
+                k: self.search_k,
+                max_radius_m: self.search_max_radius_m,
+                max_rings: self.search_max_rings,
+            },
+            dispatch: DispatchConfig {
+                offer_timeout_ms: self.offer_timeout_ms,
+                dispatch_deadline_ms: self.dispatch_deadline_ms,
+            },
+            rates,
+            eta: Arc::new(StraightLineEta {
+                detour_factor: self.eta_detour_factor,
+                speed_mps: self.eta_speed_mps,
+            }),
+            session_grace_ms: self.session_grace_ms,
+            quote_ttl_ms: self.quote_ttl_ms,
+            ws_outbound_queue_max: self.ws_outbound_queue_max,
+            ..SystemConfig::default()
+        };
+        Ok(Config {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            admin_token: self.admin_token,
+            log_format: self.log_format,
+            max_frame_bytes: self.max_frame_bytes,
+            ws_hard_max_bytes: self.ws_hard_max_bytes,
+            location_max_per_s: self.location_max_per_s,
+            bad_message_limit: self.bad_message_limit,
+            bad_message_window_ms: self.bad_message_window_ms,
+            max_connections: self.max_connections,
+            shutdown_timeout_ms: self.shutdown_timeout_ms,
+            system,
+        })
+    }
+}
+
+impl Config {
+    /// The defaults, as `dispatchd` with no flags would run (for tests and embedding).
+    pub fn defaults() -> Config {
+        Args::parse_from(["dispatchd"])
+            .build_and_validate()
+            .expect("the defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.system.dispatch.offer_timeout_ms, 15_000);
+        let e = Args::parse_from(["dispatchd", "--h3-resolution", "16"])
+            .build_and_validate()
+            .unwrap_err();
+        assert!(e.contains("--h3-resolution"), "{e}");
+        let e = Args::parse_from(["dispatchd", "--currency", "dollars"])
+            .build_and_validate()
+            .unwrap_err();
+        assert!(e.contains("--currency"), "{e}");
+    }
+}

@@ -1,0 +1,378 @@
+//! REST routes of PROTOCOL.md, the error mapping (the one place an [`ErrorCode`] becomes
+//! an HTTP status), and the JSON body and auth extractors.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dispatch_actors::registry::Identity;
+use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
+use dispatch_actors::{ApiError, ErrorCode};
+use dispatch_engine::{Point, TripId};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::decode::point;
+use super::render::{self, product_in};
+use super::{App, auth, ws};
+use crate::wire;
+
+/// HTTP status of each protocol error code: the only such mapping.
+pub fn status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::UnknownType | ErrorCode::InvalidLocation => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict | ErrorCode::QuoteExpired => StatusCode::CONFLICT,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An [`ApiError`] as a REST reply. 5xx replies never carry internal detail.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let message = if e.code == ErrorCode::Internal {
+            "internal error".to_owned()
+        } else {
+            e.message
+        };
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail {
+                code: e.code.as_str().to_owned(),
+                message,
+            },
+        };
+        (status(e.code), Json(body)).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> HttpError {
+    HttpError(ApiError::new(ErrorCode::BadRequest, msg))
+}
+
+/// A JSON body, at most `--max-frame-bytes` long, with protocol errors for every failure.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<App> for JsonBody<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, app: &App) -> Result<Self, HttpError> {
+        let limit = app.config.max_frame_bytes;
+        let too_large = || {
+            HttpError(ApiError::new(
+                ErrorCode::TooLarge,
+                format!("the body is over {limit} bytes"),
+            ))
+        };
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            && len > limit
+        {
+            app.metrics.bound_hit("http_body_bytes");
+            return Err(too_large());
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                app.metrics.bound_hit("http_body_bytes");
+                too_large()
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| bad(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// The caller, from a bearer token that must be known (401 otherwise).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
+        let token = auth::bearer(&parts.headers, None).ok_or_else(|| {
+            HttpError(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing bearer token",
+            ))
+        })?;
+        app.system
+            .authenticate(&auth::hash(token))
+            .map(Caller)
+            .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "unknown token")))
+    }
+}
+
+fn ready(app: &App) -> Result<(), HttpError> {
+    if app.ready.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        Err(HttpError(ApiError::unavailable(
+            "the server is starting or shutting down",
+        )))
+    }
+}
+
+fn text(s: &str, field: &str, max_chars: usize) -> Result<String, HttpError> {
+    let t = s.trim();
+    if t.is_empty() || t.chars().count() > max_chars || t.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "`{field}` must be 1 to {max_chars} printable characters"
+        )));
+    }
+    Ok(t.to_owned())
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/riders", post(register_rider))
+        .route("/v1/drivers", post(register_driver))
+        .route("/v1/quotes", post(quote))
+        .route("/v1/trips/{id}", get(get_trip))
+        .route("/v1/drivers/nearby", get(nearby))
+        .route("/v1/ws/driver", get(ws::driver_upgrade))
+        .route("/v1/ws/rider", get(ws::rider_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            let mut r = HttpError(ApiError::new(
+                ErrorCode::BadRequest,
+                "method not allowed on this route",
+            ))
+            .into_response();
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        })
+        .with_state(app)
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        "ready".into_response()
+    } else {
+        HttpError(ApiError::unavailable("not ready")).into_response()
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let enc = prometheus::TextEncoder::new();
+    if enc
+        .encode(&app.metrics.registry.gather(), &mut buf)
+        .is_err()
+    {
+        return HttpError(ApiError::internal()).into_response();
+    }
+    let mut r = buf.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+async fn register_rider(
+    State(app): State<App>,
+    JsonBody(b): JsonBody<wire::RegisterRider>,
+) -> Result<(StatusCode, Json<wire::RiderRegistered>), HttpError> {
+    ready(&app)?;
+    let name = text(&b.name, "name", 100)?;
+    let phone = b.phone.trim().to_owned();
+    let digits = phone.chars().filter(char::is_ascii_digit).count();
+    if !(5..=20).contains(&digits)
+        || !phone
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-().".contains(c))
+        || phone.len() > 32
+    {
+        return Err(bad("`phone` must be a phone number of 5 to 20 digits"));
+    }
+    let (token, hash) = auth::new_token();
+    let id = app
+        .system
+        .register_rider(RiderProfile { name, phone }, hash)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::RiderRegistered {
+            rider_id: id.to_string(),
+            token,
+        }),
+    ))
+}
+
+async fn register_driver(
+    State(app): State<App>,
+    JsonBody(b): JsonBody<wire::RegisterDriver>,
+) -> Result<(StatusCode, Json<wire::DriverRegistered>), HttpError> {
+    ready(&app)?;
+    let v = &b.vehicle;
+    if !(1..=20).contains(&v.seats) {
+        return Err(bad("`vehicle.seats` must be 1 to 20"));
+    }
+    let profile = DriverProfile {
+        name: text(&b.name, "name", 100)?,
+        vehicle: Vehicle {
+            make: text(&v.make, "vehicle.make", 64)?,
+            model: text(&v.model, "vehicle.model", 64)?,
+            plate: text(&v.plate, "vehicle.plate", 16)?,
+            color: text(&v.color, "vehicle.color", 32)?,
+            product: product_in(v.product),
+            seats: v.seats,
+        },
+    };
+    let (token, hash) = auth::new_token();
+    let id = app.system.register_driver(profile, hash).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::DriverRegistered {
+            driver_id: id.to_string(),
+            token,
+        }),
+    ))
+}
+
+fn rider_only(c: &Caller) -> Result<dispatch_engine::RiderId, HttpError> {
+    match &c.0 {
+        Identity::Rider(r) => Ok(r.clone()),
+        Identity::Driver(_) => Err(HttpError(ApiError::forbidden("this route is for riders"))),
+    }
+}
+
+async fn quote(
+    State(app): State<App>,
+    caller: Caller,
+    JsonBody(b): JsonBody<wire::QuoteRequest>,
+) -> Result<(StatusCode, Json<wire::QuoteResponse>), HttpError> {
+    ready(&app)?;
+    let rider = rider_only(&caller)?;
+    let q = app.system.quote(
+        rider,
+        point(b.pickup)?,
+        point(b.dropoff)?,
+        product_in(b.product),
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::QuoteResponse {
+            quote_id: q.quote_id.to_string(),
+            product: render::product(q.product),
+            fare_cents: q.fare_cents,
+            currency: q.currency,
+            surge: q.surge,
+            distance_m: q.distance_m,
+            duration_s: q.duration_s,
+            expires_at: render::rfc3339(q.expires_at_ms),
+        }),
+    ))
+}
+
+async fn get_trip(
+    State(app): State<App>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<wire::Trip>, HttpError> {
+    let view = app
+        .system
+        .trip_view(&TripId::new(id))
+        .ok_or_else(|| HttpError(ApiError::not_found("trip")))?;
+    let allowed = match &caller.0 {
+        Identity::Rider(r) => &view.rider_id == r,
+        Identity::Driver(d) => view.driver_id.as_ref() == Some(d),
+    };
+    if !allowed {
+        return Err(HttpError(ApiError::forbidden(
+            "the trip belongs to someone else",
+        )));
+    }
+    Ok(Json(render::trip(&view)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NearbyQuery {
+    lat: Option<String>,
+    lng: Option<String>,
+    radius_m: Option<String>,
+    limit: Option<String>,
+    product: Option<String>,
+}
+
+fn num<T: std::str::FromStr>(v: &Option<String>, name: &str) -> Result<Option<T>, HttpError> {
+    v.as_deref()
+        .map(|s| {
+            s.parse::<T>()
+                .map_err(|_| bad(format!("`{name}` is not a valid number")))
+        })
+        .transpose()
+}
+
+async fn nearby(
+    State(app): State<App>,
+    caller: Caller,
+    Query(q): Query<NearbyQuery>,
+) -> Result<Json<wire::NearbyResponse>, HttpError> {
+    rider_only(&caller)?;
+    let lat: f64 = num(&q.lat, "lat")?.ok_or_else(|| bad("`lat` is required"))?;
+    let lng: f64 = num(&q.lng, "lng")?.ok_or_else(|| bad("`lng` is required"))?;
+    let at = Point::new(lat, lng)
+        .map_err(|e| HttpError(ApiError::new(ErrorCode::InvalidLocation, e.to_string())))?;
+    let cfg = &app.system.config;
+    let radius_m: f64 = num(&q.radius_m, "radius_m")?.unwrap_or(2_000.0);
+    if !radius_m.is_finite() || radius_m <= 0.0 || radius_m > cfg.nearby_max_radius_m {
+        return Err(bad(format!(
+            "`radius_m` must be in (0, {}]",
+            cfg.nearby_max_radius_m
+        )));
+    }
+    let limit: usize = num(&q.limit, "limit")?.unwrap_or(10);
+    if limit == 0 || limit > cfg.nearby_max_limit {
+        return Err(bad(format!(
+            "`limit` must be in 1..={}",
+            cfg.nearby_max_limit
+        )));
+    }
+    let product = match q.product.as_deref() {
+        None => None,
+        Some(p) => Some(
+            p.parse()
+                .map_err(|_| bad("`product` must be economy, xl or premium"))?,
+        ),
+    };
+    let drivers = app.system.nearby(at, radius_m, limit, product).await;
+    Ok(Json(wire::NearbyResponse {
+        drivers: drivers
+            .into_iter()
+            .map(|d| wire::NearbyDriver {
+                lat: d.position.lat(),
+                lng: d.position.lng(),
+                heading: d.heading,
+                product: render::product(d.product),
+                distance_m: d.distance_m,
+            })
+            .collect(),
+    }))
+}

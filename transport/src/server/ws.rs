@@ -1,0 +1,407 @@
+//! WebSocket sessions for drivers and riders: auth at the upgrade, `welcome` first, one
+//! JSON object per text frame, `req` correlation, limits (frame size, location rate, bad
+//! messages, connections), and a writer that drains the session's bounded queue.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use dispatch_actors::driver::{DriverCommand, DriverMsg};
+use dispatch_actors::registry::Identity;
+use dispatch_actors::rider::RiderMsg;
+use dispatch_actors::session::{
+    CLOSE_GOING_AWAY, CLOSE_POLICY, Outbound, Responder, SessionHandle, SessionInbox,
+};
+use dispatch_actors::{ApiError, ErrorCode};
+use dispatch_engine::{DriverId, RiderId};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use super::decode::{self, RiderCommand};
+use super::http::HttpError;
+use super::{App, auth, render};
+
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Role {
+    Driver(DriverId),
+    Rider(RiderId),
+}
+
+impl Role {
+    fn label(&self) -> &'static str {
+        match self {
+            Role::Driver(_) => "driver",
+            Role::Rider(_) => "rider",
+        }
+    }
+}
+
+fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, HttpError> {
+    let token = auth::bearer(headers, q.token.as_deref())
+        .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "missing token")))?;
+    app.system
+        .authenticate(&auth::hash(token))
+        .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "unknown token")))
+}
+
+pub async fn driver_upgrade(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    up: WebSocketUpgrade,
+) -> Response {
+    match identity(&app, &headers, &q) {
+        Ok(Identity::Driver(id)) => upgrade(app, up, Role::Driver(id)),
+        Ok(Identity::Rider(_)) => HttpError(ApiError::forbidden(
+            "a rider token cannot open a driver session",
+        ))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn rider_upgrade(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    up: WebSocketUpgrade,
+) -> Response {
+    match identity(&app, &headers, &q) {
+        Ok(Identity::Rider(id)) => upgrade(app, up, Role::Rider(id)),
+        Ok(Identity::Driver(_)) => HttpError(ApiError::forbidden(
+            "a driver token cannot open a rider session",
+        ))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Holds one slot of `--max-connections` for as long as a session lives.
+struct ConnectionSlot(App);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn upgrade(app: App, up: WebSocketUpgrade, role: Role) -> Response {
+    if !app.ready.load(Ordering::Acquire) {
+        return HttpError(ApiError::unavailable(
+            "the server is starting or shutting down",
+        ))
+        .into_response();
+    }
+    if app.connections.fetch_add(1, Ordering::AcqRel) >= app.config.max_connections {
+        app.connections.fetch_sub(1, Ordering::AcqRel);
+        app.metrics.bound_hit("max_connections");
+        return HttpError(ApiError::unavailable("too many connections")).into_response();
+    }
+    let slot = ConnectionSlot(app.clone());
+    let hard = app.config.ws_hard_max_bytes;
+    up.max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            session(app, socket, role).await;
+        })
+}
+
+/// "More than `limit` bad messages within `window`."
+struct BadWindow {
+    limit: usize,
+    window: Duration,
+    hits: VecDeque<Instant>,
+}
+
+impl BadWindow {
+    fn hit(&mut self) -> bool {
+        let now = Instant::now();
+        self.hits.push_back(now);
+        while self
+            .hits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
+            self.hits.pop_front();
+        }
+        self.hits.len() > self.limit
+    }
+}
+
+/// A token bucket: `rate` a second, bursts of up to `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
+    Responder::new(req, handle.clone()).fail(error);
+}
+
+async fn session(app: App, socket: WebSocket, role: Role) {
+    let label = role.label();
+    let (handle, inbox) = app.system.new_session();
+    let timeout = Some(app.system.call_timeout());
+    let reg = &app.system.registry;
+    let attached = match &role {
+        Role::Driver(id) => match reg.driver(id) {
+            Some(a) => matches!(
+                a.call(|r| DriverMsg::Attach(handle.clone(), r), timeout)
+                    .await,
+                Ok(ractor::rpc::CallResult::Success(()))
+            ),
+            None => false,
+        },
+        Role::Rider(id) => match reg.rider(id) {
+            Some(a) => matches!(
+                a.call(|r| RiderMsg::Attach(handle.clone(), r), timeout)
+                    .await,
+                Ok(ractor::rpc::CallResult::Success(()))
+            ),
+            None => false,
+        },
+    };
+    let (mut sink, mut stream) = socket.split();
+    if !attached {
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: 1011,
+                reason: "could not start the session".into(),
+            })))
+            .await;
+        return;
+    }
+    app.transport.sessions.with_label_values(&[label]).inc();
+    let writer = tokio::spawn(write_loop(app.clone(), sink, inbox, label));
+
+    let mut bad = BadWindow {
+        limit: app.config.bad_message_limit,
+        window: Duration::from_millis(app.config.bad_message_window_ms),
+        hits: VecDeque::new(),
+    };
+    let rate = f64::from(app.config.location_max_per_s);
+    let mut pings = Bucket {
+        rate,
+        tokens: rate,
+        at: Instant::now(),
+    };
+    let received = app.transport.ws_messages.with_label_values(&[label, "in"]);
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = handle.closed() => None,
+        };
+        let Some(Ok(frame)) = frame else { break };
+        let is_bad = match frame {
+            Message::Text(text) => {
+                received.inc();
+                if text.len() > app.config.max_frame_bytes {
+                    app.metrics.bound_hit("ws_frame_bytes");
+                    reply_error(
+                        &handle,
+                        None,
+                        ApiError::new(
+                            ErrorCode::TooLarge,
+                            format!("frames are limited to {} bytes", app.config.max_frame_bytes),
+                        ),
+                    );
+                    true
+                } else {
+                    match &role {
+                        Role::Driver(id) => driver_frame(&app, &handle, id, &text, &mut pings),
+                        Role::Rider(id) => rider_frame(&app, &handle, id, &text),
+                    }
+                }
+            }
+            Message::Binary(_) => {
+                received.inc();
+                reply_error(
+                    &handle,
+                    None,
+                    ApiError::new(
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported; send JSON text frames",
+                    ),
+                );
+                true
+            }
+            Message::Ping(_) | Message::Pong(_) => false,
+            Message::Close(_) => break,
+        };
+        if is_bad && bad.hit() {
+            app.metrics.bound_hit("bad_messages");
+            tracing::info!(
+                role = label,
+                "closing a session that keeps sending bad messages"
+            );
+            handle.close(CLOSE_POLICY);
+            break;
+        }
+    }
+
+    match &role {
+        Role::Driver(id) => {
+            if let Some(a) = reg.driver(id) {
+                let _ = a.cast(DriverMsg::Detach {
+                    session_id: handle.id,
+                });
+            }
+        }
+        Role::Rider(id) => {
+            if let Some(a) = reg.rider(id) {
+                let _ = a.cast(RiderMsg::Detach {
+                    session_id: handle.id,
+                });
+            }
+        }
+    }
+    handle.close(1000);
+    let _ = writer.await;
+    app.transport.sessions.with_label_values(&[label]).dec();
+}
+
+/// Returns whether the frame was a bad message (counts toward the 1008 close).
+fn driver_frame(
+    app: &App,
+    handle: &SessionHandle,
+    id: &DriverId,
+    text: &str,
+    pings: &mut Bucket,
+) -> bool {
+    match decode::driver(text) {
+        Err((req, e)) => {
+            reply_error(handle, req, e);
+            true
+        }
+        Ok((req, cmd)) => {
+            if matches!(cmd, DriverCommand::Location { .. }) && !pings.take() {
+                app.metrics.bound_hit("location_rate");
+                reply_error(
+                    handle,
+                    req,
+                    ApiError::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "at most {} location updates a second",
+                            app.config.location_max_per_s
+                        ),
+                    ),
+                );
+                return false;
+            }
+            match app.system.registry.driver(id) {
+                // A failed cast drops the responder, which answers `internal` itself.
+                Some(a) => {
+                    let _ = a.cast(DriverMsg::Command(cmd, Responder::new(req, handle.clone())));
+                }
+                None => reply_error(handle, req, ApiError::internal()),
+            }
+            false
+        }
+    }
+}
+
+fn rider_frame(app: &App, handle: &SessionHandle, id: &RiderId, text: &str) -> bool {
+    match decode::rider(text) {
+        Err((req, e)) => {
+            reply_error(handle, req, e);
+            true
+        }
+        Ok((req, cmd)) => {
+            let Some(a) = app.system.registry.rider(id) else {
+                reply_error(handle, req, ApiError::internal());
+                return false;
+            };
+            let responder = Responder::new(req, handle.clone());
+            let msg = match cmd {
+                RiderCommand::RequestRide(r) => RiderMsg::RequestRide(r, responder),
+                RiderCommand::CancelRide { trip_id, reason } => RiderMsg::CancelRide {
+                    trip_id,
+                    reason,
+                    responder,
+                },
+                RiderCommand::Location(p) => RiderMsg::Location(p, responder),
+            };
+            let _ = a.cast(msg);
+            false
+        }
+    }
+}
+
+async fn write_loop(
+    app: App,
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    inbox: SessionInbox,
+    label: &'static str,
+) {
+    let (mut rx, closed) = inbox.into_parts();
+    let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
+    let mut shutdown = app.shutdown.clone();
+    let close = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            biased;
+            code = closed.closed() => {
+                let reason = match code {
+                    dispatch_actors::session::CLOSE_REPLACED => "replaced",
+                    CLOSE_POLICY => "policy violation",
+                    _ => "",
+                };
+                let _ = sink.send(close(code, reason)).await;
+                break;
+            }
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+                break;
+            }
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                if write(&app, &mut sink, m).await.is_err() {
+                    break;
+                }
+                sent.inc();
+            }
+        }
+    }
+}
+
+async fn write(
+    app: &App,
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    m: Outbound,
+) -> Result<(), axum::Error> {
+    let wire = render::outbound(m, app.system.clock.now_ms());
+    let text = serde_json::to_string(&wire).expect("wire types always serialize");
+    sink.send(Message::Text(text.into())).await
+}
