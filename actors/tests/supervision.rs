@@ -487,7 +487,7 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
     // The nearest ten are within the pickup's cell and its first ring: a handful of the
     // city's cells, and about k drivers per cell examined.
     assert!(
-        cells >= 1 && cells <= 19,
+        (1..=19).contains(&cells),
         "searched {cells} of {cells_with_drivers} cells"
     );
     assert!(
