@@ -2,9 +2,7 @@
 //! [`RiderState`]), turns a request into a trip actor, and relays the trip's updates,
 //! driver positions and receipt to the rider's session, in order.
 
-use dispatch_engine::{
-    Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId, TripState,
-};
+use dispatch_engine::{Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::{ApiError, ErrorCode};
@@ -45,9 +43,11 @@ pub enum RiderMsg {
         responder: Responder,
     },
     Location(Point, Responder),
-    /// From the trip: a transition. A final state frees the rider.
+    /// From the trip: a transition. A final state frees the rider; `completed` comes
+    /// with its receipt.
     Trip {
         view: TripView,
+        receipt: Option<Receipt>,
         responder: Option<Responder>,
     },
     DriverLocation {
@@ -288,13 +288,17 @@ impl Actor for RiderActor {
                 s.rec.position = Some(p);
                 responder.ack();
             }
-            RiderMsg::Trip { view, responder } => {
+            RiderMsg::Trip {
+                view,
+                receipt,
+                responder,
+            } => {
                 if s.rec
                     .trip
                     .as_ref()
-                    .is_some_and(|t| t.trip_id == view.trip_id && t.version > view.version)
+                    .is_some_and(|t| t.trip_id == view.trip_id && t.version >= view.version)
                 {
-                    // An older update than the one already sent (a restarted trip re-syncing).
+                    // Not newer than what the app has (a restarted trip re-syncing).
                     if let Some(r) = responder {
                         r.ack();
                     }
@@ -307,7 +311,6 @@ impl Actor for RiderActor {
                     s.rec.trip = Some(view.clone());
                 }
                 self.commit(s);
-                let receipt = (view.state == TripState::Completed).then(|| self.receipt(&view));
                 self.send(
                     s,
                     Outbound::TripUpdate {
@@ -347,34 +350,5 @@ impl Actor for RiderActor {
             RiderMsg::InjectPanic => panic!("injected fault in rider {}", s.rec.id),
         }
         Ok(())
-    }
-}
-
-impl RiderActor {
-    fn receipt(&self, view: &TripView) -> Receipt {
-        let rec = self
-            .system
-            .registry
-            .trip_records
-            .get(&view.trip_id)
-            .map(|r| r.trip.clone());
-        let (distance_m, duration_s) = match rec {
-            Some(t) => (
-                t.quote.distance_m,
-                match (t.started_at_ms(), t.completed_at_ms()) {
-                    (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
-                    _ => 0,
-                },
-            ),
-            None => (0, 0),
-        };
-        Receipt {
-            trip_id: view.trip_id.clone(),
-            fare_cents: view.fare_cents.unwrap_or(view.quote_fare_cents),
-            currency: view.currency.clone(),
-            distance_m,
-            duration_s,
-            surge: view.surge,
-        }
     }
 }

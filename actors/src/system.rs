@@ -375,12 +375,19 @@ impl System {
             .collect()
     }
 
-    /// Stops every actor: the supervisors and, with them, their children.
+    /// Stops every actor: each group's children, then the supervisors. Riders and
+    /// drivers go before trips, and cells last, so nothing is left waiting on them.
     pub async fn shutdown(&self) {
-        if let Some(sups) = self.supervisors.get() {
-            for s in sups {
-                s.stop(Some("shutdown".into()));
-            }
+        let Some(sups) = self.supervisors.get() else {
+            return;
+        };
+        let wait = Some(self.call_timeout());
+        for s in sups {
+            s.stop_children_and_wait(Some("shutdown".into()), wait)
+                .await;
+        }
+        for s in sups {
+            let _ = s.stop_and_wait(Some("shutdown".into()), wait).await;
         }
     }
 }

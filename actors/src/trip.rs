@@ -17,7 +17,7 @@ use crate::registry::{HistoryEntry, TripRecord};
 use crate::rider::RiderMsg;
 use crate::session::Responder;
 use crate::system::System;
-use crate::views::{OfferView, TripDriver, TripView};
+use crate::views::{OfferView, Receipt, TripDriver, TripView};
 
 /// Who sent a command, so its reply can travel with the update it causes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,8 +222,10 @@ impl TripActor {
             m.trip_transitions.with_label_values(&[to.as_str()]).inc();
             tracing::info!(trip_id = %trip_id, state = to.as_str(), version = view.version, "trip transition");
             if let Some(r) = reg.rider(&s.rec.trip.rider_id) {
+                let receipt = (to == TripState::Completed).then(|| self.receipt(s));
                 let _ = r.cast(RiderMsg::Trip {
                     view: view.clone(),
+                    receipt,
                     responder: take_for(&TripFrom::Rider),
                 });
             }
@@ -325,7 +327,25 @@ impl TripActor {
                 .with_label_values(&[s.rec.trip.state().as_str()])
                 .inc();
             reg.trips.remove(&trip_id);
+            // Only the view stays, for `GET /v1/trips/{id}`.
+            reg.trip_records.remove(&trip_id);
             let _ = myself.drain();
+        }
+    }
+
+    fn receipt(&self, s: &TripActorState) -> Receipt {
+        let t = &s.rec.trip;
+        let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
+            (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
+            _ => 0,
+        };
+        Receipt {
+            trip_id: t.id.clone(),
+            fare_cents: t.fare_cents().unwrap_or(t.quote.fare_cents),
+            currency: t.quote.currency.clone(),
+            distance_m: t.quote.distance_m,
+            duration_s,
+            surge: t.quote.surge,
         }
     }
 
@@ -397,6 +417,7 @@ impl Actor for TripActor {
             if let Some(r) = self.system.registry.rider(&s.rec.trip.rider_id) {
                 let _ = r.cast(RiderMsg::Trip {
                     view: view.clone(),
+                    receipt: None,
                     responder: None,
                 });
             }
