@@ -4,36 +4,7 @@
 use dispatch_engine::{
     CancelledBy, DriverId, Point, Product, QuoteId, RiderId, Trip, TripId, TripState,
 };
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Vehicle {
-    pub make: String,
-    pub model: String,
-    pub plate: String,
-    pub color: String,
-    pub product: Product,
-    pub seats: u8,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DriverProfile {
-    pub name: String,
-    pub vehicle: Vehicle,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RiderProfile {
-    pub name: String,
-    pub phone: String,
-}
-
-/// The driver as a rider sees it on the trip.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TripDriver {
-    pub name: String,
-    pub vehicle: Vehicle,
-    pub location: Option<Point>,
-}
+pub use dispatch_engine::{DriverProfile, RiderProfile, TripDriver, Vehicle};
 
 /// The trip object of PROTOCOL.md.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,7 @@
 use crate::ids::TripId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum DriverStatus {
     Offline,
     Available,

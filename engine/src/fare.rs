@@ -7,6 +7,7 @@ use crate::eta::EtaEstimate;
 
 /// The vehicle classes a rider can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Product {
     Economy,
     Xl,
@@ -40,6 +41,7 @@ impl FromStr for Product {
 
 /// The prices of one product, in minor currency units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RateCard {
     pub base_cents: i64,
     pub per_km_cents: i64,
@@ -49,6 +51,7 @@ pub struct RateCard {
 
 /// One rate card per product.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RateCards {
     pub currency: String,
     pub economy: RateCard,

@@ -14,11 +14,38 @@ pub enum GeoError {
     InvalidResolution(u8),
 }
 
-/// A validated WGS84 position in decimal degrees.
+/// A validated WGS84 position in decimal degrees. Deserializing validates too.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "RawPoint", into = "RawPoint"))]
 pub struct Point {
     lat: f64,
     lng: f64,
+}
+
+#[cfg(feature = "serde")]
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RawPoint {
+    lat: f64,
+    lng: f64,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<RawPoint> for Point {
+    type Error = GeoError;
+    fn try_from(r: RawPoint) -> Result<Self, GeoError> {
+        Point::new(r.lat, r.lng)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<Point> for RawPoint {
+    fn from(p: Point) -> Self {
+        RawPoint {
+            lat: p.lat,
+            lng: p.lng,
+        }
+    }
 }
 
 impl Point {

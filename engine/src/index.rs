@@ -13,6 +13,7 @@ use crate::ids::DriverId;
 
 /// One driver as the cell index sees it.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct IndexedDriver {
     pub driver_id: DriverId,
     pub position: Point,

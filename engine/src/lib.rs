@@ -15,6 +15,7 @@ pub mod fare;
 pub mod geo;
 pub mod ids;
 pub mod index;
+pub mod profile;
 pub mod rider;
 pub mod search;
 pub mod trip;
@@ -25,6 +26,7 @@ pub use fare::{FareQuote, Product, RateCard, RateCards};
 pub use geo::{CellId, GeoError, Grid, Point};
 pub use ids::{DriverId, QuoteId, RiderId, TripId};
 pub use index::{CellDrivers, IndexedDriver};
+pub use profile::{DriverProfile, RiderProfile, TripDriver, Vehicle};
 pub use rider::{RiderError, RiderState};
 pub use search::{Candidate, RingSearch, SearchParams, SearchStats};
 pub use trip::{

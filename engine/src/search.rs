@@ -37,6 +37,7 @@ impl Default for SearchParams {
 
 /// A driver that may be offered a trip, with its straight-line distance to the pickup.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Candidate {
     pub driver: IndexedDriver,
     pub distance_m: f64,

@@ -24,6 +24,7 @@ use crate::ids::{DriverId, RiderId, TripId};
 use crate::search::Candidate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum TripState {
     Dispatching,
     DriverAssigned,
@@ -85,6 +86,7 @@ impl TripState {
 
 /// Who ended a trip by cancelling it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum CancelledBy {
     Rider,
     Driver,
@@ -105,6 +107,7 @@ impl CancelledBy {
 
 /// Who made a transition happen (the trip's history records it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Mover {
     Rider,
     Driver(DriverId),
@@ -132,6 +135,7 @@ impl Default for DispatchConfig {
 
 /// The price the rider agreed to, fixed when the trip is requested.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct QuoteTerms {
     pub fare_cents: i64,
     pub currency: String,
@@ -142,6 +146,7 @@ pub struct QuoteTerms {
 
 /// One open offer to one driver.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Offer {
     pub driver_id: DriverId,
     /// Rises with every offer of this trip, so a stale timer is recognised.
@@ -245,6 +250,7 @@ pub enum TripError {
 
 /// One trip: its public record and its dispatch bookkeeping.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Trip {
     pub id: TripId,
     pub rider_id: RiderId,
@@ -575,6 +581,14 @@ impl Trip {
         }
         debug_assert_eq!(self.check_invariants(), Ok(()));
         Ok(fx)
+    }
+
+    /// Gives the open offer a fresh timeout from `now_ms` (after a restart, the driver
+    /// gets the whole window again). Returns the refreshed offer.
+    pub fn refresh_offer(&mut self, now_ms: u64, cfg: &DispatchConfig) -> Option<&Offer> {
+        let o = self.offer.as_mut()?;
+        o.expires_at_ms = now_ms.saturating_add(cfg.offer_timeout_ms);
+        Some(o)
     }
 
     /// The assigned driver moved: refresh the pickup ETA while it is heading there.

@@ -1,0 +1,17 @@
+//! `dispatch-persistence`: the sled store of `dispatchd`.
+//!
+//! Trees: `drivers`, `riders`, `trips` (latest state), `journal` (one entry per trip
+//! transition, keyed by trip and version), `quotes` and `meta`. Every value goes through
+//! [`codec`] (schema version, checksum, bincode). [`Store`] writes through one thread
+//! with group commit and loads everything back for recovery, refusing any record it
+//! cannot read.
+//!
+//! It knows the engine's types and sled; it must not know actors, sockets or JSON.
+
+pub mod codec;
+pub mod records;
+pub mod store;
+
+pub use codec::{CodecError, SCHEMA_VERSION};
+pub use records::{JournalEntry, StoredDriver, StoredQuote, StoredRider, StoredTrip, Transition};
+pub use store::{Batch, FlushStats, Loaded, Store, StoreError, journal_key};

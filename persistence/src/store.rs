@@ -1,0 +1,523 @@
+//! The sled store and its group commit.
+//!
+//! One writer thread owns every write. It takes all the batches that arrived while the
+//! previous flush ran, applies them in arrival order, flushes once, and only then
+//! answers each waiter: one fsync covers many acknowledgements, and nobody is told a
+//! write succeeded before it is on disk. sled recovers a prefix of the writes after a
+//! crash, so a journal entry written before its snapshot is never lost while the
+//! snapshot survives.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use dispatch_engine::{DriverId, QuoteId, TripId};
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use crate::codec::{self, CodecError};
+use crate::records::{
+    JournalEntry, StoredDriver, StoredQuote, StoredRider, StoredTrip, Transition,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {dir} is locked by another running process (sled holds its lock); stop that process or choose another --data-dir"
+    )]
+    Locked { dir: PathBuf },
+    #[error("cannot open the data directory {dir}: {source}")]
+    Open { dir: PathBuf, source: sled::Error },
+    #[error(
+        "record {tree}/{key} in {dir} cannot be read: {source}. Startup stopped; the data was not changed"
+    )]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        dir: PathBuf,
+        source: CodecError,
+    },
+    #[error(
+        "the data directory {dir} was written by a newer dispatchd (store format {found}, this build reads {ours})"
+    )]
+    FutureFormat { dir: PathBuf, found: u16, ours: u16 },
+    #[error("storage error in {dir}: {source}")]
+    Io { dir: PathBuf, source: sled::Error },
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// Writes that must land together, in this order.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Driver(StoredDriver),
+    Rider(StoredRider),
+    Trip(StoredTrip),
+    Journal(JournalEntry),
+    Quote(StoredQuote),
+    DeleteQuote(QuoteId),
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    pub fn driver(mut self, d: StoredDriver) -> Self {
+        self.ops.push(Op::Driver(d));
+        self
+    }
+    pub fn rider(mut self, r: StoredRider) -> Self {
+        self.ops.push(Op::Rider(r));
+        self
+    }
+    /// The trip's latest state; with `transition`, its journal entry goes first.
+    pub fn trip(mut self, t: StoredTrip, transition: Option<Transition>) -> Self {
+        if let Some(transition) = transition {
+            self.ops.push(Op::Journal(JournalEntry {
+                transition,
+                trip: t.clone(),
+            }));
+        }
+        self.ops.push(Op::Trip(t));
+        self
+    }
+    pub fn quote(mut self, q: StoredQuote) -> Self {
+        self.ops.push(Op::Quote(q));
+        self
+    }
+    pub fn delete_quote(mut self, id: QuoteId) -> Self {
+        self.ops.push(Op::DeleteQuote(id));
+        self
+    }
+}
+
+/// Everything recovery needs, decoded and checked.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub drivers: Vec<StoredDriver>,
+    pub riders: Vec<StoredRider>,
+    /// Each trip at its newest state: the later of its snapshot and its last journal entry.
+    pub trips: Vec<StoredTrip>,
+    pub quotes: Vec<StoredQuote>,
+    pub journal_entries: usize,
+}
+
+/// What one group commit did, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushStats {
+    pub batches: usize,
+    pub ops: usize,
+    pub flush_seconds: f64,
+}
+
+type Waiter = Option<oneshot::Sender<Result<(), String>>>;
+
+struct Request {
+    batch: Batch,
+    done: Waiter,
+}
+
+#[derive(Clone)]
+struct Trees {
+    drivers: sled::Tree,
+    riders: sled::Tree,
+    trips: sled::Tree,
+    journal: sled::Tree,
+    quotes: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// The open store. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+    trees: Trees,
+    tx: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+/// The store format this build writes (independent of the record schema version).
+pub const FORMAT: u16 = 1;
+
+/// `journal` keys: trip id, a zero byte, version big-endian: a trip's entries are
+/// contiguous and in order.
+pub fn journal_key(trip: &TripId, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(trip.as_str().len() + 9);
+    k.extend_from_slice(trip.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. `on_flush` is told about every group commit.
+    pub fn open(
+        dir: &Path,
+        on_flush: impl Fn(FlushStats) + Send + 'static,
+    ) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            if e.to_string().contains("could not acquire lock") {
+                StoreError::Locked {
+                    dir: dir.to_owned(),
+                }
+            } else {
+                StoreError::Open {
+                    dir: dir.to_owned(),
+                    source: e,
+                }
+            }
+        })?;
+        let io = |e| StoreError::Io {
+            dir: dir.to_owned(),
+            source: e,
+        };
+        let trees = Trees {
+            drivers: db.open_tree("drivers").map_err(io)?,
+            riders: db.open_tree("riders").map_err(io)?,
+            trips: db.open_tree("trips").map_err(io)?,
+            journal: db.open_tree("journal").map_err(io)?,
+            quotes: db.open_tree("quotes").map_err(io)?,
+            meta: db.open_tree("meta").map_err(io)?,
+        };
+        match trees.meta.get("format").map_err(io)? {
+            Some(v) => {
+                let found = if v.len() == 2 {
+                    u16::from_be_bytes([v[0], v[1]])
+                } else {
+                    u16::MAX
+                };
+                if found > FORMAT {
+                    return Err(StoreError::FutureFormat {
+                        dir: dir.to_owned(),
+                        found,
+                        ours: FORMAT,
+                    });
+                }
+            }
+            None => {
+                trees
+                    .meta
+                    .insert("format", &FORMAT.to_be_bytes())
+                    .map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Request>();
+        let writer = {
+            let db = db.clone();
+            let trees = trees.clone();
+            let dir = dir.to_owned();
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || write_loop(db, trees, dir, rx, on_flush))
+                .expect("spawn the store writer")
+        };
+        Ok(Store {
+            db,
+            dir: dir.to_owned(),
+            trees,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `batch` and waits until it is on disk.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (done, wait) = oneshot::channel();
+        self.send(Request {
+            batch,
+            done: Some(done),
+        })?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Io {
+                dir: self.dir.clone(),
+                source: sled::Error::Unsupported(e),
+            }),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Writes `batch` with the next group commit, without waiting for it (position
+    /// snapshots, bookkeeping that a later durable write or recovery makes good).
+    pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send(Request { batch, done: None })
+    }
+
+    fn send(&self, r: Request) -> Result<(), StoreError> {
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(r)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Reads and checks every record. Any record that does not decode stops here with
+    /// an error that names it; nothing is written.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let mut out = Loaded {
+            drivers: self.load_tree("drivers", &self.trees.drivers)?,
+            riders: self.load_tree("riders", &self.trees.riders)?,
+            quotes: self.load_tree("quotes", &self.trees.quotes)?,
+            ..Loaded::default()
+        };
+        let mut trips: HashMap<TripId, StoredTrip> = HashMap::new();
+        for t in self.load_tree::<StoredTrip>("trips", &self.trees.trips)? {
+            self.check_trip("trips", &t)?;
+            trips.insert(t.trip.id.clone(), t);
+        }
+        // Replay: a journal entry newer than the snapshot wins (the snapshot write was
+        // lost in a crash between the two).
+        let mut newest: BTreeMap<TripId, StoredTrip> = BTreeMap::new();
+        for e in self.load_tree::<JournalEntry>("journal", &self.trees.journal)? {
+            out.journal_entries += 1;
+            self.check_trip("journal", &e.trip)?;
+            let id = e.trip.trip.id.clone();
+            match newest.get(&id) {
+                Some(have) if have.trip.version() >= e.trip.trip.version() => {}
+                _ => {
+                    newest.insert(id, e.trip);
+                }
+            }
+        }
+        for (id, j) in newest {
+            match trips.get(&id) {
+                Some(s) if s.trip.version() >= j.trip.version() => {}
+                _ => {
+                    trips.insert(id, j);
+                }
+            }
+        }
+        out.trips = trips.into_values().collect();
+        Ok(out)
+    }
+
+    fn check_trip(&self, tree: &'static str, t: &StoredTrip) -> Result<(), StoreError> {
+        t.trip.check_invariants().map_err(|e| StoreError::Corrupt {
+            tree,
+            key: t.trip.id.to_string(),
+            dir: self.dir.clone(),
+            source: CodecError::Malformed(format!("inconsistent trip: {e}")),
+        })
+    }
+
+    fn load_tree<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        tree: &sled::Tree,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::with_capacity(tree.len());
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(|e| StoreError::Io {
+                dir: self.dir.clone(),
+                source: e,
+            })?;
+            let value = codec::decode(&v).map_err(|source| StoreError::Corrupt {
+                tree: name,
+                key: printable(&k),
+                dir: self.dir.clone(),
+                source,
+            })?;
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// One trip's latest state (blocking: call from a blocking context).
+    pub fn trip(&self, id: &TripId) -> Result<Option<StoredTrip>, StoreError> {
+        self.get("trips", &self.trees.trips, id.as_str().as_bytes())
+    }
+
+    /// One driver (blocking).
+    pub fn driver(&self, id: &DriverId) -> Result<Option<StoredDriver>, StoreError> {
+        self.get("drivers", &self.trees.drivers, id.as_str().as_bytes())
+    }
+
+    /// A trip's transitions in order (blocking).
+    pub fn history(&self, id: &TripId) -> Result<Vec<Transition>, StoreError> {
+        let mut prefix = id.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.trees.journal.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| StoreError::Io {
+                dir: self.dir.clone(),
+                source: e,
+            })?;
+            let e: JournalEntry = codec::decode(&v).map_err(|source| StoreError::Corrupt {
+                tree: "journal",
+                key: printable(&k),
+                dir: self.dir.clone(),
+                source,
+            })?;
+            out.push(e.transition);
+        }
+        Ok(out)
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        tree: &sled::Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match tree.get(key).map_err(|e| StoreError::Io {
+            dir: self.dir.clone(),
+            source: e,
+        })? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    tree: name,
+                    key: printable(key),
+                    dir: self.dir.clone(),
+                    source,
+                }),
+        }
+    }
+
+    /// Waits for every write queued so far to be on disk.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Request {
+            batch: Batch::new(),
+            done: Some(done),
+        })?;
+        wait.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| StoreError::Io {
+                dir: self.dir.clone(),
+                source: sled::Error::Unsupported(e),
+            })
+    }
+
+    /// Size of the data directory's files, in bytes.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Stops the writer after it has written and flushed everything queued.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), StoreError> {
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        self.db.flush().map(|_| ()).map_err(|e| StoreError::Io {
+            dir: self.dir.clone(),
+            source: e,
+        })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn printable(k: &[u8]) -> String {
+    k.iter()
+        .flat_map(|b| {
+            if b.is_ascii_graphic() {
+                vec![*b as char]
+            } else {
+                format!("\\x{b:02x}").chars().collect()
+            }
+        })
+        .collect()
+}
+
+fn write_loop(
+    db: sled::Db,
+    t: Trees,
+    dir: PathBuf,
+    rx: mpsc::Receiver<Request>,
+    on_flush: impl Fn(FlushStats),
+) {
+    while let Ok(first) = rx.recv() {
+        // Everything that arrived while the last flush ran joins this one.
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        let started = Instant::now();
+        let ops: usize = group.iter().map(|r| r.batch.len()).sum();
+        let result = apply(&t, &group).and_then(|()| db.flush().map(|_| ()));
+        if let Err(e) = &result {
+            tracing::error!(dir = %dir.display(), error = %e, "store write failed");
+        }
+        on_flush(FlushStats {
+            batches: group.len(),
+            ops,
+            flush_seconds: started.elapsed().as_secs_f64(),
+        });
+        let answer = result.map_err(|e| e.to_string());
+        for r in group {
+            if let Some(done) = r.done {
+                let _ = done.send(answer.clone());
+            }
+        }
+    }
+}
+
+fn apply(t: &Trees, group: &[Request]) -> sled::Result<()> {
+    for r in group {
+        for op in &r.batch.ops {
+            match op {
+                Op::Driver(d) => {
+                    t.drivers
+                        .insert(d.id.as_str().as_bytes(), codec::encode(d))?;
+                }
+                Op::Rider(x) => {
+                    t.riders
+                        .insert(x.id.as_str().as_bytes(), codec::encode(x))?;
+                }
+                Op::Trip(x) => {
+                    t.trips
+                        .insert(x.trip.id.as_str().as_bytes(), codec::encode(x))?;
+                }
+                Op::Journal(e) => {
+                    t.journal.insert(
+                        journal_key(&e.trip.trip.id, e.transition.version),
+                        codec::encode(e),
+                    )?;
+                }
+                Op::Quote(q) => {
+                    t.quotes
+                        .insert(q.quote_id.as_str().as_bytes(), codec::encode(q))?;
+                }
+                Op::DeleteQuote(id) => {
+                    t.quotes.remove(id.as_str().as_bytes())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
