@@ -167,8 +167,9 @@ async fn concurrent_commits_share_flushes() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+    // All 200 were queued before the first flush could finish: they share a few flushes.
     let n = flushes.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(n >= 1 && n <= 200, "{n}");
+    assert!((1..=50).contains(&n), "200 commits took {n} flushes");
     assert_eq!(s.load().unwrap().drivers.len(), 200);
 }
 
