@@ -123,18 +123,28 @@ impl CellDrivers {
         if k == 0 {
             return (out, 0);
         }
+        // The chord of the k-th match: entries exactly as far are still taken, so that a
+        // tie at the k-th place is broken by driver id, as everywhere else.
+        let mut kth_d2 = f64::INFINITY;
         for (entry, d2) in self.tree.nearest_neighbor_iter_with_distance_2(q) {
             examined += 1;
-            if d2 > max_chord2 {
+            if d2 > max_chord2 || d2 > kth_d2 {
                 break;
             }
             if filter(&entry.driver) {
                 // Report the haversine distance so that every caller compares the same number.
                 out.push((entry.driver.clone(), p.distance_m(entry.driver.position)));
                 if out.len() == k {
-                    break;
+                    kth_d2 = d2;
                 }
             }
+        }
+        if out.len() > k {
+            out.sort_by(|a, b| {
+                a.1.total_cmp(&b.1)
+                    .then_with(|| a.0.driver_id.cmp(&b.0.driver_id))
+            });
+            out.truncate(k);
         }
         (out, examined)
     }

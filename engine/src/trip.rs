@@ -402,8 +402,14 @@ impl Trip {
                         .then(a.0.distance_m.total_cmp(&b.0.distance_m))
                 });
                 ranked.dedup_by(|a, b| a.0.driver.driver_id == b.0.driver.driver_id);
-                self.candidates = ranked.into();
-                self.advance(now_ms, cfg, eta, &mut fx);
+                if ranked.is_empty() {
+                    // Nobody new is within reach: searching again would find the same
+                    // nobody, so the trip ends now.
+                    self.no_driver_found(now_ms, &mut fx);
+                } else {
+                    self.candidates = ranked.into();
+                    self.advance(now_ms, cfg, eta, &mut fx);
+                }
             }
             TripCommand::OfferRefused { seq } => {
                 if self.state == TripState::Dispatching
@@ -438,6 +444,14 @@ impl Trip {
             }
             TripCommand::Accept { driver_id } => {
                 self.open_offer_for(&driver_id)?;
+                if self
+                    .offer
+                    .as_ref()
+                    .is_some_and(|o| now_ms >= o.expires_at_ms)
+                {
+                    // Its timer has not been handled yet, but the offer is over.
+                    return Err(TripError::Conflict("the offer has expired"));
+                }
                 let offer = self.offer.take().expect("checked above");
                 self.candidates.clear();
                 self.driver_id = Some(driver_id.clone());
