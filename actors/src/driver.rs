@@ -16,6 +16,7 @@ use crate::session::{CLOSE_REPLACED, Outbound, Responder, SessionHandle};
 use crate::system::System;
 use crate::trip::{TripFrom, TripMsg};
 use crate::views::{OfferView, TripView};
+use dispatch_persistence::Batch;
 
 pub struct DriverArgs {
     pub record: DriverRecord,
@@ -99,12 +100,45 @@ pub struct DriverActorState {
 
 impl DriverActor {
     /// Commits the restartable state (see `registry`).
+    /// Commits the restartable state, and queues it for the store. Statuses that come
+    /// from a trip need not wait for the disk: recovery derives them from the trips,
+    /// which are durable before anyone is told.
     fn commit(&self, s: &mut DriverActorState) {
         s.rec.status = s.st.status().clone();
         self.system
             .registry
             .driver_records
             .insert(s.rec.id.clone(), s.rec.clone());
+        if let Err(e) = self.system.store.write(Batch::new().driver(s.rec.stored())) {
+            tracing::error!(driver_id = %s.rec.id, error = %e, "driver write failed");
+        }
+    }
+
+    /// Applies a status change the driver asked for and acknowledges it once durable;
+    /// if it cannot be stored, puts the status back and answers `unavailable`.
+    async fn change_status(
+        &self,
+        s: &mut DriverActorState,
+        change: impl FnOnce(&mut DriverState) -> Result<(), dispatch_engine::DriverError>,
+        responder: Responder,
+    ) {
+        let before = s.st.clone();
+        if let Err(e) = change(&mut s.st) {
+            return responder.fail(e.into());
+        }
+        s.offline_when_free = false;
+        self.reindex(s, false).await;
+        self.commit(s);
+        if let Err(e) = self.system.store.sync().await {
+            tracing::error!(driver_id = %s.rec.id, error = %e, "driver status not stored");
+            s.st = before;
+            self.reindex(s, false).await;
+            self.commit(s);
+            return responder.fail(ApiError::unavailable(
+                "the change could not be stored; retry",
+            ));
+        }
+        responder.ack();
     }
 
     fn send(&self, s: &DriverActorState, msg: Outbound) {
@@ -179,33 +213,21 @@ impl DriverActor {
     async fn command(&self, s: &mut DriverActorState, cmd: DriverCommand, responder: Responder) {
         let trip_cmd = match cmd {
             DriverCommand::GoOnline => {
-                match s.st.go_online() {
-                    Ok(()) => {
-                        s.offline_when_free = false;
-                        self.reindex(s, false).await;
-                        self.commit(s);
-                        responder.ack();
-                    }
-                    Err(e) => responder.fail(e.into()),
-                }
-                return;
+                return self
+                    .change_status(s, DriverState::go_online, responder)
+                    .await;
             }
             DriverCommand::GoOffline => {
-                match s.st.go_offline() {
-                    Ok(()) => {
-                        self.reindex(s, false).await;
-                        self.commit(s);
-                        responder.ack();
-                    }
-                    Err(e) => responder.fail(e.into()),
-                }
-                return;
+                return self
+                    .change_status(s, DriverState::go_offline, responder)
+                    .await;
             }
             DriverCommand::Location { position, heading } => {
                 s.rec.position = Some(position);
                 if heading.is_some() {
                     s.rec.heading = heading;
                 }
+                self.system.driver_moved(&s.rec.id, position, s.rec.heading);
                 if self.reindex(s, true).await {
                     self.commit(s); // a new cell is worth remembering across a restart
                 }
@@ -277,11 +299,12 @@ impl DriverActor {
                     r.fail(ApiError::conflict("the trip has ended"));
                 }
             }
-            None => match self.system.trip_view(&trip_id) {
-                Some(v) if v.driver_id.as_ref() == Some(&s.rec.id) => {
+            None => match self.system.trip_view(&trip_id).await {
+                Err(e) => responder.fail(e),
+                Ok(Some(v)) if v.driver_id.as_ref() == Some(&s.rec.id) => {
                     responder.fail(ApiError::conflict("the trip has ended"))
                 }
-                Some(_)
+                Ok(Some(_))
                     if matches!(
                         cmd,
                         TripCommand::Accept { .. } | TripCommand::Decline { .. }
@@ -291,8 +314,10 @@ impl DriverActor {
                         "the offer has expired or gone to another driver",
                     ))
                 }
-                Some(_) => responder.fail(ApiError::forbidden("the driver is not on this trip")),
-                None => responder.fail(ApiError::not_found("trip")),
+                Ok(Some(_)) => {
+                    responder.fail(ApiError::forbidden("the driver is not on this trip"))
+                }
+                Ok(None) => responder.fail(ApiError::not_found("trip")),
             },
         }
     }
@@ -356,6 +381,14 @@ impl Actor for DriverActor {
         myself: ActorRef<DriverMsg>,
         s: &mut DriverActorState,
     ) -> Result<(), ActorProcessingErr> {
+        // Recovered or restarted: be findable again where the driver last was.
+        if s.st.status().is_indexed() && s.rec.position.is_some() {
+            self.reindex(s, false).await;
+            self.system
+                .registry
+                .driver_records
+                .insert(s.rec.id.clone(), s.rec.clone());
+        }
         if s.rec.session.is_none() && s.st.status().is_indexed() {
             // Restarted while disconnected: the grace period starts again.
             let epoch = s.rec.session_epoch;

@@ -24,6 +24,7 @@ pub mod clock;
 pub mod driver;
 pub mod error;
 pub mod metrics;
+pub mod recovery;
 pub mod registry;
 pub mod rider;
 pub mod session;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub bounds_hit: IntCounterVec,
     pub locations_applied: IntCounter,
     pub invariant_violations: IntCounterVec,
+    pub store_flush: Histogram,
+    pub store_flush_batches: Histogram,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -169,12 +171,41 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            store_flush: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_store_flush_seconds",
+                        "Time to write and fsync one group commit",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            store_flush_batches: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_store_flush_batches",
+                        "Batches covered by one group commit",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                )
+                .unwrap(),
+            ),
             registry: r,
         }
     }
 
     pub fn rejected(&self, code: ErrorCode) {
         self.rejected.with_label_values(&[code.as_str()]).inc();
+    }
+
+    pub fn store_flushed(&self, batches: usize, seconds: f64) {
+        self.store_flush.observe(seconds);
+        self.store_flush_batches.observe(batches as f64);
     }
 
     pub fn bound_hit(&self, bound: &str) {

@@ -51,22 +51,11 @@ pub struct RiderRecord {
     pub session: Option<SessionHandle>,
 }
 
-/// One transition in a trip's history.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistoryEntry {
-    pub from: dispatch_engine::TripState,
-    pub to: dispatch_engine::TripState,
-    pub by: dispatch_engine::trip::Mover,
-    pub at_ms: u64,
-    pub version: u64,
-}
-
-/// A trip's restartable state.
+/// A live trip's state. Its history is in the store's journal.
 #[derive(Debug, Clone)]
 pub struct TripRecord {
     pub trip: Trip,
     pub driver: Option<TripDriver>,
-    pub history: Vec<HistoryEntry>,
 }
 
 #[derive(Debug, Default)]
@@ -80,7 +69,7 @@ pub struct Registry {
     pub driver_records: DashMap<DriverId, DriverRecord>,
     pub rider_records: DashMap<RiderId, RiderRecord>,
     pub trip_records: DashMap<TripId, TripRecord>,
-    /// The latest view of every trip, final ones included, for `GET /v1/trips/{id}`.
+    /// The latest view of every live trip (finished ones are read from the store).
     pub trip_views: DashMap<TripId, TripView>,
     pub quotes: DashMap<QuoteId, Quote>,
 }

@@ -2,7 +2,11 @@
 //! [`RiderState`]), turns a request into a trip actor, and relays the trip's updates,
 //! driver positions and receipt to the rider's session, in order.
 
-use dispatch_engine::{Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId};
+use dispatch_engine::trip::Mover;
+use dispatch_engine::{
+    Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId, TripState,
+};
+use dispatch_persistence::{Batch, StoredTrip, Transition};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::{ApiError, ErrorCode};
@@ -116,7 +120,7 @@ impl RiderActor {
                 product,
             } => self
                 .system
-                .quote(s.rec.id.clone(), pickup, dropoff, product),
+                .price(s.rec.id.clone(), pickup, dropoff, product),
         };
         let terms = QuoteTerms {
             fare_cents: quote.fare_cents,
@@ -155,12 +159,31 @@ impl RiderActor {
             &self.system.config.dispatch,
         );
         let view = TripView::of(&trip, None);
-        let record = TripRecord {
-            trip,
-            driver: None,
-            history: Vec::new(),
+        // The trip (and the used quote's removal) is on disk before anyone hears of it.
+        let created = Transition {
+            from: TripState::Dispatching,
+            to: TripState::Dispatching,
+            by: Mover::Rider,
+            at_ms: now,
+            version: trip.version(),
         };
-        // Commit the trip before anyone hears of it.
+        let mut batch = Batch::new().trip(
+            StoredTrip {
+                trip: trip.clone(),
+                driver: None,
+            },
+            Some(created),
+        );
+        if let Some(q) = &quote_id {
+            batch = batch.delete_quote(q.clone());
+        }
+        if let Err(e) = self.system.store.commit(batch).await {
+            tracing::error!(error = %e, "could not store a new trip");
+            return responder.fail(ApiError::unavailable(
+                "the request could not be stored; retry",
+            ));
+        }
+        let record = TripRecord { trip, driver: None };
         self.system
             .registry
             .trip_records
@@ -190,7 +213,7 @@ impl RiderActor {
         }
     }
 
-    fn cancel(
+    async fn cancel(
         &self,
         s: &RiderActorState,
         trip_id: TripId,
@@ -214,12 +237,13 @@ impl RiderActor {
             }
             return;
         }
-        match self.system.trip_view(&trip_id) {
-            Some(v) if v.rider_id == s.rec.id => {
+        match self.system.trip_view(&trip_id).await {
+            Err(e) => responder.fail(e),
+            Ok(Some(v)) if v.rider_id == s.rec.id => {
                 responder.fail(ApiError::conflict("the trip has already ended"))
             }
-            Some(_) => responder.fail(ApiError::forbidden("the trip belongs to another rider")),
-            None => responder.fail(ApiError::not_found("trip")),
+            Ok(Some(_)) => responder.fail(ApiError::forbidden("the trip belongs to another rider")),
+            Ok(None) => responder.fail(ApiError::not_found("trip")),
         }
     }
 }
@@ -283,7 +307,7 @@ impl Actor for RiderActor {
                 trip_id,
                 reason,
                 responder,
-            } => self.cancel(s, trip_id, reason, responder),
+            } => self.cancel(s, trip_id, reason, responder).await,
             RiderMsg::Location(p, responder) => {
                 s.rec.position = Some(p);
                 responder.ack();

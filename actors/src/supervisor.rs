@@ -11,6 +11,7 @@ use ractor::{
 
 use crate::cell::{CellActor, CellArgs};
 use crate::driver::{DriverActor, DriverArgs};
+use crate::registry::TripRecord;
 use crate::rider::{RiderActor, RiderArgs};
 use crate::system::System;
 use crate::trip::{TripActor, TripArgs};
@@ -54,6 +55,8 @@ pub enum Spawn {
 
 pub enum SupervisorMsg {
     Spawn(Spawn, RpcReplyPort<Result<ActorCell, String>>),
+    /// Many spawns in one message (recovery); replies how many started.
+    SpawnMany(Vec<Spawn>, RpcReplyPort<usize>),
     /// How many children are alive (for tests and stats).
     Count(RpcReplyPort<usize>),
 }
@@ -132,21 +135,39 @@ impl Supervisor {
                     restarted: true,
                 })
             }),
-            Entity::Trip(id) => {
-                let rec = reg.trip_records.get(id).map(|r| r.clone())?;
-                if rec.trip.state().is_final() {
-                    return None; // it had finished; nothing left to run
-                }
-                Some(Spawn::Trip(TripArgs {
-                    record: rec,
-                    restarted: true,
-                }))
-            }
+            Entity::Trip(_) => None, // restarted from the store: see `restart_trip`
             Entity::Cell(cell) => Some(Spawn::Cell(CellArgs {
                 cell: *cell,
                 restarted: true,
             })),
         }
+    }
+
+    /// A trip restarts from its last *durable* state: what the store holds is exactly
+    /// what anyone can have been told.
+    async fn restart_trip(&self, id: &TripId) -> Option<Spawn> {
+        let store = self.system.store.clone();
+        let key = id.clone();
+        let stored = match tokio::task::spawn_blocking(move || store.trip(&key)).await {
+            Ok(Ok(Some(t))) => t,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::error!(trip_id = %id, error = %e, "cannot reload trip");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        if stored.trip.state().is_final() {
+            return None; // it had finished; nothing left to run
+        }
+        let record = TripRecord {
+            trip: stored.trip,
+            driver: stored.driver,
+        };
+        Some(Spawn::Trip(TripArgs {
+            record,
+            restarted: true,
+        }))
     }
 
     fn forget(&self, entity: &Entity, who: ActorId) {
@@ -207,6 +228,26 @@ impl Actor for Supervisor {
                 }
                 let _ = reply.send(res.map(|(_, c)| c));
             }
+            SupervisorMsg::SpawnMany(spawns, reply) => {
+                let mut started = 0;
+                for spawn in spawns {
+                    match self.start_child(&myself, spawn).await {
+                        Ok((entity, cell)) => {
+                            state.children.insert(cell.get_id(), entity);
+                            started += 1;
+                        }
+                        Err(e) => {
+                            tracing::error!(group = self.group.as_str(), error = %e, "spawn failed")
+                        }
+                    }
+                }
+                self.system
+                    .metrics
+                    .actors_alive
+                    .with_label_values(&[self.group.as_str()])
+                    .add(started as i64);
+                let _ = reply.send(started);
+            }
             SupervisorMsg::Count(reply) => {
                 let _ = reply.send(state.children.len());
             }
@@ -248,7 +289,11 @@ impl Actor for Supervisor {
                     .actor_restarts
                     .with_label_values(&[group])
                     .inc();
-                if let Some(spec) = self.restart_spec(&entity) {
+                let spec = match &entity {
+                    Entity::Trip(id) => self.restart_trip(id).await,
+                    other => self.restart_spec(other),
+                };
+                if let Some(spec) = spec {
                     match self.start_child(&myself, spec).await {
                         Ok((entity, cell)) => {
                             state.children.insert(cell.get_id(), entity);

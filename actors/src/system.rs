@@ -1,29 +1,32 @@
-//! The handle the transport holds: configuration, the registry, metrics, the clock and
-//! the group supervisors, with the operations that are not one actor's business
-//! (registration, quotes, searches across cells).
+//! The handle the transport holds: configuration, the registry, the store, metrics, the
+//! clock and the group supervisors, with the operations that are not one actor's
+//! business (registration, quotes, searches across cells, position snapshots).
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use dispatch_engine::{
-    Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, Point, Product,
-    QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats, StraightLineEta, TripId,
+    Candidate, CellId, DispatchConfig, DriverId, DriverProfile, DriverStatus, EtaModel, Grid,
+    Point, Product, QuoteId, RateCards, RiderId, RiderProfile, RingSearch, SearchParams,
+    SearchStats, StraightLineEta, TripId,
 };
+use dispatch_persistence::{Batch, Store, StoredDriver, StoredQuote, StoredRider};
 use ractor::concurrency::oneshot;
 use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort};
 
 use crate::cell::{CellArgs, CellMsg, SearchFilter};
 use crate::clock::Clock;
 use crate::driver::DriverArgs;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::registry::{DriverRecord, Identity, Registry, RiderRecord};
 use crate::rider::RiderArgs;
 use crate::session::{SessionHandle, SessionInbox};
 use crate::supervisor::{Group, Spawn, Supervisor, SupervisorMsg};
-use crate::views::{DriverProfile, NearbyDriver, Quote, RiderProfile, TripView};
+use crate::views::{NearbyDriver, Quote, TripView};
 
 /// Everything the live system is configured with. Units are in the names.
 #[derive(Debug, Clone)]
@@ -43,6 +46,8 @@ pub struct SystemConfig {
     pub ws_outbound_queue_max: usize,
     /// How long one actor waits for another's answer.
     pub actor_call_timeout_ms: u64,
+    /// How often moved drivers' positions are written to the store.
+    pub snapshot_interval_ms: u64,
     /// Caps for `GET /v1/drivers/nearby`.
     pub nearby_max_radius_m: f64,
     pub nearby_max_limit: usize,
@@ -61,6 +66,7 @@ impl Default for SystemConfig {
             driver_location_interval_ms: 1_000,
             ws_outbound_queue_max: 256,
             actor_call_timeout_ms: 5_000,
+            snapshot_interval_ms: 5_000,
             nearby_max_radius_m: 5_000.0,
             nearby_max_limit: 50,
         }
@@ -70,8 +76,11 @@ impl Default for SystemConfig {
 pub struct Inner {
     pub config: SystemConfig,
     pub registry: Registry,
+    pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// Drivers whose position changed since the last snapshot.
+    pub moved: DashMap<DriverId, ()>,
     supervisors: OnceLock<[ActorRef<SupervisorMsg>; 4]>,
     next_session: AtomicU64,
 }
@@ -92,14 +101,74 @@ pub fn random_suffix() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+fn unavailable(e: dispatch_persistence::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store write failed");
+    ApiError::unavailable("the write could not be stored; retry")
+}
+
+impl DriverRecord {
+    /// The durable part of a driver.
+    pub fn stored(&self) -> StoredDriver {
+        StoredDriver {
+            id: self.id.clone(),
+            profile: self.profile.clone(),
+            token_hash: self.token_hash,
+            status: self.status.clone(),
+            position: self.position,
+            heading: self.heading,
+        }
+    }
+}
+
+impl Quote {
+    pub fn stored(&self) -> StoredQuote {
+        StoredQuote {
+            quote_id: self.quote_id.clone(),
+            rider_id: self.rider_id.clone(),
+            product: self.product,
+            pickup: self.pickup,
+            dropoff: self.dropoff,
+            fare_cents: self.fare_cents,
+            currency: self.currency.clone(),
+            surge: self.surge,
+            distance_m: self.distance_m,
+            duration_s: self.duration_s,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+
+    pub fn from_stored(q: StoredQuote) -> Quote {
+        Quote {
+            quote_id: q.quote_id,
+            rider_id: q.rider_id,
+            product: q.product,
+            pickup: q.pickup,
+            dropoff: q.dropoff,
+            fare_cents: q.fare_cents,
+            currency: q.currency,
+            surge: q.surge,
+            distance_m: q.distance_m,
+            duration_s: q.duration_s,
+            expires_at_ms: q.expires_at_ms,
+        }
+    }
+}
+
 impl System {
-    /// Starts the group supervisors. Actors are spawned under them as entities appear.
-    pub async fn start(config: SystemConfig, metrics: Arc<Metrics>) -> Result<System, ApiError> {
+    /// Starts the group supervisors over an open store. Nothing is loaded: call
+    /// [`System::recover`] before serving clients.
+    pub async fn start(
+        config: SystemConfig,
+        metrics: Arc<Metrics>,
+        store: Arc<Store>,
+    ) -> Result<System, ApiError> {
         let sys = System(Arc::new(Inner {
             config,
             registry: Registry::default(),
+            store,
             metrics,
             clock: Clock::new(),
+            moved: DashMap::new(),
             supervisors: OnceLock::new(),
             next_session: AtomicU64::new(1),
         }));
@@ -114,7 +183,7 @@ impl System {
                 (),
             )
             .await
-            .map_err(|e| ApiError::new(crate::ErrorCode::Internal, format!("supervisor: {e}")))?;
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("supervisor: {e}")))?;
             sups.push(r);
         }
         let sups: [ActorRef<SupervisorMsg>; 4] =
@@ -154,6 +223,19 @@ impl System {
         }
     }
 
+    /// Spawns many actors of one group in one supervisor message (recovery).
+    pub async fn spawn_many(&self, group: Group, spawns: Vec<Spawn>) -> Result<usize, ApiError> {
+        let timeout = Some(Duration::from_secs(600));
+        match self
+            .supervisor(group)
+            .call(|r| SupervisorMsg::SpawnMany(spawns, r), timeout)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(n)) => Ok(n),
+            _ => Err(ApiError::unavailable("the system is busy or shutting down")),
+        }
+    }
+
     /// How many actors a group's supervisor is watching.
     pub async fn actor_count(&self, group: Group) -> usize {
         match self
@@ -175,6 +257,7 @@ impl System {
         self.registry.tokens.get(token_hash).map(|i| i.clone())
     }
 
+    /// Registers a driver; durable before it returns.
     pub async fn register_driver(
         &self,
         profile: DriverProfile,
@@ -194,6 +277,10 @@ impl System {
             session: None,
             session_epoch: 0,
         };
+        self.store
+            .commit(Batch::new().driver(record.stored()))
+            .await
+            .map_err(unavailable)?;
         self.registry
             .driver_records
             .insert(id.clone(), record.clone());
@@ -211,12 +298,22 @@ impl System {
         Ok(id)
     }
 
+    /// Registers a rider; durable before it returns.
     pub async fn register_rider(
         &self,
         profile: RiderProfile,
         token_hash: [u8; 32],
     ) -> Result<RiderId, ApiError> {
         let id = RiderId::with_suffix(&random_suffix());
+        let stored = StoredRider {
+            id: id.clone(),
+            profile: profile.clone(),
+            token_hash,
+        };
+        self.store
+            .commit(Batch::new().rider(stored))
+            .await
+            .map_err(unavailable)?;
         let record = RiderRecord {
             id: id.clone(),
             profile,
@@ -242,8 +339,28 @@ impl System {
         Ok(id)
     }
 
-    /// The upfront price of a trip, remembered for `quote_ttl_ms` for this rider.
-    pub fn quote(
+    /// The upfront price of a trip, kept for `quote_ttl_ms` for this rider; durable
+    /// before it returns.
+    pub async fn quote(
+        &self,
+        rider_id: RiderId,
+        pickup: Point,
+        dropoff: Point,
+        product: Product,
+    ) -> Result<Quote, ApiError> {
+        let quote = self.price(rider_id, pickup, dropoff, product);
+        self.store
+            .commit(Batch::new().quote(quote.stored()))
+            .await
+            .map_err(unavailable)?;
+        self.registry
+            .quotes
+            .insert(quote.quote_id.clone(), quote.clone());
+        Ok(quote)
+    }
+
+    /// Prices a trip now, without keeping the quote.
+    pub fn price(
         &self,
         rider_id: RiderId,
         pickup: Point,
@@ -253,7 +370,7 @@ impl System {
         let now = self.clock.now_ms();
         let route = self.config.eta.estimate(pickup, dropoff);
         let fare = self.config.rates.quote(product, route, 1.0);
-        let quote = Quote {
+        Quote {
             quote_id: QuoteId::with_suffix(&random_suffix()),
             rider_id,
             product,
@@ -265,23 +382,71 @@ impl System {
             distance_m: fare.distance_m,
             duration_s: fare.duration_s,
             expires_at_ms: now + self.config.quote_ttl_ms,
-        };
-        self.registry
-            .quotes
-            .insert(quote.quote_id.clone(), quote.clone());
-        quote
+        }
     }
 
-    /// Drops quotes that expired more than a TTL ago (they answer `quote_expired` until then).
+    /// Drops quotes that expired more than a TTL ago (they answer `quote_expired` until
+    /// then), from memory and from the store.
     pub fn sweep_quotes(&self) -> usize {
         let cutoff = self.clock.now_ms().saturating_sub(self.config.quote_ttl_ms);
-        let before = self.registry.quotes.len();
-        self.registry.quotes.retain(|_, q| q.expires_at_ms > cutoff);
-        before - self.registry.quotes.len()
+        let mut gone = Batch::new();
+        let mut n = 0;
+        self.registry.quotes.retain(|id, q| {
+            let keep = q.expires_at_ms > cutoff;
+            if !keep {
+                gone = std::mem::take(&mut gone).delete_quote(id.clone());
+                n += 1;
+            }
+            keep
+        });
+        if let Err(e) = self.store.write(gone) {
+            tracing::warn!(error = %e, "could not delete expired quotes");
+        }
+        n
     }
 
-    pub fn trip_view(&self, id: &TripId) -> Option<TripView> {
-        self.registry.trip_views.get(id).map(|v| v.clone())
+    /// A trip's current view: live trips from memory, finished ones from the store.
+    pub async fn trip_view(&self, id: &TripId) -> Result<Option<TripView>, ApiError> {
+        if let Some(v) = self.registry.trip_views.get(id) {
+            return Ok(Some(v.clone()));
+        }
+        let store = self.store.clone();
+        let id = id.clone();
+        let stored = tokio::task::spawn_blocking(move || store.trip(&id))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| {
+                tracing::error!(error = %e, "trip read failed");
+                ApiError::internal()
+            })?;
+        Ok(stored.map(|t| TripView::of(&t.trip, t.driver)))
+    }
+
+    /// Remembers that a driver moved; the next snapshot writes its position.
+    pub fn driver_moved(&self, id: &DriverId, position: Point, heading: Option<f64>) {
+        if let Some(mut r) = self.registry.driver_records.get_mut(id) {
+            r.position = Some(position);
+            r.heading = heading;
+        }
+        self.moved.insert(id.clone(), ());
+    }
+
+    /// Writes the positions of drivers that moved since the last call (no fsync wait:
+    /// positions between snapshots are not durable, by design).
+    pub fn snapshot_positions(&self) -> usize {
+        let ids: Vec<DriverId> = self.moved.iter().map(|e| e.key().clone()).collect();
+        let mut batch = Batch::new();
+        for id in &ids {
+            self.moved.remove(id);
+            if let Some(r) = self.registry.driver_records.get(id) {
+                batch = batch.driver(r.stored());
+            }
+        }
+        let n = batch.len();
+        if let Err(e) = self.store.write(batch) {
+            tracing::warn!(error = %e, "position snapshot failed");
+        }
+        n
     }
 
     /// The cell's actor, spawning it when the first driver enters the cell.
@@ -375,19 +540,22 @@ impl System {
             .collect()
     }
 
-    /// Stops every actor: each group's children, then the supervisors. Riders and
-    /// drivers go before trips, and cells last, so nothing is left waiting on them.
+    /// Stops every actor (each group's children, then the supervisors), writes the last
+    /// positions and waits until everything queued is on disk.
     pub async fn shutdown(&self) {
-        let Some(sups) = self.supervisors.get() else {
-            return;
-        };
-        let wait = Some(self.call_timeout());
-        for s in sups {
-            s.stop_children_and_wait(Some("shutdown".into()), wait)
-                .await;
+        if let Some(sups) = self.supervisors.get() {
+            let wait = Some(self.call_timeout());
+            for s in sups {
+                s.stop_children_and_wait(Some("shutdown".into()), wait)
+                    .await;
+            }
+            for s in sups {
+                let _ = s.stop_and_wait(Some("shutdown".into()), wait).await;
+            }
         }
-        for s in sups {
-            let _ = s.stop_and_wait(Some("shutdown".into()), wait).await;
+        self.snapshot_positions();
+        if let Err(e) = self.store.sync().await {
+            tracing::error!(error = %e, "final flush failed");
         }
     }
 }

@@ -13,11 +13,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::cell::SearchFilter;
 use crate::driver::{DriverMsg, TripLink};
-use crate::registry::{HistoryEntry, TripRecord};
+use crate::error::ApiError;
+use crate::registry::TripRecord;
 use crate::rider::RiderMsg;
 use crate::session::Responder;
 use crate::system::System;
 use crate::views::{OfferView, Receipt, TripDriver, TripView};
+use dispatch_persistence::{Batch, StoredTrip, Transition};
 
 /// Who sent a command, so its reply can travel with the update it causes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +98,12 @@ impl TripActor {
         }
     }
 
-    async fn run(&self, myself: &ActorRef<TripMsg>, s: &mut TripActorState, mut work: Work) {
+    async fn run(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        mut work: Work,
+    ) -> Result<(), ActorProcessingErr> {
         while let Some(step) = work.pop_front() {
             let (cmd, from, responder) = match step {
                 Step::Command(cmd, from, responder) => (cmd, from, responder),
@@ -116,10 +123,11 @@ impl TripActor {
                 }
                 Ok(fx) => {
                     self.carry_out(myself, s, fx, from, responder, &mut work)
-                        .await
+                        .await?
                 }
             }
         }
+        Ok(())
     }
 
     async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
@@ -145,15 +153,15 @@ impl TripActor {
         from: TripFrom,
         responder: Option<Responder>,
         work: &mut Work,
-    ) {
+    ) -> Result<(), ActorProcessingErr> {
         let mut responder = responder;
-        let mut take_for = |who: &TripFrom| if &from == who { responder.take() } else { None };
         let reg = &self.system.registry;
         let m = &self.system.metrics;
         let trip_id = s.rec.trip.id.clone();
 
         // 1. Bookkeeping, then commit, before anyone is told anything.
         let mut transitioned = None;
+        let mut journal = None;
         let mut assigned = None;
         let mut released = None;
         for e in &fx {
@@ -164,7 +172,7 @@ impl TripActor {
                     by,
                     at_ms,
                 } => {
-                    s.rec.history.push(HistoryEntry {
+                    journal = Some(Transition {
                         from: *from,
                         to: *to,
                         by: by.clone(),
@@ -190,8 +198,28 @@ impl TripActor {
             s.rec.driver = None;
         }
         let view = self.view(s);
+        let stored = StoredTrip {
+            trip: s.rec.trip.clone(),
+            driver: s.rec.driver.clone(),
+        };
+        if let Err(e) = self
+            .system
+            .store
+            .commit(Batch::new().trip(stored, journal))
+            .await
+        {
+            // Nobody has been told; the actor fails and restarts from what is on disk.
+            m.bound_hit("store_write_failed");
+            if let Some(r) = responder {
+                r.fail(ApiError::unavailable(
+                    "the change could not be stored; retry",
+                ));
+            }
+            return Err(format!("trip {trip_id}: store write failed: {e}").into());
+        }
         reg.trip_records.insert(trip_id.clone(), s.rec.clone());
         reg.trip_views.insert(trip_id.clone(), view.clone());
+        let mut take_for = |who: &TripFrom| if &from == who { responder.take() } else { None };
 
         // 2. Offers that ended.
         for e in &fx {
@@ -264,18 +292,7 @@ impl TripActor {
                     arm(myself, now, *at_ms, TripCommand::DeadlineReached)
                 }
                 TripEffect::SendOffer(offer) => {
-                    let t = &s.rec.trip;
-                    let ov = OfferView {
-                        trip_id: trip_id.clone(),
-                        pickup: t.pickup,
-                        dropoff: t.dropoff,
-                        product: t.product,
-                        fare_cents: t.quote.fare_cents,
-                        currency: t.quote.currency.clone(),
-                        pickup_distance_m: offer.pickup_distance_m,
-                        pickup_eta_s: offer.pickup_eta_s,
-                        expires_at_ms: offer.expires_at_ms,
-                    };
+                    let ov = OfferView::of(&s.rec.trip, offer);
                     let held = match reg.driver(&offer.driver_id) {
                         Some(d) => matches!(
                             d.call(
@@ -327,10 +344,12 @@ impl TripActor {
                 .with_label_values(&[s.rec.trip.state().as_str()])
                 .inc();
             reg.trips.remove(&trip_id);
-            // Only the view stays, for `GET /v1/trips/{id}`.
+            // Finished trips live in the store only; reads go there.
             reg.trip_records.remove(&trip_id);
+            reg.trip_views.remove(&trip_id);
             let _ = myself.drain();
         }
+        Ok(())
     }
 
     fn receipt(&self, s: &TripActorState) -> Receipt {
@@ -427,8 +446,7 @@ impl Actor for TripActor {
         }
         let mut work = Work::new();
         self.resume(&myself, s, &mut work);
-        self.run(&myself, s, work).await;
-        Ok(())
+        self.run(&myself, s, work).await
     }
 
     async fn handle(
@@ -448,7 +466,7 @@ impl Actor for TripActor {
                     s,
                     Work::from([Step::Command(cmd, from, responder)]),
                 )
-                .await;
+                .await?;
             }
             TripMsg::DriverLocation {
                 driver_id,

@@ -72,6 +72,22 @@ pub struct OfferView {
     pub expires_at_ms: u64,
 }
 
+impl OfferView {
+    pub fn of(trip: &Trip, offer: &dispatch_engine::Offer) -> Self {
+        Self {
+            trip_id: trip.id.clone(),
+            pickup: trip.pickup,
+            dropoff: trip.dropoff,
+            product: trip.product,
+            fare_cents: trip.quote.fare_cents,
+            currency: trip.quote.currency.clone(),
+            pickup_distance_m: offer.pickup_distance_m,
+            pickup_eta_s: offer.pickup_eta_s,
+            expires_at_ms: offer.expires_at_ms,
+        }
+    }
+}
+
 /// The end-of-trip summary sent to the rider after `completed`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Receipt {

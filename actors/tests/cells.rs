@@ -22,7 +22,9 @@ async fn count(sys: &System, cell: CellId) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_crossing_a_border_moves_to_the_next_cell_actor() {
-    let sys = System::start(SystemConfig::default(), Arc::new(Metrics::new()))
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
+    let sys = System::start(SystemConfig::default(), Arc::new(Metrics::new()), store)
         .await
         .unwrap();
     let vehicle = Vehicle {

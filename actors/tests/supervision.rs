@@ -18,7 +18,11 @@ use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn start() -> System {
+/// A started system over a store in a fresh temporary directory (kept alive by the
+/// returned guard).
+async fn start() -> (System, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
     let cfg = SystemConfig {
         dispatch: DispatchConfig {
             offer_timeout_ms: 10_000,
@@ -27,7 +31,12 @@ async fn start() -> System {
         ws_outbound_queue_max: 4096,
         ..SystemConfig::default()
     };
-    System::start(cfg, Arc::new(Metrics::new())).await.unwrap()
+    (
+        System::start(cfg, Arc::new(Metrics::new()), store)
+            .await
+            .unwrap(),
+        dir,
+    )
 }
 
 /// A fake app: a real session handle whose outbound queue the test reads.
@@ -236,7 +245,7 @@ async fn finish_ride(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes() {
-    let sys = start().await;
+    let (sys, _dir) = start().await;
     let (d1, mut dapp1) = online_driver(&sys, 45.50, -73.57).await;
     let (d2, mut dapp2) = online_driver(&sys, 45.60, -73.70).await; // far away: the other ride
     let (r1, mut rapp1) = rider(&sys).await;
@@ -291,7 +300,7 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
-    let sys = start().await;
+    let (sys, _dir) = start().await;
     let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
     let (rid, mut rapp) = rider(&sys).await;
     let t = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
@@ -333,7 +342,7 @@ async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
-    let sys = start().await;
+    let (sys, _dir) = start().await;
     let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
     let (rid, mut rapp) = rider(&sys).await;
     let t = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
@@ -374,7 +383,7 @@ async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_actor_that_panics_is_rebuilt_from_its_drivers() {
-    let sys = start().await;
+    let (sys, _dir) = start().await;
     let (_did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
     let cell = sys.config.grid.cell_of(Point::new(45.50, -73.57).unwrap());
     let before = sys.registry.cell(&cell).unwrap().get_id();
@@ -412,7 +421,7 @@ async fn a_cell_actor_that_panics_is_rebuilt_from_its_drivers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
-    let sys = start().await;
+    let (sys, _dir) = start().await;
     // 10,000 drivers on a 100 × 100 grid over ~18 × 18 km around (45.53, -73.62), one
     // session each, all online.
     let mut apps = Vec::new();

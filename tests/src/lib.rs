@@ -3,6 +3,7 @@
 //! real `dispatchd` binary as a child process; [`Client`] is a real WebSocket client
 //! (tokio-tungstenite) that speaks PROTOCOL.md's wire types.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,12 +32,20 @@ pub struct TestServer {
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
+    /// This server's own `--data-dir`, removed when the server is dropped.
+    pub data_dir: tempfile::TempDir,
 }
 
 impl TestServer {
     /// Starts a server with `dispatchd`'s defaults plus `flags` (e.g. `--offer-timeout-ms 300`).
     pub async fn start(flags: &[&str]) -> TestServer {
-        let mut argv = vec!["dispatchd", "--listen", "127.0.0.1:0"];
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        let dir = data_dir
+            .path()
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_owned();
+        let mut argv = vec!["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
         argv.extend_from_slice(flags);
         let config = Args::parse_from(argv)
             .build_and_validate()
@@ -54,6 +63,7 @@ impl TestServer {
             http: reqwest::Client::new(),
             stop: Some(tx),
             task: Some(task),
+            data_dir,
         };
         s.wait_ready().await;
         s
@@ -163,6 +173,175 @@ impl TestServer {
             .await;
         c.ok(json!({"type": "go_online"})).await;
         (id, c)
+    }
+}
+
+impl TestServer {
+    /// Begins a graceful shutdown, as SIGTERM would, without waiting for it; [`stop`]
+    /// still waits for the end afterwards.
+    ///
+    /// [`stop`]: TestServer::stop
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Like [`TestServer::online_driver`], also returning the token (to reconnect).
+    pub async fn online_driver_token(
+        &self,
+        name: &str,
+        product: &str,
+        lat: f64,
+        lng: f64,
+    ) -> (String, String, Client) {
+        let (id, token) = self.driver(name, product).await;
+        let mut c = Client::driver(self, &token).await.expect("driver connects");
+        c.welcome().await;
+        c.ok(json!({"type": "location", "lat": lat, "lng": lng, "ts": 0}))
+            .await;
+        c.ok(json!({"type": "go_online"})).await;
+        (id, token, c)
+    }
+
+    /// A rider, registered and connected, `welcome` already read: (rider_id, token, session).
+    pub async fn connected_rider(&self, name: &str) -> (String, String, Client) {
+        let (id, token) = self.rider(name).await;
+        let mut c = Client::rider(self, &token).await.expect("rider connects");
+        c.welcome().await;
+        (id, token, c)
+    }
+
+    /// A quote for `rider_token`; asserts 201 and returns the body.
+    pub async fn quote(
+        &self,
+        rider_token: &str,
+        pickup: (f64, f64),
+        dropoff: (f64, f64),
+        product: &str,
+    ) -> Value {
+        let (st, q) = self
+            .post(
+                "/v1/quotes",
+                Some(rider_token),
+                json!({"pickup": {"lat": pickup.0, "lng": pickup.1}, "dropoff": {"lat": dropoff.0, "lng": dropoff.1}, "product": product}),
+            )
+            .await;
+        assert_eq!(st, 201, "{q}");
+        q
+    }
+
+    /// Any request: (status, content-type, raw body).
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, String, String) {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.header("content-type", "application/json").body(b);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        (status, ctype, resp.text().await.expect("body"))
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let (st, _, body) = self.raw(reqwest::Method::GET, "/metrics", None, None).await;
+        assert_eq!(st, 200, "{body}");
+        body
+    }
+
+    /// The value of one series, written exactly as exposed (`name{label="v"}`).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse().ok())?
+        })
+    }
+
+    /// Waits until the server holds exactly `n` open sessions of `role` (driver, rider):
+    /// a closed session has then been detached from its actor.
+    pub async fn wait_sessions(&self, role: &str, n: u64) {
+        let series = format!("dispatch_ws_sessions{{role=\"{role}\"}}");
+        eventually(&format!("{n} {role} sessions"), || async {
+            (self.metric(&series).await.unwrap_or(0.0) == n as f64).then_some(())
+        })
+        .await
+    }
+}
+
+/// Polls `f` until it yields a value, for at most [`WAIT`]: for waiting on something the
+/// server does on its own schedule (a timer set by a flag), never for a tuned delay.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The point `m` metres north of `(lat, lng)` (positive) or south (negative).
+pub fn north_of((lat, lng): (f64, f64), m: f64) -> (f64, f64) {
+    (lat + m / 111_195.0, lng)
+}
+
+/// Unix milliseconds of an RFC 3339 UTC timestamp as the server writes it
+/// (`2026-01-02T03:04:05.678Z`).
+pub fn rfc3339_ms(s: &str) -> u64 {
+    let msg = format!("not an RFC 3339 UTC timestamp: {s}");
+    let s = s.strip_suffix('Z').expect(&msg);
+    let (date, time) = s.split_once('T').expect(&msg);
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|p| p.parse().unwrap()).collect();
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().unwrap();
+    // Days from civil (Howard Hinnant).
+    let (y, m, day) = (if d[1] <= 2 { d[0] - 1 } else { d[0] }, d[1], d[2]);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (((days * 24 + t[0]) * 60 + t[1]) * 60 + t[2]) as u64 * 1000 + ms as u64
+}
+
+/// Unix milliseconds now, by the wall clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The trip a `trip_update` carries; panics on anything else.
+pub fn trip_of(m: ServerMessage) -> wire::Trip {
+    match m {
+        ServerMessage::TripUpdate { trip, .. } => trip,
+        m => panic!("expected a trip_update, got {m:?}"),
     }
 }
 
@@ -354,6 +533,106 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
+    }
+}
+
+impl Client {
+    /// Tries to open a session; a refused upgrade gives its HTTP status and JSON body.
+    pub async fn try_connect(url: &str, token: Option<&str>) -> Result<Client, (u16, Value)> {
+        match Client::connect(url, token).await {
+            Ok(c) => Ok(c),
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                Err((status, body))
+            }
+            Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
+        }
+    }
+
+    /// Messages read while waiting for something else and not yet consumed.
+    pub fn pending(&self) -> &std::collections::VecDeque<ServerMessage> {
+        &self.pending
+    }
+
+    /// Sends `v` with a fresh `req` and returns that `req`; the reply is left to the caller.
+    pub async fn send_req(&mut self, mut v: Value) -> u64 {
+        let req = self.next_req;
+        self.next_req += 1;
+        v["req"] = json!(req);
+        self.send(v).await;
+        req
+    }
+
+    /// Sends `v` with a `req` and asserts that nothing else is buffered or arrives before
+    /// its reply (which is returned). Replies keep the order of the session's messages, so
+    /// this proves that no earlier message is still owed to the client.
+    pub async fn reply_next(&mut self, v: Value) -> ServerMessage {
+        assert!(
+            self.pending.is_empty(),
+            "unexpected messages before {v}: {:?}",
+            self.pending
+        );
+        let req = self.send_req(v.clone()).await;
+        let m = self.read().await.expect("a reply");
+        let r = match &m {
+            ServerMessage::Ack { req } | ServerMessage::TripUpdate { req: Some(req), .. } => {
+                Some(*req)
+            }
+            ServerMessage::Error { req, .. } => *req,
+            _ => None,
+        };
+        assert_eq!(r, Some(req), "{v}: expected its reply next, got {m:?}");
+        m
+    }
+
+    /// The next `trip_update` without a `req`, whatever its state.
+    pub async fn trip_update(&mut self) -> wire::Trip {
+        trip_of(
+            self.next_where("trip_update", |m| {
+                matches!(m, ServerMessage::TripUpdate { req: None, .. })
+            })
+            .await,
+        )
+    }
+
+    /// The next `offer_expired`; returns its `trip_id`.
+    pub async fn offer_expired(&mut self) -> String {
+        match self
+            .next_where("offer_expired", |m| {
+                matches!(m, ServerMessage::OfferExpired { .. })
+            })
+            .await
+        {
+            ServerMessage::OfferExpired { trip_id } => trip_id,
+            _ => unreachable!(),
+        }
+    }
+
+    /// `request_ride` priced now; asserts the reply is the new trip in `dispatching` v1.
+    pub async fn request_ride(
+        &mut self,
+        pickup: (f64, f64),
+        dropoff: (f64, f64),
+        product: &str,
+    ) -> wire::Trip {
+        let m = self
+            .request(json!({"type": "request_ride", "pickup": {"lat": pickup.0, "lng": pickup.1}, "dropoff": {"lat": dropoff.0, "lng": dropoff.1}, "product": product}))
+            .await;
+        let trip = match m {
+            ServerMessage::TripUpdate { req: Some(_), trip } => trip,
+            m => panic!("request_ride was answered {m:?}"),
+        };
+        assert_eq!(
+            (trip.state, trip.version),
+            (wire::TripState::Dispatching, 1),
+            "{trip:?}"
+        );
+        trip
     }
 }
 

@@ -83,6 +83,10 @@ pub struct Args {
     /// ISO 4217 currency of every fare.
     #[arg(long, env = "DISPATCH_CURRENCY", default_value = "USD")]
     pub currency: String,
+    /// How often moved drivers' positions are written to disk (positions between
+    /// snapshots are not durable).
+    #[arg(long, env = "DISPATCH_SNAPSHOT_INTERVAL_MS", default_value_t = 5_000)]
+    pub snapshot_interval_ms: u64,
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -161,6 +165,10 @@ impl Args {
         )?;
         check(self.quote_ttl_ms > 0, "--quote-ttl-ms must be positive")?;
         check(
+            self.snapshot_interval_ms >= 100,
+            "--snapshot-interval-ms must be at least 100",
+        )?;
+        check(
             self.eta_detour_factor.is_finite() && (1.0..=5.0).contains(&self.eta_detour_factor),
             "--eta-detour-factor must be in [1, 5]",
         )?;
@@ -201,6 +209,7 @@ impl Args {
             session_grace_ms: self.session_grace_ms,
             quote_ttl_ms: self.quote_ttl_ms,
             ws_outbound_queue_max: self.ws_outbound_queue_max,
+            snapshot_interval_ms: self.snapshot_interval_ms,
             ..SystemConfig::default()
         };
         Ok(Config {

@@ -270,12 +270,15 @@ async fn quote(
 ) -> Result<(StatusCode, Json<wire::QuoteResponse>), HttpError> {
     ready(&app)?;
     let rider = rider_only(&caller)?;
-    let q = app.system.quote(
-        rider,
-        point(b.pickup)?,
-        point(b.dropoff)?,
-        product_in(b.product),
-    );
+    let q = app
+        .system
+        .quote(
+            rider,
+            point(b.pickup)?,
+            point(b.dropoff)?,
+            product_in(b.product),
+        )
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(wire::QuoteResponse {
@@ -299,6 +302,7 @@ async fn get_trip(
     let view = app
         .system
         .trip_view(&TripId::new(id))
+        .await?
         .ok_or_else(|| HttpError(ApiError::not_found("trip")))?;
     let allowed = match &caller.0 {
         Identity::Rider(r) => &view.rider_id == r,

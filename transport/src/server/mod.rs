@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dispatch_actors::{Metrics, System};
+use dispatch_persistence::Store;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -86,14 +87,26 @@ pub struct AppInner {
 
 pub type App = Arc<AppInner>;
 
-/// Serves `listener` with `config` until `shutdown` resolves, then drains and returns.
+/// Opens the store in `--data-dir` (refusing a directory another process holds),
+/// serves `listener` at once with `/readyz` 503 while the state is recovered, then
+/// serves clients until `shutdown` resolves, drains, and flushes.
+///
+/// Returns an error when the store cannot be opened or a stored record cannot be read;
+/// nothing on disk is changed then.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let system = System::start(config.system.clone(), metrics.clone())
+    let store = {
+        let dir = config.data_dir.clone();
+        let m = metrics.clone();
+        let on_flush =
+            move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
+        tokio::task::spawn_blocking(move || Store::open(&dir, on_flush)).await??
+    };
+    let system = System::start(config.system.clone(), metrics.clone(), Arc::new(store))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -107,28 +120,52 @@ pub async fn run(
         started: Instant::now(),
         shutdown: stop_rx,
     });
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "dispatchd serving; recovering state");
 
-    // Expired quotes are swept so the quote table stays bounded by rate × TTL.
-    let sweeper = {
-        let system = system.clone();
+    // Recovery runs while the listener already answers `/healthz` and `/readyz` (503).
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let recovery = {
+        let app = app.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                every.tick().await;
-                system.sweep_quotes();
+            match app.system.recover().await {
+                Ok(stats) => {
+                    app.ready.store(true, Ordering::Release);
+                    tracing::info!(listen = %local, recovery_ms = stats.elapsed_ms, "dispatchd ready");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "recovery failed");
+                    let _ = failed_tx.send(e.to_string());
+                }
             }
         })
     };
 
-    // Nothing to recover yet: ready as soon as the actors are up.
-    app.ready.store(true, Ordering::Release);
-    tracing::info!(listen = %listener.local_addr()?, "dispatchd ready");
+    // Background upkeep: expired quotes and position snapshots.
+    let upkeep = {
+        let system = system.clone();
+        let every = Duration::from_millis(config.system.snapshot_interval_ms);
+        tokio::spawn(async move {
+            let mut snapshots = tokio::time::interval(every);
+            let mut sweeps = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = snapshots.tick() => { system.snapshot_positions(); }
+                    _ = sweeps.tick() => { system.sweep_quotes(); }
+                }
+            }
+        })
+    };
 
     let router = http::router(app.clone());
     let app2 = app.clone();
+    let recovery_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let recovery_error2 = recovery_error.clone();
     let graceful = async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new sessions, closing open ones");
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: no new sessions, closing open ones"),
+            Ok(e) = failed_rx => { *recovery_error2.lock().unwrap() = Some(e); }
+        }
         app2.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
     };
@@ -148,8 +185,13 @@ pub async fn run(
             Ok(())
         }
     };
-    sweeper.abort();
+    recovery.abort();
+    upkeep.abort();
+    // Actors stop, the last positions are written, and everything queued is flushed.
     system.shutdown().await;
+    if let Some(e) = recovery_error.lock().unwrap().take() {
+        return Err(anyhow::anyhow!(e));
+    }
     tracing::info!("dispatchd stopped");
     result
 }

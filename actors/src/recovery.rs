@@ -1,0 +1,189 @@
+//! Recovery: the live system rebuilt from the store before any client is served.
+//!
+//! Trips are the authority on who is offered what and who drives whom (they are durable
+//! before anyone is told); each driver's stored status is reconciled against them. An
+//! open offer gets a fresh timeout; a trip whose dispatch deadline passed while the
+//! process was down ends `no_driver_found` as soon as its actor starts.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use dispatch_engine::{DriverId, DriverStatus, RiderId, TripId};
+use dispatch_persistence::{StoreError, StoredTrip};
+
+use crate::driver::DriverArgs;
+use crate::registry::{DriverRecord, Identity, RiderRecord, TripRecord};
+use crate::rider::RiderArgs;
+use crate::supervisor::{Group, Spawn};
+use crate::system::System;
+use crate::trip::TripArgs;
+use crate::views::{OfferView, Quote, TripView};
+
+/// What recovery restored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryStats {
+    pub drivers: usize,
+    pub riders: usize,
+    pub live_trips: usize,
+    pub finished_trips: usize,
+    pub quotes: usize,
+    pub journal_entries: usize,
+    /// Drivers whose stored status disagreed with the trips (set right from the trips).
+    pub reconciled_drivers: usize,
+    pub elapsed_ms: u64,
+}
+
+impl System {
+    /// Loads the store and starts an actor for every driver, rider and live trip.
+    /// Call once, before serving clients.
+    pub async fn recover(&self) -> Result<RecoveryStats, StoreError> {
+        let started = Instant::now();
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .expect("the load task does not panic")?;
+        let now = self.clock.now_ms();
+        let cfg = self.config.dispatch;
+        let reg = &self.registry;
+        let mut stats = RecoveryStats {
+            journal_entries: loaded.journal_entries,
+            ..Default::default()
+        };
+
+        let mut live: HashMap<TripId, StoredTrip> = HashMap::new();
+        for mut t in loaded.trips {
+            if t.trip.state().is_final() {
+                stats.finished_trips += 1;
+                continue;
+            }
+            // The driver could not see the offer while the server was down.
+            t.trip.refresh_offer(now, &cfg);
+            live.insert(t.trip.id.clone(), t);
+        }
+        let mut on_trip: HashMap<DriverId, TripId> = HashMap::new();
+        let mut offered: HashMap<DriverId, TripId> = HashMap::new();
+        let mut active: HashMap<RiderId, TripId> = HashMap::new();
+        for t in live.values() {
+            let id = t.trip.id.clone();
+            if let Some(d) = t.trip.driver_id() {
+                on_trip.insert(d.clone(), id.clone());
+            }
+            if let Some(o) = t.trip.offer() {
+                offered.insert(o.driver_id.clone(), id.clone());
+            }
+            if let Some(other) = active.insert(t.trip.rider_id.clone(), id.clone()) {
+                self.metrics.invariant(
+                    "rider_two_trips",
+                    &format!("{} has {other} and {id}", t.trip.rider_id),
+                );
+            }
+        }
+        let view = |id: &TripId| {
+            live.get(id)
+                .map(|t| TripView::of(&t.trip, t.driver.clone()))
+        };
+
+        for q in loaded.quotes {
+            reg.quotes.insert(q.quote_id.clone(), Quote::from_stored(q));
+            stats.quotes += 1;
+        }
+
+        let mut spawns = Vec::new();
+        for r in loaded.riders {
+            let record = RiderRecord {
+                trip: active.get(&r.id).and_then(&view),
+                id: r.id,
+                profile: r.profile,
+                token_hash: r.token_hash,
+                position: None,
+                session: None,
+            };
+            reg.tokens
+                .insert(record.token_hash, Identity::Rider(record.id.clone()));
+            reg.rider_records.insert(record.id.clone(), record.clone());
+            spawns.push(Spawn::Rider(RiderArgs {
+                record,
+                restarted: false,
+            }));
+        }
+        stats.riders = self.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
+
+        let mut spawns = Vec::new();
+        for d in loaded.drivers {
+            let status = if let Some(t) = on_trip.get(&d.id) {
+                DriverStatus::OnTrip(t.clone())
+            } else if let Some(t) = offered.get(&d.id) {
+                DriverStatus::Offered(t.clone())
+            } else {
+                match &d.status {
+                    DriverStatus::Offered(_) | DriverStatus::OnTrip(_) => DriverStatus::Available,
+                    s => s.clone(),
+                }
+            };
+            if status != d.status {
+                stats.reconciled_drivers += 1;
+            }
+            let offer = match &status {
+                DriverStatus::Offered(t) => live
+                    .get(t)
+                    .and_then(|t| t.trip.offer().map(|o| OfferView::of(&t.trip, o))),
+                _ => None,
+            };
+            let trip = match &status {
+                DriverStatus::OnTrip(t) => view(t),
+                _ => None,
+            };
+            let record = DriverRecord {
+                id: d.id,
+                profile: d.profile,
+                token_hash: d.token_hash,
+                status,
+                position: d.position,
+                heading: d.heading,
+                cell: None,
+                offer,
+                trip,
+                session: None,
+                session_epoch: 0,
+            };
+            reg.tokens
+                .insert(record.token_hash, Identity::Driver(record.id.clone()));
+            reg.driver_records.insert(record.id.clone(), record.clone());
+            spawns.push(Spawn::Driver(DriverArgs {
+                record,
+                restarted: false,
+            }));
+        }
+        stats.drivers = self.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
+
+        let mut spawns = Vec::new();
+        for (id, t) in live {
+            let v = TripView::of(&t.trip, t.driver.clone());
+            reg.trip_views.insert(id.clone(), v);
+            let record = TripRecord {
+                trip: t.trip,
+                driver: t.driver,
+            };
+            reg.trip_records.insert(id, record.clone());
+            spawns.push(Spawn::Trip(TripArgs {
+                record,
+                restarted: true,
+            }));
+        }
+        stats.live_trips = self.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
+        stats.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            dir = %self.store.dir().display(),
+            drivers = stats.drivers,
+            riders = stats.riders,
+            live_trips = stats.live_trips,
+            finished_trips = stats.finished_trips,
+            quotes = stats.quotes,
+            journal_entries = stats.journal_entries,
+            reconciled_drivers = stats.reconciled_drivers,
+            elapsed_ms = stats.elapsed_ms,
+            "recovery complete"
+        );
+        Ok(stats)
+    }
+}
