@@ -30,6 +30,12 @@ pub struct RecoveryStats {
     pub journal_entries: usize,
     /// Drivers whose stored status disagreed with the trips (set right from the trips).
     pub reconciled_drivers: usize,
+    /// Reading and checking the store.
+    pub load_ms: u64,
+    /// Starting the actors, per group.
+    pub riders_ms: u64,
+    pub drivers_ms: u64,
+    pub trips_ms: u64,
     pub elapsed_ms: u64,
 }
 
@@ -42,11 +48,13 @@ impl System {
         let loaded = tokio::task::spawn_blocking(move || store.load())
             .await
             .expect("the load task does not panic")?;
+        let load_ms = started.elapsed().as_millis() as u64;
         let now = self.clock.now_ms();
         let cfg = self.config.dispatch;
         let reg = &self.registry;
         let mut stats = RecoveryStats {
             journal_entries: loaded.journal_entries,
+            load_ms,
             ..Default::default()
         };
 
@@ -106,7 +114,9 @@ impl System {
                 restarted: false,
             }));
         }
+        let t = Instant::now();
         stats.riders = self.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
+        stats.riders_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
         for d in loaded.drivers {
@@ -154,7 +164,9 @@ impl System {
                 restarted: false,
             }));
         }
+        let t = Instant::now();
         stats.drivers = self.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
+        stats.drivers_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
         for (id, t) in live {
@@ -170,9 +182,13 @@ impl System {
                 restarted: true,
             }));
         }
+        let t = Instant::now();
         stats.live_trips = self.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
+        stats.trips_ms = t.elapsed().as_millis() as u64;
         stats.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
+            load_ms = stats.load_ms,
+            drivers_ms = stats.drivers_ms,
             dir = %self.store.dir().display(),
             drivers = stats.drivers,
             riders = stats.riders,

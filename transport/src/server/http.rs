@@ -104,6 +104,20 @@ impl<T: DeserializeOwned> FromRequest<App> for JsonBody<T> {
     }
 }
 
+/// A query string, with protocol errors (`bad_request`, JSON) instead of axum's text.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<App> for QueryParams<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
+        Query::<T>::from_request_parts(parts, app)
+            .await
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|e| bad(format!("invalid query string: {}", e.body_text())))
+    }
+}
+
 /// The caller, from a bearer token that must be known (401 otherwise).
 pub struct Caller(pub Identity);
 
@@ -337,7 +351,7 @@ fn num<T: std::str::FromStr>(v: &Option<String>, name: &str) -> Result<Option<T>
 async fn nearby(
     State(app): State<App>,
     caller: Caller,
-    Query(q): Query<NearbyQuery>,
+    QueryParams(q): QueryParams<NearbyQuery>,
 ) -> Result<Json<wire::NearbyResponse>, HttpError> {
     rider_only(&caller)?;
     let lat: f64 = num(&q.lat, "lat")?.ok_or_else(|| bad("`lat` is required"))?;

@@ -6,8 +6,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use dispatch_actors::driver::{DriverCommand, DriverMsg};
@@ -22,7 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 
 use super::decode::{self, RiderCommand};
-use super::http::HttpError;
+use super::http::{HttpError, QueryParams};
 use super::{App, auth, render};
 
 #[derive(Debug, Deserialize)]
@@ -56,8 +57,8 @@ fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, 
 pub async fn driver_upgrade(
     State(app): State<App>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-    up: WebSocketUpgrade,
+    QueryParams(q): QueryParams<TokenQuery>,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match identity(&app, &headers, &q) {
         Ok(Identity::Driver(id)) => upgrade(app, up, Role::Driver(id)),
@@ -72,8 +73,8 @@ pub async fn driver_upgrade(
 pub async fn rider_upgrade(
     State(app): State<App>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-    up: WebSocketUpgrade,
+    QueryParams(q): QueryParams<TokenQuery>,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match identity(&app, &headers, &q) {
         Ok(Identity::Rider(id)) => upgrade(app, up, Role::Rider(id)),
@@ -94,7 +95,23 @@ impl Drop for ConnectionSlot {
     }
 }
 
-fn upgrade(app: App, up: WebSocketUpgrade, role: Role) -> Response {
+/// Authentication comes first (401/403), then the request must really be a WebSocket
+/// upgrade (400 `bad_request` otherwise, in the protocol's JSON form).
+fn upgrade(
+    app: App,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    role: Role,
+) -> Response {
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => {
+            return HttpError(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("not a WebSocket upgrade: {}", e.body_text()),
+            ))
+            .into_response();
+        }
+    };
     if !app.ready.load(Ordering::Acquire) {
         return HttpError(ApiError::unavailable(
             "the server is starting or shutting down",

@@ -1,0 +1,284 @@
+//! The real `dispatchd` binary as a child process: start-up, a request, SIGTERM, and a
+//! bad flag.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dispatch_tests::{Client, WAIT, dispatchd_bin};
+use serde_json::{Value, json};
+
+/// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
+/// the code under test (a no-op when it is fresh); run bare, it must already exist.
+fn binary() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let bin = dispatchd_bin();
+    BUILT.get_or_init(|| {
+        let Ok(cargo) = std::env::var("CARGO") else {
+            return;
+        };
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "dispatch-transport", "--bin", "dispatchd"]);
+        if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "`cargo build -p dispatch-transport --bin dispatchd` failed"
+        );
+    });
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo build -p dispatch-transport --bin dispatchd` \
+         (`cargo test --workspace` builds it too)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the child to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+/// Kills the child if the test fails before it exits, then removes its data directory.
+struct Reaper(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dispatchd did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `dispatchd` child on a free port, with its own data directory, ready:
+/// (child, listen address).
+async fn start_binary(flags: &[&str]) -> (Reaper, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = tempfile::tempdir().expect("a temporary data directory");
+    let child = Command::new(binary())
+        .args(["--listen", &listen, "--data-dir"])
+        .arg(data.path())
+        .args(flags)
+        .env("DISPATCH_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dispatchd");
+    let mut child = Reaper(child, data);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http.get(format!("http://{listen}/readyz")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "dispatchd exited before it was ready"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "dispatchd not ready within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, listen)
+}
+
+fn sigterm(child: &Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
+    let (mut child, listen) = start_binary(&["--shutdown-timeout-ms", "3000"]).await;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+
+    // A ride-free request or two.
+    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{base}/v1/riders"))
+        .json(&json!({"name": "Bin", "phone": "+1 555 0100"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let reg: Value = r.json().await.unwrap();
+    let token = reg["token"].as_str().unwrap().to_owned();
+    assert!(
+        reg["rider_id"].as_str().unwrap().starts_with("rdr_"),
+        "{reg}"
+    );
+
+    // An open session, then SIGTERM.
+    let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), Some(&token))
+        .await
+        .expect("rider connects");
+    ws.welcome().await;
+    sigterm(&child.0);
+    assert_eq!(
+        ws.closed_with().await,
+        Some(1001),
+        "an open session is closed with 1001 (going away)"
+    );
+    let status = wait_exit(&mut child.0, WAIT);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let log = format!("{out}{err}");
+    let ready = log
+        .lines()
+        .find(|l| l.contains("dispatchd ready"))
+        .unwrap_or_else(|| panic!("no `dispatchd ready` line in the log:\n{log}"));
+    assert!(ready.contains(&listen), "{ready}");
+    assert!(log.contains("dispatchd stopped"), "{log}");
+}
+
+#[test]
+fn an_invalid_flag_value_exits_non_zero_naming_the_flag() {
+    let bin = binary();
+    for (args, flag) in [
+        (vec!["--h3-resolution", "99"], "--h3-resolution"),
+        (vec!["--offer-timeout-ms", "0"], "--offer-timeout-ms"),
+        (vec!["--offer-timeout-ms", "soon"], "--offer-timeout-ms"),
+    ] {
+        let data = tempfile::tempdir().expect("a temporary data directory");
+        let child = Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dispatchd");
+        // Bounded: a server that wrongly starts is killed, not waited on forever.
+        let mut child = Reaper(child, data);
+        let status = wait_exit(&mut child.0, WAIT);
+        assert!(
+            !status.success() && status.code().is_some(),
+            "{args:?}: {status:?}"
+        );
+        let mut err = String::new();
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            err.contains(flag),
+            "{args:?}: stderr does not name {flag}: {err}"
+        );
+    }
+}
+
+/// A trip that finds no driver must not stop the server from serving everyone else, nor
+/// keep it from exiting on SIGTERM within `--shutdown-timeout-ms`. (At commit b195d13
+/// such a trip re-searched in a loop that never yielded, until its dispatch deadline: one
+/// per core froze the server and delayed the exit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_stays_responsive_while_trips_find_no_driver() {
+    // The deadline is well beyond WAIT, so only a responsive server passes.
+    let (mut child, listen) = start_binary(&[
+        "--dispatch-deadline-ms",
+        "30000",
+        "--shutdown-timeout-ms",
+        "2000",
+    ])
+    .await;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    // One ride request per core (the binary runs one runtime worker per core), in a
+    // place no driver has ever been.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut riders = Vec::new();
+    for i in 0..cores {
+        let reg: Value = http
+            .post(format!("{base}/v1/riders"))
+            .json(&json!({"name": format!("R{i}"), "phone": "+1 555 0100"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), reg["token"].as_str())
+            .await
+            .expect("rider connects");
+        ws.welcome().await;
+        ws.send(json!({"type": "request_ride", "req": 1, "pickup": {"lat": -33.9, "lng": 18.4}, "dropoff": {"lat": -33.95, "lng": 18.45}, "product": "economy"}))
+            .await;
+        riders.push(ws);
+    }
+    let asked = Instant::now();
+    let health = tokio::time::timeout(WAIT, http.get(format!("{base}/healthz")).send()).await;
+    assert!(
+        matches!(&health, Ok(Ok(r)) if r.status() == 200),
+        "/healthz unanswered {:?} after {cores} ride requests with no driver: {health:?}",
+        asked.elapsed()
+    );
+    // Writes still go through too.
+    let reg = tokio::time::timeout(
+        WAIT,
+        http.post(format!("{base}/v1/riders"))
+            .json(&json!({"name": "Late", "phone": "+1 555 0100"}))
+            .send(),
+    )
+    .await;
+    assert!(
+        matches!(&reg, Ok(Ok(r)) if r.status() == 201),
+        "registration unanswered: {reg:?}"
+    );
+    sigterm(&child.0);
+    let status = wait_exit(&mut child.0, WAIT);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
