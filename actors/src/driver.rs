@@ -96,6 +96,8 @@ pub struct DriverActorState {
     st: DriverState,
     /// The grace period ran out while the driver was busy: go offline once free.
     offline_when_free: bool,
+    /// Started by the supervisor after a failure (not by registration or recovery).
+    restarted: bool,
 }
 
 impl DriverActor {
@@ -373,6 +375,7 @@ impl Actor for DriverActor {
             rec: args.record,
             st,
             offline_when_free: false,
+            restarted: args.restarted,
         })
     }
 
@@ -384,13 +387,13 @@ impl Actor for DriverActor {
         // Recovered or restarted: be findable again where the driver last was.
         if s.st.status().is_indexed() && s.rec.position.is_some() {
             self.reindex(s, false).await;
-            self.system
-                .registry
-                .driver_records
-                .insert(s.rec.id.clone(), s.rec.clone());
+            if let Some(mut r) = self.system.registry.driver_records.get_mut(&s.rec.id) {
+                r.cell = s.rec.cell;
+            }
         }
-        if s.rec.session.is_none() && s.st.status().is_indexed() {
-            // Restarted while disconnected: the grace period starts again.
+        // Restarted while disconnected: the grace period starts again. (Recovered
+        // drivers share one sweep instead: see `System::recover`.)
+        if s.restarted && s.rec.session.is_none() && s.st.status().is_indexed() {
             let epoch = s.rec.session_epoch;
             myself.send_after(
                 Duration::from_millis(self.system.config.session_grace_ms),

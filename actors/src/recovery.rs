@@ -185,6 +185,27 @@ impl System {
         let t = Instant::now();
         stats.live_trips = self.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
         stats.trips_ms = t.elapsed().as_millis() as u64;
+
+        // Every recovered driver is disconnected: one sweep after the grace period sends
+        // those still away offline (each ignores it if it reconnected meanwhile).
+        let weak = self.downgrade();
+        let grace = std::time::Duration::from_millis(self.config.session_grace_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(sys) = weak.upgrade() else { return };
+            let away: Vec<_> = sys
+                .registry
+                .driver_records
+                .iter()
+                .filter(|r| r.session.is_none() && r.session_epoch == 0 && r.status.is_indexed())
+                .map(|r| r.id.clone())
+                .collect();
+            for id in away {
+                if let Some(d) = sys.registry.driver(&id) {
+                    let _ = d.cast(crate::driver::DriverMsg::GraceExpired { epoch: 0 });
+                }
+            }
+        });
         stats.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             load_ms = stats.load_ms,

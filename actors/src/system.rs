@@ -96,6 +96,16 @@ impl Deref for System {
     }
 }
 
+/// A handle that does not keep the system alive (for background tasks).
+#[derive(Clone)]
+pub struct WeakSystem(std::sync::Weak<Inner>);
+
+impl WeakSystem {
+    pub fn upgrade(&self) -> Option<System> {
+        self.0.upgrade().map(System)
+    }
+}
+
 /// 128 random bits as an id suffix.
 pub fn random_suffix() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -190,6 +200,10 @@ impl System {
             sups.try_into().map_err(|_| ApiError::internal())?;
         let _ = sys.supervisors.set(sups);
         Ok(sys)
+    }
+
+    pub fn downgrade(&self) -> WeakSystem {
+        WeakSystem(Arc::downgrade(&self.0))
     }
 
     fn supervisor(&self, group: Group) -> &ActorRef<SupervisorMsg> {
