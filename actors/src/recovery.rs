@@ -24,6 +24,10 @@ use crate::views::{OfferView, Quote, TripView};
 pub struct RecoveryStats {
     pub drivers: usize,
     pub riders: usize,
+    /// Actors started: online drivers and riders with an active trip. The others start
+    /// when their app connects.
+    pub driver_actors: usize,
+    pub rider_actors: usize,
     pub live_trips: usize,
     pub finished_trips: usize,
     pub quotes: usize,
@@ -108,14 +112,18 @@ impl System {
             };
             reg.tokens
                 .insert(record.token_hash, Identity::Rider(record.id.clone()));
+            stats.riders += 1;
+            let busy = record.trip.is_some();
             reg.rider_records.insert(record.id.clone(), record.clone());
-            spawns.push(Spawn::Rider(RiderArgs {
-                record,
-                restarted: false,
-            }));
+            if busy {
+                spawns.push(Spawn::Rider(RiderArgs {
+                    record,
+                    restarted: false,
+                }));
+            }
         }
         let t = Instant::now();
-        stats.riders = self.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
+        stats.rider_actors = self.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
         stats.riders_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
@@ -158,14 +166,19 @@ impl System {
             };
             reg.tokens
                 .insert(record.token_hash, Identity::Driver(record.id.clone()));
+            stats.drivers += 1;
+            let online = record.status.is_indexed();
             reg.driver_records.insert(record.id.clone(), record.clone());
-            spawns.push(Spawn::Driver(DriverArgs {
-                record,
-                restarted: false,
-            }));
+            // An offline driver needs no actor until its app connects.
+            if online {
+                spawns.push(Spawn::Driver(DriverArgs {
+                    record,
+                    restarted: false,
+                }));
+            }
         }
         let t = Instant::now();
-        stats.drivers = self.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
+        stats.driver_actors = self.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
         stats.drivers_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
@@ -213,6 +226,8 @@ impl System {
             dir = %self.store.dir().display(),
             drivers = stats.drivers,
             riders = stats.riders,
+            driver_actors = stats.driver_actors,
+            rider_actors = stats.rider_actors,
             live_trips = stats.live_trips,
             finished_trips = stats.finished_trips,
             quotes = stats.quotes,

@@ -86,12 +86,19 @@ impl Supervisor {
         match spawn {
             Spawn::Driver(args) => {
                 let id = args.record.id.clone();
+                if let Some(existing) = reg.driver(&id) {
+                    // Two sessions asked for the same dormant driver at once.
+                    return Ok((Entity::Driver(id), existing.get_cell()));
+                }
                 let r = spawn_child(DriverActor { system: sys }, args, sup, instant).await?;
                 reg.drivers.insert(id.clone(), r.clone());
                 Ok((Entity::Driver(id), r.get_cell()))
             }
             Spawn::Rider(args) => {
                 let id = args.record.id.clone();
+                if let Some(existing) = reg.rider(&id) {
+                    return Ok((Entity::Rider(id), existing.get_cell()));
+                }
                 let r = spawn_child(RiderActor { system: sys }, args, sup, instant).await?;
                 reg.riders.insert(id.clone(), r.clone());
                 Ok((Entity::Rider(id), r.get_cell()))

@@ -463,6 +463,44 @@ impl System {
         n
     }
 
+    /// A driver's actor, started on demand: recovery starts actors only for drivers that
+    /// are online, and an offline driver's actor starts when its app connects.
+    pub async fn driver_actor(&self, id: &DriverId) -> Option<ActorRef<crate::driver::DriverMsg>> {
+        if let Some(a) = self.registry.driver(id) {
+            return Some(a);
+        }
+        let record = self.registry.driver_records.get(id).map(|r| r.clone())?;
+        self.spawn(
+            Group::Driver,
+            Spawn::Driver(DriverArgs {
+                record,
+                restarted: false,
+            }),
+        )
+        .await
+        .ok()?;
+        self.registry.driver(id)
+    }
+
+    /// A rider's actor, started on demand (riders without an active trip have none after
+    /// recovery until their app connects).
+    pub async fn rider_actor(&self, id: &RiderId) -> Option<ActorRef<crate::rider::RiderMsg>> {
+        if let Some(a) = self.registry.rider(id) {
+            return Some(a);
+        }
+        let record = self.registry.rider_records.get(id).map(|r| r.clone())?;
+        self.spawn(
+            Group::Rider,
+            Spawn::Rider(RiderArgs {
+                record,
+                restarted: false,
+            }),
+        )
+        .await
+        .ok()?;
+        self.registry.rider(id)
+    }
+
     /// The cell's actor, spawning it when the first driver enters the cell.
     pub async fn cell_actor(&self, cell: CellId) -> Option<ActorRef<CellMsg>> {
         if let Some(a) = self.registry.cell(&cell) {

@@ -187,7 +187,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     let timeout = Some(app.system.call_timeout());
     let reg = &app.system.registry;
     let attached = match &role {
-        Role::Driver(id) => match reg.driver(id) {
+        Role::Driver(id) => match app.system.driver_actor(id).await {
             Some(a) => matches!(
                 a.call(|r| DriverMsg::Attach(handle.clone(), r), timeout)
                     .await,
@@ -195,7 +195,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             ),
             None => false,
         },
-        Role::Rider(id) => match reg.rider(id) {
+        Role::Rider(id) => match app.system.rider_actor(id).await {
             Some(a) => matches!(
                 a.call(|r| RiderMsg::Attach(handle.clone(), r), timeout)
                     .await,
