@@ -519,8 +519,12 @@ impl Trip {
                 driver_id,
                 reason: _,
             } => {
-                if self.driver_id.as_ref() != Some(&driver_id) || self.state.is_final() {
+                if self.driver_id.as_ref() != Some(&driver_id) {
                     return Err(TripError::Forbidden("the driver is not on this trip"));
+                }
+                if self.state.is_final() {
+                    // The driver was on it, and someone else ended it first.
+                    return Err(TripError::Conflict("the trip has already ended"));
                 }
                 if !matches!(
                     self.state,

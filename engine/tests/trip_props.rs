@@ -353,8 +353,12 @@ impl Model {
                 }
             }
             TripCommand::DriverCancel { driver_id, .. } => {
-                if m.driver.as_ref() != Some(driver_id) || m.state.is_final() {
+                if m.driver.as_ref() != Some(driver_id) {
                     return err(Kind::Forbidden);
+                }
+                if m.state.is_final() {
+                    // The trip's own driver, after someone else ended it.
+                    return err(Kind::Conflict);
                 }
                 if !matches!(
                     m.state,
@@ -1283,6 +1287,15 @@ fn a_driver_cannot_cancel_after_pickup_or_someone_elses_trip() {
         .unwrap_err();
     assert_eq!(kind(&e), Kind::Conflict);
     assert_eq!(t.trip, before);
+    // Once the trip has ended, its driver's cancel is a conflict, not a refusal.
+    t.ok(TripCommand::Complete { driver_id: d(1) });
+    let e = t
+        .apply(TripCommand::DriverCancel {
+            driver_id: d(1),
+            reason: None,
+        })
+        .unwrap_err();
+    assert_eq!(kind(&e), Kind::Conflict);
 }
 
 #[test]
