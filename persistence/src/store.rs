@@ -149,6 +149,9 @@ pub struct Store {
     writer: Option<JoinHandle<()>>,
 }
 
+/// How long `open` waits for another holder of the directory's lock to let go.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The store format this build writes (independent of the record schema version).
 pub const FORMAT: u16 = 1;
 
@@ -168,18 +171,31 @@ impl Store {
         dir: &Path,
         on_flush: impl Fn(FlushStats) + Send + 'static,
     ) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            if e.to_string().contains("could not acquire lock") {
-                StoreError::Locked {
-                    dir: dir.to_owned(),
+        // No background flusher: the writer thread flushes after every group, and a
+        // flusher thread would hold the directory's lock for a moment after close.
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        // A lock held by a process (or handle) that is just exiting is let go within
+        // moments; one held by a running server is not, and is reported as locked.
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            dir: dir.to_owned(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-            } else {
-                StoreError::Open {
-                    dir: dir.to_owned(),
-                    source: e,
+                Err(e) => {
+                    return Err(StoreError::Open {
+                        dir: dir.to_owned(),
+                        source: e,
+                    });
                 }
             }
-        })?;
+        };
         let io = |e| StoreError::Io {
             dir: dir.to_owned(),
             source: e,
