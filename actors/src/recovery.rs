@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use dispatch_engine::{DriverId, DriverStatus, RiderId, TripId};
-use dispatch_persistence::{StoreError, StoredTrip};
+use dispatch_engine::{
+    DriverId, DriverStatus, RiderId, TripCommand, TripEffect, TripId, TripState,
+};
+use dispatch_persistence::{Batch, StoreError, StoredTrip, Transition};
 
 use crate::driver::DriverArgs;
 use crate::registry::{DriverRecord, Identity, RiderRecord, TripRecord};
@@ -34,6 +36,9 @@ pub struct RecoveryStats {
     pub journal_entries: usize,
     /// Drivers whose stored status disagreed with the trips (set right from the trips).
     pub reconciled_drivers: usize,
+    /// Trips whose dispatch deadline passed while the server was down (ended
+    /// `no_driver_found` during recovery).
+    pub expired_trips: usize,
     /// Reading and checking the store.
     pub load_ms: u64,
     /// Starting the actors, per group.
@@ -63,7 +68,35 @@ impl System {
         };
 
         let mut live: HashMap<TripId, StoredTrip> = HashMap::new();
+        let mut expired = Batch::new();
         for mut t in loaded.trips {
+            if !t.trip.state().is_final()
+                && t.trip.state() == TripState::Dispatching
+                && now >= t.trip.deadline_ms()
+            {
+                // Its dispatch deadline passed while the server was down: it ends now,
+                // durably, before anyone can be offered it again.
+                let eta = self.config.eta.as_ref();
+                if let Ok(fx) = t.trip.apply(TripCommand::DeadlineReached, now, &cfg, eta) {
+                    let transition = fx.iter().find_map(|e| match e {
+                        TripEffect::Transitioned {
+                            from,
+                            to,
+                            by,
+                            at_ms,
+                        } => Some(Transition {
+                            from: *from,
+                            to: *to,
+                            by: by.clone(),
+                            at_ms: *at_ms,
+                            version: t.trip.version(),
+                        }),
+                        _ => None,
+                    });
+                    expired = expired.trip(t.clone(), transition);
+                    stats.expired_trips += 1;
+                }
+            }
             if t.trip.state().is_final() {
                 stats.finished_trips += 1;
                 continue;
@@ -72,6 +105,7 @@ impl System {
             t.trip.refresh_offer(now, &cfg);
             live.insert(t.trip.id.clone(), t);
         }
+        self.store.commit(expired).await?;
         let mut on_trip: HashMap<DriverId, TripId> = HashMap::new();
         let mut offered: HashMap<DriverId, TripId> = HashMap::new();
         let mut active: HashMap<RiderId, TripId> = HashMap::new();
@@ -233,6 +267,7 @@ impl System {
             quotes = stats.quotes,
             journal_entries = stats.journal_entries,
             reconciled_drivers = stats.reconciled_drivers,
+            expired_trips = stats.expired_trips,
             elapsed_ms = stats.elapsed_ms,
             "recovery complete"
         );

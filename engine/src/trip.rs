@@ -452,6 +452,12 @@ impl Trip {
                     // Its timer has not been handled yet, but the offer is over.
                     return Err(TripError::Conflict("the offer has expired"));
                 }
+                if now_ms >= self.deadline_ms {
+                    // Likewise the trip's dispatch deadline: it is ending no_driver_found.
+                    return Err(TripError::Conflict(
+                        "the trip's dispatch deadline has passed",
+                    ));
+                }
                 let offer = self.offer.take().expect("checked above");
                 self.candidates.clear();
                 self.driver_id = Some(driver_id.clone());

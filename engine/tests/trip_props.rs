@@ -290,6 +290,8 @@ impl Model {
                 Err(k) => err(k),
                 // PROTOCOL.md: `conflict` if it expired, even before its timer is handled.
                 Ok(_) if now >= m.offer.as_ref().unwrap().expires_at_ms => err(Kind::Conflict),
+                // Likewise once the dispatch deadline has passed (the trip is ending).
+                Ok(_) if now >= m.deadline => err(Kind::Conflict),
                 Ok(_) => {
                     let o = m.offer.take().unwrap();
                     m.queue.clear();
@@ -835,7 +837,10 @@ struct T {
 
 impl T {
     fn new() -> Self {
-        let cfg = DispatchConfig::default();
+        Self::with_cfg(DispatchConfig::default())
+    }
+
+    fn with_cfg(cfg: DispatchConfig) -> Self {
         let (trip, _) = new_trip(T0, &cfg);
         T {
             trip,
@@ -1412,6 +1417,28 @@ fn driver_moved_updates_the_pickup_eta_only_while_heading_there() {
 /// PROTOCOL.md: `accept` → "`conflict` if it expired or went elsewhere": an accept that
 /// beats a late `OfferTimeout` timer is still too late, and changes nothing; the timer
 /// then moves on as usual. Just before the expiry it is taken.
+#[test]
+fn accept_after_the_dispatch_deadline_is_a_conflict_even_before_the_timer() {
+    // An offer that outlives the deadline (long offer timeout), as after a restart.
+    let cfg = DispatchConfig {
+        offer_timeout_ms: 600_000,
+        dispatch_deadline_ms: 60_000,
+    };
+    let mut t = T::with_cfg(cfg);
+    t.three_candidates();
+    t.now = t.trip.deadline_ms();
+    let before = t.trip.clone();
+    let r = t.apply(TripCommand::Accept { driver_id: d(1) });
+    assert_eq!(
+        r.map_err(|e| kind(&e)),
+        Err(Kind::Conflict),
+        "accepted after the deadline"
+    );
+    assert_eq!(t.trip, before);
+    t.ok(TripCommand::DeadlineReached);
+    assert_eq!(t.trip.state(), TripState::NoDriverFound);
+}
+
 #[test]
 fn accept_after_the_offer_expired_is_a_conflict_even_before_the_timer() {
     let mut t = T::new();

@@ -363,8 +363,34 @@ impl Store {
     }
 
     /// One trip's latest state (blocking: call from a blocking context).
+    /// The newer of its snapshot and its last journal entry, as recovery would see it
+    /// (a crash can leave the entry without the snapshot that follows it).
     pub fn trip(&self, id: &TripId) -> Result<Option<StoredTrip>, StoreError> {
-        self.get("trips", &self.trees.trips, id.as_str().as_bytes())
+        let snapshot: Option<StoredTrip> =
+            self.get("trips", &self.trees.trips, id.as_str().as_bytes())?;
+        let mut prefix = id.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let last = match self.trees.journal.scan_prefix(&prefix).next_back() {
+            None => None,
+            Some(kv) => {
+                let (k, v) = kv.map_err(|e| StoreError::Io {
+                    dir: self.dir.clone(),
+                    source: e,
+                })?;
+                let e: JournalEntry = codec::decode(&v).map_err(|source| StoreError::Corrupt {
+                    tree: "journal",
+                    key: printable(&k),
+                    dir: self.dir.clone(),
+                    source,
+                })?;
+                Some(e.trip)
+            }
+        };
+        Ok(match (snapshot, last) {
+            (Some(s), Some(j)) if j.trip.version() > s.trip.version() => Some(j),
+            (Some(s), _) => Some(s),
+            (None, j) => j,
+        })
     }
 
     /// One driver (blocking).

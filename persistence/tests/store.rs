@@ -209,10 +209,17 @@ async fn a_journal_entry_newer_than_the_snapshot_wins() {
             .unwrap();
         db.flush().unwrap();
     }
-    let l = open(dir.path()).load().unwrap();
+    let s = open(dir.path());
+    let l = s.load().unwrap();
     assert_eq!(l.trips.len(), 1);
     assert_eq!(
         (l.trips[0].trip.state(), l.trips[0].trip.version()),
+        (TripState::DriverAssigned, 2)
+    );
+    // A read of the one trip sees the same newer state.
+    let one = s.trip(&a.id).unwrap().unwrap();
+    assert_eq!(
+        (one.trip.state(), one.trip.version()),
         (TripState::DriverAssigned, 2)
     );
 }
