@@ -15,8 +15,8 @@
 //! - `a_second_server_on_a_locked_data_dir_is_refused`
 //! - `cancel_trip_racing_the_riders_cancel_is_never_forbidden` (a race the crash test
 //!   ran into, fixed in 2b4dfaf)
-//! - ignored, a server bug (`--ignored` runs it):
-//!   `a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart`
+//! - `a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart` (a bug
+//!   it found, fixed in 64e3233)
 //!
 //! Every wait polls with a generous deadline; the timing under test comes from the
 //! server's own flags. Every child is killed by a guard if a test fails.
@@ -2162,13 +2162,11 @@ async fn cancel_trip_racing_the_riders_cancel_is_never_forbidden() {
 /// The same situation as `a_dispatch_deadline_that_passed_while_down_ends_the_trip`, with
 /// the silent driver back as soon as the server is ready (as a fleet of apps would be).
 /// The trip is over (its deadline passed while the server was down), so the driver's
-/// welcome must not offer it, and an `accept` must not take it. Yet recovery marks the
-/// server ready before the restored trip actors have run, and a restored trip arms its
-/// already-passed deadline as a timer instead of ending at once: for the first
-/// milliseconds the welcome still carries the dead trip's offer (often), and an `accept`
-/// sent then can even beat the timer (`Trip::apply(Accept)` does not check the deadline)
-/// and assign the trip (rarely: 3 of some 40 restarts on a busy 2-core machine). Tries up
-/// to 40 restarts and fails at the first stale offer or assignment.
+/// welcome must not offer it, and an `accept` must not take it. Before 64e3233 recovery
+/// marked the server ready before the restored trip actors had run their overdue
+/// deadline, so for the first milliseconds the welcome still carried the dead trip's
+/// offer and an `accept` could even assign it (3 of some 40 restarts on a busy 2-core
+/// machine). Tries up to 40 restarts and fails at the first stale offer or assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart() {
     const DEADLINE_MS: u64 = 1_000;
