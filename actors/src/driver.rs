@@ -82,6 +82,9 @@ pub enum DriverMsg {
     },
     /// The driver's cell restarted: index yourself again.
     Reindex,
+    /// From a trip: a command of this app's was refused; answered in order with the
+    /// updates the trip sent before.
+    Failed(Responder, ApiError),
     Get(RpcReplyPort<DriverRecord>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
@@ -505,6 +508,7 @@ impl Actor for DriverActor {
                 self.reindex(s, false).await;
                 self.commit(s);
             }
+            DriverMsg::Failed(responder, error) => responder.fail(error),
             DriverMsg::Get(reply) => {
                 let mut rec = s.rec.clone();
                 rec.status = s.st.status().clone();

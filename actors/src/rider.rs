@@ -60,6 +60,9 @@ pub enum RiderMsg {
         heading: Option<f64>,
         pickup_eta_s: Option<u64>,
     },
+    /// From a trip: a command of this app's was refused; answered in order with the
+    /// updates the trip sent before.
+    Failed(Responder, ApiError),
     Get(RpcReplyPort<RiderRecord>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
@@ -368,6 +371,7 @@ impl Actor for RiderActor {
                     );
                 }
             }
+            RiderMsg::Failed(responder, error) => responder.fail(error),
             RiderMsg::Get(reply) => {
                 let _ = reply.send(s.rec.clone());
             }

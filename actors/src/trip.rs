@@ -118,7 +118,7 @@ impl TripActor {
             {
                 Err(e) => {
                     if let Some(r) = responder {
-                        r.fail(e.into());
+                        self.fail(s, &from, r, e.into());
                     }
                 }
                 Ok(fx) => {
@@ -350,6 +350,38 @@ impl TripActor {
             let _ = myself.drain();
         }
         Ok(())
+    }
+
+    /// A refused command's answer goes the way its updates go (through the driver's or
+    /// rider's actor), so it never overtakes an update that explains it.
+    fn fail(&self, s: &TripActorState, from: &TripFrom, r: Responder, error: ApiError) {
+        let reg = &self.system.registry;
+        let undelivered = match from {
+            TripFrom::Driver(d) => match reg.driver(d) {
+                Some(a) => match a.cast(DriverMsg::Failed(r, error)) {
+                    Ok(()) => None,
+                    Err(ractor::MessagingErr::SendErr(DriverMsg::Failed(r, error))) => {
+                        Some((r, error))
+                    }
+                    Err(_) => None,
+                },
+                None => Some((r, error)),
+            },
+            TripFrom::Rider => match reg.rider(&s.rec.trip.rider_id) {
+                Some(a) => match a.cast(RiderMsg::Failed(r, error)) {
+                    Ok(()) => None,
+                    Err(ractor::MessagingErr::SendErr(RiderMsg::Failed(r, error))) => {
+                        Some((r, error))
+                    }
+                    Err(_) => None,
+                },
+                None => Some((r, error)),
+            },
+            _ => Some((r, error)),
+        };
+        if let Some((r, error)) = undelivered {
+            r.fail(error);
+        }
     }
 
     fn receipt(&self, s: &TripActorState) -> Receipt {

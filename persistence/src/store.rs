@@ -149,6 +149,9 @@ pub struct Store {
     writer: Option<JoinHandle<()>>,
 }
 
+/// sled's page cache, in bytes.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How long `open` waits for another holder of the directory's lock to let go.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -173,7 +176,12 @@ impl Store {
     ) -> Result<Store, StoreError> {
         // No background flusher: the writer thread flushes after every group, and a
         // flusher thread would hold the directory's lock for a moment after close.
-        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        // sled's page cache defaults to 1 GiB; the live state is served from memory by
+        // the actors, so the store needs little cache of its own.
+        let config = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(CACHE_BYTES);
         // A lock held by a process (or handle) that is just exiting is let go within
         // moments; one held by a running server is not, and is reported as locked.
         let deadline = Instant::now() + LOCK_WAIT;

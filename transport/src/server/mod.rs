@@ -150,7 +150,11 @@ pub async fn run(
             let mut sweeps = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tokio::select! {
-                    _ = snapshots.tick() => { system.snapshot_positions(); }
+                    // Thousands of records to encode: off the async workers.
+                    _ = snapshots.tick() => {
+                        let system = system.clone();
+                        let _ = tokio::task::spawn_blocking(move || system.snapshot_positions()).await;
+                    }
                     _ = sweeps.tick() => { system.sweep_quotes(); }
                 }
             }

@@ -125,7 +125,12 @@ fn upgrade(
     }
     let slot = ConnectionSlot(app.clone());
     let hard = app.config.ws_hard_max_bytes;
-    up.max_message_size(hard)
+    // Small socket buffers: tungstenite's default is 128 KiB each way per session, which
+    // made 17,000 sessions cost over 3 GB. Frames here are at most a few KiB; larger
+    // ones still arrive, in several reads.
+    up.read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
