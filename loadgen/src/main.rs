@@ -1,2 +1,25 @@
-//! Run with `cargo run --release -p dispatch-loadgen --bin loadgen -- --help` (being written).
-fn main() {}
+//! `loadgen`: a simulated city of drivers and riders against dispatchd, every person a
+//! real WebSocket client, with a latency report (see loadgen/README.md).
+//!
+//! Run with a server already up (`cargo run --release --bin dispatchd`):
+//!
+//! ```sh
+//! cargo run --release -p dispatch-loadgen -- --url ws://127.0.0.1:8080 \
+//!     --drivers 2000 --riders 300 --request-rate 20 --duration 60s --time-scale 10 \
+//!     --demand-csv ../shared/data/montreal_carshare_zones.csv --json report.json --html report.html
+//! ```
+//!
+//! or as a one-command demo with an in-process server:
+//!
+//! ```sh
+//! cargo run --release -p dispatch-loadgen --features embedded -- --embedded \
+//!     --drivers 200 --riders 40 --request-rate 3 --duration 20s --time-scale 30
+//! ```
+//!
+//! Bigger cities: `--workers 2 --source-ips 127.0.0.2-127.0.0.9`. `--help` lists every
+//! flag. Exit code: 0 when every check passed, 1 when one failed (`--max-p99-ms`,
+//! `--max-error-rate`, or a client that could not connect), 2 when it could not run.
+
+fn main() {
+    std::process::exit(dispatch_loadgen::main_entry());
+}

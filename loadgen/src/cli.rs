@@ -1,0 +1,323 @@
+//! The command line: every knob of the simulated city, parsed once into [`Args`].
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+/// A simulated city of drivers and riders over real WebSockets, with a latency report.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen", version, about)]
+pub struct Args {
+    /// The server's WebSocket base; the REST base (`http://…`) is derived from it.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub url: String,
+    /// Start an in-process dispatchd on a free port with a temporary data directory
+    /// (needs a build with `--features embedded`).
+    #[arg(long)]
+    pub embedded: bool,
+    /// Simulated drivers (one WebSocket each).
+    #[arg(long, default_value_t = 100)]
+    pub drivers: usize,
+    /// Simulated riders (one WebSocket each).
+    #[arg(long, default_value_t = 20)]
+    pub riders: usize,
+    /// How long requests arrive (`60s`, `2m`, `500ms`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// After the request window, how long trips in flight may still finish.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Mean interval of a driver's location pings (each one jittered ±20%).
+    #[arg(long, default_value_t = 4000)]
+    pub ping_interval_ms: u64,
+    /// Ride requests per second across all riders (Poisson arrivals).
+    #[arg(long, default_value_t = 1.0)]
+    pub request_rate: f64,
+    /// Centre of the city disc, `LAT,LNG` (ignored with --demand-csv).
+    #[arg(long, default_value = "45.5017,-73.5673", value_parser = parse_latlng, allow_hyphen_values = true)]
+    pub center: (f64, f64),
+    /// Radius of the city disc in km (ignored with --demand-csv).
+    #[arg(long, default_value_t = 10.0)]
+    pub radius_km: f64,
+    /// Demand map: a CSV with `lat,lng,weight` or the montreal_carshare_zones.csv layout
+    /// (`centroid_lat,centroid_lon,car_hours,…`). Pickups are drawn by weight.
+    #[arg(long)]
+    pub demand_csv: Option<PathBuf>,
+    /// Same seed, same city (positions, waypoints, trips, decisions).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Street speed of a driver, m/s (simulated).
+    #[arg(long, default_value_t = 11.0)]
+    pub speed_mps: f64,
+    /// Simulated seconds per real second for driving and boarding (1 = real time; 10 makes
+    /// a 3 km trip take about 27 s, so a one-minute run sees whole trips).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Probability that a driver accepts an offer.
+    #[arg(long, default_value_t = 0.9)]
+    pub accept_prob: f64,
+    /// Of the offers not accepted, the share declined; the rest are left to expire.
+    #[arg(long, default_value_t = 0.5)]
+    pub decline_share: f64,
+    /// A driver's human delay before answering an offer, `MIN-MAX` ms (real time).
+    #[arg(long, default_value = "500-3000", value_parser = parse_range_ms)]
+    pub decision_delay_ms: (u64, u64),
+    /// Probability that a rider cancels a trip it requested (before pickup).
+    #[arg(long, default_value_t = 0.05)]
+    pub cancel_prob: f64,
+    /// When a cancelling rider cancels, `MIN-MAX` ms after the request (real time).
+    #[arg(long, default_value = "1000-20000", value_parser = parse_range_ms)]
+    pub cancel_delay_ms: (u64, u64),
+    /// Time the driver waits at the pickup for the rider, `MIN-MAX` ms (simulated).
+    #[arg(long, default_value = "20000-60000", value_parser = parse_range_ms)]
+    pub boarding_ms: (u64, u64),
+    /// Worker processes to split the population over (each re-executes this binary).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Loopback source addresses for the client sockets, round-robin:
+    /// `127.0.0.2-127.0.0.9` or `127.0.0.2,127.0.0.3`.
+    #[arg(long, value_parser = parse_ip_list)]
+    pub source_ips: Option<IpList>,
+    /// Connections (and registrations) in flight at once while setting up.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+    /// No progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the report as a standalone HTML page (inline SVG charts) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Fail (exit 1) when p99 of request → offer exceeds this many milliseconds.
+    #[arg(long)]
+    pub max_p99_ms: Option<f64>,
+    /// Fail (exit 1) when unexpected protocol errors / messages sent exceeds this.
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    /// Also report the CPU time and peak RSS (VmHWM) of this process, e.g. dispatchd's.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Internal: run as worker N of --workers (set by the parent process).
+    #[arg(long, hide = true)]
+    pub worker_index: Option<usize>,
+}
+
+/// A list of source addresses (a newtype so clap treats it as one value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpList(pub Vec<IpAddr>);
+
+impl Args {
+    /// Checks values that clap cannot.
+    pub fn validate(&self) -> Result<()> {
+        let p = |v: f64, name: &str| -> Result<()> {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} must be within [0, 1], got {v}");
+            }
+            Ok(())
+        };
+        p(self.accept_prob, "--accept-prob")?;
+        p(self.decline_share, "--decline-share")?;
+        p(self.cancel_prob, "--cancel-prob")?;
+        if !(self.request_rate.is_finite() && self.request_rate >= 0.0) {
+            bail!("--request-rate must be a finite number ≥ 0");
+        }
+        if !(self.speed_mps > 0.0 && self.speed_mps.is_finite()) {
+            bail!("--speed-mps must be > 0");
+        }
+        if !(self.time_scale > 0.0 && self.time_scale.is_finite()) {
+            bail!("--time-scale must be > 0");
+        }
+        if !(self.radius_km > 0.0 && self.radius_km.is_finite()) {
+            bail!("--radius-km must be > 0");
+        }
+        if self.ping_interval_ms == 0 {
+            bail!("--ping-interval-ms must be > 0");
+        }
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if self.connect_concurrency == 0 {
+            bail!("--connect-concurrency must be at least 1");
+        }
+        if let Some(i) = self.worker_index
+            && i >= self.workers
+        {
+            bail!("--worker-index {i} is not below --workers {}", self.workers);
+        }
+        if self.embedded && self.worker_index.is_some() {
+            bail!("a worker does not start its own server");
+        }
+        Ok(())
+    }
+
+    /// The argv a worker process is started with: the same city, `url` resolved, and
+    /// `--worker-index`; outputs and checks stay with the parent.
+    pub fn worker_argv(&self, index: usize, url: &str) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--url".into(),
+            url.into(),
+            "--drivers".into(),
+            self.drivers.to_string(),
+            "--riders".into(),
+            self.riders.to_string(),
+            "--duration".into(),
+            format!("{}ms", self.duration.as_millis()),
+            "--drain".into(),
+            format!("{}ms", self.drain.as_millis()),
+            "--ping-interval-ms".into(),
+            self.ping_interval_ms.to_string(),
+            "--request-rate".into(),
+            self.request_rate.to_string(),
+            format!("--center={},{}", self.center.0, self.center.1),
+            "--radius-km".into(),
+            self.radius_km.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--speed-mps".into(),
+            self.speed_mps.to_string(),
+            "--time-scale".into(),
+            self.time_scale.to_string(),
+            "--accept-prob".into(),
+            self.accept_prob.to_string(),
+            "--decline-share".into(),
+            self.decline_share.to_string(),
+            "--decision-delay-ms".into(),
+            format!("{}-{}", self.decision_delay_ms.0, self.decision_delay_ms.1),
+            "--cancel-prob".into(),
+            self.cancel_prob.to_string(),
+            "--cancel-delay-ms".into(),
+            format!("{}-{}", self.cancel_delay_ms.0, self.cancel_delay_ms.1),
+            "--boarding-ms".into(),
+            format!("{}-{}", self.boarding_ms.0, self.boarding_ms.1),
+            "--workers".into(),
+            self.workers.to_string(),
+            "--connect-concurrency".into(),
+            self.connect_concurrency
+                .max(self.workers)
+                .div_ceil(self.workers)
+                .to_string(),
+            "--worker-index".into(),
+            index.to_string(),
+            "--quiet".into(),
+        ];
+        if let Some(ips) = &self.source_ips {
+            let list: Vec<String> = ips.0.iter().map(|ip| ip.to_string()).collect();
+            v.push("--source-ips".into());
+            v.push(list.join(","));
+        }
+        if let Some(csv) = &self.demand_csv {
+            v.push("--demand-csv".into());
+            v.push(csv.display().to_string());
+        }
+        v
+    }
+}
+
+/// `60s`, `1500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 60s, 500ms, 2m)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("not a duration: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * mult_ms / 1000.0))
+}
+
+/// `LAT,LNG` in decimal degrees.
+pub fn parse_latlng(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected LAT,LNG, got {s:?}"))?;
+    let lat: f64 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad latitude {a:?}"))?;
+    let lng: f64 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad longitude {b:?}"))?;
+    if !((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lng)) {
+        return Err(format!("coordinate out of range: {s:?}"));
+    }
+    Ok((lat, lng))
+}
+
+/// `MIN-MAX` (or a single value) in milliseconds.
+pub fn parse_range_ms(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u64 = a.trim().parse().map_err(|_| format!("bad range {s:?}"))?;
+    let b: u64 = b.trim().parse().map_err(|_| format!("bad range {s:?}"))?;
+    if a > b {
+        return Err(format!("range {s:?}: MIN is above MAX"));
+    }
+    Ok((a, b))
+}
+
+/// `127.0.0.2-127.0.0.9`, `127.0.0.2,127.0.0.5`, or one address.
+pub fn parse_ip_list(s: &str) -> Result<IpList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad address {a:?}"))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad address {b:?}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if a > b || b - a > 65_535 {
+                return Err(format!("bad address range {part:?}"));
+            }
+            out.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
+        } else {
+            out.push(part.parse().map_err(|_| format!("bad address {part:?}"))?);
+        }
+    }
+    if out.is_empty() {
+        return Err("no source address given".into());
+    }
+    Ok(IpList(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flags() {
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_range_ms("500-3000").unwrap(), (500, 3000));
+        assert!(parse_range_ms("3-1").is_err());
+        let ips = parse_ip_list("127.0.0.2-127.0.0.4").unwrap();
+        assert_eq!(ips.0.len(), 3);
+        assert_eq!(ips.0[2].to_string(), "127.0.0.4");
+        assert_eq!(parse_latlng("45.5,-73.6").unwrap(), (45.5, -73.6));
+        let a = Args::parse_from(["loadgen", "--center", "45.5,-73.6", "--drivers", "7"]);
+        assert_eq!((a.center, a.drivers), ((45.5, -73.6), 7));
+        // A worker's argv parses back into the same city.
+        let w = Args::parse_from(
+            std::iter::once("loadgen".to_string()).chain(a.worker_argv(0, "ws://127.0.0.1:1")),
+        );
+        assert_eq!(
+            (w.center, w.drivers, w.worker_index),
+            (a.center, 7, Some(0))
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Sockets: the server's address, WebSocket sessions bound to a chosen loopback source
+//! address, REST calls, and naming the client-side limit an error means.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use dispatch_transport::wire::{ErrorBody, ServerMessage};
+use futures_util::SinkExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Where the server is.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `ws://host:port`, no trailing slash.
+    pub ws_base: String,
+    /// `http://host:port`.
+    pub http_base: String,
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    pub async fn resolve(url: &str) -> Result<Target> {
+        let url = url.trim_end_matches('/');
+        let Some(hostport) = url.strip_prefix("ws://") else {
+            if url.starts_with("wss://") {
+                bail!("--url {url}: TLS (wss://) is not supported; use ws://");
+            }
+            bail!("--url {url}: expected ws://HOST:PORT");
+        };
+        if hostport.contains('/') {
+            bail!(
+                "--url {url}: give only ws://HOST:PORT (the paths are /v1/ws/driver and /v1/ws/rider)"
+            );
+        }
+        let hp = if hostport.contains(':') {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:80")
+        };
+        let addr = tokio::net::lookup_host(&hp)
+            .await
+            .with_context(|| format!("--url {url}: cannot resolve {hp}"))?
+            .find(|a| a.is_ipv4())
+            .or(None)
+            .with_context(|| format!("--url {url}: no IPv4 address for {hp}"))?;
+        Ok(Target {
+            ws_base: format!("ws://{hostport}"),
+            http_base: format!("http://{hostport}"),
+            addr,
+        })
+    }
+}
+
+/// A connect or REST failure, classified.
+#[derive(Debug)]
+pub enum ConnError {
+    /// The process's open-file limit (EMFILE/ENFILE).
+    OpenFiles,
+    /// No source port left on the source address (EADDRNOTAVAIL, or EADDRINUSE on bind).
+    SourcePorts,
+    /// The server answered with an error: (protocol code or `http_<status>`, detail).
+    Refused(String, String),
+    Other(String),
+}
+
+impl ConnError {
+    fn from_io(e: &std::io::Error) -> Option<ConnError> {
+        match e.raw_os_error() {
+            Some(libc::EMFILE) | Some(libc::ENFILE) => Some(ConnError::OpenFiles),
+            Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE) => Some(ConnError::SourcePorts),
+            _ => None,
+        }
+    }
+
+    /// Looks through an error's chain for an OS error that names a limit.
+    pub fn classify(e: &(dyn std::error::Error + 'static)) -> ConnError {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && let Some(c) = ConnError::from_io(io)
+            {
+                return c;
+            }
+            cur = err.source();
+        }
+        ConnError::Other(error_chain(e))
+    }
+}
+
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Thousands of sessions per process: small eager buffers (the default read buffer is
+    // 128 KiB per connection), and every message written at once.
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
+fn io_err(e: std::io::Error) -> ConnError {
+    ConnError::from_io(&e).unwrap_or_else(|| ConnError::Other(e.to_string()))
+}
+
+/// Opens `path` (`/v1/ws/driver`) with `token`, from `source` when given.
+pub async fn connect_ws(
+    target: &Target,
+    path: &str,
+    token: &str,
+    source: Option<IpAddr>,
+) -> Result<Ws, ConnError> {
+    let socket = TcpSocket::new_v4().map_err(io_err)?;
+    if let Some(ip) = source {
+        #[cfg(target_os = "linux")]
+        {
+            // Choose the port at connect time, by the whole 4-tuple (IP_BIND_ADDRESS_NO_PORT),
+            // instead of reserving one per address at bind time.
+            use std::os::fd::AsRawFd;
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket fd and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    &one as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+    }
+    let stream = socket.connect(target.addr).await.map_err(io_err)?;
+    let _ = stream.set_nodelay(true);
+    let mut req = format!("{}{}", target.ws_base, path)
+        .into_client_request()
+        .map_err(|e| ConnError::Other(e.to_string()))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ConnError::Other("token is not a header value".into()))?,
+    );
+    match tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp.body().as_deref().unwrap_or(&[]);
+            let code = serde_json::from_slice::<ErrorBody>(body)
+                .map(|b| b.error.code)
+                .unwrap_or_else(|_| format!("http_{status}"));
+            Err(ConnError::Refused(
+                code,
+                format!(
+                    "upgrade {path} answered {status}: {}",
+                    String::from_utf8_lossy(body)
+                ),
+            ))
+        }
+        Err(tungstenite::Error::Io(e)) => Err(io_err(e)),
+        Err(e) => Err(ConnError::Other(e.to_string())),
+    }
+}
+
+/// Sends one client message (a wire type plus an optional `req`).
+pub async fn send<T: Serialize>(ws: &mut Ws, msg: &T, req: Option<u64>) -> Result<()> {
+    let mut v = serde_json::to_value(msg)?;
+    if let Some(r) = req {
+        v["req"] = r.into();
+    }
+    ws.send(Message::Text(v.to_string().into())).await?;
+    Ok(())
+}
+
+/// A server frame, decoded.
+pub enum Incoming {
+    Msg(Box<ServerMessage>),
+    /// A text frame that is not a `ServerMessage`.
+    Undecodable(String),
+    /// Ping, pong or other non-text frames.
+    Skip,
+    Closed(Option<u16>, String),
+}
+
+pub fn decode(m: Option<Result<Message, tungstenite::Error>>) -> Incoming {
+    match m {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMessage>(&t) {
+            Ok(m) => Incoming::Msg(Box::new(m)),
+            Err(e) => Incoming::Undecodable(format!("{e}: {t}")),
+        },
+        Some(Ok(Message::Close(f))) => Incoming::Closed(
+            f.as_ref().map(|f| u16::from(f.code)),
+            f.map(|f| f.reason.to_string()).unwrap_or_default(),
+        ),
+        Some(Ok(_)) => Incoming::Skip,
+        Some(Err(e)) => Incoming::Closed(None, e.to_string()),
+        None => Incoming::Closed(None, "connection ended".into()),
+    }
+}
+
+/// POSTs `body` as JSON; the reply as `R`, or the protocol error code and detail.
+pub async fn post_json<B: Serialize, R: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &B,
+) -> Result<R, ConnError> {
+    let mut r = http.post(url).json(body).timeout(Duration::from_secs(30));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.map_err(|e| ConnError::classify(&e))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| ConnError::classify(&e))?;
+    if status.is_success() {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ConnError::Other(format!(
+                "{url}: undecodable {status} reply ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            ))
+        })
+    } else {
+        let code = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error.code)
+            .unwrap_or_else(|_| format!("http_{}", status.as_u16()));
+        Err(ConnError::Refused(
+            code,
+            format!(
+                "{url} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        ))
+    }
+}
+
+/// This process's open-file limit (soft).
+pub fn nofile_limit() -> Option<u64> {
+    // SAFETY: getrlimit with a valid rlimit struct.
+    unsafe {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0).then_some(rl.rlim_cur as u64)
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit; returns the limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return None;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                rl.rlim_cur = rl.rlim_max;
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+        Some(rl.rlim_cur as u64)
+    }
+}

@@ -1,0 +1,68 @@
+//! A small city against the real server, in-process: 200 drivers, 40 riders, 20 s.
+//! Trips must complete and no protocol error may occur (`--max-error-rate 0`).
+//!
+//! The server is the `--embedded` one: this test compiles loadgen's own
+//! `src/embedded.rs` (the server comes from the dev-dependency on dispatch-transport with
+//! its `server` feature), so `cargo test --workspace` runs it without `--features`.
+
+#[path = "../src/embedded.rs"]
+mod embedded;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use dispatch_loadgen::Args;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_city_completes_trips_without_protocol_errors() {
+    let server = embedded::EmbeddedServer::start(&[]).await.expect("server");
+    // The demand map beside the repository (CI has it at ../shared/data), else a disc.
+    let csv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/montreal_carshare_zones.csv");
+    let mut argv: Vec<String> = [
+        "loadgen",
+        "--url",
+        &server.url,
+        "--drivers",
+        "200",
+        "--riders",
+        "40",
+        "--duration",
+        "20s",
+        "--drain",
+        "5s",
+        "--ping-interval-ms",
+        "1000",
+        "--request-rate",
+        "4",
+        "--time-scale",
+        "30",
+        "--seed",
+        "7",
+        "--max-error-rate",
+        "0",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if csv.exists() {
+        argv.push("--demand-csv".into());
+        argv.push(csv.display().to_string());
+    } else {
+        eprintln!("{} not found: a uniform disc instead", csv.display());
+    }
+    let args = Args::parse_from(argv);
+    let t = Instant::now();
+    let out = dispatch_loadgen::run(args).await.expect("loadgen runs");
+    let r = &out.report;
+    eprintln!("loadgen took {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(r.clients.sessions_opened, 240, "{}", r.text());
+    assert!(r.trips.completed > 0, "no trip completed:\n{}", r.text());
+    assert_eq!(r.errors.unexpected, 0, "protocol errors:\n{}", r.text());
+    assert!(r.anomalies.is_empty(), "protocol anomalies:\n{}", r.text());
+    assert!(r.latency["request_to_offer"].count > 0, "{}", r.text());
+    assert!(r.passed && out.exit_code == 0, "{}", r.text());
+    server.stop().await.expect("clean stop");
+}
