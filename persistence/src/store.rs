@@ -239,6 +239,12 @@ impl Store {
                 db.flush().map_err(io)?;
             }
         }
+        // sled 0.34's flush() uses sync_file_range on Linux, which survives a process
+        // crash but not a power loss; the writer also fsyncs sled's data file.
+        let data_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Open {
+            dir: dir.to_owned(),
+            source: sled::Error::Io(e),
+        })?;
         let (tx, rx) = mpsc::channel::<Request>();
         let writer = {
             let db = db.clone();
@@ -246,7 +252,7 @@ impl Store {
             let dir = dir.to_owned();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || write_loop(db, trees, dir, rx, on_flush))
+                .spawn(move || write_loop(db, data_file, trees, dir, rx, on_flush))
                 .expect("spawn the store writer")
         };
         Ok(Store {
@@ -506,6 +512,7 @@ fn printable(k: &[u8]) -> String {
 
 fn write_loop(
     db: sled::Db,
+    data_file: std::fs::File,
     t: Trees,
     dir: PathBuf,
     rx: mpsc::Receiver<Request>,
@@ -519,7 +526,9 @@ fn write_loop(
         }
         let started = Instant::now();
         let ops: usize = group.iter().map(|r| r.batch.len()).sum();
-        let result = apply(&t, &group).and_then(|()| db.flush().map(|_| ()));
+        let result = apply(&t, &group)
+            .and_then(|()| db.flush().map(|_| ()))
+            .and_then(|()| data_file.sync_data().map_err(sled::Error::Io));
         if let Err(e) = &result {
             tracing::error!(dir = %dir.display(), error = %e, "store write failed");
         }
