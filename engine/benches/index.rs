@@ -3,6 +3,8 @@
 //!
 //! - `index/upsert_small_move/<n>`: an indexed driver moves ~8 m and stays in its cell:
 //!   the common location ping. One `CellDrivers::upsert`.
+//! - `index/ping_small_move/<n>`: the same plus `Grid::cell_of` of the new position, which
+//!   the driver's actor computes for every ping: the engine's whole share of a ping.
 //! - `index/cross_cell_move/<n>`: a driver crosses into the neighbouring cell:
 //!   `remove` from one `CellDrivers`, `upsert` into the other.
 //!
@@ -86,6 +88,23 @@ fn bench_small_move<M: Measurement>(c: &mut Criterion<M>) {
                 let step = if north[i] { -STEP_DEG } else { STEP_DEG };
                 north[i] = !north[i];
                 d.position = Point::new(d.position.lat() + step, d.position.lng()).unwrap();
+                index.upsert(black_box(d.clone()));
+            })
+        });
+        // The same, plus finding the ping's H3 cell (which the driver's actor does for
+        // every ping to know which cell to send it to): the engine's whole share of a ping.
+        let grid = grid();
+        group.bench_function(BenchmarkId::new("ping_small_move", n), |b| {
+            b.iter(|| {
+                let i = picks[j % PICKS];
+                j += 1;
+                let d = &mut drivers[i];
+                let step = if north[i] { -STEP_DEG } else { STEP_DEG };
+                north[i] = !north[i];
+                d.position = Point::new(d.position.lat() + step, d.position.lng()).unwrap();
+                let at = grid.cell_of(black_box(d.position));
+                debug_assert_eq!(at, cell);
+                black_box(at);
                 index.upsert(black_box(d.clone()));
             })
         });

@@ -8,11 +8,12 @@
 //!
 //! Cities (drivers uniform over a square around 45.53, -73.62; 70 % Economy, 20 % XL,
 //! 10 % Premium; 60 % available, the rest busy but indexed):
-//! - 10k drivers on 20 × 20 km (25 drivers/km², ~130 per cell);
-//! - 100k drivers on 20 × 20 km (250/km², ~1,300 per cell);
+//! - 10k drivers on 20 × 20 km (25 drivers/km², ~115 per occupied cell: 88 cells, some
+//!   of them cut by the square's edge);
+//! - 100k drivers on 20 × 20 km (250/km², ~1,140 per occupied cell);
 //! - 1M drivers on 63.2 × 63.2 km (4,000 km², the same 250/km² as 100k: a search only
 //!   touches the cells near its pickup, so this isolates the effect of the index's total
-//!   size, i.e. cache misses, from that of density).
+//!   size, i.e. cache misses, from that of density; 773 cells, ~1,290 drivers each).
 //!
 //! Pickups are uniform over the square less 2 km at each edge. Throughput is requests
 //! (searches) per second. Run with `cargo bench -p dispatch-engine --bench search`;
@@ -169,66 +170,6 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
             })
         });
 
-        if std::env::var("SCRATCH").is_ok() {
-            let p0 = city.pickups[0];
-            group.bench_function(BenchmarkId::new("scratch_hot_same_pickup", label(n)), |b| {
-                b.iter(|| {
-                    black_box(search_map(
-                        city.grid,
-                        &city.cells,
-                        black_box(p0),
-                        params,
-                        wanted,
-                    ))
-                })
-            });
-            let mut j = 0;
-            group.bench_function(BenchmarkId::new("scratch_cell_of", label(n)), |b| {
-                b.iter(|| {
-                    let p = city.pickups[j % PICKUPS];
-                    j += 1;
-                    black_box(city.grid.cell_of(p))
-                })
-            });
-            let mut j = 0;
-            group.bench_function(
-                BenchmarkId::new("scratch_ring1_min_distance_x6", label(n)),
-                |b| {
-                    b.iter(|| {
-                        let p = city.pickups[j % PICKUPS];
-                        j += 1;
-                        let o = city.grid.cell_of(p);
-                        let r = city.grid.ring(o, 1);
-                        black_box(
-                            r.iter()
-                                .map(|c| city.grid.min_distance_m(p, *c))
-                                .fold(f64::INFINITY, f64::min),
-                        )
-                    })
-                },
-            );
-            let mut j = 0;
-            group.bench_function(
-                BenchmarkId::new("scratch_origin_cell_nearest", label(n)),
-                |b| {
-                    b.iter(|| {
-                        let p = city.pickups[j % PICKUPS];
-                        j += 1;
-                        let o = city.grid.cell_of(p);
-                        black_box(city.cells[&o].nearest(p, 10, 5000.0, wanted))
-                    })
-                },
-            );
-            let p0c = city.grid.cell_of(p0);
-            group.bench_function(
-                BenchmarkId::new("scratch_origin_cell_nearest_hot", label(n)),
-                |b| {
-                    b.iter(|| {
-                        black_box(city.cells[&p0c].nearest(black_box(p0), 10, 5000.0, wanted))
-                    })
-                },
-            );
-        }
         let mut j = 0;
         group.bench_function(BenchmarkId::new("request_ranked", label(n)), |b| {
             b.iter(|| {
