@@ -19,7 +19,7 @@ use crate::rider::RiderArgs;
 use crate::supervisor::{Group, Spawn};
 use crate::system::System;
 use crate::trip::TripArgs;
-use crate::views::{OfferView, Quote, TripView};
+use crate::views::{OfferView, TripView};
 
 /// What recovery restored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,7 +130,7 @@ impl System {
         };
 
         for q in loaded.quotes {
-            reg.quotes.insert(q.quote_id.clone(), Quote::from_stored(q));
+            reg.quotes.insert(q.quote_id.clone(), q);
             stats.quotes += 1;
         }
 

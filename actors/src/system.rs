@@ -13,7 +13,7 @@ use dispatch_engine::{
     Point, Product, QuoteId, RateCards, RiderId, RiderProfile, RingSearch, SearchParams,
     SearchStats, StraightLineEta, TripId,
 };
-use dispatch_persistence::{Batch, Store, StoredDriver, StoredQuote, StoredRider};
+use dispatch_persistence::{Batch, Store, StoredDriver, StoredRider};
 use ractor::concurrency::oneshot;
 use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort};
 
@@ -126,40 +126,6 @@ impl DriverRecord {
             status: self.status.clone(),
             position: self.position,
             heading: self.heading,
-        }
-    }
-}
-
-impl Quote {
-    pub fn stored(&self) -> StoredQuote {
-        StoredQuote {
-            quote_id: self.quote_id.clone(),
-            rider_id: self.rider_id.clone(),
-            product: self.product,
-            pickup: self.pickup,
-            dropoff: self.dropoff,
-            fare_cents: self.fare_cents,
-            currency: self.currency.clone(),
-            surge: self.surge,
-            distance_m: self.distance_m,
-            duration_s: self.duration_s,
-            expires_at_ms: self.expires_at_ms,
-        }
-    }
-
-    pub fn from_stored(q: StoredQuote) -> Quote {
-        Quote {
-            quote_id: q.quote_id,
-            rider_id: q.rider_id,
-            product: q.product,
-            pickup: q.pickup,
-            dropoff: q.dropoff,
-            fare_cents: q.fare_cents,
-            currency: q.currency,
-            surge: q.surge,
-            distance_m: q.distance_m,
-            duration_s: q.duration_s,
-            expires_at_ms: q.expires_at_ms,
         }
     }
 }
@@ -364,7 +330,7 @@ impl System {
     ) -> Result<Quote, ApiError> {
         let quote = self.price(rider_id, pickup, dropoff, product);
         self.store
-            .commit(Batch::new().quote(quote.stored()))
+            .commit(Batch::new().quote(quote.clone()))
             .await
             .map_err(unavailable)?;
         self.registry

@@ -1,9 +1,7 @@
 //! Plain-data views of the live state, handed to the transport to render and to new
 //! sessions in `welcome`. No JSON here: the transport owns the wire format.
 
-use dispatch_engine::{
-    CancelledBy, DriverId, Point, Product, QuoteId, RiderId, Trip, TripId, TripState,
-};
+use dispatch_engine::{CancelledBy, DriverId, Point, Product, RiderId, Trip, TripId, TripState};
 pub use dispatch_engine::{DriverProfile, RiderProfile, TripDriver, Vehicle};
 
 /// The trip object of PROTOCOL.md.
@@ -108,18 +106,5 @@ pub struct NearbyDriver {
     pub distance_m: u64,
 }
 
-/// A stored upfront quote.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Quote {
-    pub quote_id: QuoteId,
-    pub rider_id: RiderId,
-    pub product: Product,
-    pub pickup: Point,
-    pub dropoff: Point,
-    pub fare_cents: i64,
-    pub currency: String,
-    pub surge: f64,
-    pub distance_m: u64,
-    pub duration_s: u64,
-    pub expires_at_ms: u64,
-}
+/// An upfront quote, live and stored alike (the store's shape serves both).
+pub use dispatch_persistence::StoredQuote as Quote;
