@@ -365,12 +365,7 @@ impl Store {
                 dir: self.dir.clone(),
                 source: e,
             })?;
-            let value = codec::decode(&v).map_err(|source| StoreError::Corrupt {
-                tree: name,
-                key: printable(&k),
-                dir: self.dir.clone(),
-                source,
-            })?;
+            let value = self.decode(name, &k, &v)?;
             out.push(value);
         }
         Ok(out)
@@ -391,12 +386,7 @@ impl Store {
                     dir: self.dir.clone(),
                     source: e,
                 })?;
-                let e: JournalEntry = codec::decode(&v).map_err(|source| StoreError::Corrupt {
-                    tree: "journal",
-                    key: printable(&k),
-                    dir: self.dir.clone(),
-                    source,
-                })?;
+                let e: JournalEntry = self.decode("journal", &k, &v)?;
                 Some(e.trip)
             }
         };
@@ -422,12 +412,7 @@ impl Store {
                 dir: self.dir.clone(),
                 source: e,
             })?;
-            let e: JournalEntry = codec::decode(&v).map_err(|source| StoreError::Corrupt {
-                tree: "journal",
-                key: printable(&k),
-                dir: self.dir.clone(),
-                source,
-            })?;
+            let e: JournalEntry = self.decode("journal", &k, &v)?;
             out.push(e.transition);
         }
         Ok(out)
@@ -444,15 +429,23 @@ impl Store {
             source: e,
         })? {
             None => Ok(None),
-            Some(v) => codec::decode(&v)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt {
-                    tree: name,
-                    key: printable(key),
-                    dir: self.dir.clone(),
-                    source,
-                }),
+            Some(v) => self.decode(name, key, &v).map(Some),
         }
+    }
+
+    /// Decodes one stored value, naming the record if it cannot be read.
+    fn decode<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<T, StoreError> {
+        codec::decode(value).map_err(|source| StoreError::Corrupt {
+            tree,
+            key: printable(key),
+            dir: self.dir.clone(),
+            source,
+        })
     }
 
     /// Waits for every write queued so far to be on disk.
