@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -649,4 +651,37 @@ pub fn dispatchd_bin() -> PathBuf {
         .and_then(|p| p.parent())
         .expect("target/<profile>/deps");
     dir.join("dispatchd")
+}
+
+/// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
+/// the code under test (a no-op when it is fresh); run bare, it must already exist.
+pub fn built_dispatchd() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let bin = dispatchd_bin();
+    BUILT.get_or_init(|| {
+        let Ok(cargo) = std::env::var("CARGO") else {
+            return;
+        };
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "dispatch-transport", "--bin", "dispatchd"]);
+        if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "`cargo build -p dispatch-transport --bin dispatchd` failed"
+        );
+    });
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo build -p dispatch-transport --bin dispatchd` \
+         (`cargo test --workspace` builds it too)",
+        bin.display()
+    );
+    bin
 }

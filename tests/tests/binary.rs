@@ -4,43 +4,14 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use dispatch_tests::{Client, WAIT, dispatchd_bin};
+use dispatch_tests::{Client, WAIT};
 use serde_json::{Value, json};
 
-/// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
-/// the code under test (a no-op when it is fresh); run bare, it must already exist.
+/// The `dispatchd` binary, built first when under cargo.
 fn binary() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let bin = dispatchd_bin();
-    BUILT.get_or_init(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
-        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "dispatch-transport", "--bin", "dispatchd"]);
-        if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(
-            status.success(),
-            "`cargo build -p dispatch-transport --bin dispatchd` failed"
-        );
-    });
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it with `cargo build -p dispatch-transport --bin dispatchd` \
-         (`cargo test --workspace` builds it too)",
-        bin.display()
-    );
-    bin
+    dispatch_tests::built_dispatchd()
 }
 
 /// A free port on 127.0.0.1 (bound, then released for the child to take).

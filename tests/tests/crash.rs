@@ -26,10 +26,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dispatch_tests::{Client, WAIT, dispatchd_bin, now_ms, rfc3339_ms, trip_of};
+use dispatch_tests::{Client, WAIT, now_ms, rfc3339_ms, trip_of};
 use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, Trip, TripState};
 use futures_util::future::join_all;
 use futures_util::{SinkExt, StreamExt};
@@ -52,36 +52,9 @@ const SLOW: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------
 // The binary as a child process
 
-/// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
-/// the code under test (a no-op when it is fresh); run bare, it must already exist.
+/// The `dispatchd` binary, built first when under cargo.
 fn binary() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let bin = dispatchd_bin();
-    BUILT.get_or_init(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
-        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "dispatch-transport", "--bin", "dispatchd"]);
-        if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(
-            status.success(),
-            "`cargo build -p dispatch-transport --bin dispatchd` failed"
-        );
-    });
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it with `cargo build -p dispatch-transport --bin dispatchd`",
-        bin.display()
-    );
-    bin
+    dispatch_tests::built_dispatchd()
 }
 
 /// A free port on 127.0.0.1 (bound, then released for the child to take).
