@@ -50,6 +50,20 @@ pub enum CellMsg {
     InjectPanic,
 }
 
+impl CellMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CellMsg::Upsert { ping: true, .. } => "location",
+            CellMsg::Upsert { ping: false, .. } => "upsert",
+            CellMsg::Remove(_) => "remove",
+            CellMsg::Query { .. } => "query",
+            CellMsg::Count(_) => "count",
+            CellMsg::InjectPanic => "inject_panic",
+        }
+    }
+}
+
 pub struct CellActor {
     pub system: System,
 }
@@ -99,6 +113,19 @@ impl Actor for CellActor {
     }
 
     async fn handle(
+        &self,
+        _myself: ActorRef<CellMsg>,
+        msg: CellMsg,
+        state: &mut CellState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _handling = self.system.metrics.handling("cell", msg.kind());
+        self.handle_msg(_myself, msg, state).await
+    }
+}
+
+impl CellActor {
+    /// One message: what `Actor::handle` does, timed and counted by the caller.
+    async fn handle_msg(
         &self,
         _myself: ActorRef<CellMsg>,
         msg: CellMsg,

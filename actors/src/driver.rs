@@ -3,6 +3,7 @@
 //! Every message the driver's app receives passes through here, in order.
 
 use std::time::Duration;
+use tracing::Instrument;
 
 use dispatch_engine::{
     CellId, DriverState, DriverStatus, IndexedDriver, Point, TripCommand, TripId,
@@ -86,8 +87,47 @@ pub enum DriverMsg {
     /// updates the trip sent before.
     Failed(Responder, ApiError),
     Get(RpcReplyPort<DriverRecord>),
+    /// An operator suspends (`true`) or reinstates (`false`) the driver; replies once the
+    /// change is durable, with the driver as it is then.
+    Suspend(bool, RpcReplyPort<Result<DriverRecord, ApiError>>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
+}
+
+impl DriverCommand {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverCommand::GoOnline => "go_online",
+            DriverCommand::GoOffline => "go_offline",
+            DriverCommand::Location { .. } => "location",
+            DriverCommand::Accept(_) => "accept",
+            DriverCommand::Decline(_) => "decline",
+            DriverCommand::Arrived(_) => "arrived",
+            DriverCommand::StartTrip(_) => "start_trip",
+            DriverCommand::CompleteTrip(_) => "complete_trip",
+            DriverCommand::CancelTrip { .. } => "cancel_trip",
+        }
+    }
+}
+
+impl DriverMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverMsg::Attach(..) => "attach",
+            DriverMsg::Detach { .. } => "detach",
+            DriverMsg::GraceExpired { .. } => "grace_expired",
+            DriverMsg::Command(c, _) => c.kind(),
+            DriverMsg::ReserveOffer(..) => "reserve_offer",
+            DriverMsg::OfferEnded { .. } => "offer_ended",
+            DriverMsg::Trip { .. } => "trip_update",
+            DriverMsg::Reindex => "reindex",
+            DriverMsg::Failed(..) => "failed",
+            DriverMsg::Get(_) => "get",
+            DriverMsg::Suspend(..) => "suspend",
+            DriverMsg::InjectPanic => "inject_panic",
+        }
+    }
 }
 
 pub struct DriverActor {
@@ -327,6 +367,50 @@ impl DriverActor {
         }
     }
 
+    /// An operator's suspension (or its end). A driver that is offered or on a trip is
+    /// refused (`conflict`): nobody is left mid-trip. Durable before it answers; the app
+    /// is sent a fresh `welcome` showing the new status.
+    async fn suspend(
+        &self,
+        s: &mut DriverActorState,
+        suspend: bool,
+    ) -> Result<DriverRecord, ApiError> {
+        let before = s.st.clone();
+        if suspend {
+            s.st.suspend().map_err(|e| {
+                ApiError::conflict(format!("{e}; cancel its trip first or wait until it ends"))
+            })?;
+        } else {
+            s.st.unsuspend();
+        }
+        if s.st != before {
+            s.offline_when_free = false;
+            if suspend && let Some(offer) = s.rec.offer.take() {
+                // Cannot happen (an offered driver is refused above); keep the record true.
+                self.system.metrics.invariant(
+                    "suspend_offered",
+                    &format!("{} {}", s.rec.id, offer.trip_id),
+                );
+            }
+            self.reindex(s, false).await;
+            self.commit(s);
+            if let Err(e) = self.system.store.sync().await {
+                tracing::error!(driver_id = %s.rec.id, error = %e, "suspension not stored");
+                s.st = before;
+                self.reindex(s, false).await;
+                self.commit(s);
+                return Err(ApiError::unavailable(
+                    "the change could not be stored; retry",
+                ));
+            }
+            tracing::info!(driver_id = %s.rec.id, status = s.st.status().as_str(), "driver suspension changed by an operator");
+            self.send(s, self.welcome(s));
+        }
+        let mut rec = s.rec.clone();
+        rec.status = s.st.status().clone();
+        Ok(rec)
+    }
+
     /// Brings the driver's status in line with a trip's word on it.
     fn follow_trip(&self, s: &mut DriverActorState, view: &TripView, link: TripLink) {
         let id = &view.trip_id;
@@ -407,6 +491,20 @@ impl Actor for DriverActor {
     }
 
     async fn handle(
+        &self,
+        myself: ActorRef<DriverMsg>,
+        msg: DriverMsg,
+        s: &mut DriverActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _handling = self.system.metrics.handling("driver", msg.kind());
+        let span = tracing::info_span!("driver", driver_id = %s.rec.id);
+        self.handle_msg(myself, msg, s).instrument(span).await
+    }
+}
+
+impl DriverActor {
+    /// One message: what `Actor::handle` does, timed and counted by the caller.
+    async fn handle_msg(
         &self,
         myself: ActorRef<DriverMsg>,
         msg: DriverMsg,
@@ -513,6 +611,9 @@ impl Actor for DriverActor {
                 let mut rec = s.rec.clone();
                 rec.status = s.st.status().clone();
                 let _ = reply.send(rec);
+            }
+            DriverMsg::Suspend(suspend, reply) => {
+                let _ = reply.send(self.suspend(s, suspend).await);
             }
             DriverMsg::InjectPanic => panic!("injected fault in driver {}", s.rec.id),
         }

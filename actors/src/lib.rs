@@ -19,6 +19,7 @@
 // would add an allocation per message and save nothing.
 #![allow(clippy::large_enum_variant)]
 
+pub mod admin;
 pub mod cell;
 pub mod clock;
 pub mod driver;

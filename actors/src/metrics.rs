@@ -1,11 +1,55 @@
 //! Prometheus metrics of the live system. No label takes one value per driver, rider,
 //! trip or cell: labels are groups, kinds, codes and states.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::error::ErrorCode;
+
+/// The actor groups metrics are labelled with: the four ractor groups and the WebSocket
+/// sessions (tokio tasks, counted as a group of their own).
+pub const GROUPS: [&str; 5] = ["driver", "rider", "trip", "cell", "session"];
+
+/// Index of a group in [`GROUPS`].
+fn group_index(group: &str) -> usize {
+    GROUPS
+        .iter()
+        .position(|g| *g == group)
+        .expect("a known actor group")
+}
+
+/// Closed label sets, pre-initialised so every series exists from the first scrape
+/// (a `rate()` over a series that appears late misses its first increments).
+const TRIP_STATES: [&str; 7] = [
+    "dispatching",
+    "driver_assigned",
+    "driver_arrived",
+    "in_progress",
+    "completed",
+    "cancelled",
+    "no_driver_found",
+];
+const FINAL_STATES: [&str; 3] = ["completed", "cancelled", "no_driver_found"];
+const LIVE_STATES: [&str; 4] = [
+    "dispatching",
+    "driver_assigned",
+    "driver_arrived",
+    "in_progress",
+];
+pub const OFFER_OUTCOMES: [&str; 6] = [
+    "sent",
+    "refused",
+    "accepted",
+    "declined",
+    "expired",
+    "withdrawn",
+];
+pub const DRIVER_STATUSES: [&str; 5] = ["offline", "available", "offered", "on_trip", "suspended"];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -26,6 +70,63 @@ pub struct Metrics {
     pub invariant_violations: IntCounterVec,
     pub store_flush: Histogram,
     pub store_flush_batches: Histogram,
+    pub request_to_accept: Histogram,
+    pub pickup_eta: Histogram,
+    pub actors_started: IntCounterVec,
+    pub actors_stopped: IntCounterVec,
+    pub actor_panics: IntCounterVec,
+    pub actor_messages: IntCounterVec,
+    pub actor_handling: HistogramVec,
+    /// `actor_handling` per group, resolved once (the hot path skips the label lookup).
+    handling_by_group: Vec<Histogram>,
+    pub mailbox_backlog: IntGaugeVec,
+    pub drivers: IntGaugeVec,
+    pub trips_active: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+    pub start_time: IntGauge,
+    pub ready: IntGauge,
+    /// A handler slower than this is logged (ms; `--slow-handler-ms`).
+    slow_handler_ms: AtomicU64,
+}
+
+/// Times one message's handling; counts it, and a panic, when dropped. A panic inside
+/// the handler unwinds through this guard, so `std::thread::panicking` sees it.
+pub struct Handling<'a> {
+    metrics: &'a Metrics,
+    group: usize,
+    kind: &'static str,
+    start: Instant,
+}
+
+impl Handling<'_> {
+    /// The message's kind, once it is known (a session learns it after decoding).
+    pub fn kind(&mut self, kind: &'static str) {
+        self.kind = kind;
+    }
+}
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        let group = GROUPS[self.group];
+        let elapsed = self.start.elapsed();
+        m.handling_by_group[self.group].observe(elapsed.as_secs_f64());
+        m.actor_messages
+            .with_label_values(&[group, self.kind])
+            .inc();
+        if std::thread::panicking() {
+            m.actor_panics.with_label_values(&[group]).inc();
+        }
+        let ms = elapsed.as_millis() as u64;
+        if ms >= m.slow_handler_ms.load(Ordering::Relaxed) {
+            tracing::warn!(
+                group,
+                kind = self.kind,
+                elapsed_ms = ms,
+                "slow actor handler"
+            );
+        }
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -40,7 +141,22 @@ impl Metrics {
         let latency_buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ];
-        Self {
+        let handling = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "dispatch_actor_handling_seconds",
+                    "Time to handle one message, by actor group",
+                )
+                .buckets(vec![
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                    0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]),
+                &["group"],
+            )
+            .unwrap(),
+        );
+        let m = Self {
             search_requests: reg(
                 &r,
                 IntCounter::new(
@@ -195,8 +311,202 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            request_to_accept: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_request_to_accept_seconds",
+                        "From ride request to a driver's accept",
+                    )
+                    .buckets(vec![
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            pickup_eta: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_pickup_eta_seconds",
+                        "Estimated pickup time when a driver is assigned",
+                    )
+                    .buckets(vec![
+                        30.0, 60.0, 120.0, 180.0, 300.0, 420.0, 600.0, 900.0, 1200.0, 1800.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            actors_started: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_actors_started_total",
+                        "Actors (and sessions) started, restarts included",
+                    ),
+                    &["group"],
+                )
+                .unwrap(),
+            ),
+            actors_stopped: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_actors_stopped_total",
+                        "Actors (and sessions) stopped, failures included",
+                    ),
+                    &["group"],
+                )
+                .unwrap(),
+            ),
+            actor_panics: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_actor_panics_total",
+                        "Message handlers that panicked",
+                    ),
+                    &["group"],
+                )
+                .unwrap(),
+            ),
+            actor_messages: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_actor_messages_total",
+                        "Messages handled by actor group and message kind",
+                    ),
+                    &["group", "kind"],
+                )
+                .unwrap(),
+            ),
+            actor_handling: handling.clone(),
+            handling_by_group: GROUPS
+                .iter()
+                .map(|g| handling.with_label_values(&[g]))
+                .collect(),
+            mailbox_backlog: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "dispatch_mailbox_backlog_messages",
+                        "Messages queued and not yet handled, where measurable (session: queued for clients)",
+                    ),
+                    &["group"],
+                )
+                .unwrap(),
+            ),
+            drivers: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("dispatch_drivers", "Registered drivers by status"),
+                    &["status"],
+                )
+                .unwrap(),
+            ),
+            trips_active: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("dispatch_trips_active", "Live trips by state"),
+                    &["state"],
+                )
+                .unwrap(),
+            ),
+            build_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("dispatch_build_info", "The running build; always 1"),
+                    &["version"],
+                )
+                .unwrap(),
+            ),
+            start_time: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_start_time_seconds",
+                    "When the process started, Unix seconds",
+                )
+                .unwrap(),
+            ),
+            ready: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_ready",
+                    "1 once recovery is done and clients are served, else 0",
+                )
+                .unwrap(),
+            ),
+            slow_handler_ms: AtomicU64::new(250),
             registry: r,
+        };
+        m.init_series();
+        m
+    }
+
+    /// Creates every series of the closed label sets at zero.
+    fn init_series(&self) {
+        for g in GROUPS {
+            self.actors_alive.with_label_values(&[g]);
+            self.actors_started.with_label_values(&[g]);
+            self.actors_stopped.with_label_values(&[g]);
+            self.actor_restarts.with_label_values(&[g]);
+            self.actor_panics.with_label_values(&[g]);
         }
+        self.mailbox_backlog.with_label_values(&["session"]);
+        for s in FINAL_STATES {
+            self.trips_final.with_label_values(&[s]);
+        }
+        for s in TRIP_STATES {
+            self.trip_transitions.with_label_values(&[s]);
+        }
+        for s in LIVE_STATES {
+            self.trips_active.with_label_values(&[s]);
+        }
+        for o in OFFER_OUTCOMES {
+            self.offers.with_label_values(&[o]);
+        }
+        for s in DRIVER_STATUSES {
+            self.drivers.with_label_values(&[s]);
+        }
+        for c in ErrorCode::ALL {
+            self.rejected.with_label_values(&[c.as_str()]);
+        }
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.start_time.set(now);
+    }
+
+    /// Starts timing one message of `group` (one of [`GROUPS`]).
+    pub fn handling(&self, group: &'static str, kind: &'static str) -> Handling<'_> {
+        Handling {
+            metrics: self,
+            group: group_index(group),
+            kind,
+            start: Instant::now(),
+        }
+    }
+
+    /// Handlers slower than this are logged with their group and message kind.
+    pub fn set_slow_handler_ms(&self, ms: u64) {
+        self.slow_handler_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// An actor or session of `group` started.
+    pub fn started(&self, group: &str) {
+        self.actors_started.with_label_values(&[group]).inc();
+        self.actors_alive.with_label_values(&[group]).inc();
+    }
+
+    /// An actor or session of `group` stopped (for any reason).
+    pub fn stopped(&self, group: &str) {
+        self.actors_stopped.with_label_values(&[group]).inc();
+        self.actors_alive.with_label_values(&[group]).dec();
     }
 
     pub fn rejected(&self, code: ErrorCode) {

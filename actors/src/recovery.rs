@@ -58,6 +58,13 @@ impl System {
             .await
             .expect("the load task does not panic")?;
         let load_ms = started.elapsed().as_millis() as u64;
+        let store = self.store.clone();
+        if let Some(p) = tokio::task::spawn_blocking(move || store.pricing())
+            .await
+            .expect("the pricing read does not panic")?
+        {
+            self.replace_rates(crate::admin::cards(&self.config.rates.currency, &p));
+        }
         let now = self.clock.now_ms();
         let cfg = self.config.dispatch;
         let reg = &self.registry;

@@ -8,6 +8,7 @@ use dispatch_engine::{
 };
 use dispatch_persistence::{Batch, StoredTrip, Transition};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::registry::{RiderRecord, TripRecord};
@@ -66,6 +67,24 @@ pub enum RiderMsg {
     Get(RpcReplyPort<RiderRecord>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
+}
+
+impl RiderMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RiderMsg::Attach(..) => "attach",
+            RiderMsg::Detach { .. } => "detach",
+            RiderMsg::RequestRide(..) => "request_ride",
+            RiderMsg::CancelRide { .. } => "cancel_ride",
+            RiderMsg::Location(..) => "location",
+            RiderMsg::Trip { .. } => "trip_update",
+            RiderMsg::DriverLocation { .. } => "driver_location",
+            RiderMsg::Failed(..) => "failed",
+            RiderMsg::Get(_) => "get",
+            RiderMsg::InjectPanic => "inject_panic",
+        }
+    }
 }
 
 pub struct RiderActor {
@@ -277,6 +296,20 @@ impl Actor for RiderActor {
     }
 
     async fn handle(
+        &self,
+        _myself: ActorRef<RiderMsg>,
+        msg: RiderMsg,
+        s: &mut RiderActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _handling = self.system.metrics.handling("rider", msg.kind());
+        let span = tracing::info_span!("rider", rider_id = %s.rec.id);
+        self.handle_msg(_myself, msg, s).instrument(span).await
+    }
+}
+
+impl RiderActor {
+    /// One message: what `Actor::handle` does, timed and counted by the caller.
+    async fn handle_msg(
         &self,
         _myself: ActorRef<RiderMsg>,
         msg: RiderMsg,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use dispatch_engine::TripId;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
@@ -160,6 +160,11 @@ impl SessionHandle {
         wait_closed(&self.close).await
     }
 
+    /// Messages queued for the app and not yet taken by its writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed() || self.close.closed.load(Ordering::Acquire)
     }
@@ -171,6 +176,8 @@ impl SessionHandle {
 pub struct Responder {
     req: Option<u64>,
     session: Option<SessionHandle>,
+    /// For callers that are not sessions (the admin console): the outcome, once.
+    channel: Option<oneshot::Sender<Result<(), ApiError>>>,
 }
 
 impl Responder {
@@ -178,14 +185,36 @@ impl Responder {
         Self {
             req,
             session: Some(session),
+            channel: None,
         }
     }
 
-    /// A responder that answers nobody (for commands from timers, admins, tests).
+    /// A responder that answers nobody (for commands from timers, tests).
     pub fn none() -> Self {
         Self {
             req: None,
             session: None,
+            channel: None,
+        }
+    }
+
+    /// A responder whose answer arrives on the returned receiver: `Ok` on success, the
+    /// error on failure, and `internal` if it is dropped unanswered.
+    pub fn channel() -> (Self, oneshot::Receiver<Result<(), ApiError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                req: None,
+                session: None,
+                channel: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    fn settle(&mut self, outcome: Result<(), ApiError>) {
+        if let Some(tx) = self.channel.take() {
+            let _ = tx.send(outcome);
         }
     }
 
@@ -195,6 +224,7 @@ impl Responder {
 
     /// Success: `ack` when the message carried a `req`, else nothing.
     pub fn ack(mut self) {
+        self.settle(Ok(()));
         if let (Some(req), Some(s)) = (self.req, self.session.take()) {
             s.send(Outbound::Ack { req });
         }
@@ -202,6 +232,7 @@ impl Responder {
 
     /// Success answered with a trip (`request_ride`): always sent, carrying the `req` if any.
     pub fn trip(mut self, trip: TripView) {
+        self.settle(Ok(()));
         if let Some(s) = self.session.take() {
             s.send(Outbound::TripUpdate {
                 req: self.req,
@@ -212,6 +243,7 @@ impl Responder {
 
     /// Failure: always sent, carrying the `req` if any.
     pub fn fail(mut self, error: ApiError) {
+        self.settle(Err(error.clone()));
         if let Some(s) = self.session.take() {
             s.metrics.rejected(error.code);
             s.send(Outbound::Error {
@@ -224,6 +256,10 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
+        self.settle(Err(ApiError::new(
+            ErrorCode::Internal,
+            "the request was lost; retry it",
+        )));
         if let (Some(req), Some(s)) = (self.req, self.session.take()) {
             s.metrics.rejected(ErrorCode::Internal);
             s.send(Outbound::Error {

@@ -223,11 +223,7 @@ impl Actor for Supervisor {
                         .insert(cell.get_id(), entity.clone())
                         .is_none()
                 {
-                    self.system
-                        .metrics
-                        .actors_alive
-                        .with_label_values(&[self.group.as_str()])
-                        .inc();
+                    self.system.metrics.started(self.group.as_str());
                 }
                 let _ = reply.send(res.map(|(_, c)| c));
             }
@@ -236,19 +232,16 @@ impl Actor for Supervisor {
                 for spawn in spawns {
                     match self.start_child(&myself, spawn, true).await {
                         Ok((entity, cell)) => {
-                            state.children.insert(cell.get_id(), entity);
-                            started += 1;
+                            if state.children.insert(cell.get_id(), entity).is_none() {
+                                self.system.metrics.started(self.group.as_str());
+                                started += 1;
+                            }
                         }
                         Err(e) => {
                             tracing::error!(group = self.group.as_str(), error = %e, "spawn failed")
                         }
                     }
                 }
-                self.system
-                    .metrics
-                    .actors_alive
-                    .with_label_values(&[self.group.as_str()])
-                    .add(started as i64);
                 let _ = reply.send(started);
             }
             SupervisorMsg::Count(reply) => {
@@ -268,11 +261,7 @@ impl Actor for Supervisor {
         match evt {
             SupervisionEvent::ActorTerminated(who, _, _) => {
                 if let Some(entity) = state.children.remove(&who.get_id()) {
-                    self.system
-                        .metrics
-                        .actors_alive
-                        .with_label_values(&[group])
-                        .dec();
+                    self.system.metrics.stopped(group);
                     self.forget(&entity, who.get_id());
                 }
             }
@@ -280,11 +269,7 @@ impl Actor for Supervisor {
                 let Some(entity) = state.children.remove(&who.get_id()) else {
                     return Ok(());
                 };
-                self.system
-                    .metrics
-                    .actors_alive
-                    .with_label_values(&[group])
-                    .dec();
+                self.system.metrics.stopped(group);
                 self.forget(&entity, who.get_id());
                 tracing::error!(group, entity = ?entity, error = %err, "actor failed; restarting from its last snapshot");
                 self.system
@@ -299,12 +284,9 @@ impl Actor for Supervisor {
                 if let Some(spec) = spec {
                     match self.start_child(&myself, spec, false).await {
                         Ok((entity, cell)) => {
-                            state.children.insert(cell.get_id(), entity);
-                            self.system
-                                .metrics
-                                .actors_alive
-                                .with_label_values(&[group])
-                                .inc();
+                            if state.children.insert(cell.get_id(), entity).is_none() {
+                                self.system.metrics.started(group);
+                            }
                         }
                         Err(e) => {
                             tracing::error!(group, entity = ?entity, error = %e, "restart failed")

@@ -83,6 +83,9 @@ pub struct Inner {
     pub moved: DashMap<DriverId, ()>,
     supervisors: OnceLock<[ActorRef<SupervisorMsg>; 4]>,
     next_session: AtomicU64,
+    /// The prices new quotes are made with: `config.rates` until an operator changes
+    /// them (`System::set_pricing`).
+    rates: std::sync::RwLock<Arc<RateCards>>,
 }
 
 /// A cheap, cloneable handle to the running system.
@@ -139,7 +142,6 @@ impl System {
         store: Arc<Store>,
     ) -> Result<System, ApiError> {
         let sys = System(Arc::new(Inner {
-            config,
             registry: Registry::default(),
             store,
             metrics,
@@ -147,6 +149,8 @@ impl System {
             moved: DashMap::new(),
             supervisors: OnceLock::new(),
             next_session: AtomicU64::new(1),
+            rates: std::sync::RwLock::new(Arc::new(config.rates.clone())),
+            config,
         }));
         let mut sups = Vec::new();
         for group in Group::ALL {
@@ -166,6 +170,15 @@ impl System {
             sups.try_into().map_err(|_| ApiError::internal())?;
         let _ = sys.supervisors.set(sups);
         Ok(sys)
+    }
+
+    /// The rate cards new quotes are priced with.
+    pub fn rates(&self) -> Arc<RateCards> {
+        self.rates.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn replace_rates(&self, rates: RateCards) {
+        *self.rates.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rates);
     }
 
     pub fn downgrade(&self) -> WeakSystem {
@@ -349,7 +362,7 @@ impl System {
     ) -> Quote {
         let now = self.clock.now_ms();
         let route = self.config.eta.estimate(pickup, dropoff);
-        let fare = self.config.rates.quote(product, route, 1.0);
+        let fare = self.rates().quote(product, route, 1.0);
         Quote {
             quote_id: QuoteId::with_suffix(&random_suffix()),
             rider_id,

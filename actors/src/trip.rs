@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use dispatch_engine::trip::OfferEnd;
 use dispatch_engine::{DriverId, Point, TripCommand, TripEffect, TripState};
@@ -50,6 +51,18 @@ pub enum TripMsg {
     Get(RpcReplyPort<TripRecord>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
+}
+
+impl TripMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TripMsg::Command { cmd, .. } => cmd.kind(),
+            TripMsg::DriverLocation { .. } => "driver_location",
+            TripMsg::Get(_) => "get",
+            TripMsg::InjectPanic => "inject_panic",
+        }
+    }
 }
 
 pub struct TripActor {
@@ -243,6 +256,12 @@ impl TripActor {
         }
         if assigned.is_some() {
             m.offers.with_label_values(&["accepted"]).inc();
+            let now = self.system.clock.now_ms();
+            let waited = now.saturating_sub(s.rec.trip.created_at_ms);
+            m.request_to_accept.observe(waited as f64 / 1000.0);
+            if let Some(eta) = view.pickup_eta_s {
+                m.pickup_eta.observe(eta as f64);
+            }
         }
 
         // 3. The transition, to the rider and to the driver(s).
@@ -482,6 +501,21 @@ impl Actor for TripActor {
     }
 
     async fn handle(
+        &self,
+        myself: ActorRef<TripMsg>,
+        msg: TripMsg,
+        s: &mut TripActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _handling = self.system.metrics.handling("trip", msg.kind());
+        let span =
+            tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
+        self.handle_msg(myself, msg, s).instrument(span).await
+    }
+}
+
+impl TripActor {
+    /// One message: what `Actor::handle` does, timed and counted by the caller.
+    async fn handle_msg(
         &self,
         myself: ActorRef<TripMsg>,
         msg: TripMsg,

@@ -224,6 +224,10 @@ fn restarts(sys: &System, group: &str) -> u64 {
     sys.metrics.actor_restarts.with_label_values(&[group]).get()
 }
 
+fn panics(sys: &System, group: &str) -> u64 {
+    sys.metrics.actor_panics.with_label_values(&[group]).get()
+}
+
 /// Drives an accepted trip to `completed` and checks both apps saw each step.
 async fn finish_ride(
     sys: &System,
@@ -295,6 +299,23 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
         restarts(&sys, "driver") + restarts(&sys, "rider") + restarts(&sys, "cell"),
         0
     );
+    // The panic was counted where it happened, and every group's message counters moved.
+    assert_eq!(panics(&sys, "trip"), 1);
+    assert_eq!(
+        panics(&sys, "driver") + panics(&sys, "rider") + panics(&sys, "cell"),
+        0
+    );
+    let stats = sys.actor_stats();
+    for g in ["driver", "rider", "trip", "cell"] {
+        let s = stats.iter().find(|s| s.group == g).unwrap();
+        assert!(s.messages > 0 && s.started > 0, "{g}: {s:?}");
+        assert!(
+            s.handling_p99_ms >= 0.0 && s.handling_mean_ms > 0.0,
+            "{g}: {s:?}"
+        );
+    }
+    let trip = stats.iter().find(|s| s.group == "trip").unwrap();
+    assert_eq!((trip.restarts, trip.panics), (1, 1));
     sys.shutdown().await;
 }
 

@@ -205,6 +205,25 @@ pub enum TripCommand {
     },
 }
 
+impl TripCommand {
+    /// The command's name (a metrics label, a log field).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TripCommand::Candidates(_) => "candidates",
+            TripCommand::OfferRefused { .. } => "offer_refused",
+            TripCommand::Accept { .. } => "accept",
+            TripCommand::Decline { .. } => "decline",
+            TripCommand::OfferTimeout { .. } => "offer_timeout",
+            TripCommand::DeadlineReached => "deadline_reached",
+            TripCommand::Arrived { .. } => "arrived",
+            TripCommand::Start { .. } => "start",
+            TripCommand::Complete { .. } => "complete",
+            TripCommand::DriverCancel { .. } => "driver_cancel",
+            TripCommand::Cancel { .. } => "cancel",
+        }
+    }
+}
+
 /// What the caller must carry out, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TripEffect {

@@ -13,5 +13,7 @@ pub mod records;
 pub mod store;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
-pub use records::{JournalEntry, StoredDriver, StoredQuote, StoredRider, StoredTrip, Transition};
+pub use records::{
+    JournalEntry, StoredDriver, StoredPricing, StoredQuote, StoredRider, StoredTrip, Transition,
+};
 pub use store::{Batch, FlushStats, Loaded, Store, StoreError, journal_key};

@@ -3,8 +3,8 @@
 
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
-    DriverId, DriverProfile, DriverStatus, Point, Product, QuoteId, RiderId, RiderProfile, Trip,
-    TripDriver, TripState,
+    DriverId, DriverProfile, DriverStatus, Point, Product, QuoteId, RateCard, RiderId,
+    RiderProfile, Trip, TripDriver, TripState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,15 @@ pub struct StoredRider {
 pub struct StoredTrip {
     pub trip: Trip,
     pub driver: Option<TripDriver>,
+}
+
+/// `meta/pricing`: the rate cards an operator set at run time (`PUT /admin/pricing`).
+/// The currency is not stored: it is the server's `--currency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPricing {
+    pub economy: RateCard,
+    pub xl: RateCard,
+    pub premium: RateCard,
 }
 
 /// One transition of a trip.

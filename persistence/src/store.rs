@@ -19,8 +19,11 @@ use tokio::sync::oneshot;
 
 use crate::codec::{self, CodecError};
 use crate::records::{
-    JournalEntry, StoredDriver, StoredQuote, StoredRider, StoredTrip, Transition,
+    JournalEntry, StoredDriver, StoredPricing, StoredQuote, StoredRider, StoredTrip, Transition,
 };
+
+/// `meta` key of the operator's pricing.
+const PRICING_KEY: &[u8] = b"pricing";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,6 +66,7 @@ enum Op {
     Journal(JournalEntry),
     Quote(StoredQuote),
     DeleteQuote(QuoteId),
+    Pricing(StoredPricing),
 }
 
 impl Batch {
@@ -100,6 +104,10 @@ impl Batch {
     }
     pub fn delete_quote(mut self, id: QuoteId) -> Self {
         self.ops.push(Op::DeleteQuote(id));
+        self
+    }
+    pub fn pricing(mut self, p: StoredPricing) -> Self {
+        self.ops.push(Op::Pricing(p));
         self
     }
 }
@@ -397,6 +405,48 @@ impl Store {
         })
     }
 
+    /// The pricing an operator set, if any (blocking).
+    pub fn pricing(&self) -> Result<Option<StoredPricing>, StoreError> {
+        self.get("meta", &self.trees.meta, PRICING_KEY)
+    }
+
+    /// Trips' snapshots in id order, starting after `after`, looking at no more than
+    /// `max_scan` of them; `visit` returns false to stop early. Returns the id of the
+    /// last trip looked at, and whether the tree ended (blocking).
+    pub fn scan_trips(
+        &self,
+        after: Option<&TripId>,
+        max_scan: usize,
+        mut visit: impl FnMut(StoredTrip) -> bool,
+    ) -> Result<(Option<TripId>, bool), StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(id) => Bound::Excluded(id.as_str().as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut last = None;
+        let mut iter = self
+            .trees
+            .trips
+            .range::<Vec<u8>, _>((start, Bound::Unbounded));
+        for _ in 0..max_scan {
+            let Some(kv) = iter.next() else {
+                return Ok((last, true));
+            };
+            let (k, v) = kv.map_err(|e| StoreError::Io {
+                dir: self.dir.clone(),
+                source: e,
+            })?;
+            let t: StoredTrip = self.decode("trips", &k, &v)?;
+            last = Some(t.trip.id.clone());
+            if !visit(t) {
+                return Ok((last, false));
+            }
+        }
+        let ended = iter.next().is_none();
+        Ok((last, ended))
+    }
+
     /// One driver (blocking).
     pub fn driver(&self, id: &DriverId) -> Result<Option<StoredDriver>, StoreError> {
         self.get("drivers", &self.trees.drivers, id.as_str().as_bytes())
@@ -567,6 +617,9 @@ fn apply(t: &Trees, group: &[Request]) -> sled::Result<()> {
                 }
                 Op::DeleteQuote(id) => {
                     t.quotes.remove(id.as_str().as_bytes())?;
+                }
+                Op::Pricing(p) => {
+                    t.meta.insert(PRICING_KEY, codec::encode(p))?;
                 }
             }
         }

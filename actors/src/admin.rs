@@ -1,0 +1,586 @@
+//! What the admin console reads and does: fleet counts, paged lists, suspensions,
+//! operator cancels, the cell table, run-time pricing and per-group actor statistics.
+//! Lists read the registry's sharded maps (and the store for finished trips) without
+//! stopping any actor; they are consistent per entity, not across the fleet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dispatch_engine::{
+    CancelledBy, CellId, DriverId, Grid, Point, Product, RateCard, RateCards, RiderId, TripCommand,
+    TripId, TripState,
+};
+use dispatch_persistence::{Batch, StoredPricing, StoredTrip, Transition};
+use prometheus::core::Collector;
+
+use crate::cell::CellMsg;
+use crate::driver::DriverMsg;
+use crate::error::ApiError;
+use crate::metrics::{DRIVER_STATUSES, GROUPS};
+use crate::registry::{DriverRecord, RiderRecord};
+use crate::session::Responder;
+use crate::system::System;
+use crate::trip::{TripFrom, TripMsg};
+use crate::views::TripView;
+
+/// One page of a list, in id order, and where the next page starts (`None`: the end).
+#[derive(Debug, Clone)]
+pub struct Page<T, K> {
+    pub items: Vec<T>,
+    pub next: Option<K>,
+}
+
+/// Counts over the whole fleet, read from the registry.
+#[derive(Debug, Clone, Default)]
+pub struct FleetCounts {
+    /// Every registered driver by status (all five statuses present).
+    pub drivers: BTreeMap<&'static str, u64>,
+    /// Live trips by state (the four live states present).
+    pub trips: BTreeMap<&'static str, u64>,
+    pub open_offers: u64,
+    /// Messages queued for connected apps and not yet written.
+    pub session_backlog: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DriverFilter {
+    pub status: Option<&'static str>,
+    pub product: Option<Product>,
+    /// A cell at the matching resolution or coarser.
+    pub cell: Option<CellId>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TripFilter {
+    pub state: Option<TripState>,
+    pub rider_id: Option<RiderId>,
+    pub driver_id: Option<DriverId>,
+}
+
+impl TripFilter {
+    fn matches(&self, t: &TripView) -> bool {
+        self.state.is_none_or(|s| t.state == s)
+            && self.rider_id.as_ref().is_none_or(|r| &t.rider_id == r)
+            && self
+                .driver_id
+                .as_ref()
+                .is_none_or(|d| t.driver_id.as_ref() == Some(d))
+    }
+}
+
+/// One row of the cell table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellRow {
+    pub cell: CellId,
+    pub centre: Point,
+    pub available_drivers: u64,
+    pub busy_drivers: u64,
+    pub open_requests: u64,
+    pub surge: f64,
+}
+
+/// One actor group's counters, as `/admin/actors` shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    pub group: &'static str,
+    pub alive: i64,
+    pub started: u64,
+    pub stopped: u64,
+    pub restarts: u64,
+    pub panics: u64,
+    pub messages: u64,
+    pub handling_mean_ms: f64,
+    pub handling_p99_ms: f64,
+}
+
+/// The most trips one list request decodes from the store; a page with a selective
+/// filter may come back short, with a cursor to go on from.
+pub const MAX_TRIP_SCAN: usize = 10_000;
+
+/// The highest per-unit rate (cents) and minimum fare an operator may set.
+pub const MAX_RATE_CENTS: i64 = 100_000;
+pub const MAX_MINIMUM_CENTS: i64 = 1_000_000;
+
+/// Rate cards from the stored pricing and the server's currency.
+pub fn cards(currency: &str, p: &StoredPricing) -> RateCards {
+    RateCards {
+        currency: currency.to_owned(),
+        economy: p.economy,
+        xl: p.xl,
+        premium: p.premium,
+    }
+}
+
+/// Checks one product's rates; the error names the field.
+pub fn check_rate(product: Product, r: &RateCard) -> Result<(), ApiError> {
+    let fields = [
+        ("base_cents", r.base_cents, MAX_RATE_CENTS),
+        ("per_km_cents", r.per_km_cents, MAX_RATE_CENTS),
+        ("per_minute_cents", r.per_minute_cents, MAX_RATE_CENTS),
+        ("minimum_cents", r.minimum_cents, MAX_MINIMUM_CENTS),
+    ];
+    for (name, v, max) in fields {
+        if !(0..=max).contains(&v) {
+            return Err(ApiError::bad_request(format!(
+                "`products.{product}.{name}` must be from 0 to {max}, got {v}"
+            )));
+        }
+    }
+    if r.base_cents == 0 && r.per_km_cents == 0 && r.per_minute_cents == 0 {
+        return Err(ApiError::bad_request(format!(
+            "`products.{product}`: base, per-km and per-minute rates cannot all be 0"
+        )));
+    }
+    Ok(())
+}
+
+/// The value below which a fraction `q` of a histogram's observations fall, interpolated
+/// linearly inside the bucket as Prometheus's `histogram_quantile` does. Observations in
+/// the +Inf bucket answer the largest finite bound. `buckets` are (upper bound,
+/// cumulative count), ascending; the +Inf bucket may be left out (the client library
+/// does).
+pub fn histogram_quantile(q: f64, buckets: &[(f64, u64)], count: u64) -> f64 {
+    if count == 0 {
+        return 0.0;
+    }
+    let rank = q * count as f64;
+    let mut lower = 0.0;
+    let mut below = 0u64;
+    for &(upper, cumulative) in buckets {
+        if cumulative as f64 >= rank {
+            if upper.is_infinite() {
+                return lower;
+            }
+            let inside = (cumulative - below) as f64;
+            if inside == 0.0 {
+                return upper;
+            }
+            return lower + (upper - lower) * (rank - below as f64) / inside;
+        }
+        lower = upper;
+        below = cumulative;
+    }
+    lower
+}
+
+impl System {
+    /// Counts drivers by status, live trips by state, open offers and queued messages,
+    /// and sets the matching gauges (called for every `/metrics` scrape).
+    pub fn fleet_counts(&self) -> FleetCounts {
+        let mut c = FleetCounts::default();
+        for s in DRIVER_STATUSES {
+            c.drivers.insert(s, 0);
+        }
+        for s in [
+            TripState::Dispatching,
+            TripState::DriverAssigned,
+            TripState::DriverArrived,
+            TripState::InProgress,
+        ] {
+            c.trips.insert(s.as_str(), 0);
+        }
+        let backlog =
+            |h: &Option<crate::session::SessionHandle>| h.as_ref().map_or(0, |h| h.queued());
+        for d in self.registry.driver_records.iter() {
+            *c.drivers.entry(d.status.as_str()).or_default() += 1;
+            c.session_backlog += backlog(&d.session) as u64;
+        }
+        for r in self.registry.rider_records.iter() {
+            c.session_backlog += backlog(&r.session) as u64;
+        }
+        c.open_offers = c.drivers.get("offered").copied().unwrap_or(0);
+        for t in self.registry.trip_views.iter() {
+            if !t.state.is_final() {
+                *c.trips.entry(t.state.as_str()).or_default() += 1;
+            }
+        }
+        let m = &self.metrics;
+        for (s, n) in &c.drivers {
+            m.drivers.with_label_values(&[s]).set(*n as i64);
+        }
+        for (s, n) in &c.trips {
+            m.trips_active.with_label_values(&[s]).set(*n as i64);
+        }
+        m.mailbox_backlog
+            .with_label_values(&["session"])
+            .set(c.session_backlog as i64);
+        c
+    }
+
+    /// Finished trips since this process started, by final state (from the counters).
+    pub fn finished_since_start(&self) -> BTreeMap<&'static str, u64> {
+        [
+            TripState::Completed,
+            TripState::Cancelled,
+            TripState::NoDriverFound,
+        ]
+        .into_iter()
+        .map(|s| {
+            (
+                s.as_str(),
+                self.metrics
+                    .trips_final
+                    .with_label_values(&[s.as_str()])
+                    .get(),
+            )
+        })
+        .collect()
+    }
+
+    /// The driver as the registry has it, with the status its actor last committed.
+    pub fn driver_record(&self, id: &DriverId) -> Option<DriverRecord> {
+        self.registry.driver_records.get(id).map(|r| r.clone())
+    }
+
+    pub fn rider_record(&self, id: &RiderId) -> Option<RiderRecord> {
+        self.registry.rider_records.get(id).map(|r| r.clone())
+    }
+
+    /// Drivers matching `f`, in id order, after `after`.
+    pub fn drivers_page(
+        &self,
+        f: &DriverFilter,
+        after: Option<&DriverId>,
+        limit: usize,
+    ) -> Page<DriverRecord, DriverId> {
+        let grid = self.config.grid;
+        let in_cell = |p: Option<Point>, cell: CellId| {
+            p.is_some_and(|p| grid.cell_of(p).parent(cell.resolution()) == Some(cell))
+        };
+        let mut ids: Vec<DriverId> = self
+            .registry
+            .driver_records
+            .iter()
+            .filter(|d| after.is_none_or(|a| d.id.as_str() > a.as_str()))
+            .filter(|d| f.status.is_none_or(|s| d.status.as_str() == s))
+            .filter(|d| f.product.is_none_or(|p| d.profile.vehicle.product == p))
+            .filter(|d| f.cell.is_none_or(|c| in_cell(d.position, c)))
+            .map(|d| d.id.clone())
+            .collect();
+        ids.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let items: Vec<DriverRecord> = ids.iter().filter_map(|id| self.driver_record(id)).collect();
+        let next = if more { ids.last().cloned() } else { None };
+        Page { items, next }
+    }
+
+    /// Suspends or reinstates a driver through its actor (started if the driver has
+    /// none); durable before it returns.
+    pub async fn set_suspended(
+        &self,
+        id: &DriverId,
+        suspend: bool,
+    ) -> Result<DriverRecord, ApiError> {
+        if !self.registry.driver_records.contains_key(id) {
+            return Err(ApiError::not_found("driver"));
+        }
+        let actor = self
+            .driver_actor(id)
+            .await
+            .ok_or_else(|| ApiError::unavailable("the driver's actor could not start; retry"))?;
+        match actor
+            .call(
+                |r| DriverMsg::Suspend(suspend, r),
+                Some(self.call_timeout()),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(ApiError::unavailable(
+                "the driver did not answer in time; retry",
+            )),
+        }
+    }
+
+    /// Trips (live and finished) matching `f`, in id order, after `after`. Looks at no
+    /// more than [`MAX_TRIP_SCAN`] stored trips; the page may then be short.
+    pub async fn trips_page(
+        &self,
+        f: TripFilter,
+        after: Option<TripId>,
+        limit: usize,
+    ) -> Result<Page<TripView, TripId>, ApiError> {
+        let store = self.store.clone();
+        let views = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut items = Vec::new();
+            let mut full = false;
+            let (last, ended) = store
+                .scan_trips(after.as_ref(), MAX_TRIP_SCAN, |t: StoredTrip| {
+                    let view = views
+                        .registry
+                        .trip_views
+                        .get(&t.trip.id)
+                        .map(|v| v.clone())
+                        .unwrap_or_else(|| TripView::of(&t.trip, t.driver));
+                    if f.matches(&view) {
+                        items.push(view);
+                        if items.len() == limit {
+                            full = true;
+                            return false;
+                        }
+                    }
+                    true
+                })
+                .map_err(|e| {
+                    tracing::error!(error = %e, "trip scan failed");
+                    ApiError::internal()
+                })?;
+            let next = if ended && !full {
+                None
+            } else if full {
+                items.last().map(|v: &TripView| v.trip_id.clone())
+            } else {
+                last
+            };
+            Ok(Page { items, next })
+        })
+        .await
+        .map_err(|_| ApiError::internal())?
+    }
+
+    /// A trip and every transition it went through.
+    pub async fn trip_history(
+        &self,
+        id: &TripId,
+    ) -> Result<Option<(TripView, Vec<Transition>)>, ApiError> {
+        let Some(view) = self.trip_view(id).await? else {
+            return Ok(None);
+        };
+        let store = self.store.clone();
+        let key = id.clone();
+        let history = tokio::task::spawn_blocking(move || store.history(&key))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| {
+                tracing::error!(error = %e, "history read failed");
+                ApiError::internal()
+            })?;
+        Ok(Some((view, history)))
+    }
+
+    /// An operator's cancel: any non-final state. Returns the trip once the cancel is
+    /// durable and the rider and driver have been sent it.
+    pub async fn admin_cancel(&self, id: &TripId, reason: String) -> Result<TripView, ApiError> {
+        let Some(actor) = self.registry.trip(id) else {
+            return match self.trip_view(id).await? {
+                None => Err(ApiError::not_found("trip")),
+                Some(v) => Err(ApiError::conflict(format!(
+                    "the trip has already ended ({})",
+                    v.state.as_str()
+                ))),
+            };
+        };
+        let (responder, answer) = Responder::channel();
+        let sent = actor.cast(TripMsg::Command {
+            cmd: TripCommand::Cancel {
+                by: CancelledBy::Admin,
+                reason: Some(reason),
+            },
+            from: TripFrom::Admin,
+            responder: Some(responder),
+        });
+        if sent.is_err() {
+            // It finished between the lookup and the cast (the dropped responder is moot).
+            return Err(ApiError::conflict("the trip has already ended"));
+        }
+        match tokio::time::timeout(self.call_timeout(), answer).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                return Err(if e.code == crate::ErrorCode::Internal {
+                    ApiError::unavailable("the trip did not answer; check its state and retry")
+                } else {
+                    e
+                });
+            }
+            _ => {
+                return Err(ApiError::unavailable(
+                    "the trip did not answer in time; retry",
+                ));
+            }
+        }
+        self.trip_view(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("trip"))
+    }
+
+    /// The cell table: cells with a cell actor and cells with an open request, in H3
+    /// index order, after `after`; with `active_only`, only those with a driver or an
+    /// open request.
+    pub async fn cells_page(
+        &self,
+        active_only: bool,
+        after: Option<CellId>,
+        limit: usize,
+    ) -> Page<CellRow, CellId> {
+        let grid = self.config.grid;
+        let mut requests: BTreeMap<CellId, u64> = BTreeMap::new();
+        for t in self.registry.trip_views.iter() {
+            if t.state == TripState::Dispatching {
+                *requests.entry(grid.cell_of(t.pickup)).or_default() += 1;
+            }
+        }
+        let mut cells: Vec<CellId> = self
+            .registry
+            .cells
+            .iter()
+            .map(|c| *c.key())
+            .chain(requests.keys().copied())
+            .filter(|c| after.is_none_or(|a| u64::from(*c) > u64::from(a)))
+            .collect();
+        cells.sort_unstable_by_key(|c| u64::from(*c));
+        cells.dedup();
+        let mut items = Vec::new();
+        let mut next = None;
+        for cell in cells {
+            if items.len() == limit {
+                next = items.last().map(|r: &CellRow| r.cell);
+                break;
+            }
+            let (available, total) = match self.registry.cell(&cell) {
+                Some(a) => match a.call(CellMsg::Count, Some(self.call_timeout())).await {
+                    Ok(ractor::rpc::CallResult::Success(n)) => n,
+                    _ => (0, 0),
+                },
+                None => (0, 0),
+            };
+            let open = requests.get(&cell).copied().unwrap_or(0);
+            if active_only && total == 0 && open == 0 {
+                continue;
+            }
+            items.push(CellRow {
+                cell,
+                centre: Grid::centre(cell),
+                available_drivers: available as u64,
+                busy_drivers: (total - available) as u64,
+                open_requests: open,
+                surge: 1.0,
+            });
+        }
+        Page { items, next }
+    }
+
+    /// Replaces the rate cards for new quotes; durable before it returns. The currency
+    /// stays the server's.
+    pub async fn set_pricing(
+        &self,
+        economy: RateCard,
+        xl: RateCard,
+        premium: RateCard,
+    ) -> Result<Arc<RateCards>, ApiError> {
+        for (p, r) in [
+            (Product::Economy, &economy),
+            (Product::Xl, &xl),
+            (Product::Premium, &premium),
+        ] {
+            check_rate(p, r)?;
+        }
+        let stored = StoredPricing {
+            economy,
+            xl,
+            premium,
+        };
+        self.store
+            .commit(Batch::new().pricing(stored.clone()))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "pricing not stored");
+                ApiError::unavailable("the pricing could not be stored; retry")
+            })?;
+        self.replace_rates(cards(&self.config.rates.currency, &stored));
+        tracing::info!("pricing changed by an operator");
+        Ok(self.rates())
+    }
+
+    /// Per-group actor statistics from the metrics registry.
+    pub fn actor_stats(&self) -> Vec<GroupStats> {
+        let m = &self.metrics;
+        GROUPS
+            .iter()
+            .map(|&g| {
+                let h = m.actor_handling.with_label_values(&[g]);
+                let (count, sum, buckets) = h
+                    .collect()
+                    .first()
+                    .and_then(|f| f.get_metric().first())
+                    .map(|mm| {
+                        let h = mm.get_histogram();
+                        let b: Vec<(f64, u64)> = h
+                            .get_bucket()
+                            .iter()
+                            .map(|b| (b.upper_bound(), b.cumulative_count()))
+                            .collect();
+                        (h.get_sample_count(), h.get_sample_sum(), b)
+                    })
+                    .unwrap_or_default();
+                GroupStats {
+                    group: g,
+                    alive: m.actors_alive.with_label_values(&[g]).get(),
+                    started: m.actors_started.with_label_values(&[g]).get(),
+                    stopped: m.actors_stopped.with_label_values(&[g]).get(),
+                    restarts: m.actor_restarts.with_label_values(&[g]).get(),
+                    panics: m.actor_panics.with_label_values(&[g]).get(),
+                    messages: count,
+                    handling_mean_ms: if count == 0 {
+                        0.0
+                    } else {
+                        sum / count as f64 * 1000.0
+                    },
+                    handling_p99_ms: histogram_quantile(0.99, &buckets, count) * 1000.0,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket_like_prometheus() {
+        // 100 observations: 50 in (0, 1], 40 in (1, 2], 10 in (2, 4].
+        let b = [(1.0, 50), (2.0, 90), (4.0, 100), (f64::INFINITY, 100)];
+        assert_eq!(histogram_quantile(0.5, &b, 100), 1.0);
+        assert!((histogram_quantile(0.7, &b, 100) - 1.5).abs() < 1e-9);
+        assert!((histogram_quantile(0.99, &b, 100) - 3.8).abs() < 1e-9);
+        assert_eq!(histogram_quantile(0.99, &b, 0), 0.0);
+        // Everything beyond the last finite bound answers that bound.
+        let inf = [(1.0, 0), (f64::INFINITY, 5)];
+        assert_eq!(histogram_quantile(0.99, &inf, 5), 1.0);
+    }
+
+    #[test]
+    fn rates_out_of_range_are_refused_naming_the_field() {
+        let ok = RateCard {
+            base_cents: 100,
+            per_km_cents: 100,
+            per_minute_cents: 10,
+            minimum_cents: 500,
+        };
+        assert!(check_rate(Product::Xl, &ok).is_ok());
+        let neg = RateCard {
+            per_km_cents: -1,
+            ..ok
+        };
+        let e = check_rate(Product::Xl, &neg).unwrap_err();
+        assert!(
+            e.message.contains("products.xl.per_km_cents"),
+            "{}",
+            e.message
+        );
+        let huge = RateCard {
+            minimum_cents: MAX_MINIMUM_CENTS + 1,
+            ..ok
+        };
+        assert!(check_rate(Product::Economy, &huge).is_err());
+        let free = RateCard {
+            base_cents: 0,
+            per_km_cents: 0,
+            per_minute_cents: 0,
+            minimum_cents: 0,
+        };
+        assert!(check_rate(Product::Premium, &free).is_err());
+    }
+}
