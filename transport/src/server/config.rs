@@ -87,6 +87,10 @@ pub struct Args {
     /// snapshots are not durable).
     #[arg(long, env = "DISPATCH_SNAPSHOT_INTERVAL_MS", default_value_t = 5_000)]
     pub snapshot_interval_ms: u64,
+    /// An actor message or client frame handled slower than this is logged as a warning
+    /// naming the actor group and the message kind.
+    #[arg(long, env = "DISPATCH_SLOW_HANDLER_MS", default_value_t = 250)]
+    pub slow_handler_ms: u64,
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -106,6 +110,7 @@ pub struct Config {
     pub bad_message_window_ms: u64,
     pub max_connections: usize,
     pub shutdown_timeout_ms: u64,
+    pub slow_handler_ms: u64,
     pub system: SystemConfig,
 }
 
@@ -224,6 +229,7 @@ impl Args {
             bad_message_window_ms: self.bad_message_window_ms,
             max_connections: self.max_connections,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
+            slow_handler_ms: self.slow_handler_ms,
             system,
         })
     }

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::decode::point;
 use super::render::{self, product_in};
-use super::{App, auth, ws};
+use super::{App, admin, auth, ws};
 use crate::wire;
 
 /// HTTP status of each protocol error code: the only such mapping.
@@ -118,6 +118,18 @@ impl<T: DeserializeOwned + Send> FromRequestParts<App> for QueryParams<T> {
     }
 }
 
+/// The hash of the request's bearer token; 401 without one.
+pub fn bearer_hash(parts: &Parts) -> Result<[u8; 32], HttpError> {
+    auth::bearer(&parts.headers, None)
+        .map(auth::hash)
+        .ok_or_else(|| {
+            HttpError(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing bearer token",
+            ))
+        })
+}
+
 /// The caller, from a bearer token that must be known (401 otherwise).
 pub struct Caller(pub Identity);
 
@@ -125,14 +137,8 @@ impl FromRequestParts<App> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
-        let token = auth::bearer(&parts.headers, None).ok_or_else(|| {
-            HttpError(ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing bearer token",
-            ))
-        })?;
         app.system
-            .authenticate(&auth::hash(token))
+            .authenticate(&bearer_hash(parts)?)
             .map(Caller)
             .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "unknown token")))
     }
@@ -170,6 +176,7 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(admin::routes())
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such route")) })
         .method_not_allowed_fallback(|| async {
             let mut r = HttpError(ApiError::new(
@@ -193,6 +200,8 @@ async fn readyz(State(app): State<App>) -> Response {
 
 async fn metrics(State(app): State<App>) -> Response {
     use prometheus::Encoder;
+    // Fleet gauges are counted at scrape time, from the registry.
+    app.system.fleet_counts();
     let mut buf = Vec::new();
     let enc = prometheus::TextEncoder::new();
     if enc

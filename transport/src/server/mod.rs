@@ -4,6 +4,7 @@
 //! Shutdown drains in order: stop accepting and mark not-ready, close every session with
 //! 1001, stop the actors. It is bounded by `--shutdown-timeout-ms`.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod decode;
@@ -81,6 +82,8 @@ pub struct AppInner {
     pub ready: AtomicBool,
     pub connections: AtomicUsize,
     pub started: Instant,
+    /// SHA-256 of the admin token (`--admin-token` or `<data-dir>/admin.token`).
+    pub admin_token_hash: [u8; 32],
     /// Flips to true when the server begins to shut down; sessions watch it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -106,6 +109,13 @@ pub async fn run(
             move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
         tokio::task::spawn_blocking(move || Store::open(&dir, on_flush)).await??
     };
+    let admin_token_hash = {
+        let given = config.admin_token.clone();
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || auth::admin_token_hash(given.as_deref(), &dir))
+            .await??
+    };
+    metrics.set_slow_handler_ms(config.slow_handler_ms);
     let system = System::start(config.system.clone(), metrics.clone(), Arc::new(store))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -118,6 +128,7 @@ pub async fn run(
         ready: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         started: Instant::now(),
+        admin_token_hash,
         shutdown: stop_rx,
     });
     let local = listener.local_addr()?;
@@ -131,6 +142,7 @@ pub async fn run(
             match app.system.recover().await {
                 Ok(stats) => {
                     app.ready.store(true, Ordering::Release);
+                    app.metrics.ready.set(1);
                     tracing::info!(listen = %local, recovery_ms = stats.elapsed_ms, "dispatchd ready");
                 }
                 Err(e) => {
@@ -171,6 +183,7 @@ pub async fn run(
             Ok(e) = failed_rx => { *recovery_error2.lock().unwrap() = Some(e); }
         }
         app2.ready.store(false, Ordering::Release);
+        app2.metrics.ready.set(0);
         let _ = stop_tx.send(true);
     };
     let serve = axum::serve(listener, router).with_graceful_shutdown(graceful);

@@ -12,6 +12,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use dispatch_actors::driver::{DriverCommand, DriverMsg};
+use dispatch_actors::metrics::Handling;
 use dispatch_actors::registry::Identity;
 use dispatch_actors::rider::RiderMsg;
 use dispatch_actors::session::{
@@ -220,6 +221,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         return;
     }
     app.transport.sessions.with_label_values(&[label]).inc();
+    app.metrics.started("session");
     let writer = tokio::spawn(write_loop(app.clone(), sink, inbox, label));
 
     let mut bad = BadWindow {
@@ -240,6 +242,12 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             _ = handle.closed() => None,
         };
         let Some(Ok(frame)) = frame else { break };
+        match frame {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => break,
+            _ => {}
+        }
+        let mut handling = app.metrics.handling("session", "invalid");
         let is_bad = match frame {
             Message::Text(text) => {
                 received.inc();
@@ -256,8 +264,10 @@ async fn session(app: App, socket: WebSocket, role: Role) {
                     true
                 } else {
                     match &role {
-                        Role::Driver(id) => driver_frame(&app, &handle, id, &text, &mut pings),
-                        Role::Rider(id) => rider_frame(&app, &handle, id, &text),
+                        Role::Driver(id) => {
+                            driver_frame(&app, &handle, id, &text, &mut pings, &mut handling)
+                        }
+                        Role::Rider(id) => rider_frame(&app, &handle, id, &text, &mut handling),
                     }
                 }
             }
@@ -276,6 +286,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             Message::Ping(_) | Message::Pong(_) => false,
             Message::Close(_) => break,
         };
+        drop(handling);
         if is_bad && bad.hit() {
             app.metrics.bound_hit("bad_messages");
             tracing::info!(
@@ -306,6 +317,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     handle.close(1000);
     let _ = writer.await;
     app.transport.sessions.with_label_values(&[label]).dec();
+    app.metrics.stopped("session");
 }
 
 /// Returns whether the frame was a bad message (counts toward the 1008 close).
@@ -315,6 +327,7 @@ fn driver_frame(
     id: &DriverId,
     text: &str,
     pings: &mut Bucket,
+    handling: &mut Handling<'_>,
 ) -> bool {
     match decode::driver(text) {
         Err((req, e)) => {
@@ -322,6 +335,7 @@ fn driver_frame(
             true
         }
         Ok((req, cmd)) => {
+            handling.kind(cmd.kind());
             if matches!(cmd, DriverCommand::Location { .. }) && !pings.take() {
                 app.metrics.bound_hit("location_rate");
                 reply_error(
@@ -349,13 +363,24 @@ fn driver_frame(
     }
 }
 
-fn rider_frame(app: &App, handle: &SessionHandle, id: &RiderId, text: &str) -> bool {
+fn rider_frame(
+    app: &App,
+    handle: &SessionHandle,
+    id: &RiderId,
+    text: &str,
+    handling: &mut Handling<'_>,
+) -> bool {
     match decode::rider(text) {
         Err((req, e)) => {
             reply_error(handle, req, e);
             true
         }
         Ok((req, cmd)) => {
+            handling.kind(match &cmd {
+                RiderCommand::RequestRide(_) => "request_ride",
+                RiderCommand::CancelRide { .. } => "cancel_ride",
+                RiderCommand::Location(_) => "location",
+            });
             let Some(a) = app.system.registry.rider(id) else {
                 reply_error(handle, req, ApiError::internal());
                 return false;

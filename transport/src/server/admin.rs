@@ -1,0 +1,547 @@
+//! The admin console (`/admin/`): fleet statistics, drivers, riders, trips, cells,
+//! pricing and actor groups. Every route needs the admin token ([`Admin`]); a rider's or
+//! driver's token is 403, no token or an unknown one 401. Shapes: `docs/api.md`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dispatch_actors::admin::{CellRow, DriverFilter, TripFilter};
+use dispatch_actors::registry::{DriverRecord, RiderRecord};
+use dispatch_actors::views::TripView;
+use dispatch_actors::{ApiError, ErrorCode};
+use dispatch_engine::trip::Mover;
+use dispatch_engine::{
+    CellId, DriverId, DriverStatus, Point, Product, RateCard, RateCards, RiderId, TripId, TripState,
+};
+use dispatch_persistence::Transition;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{HttpError, JsonBody, QueryParams, bearer_hash};
+use super::render;
+use super::{App, auth};
+
+/// The caller holds the admin token.
+pub struct Admin;
+
+impl FromRequestParts<App> for Admin {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
+        let hash = bearer_hash(parts)?;
+        if !app.ready.load(Ordering::Acquire) {
+            return Err(HttpError(ApiError::unavailable(
+                "the server is starting or shutting down",
+            )));
+        }
+        if auth::same_hash(&hash, &app.admin_token_hash) {
+            return Ok(Admin);
+        }
+        if app.system.authenticate(&hash).is_some() {
+            return Err(HttpError(ApiError::forbidden(
+                "admin routes need the admin token",
+            )));
+        }
+        Err(HttpError(ApiError::new(
+            ErrorCode::Unauthorized,
+            "unknown token",
+        )))
+    }
+}
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/admin/stats", get(stats))
+        .route("/admin/drivers", get(drivers))
+        .route("/admin/drivers/{id}", get(driver))
+        .route("/admin/drivers/{id}/suspend", post(suspend))
+        .route("/admin/drivers/{id}/unsuspend", post(unsuspend))
+        .route("/admin/riders/{id}", get(rider))
+        .route("/admin/trips", get(trips))
+        .route("/admin/trips/{id}", get(trip))
+        .route("/admin/trips/{id}/cancel", post(cancel))
+        .route("/admin/cells", get(cells))
+        .route("/admin/pricing", get(pricing).put(set_pricing))
+        .route("/admin/actors", get(actors))
+}
+
+fn bad(msg: impl Into<String>) -> HttpError {
+    HttpError(ApiError::new(ErrorCode::BadRequest, msg))
+}
+
+/// Page size from `limit`: 1 to 1000, default 100.
+fn limit(v: &Option<String>) -> Result<usize, HttpError> {
+    match v.as_deref() {
+        None => Ok(100),
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| bad("`limit` must be an integer from 1 to 1000")),
+    }
+}
+
+/// Cursors are opaque to clients: the list they belong to and the last id of the page.
+fn cursor_out(list: &str, last: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{list}:{last}"))
+}
+
+fn cursor_in(list: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
+    let Some(c) = v.as_deref() else {
+        return Ok(None);
+    };
+    let invalid = || bad("`cursor` is not a cursor this list gave out");
+    let bytes = URL_SAFE_NO_PAD.decode(c).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let last = text
+        .strip_prefix(list)
+        .and_then(|r| r.strip_prefix(':'))
+        .filter(|r| !r.is_empty())
+        .ok_or_else(invalid)?;
+    Ok(Some(last.to_owned()))
+}
+
+fn point(p: Point) -> Value {
+    json!({"lat": p.lat(), "lng": p.lng()})
+}
+
+fn driver_json(app: &App, d: &DriverRecord) -> Value {
+    let grid = app.system.config.grid;
+    let connected = d.session.as_ref().is_some_and(|s| !s.is_closed());
+    json!({
+        "driver_id": d.id.as_str(),
+        "name": d.profile.name,
+        "vehicle": render::vehicle(&d.profile.vehicle),
+        "status": d.status.as_str(),
+        "connected": connected,
+        "location": d.position.map(point),
+        "heading": d.heading,
+        "cell": d.position.map(|p| grid.cell_of(p).to_string()),
+        "trip_id": match &d.status {
+            DriverStatus::Offered(t) | DriverStatus::OnTrip(t) => Some(t.as_str()),
+            _ => None,
+        },
+    })
+}
+
+fn rider_json(r: &RiderRecord) -> Value {
+    let connected = r.session.as_ref().is_some_and(|s| !s.is_closed());
+    json!({
+        "rider_id": r.id.as_str(),
+        "name": r.profile.name,
+        "phone": r.profile.phone,
+        "connected": connected,
+        "location": r.position.map(point),
+        "trip": r.trip.as_ref().map(render::trip),
+    })
+}
+
+fn transition_json(t: &Transition) -> Value {
+    let (by, driver_id) = match &t.by {
+        Mover::Rider => ("rider", None),
+        Mover::Driver(d) => ("driver", Some(d.as_str())),
+        Mover::Admin => ("admin", None),
+        Mover::System => ("system", None),
+    };
+    // The request itself is journaled as version 1; it has no state before it.
+    let from = (t.version > 1).then(|| t.from.as_str());
+    json!({
+        "from": from,
+        "to": t.to.as_str(),
+        "by": by,
+        "driver_id": driver_id,
+        "at": render::rfc3339(t.at_ms),
+        "version": t.version,
+    })
+}
+
+fn cell_json(c: &CellRow) -> Value {
+    json!({
+        "cell": c.cell.to_string(),
+        "resolution": u8::from(c.cell.resolution()),
+        "center": point(c.centre),
+        "available_drivers": c.available_drivers,
+        "busy_drivers": c.busy_drivers,
+        "open_requests": c.open_requests,
+        "surge": c.surge,
+    })
+}
+
+fn rate_json(r: &RateCard) -> Value {
+    json!({
+        "base_cents": r.base_cents,
+        "per_km_cents": r.per_km_cents,
+        "per_minute_cents": r.per_minute_cents,
+        "minimum_cents": r.minimum_cents,
+    })
+}
+
+fn pricing_json(r: &RateCards) -> Value {
+    json!({
+        "currency": r.currency,
+        "products": {
+            "economy": rate_json(&r.economy),
+            "xl": rate_json(&r.xl),
+            "premium": rate_json(&r.premium),
+        },
+    })
+}
+
+async fn stats(_: Admin, State(app): State<App>) -> Json<Value> {
+    let counts = app.system.fleet_counts();
+    let sessions = |role: &str| app.transport.sessions.with_label_values(&[role]).get();
+    let actors: serde_json::Map<String, Value> = app
+        .system
+        .actor_stats()
+        .into_iter()
+        .map(|g| (g.group.to_owned(), json!(g.alive)))
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "ready": app.ready.load(Ordering::Acquire),
+        "drivers": counts.drivers,
+        "trips": counts.trips,
+        "trips_finished_since_start": app.system.finished_since_start(),
+        "open_offers": counts.open_offers,
+        "sessions": {"driver": sessions("driver"), "rider": sessions("rider")},
+        "actors": actors,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct DriversQuery {
+    status: Option<String>,
+    product: Option<String>,
+    cell: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+const STATUSES: [&str; 5] = ["offline", "available", "offered", "on_trip", "suspended"];
+
+fn product_param(v: &Option<String>) -> Result<Option<Product>, HttpError> {
+    v.as_deref()
+        .map(|p| {
+            p.parse()
+                .map_err(|_| bad("`product` must be economy, xl or premium"))
+        })
+        .transpose()
+}
+
+async fn drivers(
+    _: Admin,
+    State(app): State<App>,
+    QueryParams(q): QueryParams<DriversQuery>,
+) -> Result<Json<Value>, HttpError> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            *STATUSES
+                .iter()
+                .find(|x| **x == s)
+                .ok_or_else(|| bad(format!("`status` must be one of {}", STATUSES.join(", "))))?,
+        ),
+    };
+    let grid_res = app.system.config.grid.resolution();
+    let cell = match q.cell.as_deref() {
+        None => None,
+        Some(c) => {
+            let cell: CellId = c
+                .parse()
+                .map_err(|_| bad("`cell` is not an H3 cell index"))?;
+            if u8::from(cell.resolution()) > grid_res {
+                return Err(bad(format!(
+                    "`cell` must be of resolution {grid_res} (the matching resolution) or coarser"
+                )));
+            }
+            Some(cell)
+        }
+    };
+    let filter = DriverFilter {
+        status,
+        product: product_param(&q.product)?,
+        cell,
+    };
+    let after = cursor_in("drivers", &q.cursor)?.map(DriverId::new);
+    let page = app
+        .system
+        .drivers_page(&filter, after.as_ref(), limit(&q.limit)?);
+    Ok(Json(json!({
+        "drivers": page.items.iter().map(|d| driver_json(&app, d)).collect::<Vec<_>>(),
+        "next_cursor": page.next.map(|id| cursor_out("drivers", id.as_str())),
+    })))
+}
+
+async fn driver(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let d = app
+        .system
+        .driver_record(&DriverId::new(id))
+        .ok_or_else(|| HttpError(ApiError::not_found("driver")))?;
+    Ok(Json(driver_json(&app, &d)))
+}
+
+/// An optional body: `{"reason"}` is accepted (and logged), nothing else is required.
+#[derive(Debug, Deserialize, Default)]
+struct SuspendBody {
+    reason: Option<String>,
+}
+
+async fn set_suspended(
+    app: &App,
+    id: String,
+    body: &[u8],
+    suspend: bool,
+) -> Result<Json<Value>, HttpError> {
+    if body.len() > app.config.max_frame_bytes {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::TooLarge,
+            "the body is too large",
+        )));
+    }
+    let b: SuspendBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SuspendBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?
+    };
+    if let Some(r) = &b.reason
+        && r.chars().count() > 500
+    {
+        return Err(bad("`reason` is limited to 500 characters"));
+    }
+    let id = DriverId::new(id);
+    tracing::info!(driver_id = %id, suspend, reason = b.reason.as_deref().unwrap_or(""), "admin suspension request");
+    let d = app.system.set_suspended(&id, suspend).await?;
+    Ok(Json(driver_json(app, &d)))
+}
+
+async fn suspend(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, HttpError> {
+    set_suspended(&app, id, &body, true).await
+}
+
+async fn unsuspend(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, HttpError> {
+    set_suspended(&app, id, &body, false).await
+}
+
+async fn rider(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let r = app
+        .system
+        .rider_record(&RiderId::new(id))
+        .ok_or_else(|| HttpError(ApiError::not_found("rider")))?;
+    Ok(Json(rider_json(&r)))
+}
+
+#[derive(Debug, Deserialize)]
+struct TripsQuery {
+    state: Option<String>,
+    rider_id: Option<String>,
+    driver_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn trips(
+    _: Admin,
+    State(app): State<App>,
+    QueryParams(q): QueryParams<TripsQuery>,
+) -> Result<Json<Value>, HttpError> {
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            TripState::ALL
+                .into_iter()
+                .find(|x| x.as_str() == s)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`state` must be one of {}",
+                        TripState::ALL.map(|s| s.as_str()).join(", ")
+                    ))
+                })?,
+        ),
+    };
+    let filter = TripFilter {
+        state,
+        rider_id: q.rider_id.map(RiderId::new),
+        driver_id: q.driver_id.map(DriverId::new),
+    };
+    let limit = limit(&q.limit)?;
+    let after = cursor_in("trips", &q.cursor)?.map(TripId::new);
+    let page = app.system.trips_page(filter, after, limit).await?;
+    Ok(Json(json!({
+        "trips": page.items.iter().map(render::trip).collect::<Vec<_>>(),
+        "next_cursor": page.next.map(|id| cursor_out("trips", id.as_str())),
+    })))
+}
+
+async fn trip(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let (view, history): (TripView, Vec<Transition>) = app
+        .system
+        .trip_history(&TripId::new(id))
+        .await?
+        .ok_or_else(|| HttpError(ApiError::not_found("trip")))?;
+    Ok(Json(json!({
+        "trip": render::trip(&view),
+        "history": history.iter().map(transition_json).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<CancelBody>,
+) -> Result<Json<Value>, HttpError> {
+    let reason = b.reason.map(|r| r.trim().to_owned()).unwrap_or_default();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        return Err(bad("`reason` is required: 1 to 500 characters"));
+    }
+    let id = TripId::new(id);
+    tracing::info!(trip_id = %id, reason = %reason, "admin cancel");
+    let view = app.system.admin_cancel(&id, reason).await?;
+    Ok(Json(json!(render::trip(&view))))
+}
+
+#[derive(Debug, Deserialize)]
+struct CellsQuery {
+    active: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn cells(
+    _: Admin,
+    State(app): State<App>,
+    QueryParams(q): QueryParams<CellsQuery>,
+) -> Result<Json<Value>, HttpError> {
+    let active = match q.active.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(bad("`active` must be true or false")),
+    };
+    let limit = limit(&q.limit)?;
+    let after = match cursor_in("cells", &q.cursor)? {
+        None => None,
+        Some(c) => Some(
+            c.parse::<u64>()
+                .ok()
+                .and_then(|n| CellId::try_from(n).ok())
+                .ok_or_else(|| bad("`cursor` is not a cursor this list gave out"))?,
+        ),
+    };
+    let page = app.system.cells_page(active, after, limit).await;
+    Ok(Json(json!({
+        "cells": page.items.iter().map(cell_json).collect::<Vec<_>>(),
+        "next_cursor": page.next.map(|c| cursor_out("cells", &u64::from(c).to_string())),
+    })))
+}
+
+async fn pricing(_: Admin, State(app): State<App>) -> Json<Value> {
+    Json(pricing_json(&app.system.rates()))
+}
+
+#[derive(Debug, Deserialize)]
+struct RateIn {
+    base_cents: i64,
+    per_km_cents: i64,
+    per_minute_cents: i64,
+    minimum_cents: i64,
+}
+
+impl From<RateIn> for RateCard {
+    fn from(r: RateIn) -> Self {
+        RateCard {
+            base_cents: r.base_cents,
+            per_km_cents: r.per_km_cents,
+            per_minute_cents: r.per_minute_cents,
+            minimum_cents: r.minimum_cents,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ProductsIn {
+    economy: RateIn,
+    xl: RateIn,
+    premium: RateIn,
+}
+
+#[derive(Debug, Deserialize)]
+struct PricingIn {
+    currency: Option<String>,
+    products: ProductsIn,
+}
+
+async fn set_pricing(
+    _: Admin,
+    State(app): State<App>,
+    JsonBody(b): JsonBody<PricingIn>,
+) -> Result<Json<Value>, HttpError> {
+    let ours = &app.system.config.rates.currency;
+    if let Some(c) = &b.currency
+        && c != ours
+    {
+        return Err(bad(format!(
+            "the currency is set at start (--currency {ours}); got {c}"
+        )));
+    }
+    let p = b.products;
+    let rates = app
+        .system
+        .set_pricing(p.economy.into(), p.xl.into(), p.premium.into())
+        .await?;
+    Ok(Json(pricing_json(&rates)))
+}
+
+async fn actors(_: Admin, State(app): State<App>) -> Json<Value> {
+    let groups: Vec<Value> = app
+        .system
+        .actor_stats()
+        .into_iter()
+        .map(|g| {
+            json!({
+                "group": g.group,
+                "alive": g.alive,
+                "started": g.started,
+                "stopped": g.stopped,
+                "restarts": g.restarts,
+                "panics": g.panics,
+                "messages": g.messages,
+                "handling_mean_ms": g.handling_mean_ms,
+                "handling_p99_ms": g.handling_p99_ms,
+            })
+        })
+        .collect();
+    Json(json!({ "groups": groups }))
+}
