@@ -107,7 +107,7 @@ impl Actor for CellActor {
             }
         }
         if asked > 0 {
-            tracing::info!(cell = %state.cell, drivers = asked, "cell restarted; drivers re-indexing");
+            tracing::info!(cell = %state.cell, drivers = asked, "cell started; drivers last indexed in it re-index themselves");
         }
         Ok(())
     }

@@ -496,9 +496,15 @@ impl Actor for DriverActor {
         msg: DriverMsg,
         s: &mut DriverActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let _handling = self.system.metrics.handling("driver", msg.kind());
         let span = tracing::info_span!("driver", driver_id = %s.rec.id);
-        self.handle_msg(myself, msg, s).instrument(span).await
+        // Inside the span, so a slow-handler warning carries the entity's ids.
+        let handling = self.system.metrics.handling("driver", msg.kind());
+        async move {
+            let _handling = handling;
+            self.handle_msg(myself, msg, s).await
+        }
+        .instrument(span)
+        .await
     }
 }
 

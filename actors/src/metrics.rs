@@ -49,6 +49,20 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "expired",
     "withdrawn",
 ];
+/// Every `bound` label value `bound_hit` is called with.
+pub const BOUNDS: [&str; 9] = [
+    "bad_messages",
+    "cell_query_timeout",
+    "cell_spawn_failed",
+    "http_body_bytes",
+    "location_rate",
+    "max_connections",
+    "store_write_failed",
+    "ws_frame_bytes",
+    "ws_outbound_queue",
+];
+/// Every `what` label value `invariant` is called with.
+pub const INVARIANTS: [&str; 3] = ["driver_assign", "rider_two_trips", "suspend_offered"];
 pub const DRIVER_STATUSES: [&str; 5] = ["offline", "available", "offered", "on_trip", "suspended"];
 
 #[derive(Debug)]
@@ -469,6 +483,12 @@ impl Metrics {
         for s in DRIVER_STATUSES {
             self.drivers.with_label_values(&[s]);
         }
+        for b in BOUNDS {
+            self.bounds_hit.with_label_values(&[b]);
+        }
+        for w in INVARIANTS {
+            self.invariant_violations.with_label_values(&[w]);
+        }
         for c in ErrorCode::ALL {
             self.rejected.with_label_values(&[c.as_str()]);
         }
@@ -519,11 +539,13 @@ impl Metrics {
     }
 
     pub fn bound_hit(&self, bound: &str) {
+        debug_assert!(BOUNDS.contains(&bound), "add {bound} to BOUNDS");
         self.bounds_hit.with_label_values(&[bound]).inc();
     }
 
     /// A broken invariant: loud in debug builds, counted in release.
     pub fn invariant(&self, what: &str, detail: &str) {
+        debug_assert!(INVARIANTS.contains(&what), "add {what} to INVARIANTS");
         self.invariant_violations.with_label_values(&[what]).inc();
         tracing::error!(what, detail, "invariant violated");
         debug_assert!(false, "invariant violated: {what}: {detail}");

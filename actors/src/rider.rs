@@ -301,9 +301,15 @@ impl Actor for RiderActor {
         msg: RiderMsg,
         s: &mut RiderActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let _handling = self.system.metrics.handling("rider", msg.kind());
         let span = tracing::info_span!("rider", rider_id = %s.rec.id);
-        self.handle_msg(_myself, msg, s).instrument(span).await
+        // Inside the span, so a slow-handler warning carries the entity's ids.
+        let handling = self.system.metrics.handling("rider", msg.kind());
+        async move {
+            let _handling = handling;
+            self.handle_msg(_myself, msg, s).await
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -495,9 +495,11 @@ impl Actor for TripActor {
                 self.tell_driver(&d, &view, TripLink::Assigned, None);
             }
         }
+        let span =
+            tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
         let mut work = Work::new();
         self.resume(&myself, s, &mut work);
-        self.run(&myself, s, work).await
+        self.run(&myself, s, work).instrument(span).await
     }
 
     async fn handle(
@@ -506,10 +508,16 @@ impl Actor for TripActor {
         msg: TripMsg,
         s: &mut TripActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let _handling = self.system.metrics.handling("trip", msg.kind());
         let span =
             tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
-        self.handle_msg(myself, msg, s).instrument(span).await
+        // Inside the span, so a slow-handler warning carries the entity's ids.
+        let handling = self.system.metrics.handling("trip", msg.kind());
+        async move {
+            let _handling = handling;
+            self.handle_msg(myself, msg, s).await
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -83,6 +83,19 @@ async fn start_binary(flags: &[&str]) -> (Reaper, String) {
     (child, listen)
 }
 
+/// Everything an exited child wrote: (stdout, stderr).
+fn output(child: &mut Child) -> (String, String) {
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_string(&mut out).unwrap();
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_string(&mut err).unwrap();
+    }
+    (out, err)
+}
+
 fn sigterm(child: &Child) {
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -128,22 +141,7 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
     let status = wait_exit(&mut child.0, WAIT);
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 
-    let mut out = String::new();
-    child
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (out, err) = output(&mut child.0);
     let log = format!("{out}{err}");
     let ready = log
         .lines()
@@ -151,6 +149,97 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
         .unwrap_or_else(|| panic!("no `dispatchd ready` line in the log:\n{log}"));
     assert!(ready.contains(&listen), "{ready}");
     assert!(log.contains("dispatchd stopped"), "{log}");
+    // Not a terminal: plain text, no colour codes in a log file.
+    assert!(!log.contains('\x1b'), "ANSI escapes in a piped log:\n{log}");
+}
+
+/// `--log-format json`: every line is one JSON object; actor work carries the ids of its
+/// span; `--slow-handler-ms` warnings name the actor group; the generated admin token
+/// is logged by file name only, and no client token is ever logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_ids_and_name_slow_actor_groups_but_never_tokens() {
+    let (mut child, listen) = start_binary(&[
+        "--log-format",
+        "json",
+        "--slow-handler-ms",
+        "0",
+        "--shutdown-timeout-ms",
+        "3000",
+    ])
+    .await;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let reg: Value = http
+        .post(format!("{base}/v1/riders"))
+        .json(&json!({"name": "Logs", "phone": "+1 555 0100"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = reg["token"].as_str().unwrap().to_owned();
+    let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), Some(&token))
+        .await
+        .expect("rider connects");
+    ws.welcome().await;
+    // No driver anywhere: the trip is created and ends `no_driver_found`.
+    let reply = ws
+        .request(json!({"type": "request_ride", "pickup": {"lat": -33.9, "lng": 18.4}, "dropoff": {"lat": -33.95, "lng": 18.45}, "product": "economy"}))
+        .await;
+    let dispatch_transport::wire::ServerMessage::TripUpdate { trip, .. } = reply else {
+        panic!("request_ride reply: {reply:?}")
+    };
+    ws.trip_in(dispatch_transport::wire::TripState::NoDriverFound)
+        .await;
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, WAIT).code(), Some(0));
+
+    let (out, err) = output(&mut child.0);
+    let lines: Vec<Value> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 5, "{out}");
+    let slow = |group: &str| {
+        lines.iter().find(|l| {
+            l["fields"]["message"] == "slow actor handler" && l["fields"]["group"] == group
+        })
+    };
+    for group in ["rider", "session"] {
+        let l =
+            slow(group).unwrap_or_else(|| panic!("no slow-handler warning for {group}:\n{out}"));
+        assert_eq!(l["level"], "WARN", "{l}");
+        assert!(l["fields"]["kind"].is_string(), "{l}");
+        // Logged inside the actor's (or session's) span, which names the rider.
+        assert_eq!(l["span"]["rider_id"], reg["rider_id"], "{l}");
+    }
+    // The trip actor's lines sit in a span that names the trip and its rider.
+    let in_trip = lines
+        .iter()
+        .find(|l| l["span"]["name"] == "trip" && l["span"]["trip_id"] == trip.trip_id.as_str())
+        .unwrap_or_else(|| panic!("no line in the trip's span:\n{out}"));
+    assert_eq!(in_trip["span"]["rider_id"], reg["rider_id"], "{in_trip}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["span"]["name"] == "rider" && l["span"]["rider_id"] == reg["rider_id"]),
+        "no line in the rider's span:\n{out}"
+    );
+    // The generated admin token: its file is named, the token is not.
+    let token_file = child.1.path().join("admin.token");
+    let admin_token = std::fs::read_to_string(&token_file).expect("admin.token written");
+    assert!(
+        out.contains(token_file.to_str().unwrap()),
+        "the log does not say where the admin token is"
+    );
+    for secret in [admin_token.trim(), token.as_str()] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "a token was logged"
+        );
+    }
 }
 
 #[test]

@@ -187,7 +187,31 @@ pub fn router(app: App) -> Router {
             *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             r
         })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_request,
+        ))
         .with_state(app)
+}
+
+/// Counts every REST request by route template (never the raw path: ids would make one
+/// series per trip) and status.
+async fn count_request(
+    State(app): State<App>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    app.transport
+        .http_requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
 }
 
 async fn readyz(State(app): State<App>) -> Response {

@@ -65,6 +65,13 @@ impl TransportMetrics {
         m.registry
             .register(Box::new(http_requests.clone()))
             .expect("unique");
+        // Every series of the closed label sets exists from the first scrape.
+        for role in ["driver", "rider"] {
+            sessions.with_label_values(&[role]);
+            for direction in ["in", "out"] {
+                ws_messages.with_label_values(&[role, direction]);
+            }
+        }
         Self {
             sessions,
             ws_messages,

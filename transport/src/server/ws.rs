@@ -22,6 +22,7 @@ use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::{DriverId, RiderId};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::decode::{self, RiderCommand};
 use super::http::{HttpError, QueryParams};
@@ -135,7 +136,13 @@ fn upgrade(
         .max_frame_size(hard)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
-            session(app, socket, role).await;
+            let span = match &role {
+                Role::Driver(id) => {
+                    tracing::info_span!("session", role = "driver", driver_id = %id)
+                }
+                Role::Rider(id) => tracing::info_span!("session", role = "rider", rider_id = %id),
+            };
+            session(app, socket, role).instrument(span).await;
         })
 }
 

@@ -1,0 +1,144 @@
+//! `/metrics` after a real ride: every business and actor-group family moves as the ride
+//! does, every labelled family exists from the start, and no label names an entity.
+
+use dispatch_tests::TestServer;
+use dispatch_transport::wire::TripState;
+use serde_json::json;
+
+/// Every sample of a scrape: (series as exposed, value).
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+            (
+                k.to_owned(),
+                v.parse().unwrap_or_else(|_| panic!("bad value {l}")),
+            )
+        })
+        .collect()
+}
+
+fn value(s: &[(String, f64)], series: &str) -> f64 {
+    s.iter()
+        .find(|(k, _)| k == series)
+        .unwrap_or_else(|| panic!("{series} is not exported"))
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_is_exported_from_the_start_and_none_is_labelled_per_entity() {
+    let s = TestServer::start(&[]).await;
+    let m = samples(&s.metrics_text().await);
+    for series in [
+        "dispatch_ready",
+        "dispatch_start_time_seconds",
+        "dispatch_trips_finished_total{state=\"no_driver_found\"}",
+        "dispatch_trips_active{state=\"dispatching\"}",
+        "dispatch_offers_total{outcome=\"expired\"}",
+        "dispatch_drivers{status=\"suspended\"}",
+        "dispatch_actors_started_total{group=\"session\"}",
+        "dispatch_actor_panics_total{group=\"cell\"}",
+        "dispatch_actor_handling_seconds_count{group=\"trip\"}",
+        "dispatch_mailbox_backlog_messages{group=\"session\"}",
+        "dispatch_rejected_total{code=\"quote_expired\"}",
+        "dispatch_request_to_accept_seconds_count",
+        "dispatch_pickup_eta_seconds_count",
+        "dispatch_store_flush_seconds_count",
+    ] {
+        value(&m, series);
+    }
+    assert_eq!(value(&m, "dispatch_ready"), 1.0);
+    assert!(
+        m.iter()
+            .any(|(k, v)| k.starts_with("dispatch_build_info{version=") && *v == 1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ride_moves_the_business_actor_and_transport_metrics() {
+    let s = TestServer::start(&[]).await;
+    let (driver_id, mut d) = s.online_driver("Mia", "economy", 45.5017, -73.5673).await;
+    let (rider_id, _token, mut r) = s.connected_rider("Max").await;
+    let trip = r
+        .request_ride((45.5030, -73.5690), (45.5200, -73.5800), "economy")
+        .await;
+    let offer = d.offer().await;
+    assert_eq!(offer.trip_id, trip.trip_id);
+    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
+        .await;
+    r.trip_in(TripState::DriverAssigned).await;
+    // Mid-ride: one driver on a trip, one live trip, two open sessions.
+    let m = samples(&s.metrics_text().await);
+    assert_eq!(value(&m, "dispatch_drivers{status=\"on_trip\"}"), 1.0);
+    assert_eq!(
+        value(&m, "dispatch_trips_active{state=\"driver_assigned\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "dispatch_actors_alive{group=\"session\"}"), 2.0);
+    assert_eq!(value(&m, "dispatch_actors_alive{group=\"trip\"}"), 1.0);
+    for step in ["arrived", "start_trip", "complete_trip"] {
+        d.ok(json!({"type": step, "trip_id": trip.trip_id})).await;
+    }
+    r.trip_in(TripState::Completed).await;
+
+    let text = s.metrics_text().await;
+    let m = samples(&text);
+    let one = |series: &str| assert_eq!(value(&m, series), 1.0, "{series}");
+    one("dispatch_request_to_offer_seconds_count");
+    one("dispatch_request_to_accept_seconds_count");
+    one("dispatch_pickup_eta_seconds_count");
+    one("dispatch_offers_total{outcome=\"sent\"}");
+    one("dispatch_offers_total{outcome=\"accepted\"}");
+    one("dispatch_trips_finished_total{state=\"completed\"}");
+    one("dispatch_drivers{status=\"available\"}");
+    one("dispatch_actor_messages_total{group=\"session\",kind=\"accept\"}");
+    one("dispatch_actor_messages_total{group=\"driver\",kind=\"accept\"}");
+    one("dispatch_actor_messages_total{group=\"trip\",kind=\"complete\"}");
+    one("dispatch_actor_messages_total{group=\"rider\",kind=\"request_ride\"}");
+    one("dispatch_http_requests_total{route=\"/v1/riders\",status=\"201\"}");
+    assert_eq!(
+        value(&m, "dispatch_trips_active{state=\"driver_assigned\"}"),
+        0.0
+    );
+    for g in ["driver", "rider", "trip", "cell", "session"] {
+        let handled = value(
+            &m,
+            &format!("dispatch_actor_handling_seconds_count{{group=\"{g}\"}}"),
+        );
+        assert!(handled > 0.0, "{g} handled nothing");
+        assert!(
+            value(
+                &m,
+                &format!("dispatch_actors_started_total{{group=\"{g}\"}}")
+            ) >= 1.0
+        );
+    }
+    assert_eq!(
+        value(&m, "dispatch_actors_stopped_total{group=\"trip\"}"),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            "dispatch_ws_messages_total{direction=\"out\",role=\"rider\"}"
+        ) >= 5.0
+    );
+    assert!(
+        value(
+            &m,
+            "dispatch_ws_messages_total{direction=\"in\",role=\"driver\"}"
+        ) >= 6.0
+    );
+    // No label value is an id: one series per driver, rider or trip would grow without
+    // bound.
+    for id in [&driver_id, &rider_id, &trip.trip_id] {
+        assert!(!text.contains(id.as_str()), "{id} appears in /metrics");
+    }
+    for (k, _) in &m {
+        assert!(
+            !k.contains("drv_") && !k.contains("rdr_") && !k.contains("trp_"),
+            "a label names an entity: {k}"
+        );
+    }
+}
