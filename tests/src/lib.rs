@@ -685,3 +685,64 @@ pub fn built_dispatchd() -> PathBuf {
     );
     bin
 }
+
+impl TestServer {
+    /// Starts a server on an existing `--data-dir`, as [`TestServer::start`] does with a
+    /// fresh one: a restart, which recovers what an earlier server stored there.
+    pub async fn start_in(data_dir: tempfile::TempDir, flags: &[&str]) -> TestServer {
+        let dir = data_dir.path().to_str().expect("utf-8 path").to_owned();
+        let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
+        let config = Args::parse_from(argv.iter().chain(flags))
+            .build_and_validate()
+            .expect("valid test flags");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, rx) = oneshot::channel::<()>();
+        let s = TestServer {
+            addr: listener.local_addr().unwrap(),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(tokio::spawn(server::run(listener, config, async move {
+                let _ = rx.await;
+            }))),
+            data_dir,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    /// Stops this server gracefully and starts a new one with `flags` on the same data
+    /// directory.
+    pub async fn restart(mut self, flags: &[&str]) -> TestServer {
+        let placeholder = tempfile::tempdir().expect("a temporary directory");
+        let dir = std::mem::replace(&mut self.data_dir, placeholder);
+        self.stop().await.expect("a clean stop before the restart");
+        TestServer::start_in(dir, flags).await
+    }
+
+    /// Any method, with an optional JSON body: (status, JSON body or null).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::PUT, path, token, Some(body))
+            .await
+    }
+}
