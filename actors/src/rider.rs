@@ -352,6 +352,10 @@ impl RiderActor {
             } => self.cancel(s, trip_id, reason, responder).await,
             RiderMsg::Location(p, responder) => {
                 s.rec.position = Some(p);
+                // Only the position changed: update it in place rather than recommit.
+                if let Some(mut r) = self.system.registry.rider_records.get_mut(&s.rec.id) {
+                    r.position = Some(p);
+                }
                 responder.ack();
             }
             RiderMsg::Trip {

@@ -22,7 +22,7 @@ use dispatch_persistence::Transition;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::{HttpError, JsonBody, QueryParams, bearer_hash};
+use super::http::{HttpError, JsonBody, QueryParams, bearer_hash, json_body};
 use super::render;
 use super::{App, auth};
 
@@ -89,6 +89,20 @@ fn limit(v: &Option<String>) -> Result<usize, HttpError> {
 /// Cursors are opaque to clients: the list they belong to and the last id of the page.
 fn cursor_out(list: &str, last: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{list}:{last}"))
+}
+
+/// Whether `s` is an id the server makes: its prefix and 32 lowercase hex digits.
+fn is_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// A cursor whose position is an id with `prefix`.
+fn cursor_id(list: &str, prefix: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
+    match cursor_in(list, v)? {
+        Some(c) if !is_id(&c, prefix) => Err(bad("`cursor` is not a cursor this list gave out")),
+        c => Ok(c),
+    }
 }
 
 fn cursor_in(list: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
@@ -268,7 +282,7 @@ async fn drivers(
         product: product_param(&q.product)?,
         cell,
     };
-    let after = cursor_in("drivers", &q.cursor)?.map(DriverId::new);
+    let after = cursor_id("drivers", DriverId::PREFIX, &q.cursor)?.map(DriverId::new);
     let page = app
         .system
         .drivers_page(&filter, after.as_ref(), limit(&q.limit)?);
@@ -311,7 +325,7 @@ async fn set_suspended(
     let b: SuspendBody = if body.iter().all(u8::is_ascii_whitespace) {
         SuspendBody::default()
     } else {
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?
+        json_body(body)?
     };
     if let Some(r) = &b.reason
         && r.chars().count() > 500
@@ -388,7 +402,7 @@ async fn trips(
         driver_id: q.driver_id.map(DriverId::new),
     };
     let limit = limit(&q.limit)?;
-    let after = cursor_in("trips", &q.cursor)?.map(TripId::new);
+    let after = cursor_id("trips", TripId::PREFIX, &q.cursor)?.map(TripId::new);
     let page = app.system.trips_page(filter, after, limit).await?;
     Ok(Json(json!({
         "trips": page.items.iter().map(render::trip).collect::<Vec<_>>(),
@@ -499,7 +513,7 @@ struct ProductsIn {
 
 #[derive(Debug, Deserialize)]
 struct PricingIn {
-    currency: Option<String>,
+    currency: String,
     products: ProductsIn,
 }
 
@@ -509,11 +523,10 @@ async fn set_pricing(
     JsonBody(b): JsonBody<PricingIn>,
 ) -> Result<Json<Value>, HttpError> {
     let ours = &app.system.config.rates.currency;
-    if let Some(c) = &b.currency
-        && c != ours
-    {
+    if &b.currency != ours {
         return Err(bad(format!(
-            "the currency is set at start (--currency {ours}); got {c}"
+            "the currency is set at start (--currency {ours}); got {}",
+            b.currency
         )));
     }
     let p = b.products;

@@ -98,10 +98,24 @@ impl<T: DeserializeOwned> FromRequest<App> for JsonBody<T> {
                 app.metrics.bound_hit("http_body_bytes");
                 too_large()
             })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| bad(format!("invalid JSON body: {e}")))
+        json_body(&bytes).map(JsonBody)
     }
+}
+
+/// Decodes a JSON body; a field of the wrong type is named by its path
+/// (`products.xl.base_cents: invalid type …`).
+pub fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            bad(format!("invalid JSON body: {inner}"))
+        } else {
+            bad(format!("invalid JSON body: `{path}`: {inner}"))
+        }
+    })?;
+    Ok(value)
 }
 
 /// A query string, with protocol errors (`bad_request`, JSON) instead of axum's text.
