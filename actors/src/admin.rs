@@ -118,6 +118,12 @@ pub fn check_rate(product: Product, r: &RateCard) -> Result<(), ApiError> {
         ("per_km_cents", r.per_km_cents, MAX_RATE_CENTS),
         ("per_minute_cents", r.per_minute_cents, MAX_RATE_CENTS),
         ("minimum_cents", r.minimum_cents, MAX_MINIMUM_CENTS),
+        ("booking_fee_cents", r.booking_fee_cents, MAX_RATE_CENTS),
+        (
+            "cancellation_fee_cents",
+            r.cancellation_fee_cents,
+            MAX_RATE_CENTS,
+        ),
     ];
     for (name, v, max) in fields {
         if !(0..=max).contains(&v) {
@@ -558,6 +564,8 @@ mod tests {
             per_km_cents: 100,
             per_minute_cents: 10,
             minimum_cents: 500,
+            booking_fee_cents: 150,
+            cancellation_fee_cents: 500,
         };
         assert!(check_rate(Product::Xl, &ok).is_ok());
         let neg = RateCard {
@@ -580,6 +588,8 @@ mod tests {
             per_km_cents: 0,
             per_minute_cents: 0,
             minimum_cents: 0,
+            booking_fee_cents: 0,
+            cancellation_fee_cents: 0,
         };
         assert!(check_rate(Product::Premium, &free).is_err());
     }

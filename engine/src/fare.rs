@@ -47,6 +47,10 @@ pub struct RateCard {
     pub per_km_cents: i64,
     pub per_minute_cents: i64,
     pub minimum_cents: i64,
+    /// Added to every fare, after the minimum and never surged.
+    pub booking_fee_cents: i64,
+    /// What a rider's late cancel costs (paid to the driver).
+    pub cancellation_fee_cents: i64,
 }
 
 /// One rate card per product.
@@ -68,18 +72,24 @@ impl Default for RateCards {
                 per_km_cents: 120,
                 per_minute_cents: 30,
                 minimum_cents: 700,
+                booking_fee_cents: 0,
+                cancellation_fee_cents: 500,
             },
             xl: RateCard {
                 base_cents: 400,
                 per_km_cents: 180,
                 per_minute_cents: 45,
                 minimum_cents: 1000,
+                booking_fee_cents: 0,
+                cancellation_fee_cents: 700,
             },
             premium: RateCard {
                 base_cents: 700,
                 per_km_cents: 300,
                 per_minute_cents: 70,
                 minimum_cents: 1500,
+                booking_fee_cents: 0,
+                cancellation_fee_cents: 1000,
             },
         }
     }
@@ -105,8 +115,10 @@ impl RateCards {
         }
     }
 
-    /// The fare for a trip of the estimated length, times `surge` (≥ 1), rounded to the
-    /// nearest minor unit and never below the product's minimum.
+    /// The fare for a trip of the estimated length: base + distance + time, times `surge`
+    /// (clamped to ≥ 1), rounded to the nearest minor unit and never below the product's
+    /// minimum, plus the booking fee. So it is monotone in distance and duration, never
+    /// below minimum + booking fee, and never more than `surge` × the fare without surge.
     pub fn quote(&self, product: Product, trip: EtaEstimate, surge: f64) -> FareQuote {
         let card = self.card(product);
         let km = trip.distance_m / 1000.0;
@@ -117,7 +129,7 @@ impl RateCards {
         let surged = (raw * surge.max(1.0)).round() as i64;
         FareQuote {
             product,
-            fare_cents: surged.max(card.minimum_cents),
+            fare_cents: surged.max(card.minimum_cents) + card.booking_fee_cents,
             currency: self.currency.clone(),
             surge: surge.max(1.0),
             distance_m: trip.distance_m.round() as u64,

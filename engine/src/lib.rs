@@ -2,8 +2,9 @@
 //!
 //! It owns ids, coordinates and H3 cells ([`geo`]), the per-cell R-tree of drivers and
 //! the ring-by-ring candidate search ([`index`], [`search`]), the ETA and fare models
-//! ([`eta`], [`fare`]), the driver and rider status rules ([`driver`], [`rider`]) and the
-//! trip state machine with its offer cascade ([`trip`]).
+//! ([`eta`], [`fare`]), surge per H3 cell ([`surge`]), the payment rules of a
+//! double-entry ledger ([`ledger`]), the driver and rider status rules ([`driver`],
+//! [`rider`]) and the trip state machine with its offer cascade ([`trip`]).
 //!
 //! It must not depend on tokio, sockets, files, JSON or a clock: every function that
 //! needs the time takes `now_ms` (Unix milliseconds) as an argument, and ids are handed
@@ -15,9 +16,11 @@ pub mod fare;
 pub mod geo;
 pub mod ids;
 pub mod index;
+pub mod ledger;
 pub mod profile;
 pub mod rider;
 pub mod search;
+pub mod surge;
 pub mod trip;
 
 pub use driver::{DriverError, DriverState, DriverStatus};
@@ -26,9 +29,13 @@ pub use fare::{FareQuote, Product, RateCard, RateCards};
 pub use geo::{CellId, GeoError, Grid, Point};
 pub use ids::{DriverId, QuoteId, RiderId, TripId};
 pub use index::{CellDrivers, IndexedDriver};
+pub use ledger::{
+    Account, Entry, EntryKey, Ledger, LedgerError, PaymentTerms, Posting, Step, TripMoney,
+};
 pub use profile::{DriverProfile, RiderProfile, TripDriver, Vehicle};
 pub use rider::{RiderError, RiderState};
 pub use search::{Candidate, RingSearch, SearchParams, SearchStats};
+pub use surge::{SurgeBook, SurgeCell, SurgeConfig, SurgeError};
 pub use trip::{
     CancelledBy, DispatchConfig, Offer, QuoteTerms, Trip, TripCommand, TripEffect, TripError,
     TripState,

@@ -1719,7 +1719,7 @@ fn fare(pricing: &Value, product: &str, distance_m: f64, duration_s: f64) -> i64
     let raw = c("base_cents")
         + distance_m / 1000.0 * c("per_km_cents")
         + duration_s / 60.0 * c("per_minute_cents");
-    (raw.round() as i64).max(c("minimum_cents") as i64)
+    (raw.round() as i64).max(c("minimum_cents") as i64) + c("booking_fee_cents") as i64
 }
 
 fn assert_priced(pricing: &Value, q: &Value) {
@@ -1757,6 +1757,8 @@ async fn a_pricing_change_prices_new_quotes_and_old_quotes_keep_their_price() {
             "per_km_cents",
             "per_minute_cents",
             "minimum_cents",
+            "booking_fee_cents",
+            "cancellation_fee_cents",
         ] {
             assert!(
                 rate[k].as_i64().is_some_and(|n| n >= 0),
@@ -1777,8 +1779,7 @@ async fn a_pricing_change_prices_new_quotes_and_old_quotes_keep_their_price() {
 
     let mut new = pricing.clone();
     new["products"]["economy"]["minimum_cents"] = json!(5000);
-    new["products"]["xl"] =
-        json!({"base_cents": 1000, "per_km_cents": 500, "per_minute_cents": 0, "minimum_cents": 0});
+    new["products"]["xl"] = json!({"base_cents": 1000, "per_km_cents": 500, "per_minute_cents": 0, "minimum_cents": 0, "booking_fee_cents": 0, "cancellation_fee_cents": 0});
     let (st, v) = s.put("/admin/pricing", Some(ADMIN), new.clone()).await;
     assert_eq!((st, &v), (200, &new));
     assert_eq!(aget(&s, "/admin/pricing").await, new);
@@ -1824,8 +1825,7 @@ async fn a_refused_pricing_change_changes_nothing() {
     let before = aget(&s, "/admin/pricing").await;
     let quote_before = s.quote(&rtoken, PICKUP, DROPOFF, "economy").await["fare_cents"].clone();
 
-    let zero_rates =
-        json!({"base_cents": 0, "per_km_cents": 0, "per_minute_cents": 0, "minimum_cents": 500});
+    let zero_rates = json!({"base_cents": 0, "per_km_cents": 0, "per_minute_cents": 0, "minimum_cents": 500, "booking_fee_cents": 0, "cancellation_fee_cents": 0});
     // (what, body, a word the message must hold: the field).
     let cases: Vec<(&str, Value, Option<&str>)> = vec![
         (
@@ -1996,9 +1996,8 @@ async fn a_refused_pricing_change_changes_nothing() {
 
     // The limits themselves are accepted, and so are two zero rates of three.
     let edge = with(&before, |v| {
-        v["products"]["economy"] = json!({"base_cents": 100_000, "per_km_cents": 100_000, "per_minute_cents": 100_000, "minimum_cents": 1_000_000});
-        v["products"]["xl"] =
-            json!({"base_cents": 0, "per_km_cents": 0, "per_minute_cents": 1, "minimum_cents": 0});
+        v["products"]["economy"] = json!({"base_cents": 100_000, "per_km_cents": 100_000, "per_minute_cents": 100_000, "minimum_cents": 1_000_000, "booking_fee_cents": 100_000, "cancellation_fee_cents": 100_000});
+        v["products"]["xl"] = json!({"base_cents": 0, "per_km_cents": 0, "per_minute_cents": 1, "minimum_cents": 0, "booking_fee_cents": 0, "cancellation_fee_cents": 0});
     });
     let (st, v) = s.put("/admin/pricing", Some(ADMIN), edge.clone()).await;
     assert_eq!((st, &v), (200, &edge));

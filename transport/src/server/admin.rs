@@ -192,6 +192,8 @@ fn rate_json(r: &RateCard) -> Value {
         "per_km_cents": r.per_km_cents,
         "per_minute_cents": r.per_minute_cents,
         "minimum_cents": r.minimum_cents,
+        "booking_fee_cents": r.booking_fee_cents,
+        "cancellation_fee_cents": r.cancellation_fee_cents,
     })
 }
 
@@ -491,6 +493,8 @@ struct RateIn {
     per_km_cents: i64,
     per_minute_cents: i64,
     minimum_cents: i64,
+    booking_fee_cents: i64,
+    cancellation_fee_cents: i64,
 }
 
 impl From<RateIn> for RateCard {
@@ -500,6 +504,8 @@ impl From<RateIn> for RateCard {
             per_km_cents: r.per_km_cents,
             per_minute_cents: r.per_minute_cents,
             minimum_cents: r.minimum_cents,
+            booking_fee_cents: r.booking_fee_cents,
+            cancellation_fee_cents: r.cancellation_fee_cents,
         }
     }
 }
