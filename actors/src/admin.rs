@@ -1,5 +1,6 @@
 //! What the admin console reads and does: fleet counts, paged lists, suspensions,
-//! operator cancels, the cell table, run-time pricing and per-group actor statistics.
+//! operator cancels, the cell table, run-time pricing, surge pins, the ledger and refunds,
+//! and per-group actor statistics.
 //! Lists read the registry's sharded maps (and the store for finished trips) without
 //! stopping any actor; they are consistent per entity, not across the fleet.
 
@@ -7,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use dispatch_engine::{
-    CancelledBy, CellId, DriverId, Grid, Point, Product, RateCard, RateCards, RiderId, TripCommand,
-    TripId, TripState,
+    Account, CancelledBy, CellId, DriverId, Entry, Grid, Point, Product, RateCard, RateCards,
+    RiderId, TripCommand, TripId, TripMoney, TripState,
 };
 use dispatch_persistence::{Batch, StoredPricing, StoredTrip, Transition};
 use prometheus::core::Collector;
@@ -461,7 +462,10 @@ impl System {
                 available_drivers: available as u64,
                 busy_drivers: (total - available) as u64,
                 open_requests: open,
-                surge: 1.0,
+                surge: {
+                    let book = self.lock_surge();
+                    book.multiplier(book.surge_cell(cell))
+                },
             });
         }
         Page { items, next }
@@ -537,6 +541,147 @@ impl System {
                 }
             })
             .collect()
+    }
+}
+
+/// The ledger at a glance: the check that it balances, and the totals per kind of account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSummary {
+    pub entries: u64,
+    pub total: i64,
+    pub platform: i64,
+    pub clearing: i64,
+    pub authorizations: i64,
+    pub riders: i64,
+    pub rider_holds: i64,
+    pub drivers: i64,
+}
+
+impl System {
+    pub fn ledger_summary(&self) -> LedgerSummary {
+        let books = self.lock_books();
+        let (riders, rider_holds, drivers) = books.people_totals();
+        LedgerSummary {
+            entries: books.entries(),
+            total: books.total(),
+            platform: books.balance(&Account::Platform),
+            clearing: books.balance(&Account::Clearing),
+            authorizations: books.balance(&Account::Authorizations),
+            riders,
+            rider_holds,
+            drivers,
+        }
+    }
+
+    pub fn account_balance(&self, a: &Account) -> i64 {
+        self.lock_books().balance(a)
+    }
+
+    /// A trip's ledger entries (live trips from memory, finished ones from the store).
+    pub async fn trip_entries(&self, id: &TripId) -> Result<Vec<Entry>, ApiError> {
+        if let Some(r) = self.registry.trip_records.get(id) {
+            return Ok(r.entries.clone());
+        }
+        let store = self.store.clone();
+        let key = id.clone();
+        tokio::task::spawn_blocking(move || store.ledger_of(&key))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| {
+                tracing::error!(error = %e, "ledger read failed");
+                ApiError::internal()
+            })
+    }
+
+    /// An operator's refund of `amount` on a finished trip: the provider returns it to
+    /// the card, then the entry is written (durable before this returns).
+    pub async fn refund(&self, id: &TripId, amount: i64) -> Result<Entry, ApiError> {
+        let _one_at_a_time = self.refunds.lock().await;
+        let Some(view) = self.trip_view(id).await? else {
+            return Err(ApiError::not_found("trip"));
+        };
+        if !view.state.is_final() {
+            return Err(ApiError::conflict(
+                "the trip has not ended; refunds are for finished trips",
+            ));
+        }
+        let entries = self.trip_entries(id).await?;
+        let money = TripMoney::of(&entries, &view.rider_id);
+        let entry = money
+            .refund(
+                id,
+                &view.rider_id,
+                amount,
+                &view.currency,
+                self.clock.now_ms(),
+            )
+            .map_err(|e| ApiError::conflict(e.to_string()))?;
+        self.provider
+            .refund(format!("{id}:{}", entry.key.step), amount)
+            .await
+            .map_err(|e| {
+                self.metrics
+                    .payment_failures
+                    .with_label_values(&["refund", "unavailable"])
+                    .inc();
+                ApiError::unavailable(format!("the refund did not go through: {e}"))
+            })?;
+        self.store
+            .commit(Batch::new().ledger(entry.clone()))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "refund entry not stored");
+                ApiError::unavailable("the refund could not be stored; retry")
+            })?;
+        self.metrics
+            .ledger_entries
+            .with_label_values(&["refund"])
+            .inc();
+        self.lock_books().add(&entry);
+        tracing::info!(trip_id = %id, amount, "refund");
+        Ok(entry)
+    }
+
+    /// Pins or unpins a surge cell (`cell` at the surge resolution or finer), or sets the
+    /// city-wide cap; durable before it returns.
+    pub async fn set_surge(
+        &self,
+        pin: Option<(CellId, Option<f64>)>,
+        cap: Option<Option<f64>>,
+    ) -> Result<(), ApiError> {
+        let stored = {
+            let mut book = self.lock_surge();
+            let mut trial = book.clone();
+            if let Some((cell, m)) = pin {
+                let cell = trial.surge_cell(cell);
+                trial
+                    .pin(cell, m)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
+            if let Some(c) = cap {
+                trial
+                    .set_city_cap(c)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
+            let stored = dispatch_persistence::StoredSurge {
+                pins: trial
+                    .pins()
+                    .iter()
+                    .map(|(c, m)| (u64::from(*c), *m))
+                    .collect(),
+                city_cap: trial.city_cap(),
+            };
+            *book = trial;
+            stored
+        };
+        self.store
+            .commit(Batch::new().surge(stored))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "surge settings not stored");
+                ApiError::unavailable("the change could not be stored; retry")
+            })?;
+        Ok(())
     }
 }
 

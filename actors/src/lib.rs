@@ -25,6 +25,7 @@ pub mod clock;
 pub mod driver;
 pub mod error;
 pub mod metrics;
+pub mod payments;
 pub mod recovery;
 pub mod registry;
 pub mod rider;

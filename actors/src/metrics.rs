@@ -97,6 +97,10 @@ pub struct Metrics {
     pub drivers: IntGaugeVec,
     pub trips_active: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    pub quote_surge: Histogram,
+    pub surge_cells: IntGauge,
+    pub ledger_entries: IntCounterVec,
+    pub payment_failures: IntCounterVec,
     pub start_time: IntGauge,
     pub ready: IntGauge,
     /// A handler slower than this is logged (ms; `--slow-handler-ms`).
@@ -427,6 +431,47 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            quote_surge: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_quote_surge",
+                        "Surge multiplier applied to each price (quotes and direct requests)",
+                    )
+                    .buckets(vec![1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0]),
+                )
+                .unwrap(),
+            ),
+            surge_cells: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_surge_cells",
+                    "Surge cells whose multiplier is above 1.0",
+                )
+                .unwrap(),
+            ),
+            ledger_entries: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_ledger_entries_total",
+                        "Ledger entries written, by step",
+                    ),
+                    &["step"],
+                )
+                .unwrap(),
+            ),
+            payment_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_payment_failures_total",
+                        "Payment provider requests that were declined or failed",
+                    ),
+                    &["request", "outcome"],
+                )
+                .unwrap(),
+            ),
             build_info: reg(
                 &r,
                 IntGaugeVec::new(
@@ -482,6 +527,14 @@ impl Metrics {
         }
         for s in DRIVER_STATUSES {
             self.drivers.with_label_values(&[s]);
+        }
+        for step in ["authorize", "capture", "cancel_fee", "release", "refund"] {
+            self.ledger_entries.with_label_values(&[step]);
+        }
+        for req in ["authorize", "capture", "release", "refund"] {
+            for outcome in ["declined", "unavailable"] {
+                self.payment_failures.with_label_values(&[req, outcome]);
+            }
         }
         for b in BOUNDS {
             self.bounds_hit.with_label_values(&[b]);

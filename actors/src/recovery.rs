@@ -65,6 +65,25 @@ impl System {
         {
             self.replace_rates(crate::admin::cards(&self.config.rates.currency, &p));
         }
+        let store = self.store.clone();
+        if let Some(sg) = tokio::task::spawn_blocking(move || store.surge())
+            .await
+            .expect("the surge read does not panic")?
+        {
+            self.restore_surge(&sg);
+        }
+        // The books: balances and earnings from every entry; live trips keep their own.
+        let mut entries_by_trip: HashMap<TripId, Vec<dispatch_engine::Entry>> = HashMap::new();
+        {
+            let mut books = self.lock_books();
+            for e in loaded.ledger {
+                books.add(&e);
+                entries_by_trip
+                    .entry(e.key.trip_id.clone())
+                    .or_default()
+                    .push(e);
+            }
+        }
         let now = self.clock.now_ms();
         let cfg = self.config.dispatch;
         let reg = &self.registry;
@@ -101,6 +120,15 @@ impl System {
                         _ => None,
                     });
                     expired = expired.trip(t.clone(), transition);
+                    // A hold kept from an earlier assignment goes back.
+                    let entries = entries_by_trip.get(&t.trip.id).into_iter().flatten();
+                    let money = dispatch_engine::TripMoney::of(entries, &t.trip.rider_id);
+                    if let Some(e) =
+                        money.release(&t.trip.id, &t.trip.rider_id, &t.trip.quote.currency, now)
+                    {
+                        self.lock_books().add(&e);
+                        expired = expired.ledger(e);
+                    }
                     stats.expired_trips += 1;
                 }
             }
@@ -229,6 +257,7 @@ impl System {
             let record = TripRecord {
                 trip: t.trip,
                 driver: t.driver,
+                entries: entries_by_trip.remove(&id).unwrap_or_default(),
             };
             reg.trip_records.insert(id, record.clone());
             spawns.push(Spawn::Trip(TripArgs {

@@ -6,7 +6,9 @@
 //! anything beyond.
 
 use dashmap::DashMap;
-use dispatch_engine::{CellId, DriverId, DriverStatus, Point, QuoteId, RiderId, Trip, TripId};
+use dispatch_engine::{
+    CellId, DriverId, DriverStatus, Entry, Point, QuoteId, RiderId, Trip, TripId,
+};
 use ractor::ActorRef;
 
 use crate::cell::CellMsg;
@@ -56,6 +58,8 @@ pub struct RiderRecord {
 pub struct TripRecord {
     pub trip: Trip,
     pub driver: Option<TripDriver>,
+    /// The trip's ledger entries so far (the payment's state derives from them).
+    pub entries: Vec<Entry>,
 }
 
 #[derive(Debug, Default)]

@@ -205,7 +205,13 @@ impl RiderActor {
                 "the request could not be stored; retry",
             ));
         }
-        let record = TripRecord { trip, driver: None };
+        // Demand for surge pricing in the pickup's cell.
+        self.system.record_request(pickup);
+        let record = TripRecord {
+            trip,
+            driver: None,
+            entries: Vec::new(),
+        };
         self.system
             .registry
             .trip_records

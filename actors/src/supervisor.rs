@@ -151,9 +151,12 @@ impl Supervisor {
     async fn restart_trip(&self, id: &TripId) -> Option<Spawn> {
         let store = self.system.store.clone();
         let key = id.clone();
-        let stored = match tokio::task::spawn_blocking(move || store.trip(&key)).await {
-            Ok(Ok(Some(t))) => t,
-            Ok(Ok(None)) => return None,
+        let read = tokio::task::spawn_blocking(move || {
+            Ok::<_, dispatch_persistence::StoreError>((store.trip(&key)?, store.ledger_of(&key)?))
+        });
+        let (stored, entries) = match read.await {
+            Ok(Ok((Some(t), entries))) => (t, entries),
+            Ok(Ok((None, _))) => return None,
             Ok(Err(e)) => {
                 tracing::error!(trip_id = %id, error = %e, "cannot reload trip");
                 return None;
@@ -166,6 +169,7 @@ impl Supervisor {
         let record = TripRecord {
             trip: stored.trip,
             driver: stored.driver,
+            entries,
         };
         Some(Spawn::Trip(TripArgs {
             record,

@@ -4,14 +4,14 @@
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dispatch_engine::{
     Candidate, CellId, DispatchConfig, DriverId, DriverProfile, DriverStatus, EtaModel, Grid,
-    Point, Product, QuoteId, RateCards, RiderId, RiderProfile, RingSearch, SearchParams,
-    SearchStats, StraightLineEta, TripId,
+    PaymentTerms, Point, Product, QuoteId, RateCards, RiderId, RiderProfile, RingSearch,
+    SearchParams, SearchStats, StraightLineEta, SurgeBook, SurgeConfig, TripId,
 };
 use dispatch_persistence::{Batch, Store, StoredDriver, StoredRider};
 use ractor::concurrency::oneshot;
@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::driver::DriverArgs;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::payments::{Books, LocalProvider, PaymentProvider, ProviderMode};
 use crate::registry::{DriverRecord, Identity, Registry, RiderRecord};
 use crate::rider::RiderArgs;
 use crate::session::{SessionHandle, SessionInbox};
@@ -51,6 +52,16 @@ pub struct SystemConfig {
     /// Caps for `GET /v1/drivers/nearby`.
     pub nearby_max_radius_m: f64,
     pub nearby_max_limit: usize,
+    /// Commission, cancellation grace and no-show wait.
+    pub payments: PaymentTerms,
+    /// What the in-process payment provider does at start.
+    pub provider_mode: ProviderMode,
+    pub surge: SurgeConfig,
+    /// How often surge multipliers are recomputed.
+    pub surge_update_ms: u64,
+    /// Test hook (`DISPATCH_TEST_CRASH_AFTER=capture`): abort the process right after the
+    /// provider captured a fare and before the ledger entry is written.
+    pub crash_after_capture: bool,
 }
 
 impl Default for SystemConfig {
@@ -69,6 +80,11 @@ impl Default for SystemConfig {
             snapshot_interval_ms: 5_000,
             nearby_max_radius_m: 5_000.0,
             nearby_max_limit: 50,
+            payments: PaymentTerms::default(),
+            provider_mode: ProviderMode::Approve,
+            surge: SurgeConfig::default(),
+            surge_update_ms: 10_000,
+            crash_after_capture: false,
         }
     }
 }
@@ -86,6 +102,15 @@ pub struct Inner {
     /// The prices new quotes are made with: `config.rates` until an operator changes
     /// them (`System::set_pricing`).
     rates: std::sync::RwLock<Arc<RateCards>>,
+    /// The card processor.
+    pub provider: Arc<dyn PaymentProvider>,
+    /// The in-process provider, when it is the one in use (its mode can be changed).
+    pub local_provider: Option<Arc<LocalProvider>>,
+    /// Ledger balances and drivers' earnings (entries are in the store).
+    pub books: Mutex<Books>,
+    pub surge: Mutex<SurgeBook>,
+    /// One operator's refund at a time (a refund's number is the count of earlier ones).
+    pub refunds: tokio::sync::Mutex<()>,
 }
 
 /// A cheap, cloneable handle to the running system.
@@ -141,7 +166,13 @@ impl System {
         metrics: Arc<Metrics>,
         store: Arc<Store>,
     ) -> Result<System, ApiError> {
+        let local = Arc::new(LocalProvider::new(store.clone(), config.provider_mode));
         let sys = System(Arc::new(Inner {
+            provider: local.clone(),
+            local_provider: Some(local),
+            books: Mutex::new(Books::default()),
+            surge: Mutex::new(SurgeBook::new(config.surge)),
+            refunds: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
             store,
             metrics,
@@ -170,6 +201,56 @@ impl System {
             sups.try_into().map_err(|_| ApiError::internal())?;
         let _ = sys.supervisors.set(sups);
         Ok(sys)
+    }
+
+    pub fn lock_surge(&self) -> std::sync::MutexGuard<'_, SurgeBook> {
+        self.surge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn lock_books(&self) -> std::sync::MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ride was requested at `pickup`: demand for surge.
+    pub fn record_request(&self, pickup: Point) {
+        let now = self.clock.now_ms();
+        self.lock_surge().record_request(pickup, now);
+    }
+
+    /// Recomputes surge from the requests in the window and the drivers available now.
+    pub fn update_surge(&self) {
+        let mut supply: std::collections::HashMap<CellId, u32> = std::collections::HashMap::new();
+        let (res, now) = (self.config.surge.resolution, self.clock.now_ms());
+        let grid = Grid::new(res).expect("validated surge resolution");
+        for d in self.registry.driver_records.iter() {
+            if d.status == DriverStatus::Available
+                && let Some(p) = d.position
+            {
+                *supply.entry(grid.cell_of(p)).or_default() += 1;
+            }
+        }
+        let mut book = self.lock_surge();
+        book.update(now, supply);
+        let surging = book.cells().iter().filter(|c| c.multiplier > 1.0).count();
+        self.metrics.surge_cells.set(surging as i64);
+    }
+
+    /// Puts the operator's stored surge pins and cap back (recovery).
+    pub fn restore_surge(&self, sg: &dispatch_persistence::StoredSurge) {
+        let mut book = self.lock_surge();
+        for (cell, m) in &sg.pins {
+            match CellId::try_from(*cell) {
+                Ok(c) => {
+                    if let Err(e) = book.pin(c, Some(*m)) {
+                        tracing::warn!(cell = %c, error = %e, "stored surge pin ignored");
+                    }
+                }
+                Err(_) => tracing::warn!(cell, "stored surge pin for an invalid cell ignored"),
+            }
+        }
+        if let Err(e) = book.set_city_cap(sg.city_cap) {
+            tracing::warn!(error = %e, "stored surge cap ignored");
+        }
     }
 
     /// The rate cards new quotes are priced with.
@@ -362,7 +443,9 @@ impl System {
     ) -> Quote {
         let now = self.clock.now_ms();
         let route = self.config.eta.estimate(pickup, dropoff);
-        let fare = self.rates().quote(product, route, 1.0);
+        let surge = self.lock_surge().multiplier_at(pickup);
+        self.metrics.quote_surge.observe(surge);
+        let fare = self.rates().quote(product, route, surge);
         Quote {
             quote_id: QuoteId::with_suffix(&random_suffix()),
             rider_id,

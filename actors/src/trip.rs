@@ -9,12 +9,15 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use dispatch_engine::trip::OfferEnd;
-use dispatch_engine::{DriverId, Point, TripCommand, TripEffect, TripState};
+use dispatch_engine::{
+    CancelledBy, DriverId, Entry, Point, Trip, TripCommand, TripEffect, TripMoney, TripState,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::cell::SearchFilter;
 use crate::driver::{DriverMsg, TripLink};
 use crate::error::ApiError;
+use crate::payments::PaymentError;
 use crate::registry::TripRecord;
 use crate::rider::RiderMsg;
 use crate::session::Responder;
@@ -124,23 +127,186 @@ impl TripActor {
             };
             let now = self.system.clock.now_ms();
             let cfg = self.system.config.dispatch;
-            match s
-                .rec
-                .trip
-                .apply(cmd, now, &cfg, self.system.config.eta.as_ref())
-            {
+            // Applied to a copy: the payment may still say no.
+            let mut next = s.rec.trip.clone();
+            match next.apply(cmd, now, &cfg, self.system.config.eta.as_ref()) {
                 Err(e) => {
                     if let Some(r) = responder {
                         self.fail(s, &from, r, e.into());
                     }
                 }
-                Ok(fx) => {
-                    self.carry_out(myself, s, fx, from, responder, &mut work)
-                        .await?
-                }
+                Ok(fx) => match self.pay(s, &mut next, &fx, now).await {
+                    Ok(entry) => {
+                        s.rec.trip = next;
+                        self.carry_out(myself, s, fx, from, responder, entry, &mut work)
+                            .await?
+                    }
+                    Err(PaymentError::Declined(why)) => {
+                        // Only an authorization can be declined: the assignment does not
+                        // happen, and the trip is cancelled instead.
+                        tracing::info!(trip_id = %s.rec.trip.id, reason = %why, "payment declined; cancelling the trip");
+                        if let Some(r) = responder {
+                            self.fail(
+                                s,
+                                &from,
+                                r,
+                                ApiError::conflict(
+                                    "the rider's payment was declined; the trip is cancelled",
+                                ),
+                            );
+                        }
+                        work.push_front(Step::Command(
+                            TripCommand::Cancel {
+                                by: CancelledBy::System,
+                                reason: Some(format!("payment declined: {why}")),
+                            },
+                            TripFrom::System,
+                            None,
+                        ));
+                    }
+                    Err(PaymentError::Unavailable(why)) => {
+                        // Nothing changed: the sender may retry (an offer stays open).
+                        tracing::warn!(trip_id = %s.rec.trip.id, error = %why, "payment provider unavailable; command not applied");
+                        if let Some(r) = responder {
+                            self.fail(
+                                s,
+                                &from,
+                                r,
+                                ApiError::unavailable("the payment provider is unavailable; retry"),
+                            );
+                        }
+                    }
+                },
             }
         }
         Ok(())
+    }
+
+    /// Asks the payment provider for what a transition needs (a hold at assignment, a
+    /// capture at completion, a fee or a release at a cancel) and returns the ledger entry
+    /// to commit with it. `next` is the trip after the command; `s` still holds it before.
+    async fn pay(
+        &self,
+        s: &TripActorState,
+        next: &mut Trip,
+        fx: &[TripEffect],
+        now: u64,
+    ) -> Result<Option<Entry>, PaymentError> {
+        let prev = &s.rec.trip;
+        let money = TripMoney::of(&s.rec.entries, &prev.rider_id);
+        let sys = &self.system;
+        let key = |step: &str| format!("{}:{step}", prev.id);
+        let currency = prev.quote.currency.clone();
+        let assigned = fx
+            .iter()
+            .any(|e| matches!(e, TripEffect::DriverAssigned { .. }));
+        if assigned && money.authorized_at_ms.is_none() && !money.settled {
+            let amount = prev.quote.fare_cents;
+            self.ask(
+                "authorize",
+                sys.provider.authorize(key("authorize"), amount),
+            )
+            .await?;
+            return Ok(money
+                .authorize(&prev.id, &prev.rider_id, amount, &currency, now)
+                .ok());
+        }
+        if next.state() == prev.state() || money.authorized_at_ms.is_none() || money.settled {
+            return Ok(None);
+        }
+        match next.state() {
+            TripState::Completed => {
+                let Some(driver) = next.driver_id().cloned() else {
+                    return Ok(None);
+                };
+                let fare = next.fare_cents().unwrap_or(prev.quote.fare_cents);
+                self.ask("capture", sys.provider.capture(key("capture"), fare))
+                    .await?;
+                if sys.config.crash_after_capture {
+                    tracing::error!(trip_id = %prev.id, "DISPATCH_TEST_CRASH_AFTER=capture: aborting");
+                    std::process::abort();
+                }
+                Ok(money
+                    .capture(
+                        &sys.config.payments,
+                        &prev.id,
+                        &prev.rider_id,
+                        &driver,
+                        fare,
+                        &currency,
+                        now,
+                    )
+                    .ok())
+            }
+            TripState::Cancelled => {
+                let fee = sys.rates().card(prev.product).cancellation_fee_cents;
+                let arrived_at =
+                    (prev.state() == TripState::DriverArrived).then(|| prev.updated_at_ms());
+                let fee_due = next.cancelled_by() == Some(CancelledBy::Rider)
+                    && fee > 0
+                    && money.authorized_at_ms.is_some_and(|at| {
+                        sys.config
+                            .payments
+                            .rider_cancel_costs_fee(at, arrived_at, now)
+                    });
+                match (fee_due, prev.driver_id()) {
+                    (true, Some(driver)) => {
+                        self.ask("capture", sys.provider.capture(key("cancel_fee"), fee))
+                            .await?;
+                        let e = money
+                            .cancel_fee(&prev.id, &prev.rider_id, driver, fee, &currency, now)
+                            .ok();
+                        if e.is_some() {
+                            let _ = next.charge_cancellation_fee(fee);
+                        }
+                        Ok(e)
+                    }
+                    _ => Ok(self.release(&money, prev, &currency, now).await),
+                }
+            }
+            TripState::NoDriverFound => Ok(self.release(&money, prev, &currency, now).await),
+            _ => Ok(None),
+        }
+    }
+
+    /// The hold goes back. Best effort with the provider (an authorization it never
+    /// releases expires by itself); the ledger entry is written either way.
+    async fn release(
+        &self,
+        money: &TripMoney,
+        t: &Trip,
+        currency: &str,
+        now: u64,
+    ) -> Option<Entry> {
+        let e = money.release(&t.id, &t.rider_id, currency, now)?;
+        let _ = self
+            .ask(
+                "release",
+                self.system.provider.release(format!("{}:release", t.id)),
+            )
+            .await;
+        Some(e)
+    }
+
+    /// One provider request, counted when it fails.
+    async fn ask(
+        &self,
+        request: &'static str,
+        call: crate::payments::PayFuture<'_>,
+    ) -> Result<(), PaymentError> {
+        let r = call.await;
+        if let Err(e) = &r {
+            let outcome = match e {
+                PaymentError::Declined(_) => "declined",
+                PaymentError::Unavailable(_) => "unavailable",
+            };
+            self.system
+                .metrics
+                .payment_failures
+                .with_label_values(&[request, outcome])
+                .inc();
+        }
+        r
     }
 
     async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
@@ -158,6 +324,8 @@ impl TripActor {
         TripCommand::Candidates(found)
     }
 
+    // The command's effects, who sent it and its ledger entry: all of one transition.
+    #[allow(clippy::too_many_arguments)]
     async fn carry_out(
         &self,
         myself: &ActorRef<TripMsg>,
@@ -165,6 +333,7 @@ impl TripActor {
         fx: Vec<TripEffect>,
         from: TripFrom,
         responder: Option<Responder>,
+        entry: Option<Entry>,
         work: &mut Work,
     ) -> Result<(), ActorProcessingErr> {
         let mut responder = responder;
@@ -215,12 +384,11 @@ impl TripActor {
             trip: s.rec.trip.clone(),
             driver: s.rec.driver.clone(),
         };
-        if let Err(e) = self
-            .system
-            .store
-            .commit(Batch::new().trip(stored, journal))
-            .await
-        {
+        let mut batch = Batch::new().trip(stored, journal);
+        if let Some(e) = &entry {
+            batch = batch.ledger(e.clone());
+        }
+        if let Err(e) = self.system.store.commit(batch).await {
             // Nobody has been told; the actor fails and restarts from what is on disk.
             m.bound_hit("store_write_failed");
             if let Some(r) = responder {
@@ -229,6 +397,13 @@ impl TripActor {
                 ));
             }
             return Err(format!("trip {trip_id}: store write failed: {e}").into());
+        }
+        if let Some(e) = entry {
+            m.ledger_entries
+                .with_label_values(&[e.key.step.kind()])
+                .inc();
+            self.system.lock_books().add(&e);
+            s.rec.entries.push(e);
         }
         reg.trip_records.insert(trip_id.clone(), s.rec.clone());
         reg.trip_views.insert(trip_id.clone(), view.clone());

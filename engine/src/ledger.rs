@@ -61,14 +61,24 @@ pub enum Step {
     Refund(u32),
 }
 
+impl Step {
+    /// The step's kind without a refund's number (a metrics label).
+    pub fn kind(self) -> &'static str {
+        match self {
+            Step::Authorize => "authorize",
+            Step::Capture => "capture",
+            Step::CancelFee => "cancel_fee",
+            Step::Release => "release",
+            Step::Refund(_) => "refund",
+        }
+    }
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::Authorize => f.write_str("authorize"),
-            Step::Capture => f.write_str("capture"),
-            Step::CancelFee => f.write_str("cancel_fee"),
-            Step::Release => f.write_str("release"),
             Step::Refund(n) => write!(f, "refund:{n}"),
+            other => f.write_str(other.kind()),
         }
     }
 }

@@ -368,6 +368,18 @@ impl Trip {
     pub fn cancel_reason(&self) -> Option<&str> {
         self.cancel_reason.as_deref()
     }
+    /// A rider's late cancel cost `fee` (the payment rules decided it): the trip shows it
+    /// as its fare. Only for a trip the rider cancelled.
+    pub fn charge_cancellation_fee(&mut self, fee: i64) -> Result<(), TripError> {
+        if self.state != TripState::Cancelled || self.cancelled_by != Some(CancelledBy::Rider) {
+            return Err(TripError::Conflict(
+                "only a trip the rider cancelled carries a cancellation fee",
+            ));
+        }
+        self.fare_cents = Some(fee);
+        Ok(())
+    }
+
     pub fn updated_at_ms(&self) -> u64 {
         self.updated_at_ms
     }
@@ -687,7 +699,15 @@ impl Trip {
                 s.as_str()
             ));
         }
-        if (s == TripState::Completed) != self.fare_cents.is_some() {
+        let fare_ok = match s {
+            TripState::Completed => self.fare_cents.is_some(),
+            // A rider's late cancel shows the cancellation fee it cost.
+            TripState::Cancelled => {
+                self.fare_cents.is_none() || self.cancelled_by == Some(CancelledBy::Rider)
+            }
+            _ => self.fare_cents.is_none(),
+        };
+        if !fare_ok {
             return Err(format!(
                 "{}: fare {:?} in {}",
                 self.id,

@@ -14,6 +14,7 @@ pub mod store;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
 pub use records::{
-    JournalEntry, StoredDriver, StoredPricing, StoredQuote, StoredRider, StoredTrip, Transition,
+    JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
+    StoredSurge, StoredTrip, Transition,
 };
-pub use store::{Batch, FlushStats, Loaded, Store, StoreError, journal_key};
+pub use store::{Batch, FlushStats, Loaded, Store, StoreError, journal_key, ledger_key};

@@ -44,6 +44,23 @@ pub struct StoredPricing {
     pub premium: RateCard,
 }
 
+/// `meta/surge`: an operator's surge pins (H3 index → multiplier) and city-wide cap.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StoredSurge {
+    pub pins: Vec<(u64, f64)>,
+    pub city_cap: Option<f64>,
+}
+
+/// `provider/<idempotency key>`: what the in-process payment provider did for one
+/// request (it stands in for a card processor, whose records outlive our crashes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderRecord {
+    pub key: String,
+    pub amount_cents: i64,
+    pub approved: bool,
+    pub at_ms: u64,
+}
+
 /// One transition of a trip.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transition {

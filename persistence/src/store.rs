@@ -13,17 +13,29 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use dispatch_engine::{DriverId, QuoteId, TripId};
+use dispatch_engine::{DriverId, Entry, EntryKey, QuoteId, TripId};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::codec::{self, CodecError};
 use crate::records::{
-    JournalEntry, StoredDriver, StoredPricing, StoredQuote, StoredRider, StoredTrip, Transition,
+    JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
+    StoredSurge, StoredTrip, Transition,
 };
 
 /// `meta` key of the operator's pricing.
 const PRICING_KEY: &[u8] = b"pricing";
+/// `meta` key of the operator's surge pins and cap.
+const SURGE_KEY: &[u8] = b"surge";
+
+/// `ledger` keys: trip id, a zero byte, the step (`capture`, `refund:2`, ...): a trip's
+/// entries are contiguous.
+pub fn ledger_key(e: &EntryKey) -> Vec<u8> {
+    let mut k = e.trip_id.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(e.step.to_string().as_bytes());
+    k
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,6 +79,9 @@ enum Op {
     Quote(StoredQuote),
     DeleteQuote(QuoteId),
     Pricing(StoredPricing),
+    Surge(StoredSurge),
+    Ledger(Entry),
+    Provider(ProviderRecord),
 }
 
 impl Batch {
@@ -110,6 +125,19 @@ impl Batch {
         self.ops.push(Op::Pricing(p));
         self
     }
+    pub fn surge(mut self, s: StoredSurge) -> Self {
+        self.ops.push(Op::Surge(s));
+        self
+    }
+    /// A ledger entry; written with the trip transition that caused it.
+    pub fn ledger(mut self, e: Entry) -> Self {
+        self.ops.push(Op::Ledger(e));
+        self
+    }
+    pub fn provider(mut self, r: ProviderRecord) -> Self {
+        self.ops.push(Op::Provider(r));
+        self
+    }
 }
 
 /// Everything recovery needs, decoded and checked.
@@ -121,6 +149,8 @@ pub struct Loaded {
     pub trips: Vec<StoredTrip>,
     pub quotes: Vec<StoredQuote>,
     pub journal_entries: usize,
+    /// Every ledger entry, trip by trip.
+    pub ledger: Vec<Entry>,
 }
 
 /// What one group commit did, for metrics.
@@ -146,6 +176,8 @@ struct Trees {
     journal: sled::Tree,
     quotes: sled::Tree,
     meta: sled::Tree,
+    ledger: sled::Tree,
+    provider: sled::Tree,
 }
 
 /// The open store. Cheap to share behind an `Arc`.
@@ -223,6 +255,8 @@ impl Store {
             journal: db.open_tree("journal").map_err(io)?,
             quotes: db.open_tree("quotes").map_err(io)?,
             meta: db.open_tree("meta").map_err(io)?,
+            ledger: db.open_tree("ledger").map_err(io)?,
+            provider: db.open_tree("provider").map_err(io)?,
         };
         match trees.meta.get("format").map_err(io)? {
             Some(v) => {
@@ -320,6 +354,7 @@ impl Store {
             drivers: self.load_tree("drivers", &self.trees.drivers)?,
             riders: self.load_tree("riders", &self.trees.riders)?,
             quotes: self.load_tree("quotes", &self.trees.quotes)?,
+            ledger: self.load_tree("ledger", &self.trees.ledger)?,
             ..Loaded::default()
         };
         let mut trips: HashMap<TripId, StoredTrip> = HashMap::new();
@@ -445,6 +480,31 @@ impl Store {
         }
         let ended = iter.next().is_none();
         Ok((last, ended))
+    }
+
+    /// The operator's surge pins and cap, if ever set (blocking).
+    pub fn surge(&self) -> Result<Option<StoredSurge>, StoreError> {
+        self.get("meta", &self.trees.meta, SURGE_KEY)
+    }
+
+    /// One trip's ledger entries (blocking).
+    pub fn ledger_of(&self, id: &TripId) -> Result<Vec<Entry>, StoreError> {
+        let mut prefix = id.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.trees.ledger.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| StoreError::Io {
+                dir: self.dir.clone(),
+                source: e,
+            })?;
+            out.push(self.decode("ledger", &k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// What the in-process payment provider recorded under `key` (blocking).
+    pub fn provider_record(&self, key: &str) -> Result<Option<ProviderRecord>, StoreError> {
+        self.get("provider", &self.trees.provider, key.as_bytes())
     }
 
     /// One driver (blocking).
@@ -620,6 +680,15 @@ fn apply(t: &Trees, group: &[Request]) -> sled::Result<()> {
                 }
                 Op::Pricing(p) => {
                     t.meta.insert(PRICING_KEY, codec::encode(p))?;
+                }
+                Op::Surge(x) => {
+                    t.meta.insert(SURGE_KEY, codec::encode(x))?;
+                }
+                Op::Ledger(e) => {
+                    t.ledger.insert(ledger_key(&e.key), codec::encode(e))?;
+                }
+                Op::Provider(r) => {
+                    t.provider.insert(r.key.as_bytes(), codec::encode(r))?;
                 }
             }
         }

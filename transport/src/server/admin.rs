@@ -11,12 +11,14 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use dispatch_actors::admin::{CellRow, DriverFilter, TripFilter};
+use dispatch_actors::payments::ProviderMode;
 use dispatch_actors::registry::{DriverRecord, RiderRecord};
 use dispatch_actors::views::TripView;
 use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
-    CellId, DriverId, DriverStatus, Point, Product, RateCard, RateCards, RiderId, TripId, TripState,
+    Account, CellId, DriverId, DriverStatus, Entry, Point, Product, RateCard, RateCards, RiderId,
+    TripId, TripState,
 };
 use dispatch_persistence::Transition;
 use serde::Deserialize;
@@ -68,6 +70,14 @@ pub fn routes() -> Router<App> {
         .route("/admin/cells", get(cells))
         .route("/admin/pricing", get(pricing).put(set_pricing))
         .route("/admin/actors", get(actors))
+        .route("/admin/ledger", get(ledger))
+        .route("/admin/trips/{id}/refund", post(refund))
+        .route("/admin/surge", get(surge).put(set_surge_cap))
+        .route("/admin/surge/cells/{cell}", axum::routing::put(pin_surge))
+        .route(
+            "/admin/payments/provider",
+            get(provider_mode).put(set_provider_mode),
+        )
 }
 
 fn bad(msg: impl Into<String>) -> HttpError {
@@ -422,9 +432,11 @@ async fn trip(
         .trip_history(&TripId::new(id))
         .await?
         .ok_or_else(|| HttpError(ApiError::not_found("trip")))?;
+    let entries = app.system.trip_entries(&view.trip_id).await?;
     Ok(Json(json!({
         "trip": render::trip(&view),
         "history": history.iter().map(transition_json).collect::<Vec<_>>(),
+        "payments": entries.iter().map(entry_json).collect::<Vec<_>>(),
     })))
 }
 
@@ -563,4 +575,208 @@ async fn actors(_: Admin, State(app): State<App>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "groups": groups }))
+}
+
+fn entry_json(e: &Entry) -> Value {
+    json!({
+        "step": e.key.step.to_string(),
+        "at": render::rfc3339(e.at_ms),
+        "currency": e.currency,
+        "postings": e.postings.iter().map(|p| json!({
+            "account": p.account.to_string(),
+            "amount_cents": p.amount_cents,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct LedgerQuery {
+    account: Option<String>,
+}
+
+/// `rider:<id>`, `rider_hold:<id>`, `driver:<id>`, `platform`, `clearing`, `authorizations`.
+fn account_param(s: &str) -> Result<Account, HttpError> {
+    let bad_account = || {
+        bad(
+            "`account` must be platform, clearing, authorizations, rider:<id>, rider_hold:<id> or driver:<id>",
+        )
+    };
+    Ok(match s.split_once(':') {
+        None => match s {
+            "platform" => Account::Platform,
+            "clearing" => Account::Clearing,
+            "authorizations" => Account::Authorizations,
+            _ => return Err(bad_account()),
+        },
+        Some(("rider", id)) if is_id(id, RiderId::PREFIX) => Account::Rider(RiderId::new(id)),
+        Some(("rider_hold", id)) if is_id(id, RiderId::PREFIX) => {
+            Account::RiderHold(RiderId::new(id))
+        }
+        Some(("driver", id)) if is_id(id, DriverId::PREFIX) => Account::Driver(DriverId::new(id)),
+        _ => return Err(bad_account()),
+    })
+}
+
+async fn ledger(
+    _: Admin,
+    State(app): State<App>,
+    QueryParams(q): QueryParams<LedgerQuery>,
+) -> Result<Json<Value>, HttpError> {
+    let currency = &app.system.config.rates.currency;
+    if let Some(a) = &q.account {
+        let account = account_param(a)?;
+        return Ok(Json(json!({
+            "account": account.to_string(),
+            "balance_cents": app.system.account_balance(&account),
+            "currency": currency,
+        })));
+    }
+    let l = app.system.ledger_summary();
+    Ok(Json(json!({
+        "currency": currency,
+        "entries": l.entries,
+        "balanced": l.total == 0,
+        "total_cents": l.total,
+        "accounts": {
+            "platform": l.platform,
+            "clearing": l.clearing,
+            "authorizations": l.authorizations,
+            "riders": l.riders,
+            "rider_holds": l.rider_holds,
+            "drivers": l.drivers,
+        },
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct RefundBody {
+    amount_cents: i64,
+    reason: String,
+}
+
+async fn refund(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<RefundBody>,
+) -> Result<Json<Value>, HttpError> {
+    let reason = b.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        return Err(bad("`reason` is required: 1 to 500 characters"));
+    }
+    if b.amount_cents <= 0 {
+        return Err(bad("`amount_cents` must be positive"));
+    }
+    let id = TripId::new(id);
+    tracing::info!(trip_id = %id, amount_cents = b.amount_cents, reason, "admin refund");
+    let entry = app.system.refund(&id, b.amount_cents).await?;
+    let entries = app.system.trip_entries(&id).await?;
+    Ok(Json(json!({
+        "trip_id": id.as_str(),
+        "refund": entry_json(&entry),
+        "payments": entries.iter().map(entry_json).collect::<Vec<_>>(),
+    })))
+}
+
+fn surge_json(app: &App) -> Value {
+    let book = app.system.lock_surge();
+    let cfg = *book.config();
+    json!({
+        "resolution": cfg.resolution,
+        "window_ms": cfg.window_ms,
+        "step": cfg.step,
+        "cap": cfg.cap,
+        "city_cap": book.city_cap(),
+        "pins": book.pins().iter().map(|(c, m)| json!({"cell": c.to_string(), "multiplier": m})).collect::<Vec<_>>(),
+        "cells": book.cells().iter().map(|c| json!({
+            "cell": c.cell.to_string(),
+            "demand": c.demand,
+            "supply": c.supply,
+            "computed": c.computed,
+            "pinned": c.pinned,
+            "multiplier": c.multiplier,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn surge(_: Admin, State(app): State<App>) -> Json<Value> {
+    Json(surge_json(&app))
+}
+
+#[derive(Debug, Deserialize)]
+struct CapBody {
+    city_cap: Option<f64>,
+}
+
+async fn set_surge_cap(
+    _: Admin,
+    State(app): State<App>,
+    JsonBody(b): JsonBody<CapBody>,
+) -> Result<Json<Value>, HttpError> {
+    app.system.set_surge(None, Some(b.city_cap)).await?;
+    Ok(Json(surge_json(&app)))
+}
+
+#[derive(Debug, Deserialize)]
+struct PinBody {
+    multiplier: Option<f64>,
+}
+
+async fn pin_surge(
+    _: Admin,
+    State(app): State<App>,
+    Path(cell): Path<String>,
+    JsonBody(b): JsonBody<PinBody>,
+) -> Result<Json<Value>, HttpError> {
+    let cell: CellId = cell.parse().map_err(|_| bad("not an H3 cell index"))?;
+    let res = app.system.config.surge.resolution;
+    if u8::from(cell.resolution()) < res {
+        return Err(bad(format!(
+            "the cell must be of the surge resolution ({res}) or finer"
+        )));
+    }
+    app.system
+        .set_surge(Some((cell, b.multiplier)), None)
+        .await?;
+    Ok(Json(surge_json(&app)))
+}
+
+async fn provider_mode(_: Admin, State(app): State<App>) -> Result<Json<Value>, HttpError> {
+    let p = app
+        .system
+        .local_provider
+        .as_ref()
+        .ok_or_else(|| HttpError(ApiError::not_found("in-process payment provider")))?;
+    Ok(Json(
+        json!({"provider": "in_process", "mode": p.mode().as_str()}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct ModeBody {
+    mode: String,
+}
+
+async fn set_provider_mode(
+    _: Admin,
+    State(app): State<App>,
+    JsonBody(b): JsonBody<ModeBody>,
+) -> Result<Json<Value>, HttpError> {
+    let p = app
+        .system
+        .local_provider
+        .as_ref()
+        .ok_or_else(|| HttpError(ApiError::not_found("in-process payment provider")))?;
+    let mode: ProviderMode = b
+        .mode
+        .parse()
+        .map_err(|_| bad("`mode` must be approve, decline or fail"))?;
+    p.set_mode(mode);
+    tracing::warn!(
+        mode = mode.as_str(),
+        "in-process payment provider mode changed"
+    );
+    Ok(Json(
+        json!({"provider": "in_process", "mode": mode.as_str()}),
+    ))
 }

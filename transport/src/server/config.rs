@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use dispatch_actors::SystemConfig;
-use dispatch_engine::{DispatchConfig, Grid, RateCards, SearchParams, StraightLineEta};
+use dispatch_actors::payments::ProviderMode;
+use dispatch_engine::{
+    DispatchConfig, Grid, PaymentTerms, Product, RateCard, RateCards, SearchParams,
+    StraightLineEta, SurgeConfig,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -87,6 +91,42 @@ pub struct Args {
     /// snapshots are not durable).
     #[arg(long, env = "DISPATCH_SNAPSHOT_INTERVAL_MS", default_value_t = 5_000)]
     pub snapshot_interval_ms: u64,
+    /// A JSON file of rate cards, in the shape of `GET /admin/pricing`. Used when no
+    /// operator has set pricing through `PUT /admin/pricing` (that, once set, is kept).
+    #[arg(long, env = "DISPATCH_PRICING_FILE")]
+    pub pricing_file: Option<PathBuf>,
+    /// The platform's commission on a fare, in basis points (2500 = 25%).
+    #[arg(long, env = "DISPATCH_COMMISSION_BPS", default_value_t = 2500)]
+    pub commission_bps: u32,
+    /// A rider's cancel this long after a driver was assigned costs the cancellation fee.
+    #[arg(long, env = "DISPATCH_CANCEL_GRACE_MS", default_value_t = 120_000)]
+    pub cancel_grace_ms: u64,
+    /// So does one this long after the driver arrived at the pickup.
+    #[arg(long, env = "DISPATCH_NO_SHOW_WAIT_MS", default_value_t = 300_000)]
+    pub no_show_wait_ms: u64,
+    /// What the in-process payment provider does: approve, decline (authorizations) or
+    /// fail (every request). It stands in for a card processor.
+    #[arg(
+        long,
+        env = "DISPATCH_PAYMENTS_PROVIDER_MODE",
+        default_value = "approve"
+    )]
+    pub payments_provider_mode: String,
+    /// H3 resolution of surge cells (coarser than --h3-resolution).
+    #[arg(long, env = "DISPATCH_SURGE_RESOLUTION", default_value_t = 6)]
+    pub surge_resolution: u8,
+    /// Requests in this window count as a surge cell's demand.
+    #[arg(long, env = "DISPATCH_SURGE_WINDOW_MS", default_value_t = 300_000)]
+    pub surge_window_ms: u64,
+    /// The highest surge multiplier.
+    #[arg(long, env = "DISPATCH_SURGE_CAP", default_value_t = 3.0)]
+    pub surge_cap: f64,
+    /// Surge multipliers move in steps of this size.
+    #[arg(long, env = "DISPATCH_SURGE_STEP", default_value_t = 0.1)]
+    pub surge_step: f64,
+    /// How often surge multipliers are recomputed.
+    #[arg(long, env = "DISPATCH_SURGE_UPDATE_MS", default_value_t = 10_000)]
+    pub surge_update_ms: u64,
     /// An actor message or client frame handled slower than this is logged as a warning
     /// naming the actor group and the message kind.
     #[arg(long, env = "DISPATCH_SLOW_HANDLER_MS", default_value_t = 250)]
@@ -191,10 +231,37 @@ impl Args {
                 "--admin-token must be at least 16 characters",
             )?;
         }
-        let rates = RateCards {
-            currency: self.currency.clone(),
-            ..RateCards::default()
+        let rates = match &self.pricing_file {
+            None => RateCards {
+                currency: self.currency.clone(),
+                ..RateCards::default()
+            },
+            Some(path) => pricing_file(path, &self.currency)?,
         };
+        let surge = SurgeConfig {
+            resolution: self.surge_resolution,
+            window_ms: self.surge_window_ms,
+            step: self.surge_step,
+            cap: self.surge_cap,
+            ..SurgeConfig::default()
+        };
+        surge.validate().map_err(|e| format!("--surge-*: {e}"))?;
+        check(
+            self.surge_resolution <= self.h3_resolution,
+            "--surge-resolution must not be finer than --h3-resolution",
+        )?;
+        check(
+            self.surge_update_ms >= 100,
+            "--surge-update-ms must be at least 100",
+        )?;
+        check(
+            self.commission_bps <= 10_000,
+            "--commission-bps must be from 0 to 10000",
+        )?;
+        let provider_mode: ProviderMode = self
+            .payments_provider_mode
+            .parse()
+            .map_err(|_| "--payments-provider-mode must be approve, decline or fail".to_owned())?;
         let system = SystemConfig {
             grid,
             search: SearchParams {
@@ -215,6 +282,17 @@ impl Args {
             quote_ttl_ms: self.quote_ttl_ms,
             ws_outbound_queue_max: self.ws_outbound_queue_max,
             snapshot_interval_ms: self.snapshot_interval_ms,
+            payments: PaymentTerms {
+                commission_bps: self.commission_bps,
+                cancel_grace_ms: self.cancel_grace_ms,
+                no_show_wait_ms: self.no_show_wait_ms,
+            },
+            provider_mode,
+            surge,
+            surge_update_ms: self.surge_update_ms,
+            // A test hook, deliberately not a flag: see `SystemConfig::crash_after_capture`.
+            crash_after_capture: std::env::var("DISPATCH_TEST_CRASH_AFTER").as_deref()
+                == Ok("capture"),
             ..SystemConfig::default()
         };
         Ok(Config {
@@ -233,6 +311,46 @@ impl Args {
             system,
         })
     }
+}
+
+/// Rate cards from a JSON file shaped like `GET /admin/pricing`, checked as `PUT` is.
+fn pricing_file(path: &std::path::Path, currency: &str) -> Result<RateCards, String> {
+    let at = |e: String| format!("--pricing-file {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
+    let file: PricingFile = serde_json::from_str(&text).map_err(|e| at(e.to_string()))?;
+    if file.currency != currency {
+        return Err(at(format!(
+            "currency {} is not --currency {currency}",
+            file.currency
+        )));
+    }
+    let p = file.products;
+    for (product, card) in [
+        (Product::Economy, &p.economy),
+        (Product::Xl, &p.xl),
+        (Product::Premium, &p.premium),
+    ] {
+        dispatch_actors::admin::check_rate(product, card).map_err(|e| at(e.message))?;
+    }
+    Ok(RateCards {
+        currency: currency.to_owned(),
+        economy: p.economy,
+        xl: p.xl,
+        premium: p.premium,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct PricingFile {
+    currency: String,
+    products: PricingProducts,
+}
+
+#[derive(serde::Deserialize)]
+struct PricingProducts {
+    economy: RateCard,
+    xl: RateCard,
+    premium: RateCard,
 }
 
 impl Config {

@@ -185,6 +185,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/quotes", post(quote))
         .route("/v1/trips/{id}", get(get_trip))
         .route("/v1/drivers/nearby", get(nearby))
+        .route("/v1/drivers/me/earnings", get(earnings))
         .route("/v1/ws/driver", get(ws::driver_upgrade))
         .route("/v1/ws/rider", get(ws::rider_upgrade))
         .route("/healthz", get(|| async { "ok" }))
@@ -440,4 +441,26 @@ async fn nearby(
             })
             .collect(),
     }))
+}
+
+/// A driver's own earnings: trips completed and money earned (fares less commission,
+/// plus cancellation fees), today (UTC) and in total.
+async fn earnings(
+    State(app): State<App>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let Identity::Driver(id) = &caller.0 else {
+        return Err(HttpError(ApiError::forbidden("this route is for drivers")));
+    };
+    let e = app.system.lock_books().earnings(id);
+    let now = app.system.clock.now_ms();
+    let today = dispatch_actors::payments::day_of(now);
+    let (trips_today, cents_today) = e.by_day.get(&today).copied().unwrap_or((0, 0));
+    let date = render::rfc3339(today * 86_400_000);
+    Ok(Json(serde_json::json!({
+        "driver_id": id.as_str(),
+        "currency": app.system.config.rates.currency,
+        "today": {"date": &date[..10], "trips": trips_today, "earnings_cents": cents_today},
+        "total": {"trips": e.trips, "earnings_cents": e.cents},
+    })))
 }

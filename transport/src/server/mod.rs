@@ -167,6 +167,8 @@ pub async fn run(
         tokio::spawn(async move {
             let mut snapshots = tokio::time::interval(every);
             let mut sweeps = tokio::time::interval(Duration::from_secs(30));
+            let mut surge =
+                tokio::time::interval(Duration::from_millis(config.system.surge_update_ms));
             loop {
                 tokio::select! {
                     // Thousands of records to encode: off the async workers.
@@ -175,6 +177,7 @@ pub async fn run(
                         let _ = tokio::task::spawn_blocking(move || system.snapshot_positions()).await;
                     }
                     _ = sweeps.tick() => { system.sweep_quotes(); }
+                    _ = surge.tick() => { system.update_surge(); }
                 }
             }
         })
