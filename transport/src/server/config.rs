@@ -367,6 +367,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pricing_file_sets_the_rate_cards_and_a_bad_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("dispatch-pricing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pricing.json");
+        let card = |base: i64| {
+            format!(
+                r#"{{"base_cents": {base}, "per_km_cents": 100, "per_minute_cents": 20, "minimum_cents": 600, "booking_fee_cents": 150, "cancellation_fee_cents": 400}}"#
+            )
+        };
+        let body = |currency: &str, base: i64| {
+            format!(
+                r#"{{"currency": "{currency}", "products": {{"economy": {}, "xl": {}, "premium": {}}}}}"#,
+                card(base),
+                card(base),
+                card(base)
+            )
+        };
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dispatchd", "--pricing-file", path.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv).build_and_validate()
+        };
+        std::fs::write(&path, body("USD", 300)).unwrap();
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.system.rates.economy.base_cents, 300);
+        assert_eq!(c.system.rates.xl.booking_fee_cents, 150);
+        // Another currency than --currency, a negative rate, a missing field: refused,
+        // naming the file.
+        let e = parse(&["--currency", "EUR"]).unwrap_err();
+        assert!(e.contains("--pricing-file") && e.contains("EUR"), "{e}");
+        std::fs::write(&path, body("USD", -1)).unwrap();
+        let e = parse(&[]).unwrap_err();
+        assert!(e.contains("products.economy.base_cents"), "{e}");
+        std::fs::write(&path, r#"{"currency": "USD", "products": {}}"#).unwrap();
+        assert!(parse(&[]).unwrap_err().contains("--pricing-file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn defaults_are_valid_and_bad_values_are_named() {
         let c = Config::defaults();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
