@@ -84,6 +84,8 @@ pub struct TripActorState {
 enum Step {
     Command(TripCommand, TripFrom, Option<Responder>),
     Search(Vec<DriverId>),
+    /// A refusal owed once the steps before it have been carried out (and sent).
+    Refuse(TripFrom, Responder, ApiError),
 }
 
 type Work = VecDeque<Step>;
@@ -124,6 +126,10 @@ impl TripActor {
             let (cmd, from, responder) = match step {
                 Step::Command(cmd, from, responder) => (cmd, from, responder),
                 Step::Search(exclude) => (self.search(s, exclude).await, TripFrom::System, None),
+                Step::Refuse(from, r, error) => {
+                    self.fail(s, &from, r, error);
+                    continue;
+                }
             };
             let now = self.system.clock.now_ms();
             let cfg = self.system.config.dispatch;
@@ -145,15 +151,15 @@ impl TripActor {
                         // Only an authorization can be declined: the assignment does not
                         // happen, and the trip is cancelled instead.
                         tracing::info!(trip_id = %s.rec.trip.id, reason = %why, "payment declined; cancelling the trip");
+                        // The refusal follows the cancel, so the app sees why first.
                         if let Some(r) = responder {
-                            self.fail(
-                                s,
-                                &from,
+                            work.push_front(Step::Refuse(
+                                from,
                                 r,
                                 ApiError::conflict(
                                     "the rider's payment was declined; the trip is cancelled",
                                 ),
-                            );
+                            ));
                         }
                         work.push_front(Step::Command(
                             TripCommand::Cancel {
