@@ -115,9 +115,9 @@ impl RateCards {
         }
     }
 
-    /// The fare for a trip of the estimated length: base + distance + time, times `surge`
-    /// (clamped to ≥ 1), rounded to the nearest minor unit and never below the product's
-    /// minimum, plus the booking fee. So it is monotone in distance and duration, never
+    /// The fare for a trip of the estimated length: base + distance + time rounded to the
+    /// nearest minor unit, times `surge` (clamped to ≥ 1) rounded down, never below the
+    /// product's minimum, plus the booking fee. So it is monotone in distance and duration, never
     /// below minimum + booking fee, and never more than `surge` × the fare without surge.
     pub fn quote(&self, product: Product, trip: EtaEstimate, surge: f64) -> FareQuote {
         let card = self.card(product);
@@ -126,7 +126,10 @@ impl RateCards {
         let raw = card.base_cents as f64
             + km * card.per_km_cents as f64
             + minutes * card.per_minute_cents as f64;
-        let surged = (raw * surge.max(1.0)).round() as i64;
+        // Surge multiplies the rounded fare and the result is rounded down, so a surged
+        // fare is never more than `surge` times the unsurged one. (The 1e-6 absorbs float
+        // noise: a whole number of cents times a tenth-step surge is a whole tenth.)
+        let surged = (raw.round() * surge.max(1.0) + 1e-6).floor() as i64;
         FareQuote {
             product,
             fare_cents: surged.max(card.minimum_cents) + card.booking_fee_cents,

@@ -64,6 +64,11 @@ impl SurgeConfig {
             self.cap.is_finite() && (1.0..=10.0).contains(&self.cap),
             "surge cap must be from 1.0 to 10.0",
         )?;
+        let steps = (self.cap - 1.0) / self.step;
+        ok(
+            (steps - steps.round()).abs() < 1e-6,
+            "surge cap must be 1.0 plus a whole number of steps",
+        )?;
         ok(
             self.smoothing.is_finite() && self.smoothing > 0.0 && self.smoothing <= 1.0,
             "surge smoothing must be in (0, 1]",
@@ -82,6 +87,13 @@ impl SurgeConfig {
     pub fn target(&self, demand: u32, supply: u32) -> f64 {
         let ratio = f64::from(demand) / f64::from(supply.max(1));
         (1.0 + self.sensitivity * (ratio - 1.0)).clamp(1.0, self.cap)
+    }
+
+    /// `m` rounded down to a step, within [1, cap].
+    pub fn stepped_down(&self, m: f64) -> f64 {
+        let steps = ((m - 1.0) / self.step + 1e-9).floor();
+        let v = ((1.0 + steps * self.step) * 1e6).round() / 1e6;
+        v.clamp(1.0, self.cap)
     }
 
     /// `m` rounded to the nearest step, within [1, cap].
@@ -186,9 +198,13 @@ impl SurgeBook {
                 c.requests.pop_front();
             }
             let demand = c.requests.len() as u32;
-            let target = cfg.target(demand, supply.get(cell).copied().unwrap_or(0));
+            // Toward the stepped target: a target between two steps is still reached.
+            let target = cfg.stepped(cfg.target(demand, supply.get(cell).copied().unwrap_or(0)));
             let moved = (target - c.level) * cfg.smoothing;
             c.level = (c.level + moved.clamp(-cfg.max_change, cfg.max_change)).clamp(1.0, cfg.cap);
+            if (c.level - target).abs() < 1e-9 {
+                c.level = target;
+            }
         }
         // A cell without demand whose multiplier shows as 1.0 again is forgotten.
         self.cells
@@ -234,9 +250,12 @@ impl SurgeBook {
         Ok(())
     }
 
-    /// Sets (`Some`) or lifts (`None`) the city-wide cap.
+    /// Sets (`Some`) or lifts (`None`) the city-wide cap, rounded down to a step (a cap is
+    /// never exceeded).
     pub fn set_city_cap(&mut self, cap: Option<f64>) -> Result<(), SurgeError> {
-        self.city_cap = cap.map(|c| self.check(c)).transpose()?;
+        self.city_cap = cap
+            .map(|c| self.check(c).map(|c| self.cfg.stepped_down(c)))
+            .transpose()?;
         Ok(())
     }
 

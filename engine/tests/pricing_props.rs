@@ -114,20 +114,20 @@ fn any_surge() -> impl Strategy<Value = f64> {
     ]
 }
 
-/// The exact fare of a whole-metre, whole-second trip at `tenths`/10 surge, with the
-/// fraction of `raw × surge` before rounding: `(fare, frac)`.
+/// The exact fare of a whole-metre, whole-second trip at `tenths`/10 surge: the raw fare
+/// rounded half up, times the surge rounded down, at least the minimum, plus the booking
+/// fee; with the fraction of the raw fare before rounding: `(fare, frac)`.
 fn exact_fare(card: &RateCard, distance_m: u64, duration_s: u64, tenths: i64) -> (i128, f64) {
     // raw × 60 000 = base × 60 000 + m × per_km × 60 + s × per_minute × 1 000.
     let raw_60k = i128::from(card.base_cents) * 60_000
         + i128::from(distance_m) * i128::from(card.per_km_cents) * 60
         + i128::from(duration_s) * i128::from(card.per_minute_cents) * 1_000;
-    let num = raw_60k * i128::from(tenths);
-    let den = 600_000i128;
-    let whole = num / den;
-    let frac = (num % den) as f64 / den as f64;
+    let whole = raw_60k / 60_000;
+    let frac = (raw_60k % 60_000) as f64 / 60_000.0;
     let rounded = if frac >= 0.5 { whole + 1 } else { whole };
+    let surged = rounded * i128::from(tenths) / 10;
     (
-        rounded.max(i128::from(card.minimum_cents)) + i128::from(card.booking_fee_cents),
+        surged.max(i128::from(card.minimum_cents)) + i128::from(card.booking_fee_cents),
         frac,
     )
 }
