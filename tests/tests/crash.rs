@@ -6,7 +6,8 @@
 //!   rides through every state, a SIGKILL at a seeded moment while rides are in flight,
 //!   and a restart: every transition a client saw (every `trip_update`, every `ack`) is
 //!   still there, no trip is in two states, welcomes show each driver's trip or offer, and
-//!   every live trip can be driven to its end. `CRASH_SEED=<n>` replays one round;
+//!   every live trip can be driven to its end; then the books balance with nothing held,
+//!   and every completed trip was captured exactly once. `CRASH_SEED=<n>` replays one round;
 //!   `CRASH_ROUNDS=<k>` runs more (or fewer) rounds with fresh seeds.
 //! - `a_clean_restart_keeps_every_live_trip_offer_token_and_quote`
 //! - `a_dispatch_deadline_that_passed_while_down_ends_the_trip`
@@ -1512,6 +1513,7 @@ async fn crash_round(round: usize, seed: u64) {
             resumed += 1;
         }
     }
+    check_money(&server, &data, owner.keys(), &tag).await;
     let last_log = server.stop().await;
     for a in apps {
         tokio::time::timeout(WAIT, a)
@@ -1530,6 +1532,63 @@ async fn crash_round(round: usize, seed: u64) {
         quote_trips.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Once every trip has ended: the books balance with nothing left held or in clearing,
+/// every completed trip was authorized and captured exactly once (a SIGKILL between the
+/// provider's capture and the commit must not lose it or double it), and no other trip
+/// was charged a fare.
+async fn check_money<'a>(
+    server: &Server,
+    data: &Path,
+    trips: impl Iterator<Item = &'a String>,
+    tag: &str,
+) {
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap_or_else(|e| panic!("{tag} the generated admin.token: {e}"));
+    let admin = admin.trim();
+    let (st, books) = server.get("/admin/ledger", Some(admin)).await;
+    assert_eq!(st, 200, "{tag} GET /admin/ledger: {books}");
+    let a = &books["accounts"];
+    assert_eq!(
+        (
+            &books["balanced"],
+            &books["total_cents"],
+            &a["clearing"],
+            &a["authorizations"],
+            &a["rider_holds"],
+        ),
+        (&json!(true), &json!(0), &json!(0), &json!(0), &json!(0)),
+        "{tag} the books after every trip ended: {books}"
+    );
+    for id in trips {
+        let (st, t) = server.get(&format!("/admin/trips/{id}"), Some(admin)).await;
+        assert_eq!(st, 200, "{tag} GET /admin/trips/{id}: {t}");
+        let steps: Vec<&str> = t["payments"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["step"].as_str()).collect())
+            .unwrap_or_default();
+        let n = |step: &str| steps.iter().filter(|s| **s == step).count();
+        let settled = n("capture") + n("cancel_fee") + n("release");
+        assert!(
+            n("authorize") <= 1 && settled == n("authorize"),
+            "{tag} trip {id}: payment steps {steps:?}"
+        );
+        if t["trip"]["state"] == "completed" {
+            assert_eq!(
+                (n("authorize"), n("capture")),
+                (1, 1),
+                "{tag} completed trip {id}: payment steps {steps:?}"
+            );
+        } else {
+            assert_eq!(
+                n("capture"),
+                0,
+                "{tag} trip {id} ({}) captured: {steps:?}",
+                t["trip"]["state"]
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
