@@ -342,3 +342,43 @@ async fn the_server_stays_responsive_while_trips_find_no_driver() {
     let status = wait_exit(&mut child.0, WAIT);
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
+
+/// `--admin-listen`: `/admin/` and `/metrics` move to their own address (for the cluster
+/// network only); the client address no longer serves them, and still serves clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listen_serves_admin_and_metrics_apart_from_clients() {
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let (mut child, listen) = start_binary(&["--admin-listen", &admin_addr]).await;
+    let token =
+        std::fs::read_to_string(child.1.path().join("admin.token")).expect("admin.token written");
+    let token = token.trim();
+    let http = reqwest::Client::new();
+    let get = |base: &str, path: &str| {
+        let r = http.get(format!("http://{base}{path}")).bearer_auth(token);
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    // Clients: their routes, health, and no operator routes.
+    assert_eq!(get(&listen, "/admin/stats").await, 404);
+    assert_eq!(get(&listen, "/metrics").await, 404);
+    assert_eq!(get(&listen, "/readyz").await, 200);
+    let r = http
+        .post(format!("http://{listen}/v1/riders"))
+        .json(&json!({"name": "Apart", "phone": "+1 555 0100"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Operators: admin, metrics and health, and no client routes.
+    assert_eq!(get(&admin_addr, "/admin/stats").await, 200);
+    assert_eq!(get(&admin_addr, "/metrics").await, 200);
+    assert_eq!(get(&admin_addr, "/healthz").await, 200);
+    let r = http
+        .post(format!("http://{admin_addr}/v1/riders"))
+        .json(&json!({"name": "Wrong door", "phone": "+1 555 0100"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    sigterm(&child.0);
+    assert_eq!(wait_exit(&mut child.0, WAIT).code(), Some(0));
+}

@@ -26,6 +26,11 @@ pub struct Args {
     /// Address to listen on for REST and WebSocket clients.
     #[arg(long, env = "DISPATCH_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// A separate address for `/admin/` and `/metrics` (plus `/healthz`, `/readyz`), so
+    /// that only the cluster network reaches them; the client address then serves
+    /// neither. Unset: everything on `--listen`.
+    #[arg(long, env = "DISPATCH_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Directory for the engine's state.
     #[arg(long, env = "DISPATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -140,6 +145,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
@@ -295,8 +301,15 @@ impl Args {
                 == Ok("capture"),
             ..SystemConfig::default()
         };
+        if let Some(a) = self.admin_listen {
+            check(
+                a != self.listen || a.port() == 0,
+                "--admin-listen must differ from --listen",
+            )?;
+        }
         Ok(Config {
             listen: self.listen,
+            admin_listen: self.admin_listen,
             data_dir: self.data_dir,
             admin_token: self.admin_token,
             log_format: self.log_format,

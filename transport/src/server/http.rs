@@ -178,8 +178,10 @@ fn text(s: &str, field: &str, max_chars: usize) -> Result<String, HttpError> {
     Ok(t.to_owned())
 }
 
+/// The client routes, and with them the operator routes (`/admin/`, `/metrics`) unless
+/// `--admin-listen` serves those on an address of their own.
 pub fn router(app: App) -> Router {
-    Router::new()
+    let clients = Router::new()
         .route("/v1/riders", post(register_rider))
         .route("/v1/drivers", post(register_driver))
         .route("/v1/quotes", post(quote))
@@ -187,11 +189,31 @@ pub fn router(app: App) -> Router {
         .route("/v1/drivers/nearby", get(nearby))
         .route("/v1/drivers/me/earnings", get(earnings))
         .route("/v1/ws/driver", get(ws::driver_upgrade))
-        .route("/v1/ws/rider", get(ws::rider_upgrade))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/v1/ws/rider", get(ws::rider_upgrade));
+    let routes = if app.config.admin_listen.is_some() {
+        clients
+    } else {
+        clients.merge(operator_routes())
+    };
+    finish(routes, app)
+}
+
+/// The operator routes alone, for `--admin-listen`.
+pub fn admin_router(app: App) -> Router {
+    finish(operator_routes(), app)
+}
+
+fn operator_routes() -> Router<App> {
+    Router::new()
         .route("/metrics", get(metrics))
         .merge(admin::routes())
+}
+
+/// Health, the JSON fallbacks and request counting, on either listener.
+fn finish(routes: Router<App>, app: App) -> Router {
+    routes
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such route")) })
         .method_not_allowed_fallback(|| async {
             let mut r = HttpError(ApiError::new(

@@ -184,6 +184,25 @@ pub async fn run(
     };
 
     let router = http::router(app.clone());
+    // The operator routes on their own address, stopping with the rest.
+    let admin_server = match config.admin_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--admin-listen): {e}"))?;
+            tracing::info!(admin_listen = %l.local_addr()?, "admin and metrics served apart");
+            let mut stop = app.shutdown.clone();
+            let admin = http::admin_router(app.clone());
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(l, admin)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }))
+        }
+    };
     let app2 = app.clone();
     let recovery_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let recovery_error2 = recovery_error.clone();
@@ -214,6 +233,9 @@ pub async fn run(
     };
     recovery.abort();
     upkeep.abort();
+    if let Some(a) = admin_server {
+        a.abort();
+    }
     // Actors stop, the last positions are written, and everything queued is flushed.
     system.shutdown().await;
     if let Some(e) = recovery_error.lock().unwrap().take() {
