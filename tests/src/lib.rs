@@ -746,3 +746,152 @@ impl TestServer {
             .await
     }
 }
+
+/// The UTC calendar date (`2026-01-02`) of Unix milliseconds `ms`.
+pub fn utc_date(ms: u64) -> String {
+    // Civil from days (Howard Hinnant), the inverse of the one in [`rfc3339_ms`].
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The real `dispatchd` binary as a child process on a given `--data-dir`, with its own
+/// environment (for test hooks such as `DISPATCH_TEST_CRASH_AFTER`). Its output goes to a
+/// log file; dropping it kills the process if it still runs.
+pub struct Dispatchd {
+    pub child: std::process::Child,
+    pub listen: String,
+    pub log: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl Drop for Dispatchd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Dispatchd {
+    /// Starts `dispatchd --listen <a free port> --data-dir <data> <flags>` with `env` set
+    /// and no other `DISPATCH_TEST_*` hook, its output in `<logs>/<name>.log`, and waits
+    /// until `/readyz` is 200 (retrying on another port if the one chosen was taken).
+    pub async fn start(
+        name: &str,
+        data: &std::path::Path,
+        logs: &std::path::Path,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Dispatchd {
+        let bin = built_dispatchd();
+        for attempt in 0.. {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let log = logs.join(format!("{name}-{attempt}.log"));
+            let out = std::fs::File::create(&log).expect("create the log file");
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+                .arg(data)
+                .args(flags)
+                .env_remove("DISPATCH_TEST_CRASH_AFTER")
+                .envs(env.iter().copied())
+                .stdin(std::process::Stdio::null())
+                .stderr(out.try_clone().expect("clone the log handle"))
+                .stdout(out);
+            let mut s = Dispatchd {
+                child: cmd.spawn().expect("spawn dispatchd"),
+                listen: format!("127.0.0.1:{port}"),
+                log,
+                http: reqwest::Client::builder()
+                    .timeout(WAIT)
+                    .build()
+                    .expect("an HTTP client"),
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(r) = s.http.get(s.url("/readyz")).send().await
+                    && r.status() == 200
+                {
+                    return s;
+                }
+                if let Some(st) = s.child.try_wait().expect("try_wait") {
+                    let log = s.log_text();
+                    assert!(
+                        attempt < 3 && log.contains("cannot listen"),
+                        "{name}: dispatchd exited ({st}) before it was ready\n--- log ---\n{log}"
+                    );
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name}: dispatchd not ready in 30 s\n--- log ---\n{}",
+                    s.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        unreachable!()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.listen)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.listen)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Any request with an optional JSON body: (status, JSON body or null).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self.http.request(method.clone(), self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits for the process to end by itself (not killed by the test); its exit status.
+    pub async fn exited_within(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "dispatchd still runs after {within:?}\n--- log ---\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
