@@ -83,6 +83,15 @@ impl SurgeConfig {
         )
     }
 
+    /// The surge cell of a (finer) matching cell: its parent at the surge resolution;
+    /// itself when already as coarse.
+    pub fn surge_cell(&self, cell: CellId) -> CellId {
+        match h3o::Resolution::try_from(self.resolution) {
+            Ok(res) => cell.parent(res).unwrap_or(cell),
+            Err(_) => cell,
+        }
+    }
+
     /// The multiplier `demand` requests over `supply` available drivers ask for.
     pub fn target(&self, demand: u32, supply: u32) -> f64 {
         let ratio = f64::from(demand) / f64::from(supply.max(1));
@@ -163,8 +172,7 @@ impl SurgeBook {
 
     /// The surge cell of a (finer) matching cell; itself when already as coarse.
     pub fn surge_cell(&self, cell: CellId) -> CellId {
-        let res = h3o::Resolution::try_from(self.cfg.resolution).expect("validated");
-        cell.parent(res).unwrap_or(cell)
+        self.cfg.surge_cell(cell)
     }
 
     fn check(&self, m: f64) -> Result<f64, SurgeError> {
@@ -180,7 +188,13 @@ impl SurgeBook {
 
     /// A ride was requested at `pickup`.
     pub fn record_request(&mut self, pickup: Point, now_ms: u64) {
-        let cell = self.cell_of(pickup);
+        self.record_request_in(self.cell_of(pickup), now_ms);
+    }
+
+    /// A ride was requested in surge cell `cell`. (H3 is not exactly nested: a caller
+    /// that works in matching cells passes `surge_cell(matching cell)` here and to
+    /// `multiplier`, so a matching cell always has one surge cell.)
+    pub fn record_request_in(&mut self, cell: CellId, now_ms: u64) {
         let c = self.cells.entry(cell).or_insert_with(|| CellSurge {
             requests: VecDeque::new(),
             level: 1.0,

@@ -703,8 +703,17 @@ async fn surge(_: Admin, State(app): State<App>) -> Json<Value> {
     Json(surge_json(&app))
 }
 
+/// A field that must be present but may be `null` (a missing one is `bad_request`, so a
+/// misspelt name never reads as "unset").
+fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
 #[derive(Debug, Deserialize)]
 struct CapBody {
+    #[serde(deserialize_with = "nullable")]
     city_cap: Option<f64>,
 }
 
@@ -719,6 +728,7 @@ async fn set_surge_cap(
 
 #[derive(Debug, Deserialize)]
 struct PinBody {
+    #[serde(deserialize_with = "nullable")]
     multiplier: Option<f64>,
 }
 

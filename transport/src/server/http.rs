@@ -105,6 +105,10 @@ impl<T: DeserializeOwned> FromRequest<App> for JsonBody<T> {
 /// Decodes a JSON body; a field of the wrong type is named by its path
 /// (`products.xl.base_cents: invalid type …`).
 pub fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
+    // Every body is an object: serde would read an array into a struct field by field.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(bad("the body must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
