@@ -302,6 +302,16 @@ def check_dockerfile(help_env: set[str]) -> dict:
     C.ok(not missing, f"the build context has Cargo.toml, Cargo.lock and every workspace member {members}",
          f"not allowed in .dockerignore: {missing}")
     C.ok("**/target" in lines, "target/ directories stay out of the context")
+    # The context as that allowlist leaves it must be a whole workspace with its lock file.
+    with tempfile.TemporaryDirectory(prefix="dispatchd-context-") as ctx:
+        for a in sorted(allowed):
+            src = ROOT / a
+            if src.is_dir():
+                shutil.copytree(src, Path(ctx) / a, ignore=shutil.ignore_patterns("target", "admin.token"))
+            elif src.exists():
+                shutil.copy(src, Path(ctx) / a)
+        r = run(["cargo", "metadata", "--locked", "--offline", "--no-deps", "--format-version", "1"], cwd=ctx)
+        C.ok(r.returncode == 0, "in that context `cargo metadata --locked` reads a whole workspace", r.stderr.strip()[-2000:])
     return {"uid": int(uid) if uid.isdigit() else 0, "healthcheck": source[1] if source else None}
 
 
