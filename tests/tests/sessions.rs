@@ -387,3 +387,37 @@ async fn a_driver_freed_after_its_grace_period_goes_offline() {
     assert_eq!((status, offer, t), (DriverStatus::Offline, None, None));
     s.stop().await.unwrap();
 }
+
+/// The server pings every `--ws-ping-interval-ms`: a client that reads (and so answers
+/// pings) stays connected while it says nothing; one that stopped answering is
+/// disconnected after three intervals, counted as `ws_idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_stays_and_a_silent_one_is_dropped_after_three_pings() {
+    let s = TestServer::start(&["--ws-ping-interval-ms", "100"]).await;
+    let (_, _, mut silent) = s.connected_rider("Silent").await;
+    let (_, _, mut quiet) = s.connected_rider("Quiet").await;
+    // `quiet` reads for 1.5 s (10+ intervals) and answers every ping; `silent` reads
+    // nothing meanwhile, so its pings go unanswered.
+    let stayed =
+        tokio::time::timeout(std::time::Duration::from_millis(1_500), quiet.closed_with()).await;
+    assert!(
+        stayed.is_err(),
+        "a reading client was disconnected: {stayed:?}"
+    );
+    s.wait_sessions("rider", 1).await;
+    // Its socket ends: a 1001 close frame, or a reset when its queued pongs hit the
+    // closed connection first.
+    let end = silent.closed_with().await;
+    assert!(matches!(end, Some(1001) | None), "{end:?}");
+    assert!(
+        s.metric("dispatch_bound_hits_total{bound=\"ws_idle_timeout\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    // The quiet one is still served.
+    quiet
+        .ok(json!({"type": "location", "lat": PICKUP.0, "lng": PICKUP.1, "ts": 1}))
+        .await;
+    s.stop().await.unwrap();
+}

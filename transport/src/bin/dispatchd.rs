@@ -31,6 +31,17 @@ fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
+    // Every WebSocket session is a file: take the whole hard limit (containers often start
+    // with a soft limit of 1024), and say so when it cannot cover --max-connections.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < config.max_connections as u64 + 64 => tracing::warn!(
+            open_files = n,
+            max_connections = config.max_connections,
+            "the open-file limit is below --max-connections; sessions past it will fail"
+        ),
+        Ok(n) => tracing::info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -68,6 +68,11 @@ pub struct Args {
     /// Messages queued for one session before it is considered stuck and closed (1008).
     #[arg(long, env = "DISPATCH_WS_OUTBOUND_QUEUE_MAX", default_value_t = 256)]
     pub ws_outbound_queue_max: usize,
+    /// How often the server pings each WebSocket client (keeps proxies and NATs from
+    /// dropping a quiet session). A client not heard from (any frame, pongs included) for
+    /// three intervals is disconnected. 0 turns pings off.
+    #[arg(long, env = "DISPATCH_WS_PING_INTERVAL_MS", default_value_t = 25_000)]
+    pub ws_ping_interval_ms: u64,
     /// Open WebSocket sessions at most; upgrades past it get 503.
     #[arg(long, env = "DISPATCH_MAX_CONNECTIONS", default_value_t = 19_000)]
     pub max_connections: usize,
@@ -146,6 +151,7 @@ pub struct Args {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    pub ws_ping_interval_ms: u64,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
@@ -310,6 +316,7 @@ impl Args {
         Ok(Config {
             listen: self.listen,
             admin_listen: self.admin_listen,
+            ws_ping_interval_ms: self.ws_ping_interval_ms,
             data_dir: self.data_dir,
             admin_token: self.admin_token,
             log_format: self.log_format,

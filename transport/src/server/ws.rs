@@ -3,7 +3,8 @@
 //! messages, connections), and a writer that drains the session's bounded queue.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -229,7 +230,14 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     }
     app.transport.sessions.with_label_values(&[label]).inc();
     app.metrics.started("session");
-    let writer = tokio::spawn(write_loop(app.clone(), sink, inbox, label));
+    let heard = Arc::new(AtomicU64::new(app.system.clock.now_ms()));
+    let writer = tokio::spawn(write_loop(
+        app.clone(),
+        sink,
+        inbox,
+        label,
+        (handle.clone(), heard.clone()),
+    ));
 
     let mut bad = BadWindow {
         limit: app.config.bad_message_limit,
@@ -249,6 +257,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             _ = handle.closed() => None,
         };
         let Some(Ok(frame)) = frame else { break };
+        heard.store(app.system.clock.now_ms(), Ordering::Relaxed);
         match frame {
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => break,
@@ -413,8 +422,14 @@ async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     inbox: SessionInbox,
     label: &'static str,
+    (handle, heard): (SessionHandle, Arc<AtomicU64>),
 ) {
     let (mut rx, closed) = inbox.into_parts();
+    // Pings keep a quiet session alive through proxies; a client silent for three
+    // intervals is gone (a phone that lost its network sends no close).
+    let every = app.config.ws_ping_interval_ms;
+    let mut pings = tokio::time::interval(Duration::from_millis(every.max(1)));
+    pings.tick().await;
     let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
     let mut shutdown = app.shutdown.clone();
     let close = |code: u16, reason: &'static str| {
@@ -438,6 +453,16 @@ async fn write_loop(
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                 let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
                 break;
+            }
+            _ = pings.tick(), if every > 0 => {
+                let silent = app.system.clock.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
+                if silent > 3 * every {
+                    app.metrics.bound_hit("ws_idle_timeout");
+                    tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
+                    handle.close(CLOSE_GOING_AWAY);
+                } else if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
             }
             m = rx.recv() => {
                 let Some(m) = m else { break };
