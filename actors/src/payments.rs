@@ -180,7 +180,8 @@ pub struct Books {
     entries: u64,
 }
 
-const DAY_MS: u64 = 86_400_000;
+/// A UTC day, in milliseconds.
+pub const DAY_MS: u64 = 86_400_000;
 
 impl Books {
     /// Adds a committed entry.
@@ -193,7 +194,7 @@ impl Books {
                 let completed = u64::from(e.key.step == Step::Capture);
                 earned.trips += completed;
                 earned.cents += p.amount_cents;
-                let day = earned.by_day.entry(e.at_ms / DAY_MS).or_default();
+                let day = earned.by_day.entry(day_of(e.at_ms)).or_default();
                 day.0 += completed;
                 day.1 += p.amount_cents;
             }

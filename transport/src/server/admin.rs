@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use dispatch_actors::admin::{CellRow, DriverFilter, TripFilter};
+use dispatch_actors::metrics::DRIVER_STATUSES;
 use dispatch_actors::payments::ProviderMode;
 use dispatch_actors::registry::{DriverRecord, RiderRecord};
 use dispatch_actors::views::TripView;
@@ -249,8 +250,6 @@ struct DriversQuery {
     cursor: Option<String>,
 }
 
-const STATUSES: [&str; 5] = ["offline", "available", "offered", "on_trip", "suspended"];
-
 fn product_param(v: &Option<String>) -> Result<Option<Product>, HttpError> {
     v.as_deref()
         .map(|p| {
@@ -267,12 +266,12 @@ async fn drivers(
 ) -> Result<Json<Value>, HttpError> {
     let status = match q.status.as_deref() {
         None => None,
-        Some(s) => Some(
-            *STATUSES
-                .iter()
-                .find(|x| **x == s)
-                .ok_or_else(|| bad(format!("`status` must be one of {}", STATUSES.join(", "))))?,
-        ),
+        Some(s) => Some(*DRIVER_STATUSES.iter().find(|x| **x == s).ok_or_else(|| {
+            bad(format!(
+                "`status` must be one of {}",
+                DRIVER_STATUSES.join(", ")
+            ))
+        })?),
     };
     let grid_res = app.system.config.grid.resolution();
     let cell = match q.cell.as_deref() {

@@ -482,7 +482,7 @@ async fn earnings(
     let now = app.system.clock.now_ms();
     let today = dispatch_actors::payments::day_of(now);
     let (trips_today, cents_today) = e.by_day.get(&today).copied().unwrap_or((0, 0));
-    let date = render::rfc3339(today * 86_400_000);
+    let date = render::rfc3339(today * dispatch_actors::payments::DAY_MS);
     Ok(Json(serde_json::json!({
         "driver_id": id.as_str(),
         "currency": app.system.config.rates.currency,
