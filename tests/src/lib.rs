@@ -774,10 +774,16 @@ pub struct Dispatchd {
 
 impl Drop for Dispatchd {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        reap(&mut self.child);
+    }
+}
+
+/// Kills a child that is still running and waits for it: for the `Drop` guards that keep
+/// a failed test from leaving a server behind.
+pub fn reap(child: &mut std::process::Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -2022,10 +2022,7 @@ struct Dispatchd {
 
 impl Drop for Dispatchd {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        dispatch_tests::reap(&mut self.child);
     }
 }
 

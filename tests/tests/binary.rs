@@ -25,10 +25,7 @@ struct Reaper(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+        dispatch_tests::reap(&mut self.0);
     }
 }
 

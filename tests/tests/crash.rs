@@ -80,10 +80,7 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        dispatch_tests::reap(&mut self.child);
     }
 }
 
