@@ -373,10 +373,12 @@ impl System {
         let Some(actor) = self.registry.trip(id) else {
             return match self.trip_view(id).await? {
                 None => Err(ApiError::not_found("trip")),
-                Some(v) => Err(ApiError::conflict(format!(
+                Some(v) if v.state.is_final() => Err(ApiError::conflict(format!(
                     "the trip has already ended ({})",
                     v.state.as_str()
                 ))),
+                // Live, but its actor is being restarted by its supervisor.
+                Some(_) => Err(ApiError::unavailable("the trip is restarting; retry")),
             };
         };
         let (responder, answer) = Responder::channel();
