@@ -258,15 +258,11 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         };
         let Some(Ok(frame)) = frame else { break };
         heard.store(app.system.clock.now_ms(), Ordering::Relaxed);
-        match frame {
-            Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(_) => break,
-            _ => {}
-        }
-        let mut handling = app.metrics.handling("session", "invalid");
         let is_bad = match frame {
             Message::Text(text) => {
                 received.inc();
+                // Timed and counted as a message of its kind once decoded.
+                let mut handling = app.metrics.handling("session", "invalid");
                 if text.len() > app.config.max_frame_bytes {
                     app.metrics.bound_hit("ws_frame_bytes");
                     reply_error(
@@ -289,6 +285,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             }
             Message::Binary(_) => {
                 received.inc();
+                let _handling = app.metrics.handling("session", "invalid");
                 reply_error(
                     &handle,
                     None,
@@ -299,10 +296,10 @@ async fn session(app: App, socket: WebSocket, role: Role) {
                 );
                 true
             }
-            Message::Ping(_) | Message::Pong(_) => false,
+            // Control frames: heard from (above), not client messages.
+            Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => break,
         };
-        drop(handling);
         if is_bad && bad.hit() {
             app.metrics.bound_hit("bad_messages");
             tracing::info!(
