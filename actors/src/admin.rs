@@ -464,10 +464,9 @@ impl System {
                 available_drivers: available as u64,
                 busy_drivers: (total - available) as u64,
                 open_requests: open,
-                surge: {
-                    let book = self.lock_surge();
-                    book.multiplier(book.surge_cell(cell))
-                },
+                surge: self
+                    .lock_surge()
+                    .multiplier(self.config.surge.surge_cell(cell)),
             });
         }
         Page { items, next }

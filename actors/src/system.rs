@@ -211,26 +211,27 @@ impl System {
         self.books.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The surge cell of a point: the parent of its matching cell, so that quotes, demand,
+    /// supply and the admin cell table agree (H3 is not exactly nested).
+    pub fn surge_cell_of(&self, p: Point) -> CellId {
+        self.config.surge.surge_cell(self.config.grid.cell_of(p))
+    }
+
     /// A ride was requested at `pickup`: demand for surge.
     pub fn record_request(&self, pickup: Point) {
-        let now = self.clock.now_ms();
-        let mut book = self.lock_surge();
-        let cell = book.surge_cell(self.config.grid.cell_of(pickup));
-        book.record_request_in(cell, now);
+        let (cell, now) = (self.surge_cell_of(pickup), self.clock.now_ms());
+        self.lock_surge().record_request_in(cell, now);
     }
 
     /// Recomputes surge from the requests in the window and the drivers available now.
     pub fn update_surge(&self) {
         let mut supply: std::collections::HashMap<CellId, u32> = std::collections::HashMap::new();
         let now = self.clock.now_ms();
-        // Each matching cell belongs to the surge cell that is its parent (as quotes and
-        // the admin cell table see it).
-        let (grid, surge) = (self.config.grid, self.config.surge);
         for d in self.registry.driver_records.iter() {
             if d.status == DriverStatus::Available
                 && let Some(p) = d.position
             {
-                *supply.entry(surge.surge_cell(grid.cell_of(p))).or_default() += 1;
+                *supply.entry(self.surge_cell_of(p)).or_default() += 1;
             }
         }
         let mut book = self.lock_surge();
@@ -447,10 +448,8 @@ impl System {
     ) -> Quote {
         let now = self.clock.now_ms();
         let route = self.config.eta.estimate(pickup, dropoff);
-        let surge = {
-            let book = self.lock_surge();
-            book.multiplier(book.surge_cell(self.config.grid.cell_of(pickup)))
-        };
+        let cell = self.surge_cell_of(pickup);
+        let surge = self.lock_surge().multiplier(cell);
         self.metrics.quote_surge.observe(surge);
         let fare = self.rates().quote(product, route, surge);
         Quote {
