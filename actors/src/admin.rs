@@ -634,11 +634,7 @@ impl System {
                 tracing::error!(error = %e, "refund entry not stored");
                 ApiError::unavailable("the refund could not be stored; retry")
             })?;
-        self.metrics
-            .ledger_entries
-            .with_label_values(&["refund"])
-            .inc();
-        self.lock_books().add(&entry);
+        self.entry_written(&entry);
         tracing::info!(trip_id = %id, amount, "refund");
         Ok(entry)
     }

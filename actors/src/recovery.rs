@@ -95,6 +95,7 @@ impl System {
 
         let mut live: HashMap<TripId, StoredTrip> = HashMap::new();
         let mut expired = Batch::new();
+        let mut expired_entries = Vec::new();
         for mut t in loaded.trips {
             if !t.trip.state().is_final()
                 && t.trip.state() == TripState::Dispatching
@@ -126,7 +127,7 @@ impl System {
                     if let Some(e) =
                         money.release(&t.trip.id, &t.trip.rider_id, &t.trip.quote.currency, now)
                     {
-                        self.lock_books().add(&e);
+                        expired_entries.push(e.clone());
                         expired = expired.ledger(e);
                     }
                     stats.expired_trips += 1;
@@ -141,6 +142,9 @@ impl System {
             live.insert(t.trip.id.clone(), t);
         }
         self.store.commit(expired).await?;
+        for e in &expired_entries {
+            self.entry_written(e);
+        }
         let mut on_trip: HashMap<DriverId, TripId> = HashMap::new();
         let mut offered: HashMap<DriverId, TripId> = HashMap::new();
         let mut active: HashMap<RiderId, TripId> = HashMap::new();

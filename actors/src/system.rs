@@ -211,6 +211,15 @@ impl System {
         self.books.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A ledger entry is on disk: count it and add it to the live balances.
+    pub fn entry_written(&self, e: &dispatch_engine::Entry) {
+        self.metrics
+            .ledger_entries
+            .with_label_values(&[e.key.step.kind()])
+            .inc();
+        self.lock_books().add(e);
+    }
+
     /// The surge cell of a point: the parent of its matching cell, so that quotes, demand,
     /// supply and the admin cell table agree (H3 is not exactly nested).
     pub fn surge_cell_of(&self, p: Point) -> CellId {

@@ -405,10 +405,7 @@ impl TripActor {
             return Err(format!("trip {trip_id}: store write failed: {e}").into());
         }
         if let Some(e) = entry {
-            m.ledger_entries
-                .with_label_values(&[e.key.step.kind()])
-                .inc();
-            self.system.lock_books().add(&e);
+            self.system.entry_written(&e);
             s.rec.entries.push(e);
         }
         reg.trip_records.insert(trip_id.clone(), s.rec.clone());
