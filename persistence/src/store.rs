@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -62,6 +63,8 @@ pub enum StoreError {
     Io { dir: PathBuf, source: sled::Error },
     #[error("the store is closed")]
     Closed,
+    #[error("the database in {dir} is being reopened after a failed write")]
+    Unavailable { dir: PathBuf },
 }
 
 /// Writes that must land together, in this order.
@@ -180,14 +183,46 @@ struct Trees {
     provider: sled::Tree,
 }
 
+/// One open sled database.
+struct Handles {
+    db: sled::Db,
+    trees: Trees,
+    /// sled's data file, for the fsync sled 0.34 does not do itself.
+    data_file: std::fs::File,
+}
+
+/// The database in use, or none while a failed write's database is being reopened.
+/// sled 0.34 keeps the first I/O error for good (every later operation returns it), so
+/// after a write fails (a full disk, say) the writer drops the database and opens it
+/// again from disk: writes answer errors until that works, and resume once it does.
+type Shared = Arc<RwLock<Option<Arc<Handles>>>>;
+
 /// The open store. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: sled::Db,
     dir: PathBuf,
-    trees: Trees,
+    shared: Shared,
+    faults: Arc<Faults>,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
+
+/// Injected storage faults, for tests of what the server does when its disk fails
+/// (`Store::faults`). Off unless a test turns them on; nothing on the network can.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_writes: AtomicBool,
+}
+
+impl Faults {
+    /// While on, every group commit fails as a full disk would, before anything is
+    /// applied.
+    pub fn fail_writes(&self, on: bool) {
+        self.fail_writes.store(on, Ordering::SeqCst);
+    }
+}
+
+/// How often a store whose database could not be reopened tries again.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// sled's page cache, in bytes.
 pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -214,96 +249,46 @@ impl Store {
         dir: &Path,
         on_flush: impl Fn(FlushStats) + Send + 'static,
     ) -> Result<Store, StoreError> {
-        // No background flusher: the writer thread flushes after every group, and a
-        // flusher thread would hold the directory's lock for a moment after close.
-        // sled's page cache defaults to 1 GiB; the live state is served from memory by
-        // the actors, so the store needs little cache of its own.
-        let config = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(CACHE_BYTES);
-        // A lock held by a process (or handle) that is just exiting is let go within
-        // moments; one held by a running server is not, and is reported as locked.
-        let deadline = Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if e.to_string().contains("could not acquire lock") => {
-                    if Instant::now() >= deadline {
-                        return Err(StoreError::Locked {
-                            dir: dir.to_owned(),
-                        });
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(StoreError::Open {
-                        dir: dir.to_owned(),
-                        source: e,
-                    });
-                }
-            }
-        };
-        let io = |e| StoreError::Io {
-            dir: dir.to_owned(),
-            source: e,
-        };
-        let trees = Trees {
-            drivers: db.open_tree("drivers").map_err(io)?,
-            riders: db.open_tree("riders").map_err(io)?,
-            trips: db.open_tree("trips").map_err(io)?,
-            journal: db.open_tree("journal").map_err(io)?,
-            quotes: db.open_tree("quotes").map_err(io)?,
-            meta: db.open_tree("meta").map_err(io)?,
-            ledger: db.open_tree("ledger").map_err(io)?,
-            provider: db.open_tree("provider").map_err(io)?,
-        };
-        match trees.meta.get("format").map_err(io)? {
-            Some(v) => {
-                let found = if v.len() == 2 {
-                    u16::from_be_bytes([v[0], v[1]])
-                } else {
-                    u16::MAX
-                };
-                if found > FORMAT {
-                    return Err(StoreError::FutureFormat {
-                        dir: dir.to_owned(),
-                        found,
-                        ours: FORMAT,
-                    });
-                }
-            }
-            None => {
-                trees
-                    .meta
-                    .insert("format", &FORMAT.to_be_bytes())
-                    .map_err(io)?;
-                db.flush().map_err(io)?;
-            }
-        }
-        // sled 0.34's flush() uses sync_file_range on Linux, which survives a process
-        // crash but not a power loss; the writer also fsyncs sled's data file.
-        let data_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Open {
-            dir: dir.to_owned(),
-            source: sled::Error::Io(e),
-        })?;
+        let handles = open_db(dir)?;
+        let shared: Shared = Arc::new(RwLock::new(Some(Arc::new(handles))));
+        let faults = Arc::new(Faults::default());
         let (tx, rx) = mpsc::channel::<Request>();
         let writer = {
-            let db = db.clone();
-            let trees = trees.clone();
+            let shared = shared.clone();
+            let faults = faults.clone();
             let dir = dir.to_owned();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || write_loop(db, data_file, trees, dir, rx, on_flush))
+                .spawn(move || write_loop(shared, faults, dir, rx, on_flush))
                 .expect("spawn the store writer")
         };
         Ok(Store {
-            db,
             dir: dir.to_owned(),
-            trees,
+            shared,
+            faults,
             tx: Some(tx),
             writer: Some(writer),
         })
+    }
+
+    /// The fault switches of this store (tests only).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Whether the database is open (false between a failed write and its reopening).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.read().expect("store lock").is_some()
+    }
+
+    fn handles(&self) -> Result<Arc<Handles>, StoreError> {
+        self.shared
+            .read()
+            .expect("store lock")
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable {
+                dir: self.dir.clone(),
+            })
     }
 
     pub fn dir(&self) -> &Path {
@@ -350,22 +335,23 @@ impl Store {
     /// Reads and checks every record. Any record that does not decode stops here with
     /// an error that names it; nothing is written.
     pub fn load(&self) -> Result<Loaded, StoreError> {
+        let h = self.handles()?;
         let mut out = Loaded {
-            drivers: self.load_tree("drivers", &self.trees.drivers)?,
-            riders: self.load_tree("riders", &self.trees.riders)?,
-            quotes: self.load_tree("quotes", &self.trees.quotes)?,
-            ledger: self.load_tree("ledger", &self.trees.ledger)?,
+            drivers: self.load_tree("drivers", &h.trees.drivers)?,
+            riders: self.load_tree("riders", &h.trees.riders)?,
+            quotes: self.load_tree("quotes", &h.trees.quotes)?,
+            ledger: self.load_tree("ledger", &h.trees.ledger)?,
             ..Loaded::default()
         };
         let mut trips: HashMap<TripId, StoredTrip> = HashMap::new();
-        for t in self.load_tree::<StoredTrip>("trips", &self.trees.trips)? {
+        for t in self.load_tree::<StoredTrip>("trips", &h.trees.trips)? {
             self.check_trip("trips", &t)?;
             trips.insert(t.trip.id.clone(), t);
         }
         // Replay: a journal entry newer than the snapshot wins (the snapshot write was
         // lost in a crash between the two).
         let mut newest: BTreeMap<TripId, StoredTrip> = BTreeMap::new();
-        for e in self.load_tree::<JournalEntry>("journal", &self.trees.journal)? {
+        for e in self.load_tree::<JournalEntry>("journal", &h.trees.journal)? {
             out.journal_entries += 1;
             self.check_trip("journal", &e.trip)?;
             let id = e.trip.trip.id.clone();
@@ -418,11 +404,12 @@ impl Store {
     /// The newer of its snapshot and its last journal entry, as recovery would see it
     /// (a crash can leave the entry without the snapshot that follows it).
     pub fn trip(&self, id: &TripId) -> Result<Option<StoredTrip>, StoreError> {
+        let h = self.handles()?;
         let snapshot: Option<StoredTrip> =
-            self.get("trips", &self.trees.trips, id.as_str().as_bytes())?;
+            self.get("trips", &h.trees.trips, id.as_str().as_bytes())?;
         let mut prefix = id.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let last = match self.trees.journal.scan_prefix(&prefix).next_back() {
+        let last = match h.trees.journal.scan_prefix(&prefix).next_back() {
             None => None,
             Some(kv) => {
                 let (k, v) = kv.map_err(|e| StoreError::Io {
@@ -442,7 +429,8 @@ impl Store {
 
     /// The pricing an operator set, if any (blocking).
     pub fn pricing(&self) -> Result<Option<StoredPricing>, StoreError> {
-        self.get("meta", &self.trees.meta, PRICING_KEY)
+        let h = self.handles()?;
+        self.get("meta", &h.trees.meta, PRICING_KEY)
     }
 
     /// Trips' snapshots in id order, starting after `after`, looking at no more than
@@ -454,16 +442,14 @@ impl Store {
         max_scan: usize,
         mut visit: impl FnMut(StoredTrip) -> bool,
     ) -> Result<(Option<TripId>, bool), StoreError> {
+        let h = self.handles()?;
         use std::ops::Bound;
         let start = match after {
             Some(id) => Bound::Excluded(id.as_str().as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
         let mut last = None;
-        let mut iter = self
-            .trees
-            .trips
-            .range::<Vec<u8>, _>((start, Bound::Unbounded));
+        let mut iter = h.trees.trips.range::<Vec<u8>, _>((start, Bound::Unbounded));
         for _ in 0..max_scan {
             let Some(kv) = iter.next() else {
                 return Ok((last, true));
@@ -484,15 +470,17 @@ impl Store {
 
     /// The operator's surge pins and cap, if ever set (blocking).
     pub fn surge(&self) -> Result<Option<StoredSurge>, StoreError> {
-        self.get("meta", &self.trees.meta, SURGE_KEY)
+        let h = self.handles()?;
+        self.get("meta", &h.trees.meta, SURGE_KEY)
     }
 
     /// One trip's ledger entries (blocking).
     pub fn ledger_of(&self, id: &TripId) -> Result<Vec<Entry>, StoreError> {
+        let h = self.handles()?;
         let mut prefix = id.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        for kv in self.trees.ledger.scan_prefix(&prefix) {
+        for kv in h.trees.ledger.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(|e| StoreError::Io {
                 dir: self.dir.clone(),
                 source: e,
@@ -504,20 +492,23 @@ impl Store {
 
     /// What the in-process payment provider recorded under `key` (blocking).
     pub fn provider_record(&self, key: &str) -> Result<Option<ProviderRecord>, StoreError> {
-        self.get("provider", &self.trees.provider, key.as_bytes())
+        let h = self.handles()?;
+        self.get("provider", &h.trees.provider, key.as_bytes())
     }
 
     /// One driver (blocking).
     pub fn driver(&self, id: &DriverId) -> Result<Option<StoredDriver>, StoreError> {
-        self.get("drivers", &self.trees.drivers, id.as_str().as_bytes())
+        let h = self.handles()?;
+        self.get("drivers", &h.trees.drivers, id.as_str().as_bytes())
     }
 
     /// A trip's transitions in order (blocking).
     pub fn history(&self, id: &TripId) -> Result<Vec<Transition>, StoreError> {
+        let h = self.handles()?;
         let mut prefix = id.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        for kv in self.trees.journal.scan_prefix(&prefix) {
+        for kv in h.trees.journal.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(|e| StoreError::Io {
                 dir: self.dir.clone(),
                 source: e,
@@ -575,7 +566,10 @@ impl Store {
 
     /// Size of the data directory's files, in bytes.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.handles()
+            .ok()
+            .and_then(|h| h.db.size_on_disk().ok())
+            .unwrap_or(0)
     }
 
     /// Stops the writer after it has written and flushed everything queued.
@@ -588,7 +582,8 @@ impl Store {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        self.db.flush().map(|_| ()).map_err(|e| StoreError::Io {
+        let h = self.handles()?;
+        h.db.flush().map(|_| ()).map_err(|e| StoreError::Io {
             dir: self.dir.clone(),
             source: e,
         })
@@ -599,6 +594,89 @@ impl Drop for Store {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// Opens sled in `dir`, waiting out a lock that a closing holder is letting go, and
+/// checks the store format.
+fn open_db(dir: &Path) -> Result<Handles, StoreError> {
+    // No background flusher: the writer thread flushes after every group, and a
+    // flusher thread would hold the directory's lock for a moment after close.
+    // sled's page cache defaults to 1 GiB; the live state is served from memory by
+    // the actors, so the store needs little cache of its own.
+    let config = sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .cache_capacity(CACHE_BYTES);
+    // A lock held by a process (or handle) that is just exiting is let go within
+    // moments; one held by a running server is not, and is reported as locked.
+    let deadline = Instant::now() + LOCK_WAIT;
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Locked {
+                        dir: dir.to_owned(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(StoreError::Open {
+                    dir: dir.to_owned(),
+                    source: e,
+                });
+            }
+        }
+    };
+    let io = |e| StoreError::Io {
+        dir: dir.to_owned(),
+        source: e,
+    };
+    let trees = Trees {
+        drivers: db.open_tree("drivers").map_err(io)?,
+        riders: db.open_tree("riders").map_err(io)?,
+        trips: db.open_tree("trips").map_err(io)?,
+        journal: db.open_tree("journal").map_err(io)?,
+        quotes: db.open_tree("quotes").map_err(io)?,
+        meta: db.open_tree("meta").map_err(io)?,
+        ledger: db.open_tree("ledger").map_err(io)?,
+        provider: db.open_tree("provider").map_err(io)?,
+    };
+    match trees.meta.get("format").map_err(io)? {
+        Some(v) => {
+            let found = if v.len() == 2 {
+                u16::from_be_bytes([v[0], v[1]])
+            } else {
+                u16::MAX
+            };
+            if found > FORMAT {
+                return Err(StoreError::FutureFormat {
+                    dir: dir.to_owned(),
+                    found,
+                    ours: FORMAT,
+                });
+            }
+        }
+        None => {
+            trees
+                .meta
+                .insert("format", &FORMAT.to_be_bytes())
+                .map_err(io)?;
+            db.flush().map_err(io)?;
+        }
+    }
+    // sled 0.34's flush() uses sync_file_range on Linux, which survives a process
+    // crash but not a power loss; the writer also fsyncs sled's data file.
+    let data_file = std::fs::File::open(dir.join("db")).map_err(|e| StoreError::Open {
+        dir: dir.to_owned(),
+        source: sled::Error::Io(e),
+    })?;
+    Ok(Handles {
+        db,
+        trees,
+        data_file,
+    })
 }
 
 fn printable(k: &[u8]) -> String {
@@ -614,37 +692,83 @@ fn printable(k: &[u8]) -> String {
 }
 
 fn write_loop(
-    db: sled::Db,
-    data_file: std::fs::File,
-    t: Trees,
+    shared: Shared,
+    faults: Arc<Faults>,
     dir: PathBuf,
     rx: mpsc::Receiver<Request>,
     on_flush: impl Fn(FlushStats),
 ) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        let healthy = shared.read().expect("store lock").is_some();
+        let first = if healthy {
+            match rx.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(REOPEN_EVERY) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    reopen(&shared, &dir);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
         // Everything that arrived while the last flush ran joins this one.
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
+        if !healthy {
+            reopen(&shared, &dir);
+        }
         let started = Instant::now();
         let ops: usize = group.iter().map(|r| r.batch.len()).sum();
-        let result = apply(&t, &group)
-            .and_then(|()| db.flush().map(|_| ()))
-            .and_then(|()| data_file.sync_data().map_err(sled::Error::Io));
+        let handles = shared.read().expect("store lock").clone();
+        let result = match &handles {
+            None => Err("the database could not be reopened after a failed write".to_owned()),
+            Some(_) if faults.fail_writes.load(Ordering::SeqCst) => {
+                Err("injected fault: no space left on device".to_owned())
+            }
+            Some(h) => apply(&h.trees, &group)
+                .and_then(|()| h.db.flush().map(|_| ()))
+                .and_then(|()| h.data_file.sync_data().map_err(sled::Error::Io))
+                .map_err(|e| e.to_string()),
+        };
         if let Err(e) = &result {
             tracing::error!(dir = %dir.display(), error = %e, "store write failed");
+            if let Some(h) = handles {
+                // What failed may be applied in memory though not on disk, and sled
+                // would answer every later call with this error: start again from disk.
+                *shared.write().expect("store lock") = None;
+                drop(h);
+                reopen(&shared, &dir);
+            }
         }
         on_flush(FlushStats {
             batches: group.len(),
             ops,
             flush_seconds: started.elapsed().as_secs_f64(),
         });
-        let answer = result.map_err(|e| e.to_string());
         for r in group {
             if let Some(done) = r.done {
-                let _ = done.send(answer.clone());
+                let _ = done.send(result.clone());
             }
+        }
+    }
+}
+
+/// Opens the database again after a failed write; on failure it stays closed and the
+/// writer tries again later.
+fn reopen(shared: &Shared, dir: &Path) {
+    match open_db(dir) {
+        Ok(h) => {
+            *shared.write().expect("store lock") = Some(Arc::new(h));
+            tracing::warn!(dir = %dir.display(), "store reopened; writes resume");
+        }
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "store still cannot be reopened");
         }
     }
 }

@@ -300,3 +300,35 @@ async fn a_second_open_of_a_locked_directory_is_refused_clearly() {
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
     assert!(err.to_string().contains("locked"), "{err}");
 }
+
+#[tokio::test]
+async fn a_failed_write_is_refused_and_writes_resume_once_the_fault_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.commit(Batch::new().driver(driver(1))).await.unwrap();
+
+    // Every write fails while the fault lasts (as on a full disk); reads that need the
+    // database may answer `Unavailable` while it is being reopened, never stale data.
+    s.faults().fail_writes(true);
+    for i in 2..5 {
+        let e = s.commit(Batch::new().driver(driver(i))).await.unwrap_err();
+        assert!(e.to_string().contains("no space left"), "{e}");
+    }
+    assert!(s.sync().await.is_err(), "a sync during the fault succeeded");
+
+    // The fault clears: the next write lands, on a database reopened from disk.
+    s.faults().fail_writes(false);
+    s.commit(Batch::new().driver(driver(5))).await.unwrap();
+    assert!(s.is_healthy());
+    let ids = |l: &dispatch_persistence::Loaded| {
+        let mut v: Vec<String> = l.drivers.iter().map(|d| d.id.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&s.load().unwrap()), ["drv_1", "drv_5"]);
+    s.close().unwrap();
+
+    // And after a restart: what was acknowledged, and nothing that was refused.
+    let s = open(dir.path());
+    assert_eq!(ids(&s.load().unwrap()), ["drv_1", "drv_5"]);
+}
