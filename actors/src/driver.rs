@@ -349,15 +349,28 @@ impl DriverActor {
                 Ok(Some(v)) if v.driver_id.as_ref() == Some(&s.rec.id) => {
                     responder.fail(ApiError::conflict("the trip has ended"))
                 }
+                // A driver once offered the trip learns its offer is gone; any other
+                // gets what a live trip answers them, so an ended trip's state does not
+                // show through to drivers it never concerned.
                 Ok(Some(_))
                     if matches!(
                         cmd,
                         TripCommand::Accept { .. } | TripCommand::Decline { .. }
                     ) =>
                 {
-                    responder.fail(ApiError::conflict(
-                        "the offer has expired or gone to another driver",
-                    ))
+                    let (store, id, me) =
+                        (self.system.store.clone(), trip_id.clone(), s.rec.id.clone());
+                    let offered = tokio::task::spawn_blocking(move || store.trip(&id))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten()
+                        .is_some_and(|t| t.trip.excluded().any(|d| d == &me));
+                    responder.fail(if offered {
+                        ApiError::conflict("the offer has expired or gone to another driver")
+                    } else {
+                        ApiError::forbidden("this trip was not offered to this driver")
+                    })
                 }
                 Ok(Some(_)) => {
                     responder.fail(ApiError::forbidden("the driver is not on this trip"))
