@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 10] = [
+pub const BOUNDS: [&str; 12] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
@@ -59,7 +59,9 @@ pub const BOUNDS: [&str; 10] = [
     "max_connections",
     "store_write_failed",
     "ws_frame_bytes",
+    "ws_hard_max_bytes",
     "ws_idle_timeout",
+    "ws_message_rate",
     "ws_outbound_queue",
 ];
 /// Every `what` label value `invariant` is called with.

@@ -60,6 +60,10 @@ pub struct Args {
     /// Location pings accepted per second per session (a burst of this many is allowed).
     #[arg(long, env = "DISPATCH_LOCATION_MAX_PER_S", default_value_t = 10)]
     pub location_max_per_s: u32,
+    /// Messages of any type accepted per second per session (a burst of twice this is
+    /// allowed); more are answered `rate_limited` and not acted on.
+    #[arg(long, env = "DISPATCH_WS_MESSAGES_MAX_PER_S", default_value_t = 50)]
+    pub ws_messages_max_per_s: u32,
     /// Bad messages tolerated per window before the session is closed with 1008.
     #[arg(long, env = "DISPATCH_BAD_MESSAGE_LIMIT", default_value_t = 50)]
     pub bad_message_limit: usize,
@@ -76,6 +80,15 @@ pub struct Args {
     /// Open WebSocket sessions at most; upgrades past it get 503.
     #[arg(long, env = "DISPATCH_MAX_CONNECTIONS", default_value_t = 19_000)]
     pub max_connections: usize,
+    /// A browser origin (`https://console.example.com`) allowed to call the REST and
+    /// admin routes cross-origin; repeat the flag or separate with commas. Unset: no CORS
+    /// headers at all, so browsers allow only same-origin calls.
+    #[arg(
+        long = "cors-origin",
+        env = "DISPATCH_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     /// Candidates ranked per dispatch search.
     #[arg(long, env = "DISPATCH_SEARCH_K", default_value_t = 10)]
     pub search_k: usize,
@@ -158,9 +171,12 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub ws_hard_max_bytes: usize,
     pub location_max_per_s: u32,
+    pub ws_messages_max_per_s: u32,
     pub bad_message_limit: usize,
     pub bad_message_window_ms: u64,
     pub max_connections: usize,
+    /// `--cors-origin`, each checked to be a bare `scheme://host[:port]`.
+    pub cors_origins: Vec<String>,
     pub shutdown_timeout_ms: u64,
     pub slow_handler_ms: u64,
     pub system: SystemConfig,
@@ -194,6 +210,13 @@ impl Args {
             self.location_max_per_s > 0,
             "--location-max-per-s must be positive",
         )?;
+        check(
+            self.ws_messages_max_per_s > 0,
+            "--ws-messages-max-per-s must be positive",
+        )?;
+        for o in &self.cors_origins {
+            cors_origin(o)?;
+        }
         check(
             self.bad_message_window_ms > 0,
             "--bad-message-window-ms must be positive",
@@ -323,14 +346,54 @@ impl Args {
             max_frame_bytes: self.max_frame_bytes,
             ws_hard_max_bytes: self.ws_hard_max_bytes,
             location_max_per_s: self.location_max_per_s,
+            ws_messages_max_per_s: self.ws_messages_max_per_s,
             bad_message_limit: self.bad_message_limit,
             bad_message_window_ms: self.bad_message_window_ms,
             max_connections: self.max_connections,
+            cors_origins: self.cors_origins,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
             slow_handler_ms: self.slow_handler_ms,
             system,
         })
     }
+}
+
+/// A `--cors-origin` is what a browser sends in `Origin`: `http` or `https`, a host, an
+/// optional port, and nothing else (no path, no trailing slash, no wildcard).
+fn cors_origin(o: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "--cors-origin {o:?} must be scheme://host[:port], such as https://console.example.com"
+        )
+    };
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .ok_or_else(bad)?;
+    let (host, port) = match rest.strip_prefix('[') {
+        // An IPv6 literal: `[::1]` or `[::1]:8081`.
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or_else(bad)?;
+            let ok = addr.parse::<std::net::Ipv6Addr>().is_ok();
+            match after {
+                "" if ok => ("v6", None),
+                p if ok && p.starts_with(':') => ("v6", Some(&p[1..])),
+                _ => return Err(bad()),
+            }
+        }
+        None => match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    check(host_ok && port_ok, &bad())?;
+    axum::http::HeaderValue::from_str(o).map_err(|_| bad())?;
+    Ok(())
 }
 
 /// Rate cards from a JSON file shaped like `GET /admin/pricing`, checked as `PUT` is.
@@ -438,5 +501,32 @@ mod tests {
             .build_and_validate()
             .unwrap_err();
         assert!(e.contains("--currency"), "{e}");
+    }
+
+    #[test]
+    fn cors_origins_must_be_bare_origins() {
+        let parse =
+            |v: &str| Args::parse_from(["dispatchd", "--cors-origin", v]).build_and_validate();
+        let c = parse("https://console.example.com,http://localhost:3000").unwrap();
+        assert_eq!(
+            c.cors_origins,
+            ["https://console.example.com", "http://localhost:3000"]
+        );
+        assert!(parse("http://[::1]:8081").is_ok());
+        for bad in [
+            "*",
+            "console.example.com",
+            "https://console.example.com/",
+            "https://console.example.com/admin",
+            "ftp://example.com",
+            "https://",
+            "https://example.com:0",
+            "https://example.com:99999",
+            "https://exa mple.com",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("--cors-origin"), "{bad}: {e}");
+        }
+        assert!(Config::defaults().cors_origins.is_empty());
     }
 }

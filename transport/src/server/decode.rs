@@ -128,9 +128,33 @@ pub fn driver(text: &str) -> Result<(Option<u64>, DriverCommand), (Option<u64>, 
     Ok((req, cmd))
 }
 
+/// Coordinates are JSON objects. serde would also read a struct from an array, so
+/// `[-73.5, 45.5]` (a GeoJSON `[lng, lat]` pair) would silently become lat -73.5, lng
+/// 45.5: such a field is `bad_request` instead. `null` stays "absent".
+fn coordinate_objects(
+    req: Option<u64>,
+    v: &Value,
+    fields: &[&str],
+) -> Result<(), (Option<u64>, ApiError)> {
+    for f in fields {
+        if let Some(x) = v.get(f)
+            && !(x.is_object() || x.is_null())
+        {
+            return Err((
+                req,
+                bad(format!("`{f}` must be an object {{\"lat\", \"lng\"}}")),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A rider's frame. On failure the `req` is returned when it could be read.
 pub fn rider(text: &str) -> Result<(Option<u64>, RiderCommand), (Option<u64>, ApiError)> {
     let (req, v) = envelope(text, &RiderMessage::TYPES)?;
+    if v["type"] == "request_ride" {
+        coordinate_objects(req, &v, &["pickup", "dropoff"])?;
+    }
     let msg: RiderMessage = typed(req, v)?;
     let cmd = match msg {
         RiderMessage::RequestRide {
@@ -226,5 +250,20 @@ mod tests {
         ));
         let e = rider(r#"{"req":1,"type":"request_ride","pickup":{"lat":1,"lng":2}}"#).unwrap_err();
         assert_eq!(e.1.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn coordinates_must_be_objects() {
+        for bad in [
+            r#"{"req":3,"type":"request_ride","pickup":[-73.5,45.5],"dropoff":{"lat":1,"lng":2},"product":"xl"}"#,
+            r#"{"req":3,"type":"request_ride","pickup":{"lat":1,"lng":2},"dropoff":[1,2],"product":"xl"}"#,
+            r#"{"req":3,"type":"request_ride","pickup":"1,2","dropoff":{"lat":1,"lng":2},"product":"xl"}"#,
+        ] {
+            let (req, e) = rider(bad).unwrap_err();
+            assert_eq!((req, e.code), (Some(3), ErrorCode::BadRequest), "{bad}");
+        }
+        // A field of that name on another message is an unknown field, ignored.
+        let (_, c) = rider(r#"{"type":"location","lat":1,"lng":2,"ts":1,"pickup":[1,2]}"#).unwrap();
+        assert!(matches!(c, RiderCommand::Location(_)));
     }
 }

@@ -109,6 +109,15 @@ pub fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(bad("the body must be a JSON object"));
     }
+    // Nor is anything inside one an array: serde would read `"pickup": [lng, lat]` into
+    // a coordinate, swapped, or a vehicle from a list. No request body has a list field.
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes)
+        && let Some(path) = first_array(&v, "")
+    {
+        return Err(bad(format!(
+            "invalid JSON body: `{path}` must not be an array"
+        )));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -120,6 +129,22 @@ pub fn json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
         }
     })?;
     Ok(value)
+}
+
+/// The path of the first array in `v`, if any (`vehicle`, `products.economy`).
+fn first_array(v: &serde_json::Value, at: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Array(_) => Some(at.to_owned()),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let path = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            first_array(x, &path)
+        }),
+        _ => None,
+    }
 }
 
 /// A query string, with protocol errors (`bad_request`, JSON) instead of axum's text.
@@ -213,9 +238,34 @@ fn operator_routes() -> Router<App> {
         .merge(admin::routes())
 }
 
-/// Health, the JSON fallbacks and request counting, on either listener.
+/// `--cors-origin`: the listed origins may call every route of this listener from a
+/// browser, with a bearer token (no cookies, so no credentials mode). None listed: no
+/// CORS headers, and browsers keep to same-origin.
+fn cors(app: &App) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if app.config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = app
+        .config
+        .cors_origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o).expect("checked by Config"))
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PUT])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// Health, the JSON fallbacks, CORS and request counting, on either listener.
 fn finish(routes: Router<App>, app: App) -> Router {
-    routes
+    let cors = cors(&app);
+    let routes = routes
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such route")) })
@@ -227,7 +277,13 @@ fn finish(routes: Router<App>, app: App) -> Router {
             .into_response();
             *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             r
-        })
+        });
+    // Preflights are answered by the CORS layer itself, and counted like any request.
+    let routes = match cors {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             count_request,

@@ -169,18 +169,28 @@ impl BadWindow {
     }
 }
 
-/// A token bucket: `rate` a second, bursts of up to `rate`.
+/// A token bucket: `rate` a second, bursts of up to `burst`.
 struct Bucket {
     rate: f64,
+    burst: f64,
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
+    fn new(rate: u32, burst: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
     fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -188,6 +198,48 @@ impl Bucket {
         } else {
             false
         }
+    }
+}
+
+/// A session's rate limits: every message, and location pings on their own.
+struct Limits {
+    messages: Bucket,
+    pings: Bucket,
+}
+
+impl Limits {
+    /// Whether a well-formed message may be acted on; if not, it is answered
+    /// `rate_limited` and counted. Being over a rate is not a bad message: the session
+    /// lives on, and what it sends later within the rate is served.
+    fn admit(
+        &mut self,
+        app: &App,
+        handle: &SessionHandle,
+        req: Option<u64>,
+        location: bool,
+    ) -> bool {
+        let (bound, message) = if !self.messages.take() {
+            (
+                "ws_message_rate",
+                format!(
+                    "at most {} messages a second",
+                    app.config.ws_messages_max_per_s
+                ),
+            )
+        } else if location && !self.pings.take() {
+            (
+                "location_rate",
+                format!(
+                    "at most {} location updates a second",
+                    app.config.location_max_per_s
+                ),
+            )
+        } else {
+            return true;
+        };
+        app.metrics.bound_hit(bound);
+        reply_error(handle, req, ApiError::new(ErrorCode::RateLimited, message));
+        false
     }
 }
 
@@ -244,11 +296,12 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         window: Duration::from_millis(app.config.bad_message_window_ms),
         hits: VecDeque::new(),
     };
-    let rate = f64::from(app.config.location_max_per_s);
-    let mut pings = Bucket {
-        rate,
-        tokens: rate,
-        at: Instant::now(),
+    let mut limits = Limits {
+        messages: Bucket::new(
+            app.config.ws_messages_max_per_s,
+            app.config.ws_messages_max_per_s.saturating_mul(2),
+        ),
+        pings: Bucket::new(app.config.location_max_per_s, app.config.location_max_per_s),
     };
     let received = app.transport.ws_messages.with_label_values(&[label, "in"]);
     loop {
@@ -256,7 +309,23 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             f = stream.next() => f,
             _ = handle.closed() => None,
         };
-        let Some(Ok(frame)) = frame else { break };
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                // A message over --ws-hard-max-bytes is not read at all: 1009, as
+                // documented (the first close asked for wins over the 1000 below).
+                let too_big = e
+                    .into_inner()
+                    .downcast_ref::<tungstenite_axum::Error>()
+                    .is_some_and(|e| matches!(e, tungstenite_axum::Error::Capacity(_)));
+                if too_big {
+                    app.metrics.bound_hit("ws_hard_max_bytes");
+                    handle.close(CLOSE_TOO_BIG);
+                }
+                break;
+            }
+            None => break,
+        };
         heard.store(app.system.clock.now_ms(), Ordering::Relaxed);
         let is_bad = match frame {
             Message::Text(text) => {
@@ -277,9 +346,11 @@ async fn session(app: App, socket: WebSocket, role: Role) {
                 } else {
                     match &role {
                         Role::Driver(id) => {
-                            driver_frame(&app, &handle, id, &text, &mut pings, &mut handling)
+                            driver_frame(&app, &handle, id, &text, &mut limits, &mut handling)
                         }
-                        Role::Rider(id) => rider_frame(&app, &handle, id, &text, &mut handling),
+                        Role::Rider(id) => {
+                            rider_frame(&app, &handle, id, &text, &mut limits, &mut handling)
+                        }
                     }
                 }
             }
@@ -339,7 +410,7 @@ fn driver_frame(
     handle: &SessionHandle,
     id: &DriverId,
     text: &str,
-    pings: &mut Bucket,
+    limits: &mut Limits,
     handling: &mut Handling<'_>,
 ) -> bool {
     match decode::driver(text) {
@@ -349,19 +420,8 @@ fn driver_frame(
         }
         Ok((req, cmd)) => {
             handling.kind(cmd.kind());
-            if matches!(cmd, DriverCommand::Location { .. }) && !pings.take() {
-                app.metrics.bound_hit("location_rate");
-                reply_error(
-                    handle,
-                    req,
-                    ApiError::new(
-                        ErrorCode::RateLimited,
-                        format!(
-                            "at most {} location updates a second",
-                            app.config.location_max_per_s
-                        ),
-                    ),
-                );
+            let location = matches!(cmd, DriverCommand::Location { .. });
+            if !limits.admit(app, handle, req, location) {
                 return false;
             }
             match app.system.registry.driver(id) {
@@ -381,6 +441,7 @@ fn rider_frame(
     handle: &SessionHandle,
     id: &RiderId,
     text: &str,
+    limits: &mut Limits,
     handling: &mut Handling<'_>,
 ) -> bool {
     match decode::rider(text) {
@@ -394,6 +455,9 @@ fn rider_frame(
                 RiderCommand::CancelRide { .. } => "cancel_ride",
                 RiderCommand::Location(_) => "location",
             });
+            if !limits.admit(app, handle, req, false) {
+                return false;
+            }
             let Some(a) = app.system.registry.rider(id) else {
                 reply_error(handle, req, ApiError::internal());
                 return false;
@@ -439,16 +503,13 @@ async fn write_loop(
         tokio::select! {
             biased;
             code = closed.closed() => {
-                let reason = match code {
-                    dispatch_actors::session::CLOSE_REPLACED => "replaced",
-                    CLOSE_POLICY => "policy violation",
-                    _ => "",
-                };
-                let _ = sink.send(close(code, reason)).await;
+                let frame = sink.send(close(code, close_reason(code)));
+                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
                 break;
             }
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+                let frame = sink.send(close(CLOSE_GOING_AWAY, "server shutting down"));
+                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
                 break;
             }
             _ = pings.tick(), if every > 0 => {
@@ -457,13 +518,14 @@ async fn write_loop(
                     app.metrics.bound_hit("ws_idle_timeout");
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
                     handle.close(CLOSE_GOING_AWAY);
-                } else if sink.send(Message::Ping(Default::default())).await.is_err() {
+                } else if !send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
                     break;
                 }
             }
             m = rx.recv() => {
                 let Some(m) = m else { break };
-                if write(&app, &mut sink, m).await.is_err() {
+                let text = render_text(&app, m);
+                if !send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
                     break;
                 }
                 sent.inc();
@@ -472,12 +534,46 @@ async fn write_loop(
     }
 }
 
-async fn write(
-    app: &App,
+/// Sends one frame, unless the session is asked to close first. A client that stopped
+/// reading blocks a send once the socket's buffers are full; its queue then fills and the
+/// session is closed, and the pending send must not keep it open: it is given up, and the
+/// close frame tried for a moment only (there may be no room for it either). Returns
+/// whether the writer goes on.
+async fn send_unless_closed(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    m: Outbound,
-) -> Result<(), axum::Error> {
+    frame: Message,
+    closed: &dispatch_actors::session::CloseWatch,
+) -> bool {
+    tokio::select! {
+        r = sink.send(frame) => r.is_ok(),
+        code = closed.closed() => {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: close_reason(code).into(),
+            }));
+            let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, sink.send(frame)).await;
+            false
+        }
+    }
+}
+
+/// The close code for a message over `--ws-hard-max-bytes`.
+const CLOSE_TOO_BIG: u16 = 1009;
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        CLOSE_TOO_BIG => "message too big",
+        dispatch_actors::session::CLOSE_REPLACED => "replaced",
+        CLOSE_POLICY => "policy violation",
+        _ => "",
+    }
+}
+
+/// How long a close frame may wait for room in the socket (a client that stopped reading
+/// leaves none).
+const STUCK_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+fn render_text(app: &App, m: Outbound) -> String {
     let wire = render::outbound(m, app.system.clock.now_ms());
-    let text = serde_json::to_string(&wire).expect("wire types always serialize");
-    sink.send(Message::Text(text.into())).await
+    serde_json::to_string(&wire).expect("wire types always serialize")
 }
