@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 12] = [
+pub const BOUNDS: [&str; 13] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
@@ -63,6 +63,7 @@ pub const BOUNDS: [&str; 12] = [
     "ws_idle_timeout",
     "ws_message_rate",
     "ws_outbound_queue",
+    "ws_read_paused",
 ];
 /// Every `what` label value `invariant` is called with.
 pub const INVARIANTS: [&str; 3] = ["driver_assign", "rider_two_trips", "suspend_offered"];

@@ -187,12 +187,17 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self) -> bool {
+    /// Tokens now (refilled up to the burst).
+    fn tokens(&mut self) -> f64 {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
-        if self.tokens >= 1.0 {
+        self.tokens
+    }
+
+    fn take(&mut self) -> bool {
+        if self.tokens() >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
@@ -205,9 +210,39 @@ impl Bucket {
 struct Limits {
     messages: Bucket,
     pings: Bucket,
+    /// Messages refused (`rate_limited`) since `window` began, a second at most ago.
+    refused: f64,
+    window: Instant,
 }
 
 impl Limits {
+    fn new(app: &App) -> Limits {
+        let rate = app.config.ws_messages_max_per_s;
+        Limits {
+            messages: Bucket::new(rate, rate.saturating_mul(2)),
+            pings: Bucket::new(app.config.location_max_per_s, app.config.location_max_per_s),
+            refused: 0.0,
+            window: Instant::now(),
+        }
+    }
+
+    /// How long to wait before reading the next frame. A client that goes on sending
+    /// after a burst's worth of refusals within a second is read no faster than its rate
+    /// allows until the second is over: what it sends waits in its own socket (and then
+    /// in its app), not in the server, and costs the server nothing meanwhile. Its
+    /// session stays open and every message is still answered.
+    fn pause(&mut self) -> Option<Duration> {
+        if self.window.elapsed() > Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.refused = 0.0;
+        }
+        if self.refused < self.messages.burst {
+            return None;
+        }
+        let missing = (1.0 - self.messages.tokens()).max(0.0);
+        Some(Duration::from_secs_f64(missing / self.messages.rate))
+    }
+
     /// Whether a well-formed message may be acted on; if not, it is answered
     /// `rate_limited` and counted. Being over a rate is not a bad message: the session
     /// lives on, and what it sends later within the rate is served.
@@ -238,6 +273,7 @@ impl Limits {
             return true;
         };
         app.metrics.bound_hit(bound);
+        self.refused += 1.0;
         reply_error(handle, req, ApiError::new(ErrorCode::RateLimited, message));
         false
     }
@@ -296,15 +332,16 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         window: Duration::from_millis(app.config.bad_message_window_ms),
         hits: VecDeque::new(),
     };
-    let mut limits = Limits {
-        messages: Bucket::new(
-            app.config.ws_messages_max_per_s,
-            app.config.ws_messages_max_per_s.saturating_mul(2),
-        ),
-        pings: Bucket::new(app.config.location_max_per_s, app.config.location_max_per_s),
-    };
+    let mut limits = Limits::new(&app);
     let received = app.transport.ws_messages.with_label_values(&[label, "in"]);
     loop {
+        if let Some(wait) = limits.pause() {
+            app.metrics.bound_hit("ws_read_paused");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = handle.closed() => break,
+            }
+        }
         let frame = tokio::select! {
             f = stream.next() => f,
             _ = handle.closed() => None,
