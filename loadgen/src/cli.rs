@@ -102,6 +102,21 @@ pub struct Args {
     /// Also report the CPU time and peak RSS (VmHWM) of this process, e.g. dispatchd's.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Survive the server going away: a driver or rider whose session drops (closed,
+    /// failed, refused) reconnects with backoff (50 ms doubling to 1 s) using the same
+    /// token, resumes from the `welcome`, and carries on. Requests in flight at the drop
+    /// count as unknown, never as acknowledged.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// With --reconnect: how long one client keeps trying after a drop before it gives up
+    /// (a failed check).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_for: Duration,
+    /// Append one JSON line per transition the server acknowledged to a client (every
+    /// `trip_update`, every `ack` of a command that moves a trip) and per `welcome`, to
+    /// this file (emptied at the start of the run; each line is written whole, at once).
+    #[arg(long)]
+    pub ack_log: Option<PathBuf>,
     /// Internal: run as worker N of --workers (set by the parent process).
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
@@ -148,6 +163,9 @@ impl Args {
             && i >= self.workers
         {
             bail!("--worker-index {i} is not below --workers {}", self.workers);
+        }
+        if self.reconnect && self.reconnect_for.is_zero() {
+            bail!("--reconnect-for must be > 0");
         }
         if self.embedded && self.worker_index.is_some() {
             bail!("a worker does not start its own server");
@@ -213,6 +231,15 @@ impl Args {
         if let Some(csv) = &self.demand_csv {
             v.push("--demand-csv".into());
             v.push(csv.display().to_string());
+        }
+        if self.reconnect {
+            v.push("--reconnect".into());
+        }
+        v.push("--reconnect-for".into());
+        v.push(format!("{}ms", self.reconnect_for.as_millis()));
+        if let Some(p) = &self.ack_log {
+            v.push("--ack-log".into());
+            v.push(p.display().to_string());
         }
         v
     }
@@ -318,6 +345,26 @@ mod tests {
         assert_eq!(
             (w.center, w.drivers, w.worker_index),
             (a.center, 7, Some(0))
+        );
+        assert!(!w.reconnect && w.ack_log.is_none());
+        let a = Args::parse_from([
+            "loadgen",
+            "--reconnect",
+            "--reconnect-for",
+            "5s",
+            "--ack-log",
+            "/tmp/acks.jsonl",
+        ]);
+        let w = Args::parse_from(
+            std::iter::once("loadgen".to_string()).chain(a.worker_argv(1, "ws://127.0.0.1:1")),
+        );
+        assert_eq!(
+            (w.reconnect, w.reconnect_for, w.ack_log),
+            (
+                true,
+                Duration::from_secs(5),
+                Some(PathBuf::from("/tmp/acks.jsonl"))
+            )
         );
     }
 }

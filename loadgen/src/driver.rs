@@ -1,25 +1,35 @@
 //! A simulated driver: cruises between waypoints while available, answers offers like a
 //! person (after a delay, sometimes declining or letting them expire), drives to the
-//! pickup and then the drop-off, and sends PROTOCOL.md's messages at each step.
+//! pickup and then the drop-off, and sends PROTOCOL.md's messages at each step. With
+//! `--reconnect`, a dropped session is opened again and the driver resumes from the
+//! `welcome` (its trip, or its open offer, or cruising).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_transport::wire::{DriverMessage, LatLng, Offer, ServerMessage, Trip, TripState};
+use dispatch_transport::wire::{
+    DriverMessage, DriverStatus, LatLng, Offer, ServerMessage, Trip, TripState,
+};
 use futures_util::StreamExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
 use tokio::time::{Instant, sleep_until};
 
+use crate::acklog::{self, Who};
 use crate::geo::Mover;
 use crate::net::{self, Incoming, Ws};
+use crate::reconnect::{self, Outcome};
 use crate::sim::{Shared, unix_ms};
 use crate::stats::{LATE_WINDOW, Stats, Unexplained};
 
 /// A driver that is registered, connected, located and online.
 pub struct DriverConn {
     pub gi: usize,
+    /// The driver's id, for `--ack-log`.
+    pub who: Who,
+    /// The driver's token, to reconnect with.
+    pub token: String,
     pub ws: Ws,
     pub rng: SmallRng,
     pub mover: Mover,
@@ -105,6 +115,7 @@ impl Phase {
 struct Driver {
     sh: Arc<Shared>,
     gi: usize,
+    who: Who,
     rng: SmallRng,
     mover: Mover,
     phase: Phase,
@@ -120,9 +131,21 @@ struct Driver {
     next_ping: Instant,
 }
 
+/// How one session ended.
+enum End {
+    /// The run is over.
+    Stop,
+    /// The server closed the session or the connection failed: (code, detail).
+    Closed(String, String),
+    /// A send failed.
+    SendFailed(anyhow::Error),
+}
+
 pub async fn run(sh: Arc<Shared>, conn: DriverConn) {
     let DriverConn {
         gi,
+        who,
+        token,
         mut ws,
         rng,
         mover,
@@ -133,6 +156,7 @@ pub async fn run(sh: Arc<Shared>, conn: DriverConn) {
     let mut d = Driver {
         sh: sh.clone(),
         gi,
+        who,
         rng,
         mover,
         phase: Phase::Cruising,
@@ -148,51 +172,268 @@ pub async fn run(sh: Arc<Shared>, conn: DriverConn) {
     let first = d.rng.random_range(0..sh.cfg.ping_interval_ms.max(1));
     d.next_ping = now + Duration::from_millis(first);
     d.new_waypoint();
+    let mut next_end = None;
     loop {
-        if *stop.borrow() {
-            break;
-        }
-        let wake = d.next_wake();
-        tokio::select! {
-            _ = stop.changed() => break,
-            m = ws.next() => {
-                match net::decode(m) {
-                    Incoming::Msg(m) => {
-                        Stats::inc(&sh.stats.c.messages_received);
-                        d.on_message(*m);
-                    }
-                    Incoming::Undecodable(t) => {
-                        Stats::inc(&sh.stats.c.messages_received);
-                        sh.stats.error("undecodable", "server frame (driver)", false, t);
-                    }
-                    Incoming::Skip => {}
-                    Incoming::Closed(code, reason) => {
-                        if !*stop.borrow() {
-                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
-                            sh.stats.error(&code, "driver session", false, format!("driver #{gi}: {reason}"));
-                        }
-                        sh.stats.connected(-1);
-                        return;
-                    }
+        let end = match next_end.take() {
+            Some(e) => e,
+            None => d.session(&mut ws, &mut stop).await,
+        };
+        let (code, detail) = match end {
+            End::Stop => break,
+            End::Closed(code, reason) if !sh.cfg.reconnect || *stop.borrow() => {
+                if !*stop.borrow() {
+                    sh.stats.error(
+                        &code,
+                        "driver session",
+                        false,
+                        format!("driver #{gi}: {reason}"),
+                    );
+                }
+                sh.stats.connected(-1);
+                return;
+            }
+            End::SendFailed(e) if !sh.cfg.reconnect || *stop.borrow() => {
+                d.send_failed(e);
+                break;
+            }
+            End::Closed(code, reason) => (code, reason),
+            End::SendFailed(e) => ("send_failed".to_owned(), e.to_string()),
+        };
+        // --reconnect: the session is gone; get another and resume from its welcome.
+        sh.stats.connected(-1);
+        Stats::inc(&sh.stats.c.sessions_dropped);
+        sh.stats.error(
+            &code,
+            "driver session (dropped; reconnecting)",
+            true,
+            format!("driver #{gi}: {detail}"),
+        );
+        d.drop_in_flight();
+        let src = sh.source_ip(gi);
+        match reconnect::reconnect(&sh, "/v1/ws/driver", &token, src, &mut stop).await {
+            Outcome::Session(session) => {
+                let (new, welcome) = *session;
+                ws = new;
+                sh.stats.connected(1);
+                if let Err(e) = d.resume(&mut ws, welcome).await {
+                    next_end = Some(End::SendFailed(e));
                 }
             }
-            _ = sleep_until(wake) => {
-                if let Err(e) = d.on_timer(&mut ws).await {
-                    d.send_failed(e);
-                    break;
-                }
+            Outcome::Stopped => {
+                d.settle_unexplained();
+                return;
+            }
+            Outcome::GaveUp(why) => {
+                Stats::inc(&sh.stats.c.reconnect_failures);
+                sh.stats.error(
+                    "reconnect_failed",
+                    "driver session",
+                    false,
+                    format!("driver #{gi}: {why}"),
+                );
+                d.settle_unexplained();
+                return;
             }
         }
     }
-    for u in d.unexplained.drain(..) {
-        sh.stats
-            .unexplained(u, "the run ended before an update explained it");
-    }
+    d.settle_unexplained();
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     sh.stats.connected(-1);
 }
 
 impl Driver {
+    /// Runs one session until the run stops or the session ends.
+    async fn session(&mut self, ws: &mut Ws, stop: &mut tokio::sync::watch::Receiver<bool>) -> End {
+        let sh = self.sh.clone();
+        loop {
+            if *stop.borrow() {
+                return End::Stop;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = stop.changed() => return End::Stop,
+                m = ws.next() => {
+                    match net::decode(m) {
+                        Incoming::Msg(m) => {
+                            Stats::inc(&sh.stats.c.messages_received);
+                            self.on_message(*m);
+                        }
+                        Incoming::Undecodable(t) => {
+                            Stats::inc(&sh.stats.c.messages_received);
+                            sh.stats.error("undecodable", "server frame (driver)", false, t);
+                        }
+                        Incoming::Skip => {}
+                        Incoming::Closed(code, reason) => {
+                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
+                            return End::Closed(code, reason);
+                        }
+                    }
+                }
+                _ = sleep_until(wake) => {
+                    if let Err(e) = self.on_timer(ws).await {
+                        return End::SendFailed(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The run ended: conflicts still waiting for an explanation are unexpected.
+    fn settle_unexplained(&mut self) {
+        for u in self.unexplained.drain(..) {
+            self.sh
+                .stats
+                .unexplained(u, "the run ended before an update explained it");
+        }
+    }
+
+    /// The session dropped: the replies still due will never come, so those requests
+    /// are unknown (they may or may not have taken effect).
+    fn drop_in_flight(&mut self) {
+        let n = self.pending.len() as u64;
+        self.sh
+            .stats
+            .c
+            .requests_unknown
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.pending.clear();
+    }
+
+    /// A new session after a drop: the `welcome` says where the driver is (on a trip,
+    /// holding an offer, or free); carry on from there, back on the map and online.
+    async fn resume(&mut self, ws: &mut Ws, welcome: ServerMessage) -> anyhow::Result<()> {
+        let ServerMessage::Welcome {
+            status,
+            offer,
+            trip,
+            ..
+        } = welcome
+        else {
+            unreachable!("reconnect returns a welcome");
+        };
+        let offer = offer.flatten();
+        if let Some(a) = &self.sh.ack {
+            a.welcome(
+                &self.sh.stats,
+                &self.who,
+                true,
+                status,
+                trip.as_ref(),
+                offer.as_ref().map(|o| o.trip_id.as_str()),
+            );
+        }
+        let now = Instant::now();
+        self.last_move = now;
+        let old = std::mem::replace(&mut self.phase, Phase::Cruising);
+        let trip = trip.filter(|t| {
+            matches!(
+                t.state,
+                TripState::DriverAssigned | TripState::DriverArrived | TripState::InProgress
+            )
+        });
+        if let Some(t) = trip {
+            let trip_id = t.trip_id;
+            match t.state {
+                TripState::DriverAssigned => {
+                    self.mover.set_target(t.pickup);
+                    self.phase = Phase::ToPickup {
+                        trip_id,
+                        dropoff: t.dropoff,
+                    };
+                }
+                TripState::DriverArrived => {
+                    let until = match &old {
+                        Phase::Boarding {
+                            trip_id: o, until, ..
+                        } if *o == trip_id => *until,
+                        // `start_trip` was in flight: send it again at once.
+                        Phase::Starting { trip_id: o, .. } if *o == trip_id => now,
+                        _ => now + self.boarding_time(),
+                    };
+                    self.phase = Phase::Boarding {
+                        trip_id,
+                        dropoff: t.dropoff,
+                        until,
+                    };
+                }
+                _ => {
+                    self.mover.set_target(t.dropoff);
+                    self.phase = Phase::ToDropoff { trip_id };
+                }
+            }
+        } else if let Some(o) = offer {
+            let kept = match &old {
+                Phase::Offered {
+                    offer: p,
+                    decide_at,
+                    decision,
+                } if p.trip_id == o.trip_id => Some((*decision, *decide_at)),
+                // `accept` was in flight and did not take: accept again at once.
+                Phase::Answering { offer: p, accept } if p.trip_id == o.trip_id => Some((
+                    if *accept {
+                        Decision::Accept
+                    } else {
+                        Decision::Decline
+                    },
+                    now,
+                )),
+                _ => None,
+            };
+            match kept {
+                Some((decision, decide_at)) => {
+                    self.phase = Phase::Offered {
+                        offer: o,
+                        decide_at,
+                        decision,
+                    };
+                }
+                None => self.consider(o),
+            }
+        } else {
+            self.new_waypoint();
+        }
+        if let Some(t) = old.trip_id()
+            && self.phase.trip_id() != Some(t)
+        {
+            // The trip went on without this driver while it was away.
+            self.note_end(t);
+        }
+        self.ping(ws).await?;
+        if status != Some(DriverStatus::Suspended) {
+            // Idempotent: an offered or busy driver stays as it is.
+            self.send(ws, DriverMessage::GoOnline, "go_online", None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// How long the rider takes to board, in real time.
+    fn boarding_time(&mut self) -> Duration {
+        let (lo, hi) = self.sh.cfg.boarding_ms;
+        let ms = self.rng.random_range(lo..=hi) as f64 / self.scale();
+        Duration::from_secs_f64(ms / 1000.0)
+    }
+
+    /// An offer to think about: decide now what to answer, and when.
+    fn consider(&mut self, offer: Offer) {
+        let cfg = &self.sh.cfg;
+        let decision = if self.rng.random::<f64>() < cfg.accept_prob {
+            Decision::Accept
+        } else if self.rng.random::<f64>() < cfg.decline_share {
+            Decision::Decline
+        } else {
+            Stats::inc(&self.sh.stats.c.offers_ignored);
+            Decision::Ignore
+        };
+        let (lo, hi) = cfg.decision_delay_ms;
+        let delay = self.rng.random_range(lo..=hi);
+        self.phase = Phase::Offered {
+            offer,
+            decide_at: Instant::now() + Duration::from_millis(delay),
+            decision,
+        };
+    }
+
     fn send_failed(&self, e: anyhow::Error) {
         if !*self.sh.stop.borrow() {
             self.sh.stats.error(
@@ -450,22 +691,7 @@ impl Driver {
                     );
                     return;
                 }
-                let cfg = &self.sh.cfg;
-                let decision = if self.rng.random::<f64>() < cfg.accept_prob {
-                    Decision::Accept
-                } else if self.rng.random::<f64>() < cfg.decline_share {
-                    Decision::Decline
-                } else {
-                    Stats::inc(&st.c.offers_ignored);
-                    Decision::Ignore
-                };
-                let (lo, hi) = cfg.decision_delay_ms;
-                let delay = self.rng.random_range(lo..=hi);
-                self.phase = Phase::Offered {
-                    offer,
-                    decide_at: Instant::now() + Duration::from_millis(delay),
-                    decision,
-                };
+                self.consider(offer);
             }
             ServerMessage::OfferExpired { trip_id } => {
                 Stats::inc(&st.c.offers_expired);
@@ -481,9 +707,21 @@ impl Driver {
                 }
                 // While `Answering`, the reply to the answer (a `conflict`) is still due.
             }
-            ServerMessage::TripUpdate { trip, .. } => self.on_trip(trip),
+            ServerMessage::TripUpdate { trip, req } => {
+                if let Some(a) = &self.sh.ack {
+                    a.trip_update(st, &self.who, &trip, req);
+                }
+                self.on_trip(trip);
+            }
             ServerMessage::Ack { req } => match self.pending.remove(&req) {
-                Some((kind, trip_id)) => self.on_ack(kind, trip_id),
+                Some((kind, trip_id)) => {
+                    if let (Some(a), Some(t)) = (&self.sh.ack, &trip_id)
+                        && acklog::moves_a_trip(kind)
+                    {
+                        a.ack(st, &self.who, kind, t, req);
+                    }
+                    self.on_ack(kind, trip_id)
+                }
                 None => st.anomaly(
                     "ack for a req never sent (driver)",
                     format!("driver #{}: ack req {req}", self.gi),
@@ -597,12 +835,12 @@ impl Driver {
                 if let Phase::Arriving { trip_id, dropoff } = &self.phase
                     && same(&self.phase)
                 {
-                    let (lo, hi) = self.sh.cfg.boarding_ms;
-                    let ms = self.rng.random_range(lo..=hi) as f64 / self.scale();
+                    let (trip_id, dropoff) = (trip_id.clone(), *dropoff);
+                    let until = Instant::now() + self.boarding_time();
                     self.phase = Phase::Boarding {
-                        trip_id: trip_id.clone(),
-                        dropoff: *dropoff,
-                        until: Instant::now() + Duration::from_secs_f64(ms / 1000.0),
+                        trip_id,
+                        dropoff,
+                        until,
                     };
                 }
             }

@@ -2,6 +2,7 @@
 //! client of dispatchd, with a latency report. The `loadgen` binary is a thin wrapper
 //! around [`main_entry`]; tests call [`run`] directly.
 
+pub mod acklog;
 pub mod cli;
 pub mod demand;
 pub mod driver;
@@ -10,6 +11,7 @@ pub mod embedded;
 pub mod geo;
 pub mod html;
 pub mod net;
+pub mod reconnect;
 pub mod report;
 pub mod rider;
 pub mod sim;
@@ -75,6 +77,10 @@ pub async fn run(args: Args) -> Result<Outcome> {
 pub async fn run_against(args: &Args, url: &str) -> Result<Outcome> {
     let demand = sim::demand(args)?;
     let target = net::Target::resolve(url).await?;
+    if let Some(p) = &args.ack_log {
+        // Emptied once; every process of the run appends to it.
+        acklog::AckLog::truncate(p)?;
+    }
     let progress = ui::Progress::new(args.quiet, args.duration + args.drain);
     let merged = if args.workers > 1 {
         workers::run_parent(args, url, &progress).await?

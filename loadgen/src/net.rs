@@ -252,6 +252,40 @@ pub async fn post_json<B: Serialize, R: DeserializeOwned>(
     }
 }
 
+/// GETs `url`; the reply as `R`, or the protocol error code and detail.
+pub async fn get_json<R: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+) -> Result<R, ConnError> {
+    let mut r = http.get(url).timeout(Duration::from_secs(30));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.map_err(|e| ConnError::classify(&e))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| ConnError::classify(&e))?;
+    if status.is_success() {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ConnError::Other(format!(
+                "{url}: undecodable {status} reply ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            ))
+        })
+    } else {
+        let code = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error.code)
+            .unwrap_or_else(|_| format!("http_{}", status.as_u16()));
+        Err(ConnError::Refused(
+            code,
+            format!(
+                "{url} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        ))
+    }
+}
+
 /// This process's open-file limit (soft).
 pub fn nofile_limit() -> Option<u64> {
     // SAFETY: getrlimit with a valid rlimit struct.

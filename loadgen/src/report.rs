@@ -76,6 +76,31 @@ pub struct Trips {
     pub cancels_sent: u64,
 }
 
+/// `--reconnect`: sessions that dropped and came back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconnects {
+    pub enabled: bool,
+    /// Sessions that dropped during the run (closed by the server, failed, refused).
+    pub sessions_dropped: u64,
+    /// Sessions opened again (a `welcome` read) after a drop.
+    pub reconnected: u64,
+    /// Connection attempts after drops, refused ones included.
+    pub attempts: u64,
+    /// Clients that gave up after `--reconnect-for`.
+    pub gave_up: u64,
+    /// Requests in flight at a drop: unknown outcome, never counted as acknowledged.
+    pub requests_unknown: u64,
+    /// Trips a rider learnt of from a `welcome` (the reply to its request was lost).
+    pub trips_adopted: u64,
+}
+
+/// `--ack-log`: where, and how many lines.
+#[derive(Debug, Clone, Serialize)]
+pub struct AckLogSummary {
+    pub path: String,
+    pub lines: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LatencySummary {
     pub count: u64,
@@ -167,6 +192,8 @@ pub struct Report {
     pub limits_hit: Vec<String>,
     pub throughput: Throughput,
     pub trips: Trips,
+    pub reconnect: Reconnects,
+    pub ack_log: Option<AckLogSummary>,
     /// `request_to_dispatching`, `request_to_offer`, `request_to_assigned`, `quote_rest`,
     /// `ws_connect`.
     pub latency: BTreeMap<String, LatencySummary>,
@@ -320,6 +347,17 @@ impl Report {
                 passed: error_rate <= lim,
             });
         }
+        if args.reconnect {
+            checks.push(Check {
+                name: "every dropped session came back".into(),
+                limit: format!("within --reconnect-for {:?}", args.reconnect_for),
+                value: format!(
+                    "{} dropped, {} reconnected, {} gave up",
+                    c.sessions_dropped, c.reconnects, c.reconnect_failures
+                ),
+                passed: c.reconnect_failures == 0,
+            });
+        }
         let passed = checks.iter().all(|c| c.passed);
         Report {
             config: ConfigEcho {
@@ -376,6 +414,19 @@ impl Report {
                 offers_expired: c.offers_expired,
                 cancels_sent: c.cancels_sent,
             },
+            reconnect: Reconnects {
+                enabled: args.reconnect,
+                sessions_dropped: c.sessions_dropped,
+                reconnected: c.reconnects,
+                attempts: c.reconnect_attempts,
+                gave_up: c.reconnect_failures,
+                requests_unknown: c.requests_unknown,
+                trips_adopted: c.trips_adopted,
+            },
+            ack_log: args.ack_log.as_ref().map(|p| AckLogSummary {
+                path: p.display().to_string(),
+                lines: c.ack_log_lines,
+            }),
             latency,
             latency_notes: notes,
             latency_over_time: over_time,
@@ -477,6 +528,22 @@ impl Report {
             tr.offers_expired,
             tr.cancels_sent
         );
+        let rc = &self.reconnect;
+        if rc.enabled || rc.sessions_dropped > 0 {
+            let _ = writeln!(
+                s,
+                "reconnect: {} sessions dropped, {} reconnected ({} attempts), {} gave up; {} requests in flight at a drop (unknown), {} trips learnt from a welcome",
+                rc.sessions_dropped,
+                rc.reconnected,
+                rc.attempts,
+                rc.gave_up,
+                rc.requests_unknown,
+                rc.trips_adopted
+            );
+        }
+        if let Some(a) = &self.ack_log {
+            let _ = writeln!(s, "ack log: {} lines in {}", a.lines, a.path);
+        }
         let _ = writeln!(
             s,
             "latency (ms)               count      p50      p90      p99     p999      max"

@@ -1,12 +1,13 @@
 //! A simulated rider: when the Poisson arrivals pick it, asks for a quote, requests the
 //! ride with it, sometimes cancels, and follows the trip to its receipt. It asks again
-//! only once its trip has ended.
+//! only once its trip has ended. With `--reconnect`, a dropped session is opened again
+//! and the rider resumes from the `welcome` (its active trip, if any).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_transport::wire::{
-    QuoteRequest, QuoteResponse, RiderMessage, ServerMessage, TripState,
+    QuoteRequest, QuoteResponse, RiderMessage, ServerMessage, Trip, TripState,
 };
 use futures_util::StreamExt;
 use rand::Rng;
@@ -14,7 +15,9 @@ use rand::rngs::SmallRng;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 
+use crate::acklog::Who;
 use crate::net::{self, ConnError, Incoming, Ws};
+use crate::reconnect::{self, Outcome};
 use crate::sim::Shared;
 use crate::stats::{self, LATE_WINDOW, Stats, Unexplained};
 
@@ -23,6 +26,8 @@ pub struct RiderConn {
     pub gi: usize,
     /// Index among this process's riders (its slot in the idle pool).
     pub li: usize,
+    /// The rider's id, for `--ack-log`.
+    pub who: Who,
     pub ws: Ws,
     pub rng: SmallRng,
     pub token: String,
@@ -55,6 +60,7 @@ struct Rider {
     sh: Arc<Shared>,
     gi: usize,
     li: usize,
+    who: Who,
     rng: SmallRng,
     token: String,
     next_req: u64,
@@ -67,10 +73,21 @@ struct Rider {
     unexplained: Option<Unexplained>,
 }
 
+/// How one session ended.
+enum End {
+    /// The run is over.
+    Stop,
+    /// The server closed the session or the connection failed: (code, detail).
+    Closed(String, String),
+    /// A send failed.
+    SendFailed(anyhow::Error),
+}
+
 pub async fn run(sh: Arc<Shared>, conn: RiderConn, notify: Arc<Notify>) {
     let RiderConn {
         gi,
         li,
+        who,
         mut ws,
         rng,
         token,
@@ -81,6 +98,7 @@ pub async fn run(sh: Arc<Shared>, conn: RiderConn, notify: Arc<Notify>) {
         sh: sh.clone(),
         gi,
         li,
+        who,
         rng,
         token,
         next_req,
@@ -90,47 +108,67 @@ pub async fn run(sh: Arc<Shared>, conn: RiderConn, notify: Arc<Notify>) {
         unexplained: None,
     };
     sh.return_idle(li);
+    let mut next_end = None;
     loop {
-        if *stop.borrow() {
-            break;
-        }
-        let deadline = r.deadline();
-        let idle = matches!(r.phase, Phase::Idle);
-        tokio::select! {
-            _ = stop.changed() => break,
-            _ = notify.notified(), if idle => {
-                if let Err(e) = r.request(&mut ws).await {
-                    r.send_failed(e);
-                    break;
+        let end = match next_end.take() {
+            Some(e) => e,
+            None => r.session(&mut ws, &mut stop, &notify).await,
+        };
+        let (code, detail) = match end {
+            End::Stop => break,
+            End::Closed(code, reason) if !sh.cfg.reconnect || *stop.borrow() => {
+                if !*stop.borrow() {
+                    sh.stats.error(
+                        &code,
+                        "rider session",
+                        false,
+                        format!("rider #{gi}: {reason}"),
+                    );
                 }
+                r.unfinished();
+                sh.stats.connected(-1);
+                return;
             }
-            m = ws.next() => {
-                match net::decode(m) {
-                    Incoming::Msg(m) => {
-                        Stats::inc(&sh.stats.c.messages_received);
-                        r.on_message(*m);
-                    }
-                    Incoming::Undecodable(t) => {
-                        Stats::inc(&sh.stats.c.messages_received);
-                        sh.stats.error("undecodable", "server frame (rider)", false, t);
-                    }
-                    Incoming::Skip => {}
-                    Incoming::Closed(code, reason) => {
-                        if !*stop.borrow() {
-                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
-                            sh.stats.error(&code, "rider session", false, format!("rider #{gi}: {reason}"));
-                        }
-                        r.unfinished();
-                        sh.stats.connected(-1);
-                        return;
-                    }
-                }
+            End::SendFailed(e) if !sh.cfg.reconnect || *stop.borrow() => {
+                r.send_failed(e);
+                break;
             }
-            _ = sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
-                if let Err(e) = r.on_timer(&mut ws).await {
-                    r.send_failed(e);
-                    break;
-                }
+            End::Closed(code, reason) => (code, reason),
+            End::SendFailed(e) => ("send_failed".to_owned(), e.to_string()),
+        };
+        // --reconnect: the session is gone; get another and resume from its welcome.
+        sh.stats.connected(-1);
+        Stats::inc(&sh.stats.c.sessions_dropped);
+        sh.stats.error(
+            &code,
+            "rider session (dropped; reconnecting)",
+            true,
+            format!("rider #{gi}: {detail}"),
+        );
+        r.drop_in_flight();
+        let src = sh.source_ip(sh.cfg.drivers + gi);
+        let token = r.token.clone();
+        match reconnect::reconnect(&sh, "/v1/ws/rider", &token, src, &mut stop).await {
+            Outcome::Session(session) => {
+                let (new, welcome) = *session;
+                ws = new;
+                sh.stats.connected(1);
+                r.resume(welcome).await;
+            }
+            Outcome::Stopped => {
+                r.unfinished();
+                return;
+            }
+            Outcome::GaveUp(why) => {
+                Stats::inc(&sh.stats.c.reconnect_failures);
+                sh.stats.error(
+                    "reconnect_failed",
+                    "rider session",
+                    false,
+                    format!("rider #{gi}: {why}"),
+                );
+                r.unfinished();
+                return;
             }
         }
     }
@@ -156,6 +194,175 @@ fn state_name(s: TripState) -> &'static str {
 }
 
 impl Rider {
+    /// Runs one session until the run stops or the session ends.
+    async fn session(
+        &mut self,
+        ws: &mut Ws,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        notify: &Notify,
+    ) -> End {
+        let sh = self.sh.clone();
+        loop {
+            if *stop.borrow() {
+                return End::Stop;
+            }
+            let deadline = self.deadline();
+            let idle = matches!(self.phase, Phase::Idle);
+            tokio::select! {
+                _ = stop.changed() => return End::Stop,
+                _ = notify.notified(), if idle => {
+                    if let Err(e) = self.request(ws).await {
+                        return End::SendFailed(e);
+                    }
+                }
+                m = ws.next() => {
+                    match net::decode(m) {
+                        Incoming::Msg(m) => {
+                            Stats::inc(&sh.stats.c.messages_received);
+                            self.on_message(*m);
+                        }
+                        Incoming::Undecodable(t) => {
+                            Stats::inc(&sh.stats.c.messages_received);
+                            sh.stats.error("undecodable", "server frame (rider)", false, t);
+                        }
+                        Incoming::Skip => {}
+                        Incoming::Closed(code, reason) => {
+                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
+                            return End::Closed(code, reason);
+                        }
+                    }
+                }
+                _ = sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
+                    if let Err(e) = self.on_timer(ws).await {
+                        return End::SendFailed(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The session dropped: the replies still due will never come, so those requests
+    /// are unknown (the `welcome` of the next session tells what became of the trip).
+    fn drop_in_flight(&mut self) {
+        let mut n = 0;
+        if self.cancel_req.take().is_some() {
+            n += 1;
+        }
+        if matches!(self.phase, Phase::Requesting { .. }) {
+            n += 1;
+        }
+        self.sh
+            .stats
+            .c
+            .requests_unknown
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A new session after a drop: the `welcome` shows the rider's active trip, if any.
+    async fn resume(&mut self, welcome: ServerMessage) {
+        let ServerMessage::Welcome { trip, .. } = welcome else {
+            unreachable!("reconnect returns a welcome");
+        };
+        if let Some(a) = &self.sh.ack {
+            a.welcome(&self.sh.stats, &self.who, true, None, trip.as_ref(), None);
+        }
+        let trip = trip.filter(|t| !t.state.is_final());
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => {
+                if let Some(t) = trip {
+                    // Not expected: a trip the rider did not know it had.
+                    self.sh.take_idle(self.li);
+                    self.sh.trip_started();
+                    self.adopt(t, Instant::now());
+                }
+            }
+            Phase::Requesting { sent_at, .. } => match trip {
+                // The request was committed; its reply was lost with the session.
+                Some(t) => self.adopt(t, sent_at),
+                None => {
+                    self.sh
+                        .stats
+                        .trip_ended("unknown: request_ride in flight at a drop");
+                    self.finish(None);
+                }
+            },
+            Phase::Active {
+                trip_id,
+                sent_at,
+                state,
+                version,
+                assigned_seen,
+                cancel_at,
+            } => match trip {
+                Some(t) if t.trip_id == trip_id => {
+                    let assigned = t.state != TripState::Dispatching;
+                    if assigned && !assigned_seen {
+                        Stats::inc(&self.sh.stats.c.trips_matched);
+                    }
+                    self.phase = Phase::Active {
+                        trip_id,
+                        sent_at,
+                        state: if t.version >= version { t.state } else { state },
+                        version: t.version.max(version),
+                        assigned_seen: assigned_seen || assigned,
+                        cancel_at,
+                    };
+                }
+                other => {
+                    // The trip ended while the rider was away.
+                    let end = self.final_state_of(&trip_id).await;
+                    self.sh
+                        .stats
+                        .trip_ended(&format!("{end} (learnt after a reconnect)"));
+                    self.finish(Some(trip_id));
+                    if let Some(t) = other {
+                        self.sh.take_idle(self.li);
+                        self.sh.trip_started();
+                        self.adopt(t, Instant::now());
+                    }
+                }
+            },
+            Phase::AwaitReceipt { trip_id, .. } => {
+                self.sh
+                    .stats
+                    .trip_ended("completed (receipt lost with the session)");
+                self.finish(Some(trip_id));
+                if let Some(t) = trip {
+                    self.sh.take_idle(self.li);
+                    self.sh.trip_started();
+                    self.adopt(t, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Follows `t`, learnt of from a `welcome`.
+    fn adopt(&mut self, t: Trip, sent_at: Instant) {
+        Stats::inc(&self.sh.stats.c.trips_adopted);
+        let assigned = t.state != TripState::Dispatching;
+        if assigned {
+            Stats::inc(&self.sh.stats.c.trips_matched);
+        }
+        self.phase = Phase::Active {
+            trip_id: t.trip_id,
+            sent_at,
+            state: t.state,
+            version: t.version,
+            assigned_seen: assigned,
+            cancel_at: None,
+        };
+    }
+
+    /// How a trip ended, read back over REST (`unknown` if that fails).
+    async fn final_state_of(&self, trip_id: &str) -> String {
+        let url = format!("{}/v1/trips/{trip_id}", self.sh.target.http_base);
+        Stats::inc(&self.sh.stats.c.messages_sent);
+        match net::get_json::<Trip>(&self.sh.http, &url, Some(&self.token)).await {
+            Ok(t) => state_name(t.state).to_owned(),
+            Err(_) => "unknown".to_owned(),
+        }
+    }
+
     fn send_failed(&self, e: anyhow::Error) {
         if !*self.sh.stop.borrow() {
             self.sh.stats.error(
@@ -251,10 +458,17 @@ impl Rider {
                         }
                         ConnError::Other(d) => ("transport".into(), d),
                     };
+                    // With --reconnect, a server that is away (refused, down, recovering)
+                    // is what the run is about.
+                    let away = sh.cfg.reconnect && (code == "transport" || code == "unavailable");
                     st.error(
                         &code,
-                        "POST /v1/quotes",
-                        false,
+                        if away {
+                            "POST /v1/quotes (server away)"
+                        } else {
+                            "POST /v1/quotes"
+                        },
+                        away,
                         format!("rider #{}: {detail}", self.gi),
                     );
                     self.finish(None);
@@ -330,6 +544,11 @@ impl Rider {
     fn on_message(&mut self, m: ServerMessage) {
         let sh = self.sh.clone();
         let st = &sh.stats;
+        if let ServerMessage::TripUpdate { req, trip } = &m
+            && let Some(a) = &sh.ack
+        {
+            a.trip_update(st, &self.who, trip, *req);
+        }
         match m {
             ServerMessage::TripUpdate { req: Some(r), trip } => {
                 let Phase::Requesting {
@@ -469,7 +688,10 @@ impl Rider {
                 Stats::inc(&st.c.driver_locations_received);
             }
             ServerMessage::Ack { req } => {
-                if self.cancel_req.as_ref().is_some_and(|(r, _)| *r == req) {
+                if let Some((_, trip_id)) = self.cancel_req.as_ref().filter(|(r, _)| *r == req) {
+                    if let Some(a) = &sh.ack {
+                        a.ack(st, &self.who, "cancel_ride", trip_id, req);
+                    }
                     self.cancel_req = None;
                 } else {
                     st.anomaly(

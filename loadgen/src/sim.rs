@@ -21,6 +21,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::acklog::{AckLog, Who};
 use crate::cli::Args;
 use crate::demand::Demand;
 use crate::driver::{self, DriverConn};
@@ -95,6 +96,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     pub demand: Demand,
     pub stop: watch::Receiver<bool>,
+    /// `--ack-log`, open for appending.
+    pub ack: Option<AckLog>,
     /// One of several worker processes: request → offer is joined by the parent.
     multi: bool,
     offers: Mutex<HashMap<String, OfferTrack>>,
@@ -145,6 +148,15 @@ impl Shared {
 
     pub fn forget(&self, trip_id: &str) {
         self.offers.lock().unwrap().remove(trip_id);
+    }
+
+    /// The rider `li` is busy without having been picked (it learnt of a trip from a
+    /// `welcome`): out of the idle pool.
+    pub fn take_idle(&self, li: usize) {
+        let mut idle = self.idle.lock().unwrap();
+        if let Some(i) = idle.iter().position(|&x| x == li) {
+            idle.swap_remove(i);
+        }
     }
 
     /// The rider `li` may be picked for a request again.
@@ -201,7 +213,7 @@ impl Shared {
         }
     }
 
-    fn source_ip(&self, n: usize) -> Option<IpAddr> {
+    pub fn source_ip(&self, n: usize) -> Option<IpAddr> {
         self.cfg.source_ips.as_ref().map(|l| l.0[n % l.0.len()])
     }
 }
@@ -286,12 +298,21 @@ async fn setup_driver(sh: Arc<Shared>, gi: usize) -> Option<DriverConn> {
         st.connected(-1);
         None
     };
+    let ident = Who {
+        role: "driver",
+        id: reg.driver_id.clone(),
+        client: gi,
+    };
     match next_msg(&mut ws, st).await {
         Ok(ServerMessage::Welcome {
             status: Some(DriverStatus::Offline),
             trip: None,
             ..
-        }) => {}
+        }) => {
+            if let Some(a) = &sh.ack {
+                a.welcome(st, &ident, false, Some(DriverStatus::Offline), None, None);
+            }
+        }
         Ok(m) => return fail("unexpected_welcome", format!("{m:?}")),
         Err(e) => return fail("no_welcome", e),
     }
@@ -335,6 +356,8 @@ async fn setup_driver(sh: Arc<Shared>, gi: usize) -> Option<DriverConn> {
     Stats::inc(&st.c.sessions_opened);
     Some(DriverConn {
         gi,
+        who: ident,
+        token: reg.token,
         ws,
         rng,
         mover: Mover::new(pos, sh.cfg.speed_mps),
@@ -369,8 +392,17 @@ async fn setup_rider(sh: Arc<Shared>, gi: usize, li: usize) -> Option<RiderConn>
         }
     };
     st.connected(1);
+    let ident = Who {
+        role: "rider",
+        id: reg.rider_id.clone(),
+        client: gi,
+    };
     match next_msg(&mut ws, st).await {
-        Ok(ServerMessage::Welcome { trip: None, .. }) => {}
+        Ok(ServerMessage::Welcome { trip: None, .. }) => {
+            if let Some(a) = &sh.ack {
+                a.welcome(st, &ident, false, None, None, None);
+            }
+        }
         other => {
             Stats::inc(&st.c.connect_failures);
             st.error(
@@ -389,6 +421,7 @@ async fn setup_rider(sh: Arc<Shared>, gi: usize, li: usize) -> Option<RiderConn>
     Some(RiderConn {
         gi,
         li,
+        who: ident,
         ws,
         rng,
         token: reg.token,
@@ -452,6 +485,7 @@ pub async fn run_local(
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connect_concurrency.min(256))
         .build()?;
+    let ack = args.ack_log.as_deref().map(AckLog::open).transpose()?;
     let sh = Arc::new(Shared {
         cfg: args.clone(),
         target,
@@ -459,6 +493,7 @@ pub async fn run_local(
         stats: stats.clone(),
         demand,
         stop: stop_rx,
+        ack,
         multi: count > 1,
         offers: Mutex::default(),
         idle: Mutex::default(),
@@ -581,6 +616,9 @@ pub async fn run_local(
         tasks.abort_all();
     }
     let cpu = stats::process_cpu_s(None).unwrap_or(0.0) - cpu0;
+    if let Some(a) = &sh.ack {
+        a.flush();
+    }
     ticker.abort();
     // One last tick, so the final numbers are shown.
     tick(&Tick {

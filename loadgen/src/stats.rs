@@ -74,6 +74,22 @@ counters! {
     /// Every other error: answers with `type: error`, failed REST calls, undecodable
     /// frames and sessions closed by the server.
     unexpected_errors,
+    /// With `--reconnect`: sessions that dropped during the run (closed, failed).
+    sessions_dropped,
+    /// With `--reconnect`: sessions opened again (a `welcome` read) after a drop.
+    reconnects,
+    /// With `--reconnect`: connection attempts after a drop (refused ones included).
+    reconnect_attempts,
+    /// With `--reconnect`: clients that gave up after `--reconnect-for`.
+    reconnect_failures,
+    /// With `--reconnect`: requests in flight when their session dropped; their outcome
+    /// is unknown (never counted as acknowledged).
+    requests_unknown,
+    /// With `--reconnect`: trips a rider learnt of from a `welcome` (its request's reply
+    /// was lost with the session).
+    trips_adopted,
+    /// Lines written to `--ack-log`.
+    ack_log_lines,
 }
 
 /// Latency metrics, by name.
