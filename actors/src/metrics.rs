@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 13] = [
+pub const BOUNDS: [&str; 14] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
@@ -61,6 +61,7 @@ pub const BOUNDS: [&str; 13] = [
     "ws_frame_bytes",
     "ws_hard_max_bytes",
     "ws_idle_timeout",
+    "ws_in_flight",
     "ws_message_rate",
     "ws_outbound_queue",
     "ws_read_paused",
@@ -107,6 +108,8 @@ pub struct Metrics {
     pub payment_failures: IntCounterVec,
     pub start_time: IntGauge,
     pub ready: IntGauge,
+    /// Client messages handed to actors and not yet answered, over all sessions.
+    pub client_in_flight: IntGauge,
     /// A handler slower than this is logged (ms; `--slow-handler-ms`).
     slow_handler_ms: AtomicU64,
 }
@@ -497,6 +500,14 @@ impl Metrics {
                 IntGauge::new(
                     "dispatch_ready",
                     "1 once recovery is done and clients are served, else 0",
+                )
+                .unwrap(),
+            ),
+            client_in_flight: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_client_messages_in_flight",
+                    "Client messages handed to actors and not yet answered (each session holds at most --ws-in-flight-max)",
                 )
                 .unwrap(),
             ),

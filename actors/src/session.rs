@@ -6,7 +6,7 @@
 //! it caused, so an app always sees the `trip_update` before the `ack` that confirms it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 
 use dispatch_engine::TripId;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -75,6 +75,35 @@ pub struct SessionHandle {
     tx: mpsc::Sender<Outbound>,
     close: Arc<CloseSignal>,
     metrics: Arc<Metrics>,
+    /// The session's messages handed to actors and not yet answered (their responders
+    /// still alive): what this client has put in actors' mailboxes.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One client message in flight: counted from its responder's creation to its drop
+/// (answered, or dropped unanswered by a dying actor).
+#[derive(Debug)]
+struct InFlight {
+    session: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl InFlight {
+    fn new(s: &SessionHandle) -> InFlight {
+        s.in_flight.fetch_add(1, Ordering::AcqRel);
+        s.metrics.client_in_flight.inc();
+        InFlight {
+            session: s.in_flight.clone(),
+            metrics: s.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.session.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.client_in_flight.dec();
+    }
 }
 
 /// The session's end: what the transport's writer task reads.
@@ -128,6 +157,7 @@ impl SessionHandle {
                 tx,
                 close: close.clone(),
                 metrics,
+                in_flight: Arc::new(AtomicUsize::new(0)),
             },
             SessionInbox { rx, close },
         )
@@ -160,6 +190,11 @@ impl SessionHandle {
         wait_closed(&self.close).await
     }
 
+    /// The session's messages that actors hold and have not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Messages queued for the app and not yet taken by its writer.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -178,12 +213,15 @@ pub struct Responder {
     session: Option<SessionHandle>,
     /// For callers that are not sessions (the admin console): the outcome, once.
     channel: Option<oneshot::Sender<Result<(), ApiError>>>,
+    /// Counts the message in its session's in-flight messages until this is dropped.
+    _in_flight: Option<InFlight>,
 }
 
 impl Responder {
     pub fn new(req: Option<u64>, session: SessionHandle) -> Self {
         Self {
             req,
+            _in_flight: Some(InFlight::new(&session)),
             session: Some(session),
             channel: None,
         }
@@ -195,6 +233,7 @@ impl Responder {
             req: None,
             session: None,
             channel: None,
+            _in_flight: None,
         }
     }
 
@@ -207,6 +246,7 @@ impl Responder {
                 req: None,
                 session: None,
                 channel: Some(tx),
+                _in_flight: None,
             },
             rx,
         )
@@ -267,5 +307,31 @@ impl Drop for Responder {
                 error: ApiError::new(ErrorCode::Internal, "the request was lost; retry it"),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_in_flight_from_its_responder_to_its_answer_or_its_drop() {
+        let metrics = Arc::new(Metrics::new());
+        let (h, _inbox) = SessionHandle::new(1, 8, metrics.clone());
+        let a = Responder::new(Some(1), h.clone());
+        let b = Responder::new(None, h.clone());
+        let c = Responder::new(Some(3), h.clone());
+        assert_eq!((h.in_flight(), metrics.client_in_flight.get()), (3, 3));
+        a.ack();
+        b.fail(ApiError::internal());
+        assert_eq!((h.in_flight(), metrics.client_in_flight.get()), (1, 1));
+        // Dropped unanswered (an actor died holding it): no longer in flight either.
+        drop(c);
+        assert_eq!((h.in_flight(), metrics.client_in_flight.get()), (0, 0));
+        // Responders that answer no session are not a session's messages.
+        let (d, _rx) = Responder::channel();
+        let _e = Responder::none();
+        assert_eq!(metrics.client_in_flight.get(), 0);
+        d.ack();
     }
 }

@@ -295,3 +295,57 @@ async fn cors_is_same_origin_only_unless_an_origin_is_configured() {
     assert_eq!(r.status().as_u16(), 401);
     s.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_at_most_its_in_flight_bound_in_actors() {
+    // One message at a time may wait in actors: a burst of commands that each need the
+    // store (an accept for a trip that does not exist) outruns its answers.
+    let s = TestServer::start(&[
+        "--ws-in-flight-max",
+        "1",
+        "--ws-messages-max-per-s",
+        "100000",
+    ])
+    .await;
+    let near = north_of(PICKUP, 150.0);
+    let (_, mut d) = s.online_driver("Dee", "economy", near.0, near.1).await;
+    let n = 300u64;
+    let first = d.send_req(json!({"type": "accept", "trip_id": "trp_none"})).await;
+    for _ in 1..n {
+        d.send_req(json!({"type": "accept", "trip_id": "trp_none"}))
+            .await;
+    }
+    let (mut not_found, mut shed) = (0, 0);
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < n as usize {
+        match d.next().await {
+            ServerMessage::Error {
+                req: Some(req),
+                code,
+                message,
+            } => {
+                assert!((first..first + n).contains(&req), "req {req}");
+                assert!(answered.insert(req), "req {req} answered twice");
+                match code.as_str() {
+                    "not_found" => not_found += 1,
+                    "rate_limited" if message.contains("awaiting an answer") => shed += 1,
+                    _ => panic!("{code}: {message}"),
+                }
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    eprintln!("{not_found} served, {shed} shed while one was in flight");
+    assert!(not_found >= 1 && shed >= 1, "{not_found} served, {shed} shed");
+    let hits = s
+        .metric("dispatch_bound_hits_total{bound=\"ws_in_flight\"}")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(hits, shed as f64);
+    // Every answer given, nothing is held any more.
+    assert_eq!(
+        s.metric("dispatch_client_messages_in_flight").await,
+        Some(0.0)
+    );
+    s.stop().await.unwrap();
+}

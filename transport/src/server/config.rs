@@ -64,6 +64,10 @@ pub struct Args {
     /// allowed); more are answered `rate_limited` and not acted on.
     #[arg(long, env = "DISPATCH_WS_MESSAGES_MAX_PER_S", default_value_t = 50)]
     pub ws_messages_max_per_s: u32,
+    /// A session's messages that actors may hold unanswered at once; more are answered
+    /// `rate_limited` and not passed on, so one client cannot fill actors' mailboxes.
+    #[arg(long, env = "DISPATCH_WS_IN_FLIGHT_MAX", default_value_t = 32)]
+    pub ws_in_flight_max: usize,
     /// Bad messages tolerated per window before the session is closed with 1008.
     #[arg(long, env = "DISPATCH_BAD_MESSAGE_LIMIT", default_value_t = 50)]
     pub bad_message_limit: usize,
@@ -172,6 +176,7 @@ pub struct Config {
     pub ws_hard_max_bytes: usize,
     pub location_max_per_s: u32,
     pub ws_messages_max_per_s: u32,
+    pub ws_in_flight_max: usize,
     pub bad_message_limit: usize,
     pub bad_message_window_ms: u64,
     pub max_connections: usize,
@@ -213,6 +218,10 @@ impl Args {
         check(
             self.ws_messages_max_per_s > 0,
             "--ws-messages-max-per-s must be positive",
+        )?;
+        check(
+            self.ws_in_flight_max > 0,
+            "--ws-in-flight-max must be positive",
         )?;
         for o in &self.cors_origins {
             cors_origin(o)?;
@@ -347,6 +356,7 @@ impl Args {
             ws_hard_max_bytes: self.ws_hard_max_bytes,
             location_max_per_s: self.location_max_per_s,
             ws_messages_max_per_s: self.ws_messages_max_per_s,
+            ws_in_flight_max: self.ws_in_flight_max,
             bad_message_limit: self.bad_message_limit,
             bad_message_window_ms: self.bad_message_window_ms,
             max_connections: self.max_connections,

@@ -269,6 +269,14 @@ impl Limits {
                     app.config.location_max_per_s
                 ),
             )
+        } else if handle.in_flight() >= app.config.ws_in_flight_max {
+            (
+                "ws_in_flight",
+                format!(
+                    "at most {} messages awaiting an answer; wait for answers first",
+                    app.config.ws_in_flight_max
+                ),
+            )
         } else {
             return true;
         };
