@@ -310,7 +310,9 @@ async fn a_session_holds_at_most_its_in_flight_bound_in_actors() {
     let near = north_of(PICKUP, 150.0);
     let (_, mut d) = s.online_driver("Dee", "economy", near.0, near.1).await;
     let n = 300u64;
-    let first = d.send_req(json!({"type": "accept", "trip_id": "trp_none"})).await;
+    let first = d
+        .send_req(json!({"type": "accept", "trip_id": "trp_none"}))
+        .await;
     for _ in 1..n {
         d.send_req(json!({"type": "accept", "trip_id": "trp_none"}))
             .await;
@@ -336,7 +338,10 @@ async fn a_session_holds_at_most_its_in_flight_bound_in_actors() {
         }
     }
     eprintln!("{not_found} served, {shed} shed while one was in flight");
-    assert!(not_found >= 1 && shed >= 1, "{not_found} served, {shed} shed");
+    assert!(
+        not_found >= 1 && shed >= 1,
+        "{not_found} served, {shed} shed"
+    );
     let hits = s
         .metric("dispatch_bound_hits_total{bound=\"ws_in_flight\"}")
         .await
