@@ -9,6 +9,13 @@ use serde_json::Value;
 use super::render::product_in;
 use crate::wire::{DriverMessage, LatLng, RiderMessage};
 
+/// A heading in degrees, normalised to [0, 360). `rem_euclid` alone rounds a tiny
+/// negative heading (-4e-30) up to 360.0 itself (found by the `wire_decode` fuzz target).
+fn compass(h: f64) -> f64 {
+    let h = h.rem_euclid(360.0);
+    if h >= 360.0 { 0.0 } else { h }
+}
+
 /// A decoded rider command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RiderCommand {
@@ -112,7 +119,7 @@ pub fn driver(text: &str) -> Result<(Option<u64>, DriverCommand), (Option<u64>, 
             }
             DriverCommand::Location {
                 position,
-                heading: heading.map(|h| h.rem_euclid(360.0)),
+                heading: heading.map(compass),
             }
         }
         DriverMessage::Accept { trip_id } => DriverCommand::Accept(tid(trip_id)?),
