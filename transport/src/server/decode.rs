@@ -71,11 +71,15 @@ fn envelope(text: &str, known: &[&str]) -> Result<(Option<u64>, Value), (Option<
         None => return Err((req, bad("missing `type`"))),
     };
     if !known.contains(&ty) {
+        // Named back to the client, but never more than a few words of it: a 16 KiB type
+        // would otherwise come back whole with every error.
+        let shown: String = ty.chars().take(64).collect();
+        let more = if shown.len() < ty.len() { "…" } else { "" };
         return Err((
             req,
             ApiError::new(
                 ErrorCode::UnknownType,
-                format!("unknown message type `{ty}`"),
+                format!("unknown message type `{shown}{more}`"),
             ),
         ));
     }
@@ -257,6 +261,16 @@ mod tests {
         ));
         let e = rider(r#"{"req":1,"type":"request_ride","pickup":{"lat":1,"lng":2}}"#).unwrap_err();
         assert_eq!(e.1.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn an_unknown_type_is_named_back_at_most_64_characters_long() {
+        let long = "x".repeat(10_000);
+        let (_, e) = driver(&format!(r#"{{"type":"{long}"}}"#)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownType);
+        assert!(e.message.len() < 120, "{}", e.message);
+        let (_, e) = driver(r#"{"type":"fly"}"#).unwrap_err();
+        assert_eq!(e.message, "unknown message type `fly`");
     }
 
     #[test]
