@@ -343,7 +343,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     let mut limits = Limits::new(&app);
     let received = app.transport.ws_messages.with_label_values(&[label, "in"]);
     loop {
-        if let Some(wait) = limits.pause() {
+        if let Some(wait) = limits.pause().filter(|w| !w.is_zero()) {
             app.metrics.bound_hit("ws_read_paused");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
