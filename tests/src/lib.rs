@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -656,34 +655,39 @@ pub fn dispatchd_bin() -> PathBuf {
 /// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
 /// the code under test (a no-op when it is fresh); run bare, it must already exist.
 pub fn built_dispatchd() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let bin = dispatchd_bin();
-    BUILT.get_or_init(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
+    built_bin("dispatch-transport", "dispatchd")
+}
+
+/// The workspace binary `bin` of `package`, next to the test executable. Under cargo it
+/// is (re)built once per test process first (a no-op when it is fresh); run bare, it must
+/// already exist.
+pub fn built_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let path = dispatchd_bin().with_file_name(bin);
+    let build = format!("cargo build -p {package} --bin {bin}");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&build)
+        && let Ok(cargo) = std::env::var("CARGO")
+    {
         let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "dispatch-transport", "--bin", "dispatchd"]);
-        if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+        cmd.args(["build", "-p", package, "--bin", bin]);
+        if path.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
             cmd.arg("--release");
         }
         let status = cmd
             .current_dir(workspace)
             .status()
             .expect("run cargo build");
-        assert!(
-            status.success(),
-            "`cargo build -p dispatch-transport --bin dispatchd` failed"
-        );
-    });
+        assert!(status.success(), "`{build}` failed");
+        built.push(build.clone());
+    }
     assert!(
-        bin.exists(),
-        "{} does not exist: build it with `cargo build -p dispatch-transport --bin dispatchd` \
-         (`cargo test --workspace` builds it too)",
-        bin.display()
+        path.exists(),
+        "{} does not exist: build it with `{build}` (`cargo test --workspace` builds it too)",
+        path.display()
     );
-    bin
+    path
 }
 
 impl TestServer {

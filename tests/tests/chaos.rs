@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use dispatch_tests::{WAIT, now_ms, rfc3339_ms};
@@ -68,44 +67,6 @@ const SLOW: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // The binaries
-
-/// The `loadgen` binary, built the way `built_dispatchd` builds `dispatchd`: under cargo
-/// it is (re)built first (a no-op when fresh); run bare, it must already exist.
-fn built_loadgen() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = std::env::current_exe()
-        .expect("current exe")
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    let bin = dir.join("loadgen");
-    BUILT.get_or_init(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
-        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "dispatch-loadgen", "--bin", "loadgen"]);
-        if dir.file_name() == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(
-            status.success(),
-            "`cargo build -p dispatch-loadgen --bin loadgen` failed"
-        );
-    });
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it with `cargo build -p dispatch-loadgen --bin loadgen`",
-        bin.display()
-    );
-    bin
-}
 
 /// A port below the ephemeral range (`ip_local_port_range`), free now: while the server
 /// is down, no outgoing client socket can be given it (nor connect to itself on it).
@@ -607,7 +568,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| now_ms() % 1_000_000);
     eprintln!("chaos: loadgen --seed {seed} (replay the city with CHAOS_SEED={seed})");
-    let loadgen_bin = built_loadgen();
+    let loadgen_bin = dispatch_tests::built_bin("dispatch-loadgen", "loadgen");
     let _ = dispatch_tests::built_dispatchd();
     let work = tempfile::tempdir().expect("a temporary directory");
     let data = work.path().join("data");
