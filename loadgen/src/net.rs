@@ -228,28 +228,7 @@ pub async fn post_json<B: Serialize, R: DeserializeOwned>(
     if let Some(t) = token {
         r = r.bearer_auth(t);
     }
-    let resp = r.send().await.map_err(|e| ConnError::classify(&e))?;
-    let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| ConnError::classify(&e))?;
-    if status.is_success() {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ConnError::Other(format!(
-                "{url}: undecodable {status} reply ({e}): {}",
-                String::from_utf8_lossy(&bytes)
-            ))
-        })
-    } else {
-        let code = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|b| b.error.code)
-            .unwrap_or_else(|_| format!("http_{}", status.as_u16()));
-        Err(ConnError::Refused(
-            code,
-            format!(
-                "{url} answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            ),
-        ))
-    }
+    reply(url, r).await
 }
 
 /// GETs `url`; the reply as `R`, or the protocol error code and detail.
@@ -262,6 +241,11 @@ pub async fn get_json<R: DeserializeOwned>(
     if let Some(t) = token {
         r = r.bearer_auth(t);
     }
+    reply(url, r).await
+}
+
+/// Sends `r` (a request to `url`); the reply as `R`, or the protocol error code and detail.
+async fn reply<R: DeserializeOwned>(url: &str, r: reqwest::RequestBuilder) -> Result<R, ConnError> {
     let resp = r.send().await.map_err(|e| ConnError::classify(&e))?;
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(|e| ConnError::classify(&e))?;
