@@ -53,6 +53,57 @@ pub struct RateCard {
     pub cancellation_fee_cents: i64,
 }
 
+/// The highest per-unit rate (cents) and minimum fare an operator may set.
+pub const MAX_RATE_CENTS: i64 = 100_000;
+pub const MAX_MINIMUM_CENTS: i64 = 1_000_000;
+
+/// A rate card an operator may not set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateCardError {
+    #[error("{product}: {field} must be from 0 to {max}, got {got}")]
+    OutOfRange {
+        product: Product,
+        /// The card's field, as named in [`RateCard`].
+        field: &'static str,
+        max: i64,
+        got: i64,
+    },
+    #[error("{0}: base, per-km and per-minute rates cannot all be 0")]
+    Free(Product),
+}
+
+impl RateCard {
+    /// Every amount within its bound, and not free.
+    pub fn check(&self, product: Product) -> Result<(), RateCardError> {
+        let fields = [
+            ("base_cents", self.base_cents, MAX_RATE_CENTS),
+            ("per_km_cents", self.per_km_cents, MAX_RATE_CENTS),
+            ("per_minute_cents", self.per_minute_cents, MAX_RATE_CENTS),
+            ("minimum_cents", self.minimum_cents, MAX_MINIMUM_CENTS),
+            ("booking_fee_cents", self.booking_fee_cents, MAX_RATE_CENTS),
+            (
+                "cancellation_fee_cents",
+                self.cancellation_fee_cents,
+                MAX_RATE_CENTS,
+            ),
+        ];
+        for (field, got, max) in fields {
+            if !(0..=max).contains(&got) {
+                return Err(RateCardError::OutOfRange {
+                    product,
+                    field,
+                    max,
+                    got,
+                });
+            }
+        }
+        if self.base_cents == 0 && self.per_km_cents == 0 && self.per_minute_cents == 0 {
+            return Err(RateCardError::Free(product));
+        }
+        Ok(())
+    }
+}
+
 /// One rate card per product.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -107,6 +158,13 @@ pub struct FareQuote {
 }
 
 impl RateCards {
+    /// Every product's card passes [`RateCard::check`].
+    pub fn check(&self) -> Result<(), RateCardError> {
+        Product::ALL
+            .into_iter()
+            .try_for_each(|p| self.card(p).check(p))
+    }
+
     pub fn card(&self, product: Product) -> &RateCard {
         match product {
             Product::Economy => &self.economy,

@@ -4,7 +4,9 @@
 //! the ring-by-ring candidate search ([`index`], [`search`]), the ETA and fare models
 //! ([`eta`], [`fare`]), surge per H3 cell ([`surge`]), the payment rules of a
 //! double-entry ledger ([`ledger`]), the driver and rider status rules ([`driver`],
-//! [`rider`]) and the trip state machine with its offer cascade ([`trip`]).
+//! [`rider`]), registration profiles and their rules ([`profile`]), the trip state machine
+//! with its offer cascade ([`trip`]) and whole transitions ([`transition`]: the new trip,
+//! its effects, its journal record and its payment plan, decided in one call).
 //!
 //! It must not depend on tokio, sockets, files, JSON or a clock: every function that
 //! needs the time takes `now_ms` (Unix milliseconds) as an argument, and ids are handed
@@ -21,22 +23,27 @@ pub mod profile;
 pub mod rider;
 pub mod search;
 pub mod surge;
+pub mod transition;
 pub mod trip;
 
 pub use driver::{DriverError, DriverState, DriverStatus};
 pub use eta::{EtaEstimate, EtaModel, StraightLineEta};
-pub use fare::{FareQuote, Product, RateCard, RateCards};
+pub use fare::{FareQuote, Product, RateCard, RateCardError, RateCards};
 pub use geo::{CellId, GeoError, Grid, Point};
 pub use ids::{DriverId, QuoteId, RiderId, TripId};
 pub use index::{CellDrivers, IndexedDriver};
 pub use ledger::{
     Account, Entry, EntryKey, Ledger, LedgerError, PaymentTerms, Posting, Step, TripMoney,
 };
-pub use profile::{DriverProfile, RiderProfile, TripDriver, Vehicle};
+pub use profile::{DriverForm, DriverProfile, ProfileError, RiderProfile, TripDriver, Vehicle};
 pub use rider::{RiderError, RiderState};
 pub use search::{Candidate, RingSearch, SearchParams, SearchStats};
 pub use surge::{SurgeBook, SurgeCell, SurgeConfig, SurgeError};
+pub use transition::{
+    AfterPayment, Decision, PaymentPlan, ProviderAnswer, Sender, Transition, TripRules,
+    refuse_without_trip,
+};
 pub use trip::{
-    CancelledBy, DispatchConfig, Offer, QuoteTerms, Trip, TripCommand, TripEffect, TripError,
-    TripState,
+    CancelledBy, DispatchConfig, Mover, Offer, QuoteTerms, Trip, TripCommand, TripEffect,
+    TripError, TripState,
 };

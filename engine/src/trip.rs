@@ -265,6 +265,12 @@ pub enum TripError {
     /// The move is not allowed in the trip's current state.
     #[error("{0}")]
     Conflict(&'static str),
+    /// There is no such trip.
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    /// The trip cannot take commands just now (it is being restarted): retry.
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 /// One trip: its public record and its dispatch bookkeeping.

@@ -1,7 +1,10 @@
 //! `dispatch-persistence`: the sled store of `dispatchd`.
 //!
 //! Trees: `drivers`, `riders`, `trips` (latest state), `journal` (one entry per trip
-//! transition, keyed by trip and version), `quotes` and `meta`. Every value goes through
+//! transition, keyed by trip and version, carrying the whole trip after it), `quotes`,
+//! `meta` (the operator's pricing and surge settings), `ledger` (the engine's entries,
+//! keyed `<trip>\0<step>`) and `provider` (the in-process payment provider's answers, by
+//! idempotency key). Every value goes through
 //! [`codec`] (schema version, checksum, bincode). [`Store`] writes through one thread
 //! with group commit and loads everything back for recovery, refusing any record it
 //! cannot read.

@@ -1,10 +1,9 @@
 //! What is stored, per tree. Built from the engine's types; the actors convert to and
 //! from their live state.
 
-use dispatch_engine::trip::Mover;
 use dispatch_engine::{
     DriverId, DriverProfile, DriverStatus, Point, Product, QuoteId, RateCard, RiderId,
-    RiderProfile, Trip, TripDriver, TripState,
+    RiderProfile, Trip, TripDriver,
 };
 use serde::{Deserialize, Serialize};
 
@@ -61,16 +60,8 @@ pub struct ProviderRecord {
     pub at_ms: u64,
 }
 
-/// One transition of a trip.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Transition {
-    pub from: TripState,
-    pub to: TripState,
-    pub by: Mover,
-    pub at_ms: u64,
-    /// The trip's version after the transition.
-    pub version: u64,
-}
+/// One transition of a trip: the engine decides it (`Decision::journal`); stored as is.
+pub use dispatch_engine::Transition;
 
 /// `journal/<trip id>\0<version BE>`: a transition and the whole trip right after it,
 /// so replaying the journal alone rebuilds every trip.

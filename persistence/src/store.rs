@@ -116,6 +116,15 @@ impl Batch {
         self.ops.push(Op::Trip(t));
         self
     }
+    /// One decided transition (the engine's `Decision`): its journal record and the
+    /// trip's new state, then the ledger entry its payment plan wrote, in one batch.
+    pub fn decided(self, t: StoredTrip, journal: Option<Transition>, entry: Option<Entry>) -> Self {
+        let b = self.trip(t, journal);
+        match entry {
+            Some(e) => b.ledger(e),
+            None => b,
+        }
+    }
     pub fn quote(mut self, q: StoredQuote) -> Self {
         self.ops.push(Op::Quote(q));
         self
