@@ -1,6 +1,7 @@
-//! The checks of the `trip_machine` fuzz target: the engine's trip state machine, and the
-//! ledger entries the trip actor makes with its transitions, driven by an arbitrary
-//! sequence of commands decoded from the fuzz input.
+//! The checks of the `trip_machine` fuzz target: the engine's whole transitions
+//! ([`Trip::start`], [`Trip::decide`]: the trip, its effects, its journal record and its
+//! payment plan), carried out as the trip actor carries them out, against a payment
+//! provider, driven by an arbitrary sequence of commands decoded from the fuzz input.
 //!
 //! This file is shared: `fuzz/fuzz_targets/trip_machine.rs` runs it under libFuzzer, and
 //! `engine/tests/fuzz_regressions.rs` includes it with `#[path]` and replays every input
@@ -23,14 +24,22 @@
 //! - The machine: `check_invariants`; an error changes nothing; each command is accepted
 //!   exactly when PROTOCOL.md's rules allow it; at most one transition per command, an
 //!   arrow of the diagram, by the right mover, with `version` +1 and `updated_at` = now;
-//!   final states are absorbing (no change, no effect); the history of transitions is a
-//!   path from `dispatching` and `version` = 1 + its length; effects match the change
+//!   final states are absorbing (no change, no effect); effects match the change
 //!   (`Finished`, `DriverAssigned`, `DriverReleased`, `ArmDeadline`); at most one offer at
 //!   a time, each to a fresh eligible candidate with a rising `seq`, every open offer
 //!   ended with `OfferEnded` unless accepted or refused; searches exclude exactly the
 //!   drivers offered so far; a dispatching trip is always either searching or offering.
-//! - The money, made as `actors/src/trip.rs` (`TripActor::pay`) makes it, against a
-//!   payment provider that approves, declines authorizations, or fails: every entry and
+//! - The journal: a decision has a record exactly when it has a `Transitioned` effect, and
+//!   the record is that effect with the new trip's version; the committed records are a
+//!   path from the request's (`dispatching`, version 1), versions 1, 2, 3, ... with no gap,
+//!   the last one the trip's version.
+//! - The payment plan: its provider request names its ledger entry (key `<trip>:<step>`,
+//!   the entry's amount, a step the request may make); no money moves without a
+//!   transition; the provider's answer is taken as [`PaymentPlan::after`] says (commit,
+//!   change nothing, or cancel the trip instead), and whatever the provider approved is in
+//!   the ledger exactly once, for the amount it approved.
+//! - The money, as the engine plans it, against a payment provider that approves,
+//!   declines authorizations, or fails (as `--payments-provider-mode`): every entry and
 //!   the ledger balance, clearing is zero, holds match authorizations; the fare is held
 //!   exactly from the first assignment to the end, and settled exactly once at the end
 //!   (capture at `completed`, the fee for a late rider cancel, a release otherwise); what
@@ -41,11 +50,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
+use dispatch_engine::transition::provider_key;
 use dispatch_engine::trip::{Mover, OfferEnd};
 use dispatch_engine::{
-    Account, CancelledBy, Candidate, DispatchConfig, DriverId, Entry, IndexedDriver, Ledger, Offer,
-    PaymentTerms, Point, Product, QuoteTerms, RiderId, Step, StraightLineEta, Trip, TripCommand,
-    TripEffect, TripId, TripMoney, TripState,
+    Account, AfterPayment, CancelledBy, Candidate, Decision, DispatchConfig, DriverId, Entry,
+    IndexedDriver, Ledger, Offer, PaymentPlan, PaymentTerms, Point, Product, ProviderAnswer,
+    QuoteTerms, RiderId, Step, StraightLineEta, Transition, Trip, TripCommand, TripEffect, TripId,
+    TripMoney, TripRules, TripState,
 };
 
 /// At most this many operations are decoded from one input.
@@ -232,12 +243,60 @@ enum When {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Provider {
+enum Mode {
     Approve,
     /// Declines authorizations (as `--payments-provider-mode decline`).
     Decline,
     /// Fails every request (as `--payments-provider-mode fail`).
     Fail,
+}
+
+/// The payment provider, as `LocalProvider` (actors/src/payments.rs) answers: by its mode,
+/// and a request it answered before (same idempotency key) the same way again.
+struct Provider {
+    mode: Mode,
+    /// Every answer given, by key: (request, amount, approved).
+    answered: BTreeMap<String, (&'static str, i64, bool)>,
+}
+
+impl Provider {
+    /// Answers a request, or says why it cannot be the same request as an earlier one.
+    fn answer(
+        &mut self,
+        request: &'static str,
+        key: &str,
+        amount: i64,
+    ) -> Result<ProviderAnswer, String> {
+        let declined = || ProviderAnswer::Declined("card declined".into());
+        if let Some(&(was, was_amount, approved)) = self.answered.get(key) {
+            if (was, was_amount) != (request, amount) {
+                return Err(format!(
+                    "{key}: {request} of {amount} after {was} of {was_amount}"
+                ));
+            }
+            return Ok(if approved {
+                ProviderAnswer::Approved
+            } else {
+                declined()
+            });
+        }
+        let approved = match self.mode {
+            Mode::Fail => {
+                return Ok(ProviderAnswer::Unavailable(
+                    "the processor did not answer".into(),
+                ));
+            }
+            Mode::Decline => request != "authorize",
+            Mode::Approve => true,
+        };
+        self.answered
+            .insert(key.to_owned(), (request, amount, approved));
+        Ok(if approved {
+            ProviderAnswer::Approved
+        } else {
+            declined()
+        })
+    }
 }
 
 /// One operation of the input.
@@ -317,16 +376,6 @@ impl Op {
     }
 }
 
-/// What the payment step of a transition came to (as `TripActor::pay`).
-enum Pay {
-    /// Commit the transition, with this entry if any.
-    Commit(Option<Entry>),
-    /// The authorization was declined: the trip is cancelled by the system instead.
-    Declined,
-    /// The provider did not answer: nothing changes.
-    Unavailable,
-}
-
 /// The fields of a trip other than its open offer and pickup ETA.
 fn record(t: &Trip) -> impl PartialEq + std::fmt::Debug {
     (
@@ -340,6 +389,33 @@ fn record(t: &Trip) -> impl PartialEq + std::fmt::Debug {
             t.is_searching(),
         ),
     )
+}
+
+/// The `Transitioned` effects: (from, to, by, at).
+fn transitions(fx: &[TripEffect]) -> Vec<(TripState, TripState, &Mover, u64)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            TripEffect::Transitioned {
+                from,
+                to,
+                by,
+                at_ms,
+            } => Some((*from, *to, by, *at_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The provider request that moves an entry's money: (key, request, amount).
+fn asked_for(e: &Entry, rider: &RiderId) -> (String, &'static str, i64) {
+    let paid = e.amount_for(&Account::Rider(rider.clone()));
+    let (request, amount) = match e.key.step {
+        Step::Authorize => ("authorize", e.amount_for(&Account::Authorizations)),
+        Step::Capture | Step::CancelFee => ("capture", -paid),
+        Step::Release => ("release", 0),
+        Step::Refund(_) => ("refund", paid),
+    };
+    (provider_key(&e.key.trip_id, e.key.step), request, amount)
 }
 
 /// Balances without the accounts at zero (a rebuilt ledger has no entry for those).
@@ -366,8 +442,8 @@ struct Harness {
     last_seq: u64,
     last_offered: Option<DriverId>,
     last_driver: Option<DriverId>,
-    /// Every committed transition: (from, to).
-    history: Vec<(TripState, TripState)>,
+    /// The journal records committed, the request's first.
+    journal: Vec<Transition>,
     ever_assigned: bool,
     /// The operations so far (at what time), for the failure message.
     log: Vec<(u64, Op)>,
@@ -390,7 +466,12 @@ impl Harness {
             distance_m: 6_000,
             duration_s: 900,
         };
-        let (trip, fx) = Trip::request(
+        let Decision {
+            trip,
+            effects: fx,
+            journal,
+            payment,
+        } = Trip::start(
             TripId::new("trp_fuzz"),
             RiderId::new("rdr_fuzz"),
             setup.product,
@@ -408,16 +489,31 @@ impl Harness {
             trip,
             ledger: Ledger::new(),
             durable: Vec::new(),
-            provider: Provider::Approve,
+            provider: Provider {
+                mode: Mode::Approve,
+                answered: BTreeMap::new(),
+            },
             offered: BTreeSet::new(),
             eligible: BTreeSet::new(),
             last_seq: 0,
             last_offered: None,
             last_driver: None,
-            history: Vec::new(),
+            journal: journal.iter().cloned().collect(),
             ever_assigned: false,
             log: Vec::new(),
         };
+        let first = Transition {
+            from: TripState::Dispatching,
+            to: TripState::Dispatching,
+            by: Mover::Rider,
+            at_ms: T0,
+            version: 1,
+        };
+        ensure!(
+            h,
+            journal == Some(first) && payment == PaymentPlan::None,
+            "request recorded {journal:?} and planned {payment:?}"
+        );
         ensure!(
             h,
             fx == vec![
@@ -494,8 +590,7 @@ impl Harness {
             Op::Retry => self.retry(),
             Op::Refund(sel) => self.refund(sel),
             Op::Provider(m) => {
-                self.provider =
-                    [Provider::Approve, Provider::Decline, Provider::Fail][usize::from(m % 3)];
+                self.provider.mode = [Mode::Approve, Mode::Decline, Mode::Fail][usize::from(m % 3)];
             }
             Op::OfferExpiry(just_before) => {
                 if let Some(o) = self.trip.offer() {
@@ -661,21 +756,25 @@ impl Harness {
         }
     }
 
-    /// One command through the machine and the payment step, as the trip actor runs it:
-    /// applied to a copy, committed only if the payment allows.
+    /// The rules the harness's trip is decided under.
+    fn rules(&self) -> TripRules<'_> {
+        TripRules {
+            dispatch: &self.setup.cfg,
+            eta: &self.eta,
+            payments: &self.setup.terms,
+            cancellation_fee_cents: self.setup.fee,
+        }
+    }
+
+    /// One command, decided by the engine and carried out as the trip actor carries a
+    /// decision out: the provider is asked for the plan's request, and its answer decides
+    /// whether the decision is committed (trip, journal record, ledger entry), dropped,
+    /// or replaced by the command the plan names (a system cancel).
     fn apply(&mut self, cmd: TripCommand) {
         let now = self.now;
         let before = self.trip.clone();
-        let mut next = before.clone();
-        let result = next.apply(cmd.clone(), now, &self.setup.cfg, &self.eta);
+        let result = before.decide(cmd.clone(), &self.durable, now, &self.rules());
         let allowed = Self::allowed(&before, &cmd, now);
-        ensure!(
-            self,
-            next.check_invariants() == Ok(()),
-            "{:?} after {}",
-            next.check_invariants(),
-            cmd.kind()
-        );
         ensure!(
             self,
             result.is_ok() == allowed,
@@ -684,28 +783,62 @@ impl Harness {
             result,
             if allowed { "allow" } else { "forbid" }
         );
-        let fx = match result {
-            Err(e) => {
-                ensure!(self, next == before, "the error `{e}` changed the trip");
-                return;
-            }
-            Ok(fx) => fx,
+        let Ok(decision) = result else {
+            return;
         };
-        self.check_effects(&before, &next, &cmd, &fx, now);
-        match self.pay(&before, &mut next, &fx, now) {
-            Pay::Commit(entry) => {
-                if let Some(e) = entry {
-                    self.write(e);
+        ensure!(
+            self,
+            decision.trip.check_invariants() == Ok(()),
+            "{:?} after {}",
+            decision.trip.check_invariants(),
+            cmd.kind()
+        );
+        self.check_effects(&before, &decision.trip, &cmd, &decision.effects, now);
+        self.check_decision(&before, &cmd, &decision);
+        let plan = &decision.payment;
+        let answer = match plan.request() {
+            None => ProviderAnswer::Approved,
+            Some((request, key, amount)) => self
+                .provider
+                .answer(request, &key, amount)
+                .unwrap_or_else(|e| self.fail(format!("the plan {plan:?} asked again: {e}"))),
+        };
+        match plan.after(&answer) {
+            AfterPayment::Commit => {
+                if let Some(e) = plan.entry() {
+                    self.write(e.clone());
                 }
-                self.commit(next, &fx);
+                self.commit(decision);
             }
-            Pay::Unavailable => {}
-            Pay::Declined => {
-                // The actor cancels the trip instead of assigning it.
-                self.apply(TripCommand::Cancel {
-                    by: CancelledBy::System,
-                    reason: Some("payment declined: card declined".into()),
-                });
+            AfterPayment::Retry => ensure!(
+                self,
+                matches!(answer, ProviderAnswer::Unavailable(_))
+                    && !matches!(plan, PaymentPlan::None | PaymentPlan::Release { .. }),
+                "{plan:?} answered {answer:?}: retried"
+            ),
+            AfterPayment::Instead(instead) => {
+                // Only a declined hold cancels the trip, by the system, before anyone is
+                // assigned (the sender is refused after the cancel).
+                ensure!(
+                    self,
+                    matches!(plan, PaymentPlan::Authorize { .. })
+                        && matches!(answer, ProviderAnswer::Declined(_))
+                        && matches!(
+                            instead,
+                            TripCommand::Cancel {
+                                by: CancelledBy::System,
+                                ..
+                            }
+                        ),
+                    "{plan:?} answered {answer:?}: {instead:?} instead"
+                );
+                self.apply(instead);
+                ensure!(
+                    self,
+                    self.trip.state() == TripState::Cancelled,
+                    "a declined hold left the trip {:?}",
+                    self.trip.state()
+                );
             }
         }
         ensure!(
@@ -714,6 +847,68 @@ impl Harness {
             "{:?} after the payment step",
             self.trip.check_invariants()
         );
+    }
+
+    /// A decision's journal record and payment plan agree with its effects and its trip.
+    fn check_decision(&self, before: &Trip, cmd: &TripCommand, d: &Decision) {
+        let recorded = d
+            .journal
+            .as_ref()
+            .map(|j| ((j.from, j.to, &j.by, j.at_ms), j.version));
+        let moved = transitions(&d.effects).first().copied();
+        ensure!(
+            self,
+            recorded == moved.map(|m| (m, d.trip.version())),
+            "{}: journal {:?}, effects {:?} at version {}",
+            cmd.kind(),
+            d.journal,
+            d.effects,
+            d.trip.version()
+        );
+        let plan = &d.payment;
+        let (request, entry) = (plan.request(), plan.entry());
+        ensure!(
+            self,
+            request.is_some() == entry.is_some() && (d.journal.is_some() || entry.is_none()),
+            "{}: {plan:?} with journal {:?}",
+            cmd.kind(),
+            d.journal
+        );
+        let (Some((name, key, amount)), Some(e)) = (request, entry) else {
+            return;
+        };
+        let step = match plan {
+            PaymentPlan::Authorize { .. } => Step::Authorize,
+            PaymentPlan::Capture { .. } => Step::Capture,
+            PaymentPlan::CancelFee { .. } => Step::CancelFee,
+            PaymentPlan::Release { .. } | PaymentPlan::None => Step::Release,
+        };
+        ensure!(
+            self,
+            e.key.step == step
+                && (key.clone(), name, amount) == asked_for(e, &before.rider_id)
+                && e.key.trip_id == before.id
+                && e.at_ms == self.now
+                && e.currency == before.quote.currency,
+            "{}: request {name} {key} of {amount} for entry {e:?}",
+            cmd.kind()
+        );
+        if let PaymentPlan::CancelFee { amount_cents, .. } = plan {
+            ensure!(
+                self,
+                d.trip.fare_cents() == Some(*amount_cents)
+                    && matches!(
+                        cmd,
+                        TripCommand::Cancel {
+                            by: CancelledBy::Rider,
+                            ..
+                        }
+                    ),
+                "{}: a fee of {amount_cents}, fare {:?}",
+                cmd.kind(),
+                d.trip.fare_cents()
+            );
+        }
     }
 
     /// The model-free rules on one accepted command's effects.
@@ -732,18 +927,7 @@ impl Harness {
             return;
         }
         // Transitions.
-        let moves: Vec<(TripState, TripState, &Mover, u64)> = fx
-            .iter()
-            .filter_map(|e| match e {
-                TripEffect::Transitioned {
-                    from,
-                    to,
-                    by,
-                    at_ms,
-                } => Some((*from, *to, by, *at_ms)),
-                _ => None,
-            })
-            .collect();
+        let moves = transitions(fx);
         ensure!(self, moves.len() <= 1, "two transitions at once: {fx:?}");
         let moved = moves.first().map(|m| m.1);
         if let Some(&(from, to, by, at)) = moves.first() {
@@ -999,86 +1183,6 @@ impl Harness {
         }
     }
 
-    /// The payment step of `TripActor::pay` (actors/src/trip.rs), against this harness's
-    /// provider: `prev` is the committed trip, `next` the trip after the command.
-    fn pay(&self, prev: &Trip, next: &mut Trip, fx: &[TripEffect], now: u64) -> Pay {
-        let money = TripMoney::of(&self.durable, &prev.rider_id);
-        let currency = prev.quote.currency.clone();
-        let assigned = fx
-            .iter()
-            .any(|e| matches!(e, TripEffect::DriverAssigned { .. }));
-        if assigned && money.authorized_at_ms.is_none() && !money.settled {
-            match self.provider {
-                Provider::Approve => {}
-                Provider::Decline => return Pay::Declined,
-                Provider::Fail => return Pay::Unavailable,
-            }
-            let amount = prev.quote.fare_cents;
-            return Pay::Commit(
-                money
-                    .authorize(&prev.id, &prev.rider_id, amount, &currency, now)
-                    .ok(),
-            );
-        }
-        if next.state() == prev.state() || money.authorized_at_ms.is_none() || money.settled {
-            return Pay::Commit(None);
-        }
-        match next.state() {
-            TripState::Completed => {
-                let Some(driver) = next.driver_id().cloned() else {
-                    return Pay::Commit(None);
-                };
-                let fare = next.fare_cents().unwrap_or(prev.quote.fare_cents);
-                if self.provider == Provider::Fail {
-                    return Pay::Unavailable;
-                }
-                Pay::Commit(
-                    money
-                        .capture(
-                            &self.setup.terms,
-                            &prev.id,
-                            &prev.rider_id,
-                            &driver,
-                            fare,
-                            &currency,
-                            now,
-                        )
-                        .ok(),
-                )
-            }
-            TripState::Cancelled => {
-                let fee = self.setup.fee;
-                let arrived_at =
-                    (prev.state() == TripState::DriverArrived).then(|| prev.updated_at_ms());
-                let fee_due = next.cancelled_by() == Some(CancelledBy::Rider)
-                    && fee > 0
-                    && money.authorized_at_ms.is_some_and(|at| {
-                        self.setup.terms.rider_cancel_costs_fee(at, arrived_at, now)
-                    });
-                match (fee_due, prev.driver_id()) {
-                    (true, Some(driver)) => {
-                        if self.provider == Provider::Fail {
-                            return Pay::Unavailable;
-                        }
-                        let e = money
-                            .cancel_fee(&prev.id, &prev.rider_id, driver, fee, &currency, now)
-                            .ok();
-                        if e.is_some() {
-                            let _ = next.charge_cancellation_fee(fee);
-                        }
-                        Pay::Commit(e)
-                    }
-                    // A release is best effort with the provider: written either way.
-                    _ => Pay::Commit(money.release(&prev.id, &prev.rider_id, &currency, now)),
-                }
-            }
-            TripState::NoDriverFound => {
-                Pay::Commit(money.release(&prev.id, &prev.rider_id, &currency, now))
-            }
-            _ => Pay::Commit(None),
-        }
-    }
-
     /// Writes a new entry: the ledger must take it, and it is then durable.
     fn write(&mut self, e: Entry) {
         ensure!(self, e.sum() == 0, "unbalanced {e:?}");
@@ -1087,23 +1191,17 @@ impl Harness {
         self.durable.push(e);
     }
 
-    /// The transition is committed: the harness's view of what was told follows it.
-    fn commit(&mut self, next: Trip, fx: &[TripEffect]) {
-        for e in fx {
+    /// The decision is committed (its entry already written): the trip and its journal
+    /// record, and the harness's view of what was told follows its effects.
+    fn commit(&mut self, d: Decision) {
+        for e in &d.effects {
             match e {
                 TripEffect::SendOffer(o) => {
                     self.offered.insert(o.driver_id.clone());
                     self.last_seq = o.seq;
                     self.last_offered = Some(o.driver_id.clone());
                 }
-                TripEffect::Transitioned { from, to, .. } => {
-                    let last = self.history.last().map_or(TripState::Dispatching, |m| m.1);
-                    ensure!(
-                        self,
-                        *from == last,
-                        "history ends in {last:?}, next transition from {from:?}"
-                    );
-                    self.history.push((*from, *to));
+                TripEffect::Transitioned { to, .. } => {
                     if *to == TripState::DriverAssigned {
                         self.ever_assigned = true;
                     }
@@ -1114,13 +1212,23 @@ impl Harness {
                 _ => {}
             }
         }
-        self.trip = next;
+        if let Some(j) = d.journal {
+            let next = self.journal.last().map(|l| (l.to, l.version + 1));
+            ensure!(
+                self,
+                next == Some((j.from, j.version)),
+                "the journal ends with {:?}, next record {j:?}",
+                self.journal.last()
+            );
+            self.journal.push(j);
+        }
+        self.trip = d.trip;
+        let versions: Vec<u64> = self.journal.iter().map(|j| j.version).collect();
         ensure!(
             self,
-            self.trip.version() == 1 + self.history.len() as u64,
-            "version {} after {} transitions",
-            self.trip.version(),
-            self.history.len()
+            versions.iter().copied().eq(1..=self.trip.version()),
+            "journal versions {versions:?} for a trip at version {}",
+            self.trip.version()
         );
     }
 
@@ -1248,8 +1356,11 @@ impl Harness {
                 "refund numbered {}",
                 e.key.step
             );
-            if self.provider != Provider::Fail {
-                self.write(e);
+            let key = provider_key(&t.id, e.key.step);
+            match self.provider.answer("refund", &key, amount) {
+                Ok(ProviderAnswer::Approved) => self.write(e),
+                Ok(ProviderAnswer::Unavailable(_)) => {}
+                other => self.fail(format!("refund {key}: {other:?}")),
             }
         }
     }
@@ -1288,6 +1399,29 @@ impl Harness {
             l.balance(&Account::Authorizations)
         );
 
+        // What the provider approved is in the ledger once, for that amount; every other
+        // entry but a release (written whatever the provider said) was approved.
+        let asked: BTreeMap<String, (&str, i64)> = self
+            .durable
+            .iter()
+            .filter(|e| e.key.step != Step::Release)
+            .map(|e| {
+                let (key, request, amount) = asked_for(e, rider);
+                (key, (request, amount))
+            })
+            .collect();
+        let approved: BTreeMap<String, (&str, i64)> = self
+            .provider
+            .answered
+            .iter()
+            .filter(|(_, a)| a.2 && a.0 != "release")
+            .map(|(k, a)| (k.clone(), (a.0, a.1)))
+            .collect();
+        ensure!(
+            self,
+            asked == approved,
+            "entries {asked:?}, approved {approved:?}"
+        );
         let m = TripMoney::of(&self.durable, rider);
         let from_ledger = TripMoney::of(l.entries_of(&t.id), rider);
         ensure!(
