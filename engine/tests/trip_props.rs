@@ -74,6 +74,11 @@ fn kind(e: &TripError) -> Kind {
     match e {
         TripError::Forbidden(_) => Kind::Forbidden,
         TripError::Conflict(_) => Kind::Conflict,
+        // The answers for a trip no actor holds (`refuse_without_trip`): never the
+        // machine's own.
+        TripError::NotFound(_) | TripError::Unavailable(_) => {
+            panic!("Trip::apply answered {e:?}")
+        }
     }
 }
 
