@@ -1201,11 +1201,10 @@ impl Harness {
                     self.last_seq = o.seq;
                     self.last_offered = Some(o.driver_id.clone());
                 }
-                TripEffect::Transitioned { to, .. } => {
-                    if *to == TripState::DriverAssigned {
-                        self.ever_assigned = true;
-                    }
-                }
+                TripEffect::Transitioned {
+                    to: TripState::DriverAssigned,
+                    ..
+                } => self.ever_assigned = true,
                 TripEffect::DriverAssigned { driver_id } => {
                     self.last_driver = Some(driver_id.clone());
                 }
