@@ -3,9 +3,22 @@
 //! event queue, wired the way the server's actors wire the engine. Drivers accept,
 //! decline, ignore offers, answer late, cancel before pickup and go on and off line;
 //! riders, admins and the system cancel; riders tap "request" twice; search answers
-//! arrive late; timers fire late and twice; drivers never offered a trip try to take it.
+//! arrive late; timers fire late and twice; drivers never offered a trip try to take it;
+//! the payment provider now and then declines a hold or does not answer, and whoever
+//! sent the command tries again.
+//!
+//! Every trip command goes through the engine's whole transitions, as the trip actor
+//! runs them: `Trip::start` and `Trip::decide` give the trip, its effects, its journal
+//! record and its payment plan; the provider is asked for the plan's request and
+//! `PaymentPlan::after` says what its answer means; the trip, the journal record and the
+//! ledger entry are committed together, and only then are the effects carried out, in
+//! the actor's order (ended offers, then the transition to rider and drivers, then
+//! timers, offers and searches). A command for an ended trip gets the one rule for
+//! ended trips (`refuse_without_trip`), as its actor has stopped.
+//!
 //! After every event the world is checked (see `Sim::check_world`), and at the end, with
-//! the queue drained, every trip must have ended and nobody may hold anything.
+//! the queue drained, every trip must have ended, nobody may hold anything, and the money
+//! must add up (see `Sim::check_books`).
 //!
 //! A failure prints its seed; replay it with
 //! `SIM_SEED=<seed> cargo test -p dispatch-engine --test simulation`.
@@ -17,12 +30,15 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 
 use dispatch_engine::search::search_map;
+use dispatch_engine::transition::provider_key;
 use dispatch_engine::trip::OfferEnd;
 use dispatch_engine::{
-    CancelledBy, Candidate, CellDrivers, CellId, DispatchConfig, DriverError, DriverId,
-    DriverState, DriverStatus, EtaModel, Grid, IndexedDriver, Point, Product, QuoteTerms,
-    RateCards, RiderError, RiderId, RiderState, SearchParams, StraightLineEta, Trip, TripCommand,
-    TripEffect, TripError, TripId, TripState,
+    Account, AfterPayment, CancelledBy, Candidate, CellDrivers, CellId, Decision, DispatchConfig,
+    DriverError, DriverId, DriverState, DriverStatus, Entry, EtaModel, Grid, IndexedDriver, Ledger,
+    Mover, PaymentPlan, PaymentTerms, Point, Product, ProviderAnswer, QuoteTerms, RateCards,
+    RiderError, RiderId, RiderState, SearchParams, Sender, Step as PayStep, StraightLineEta,
+    Transition, Trip, TripCommand, TripEffect, TripError, TripId, TripMoney, TripRules, TripState,
+    refuse_without_trip,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,6 +60,10 @@ struct SimConfig {
     requests_until_ms: u64,
     /// Panic on purpose at this event (to test the failure report).
     break_at_event: Option<u64>,
+    /// How often the payment provider declines a hold...
+    declines: f64,
+    /// ...and how often it does not answer a request at all.
+    outages: f64,
 }
 
 impl Default for SimConfig {
@@ -54,6 +74,8 @@ impl Default for SimConfig {
             end_ms: 3_600_000,
             requests_until_ms: 3_000_000,
             break_at_event: None,
+            declines: 0.02,
+            outages: 0.03,
         }
     }
 }
@@ -160,6 +182,41 @@ impl Ord for Scheduled {
 // The world.
 // ---------------------------------------------------------------------------------------
 
+/// The payment provider: it approves, but declines a hold now and then and sometimes
+/// does not answer (from its own seeded generator, so a run replays); a request it
+/// answered before (the same idempotency key) gets the same answer, as `LocalProvider`.
+struct Provider {
+    rng: StdRng,
+    declines: f64,
+    outages: f64,
+    /// Every answer given, by key: (request, amount, approved).
+    answered: BTreeMap<String, (&'static str, i64, bool)>,
+}
+
+impl Provider {
+    fn answer(&mut self, request: &'static str, key: String, amount: i64) -> ProviderAnswer {
+        let approved = match self.answered.get(&key) {
+            Some(&(was, was_amount, approved)) => {
+                assert_eq!((was, was_amount), (request, amount), "{key} asked again");
+                approved
+            }
+            None if self.rng.random_bool(self.outages) => {
+                return ProviderAnswer::Unavailable("the processor did not answer".into());
+            }
+            None => {
+                let approved = request != "authorize" || !self.rng.random_bool(self.declines);
+                self.answered.insert(key, (request, amount, approved));
+                approved
+            }
+        };
+        if approved {
+            ProviderAnswer::Approved
+        } else {
+            ProviderAnswer::Declined("card declined".into())
+        }
+    }
+}
+
 struct SimDriver {
     id: DriverId,
     state: DriverState,
@@ -178,8 +235,10 @@ struct SimTrip {
     trip: Trip,
     /// Every driver a `SendOffer` of this trip named.
     offered: BTreeSet<DriverId>,
-    /// Versions seen, one per transition: 1, 2, 3, ...
-    versions: Vec<u64>,
+    /// The journal records committed, one per transition (the request's first).
+    journal: Vec<Transition>,
+    /// The trip record's ledger entries, in the order written.
+    entries: Vec<Entry>,
     /// Times the trip went back to dispatching (a driver cancelled).
     redispatches: u64,
     /// Searches this trip asked for.
@@ -206,6 +265,12 @@ struct Stats {
     stale_driver_steps: u64,
     cancels_refused: u64,
     busy_go_offline_refused: u64,
+    /// Holds the provider declined (the trip was cancelled instead).
+    payments_declined: u64,
+    /// Commands the provider did not answer (the sender was told to retry, and did).
+    payments_unanswered: u64,
+    /// Ledger entries written, by step.
+    entries: BTreeMap<&'static str, u64>,
     /// Final and intermediate states reached, by name.
     reached: BTreeMap<&'static str, u64>,
 }
@@ -220,6 +285,9 @@ struct Sim {
     dispatch: DispatchConfig,
     eta: StraightLineEta,
     cards: RateCards,
+    payments: PaymentTerms,
+    provider: Provider,
+    ledger: Ledger,
     params: SearchParams,
     drivers: Vec<SimDriver>,
     riders: Vec<SimRider>,
@@ -330,6 +398,14 @@ impl Sim {
             dispatch: DispatchConfig::default(),
             eta: StraightLineEta::default(),
             cards: RateCards::default(),
+            payments: PaymentTerms::default(),
+            provider: Provider {
+                rng: StdRng::seed_from_u64(seed ^ 0x7061_7973),
+                declines: cfg.declines,
+                outages: cfg.outages,
+                answered: BTreeMap::new(),
+            },
+            ledger: Ledger::new(),
             params: SearchParams {
                 k: 8,
                 max_radius_m: 5_000.0,
@@ -415,100 +491,251 @@ impl Sim {
     }
 
     // -----------------------------------------------------------------------------------
-    // Driving a trip: apply a command, check the step, carry out the effects.
+    // Driving a trip: decide a command, pay, commit, then carry out the effects.
     // -----------------------------------------------------------------------------------
 
-    /// Applies `cmd` to trip `t` and carries out its effects, including the follow-up
-    /// commands they cause (an offer the driver cannot hold is refused at once).
-    fn command(&mut self, t: usize, cmd: TripCommand) -> Result<(), TripError> {
+    /// The rules a trip of `product` is decided under.
+    fn rules(&self, product: Product) -> TripRules<'_> {
+        TripRules {
+            dispatch: &self.dispatch,
+            eta: &self.eta,
+            payments: &self.payments,
+            cancellation_fee_cents: self.cards.card(product).cancellation_fee_cents,
+        }
+    }
+
+    /// Decides `cmd` from `from` for trip `t` and carries the decision out as the trip
+    /// actor does, with the follow-up commands it causes (an offer the driver cannot hold
+    /// is refused at once; a declined hold cancels the trip instead). Returns what the
+    /// sender is told: `Ok`, or the error (`Unavailable` when the provider did not answer,
+    /// `Conflict` after a declined hold cancelled the trip).
+    fn command(&mut self, t: usize, cmd: TripCommand, from: Sender) -> Result<(), TripError> {
         self.touched_trips.insert(t);
-        let mut pending = VecDeque::from([cmd]);
+        if self.trips[t].trip.state().is_final() {
+            return Err(self.refuse_ended(t, &from, cmd));
+        }
+        let mut work = VecDeque::from([cmd]);
+        let mut told = Ok(());
         let mut first = true;
-        while let Some(cmd) = pending.pop_front() {
-            let before = self.trips[t].trip.clone();
-            let result = self.trips[t]
-                .trip
-                .apply(cmd.clone(), self.now, &self.dispatch, &self.eta);
-            let after = self.trips[t].trip.clone();
-            assert_eq!(after.check_invariants(), Ok(()), "after {cmd:?}");
-            let fx = match result {
+        while let Some(cmd) = work.pop_front() {
+            let st = &self.trips[t];
+            let rules = self.rules(st.trip.product);
+            let decision = match st.trip.decide(cmd.clone(), &st.entries, self.now, &rules) {
+                Ok(d) => d,
                 Err(e) => {
-                    assert_eq!(
-                        after, before,
-                        "{cmd:?} failed with {e:?} but changed the trip"
-                    );
                     assert!(first, "a follow-up command {cmd:?} failed: {e:?}");
                     return Err(e);
                 }
-                Ok(fx) => fx,
             };
-            // Exactly one Transitioned per transition, each an arrow of the diagram, and
-            // the version rises by one each time.
-            let moves: Vec<(TripState, TripState)> = fx
-                .iter()
-                .filter_map(|e| match e {
-                    TripEffect::Transitioned {
-                        from, to, at_ms, ..
-                    } => {
-                        assert_eq!(*at_ms, self.now);
-                        Some((*from, *to))
-                    }
-                    _ => None,
-                })
-                .collect();
-            assert!(moves.len() <= 1, "{cmd:?}: {moves:?}");
-            for (from, to) in &moves {
-                assert!(from.can_move_to(*to), "illegal {from:?} -> {to:?}");
-                assert_eq!(*from, before.state());
-                assert_eq!(*to, after.state());
-            }
-            assert_eq!(
-                after.version(),
-                before.version() + moves.len() as u64,
-                "{cmd:?}: version {} -> {} with {} transitions",
-                before.version(),
-                after.version(),
-                moves.len()
-            );
-            if moves.is_empty() {
-                assert_eq!(
-                    after.state(),
-                    before.state(),
-                    "{cmd:?}: silent state change"
-                );
-            }
-            if before.state().is_final() {
-                assert!(fx.is_empty(), "{cmd:?} on a final trip gave {fx:?}");
-            }
-            if moves.iter().any(|(_, to)| *to == TripState::Dispatching) {
-                self.trips[t].redispatches += 1;
-            }
-            if moves.len() == 1 {
-                let v = after.version();
-                let seen = &mut self.trips[t].versions;
-                assert_eq!(seen.last(), Some(&(v - 1)), "version gap");
-                seen.push(v);
-                *self
-                    .stats
-                    .reached
-                    .entry(after.state().as_str())
-                    .or_default() += 1;
-            }
-            if after.state().is_final() {
-                self.live.remove(&t);
-            }
-            first = false;
-            for e in fx {
-                if let Some(next) = self.carry_out(t, e) {
-                    pending.push_back(next);
+            self.check_decision(t, &cmd, &decision);
+            let plan = &decision.payment;
+            let answer = match plan.request() {
+                Some((request, key, amount)) => self.provider.answer(request, key, amount),
+                None => ProviderAnswer::Approved,
+            };
+            match plan.after(&answer) {
+                AfterPayment::Commit => {}
+                AfterPayment::Retry => {
+                    // Nothing changes; the sender is told to retry.
+                    assert!(first, "a follow-up {cmd:?} waits for {plan:?}");
+                    self.stats.payments_unanswered += 1;
+                    return Err(TripError::Unavailable(
+                        "the payment provider is unavailable; retry",
+                    ));
+                }
+                AfterPayment::Instead(instead) => {
+                    // The decision is dropped and the trip cancelled instead; the sender
+                    // is refused after that.
+                    assert!(
+                        first && matches!(plan, PaymentPlan::Authorize { .. }),
+                        "{cmd:?}: {plan:?} answered {answer:?}"
+                    );
+                    self.stats.payments_declined += 1;
+                    told = Err(TripError::Conflict(
+                        "the rider's payment was declined; the trip is cancelled",
+                    ));
+                    work.push_front(instead);
+                    first = false;
+                    continue;
                 }
             }
+            first = false;
+            let Decision {
+                trip,
+                effects,
+                journal,
+                payment,
+            } = decision;
+            self.commit(t, trip, journal, payment.entry().cloned());
+            self.carry_out(t, effects, &mut work);
         }
-        Ok(())
+        told
+    }
+
+    /// A timer or a search answer: a live trip always takes it; an ended trip's actor has
+    /// stopped, so it goes nowhere.
+    fn system(&mut self, t: usize, cmd: TripCommand) {
+        let ended = self.trips[t].trip.state().is_final();
+        let told = self.command(t, cmd, Sender::System);
+        assert_eq!(told.is_err(), ended, "{told:?}");
+    }
+
+    /// A command for an ended trip. Its actor has stopped, so the one rule for ended
+    /// trips answers the sender; the machine, asked anyway, changes nothing, and refuses
+    /// a client's command the same way (a timer or a search answer it takes quietly).
+    fn refuse_ended(&self, t: usize, from: &Sender, cmd: TripCommand) -> TripError {
+        let st = &self.trips[t];
+        let trip = &st.trip;
+        let refusal = refuse_without_trip(Some(trip), from, Some(&trip.rider_id), &cmd);
+        let rules = self.rules(trip.product);
+        match trip.decide(cmd.clone(), &st.entries, self.now, &rules) {
+            Ok(d) => {
+                assert_eq!(
+                    *from,
+                    Sender::System,
+                    "{cmd:?} taken by the ended {}",
+                    trip.id
+                );
+                assert!(
+                    d.effects.is_empty()
+                        && d.journal.is_none()
+                        && d.payment == PaymentPlan::None
+                        && d.trip == *trip,
+                    "{cmd:?} on the ended {} gave {d:?}",
+                    trip.id
+                );
+            }
+            Err(e) => assert_eq!(
+                std::mem::discriminant(&e),
+                std::mem::discriminant(&refusal),
+                "{cmd:?} from {from:?} to the ended {}: the machine says {e:?}, the rule {refusal:?}",
+                trip.id
+            ),
+        }
+        refusal
+    }
+
+    /// One decision, before anything is committed: at most one transition, an arrow of
+    /// the diagram from the trip's state, now, with the version up by one; the journal
+    /// record is that transition at the new version, and there is one exactly when there
+    /// is a transition; money moves only with a transition, and the plan's provider
+    /// request names its ledger entry.
+    fn check_decision(&self, t: usize, cmd: &TripCommand, d: &Decision) {
+        let (before, after) = (&self.trips[t].trip, &d.trip);
+        assert_eq!(after.check_invariants(), Ok(()), "after {cmd:?}");
+        let moves: Vec<&TripEffect> = d
+            .effects
+            .iter()
+            .filter(|e| matches!(e, TripEffect::Transitioned { .. }))
+            .collect();
+        assert!(moves.len() <= 1, "{cmd:?}: {moves:?}");
+        assert_eq!(
+            after.version(),
+            before.version() + moves.len() as u64,
+            "{cmd:?}: version {} -> {} with {} transitions",
+            before.version(),
+            after.version(),
+            moves.len()
+        );
+        match (&d.journal, moves.first()) {
+            (None, None) => assert_eq!(
+                after.state(),
+                before.state(),
+                "{cmd:?}: silent state change"
+            ),
+            (
+                Some(j),
+                Some(TripEffect::Transitioned {
+                    from,
+                    to,
+                    by,
+                    at_ms,
+                }),
+            ) => {
+                assert!(from.can_move_to(*to), "illegal {from:?} -> {to:?}");
+                assert_eq!(
+                    (*from, *to, *at_ms),
+                    (before.state(), after.state(), self.now)
+                );
+                assert_eq!(
+                    (j.from, j.to, &j.by, j.at_ms, j.version),
+                    (*from, *to, by, *at_ms, after.version()),
+                    "{cmd:?}: the journal record is not the transition"
+                );
+            }
+            (j, m) => panic!("{cmd:?}: journal {j:?} for the transition {m:?}"),
+        }
+        let plan = &d.payment;
+        match (plan.request(), plan.entry()) {
+            (None, None) => {}
+            (Some((_, key, _)), Some(e)) => {
+                assert!(
+                    d.journal.is_some(),
+                    "{cmd:?}: {plan:?} without a transition"
+                );
+                assert_eq!(key, provider_key(&before.id, e.key.step), "{plan:?}");
+                assert_eq!(
+                    (&e.key.trip_id, e.at_ms, e.sum()),
+                    (&before.id, self.now, 0),
+                    "{plan:?}"
+                );
+            }
+            other => panic!("{cmd:?}: {plan:?} gives {other:?}"),
+        }
+    }
+
+    /// Commits a decision as the trip actor does, before anyone is told: the trip, its
+    /// journal record (the next version, from where the last one left the trip) and its
+    /// ledger entry, together.
+    fn commit(&mut self, t: usize, trip: Trip, journal: Option<Transition>, entry: Option<Entry>) {
+        let st = &mut self.trips[t];
+        if let Some(e) = entry {
+            assert_eq!(self.ledger.post(e.clone()), Ok(true), "{:?}", e.key);
+            *self.stats.entries.entry(e.key.step.kind()).or_default() += 1;
+            st.entries.push(e);
+        }
+        if let Some(j) = journal {
+            let next = st
+                .journal
+                .last()
+                .map_or((TripState::Dispatching, 1), |l| (l.to, l.version + 1));
+            assert_eq!((j.from, j.version), next, "{}: journal {:?}", trip.id, j);
+            if j.to == TripState::Dispatching && !st.journal.is_empty() {
+                st.redispatches += 1;
+            }
+            *self.stats.reached.entry(j.to.as_str()).or_default() += 1;
+            st.journal.push(j);
+        }
+        if trip.state().is_final() {
+            self.live.remove(&t);
+        }
+        st.trip = trip;
+    }
+
+    /// A committed decision's effects, in the trip actor's order: ended offers first,
+    /// then the transition (to the rider, the released driver, the assigned driver), then
+    /// timers, offers and searches. An offer the driver cannot hold is refused at once:
+    /// its `OfferRefused` goes on `work`.
+    fn carry_out(&mut self, t: usize, mut fx: Vec<TripEffect>, work: &mut VecDeque<TripCommand>) {
+        fx.sort_by_key(|e| match e {
+            TripEffect::Transitioned { .. } => 0, // committed
+            TripEffect::OfferEnded { .. } => 1,
+            TripEffect::Finished => 2, // the rider's last update
+            TripEffect::DriverReleased { .. } => 3,
+            TripEffect::DriverAssigned { .. } => 4,
+            TripEffect::ArmDeadline { .. }
+            | TripEffect::SendOffer(_)
+            | TripEffect::Search { .. } => 5,
+        });
+        for e in fx {
+            if let Some(next) = self.effect(t, e) {
+                work.push_back(next);
+            }
+        }
     }
 
     /// One effect, as the trip actor and its neighbours carry it out.
-    fn carry_out(&mut self, t: usize, effect: TripEffect) -> Option<TripCommand> {
+    fn effect(&mut self, t: usize, effect: TripEffect) -> Option<TripCommand> {
         let trip_id = self.trip_id(t);
         match effect {
             TripEffect::Search { exclude } => {
@@ -753,17 +980,12 @@ impl Sim {
             Ev::DriverTick(d) => self.driver_tick(d),
             Ev::RideRequest { rider, spurious } => self.ride_request(rider, spurious),
             Ev::SearchAnswer { trip, candidates } => {
-                self.command(trip, TripCommand::Candidates(candidates))
-                    .expect("a search answer is never refused");
+                self.system(trip, TripCommand::Candidates(candidates));
             }
-            Ev::OfferTimer { trip, seq } => {
-                self.command(trip, TripCommand::OfferTimeout { seq })
-                    .expect("a timer is never refused");
-            }
+            Ev::OfferTimer { trip, seq } => self.system(trip, TripCommand::OfferTimeout { seq }),
             Ev::DeadlineTimer { trip } => {
                 let before = self.trips[trip].trip.clone();
-                self.command(trip, TripCommand::DeadlineReached)
-                    .expect("a timer is never refused");
+                self.system(trip, TripCommand::DeadlineReached);
                 let after = &self.trips[trip].trip;
                 if before.state() == TripState::Dispatching && self.now >= before.deadline_ms() {
                     assert_eq!(after.state(), TripState::NoDriverFound);
@@ -779,12 +1001,13 @@ impl Sim {
                 let holds = offer.is_some_and(|o| o.driver_id == id);
                 // An accept must beat the expiry, not just the (possibly late) timer.
                 let in_time = offer.is_some_and(|o| self.now < o.expires_at_ms);
+                let from = Sender::Driver(id.clone());
                 let cmd = if accept {
                     TripCommand::Accept { driver_id: id }
                 } else {
                     TripCommand::Decline { driver_id: id }
                 };
-                match self.command(trip, cmd) {
+                match self.command(trip, cmd, from) {
                     Ok(()) => {
                         assert!(holds, "an answer from a driver not holding the offer");
                         assert!(in_time || !accept, "an expired offer was accepted");
@@ -792,6 +1015,21 @@ impl Sim {
                             assert_eq!(
                                 self.trips[trip].trip.driver_id(),
                                 Some(&self.drivers[driver].id)
+                            );
+                        }
+                    }
+                    Err(e) if holds && in_time && accept => {
+                        // The hold went unanswered (the driver taps "accept" again) or
+                        // was declined (the trip was cancelled instead).
+                        if self.payment_refused(trip, &e) {
+                            let delay = self.rng.random_range(500..4_000);
+                            self.schedule(
+                                delay,
+                                Ev::DriverAnswer {
+                                    trip,
+                                    driver,
+                                    accept,
+                                },
                             );
                         }
                     }
@@ -819,8 +1057,12 @@ impl Sim {
                     .offer()
                     .is_some_and(|o| o.driver_id == id && self.now < o.expires_at_ms);
                 let known = self.trips[trip].offered.contains(&id);
-                match self.command(trip, TripCommand::Accept { driver_id: id }) {
+                let from = Sender::Driver(id.clone());
+                match self.command(trip, TripCommand::Accept { driver_id: id }, from) {
                     Ok(()) => assert!(holds, "a driver took an offer it did not hold"),
+                    Err(e) if holds => {
+                        self.payment_refused(trip, &e);
+                    }
                     Err(e) => {
                         assert!(!holds);
                         if known {
@@ -844,24 +1086,56 @@ impl Sim {
                             | TripState::DriverArrived
                     ),
                 };
-                let result = self.command(
-                    trip,
-                    TripCommand::Cancel {
-                        by,
-                        reason: Some("changed plans".into()),
-                    },
-                );
-                assert_eq!(
-                    result.is_ok(),
-                    allowed,
-                    "{by:?} cancel in {state:?}: {result:?}"
-                );
-                if result.is_err() {
-                    self.stats.cancels_refused += 1;
-                } else {
-                    assert_eq!(self.trips[trip].trip.cancelled_by(), Some(by));
+                let from = match by {
+                    CancelledBy::Rider => Sender::Rider,
+                    CancelledBy::Admin => Sender::Admin,
+                    _ => Sender::System,
+                };
+                let cmd = TripCommand::Cancel {
+                    by,
+                    reason: Some("changed plans".into()),
+                };
+                match self.command(trip, cmd, from) {
+                    Ok(()) => {
+                        assert!(allowed, "{by:?} cancel in {state:?} taken");
+                        assert_eq!(self.trips[trip].trip.cancelled_by(), Some(by));
+                    }
+                    Err(e) if allowed => {
+                        // Only a late cancel's fee waits for the provider: the rider
+                        // tries again.
+                        assert!(self.payment_refused(trip, &e) && by == CancelledBy::Rider);
+                        let delay = self.rng.random_range(1_000..5_000);
+                        self.schedule(delay, Ev::Cancel { trip, by });
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "{by:?} cancel in {state:?}: {e:?}");
+                        self.stats.cancels_refused += 1;
+                    }
                 }
             }
+        }
+    }
+
+    /// A command the payment provider stood in the way of: true when it did not answer
+    /// (nothing changed and the sender is told to retry); false when it declined the hold
+    /// and the trip was cancelled by the system instead.
+    fn payment_refused(&self, t: usize, e: &TripError) -> bool {
+        let trip = &self.trips[t].trip;
+        match e {
+            TripError::Unavailable(_) => true,
+            TripError::Conflict(_) => {
+                assert!(
+                    trip.cancelled_by() == Some(CancelledBy::System)
+                        && trip
+                            .cancel_reason()
+                            .is_some_and(|r| r.starts_with("payment declined")),
+                    "{} refused with {e:?} in {:?}",
+                    trip.id,
+                    trip.state()
+                );
+                false
+            }
+            other => panic!("{}: {other:?}", trip.id),
         }
     }
 
@@ -943,7 +1217,12 @@ impl Sim {
             distance_m: q.distance_m,
             duration_s: q.duration_s,
         };
-        let (trip, fx) = Trip::request(
+        let Decision {
+            trip,
+            effects,
+            journal,
+            payment,
+        } = Trip::start(
             trip_id.clone(),
             self.riders[r].id.clone(),
             product,
@@ -955,21 +1234,27 @@ impl Sim {
         );
         assert_eq!(trip.version(), 1);
         assert_eq!(trip.check_invariants(), Ok(()));
+        assert_eq!(
+            journal.as_ref().map(|j| (j.to, &j.by, j.at_ms)),
+            Some((TripState::Dispatching, &Mover::Rider, self.now))
+        );
+        assert_eq!(payment, PaymentPlan::None);
         let t = self.trips.len();
         self.trips.push(SimTrip {
-            trip,
+            trip: trip.clone(),
             offered: BTreeSet::new(),
-            versions: vec![1],
+            journal: Vec::new(),
+            entries: Vec::new(),
             redispatches: 0,
             searches: 0,
         });
         assert_eq!(trip_no(&trip_id), t);
         self.live.insert(t);
         self.touched_trips.insert(t);
-        *self.stats.reached.entry("dispatching").or_default() += 1;
-        for e in fx {
-            assert!(self.carry_out(t, e).is_none());
-        }
+        self.commit(t, trip, journal, None);
+        let mut work = VecDeque::new();
+        self.carry_out(t, effects, &mut work);
+        assert!(work.is_empty(), "a new trip's effects asked for {work:?}");
         // Some riders change their minds; now and then an admin or the system steps in;
         // some riders tap "request" again while the trip is live.
         if self.rng.random_bool(0.12) {
@@ -1018,6 +1303,7 @@ impl Sim {
                 ),
             };
         let (pickup, dropoff, duration_s) = (trip.pickup, trip.dropoff, trip.quote.duration_s);
+        let from = Sender::Driver(id.clone());
         let cmd = match step {
             Step::Arrive => TripCommand::Arrived { driver_id: id },
             Step::Start => TripCommand::Start { driver_id: id },
@@ -1027,7 +1313,24 @@ impl Sim {
                 reason: Some("stuck in traffic".into()),
             },
         };
-        let result = self.command(t, cmd);
+        let result = self.command(t, cmd, from);
+        if let Err(e) = &result
+            && expected_ok
+        {
+            // Only the capture at completion waits for the provider: the driver taps
+            // "complete" again.
+            assert!(self.payment_refused(t, e) && step == Step::Complete);
+            let delay = self.rng.random_range(1_000..5_000);
+            self.schedule(
+                delay,
+                Ev::DriverProgress {
+                    trip: t,
+                    driver: d,
+                    step,
+                },
+            );
+            return;
+        }
         assert_eq!(result.is_ok(), expected_ok, "{step:?}: {result:?}");
         if result.is_err() {
             // The trip went on without this step (the rider cancelled, say).
@@ -1171,17 +1474,22 @@ impl Sim {
             }
         }
 
-        // Trips: consistent, every version seen, and in agreement with the driver
-        // holding the offer, the driver on the trip and the rider.
+        // Trips: consistent, every version journaled (1, 2, 3, ... with no gap: see
+        // `commit`), the money where the trip's state says, and in agreement with the
+        // driver holding the offer, the driver on the trip and the rider.
         for &t in &trips {
             let st = &self.trips[t];
             let trip = &st.trip;
             assert_eq!(trip.check_invariants(), Ok(()));
             assert_eq!(
-                st.versions.last(),
-                Some(&trip.version()),
-                "a transition went unseen"
+                (
+                    st.journal.len() as u64,
+                    st.journal.last().map(|j| j.version)
+                ),
+                (trip.version(), Some(trip.version())),
+                "a transition went unjournaled"
             );
+            self.check_money(st);
             assert_eq!(self.live.contains(&t), !trip.state().is_final());
             let rider = &self.riders[rider_no(&trip.rider_id)].state;
             if trip.state().is_final() {
@@ -1253,6 +1561,107 @@ impl Sim {
                 self.live.len()
             );
             assert_eq!(indexed, count(&|s| s.is_indexed()));
+            assert_eq!(self.ledger.total(), 0, "the ledger does not balance");
+        }
+    }
+
+    /// One trip's money, from its entries: the fare is held from the first assignment
+    /// until the trip ends, then settled once: captured when it completed, the
+    /// cancellation fee (which the trip shows as its fare) when the rider cancelled late,
+    /// released otherwise.
+    fn check_money(&self, st: &SimTrip) {
+        let trip = &st.trip;
+        let assigned = st.journal.iter().any(|j| j.to == TripState::DriverAssigned);
+        let settled = match trip.state() {
+            _ if !assigned => None,
+            TripState::Completed => Some(PayStep::Capture),
+            TripState::Cancelled if trip.fare_cents().is_some() => Some(PayStep::CancelFee),
+            s if s.is_final() => Some(PayStep::Release),
+            _ => None,
+        };
+        let steps: Vec<PayStep> = st.entries.iter().map(|e| e.key.step).collect();
+        let want: Vec<PayStep> = assigned
+            .then_some(PayStep::Authorize)
+            .into_iter()
+            .chain(settled)
+            .collect();
+        assert_eq!(steps, want, "{}: entries in {:?}", trip.id, trip.state());
+        let m = TripMoney::of(&st.entries, &trip.rider_id);
+        let held = if assigned && settled.is_none() {
+            trip.quote.fare_cents
+        } else {
+            0
+        };
+        let charged = match settled {
+            Some(PayStep::Capture) => trip.quote.fare_cents,
+            Some(PayStep::CancelFee) => {
+                assert_eq!(trip.cancelled_by(), Some(CancelledBy::Rider), "{}", trip.id);
+                self.cards.card(trip.product).cancellation_fee_cents
+            }
+            _ => 0,
+        };
+        assert_eq!(
+            (m.held, m.charged, trip.fare_cents().unwrap_or(0)),
+            (held, charged, charged),
+            "{}: {m:?} in {:?}",
+            trip.id,
+            trip.state()
+        );
+    }
+
+    /// The books once every trip ended: the ledger holds exactly the trips' entries;
+    /// nothing is left held, authorized or in clearing; every completed trip was
+    /// captured exactly once, and what the provider approved is what was written; each
+    /// driver has what its trips earned (fares less commission, and fees), the platform
+    /// the commission.
+    fn check_books(&self) {
+        let mut rebuilt = Ledger::new();
+        let mut earned: BTreeMap<&DriverId, i64> = BTreeMap::new();
+        let mut commission = 0;
+        let mut written = BTreeSet::new();
+        for st in &self.trips {
+            let trip = &st.trip;
+            for e in &st.entries {
+                assert_eq!(rebuilt.post(e.clone()), Ok(true), "{:?}", e.key);
+                if e.key.step != PayStep::Release {
+                    written.insert(provider_key(&e.key.trip_id, e.key.step));
+                }
+            }
+            let completed = trip.state() == TripState::Completed;
+            let captures = st.entries.iter().filter(|e| e.key.step == PayStep::Capture);
+            assert_eq!(captures.count(), usize::from(completed), "{}", trip.id);
+            if let (Some(d), Some(fare)) = (trip.driver_id(), trip.fare_cents()) {
+                let cut = if completed {
+                    self.payments.commission(fare)
+                } else {
+                    0
+                };
+                *earned.entry(d).or_default() += fare - cut;
+                commission += cut;
+            }
+        }
+        let approved: BTreeSet<String> = self
+            .provider
+            .answered
+            .iter()
+            .filter(|(_, (request, _, ok))| *ok && *request != "release")
+            .map(|(key, _)| key.clone())
+            .collect();
+        assert_eq!(approved, written, "approved by the provider, and written");
+        assert_eq!(self.ledger.len(), rebuilt.len());
+        assert_eq!(self.ledger.total(), 0, "the ledger does not balance");
+        for (account, &v) in self.ledger.balances() {
+            assert_eq!(v, rebuilt.balance(account), "{account}");
+            let want = match account {
+                Account::RiderHold(_) | Account::Authorizations | Account::Clearing => 0,
+                Account::Driver(d) => earned.get(d).copied().unwrap_or(0),
+                Account::Platform => commission,
+                Account::Rider(_) => v,
+            };
+            assert_eq!(v, want, "{account} with every trip ended");
+        }
+        for (d, e) in earned {
+            assert_eq!(self.ledger.balance(&Account::Driver(d.clone())), e, "{d}");
         }
     }
 
@@ -1289,9 +1698,9 @@ impl Sim {
                 st.trip.id,
                 st.trip.state()
             );
-            assert_eq!(st.versions.len() as u64, st.trip.version());
         }
         assert!(self.live.is_empty());
+        self.check_books();
         for d in &self.drivers {
             assert!(
                 matches!(
@@ -1402,8 +1811,9 @@ fn simulation_keeps_every_invariant() {
     for (seed, s) in &results {
         assert_busy(*seed, s);
         println!(
-            "seed {seed}: {} events, {} requests, reached {:?}",
-            s.events, s.requests, s.reached
+            "seed {seed}: {} events, {} requests, reached {:?}, entries {:?}, {} holds \
+             declined, {} payment requests unanswered",
+            s.events, s.requests, s.reached, s.entries, s.payments_declined, s.payments_unanswered
         );
         total.offers_refused += s.offers_refused;
         total.late_accepts_refused += s.late_accepts_refused;
@@ -1416,8 +1826,13 @@ fn simulation_keeps_every_invariant() {
         total.busy_go_offline_refused += s.busy_go_offline_refused;
         total.offers_withdrawn += s.offers_withdrawn;
         total.empty_searches += s.empty_searches;
+        total.payments_declined += s.payments_declined;
+        total.payments_unanswered += s.payments_unanswered;
         for (k, v) in &s.reached {
             *total.reached.entry(k).or_default() += v;
+        }
+        for (k, v) in &s.entries {
+            *total.entries.entry(k).or_default() += v;
         }
     }
     // Across the default seeds, every rough edge was actually exercised.
@@ -1438,6 +1853,13 @@ fn simulation_keeps_every_invariant() {
                 "no_driver_found",
                 t.reached.get("no_driver_found").copied().unwrap_or(0),
             ),
+            ("holds declined", t.payments_declined),
+            ("payment requests unanswered", t.payments_unanswered),
+            (
+                "cancellation fees",
+                t.entries.get("cancel_fee").copied().unwrap_or(0),
+            ),
+            ("releases", t.entries.get("release").copied().unwrap_or(0)),
         ] {
             assert!(n > 0, "no {what} in any seed: {total:#?}");
         }
@@ -1469,6 +1891,7 @@ fn a_failure_names_its_seed_and_how_to_replay_it() {
         end_ms: 600_000,
         requests_until_ms: 300_000,
         break_at_event: Some(40),
+        ..SimConfig::default()
     };
     let err = panic::catch_unwind(|| run_seed(4242, cfg)).expect_err("must fail");
     let msg = err.downcast_ref::<String>().expect("a formatted message");
