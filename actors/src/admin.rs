@@ -9,19 +9,16 @@ use std::sync::Arc;
 
 use dispatch_engine::{
     Account, CancelledBy, CellId, DriverId, Entry, Grid, Point, Product, RateCard, RateCards,
-    RiderId, TripCommand, TripId, TripMoney, TripState,
+    RiderId, Sender, TripCommand, TripId, TripMoney, TripState, refuse_without_trip,
 };
 use dispatch_persistence::{Batch, StoredPricing, StoredTrip, Transition};
 use prometheus::core::Collector;
 
-use crate::cell::CellMsg;
-use crate::driver::DriverMsg;
 use crate::error::ApiError;
+use crate::messages::{CellMsg, DriverMsg, TripMsg};
 use crate::metrics::{DRIVER_STATUSES, GROUPS};
-use crate::registry::{DriverRecord, RiderRecord};
-use crate::session::Responder;
+use crate::records::{DriverRecord, RiderRecord};
 use crate::system::System;
-use crate::trip::{TripFrom, TripMsg};
 use crate::views::TripView;
 
 /// One page of a list, in id order, and where the next page starts (`None`: the end).
@@ -98,10 +95,6 @@ pub struct GroupStats {
 /// filter may come back short, with a cursor to go on from.
 pub const MAX_TRIP_SCAN: usize = 10_000;
 
-/// The highest per-unit rate (cents) and minimum fare an operator may set.
-pub const MAX_RATE_CENTS: i64 = 100_000;
-pub const MAX_MINIMUM_CENTS: i64 = 1_000_000;
-
 /// Rate cards from the stored pricing and the server's currency.
 pub fn cards(currency: &str, p: &StoredPricing) -> RateCards {
     RateCards {
@@ -110,35 +103,6 @@ pub fn cards(currency: &str, p: &StoredPricing) -> RateCards {
         xl: p.xl,
         premium: p.premium,
     }
-}
-
-/// Checks one product's rates; the error names the field.
-pub fn check_rate(product: Product, r: &RateCard) -> Result<(), ApiError> {
-    let fields = [
-        ("base_cents", r.base_cents, MAX_RATE_CENTS),
-        ("per_km_cents", r.per_km_cents, MAX_RATE_CENTS),
-        ("per_minute_cents", r.per_minute_cents, MAX_RATE_CENTS),
-        ("minimum_cents", r.minimum_cents, MAX_MINIMUM_CENTS),
-        ("booking_fee_cents", r.booking_fee_cents, MAX_RATE_CENTS),
-        (
-            "cancellation_fee_cents",
-            r.cancellation_fee_cents,
-            MAX_RATE_CENTS,
-        ),
-    ];
-    for (name, v, max) in fields {
-        if !(0..=max).contains(&v) {
-            return Err(ApiError::bad_request(format!(
-                "`products.{product}.{name}` must be from 0 to {max}, got {v}"
-            )));
-        }
-    }
-    if r.base_cents == 0 && r.per_km_cents == 0 && r.per_minute_cents == 0 {
-        return Err(ApiError::bad_request(format!(
-            "`products.{product}`: base, per-km and per-minute rates cannot all be 0"
-        )));
-    }
-    Ok(())
 }
 
 /// The value below which a fraction `q` of a histogram's observations fall, interpolated
@@ -188,20 +152,20 @@ impl System {
         }
         let backlog =
             |h: &Option<crate::session::SessionHandle>| h.as_ref().map_or(0, |h| h.queued());
-        for d in self.registry.driver_records.iter() {
+        for d in self.ctx.registry.driver_records.iter() {
             *c.drivers.entry(d.status.as_str()).or_default() += 1;
             c.session_backlog += backlog(&d.session) as u64;
         }
-        for r in self.registry.rider_records.iter() {
+        for r in self.ctx.registry.rider_records.iter() {
             c.session_backlog += backlog(&r.session) as u64;
         }
         c.open_offers = c.drivers.get("offered").copied().unwrap_or(0);
-        for t in self.registry.trip_views.iter() {
+        for t in self.ctx.registry.trip_views.iter() {
             if !t.state.is_final() {
                 *c.trips.entry(t.state.as_str()).or_default() += 1;
             }
         }
-        let m = &self.metrics;
+        let m = &self.ctx.metrics;
         for (s, n) in &c.drivers {
             m.drivers.with_label_values(&[s]).set(*n as i64);
         }
@@ -225,7 +189,8 @@ impl System {
         .map(|s| {
             (
                 s.as_str(),
-                self.metrics
+                self.ctx
+                    .metrics
                     .trips_final
                     .with_label_values(&[s.as_str()])
                     .get(),
@@ -236,11 +201,11 @@ impl System {
 
     /// The driver as the registry has it, with the status its actor last committed.
     pub fn driver_record(&self, id: &DriverId) -> Option<DriverRecord> {
-        self.registry.driver_records.get(id).map(|r| r.clone())
+        self.ctx.registry.driver_records.get(id).map(|r| r.clone())
     }
 
     pub fn rider_record(&self, id: &RiderId) -> Option<RiderRecord> {
-        self.registry.rider_records.get(id).map(|r| r.clone())
+        self.ctx.registry.rider_records.get(id).map(|r| r.clone())
     }
 
     /// Drivers matching `f`, in id order, after `after`.
@@ -250,11 +215,12 @@ impl System {
         after: Option<&DriverId>,
         limit: usize,
     ) -> Page<DriverRecord, DriverId> {
-        let grid = self.config.grid;
+        let grid = self.ctx.config.grid;
         let in_cell = |p: Option<Point>, cell: CellId| {
             p.is_some_and(|p| grid.cell_of(p).parent(cell.resolution()) == Some(cell))
         };
         let mut ids: Vec<DriverId> = self
+            .ctx
             .registry
             .driver_records
             .iter()
@@ -279,17 +245,17 @@ impl System {
         id: &DriverId,
         suspend: bool,
     ) -> Result<DriverRecord, ApiError> {
-        if !self.registry.driver_records.contains_key(id) {
+        if !self.ctx.registry.driver_records.contains_key(id) {
             return Err(ApiError::not_found("driver"));
         }
-        let actor = self
-            .driver_actor(id)
-            .await
-            .ok_or_else(|| ApiError::unavailable("the driver's actor could not start; retry"))?;
+        let actor =
+            self.ctx.driver_actor(id).await.ok_or_else(|| {
+                ApiError::unavailable("the driver's actor could not start; retry")
+            })?;
         match actor
             .call(
                 |r| DriverMsg::Suspend(suspend, r),
-                Some(self.call_timeout()),
+                Some(self.ctx.call_timeout()),
             )
             .await
         {
@@ -308,8 +274,8 @@ impl System {
         after: Option<TripId>,
         limit: usize,
     ) -> Result<Page<TripView, TripId>, ApiError> {
-        let store = self.store.clone();
-        let views = self.clone();
+        let store = self.ctx.store.clone();
+        let views = self.ctx.clone();
         tokio::task::spawn_blocking(move || {
             let mut items = Vec::new();
             let mut full = false;
@@ -355,7 +321,7 @@ impl System {
         let Some(view) = self.trip_view(id).await? else {
             return Ok(None);
         };
-        let store = self.store.clone();
+        let store = self.ctx.store.clone();
         let key = id.clone();
         let history = tokio::task::spawn_blocking(move || store.history(&key))
             .await
@@ -370,48 +336,37 @@ impl System {
     /// An operator's cancel: any non-final state. Returns the trip once the cancel is
     /// durable and the rider and driver have been sent it.
     pub async fn admin_cancel(&self, id: &TripId, reason: String) -> Result<TripView, ApiError> {
-        let Some(actor) = self.registry.trip(id) else {
-            return match self.trip_view(id).await? {
-                None => Err(ApiError::not_found("trip")),
-                Some(v) if v.state.is_final() => Err(ApiError::conflict(format!(
-                    "the trip has already ended ({})",
-                    v.state.as_str()
-                ))),
-                // Live, but its actor is being restarted by its supervisor.
-                Some(_) => Err(ApiError::unavailable("the trip is restarting; retry")),
-            };
+        let cmd = TripCommand::Cancel {
+            by: CancelledBy::Admin,
+            reason: Some(reason),
         };
-        let (responder, answer) = Responder::channel();
-        let sent = actor.cast(TripMsg::Command {
-            cmd: TripCommand::Cancel {
-                by: CancelledBy::Admin,
-                reason: Some(reason),
-            },
-            from: TripFrom::Admin,
-            responder: Some(responder),
-        });
-        if sent.is_err() {
-            // It finished between the lookup and the cast (the dropped responder is moot).
-            return Err(ApiError::conflict("the trip has already ended"));
-        }
-        match tokio::time::timeout(self.call_timeout(), answer).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                return Err(if e.code == crate::ErrorCode::Internal {
-                    ApiError::unavailable("the trip did not answer; check its state and retry")
-                } else {
-                    e
-                });
+        let cmd = match self.ctx.registry.trip(id) {
+            None => cmd,
+            Some(actor) => {
+                let timeout = Some(self.ctx.call_timeout());
+                match actor
+                    .call(|reply| TripMsg::Admin { cmd, reply }, timeout)
+                    .await
+                {
+                    Ok(ractor::rpc::CallResult::Success(Ok(()))) => {
+                        return self
+                            .trip_view(id)
+                            .await?
+                            .ok_or_else(|| ApiError::not_found("trip"));
+                    }
+                    Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(e),
+                    // It finished between the lookup and the call.
+                    Err(ractor::MessagingErr::SendErr(TripMsg::Admin { cmd, .. })) => cmd,
+                    _ => {
+                        return Err(ApiError::unavailable(
+                            "the trip did not answer in time; check its state and retry",
+                        ));
+                    }
+                }
             }
-            _ => {
-                return Err(ApiError::unavailable(
-                    "the trip did not answer in time; retry",
-                ));
-            }
-        }
-        self.trip_view(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("trip"))
+        };
+        let stored = self.ctx.stored_trip(id).await?.map(|t| t.trip);
+        Err(refuse_without_trip(stored.as_ref(), &Sender::Admin, None, &cmd).into())
     }
 
     /// The cell table: cells with a cell actor and cells with an open request, in H3
@@ -423,14 +378,15 @@ impl System {
         after: Option<CellId>,
         limit: usize,
     ) -> Page<CellRow, CellId> {
-        let grid = self.config.grid;
+        let grid = self.ctx.config.grid;
         let mut requests: BTreeMap<CellId, u64> = BTreeMap::new();
-        for t in self.registry.trip_views.iter() {
+        for t in self.ctx.registry.trip_views.iter() {
             if t.state == TripState::Dispatching {
                 *requests.entry(grid.cell_of(t.pickup)).or_default() += 1;
             }
         }
         let mut cells: Vec<CellId> = self
+            .ctx
             .registry
             .cells
             .iter()
@@ -447,8 +403,8 @@ impl System {
                 next = items.last().map(|r: &CellRow| r.cell);
                 break;
             }
-            let (available, total) = match self.registry.cell(&cell) {
-                Some(a) => match a.call(CellMsg::Count, Some(self.call_timeout())).await {
+            let (available, total) = match self.ctx.registry.cell(&cell) {
+                Some(a) => match a.call(CellMsg::Count, Some(self.ctx.call_timeout())).await {
                     Ok(ractor::rpc::CallResult::Success(n)) => n,
                     _ => (0, 0),
                 },
@@ -466,7 +422,7 @@ impl System {
                 open_requests: open,
                 surge: self
                     .lock_surge()
-                    .multiplier(self.config.surge.surge_cell(cell)),
+                    .multiplier(self.ctx.config.surge.surge_cell(cell)),
             });
         }
         Page { items, next }
@@ -485,28 +441,31 @@ impl System {
             (Product::Xl, &xl),
             (Product::Premium, &premium),
         ] {
-            check_rate(p, r)?;
+            r.check(p)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
         }
         let stored = StoredPricing {
             economy,
             xl,
             premium,
         };
-        self.store
+        self.ctx
+            .store
             .commit(Batch::new().pricing(stored.clone()))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "pricing not stored");
                 ApiError::unavailable("the pricing could not be stored; retry")
             })?;
-        self.replace_rates(cards(&self.config.rates.currency, &stored));
+        self.ctx
+            .replace_rates(cards(&self.ctx.config.rates.currency, &stored));
         tracing::info!("pricing changed by an operator");
         Ok(self.rates())
     }
 
     /// Per-group actor statistics from the metrics registry.
     pub fn actor_stats(&self) -> Vec<GroupStats> {
-        let m = &self.metrics;
+        let m = &self.ctx.metrics;
         GROUPS
             .iter()
             .map(|&g| {
@@ -560,7 +519,7 @@ pub struct LedgerSummary {
 
 impl System {
     pub fn ledger_summary(&self) -> LedgerSummary {
-        let books = self.lock_books();
+        let books = self.ctx.lock_books();
         let (riders, rider_holds, drivers) = books.people_totals();
         LedgerSummary {
             entries: books.entries(),
@@ -575,15 +534,15 @@ impl System {
     }
 
     pub fn account_balance(&self, a: &Account) -> i64 {
-        self.lock_books().balance(a)
+        self.ctx.lock_books().balance(a)
     }
 
     /// A trip's ledger entries (live trips from memory, finished ones from the store).
     pub async fn trip_entries(&self, id: &TripId) -> Result<Vec<Entry>, ApiError> {
-        if let Some(r) = self.registry.trip_records.get(id) {
+        if let Some(r) = self.ctx.registry.trip_records.get(id) {
             return Ok(r.entries.clone());
         }
-        let store = self.store.clone();
+        let store = self.ctx.store.clone();
         let key = id.clone();
         tokio::task::spawn_blocking(move || store.ledger_of(&key))
             .await
@@ -597,7 +556,7 @@ impl System {
     /// An operator's refund of `amount` on a finished trip: the provider returns it to
     /// the card, then the entry is written (durable before this returns).
     pub async fn refund(&self, id: &TripId, amount: i64) -> Result<Entry, ApiError> {
-        let _one_at_a_time = self.refunds.lock().await;
+        let _one_at_a_time = self.ctx.refunds.lock().await;
         let Some(view) = self.trip_view(id).await? else {
             return Err(ApiError::not_found("trip"));
         };
@@ -614,27 +573,30 @@ impl System {
                 &view.rider_id,
                 amount,
                 &view.currency,
-                self.clock.now_ms(),
+                self.ctx.clock.now_ms(),
             )
             .map_err(|e| ApiError::conflict(e.to_string()))?;
-        self.provider
+        self.ctx
+            .provider
             .refund(format!("{id}:{}", entry.key.step), amount)
             .await
             .map_err(|e| {
-                self.metrics
+                self.ctx
+                    .metrics
                     .payment_failures
                     .with_label_values(&["refund", "unavailable"])
                     .inc();
                 ApiError::unavailable(format!("the refund did not go through: {e}"))
             })?;
-        self.store
+        self.ctx
+            .store
             .commit(Batch::new().ledger(entry.clone()))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "refund entry not stored");
                 ApiError::unavailable("the refund could not be stored; retry")
             })?;
-        self.entry_written(&entry);
+        self.ctx.entry_written(&entry);
         tracing::info!(trip_id = %id, amount, "refund");
         Ok(entry)
     }
@@ -647,7 +609,7 @@ impl System {
         cap: Option<Option<f64>>,
     ) -> Result<(), ApiError> {
         let stored = {
-            let mut book = self.lock_surge();
+            let mut book = self.ctx.lock_surge();
             let mut trial = book.clone();
             if let Some((cell, m)) = pin {
                 let cell = trial.surge_cell(cell);
@@ -671,7 +633,8 @@ impl System {
             *book = trial;
             stored
         };
-        self.store
+        self.ctx
+            .store
             .commit(Batch::new().surge(stored))
             .await
             .map_err(|e| {
@@ -697,42 +660,5 @@ mod tests {
         // Everything beyond the last finite bound answers that bound.
         let inf = [(1.0, 0), (f64::INFINITY, 5)];
         assert_eq!(histogram_quantile(0.99, &inf, 5), 1.0);
-    }
-
-    #[test]
-    fn rates_out_of_range_are_refused_naming_the_field() {
-        let ok = RateCard {
-            base_cents: 100,
-            per_km_cents: 100,
-            per_minute_cents: 10,
-            minimum_cents: 500,
-            booking_fee_cents: 150,
-            cancellation_fee_cents: 500,
-        };
-        assert!(check_rate(Product::Xl, &ok).is_ok());
-        let neg = RateCard {
-            per_km_cents: -1,
-            ..ok
-        };
-        let e = check_rate(Product::Xl, &neg).unwrap_err();
-        assert!(
-            e.message.contains("products.xl.per_km_cents"),
-            "{}",
-            e.message
-        );
-        let huge = RateCard {
-            minimum_cents: MAX_MINIMUM_CENTS + 1,
-            ..ok
-        };
-        assert!(check_rate(Product::Economy, &huge).is_err());
-        let free = RateCard {
-            base_cents: 0,
-            per_km_cents: 0,
-            per_minute_cents: 0,
-            minimum_cents: 0,
-            booking_fee_cents: 0,
-            cancellation_fee_cents: 0,
-        };
-        assert!(check_rate(Product::Premium, &free).is_err());
     }
 }

@@ -1,71 +1,14 @@
 //! `CellActor`: the drivers of one H3 cell in an R-tree. Location pings upsert into it;
 //! searches query it. It never waits on another actor.
 
-use std::sync::Arc;
+use dispatch_engine::{Candidate, CellDrivers, CellId};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use dispatch_engine::{Candidate, CellDrivers, CellId, DriverId, IndexedDriver, Point, Product};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-
-use crate::driver::DriverMsg;
-use crate::system::System;
-
-/// Which drivers a query wants.
-#[derive(Debug, Clone, Default)]
-pub struct SearchFilter {
-    pub product: Option<Product>,
-    pub available_only: bool,
-    pub exclude: Arc<Vec<DriverId>>,
-}
-
-impl SearchFilter {
-    pub fn matches(&self, d: &IndexedDriver) -> bool {
-        (!self.available_only || d.available)
-            && self.product.is_none_or(|p| p == d.product)
-            && !self.exclude.contains(&d.driver_id)
-    }
-}
-
-pub struct CellArgs {
-    pub cell: CellId,
-    pub restarted: bool,
-}
-
-pub enum CellMsg {
-    /// Insert or move a driver; `ping` says it came from a location update.
-    Upsert {
-        driver: IndexedDriver,
-        ping: bool,
-    },
-    Remove(DriverId),
-    Query {
-        pickup: Point,
-        k: usize,
-        max_radius_m: f64,
-        filter: SearchFilter,
-        reply: RpcReplyPort<(Vec<Candidate>, usize)>,
-    },
-    /// (available, total) drivers in the cell.
-    Count(RpcReplyPort<(usize, usize)>),
-    /// Test hook: fail inside a handler, as a bug would.
-    InjectPanic,
-}
-
-impl CellMsg {
-    /// The message's kind, a metrics label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CellMsg::Upsert { ping: true, .. } => "location",
-            CellMsg::Upsert { ping: false, .. } => "upsert",
-            CellMsg::Remove(_) => "remove",
-            CellMsg::Query { .. } => "query",
-            CellMsg::Count(_) => "count",
-            CellMsg::InjectPanic => "inject_panic",
-        }
-    }
-}
+use crate::context::Context;
+use crate::messages::{CellArgs, CellMsg, DriverMsg};
 
 pub struct CellActor {
-    pub system: System,
+    pub ctx: Context,
 }
 
 pub struct CellState {
@@ -96,7 +39,7 @@ impl Actor for CellActor {
     ) -> Result<(), ActorProcessingErr> {
         // A restarted cell starts empty: ask the drivers last seen in it to index themselves
         // again from their live positions. Cell failures are rare; the scan is acceptable.
-        let reg = &self.system.registry;
+        let reg = &self.ctx.registry;
         let mut asked = 0;
         for rec in reg.driver_records.iter() {
             if rec.cell == Some(state.cell)
@@ -118,7 +61,7 @@ impl Actor for CellActor {
         msg: CellMsg,
         state: &mut CellState,
     ) -> Result<(), ActorProcessingErr> {
-        let _handling = self.system.metrics.handling("cell", msg.kind());
+        let _handling = self.ctx.metrics.handling("cell", msg.kind());
         self.handle_msg(_myself, msg, state).await
     }
 }
@@ -135,7 +78,7 @@ impl CellActor {
             CellMsg::Upsert { driver, ping } => {
                 state.drivers.upsert(driver);
                 if ping {
-                    self.system.metrics.locations_applied.inc();
+                    self.ctx.metrics.locations_applied.inc();
                 }
             }
             CellMsg::Remove(id) => {
@@ -162,6 +105,9 @@ impl CellActor {
                 let _ = reply.send((available, state.drivers.len()));
             }
             CellMsg::InjectPanic => panic!("injected fault in cell {}", state.cell),
+            // A test's stuck cell: it answers nothing meanwhile (a handler that sleeps is
+            // exactly what must never happen, which is the point of the hook).
+            CellMsg::InjectStall(d) => tokio::time::sleep(d).await,
         }
         Ok(())
     }

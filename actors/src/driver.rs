@@ -2,136 +2,26 @@
 //! rules), its position and cell, its open offer and current trip, and its session.
 //! Every message the driver's app receives passes through here, in order.
 
+use std::collections::HashMap;
 use std::time::Duration;
 use tracing::Instrument;
 
 use dispatch_engine::{
-    CellId, DriverState, DriverStatus, IndexedDriver, Point, TripCommand, TripId,
+    CellId, DriverState, DriverStatus, IndexedDriver, Point, Sender, TripCommand, TripId,
+    refuse_without_trip,
 };
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::cell::CellMsg;
+use crate::context::Context;
 use crate::error::ApiError;
-use crate::registry::DriverRecord;
-use crate::session::{CLOSE_REPLACED, Outbound, Responder, SessionHandle};
-use crate::system::System;
-use crate::trip::{TripFrom, TripMsg};
-use crate::views::{OfferView, TripView};
+use crate::messages::{CellMsg, DriverArgs, DriverCommand, DriverMsg, Ticket, TripLink, TripMsg};
+use crate::records::DriverRecord;
+use crate::session::{CLOSE_REPLACED, Outbound, Responder};
+use crate::views::TripView;
 use dispatch_persistence::Batch;
 
-pub struct DriverArgs {
-    pub record: DriverRecord,
-    /// Restarted by the supervisor from `record` after a failure.
-    pub restarted: bool,
-}
-
-/// What a driver's app asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DriverCommand {
-    GoOnline,
-    GoOffline,
-    Location {
-        position: Point,
-        heading: Option<f64>,
-    },
-    Accept(TripId),
-    Decline(TripId),
-    Arrived(TripId),
-    StartTrip(TripId),
-    CompleteTrip(TripId),
-    CancelTrip {
-        trip_id: TripId,
-        reason: Option<String>,
-    },
-}
-
-/// How a trip update changes the driver's link to the trip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TripLink {
-    /// The driver's offer was accepted: it is now on the trip.
-    Assigned,
-    /// Another transition of the trip the driver is on.
-    Update,
-    /// The driver is off the trip (completed, cancelled, taken off); this is its last update.
-    Released,
-}
-
-pub enum DriverMsg {
-    /// A new session for this identity; replies once `welcome` is queued, so it is the
-    /// session's first message.
-    Attach(SessionHandle, RpcReplyPort<()>),
-    Detach {
-        session_id: u64,
-    },
-    GraceExpired {
-        epoch: u64,
-    },
-    Command(DriverCommand, Responder),
-    /// From a trip: hold this offer if available (and connected). Replies whether it does.
-    ReserveOffer(OfferView, RpcReplyPort<bool>),
-    /// From a trip: the open offer ended; `notify` sends `offer_expired` to the app.
-    OfferEnded {
-        trip_id: TripId,
-        notify: bool,
-        responder: Option<Responder>,
-    },
-    /// From a trip: a transition the driver must see.
-    Trip {
-        view: TripView,
-        link: TripLink,
-        responder: Option<Responder>,
-    },
-    /// The driver's cell restarted: index yourself again.
-    Reindex,
-    /// From a trip: a command of this app's was refused; answered in order with the
-    /// updates the trip sent before.
-    Failed(Responder, ApiError),
-    Get(RpcReplyPort<DriverRecord>),
-    /// An operator suspends (`true`) or reinstates (`false`) the driver; replies once the
-    /// change is durable, with the driver as it is then.
-    Suspend(bool, RpcReplyPort<Result<DriverRecord, ApiError>>),
-    /// Test hook: fail inside a handler, as a bug would.
-    InjectPanic,
-}
-
-impl DriverCommand {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DriverCommand::GoOnline => "go_online",
-            DriverCommand::GoOffline => "go_offline",
-            DriverCommand::Location { .. } => "location",
-            DriverCommand::Accept(_) => "accept",
-            DriverCommand::Decline(_) => "decline",
-            DriverCommand::Arrived(_) => "arrived",
-            DriverCommand::StartTrip(_) => "start_trip",
-            DriverCommand::CompleteTrip(_) => "complete_trip",
-            DriverCommand::CancelTrip { .. } => "cancel_trip",
-        }
-    }
-}
-
-impl DriverMsg {
-    /// The message's kind, a metrics label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DriverMsg::Attach(..) => "attach",
-            DriverMsg::Detach { .. } => "detach",
-            DriverMsg::GraceExpired { .. } => "grace_expired",
-            DriverMsg::Command(c, _) => c.kind(),
-            DriverMsg::ReserveOffer(..) => "reserve_offer",
-            DriverMsg::OfferEnded { .. } => "offer_ended",
-            DriverMsg::Trip { .. } => "trip_update",
-            DriverMsg::Reindex => "reindex",
-            DriverMsg::Failed(..) => "failed",
-            DriverMsg::Get(_) => "get",
-            DriverMsg::Suspend(..) => "suspend",
-            DriverMsg::InjectPanic => "inject_panic",
-        }
-    }
-}
-
 pub struct DriverActor {
-    pub system: System,
+    pub ctx: Context,
 }
 
 pub struct DriverActorState {
@@ -141,6 +31,9 @@ pub struct DriverActorState {
     offline_when_free: bool,
     /// Started by the supervisor after a failure (not by registration or recovery).
     restarted: bool,
+    /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
+    pending: HashMap<Ticket, Responder>,
+    next_ticket: Ticket,
 }
 
 impl DriverActor {
@@ -150,11 +43,11 @@ impl DriverActor {
     /// which are durable before anyone is told.
     fn commit(&self, s: &mut DriverActorState) {
         s.rec.status = s.st.status().clone();
-        self.system
+        self.ctx
             .registry
             .driver_records
             .insert(s.rec.id.clone(), s.rec.clone());
-        if let Err(e) = self.system.store.write(Batch::new().driver(s.rec.stored())) {
+        if let Err(e) = self.ctx.store.write(Batch::new().driver(s.rec.stored())) {
             tracing::error!(driver_id = %s.rec.id, error = %e, "driver write failed");
         }
     }
@@ -174,7 +67,7 @@ impl DriverActor {
         s.offline_when_free = false;
         self.reindex(s, false).await;
         self.commit(s);
-        if let Err(e) = self.system.store.sync().await {
+        if let Err(e) = self.ctx.store.sync().await {
             tracing::error!(driver_id = %s.rec.id, error = %e, "driver status not stored");
             s.st = before;
             self.reindex(s, false).await;
@@ -211,23 +104,23 @@ impl DriverActor {
         let want: Option<CellId> =
             s.st.status()
                 .is_indexed()
-                .then(|| self.system.config.grid.cell_of(pos));
+                .then(|| self.ctx.config.grid.cell_of(pos));
         let old = s.rec.cell;
         if old != want
             && let Some(old) = old
-            && let Some(a) = self.system.registry.cell(&old)
+            && let Some(a) = self.ctx.registry.cell(&old)
         {
             let _ = a.cast(CellMsg::Remove(s.rec.id.clone()));
         }
         if let Some(cell) = want {
-            match self.system.cell_actor(cell).await {
+            match self.ctx.cell_actor(cell).await {
                 Some(a) => {
                     let _ = a.cast(CellMsg::Upsert {
                         driver: self.indexed(s, pos),
                         ping,
                     });
                 }
-                None => self.system.metrics.bound_hit("cell_spawn_failed"),
+                None => self.ctx.metrics.bound_hit("cell_spawn_failed"),
             }
         }
         s.rec.cell = want;
@@ -237,7 +130,7 @@ impl DriverActor {
     fn welcome(&self, s: &DriverActorState) -> Outbound {
         Outbound::DriverWelcome {
             driver_id: s.rec.id.to_string(),
-            status: s.st.status().as_str(),
+            status: s.st.status().clone(),
             offer: s.rec.offer.clone(),
             trip: s.rec.trip.clone(),
         }
@@ -255,7 +148,13 @@ impl DriverActor {
         }
     }
 
-    async fn command(&self, s: &mut DriverActorState, cmd: DriverCommand, responder: Responder) {
+    async fn command(
+        &self,
+        myself: &ActorRef<DriverMsg>,
+        s: &mut DriverActorState,
+        cmd: DriverCommand,
+        responder: Responder,
+    ) {
         let trip_cmd = match cmd {
             DriverCommand::GoOnline => {
                 return self
@@ -272,12 +171,12 @@ impl DriverActor {
                 if heading.is_some() {
                     s.rec.heading = heading;
                 }
-                self.system.driver_moved(&s.rec.id, position, s.rec.heading);
+                self.ctx.driver_moved(&s.rec.id, position, s.rec.heading);
                 if self.reindex(s, true).await {
                     self.commit(s); // a new cell is worth remembering across a restart
                 }
                 if let DriverStatus::OnTrip(trip_id) = s.st.status()
-                    && let Some(t) = self.system.registry.trip(trip_id)
+                    && let Some(t) = self.ctx.registry.trip(trip_id)
                 {
                     let _ = t.cast(TripMsg::DriverLocation {
                         driver_id: s.rec.id.clone(),
@@ -327,56 +226,49 @@ impl DriverActor {
             ),
         };
         let (trip_id, cmd) = trip_cmd;
-        // The trip decides; its answer comes back with the update it causes.
-        match self.system.registry.trip(&trip_id) {
+        self.to_trip(myself, s, trip_id, cmd, responder).await;
+    }
+
+    /// The trip decides; its answer comes back with the update it causes (under a
+    /// ticket). With no live trip to ask, the engine's rule for ended trips answers.
+    async fn to_trip(
+        &self,
+        myself: &ActorRef<DriverMsg>,
+        s: &mut DriverActorState,
+        trip_id: TripId,
+        cmd: TripCommand,
+        responder: Responder,
+    ) {
+        let from = Sender::Driver(s.rec.id.clone());
+        let cmd = match self.ctx.registry.trip(&trip_id) {
             Some(t) => {
+                let ticket = s.next_ticket;
+                s.next_ticket += 1;
                 let msg = TripMsg::Command {
                     cmd,
-                    from: TripFrom::Driver(s.rec.id.clone()),
-                    responder: Some(responder),
+                    from: from.clone(),
+                    ticket: Some(ticket),
                 };
-                // The trip actor may have stopped between the lookup and the cast.
-                if let Err(ractor::MessagingErr::SendErr(TripMsg::Command {
-                    responder: Some(r),
-                    ..
-                })) = t.cast(msg)
-                {
-                    r.fail(ApiError::conflict("the trip has ended"));
+                match t.cast(msg) {
+                    Ok(()) => {
+                        s.pending.insert(ticket, responder);
+                        let after = self.ctx.config.ticket_timeout();
+                        myself.send_after(after, move || DriverMsg::TicketExpired(ticket));
+                        return;
+                    }
+                    // The trip actor stopped between the lookup and the cast.
+                    Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) => cmd,
+                    Err(_) => return responder.fail(ApiError::internal()),
                 }
             }
-            None => match self.system.trip_view(&trip_id).await {
-                Err(e) => responder.fail(e),
-                Ok(Some(v)) if v.driver_id.as_ref() == Some(&s.rec.id) => {
-                    responder.fail(ApiError::conflict("the trip has ended"))
-                }
-                // A driver once offered the trip learns its offer is gone; any other
-                // gets what a live trip answers them, so an ended trip's state does not
-                // show through to drivers it never concerned.
-                Ok(Some(_))
-                    if matches!(
-                        cmd,
-                        TripCommand::Accept { .. } | TripCommand::Decline { .. }
-                    ) =>
-                {
-                    let (store, id, me) =
-                        (self.system.store.clone(), trip_id.clone(), s.rec.id.clone());
-                    let offered = tokio::task::spawn_blocking(move || store.trip(&id))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .flatten()
-                        .is_some_and(|t| t.trip.excluded().any(|d| d == &me));
-                    responder.fail(if offered {
-                        ApiError::conflict("the offer has expired or gone to another driver")
-                    } else {
-                        ApiError::forbidden("this trip was not offered to this driver")
-                    })
-                }
-                Ok(Some(_)) => {
-                    responder.fail(ApiError::forbidden("the driver is not on this trip"))
-                }
-                Ok(None) => responder.fail(ApiError::not_found("trip")),
-            },
+            None => cmd,
+        };
+        match self.ctx.stored_trip(&trip_id).await {
+            Err(e) => responder.fail(e),
+            Ok(t) => {
+                let t = t.map(|t| t.trip);
+                responder.fail(refuse_without_trip(t.as_ref(), &from, None, &cmd).into())
+            }
         }
     }
 
@@ -400,14 +292,14 @@ impl DriverActor {
             s.offline_when_free = false;
             if suspend && let Some(offer) = s.rec.offer.take() {
                 // Cannot happen (an offered driver is refused above); keep the record true.
-                self.system.metrics.invariant(
+                self.ctx.metrics.invariant(
                     "suspend_offered",
                     &format!("{} {}", s.rec.id, offer.trip_id),
                 );
             }
             self.reindex(s, false).await;
             self.commit(s);
-            if let Err(e) = self.system.store.sync().await {
+            if let Err(e) = self.ctx.store.sync().await {
                 tracing::error!(driver_id = %s.rec.id, error = %e, "suspension not stored");
                 s.st = before;
                 self.reindex(s, false).await;
@@ -432,7 +324,7 @@ impl DriverActor {
                 if s.st.status() != &DriverStatus::OnTrip(id.clone())
                     && let Err(e) = s.st.assign(id)
                 {
-                    self.system
+                    self.ctx
                         .metrics
                         .invariant("driver_assign", &format!("{} on {id}: {e}", s.rec.id));
                     s.st = DriverState::new(DriverStatus::OnTrip(id.clone()));
@@ -476,6 +368,8 @@ impl Actor for DriverActor {
             st,
             offline_when_free: false,
             restarted: args.restarted,
+            pending: HashMap::new(),
+            next_ticket: 1,
         })
     }
 
@@ -487,7 +381,7 @@ impl Actor for DriverActor {
         // Recovered or restarted: be findable again where the driver last was.
         if s.st.status().is_indexed() && s.rec.position.is_some() {
             self.reindex(s, false).await;
-            if let Some(mut r) = self.system.registry.driver_records.get_mut(&s.rec.id) {
+            if let Some(mut r) = self.ctx.registry.driver_records.get_mut(&s.rec.id) {
                 r.cell = s.rec.cell;
             }
         }
@@ -496,7 +390,7 @@ impl Actor for DriverActor {
         if s.restarted && s.rec.session.is_none() && s.st.status().is_indexed() {
             let epoch = s.rec.session_epoch;
             myself.send_after(
-                Duration::from_millis(self.system.config.session_grace_ms),
+                Duration::from_millis(self.ctx.config.session_grace_ms),
                 move || DriverMsg::GraceExpired { epoch },
             );
         }
@@ -511,7 +405,7 @@ impl Actor for DriverActor {
     ) -> Result<(), ActorProcessingErr> {
         let span = tracing::info_span!("driver", driver_id = %s.rec.id);
         // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.system.metrics.handling("driver", msg.kind());
+        let handling = self.ctx.metrics.handling("driver", msg.kind());
         async move {
             let _handling = handling;
             self.handle_msg(myself, msg, s).await
@@ -549,7 +443,7 @@ impl DriverActor {
                     self.commit(s);
                     let epoch = s.rec.session_epoch;
                     myself.send_after(
-                        Duration::from_millis(self.system.config.session_grace_ms),
+                        Duration::from_millis(self.ctx.config.session_grace_ms),
                         move || DriverMsg::GraceExpired { epoch },
                     );
                 }
@@ -561,7 +455,7 @@ impl DriverActor {
                     self.commit(s);
                 }
             }
-            DriverMsg::Command(cmd, responder) => self.command(s, cmd, responder).await,
+            DriverMsg::Command(cmd, responder) => self.command(&myself, s, cmd, responder).await,
             DriverMsg::ReserveOffer(offer, reply) => {
                 let ok = if s.rec.session.is_none() {
                     false // an app that is not connected cannot answer within the offer window
@@ -581,7 +475,7 @@ impl DriverActor {
             DriverMsg::OfferEnded {
                 trip_id,
                 notify,
-                responder,
+                answers,
             } => {
                 if s.st.offer_ended(&trip_id).is_ok() {
                     s.rec.offer = None;
@@ -592,14 +486,12 @@ impl DriverActor {
                         self.send(s, Outbound::OfferExpired { trip_id });
                     }
                 }
-                if let Some(r) = responder {
-                    r.ack();
-                }
+                answered(s, answers, Ok(()));
             }
             DriverMsg::Trip {
                 view,
                 link,
-                responder,
+                answers,
             } => {
                 self.follow_trip(s, &view, link);
                 if link == TripLink::Released {
@@ -616,16 +508,16 @@ impl DriverActor {
                         trip: view,
                     },
                 );
-                if let Some(r) = responder {
-                    r.ack();
-                }
+                answered(s, answers, Ok(()));
             }
+            DriverMsg::Answer { ticket, outcome } => answered(s, Some(ticket), outcome),
+            // Dropped unanswered: the app is told the request was lost.
+            DriverMsg::TicketExpired(ticket) => drop(s.pending.remove(&ticket)),
             DriverMsg::Reindex => {
                 s.rec.cell = None;
                 self.reindex(s, false).await;
                 self.commit(s);
             }
-            DriverMsg::Failed(responder, error) => responder.fail(error),
             DriverMsg::Get(reply) => {
                 let mut rec = s.rec.clone();
                 rec.status = s.st.status().clone();
@@ -637,5 +529,15 @@ impl DriverActor {
             DriverMsg::InjectPanic => panic!("injected fault in driver {}", s.rec.id),
         }
         Ok(())
+    }
+}
+
+/// Answers the command awaiting under `ticket`, if any still does.
+fn answered(s: &mut DriverActorState, ticket: Option<Ticket>, outcome: Result<(), ApiError>) {
+    if let Some(r) = ticket.and_then(|t| s.pending.remove(&t)) {
+        match outcome {
+            Ok(()) => r.ack(),
+            Err(e) => r.fail(e),
+        }
     }
 }

@@ -4,8 +4,9 @@
 use std::fmt;
 
 use dispatch_engine::{DriverError, RiderError, TripError};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
     BadRequest,
     UnknownType,
@@ -56,7 +57,7 @@ impl ErrorCode {
 }
 
 /// A typed failure with a message safe to show a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
@@ -102,6 +103,8 @@ impl From<TripError> for ApiError {
         match e {
             TripError::Forbidden(m) => ApiError::forbidden(m),
             TripError::Conflict(m) => ApiError::conflict(m),
+            TripError::NotFound(what) => ApiError::not_found(what),
+            TripError::Unavailable(m) => ApiError::unavailable(m),
         }
     }
 }

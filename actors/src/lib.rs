@@ -2,32 +2,45 @@
 //!
 //! One actor per driver ([`driver::DriverActor`]), rider ([`rider::RiderActor`]), trip
 //! ([`trip::TripActor`]) and H3 cell with drivers ([`cell::CellActor`]), each spawned and
-//! restarted by its group's [`supervisor::Supervisor`]. The [`registry::Registry`] maps ids
-//! to actors and keeps each entity's last committed snapshot, from which a failed actor
-//! is restarted. [`system::System`] is the handle the transport holds.
+//! restarted by its group's [`supervisor::Supervisor`]. Each actor is a thin shell around
+//! `dispatch-engine`: the trip actor carries out the engine's decisions
+//! (`Trip::decide`: new state, effects, journal record, payment plan) and persists them
+//! through `dispatch-persistence`; it decides nothing itself.
 //!
-//! Each actor is a thin shell around `dispatch-engine`'s rules: it calls the engine and
-//! carries out the effects (send, commit, count). This crate does not parse JSON or speak
-//! HTTP: sessions are reached through [`session::SessionHandle`], and what they are sent is
-//! the closed enum [`session::Outbound`].
+//! Start here: [`system::System`] is the typed facade the transport calls (registration,
+//! sessions, commands, reads, the admin console in [`admin`]); [`boot`] starts it and its
+//! timers, [`recovery`] rebuilds it from the store. [`messages`] holds every actor's
+//! messages and start arguments as plain data and [`records`] each entity's restartable
+//! state, so that no two modules here import each other (`tests/modules.rs` checks it).
+//! Actors hold the [`context::Context`]; the [`registry`]'s maps are theirs alone.
+//!
+//! This crate does not parse JSON or speak HTTP: sessions are reached through
+//! [`session::SessionHandle`], and what they are sent is the closed enum
+//! [`session::Outbound`].
 //!
 //! Message ordering: ractor is FIFO per sender. Calls (request/reply) only go from a
-//! trip to a driver (offer reservation) and from anyone to a cell or a supervisor, and
-//! none of those ever calls back, so no two actors can wait on each other.
+//! trip to a driver (offer reservation), from an operator to a trip, and from anyone to
+//! a cell or a supervisor, and none of those ever calls back, so no two actors can wait
+//! on each other. A command's answer travels with the update it causes (see
+//! [`messages::Ticket`]).
 
 // Actor messages are moved into a mailbox once and out again; boxing the large variants
 // would add an allocation per message and save nothing.
 #![allow(clippy::large_enum_variant)]
 
 pub mod admin;
+pub mod boot;
 pub mod cell;
 pub mod clock;
+pub mod context;
 pub mod driver;
 pub mod error;
+pub mod messages;
 pub mod metrics;
 pub mod payments;
+pub mod records;
 pub mod recovery;
-pub mod registry;
+mod registry;
 pub mod rider;
 pub mod session;
 pub mod supervisor;
@@ -35,6 +48,7 @@ pub mod system;
 pub mod trip;
 pub mod views;
 
+pub use context::SystemConfig;
 pub use error::{ApiError, ErrorCode};
 pub use metrics::Metrics;
-pub use system::{System, SystemConfig};
+pub use system::System;

@@ -473,7 +473,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "dispatch_payment_failures_total",
-                        "Payment provider requests that were declined or failed",
+                        "Payment provider requests that were declined, failed or timed out",
                     ),
                     &["request", "outcome"],
                 )
@@ -547,7 +547,7 @@ impl Metrics {
             self.ledger_entries.with_label_values(&[step]);
         }
         for req in ["authorize", "capture", "release", "refund"] {
-            for outcome in ["declined", "unavailable"] {
+            for outcome in ["declined", "unavailable", "timeout"] {
                 self.payment_failures.with_label_values(&[req, outcome]);
             }
         }

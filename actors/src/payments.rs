@@ -24,6 +24,24 @@ pub enum PaymentError {
     /// The processor could not be reached or failed: retry later.
     #[error("the payment provider is unavailable: {0}")]
     Unavailable(String),
+    /// The processor did not answer within `--payment-timeout-ms`: retry later (the
+    /// request's idempotency key makes the retry safe whatever happened to this one).
+    #[error("the payment provider did not answer a {request} within {after_ms} ms")]
+    TimedOut {
+        request: &'static str,
+        after_ms: u64,
+    },
+}
+
+impl PaymentError {
+    /// The `outcome` label of `dispatch_payment_failures_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PaymentError::Declined(_) => "declined",
+            PaymentError::Unavailable(_) => "unavailable",
+            PaymentError::TimedOut { .. } => "timeout",
+        }
+    }
 }
 
 pub type PayFuture<'a> = Pin<Box<dyn Future<Output = Result<(), PaymentError>> + Send + 'a>>;

@@ -9,16 +9,14 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use dispatch_engine::{
-    DriverId, DriverStatus, RiderId, TripCommand, TripEffect, TripId, TripState,
+    AfterPayment, DriverId, DriverStatus, RiderId, TripCommand, TripId, TripState,
 };
-use dispatch_persistence::{Batch, StoreError, StoredTrip, Transition};
+use dispatch_persistence::{Batch, StoreError, StoredTrip};
 
-use crate::driver::DriverArgs;
-use crate::registry::{DriverRecord, Identity, RiderRecord, TripRecord};
-use crate::rider::RiderArgs;
-use crate::supervisor::{Group, Spawn};
+use crate::admin::cards;
+use crate::messages::{DriverArgs, DriverMsg, Group, RiderArgs, Spawn, TripArgs};
+use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
 use crate::system::System;
-use crate::trip::TripArgs;
 use crate::views::{OfferView, TripView};
 
 /// What recovery restored.
@@ -52,20 +50,21 @@ impl System {
     /// Loads the store and starts an actor for every driver, rider and live trip.
     /// Call once, before serving clients.
     pub async fn recover(&self) -> Result<RecoveryStats, StoreError> {
+        let ctx = &self.ctx;
         let started = Instant::now();
-        let store = self.store.clone();
+        let store = ctx.store.clone();
         let loaded = tokio::task::spawn_blocking(move || store.load())
             .await
             .expect("the load task does not panic")?;
         let load_ms = started.elapsed().as_millis() as u64;
-        let store = self.store.clone();
+        let store = ctx.store.clone();
         if let Some(p) = tokio::task::spawn_blocking(move || store.pricing())
             .await
             .expect("the pricing read does not panic")?
         {
-            self.replace_rates(crate::admin::cards(&self.config.rates.currency, &p));
+            ctx.replace_rates(cards(&ctx.config.rates.currency, &p));
         }
-        let store = self.store.clone();
+        let store = ctx.store.clone();
         if let Some(sg) = tokio::task::spawn_blocking(move || store.surge())
             .await
             .expect("the surge read does not panic")?
@@ -75,7 +74,7 @@ impl System {
         // The books: balances and earnings from every entry; live trips keep their own.
         let mut entries_by_trip: HashMap<TripId, Vec<dispatch_engine::Entry>> = HashMap::new();
         {
-            let mut books = self.lock_books();
+            let mut books = ctx.lock_books();
             for e in loaded.ledger {
                 books.add(&e);
                 entries_by_trip
@@ -84,9 +83,9 @@ impl System {
                     .push(e);
             }
         }
-        let now = self.clock.now_ms();
-        let cfg = self.config.dispatch;
-        let reg = &self.registry;
+        let now = ctx.clock.now_ms();
+        let cfg = ctx.config.dispatch;
+        let reg = &ctx.registry;
         let mut stats = RecoveryStats {
             journal_entries: loaded.journal_entries,
             load_ms,
@@ -97,40 +96,30 @@ impl System {
         let mut expired = Batch::new();
         let mut expired_entries = Vec::new();
         for mut t in loaded.trips {
-            if !t.trip.state().is_final()
-                && t.trip.state() == TripState::Dispatching
-                && now >= t.trip.deadline_ms()
-            {
+            if t.trip.state() == TripState::Dispatching && now >= t.trip.deadline_ms() {
                 // Its dispatch deadline passed while the server was down: it ends now,
-                // durably, before anyone can be offered it again.
-                let eta = self.config.eta.as_ref();
-                if let Ok(fx) = t.trip.apply(TripCommand::DeadlineReached, now, &cfg, eta) {
-                    let transition = fx.iter().find_map(|e| match e {
-                        TripEffect::Transitioned {
-                            from,
-                            to,
-                            by,
-                            at_ms,
-                        } => Some(Transition {
-                            from: *from,
-                            to: *to,
-                            by: by.clone(),
-                            at_ms: *at_ms,
-                            version: t.trip.version(),
-                        }),
-                        _ => None,
-                    });
-                    expired = expired.trip(t.clone(), transition);
-                    // A hold kept from an earlier assignment goes back.
-                    let entries = entries_by_trip.get(&t.trip.id).into_iter().flatten();
-                    let money = dispatch_engine::TripMoney::of(entries, &t.trip.rider_id);
-                    if let Some(e) =
-                        money.release(&t.trip.id, &t.trip.rider_id, &t.trip.quote.currency, now)
-                    {
-                        expired_entries.push(e.clone());
-                        expired = expired.ledger(e);
+                // durably, before anyone can be offered it again, and a hold kept from
+                // an earlier assignment goes back (the provider is asked, best effort).
+                let entries = entries_by_trip.get(&t.trip.id).cloned().unwrap_or_default();
+                let decided = ctx.with_rules(t.trip.product, |rules| {
+                    t.trip
+                        .decide(TripCommand::DeadlineReached, &entries, now, rules)
+                });
+                if let Ok(d) = decided {
+                    let paid = ctx.pay(&d.payment).await;
+                    if d.payment.after(&paid) == AfterPayment::Commit {
+                        let entry = d.payment.entry().cloned();
+                        t.trip = d.trip;
+                        expired = expired.decided(t.clone(), d.journal, entry.clone());
+                        if let Some(e) = entry {
+                            expired_entries.push(e.clone());
+                            entries_by_trip
+                                .entry(t.trip.id.clone())
+                                .or_default()
+                                .push(e);
+                        }
+                        stats.expired_trips += 1;
                     }
-                    stats.expired_trips += 1;
                 }
             }
             if t.trip.state().is_final() {
@@ -141,9 +130,9 @@ impl System {
             t.trip.refresh_offer(now, &cfg);
             live.insert(t.trip.id.clone(), t);
         }
-        self.store.commit(expired).await?;
+        ctx.store.commit(expired).await?;
         for e in &expired_entries {
-            self.entry_written(e);
+            ctx.entry_written(e);
         }
         let mut on_trip: HashMap<DriverId, TripId> = HashMap::new();
         let mut offered: HashMap<DriverId, TripId> = HashMap::new();
@@ -157,7 +146,7 @@ impl System {
                 offered.insert(o.driver_id.clone(), id.clone());
             }
             if let Some(other) = active.insert(t.trip.rider_id.clone(), id.clone()) {
-                self.metrics.invariant(
+                ctx.metrics.invariant(
                     "rider_two_trips",
                     &format!("{} has {other} and {id}", t.trip.rider_id),
                 );
@@ -196,7 +185,7 @@ impl System {
             }
         }
         let t = Instant::now();
-        stats.rider_actors = self.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
+        stats.rider_actors = ctx.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
         stats.riders_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
@@ -251,7 +240,7 @@ impl System {
             }
         }
         let t = Instant::now();
-        stats.driver_actors = self.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
+        stats.driver_actors = ctx.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
         stats.drivers_ms = t.elapsed().as_millis() as u64;
 
         let mut spawns = Vec::new();
@@ -264,19 +253,19 @@ impl System {
                 entries: entries_by_trip.remove(&id).unwrap_or_default(),
             };
             reg.trip_records.insert(id, record.clone());
-            spawns.push(Spawn::Trip(TripArgs {
+            spawns.push(Spawn::Trip(TripArgs::Resume {
                 record,
                 restarted: true,
             }));
         }
         let t = Instant::now();
-        stats.live_trips = self.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
+        stats.live_trips = ctx.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
         stats.trips_ms = t.elapsed().as_millis() as u64;
 
         // Every recovered driver is disconnected: one sweep after the grace period sends
         // those still away offline (each ignores it if it reconnected meanwhile).
-        let weak = self.downgrade();
-        let grace = std::time::Duration::from_millis(self.config.session_grace_ms);
+        let weak = ctx.downgrade();
+        let grace = std::time::Duration::from_millis(ctx.config.session_grace_ms);
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let Some(sys) = weak.upgrade() else { return };
@@ -289,7 +278,7 @@ impl System {
                 .collect();
             for id in away {
                 if let Some(d) = sys.registry.driver(&id) {
-                    let _ = d.cast(crate::driver::DriverMsg::GraceExpired { epoch: 0 });
+                    let _ = d.cast(DriverMsg::GraceExpired { epoch: 0 });
                 }
             }
         });
@@ -297,7 +286,7 @@ impl System {
         tracing::info!(
             load_ms = stats.load_ms,
             drivers_ms = stats.drivers_ms,
-            dir = %self.store.dir().display(),
+            dir = %ctx.store.dir().display(),
             drivers = stats.drivers,
             riders = stats.riders,
             driver_actors = stats.driver_actors,
@@ -312,5 +301,25 @@ impl System {
             "recovery complete"
         );
         Ok(stats)
+    }
+}
+
+impl System {
+    /// Puts the operator's stored surge pins and cap back.
+    fn restore_surge(&self, sg: &dispatch_persistence::StoredSurge) {
+        let mut book = self.ctx.lock_surge();
+        for (cell, m) in &sg.pins {
+            match dispatch_engine::CellId::try_from(*cell) {
+                Ok(c) => {
+                    if let Err(e) = book.pin(c, Some(*m)) {
+                        tracing::warn!(cell = %c, error = %e, "stored surge pin ignored");
+                    }
+                }
+                Err(_) => tracing::warn!(cell, "stored surge pin for an invalid cell ignored"),
+            }
+        }
+        if let Err(e) = book.set_city_cap(sg.city_cap) {
+            tracing::warn!(error = %e, "stored surge cap ignored");
+        }
     }
 }

@@ -2,103 +2,38 @@
 //! [`RiderState`]), turns a request into a trip actor, and relays the trip's updates,
 //! driver positions and receipt to the rider's session, in order.
 
-use dispatch_engine::trip::Mover;
+use std::collections::HashMap;
+
 use dispatch_engine::{
-    Point, Product, QuoteId, QuoteTerms, RiderState, Trip, TripCommand, TripId, TripState,
+    CancelledBy, Point, Product, QuoteTerms, RiderState, Sender, TripCommand, TripId,
+    refuse_without_trip,
 };
-use dispatch_persistence::{Batch, StoredTrip, Transition};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
+use crate::context::{Context, random_suffix};
 use crate::error::{ApiError, ErrorCode};
-use crate::registry::{RiderRecord, TripRecord};
-use crate::session::{CLOSE_REPLACED, Outbound, Responder, SessionHandle};
-use crate::supervisor::{Group, Spawn};
-use crate::system::{System, random_suffix};
-use crate::trip::{TripArgs, TripFrom, TripMsg};
-use crate::views::{Receipt, TripView};
-
-pub struct RiderArgs {
-    pub record: RiderRecord,
-    pub restarted: bool,
-}
-
-/// What the rider asks for: a quoted trip, or one priced now.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RideRequest {
-    Quote(QuoteId),
-    Direct {
-        pickup: Point,
-        dropoff: Point,
-        product: Product,
-    },
-}
-
-pub enum RiderMsg {
-    /// A new session for this identity; replies once `welcome` is queued, so it is the
-    /// session's first message.
-    Attach(SessionHandle, RpcReplyPort<()>),
-    Detach {
-        session_id: u64,
-    },
-    RequestRide(RideRequest, Responder),
-    CancelRide {
-        trip_id: TripId,
-        reason: Option<String>,
-        responder: Responder,
-    },
-    Location(Point, Responder),
-    /// From the trip: a transition. A final state frees the rider; `completed` comes
-    /// with its receipt.
-    Trip {
-        view: TripView,
-        receipt: Option<Receipt>,
-        responder: Option<Responder>,
-    },
-    DriverLocation {
-        trip_id: TripId,
-        position: Point,
-        heading: Option<f64>,
-        pickup_eta_s: Option<u64>,
-    },
-    /// From a trip: a command of this app's was refused; answered in order with the
-    /// updates the trip sent before.
-    Failed(Responder, ApiError),
-    Get(RpcReplyPort<RiderRecord>),
-    /// Test hook: fail inside a handler, as a bug would.
-    InjectPanic,
-}
-
-impl RiderMsg {
-    /// The message's kind, a metrics label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RiderMsg::Attach(..) => "attach",
-            RiderMsg::Detach { .. } => "detach",
-            RiderMsg::RequestRide(..) => "request_ride",
-            RiderMsg::CancelRide { .. } => "cancel_ride",
-            RiderMsg::Location(..) => "location",
-            RiderMsg::Trip { .. } => "trip_update",
-            RiderMsg::DriverLocation { .. } => "driver_location",
-            RiderMsg::Failed(..) => "failed",
-            RiderMsg::Get(_) => "get",
-            RiderMsg::InjectPanic => "inject_panic",
-        }
-    }
-}
+use crate::messages::{
+    Group, NewTrip, RideRequest, RiderArgs, RiderCommand, RiderMsg, Spawn, Ticket, TripArgs,
+    TripMsg,
+};
+use crate::session::{CLOSE_REPLACED, Outbound, Responder};
 
 pub struct RiderActor {
-    pub system: System,
+    pub ctx: Context,
 }
 
 pub struct RiderActorState {
-    rec: RiderRecord,
+    rec: crate::records::RiderRecord,
     st: RiderState,
+    /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
+    pending: HashMap<Ticket, Responder>,
+    next_ticket: Ticket,
 }
 
 impl RiderActor {
     fn commit(&self, s: &RiderActorState) {
-        self.system
+        self.ctx
             .registry
             .rider_records
             .insert(s.rec.id.clone(), s.rec.clone());
@@ -119,7 +54,7 @@ impl RiderActor {
         let quote = match req {
             RideRequest::Quote(id) => {
                 let q = self
-                    .system
+                    .ctx
                     .registry
                     .quotes
                     .get(&id)
@@ -128,7 +63,7 @@ impl RiderActor {
                 if q.rider_id != s.rec.id {
                     return Err(ApiError::forbidden("the quote belongs to another rider"));
                 }
-                if self.system.clock.now_ms() >= q.expires_at_ms {
+                if self.ctx.clock.now_ms() >= q.expires_at_ms {
                     return Err(ApiError::new(
                         ErrorCode::QuoteExpired,
                         "the quote has expired; ask for a new one",
@@ -140,9 +75,7 @@ impl RiderActor {
                 pickup,
                 dropoff,
                 product,
-            } => self
-                .system
-                .price(s.rec.id.clone(), pickup, dropoff, product),
+            } => self.ctx.price(s.rec.id.clone(), pickup, dropoff, product),
         };
         let terms = QuoteTerms {
             fare_cents: quote.fare_cents,
@@ -154,7 +87,30 @@ impl RiderActor {
         Ok((quote.pickup, quote.dropoff, quote.product, terms))
     }
 
-    async fn request(&self, s: &mut RiderActorState, req: RideRequest, responder: Responder) {
+    /// Keeps `responder` until the trip answers `ticket` (or it expires).
+    fn await_answer(
+        &self,
+        myself: &ActorRef<RiderMsg>,
+        s: &mut RiderActorState,
+        responder: Responder,
+    ) -> Ticket {
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
+        s.pending.insert(ticket, responder);
+        let after = self.ctx.config.ticket_timeout();
+        myself.send_after(after, move || RiderMsg::TicketExpired(ticket));
+        ticket
+    }
+
+    /// The rider's rules (one active trip, its own live quote), then a trip actor is
+    /// asked to start the trip; it answers the request with the trip once it is durable.
+    async fn request(
+        &self,
+        myself: &ActorRef<RiderMsg>,
+        s: &mut RiderActorState,
+        req: RideRequest,
+        responder: Responder,
+    ) {
         if let Some(active) = s.st.active_trip() {
             return responder.fail(ApiError::conflict(format!(
                 "the rider already has an active trip {active}"
@@ -168,110 +124,98 @@ impl RiderActor {
             Ok(t) => t,
             Err(e) => return responder.fail(e),
         };
-        let now = self.system.clock.now_ms();
         let trip_id = TripId::with_suffix(&random_suffix());
-        let (trip, _) = Trip::request(
-            trip_id.clone(),
-            s.rec.id.clone(),
+        if s.st.begin(trip_id.clone()).is_err() {
+            self.ctx
+                .metrics
+                .invariant("rider_two_trips", s.rec.id.as_str());
+        }
+        let ticket = self.await_answer(myself, s, responder);
+        let new = NewTrip {
+            trip_id: trip_id.clone(),
+            rider_id: s.rec.id.clone(),
             product,
             pickup,
             dropoff,
             terms,
-            now,
-            &self.system.config.dispatch,
-        );
-        let view = TripView::of(&trip, None);
-        // The trip (and the used quote's removal) is on disk before anyone hears of it.
-        let created = Transition {
-            from: TripState::Dispatching,
-            to: TripState::Dispatching,
-            by: Mover::Rider,
-            at_ms: now,
-            version: trip.version(),
+            quote_id,
+            ticket: Some(ticket),
         };
-        let mut batch = Batch::new().trip(
-            StoredTrip {
-                trip: trip.clone(),
-                driver: None,
-            },
-            Some(created),
-        );
-        if let Some(q) = &quote_id {
-            batch = batch.delete_quote(q.clone());
-        }
-        if let Err(e) = self.system.store.commit(batch).await {
-            tracing::error!(error = %e, "could not store a new trip");
-            return responder.fail(ApiError::unavailable(
-                "the request could not be stored; retry",
-            ));
-        }
-        // Demand for surge pricing in the pickup's cell.
-        self.system.record_request(pickup);
-        let record = TripRecord {
-            trip,
-            driver: None,
-            entries: Vec::new(),
-        };
-        self.system
-            .registry
-            .trip_records
-            .insert(trip_id.clone(), record.clone());
-        self.system
-            .registry
-            .trip_views
-            .insert(trip_id.clone(), view.clone());
-        if s.st.begin(trip_id.clone()).is_err() {
-            self.system
-                .metrics
-                .invariant("rider_two_trips", s.rec.id.as_str());
-        }
-        s.rec.trip = Some(view.clone());
-        self.commit(s);
-        if let Some(q) = quote_id {
-            self.system.registry.quotes.remove(&q); // a quote buys one trip
-        }
-        // The reply is the trip's first update: sent before the trip actor can send any other.
-        responder.trip(view);
-        let args = TripArgs {
-            record,
-            restarted: false,
-        };
-        if let Err(e) = self.system.spawn(Group::Trip, Spawn::Trip(args)).await {
+        if let Err(e) = self
+            .ctx
+            .spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))
+            .await
+        {
             tracing::error!(trip_id = %trip_id, error = %e, "could not start the trip actor");
+            s.st.end(&trip_id);
+            if let Some(r) = s.pending.remove(&ticket) {
+                r.fail(e);
+            }
         }
     }
 
     async fn cancel(
         &self,
-        s: &RiderActorState,
+        myself: &ActorRef<RiderMsg>,
+        s: &mut RiderActorState,
         trip_id: TripId,
         reason: Option<String>,
         responder: Responder,
     ) {
+        let cmd = TripCommand::Cancel {
+            by: CancelledBy::Rider,
+            reason,
+        };
         let mine = s.st.active_trip() == Some(&trip_id);
-        if mine && let Some(t) = self.system.registry.trip(&trip_id) {
-            let cmd = TripCommand::Cancel {
-                by: dispatch_engine::CancelledBy::Rider,
-                reason,
-            };
-            if let Err(ractor::MessagingErr::SendErr(TripMsg::Command {
-                responder: Some(r), ..
-            })) = t.cast(TripMsg::Command {
-                cmd,
-                from: TripFrom::Rider,
-                responder: Some(responder),
-            }) {
-                r.fail(ApiError::conflict("the trip has already ended"));
+        let cmd = match self.ctx.registry.trip(&trip_id).filter(|_| mine) {
+            Some(t) => {
+                let ticket = self.await_answer(myself, s, responder);
+                let msg = TripMsg::Command {
+                    cmd,
+                    from: Sender::Rider,
+                    ticket: Some(ticket),
+                };
+                match t.cast(msg) {
+                    Ok(()) => return,
+                    Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) => {
+                        let Some(r) = s.pending.remove(&ticket) else {
+                            return;
+                        };
+                        return self.refuse(s, trip_id, cmd, r).await;
+                    }
+                    Err(_) => return,
+                }
             }
-            return;
-        }
-        match self.system.trip_view(&trip_id).await {
+            None => cmd,
+        };
+        self.refuse(s, trip_id, cmd, responder).await
+    }
+
+    /// No live trip takes the command: the engine's rule for ended trips answers.
+    async fn refuse(
+        &self,
+        s: &RiderActorState,
+        trip_id: TripId,
+        cmd: TripCommand,
+        responder: Responder,
+    ) {
+        match self.ctx.stored_trip(&trip_id).await {
             Err(e) => responder.fail(e),
-            Ok(Some(v)) if v.rider_id == s.rec.id => {
-                responder.fail(ApiError::conflict("the trip has already ended"))
+            Ok(t) => {
+                let t = t.map(|t| t.trip);
+                let e = refuse_without_trip(t.as_ref(), &Sender::Rider, Some(&s.rec.id), &cmd);
+                responder.fail(e.into())
             }
-            Ok(Some(_)) => responder.fail(ApiError::forbidden("the trip belongs to another rider")),
-            Ok(None) => responder.fail(ApiError::not_found("trip")),
+        }
+    }
+
+    /// Answers the command awaiting under `ticket`, if any still does.
+    fn answered(s: &mut RiderActorState, ticket: Option<Ticket>, outcome: Result<(), ApiError>) {
+        if let Some(r) = ticket.and_then(|t| s.pending.remove(&t)) {
+            match outcome {
+                Ok(()) => r.ack(),
+                Err(e) => r.fail(e),
+            }
         }
     }
 }
@@ -298,6 +242,8 @@ impl Actor for RiderActor {
         Ok(RiderActorState {
             st: RiderState::new(active),
             rec: args.record,
+            pending: HashMap::new(),
+            next_ticket: 1,
         })
     }
 
@@ -309,7 +255,7 @@ impl Actor for RiderActor {
     ) -> Result<(), ActorProcessingErr> {
         let span = tracing::info_span!("rider", rider_id = %s.rec.id);
         // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.system.metrics.handling("rider", msg.kind());
+        let handling = self.ctx.metrics.handling("rider", msg.kind());
         async move {
             let _handling = handling;
             self.handle_msg(_myself, msg, s).await
@@ -323,7 +269,7 @@ impl RiderActor {
     /// One message: what `Actor::handle` does, timed and counted by the caller.
     async fn handle_msg(
         &self,
-        _myself: ActorRef<RiderMsg>,
+        myself: ActorRef<RiderMsg>,
         msg: RiderMsg,
         s: &mut RiderActorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -350,16 +296,48 @@ impl RiderActor {
                     self.commit(s);
                 }
             }
-            RiderMsg::RequestRide(req, responder) => self.request(s, req, responder).await,
-            RiderMsg::CancelRide {
+            RiderMsg::Command(RiderCommand::RequestRide(req), responder) => {
+                self.request(&myself, s, req, responder).await
+            }
+            RiderMsg::Command(RiderCommand::CancelRide { trip_id, reason }, responder) => {
+                self.cancel(&myself, s, trip_id, reason, responder).await
+            }
+            RiderMsg::TripStarted { view, ticket } => {
+                if s.st.active_trip() != Some(&view.trip_id)
+                    && s.st.begin(view.trip_id.clone()).is_err()
+                {
+                    self.ctx
+                        .metrics
+                        .invariant("rider_two_trips", s.rec.id.as_str());
+                }
+                s.rec.trip = Some(view.clone());
+                self.commit(s);
+                match ticket.and_then(|t| s.pending.remove(&t)) {
+                    Some(r) => r.trip(view),
+                    None => self.send(
+                        s,
+                        Outbound::TripUpdate {
+                            req: None,
+                            trip: view,
+                        },
+                    ),
+                }
+            }
+            RiderMsg::TripNotStarted {
                 trip_id,
-                reason,
-                responder,
-            } => self.cancel(s, trip_id, reason, responder).await,
-            RiderMsg::Location(p, responder) => {
+                ticket,
+                error,
+            } => {
+                s.st.end(&trip_id);
+                Self::answered(s, ticket, Err(error));
+            }
+            RiderMsg::Answer { ticket, outcome } => Self::answered(s, Some(ticket), outcome),
+            // Dropped unanswered: the app is told the request was lost.
+            RiderMsg::TicketExpired(ticket) => drop(s.pending.remove(&ticket)),
+            RiderMsg::Command(RiderCommand::Location(p), responder) => {
                 s.rec.position = Some(p);
                 // Only the position changed: update it in place rather than recommit.
-                if let Some(mut r) = self.system.registry.rider_records.get_mut(&s.rec.id) {
+                if let Some(mut r) = self.ctx.registry.rider_records.get_mut(&s.rec.id) {
                     r.position = Some(p);
                 }
                 responder.ack();
@@ -367,7 +345,7 @@ impl RiderActor {
             RiderMsg::Trip {
                 view,
                 receipt,
-                responder,
+                answers,
             } => {
                 if s.rec
                     .trip
@@ -375,9 +353,7 @@ impl RiderActor {
                     .is_some_and(|t| t.trip_id == view.trip_id && t.version >= view.version)
                 {
                     // Not newer than what the app has (a restarted trip re-syncing).
-                    if let Some(r) = responder {
-                        r.ack();
-                    }
+                    Self::answered(s, answers, Ok(()));
                     return Ok(());
                 }
                 if view.state.is_final() {
@@ -397,9 +373,7 @@ impl RiderActor {
                 if let Some(r) = receipt {
                     self.send(s, Outbound::Receipt(r));
                 }
-                if let Some(r) = responder {
-                    r.ack();
-                }
+                Self::answered(s, answers, Ok(()));
             }
             RiderMsg::DriverLocation {
                 trip_id,
@@ -420,7 +394,6 @@ impl RiderActor {
                     );
                 }
             }
-            RiderMsg::Failed(responder, error) => responder.fail(error),
             RiderMsg::Get(reply) => {
                 let _ = reply.send(s.rec.clone());
             }

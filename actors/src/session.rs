@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 
-use dispatch_engine::TripId;
+use dispatch_engine::{DriverStatus, TripId};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::{ApiError, ErrorCode};
@@ -24,11 +25,11 @@ pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// A message for an app. The transport renders each as one JSON text frame.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outbound {
     DriverWelcome {
         driver_id: String,
-        status: &'static str,
+        status: DriverStatus,
         offer: Option<OfferView>,
         trip: Option<TripView>,
     },

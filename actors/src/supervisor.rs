@@ -4,66 +4,22 @@
 
 use std::collections::HashMap;
 
-use dispatch_engine::{CellId, DriverId, RiderId, TripId};
-use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+use dispatch_engine::TripId;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use crate::cell::CellActor;
+use crate::context::Context;
+use crate::driver::DriverActor;
+use crate::messages::{
+    CellArgs, DriverArgs, Entity, Group, RiderArgs, RiderMsg, Spawn, SupervisorMsg, TripArgs,
 };
-
-use crate::cell::{CellActor, CellArgs};
-use crate::driver::{DriverActor, DriverArgs};
-use crate::registry::TripRecord;
-use crate::rider::{RiderActor, RiderArgs};
-use crate::system::System;
-use crate::trip::{TripActor, TripArgs};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Group {
-    Driver,
-    Rider,
-    Trip,
-    Cell,
-}
-
-impl Group {
-    pub const ALL: [Group; 4] = [Group::Driver, Group::Rider, Group::Trip, Group::Cell];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Group::Driver => "driver",
-            Group::Rider => "rider",
-            Group::Trip => "trip",
-            Group::Cell => "cell",
-        }
-    }
-}
-
-/// Which entity a child actor is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Entity {
-    Driver(DriverId),
-    Rider(RiderId),
-    Trip(TripId),
-    Cell(CellId),
-}
-
-/// What to start.
-pub enum Spawn {
-    Driver(DriverArgs),
-    Rider(RiderArgs),
-    Trip(TripArgs),
-    Cell(CellArgs),
-}
-
-pub enum SupervisorMsg {
-    Spawn(Spawn, RpcReplyPort<Result<ActorCell, String>>),
-    /// Many spawns in one message (recovery); replies how many started.
-    SpawnMany(Vec<Spawn>, RpcReplyPort<usize>),
-    /// How many children are alive (for tests and stats).
-    Count(RpcReplyPort<usize>),
-}
+use crate::records::TripRecord;
+use crate::rider::RiderActor;
+use crate::trip::TripActor;
 
 pub struct Supervisor {
     pub group: Group,
-    pub system: System,
+    pub ctx: Context,
 }
 
 pub struct SupervisorState {
@@ -81,8 +37,8 @@ impl Supervisor {
         instant: bool,
     ) -> Result<(Entity, ActorCell), String> {
         let sup = myself.get_cell();
-        let sys = self.system.clone();
-        let reg = &self.system.registry;
+        let sys = self.ctx.clone();
+        let reg = &self.ctx.registry;
         match spawn {
             Spawn::Driver(args) => {
                 let id = args.record.id.clone();
@@ -90,7 +46,7 @@ impl Supervisor {
                     // Two sessions asked for the same dormant driver at once.
                     return Ok((Entity::Driver(id), existing.get_cell()));
                 }
-                let r = spawn_child(DriverActor { system: sys }, args, sup, instant).await?;
+                let r = spawn_child(DriverActor { ctx: sys }, args, sup, instant).await?;
                 reg.drivers.insert(id.clone(), r.clone());
                 Ok((Entity::Driver(id), r.get_cell()))
             }
@@ -99,15 +55,20 @@ impl Supervisor {
                 if let Some(existing) = reg.rider(&id) {
                     return Ok((Entity::Rider(id), existing.get_cell()));
                 }
-                let r = spawn_child(RiderActor { system: sys }, args, sup, instant).await?;
+                let r = spawn_child(RiderActor { ctx: sys }, args, sup, instant).await?;
                 reg.riders.insert(id.clone(), r.clone());
                 Ok((Entity::Rider(id), r.get_cell()))
             }
             Spawn::Trip(args) => {
-                let id = args.record.trip.id.clone();
-                let r = spawn_child(TripActor { system: sys }, args, sup, instant).await?;
+                let (id, rider) = match &args {
+                    TripArgs::New(n) => (n.trip_id.clone(), n.rider_id.clone()),
+                    TripArgs::Resume { record, .. } => {
+                        (record.trip.id.clone(), record.trip.rider_id.clone())
+                    }
+                };
+                let r = spawn_child(TripActor { ctx: sys }, args, sup, instant).await?;
                 reg.trips.insert(id.clone(), r.clone());
-                Ok((Entity::Trip(id), r.get_cell()))
+                Ok((Entity::Trip(id, rider), r.get_cell()))
             }
             Spawn::Cell(args) => {
                 let id = args.cell;
@@ -115,7 +76,7 @@ impl Supervisor {
                     // Two drivers entered a new cell at once: the first spawn won.
                     return Ok((Entity::Cell(id), existing.get_cell()));
                 }
-                let r = spawn_child(CellActor { system: sys }, args, sup, instant).await?;
+                let r = spawn_child(CellActor { ctx: sys }, args, sup, instant).await?;
                 reg.cells.insert(id, r.clone());
                 Ok((Entity::Cell(id), r.get_cell()))
             }
@@ -124,7 +85,7 @@ impl Supervisor {
 
     /// The spawn that brings a failed entity back from its last snapshot.
     fn restart_spec(&self, entity: &Entity) -> Option<Spawn> {
-        let reg = &self.system.registry;
+        let reg = &self.ctx.registry;
         match entity {
             Entity::Driver(id) => reg.driver_records.get(id).map(|r| {
                 Spawn::Driver(DriverArgs {
@@ -138,7 +99,7 @@ impl Supervisor {
                     restarted: true,
                 })
             }),
-            Entity::Trip(_) => None, // restarted from the store: see `restart_trip`
+            Entity::Trip(..) => None, // restarted from the store: see `restart_trip`
             Entity::Cell(cell) => Some(Spawn::Cell(CellArgs {
                 cell: *cell,
                 restarted: true,
@@ -148,15 +109,26 @@ impl Supervisor {
 
     /// A trip restarts from its last *durable* state: what the store holds is exactly
     /// what anyone can have been told.
-    async fn restart_trip(&self, id: &TripId) -> Option<Spawn> {
-        let store = self.system.store.clone();
+    /// A trip that failed before it was ever stored cannot restart: its rider is told, so
+    /// it is free to ask again.
+    async fn restart_trip(&self, id: &TripId, rider: &dispatch_engine::RiderId) -> Option<Spawn> {
+        let store = self.ctx.store.clone();
         let key = id.clone();
         let read = tokio::task::spawn_blocking(move || {
             Ok::<_, dispatch_persistence::StoreError>((store.trip(&key)?, store.ledger_of(&key)?))
         });
         let (stored, entries) = match read.await {
             Ok(Ok((Some(t), entries))) => (t, entries),
-            Ok(Ok((None, _))) => return None,
+            Ok(Ok((None, _))) => {
+                if let Some(r) = self.ctx.registry.rider(rider) {
+                    let _ = r.cast(RiderMsg::TripNotStarted {
+                        trip_id: id.clone(),
+                        ticket: None,
+                        error: crate::error::ApiError::internal(),
+                    });
+                }
+                return None;
+            }
             Ok(Err(e)) => {
                 tracing::error!(trip_id = %id, error = %e, "cannot reload trip");
                 return None;
@@ -171,14 +143,14 @@ impl Supervisor {
             driver: stored.driver,
             entries,
         };
-        Some(Spawn::Trip(TripArgs {
+        Some(Spawn::Trip(TripArgs::Resume {
             record,
             restarted: true,
         }))
     }
 
     fn forget(&self, entity: &Entity, who: ActorId) {
-        let reg = &self.system.registry;
+        let reg = &self.ctx.registry;
         // Remove the registry entry only if it still points at this (dead) actor.
         match entity {
             Entity::Driver(id) => {
@@ -187,7 +159,7 @@ impl Supervisor {
             Entity::Rider(id) => {
                 reg.riders.remove_if(id, |_, r| r.get_id() == who);
             }
-            Entity::Trip(id) => {
+            Entity::Trip(id, _) => {
                 reg.trips.remove_if(id, |_, r| r.get_id() == who);
             }
             Entity::Cell(id) => {
@@ -227,7 +199,7 @@ impl Actor for Supervisor {
                         .insert(cell.get_id(), entity.clone())
                         .is_none()
                 {
-                    self.system.metrics.started(self.group.as_str());
+                    self.ctx.metrics.started(self.group.as_str());
                 }
                 let _ = reply.send(res.map(|(_, c)| c));
             }
@@ -237,7 +209,7 @@ impl Actor for Supervisor {
                     match self.start_child(&myself, spawn, true).await {
                         Ok((entity, cell)) => {
                             if state.children.insert(cell.get_id(), entity).is_none() {
-                                self.system.metrics.started(self.group.as_str());
+                                self.ctx.metrics.started(self.group.as_str());
                                 started += 1;
                             }
                         }
@@ -265,7 +237,7 @@ impl Actor for Supervisor {
         match evt {
             SupervisionEvent::ActorTerminated(who, _, _) => {
                 if let Some(entity) = state.children.remove(&who.get_id()) {
-                    self.system.metrics.stopped(group);
+                    self.ctx.metrics.stopped(group);
                     self.forget(&entity, who.get_id());
                 }
             }
@@ -273,23 +245,23 @@ impl Actor for Supervisor {
                 let Some(entity) = state.children.remove(&who.get_id()) else {
                     return Ok(());
                 };
-                self.system.metrics.stopped(group);
+                self.ctx.metrics.stopped(group);
                 self.forget(&entity, who.get_id());
                 tracing::error!(group, entity = ?entity, error = %err, "actor failed; restarting from its last snapshot");
-                self.system
+                self.ctx
                     .metrics
                     .actor_restarts
                     .with_label_values(&[group])
                     .inc();
                 let spec = match &entity {
-                    Entity::Trip(id) => self.restart_trip(id).await,
+                    Entity::Trip(id, rider) => self.restart_trip(id, rider).await,
                     other => self.restart_spec(other),
                 };
                 if let Some(spec) = spec {
                     match self.start_child(&myself, spec, false).await {
                         Ok((entity, cell)) => {
                             if state.children.insert(cell.get_id(), entity).is_none() {
-                                self.system.metrics.started(group);
+                                self.ctx.metrics.started(group);
                             }
                         }
                         Err(e) => {

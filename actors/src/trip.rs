@@ -1,7 +1,9 @@
-//! `TripActor`: one per live trip. Runs the engine's trip machine and carries out its
-//! effects in a fixed order: commit the new state first, then tell the driver(s) and
-//! the rider, then arm timers, reserve offers and search. Because the commit comes
-//! first, a restart from the snapshot never forgets something a client was told.
+//! `TripActor`: one per live trip. Creates a new trip, or resumes a stored one, and
+//! carries out the engine's decisions ([`Trip::decide`]) in a fixed order: ask the
+//! payment provider for what the decision's plan needs, commit the trip, its journal
+//! record and its ledger entry together, then tell the driver(s) and the rider, then arm
+//! timers, reserve offers and search. Because the commit comes first, a restart from the
+//! store never forgets something a client was told.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,66 +12,22 @@ use tracing::Instrument;
 
 use dispatch_engine::trip::OfferEnd;
 use dispatch_engine::{
-    CancelledBy, DriverId, Entry, Point, Trip, TripCommand, TripEffect, TripMoney, TripState,
+    AfterPayment, Decision, DriverId, PaymentPlan, ProviderAnswer, Sender, Trip, TripCommand,
+    TripEffect, TripState,
 };
+use dispatch_persistence::{Batch, StoredTrip};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::cell::SearchFilter;
-use crate::driver::{DriverMsg, TripLink};
+use crate::context::Context;
 use crate::error::ApiError;
-use crate::payments::PaymentError;
-use crate::registry::TripRecord;
-use crate::rider::RiderMsg;
-use crate::session::Responder;
-use crate::system::System;
+use crate::messages::{
+    DriverMsg, NewTrip, RiderMsg, SearchFilter, Ticket, TripArgs, TripLink, TripMsg,
+};
+use crate::records::TripRecord;
 use crate::views::{OfferView, Receipt, TripDriver, TripView};
-use dispatch_persistence::{Batch, StoredTrip, Transition};
-
-/// Who sent a command, so its reply can travel with the update it causes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TripFrom {
-    Rider,
-    Driver(DriverId),
-    Admin,
-    System,
-}
-
-pub struct TripArgs {
-    pub record: TripRecord,
-    /// Restarted by the supervisor from `record` after a failure.
-    pub restarted: bool,
-}
-
-pub enum TripMsg {
-    Command {
-        cmd: TripCommand,
-        from: TripFrom,
-        responder: Option<Responder>,
-    },
-    DriverLocation {
-        driver_id: DriverId,
-        position: Point,
-        heading: Option<f64>,
-    },
-    Get(RpcReplyPort<TripRecord>),
-    /// Test hook: fail inside a handler, as a bug would.
-    InjectPanic,
-}
-
-impl TripMsg {
-    /// The message's kind, a metrics label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TripMsg::Command { cmd, .. } => cmd.kind(),
-            TripMsg::DriverLocation { .. } => "driver_location",
-            TripMsg::Get(_) => "get",
-            TripMsg::InjectPanic => "inject_panic",
-        }
-    }
-}
 
 pub struct TripActor {
-    pub system: System,
+    pub ctx: Context,
 }
 
 pub struct TripActorState {
@@ -77,15 +35,26 @@ pub struct TripActorState {
     last_location_push_ms: u64,
     first_offer_seen: bool,
     restarted: bool,
+    /// A new trip's first decision and request, made durable in `post_start`.
+    start: Option<(Decision, NewTrip)>,
+}
+
+/// Where a command's outcome goes.
+enum Answer {
+    None,
+    /// A driver's or rider's command: answered through that sender's actor.
+    Ticket(Ticket),
+    /// An operator's command.
+    Admin(RpcReplyPort<Result<(), ApiError>>),
 }
 
 /// What a trip actor still has to do within one message: engine commands, and searches
 /// (which run between commands, so their results are applied in order).
 enum Step {
-    Command(TripCommand, TripFrom, Option<Responder>),
+    Command(TripCommand, Sender, Answer),
     Search(Vec<DriverId>),
     /// A refusal owed once the steps before it have been carried out (and sent).
-    Refuse(TripFrom, Responder, ApiError),
+    Refuse(Sender, Answer, ApiError),
 }
 
 type Work = VecDeque<Step>;
@@ -95,13 +64,13 @@ impl TripActor {
         TripView::of(&s.rec.trip, s.rec.driver.clone())
     }
 
-    /// The timers and searches a trip in this state needs (a new or a restarted trip).
+    /// The timers and searches a resumed trip in this state needs.
     fn resume(&self, myself: &ActorRef<TripMsg>, s: &TripActorState, work: &mut Work) {
         let t = &s.rec.trip;
         if t.state() != TripState::Dispatching {
             return;
         }
-        let now = self.system.clock.now_ms();
+        let now = self.ctx.clock.now_ms();
         arm(myself, now, t.deadline_ms(), TripCommand::DeadlineReached);
         if let Some(o) = t.offer() {
             arm(
@@ -116,6 +85,59 @@ impl TripActor {
         }
     }
 
+    /// A new trip: durable (with the used quote gone) before the rider hears of it; the
+    /// rider's request is answered with it, then the first search and the deadline run.
+    async fn begin(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        decision: Decision,
+        new: NewTrip,
+        work: &mut Work,
+    ) -> bool {
+        let ctx = &self.ctx;
+        let stored = StoredTrip {
+            trip: decision.trip.clone(),
+            driver: None,
+        };
+        let mut batch = Batch::new().decided(stored, decision.journal.clone(), None);
+        if let Some(q) = &new.quote_id {
+            batch = batch.delete_quote(q.clone());
+        }
+        if let Err(e) = ctx.store.commit(batch).await {
+            tracing::error!(error = %e, "could not store a new trip");
+            if let Some(r) = ctx.registry.rider(&new.rider_id) {
+                let _ = r.cast(RiderMsg::TripNotStarted {
+                    trip_id: new.trip_id.clone(),
+                    ticket: new.ticket,
+                    error: ApiError::unavailable("the request could not be stored; retry"),
+                });
+            }
+            return false;
+        }
+        // Demand for surge pricing in the pickup's cell.
+        ctx.record_request(new.pickup);
+        let view = self.view(s);
+        ctx.registry
+            .trip_records
+            .insert(new.trip_id.clone(), s.rec.clone());
+        ctx.registry
+            .trip_views
+            .insert(new.trip_id.clone(), view.clone());
+        if let Some(q) = &new.quote_id {
+            ctx.registry.quotes.remove(q); // a quote buys one trip
+        }
+        // The request's answer is the trip's first update: sent before any other.
+        if let Some(r) = ctx.registry.rider(&new.rider_id) {
+            let _ = r.cast(RiderMsg::TripStarted {
+                view,
+                ticket: new.ticket,
+            });
+        }
+        self.schedule(myself, s, &decision.effects, work).await;
+        true
+    }
+
     async fn run(
         &self,
         myself: &ActorRef<TripMsg>,
@@ -123,196 +145,59 @@ impl TripActor {
         mut work: Work,
     ) -> Result<(), ActorProcessingErr> {
         while let Some(step) = work.pop_front() {
-            let (cmd, from, responder) = match step {
-                Step::Command(cmd, from, responder) => (cmd, from, responder),
-                Step::Search(exclude) => (self.search(s, exclude).await, TripFrom::System, None),
-                Step::Refuse(from, r, error) => {
-                    self.fail(s, &from, r, error);
+            let (cmd, from, answer) = match step {
+                Step::Command(cmd, from, answer) => (cmd, from, answer),
+                Step::Search(exclude) => {
+                    (self.search(s, exclude).await, Sender::System, Answer::None)
+                }
+                Step::Refuse(from, answer, error) => {
+                    self.answer(s, &from, answer, Err(error));
                     continue;
                 }
             };
-            let now = self.system.clock.now_ms();
-            let cfg = self.system.config.dispatch;
-            // Applied to a copy: the payment may still say no.
-            let mut next = s.rec.trip.clone();
-            match next.apply(cmd, now, &cfg, self.system.config.eta.as_ref()) {
+            let now = self.ctx.clock.now_ms();
+            let t = &s.rec.trip;
+            let decided = self
+                .ctx
+                .with_rules(t.product, |rules| t.decide(cmd, &s.rec.entries, now, rules));
+            let decision = match decided {
+                Ok(d) => d,
                 Err(e) => {
-                    if let Some(r) = responder {
-                        self.fail(s, &from, r, e.into());
-                    }
+                    self.answer(s, &from, answer, Err(e.into()));
+                    continue;
                 }
-                Ok(fx) => match self.pay(s, &mut next, &fx, now).await {
-                    Ok(entry) => {
-                        s.rec.trip = next;
-                        self.carry_out(myself, s, fx, from, responder, entry, &mut work)
-                            .await?
-                    }
-                    Err(PaymentError::Declined(why)) => {
-                        // Only an authorization can be declined: the assignment does not
-                        // happen, and the trip is cancelled instead.
-                        tracing::info!(trip_id = %s.rec.trip.id, reason = %why, "payment declined; cancelling the trip");
-                        // The refusal follows the cancel, so the app sees why first.
-                        if let Some(r) = responder {
-                            work.push_front(Step::Refuse(
-                                from,
-                                r,
-                                ApiError::conflict(
-                                    "the rider's payment was declined; the trip is cancelled",
-                                ),
-                            ));
-                        }
-                        work.push_front(Step::Command(
-                            TripCommand::Cancel {
-                                by: CancelledBy::System,
-                                reason: Some(format!("payment declined: {why}")),
-                            },
-                            TripFrom::System,
-                            None,
-                        ));
-                    }
-                    Err(PaymentError::Unavailable(why)) => {
-                        // Nothing changed: the sender may retry (an offer stays open).
-                        tracing::warn!(trip_id = %s.rec.trip.id, error = %why, "payment provider unavailable; command not applied");
-                        if let Some(r) = responder {
-                            self.fail(
-                                s,
-                                &from,
-                                r,
-                                ApiError::unavailable("the payment provider is unavailable; retry"),
-                            );
-                        }
-                    }
-                },
+            };
+            let paid = self.ctx.pay(&decision.payment).await;
+            if self.ctx.config.crash_after_capture
+                && matches!(decision.payment, PaymentPlan::Capture { .. })
+                && paid == ProviderAnswer::Approved
+            {
+                tracing::error!(trip_id = %s.rec.trip.id, "DISPATCH_TEST_CRASH_AFTER=capture: aborting");
+                std::process::abort();
+            }
+            match decision.payment.after(&paid) {
+                AfterPayment::Commit => {
+                    self.carry_out(myself, s, decision, from, answer, &mut work)
+                        .await?
+                }
+                AfterPayment::Retry => {
+                    // Nothing changed: the sender may retry (an offer stays open).
+                    tracing::warn!(trip_id = %s.rec.trip.id, answer = ?paid, "payment provider unavailable; command not applied");
+                    let e = ApiError::unavailable("the payment provider is unavailable; retry");
+                    self.answer(s, &from, answer, Err(e));
+                }
+                AfterPayment::Instead(cmd) => {
+                    tracing::info!(trip_id = %s.rec.trip.id, answer = ?paid, "payment declined; cancelling the trip");
+                    // The refusal follows the cancel, so the app sees why first.
+                    let e = ApiError::conflict(
+                        "the rider's payment was declined; the trip is cancelled",
+                    );
+                    work.push_front(Step::Refuse(from, answer, e));
+                    work.push_front(Step::Command(cmd, Sender::System, Answer::None));
+                }
             }
         }
         Ok(())
-    }
-
-    /// Asks the payment provider for what a transition needs (a hold at assignment, a
-    /// capture at completion, a fee or a release at a cancel) and returns the ledger entry
-    /// to commit with it. `next` is the trip after the command; `s` still holds it before.
-    async fn pay(
-        &self,
-        s: &TripActorState,
-        next: &mut Trip,
-        fx: &[TripEffect],
-        now: u64,
-    ) -> Result<Option<Entry>, PaymentError> {
-        let prev = &s.rec.trip;
-        let money = TripMoney::of(&s.rec.entries, &prev.rider_id);
-        let sys = &self.system;
-        let key = |step: &str| format!("{}:{step}", prev.id);
-        let currency = prev.quote.currency.clone();
-        let assigned = fx
-            .iter()
-            .any(|e| matches!(e, TripEffect::DriverAssigned { .. }));
-        if assigned && money.authorized_at_ms.is_none() && !money.settled {
-            let amount = prev.quote.fare_cents;
-            self.ask(
-                "authorize",
-                sys.provider.authorize(key("authorize"), amount),
-            )
-            .await?;
-            return Ok(money
-                .authorize(&prev.id, &prev.rider_id, amount, &currency, now)
-                .ok());
-        }
-        if next.state() == prev.state() || money.authorized_at_ms.is_none() || money.settled {
-            return Ok(None);
-        }
-        match next.state() {
-            TripState::Completed => {
-                let Some(driver) = next.driver_id().cloned() else {
-                    return Ok(None);
-                };
-                let fare = next.fare_cents().unwrap_or(prev.quote.fare_cents);
-                self.ask("capture", sys.provider.capture(key("capture"), fare))
-                    .await?;
-                if sys.config.crash_after_capture {
-                    tracing::error!(trip_id = %prev.id, "DISPATCH_TEST_CRASH_AFTER=capture: aborting");
-                    std::process::abort();
-                }
-                Ok(money
-                    .capture(
-                        &sys.config.payments,
-                        &prev.id,
-                        &prev.rider_id,
-                        &driver,
-                        fare,
-                        &currency,
-                        now,
-                    )
-                    .ok())
-            }
-            TripState::Cancelled => {
-                let fee = sys.rates().card(prev.product).cancellation_fee_cents;
-                let arrived_at =
-                    (prev.state() == TripState::DriverArrived).then(|| prev.updated_at_ms());
-                let fee_due = next.cancelled_by() == Some(CancelledBy::Rider)
-                    && fee > 0
-                    && money.authorized_at_ms.is_some_and(|at| {
-                        sys.config
-                            .payments
-                            .rider_cancel_costs_fee(at, arrived_at, now)
-                    });
-                match (fee_due, prev.driver_id()) {
-                    (true, Some(driver)) => {
-                        self.ask("capture", sys.provider.capture(key("cancel_fee"), fee))
-                            .await?;
-                        let e = money
-                            .cancel_fee(&prev.id, &prev.rider_id, driver, fee, &currency, now)
-                            .ok();
-                        if e.is_some() {
-                            let _ = next.charge_cancellation_fee(fee);
-                        }
-                        Ok(e)
-                    }
-                    _ => Ok(self.release(&money, prev, &currency, now).await),
-                }
-            }
-            TripState::NoDriverFound => Ok(self.release(&money, prev, &currency, now).await),
-            _ => Ok(None),
-        }
-    }
-
-    /// The hold goes back. Best effort with the provider (an authorization it never
-    /// releases expires by itself); the ledger entry is written either way.
-    async fn release(
-        &self,
-        money: &TripMoney,
-        t: &Trip,
-        currency: &str,
-        now: u64,
-    ) -> Option<Entry> {
-        let e = money.release(&t.id, &t.rider_id, currency, now)?;
-        let _ = self
-            .ask(
-                "release",
-                self.system.provider.release(format!("{}:release", t.id)),
-            )
-            .await;
-        Some(e)
-    }
-
-    /// One provider request, counted when it fails.
-    async fn ask(
-        &self,
-        request: &'static str,
-        call: crate::payments::PayFuture<'_>,
-    ) -> Result<(), PaymentError> {
-        let r = call.await;
-        if let Err(e) = &r {
-            let outcome = match e {
-                PaymentError::Declined(_) => "declined",
-                PaymentError::Unavailable(_) => "unavailable",
-            };
-            self.system
-                .metrics
-                .payment_failures
-                .with_label_values(&[request, outcome])
-                .inc();
-        }
-        r
     }
 
     async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
@@ -323,53 +208,32 @@ impl TripActor {
             exclude: Arc::new(exclude),
         };
         let (found, stats) = self
-            .system
-            .search(t.pickup, self.system.config.search, filter)
+            .ctx
+            .search(t.pickup, self.ctx.config.search, filter)
             .await;
         tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
         TripCommand::Candidates(found)
     }
 
-    // The command's effects, who sent it and its ledger entry: all of one transition.
-    #[allow(clippy::too_many_arguments)]
+    /// Commits one decision, then tells everyone, then arms what it asks for.
     async fn carry_out(
         &self,
         myself: &ActorRef<TripMsg>,
         s: &mut TripActorState,
-        fx: Vec<TripEffect>,
-        from: TripFrom,
-        responder: Option<Responder>,
-        entry: Option<Entry>,
+        d: Decision,
+        from: Sender,
+        answer: Answer,
         work: &mut Work,
     ) -> Result<(), ActorProcessingErr> {
-        let mut responder = responder;
-        let reg = &self.system.registry;
-        let m = &self.system.metrics;
+        let reg = &self.ctx.registry;
+        let m = &self.ctx.metrics;
         let trip_id = s.rec.trip.id.clone();
 
-        // 1. Bookkeeping, then commit, before anyone is told anything.
-        let mut transitioned = None;
-        let mut journal = None;
+        // 1. Commit, before anyone is told anything.
         let mut assigned = None;
         let mut released = None;
-        for e in &fx {
+        for e in &d.effects {
             match e {
-                TripEffect::Transitioned {
-                    from,
-                    to,
-                    by,
-                    at_ms,
-                } => {
-                    journal = Some(Transition {
-                        from: *from,
-                        to: *to,
-                        by: by.clone(),
-                        at_ms: *at_ms,
-                        version: s.rec.trip.version(),
-                    });
-                    debug_assert!(transitioned.is_none(), "one transition per command");
-                    transitioned = Some(*to);
-                }
                 TripEffect::DriverAssigned { driver_id } => {
                     s.rec.driver = reg.driver_records.get(driver_id).map(|d| TripDriver {
                         name: d.profile.name.clone(),
@@ -382,38 +246,39 @@ impl TripActor {
                 _ => {}
             }
         }
-        if s.rec.trip.driver_id().is_none() {
+        if d.trip.driver_id().is_none() {
             s.rec.driver = None;
         }
-        let view = self.view(s);
         let stored = StoredTrip {
-            trip: s.rec.trip.clone(),
+            trip: d.trip.clone(),
             driver: s.rec.driver.clone(),
         };
-        let mut batch = Batch::new().trip(stored, journal);
-        if let Some(e) = &entry {
-            batch = batch.ledger(e.clone());
-        }
-        if let Err(e) = self.system.store.commit(batch).await {
+        let entry = d.payment.entry().cloned();
+        let batch = Batch::new().decided(stored, d.journal.clone(), entry.clone());
+        if let Err(e) = self.ctx.store.commit(batch).await {
             // Nobody has been told; the actor fails and restarts from what is on disk.
             m.bound_hit("store_write_failed");
-            if let Some(r) = responder {
-                r.fail(ApiError::unavailable(
-                    "the change could not be stored; retry",
-                ));
-            }
+            let e2 = ApiError::unavailable("the change could not be stored; retry");
+            self.answer(s, &from, answer, Err(e2));
             return Err(format!("trip {trip_id}: store write failed: {e}").into());
         }
+        s.rec.trip = d.trip;
         if let Some(e) = entry {
-            self.system.entry_written(&e);
+            self.ctx.entry_written(&e);
             s.rec.entries.push(e);
         }
+        let view = self.view(s);
         reg.trip_records.insert(trip_id.clone(), s.rec.clone());
         reg.trip_views.insert(trip_id.clone(), view.clone());
-        let mut take_for = |who: &TripFrom| if &from == who { responder.take() } else { None };
+        let (mut ticket, admin) = match answer {
+            Answer::Ticket(t) => (Some(t), None),
+            Answer::Admin(p) => (None, Some(p)),
+            Answer::None => (None, None),
+        };
+        let mut ticket_for = |who: &Sender| if &from == who { ticket.take() } else { None };
 
         // 2. Offers that ended.
-        for e in &fx {
+        for e in &d.effects {
             if let TripEffect::OfferEnded { driver_id, why, .. } = e {
                 m.offers
                     .with_label_values(&[match why {
@@ -422,19 +287,19 @@ impl TripActor {
                         OfferEnd::Withdrawn => "withdrawn",
                     }])
                     .inc();
-                let r = take_for(&TripFrom::Driver(driver_id.clone()));
-                if let Some(d) = reg.driver(driver_id) {
-                    let _ = d.cast(DriverMsg::OfferEnded {
+                let answers = ticket_for(&Sender::Driver(driver_id.clone()));
+                if let Some(a) = reg.driver(driver_id) {
+                    let _ = a.cast(DriverMsg::OfferEnded {
                         trip_id: trip_id.clone(),
                         notify: *why != OfferEnd::Declined,
-                        responder: r,
+                        answers,
                     });
                 }
             }
         }
         if assigned.is_some() {
             m.offers.with_label_values(&["accepted"]).inc();
-            let now = self.system.clock.now_ms();
+            let now = self.ctx.clock.now_ms();
             let waited = now.saturating_sub(s.rec.trip.created_at_ms);
             m.request_to_accept.observe(waited as f64 / 1000.0);
             if let Some(eta) = view.pickup_eta_s {
@@ -443,58 +308,80 @@ impl TripActor {
         }
 
         // 3. The transition, to the rider and to the driver(s).
-        if let Some(to) = transitioned {
+        if let Some(j) = &d.journal {
+            let to = j.to;
             m.trip_transitions.with_label_values(&[to.as_str()]).inc();
             tracing::info!(trip_id = %trip_id, state = to.as_str(), version = view.version, "trip transition");
             if let Some(r) = reg.rider(&s.rec.trip.rider_id) {
-                let receipt = (to == TripState::Completed).then(|| self.receipt(s));
+                let receipt = (to == TripState::Completed).then(|| receipt(&s.rec.trip));
                 let _ = r.cast(RiderMsg::Trip {
                     view: view.clone(),
                     receipt,
-                    responder: take_for(&TripFrom::Rider),
+                    answers: ticket_for(&Sender::Rider),
                 });
             }
             if let Some(d) = &released {
-                self.tell_driver(
-                    d,
-                    &view,
-                    TripLink::Released,
-                    take_for(&TripFrom::Driver(d.clone())),
-                );
+                let t = ticket_for(&Sender::Driver(d.clone()));
+                self.tell_driver(d, &view, TripLink::Released, t);
             }
             if let Some(d) = &assigned {
-                self.tell_driver(
-                    d,
-                    &view,
-                    TripLink::Assigned,
-                    take_for(&TripFrom::Driver(d.clone())),
-                );
+                let t = ticket_for(&Sender::Driver(d.clone()));
+                self.tell_driver(d, &view, TripLink::Assigned, t);
             } else if let Some(d) = s.rec.trip.driver_id().cloned()
                 && Some(&d) != released.as_ref()
             {
-                self.tell_driver(
-                    &d,
-                    &view,
-                    TripLink::Update,
-                    take_for(&TripFrom::Driver(d.clone())),
-                );
+                let t = ticket_for(&Sender::Driver(d.clone()));
+                self.tell_driver(&d, &view, TripLink::Update, t);
             }
         }
 
         // 4. Timers, offers, searches.
-        let now = self.system.clock.now_ms();
-        for e in fx.iter() {
+        self.schedule(myself, s, &d.effects, work).await;
+
+        // 5. A reply no update carried (an admin's command, a decline that ended nothing).
+        if let Some(t) = ticket {
+            self.answer(s, &from, Answer::Ticket(t), Ok(()));
+        }
+        if let Some(p) = admin {
+            let _ = p.send(Ok(()));
+        }
+
+        // 6. A final trip answers what is already queued, then stops.
+        if d.effects.iter().any(|e| matches!(e, TripEffect::Finished)) {
+            m.trips_final
+                .with_label_values(&[s.rec.trip.state().as_str()])
+                .inc();
+            reg.trips.remove(&trip_id);
+            // Finished trips live in the store only; reads go there.
+            reg.trip_records.remove(&trip_id);
+            reg.trip_views.remove(&trip_id);
+            let _ = myself.drain();
+        }
+        Ok(())
+    }
+
+    /// Arms the timers, reserves the offers and queues the searches a decision asks for.
+    async fn schedule(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        effects: &[TripEffect],
+        work: &mut Work,
+    ) {
+        let m = &self.ctx.metrics;
+        let now = self.ctx.clock.now_ms();
+        for e in effects {
             match e {
                 TripEffect::ArmDeadline { at_ms } => {
                     arm(myself, now, *at_ms, TripCommand::DeadlineReached)
                 }
                 TripEffect::SendOffer(offer) => {
                     let ov = OfferView::of(&s.rec.trip, offer);
-                    let held = match reg.driver(&offer.driver_id) {
+                    let held = match self.ctx.registry.driver(&offer.driver_id) {
                         Some(d) => matches!(
                             d.call(
                                 |r| DriverMsg::ReserveOffer(ov, r),
-                                Some(self.system.call_timeout())
+                                Some(self.ctx.call_timeout())
                             )
                             .await,
                             Ok(ractor::rpc::CallResult::Success(true))
@@ -518,8 +405,8 @@ impl TripActor {
                         m.offers.with_label_values(&["refused"]).inc();
                         work.push_back(Step::Command(
                             TripCommand::OfferRefused { seq: offer.seq },
-                            TripFrom::System,
-                            None,
+                            Sender::System,
+                            Answer::None,
                         ));
                     }
                 }
@@ -529,71 +416,36 @@ impl TripActor {
                 _ => {}
             }
         }
-
-        // 5. A reply no update carried (an admin's command, a decline that ended nothing).
-        if let Some(r) = responder {
-            r.ack();
-        }
-
-        // 6. A final trip answers what is already queued, then stops.
-        if fx.iter().any(|e| matches!(e, TripEffect::Finished)) {
-            m.trips_final
-                .with_label_values(&[s.rec.trip.state().as_str()])
-                .inc();
-            reg.trips.remove(&trip_id);
-            // Finished trips live in the store only; reads go there.
-            reg.trip_records.remove(&trip_id);
-            reg.trip_views.remove(&trip_id);
-            let _ = myself.drain();
-        }
-        Ok(())
     }
 
-    /// A refused command's answer goes the way its updates go (through the driver's or
-    /// rider's actor), so it never overtakes an update that explains it.
-    fn fail(&self, s: &TripActorState, from: &TripFrom, r: Responder, error: ApiError) {
-        let reg = &self.system.registry;
-        let undelivered = match from {
-            TripFrom::Driver(d) => match reg.driver(d) {
-                Some(a) => match a.cast(DriverMsg::Failed(r, error)) {
-                    Ok(()) => None,
-                    Err(ractor::MessagingErr::SendErr(DriverMsg::Failed(r, error))) => {
-                        Some((r, error))
+    /// A command's outcome goes the way its updates go (through the driver's or rider's
+    /// actor), so it never overtakes an update that explains it.
+    fn answer(
+        &self,
+        s: &TripActorState,
+        from: &Sender,
+        answer: Answer,
+        outcome: Result<(), ApiError>,
+    ) {
+        let reg = &self.ctx.registry;
+        match answer {
+            Answer::None => {}
+            Answer::Admin(p) => {
+                let _ = p.send(outcome);
+            }
+            Answer::Ticket(ticket) => match from {
+                Sender::Driver(d) => {
+                    if let Some(a) = reg.driver(d) {
+                        let _ = a.cast(DriverMsg::Answer { ticket, outcome });
                     }
-                    Err(_) => None,
-                },
-                None => Some((r, error)),
-            },
-            TripFrom::Rider => match reg.rider(&s.rec.trip.rider_id) {
-                Some(a) => match a.cast(RiderMsg::Failed(r, error)) {
-                    Ok(()) => None,
-                    Err(ractor::MessagingErr::SendErr(RiderMsg::Failed(r, error))) => {
-                        Some((r, error))
+                }
+                Sender::Rider => {
+                    if let Some(a) = reg.rider(&s.rec.trip.rider_id) {
+                        let _ = a.cast(RiderMsg::Answer { ticket, outcome });
                     }
-                    Err(_) => None,
-                },
-                None => Some((r, error)),
+                }
+                Sender::Admin | Sender::System => {}
             },
-            _ => Some((r, error)),
-        };
-        if let Some((r, error)) = undelivered {
-            r.fail(error);
-        }
-    }
-
-    fn receipt(&self, s: &TripActorState) -> Receipt {
-        let t = &s.rec.trip;
-        let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
-            (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
-            _ => 0,
-        };
-        Receipt {
-            trip_id: t.id.clone(),
-            fare_cents: t.fare_cents().unwrap_or(t.quote.fare_cents),
-            currency: t.quote.currency.clone(),
-            distance_m: t.quote.distance_m,
-            duration_s,
-            surge: t.quote.surge,
         }
     }
 
@@ -602,22 +454,31 @@ impl TripActor {
         driver_id: &DriverId,
         view: &TripView,
         link: TripLink,
-        responder: Option<Responder>,
+        answers: Option<Ticket>,
     ) {
-        match self.system.registry.driver(driver_id) {
-            Some(d) => {
-                let _ = d.cast(DriverMsg::Trip {
-                    view: view.clone(),
-                    link,
-                    responder,
-                });
-            }
-            None => {
-                if let Some(r) = responder {
-                    r.ack();
-                }
-            }
+        if let Some(d) = self.ctx.registry.driver(driver_id) {
+            let _ = d.cast(DriverMsg::Trip {
+                view: view.clone(),
+                link,
+                answers,
+            });
         }
+    }
+}
+
+/// The end-of-trip summary the rider gets with `completed`.
+fn receipt(t: &Trip) -> Receipt {
+    let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
+        (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
+        _ => 0,
+    };
+    Receipt {
+        trip_id: t.id.clone(),
+        fare_cents: t.fare_cents().unwrap_or(t.quote.fare_cents),
+        currency: t.quote.currency.clone(),
+        distance_m: t.quote.distance_m,
+        duration_s,
+        surge: t.quote.surge,
     }
 }
 
@@ -626,8 +487,8 @@ fn arm(myself: &ActorRef<TripMsg>, now: u64, at_ms: u64, cmd: TripCommand) {
     let after = Duration::from_millis(at_ms.saturating_sub(now));
     myself.send_after(after, move || TripMsg::Command {
         cmd,
-        from: TripFrom::System,
-        responder: None,
+        from: Sender::System,
+        ticket: None,
     });
 }
 
@@ -641,15 +502,40 @@ impl Actor for TripActor {
         _myself: ActorRef<TripMsg>,
         args: TripArgs,
     ) -> Result<TripActorState, ActorProcessingErr> {
-        if args.restarted {
-            tracing::warn!(trip_id = %args.record.trip.id, state = args.record.trip.state().as_str(), "trip actor restarted");
-        }
-        let first_offer_seen = args.restarted || args.record.trip.offer().is_some();
+        let (rec, restarted, start) = match args {
+            TripArgs::New(new) => {
+                let now = self.ctx.clock.now_ms();
+                let d = Trip::start(
+                    new.trip_id.clone(),
+                    new.rider_id.clone(),
+                    new.product,
+                    new.pickup,
+                    new.dropoff,
+                    new.terms.clone(),
+                    now,
+                    &self.ctx.config.dispatch,
+                );
+                let rec = TripRecord {
+                    trip: d.trip.clone(),
+                    driver: None,
+                    entries: Vec::new(),
+                };
+                (rec, false, Some((d, new)))
+            }
+            TripArgs::Resume { record, restarted } => {
+                if restarted {
+                    tracing::warn!(trip_id = %record.trip.id, state = record.trip.state().as_str(), "trip actor restarted");
+                }
+                (record, restarted, None)
+            }
+        };
+        let first_offer_seen = restarted || rec.trip.offer().is_some();
         Ok(TripActorState {
-            rec: args.record,
+            rec,
             last_location_push_ms: 0,
             first_offer_seen,
-            restarted: args.restarted,
+            restarted,
+            start,
         })
     }
 
@@ -658,25 +544,36 @@ impl Actor for TripActor {
         myself: ActorRef<TripMsg>,
         s: &mut TripActorState,
     ) -> Result<(), ActorProcessingErr> {
-        if s.restarted {
-            // Whatever was lost with the failed actor, the rider and driver see the
-            // committed state again (each ignores a version it already has).
-            let view = self.view(s);
-            if let Some(r) = self.system.registry.rider(&s.rec.trip.rider_id) {
-                let _ = r.cast(RiderMsg::Trip {
-                    view: view.clone(),
-                    receipt: None,
-                    responder: None,
-                });
-            }
-            if let Some(d) = s.rec.trip.driver_id().cloned() {
-                self.tell_driver(&d, &view, TripLink::Assigned, None);
-            }
-        }
         let span =
             tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
         let mut work = Work::new();
-        self.resume(&myself, s, &mut work);
+        if let Some((d, new)) = s.start.take() {
+            if !self
+                .begin(&myself, s, d, new, &mut work)
+                .instrument(span.clone())
+                .await
+            {
+                myself.stop(Some("not stored".into()));
+                return Ok(());
+            }
+        } else {
+            if s.restarted {
+                // Whatever was lost with the failed actor, the rider and driver see the
+                // committed state again (each ignores a version it already has).
+                let view = self.view(s);
+                if let Some(r) = self.ctx.registry.rider(&s.rec.trip.rider_id) {
+                    let _ = r.cast(RiderMsg::Trip {
+                        view: view.clone(),
+                        receipt: None,
+                        answers: None,
+                    });
+                }
+                if let Some(d) = s.rec.trip.driver_id().cloned() {
+                    self.tell_driver(&d, &view, TripLink::Assigned, None);
+                }
+            }
+            self.resume(&myself, s, &mut work);
+        }
         self.run(&myself, s, work).instrument(span).await
     }
 
@@ -689,7 +586,7 @@ impl Actor for TripActor {
         let span =
             tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
         // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.system.metrics.handling("trip", msg.kind());
+        let handling = self.ctx.metrics.handling("trip", msg.kind());
         async move {
             let _handling = handling;
             self.handle_msg(myself, msg, s).await
@@ -708,58 +605,65 @@ impl TripActor {
         s: &mut TripActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TripMsg::Command {
-                cmd,
-                from,
-                responder,
-            } => {
-                self.run(
-                    &myself,
-                    s,
-                    Work::from([Step::Command(cmd, from, responder)]),
-                )
-                .await?;
+            TripMsg::Command { cmd, from, ticket } => {
+                let answer = ticket.map_or(Answer::None, Answer::Ticket);
+                let work = Work::from([Step::Command(cmd, from, answer)]);
+                self.run(&myself, s, work).await?;
+            }
+            TripMsg::Admin { cmd, reply } => {
+                let work = Work::from([Step::Command(cmd, Sender::Admin, Answer::Admin(reply))]);
+                self.run(&myself, s, work).await?;
             }
             TripMsg::DriverLocation {
                 driver_id,
                 position,
                 heading,
-            } => {
-                if s.rec.trip.driver_id() != Some(&driver_id) {
-                    return Ok(());
-                }
-                if let Some(d) = s.rec.driver.as_mut() {
-                    d.location = Some(position);
-                }
-                let eta =
-                    s.rec
-                        .trip
-                        .driver_moved(&driver_id, position, self.system.config.eta.as_ref());
-                let now = self.system.clock.now_ms();
-                let active = matches!(
-                    s.rec.trip.state(),
-                    TripState::DriverAssigned | TripState::DriverArrived | TripState::InProgress
-                );
-                if active
-                    && now.saturating_sub(s.last_location_push_ms)
-                        >= self.system.config.driver_location_interval_ms
-                {
-                    s.last_location_push_ms = now;
-                    if let Some(r) = self.system.registry.rider(&s.rec.trip.rider_id) {
-                        let _ = r.cast(RiderMsg::DriverLocation {
-                            trip_id: s.rec.trip.id.clone(),
-                            position,
-                            heading,
-                            pickup_eta_s: eta,
-                        });
-                    }
-                }
-            }
+            } => self.driver_moved(s, driver_id, position, heading),
             TripMsg::Get(reply) => {
                 let _ = reply.send(s.rec.clone());
             }
             TripMsg::InjectPanic => panic!("injected fault in trip {}", s.rec.trip.id),
         }
         Ok(())
+    }
+
+    /// The assigned driver moved: a fresher pickup ETA, and its position to the rider (at
+    /// most every `driver_location_interval_ms`).
+    fn driver_moved(
+        &self,
+        s: &mut TripActorState,
+        driver_id: DriverId,
+        position: dispatch_engine::Point,
+        heading: Option<f64>,
+    ) {
+        if s.rec.trip.driver_id() != Some(&driver_id) {
+            return;
+        }
+        if let Some(d) = s.rec.driver.as_mut() {
+            d.location = Some(position);
+        }
+        let eta = s
+            .rec
+            .trip
+            .driver_moved(&driver_id, position, self.ctx.config.eta.as_ref());
+        let now = self.ctx.clock.now_ms();
+        let active = matches!(
+            s.rec.trip.state(),
+            TripState::DriverAssigned | TripState::DriverArrived | TripState::InProgress
+        );
+        if active
+            && now.saturating_sub(s.last_location_push_ms)
+                >= self.ctx.config.driver_location_interval_ms
+        {
+            s.last_location_push_ms = now;
+            if let Some(r) = self.ctx.registry.rider(&s.rec.trip.rider_id) {
+                let _ = r.cast(RiderMsg::DriverLocation {
+                    trip_id: s.rec.trip.id.clone(),
+                    position,
+                    heading,
+                    pickup_eta_s: eta,
+                });
+            }
+        }
     }
 }

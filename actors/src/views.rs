@@ -1,11 +1,13 @@
 //! Plain-data views of the live state, handed to the transport to render and to new
 //! sessions in `welcome`. No JSON here: the transport owns the wire format.
 
+use serde::{Deserialize, Serialize};
+
 use dispatch_engine::{CancelledBy, DriverId, Point, Product, RiderId, Trip, TripId, TripState};
 pub use dispatch_engine::{DriverProfile, RiderProfile, TripDriver, Vehicle};
 
 /// The trip object of PROTOCOL.md.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TripView {
     pub trip_id: TripId,
     pub state: TripState,
@@ -57,7 +59,7 @@ impl TripView {
 }
 
 /// An offer as the driver sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OfferView {
     pub trip_id: TripId,
     pub pickup: Point,
@@ -87,7 +89,7 @@ impl OfferView {
 }
 
 /// The end-of-trip summary sent to the rider after `completed`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Receipt {
     pub trip_id: TripId,
     pub fare_cents: i64,
@@ -98,7 +100,7 @@ pub struct Receipt {
 }
 
 /// An available driver as `GET /v1/drivers/nearby` shows it: no id.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NearbyDriver {
     pub position: Point,
     pub heading: Option<f64>,

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_actors::cell::CellMsg;
-use dispatch_actors::driver::{DriverCommand, DriverMsg};
+use dispatch_actors::messages::CellMsg;
+use dispatch_actors::messages::{DriverCommand, DriverMsg};
 use dispatch_actors::session::{Outbound, Responder};
 use dispatch_actors::views::{DriverProfile, Vehicle};
 use dispatch_actors::{Metrics, System, SystemConfig};
@@ -14,7 +14,7 @@ use dispatch_engine::{CellId, Point, Product};
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn count(sys: &System, cell: CellId) -> usize {
-    match sys.registry.cell(&cell) {
+    match sys.cell_ref(&cell) {
         Some(a) => a.call(CellMsg::Count, Some(WAIT)).await.unwrap().unwrap().1,
         None => 0,
     }
@@ -45,7 +45,7 @@ async fn a_driver_crossing_a_border_moves_to_the_next_cell_actor() {
         )
         .await
         .unwrap();
-    let a = sys.registry.driver(&id).unwrap();
+    let a = sys.driver_ref(&id).unwrap();
     let (handle, inbox) = sys.new_session();
     let (mut rx, _) = inbox.into_parts();
     let h = handle.clone();
@@ -54,7 +54,7 @@ async fn a_driver_crossing_a_border_moves_to_the_next_cell_actor() {
         .unwrap();
 
     let here = Point::new(45.50, -73.57).unwrap();
-    let grid = sys.config.grid;
+    let grid = sys.config().grid;
     let from = grid.cell_of(here);
     // Walk north until the cell changes.
     let mut there = here;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_actors::driver::{DriverCommand, DriverMsg};
-use dispatch_actors::rider::{RideRequest, RiderMsg};
+use dispatch_actors::messages::{DriverCommand, DriverMsg};
+use dispatch_actors::messages::{RideRequest, RiderCommand, RiderMsg};
 use dispatch_actors::session::{Outbound, Responder};
 use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
 use dispatch_actors::{Metrics, System, SystemConfig};
@@ -104,7 +104,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
     // The online driver accepts a trip.
     let (h, inbox) = sys.new_session();
     let (mut rx, _) = inbox.into_parts();
-    let d = sys.registry.driver(&on).unwrap();
+    let d = sys.driver_ref(&on).unwrap();
     let h2 = h.clone();
     d.call(|r| DriverMsg::Attach(h2, r), Some(WAIT))
         .await
@@ -126,7 +126,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
     until(&mut rx, "ack", |m| matches!(m, Outbound::Ack { req: 1 })).await;
     let (rh, rinbox) = sys.new_session();
     let (mut rrx, _) = rinbox.into_parts();
-    let r = sys.registry.rider(&rider).unwrap();
+    let r = sys.rider_ref(&rider).unwrap();
     let rh2 = rh.clone();
     r.call(|p| RiderMsg::Attach(rh2, p), Some(WAIT))
         .await
@@ -136,8 +136,8 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
         dropoff: Point::new(45.52, -73.57).unwrap(),
         product: Product::Economy,
     };
-    r.cast(RiderMsg::RequestRide(
-        ride,
+    r.cast(RiderMsg::Command(
+        RiderCommand::RequestRide(ride),
         Responder::new(Some(1), rh.clone()),
     ))
     .unwrap();
@@ -171,9 +171,9 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
         (1, 1),
         "{stats:?}"
     );
-    assert!(sys.registry.driver(&off).is_none());
+    assert!(sys.driver_ref(&off).is_none());
     let woke = sys
-        .driver_actor(&off)
+        .wake_driver(&off)
         .await
         .expect("the offline driver wakes on demand");
     let rec = woke
@@ -185,8 +185,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
 
     // The trip and the online driver are exactly as they were; tokens work.
     let rec = sys
-        .registry
-        .driver(&on)
+        .driver_ref(&on)
         .unwrap()
         .call(DriverMsg::Get, Some(WAIT))
         .await
@@ -203,7 +202,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
     // The driver reconnects and finishes the ride.
     let (h, inbox) = sys.new_session();
     let (mut rx, _) = inbox.into_parts();
-    let d = sys.driver_actor(&on).await.unwrap();
+    let d = sys.wake_driver(&on).await.unwrap();
     let h2 = h.clone();
     d.call(|r| DriverMsg::Attach(h2, r), Some(WAIT))
         .await
@@ -214,7 +213,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
     .await
     {
         Outbound::DriverWelcome { status, trip, .. } => {
-            assert_eq!(status, "on_trip");
+            assert_eq!(status.as_str(), "on_trip");
             assert_eq!(trip.map(|t| t.trip_id), Some(trip_id.clone()));
         }
         _ => unreachable!(),

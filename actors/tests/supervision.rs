@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_actors::cell::CellMsg;
-use dispatch_actors::driver::{DriverCommand, DriverMsg};
-use dispatch_actors::rider::{RideRequest, RiderMsg};
+use dispatch_actors::messages::CellMsg;
+use dispatch_actors::messages::TripMsg;
+use dispatch_actors::messages::{DriverCommand, DriverMsg};
+use dispatch_actors::messages::{RideRequest, RiderCommand, RiderMsg};
+use dispatch_actors::payments::{PayFuture, PaymentProvider};
 use dispatch_actors::session::{Outbound, Responder, SessionHandle, SessionInbox};
-use dispatch_actors::trip::TripMsg;
 use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
 use dispatch_actors::{Metrics, System, SystemConfig};
 use dispatch_engine::{DispatchConfig, DriverId, Point, Product, RiderId, TripId, TripState};
@@ -21,6 +22,14 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A started system over a store in a fresh temporary directory (kept alive by the
 /// returned guard).
 async fn start() -> (System, tempfile::TempDir) {
+    start_with(|c| c, None).await
+}
+
+/// As [`start`], with the configuration changed by `tune` and another payment provider.
+async fn start_with(
+    tune: impl FnOnce(SystemConfig) -> SystemConfig,
+    provider: Option<Arc<dyn PaymentProvider>>,
+) -> (System, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
     let cfg = SystemConfig {
@@ -32,7 +41,7 @@ async fn start() -> (System, tempfile::TempDir) {
         ..SystemConfig::default()
     };
     (
-        System::start(cfg, Arc::new(Metrics::new()), store)
+        System::start_with_provider(tune(cfg), Arc::new(Metrics::new()), store, provider)
             .await
             .unwrap(),
         dir,
@@ -118,8 +127,7 @@ fn vehicle() -> Vehicle {
 
 async fn driver_cmd(sys: &System, id: &DriverId, app: &mut App, cmd: DriverCommand) {
     let (req, r) = app.responder();
-    sys.registry
-        .driver(id)
+    sys.driver_ref(id)
         .unwrap()
         .cast(DriverMsg::Command(cmd, r))
         .unwrap();
@@ -140,8 +148,7 @@ async fn online_driver(sys: &System, lat: f64, lng: f64) -> (DriverId, App) {
         .unwrap();
     let mut app = App::new(sys);
     let h = app.handle.clone();
-    sys.registry
-        .driver(&id)
+    sys.driver_ref(&id)
         .unwrap()
         .call(|r| DriverMsg::Attach(h, r), Some(WAIT))
         .await
@@ -175,8 +182,7 @@ async fn rider(sys: &System) -> (RiderId, App) {
         .unwrap();
     let mut app = App::new(sys);
     let h = app.handle.clone();
-    sys.registry
-        .rider(&id)
+    sys.rider_ref(&id)
         .unwrap()
         .call(|r| RiderMsg::Attach(h, r), Some(WAIT))
         .await
@@ -197,10 +203,9 @@ async fn request(sys: &System, id: &RiderId, app: &mut App, lat: f64, lng: f64) 
         dropoff: Point::new(lat + 0.02, lng).unwrap(),
         product: Product::Economy,
     };
-    sys.registry
-        .rider(id)
+    sys.rider_ref(id)
         .unwrap()
-        .cast(RiderMsg::RequestRide(ride, r))
+        .cast(RiderMsg::Command(RiderCommand::RequestRide(ride), r))
         .unwrap();
     match app.next_where("request reply", |m| matches!(m, Outbound::TripUpdate { req: Some(r), .. } | Outbound::Error { req: Some(r), .. } if *r == req)).await {
         Outbound::TripUpdate { trip, .. } => trip.trip_id,
@@ -221,11 +226,14 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 }
 
 fn restarts(sys: &System, group: &str) -> u64 {
-    sys.metrics.actor_restarts.with_label_values(&[group]).get()
+    sys.metrics()
+        .actor_restarts
+        .with_label_values(&[group])
+        .get()
 }
 
 fn panics(sys: &System, group: &str) -> u64 {
-    sys.metrics.actor_panics.with_label_values(&[group]).get()
+    sys.metrics().actor_panics.with_label_values(&[group]).get()
 }
 
 /// Drives an accepted trip to `completed` and checks both apps saw each step.
@@ -263,23 +271,21 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
     let t2 = request(&sys, &r2, &mut rapp2, 45.601, -73.701).await;
     assert_eq!(dapp2.offer().await, t2);
     driver_cmd(&sys, &d2, &mut dapp2, DriverCommand::Accept(t2.clone())).await;
-    let other_trip_actor = sys.registry.trip(&t2).unwrap().get_id();
+    let other_trip_actor = sys.trip_ref(&t2).unwrap().get_id();
 
-    let before = sys.registry.trip(&t1).unwrap().get_id();
-    sys.registry
-        .trip(&t1)
+    let before = sys.trip_ref(&t1).unwrap().get_id();
+    sys.trip_ref(&t1)
         .unwrap()
         .cast(TripMsg::InjectPanic)
         .unwrap();
     eventually("trip restarted", || {
-        restarts(&sys, "trip") == 1 && sys.registry.trip(&t1).is_some_and(|a| a.get_id() != before)
+        restarts(&sys, "trip") == 1 && sys.trip_ref(&t1).is_some_and(|a| a.get_id() != before)
     })
     .await;
 
     // The restarted trip resumes exactly where it was.
     let rec = sys
-        .registry
-        .trip(&t1)
+        .trip_ref(&t1)
         .unwrap()
         .call(TripMsg::Get, Some(WAIT))
         .await
@@ -292,7 +298,7 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
     finish_ride(&sys, &t1, &d1, &mut dapp1, &mut rapp1, 2).await;
 
     // The other ride never noticed.
-    assert_eq!(sys.registry.trip(&t2).unwrap().get_id(), other_trip_actor);
+    assert_eq!(sys.trip_ref(&t2).unwrap().get_id(), other_trip_actor);
     finish_ride(&sys, &t2, &d2, &mut dapp2, &mut rapp2, 2).await;
     assert_eq!(restarts(&sys, "trip"), 1);
     assert_eq!(
@@ -329,24 +335,20 @@ async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
     driver_cmd(&sys, &did, &mut dapp, DriverCommand::Accept(t.clone())).await;
     assert_eq!(rapp.trip_in(TripState::DriverAssigned).await, 2);
 
-    let before = sys.registry.driver(&did).unwrap().get_id();
-    sys.registry
-        .driver(&did)
+    let before = sys.driver_ref(&did).unwrap().get_id();
+    sys.driver_ref(&did)
         .unwrap()
         .cast(DriverMsg::InjectPanic)
         .unwrap();
     eventually("driver restarted", || {
-        sys.registry
-            .driver(&did)
-            .is_some_and(|a| a.get_id() != before)
+        sys.driver_ref(&did).is_some_and(|a| a.get_id() != before)
     })
     .await;
     assert_eq!(restarts(&sys, "driver"), 1);
 
     // Same session, same trip: the ride goes on through the restarted actor.
     let rec = sys
-        .registry
-        .driver(&did)
+        .driver_ref(&did)
         .unwrap()
         .call(DriverMsg::Get, Some(WAIT))
         .await
@@ -369,13 +371,12 @@ async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
     let t = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
     assert_eq!(dapp.offer().await, t);
 
-    sys.registry
-        .rider(&rid)
+    sys.rider_ref(&rid)
         .unwrap()
         .cast(RiderMsg::InjectPanic)
         .unwrap();
     eventually("rider restarted", || {
-        restarts(&sys, "rider") == 1 && sys.registry.rider(&rid).is_some()
+        restarts(&sys, "rider") == 1 && sys.rider_ref(&rid).is_some()
     })
     .await;
 
@@ -388,10 +389,9 @@ async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
         dropoff: Point::new(45.51, -73.57).unwrap(),
         product: Product::Economy,
     };
-    sys.registry
-        .rider(&rid)
+    sys.rider_ref(&rid)
         .unwrap()
-        .cast(RiderMsg::RequestRide(ride, r))
+        .cast(RiderMsg::Command(RiderCommand::RequestRide(ride), r))
         .unwrap();
     let m = rapp.next_where("reply", |m| matches!(m, Outbound::Error { req: Some(x), .. } | Outbound::TripUpdate { req: Some(x), .. } if *x == req)).await;
     assert!(
@@ -406,21 +406,21 @@ async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
 async fn a_cell_actor_that_panics_is_rebuilt_from_its_drivers() {
     let (sys, _dir) = start().await;
     let (_did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
-    let cell = sys.config.grid.cell_of(Point::new(45.50, -73.57).unwrap());
-    let before = sys.registry.cell(&cell).unwrap().get_id();
-    sys.registry
-        .cell(&cell)
+    let cell = sys
+        .config()
+        .grid
+        .cell_of(Point::new(45.50, -73.57).unwrap());
+    let before = sys.cell_ref(&cell).unwrap().get_id();
+    sys.cell_ref(&cell)
         .unwrap()
         .cast(CellMsg::InjectPanic)
         .unwrap();
     eventually("cell restarted", || {
-        sys.registry
-            .cell(&cell)
-            .is_some_and(|a| a.get_id() != before)
+        sys.cell_ref(&cell).is_some_and(|a| a.get_id() != before)
     })
     .await;
     assert_eq!(restarts(&sys, "cell"), 1);
-    let c = sys.registry.cell(&cell).unwrap();
+    let c = sys.cell_ref(&cell).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (avail, _) = c.call(CellMsg::Count, Some(WAIT)).await.unwrap().unwrap();
@@ -461,7 +461,7 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
                 .await
                 .unwrap();
             let mut app = App::new(&sys);
-            let a = sys.registry.driver(&id).unwrap();
+            let a = sys.driver_ref(&id).unwrap();
             let h = app.handle.clone();
             a.call(|r| DriverMsg::Attach(h, r), Some(WAIT))
                 .await
@@ -481,26 +481,21 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
             apps.push((id, app));
         }
     }
-    let m = &sys.metrics;
+    let m = sys.metrics();
     // Every driver's go_online went through (the last ack of each queue)...
     for (_, app) in apps.iter_mut() {
         app.acked(2).await;
     }
     // ...and every one of them is indexed, available, in exactly one cell.
-    let cells: Vec<_> = sys
-        .registry
-        .cells
-        .iter()
-        .map(|c| c.value().clone())
-        .collect();
+    let cells = sys.cell_ids();
     let mut indexed = 0;
-    for c in cells {
-        let (available, total) = c.call(CellMsg::Count, Some(WAIT)).await.unwrap().unwrap();
+    for c in &cells {
+        let (available, total) = sys.cell_count(*c).await.unwrap();
         assert_eq!(available, total);
         indexed += total;
     }
     assert_eq!(indexed, 10_000);
-    let cells_with_drivers = sys.registry.cells.len() as u64;
+    let cells_with_drivers = cells.len() as u64;
     let (cells0, examined0) = (m.search_cells.get(), m.search_drivers_examined.get());
 
     let (rid, mut rapp) = rider(&sys).await;
@@ -540,4 +535,122 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
         .collect();
     assert_eq!(offered.len(), 1, "exactly one driver holds the offer");
     sys.shutdown().await;
+}
+
+/// A search whose ring holds a cell that never answers finishes within one search
+/// deadline, with what the other cells answered, and counts the late cell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_with_a_stuck_cell_finishes_within_one_deadline() {
+    let (sys, _dir) = start_with(
+        |c| SystemConfig {
+            search_timeout_ms: 300,
+            ..c
+        },
+        None,
+    )
+    .await;
+    let here = Point::new(45.50, -73.57).unwrap();
+    let grid = sys.config().grid;
+    // A driver in the pickup's cell, and one in the next cell north (ring 1).
+    let mut there = here;
+    while grid.cell_of(there) == grid.cell_of(here) {
+        there = Point::new(there.lat() + 0.0005, there.lng()).unwrap();
+    }
+    let (_d1, _a1) = online_driver(&sys, here.lat(), here.lng()).await;
+    let (_d2, _a2) = online_driver(&sys, there.lat(), there.lng()).await;
+    assert_eq!(sys.nearby(here, 5_000.0, 10, None).await.len(), 2);
+    let late = || {
+        sys.metrics()
+            .bounds_hit
+            .with_label_values(&["cell_query_timeout"])
+            .get()
+    };
+    assert_eq!(late(), 0);
+    assert!(sys.stall_cell(grid.cell_of(there), Duration::from_secs(30)));
+    let t = std::time::Instant::now();
+    let found = sys.nearby(here, 5_000.0, 10, None).await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1_500),
+        "a stuck cell held the search {took:?} (deadline 300 ms)"
+    );
+    assert!(
+        took >= Duration::from_millis(250),
+        "did not wait for the cell: {took:?}"
+    );
+    assert_eq!(found.len(), 1, "the answering cell's driver is used");
+    assert_eq!(found[0].position, here);
+    assert_eq!(late(), 1);
+}
+
+/// A card processor that never answers.
+struct Hung;
+
+impl PaymentProvider for Hung {
+    fn authorize(&self, _: String, _: i64) -> PayFuture<'_> {
+        Box::pin(std::future::pending())
+    }
+    fn capture(&self, _: String, _: i64) -> PayFuture<'_> {
+        Box::pin(std::future::pending())
+    }
+    fn release(&self, _: String) -> PayFuture<'_> {
+        Box::pin(std::future::pending())
+    }
+    fn refund(&self, _: String, _: i64) -> PayFuture<'_> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A provider that hangs on the hold at acceptance: the accept is refused `unavailable`
+/// after `payment_timeout_ms`, nothing changes (the offer stays open), and the timeout
+/// is counted as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_payment_provider_times_out_and_changes_nothing() {
+    let (sys, _dir) = start_with(
+        |c| SystemConfig {
+            payment_timeout_ms: 200,
+            ..c
+        },
+        Some(Arc::new(Hung)),
+    )
+    .await;
+    let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
+    let (rid, mut rapp) = rider(&sys).await;
+    let t = request(&sys, &rid, &mut rapp, 45.50, -73.57).await;
+    dapp.next_where("offer", |m| matches!(m, Outbound::Offer(_)))
+        .await;
+    let (req, r) = dapp.responder();
+    let started = std::time::Instant::now();
+    sys.driver_ref(&did)
+        .unwrap()
+        .cast(DriverMsg::Command(DriverCommand::Accept(t.clone()), r))
+        .unwrap();
+    let m = dapp
+        .next_where("accept reply", |m| matches!(m, Outbound::Ack { req: x } | Outbound::Error { req: Some(x), .. } if *x == req))
+        .await;
+    let took = started.elapsed();
+    match m {
+        Outbound::Error { error, .. } => {
+            assert_eq!(
+                error.code,
+                dispatch_actors::ErrorCode::Unavailable,
+                "{error:?}"
+            )
+        }
+        m => panic!("accepted with a hung provider: {m:?}"),
+    }
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let rec = sys.trip_state(&t).await.unwrap();
+    assert_eq!(rec.trip.state(), TripState::Dispatching);
+    assert_eq!(rec.trip.offer().map(|o| o.driver_id.clone()), Some(did));
+    assert!(rec.entries.is_empty(), "no money moved: {:?}", rec.entries);
+    let timeouts = sys
+        .metrics()
+        .payment_failures
+        .with_label_values(&["authorize", "timeout"])
+        .get();
+    assert_eq!(timeouts, 1);
 }

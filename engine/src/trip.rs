@@ -166,6 +166,7 @@ pub enum OfferEnd {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum TripCommand {
     /// The result of a [`TripEffect::Search`], nearest first.
     Candidates(Vec<Candidate>),

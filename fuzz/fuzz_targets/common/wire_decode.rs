@@ -21,10 +21,9 @@
 //!   sent one cut to at most `MAX_REASON_CHARS` characters.
 
 use dispatch_actors::ErrorCode;
-use dispatch_actors::driver::DriverCommand;
-use dispatch_actors::rider::RideRequest;
+use dispatch_actors::messages::{DriverCommand, RideRequest, RiderCommand};
 use dispatch_engine::{Point, Product};
-use dispatch_transport::server::decode::{self, MAX_REASON_CHARS, RiderCommand};
+use dispatch_transport::server::decode::{self, MAX_REASON_CHARS};
 use dispatch_transport::wire::{DriverMessage, RiderMessage};
 use serde_json::{Map, Value};
 

@@ -13,13 +13,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use dispatch_actors::admin::{CellRow, DriverFilter, TripFilter};
 use dispatch_actors::metrics::DRIVER_STATUSES;
 use dispatch_actors::payments::ProviderMode;
-use dispatch_actors::registry::{DriverRecord, RiderRecord};
+use dispatch_actors::records::{DriverRecord, RiderRecord};
 use dispatch_actors::views::TripView;
 use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
-    Account, CellId, DriverId, DriverStatus, Entry, Point, Product, RateCard, RateCards, RiderId,
-    TripId, TripState,
+    Account, CellId, DriverId, DriverStatus, Entry, Point, Product, RateCard, RateCardError,
+    RateCards, RiderId, TripId, TripState,
 };
 use dispatch_persistence::Transition;
 use serde::Deserialize;
@@ -136,7 +136,7 @@ fn point(p: Point) -> Value {
 }
 
 fn driver_json(app: &App, d: &DriverRecord) -> Value {
-    let grid = app.system.config.grid;
+    let grid = app.system.config().grid;
     let connected = d.session.as_ref().is_some_and(|s| !s.is_closed());
     json!({
         "driver_id": d.id.as_str(),
@@ -273,7 +273,7 @@ async fn drivers(
             ))
         })?),
     };
-    let grid_res = app.system.config.grid.resolution();
+    let grid_res = app.system.config().grid.resolution();
     let cell = match q.cell.as_deref() {
         None => None,
         Some(c) => {
@@ -539,7 +539,7 @@ async fn set_pricing(
     State(app): State<App>,
     JsonBody(b): JsonBody<PricingIn>,
 ) -> Result<Json<Value>, HttpError> {
-    let ours = &app.system.config.rates.currency;
+    let ours = &app.system.config().rates.currency;
     if &b.currency != ours {
         return Err(bad(format!(
             "the currency is set at start (--currency {ours}); got {}",
@@ -547,11 +547,34 @@ async fn set_pricing(
         )));
     }
     let p = b.products;
-    let rates = app
-        .system
-        .set_pricing(p.economy.into(), p.xl.into(), p.premium.into())
-        .await?;
+    let (economy, xl, premium): (RateCard, RateCard, RateCard) =
+        (p.economy.into(), p.xl.into(), p.premium.into());
+    for (product, card) in [
+        (Product::Economy, &economy),
+        (Product::Xl, &xl),
+        (Product::Premium, &premium),
+    ] {
+        card.check(product)
+            .map_err(|e| bad(rate_card_message(&e)))?;
+    }
+    let rates = app.system.set_pricing(economy, xl, premium).await?;
     Ok(Json(pricing_json(&rates)))
+}
+
+/// A refused rate card, naming the field by its path in the pricing body
+/// (`products.xl.per_km_cents`), as `PUT /admin/pricing` and `--pricing-file` report it.
+pub fn rate_card_message(e: &RateCardError) -> String {
+    match e {
+        RateCardError::OutOfRange {
+            product,
+            field,
+            max,
+            got,
+        } => format!("`products.{product}.{field}` must be from 0 to {max}, got {got}"),
+        RateCardError::Free(product) => {
+            format!("`products.{product}`: base, per-km and per-minute rates cannot all be 0")
+        }
+    }
 }
 
 async fn actors(_: Admin, State(app): State<App>) -> Json<Value> {
@@ -621,7 +644,7 @@ async fn ledger(
     State(app): State<App>,
     QueryParams(q): QueryParams<LedgerQuery>,
 ) -> Result<Json<Value>, HttpError> {
-    let currency = &app.system.config.rates.currency;
+    let currency = &app.system.config().rates.currency;
     if let Some(a) = &q.account {
         let account = account_param(a)?;
         return Ok(Json(json!({
@@ -738,7 +761,7 @@ async fn pin_surge(
     JsonBody(b): JsonBody<PinBody>,
 ) -> Result<Json<Value>, HttpError> {
     let cell: CellId = cell.parse().map_err(|_| bad("not an H3 cell index"))?;
-    let res = app.system.config.surge.resolution;
+    let res = app.system.config().surge.resolution;
     if u8::from(cell.resolution()) < res {
         return Err(bad(format!(
             "the cell must be of the surge resolution ({res}) or finer"
@@ -753,8 +776,7 @@ async fn pin_surge(
 async fn provider_mode(_: Admin, State(app): State<App>) -> Result<Json<Value>, HttpError> {
     let p = app
         .system
-        .local_provider
-        .as_ref()
+        .local_provider()
         .ok_or_else(|| HttpError(ApiError::not_found("in-process payment provider")))?;
     Ok(Json(
         json!({"provider": "in_process", "mode": p.mode().as_str()}),
@@ -773,8 +795,7 @@ async fn set_provider_mode(
 ) -> Result<Json<Value>, HttpError> {
     let p = app
         .system
-        .local_provider
-        .as_ref()
+        .local_provider()
         .ok_or_else(|| HttpError(ApiError::not_found("in-process payment provider")))?;
     let mode: ProviderMode = b
         .mode

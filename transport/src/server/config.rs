@@ -102,6 +102,14 @@ pub struct Args {
     /// Rings of H3 cells around the pickup cell searched at most.
     #[arg(long, env = "DISPATCH_SEARCH_MAX_RINGS", default_value_t = 8)]
     pub search_max_rings: u32,
+    /// How long one search may wait for the cell actors it asks, all rings together; a
+    /// cell that has not answered by then is left out (and counted).
+    #[arg(long, env = "DISPATCH_SEARCH_TIMEOUT_MS", default_value_t = 2_000)]
+    pub search_timeout_ms: u64,
+    /// How long one request to the payment provider may take before it counts as
+    /// unavailable (the command is refused `unavailable`, and a retry is safe).
+    #[arg(long, env = "DISPATCH_PAYMENT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub payment_timeout_ms: u64,
     /// How long an upfront quote stays valid.
     #[arg(long, env = "DISPATCH_QUOTE_TTL_MS", default_value_t = 120_000)]
     pub quote_ttl_ms: u64,
@@ -254,6 +262,14 @@ impl Args {
         )?;
         check(self.quote_ttl_ms > 0, "--quote-ttl-ms must be positive")?;
         check(
+            (10..=60_000).contains(&self.search_timeout_ms),
+            "--search-timeout-ms must be from 10 to 60000",
+        )?;
+        check(
+            (10..=600_000).contains(&self.payment_timeout_ms),
+            "--payment-timeout-ms must be from 10 to 600000",
+        )?;
+        check(
             self.snapshot_interval_ms >= 100,
             "--snapshot-interval-ms must be at least 100",
         )?;
@@ -326,6 +342,8 @@ impl Args {
             quote_ttl_ms: self.quote_ttl_ms,
             ws_outbound_queue_max: self.ws_outbound_queue_max,
             snapshot_interval_ms: self.snapshot_interval_ms,
+            search_timeout_ms: self.search_timeout_ms,
+            payment_timeout_ms: self.payment_timeout_ms,
             payments: PaymentTerms {
                 commission_bps: self.commission_bps,
                 cancel_grace_ms: self.cancel_grace_ms,
@@ -423,7 +441,8 @@ fn pricing_file(path: &std::path::Path, currency: &str) -> Result<RateCards, Str
         (Product::Xl, &p.xl),
         (Product::Premium, &p.premium),
     ] {
-        dispatch_actors::admin::check_rate(product, card).map_err(|e| at(e.message))?;
+        card.check(product)
+            .map_err(|e| at(super::admin::rate_card_message(&e)))?;
     }
     Ok(RateCards {
         currency: currency.to_owned(),

@@ -1,7 +1,7 @@
 //! One WebSocket text frame → one typed command, or the typed error PROTOCOL.md names.
 
-use dispatch_actors::driver::DriverCommand;
-use dispatch_actors::rider::RideRequest;
+use dispatch_actors::messages::DriverCommand;
+use dispatch_actors::messages::{RideRequest, RiderCommand};
 use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::{Point, QuoteId, TripId};
 use serde_json::Value;
@@ -14,17 +14,6 @@ use crate::wire::{DriverMessage, LatLng, RiderMessage};
 fn compass(h: f64) -> f64 {
     let h = h.rem_euclid(360.0);
     if h >= 360.0 { 0.0 } else { h }
-}
-
-/// A decoded rider command.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RiderCommand {
-    RequestRide(RideRequest),
-    CancelRide {
-        trip_id: TripId,
-        reason: Option<String>,
-    },
-    Location(Point),
 }
 
 /// Longest free-text `reason` kept, in characters.

@@ -9,10 +9,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dispatch_actors::registry::Identity;
-use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
+use dispatch_actors::records::Identity;
 use dispatch_actors::{ApiError, ErrorCode};
-use dispatch_engine::{Point, TripId};
+use dispatch_engine::{DriverForm, DriverProfile, Point, RiderProfile, TripId};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -197,16 +196,6 @@ fn ready(app: &App) -> Result<(), HttpError> {
     }
 }
 
-fn text(s: &str, field: &str, max_chars: usize) -> Result<String, HttpError> {
-    let t = s.trim();
-    if t.is_empty() || t.chars().count() > max_chars || t.chars().any(char::is_control) {
-        return Err(bad(format!(
-            "`{field}` must be 1 to {max_chars} printable characters"
-        )));
-    }
-    Ok(t.to_owned())
-}
-
 /// The client routes, and with them the operator routes (`/admin/`, `/metrics`) unless
 /// `--admin-listen` serves those on an address of their own.
 pub fn router(app: App) -> Router {
@@ -344,22 +333,9 @@ async fn register_rider(
     JsonBody(b): JsonBody<wire::RegisterRider>,
 ) -> Result<(StatusCode, Json<wire::RiderRegistered>), HttpError> {
     ready(&app)?;
-    let name = text(&b.name, "name", 100)?;
-    let phone = b.phone.trim().to_owned();
-    let digits = phone.chars().filter(char::is_ascii_digit).count();
-    if !(5..=20).contains(&digits)
-        || !phone
-            .chars()
-            .all(|c| c.is_ascii_digit() || " +-().".contains(c))
-        || phone.len() > 32
-    {
-        return Err(bad("`phone` must be a phone number of 5 to 20 digits"));
-    }
+    let profile = RiderProfile::new(&b.name, &b.phone).map_err(|e| bad(e.to_string()))?;
     let (token, hash) = auth::new_token();
-    let id = app
-        .system
-        .register_rider(RiderProfile { name, phone }, hash)
-        .await?;
+    let id = app.system.register_rider(profile, hash).await?;
     Ok((
         StatusCode::CREATED,
         Json(wire::RiderRegistered {
@@ -375,20 +351,16 @@ async fn register_driver(
 ) -> Result<(StatusCode, Json<wire::DriverRegistered>), HttpError> {
     ready(&app)?;
     let v = &b.vehicle;
-    if !(1..=20).contains(&v.seats) {
-        return Err(bad("`vehicle.seats` must be 1 to 20"));
-    }
-    let profile = DriverProfile {
-        name: text(&b.name, "name", 100)?,
-        vehicle: Vehicle {
-            make: text(&v.make, "vehicle.make", 64)?,
-            model: text(&v.model, "vehicle.model", 64)?,
-            plate: text(&v.plate, "vehicle.plate", 16)?,
-            color: text(&v.color, "vehicle.color", 32)?,
-            product: product_in(v.product),
-            seats: v.seats,
-        },
-    };
+    let profile = DriverProfile::new(DriverForm {
+        name: &b.name,
+        make: &v.make,
+        model: &v.model,
+        plate: &v.plate,
+        color: &v.color,
+        product: product_in(v.product),
+        seats: v.seats,
+    })
+    .map_err(|e| bad(e.to_string()))?;
     let (token, hash) = auth::new_token();
     let id = app.system.register_driver(profile, hash).await?;
     Ok((
@@ -488,7 +460,7 @@ async fn nearby(
     let lng: f64 = num(&q.lng, "lng")?.ok_or_else(|| bad("`lng` is required"))?;
     let at = Point::new(lat, lng)
         .map_err(|e| HttpError(ApiError::new(ErrorCode::InvalidLocation, e.to_string())))?;
-    let cfg = &app.system.config;
+    let cfg = app.system.config();
     let radius_m: f64 = num(&q.radius_m, "radius_m")?.unwrap_or(2_000.0);
     if !radius_m.is_finite() || radius_m <= 0.0 || radius_m > cfg.nearby_max_radius_m {
         return Err(bad(format!(
@@ -535,13 +507,13 @@ async fn earnings(
         return Err(HttpError(ApiError::forbidden("this route is for drivers")));
     };
     let e = app.system.lock_books().earnings(id);
-    let now = app.system.clock.now_ms();
+    let now = app.system.now_ms();
     let today = dispatch_actors::payments::day_of(now);
     let (trips_today, cents_today) = e.by_day.get(&today).copied().unwrap_or((0, 0));
     let date = render::rfc3339(today * dispatch_actors::payments::DAY_MS);
     Ok(Json(serde_json::json!({
         "driver_id": id.as_str(),
-        "currency": app.system.config.rates.currency,
+        "currency": app.system.config().rates.currency,
         "today": {"date": &date[..10], "trips": trips_today, "earnings_cents": cents_today},
         "total": {"trips": e.trips, "earnings_cents": e.cents},
     })))

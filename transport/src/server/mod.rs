@@ -160,28 +160,8 @@ pub async fn run(
         })
     };
 
-    // Background upkeep: expired quotes and position snapshots.
-    let upkeep = {
-        let system = system.clone();
-        let every = Duration::from_millis(config.system.snapshot_interval_ms);
-        tokio::spawn(async move {
-            let mut snapshots = tokio::time::interval(every);
-            let mut sweeps = tokio::time::interval(Duration::from_secs(30));
-            let mut surge =
-                tokio::time::interval(Duration::from_millis(config.system.surge_update_ms));
-            loop {
-                tokio::select! {
-                    // Thousands of records to encode: off the async workers.
-                    _ = snapshots.tick() => {
-                        let system = system.clone();
-                        let _ = tokio::task::spawn_blocking(move || system.snapshot_positions()).await;
-                    }
-                    _ = sweeps.tick() => { system.sweep_quotes(); }
-                    _ = surge.tick() => { system.update_surge(); }
-                }
-            }
-        })
-    };
+    // The system's own timers: position snapshots, the quote sweep, surge.
+    let upkeep = system.spawn_timers();
 
     let router = http::router(app.clone());
     // The operator routes on their own address, stopping with the rest.

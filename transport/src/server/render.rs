@@ -143,7 +143,7 @@ pub fn outbound(m: Outbound, now_ms: u64) -> wire::ServerMessage {
         } => S::Welcome {
             driver_id: Some(driver_id),
             rider_id: None,
-            status: Some(status_from_str(status)),
+            status: Some(status_from_str(status.as_str())),
             offer: Some(o.as_ref().map(|o| offer(o, now_ms))),
             trip: t.as_ref().map(trip),
         },

@@ -12,10 +12,9 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use dispatch_actors::driver::{DriverCommand, DriverMsg};
+use dispatch_actors::messages::DriverCommand;
 use dispatch_actors::metrics::Handling;
-use dispatch_actors::registry::Identity;
-use dispatch_actors::rider::RiderMsg;
+use dispatch_actors::records::Identity;
 use dispatch_actors::session::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, Outbound, Responder, SessionHandle, SessionInbox,
 };
@@ -25,7 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use super::decode::{self, RiderCommand};
+use super::decode;
 use super::http::{HttpError, QueryParams};
 use super::{App, auth, render};
 
@@ -294,25 +293,9 @@ fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
 async fn session(app: App, socket: WebSocket, role: Role) {
     let label = role.label();
     let (handle, inbox) = app.system.new_session();
-    let timeout = Some(app.system.call_timeout());
-    let reg = &app.system.registry;
     let attached = match &role {
-        Role::Driver(id) => match app.system.driver_actor(id).await {
-            Some(a) => matches!(
-                a.call(|r| DriverMsg::Attach(handle.clone(), r), timeout)
-                    .await,
-                Ok(ractor::rpc::CallResult::Success(()))
-            ),
-            None => false,
-        },
-        Role::Rider(id) => match app.system.rider_actor(id).await {
-            Some(a) => matches!(
-                a.call(|r| RiderMsg::Attach(handle.clone(), r), timeout)
-                    .await,
-                Ok(ractor::rpc::CallResult::Success(()))
-            ),
-            None => false,
-        },
+        Role::Driver(id) => app.system.attach_driver(id, handle.clone()).await,
+        Role::Rider(id) => app.system.attach_rider(id, handle.clone()).await,
     };
     let (mut sink, mut stream) = socket.split();
     if !attached {
@@ -326,7 +309,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     }
     app.transport.sessions.with_label_values(&[label]).inc();
     app.metrics.started("session");
-    let heard = Arc::new(AtomicU64::new(app.system.clock.now_ms()));
+    let heard = Arc::new(AtomicU64::new(app.system.now_ms()));
     let writer = tokio::spawn(write_loop(
         app.clone(),
         sink,
@@ -371,7 +354,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
             }
             None => break,
         };
-        heard.store(app.system.clock.now_ms(), Ordering::Relaxed);
+        heard.store(app.system.now_ms(), Ordering::Relaxed);
         let is_bad = match frame {
             Message::Text(text) => {
                 received.inc();
@@ -428,20 +411,8 @@ async fn session(app: App, socket: WebSocket, role: Role) {
     }
 
     match &role {
-        Role::Driver(id) => {
-            if let Some(a) = reg.driver(id) {
-                let _ = a.cast(DriverMsg::Detach {
-                    session_id: handle.id,
-                });
-            }
-        }
-        Role::Rider(id) => {
-            if let Some(a) = reg.rider(id) {
-                let _ = a.cast(RiderMsg::Detach {
-                    session_id: handle.id,
-                });
-            }
-        }
+        Role::Driver(id) => app.system.detach_driver(id, handle.id),
+        Role::Rider(id) => app.system.detach_rider(id, handle.id),
     }
     handle.close(1000);
     let _ = writer.await;
@@ -469,13 +440,9 @@ fn driver_frame(
             if !limits.admit(app, handle, req, location) {
                 return false;
             }
-            match app.system.registry.driver(id) {
-                // A failed cast drops the responder, which answers `internal` itself.
-                Some(a) => {
-                    let _ = a.cast(DriverMsg::Command(cmd, Responder::new(req, handle.clone())));
-                }
-                None => reply_error(handle, req, ApiError::internal()),
-            }
+            // A lost command's responder answers `internal` itself.
+            app.system
+                .driver_command(id, cmd, Responder::new(req, handle.clone()));
             false
         }
     }
@@ -495,29 +462,12 @@ fn rider_frame(
             true
         }
         Ok((req, cmd)) => {
-            handling.kind(match &cmd {
-                RiderCommand::RequestRide(_) => "request_ride",
-                RiderCommand::CancelRide { .. } => "cancel_ride",
-                RiderCommand::Location(_) => "location",
-            });
+            handling.kind(cmd.kind());
             if !limits.admit(app, handle, req, false) {
                 return false;
             }
-            let Some(a) = app.system.registry.rider(id) else {
-                reply_error(handle, req, ApiError::internal());
-                return false;
-            };
-            let responder = Responder::new(req, handle.clone());
-            let msg = match cmd {
-                RiderCommand::RequestRide(r) => RiderMsg::RequestRide(r, responder),
-                RiderCommand::CancelRide { trip_id, reason } => RiderMsg::CancelRide {
-                    trip_id,
-                    reason,
-                    responder,
-                },
-                RiderCommand::Location(p) => RiderMsg::Location(p, responder),
-            };
-            let _ = a.cast(msg);
+            app.system
+                .rider_command(id, cmd, Responder::new(req, handle.clone()));
             false
         }
     }
@@ -558,7 +508,7 @@ async fn write_loop(
                 break;
             }
             _ = pings.tick(), if every > 0 => {
-                let silent = app.system.clock.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
+                let silent = app.system.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
                 if silent > 3 * every {
                     app.metrics.bound_hit("ws_idle_timeout");
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
@@ -619,6 +569,6 @@ fn close_reason(code: u16) -> &'static str {
 const STUCK_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 fn render_text(app: &App, m: Outbound) -> String {
-    let wire = render::outbound(m, app.system.clock.now_ms());
+    let wire = render::outbound(m, app.system.now_ms());
     serde_json::to_string(&wire).expect("wire types always serialize")
 }

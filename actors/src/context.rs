@@ -1,0 +1,590 @@
+//! What every actor holds: configuration, the registry, the store, the payment provider,
+//! the books, surge, metrics and the clock, with the operations actors share (spawning
+//! under a supervisor, searching across cell actors, asking the payment provider, pricing).
+//! The transport never sees it: it goes through the [`System`](crate::system::System)
+//! facade.
+
+use std::ops::Deref;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dispatch_engine::{
+    Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, PaymentTerms, Point,
+    Product, ProviderAnswer, QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats,
+    StraightLineEta, SurgeBook, SurgeConfig, TripId, TripRules,
+};
+use dispatch_persistence::{Batch, Store, StoredTrip};
+use ractor::concurrency::oneshot;
+use ractor::{ActorCell, ActorRef, RpcReplyPort};
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::messages::{
+    CellArgs, CellMsg, DriverArgs, DriverMsg, Group, RiderArgs, RiderMsg, SearchFilter, Spawn,
+    SupervisorMsg,
+};
+use crate::metrics::Metrics;
+use crate::payments::{Books, LocalProvider, PayFuture, PaymentError, PaymentProvider};
+use crate::registry::Registry;
+use crate::views::{Quote, TripView};
+
+/// Everything the live system is configured with. Units are in the names.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    pub grid: Grid,
+    pub search: SearchParams,
+    pub dispatch: DispatchConfig,
+    pub rates: RateCards,
+    pub eta: Arc<dyn EtaModel>,
+    /// How long a driver whose session dropped keeps its status.
+    pub session_grace_ms: u64,
+    /// How long an upfront quote can be used.
+    pub quote_ttl_ms: u64,
+    /// The most often a rider is sent its driver's position.
+    pub driver_location_interval_ms: u64,
+    /// Capacity of each session's outbound queue, in messages.
+    pub ws_outbound_queue_max: usize,
+    /// How long one actor waits for another's answer.
+    pub actor_call_timeout_ms: u64,
+    /// How long one search waits for all the cell actors it asks, whatever the rings.
+    pub search_timeout_ms: u64,
+    /// How long one request to the payment provider may take.
+    pub payment_timeout_ms: u64,
+    /// How often moved drivers' positions are written to the store.
+    pub snapshot_interval_ms: u64,
+    /// How often quotes that expired more than a TTL ago are deleted.
+    pub quote_sweep_interval_ms: u64,
+    /// Caps for `GET /v1/drivers/nearby`.
+    pub nearby_max_radius_m: f64,
+    pub nearby_max_limit: usize,
+    /// Commission, cancellation grace and no-show wait.
+    pub payments: PaymentTerms,
+    /// What the in-process payment provider does at start.
+    pub provider_mode: crate::payments::ProviderMode,
+    pub surge: SurgeConfig,
+    /// How often surge multipliers are recomputed.
+    pub surge_update_ms: u64,
+    /// Test hook (`DISPATCH_TEST_CRASH_AFTER=capture`): abort the process right after the
+    /// provider captured a fare and before the ledger entry is written.
+    pub crash_after_capture: bool,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        Self {
+            grid: Grid::new(7).expect("7 is a valid resolution"),
+            search: SearchParams::default(),
+            dispatch: DispatchConfig::default(),
+            rates: RateCards::default(),
+            eta: Arc::new(StraightLineEta::default()),
+            session_grace_ms: 30_000,
+            quote_ttl_ms: 120_000,
+            driver_location_interval_ms: 1_000,
+            ws_outbound_queue_max: 256,
+            actor_call_timeout_ms: 5_000,
+            search_timeout_ms: 2_000,
+            payment_timeout_ms: 5_000,
+            snapshot_interval_ms: 5_000,
+            quote_sweep_interval_ms: 30_000,
+            nearby_max_radius_m: 5_000.0,
+            nearby_max_limit: 50,
+            payments: PaymentTerms::default(),
+            provider_mode: crate::payments::ProviderMode::Approve,
+            surge: SurgeConfig::default(),
+            surge_update_ms: 10_000,
+            crash_after_capture: false,
+        }
+    }
+}
+
+impl SystemConfig {
+    /// How long a driver or rider actor keeps a command's responder for a trip's answer
+    /// (a trip may be waiting on a search, an offer reservation and the provider).
+    pub fn ticket_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.search_timeout_ms + 2 * self.actor_call_timeout_ms + self.payment_timeout_ms,
+        )
+    }
+}
+
+pub struct Inner {
+    pub(crate) config: SystemConfig,
+    pub(crate) registry: Registry,
+    pub(crate) store: Arc<Store>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) clock: Clock,
+    /// Drivers whose position changed since the last snapshot.
+    pub(crate) moved: DashMap<DriverId, ()>,
+    pub(crate) supervisors: OnceLock<[ActorRef<SupervisorMsg>; 4]>,
+    pub(crate) next_session: AtomicU64,
+    /// The prices new quotes are made with: `config.rates` until an operator changes them.
+    rates: std::sync::RwLock<Arc<RateCards>>,
+    /// The card processor.
+    pub(crate) provider: Arc<dyn PaymentProvider>,
+    /// The in-process provider, when it is the one in use (its mode can be changed).
+    pub(crate) local_provider: Option<Arc<LocalProvider>>,
+    /// Ledger balances and drivers' earnings (entries are in the store).
+    pub(crate) books: Mutex<Books>,
+    pub(crate) surge: Mutex<SurgeBook>,
+    /// One operator's refund at a time (a refund's number is the count of earlier ones).
+    pub(crate) refunds: tokio::sync::Mutex<()>,
+}
+
+/// A cheap, cloneable handle to the shared state of the live system.
+#[derive(Clone)]
+pub struct Context(Arc<Inner>);
+
+impl Deref for Context {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// A handle that does not keep the system alive (for background tasks).
+#[derive(Clone)]
+pub struct WeakContext(std::sync::Weak<Inner>);
+
+impl WeakContext {
+    pub fn upgrade(&self) -> Option<Context> {
+        self.0.upgrade().map(Context)
+    }
+}
+
+/// 128 random bits as an id suffix.
+pub fn random_suffix() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// A failed write, as a client is told it.
+pub(crate) fn unavailable(e: dispatch_persistence::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store write failed");
+    ApiError::unavailable("the write could not be stored; retry")
+}
+
+impl Context {
+    /// The shared state over an open store, with `provider` as the card processor (the
+    /// in-process one when `None`). Supervisors are attached by `boot`.
+    pub(crate) fn new(
+        config: SystemConfig,
+        metrics: Arc<Metrics>,
+        store: Arc<Store>,
+        provider: Option<Arc<dyn PaymentProvider>>,
+    ) -> Context {
+        let local = Arc::new(LocalProvider::new(store.clone(), config.provider_mode));
+        let (provider, local_provider): (Arc<dyn PaymentProvider>, _) = match provider {
+            Some(p) => (p, None),
+            None => (local.clone(), Some(local)),
+        };
+        Context(Arc::new(Inner {
+            provider,
+            local_provider,
+            books: Mutex::new(Books::default()),
+            surge: Mutex::new(SurgeBook::new(config.surge)),
+            refunds: tokio::sync::Mutex::new(()),
+            registry: Registry::default(),
+            store,
+            metrics,
+            clock: Clock::new(),
+            moved: DashMap::new(),
+            supervisors: OnceLock::new(),
+            next_session: AtomicU64::new(1),
+            rates: std::sync::RwLock::new(Arc::new(config.rates.clone())),
+            config,
+        }))
+    }
+
+    pub fn downgrade(&self) -> WeakContext {
+        WeakContext(Arc::downgrade(&self.0))
+    }
+
+    pub(crate) fn lock_surge(&self) -> std::sync::MutexGuard<'_, SurgeBook> {
+        self.surge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_books(&self) -> std::sync::MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ledger entry is on disk: count it and add it to the live balances.
+    pub(crate) fn entry_written(&self, e: &dispatch_engine::Entry) {
+        self.metrics
+            .ledger_entries
+            .with_label_values(&[e.key.step.kind()])
+            .inc();
+        self.lock_books().add(e);
+    }
+
+    /// The surge cell of a point: the parent of its matching cell, so that quotes, demand,
+    /// supply and the admin cell table agree (H3 is not exactly nested).
+    pub(crate) fn surge_cell_of(&self, p: Point) -> CellId {
+        self.config.surge.surge_cell(self.config.grid.cell_of(p))
+    }
+
+    /// A ride was requested at `pickup`: demand for surge.
+    pub(crate) fn record_request(&self, pickup: Point) {
+        let (cell, now) = (self.surge_cell_of(pickup), self.clock.now_ms());
+        self.lock_surge().record_request_in(cell, now);
+    }
+
+    /// Recomputes surge from the requests in the window and the drivers available now.
+    pub(crate) fn update_surge(&self) {
+        let mut supply: std::collections::HashMap<CellId, u32> = std::collections::HashMap::new();
+        let now = self.clock.now_ms();
+        for d in self.registry.driver_records.iter() {
+            if d.status == DriverStatus::Available
+                && let Some(p) = d.position
+            {
+                *supply.entry(self.surge_cell_of(p)).or_default() += 1;
+            }
+        }
+        let mut book = self.lock_surge();
+        book.update(now, supply);
+        let surging = book.cells().iter().filter(|c| c.multiplier > 1.0).count();
+        self.metrics.surge_cells.set(surging as i64);
+    }
+
+    /// The rate cards new quotes are priced with.
+    pub(crate) fn rates(&self) -> Arc<RateCards> {
+        self.rates.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn replace_rates(&self, rates: RateCards) {
+        *self.rates.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rates);
+    }
+
+    /// The rules a trip of `product` is decided under now.
+    pub(crate) fn trip_rules(&self, product: Product) -> (DispatchConfig, PaymentTerms, i64) {
+        let fee = self.rates().card(product).cancellation_fee_cents;
+        (self.config.dispatch, self.config.payments, fee)
+    }
+
+    /// Runs `f` with the rules a trip of `product` is decided under now.
+    pub(crate) fn with_rules<T>(&self, product: Product, f: impl FnOnce(&TripRules<'_>) -> T) -> T {
+        let (dispatch, payments, fee) = self.trip_rules(product);
+        f(&TripRules {
+            dispatch: &dispatch,
+            eta: self.config.eta.as_ref(),
+            payments: &payments,
+            cancellation_fee_cents: fee,
+        })
+    }
+
+    fn supervisor(&self, group: Group) -> &ActorRef<SupervisorMsg> {
+        let i = Group::ALL
+            .iter()
+            .position(|g| *g == group)
+            .expect("every group has a supervisor");
+        &self.supervisors.get().expect("started")[i]
+    }
+
+    pub(crate) fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.actor_call_timeout_ms)
+    }
+
+    /// Spawns an actor under its group's supervisor.
+    pub(crate) async fn spawn(&self, group: Group, spawn: Spawn) -> Result<ActorCell, ApiError> {
+        match self
+            .supervisor(group)
+            .call(
+                |r| SupervisorMsg::Spawn(spawn, r),
+                Some(self.call_timeout()),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Ok(cell))) => Ok(cell),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+                tracing::error!(group = group.as_str(), error = %e, "spawn failed");
+                Err(ApiError::internal())
+            }
+            _ => Err(ApiError::unavailable("the system is busy or shutting down")),
+        }
+    }
+
+    /// Spawns many actors of one group in one supervisor message (recovery).
+    pub(crate) async fn spawn_many(
+        &self,
+        group: Group,
+        spawns: Vec<Spawn>,
+    ) -> Result<usize, ApiError> {
+        let timeout = Some(Duration::from_secs(600));
+        match self
+            .supervisor(group)
+            .call(|r| SupervisorMsg::SpawnMany(spawns, r), timeout)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(n)) => Ok(n),
+            _ => Err(ApiError::unavailable("the system is busy or shutting down")),
+        }
+    }
+
+    /// How many actors a group's supervisor is watching.
+    pub(crate) async fn actor_count(&self, group: Group) -> usize {
+        match self
+            .supervisor(group)
+            .call(SupervisorMsg::Count, Some(self.call_timeout()))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Prices a trip now, without keeping the quote.
+    pub(crate) fn price(
+        &self,
+        rider_id: RiderId,
+        pickup: Point,
+        dropoff: Point,
+        product: Product,
+    ) -> Quote {
+        let now = self.clock.now_ms();
+        let route = self.config.eta.estimate(pickup, dropoff);
+        let cell = self.surge_cell_of(pickup);
+        let surge = self.lock_surge().multiplier(cell);
+        self.metrics.quote_surge.observe(surge);
+        let fare = self.rates().quote(product, route, surge);
+        Quote {
+            quote_id: QuoteId::with_suffix(&random_suffix()),
+            rider_id,
+            product,
+            pickup,
+            dropoff,
+            fare_cents: fare.fare_cents,
+            currency: fare.currency,
+            surge: fare.surge,
+            distance_m: fare.distance_m,
+            duration_s: fare.duration_s,
+            expires_at_ms: now + self.config.quote_ttl_ms,
+        }
+    }
+
+    /// A trip as the store holds it (finished trips live there only).
+    pub(crate) async fn stored_trip(&self, id: &TripId) -> Result<Option<StoredTrip>, ApiError> {
+        let store = self.store.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || store.trip(&id))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(|e| {
+                tracing::error!(error = %e, "trip read failed");
+                ApiError::internal()
+            })
+    }
+
+    /// A trip's current view: live trips from memory, finished ones from the store.
+    pub(crate) async fn trip_view(&self, id: &TripId) -> Result<Option<TripView>, ApiError> {
+        if let Some(v) = self.registry.trip_views.get(id) {
+            return Ok(Some(v.clone()));
+        }
+        Ok(self
+            .stored_trip(id)
+            .await?
+            .map(|t| TripView::of(&t.trip, t.driver)))
+    }
+
+    /// Remembers that a driver moved; the next snapshot writes its position.
+    pub(crate) fn driver_moved(&self, id: &DriverId, position: Point, heading: Option<f64>) {
+        if let Some(mut r) = self.registry.driver_records.get_mut(id) {
+            r.position = Some(position);
+            r.heading = heading;
+        }
+        self.moved.insert(id.clone(), ());
+    }
+
+    /// Writes the positions of drivers that moved since the last call (no fsync wait:
+    /// positions between snapshots are not durable, by design).
+    pub(crate) fn snapshot_positions(&self) -> usize {
+        let ids: Vec<DriverId> = self.moved.iter().map(|e| e.key().clone()).collect();
+        let mut batch = Batch::new();
+        for id in &ids {
+            self.moved.remove(id);
+            if let Some(r) = self.registry.driver_records.get(id) {
+                batch = batch.driver(r.stored());
+            }
+        }
+        let n = batch.len();
+        if let Err(e) = self.store.write(batch) {
+            tracing::warn!(error = %e, "position snapshot failed");
+        }
+        n
+    }
+
+    /// Drops quotes that expired more than a TTL ago (they answer `quote_expired` until
+    /// then), from memory and from the store.
+    pub(crate) fn sweep_quotes(&self) -> usize {
+        let cutoff = self.clock.now_ms().saturating_sub(self.config.quote_ttl_ms);
+        let mut gone = Batch::new();
+        let mut n = 0;
+        self.registry.quotes.retain(|id, q| {
+            let keep = q.expires_at_ms > cutoff;
+            if !keep {
+                gone = std::mem::take(&mut gone).delete_quote(id.clone());
+                n += 1;
+            }
+            keep
+        });
+        if let Err(e) = self.store.write(gone) {
+            tracing::warn!(error = %e, "could not delete expired quotes");
+        }
+        n
+    }
+
+    /// A driver's actor, started on demand: recovery starts actors only for drivers that
+    /// are online, and an offline driver's actor starts when its app connects.
+    pub(crate) async fn driver_actor(&self, id: &DriverId) -> Option<ActorRef<DriverMsg>> {
+        if let Some(a) = self.registry.driver(id) {
+            return Some(a);
+        }
+        let record = self.registry.driver_records.get(id).map(|r| r.clone())?;
+        let args = DriverArgs {
+            record,
+            restarted: false,
+        };
+        self.spawn(Group::Driver, Spawn::Driver(args)).await.ok()?;
+        self.registry.driver(id)
+    }
+
+    /// A rider's actor, started on demand (riders without an active trip have none after
+    /// recovery until their app connects).
+    pub(crate) async fn rider_actor(&self, id: &RiderId) -> Option<ActorRef<RiderMsg>> {
+        if let Some(a) = self.registry.rider(id) {
+            return Some(a);
+        }
+        let record = self.registry.rider_records.get(id).map(|r| r.clone())?;
+        let args = RiderArgs {
+            record,
+            restarted: false,
+        };
+        self.spawn(Group::Rider, Spawn::Rider(args)).await.ok()?;
+        self.registry.rider(id)
+    }
+
+    /// The cell's actor, spawning it when the first driver enters the cell.
+    pub(crate) async fn cell_actor(&self, cell: CellId) -> Option<ActorRef<CellMsg>> {
+        if let Some(a) = self.registry.cell(&cell) {
+            return Some(a);
+        }
+        let args = CellArgs {
+            cell,
+            restarted: false,
+        };
+        self.spawn(Group::Cell, Spawn::Cell(args)).await.ok()?;
+        self.registry.cell(&cell)
+    }
+
+    /// Searches the pickup's cell and its rings through the cell actors: each ring's
+    /// cells are asked at once, and only cells that hold drivers have an actor to ask.
+    /// The whole search has one deadline (`search_timeout_ms`): a cell that has not
+    /// answered by then is counted (`cell_query_timeout`) and left out, and no further
+    /// ring is asked, so a stuck cell costs a search at most one deadline.
+    pub(crate) async fn search(
+        &self,
+        pickup: Point,
+        params: SearchParams,
+        filter: SearchFilter,
+    ) -> (Vec<Candidate>, SearchStats) {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.search_timeout_ms);
+        let mut s = RingSearch::new(self.config.grid, pickup, params);
+        let mut late = false;
+        while !late && let Some(ring) = s.next_cells() {
+            let mut pending = Vec::new();
+            for cell in ring {
+                if let Some(actor) = self.registry.cell(&cell) {
+                    let (tx, rx) = oneshot();
+                    let msg = CellMsg::Query {
+                        pickup,
+                        k: params.k,
+                        max_radius_m: params.max_radius_m,
+                        filter: filter.clone(),
+                        reply: RpcReplyPort::from(tx),
+                    };
+                    if actor.cast(msg).is_ok() {
+                        pending.push(rx);
+                    }
+                }
+            }
+            for rx in pending {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok((found, examined))) => s.add(found, examined),
+                    Ok(Err(_)) => {} // the cell stopped (it restarts empty)
+                    Err(_) => {
+                        late = true;
+                        self.metrics.bound_hit("cell_query_timeout");
+                    }
+                }
+            }
+        }
+        let (found, stats) = s.finish();
+        let m = &self.metrics;
+        m.search_requests.inc();
+        m.search_cells.inc_by(u64::from(stats.cells_searched));
+        m.search_drivers_examined.inc_by(stats.drivers_examined);
+        if stats.hit_ring_cap {
+            m.search_ring_cap.inc();
+        }
+        (found, stats)
+    }
+
+    /// One request to the payment provider, bounded by `payment_timeout_ms` and counted
+    /// when it does not go through. A provider that does not answer in time is
+    /// [`PaymentError::TimedOut`].
+    pub(crate) async fn ask_provider(
+        &self,
+        request: &'static str,
+        call: PayFuture<'_>,
+    ) -> Result<(), PaymentError> {
+        let after_ms = self.config.payment_timeout_ms;
+        let r = match tokio::time::timeout(Duration::from_millis(after_ms), call).await {
+            Ok(r) => r,
+            Err(_) => Err(PaymentError::TimedOut { request, after_ms }),
+        };
+        if let Err(e) = &r {
+            self.metrics
+                .payment_failures
+                .with_label_values(&[request, e.outcome()])
+                .inc();
+        }
+        r
+    }
+
+    /// The provider request of a payment plan, as the engine's answer.
+    pub(crate) async fn pay(&self, plan: &dispatch_engine::PaymentPlan) -> ProviderAnswer {
+        let Some((request, key, amount)) = plan.request() else {
+            return ProviderAnswer::Approved;
+        };
+        let p = &self.provider;
+        let call = match plan {
+            dispatch_engine::PaymentPlan::Authorize { .. } => p.authorize(key, amount),
+            dispatch_engine::PaymentPlan::Release { .. } => p.release(key),
+            _ => p.capture(key, amount),
+        };
+        match self.ask_provider(request, call).await {
+            Ok(()) => ProviderAnswer::Approved,
+            Err(PaymentError::Declined(why)) => ProviderAnswer::Declined(why),
+            Err(e) => ProviderAnswer::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Stops every actor (each group's children, then the supervisors), writes the last
+    /// positions and waits until everything queued is on disk.
+    pub(crate) async fn shutdown(&self) {
+        if let Some(sups) = self.supervisors.get() {
+            let wait = Some(self.call_timeout());
+            for s in sups {
+                s.stop_children_and_wait(Some("shutdown".into()), wait)
+                    .await;
+            }
+            for s in sups {
+                let _ = s.stop_and_wait(Some("shutdown".into()), wait).await;
+            }
+        }
+        self.snapshot_positions();
+        if let Err(e) = self.store.sync().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}

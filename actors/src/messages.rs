@@ -1,0 +1,464 @@
+//! Every actor's messages and start arguments, as plain data: no behaviour here, so that
+//! the actors import this module and never each other.
+//!
+//! The messages a later multi-node version sends between nodes (cell queries, offers,
+//! trip commands and their answers, notifications to sessions) carry only serializable
+//! data (`serde`), with replies through ractor's [`RpcReplyPort`]. A command's answer
+//! never crosses as a live handle: the driver or rider actor that took the command from
+//! its session keeps the session's `Responder` under a [`Ticket`], the trip answers the
+//! ticket in the update it sends to that actor, and so the app sees the update before
+//! the `ack` that confirms it.
+
+use std::sync::Arc;
+
+use dispatch_engine::{
+    Candidate, CellId, DriverId, IndexedDriver, Point, Product, QuoteId, QuoteTerms, RiderId,
+    Sender, TripCommand, TripId,
+};
+use ractor::{ActorCell, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::records::{DriverRecord, RiderRecord, TripRecord};
+use crate::session::{Responder, SessionHandle};
+use crate::views::{OfferView, Receipt, TripView};
+
+/// Names one command awaiting its answer inside the driver or rider actor that sent it.
+pub type Ticket = u64;
+
+// ---------------------------------------------------------------------------------------
+// Drivers.
+// ---------------------------------------------------------------------------------------
+
+pub struct DriverArgs {
+    pub record: DriverRecord,
+    /// Restarted by the supervisor from `record` after a failure.
+    pub restarted: bool,
+}
+
+/// What a driver's app asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DriverCommand {
+    GoOnline,
+    GoOffline,
+    Location {
+        position: Point,
+        heading: Option<f64>,
+    },
+    Accept(TripId),
+    Decline(TripId),
+    Arrived(TripId),
+    StartTrip(TripId),
+    CompleteTrip(TripId),
+    CancelTrip {
+        trip_id: TripId,
+        reason: Option<String>,
+    },
+}
+
+impl DriverCommand {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverCommand::GoOnline => "go_online",
+            DriverCommand::GoOffline => "go_offline",
+            DriverCommand::Location { .. } => "location",
+            DriverCommand::Accept(_) => "accept",
+            DriverCommand::Decline(_) => "decline",
+            DriverCommand::Arrived(_) => "arrived",
+            DriverCommand::StartTrip(_) => "start_trip",
+            DriverCommand::CompleteTrip(_) => "complete_trip",
+            DriverCommand::CancelTrip { .. } => "cancel_trip",
+        }
+    }
+}
+
+/// How a trip update changes the driver's link to the trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TripLink {
+    /// The driver's offer was accepted: it is now on the trip.
+    Assigned,
+    /// Another transition of the trip the driver is on.
+    Update,
+    /// The driver is off the trip (completed, cancelled, taken off); this is its last update.
+    Released,
+}
+
+pub enum DriverMsg {
+    /// A new session for this identity; replies once `welcome` is queued, so it is the
+    /// session's first message.
+    Attach(SessionHandle, RpcReplyPort<()>),
+    Detach {
+        session_id: u64,
+    },
+    GraceExpired {
+        epoch: u64,
+    },
+    Command(DriverCommand, Responder),
+    /// From a trip: hold this offer if available (and connected). Replies whether it does.
+    ReserveOffer(OfferView, RpcReplyPort<bool>),
+    /// From a trip: the open offer ended; `notify` sends `offer_expired` to the app.
+    OfferEnded {
+        trip_id: TripId,
+        notify: bool,
+        answers: Option<Ticket>,
+    },
+    /// From a trip: a transition the driver must see.
+    Trip {
+        view: TripView,
+        link: TripLink,
+        answers: Option<Ticket>,
+    },
+    /// From a trip: the outcome of a command of this app's that no update answered,
+    /// in order with the updates the trip sent before.
+    Answer {
+        ticket: Ticket,
+        outcome: Result<(), ApiError>,
+    },
+    /// Nobody answered this ticket in time (the trip failed holding it).
+    TicketExpired(Ticket),
+    /// The driver's cell restarted: index yourself again.
+    Reindex,
+    Get(RpcReplyPort<DriverRecord>),
+    /// An operator suspends (`true`) or reinstates (`false`) the driver; replies once the
+    /// change is durable, with the driver as it is then.
+    Suspend(bool, RpcReplyPort<Result<DriverRecord, ApiError>>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+impl DriverMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverMsg::Attach(..) => "attach",
+            DriverMsg::Detach { .. } => "detach",
+            DriverMsg::GraceExpired { .. } => "grace_expired",
+            DriverMsg::Command(c, _) => c.kind(),
+            DriverMsg::ReserveOffer(..) => "reserve_offer",
+            DriverMsg::OfferEnded { .. } => "offer_ended",
+            DriverMsg::Trip { .. } => "trip_update",
+            DriverMsg::Answer { .. } => "answer",
+            DriverMsg::TicketExpired(_) => "ticket_expired",
+            DriverMsg::Reindex => "reindex",
+            DriverMsg::Get(_) => "get",
+            DriverMsg::Suspend(..) => "suspend",
+            DriverMsg::InjectPanic => "inject_panic",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Riders.
+// ---------------------------------------------------------------------------------------
+
+pub struct RiderArgs {
+    pub record: RiderRecord,
+    pub restarted: bool,
+}
+
+/// What the rider asks for: a quoted trip, or one priced now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RideRequest {
+    Quote(QuoteId),
+    Direct {
+        pickup: Point,
+        dropoff: Point,
+        product: Product,
+    },
+}
+
+/// What a rider's app asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RiderCommand {
+    RequestRide(RideRequest),
+    CancelRide {
+        trip_id: TripId,
+        reason: Option<String>,
+    },
+    Location(Point),
+}
+
+impl RiderCommand {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RiderCommand::RequestRide(_) => "request_ride",
+            RiderCommand::CancelRide { .. } => "cancel_ride",
+            RiderCommand::Location(_) => "location",
+        }
+    }
+}
+
+pub enum RiderMsg {
+    /// A new session for this identity; replies once `welcome` is queued, so it is the
+    /// session's first message.
+    Attach(SessionHandle, RpcReplyPort<()>),
+    Detach {
+        session_id: u64,
+    },
+    Command(RiderCommand, Responder),
+    /// From a new trip: it is durable; `ticket` is the request it answers (with the trip).
+    TripStarted {
+        view: TripView,
+        ticket: Option<Ticket>,
+    },
+    /// From a trip that could not start: the rider is free again.
+    TripNotStarted {
+        trip_id: TripId,
+        ticket: Option<Ticket>,
+        error: ApiError,
+    },
+    /// From the trip: a transition. A final state frees the rider; `completed` comes
+    /// with its receipt.
+    Trip {
+        view: TripView,
+        receipt: Option<Receipt>,
+        answers: Option<Ticket>,
+    },
+    DriverLocation {
+        trip_id: TripId,
+        position: Point,
+        heading: Option<f64>,
+        pickup_eta_s: Option<u64>,
+    },
+    /// From a trip: the outcome of a command that no update answered.
+    Answer {
+        ticket: Ticket,
+        outcome: Result<(), ApiError>,
+    },
+    TicketExpired(Ticket),
+    Get(RpcReplyPort<RiderRecord>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+impl RiderMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RiderMsg::Attach(..) => "attach",
+            RiderMsg::Detach { .. } => "detach",
+            RiderMsg::Command(c, _) => c.kind(),
+            RiderMsg::TripStarted { .. } => "trip_started",
+            RiderMsg::TripNotStarted { .. } => "trip_not_started",
+            RiderMsg::Trip { .. } => "trip_update",
+            RiderMsg::DriverLocation { .. } => "driver_location",
+            RiderMsg::Answer { .. } => "answer",
+            RiderMsg::TicketExpired(_) => "ticket_expired",
+            RiderMsg::Get(_) => "get",
+            RiderMsg::InjectPanic => "inject_panic",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Trips.
+// ---------------------------------------------------------------------------------------
+
+/// A rider's request, checked by the rider's actor: the trip actor creates the trip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTrip {
+    pub trip_id: TripId,
+    pub rider_id: RiderId,
+    pub product: Product,
+    pub pickup: Point,
+    pub dropoff: Point,
+    pub terms: QuoteTerms,
+    /// The quote it used (it buys one trip: deleted with the trip's creation).
+    pub quote_id: Option<QuoteId>,
+    /// The rider's `request_ride`, answered with the trip once it is durable.
+    pub ticket: Option<Ticket>,
+}
+
+pub enum TripArgs {
+    /// A new trip: created, made durable and announced to the rider by its actor.
+    New(NewTrip),
+    /// A live trip from the store: recovered, or restarted after a failure.
+    Resume { record: TripRecord, restarted: bool },
+}
+
+pub enum TripMsg {
+    /// A command from a driver, a rider or a timer. A sender's `ticket` is answered in
+    /// the update the trip sends that sender's actor (or in an `Answer`).
+    Command {
+        cmd: TripCommand,
+        from: Sender,
+        ticket: Option<Ticket>,
+    },
+    /// An operator's command: replies once it is durable and everyone has been sent it.
+    Admin {
+        cmd: TripCommand,
+        reply: RpcReplyPort<Result<(), ApiError>>,
+    },
+    DriverLocation {
+        driver_id: DriverId,
+        position: Point,
+        heading: Option<f64>,
+    },
+    Get(RpcReplyPort<TripRecord>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+}
+
+impl TripMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TripMsg::Command { cmd, .. } | TripMsg::Admin { cmd, .. } => cmd.kind(),
+            TripMsg::DriverLocation { .. } => "driver_location",
+            TripMsg::Get(_) => "get",
+            TripMsg::InjectPanic => "inject_panic",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cells.
+// ---------------------------------------------------------------------------------------
+
+pub struct CellArgs {
+    pub cell: CellId,
+    pub restarted: bool,
+}
+
+/// Which drivers a query wants.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SearchFilter {
+    pub product: Option<Product>,
+    pub available_only: bool,
+    pub exclude: Arc<Vec<DriverId>>,
+}
+
+impl SearchFilter {
+    pub fn matches(&self, d: &IndexedDriver) -> bool {
+        (!self.available_only || d.available)
+            && self.product.is_none_or(|p| p == d.product)
+            && !self.exclude.contains(&d.driver_id)
+    }
+}
+
+pub enum CellMsg {
+    /// Insert or move a driver; `ping` says it came from a location update.
+    Upsert {
+        driver: IndexedDriver,
+        ping: bool,
+    },
+    Remove(DriverId),
+    Query {
+        pickup: Point,
+        k: usize,
+        max_radius_m: f64,
+        filter: SearchFilter,
+        reply: RpcReplyPort<(Vec<Candidate>, usize)>,
+    },
+    /// (available, total) drivers in the cell.
+    Count(RpcReplyPort<(usize, usize)>),
+    /// Test hook: fail inside a handler, as a bug would.
+    InjectPanic,
+    /// Test hook: stop answering for this long, as a cell stuck on a slow host would.
+    InjectStall(std::time::Duration),
+}
+
+impl CellMsg {
+    /// The message's kind, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CellMsg::Upsert { ping: true, .. } => "location",
+            CellMsg::Upsert { ping: false, .. } => "upsert",
+            CellMsg::Remove(_) => "remove",
+            CellMsg::Query { .. } => "query",
+            CellMsg::Count(_) => "count",
+            CellMsg::InjectPanic => "inject_panic",
+            CellMsg::InjectStall(_) => "inject_stall",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Supervisors.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    Driver,
+    Rider,
+    Trip,
+    Cell,
+}
+
+impl Group {
+    pub const ALL: [Group; 4] = [Group::Driver, Group::Rider, Group::Trip, Group::Cell];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Group::Driver => "driver",
+            Group::Rider => "rider",
+            Group::Trip => "trip",
+            Group::Cell => "cell",
+        }
+    }
+}
+
+/// Which entity a child actor is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Entity {
+    Driver(DriverId),
+    Rider(RiderId),
+    /// A trip and its rider (told if the trip is lost before it was ever stored).
+    Trip(TripId, RiderId),
+    Cell(CellId),
+}
+
+/// What to start.
+pub enum Spawn {
+    Driver(DriverArgs),
+    Rider(RiderArgs),
+    Trip(TripArgs),
+    Cell(CellArgs),
+}
+
+pub enum SupervisorMsg {
+    Spawn(Spawn, RpcReplyPort<Result<ActorCell, String>>),
+    /// Many spawns in one message (recovery); replies how many started.
+    SpawnMany(Vec<Spawn>, RpcReplyPort<usize>),
+    /// How many children are alive (for tests and stats).
+    Count(RpcReplyPort<usize>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What crosses nodes is data: it survives a round trip through a serializer.
+    #[test]
+    fn cross_node_payloads_are_plain_serializable_data() {
+        fn round_trip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+            v: T,
+        ) {
+            let bytes = serde_json::to_vec(&v).expect("serializes");
+            let back: T = serde_json::from_slice(&bytes).expect("deserializes");
+            assert_eq!(back, v);
+        }
+        let p = Point::new(45.5, -73.6).unwrap();
+        round_trip(DriverCommand::Location {
+            position: p,
+            heading: Some(90.0),
+        });
+        round_trip(RiderCommand::RequestRide(RideRequest::Direct {
+            pickup: p,
+            dropoff: p,
+            product: Product::Xl,
+        }));
+        round_trip(TripCommand::Accept {
+            driver_id: DriverId::new("drv_1"),
+        });
+        round_trip(Sender::Driver(DriverId::new("drv_1")));
+        round_trip(TripLink::Released);
+        round_trip(ApiError::conflict("the offer has expired"));
+        let f = SearchFilter {
+            product: Some(Product::Economy),
+            available_only: true,
+            exclude: Arc::new(vec![DriverId::new("drv_2")]),
+        };
+        let back: SearchFilter = serde_json::from_slice(&serde_json::to_vec(&f).unwrap()).unwrap();
+        assert_eq!((back.product, back.exclude), (f.product, f.exclude));
+    }
+}
