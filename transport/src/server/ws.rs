@@ -357,15 +357,28 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(e)) => {
-                // A message over --ws-hard-max-bytes is not read at all: 1009, as
-                // documented (the first close asked for wins over the 1000 below).
-                let too_big = e
-                    .into_inner()
-                    .downcast_ref::<tungstenite_axum::Error>()
-                    .is_some_and(|e| matches!(e, tungstenite_axum::Error::Capacity(_)));
-                if too_big {
-                    app.metrics.bound_hit("ws_hard_max_bytes");
-                    handle.close(CLOSE_TOO_BIG);
+                // The first close asked for wins over the 1000 below.
+                match e.into_inner().downcast_ref::<tungstenite_axum::Error>() {
+                    // A message over --ws-hard-max-bytes is not read at all: 1009, as
+                    // documented.
+                    Some(tungstenite_axum::Error::Capacity(_)) => {
+                        app.metrics.bound_hit("ws_hard_max_bytes");
+                        handle.close(CLOSE_TOO_BIG);
+                    }
+                    // A text frame (or a close reason) that is not UTF-8: a bad message,
+                    // counted as every other one is, that gets the close RFC 6455
+                    // requires (8.1: fail the connection; 7.4.1: 1007) rather than a
+                    // JSON error. Nothing in the frame is acted on.
+                    Some(tungstenite_axum::Error::Utf8(_)) => {
+                        received.inc();
+                        drop(app.metrics.handling("session", "invalid"));
+                        tracing::info!(
+                            role = label,
+                            "closing a session that sent text that is not UTF-8"
+                        );
+                        handle.close(CLOSE_INVALID_UTF8);
+                    }
+                    _ => {}
                 }
                 break;
             }
@@ -605,9 +618,13 @@ async fn send_unless_closed(
 /// The close code for a message over `--ws-hard-max-bytes`.
 const CLOSE_TOO_BIG: u16 = 1009;
 
+/// The close code for a text frame that is not UTF-8 (RFC 6455 7.4.1: "inconsistent data").
+const CLOSE_INVALID_UTF8: u16 = 1007;
+
 fn close_reason(code: u16) -> &'static str {
     match code {
         CLOSE_TOO_BIG => "message too big",
+        CLOSE_INVALID_UTF8 => "text frames must be UTF-8",
         dispatch_actors::session::CLOSE_REPLACED => "replaced",
         CLOSE_POLICY => "policy violation",
         _ => "",
