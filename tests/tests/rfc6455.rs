@@ -1,11 +1,13 @@
 //! The WebSocket layer as RFC 6455 has it, seen by a real client (tokio-tungstenite):
 //! a text frame that is not UTF-8 fails the connection with 1007 and counts as a bad
-//! message (8.1, 7.4.1).
+//! message (8.1, 7.4.1); a client's close is answered with a close (5.5.1), so an app
+//! that signs off normally sees its own code come back, not 1006.
 
 use dispatch_tests::{Client, TestServer};
 use dispatch_transport::wire::{DriverStatus, ServerMessage};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -85,6 +87,49 @@ async fn a_close_frame_whose_reason_is_not_utf8_closes_with_1007() {
     let frame = Frame::from_payload(header, Bytes::from_static(&[0x03, 0xe8, 0xff]));
     d.send_raw(Message::Frame(frame)).await.unwrap();
     assert_eq!(d.closed_with().await, Some(1007));
+    s.wait_sessions("driver", 0).await;
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_close_is_answered_with_a_close_echoing_its_code() {
+    let s = TestServer::start(&[]).await;
+    let (_, mut d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
+    let (_, rtoken) = s.rider("Riley").await;
+    let mut r = Client::rider(&s, &rtoken).await.unwrap();
+    r.welcome().await;
+
+    // A normal sign-off (1000) and an app's own code (4000): each comes back, so the
+    // app sees a clean close and never 1006 (no close frame).
+    for (who, c, code) in [("driver", &mut d, 1000), ("rider", &mut r, 4000)] {
+        c.send_raw(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "bye".into(),
+        })))
+        .await
+        .unwrap();
+        assert_eq!(c.closed_with().await, Some(code), "{who}");
+    }
+    s.wait_sessions("driver", 0).await;
+    s.wait_sessions("rider", 0).await;
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_the_server_is_sending_is_still_answered() {
+    let s = TestServer::start(&[]).await;
+    let (_, mut d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
+    // Replies still on their way when the close arrives: the answer comes after them.
+    for _ in 0..20 {
+        d.send_req(json!({"type": "go_online"})).await;
+    }
+    d.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    })))
+    .await
+    .unwrap();
+    assert_eq!(d.closed_with().await, Some(1000));
     s.wait_sessions("driver", 0).await;
     s.stop().await.unwrap();
 }

@@ -551,68 +551,72 @@ async fn write_loop(
     pings.tick().await;
     let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
     let mut shutdown = app.shutdown.clone();
-    let close = |code: u16, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
-    loop {
+    // The close code to send as the loop ends, if there is one.
+    let code = loop {
         tokio::select! {
             biased;
-            code = closed.closed() => {
-                let frame = sink.send(close(code, close_reason(code)));
-                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
-                break;
-            }
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                let frame = sink.send(close(CLOSE_GOING_AWAY, "server shutting down"));
-                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
-                break;
-            }
+            code = closed.closed() => break Some(code),
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break Some(CLOSE_GOING_AWAY),
             _ = pings.tick(), if every > 0 => {
                 let silent = app.system.clock.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
                 if silent > 3 * every {
                     app.metrics.bound_hit("ws_idle_timeout");
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
                     handle.close(CLOSE_GOING_AWAY);
-                } else if !send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
-                    break;
+                } else if let Err(code) = send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
+                    break code;
                 }
             }
             m = rx.recv() => {
-                let Some(m) = m else { break };
+                let Some(m) = m else { break None };
                 let text = render_text(&app, m);
-                if !send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
-                    break;
+                if let Err(code) = send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
+                    break code;
                 }
                 sent.inc();
             }
         }
-    }
+    };
+    goodbye(&mut sink, code).await;
 }
 
 /// Sends one frame, unless the session is asked to close first. A client that stopped
 /// reading blocks a send once the socket's buffers are full; its queue then fills and the
-/// session is closed, and the pending send must not keep it open: it is given up, and the
-/// close frame tried for a moment only (there may be no room for it either). Returns
-/// whether the writer goes on.
+/// session is closed, and the pending send must not keep it open: it is given up for the
+/// close. `Err(Some(code))`: close with `code`; `Err(None)`: the send failed (the socket
+/// broke, or the client closed first).
 async fn send_unless_closed(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     frame: Message,
     closed: &dispatch_actors::session::CloseWatch,
-) -> bool {
+) -> Result<(), Option<u16>> {
     tokio::select! {
-        r = sink.send(frame) => r.is_ok(),
-        code = closed.closed() => {
+        r = sink.send(frame) => r.map_err(|_| None),
+        code = closed.closed() => Err(Some(code)),
+    }
+}
+
+/// Ends the connection with a close frame: ours (`code`), or, when the client closed
+/// first, the answer RFC 6455 (5.5.1) requires, which echoes the client's code. tungstenite
+/// queues that answer itself when it reads the client's close and refuses a close of our
+/// own after it (`SendAfterClosing`); the answer goes out only when the socket is flushed,
+/// which `close` does. Without it a client saw 1006 on every normal sign-off. Bounded by
+/// [`STUCK_CLOSE_WAIT`]: a client that stopped reading may leave no room for the frame.
+async fn goodbye(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    code: Option<u16>,
+) {
+    let bye = async {
+        if let Some(code) = code {
             let frame = Message::Close(Some(CloseFrame {
                 code,
                 reason: close_reason(code).into(),
             }));
-            let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, sink.send(frame)).await;
-            false
+            let _ = sink.send(frame).await;
         }
-    }
+        let _ = sink.close().await;
+    };
+    let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, bye).await;
 }
 
 /// The close code for a message over `--ws-hard-max-bytes`.
