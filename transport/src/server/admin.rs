@@ -22,8 +22,10 @@ use dispatch_engine::{
     RateCards, RiderId, TripId, TripState,
 };
 use dispatch_persistence::Transition;
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::http::{HttpError, JsonBody, QueryParams, bearer_hash, json_body};
 use super::render;
@@ -97,9 +99,31 @@ fn limit(v: &Option<String>) -> Result<usize, HttpError> {
     }
 }
 
-/// Cursors are opaque to clients: the list they belong to and the last id of the page.
-fn cursor_out(list: &str, last: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{list}:{last}"))
+/// Cursors are opaque to clients: the list they belong to and the last id of the page,
+/// `<list>:<last>`, after a MAC of it ([`cursor_mac`]), base64url. Only the server can
+/// make one, so a cursor that was altered (another id, another list, cut short) is
+/// refused rather than paging from the wrong place.
+fn cursor_out(app: &App, list: &str, last: &str) -> String {
+    let position = format!("{list}:{last}");
+    let mut bytes = cursor_mac(app, &position).finalize().into_bytes()[..CURSOR_TAG].to_vec();
+    bytes.extend_from_slice(position.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Bytes of HMAC-SHA256 kept in a cursor: 128 bits, so a guess is right once in 2^128.
+const CURSOR_TAG: usize = 16;
+
+/// HMAC-SHA256 of a cursor's position, keyed per deployment: the key is derived, with its
+/// own domain, from the admin token's hash, which is stable across restarts (so a cursor
+/// still pages after one) and known only to the server and the admin token's holder.
+fn cursor_mac(app: &App, position: &str) -> Hmac<Sha256> {
+    let key = Sha256::new()
+        .chain_update(b"dispatchd admin list cursor key v1\0")
+        .chain_update(app.admin_token_hash)
+        .finalize();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+    mac.update(position.as_bytes());
+    mac
 }
 
 /// Whether `s` is an id the server makes: its prefix and 32 lowercase hex digits.
@@ -109,21 +133,35 @@ fn is_id(s: &str, prefix: &str) -> bool {
 }
 
 /// A cursor whose position is an id with `prefix`.
-fn cursor_id(list: &str, prefix: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
-    match cursor_in(list, v)? {
+fn cursor_id(
+    app: &App,
+    list: &str,
+    prefix: &str,
+    v: &Option<String>,
+) -> Result<Option<String>, HttpError> {
+    match cursor_in(app, list, v)? {
         Some(c) if !is_id(&c, prefix) => Err(bad("`cursor` is not a cursor this list gave out")),
         c => Ok(c),
     }
 }
 
-fn cursor_in(list: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
+/// The position a cursor of `list` holds, if the server made it for `list`.
+fn cursor_in(app: &App, list: &str, v: &Option<String>) -> Result<Option<String>, HttpError> {
     let Some(c) = v.as_deref() else {
         return Ok(None);
     };
     let invalid = || bad("`cursor` is not a cursor this list gave out");
     let bytes = URL_SAFE_NO_PAD.decode(c).map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let last = text
+    if bytes.len() <= CURSOR_TAG {
+        return Err(invalid());
+    }
+    let (tag, position) = bytes.split_at(CURSOR_TAG);
+    let position = std::str::from_utf8(position).map_err(|_| invalid())?;
+    // Compared in constant time, so a forger learns nothing from how long a refusal took.
+    cursor_mac(app, position)
+        .verify_truncated_left(tag)
+        .map_err(|_| invalid())?;
+    let last = position
         .strip_prefix(list)
         .and_then(|r| r.strip_prefix(':'))
         .filter(|r| !r.is_empty())
@@ -293,13 +331,13 @@ async fn drivers(
         product: product_param(&q.product)?,
         cell,
     };
-    let after = cursor_id("drivers", DriverId::PREFIX, &q.cursor)?.map(DriverId::new);
+    let after = cursor_id(&app, "drivers", DriverId::PREFIX, &q.cursor)?.map(DriverId::new);
     let page = app
         .system
         .drivers_page(&filter, after.as_ref(), limit(&q.limit)?);
     Ok(Json(json!({
         "drivers": page.items.iter().map(|d| driver_json(&app, d)).collect::<Vec<_>>(),
-        "next_cursor": page.next.map(|id| cursor_out("drivers", id.as_str())),
+        "next_cursor": page.next.map(|id| cursor_out(&app, "drivers", id.as_str())),
     })))
 }
 
@@ -413,11 +451,11 @@ async fn trips(
         driver_id: q.driver_id.map(DriverId::new),
     };
     let limit = limit(&q.limit)?;
-    let after = cursor_id("trips", TripId::PREFIX, &q.cursor)?.map(TripId::new);
+    let after = cursor_id(&app, "trips", TripId::PREFIX, &q.cursor)?.map(TripId::new);
     let page = app.system.trips_page(filter, after, limit).await?;
     Ok(Json(json!({
         "trips": page.items.iter().map(render::trip).collect::<Vec<_>>(),
-        "next_cursor": page.next.map(|id| cursor_out("trips", id.as_str())),
+        "next_cursor": page.next.map(|id| cursor_out(&app, "trips", id.as_str())),
     })))
 }
 
@@ -478,7 +516,7 @@ async fn cells(
         Some(_) => return Err(bad("`active` must be true or false")),
     };
     let limit = limit(&q.limit)?;
-    let after = match cursor_in("cells", &q.cursor)? {
+    let after = match cursor_in(&app, "cells", &q.cursor)? {
         None => None,
         Some(c) => Some(
             c.parse::<u64>()
@@ -490,7 +528,7 @@ async fn cells(
     let page = app.system.cells_page(active, after, limit).await;
     Ok(Json(json!({
         "cells": page.items.iter().map(cell_json).collect::<Vec<_>>(),
-        "next_cursor": page.next.map(|c| cursor_out("cells", &u64::from(c).to_string())),
+        "next_cursor": page.next.map(|c| cursor_out(&app, "cells", &u64::from(c).to_string())),
     })))
 }
 

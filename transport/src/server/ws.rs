@@ -340,15 +340,28 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(e)) => {
-                // A message over --ws-hard-max-bytes is not read at all: 1009, as
-                // documented (the first close asked for wins over the 1000 below).
-                let too_big = e
-                    .into_inner()
-                    .downcast_ref::<tungstenite_axum::Error>()
-                    .is_some_and(|e| matches!(e, tungstenite_axum::Error::Capacity(_)));
-                if too_big {
-                    app.metrics.bound_hit("ws_hard_max_bytes");
-                    handle.close(CLOSE_TOO_BIG);
+                // The first close asked for wins over the 1000 below.
+                match e.into_inner().downcast_ref::<tungstenite_axum::Error>() {
+                    // A message over --ws-hard-max-bytes is not read at all: 1009, as
+                    // documented.
+                    Some(tungstenite_axum::Error::Capacity(_)) => {
+                        app.metrics.bound_hit("ws_hard_max_bytes");
+                        handle.close(CLOSE_TOO_BIG);
+                    }
+                    // A text frame (or a close reason) that is not UTF-8: a bad message,
+                    // counted as every other one is, that gets the close RFC 6455
+                    // requires (8.1: fail the connection; 7.4.1: 1007) rather than a
+                    // JSON error. Nothing in the frame is acted on.
+                    Some(tungstenite_axum::Error::Utf8(_)) => {
+                        received.inc();
+                        drop(app.metrics.handling("session", "invalid"));
+                        tracing::info!(
+                            role = label,
+                            "closing a session that sent text that is not UTF-8"
+                        );
+                        handle.close(CLOSE_INVALID_UTF8);
+                    }
+                    _ => {}
                 }
                 break;
             }
@@ -488,76 +501,84 @@ async fn write_loop(
     pings.tick().await;
     let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
     let mut shutdown = app.shutdown.clone();
-    let close = |code: u16, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    };
-    loop {
+    // The close code to send as the loop ends, if there is one.
+    let code = loop {
         tokio::select! {
             biased;
-            code = closed.closed() => {
-                let frame = sink.send(close(code, close_reason(code)));
-                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
-                break;
-            }
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                let frame = sink.send(close(CLOSE_GOING_AWAY, "server shutting down"));
-                let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, frame).await;
-                break;
-            }
+            code = closed.closed() => break Some(code),
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break Some(CLOSE_GOING_AWAY),
             _ = pings.tick(), if every > 0 => {
                 let silent = app.system.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
                 if silent > 3 * every {
                     app.metrics.bound_hit("ws_idle_timeout");
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
                     handle.close(CLOSE_GOING_AWAY);
-                } else if !send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
-                    break;
+                } else if let Err(code) = send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
+                    break code;
                 }
             }
             m = rx.recv() => {
-                let Some(m) = m else { break };
+                let Some(m) = m else { break None };
                 let text = render_text(&app, m);
-                if !send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
-                    break;
+                if let Err(code) = send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
+                    break code;
                 }
                 sent.inc();
             }
         }
-    }
+    };
+    goodbye(&mut sink, code).await;
 }
 
 /// Sends one frame, unless the session is asked to close first. A client that stopped
 /// reading blocks a send once the socket's buffers are full; its queue then fills and the
-/// session is closed, and the pending send must not keep it open: it is given up, and the
-/// close frame tried for a moment only (there may be no room for it either). Returns
-/// whether the writer goes on.
+/// session is closed, and the pending send must not keep it open: it is given up for the
+/// close. `Err(Some(code))`: close with `code`; `Err(None)`: the send failed (the socket
+/// broke, or the client closed first).
 async fn send_unless_closed(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     frame: Message,
     closed: &dispatch_actors::session::CloseWatch,
-) -> bool {
+) -> Result<(), Option<u16>> {
     tokio::select! {
-        r = sink.send(frame) => r.is_ok(),
-        code = closed.closed() => {
+        r = sink.send(frame) => r.map_err(|_| None),
+        code = closed.closed() => Err(Some(code)),
+    }
+}
+
+/// Ends the connection with a close frame: ours (`code`), or, when the client closed
+/// first, the answer RFC 6455 (5.5.1) requires, which echoes the client's code. tungstenite
+/// queues that answer itself when it reads the client's close and refuses a close of our
+/// own after it (`SendAfterClosing`); the answer goes out only when the socket is flushed,
+/// which `close` does. Without it a client saw 1006 on every normal sign-off. Bounded by
+/// [`STUCK_CLOSE_WAIT`]: a client that stopped reading may leave no room for the frame.
+async fn goodbye(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    code: Option<u16>,
+) {
+    let bye = async {
+        if let Some(code) = code {
             let frame = Message::Close(Some(CloseFrame {
                 code,
                 reason: close_reason(code).into(),
             }));
-            let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, sink.send(frame)).await;
-            false
+            let _ = sink.send(frame).await;
         }
-    }
+        let _ = sink.close().await;
+    };
+    let _ = tokio::time::timeout(STUCK_CLOSE_WAIT, bye).await;
 }
 
 /// The close code for a message over `--ws-hard-max-bytes`.
 const CLOSE_TOO_BIG: u16 = 1009;
 
+/// The close code for a text frame that is not UTF-8 (RFC 6455 7.4.1: "inconsistent data").
+const CLOSE_INVALID_UTF8: u16 = 1007;
+
 fn close_reason(code: u16) -> &'static str {
     match code {
         CLOSE_TOO_BIG => "message too big",
+        CLOSE_INVALID_UTF8 => "text frames must be UTF-8",
         dispatch_actors::session::CLOSE_REPLACED => "replaced",
         CLOSE_POLICY => "policy violation",
         _ => "",
