@@ -11,7 +11,14 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         if name != "lib" && path.extension().is_some_and(|e| e == "rs") {
-            modules.insert(name, std::fs::read_to_string(&path).unwrap());
+            // Code only: a doc link to another module is not an import.
+            let code: Vec<String> = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .map(str::to_owned)
+                .collect();
+            modules.insert(name, code.join("\n"));
         }
     }
     let names: BTreeSet<String> = modules.keys().cloned().collect();
@@ -106,11 +113,11 @@ fn no_two_modules_of_actors_import_each_other() {
 fn the_check_finds_a_cycle_when_there_is_one() {
     let mut graph = imports();
     assert_eq!(find_cycle(&graph), None);
-    // Today's graph with one more import, of the facade by the trip actor: a cycle.
-    graph.get_mut("trip").unwrap().insert("system".into());
+    // Today's graph with one more import, of the facade by the messages: a cycle.
+    graph.get_mut("messages").unwrap().insert("system".into());
     let c = find_cycle(&graph).expect("a cycle");
     assert!(
-        c.contains(&"trip".to_owned()) && c.contains(&"system".to_owned()),
+        c.contains(&"messages".to_owned()) && c.contains(&"system".to_owned()),
         "{c:?}"
     );
 }
