@@ -320,13 +320,18 @@ impl Dispatchd {
         b
     }
 
-    /// SIGKILL (no shutdown code runs, nothing more is flushed), then the same again on
-    /// the same data directory, ready.
-    pub async fn crash_and_restart(mut self) -> Dispatchd {
-        self.kill9();
+    /// The same again on the same data directory, ready, once this one has ended (killed
+    /// now if it still runs).
+    pub async fn restart(self) -> Dispatchd {
         let again = self.again();
         drop(self);
         again.start().await
+    }
+
+    /// SIGKILL (no shutdown code runs, nothing more is flushed), then [`Dispatchd::restart`].
+    pub async fn crash_and_restart(mut self) -> Dispatchd {
+        self.kill9();
+        self.restart().await
     }
 
     /// The `--data-dir`.

@@ -2,7 +2,7 @@
 //! the pickup, a connected rider, the trip requested and offered, and the driver's
 //! commands up to the state asked for, each seen by both.
 
-use dispatch_transport::wire::{Trip, TripState};
+use dispatch_transport::wire::{Offer, Trip, TripState};
 use serde_json::json;
 
 use crate::diagram::{HAPPY_PATH, happy_steps};
@@ -60,6 +60,9 @@ impl RidePlan {
         let trip = r
             .request_ride(self.pickup, self.dropoff, self.product)
             .await;
+        let mut d = d;
+        let offer = d.offer().await;
+        assert_eq!(offer.trip_id, trip.trip_id, "the only driver's offer");
         let mut ride = Ride {
             driver_id,
             driver_token,
@@ -68,9 +71,8 @@ impl RidePlan {
             rider_token,
             r,
             trip,
+            offer,
         };
-        let offer = ride.d.offer().await;
-        assert_eq!(offer.trip_id, ride.trip.trip_id, "the only driver's offer");
         ride.advance(state).await;
         ride
     }
@@ -93,6 +95,8 @@ pub struct Ride {
     pub r: Client,
     /// The trip as both last saw it.
     pub trip: Trip,
+    /// The offer the driver was sent.
+    pub offer: Offer,
 }
 
 impl Ride {
