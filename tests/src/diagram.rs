@@ -4,17 +4,6 @@
 
 use dispatch_transport::wire::TripState::{self, *};
 
-/// Every state.
-pub const STATES: [TripState; 7] = [
-    Dispatching,
-    DriverAssigned,
-    DriverArrived,
-    InProgress,
-    Completed,
-    Cancelled,
-    NoDriverFound,
-];
-
 /// The happy path: each command, and the state it moves the trip to.
 pub const HAPPY_PATH: [(&str, TripState); 4] = [
     ("accept", DriverAssigned),
@@ -35,12 +24,19 @@ pub fn can_move(from: TripState, to: TripState) -> bool {
     )
 }
 
+/// Every state: dispatching, the happy path's, and the two other ends.
+pub fn states() -> impl Iterator<Item = TripState> {
+    std::iter::once(Dispatching)
+        .chain(HAPPY_PATH.map(|(_, s)| s))
+        .chain([Cancelled, NoDriverFound])
+}
+
 /// Whether any number of transitions (none included) take a trip from `from` to `to`.
 pub fn reachable(from: TripState, to: TripState) -> bool {
     let mut seen = vec![from];
     let mut todo = vec![from];
     while let Some(s) = todo.pop() {
-        for n in STATES {
+        for n in states() {
             if can_move(s, n) && !seen.contains(&n) {
                 seen.push(n);
                 todo.push(n);
@@ -112,5 +108,6 @@ mod tests {
         assert!(reachable(DriverArrived, Dispatching));
         assert!(!reachable(Completed, Cancelled));
         assert_eq!(name(NoDriverFound), "no_driver_found");
+        assert_eq!(states().count(), 7);
     }
 }

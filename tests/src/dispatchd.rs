@@ -23,6 +23,22 @@ use std::time::Duration;
 
 use crate::{Endpoint, SLOW, WAIT};
 
+/// Short timeouts, so whole trips (and their ends) fit a load test's run: 3 s offers, a
+/// 15 s dispatch deadline, a minute's session grace, a snapshot every 200 ms, 5 s to
+/// shut down.
+pub const SHORT_TRIP_FLAGS: &[&str] = &[
+    "--offer-timeout-ms",
+    "3000",
+    "--dispatch-deadline-ms",
+    "15000",
+    "--session-grace-ms",
+    "60000",
+    "--snapshot-interval-ms",
+    "200",
+    "--shutdown-timeout-ms",
+    "5000",
+];
+
 /// The `dispatchd` binary cargo built next to the test executable.
 pub fn dispatchd_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -390,27 +406,19 @@ impl Dispatchd {
 
     /// Waits for the process to end by itself (not killed by the test); its exit status.
     pub async fn exited_within(&mut self, within: Duration) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: dispatchd still runs after {within:?}\n--- log ---\n{}",
-                self.builder.name,
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_exit(within, false).await
     }
 
     /// Waits for a start that must fail: the process exits within [`SLOW`], and `/readyz`
     /// never answers 200 meanwhile. Its exit status.
     pub async fn exits_unready(&mut self) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + SLOW;
+        self.wait_exit(SLOW, true).await
+    }
+
+    async fn wait_exit(&mut self, within: Duration, never_ready: bool) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+            if never_ready && let Ok(r) = self.http.get(self.url("/readyz")).send().await {
                 assert_ne!(
                     r.status(),
                     200,
@@ -424,7 +432,7 @@ impl Dispatchd {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{}: dispatchd did not exit within {SLOW:?}\n--- log ---\n{}",
+                "{}: dispatchd still runs after {within:?}\n--- log ---\n{}",
                 self.builder.name,
                 self.log_text()
             );

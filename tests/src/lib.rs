@@ -35,7 +35,8 @@ mod dispatchd;
 mod ride;
 
 pub use dispatchd::{
-    Dispatchd, DispatchdBuilder, assert_clean_log, built_bin, built_dispatchd, dispatchd_bin, reap,
+    Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
+    dispatchd_bin, reap,
 };
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, ride_to};
 

@@ -1,7 +1,7 @@
 //! The real `dispatchd` binary as a child process: start-up, a request, SIGTERM, and a
 //! bad flag.
 
-use dispatch_tests::{Dispatchd, WAIT};
+use dispatch_tests::{Dispatchd, Endpoint, WAIT};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::{Value, json};
 
@@ -205,37 +205,21 @@ async fn admin_listen_serves_admin_and_metrics_apart_from_clients() {
         .expect("a free port")
         .to_string();
     let mut d = Dispatchd::start("admin-listen", &["--admin-listen", &admin_addr]).await;
-    let listen = d.listen();
     let token =
         std::fs::read_to_string(d.data_dir().join("admin.token")).expect("admin.token written");
-    let token = token.trim();
-    let http = &d.http;
-    let get = |base: &str, path: &str| {
-        let r = http.get(format!("http://{base}{path}")).bearer_auth(token);
-        async move { r.send().await.unwrap().status().as_u16() }
-    };
+    let token = Some(token.trim());
+    let admin = Endpoint::new(admin_addr.parse().unwrap(), d.http.clone());
+    let rider = json!({"name": "Apart", "phone": "+1 555 0100"});
     // Clients: their routes, health, and no operator routes.
-    assert_eq!(get(&listen, "/admin/stats").await, 404);
-    assert_eq!(get(&listen, "/metrics").await, 404);
-    assert_eq!(get(&listen, "/readyz").await, 200);
-    let r = http
-        .post(format!("http://{listen}/v1/riders"))
-        .json(&json!({"name": "Apart", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    assert_eq!(d.get("/admin/stats", token).await.0, 404);
+    assert_eq!(d.get("/metrics", token).await.0, 404);
+    assert_eq!(d.get("/readyz", token).await.0, 200);
+    assert_eq!(d.post("/v1/riders", None, rider.clone()).await.0, 201);
     // Operators: admin, metrics and health, and no client routes.
-    assert_eq!(get(&admin_addr, "/admin/stats").await, 200);
-    assert_eq!(get(&admin_addr, "/metrics").await, 200);
-    assert_eq!(get(&admin_addr, "/healthz").await, 200);
-    let r = http
-        .post(format!("http://{admin_addr}/v1/riders"))
-        .json(&json!({"name": "Wrong door", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(admin.get("/admin/stats", token).await.0, 200);
+    assert_eq!(admin.get("/metrics", token).await.0, 200);
+    assert_eq!(admin.get("/healthz", token).await.0, 200);
+    assert_eq!(admin.post("/v1/riders", None, rider).await.0, 404);
     d.sigterm();
     assert_eq!(d.exited_within(WAIT).await.code(), Some(0));
 }

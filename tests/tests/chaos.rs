@@ -33,29 +33,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use dispatch_tests::diagram::{self, can_move, has_driver};
-use dispatch_tests::{Dispatchd, assert_clean_log, now_ms, rfc3339_ms};
+use dispatch_tests::{Dispatchd, SHORT_TRIP_FLAGS, assert_clean_log, now_ms, rfc3339_ms};
 use dispatch_transport::wire::TripState;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 const ADMIN: &str = "chaos-admin-token-0123456789abcdef";
-
-/// Short timeouts, so whole trips (and their ends) fit the run.
-const SERVER_FLAGS: &[&str] = &[
-    "--admin-token",
-    ADMIN,
-    "--offer-timeout-ms",
-    "3000",
-    "--dispatch-deadline-ms",
-    "15000",
-    "--session-grace-ms",
-    "60000",
-    "--snapshot-interval-ms",
-    "200",
-    "--shutdown-timeout-ms",
-    "5000",
-];
 
 const DRIVERS: usize = 30;
 const RIDERS: usize = 24;
@@ -421,7 +405,8 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     let port = spare_port();
     let mut server = Dispatchd::builder("chaos")
         .port(port)
-        .flags(SERVER_FLAGS)
+        .flags(SHORT_TRIP_FLAGS)
+        .flags(&["--admin-token", ADMIN])
         .start()
         .await;
     let mut logs = Vec::new();

@@ -130,28 +130,15 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
 
     // The driver's accept cannot be stored: `unavailable`, and the trip is as it was.
-    let before = s
-        .request(
-            Method::GET,
-            &format!("/v1/trips/{}", t.trip_id),
-            Some(&rtoken),
-            None,
-        )
-        .await;
+    let path = format!("/v1/trips/{}", t.trip_id);
+    let before = s.get(&path, Some(&rtoken)).await;
     assert_eq!(before.0, 200, "{}", before.1);
     let code = ride
         .d
         .err(json!({"type": "accept", "trip_id": t.trip_id}))
         .await;
     assert_eq!(code, "unavailable");
-    let (st, after) = s
-        .request(
-            Method::GET,
-            &format!("/v1/trips/{}", t.trip_id),
-            Some(&rtoken),
-            None,
-        )
-        .await;
+    let (st, after) = s.get(&path, Some(&rtoken)).await;
     assert_eq!(st, 200, "{after}");
     assert_eq!(
         (&after["state"], &after["version"]),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dispatch_tests::diagram::happy_steps;
-use dispatch_tests::{Ride as FixtureRide, RidePlan, point, trip_of};
+use dispatch_tests::{RidePlan, point, trip_of};
 use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, TripState};
 use serde_json::json;
 
@@ -53,30 +53,20 @@ async fn a_clean_restart_keeps_every_live_trip_offer_token_and_quote() {
             ),
             "{tag}"
         );
-        let FixtureRide {
-            driver_id,
-            driver_token,
-            d,
-            rider_id,
-            rider_token,
-            r,
-            trip,
-            offer,
-        } = ride;
-        let id = trip.trip_id;
+        let id = ride.trip.trip_id;
         rides.push(Ride {
-            driver_id,
-            driver_token,
-            rider_id,
-            rider_token,
+            driver_id: ride.driver_id,
+            driver_token: ride.driver_token,
+            rider_id: ride.rider_id,
+            rider_token: ride.rider_token,
             trip_id: id,
             state,
-            offer,
+            offer: ride.offer,
             offered_at,
         });
         // Sessions stay open into the shutdown.
-        open_before.push(d);
-        open_before.push(r);
+        open_before.push(ride.d);
+        open_before.push(ride.r);
     }
     struct Ride {
         driver_id: String,

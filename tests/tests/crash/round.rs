@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_tests::diagram::{has_driver, reachable};
-use dispatch_tests::{Dispatchd, Endpoint, WAIT, assert_clean_log, point};
+use dispatch_tests::{Dispatchd, Endpoint, SHORT_TRIP_FLAGS, WAIT, assert_clean_log, point};
 use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, Trip, TripState};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
@@ -25,19 +25,8 @@ use crate::{CENTER, location};
 
 const DRIVERS: usize = 12;
 const RIDERS: usize = 12;
+/// The offer timeout of [`SHORT_TRIP_FLAGS`].
 const CRASH_OFFER_TIMEOUT_MS: u64 = 3_000;
-const CRASH_FLAGS: &[&str] = &[
-    "--offer-timeout-ms",
-    "3000",
-    "--dispatch-deadline-ms",
-    "15000",
-    "--session-grace-ms",
-    "60000",
-    "--snapshot-interval-ms",
-    "200",
-    "--shutdown-timeout-ms",
-    "5000",
-];
 
 /// `CRASH_SEED=<n>` (decimal or 0x-hex): that one round. Otherwise `CRASH_ROUNDS` (5)
 /// rounds with fresh seeds, each printed.
@@ -174,7 +163,7 @@ impl Round {
     async fn register(round: usize, seed: u64) -> Round {
         let tag = format!("[crash round {round}, CRASH_SEED={seed}]");
         let server = Dispatchd::builder(&format!("crash-round-{round}"))
-            .flags(CRASH_FLAGS)
+            .flags(SHORT_TRIP_FLAGS)
             .start()
             .await;
         let names: Vec<String> = (0..DRIVERS.max(RIDERS))
