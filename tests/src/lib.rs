@@ -1,12 +1,19 @@
-//! `dispatch-tests`: a harness for end-to-end tests over real sockets. [`TestServer`]
-//! runs the real server (`dispatch_transport::server::run`) on an ephemeral port, or the
-//! real `dispatchd` binary as a child process; [`Client`] is a real WebSocket client
-//! (tokio-tungstenite) that speaks PROTOCOL.md's wire types.
+//! `dispatch-tests`: a harness for end-to-end tests over real sockets.
+//!
+//! - [`Endpoint`]: a running server's address and an HTTP client, with the REST and
+//!   session helpers every test uses (register, quote, connect, metrics, ...).
+//! - [`TestServer`]: the real server (`dispatch_transport::server::run`) in-process on an
+//!   ephemeral port; it derefs to its [`Endpoint`].
+//! - [`Dispatchd`]: the real `dispatchd` binary as a child process, built by
+//!   [`Dispatchd::builder`] (flags, env, data directory, logs kept on failure, kill -9,
+//!   restart on the same data); it derefs to its [`Endpoint`] too.
+//! - [`Client`]: a real WebSocket client (tokio-tungstenite) that speaks PROTOCOL.md's
+//!   wire types.
+//! - [`ride_to`] / [`RidePlan`]: a driver and a rider with a trip brought to any state of
+//!   the happy path; [`diagram`]: the trip state machine over the wire types.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -23,67 +30,35 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod diagram;
+mod dispatchd;
+mod ride;
+
+pub use dispatchd::{
+    Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
+    dispatchd_bin, reap,
+};
+pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, ride_to};
+
 /// How long a test waits for something the server should do promptly. Generous: the
 /// timing under test always comes from the server's own flags, never from this.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// The server, in-process, on `127.0.0.1:0`.
-pub struct TestServer {
+/// A deadline for what takes a moment on a loaded machine (a child's start-up, recovery,
+/// a process exiting): generous, and never the thing under test.
+pub const SLOW: Duration = Duration::from_secs(30);
+
+/// A running server, in-process or a child: its address and an HTTP client, with the
+/// helpers tests use against it. [`TestServer`] and [`Dispatchd`] deref to it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<()>>>,
-    /// This server's own `--data-dir`, removed when the server is dropped.
-    pub data_dir: tempfile::TempDir,
 }
 
-impl TestServer {
-    /// Starts a server with `dispatchd`'s defaults plus `flags` (e.g. `--offer-timeout-ms 300`).
-    pub async fn start(flags: &[&str]) -> TestServer {
-        let data_dir = tempfile::tempdir().expect("a temporary data directory");
-        let dir = data_dir
-            .path()
-            .to_str()
-            .expect("utf-8 temp path")
-            .to_owned();
-        let mut argv = vec!["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
-        argv.extend_from_slice(flags);
-        let config = Args::parse_from(argv)
-            .build_and_validate()
-            .expect("valid test flags");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, config, async move {
-            let _ = rx.await;
-        }));
-        let s = TestServer {
-            addr,
-            http: reqwest::Client::new(),
-            stop: Some(tx),
-            task: Some(task),
-            data_dir,
-        };
-        s.wait_ready().await;
-        s
-    }
-
-    pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = self.http.get(self.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server not ready in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+impl Endpoint {
+    pub fn new(addr: SocketAddr, http: reqwest::Client) -> Endpoint {
+        Endpoint { addr, http }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -94,37 +69,74 @@ impl TestServer {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// Stops the server as SIGTERM would and waits for it to finish.
-    pub async fn stop(mut self) -> Result<()> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+    /// Waits (up to [`WAIT`]) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        eventually("the server to be ready", || async {
+            let r = self.http.get(self.url("/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await
+    }
+
+    /// Any method, with an optional JSON body: (status, JSON body or null), or the
+    /// transport error (a server that died).
+    pub async fn try_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
         }
-        match self.task.take() {
-            Some(t) => tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .context("shutdown timed out")??,
-            None => Ok(()),
+        if let Some(b) = body {
+            r = r.json(&b);
         }
+        let resp = r.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Any method, with an optional JSON body: (status, JSON body or null).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.try_request(method.clone(), path, token, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut r = self.http.post(self.url(path)).json(&body);
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let resp = r.send().await.expect("request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::POST, path, token, Some(body))
+            .await
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut r = self.http.get(self.url(path));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let resp = r.send().await.expect("request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::GET, path, token, None).await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::PUT, path, token, Some(body))
+            .await
+    }
+
+    /// `GET path` as `token`; asserts 200 and returns the body.
+    pub async fn get_ok(&self, path: &str, token: &str) -> Value {
+        let (st, v) = self.get(path, Some(token)).await;
+        assert_eq!(st, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// `GET /v1/trips/{id}` as `token`; asserts 200.
+    pub async fn trip(&self, id: &str, token: &str) -> wire::Trip {
+        let v = self.get_ok(&format!("/v1/trips/{id}"), token).await;
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("trip {id}: {e}: {v}"))
     }
 
     /// Registers a driver of `product`; returns (driver_id, token).
@@ -159,6 +171,13 @@ impl TestServer {
         )
     }
 
+    /// A session of `role` (`driver`, `rider`) with `token`; `welcome` not yet read.
+    pub async fn connect(&self, role: &str, token: &str) -> Client {
+        Client::connect(&self.ws_url(&format!("/v1/ws/{role}")), Some(token))
+            .await
+            .unwrap_or_else(|e| panic!("a {role} session with a valid token: {e}"))
+    }
+
     /// A connected driver session, `welcome` already read, online at `(lat, lng)`.
     pub async fn online_driver(
         &self,
@@ -167,28 +186,11 @@ impl TestServer {
         lat: f64,
         lng: f64,
     ) -> (String, Client) {
-        let (id, token) = self.driver(name, product).await;
-        let mut c = Client::driver(self, &token).await.expect("driver connects");
-        c.welcome().await;
-        c.ok(json!({"type": "location", "lat": lat, "lng": lng, "ts": 0}))
-            .await;
-        c.ok(json!({"type": "go_online"})).await;
+        let (id, _, c) = self.online_driver_token(name, product, lat, lng).await;
         (id, c)
     }
-}
 
-impl TestServer {
-    /// Begins a graceful shutdown, as SIGTERM would, without waiting for it; [`stop`]
-    /// still waits for the end afterwards.
-    ///
-    /// [`stop`]: TestServer::stop
-    pub fn begin_stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Like [`TestServer::online_driver`], also returning the token (to reconnect).
+    /// Like [`Endpoint::online_driver`], also returning the token (to reconnect).
     pub async fn online_driver_token(
         &self,
         name: &str,
@@ -197,18 +199,16 @@ impl TestServer {
         lng: f64,
     ) -> (String, String, Client) {
         let (id, token) = self.driver(name, product).await;
-        let mut c = Client::driver(self, &token).await.expect("driver connects");
+        let mut c = self.connect("driver", &token).await;
         c.welcome().await;
-        c.ok(json!({"type": "location", "lat": lat, "lng": lng, "ts": 0}))
-            .await;
-        c.ok(json!({"type": "go_online"})).await;
+        c.go_online((lat, lng)).await;
         (id, token, c)
     }
 
     /// A rider, registered and connected, `welcome` already read: (rider_id, token, session).
     pub async fn connected_rider(&self, name: &str) -> (String, String, Client) {
         let (id, token) = self.rider(name).await;
-        let mut c = Client::rider(self, &token).await.expect("rider connects");
+        let mut c = self.connect("rider", &token).await;
         c.welcome().await;
         (id, token, c)
     }
@@ -225,7 +225,7 @@ impl TestServer {
             .post(
                 "/v1/quotes",
                 Some(rider_token),
-                json!({"pickup": {"lat": pickup.0, "lng": pickup.1}, "dropoff": {"lat": dropoff.0, "lng": dropoff.1}, "product": product}),
+                json!({"pickup": point(pickup), "dropoff": point(dropoff), "product": product}),
             )
             .await;
         assert_eq!(st, 201, "{q}");
@@ -274,6 +274,13 @@ impl TestServer {
         })
     }
 
+    /// [`Endpoint::metric`] of a series that must be there.
+    pub async fn metric_value(&self, series: &str) -> f64 {
+        self.metric(series)
+            .await
+            .unwrap_or_else(|| panic!("no series {series}"))
+    }
+
     /// Waits until the server holds exactly `n` open sessions of `role` (driver, rider):
     /// a closed session has then been detached from its actor.
     pub async fn wait_sessions(&self, role: &str, n: u64) {
@@ -285,14 +292,112 @@ impl TestServer {
     }
 }
 
+/// `{"lat": .., "lng": ..}`, as the wire and REST bodies write a point.
+pub fn point((lat, lng): (f64, f64)) -> Value {
+    json!({"lat": lat, "lng": lng})
+}
+
+/// The server, in-process, on `127.0.0.1:0`. Derefs to its [`Endpoint`].
+pub struct TestServer {
+    endpoint: Endpoint,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<()>>>,
+    /// This server's own `--data-dir`, removed when the server is dropped.
+    pub data_dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+impl TestServer {
+    /// Starts a server with `dispatchd`'s defaults plus `flags` (e.g. `--offer-timeout-ms 300`).
+    pub async fn start(flags: &[&str]) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("a temporary data directory");
+        TestServer::start_in(data_dir, flags).await
+    }
+
+    /// Starts a server on an existing `--data-dir`, as [`TestServer::start`] does with a
+    /// fresh one: a restart, which recovers what an earlier server stored there.
+    pub async fn start_in(data_dir: tempfile::TempDir, flags: &[&str]) -> TestServer {
+        let dir = data_dir.path().to_str().expect("utf-8 path").to_owned();
+        let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
+        let config = Args::parse_from(argv.iter().chain(flags))
+            .build_and_validate()
+            .expect("valid test flags");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, rx) = oneshot::channel::<()>();
+        let s = TestServer {
+            endpoint: Endpoint::new(listener.local_addr().unwrap(), reqwest::Client::new()),
+            stop: Some(stop),
+            task: Some(tokio::spawn(server::run(listener, config, async move {
+                let _ = rx.await;
+            }))),
+            data_dir,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    /// Stops the server as SIGTERM would and waits for it to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        self.begin_stop();
+        match self.task.take() {
+            Some(t) => tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .context("shutdown timed out")??,
+            None => Ok(()),
+        }
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM would, without waiting for it; [`stop`]
+    /// still waits for the end afterwards.
+    ///
+    /// [`stop`]: TestServer::stop
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Stops this server gracefully and starts a new one with `flags` on the same data
+    /// directory.
+    pub async fn restart(mut self, flags: &[&str]) -> TestServer {
+        let placeholder = tempfile::tempdir().expect("a temporary directory");
+        let dir = std::mem::replace(&mut self.data_dir, placeholder);
+        self.stop().await.expect("a clean stop before the restart");
+        TestServer::start_in(dir, flags).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.begin_stop();
+    }
+}
+
 /// Polls `f` until it yields a value, for at most [`WAIT`]: for waiting on something the
 /// server does on its own schedule (a timer set by a flag), never for a tuned delay.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(what, WAIT, f).await
+}
+
+/// [`eventually`] with another deadline.
+pub async fn eventually_within<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(v) = f().await {
             return v;
@@ -346,14 +451,6 @@ pub fn trip_of(m: ServerMessage) -> wire::Trip {
     }
 }
 
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A real WebSocket client with `req` correlation.
@@ -381,11 +478,11 @@ impl Client {
         })
     }
 
-    pub async fn driver(s: &TestServer, token: &str) -> Result<Client, tungstenite::Error> {
+    pub async fn driver(s: &Endpoint, token: &str) -> Result<Client, tungstenite::Error> {
         Client::connect(&s.ws_url("/v1/ws/driver"), Some(token)).await
     }
 
-    pub async fn rider(s: &TestServer, token: &str) -> Result<Client, tungstenite::Error> {
+    pub async fn rider(s: &Endpoint, token: &str) -> Result<Client, tungstenite::Error> {
         Client::connect(&s.ws_url("/v1/ws/rider"), Some(token)).await
     }
 
@@ -642,112 +739,12 @@ pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
 }
 
-/// The `dispatchd` binary cargo built next to the test executable.
-pub fn dispatchd_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>/deps");
-    dir.join("dispatchd")
-}
-
-/// The `dispatchd` binary. Under cargo it is (re)built first, so it is never older than
-/// the code under test (a no-op when it is fresh); run bare, it must already exist.
-pub fn built_dispatchd() -> PathBuf {
-    built_bin("dispatch-transport", "dispatchd")
-}
-
-/// The workspace binary `bin` of `package`, next to the test executable. Under cargo it
-/// is (re)built once per test process first (a no-op when it is fresh); run bare, it must
-/// already exist.
-pub fn built_bin(package: &str, bin: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let path = dispatchd_bin().with_file_name(bin);
-    let build = format!("cargo build -p {package} --bin {bin}");
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.contains(&build)
-        && let Ok(cargo) = std::env::var("CARGO")
-    {
-        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", package, "--bin", bin]);
-        if path.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "`{build}` failed");
-        built.push(build.clone());
-    }
-    assert!(
-        path.exists(),
-        "{} does not exist: build it with `{build}` (`cargo test --workspace` builds it too)",
-        path.display()
-    );
-    path
-}
-
-impl TestServer {
-    /// Starts a server on an existing `--data-dir`, as [`TestServer::start`] does with a
-    /// fresh one: a restart, which recovers what an earlier server stored there.
-    pub async fn start_in(data_dir: tempfile::TempDir, flags: &[&str]) -> TestServer {
-        let dir = data_dir.path().to_str().expect("utf-8 path").to_owned();
-        let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
-        let config = Args::parse_from(argv.iter().chain(flags))
-            .build_and_validate()
-            .expect("valid test flags");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let (stop, rx) = oneshot::channel::<()>();
-        let s = TestServer {
-            addr: listener.local_addr().unwrap(),
-            http: reqwest::Client::new(),
-            stop: Some(stop),
-            task: Some(tokio::spawn(server::run(listener, config, async move {
-                let _ = rx.await;
-            }))),
-            data_dir,
-        };
-        s.wait_ready().await;
-        s
-    }
-
-    /// Stops this server gracefully and starts a new one with `flags` on the same data
-    /// directory.
-    pub async fn restart(mut self, flags: &[&str]) -> TestServer {
-        let placeholder = tempfile::tempdir().expect("a temporary directory");
-        let dir = std::mem::replace(&mut self.data_dir, placeholder);
-        self.stop().await.expect("a clean stop before the restart");
-        TestServer::start_in(dir, flags).await
-    }
-
-    /// Any method, with an optional JSON body: (status, JSON body or null).
-    pub async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut r = self.http.request(method, self.url(path));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.expect("request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        self.request(reqwest::Method::PUT, path, token, Some(body))
-            .await
+impl Client {
+    /// A location ping at `at` (acknowledged), then `go_online` (acknowledged).
+    pub async fn go_online(&mut self, at: (f64, f64)) {
+        self.ok(json!({"type": "location", "lat": at.0, "lng": at.1, "ts": now_ms()}))
+            .await;
+        self.ok(json!({"type": "go_online"})).await;
     }
 }
 
@@ -764,144 +761,4 @@ pub fn utc_date(ms: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
-}
-
-/// The real `dispatchd` binary as a child process on a given `--data-dir`, with its own
-/// environment (for test hooks such as `DISPATCH_TEST_CRASH_AFTER`). Its output goes to a
-/// log file; dropping it kills the process if it still runs.
-pub struct Dispatchd {
-    pub child: std::process::Child,
-    pub listen: String,
-    pub log: PathBuf,
-    pub http: reqwest::Client,
-}
-
-impl Drop for Dispatchd {
-    fn drop(&mut self) {
-        reap(&mut self.child);
-    }
-}
-
-/// Kills a child that is still running and waits for it: for the `Drop` guards that keep
-/// a failed test from leaving a server behind.
-pub fn reap(child: &mut std::process::Child) {
-    if matches!(child.try_wait(), Ok(None)) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Dispatchd {
-    /// Starts `dispatchd --listen <a free port> --data-dir <data> <flags>` with `env` set
-    /// and no other `DISPATCH_TEST_*` hook, its output in `<logs>/<name>.log`, and waits
-    /// until `/readyz` is 200 (retrying on another port if the one chosen was taken).
-    pub async fn start(
-        name: &str,
-        data: &std::path::Path,
-        logs: &std::path::Path,
-        flags: &[&str],
-        env: &[(&str, &str)],
-    ) -> Dispatchd {
-        let bin = built_dispatchd();
-        for attempt in 0.. {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let log = logs.join(format!("{name}-{attempt}.log"));
-            let out = std::fs::File::create(&log).expect("create the log file");
-            let mut cmd = Command::new(&bin);
-            cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-                .arg(data)
-                .args(flags)
-                .env_remove("DISPATCH_TEST_CRASH_AFTER")
-                .envs(env.iter().copied())
-                .stdin(std::process::Stdio::null())
-                .stderr(out.try_clone().expect("clone the log handle"))
-                .stdout(out);
-            let mut s = Dispatchd {
-                child: cmd.spawn().expect("spawn dispatchd"),
-                listen: format!("127.0.0.1:{port}"),
-                log,
-                http: reqwest::Client::builder()
-                    .timeout(WAIT)
-                    .build()
-                    .expect("an HTTP client"),
-            };
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(r) = s.http.get(s.url("/readyz")).send().await
-                    && r.status() == 200
-                {
-                    return s;
-                }
-                if let Some(st) = s.child.try_wait().expect("try_wait") {
-                    let log = s.log_text();
-                    assert!(
-                        attempt < 3 && log.contains("cannot listen"),
-                        "{name}: dispatchd exited ({st}) before it was ready\n--- log ---\n{log}"
-                    );
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{name}: dispatchd not ready in 30 s\n--- log ---\n{}",
-                    s.log_text()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        unreachable!()
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.listen)
-    }
-
-    pub fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.listen)
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Any request with an optional JSON body: (status, JSON body or null).
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut r = self.http.request(method.clone(), self.url(path));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Waits for the process to end by itself (not killed by the test); its exit status.
-    pub async fn exited_within(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "dispatchd still runs after {within:?}\n--- log ---\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }

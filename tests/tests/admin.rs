@@ -6,13 +6,13 @@
 //! quotes only, and suspensions, pricing and the generated admin token survive restarts.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
 
-use dispatch_tests::{Client, TestServer, WAIT, eventually, north_of, now_ms, rfc3339_ms, trip_of};
+use dispatch_tests::{
+    Client, DROPOFF, Dispatchd, PICKUP, TestServer, eventually, north_of, now_ms, rfc3339_ms,
+    trip_of,
+};
 use dispatch_transport::wire::{CancelledBy, DriverStatus, ServerMessage, Trip, TripState};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -20,8 +20,6 @@ use serde_json::{Value, json};
 /// The admin token of every in-process server here (32 characters).
 const ADMIN: &str = "adm-0123456789abcdef0123456789ab";
 
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 /// Far enough from `PICKUP` (about 15 km) to be in another cell and out of any search.
 const FAR: (f64, f64) = (45.6300, -73.5690);
 
@@ -2012,140 +2010,15 @@ async fn a_refused_pricing_change_changes_nothing() {
 // ---------------------------------------------------------------------------------------
 // The generated admin token, against the real binary
 
-/// A `dispatchd` child without `--admin-token` (and with `DISPATCH_ADMIN_TOKEN` unset),
-/// its stdout and stderr in a log file; killed when dropped.
-struct Dispatchd {
-    child: std::process::Child,
-    listen: String,
-    log: PathBuf,
-}
-
-impl Drop for Dispatchd {
-    fn drop(&mut self) {
-        dispatch_tests::reap(&mut self.child);
-    }
-}
-
-impl Dispatchd {
-    fn spawn(data: &Path, log: PathBuf) -> Dispatchd {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let out = File::create(&log).expect("the log file");
-        let err = out.try_clone().expect("the log file again");
-        let child = Command::new(dispatch_tests::built_dispatchd())
-            .args(["--listen", &listen, "--data-dir"])
-            .arg(data)
-            .env_remove("DISPATCH_ADMIN_TOKEN")
-            .env("DISPATCH_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn dispatchd");
-        Dispatchd { child, listen, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.listen)
-    }
-
-    /// Waits for `/readyz`; panics with the log if the child exits or takes too long.
-    async fn ready(&mut self) {
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(self.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!(
-                    "dispatchd exited ({st}) before it was ready:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not ready:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits for the child to exit by itself; its exit status.
-    async fn exited(&mut self) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "still running:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM and a clean exit; the whole log.
-    async fn stop(mut self) -> String {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok);
-        let st = self.exited().await;
-        assert_eq!(st.code(), Some(0), "{}", self.log_text());
-        self.log_text()
-    }
-
-    async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .get(self.url(path))
-            .bearer_auth(token)
-            .timeout(WAIT)
-            .send()
-            .await
-            .expect("request");
-        let st = r.status().as_u16();
-        (st, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn rider_token(&self) -> String {
-        let r = reqwest::Client::new()
-            .post(self.url("/v1/riders"))
-            .json(&json!({"name": "Riley", "phone": "+1 555 0100"}))
-            .send()
-            .await
-            .expect("register");
-        assert_eq!(r.status().as_u16(), 201);
-        let v: Value = r.json().await.unwrap();
-        v["token"].as_str().unwrap().to_owned()
-    }
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_configured_token_one_is_generated_kept_private_reused_and_never_logged() {
-    let data = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let file = data.path().join("admin.token");
-    let mut d = Dispatchd::spawn(data.path(), logs.path().join("first.log"));
-    d.ready().await;
+    // The harness removes DISPATCH_ADMIN_TOKEN from the child's environment.
+    let d = Dispatchd::start("generated-token", &[]).await;
+    let file = d.data_dir().join("admin.token");
     assert!(file.exists(), "{} was not written", file.display());
     assert_eq!(mode(&file), 0o600, "admin.token must be private");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -2159,13 +2032,14 @@ async fn without_a_configured_token_one_is_generated_kept_private_reused_and_nev
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
         "not 256 bits of base64url: {token:?}"
     );
-    let (st, v) = d.get("/admin/stats", &token).await;
+    let (st, v) = d.get("/admin/stats", Some(&token)).await;
     assert_eq!((st, v["ready"].as_bool()), (200, Some(true)), "{v}");
-    let rider = d.rider_token().await;
-    let (st, _) = d.get("/admin/stats", &rider).await;
+    let (_, rider) = d.rider("Riley").await;
+    let (st, _) = d.get("/admin/stats", Some(&rider)).await;
     assert_eq!(st, 403);
-    let (st, _) = d.get("/admin/stats", "x".repeat(43).as_str()).await;
+    let (st, _) = d.get("/admin/stats", Some("x".repeat(43).as_str())).await;
     assert_eq!(st, 401);
+    let again = d.again();
     let log = d.stop().await;
     assert!(
         log.contains("admin.token"),
@@ -2177,17 +2051,16 @@ async fn without_a_configured_token_one_is_generated_kept_private_reused_and_nev
     );
 
     // The next start reads it back.
-    let mut d = Dispatchd::spawn(data.path(), logs.path().join("second.log"));
-    d.ready().await;
+    let d = again.start().await;
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
         text,
         "the file was rewritten"
     );
     assert_eq!(mode(&file), 0o600);
-    let (st, v) = d.get("/admin/pricing", &token).await;
+    let (st, v) = d.get("/admin/pricing", Some(&token)).await;
     assert_eq!(st, 200, "{v}");
-    let (st, _) = d.get("/admin/stats", &rider).await;
+    let (st, _) = d.get("/admin/stats", Some(&rider)).await;
     assert_eq!(st, 403, "the rider's token survived too");
     let log = d.stop().await;
     assert!(
@@ -2198,7 +2071,6 @@ async fn without_a_configured_token_one_is_generated_kept_private_reused_and_nev
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_token_file_that_is_shared_or_empty_stops_startup() {
-    let logs = tempfile::tempdir().unwrap();
     for (what, content, perm) in [
         (
             "readable by the group",
@@ -2216,8 +2088,10 @@ async fn an_admin_token_file_that_is_shared_or_empty_stops_startup() {
         let file = data.path().join("admin.token");
         std::fs::write(&file, content).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(perm)).unwrap();
-        let mut d = Dispatchd::spawn(data.path(), logs.path().join(format!("{perm:o}.log")));
-        let st = d.exited().await;
+        let mut d = Dispatchd::builder(&format!("token-{perm:o}"))
+            .data_dir(data.path())
+            .spawn();
+        let st = d.exited_within(dispatch_tests::SLOW).await;
         let log = d.log_text();
         assert!(!st.success(), "{what}: dispatchd started anyway:\n{log}");
         assert!(

@@ -1,145 +1,34 @@
 //! The real `dispatchd` binary as a child process: start-up, a request, SIGTERM, and a
 //! bad flag.
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-use dispatch_tests::{Client, WAIT};
+use dispatch_tests::{Dispatchd, Endpoint, WAIT};
+use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::{Value, json};
-
-/// The `dispatchd` binary, built first when under cargo.
-fn binary() -> PathBuf {
-    dispatch_tests::built_dispatchd()
-}
-
-/// A free port on 127.0.0.1 (bound, then released for the child to take).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().unwrap().port()
-}
-
-/// Kills the child if the test fails before it exits, then removes its data directory.
-struct Reaper(Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        dispatch_tests::reap(&mut self.0);
-    }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dispatchd did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running `dispatchd` child on a free port, with its own data directory, ready:
-/// (child, listen address).
-async fn start_binary(flags: &[&str]) -> (Reaper, String) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let data = tempfile::tempdir().expect("a temporary data directory");
-    let child = Command::new(binary())
-        .args(["--listen", &listen, "--data-dir"])
-        .arg(data.path())
-        .args(flags)
-        .env("DISPATCH_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dispatchd");
-    let mut child = Reaper(child, data);
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(r) = http.get(format!("http://{listen}/readyz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "dispatchd exited before it was ready"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "dispatchd not ready within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (child, listen)
-}
-
-/// Everything an exited child wrote: (stdout, stderr).
-fn output(child: &mut Child) -> (String, String) {
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_string(&mut out).unwrap();
-    }
-    if let Some(mut s) = child.stderr.take() {
-        s.read_to_string(&mut err).unwrap();
-    }
-    (out, err)
-}
-
-fn sigterm(child: &Child) {
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
-    let (mut child, listen) = start_binary(&["--shutdown-timeout-ms", "3000"]).await;
-    let base = format!("http://{listen}");
-    let http = reqwest::Client::new();
+    let mut d = Dispatchd::start("sigterm", &["--shutdown-timeout-ms", "3000"]).await;
+    let listen = d.listen();
 
     // A ride-free request or two.
-    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let r = http
-        .post(format!("{base}/v1/riders"))
-        .json(&json!({"name": "Bin", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let reg: Value = r.json().await.unwrap();
-    let token = reg["token"].as_str().unwrap().to_owned();
-    assert!(
-        reg["rider_id"].as_str().unwrap().starts_with("rdr_"),
-        "{reg}"
-    );
+    let (st, _) = d.get("/healthz", None).await;
+    assert_eq!(st, 200);
+    let (rider_id, token) = d.rider("Bin").await;
+    assert!(rider_id.starts_with("rdr_"), "{rider_id}");
 
     // An open session, then SIGTERM.
-    let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), Some(&token))
-        .await
-        .expect("rider connects");
+    let mut ws = d.connect("rider", &token).await;
     ws.welcome().await;
-    sigterm(&child.0);
+    d.sigterm();
     assert_eq!(
         ws.closed_with().await,
         Some(1001),
         "an open session is closed with 1001 (going away)"
     );
-    let status = wait_exit(&mut child.0, WAIT);
+    let status = d.exited_within(WAIT).await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 
-    let (out, err) = output(&mut child.0);
-    let log = format!("{out}{err}");
+    let log = d.log_text();
     let ready = log
         .lines()
         .find(|l| l.contains("dispatchd ready"))
@@ -155,44 +44,33 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
 /// is logged by file name only, and no client token is ever logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_ids_and_name_slow_actor_groups_but_never_tokens() {
-    let (mut child, listen) = start_binary(&[
-        "--log-format",
-        "json",
-        "--slow-handler-ms",
-        "0",
-        "--shutdown-timeout-ms",
-        "3000",
-    ])
-    .await;
-    let base = format!("http://{listen}");
-    let http = reqwest::Client::new();
-    let reg: Value = http
-        .post(format!("{base}/v1/riders"))
-        .json(&json!({"name": "Logs", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = reg["token"].as_str().unwrap().to_owned();
-    let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), Some(&token))
-        .await
-        .expect("rider connects");
+    let mut d = Dispatchd::builder("json-logs")
+        .flags(&[
+            "--log-format",
+            "json",
+            "--slow-handler-ms",
+            "0",
+            "--shutdown-timeout-ms",
+            "3000",
+        ])
+        .stderr_apart()
+        .start()
+        .await;
+    let (rider_id, token) = d.rider("Logs").await;
+    let mut ws = d.connect("rider", &token).await;
     ws.welcome().await;
     // No driver anywhere: the trip is created and ends `no_driver_found`.
     let reply = ws
         .request(json!({"type": "request_ride", "pickup": {"lat": -33.9, "lng": 18.4}, "dropoff": {"lat": -33.95, "lng": 18.45}, "product": "economy"}))
         .await;
-    let dispatch_transport::wire::ServerMessage::TripUpdate { trip, .. } = reply else {
+    let ServerMessage::TripUpdate { trip, .. } = reply else {
         panic!("request_ride reply: {reply:?}")
     };
-    ws.trip_in(dispatch_transport::wire::TripState::NoDriverFound)
-        .await;
-    sigterm(&child.0);
-    assert_eq!(wait_exit(&mut child.0, WAIT).code(), Some(0));
+    ws.trip_in(TripState::NoDriverFound).await;
+    d.sigterm();
+    assert_eq!(d.exited_within(WAIT).await.code(), Some(0));
 
-    let (out, err) = output(&mut child.0);
+    let (out, err) = (d.log_text(), d.stderr_text());
     let lines: Vec<Value> = out
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -210,22 +88,22 @@ async fn json_logs_carry_ids_and_name_slow_actor_groups_but_never_tokens() {
         assert_eq!(l["level"], "WARN", "{l}");
         assert!(l["fields"]["kind"].is_string(), "{l}");
         // Logged inside the actor's (or session's) span, which names the rider.
-        assert_eq!(l["span"]["rider_id"], reg["rider_id"], "{l}");
+        assert_eq!(l["span"]["rider_id"], json!(rider_id), "{l}");
     }
     // The trip actor's lines sit in a span that names the trip and its rider.
     let in_trip = lines
         .iter()
         .find(|l| l["span"]["name"] == "trip" && l["span"]["trip_id"] == trip.trip_id.as_str())
         .unwrap_or_else(|| panic!("no line in the trip's span:\n{out}"));
-    assert_eq!(in_trip["span"]["rider_id"], reg["rider_id"], "{in_trip}");
+    assert_eq!(in_trip["span"]["rider_id"], json!(rider_id), "{in_trip}");
     assert!(
         lines
             .iter()
-            .any(|l| l["span"]["name"] == "rider" && l["span"]["rider_id"] == reg["rider_id"]),
+            .any(|l| l["span"]["name"] == "rider" && l["span"]["rider_id"] == json!(rider_id)),
         "no line in the rider's span:\n{out}"
     );
     // The generated admin token: its file is named, the token is not.
-    let token_file = child.1.path().join("admin.token");
+    let token_file = d.data_dir().join("admin.token");
     let admin_token = std::fs::read_to_string(&token_file).expect("admin.token written");
     assert!(
         out.contains(token_file.to_str().unwrap()),
@@ -239,38 +117,24 @@ async fn json_logs_carry_ids_and_name_slow_actor_groups_but_never_tokens() {
     }
 }
 
-#[test]
-fn an_invalid_flag_value_exits_non_zero_naming_the_flag() {
-    let bin = binary();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_flag_value_exits_non_zero_naming_the_flag() {
     for (args, flag) in [
         (vec!["--h3-resolution", "99"], "--h3-resolution"),
         (vec!["--offer-timeout-ms", "0"], "--offer-timeout-ms"),
         (vec!["--offer-timeout-ms", "soon"], "--offer-timeout-ms"),
     ] {
-        let data = tempfile::tempdir().expect("a temporary data directory");
-        let child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dispatchd");
+        let mut d = Dispatchd::builder("invalid-flag")
+            .flags(&args)
+            .stderr_apart()
+            .spawn();
         // Bounded: a server that wrongly starts is killed, not waited on forever.
-        let mut child = Reaper(child, data);
-        let status = wait_exit(&mut child.0, WAIT);
+        let status = d.exited_within(WAIT).await;
         assert!(
             !status.success() && status.code().is_some(),
             "{args:?}: {status:?}"
         );
-        let mut err = String::new();
-        child
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = d.stderr_text();
         assert!(
             err.contains(flag),
             "{args:?}: stderr does not name {flag}: {err}"
@@ -285,39 +149,30 @@ fn an_invalid_flag_value_exits_non_zero_naming_the_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_stays_responsive_while_trips_find_no_driver() {
     // The deadline is well beyond WAIT, so only a responsive server passes.
-    let (mut child, listen) = start_binary(&[
-        "--dispatch-deadline-ms",
-        "30000",
-        "--shutdown-timeout-ms",
-        "2000",
-    ])
+    let mut d = Dispatchd::start(
+        "no-driver",
+        &[
+            "--dispatch-deadline-ms",
+            "30000",
+            "--shutdown-timeout-ms",
+            "2000",
+        ],
+    )
     .await;
-    let base = format!("http://{listen}");
-    let http = reqwest::Client::new();
     // One ride request per core (the binary runs one runtime worker per core), in a
     // place no driver has ever been.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut riders = Vec::new();
     for i in 0..cores {
-        let reg: Value = http
-            .post(format!("{base}/v1/riders"))
-            .json(&json!({"name": format!("R{i}"), "phone": "+1 555 0100"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut ws = Client::connect(&format!("ws://{listen}/v1/ws/rider"), reg["token"].as_str())
-            .await
-            .expect("rider connects");
+        let (_, token) = d.rider(&format!("R{i}")).await;
+        let mut ws = d.connect("rider", &token).await;
         ws.welcome().await;
         ws.send(json!({"type": "request_ride", "req": 1, "pickup": {"lat": -33.9, "lng": 18.4}, "dropoff": {"lat": -33.95, "lng": 18.45}, "product": "economy"}))
             .await;
         riders.push(ws);
     }
-    let asked = Instant::now();
-    let health = tokio::time::timeout(WAIT, http.get(format!("{base}/healthz")).send()).await;
+    let asked = std::time::Instant::now();
+    let health = tokio::time::timeout(WAIT, d.http.get(d.url("/healthz")).send()).await;
     assert!(
         matches!(&health, Ok(Ok(r)) if r.status() == 200),
         "/healthz unanswered {:?} after {cores} ride requests with no driver: {health:?}",
@@ -326,7 +181,8 @@ async fn the_server_stays_responsive_while_trips_find_no_driver() {
     // Writes still go through too.
     let reg = tokio::time::timeout(
         WAIT,
-        http.post(format!("{base}/v1/riders"))
+        d.http
+            .post(d.url("/v1/riders"))
             .json(&json!({"name": "Late", "phone": "+1 555 0100"}))
             .send(),
     )
@@ -335,8 +191,8 @@ async fn the_server_stays_responsive_while_trips_find_no_driver() {
         matches!(&reg, Ok(Ok(r)) if r.status() == 201),
         "registration unanswered: {reg:?}"
     );
-    sigterm(&child.0);
-    let status = wait_exit(&mut child.0, WAIT);
+    d.sigterm();
+    let status = d.exited_within(WAIT).await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
 
@@ -344,38 +200,26 @@ async fn the_server_stays_responsive_while_trips_find_no_driver() {
 /// network only); the client address no longer serves them, and still serves clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_listen_serves_admin_and_metrics_apart_from_clients() {
-    let admin_addr = format!("127.0.0.1:{}", free_port());
-    let (mut child, listen) = start_binary(&["--admin-listen", &admin_addr]).await;
+    let admin_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let mut d = Dispatchd::start("admin-listen", &["--admin-listen", &admin_addr]).await;
     let token =
-        std::fs::read_to_string(child.1.path().join("admin.token")).expect("admin.token written");
-    let token = token.trim();
-    let http = reqwest::Client::new();
-    let get = |base: &str, path: &str| {
-        let r = http.get(format!("http://{base}{path}")).bearer_auth(token);
-        async move { r.send().await.unwrap().status().as_u16() }
-    };
+        std::fs::read_to_string(d.data_dir().join("admin.token")).expect("admin.token written");
+    let token = Some(token.trim());
+    let admin = Endpoint::new(admin_addr.parse().unwrap(), d.http.clone());
+    let rider = json!({"name": "Apart", "phone": "+1 555 0100"});
     // Clients: their routes, health, and no operator routes.
-    assert_eq!(get(&listen, "/admin/stats").await, 404);
-    assert_eq!(get(&listen, "/metrics").await, 404);
-    assert_eq!(get(&listen, "/readyz").await, 200);
-    let r = http
-        .post(format!("http://{listen}/v1/riders"))
-        .json(&json!({"name": "Apart", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    assert_eq!(d.get("/admin/stats", token).await.0, 404);
+    assert_eq!(d.get("/metrics", token).await.0, 404);
+    assert_eq!(d.get("/readyz", token).await.0, 200);
+    assert_eq!(d.post("/v1/riders", None, rider.clone()).await.0, 201);
     // Operators: admin, metrics and health, and no client routes.
-    assert_eq!(get(&admin_addr, "/admin/stats").await, 200);
-    assert_eq!(get(&admin_addr, "/metrics").await, 200);
-    assert_eq!(get(&admin_addr, "/healthz").await, 200);
-    let r = http
-        .post(format!("http://{admin_addr}/v1/riders"))
-        .json(&json!({"name": "Wrong door", "phone": "+1 555 0100"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    sigterm(&child.0);
-    assert_eq!(wait_exit(&mut child.0, WAIT).code(), Some(0));
+    assert_eq!(admin.get("/admin/stats", token).await.0, 200);
+    assert_eq!(admin.get("/metrics", token).await.0, 200);
+    assert_eq!(admin.get("/healthz", token).await.0, 200);
+    assert_eq!(admin.post("/v1/riders", None, rider).await.0, 404);
+    d.sigterm();
+    assert_eq!(d.exited_within(WAIT).await.code(), Some(0));
 }

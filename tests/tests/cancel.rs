@@ -1,21 +1,20 @@
 //! Cancelling: a rider before `in_progress`, a driver before pickup (the trip goes back to
 //! `dispatching` for someone else), and the errors around both.
 
-use dispatch_tests::{Client, TestServer, north_of, trip_of};
+use dispatch_tests::{Client, DROPOFF, PICKUP, Ride, TestServer, north_of, ride_to, trip_of};
 use dispatch_transport::wire::{CancelledBy, ServerMessage, TripState};
 use serde_json::json;
-
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_cancels_while_dispatching_and_the_offer_is_withdrawn() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, rtoken, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    assert_eq!(d.offer().await.trip_id, trip.trip_id);
+    let Ride {
+        mut d,
+        rider_token: rtoken,
+        mut r,
+        trip,
+        ..
+    } = ride_to(&s, TripState::Dispatching).await;
 
     // The update the cancel causes comes first, then its ack.
     let req = r
@@ -77,15 +76,13 @@ async fn a_rider_cancels_while_dispatching_and_the_offer_is_withdrawn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_cancels_after_assignment_and_the_driver_is_freed() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    assert_eq!(r.trip_update().await.version, 2);
-    assert_eq!(d.trip_update().await.version, 2);
+    let Ride {
+        driver_id: did,
+        mut d,
+        mut r,
+        trip,
+        ..
+    } = ride_to(&s, TripState::DriverAssigned).await;
 
     // Without `req`: the update, and no ack.
     r.send(json!({"type": "cancel_ride", "trip_id": trip.trip_id, "reason": "too slow"}))
@@ -126,16 +123,9 @@ async fn a_rider_cancels_after_assignment_and_the_driver_is_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_can_still_cancel_once_the_driver_has_arrived() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
-    for cmd in ["accept", "arrived"] {
-        d.ok(json!({"type": cmd, "trip_id": trip.trip_id})).await;
-    }
-    assert_eq!(r.trip_update().await.version, 2);
-    assert_eq!(r.trip_update().await.version, 3);
+    let Ride {
+        mut d, mut r, trip, ..
+    } = ride_to(&s, TripState::DriverArrived).await;
     // A long reason is kept to its first 500 characters.
     r.ok(json!({"type": "cancel_ride", "trip_id": trip.trip_id, "reason": "é".repeat(600)}))
         .await;
@@ -153,18 +143,14 @@ async fn a_rider_can_still_cancel_once_the_driver_has_arrived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_cannot_cancel_once_the_trip_is_in_progress() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
+    let trip = ride.trip.clone();
     for (cmd, state, v) in [
         ("accept", TripState::DriverAssigned, 2),
         ("arrived", TripState::DriverArrived, 3),
         ("start_trip", TripState::InProgress, 4),
     ] {
-        d.ok(json!({"type": cmd, "trip_id": trip.trip_id})).await;
-        let t = r.trip_update().await;
+        let t = ride.step(cmd).await;
         assert_eq!((t.state, t.version), (state, v));
         // pickup_eta_s: an estimate on the way, 0 on arrival, null once riding.
         match state {
@@ -175,19 +161,19 @@ async fn a_rider_cannot_cancel_once_the_trip_is_in_progress() {
     }
 
     assert_eq!(
-        r.err(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
+        ride.r
+            .err(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
             .await,
         "conflict"
     );
     // Nor can the driver; nothing changed, and the ride completes at version 5.
     assert_eq!(
-        d.err(json!({"type": "cancel_trip", "trip_id": trip.trip_id}))
+        ride.d
+            .err(json!({"type": "cancel_trip", "trip_id": trip.trip_id}))
             .await,
         "conflict"
     );
-    d.ok(json!({"type": "complete_trip", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
+    let t = ride.step("complete_trip").await;
     assert_eq!((t.state, t.version), (TripState::Completed, 5));
     s.stop().await.unwrap();
 }

@@ -32,28 +32,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dispatch_tests::{WAIT, now_ms, rfc3339_ms};
+use dispatch_tests::diagram::{self, can_move, has_driver};
+use dispatch_tests::{Dispatchd, SHORT_TRIP_FLAGS, assert_clean_log, now_ms, rfc3339_ms};
+use dispatch_transport::wire::TripState;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 const ADMIN: &str = "chaos-admin-token-0123456789abcdef";
-
-/// Short timeouts, so whole trips (and their ends) fit the run.
-const SERVER_FLAGS: &[&str] = &[
-    "--admin-token",
-    ADMIN,
-    "--offer-timeout-ms",
-    "3000",
-    "--dispatch-deadline-ms",
-    "15000",
-    "--session-grace-ms",
-    "60000",
-    "--snapshot-interval-ms",
-    "200",
-    "--shutdown-timeout-ms",
-    "5000",
-];
 
 const DRIVERS: usize = 30;
 const RIDERS: usize = 24;
@@ -61,9 +47,6 @@ const RIDERS: usize = 24;
 /// around them on a slow machine; the drain ends early once every trip has ended.
 const DURATION_S: u64 = 40;
 const DRAIN_S: u64 = 20;
-
-/// A deadline for what takes a moment on a loaded machine (start-up, recovery, an exit).
-const SLOW: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // The binaries
@@ -90,130 +73,6 @@ fn spare_port() -> u16 {
         }
     }
     panic!("no free port in {lo}..{hi}");
-}
-
-// ---------------------------------------------------------------------------------------
-// dispatchd as a child
-
-struct Server {
-    child: Child,
-    listen: String,
-    log: PathBuf,
-    http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        dispatch_tests::reap(&mut self.child);
-    }
-}
-
-impl Server {
-    /// Starts `dispatchd` on `port` and `data`, and waits for `/readyz` 200.
-    async fn start(n: usize, port: u16, data: &Path, logs: &Path) -> Server {
-        let listen = format!("127.0.0.1:{port}");
-        let log = logs.join(format!("dispatchd-{n}.log"));
-        let out = File::create(&log).expect("create the log file");
-        let child = Command::new(dispatch_tests::built_dispatchd())
-            .args(["--listen", &listen, "--data-dir"])
-            .arg(data)
-            .args(SERVER_FLAGS)
-            .env("DISPATCH_LOG", "info")
-            .env_remove("DISPATCH_TEST_CRASH_AFTER")
-            .stdin(Stdio::null())
-            .stderr(out.try_clone().expect("clone the log handle"))
-            .stdout(out)
-            .spawn()
-            .expect("spawn dispatchd");
-        let mut s = Server {
-            child,
-            listen,
-            log,
-            http: reqwest::Client::builder()
-                .timeout(WAIT)
-                .build()
-                .expect("an HTTP client"),
-        };
-        let deadline = Instant::now() + SLOW;
-        loop {
-            if let Ok(r) = s.http.get(s.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return s;
-            }
-            if let Some(st) = s.child.try_wait().expect("try_wait") {
-                panic!(
-                    "dispatchd #{n} exited ({st}) before it was ready\n--- log ---\n{}",
-                    s.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dispatchd #{n} not ready within {SLOW:?}\n--- log ---\n{}",
-                s.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.listen)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGKILL: no shutdown code runs, nothing more is flushed.
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL dispatchd");
-        let st = self.child.wait().expect("reap dispatchd");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(9),
-            "dispatchd was not killed by SIGKILL: {st}"
-        );
-    }
-
-    /// An admin request: (status, JSON body or null).
-    async fn admin_call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut r = self
-            .http
-            .request(method.clone(), self.url(path))
-            .bearer_auth(ADMIN);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, v) = self.admin_call(reqwest::Method::GET, path, None).await;
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
-    }
-}
-
-fn assert_clean_log(what: &str, log: &str) {
-    for bad in ["panicked", "invariant violated"] {
-        if let Some(line) = log.lines().find(|l| l.contains(bad)) {
-            panic!("{what}: the server log shows `{bad}`: {line}\n--- log ---\n{log}");
-        }
-    }
 }
 
 /// loadgen as a child; killed if the test fails before it ends.
@@ -250,7 +109,7 @@ struct Line {
     id: String,
     kind: String,
     trip_id: Option<String>,
-    state: Option<String>,
+    state: Option<TripState>,
     version: Option<u64>,
     cmd: Option<String>,
     #[serde(default)]
@@ -304,18 +163,18 @@ struct Progress {
 }
 
 fn progress(acks: &[Line]) -> Progress {
-    let mut latest: HashMap<&str, (u64, &str)> = HashMap::new();
+    let mut latest: HashMap<&str, (u64, TripState)> = HashMap::new();
     let mut completed: HashMap<&str, u64> = HashMap::new();
     let mut created: HashMap<&str, u64> = HashMap::new();
     for l in acks.iter().filter(|l| l.kind == "trip_update") {
-        let (Some(t), Some(s), Some(v)) = (&l.trip_id, &l.state, l.version) else {
+        let (Some(t), Some(s), Some(v)) = (&l.trip_id, l.state, l.version) else {
             continue;
         };
         let e = latest.entry(t).or_insert((v, s));
         if v >= e.0 {
             *e = (v, s);
         }
-        if s == "completed" {
+        if s == TripState::Completed {
             completed.entry(t).or_insert(l.at_ms);
         }
         if v == 1 {
@@ -325,10 +184,7 @@ fn progress(acks: &[Line]) -> Progress {
     Progress {
         completed_at: completed.into_values().collect(),
         created_at: created.into_values().collect(),
-        in_flight: latest
-            .values()
-            .filter(|(_, s)| matches!(*s, "driver_assigned" | "driver_arrived" | "in_progress"))
-            .count(),
+        in_flight: latest.values().filter(|(_, s)| has_driver(*s)).count(),
     }
 }
 
@@ -336,7 +192,7 @@ fn progress(acks: &[Line]) -> Progress {
 async fn wait_for_load(
     what: &str,
     acks: &Path,
-    server: &mut Server,
+    server: &mut Dispatchd,
     loadgen: &mut Loadgen,
     within: Duration,
     ready: impl Fn(&[Line]) -> bool,
@@ -372,42 +228,19 @@ async fn wait_for_load(
 }
 
 // ---------------------------------------------------------------------------------------
-// The trip state machine, as the admin history shows it
-
-fn can_move(from: &str, to: &str) -> bool {
-    matches!(
-        (from, to),
-        ("dispatching", "driver_assigned" | "no_driver_found" | "cancelled")
-            | ("driver_assigned", "driver_arrived" | "dispatching" | "cancelled")
-            | ("driver_arrived", "in_progress" | "dispatching" | "cancelled")
-            // An admin may cancel a trip in progress.
-            | ("in_progress", "completed" | "cancelled")
-    )
-}
-
-fn is_final(s: &str) -> bool {
-    matches!(s, "completed" | "cancelled" | "no_driver_found")
-}
+// The trip as the admin history shows it
 
 /// The state an acknowledged command moved its trip to.
-fn state_after(cmd: &str) -> &'static str {
-    match cmd {
-        "accept" => "driver_assigned",
-        "arrived" => "driver_arrived",
-        "start_trip" => "in_progress",
-        "complete_trip" => "completed",
-        "cancel_ride" => "cancelled",
-        // A driver's cancel sends the trip back to dispatching.
-        "cancel_trip" => "dispatching",
-        other => panic!("an ack log line for a command that moves no trip: {other}"),
-    }
+fn state_after(cmd: &str) -> TripState {
+    diagram::state_after(cmd)
+        .unwrap_or_else(|| panic!("an ack log line for a command that moves no trip: {cmd}"))
 }
 
 /// One entry of `GET /admin/trips/{id}`'s history.
 #[derive(Debug, Clone, Deserialize)]
 struct Transition {
-    from: Option<String>,
-    to: String,
+    from: Option<TripState>,
+    to: TripState,
     by: String,
     driver_id: Option<String>,
     at: String,
@@ -421,8 +254,8 @@ struct Stored {
 }
 
 impl Stored {
-    fn state(&self) -> &str {
-        self.trip["state"].as_str().expect("trip.state")
+    fn state(&self) -> TripState {
+        serde_json::from_value(self.trip["state"].clone()).expect("trip.state")
     }
 
     /// The entry that made version `v`.
@@ -446,13 +279,8 @@ fn check_history(id: &str, s: &Stored) {
     let show = || format!("trip {id}: {}\nhistory {h:#?}", s.trip);
     assert!(!h.is_empty(), "no history: {}", show());
     assert_eq!(
-        (
-            h[0].from.as_deref(),
-            h[0].to.as_str(),
-            h[0].version,
-            h[0].by.as_str()
-        ),
-        (None, "dispatching", 1, "rider"),
+        (h[0].from, h[0].to, h[0].version, h[0].by.as_str()),
+        (None, TripState::Dispatching, 1, "rider"),
         "the first entry is not the request: {}",
         show()
     );
@@ -465,16 +293,16 @@ fn check_history(id: &str, s: &Stored) {
             show()
         );
         assert_eq!(
-            b.from.as_deref(),
-            Some(a.to.as_str()),
+            b.from,
+            Some(a.to),
             "an entry does not start where the previous ended: {}",
             show()
         );
         assert!(
-            can_move(&a.to, &b.to),
+            can_move(a.to, b.to),
             "illegal transition {} → {}: {}",
-            a.to,
-            b.to,
+            diagram::name(a.to),
+            diagram::name(b.to),
             show()
         );
         assert!(
@@ -486,7 +314,7 @@ fn check_history(id: &str, s: &Stored) {
     let last = h.last().unwrap();
     assert_eq!(
         (s.state(), s.trip["version"].as_u64()),
-        (last.to.as_str(), Some(last.version)),
+        (last.to, Some(last.version)),
         "the stored trip is not where its history ends: {}",
         show()
     );
@@ -503,17 +331,18 @@ fn check_acks(id: &str, s: &Stored, lines: &[&Line]) -> usize {
             s.trip, s.history, lines
         )
     };
-    let mut latest: Option<(u64, &str)> = None;
+    let mut latest: Option<(u64, TripState)> = None;
     for l in lines {
         match l.kind.as_str() {
             "trip_update" | "welcome" => {
-                let (Some(v), Some(st)) = (l.version, l.state.as_deref()) else {
+                let (Some(v), Some(st)) = (l.version, l.state) else {
                     panic!("a line without version or state: {l}");
                 };
                 let e = s.at_version(v);
                 assert!(
                     e.is_some_and(|e| e.to == st),
-                    "acknowledged v{v} {st} is not in the history: {}",
+                    "acknowledged v{v} {} is not in the history: {}",
+                    diagram::name(st),
                     show(l)
                 );
                 if latest.is_none_or(|(lv, _)| v > lv) {
@@ -530,9 +359,10 @@ fn check_acks(id: &str, s: &Stored, lines: &[&Line]) -> usize {
                 });
                 assert!(
                     found,
-                    "acknowledged {cmd} ({} {}) has no {to} by it in the history: {}",
+                    "acknowledged {cmd} ({} {}) has no {} by it in the history: {}",
                     l.role,
                     l.id,
+                    diagram::name(to),
                     show(l)
                 );
             }
@@ -543,14 +373,14 @@ fn check_acks(id: &str, s: &Stored, lines: &[&Line]) -> usize {
         let now_v = s.trip["version"].as_u64().unwrap_or(0);
         assert!(
             now_v >= v,
-            "trip {id}: a client saw v{v} {st}, the server has v{now_v} {}",
+            "trip {id}: a client saw v{v} {st:?}, the server has v{now_v} {:?}",
             s.state()
         );
-        if is_final(st) {
+        if st.is_final() {
             assert_eq!(
                 (now_v, s.state()),
                 (v, st),
-                "trip {id} was {st} for a client and changed since"
+                "trip {id} was {st:?} for a client and changed since"
             );
         }
     }
@@ -569,13 +399,16 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         .unwrap_or_else(|| now_ms() % 1_000_000);
     eprintln!("chaos: loadgen --seed {seed} (replay the city with CHAOS_SEED={seed})");
     let loadgen_bin = dispatch_tests::built_bin("dispatch-loadgen", "loadgen");
-    let _ = dispatch_tests::built_dispatchd();
     let work = tempfile::tempdir().expect("a temporary directory");
-    let data = work.path().join("data");
     let acks = work.path().join("acks.jsonl");
     let report_path = work.path().join("report.json");
     let port = spare_port();
-    let mut server = Server::start(0, port, &data, work.path()).await;
+    let mut server = Dispatchd::builder("chaos")
+        .port(port)
+        .flags(SHORT_TRIP_FLAGS)
+        .flags(&["--admin-token", ADMIN])
+        .start()
+        .await;
     let mut logs = Vec::new();
 
     let (out, err) = (
@@ -650,8 +483,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     let kill1 = now_ms();
     server.kill9();
     logs.push(server.log_text());
-    drop(server);
-    let mut server = Server::start(1, port, &data, work.path()).await;
+    let mut server = server.restart().await;
     let restart1 = now_ms();
     eprintln!(
         "chaos: killed {:.1} s into the loadgen run, ready again {} ms later",
@@ -696,8 +528,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     let kill2 = now_ms();
     server.kill9();
     logs.push(server.log_text());
-    drop(server);
-    let mut server = Server::start(2, port, &data, work.path()).await;
+    let server = server.restart().await;
     let restart2 = now_ms();
     eprintln!(
         "chaos: killed again {:.1} s into the loadgen run, ready again {} ms later",
@@ -707,6 +538,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
 
     // loadgen ends by itself (request window, then the drain).
     let deadline = Instant::now() + Duration::from_secs(DURATION_S + DRAIN_S + 60);
+    let mut server = server;
     let status = loop {
         if let Some(st) = loadgen.child.try_wait().expect("try_wait") {
             break st;
@@ -776,7 +608,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
             Some(c) => format!("/admin/trips?limit=1000&cursor={c}"),
             None => "/admin/trips?limit=1000".to_owned(),
         };
-        let page = server.get(&path).await;
+        let page = server.get_ok(&path, ADMIN).await;
         for t in page["trips"].as_array().expect("trips") {
             listed.push(t["trip_id"].as_str().expect("trip_id").to_owned());
         }
@@ -809,7 +641,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     // Every trip's history is one legal path ending where the trip is stored.
     let mut stored: BTreeMap<String, Stored> = BTreeMap::new();
     for id in &listed {
-        let v = server.get(&format!("/admin/trips/{id}")).await;
+        let v = server.get_ok(&format!("/admin/trips/{id}"), ADMIN).await;
         let s = Stored {
             history: serde_json::from_value(v["history"].clone())
                 .unwrap_or_else(|e| panic!("trip {id}: history: {e}: {v}")),
@@ -830,17 +662,14 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     let mut drivers_live: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut riders_live: HashMap<&str, Vec<&str>> = HashMap::new();
     for (id, s) in &stored {
-        if is_final(s.state()) {
+        if s.state().is_final() {
             continue;
         }
         riders_live
             .entry(s.trip["rider_id"].as_str().unwrap_or("?"))
             .or_default()
             .push(id);
-        if matches!(
-            s.state(),
-            "driver_assigned" | "driver_arrived" | "in_progress"
-        ) {
+        if has_driver(s.state()) {
             drivers_live
                 .entry(s.trip["driver_id"].as_str().expect("a driver"))
                 .or_default()
@@ -855,7 +684,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     // last restart.
     let completed: Vec<(&String, u64, u64)> = stored
         .iter()
-        .filter(|(_, s)| s.state() == "completed")
+        .filter(|(_, s)| s.state() == TripState::Completed)
         .map(|(id, s)| {
             (
                 id,
@@ -896,19 +725,20 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     // completed trip was captured exactly once.
     let mut cancelled_live = 0;
     for (id, s) in &stored {
-        if !is_final(s.state()) {
+        if !s.state().is_final() {
             let (status, v) = server
-                .admin_call(
-                    reqwest::Method::POST,
+                .post(
                     &format!("/admin/trips/{id}/cancel"),
-                    Some(json!({"reason": "chaos test: the run is over"})),
+                    Some(ADMIN),
+                    json!({"reason": "chaos test: the run is over"}),
                 )
                 .await;
             if status == 409 {
                 // It ended by itself meanwhile (its dispatch deadline).
-                let now = server.get(&format!("/admin/trips/{id}")).await;
+                let now = server.get_ok(&format!("/admin/trips/{id}"), ADMIN).await;
                 assert!(
-                    is_final(now["trip"]["state"].as_str().unwrap_or("")),
+                    serde_json::from_value::<TripState>(now["trip"]["state"].clone())
+                        .is_ok_and(TripState::is_final),
                     "admin cancel of {id}: 409 {v}, and it is {}",
                     now["trip"]
                 );
@@ -922,7 +752,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
             }
         }
     }
-    let books = server.get("/admin/ledger").await;
+    let books = server.get_ok("/admin/ledger", ADMIN).await;
     let a = &books["accounts"];
     assert_eq!(
         (
@@ -936,7 +766,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         "the books once every trip has ended: {books}"
     );
     for id in &listed {
-        let v = server.get(&format!("/admin/trips/{id}")).await;
+        let v = server.get_ok(&format!("/admin/trips/{id}"), ADMIN).await;
         let s = Stored {
             history: Vec::new(),
             payments: v["payments"].as_array().cloned().unwrap_or_default(),
@@ -947,10 +777,10 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         let settled = n("capture") + n("cancel_fee") + n("release");
         assert!(
             n("authorize") <= 1 && settled == n("authorize"),
-            "trip {id} ({}): payment steps {steps:?}",
+            "trip {id} ({:?}): payment steps {steps:?}",
             s.state()
         );
-        if s.state() == "completed" {
+        if s.state() == TripState::Completed {
             assert_eq!(
                 (n("authorize"), n("capture")),
                 (1, 1),
@@ -960,7 +790,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
             assert_eq!(
                 n("capture"),
                 0,
-                "trip {id} ({}) captured: {steps:?}",
+                "trip {id} ({:?}) captured: {steps:?}",
                 s.state()
             );
         }
@@ -985,13 +815,18 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
 // ---------------------------------------------------------------------------------------
 // The checks themselves catch what they are for
 
+/// A state by its wire name.
+fn state(name: &str) -> TripState {
+    serde_json::from_value(json!(name)).expect("a state's wire name")
+}
+
 fn fake(history: &[(u64, &str)], lines: &[(&str, u64, &str)]) -> (Stored, Vec<Line>) {
     let h: Vec<Transition> = history
         .iter()
         .enumerate()
         .map(|(i, &(v, to))| Transition {
-            from: (i > 0).then(|| history[i - 1].1.to_owned()),
-            to: to.to_owned(),
+            from: (i > 0).then(|| state(history[i - 1].1)),
+            to: state(to),
             by: if v == 1 { "rider" } else { "driver" }.to_owned(),
             driver_id: (v > 1).then(|| "drv_1".to_owned()),
             at: format!("2026-01-01T00:00:0{v}.000Z"),
@@ -1012,7 +847,7 @@ fn fake(history: &[(u64, &str)], lines: &[(&str, u64, &str)]) -> (Stored, Vec<Li
             id: "drv_1".into(),
             kind: kind.into(),
             trip_id: Some("trp_1".into()),
-            state: (kind != "ack").then(|| st.to_owned()),
+            state: (kind != "ack").then(|| state(st)),
             version: (kind != "ack").then_some(v),
             cmd: (kind == "ack").then(|| st.to_owned()),
             reconnect: false,

@@ -1,21 +1,20 @@
 //! State rules over the wire: one active trip per rider, no going offline while busy, and
 //! accepting only the offer one holds.
 
-use dispatch_tests::{TestServer, north_of};
+use dispatch_tests::{DROPOFF, PICKUP, Ride, TestServer, north_of, ride_to};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::json;
-
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_active_request_is_a_conflict() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, rtoken, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    assert_eq!(d.offer().await.trip_id, trip.trip_id);
+    let Ride {
+        mut d,
+        rider_token: rtoken,
+        mut r,
+        trip,
+        ..
+    } = ride_to(&s, TripState::Dispatching).await;
 
     let direct = json!({"type": "request_ride", "pickup": {"lat": PICKUP.0, "lng": PICKUP.1}, "dropoff": {"lat": DROPOFF.0, "lng": DROPOFF.1}, "product": "economy"});
     assert_eq!(r.err(direct.clone()).await, "conflict");
@@ -54,33 +53,25 @@ async fn a_second_active_request_is_a_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn going_offline_while_offered_or_on_a_trip_is_a_conflict() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
+    let offline = json!({"type": "go_offline"});
 
-    assert_eq!(d.err(json!({"type": "go_offline"})).await, "conflict");
+    assert_eq!(ride.d.err(offline.clone()).await, "conflict");
     // The refused go_offline changed nothing: the offer can still be taken.
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    assert_eq!(r.trip_update().await.version, 2);
-    assert_eq!(d.err(json!({"type": "go_offline"})).await, "conflict");
+    assert_eq!(ride.step("accept").await.version, 2);
+    assert_eq!(ride.d.err(offline.clone()).await, "conflict");
     for (cmd, state, v) in [
         ("arrived", TripState::DriverArrived, 3),
         ("start_trip", TripState::InProgress, 4),
     ] {
-        d.ok(json!({"type": cmd, "trip_id": trip.trip_id})).await;
-        let t = r.trip_update().await;
+        let t = ride.step(cmd).await;
         assert_eq!((t.state, t.version), (state, v));
-        assert_eq!(d.err(json!({"type": "go_offline"})).await, "conflict");
+        assert_eq!(ride.d.err(offline.clone()).await, "conflict");
     }
-    d.ok(json!({"type": "complete_trip", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
+    let t = ride.step("complete_trip").await;
     assert_eq!((t.state, t.version), (TripState::Completed, 5));
     // Free again: now it may.
-    d.ok(json!({"type": "go_offline"})).await;
+    ride.d.ok(offline).await;
     s.stop().await.unwrap();
 }
 

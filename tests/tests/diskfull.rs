@@ -16,14 +16,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use dispatch_tests::{Client, Dispatchd, eventually, north_of, now_ms, trip_of};
+use dispatch_tests::{Dispatchd, eventually, ride_to};
 use dispatch_transport::wire::TripState;
 use reqwest::Method;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "adm-diskfull-0123456789abcdef0123";
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 
 /// A tmpfs mounted on a fresh directory, unmounted when dropped.
 struct Tmpfs {
@@ -85,10 +83,6 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
-async fn register(s: &Dispatchd, path: &str, body: Value) -> (u16, Value) {
-    s.call(Method::POST, path, None, Some(body)).await
-}
-
 fn rider_body(i: usize) -> Value {
     json!({"name": format!("Rider {i}"), "phone": format!("+1 555 01{i:04}")})
 }
@@ -99,7 +93,6 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
         return;
     };
     let data = fs.path().join("data");
-    let logs = tempfile::tempdir().expect("a log directory");
     // Offers outlive the fault, so the one the driver holds is still there after it.
     let flags = [
         "--admin-token",
@@ -109,39 +102,13 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
         "--snapshot-interval-ms",
         "100",
     ];
-    let s = Dispatchd::start("diskfull", &data, logs.path(), &flags, &[]).await;
-
-    let (st, d) = register(
-        &s,
-        "/v1/drivers",
-        json!({"name": "Dana", "vehicle": {"make": "Kia", "model": "Niro", "plate": "FULL 1",
-            "color": "red", "product": "economy", "seats": 4}}),
-    )
-    .await;
-    assert_eq!(st, 201, "{d}");
-    let dtoken = d["token"].as_str().unwrap().to_owned();
-    let (st, r) = register(&s, "/v1/riders", rider_body(0)).await;
-    assert_eq!(st, 201, "{r}");
-    let rtoken = r["token"].as_str().unwrap().to_owned();
-    let mut dc = Client::connect(&s.ws_url("/v1/ws/driver"), Some(&dtoken))
-        .await
-        .expect("driver session");
-    dc.welcome().await;
-    let near = north_of(PICKUP, 200.0);
-    dc.ok(json!({"type": "location", "lat": near.0, "lng": near.1, "ts": now_ms()}))
+    let s = Dispatchd::builder("diskfull")
+        .data_dir(&data)
+        .flags(&flags)
+        .start()
         .await;
-    dc.ok(json!({"type": "go_online"})).await;
-    let mut rc = Client::connect(&s.ws_url("/v1/ws/rider"), Some(&rtoken))
-        .await
-        .expect("rider session");
-    rc.welcome().await;
-    let t = trip_of(
-        rc.request(json!({"type": "request_ride", "product": "economy",
-            "pickup": {"lat": PICKUP.0, "lng": PICKUP.1},
-            "dropoff": {"lat": DROPOFF.0, "lng": DROPOFF.1}}))
-            .await,
-    );
-    assert_eq!(dc.offer().await.trip_id, t.trip_id);
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
+    let (t, rtoken) = (ride.trip.clone(), ride.rider_token.clone());
 
     // The disk fills up. Writes may still land in space sled's files already hold;
     // registrations go on until one is refused, and every one acknowledged is kept.
@@ -149,7 +116,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     let mut acknowledged = Vec::new();
     let mut refused = None;
     for i in 1..=5_000 {
-        let (st, v) = register(&s, "/v1/riders", rider_body(i)).await;
+        let (st, v) = s.post("/v1/riders", None, rider_body(i)).await;
         match st {
             201 => acknowledged.push(v["rider_id"].as_str().unwrap().to_owned()),
             503 => {
@@ -163,27 +130,15 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
 
     // The driver's accept cannot be stored: `unavailable`, and the trip is as it was.
-    let before = s
-        .call(
-            Method::GET,
-            &format!("/v1/trips/{}", t.trip_id),
-            Some(&rtoken),
-            None,
-        )
-        .await;
+    let path = format!("/v1/trips/{}", t.trip_id);
+    let before = s.get(&path, Some(&rtoken)).await;
     assert_eq!(before.0, 200, "{}", before.1);
-    let code = dc
+    let code = ride
+        .d
         .err(json!({"type": "accept", "trip_id": t.trip_id}))
         .await;
     assert_eq!(code, "unavailable");
-    let (st, after) = s
-        .call(
-            Method::GET,
-            &format!("/v1/trips/{}", t.trip_id),
-            Some(&rtoken),
-            None,
-        )
-        .await;
+    let (st, after) = s.get(&path, Some(&rtoken)).await;
     assert_eq!(st, 200, "{after}");
     assert_eq!(
         (&after["state"], &after["version"]),
@@ -191,7 +146,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
         "a refused write changed the trip: {after}"
     );
     assert_eq!(after["state"], "dispatching");
-    let (st, v) = register(&s, "/v1/riders", rider_body(9_999)).await;
+    let (st, v) = s.post("/v1/riders", None, rider_body(9_999)).await;
     assert_eq!((st, &v["error"]["code"]), (503, &json!("unavailable")));
 
     // Space returns: writes resume without a restart.
@@ -199,7 +154,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     let late = eventually("registrations succeed again once space returns", || {
         let s = &s;
         async move {
-            let (st, v) = register(s, "/v1/riders", rider_body(10_000)).await;
+            let (st, v) = s.post("/v1/riders", None, rider_body(10_000)).await;
             (st == 201).then(|| v["rider_id"].as_str().unwrap().to_owned())
         }
     })
@@ -212,24 +167,13 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     );
 
     // The ride goes on from where it stood: the offer is still the driver's.
-    dc.ok(json!({"type": "accept", "trip_id": t.trip_id})).await;
-    rc.trip_in(TripState::DriverAssigned).await;
-    for (cmd, to) in [
-        ("arrived", TripState::DriverArrived),
-        ("start_trip", TripState::InProgress),
-        ("complete_trip", TripState::Completed),
-    ] {
-        dc.ok(json!({"type": cmd, "trip_id": t.trip_id})).await;
-        rc.trip_in(to).await;
-    }
+    ride.advance(TripState::Completed).await;
 
     // kill -9, and start again on the same data: all of it is there.
-    drop(dc);
-    drop(rc);
-    drop(s);
-    let s = Dispatchd::start("diskfull-after", &data, logs.path(), &flags, &[]).await;
+    drop(ride);
+    let s = s.crash_and_restart().await;
     let (st, v) = s
-        .call(
+        .request(
             Method::GET,
             &format!("/admin/trips/{}", t.trip_id),
             Some(ADMIN),
@@ -257,7 +201,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
     );
     for id in &acknowledged {
         let (st, v) = s
-            .call(
+            .request(
                 Method::GET,
                 &format!("/admin/riders/{id}"),
                 Some(ADMIN),
@@ -267,7 +211,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
         assert_eq!(st, 200, "acknowledged rider {id} lost: {v}");
     }
     let (st, l) = s
-        .call(Method::GET, "/admin/ledger", Some(ADMIN), None)
+        .request(Method::GET, "/admin/ledger", Some(ADMIN), None)
         .await;
     assert_eq!((st, &l["balanced"]), (200, &json!(true)), "{l}");
     drop(s);

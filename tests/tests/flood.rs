@@ -9,45 +9,15 @@
 
 use std::time::{Duration, Instant};
 
-use dispatch_tests::{Client, Dispatchd, north_of, now_ms};
+use dispatch_tests::{Client, DROPOFF, Dispatchd, PICKUP, north_of};
 use futures_util::{SinkExt, StreamExt};
-use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 /// Far from the pickup: the flooder is never offered a ride.
 const ELSEWHERE: (f64, f64) = (45.6300, -73.5690);
 const RIDES_PER_PHASE: usize = 150;
-
-async fn register(s: &Dispatchd, path: &str, body: Value) -> String {
-    let (st, v) = s.call(Method::POST, path, None, Some(body)).await;
-    assert_eq!(st, 201, "{path}: {v}");
-    v["token"].as_str().unwrap().to_owned()
-}
-
-async fn driver_token(s: &Dispatchd, name: &str) -> String {
-    register(
-        s,
-        "/v1/drivers",
-        json!({"name": name, "vehicle": {"make": "Kia", "model": "Niro", "plate": "FLOOD",
-            "color": "red", "product": "economy", "seats": 4}}),
-    )
-    .await
-}
-
-async fn online(s: &Dispatchd, token: &str, at: (f64, f64)) -> Client {
-    let mut c = Client::connect(&s.ws_url("/v1/ws/driver"), Some(token))
-        .await
-        .expect("driver session");
-    c.welcome().await;
-    c.ok(json!({"type": "location", "lat": at.0, "lng": at.1, "ts": now_ms()}))
-        .await;
-    c.ok(json!({"type": "go_online"})).await;
-    c
-}
 
 /// `n` rides requested and cancelled one after another: each one's request → offer
 /// latency as the apps see it, in microseconds.
@@ -159,30 +129,14 @@ fn flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloaded() {
-    let data = tempfile::tempdir().expect("a data directory");
-    let logs = tempfile::tempdir().expect("a log directory");
-    let s = Dispatchd::start(
-        "flood",
-        data.path(),
-        logs.path(),
-        &["--dispatch-deadline-ms", "600000"],
-        &[],
-    )
-    .await;
-    let dtoken = driver_token(&s, "Dana").await;
-    let mut d = online(&s, &dtoken, north_of(PICKUP, 200.0)).await;
-    let ftoken = driver_token(&s, "Flo").await;
-    drop(online(&s, &ftoken, ELSEWHERE).await);
-    let rtoken = register(
-        &s,
-        "/v1/riders",
-        json!({"name": "Riley", "phone": "+1 555 0101"}),
-    )
-    .await;
-    let mut r = Client::connect(&s.ws_url("/v1/ws/rider"), Some(&rtoken))
-        .await
-        .expect("rider session");
-    r.welcome().await;
+    let s = Dispatchd::start("flood", &["--dispatch-deadline-ms", "600000"]).await;
+    let near = north_of(PICKUP, 200.0);
+    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
+    let (_, ftoken, flo) = s
+        .online_driver_token("Flo", "economy", ELSEWHERE.0, ELSEWHERE.1)
+        .await;
+    drop(flo);
+    let (_, _, mut r) = s.connected_rider("Riley").await;
 
     // Warm up (first connections, first cell actors), then alternate quiet and flood.
     rides(&mut d, &mut r, 20).await;
@@ -191,7 +145,10 @@ async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloa
     let driver_in = "dispatch_ws_messages_total{direction=\"in\",role=\"driver\"}";
     let paused = "dispatch_bound_hits_total{bound=\"ws_read_paused\"}";
     let stuck = "dispatch_bound_hits_total{bound=\"ws_outbound_queue\"}";
-    let (in_before, paused_before) = (metric(&s, driver_in).await, metric(&s, paused).await);
+    let (in_before, paused_before) = (
+        s.metric_value(driver_in).await,
+        s.metric_value(paused).await,
+    );
     for _ in 0..2 {
         quiet.extend(rides(&mut d, &mut r, RIDES_PER_PHASE).await);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -200,7 +157,8 @@ async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloa
         tokio::time::sleep(Duration::from_millis(200)).await;
         flooded.extend(rides(&mut d, &mut r, RIDES_PER_PHASE).await);
         assert_eq!(
-            metric(&s, "dispatch_ws_sessions{role=\"driver\"}").await,
+            s.metric_value("dispatch_ws_sessions{role=\"driver\"}")
+                .await,
             2.0,
             "the flooder's session is open to the end of the phase"
         );
@@ -215,8 +173,8 @@ async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloa
         );
         sent += s1;
     }
-    let read_by_server = metric(&s, driver_in).await - in_before;
-    let paused_reads = metric(&s, paused).await - paused_before;
+    let read_by_server = s.metric_value(driver_in).await - in_before;
+    let paused_reads = s.metric_value(paused).await - paused_before;
     let (q50, q99) = (p(&quiet, 0.5), p(&quiet, 0.99));
     let (f50, f99) = (p(&flooded, 0.5), p(&flooded, 0.99));
     eprintln!(
@@ -233,7 +191,7 @@ async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloa
     );
     assert!(paused_reads > 0.0);
     assert_eq!(
-        metric(&s, stuck).await,
+        s.metric_value(stuck).await,
         0.0,
         "a session was dropped as stuck"
     );
@@ -241,22 +199,4 @@ async fn a_flooding_client_leaves_others_request_to_offer_p99_within_twice_unloa
         f99 <= 2 * q99,
         "request → offer p99 {f99} µs under the flood, over twice the quiet {q99} µs"
     );
-}
-
-async fn metric(s: &Dispatchd, series: &str) -> f64 {
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("/metrics")
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == series).then(|| v.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no series {series}"))
 }

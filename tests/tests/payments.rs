@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 use dispatch_tests::{
-    Client, Dispatchd, TestServer, eventually, north_of, now_ms, rfc3339_ms, trip_of, utc_date,
+    Client, DROPOFF, Dispatchd, Endpoint, PICKUP, TestServer, eventually, north_of, now_ms,
+    rfc3339_ms, trip_of, utc_date,
 };
 use dispatch_transport::wire::{CancelledBy, DriverStatus, ServerMessage, Trip, TripState};
 use reqwest::Method;
@@ -20,8 +21,6 @@ use serde_json::{Value, json};
 /// The admin token of every server here.
 const ADMIN: &str = "adm-payments-0123456789abcdef0123";
 
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 /// About 14 km north of `PICKUP`: another surge cell, and out of any search from it.
 const FAR: (f64, f64) = (45.6300, -73.5690);
 
@@ -43,19 +42,19 @@ fn code(v: &Value) -> Option<&str> {
 }
 
 /// An admin request: (status, body).
-async fn admin(s: &TestServer, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn admin(s: &Endpoint, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
     s.request(method, path, Some(ADMIN), body).await
 }
 
 /// An admin GET that must answer 200.
-async fn aget(s: &TestServer, path: &str) -> Value {
+async fn aget(s: &Endpoint, path: &str) -> Value {
     let (st, v) = s.get(path, Some(ADMIN)).await;
     assert_eq!(st, 200, "GET {path}: {v}");
     v
 }
 
 /// An admin PUT that must answer 200.
-async fn aput(s: &TestServer, path: &str, body: Value) -> Value {
+async fn aput(s: &Endpoint, path: &str, body: Value) -> Value {
     let (st, v) = s.put(path, Some(ADMIN), body.clone()).await;
     assert_eq!(st, 200, "PUT {path} {body}: {v}");
     v
@@ -70,7 +69,7 @@ fn commission(fare: i64, bps: i64) -> i64 {
 // The ledger as the admin console shows it
 
 /// `GET /admin/ledger`, which must be balanced.
-async fn balanced_ledger(s: &TestServer) -> Value {
+async fn balanced_ledger(s: &Endpoint) -> Value {
     let v = aget(s, "/admin/ledger").await;
     assert_eq!(
         (
@@ -86,7 +85,7 @@ async fn balanced_ledger(s: &TestServer) -> Value {
 
 /// The ledger's accounts by kind: (platform, clearing, authorizations, riders,
 /// rider_holds, drivers).
-async fn books(s: &TestServer) -> (i64, i64, i64, i64, i64, i64) {
+async fn books(s: &Endpoint) -> (i64, i64, i64, i64, i64, i64) {
     let v = balanced_ledger(s).await;
     let a = |k: &str| {
         v["accounts"][k]
@@ -104,13 +103,13 @@ async fn books(s: &TestServer) -> (i64, i64, i64, i64, i64, i64) {
 }
 
 /// The number of ledger entries.
-async fn entry_count(s: &TestServer) -> u64 {
+async fn entry_count(s: &Endpoint) -> u64 {
     let v = balanced_ledger(s).await;
     v["entries"].as_u64().unwrap_or_else(|| panic!("{v}"))
 }
 
 /// `GET /admin/ledger?account=…`: the balance.
-async fn balance(s: &TestServer, account: &str) -> i64 {
+async fn balance(s: &Endpoint, account: &str) -> i64 {
     let v = aget(s, &format!("/admin/ledger?account={account}")).await;
     assert_eq!(
         (v["account"].as_str(), v["currency"].as_str()),
@@ -123,7 +122,7 @@ async fn balance(s: &TestServer, account: &str) -> i64 {
 }
 
 /// The trip's payment entries (`GET /admin/trips/{id}` `payments`).
-async fn payments(s: &TestServer, trip_id: &str) -> Vec<Value> {
+async fn payments(s: &Endpoint, trip_id: &str) -> Vec<Value> {
     let v = aget(s, &format!("/admin/trips/{trip_id}")).await;
     let p = v["payments"]
         .as_array()
@@ -166,7 +165,7 @@ fn net(entry: &Value, account: &str) -> i64 {
 
 /// `GET /v1/drivers/me/earnings` as `token`: (today's trips, today's cents, total trips,
 /// total cents), with the date checked to be today (UTC).
-async fn earnings(s: &TestServer, driver_id: &str, token: &str) -> (u64, i64, u64, i64) {
+async fn earnings(s: &Endpoint, driver_id: &str, token: &str) -> (u64, i64, u64, i64) {
     let before = utc_date(now_ms());
     let (st, v) = s.get("/v1/drivers/me/earnings", Some(token)).await;
     let after = utc_date(now_ms());
@@ -325,7 +324,7 @@ async fn completed_ride(x: &mut Ride) -> (i64, Trip, Trip) {
 
 /// The rate cards with economy replaced by a card that charges `base` cents (plus
 /// `booking` cents, never surged) whatever the route, so fares are exact.
-async fn flat_economy(s: &TestServer, base: i64, booking: i64) -> Value {
+async fn flat_economy(s: &Endpoint, base: i64, booking: i64) -> Value {
     let mut p = aget(s, "/admin/pricing").await;
     p["products"]["economy"] = json!({"base_cents": base, "per_km_cents": 0,
         "per_minute_cents": 0, "minimum_cents": 0, "booking_fee_cents": booking,
@@ -444,7 +443,7 @@ async fn the_commission_rounds_half_up_and_the_flag_changes_the_split() {
 // 2. Cancels
 
 /// Asserts that `trip_id` ended with its hold released and nothing charged.
-async fn released(s: &TestServer, trip_id: &str, rider_id: &str, fare: i64) {
+async fn released(s: &Endpoint, trip_id: &str, rider_id: &str, fare: i64) {
     let p = payments(s, trip_id).await;
     assert_eq!(steps(&p), ["authorize", "release"], "{p:?}");
     let hold = format!("rider_hold:{rider_id}");
@@ -823,7 +822,7 @@ async fn a_body_without_its_field_or_not_an_object_is_refused() {
 // ---------------------------------------------------------------------------------------
 // 4. A processor that declines or fails
 
-async fn provider(s: &TestServer, mode: &str) {
+async fn provider(s: &Endpoint, mode: &str) {
     let v = aput(s, "/admin/payments/provider", json!({"mode": mode})).await;
     assert_eq!(v["mode"].as_str(), Some(mode), "{v}");
 }
@@ -969,7 +968,7 @@ fn surge_row<'a>(v: &'a Value, cell: &str) -> Option<&'a Value> {
 
 /// A quote on the route of every surge check; asserts its surge and that its fare is
 /// the flat economy card's (1000 × surge + 150, the booking fee never surged).
-async fn quote_at(s: &TestServer, token: &str, surge: f64) -> Value {
+async fn quote_at(s: &Endpoint, token: &str, surge: f64) -> Value {
     let q = s.quote(token, PICKUP, DROPOFF, "economy").await;
     let fare = (1000.0 * surge).round() as i64 + 150;
     assert_eq!(
@@ -981,7 +980,7 @@ async fn quote_at(s: &TestServer, token: &str, surge: f64) -> Value {
 }
 
 /// `GET /admin/cells`: the surge shown for matching cell `cell`.
-async fn cell_surge(s: &TestServer, cell: &str) -> f64 {
+async fn cell_surge(s: &Endpoint, cell: &str) -> f64 {
     let v = aget(s, "/admin/cells?limit=1000").await;
     let row = v["cells"]
         .as_array()
@@ -1198,63 +1197,19 @@ async fn another_riders_quote_is_forbidden_and_an_expired_one_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
-    let data = tempfile::tempdir().expect("a data directory");
-    let logs = tempfile::tempdir().expect("a log directory");
-    let flags = ["--admin-token", ADMIN];
-    let hook = [("DISPATCH_TEST_CRASH_AFTER", "capture")];
-    let mut s = Dispatchd::start(
-        "crash-after-capture",
-        data.path(),
-        logs.path(),
-        &flags,
-        &hook,
-    )
-    .await;
-    let register = |path: &'static str, body: Value| {
-        let s = &s;
-        async move {
-            let (st, v) = s.call(Method::POST, path, None, Some(body)).await;
-            assert_eq!(st, 201, "{path}: {v}");
-            let id = v["rider_id"].as_str().or(v["driver_id"].as_str());
-            (
-                id.unwrap().to_owned(),
-                v["token"].as_str().unwrap().to_owned(),
-            )
-        }
-    };
-    let (did, dtoken) = register(
-        "/v1/drivers",
-        json!({"name": "Dana", "vehicle": {"make": "Kia", "model": "Niro", "plate": "PAY 1",
-            "color": "red", "product": "economy", "seats": 4}}),
-    )
-    .await;
-    let (rid, rtoken) = register(
-        "/v1/riders",
-        json!({"name": "Riley", "phone": "+1 555 0101"}),
-    )
-    .await;
-    let mut d = Client::connect(&s.ws_url("/v1/ws/driver"), Some(&dtoken))
-        .await
-        .expect("driver session");
+    let s = Dispatchd::builder("crash-after-capture")
+        .flags(&flags(&[]))
+        .env("DISPATCH_TEST_CRASH_AFTER", "capture")
+        .start()
+        .await;
+    let (did, dtoken) = s.driver("Dana", "economy").await;
+    let (rid, rtoken) = s.rider("Riley").await;
+    let mut d = s.connect("driver", &dtoken).await;
     d.welcome().await;
-    let near = north_of(PICKUP, 200.0);
-    d.ok(json!({"type": "location", "lat": near.0, "lng": near.1, "ts": now_ms()}))
-        .await;
-    d.ok(json!({"type": "go_online"})).await;
-    let mut r = Client::connect(&s.ws_url("/v1/ws/rider"), Some(&rtoken))
-        .await
-        .expect("rider session");
+    d.go_online(north_of(PICKUP, 200.0)).await;
+    let mut r = s.connect("rider", &rtoken).await;
     r.welcome().await;
-    let (st, q) = s
-        .call(
-            Method::POST,
-            "/v1/quotes",
-            Some(&rtoken),
-            Some(json!({"pickup": {"lat": PICKUP.0, "lng": PICKUP.1},
-                "dropoff": {"lat": DROPOFF.0, "lng": DROPOFF.1}, "product": "economy"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{q}");
+    let q = s.quote(&rtoken, PICKUP, DROPOFF, "economy").await;
     let fare = q["fare_cents"].as_i64().unwrap();
     let t = request_quoted(&mut r, q["quote_id"].as_str().unwrap()).await;
     for cmd in ["accept", "arrived", "start_trip"] {
@@ -1266,6 +1221,7 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         .send_req(json!({"type": "complete_trip", "trip_id": t.trip_id}))
         .await;
     d.closed_with().await;
+    let mut s = s;
     let st = s.exited_within(Duration::from_secs(30)).await;
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&st),
@@ -1291,14 +1247,13 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         "{:?}",
         r.pending()
     );
+    let again = s.again().without_env("DISPATCH_TEST_CRASH_AFTER");
     drop(s);
 
     // Restarted without the hook: the trip is still in progress, and the retry completes
     // it with the capture the processor already made.
-    let s = Dispatchd::start("after-the-crash", data.path(), logs.path(), &flags, &[]).await;
-    let mut d = Client::connect(&s.ws_url("/v1/ws/driver"), Some(&dtoken))
-        .await
-        .expect("driver session");
+    let s = again.start().await;
+    let mut d = s.connect("driver", &dtoken).await;
     match d.welcome().await {
         ServerMessage::Welcome {
             status,
@@ -1314,23 +1269,13 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         ),
         m => panic!("the driver's welcome shows no trip: {m:?}"),
     }
-    let mut r = Client::connect(&s.ws_url("/v1/ws/rider"), Some(&rtoken))
-        .await
-        .expect("rider session");
+    let mut r = s.connect("rider", &rtoken).await;
     r.welcome().await;
     let (rt, dt) = by_driver(&mut d, &mut r, &t.trip_id, "complete_trip").await;
     assert_eq!((rt.fare_cents, dt.fare_cents), (Some(fare), Some(fare)));
     assert_eq!(receipt(&mut r).await.1, fare);
 
-    let get = |path: String| {
-        let s = &s;
-        async move {
-            let (st, v) = s.call(Method::GET, &path, Some(ADMIN), None).await;
-            assert_eq!(st, 200, "{path}: {v}");
-            v
-        }
-    };
-    let v = get(format!("/admin/trips/{}", t.trip_id)).await;
+    let v = aget(&s, &format!("/admin/trips/{}", t.trip_id)).await;
     let p = v["payments"].as_array().unwrap_or_else(|| panic!("{v}"));
     assert_eq!(
         steps(p),
@@ -1338,7 +1283,7 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         "exactly one capture: {v}"
     );
     let c = commission(fare, BPS);
-    let l = get("/admin/ledger".into()).await;
+    let l = aget(&s, "/admin/ledger").await;
     assert_eq!(
         (&l["balanced"], &l["total_cents"], &l["accounts"]),
         (
@@ -1349,10 +1294,7 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         ),
         "{l}"
     );
-    let (st, e) = s
-        .call(Method::GET, "/v1/drivers/me/earnings", Some(&dtoken), None)
-        .await;
-    assert_eq!(st, 200, "{e}");
+    let e = s.get_ok("/v1/drivers/me/earnings", &dtoken).await;
     assert_eq!(
         (&e["driver_id"], &e["total"]),
         (
@@ -1362,7 +1304,7 @@ async fn a_crash_between_capture_and_its_ledger_entry_captures_once() {
         "{e}"
     );
     assert_eq!(
-        get(format!("/admin/ledger?account=rider:{rid}")).await["balance_cents"],
+        aget(&s, &format!("/admin/ledger?account=rider:{rid}")).await["balance_cents"],
         json!(-fare)
     );
 }

@@ -3,12 +3,11 @@
 
 use std::time::Instant;
 
-use dispatch_tests::{Client, TestServer, eventually, north_of};
+use dispatch_tests::{
+    Client, DROPOFF, PICKUP, Ride, RidePlan, TestServer, eventually, north_of, ride_to,
+};
 use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
 use serde_json::json;
-
-const PICKUP: (f64, f64) = (45.5030, -73.5690);
-const DROPOFF: (f64, f64) = (45.5200, -73.5800);
 
 /// A driver's `welcome`: (status, offer, trip).
 fn driver_welcome(
@@ -57,20 +56,14 @@ async fn nearby_count(s: &TestServer, rider_token: &str, at: (f64, f64)) -> usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_on_a_trip_reconnects_and_finishes_the_ride() {
     let s = TestServer::start(&["--session-grace-ms", "5000"]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, dtoken, mut d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
-        .await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    assert_eq!(r.trip_update().await.version, 2);
-    d.ok(json!({"type": "arrived", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!((t.state, t.version), (TripState::DriverArrived, 3));
+    let Ride {
+        driver_id: did,
+        driver_token: dtoken,
+        d,
+        mut r,
+        trip,
+        ..
+    } = ride_to(&s, TripState::DriverArrived).await;
 
     // The app drops and comes back: welcome holds everything needed to resume.
     d.close().await;
@@ -111,11 +104,15 @@ async fn a_driver_on_a_trip_reconnects_and_finishes_the_ride() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_reconnects_and_resumes_the_active_trip() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (rid, rtoken, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    assert_eq!(d.offer().await.trip_id, trip.trip_id);
+    let Ride {
+        driver_id: did,
+        mut d,
+        rider_id: rid,
+        rider_token: rtoken,
+        r,
+        trip,
+        ..
+    } = ride_to(&s, TripState::Dispatching).await;
 
     r.close().await;
     let mut r = Client::rider(&s, &rtoken).await.unwrap();
@@ -141,13 +138,15 @@ async fn a_rider_reconnects_and_resumes_the_active_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offered_driver_reconnects_and_sees_the_offer_in_welcome() {
     let s = TestServer::start(&["--offer-timeout-ms", "30000"]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, dtoken, mut d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
-        .await;
-    let (_, _, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    let first = d.offer().await;
+    let Ride {
+        driver_id: did,
+        driver_token: dtoken,
+        d,
+        mut r,
+        trip,
+        offer: first,
+        ..
+    } = ride_to(&s, TripState::Dispatching).await;
 
     d.close().await;
     let mut d = Client::driver(&s, &dtoken).await.unwrap();
@@ -311,15 +310,18 @@ async fn outlast_the_grace_period(s: &TestServer, rtoken: &str, reference: Clien
 async fn a_trip_survives_the_drivers_grace_period() {
     let s = TestServer::start(&["--session-grace-ms", "300"]).await;
     let near = north_of(PICKUP, 100.0);
-    let (did, dtoken, mut d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
+    let Ride {
+        driver_id: did,
+        driver_token: dtoken,
+        d,
+        rider_token: rtoken,
+        mut r,
+        trip,
+        ..
+    } = RidePlan::default()
+        .driver_north(100.0)
+        .to(&s, TripState::DriverAssigned)
         .await;
-    let (_, rtoken, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    assert_eq!(r.trip_update().await.version, 2);
     // An available reference driver, far from the pickup (outside the nearby radius of it).
     let away = north_of(PICKUP, 20_000.0);
     let (_, reference) = s.online_driver("Ref", "economy", away.0, away.1).await;
@@ -364,16 +366,17 @@ async fn a_trip_survives_the_drivers_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_freed_after_its_grace_period_goes_offline() {
     let s = TestServer::start(&["--session-grace-ms", "300"]).await;
-    let near = north_of(PICKUP, 100.0);
-    let (_, dtoken, mut d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
+    let Ride {
+        driver_token: dtoken,
+        d,
+        rider_token: rtoken,
+        mut r,
+        trip,
+        ..
+    } = RidePlan::default()
+        .driver_north(100.0)
+        .to(&s, TripState::DriverAssigned)
         .await;
-    let (_, rtoken, mut r) = s.connected_rider("Riley").await;
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    assert_eq!(r.trip_update().await.version, 2);
     let away = north_of(PICKUP, 20_000.0);
     let (_, reference) = s.online_driver("Ref", "economy", away.0, away.1).await;
 
