@@ -353,11 +353,7 @@ pub fn refuse_without_trip(
     let Some(t) = trip else {
         return TripError::NotFound("trip");
     };
-    if !t.state().is_final() {
-        // Live, but its actor is being restarted by its supervisor.
-        return TripError::Unavailable("the trip is restarting; retry");
-    }
-    match from {
+    let ended = match from {
         Sender::Driver(d) if t.driver_id() == Some(d) => {
             TripError::Conflict("the trip has already ended")
         }
@@ -381,6 +377,14 @@ pub fn refuse_without_trip(
         Sender::Rider | Sender::Admin | Sender::System => {
             TripError::Conflict("the trip has already ended")
         }
+    };
+    match ended {
+        // Live, but its actor is being restarted by its supervisor: whoever may act on
+        // it is told to retry; whoever may not is refused as always.
+        TripError::Conflict(_) if !t.state().is_final() => {
+            TripError::Unavailable("the trip is restarting; retry")
+        }
+        e => e,
     }
 }
 
@@ -615,6 +619,20 @@ mod tests {
         assert!(matches!(
             refuse_without_trip(Some(&t), &Sender::Admin, None, &accept("drv_1")),
             TripError::Unavailable(_)
+        ));
+        // Another rider's live trip is theirs whatever its actor is doing.
+        let theirs_live = RiderId::new("rdr_2");
+        assert!(matches!(
+            refuse_without_trip(
+                Some(&t),
+                &Sender::Rider,
+                Some(&theirs_live),
+                &TripCommand::Cancel {
+                    by: CancelledBy::Rider,
+                    reason: None
+                }
+            ),
+            TripError::Forbidden(_)
         ));
         let ended = t
             .decide(
