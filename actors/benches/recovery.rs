@@ -122,7 +122,7 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
             distance_m: 4000,
             duration_s: 600,
         };
-        let (mut trip, _) = Trip::request(
+        let mut trip = Trip::start(
             TripId::new(format!("trp_{i:08}")),
             rider,
             Product::Economy,
@@ -131,7 +131,8 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
             quote,
             now,
             &cfg,
-        );
+        )
+        .trip;
         batch = batch.trip(
             StoredTrip {
                 trip: trip.clone(),

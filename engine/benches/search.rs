@@ -3,7 +3,7 @@
 //!
 //! - `search/nearest10/<n>`: `search::search_map` for the 10 nearest available Economy
 //!   drivers within 5 km (`SearchParams::default()`: k = 10, 5 km, at most 8 rings).
-//! - `search/request_ranked/<n>`: a whole request: `Trip::request`, the same search, and
+//! - `search/request_ranked/<n>`: a whole request: `Trip::start`, the same search, and
 //!   `Trip::apply(TripCommand::Candidates(..))`, which ranks by ETA and makes the first offer.
 //!
 //! Cities (drivers uniform over a square around 45.53, -73.62; 70 % Economy, 20 % XL,
@@ -176,7 +176,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
                 let p = city.pickups[j % PICKUPS];
                 j += 1;
                 let dropoff = Point::new(p.lat() + 0.02, p.lng()).unwrap();
-                let (mut trip, fx) = Trip::request(
+                let start = Trip::start(
                     trip_id.clone(),
                     rider_id.clone(),
                     Product::Economy,
@@ -186,6 +186,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
                     1_000,
                     &cfg,
                 );
+                let (mut trip, fx) = (start.trip, start.effects);
                 debug_assert!(fx.iter().any(|e| matches!(e, TripEffect::Search { .. })));
                 let (found, _) = search_map(city.grid, &city.cells, p, params, wanted);
                 let fx = trip

@@ -17,10 +17,8 @@ use crate::eta::EtaModel;
 use crate::ids::{DriverId, RiderId, TripId};
 use crate::ledger::{Entry, PaymentTerms, Step, TripMoney};
 use crate::trip::{
-    CancelledBy, DispatchConfig, Mover, QuoteTerms, Trip, TripCommand, TripEffect, TripError,
-    TripState,
+    CancelledBy, DispatchConfig, Mover, Trip, TripCommand, TripEffect, TripError, TripState,
 };
-use crate::{Point, Product};
 
 /// One transition of a trip, as the journal records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,36 +184,6 @@ impl Decision {
 }
 
 impl Trip {
-    /// A new trip in `dispatching`, version 1: its first journal record (the request, by
-    /// the rider), the first search and the dispatch deadline.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        id: TripId,
-        rider_id: RiderId,
-        product: Product,
-        pickup: Point,
-        dropoff: Point,
-        quote: QuoteTerms,
-        now_ms: u64,
-        cfg: &DispatchConfig,
-    ) -> Decision {
-        let (trip, effects) =
-            Trip::request(id, rider_id, product, pickup, dropoff, quote, now_ms, cfg);
-        let journal = Some(Transition {
-            from: TripState::Dispatching,
-            to: TripState::Dispatching,
-            by: Mover::Rider,
-            at_ms: now_ms,
-            version: trip.version(),
-        });
-        Decision {
-            trip,
-            effects,
-            journal,
-            payment: PaymentPlan::None,
-        }
-    }
-
     /// Decides `cmd` at `now_ms` for this trip, whose ledger entries so far are
     /// `entries`. The trip itself is not changed: the caller persists the decision's trip
     /// once the payment plan allows it. On error nothing is to be done.
@@ -394,8 +362,66 @@ mod tests {
     use crate::eta::StraightLineEta;
     use crate::index::IndexedDriver;
     use crate::search::Candidate;
+    use crate::trip::QuoteTerms;
+    use crate::{Point, Product};
 
-    fn trip(now: u64) -> Decision {
+    /// One trip's world: the rules it is decided under and its ledger entries so far.
+    struct World {
+        cfg: DispatchConfig,
+        eta: StraightLineEta,
+        terms: PaymentTerms,
+        fee: i64,
+        entries: Vec<Entry>,
+    }
+
+    impl World {
+        fn new(fee: i64) -> World {
+            World {
+                cfg: DispatchConfig::default(),
+                eta: StraightLineEta::default(),
+                terms: PaymentTerms::default(),
+                fee,
+                entries: Vec::new(),
+            }
+        }
+
+        fn decide(&self, t: &Trip, cmd: TripCommand, now: u64) -> Decision {
+            let rules = TripRules {
+                dispatch: &self.cfg,
+                eta: &self.eta,
+                payments: &self.terms,
+                cancellation_fee_cents: self.fee,
+            };
+            t.decide(cmd, &self.entries, now, &rules).unwrap()
+        }
+
+        /// Applies a decision as a caller would: the trip, and its entry if any.
+        fn commit(&mut self, d: Decision) -> Trip {
+            if let Some(e) = d.payment.entry() {
+                self.entries.push(e.clone());
+            }
+            d.trip
+        }
+
+        fn step(&mut self, t: &Trip, cmd: TripCommand, now: u64) -> Trip {
+            let d = self.decide(t, cmd, now);
+            self.commit(d)
+        }
+
+        /// A new trip at time 0, offered to `drv_1`.
+        fn offered(&mut self) -> Trip {
+            let t = self.commit(start(0));
+            self.step(&t, TripCommand::Candidates(vec![candidate("drv_1")]), 0)
+        }
+
+        /// The same, accepted by `drv_1` at time 0.
+        fn assigned(&mut self) -> Trip {
+            let t = self.offered();
+            self.step(&t, accept("drv_1"), 0)
+        }
+    }
+
+    fn start(now: u64) -> Decision {
         Trip::start(
             TripId::new("trp_1"),
             RiderId::new("rdr_1"),
@@ -427,58 +453,32 @@ mod tests {
         }
     }
 
-    /// Applies a decision as a caller would: the trip, and its entry if any.
-    fn commit(d: Decision, entries: &mut Vec<Entry>) -> Trip {
-        if let Some(e) = d.payment.entry() {
-            entries.push(e.clone());
+    fn accept(d: &str) -> TripCommand {
+        TripCommand::Accept {
+            driver_id: DriverId::new(d),
         }
-        d.trip
+    }
+
+    fn cancel(by: CancelledBy) -> TripCommand {
+        TripCommand::Cancel { by, reason: None }
     }
 
     #[test]
     fn a_ride_plans_a_hold_at_assignment_and_a_capture_at_completion() {
-        let (cfg, eta, terms) = (
-            DispatchConfig::default(),
-            StraightLineEta::default(),
-            PaymentTerms::default(),
-        );
-        let rules = TripRules {
-            dispatch: &cfg,
-            eta: &eta,
-            payments: &terms,
-            cancellation_fee_cents: 500,
-        };
-        let d = trip(1_000);
+        let mut w = World::new(500);
+        let d = start(1_000);
         assert_eq!(
             d.journal.as_ref().map(|j| (j.version, j.by.clone())),
             Some((1, Mover::Rider))
         );
-        let mut entries = Vec::new();
-        let t = commit(d, &mut entries);
-        let d = t
-            .decide(
-                TripCommand::Candidates(vec![candidate("drv_1")]),
-                &entries,
-                1_100,
-                &rules,
-            )
-            .unwrap();
+        let t = w.commit(d);
+        let d = w.decide(&t, TripCommand::Candidates(vec![candidate("drv_1")]), 1_100);
         assert_eq!(
             (d.journal.clone(), d.payment.clone()),
             (None, PaymentPlan::None)
         );
-        let t = commit(d, &mut entries);
-        let drv = DriverId::new("drv_1");
-        let d = t
-            .decide(
-                TripCommand::Accept {
-                    driver_id: drv.clone(),
-                },
-                &entries,
-                1_200,
-                &rules,
-            )
-            .unwrap();
+        let t = w.commit(d);
+        let d = w.decide(&t, accept("drv_1"), 1_200);
         assert_eq!(
             d.payment.request(),
             Some(("authorize", "trp_1:authorize".into(), 1_500))
@@ -499,7 +499,8 @@ mod tests {
             d.payment.after(&ProviderAnswer::Unavailable("down".into())),
             AfterPayment::Retry
         );
-        let mut t = commit(d, &mut entries);
+        let mut t = w.commit(d);
+        let drv = DriverId::new("drv_1");
         for cmd in [
             TripCommand::Arrived {
                 driver_id: drv.clone(),
@@ -508,18 +509,11 @@ mod tests {
                 driver_id: drv.clone(),
             },
         ] {
-            let d = t.decide(cmd, &entries, 1_300, &rules).unwrap();
+            let d = w.decide(&t, cmd, 1_300);
             assert_eq!(d.payment, PaymentPlan::None);
-            t = commit(d, &mut entries);
+            t = w.commit(d);
         }
-        let d = t
-            .decide(
-                TripCommand::Complete { driver_id: drv },
-                &entries,
-                1_400,
-                &rules,
-            )
-            .unwrap();
+        let d = w.decide(&t, TripCommand::Complete { driver_id: drv }, 1_400);
         assert_eq!(
             d.payment.request(),
             Some(("capture", "trp_1:capture".into(), 1_500))
@@ -529,46 +523,9 @@ mod tests {
 
     #[test]
     fn a_late_rider_cancel_charges_the_fee_and_an_early_one_releases() {
-        let (cfg, eta, terms) = (
-            DispatchConfig::default(),
-            StraightLineEta::default(),
-            PaymentTerms::default(),
-        );
-        let rules = TripRules {
-            dispatch: &cfg,
-            eta: &eta,
-            payments: &terms,
-            cancellation_fee_cents: 500,
-        };
-        let mut entries = Vec::new();
-        let t = commit(trip(0), &mut entries);
-        let t = commit(
-            t.decide(
-                TripCommand::Candidates(vec![candidate("drv_1")]),
-                &entries,
-                0,
-                &rules,
-            )
-            .unwrap(),
-            &mut entries,
-        );
-        let t = commit(
-            t.decide(
-                TripCommand::Accept {
-                    driver_id: DriverId::new("drv_1"),
-                },
-                &entries,
-                0,
-                &rules,
-            )
-            .unwrap(),
-            &mut entries,
-        );
-        let cancel = || TripCommand::Cancel {
-            by: CancelledBy::Rider,
-            reason: None,
-        };
-        let early = t.decide(cancel(), &entries, 1_000, &rules).unwrap();
+        let mut w = World::new(500);
+        let t = w.assigned();
+        let early = w.decide(&t, cancel(CancelledBy::Rider), 1_000);
         assert!(matches!(early.payment, PaymentPlan::Release { .. }));
         // Released whatever the provider says.
         assert_eq!(
@@ -577,9 +534,7 @@ mod tests {
                 .after(&ProviderAnswer::Unavailable("x".into())),
             AfterPayment::Commit
         );
-        let late = t
-            .decide(cancel(), &entries, terms.cancel_grace_ms + 1, &rules)
-            .unwrap();
+        let late = w.decide(&t, cancel(CancelledBy::Rider), w.terms.cancel_grace_ms + 1);
         assert_eq!(
             late.payment.request(),
             Some(("capture", "trp_1:cancel_fee".into(), 500))
@@ -590,62 +545,20 @@ mod tests {
 
     #[test]
     fn commands_for_an_ended_trip_are_refused_by_one_rule() {
-        let mut entries = Vec::new();
-        let (cfg, eta, terms) = (
-            DispatchConfig::default(),
-            StraightLineEta::default(),
-            PaymentTerms::default(),
-        );
-        let rules = TripRules {
-            dispatch: &cfg,
-            eta: &eta,
-            payments: &terms,
-            cancellation_fee_cents: 0,
-        };
-        let t = commit(trip(0), &mut entries);
-        let t = commit(
-            t.decide(
-                TripCommand::Candidates(vec![candidate("drv_1")]),
-                &entries,
-                0,
-                &rules,
-            )
-            .unwrap(),
-            &mut entries,
-        );
-        let accept = |d: &str| TripCommand::Accept {
-            driver_id: DriverId::new(d),
-        };
+        let mut w = World::new(0);
+        let t = w.offered();
         assert!(matches!(
             refuse_without_trip(Some(&t), &Sender::Admin, None, &accept("drv_1")),
             TripError::Unavailable(_)
         ));
         // Another rider's live trip is theirs whatever its actor is doing.
-        let theirs_live = RiderId::new("rdr_2");
+        let (mine, theirs) = (RiderId::new("rdr_1"), RiderId::new("rdr_2"));
+        let by_rider = cancel(CancelledBy::Rider);
         assert!(matches!(
-            refuse_without_trip(
-                Some(&t),
-                &Sender::Rider,
-                Some(&theirs_live),
-                &TripCommand::Cancel {
-                    by: CancelledBy::Rider,
-                    reason: None
-                }
-            ),
+            refuse_without_trip(Some(&t), &Sender::Rider, Some(&theirs), &by_rider),
             TripError::Forbidden(_)
         ));
-        let ended = t
-            .decide(
-                TripCommand::Cancel {
-                    by: CancelledBy::Admin,
-                    reason: None,
-                },
-                &entries,
-                0,
-                &rules,
-            )
-            .unwrap()
-            .trip;
+        let ended = w.decide(&t, cancel(CancelledBy::Admin), 0).trip;
         let offered = Sender::Driver(DriverId::new("drv_1"));
         let stranger = Sender::Driver(DriverId::new("drv_9"));
         assert!(matches!(
@@ -656,22 +569,16 @@ mod tests {
             refuse_without_trip(Some(&ended), &stranger, None, &accept("drv_9")),
             TripError::Forbidden(_)
         ));
-        let mine = RiderId::new("rdr_1");
-        let theirs = RiderId::new("rdr_2");
-        let cancel = TripCommand::Cancel {
-            by: CancelledBy::Rider,
-            reason: None,
-        };
         assert!(matches!(
-            refuse_without_trip(Some(&ended), &Sender::Rider, Some(&mine), &cancel),
+            refuse_without_trip(Some(&ended), &Sender::Rider, Some(&mine), &by_rider),
             TripError::Conflict(_)
         ));
         assert!(matches!(
-            refuse_without_trip(Some(&ended), &Sender::Rider, Some(&theirs), &cancel),
+            refuse_without_trip(Some(&ended), &Sender::Rider, Some(&theirs), &by_rider),
             TripError::Forbidden(_)
         ));
         assert_eq!(
-            refuse_without_trip(None, &Sender::Admin, None, &cancel),
+            refuse_without_trip(None, &Sender::Admin, None, &by_rider),
             TripError::NotFound("trip")
         );
     }

@@ -8,7 +8,7 @@
 //!      └── rider, admin or system cancel ──▶ cancelled
 //! ```
 //!
-//! [`Trip::apply`] takes a command and `now_ms` and returns the effects the caller must
+//! [`Trip::start`] makes a trip and [`Trip::apply`] takes a command and `now_ms` and returns the effects the caller must
 //! carry out (search, send an offer, arm a timer, persist and notify a transition), or a
 //! [`TripError`] that changed nothing. Offers go to one driver at a time, best pickup ETA
 //! first; a decline, a timeout or a refusal moves to the next candidate; when the list
@@ -22,6 +22,7 @@ use crate::fare::Product;
 use crate::geo::Point;
 use crate::ids::{DriverId, RiderId, TripId};
 use crate::search::Candidate;
+use crate::transition::{Decision, PaymentPlan, Transition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -306,10 +307,10 @@ pub struct Trip {
 }
 
 impl Trip {
-    /// A new trip in `dispatching`, version 1. The effects start the first search and
-    /// arm the dispatch deadline.
+    /// A new trip in `dispatching`, version 1, decided whole: its first journal record
+    /// (the request, by the rider), the first search and the dispatch deadline.
     #[allow(clippy::too_many_arguments)]
-    pub fn request(
+    pub fn start(
         id: TripId,
         rider_id: RiderId,
         product: Product,
@@ -318,7 +319,7 @@ impl Trip {
         quote: QuoteTerms,
         now_ms: u64,
         cfg: &DispatchConfig,
-    ) -> (Trip, Vec<TripEffect>) {
+    ) -> Decision {
         let deadline_ms = now_ms.saturating_add(cfg.dispatch_deadline_ms);
         let trip = Trip {
             id,
@@ -345,13 +346,22 @@ impl Trip {
             deadline_ms,
             searching: true,
         };
-        (
+        let journal = Some(Transition {
+            from: TripState::Dispatching,
+            to: TripState::Dispatching,
+            by: Mover::Rider,
+            at_ms: now_ms,
+            version: trip.version,
+        });
+        Decision {
             trip,
-            vec![
+            effects: vec![
                 TripEffect::ArmDeadline { at_ms: deadline_ms },
                 TripEffect::Search { exclude: vec![] },
             ],
-        )
+            journal,
+            payment: PaymentPlan::None,
+        }
     }
 
     pub fn state(&self) -> TripState {

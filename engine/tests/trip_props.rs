@@ -58,7 +58,7 @@ fn quote() -> QuoteTerms {
 }
 
 fn new_trip(now: u64, cfg: &DispatchConfig) -> (Trip, Vec<TripEffect>) {
-    Trip::request(
+    let start = Trip::start(
         TripId::new("trp_1"),
         RiderId::new("rdr_1"),
         Product::Economy,
@@ -67,7 +67,8 @@ fn new_trip(now: u64, cfg: &DispatchConfig) -> (Trip, Vec<TripEffect>) {
         quote(),
         now,
         cfg,
-    )
+    );
+    (start.trip, start.effects)
 }
 
 fn kind(e: &TripError) -> Kind {

@@ -43,7 +43,7 @@ fn accepted_trip() -> (StoredTrip, Transition) {
         distance_m: 4_000,
         duration_s: 600,
     };
-    let (mut trip, _) = Trip::request(
+    let mut trip = Trip::start(
         TripId::new("trp_0000000000000000"),
         RiderId::new("rdr_0000000000000000"),
         Product::Economy,
@@ -52,7 +52,8 @@ fn accepted_trip() -> (StoredTrip, Transition) {
         quote,
         1_000,
         &cfg,
-    );
+    )
+    .trip;
     let driver_id = DriverId::new("drv_0000000000000000");
     let candidate = Candidate {
         driver: IndexedDriver {

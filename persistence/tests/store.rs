@@ -43,7 +43,7 @@ fn trip(id: &str) -> Trip {
         distance_m: 3000,
         duration_s: 400,
     };
-    Trip::request(
+    Trip::start(
         TripId::new(id),
         RiderId::new("rdr_1"),
         Product::Economy,
@@ -53,7 +53,7 @@ fn trip(id: &str) -> Trip {
         1_000,
         &DispatchConfig::default(),
     )
-    .0
+    .trip
 }
 
 fn accepted(mut t: Trip) -> Trip {
