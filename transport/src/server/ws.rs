@@ -501,12 +501,14 @@ async fn write_loop(
     pings.tick().await;
     let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
     let mut shutdown = app.shutdown.clone();
-    // The close code to send as the loop ends, if there is one.
+    // The close code to send as the loop ends, if there is one, and its reason.
     let code = loop {
         tokio::select! {
             biased;
-            code = closed.closed() => break Some(code),
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break Some(CLOSE_GOING_AWAY),
+            code = closed.closed() => break Some((code, close_reason(code))),
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                break Some((CLOSE_GOING_AWAY, "server shutting down"))
+            }
             _ = pings.tick(), if every > 0 => {
                 let silent = app.system.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
                 if silent > 3 * every {
@@ -514,14 +516,14 @@ async fn write_loop(
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
                     handle.close(CLOSE_GOING_AWAY);
                 } else if let Err(code) = send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
-                    break code;
+                    break code.map(|c| (c, close_reason(c)));
                 }
             }
             m = rx.recv() => {
                 let Some(m) = m else { break None };
                 let text = render_text(&app, m);
                 if let Err(code) = send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
-                    break code;
+                    break code.map(|c| (c, close_reason(c)));
                 }
                 sent.inc();
             }
@@ -546,7 +548,7 @@ async fn send_unless_closed(
     }
 }
 
-/// Ends the connection with a close frame: ours (`code`), or, when the client closed
+/// Ends the connection with a close frame: ours (`code` and its reason), or, when the client closed
 /// first, the answer RFC 6455 (5.5.1) requires, which echoes the client's code. tungstenite
 /// queues that answer itself when it reads the client's close and refuses a close of our
 /// own after it (`SendAfterClosing`); the answer goes out only when the socket is flushed,
@@ -554,13 +556,13 @@ async fn send_unless_closed(
 /// [`STUCK_CLOSE_WAIT`]: a client that stopped reading may leave no room for the frame.
 async fn goodbye(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    code: Option<u16>,
+    code: Option<(u16, &'static str)>,
 ) {
     let bye = async {
-        if let Some(code) = code {
+        if let Some((code, reason)) = code {
             let frame = Message::Close(Some(CloseFrame {
                 code,
-                reason: close_reason(code).into(),
+                reason: reason.into(),
             }));
             let _ = sink.send(frame).await;
         }
