@@ -321,15 +321,8 @@ impl System {
         let Some(view) = self.trip_view(id).await? else {
             return Ok(None);
         };
-        let store = self.ctx.store.clone();
         let key = id.clone();
-        let history = tokio::task::spawn_blocking(move || store.history(&key))
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(|e| {
-                tracing::error!(error = %e, "history read failed");
-                ApiError::internal()
-            })?;
+        let history = self.ctx.read("history", move |s| s.history(&key)).await?;
         Ok(Some((view, history)))
     }
 
@@ -542,15 +535,8 @@ impl System {
         if let Some(r) = self.ctx.registry.trip_records.get(id) {
             return Ok(r.entries.clone());
         }
-        let store = self.ctx.store.clone();
         let key = id.clone();
-        tokio::task::spawn_blocking(move || store.ledger_of(&key))
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(|e| {
-                tracing::error!(error = %e, "ledger read failed");
-                ApiError::internal()
-            })
+        self.ctx.read("ledger", move |s| s.ledger_of(&key)).await
     }
 
     /// An operator's refund of `amount` on a finished trip: the provider returns it to

@@ -361,17 +361,27 @@ impl Context {
         }
     }
 
-    /// A trip as the store holds it (finished trips live there only).
-    pub(crate) async fn stored_trip(&self, id: &TripId) -> Result<Option<StoredTrip>, ApiError> {
+    /// A read of the store, off the async workers; a failure is logged as `what` and
+    /// answered `internal`.
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Store) -> Result<T, dispatch_persistence::StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let store = self.store.clone();
-        let id = id.clone();
-        tokio::task::spawn_blocking(move || store.trip(&id))
+        tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|_| ApiError::internal())?
             .map_err(|e| {
-                tracing::error!(error = %e, "trip read failed");
+                tracing::error!(error = %e, "{what} read failed");
                 ApiError::internal()
             })
+    }
+
+    /// A trip as the store holds it (finished trips live there only).
+    pub(crate) async fn stored_trip(&self, id: &TripId) -> Result<Option<StoredTrip>, ApiError> {
+        let id = id.clone();
+        self.read("trip", move |s| s.trip(&id)).await
     }
 
     /// A trip's current view: live trips from memory, finished ones from the store.

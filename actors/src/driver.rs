@@ -2,7 +2,6 @@
 //! rules), its position and cell, its open offer and current trip, and its session.
 //! Every message the driver's app receives passes through here, in order.
 
-use std::collections::HashMap;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -14,9 +13,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::context::Context;
 use crate::error::ApiError;
-use crate::messages::{CellMsg, DriverArgs, DriverCommand, DriverMsg, Ticket, TripLink, TripMsg};
+use crate::messages::{CellMsg, DriverArgs, DriverCommand, DriverMsg, TripLink, TripMsg};
 use crate::records::DriverRecord;
-use crate::session::{CLOSE_REPLACED, Outbound, Responder};
+use crate::session::{Awaiting, CLOSE_REPLACED, Outbound, Responder};
 use crate::views::TripView;
 use dispatch_persistence::Batch;
 
@@ -32,8 +31,7 @@ pub struct DriverActorState {
     /// Started by the supervisor after a failure (not by registration or recovery).
     restarted: bool,
     /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
-    pending: HashMap<Ticket, Responder>,
-    next_ticket: Ticket,
+    awaiting: Awaiting,
 }
 
 impl DriverActor {
@@ -240,34 +238,38 @@ impl DriverActor {
         responder: Responder,
     ) {
         let from = Sender::Driver(s.rec.id.clone());
-        let cmd = match self.ctx.registry.trip(&trip_id) {
-            Some(t) => {
-                let ticket = s.next_ticket;
-                s.next_ticket += 1;
-                let msg = TripMsg::Command {
-                    cmd,
-                    from: from.clone(),
-                    ticket: Some(ticket),
-                };
-                match t.cast(msg) {
-                    Ok(()) => {
-                        s.pending.insert(ticket, responder);
-                        let after = self.ctx.config.ticket_timeout();
-                        myself.send_after(after, move || DriverMsg::TicketExpired(ticket));
-                        return;
-                    }
-                    // The trip actor stopped between the lookup and the cast.
-                    Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) => cmd,
-                    Err(_) => return responder.fail(ApiError::internal()),
+        if let Some(t) = self.ctx.registry.trip(&trip_id) {
+            let ticket = s.awaiting.keep(responder);
+            let msg = TripMsg::Command {
+                cmd,
+                from: from.clone(),
+                ticket: Some(ticket),
+            };
+            match t.cast(msg) {
+                Ok(()) => {
+                    let after = self.ctx.config.ticket_timeout();
+                    myself.send_after(after, move || DriverMsg::TicketExpired(ticket));
                 }
+                // The trip actor stopped between the lookup and the cast.
+                Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) => {
+                    if let Some(r) = s.awaiting.take(ticket) {
+                        self.refuse(trip_id, &from, cmd, r).await;
+                    }
+                }
+                Err(_) => {}
             }
-            None => cmd,
-        };
+            return;
+        }
+        self.refuse(trip_id, &from, cmd, responder).await
+    }
+
+    /// No live trip takes the command: the engine's rule for ended trips answers.
+    async fn refuse(&self, trip_id: TripId, from: &Sender, cmd: TripCommand, r: Responder) {
         match self.ctx.stored_trip(&trip_id).await {
-            Err(e) => responder.fail(e),
+            Err(e) => r.fail(e),
             Ok(t) => {
                 let t = t.map(|t| t.trip);
-                responder.fail(refuse_without_trip(t.as_ref(), &from, None, &cmd).into())
+                r.fail(refuse_without_trip(t.as_ref(), from, None, &cmd).into())
             }
         }
     }
@@ -368,8 +370,7 @@ impl Actor for DriverActor {
             st,
             offline_when_free: false,
             restarted: args.restarted,
-            pending: HashMap::new(),
-            next_ticket: 1,
+            awaiting: Awaiting::default(),
         })
     }
 
@@ -486,7 +487,7 @@ impl DriverActor {
                         self.send(s, Outbound::OfferExpired { trip_id });
                     }
                 }
-                answered(s, answers, Ok(()));
+                s.awaiting.answer(answers, Ok(()));
             }
             DriverMsg::Trip {
                 view,
@@ -508,11 +509,11 @@ impl DriverActor {
                         trip: view,
                     },
                 );
-                answered(s, answers, Ok(()));
+                s.awaiting.answer(answers, Ok(()));
             }
-            DriverMsg::Answer { ticket, outcome } => answered(s, Some(ticket), outcome),
+            DriverMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),
             // Dropped unanswered: the app is told the request was lost.
-            DriverMsg::TicketExpired(ticket) => drop(s.pending.remove(&ticket)),
+            DriverMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             DriverMsg::Reindex => {
                 s.rec.cell = None;
                 self.reindex(s, false).await;
@@ -529,15 +530,5 @@ impl DriverActor {
             DriverMsg::InjectPanic => panic!("injected fault in driver {}", s.rec.id),
         }
         Ok(())
-    }
-}
-
-/// Answers the command awaiting under `ticket`, if any still does.
-fn answered(s: &mut DriverActorState, ticket: Option<Ticket>, outcome: Result<(), ApiError>) {
-    if let Some(r) = ticket.and_then(|t| s.pending.remove(&t)) {
-        match outcome {
-            Ok(()) => r.ack(),
-            Err(e) => r.fail(e),
-        }
     }
 }

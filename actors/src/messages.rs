@@ -23,8 +23,7 @@ use crate::records::{DriverRecord, RiderRecord, TripRecord};
 use crate::session::{Responder, SessionHandle};
 use crate::views::{OfferView, Receipt, TripView};
 
-/// Names one command awaiting its answer inside the driver or rider actor that sent it.
-pub type Ticket = u64;
+pub use crate::session::Ticket;
 
 // ---------------------------------------------------------------------------------------
 // Drivers.

@@ -100,10 +100,12 @@ impl System {
                 // Its dispatch deadline passed while the server was down: it ends now,
                 // durably, before anyone can be offered it again, and a hold kept from
                 // an earlier assignment goes back (the provider is asked, best effort).
-                let entries = entries_by_trip.get(&t.trip.id).cloned().unwrap_or_default();
+                let entries = entries_by_trip
+                    .get(&t.trip.id)
+                    .map_or(&[][..], Vec::as_slice);
                 let decided = ctx.with_rules(t.trip.product, |rules| {
                     t.trip
-                        .decide(TripCommand::DeadlineReached, &entries, now, rules)
+                        .decide(TripCommand::DeadlineReached, entries, now, rules)
                 });
                 if let Ok(d) = decided {
                     let paid = ctx.pay(&d.payment).await;
@@ -111,13 +113,8 @@ impl System {
                         let entry = d.payment.entry().cloned();
                         t.trip = d.trip;
                         expired = expired.decided(t.clone(), d.journal, entry.clone());
-                        if let Some(e) = entry {
-                            expired_entries.push(e.clone());
-                            entries_by_trip
-                                .entry(t.trip.id.clone())
-                                .or_default()
-                                .push(e);
-                        }
+                        // The trip is final now: only the books need its entry.
+                        expired_entries.extend(entry);
                         stats.expired_trips += 1;
                     }
                 }

@@ -2,8 +2,6 @@
 //! [`RiderState`]), turns a request into a trip actor, and relays the trip's updates,
 //! driver positions and receipt to the rider's session, in order.
 
-use std::collections::HashMap;
-
 use dispatch_engine::{
     CancelledBy, Point, Product, QuoteTerms, RiderState, Sender, TripCommand, TripId,
     refuse_without_trip,
@@ -17,7 +15,7 @@ use crate::messages::{
     Group, NewTrip, RideRequest, RiderArgs, RiderCommand, RiderMsg, Spawn, Ticket, TripArgs,
     TripMsg,
 };
-use crate::session::{CLOSE_REPLACED, Outbound, Responder};
+use crate::session::{Awaiting, CLOSE_REPLACED, Outbound, Responder};
 
 pub struct RiderActor {
     pub ctx: Context,
@@ -27,8 +25,7 @@ pub struct RiderActorState {
     rec: crate::records::RiderRecord,
     st: RiderState,
     /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
-    pending: HashMap<Ticket, Responder>,
-    next_ticket: Ticket,
+    awaiting: Awaiting,
 }
 
 impl RiderActor {
@@ -94,9 +91,7 @@ impl RiderActor {
         s: &mut RiderActorState,
         responder: Responder,
     ) -> Ticket {
-        let ticket = s.next_ticket;
-        s.next_ticket += 1;
-        s.pending.insert(ticket, responder);
+        let ticket = s.awaiting.keep(responder);
         let after = self.ctx.config.ticket_timeout();
         myself.send_after(after, move || RiderMsg::TicketExpired(ticket));
         ticket
@@ -148,9 +143,7 @@ impl RiderActor {
         {
             tracing::error!(trip_id = %trip_id, error = %e, "could not start the trip actor");
             s.st.end(&trip_id);
-            if let Some(r) = s.pending.remove(&ticket) {
-                r.fail(e);
-            }
+            s.awaiting.answer(Some(ticket), Err(e));
         }
     }
 
@@ -167,27 +160,21 @@ impl RiderActor {
             reason,
         };
         let mine = s.st.active_trip() == Some(&trip_id);
-        let cmd = match self.ctx.registry.trip(&trip_id).filter(|_| mine) {
-            Some(t) => {
-                let ticket = self.await_answer(myself, s, responder);
-                let msg = TripMsg::Command {
-                    cmd,
-                    from: Sender::Rider,
-                    ticket: Some(ticket),
-                };
-                match t.cast(msg) {
-                    Ok(()) => return,
-                    Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) => {
-                        let Some(r) = s.pending.remove(&ticket) else {
-                            return;
-                        };
-                        return self.refuse(s, trip_id, cmd, r).await;
-                    }
-                    Err(_) => return,
-                }
+        if let Some(t) = self.ctx.registry.trip(&trip_id).filter(|_| mine) {
+            let ticket = self.await_answer(myself, s, responder);
+            let msg = TripMsg::Command {
+                cmd,
+                from: Sender::Rider,
+                ticket: Some(ticket),
+            };
+            // The trip actor may have stopped between the lookup and the cast.
+            if let Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) = t.cast(msg)
+                && let Some(r) = s.awaiting.take(ticket)
+            {
+                self.refuse(s, trip_id, cmd, r).await;
             }
-            None => cmd,
-        };
+            return;
+        }
         self.refuse(s, trip_id, cmd, responder).await
     }
 
@@ -205,16 +192,6 @@ impl RiderActor {
                 let t = t.map(|t| t.trip);
                 let e = refuse_without_trip(t.as_ref(), &Sender::Rider, Some(&s.rec.id), &cmd);
                 responder.fail(e.into())
-            }
-        }
-    }
-
-    /// Answers the command awaiting under `ticket`, if any still does.
-    fn answered(s: &mut RiderActorState, ticket: Option<Ticket>, outcome: Result<(), ApiError>) {
-        if let Some(r) = ticket.and_then(|t| s.pending.remove(&t)) {
-            match outcome {
-                Ok(()) => r.ack(),
-                Err(e) => r.fail(e),
             }
         }
     }
@@ -242,8 +219,7 @@ impl Actor for RiderActor {
         Ok(RiderActorState {
             st: RiderState::new(active),
             rec: args.record,
-            pending: HashMap::new(),
-            next_ticket: 1,
+            awaiting: Awaiting::default(),
         })
     }
 
@@ -312,7 +288,7 @@ impl RiderActor {
                 }
                 s.rec.trip = Some(view.clone());
                 self.commit(s);
-                match ticket.and_then(|t| s.pending.remove(&t)) {
+                match ticket.and_then(|t| s.awaiting.take(t)) {
                     Some(r) => r.trip(view),
                     None => self.send(
                         s,
@@ -329,11 +305,11 @@ impl RiderActor {
                 error,
             } => {
                 s.st.end(&trip_id);
-                Self::answered(s, ticket, Err(error));
+                s.awaiting.answer(ticket, Err(error));
             }
-            RiderMsg::Answer { ticket, outcome } => Self::answered(s, Some(ticket), outcome),
+            RiderMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),
             // Dropped unanswered: the app is told the request was lost.
-            RiderMsg::TicketExpired(ticket) => drop(s.pending.remove(&ticket)),
+            RiderMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             RiderMsg::Command(RiderCommand::Location(p), responder) => {
                 s.rec.position = Some(p);
                 // Only the position changed: update it in place rather than recommit.
@@ -353,7 +329,7 @@ impl RiderActor {
                     .is_some_and(|t| t.trip_id == view.trip_id && t.version >= view.version)
                 {
                     // Not newer than what the app has (a restarted trip re-syncing).
-                    Self::answered(s, answers, Ok(()));
+                    s.awaiting.answer(answers, Ok(()));
                     return Ok(());
                 }
                 if view.state.is_final() {
@@ -373,7 +349,7 @@ impl RiderActor {
                 if let Some(r) = receipt {
                     self.send(s, Outbound::Receipt(r));
                 }
-                Self::answered(s, answers, Ok(()));
+                s.awaiting.answer(answers, Ok(()));
             }
             RiderMsg::DriverLocation {
                 trip_id,

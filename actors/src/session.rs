@@ -5,6 +5,7 @@
 //! entity's actor, in order; a command's reply ([`Responder`]) travels with the update
 //! it caused, so an app always sees the `trip_update` before the `ack` that confirms it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 
@@ -282,6 +283,14 @@ impl Responder {
         }
     }
 
+    /// Success or failure, as `outcome` says.
+    pub fn answer(self, outcome: Result<(), ApiError>) {
+        match outcome {
+            Ok(()) => self.ack(),
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// Failure: always sent, carrying the `req` if any.
     pub fn fail(mut self, error: ApiError) {
         self.settle(Err(error.clone()));
@@ -291,6 +300,39 @@ impl Responder {
                 req: self.req,
                 error,
             });
+        }
+    }
+}
+
+/// Names one command awaiting its answer inside the driver or rider actor that took it
+/// from its session and sent it on to a trip.
+pub type Ticket = u64;
+
+/// The commands an actor sent on and whose answers it awaits: their responders, by
+/// ticket. A responder dropped here unanswered (its ticket expired) answers `internal`.
+#[derive(Debug, Default)]
+pub struct Awaiting {
+    responders: HashMap<Ticket, Responder>,
+    last: Ticket,
+}
+
+impl Awaiting {
+    /// Keeps `r` until its ticket is answered, taken back or forgotten.
+    pub fn keep(&mut self, r: Responder) -> Ticket {
+        self.last += 1;
+        self.responders.insert(self.last, r);
+        self.last
+    }
+
+    /// The responder of `ticket`, to answer it otherwise.
+    pub fn take(&mut self, ticket: Ticket) -> Option<Responder> {
+        self.responders.remove(&ticket)
+    }
+
+    /// Answers `ticket`, if it still awaits.
+    pub fn answer(&mut self, ticket: Option<Ticket>, outcome: Result<(), ApiError>) {
+        if let Some(r) = ticket.and_then(|t| self.take(t)) {
+            r.answer(outcome);
         }
     }
 }

@@ -13,13 +13,13 @@ use dispatch_engine::{
     RiderProfile, SearchParams, TripId,
 };
 use dispatch_persistence::{Batch, StoredRider};
-use ractor::{ActorId, ActorRef};
+use ractor::ActorRef;
 
 use crate::context::{Context, SystemConfig, random_suffix, unavailable};
 use crate::error::ApiError;
 use crate::messages::{
-    CellMsg, DriverArgs, DriverCommand, DriverMsg, Entity, Group, RiderArgs, RiderCommand,
-    RiderMsg, SearchFilter, Spawn, TripMsg,
+    CellMsg, DriverArgs, DriverCommand, DriverMsg, Group, RiderArgs, RiderCommand, RiderMsg,
+    SearchFilter, Spawn, TripMsg,
 };
 use crate::payments::{Books, LocalProvider};
 use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
@@ -225,11 +225,9 @@ impl System {
         let Some(a) = self.ctx.driver_actor(id).await else {
             return false;
         };
-        let timeout = Some(self.call_timeout());
-        matches!(
-            a.call(|r| DriverMsg::Attach(session, r), timeout).await,
-            Ok(ractor::rpc::CallResult::Success(()))
-        )
+        call(&a, |r| DriverMsg::Attach(session, r), self.call_timeout())
+            .await
+            .is_some()
     }
 
     pub fn detach_driver(&self, id: &DriverId, session_id: u64) {
@@ -253,11 +251,9 @@ impl System {
         let Some(a) = self.ctx.rider_actor(id).await else {
             return false;
         };
-        let timeout = Some(self.call_timeout());
-        matches!(
-            a.call(|r| RiderMsg::Attach(session, r), timeout).await,
-            Ok(ractor::rpc::CallResult::Success(()))
-        )
+        call(&a, |r| RiderMsg::Attach(session, r), self.call_timeout())
+            .await
+            .is_some()
     }
 
     pub fn detach_rider(&self, id: &RiderId, session_id: u64) {
@@ -285,36 +281,6 @@ impl System {
     // For tests of the live system: reads of actors' own state and fault hooks.
     // -----------------------------------------------------------------------------------
 
-    /// The actor currently serving an entity.
-    pub fn actor_id(&self, e: &Entity) -> Option<ActorId> {
-        let reg = &self.ctx.registry;
-        match e {
-            Entity::Driver(id) => reg.driver(id).map(|a| a.get_id()),
-            Entity::Rider(id) => reg.rider(id).map(|a| a.get_id()),
-            Entity::Trip(id, _) => reg.trip(id).map(|a| a.get_id()),
-            Entity::Cell(id) => reg.cell(id).map(|a| a.get_id()),
-        }
-    }
-
-    /// Makes an entity's actor fail inside a handler, as a bug would. False if it has none.
-    pub fn inject_panic(&self, e: &Entity) -> bool {
-        let reg = &self.ctx.registry;
-        match e {
-            Entity::Driver(id) => reg
-                .driver(id)
-                .is_some_and(|a| a.cast(DriverMsg::InjectPanic).is_ok()),
-            Entity::Rider(id) => reg
-                .rider(id)
-                .is_some_and(|a| a.cast(RiderMsg::InjectPanic).is_ok()),
-            Entity::Trip(id, _) => reg
-                .trip(id)
-                .is_some_and(|a| a.cast(TripMsg::InjectPanic).is_ok()),
-            Entity::Cell(id) => reg
-                .cell(id)
-                .is_some_and(|a| a.cast(CellMsg::InjectPanic).is_ok()),
-        }
-    }
-
     /// Makes a cell actor answer nothing for `d`, as a cell stuck on a slow host would.
     pub fn stall_cell(&self, cell: CellId, d: Duration) -> bool {
         self.ctx
@@ -332,17 +298,6 @@ impl System {
     pub async fn cell_count(&self, cell: CellId) -> Option<(usize, usize)> {
         let a = self.ctx.registry.cell(&cell)?;
         call(&a, CellMsg::Count, self.call_timeout()).await
-    }
-
-    /// The driver as its actor holds it now (status included).
-    pub async fn driver_state(&self, id: &DriverId) -> Option<DriverRecord> {
-        let a = self.ctx.registry.driver(id)?;
-        call(&a, DriverMsg::Get, self.call_timeout()).await
-    }
-
-    pub async fn rider_state(&self, id: &RiderId) -> Option<RiderRecord> {
-        let a = self.ctx.registry.rider(id)?;
-        call(&a, RiderMsg::Get, self.call_timeout()).await
     }
 
     /// A live trip as its actor holds it now.
@@ -369,11 +324,6 @@ impl System {
     /// A driver's actor, started if it has none (offline drivers after recovery).
     pub async fn wake_driver(&self, id: &DriverId) -> Option<ActorRef<DriverMsg>> {
         self.ctx.driver_actor(id).await
-    }
-
-    /// Whether the driver has an actor now (offline drivers have none after recovery).
-    pub fn has_driver_actor(&self, id: &DriverId) -> bool {
-        self.ctx.registry.driver(id).is_some()
     }
 
     /// How many actors a group's supervisor is watching.

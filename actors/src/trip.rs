@@ -262,6 +262,7 @@ impl TripActor {
             self.answer(s, &from, answer, Err(e2));
             return Err(format!("trip {trip_id}: store write failed: {e}").into());
         }
+        let finished = d.finished();
         s.rec.trip = d.trip;
         if let Some(e) = entry {
             self.ctx.entry_written(&e);
@@ -347,7 +348,7 @@ impl TripActor {
         }
 
         // 6. A final trip answers what is already queued, then stops.
-        if d.effects.iter().any(|e| matches!(e, TripEffect::Finished)) {
+        if finished {
             m.trips_final
                 .with_label_values(&[s.rec.trip.state().as_str()])
                 .inc();
