@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use dispatch_actors::records::Identity;
 use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::{DriverForm, DriverProfile, Point, RiderProfile, TripId};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -82,23 +83,55 @@ impl<T: DeserializeOwned> FromRequest<App> for JsonBody<T> {
                 format!("the body is over {limit} bytes"),
             ))
         };
-        if let Some(len) = req
+        let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            && len > limit
-        {
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let body = req.into_body();
+        if declared.is_some_and(|len| len > limit) {
             app.metrics.bound_hit("http_body_bytes");
+            if declared.is_some_and(|len| len <= DRAIN_MAX_BYTES) {
+                drain(body.into_data_stream(), 0).await;
+            }
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
+        let mut stream = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            // A body that breaks off counts as one over the limit, as it always did.
+            let Ok(chunk) = chunk else {
                 app.metrics.bound_hit("http_body_bytes");
-                too_large()
-            })?;
+                return Err(too_large());
+            };
+            if bytes.len() + chunk.len() > limit {
+                app.metrics.bound_hit("http_body_bytes");
+                drain(stream, bytes.len() + chunk.len()).await;
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         json_body(&bytes).map(JsonBody)
     }
+}
+
+/// How much of a refused body is read and thrown away, and for how long at most, before
+/// the 413 goes out. A server that closes a connection with unread bytes makes the kernel
+/// reset it, and a client still sending its body then sees a broken pipe instead of the
+/// reply; reading the rest first lets it read the 413. A larger body is cut off as before.
+const DRAIN_MAX_BYTES: usize = 4 << 20;
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops the rest of a refused body (`seen` bytes already read), bounded by
+/// [`DRAIN_MAX_BYTES`] and [`DRAIN_WAIT`].
+async fn drain(mut stream: axum::body::BodyDataStream, mut seen: usize) {
+    let _ = tokio::time::timeout(DRAIN_WAIT, async {
+        while seen <= DRAIN_MAX_BYTES
+            && let Some(Ok(chunk)) = stream.next().await
+        {
+            seen += chunk.len();
+        }
+    })
+    .await;
 }
 
 /// Decodes a JSON body; a field of the wrong type is named by its path
