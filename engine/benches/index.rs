@@ -19,8 +19,8 @@ use std::time::Duration;
 
 mod common;
 
-use criterion::measurement::{Measurement, WallTime};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use criterion::measurement::Measurement;
+use criterion::{BenchmarkId, Criterion, Throughput};
 use dispatch_engine::{CellDrivers, CellId, DriverId, Grid, IndexedDriver, Point, Product};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,32 +63,50 @@ fn driver(i: usize, position: Point) -> IndexedDriver {
     }
 }
 
+/// Indexed drivers that each toggle between their position and one ~8 m north of it,
+/// picked in a precomputed random order.
+struct Pings {
+    drivers: Vec<IndexedDriver>,
+    north: Vec<bool>,
+    picks: Vec<usize>,
+    next: usize,
+}
+
+impl Pings {
+    /// The next picked driver, moved.
+    fn next(&mut self) -> &IndexedDriver {
+        let i = self.picks[self.next % PICKS];
+        self.next += 1;
+        let d = &mut self.drivers[i];
+        let step = if self.north[i] { -STEP_DEG } else { STEP_DEG };
+        self.north[i] = !self.north[i];
+        d.position = Point::new(d.position.lat() + step, d.position.lng()).unwrap();
+        d
+    }
+}
+
 fn bench_small_move<M: Measurement>(c: &mut Criterion<M>) {
     let mut group = c.benchmark_group(common::group_name("index"));
     group.throughput(Throughput::Elements(1));
     let cell = grid().cell_of(Point::new(CENTRE.0, CENTRE.1).unwrap());
     for n in [100usize, 1_000] {
         let mut rng = StdRng::seed_from_u64(7);
-        let mut drivers: Vec<IndexedDriver> = (0..n)
+        let drivers: Vec<IndexedDriver> = (0..n)
             .map(|i| driver(i, point_in(&mut rng, cell)))
             .collect();
         let mut index = CellDrivers::new();
         for d in &drivers {
             index.upsert(d.clone());
         }
-        // Each driver toggles between its position and one ~8 m north of it.
-        let mut north = vec![false; n];
-        let picks: Vec<usize> = (0..PICKS).map(|_| rng.random_range(0..n)).collect();
-        let mut j = 0;
+        let mut pings = Pings {
+            drivers,
+            north: vec![false; n],
+            picks: (0..PICKS).map(|_| rng.random_range(0..n)).collect(),
+            next: 0,
+        };
         group.bench_function(BenchmarkId::new("upsert_small_move", n), |b| {
             b.iter(|| {
-                let i = picks[j % PICKS];
-                j += 1;
-                let d = &mut drivers[i];
-                let step = if north[i] { -STEP_DEG } else { STEP_DEG };
-                north[i] = !north[i];
-                d.position = Point::new(d.position.lat() + step, d.position.lng()).unwrap();
-                index.upsert(black_box(d.clone()));
+                index.upsert(black_box(pings.next().clone()));
             })
         });
         // The same, plus finding the ping's H3 cell (which the driver's actor does for
@@ -96,12 +114,7 @@ fn bench_small_move<M: Measurement>(c: &mut Criterion<M>) {
         let grid = grid();
         group.bench_function(BenchmarkId::new("ping_small_move", n), |b| {
             b.iter(|| {
-                let i = picks[j % PICKS];
-                j += 1;
-                let d = &mut drivers[i];
-                let step = if north[i] { -STEP_DEG } else { STEP_DEG };
-                north[i] = !north[i];
-                d.position = Point::new(d.position.lat() + step, d.position.lng()).unwrap();
+                let d = pings.next();
                 let at = grid.cell_of(black_box(d.position));
                 debug_assert_eq!(at, cell);
                 black_box(at);
@@ -157,28 +170,7 @@ fn bench_cross_cell<M: Measurement>(c: &mut Criterion<M>) {
     group.finish();
 }
 
-fn config<M: Measurement>(c: Criterion<M>) -> Criterion<M> {
-    c.sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-}
-
-criterion_group! {
-    name = wall;
-    config = config(Criterion::default().with_measurement(WallTime));
+common::bench_main! {
+    measurement = Duration::from_secs(2);
     targets = bench_small_move, bench_cross_cell
-}
-criterion_group! {
-    name = cpu;
-    config = config(Criterion::default().with_measurement(common::ThreadCpuTime));
-    targets = bench_small_move, bench_cross_cell
-}
-
-fn main() {
-    if common::cpu_clock() {
-        cpu();
-    } else {
-        wall();
-    }
-    Criterion::default().configure_from_args().final_summary();
 }

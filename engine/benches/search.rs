@@ -26,12 +26,12 @@ use std::time::Duration;
 
 mod common;
 
-use criterion::measurement::{Measurement, WallTime};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use criterion::measurement::Measurement;
+use criterion::{BenchmarkId, Criterion, Throughput};
 use dispatch_engine::search::search_map;
 use dispatch_engine::{
-    CellDrivers, CellId, DispatchConfig, DriverId, Grid, IndexedDriver, Point, Product, QuoteTerms,
-    RiderId, SearchParams, SearchStats, StraightLineEta, Trip, TripCommand, TripEffect, TripId,
+    CellDrivers, CellId, DispatchConfig, DriverId, Grid, IndexedDriver, Point, Product, RiderId,
+    SearchParams, SearchStats, StraightLineEta, Trip, TripCommand, TripEffect, TripId,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -148,13 +148,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
     let params = SearchParams::default();
     let cfg = DispatchConfig::default();
     let eta = StraightLineEta::default();
-    let quote = QuoteTerms {
-        fare_cents: 1_450,
-        currency: "USD".into(),
-        surge: 1.0,
-        distance_m: 4_000,
-        duration_s: 600,
-    };
+    let quote = common::fixtures::quote();
     let (trip_id, rider_id) = (TripId::new("trp_bench"), RiderId::new("rdr_bench"));
     for n in sizes() {
         let side_m = if n > 100_000 { 63_246.0 } else { 20_000.0 };
@@ -200,28 +194,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
     group.finish();
 }
 
-fn config<M: Measurement>(c: Criterion<M>) -> Criterion<M> {
-    c.sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-}
-
-criterion_group! {
-    name = wall;
-    config = config(Criterion::default().with_measurement(WallTime));
+common::bench_main! {
+    measurement = Duration::from_secs(3);
     targets = bench_search
-}
-criterion_group! {
-    name = cpu;
-    config = config(Criterion::default().with_measurement(common::ThreadCpuTime));
-    targets = bench_search
-}
-
-fn main() {
-    if common::cpu_clock() {
-        cpu();
-    } else {
-        wall();
-    }
-    Criterion::default().configure_from_args().final_summary();
 }

@@ -23,10 +23,13 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
-    Candidate, DispatchConfig, DriverId, IndexedDriver, Point, Product, QuoteTerms, RiderId,
-    StraightLineEta, Trip, TripCommand, TripDriver, TripEffect, TripId, TripState, Vehicle,
+    Candidate, DispatchConfig, DriverId, IndexedDriver, Point, Product, RiderId, StraightLineEta,
+    Trip, TripCommand, TripDriver, TripEffect, TripId, TripState,
 };
 use dispatch_persistence::{Batch, Store, StoredTrip, Transition};
+
+#[path = "../../engine/benches/common/fixtures.rs"]
+mod fixtures;
 
 const TRIPS: usize = 10_000;
 const WRITERS: usize = 64;
@@ -36,13 +39,7 @@ fn accepted_trip() -> (StoredTrip, Transition) {
     let cfg = DispatchConfig::default();
     let eta = StraightLineEta::default();
     let pickup = Point::new(45.53, -73.62).unwrap();
-    let quote = QuoteTerms {
-        fare_cents: 1_450,
-        currency: "USD".into(),
-        surge: 1.0,
-        distance_m: 4_000,
-        duration_s: 600,
-    };
+    let quote = fixtures::quote();
     let mut trip = Trip::start(
         TripId::new("trp_0000000000000000"),
         RiderId::new("rdr_0000000000000000"),
@@ -90,14 +87,7 @@ fn accepted_trip() -> (StoredTrip, Transition) {
         trip,
         driver: Some(TripDriver {
             name: "Alex".into(),
-            vehicle: Vehicle {
-                make: "Toyota".into(),
-                model: "Prius".into(),
-                plate: "AB 123".into(),
-                color: "blue".into(),
-                product: Product::Economy,
-                seats: 4,
-            },
+            vehicle: fixtures::vehicle(),
             location: Some(Point::new(45.535, -73.62).unwrap()),
         }),
     };

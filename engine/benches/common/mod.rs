@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+pub mod fixtures;
+
+use criterion::Criterion;
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 
 /// Whether `BENCH_CLOCK=cpu` asked for thread CPU time.
@@ -26,6 +29,48 @@ pub fn group_name(name: &str) -> String {
         name.to_owned()
     }
 }
+
+/// Criterion's settings for the engine's benchmarks, with `measurement` per benchmark.
+pub fn config<M: Measurement>(c: Criterion<M>, measurement: Duration) -> Criterion<M> {
+    c.sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(measurement)
+}
+
+/// The benchmark's `main`: runs `targets` (configured by [`config`]) on the clock that
+/// [`cpu_clock`] picks, then criterion's summary.
+macro_rules! bench_main {
+    (measurement = $measurement:expr; targets = $($target:path),+ $(,)?) => {
+        criterion::criterion_group! {
+            name = wall;
+            config = common::config(
+                criterion::Criterion::default().with_measurement(criterion::measurement::WallTime),
+                $measurement,
+            );
+            targets = $($target),+
+        }
+        criterion::criterion_group! {
+            name = cpu;
+            config = common::config(
+                criterion::Criterion::default().with_measurement(common::ThreadCpuTime),
+                $measurement,
+            );
+            targets = $($target),+
+        }
+
+        fn main() {
+            if common::cpu_clock() {
+                cpu();
+            } else {
+                wall();
+            }
+            criterion::Criterion::default()
+                .configure_from_args()
+                .final_summary();
+        }
+    };
+}
+pub(crate) use bench_main;
 
 /// The calling thread's CPU time, in the same units (and printed the same way) as
 /// criterion's wall-clock time.
