@@ -11,13 +11,15 @@ use dispatch_actors::messages::TripMsg;
 use dispatch_actors::messages::{DriverCommand, DriverMsg};
 use dispatch_actors::messages::{RideRequest, RiderCommand, RiderMsg};
 use dispatch_actors::payments::{PayFuture, PaymentProvider};
-use dispatch_actors::session::{Outbound, Responder, SessionHandle, SessionInbox};
-use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
+use dispatch_actors::session::Outbound;
 use dispatch_actors::{Metrics, System, SystemConfig};
 use dispatch_engine::{DispatchConfig, DriverId, Point, Product, RiderId, TripId, TripState};
-use tokio::sync::mpsc;
 
-const WAIT: Duration = Duration::from_secs(10);
+use ractor::{ActorRef, Message};
+
+mod common;
+
+use common::{App, WAIT, ask, eventually, register_driver, register_rider};
 
 /// A started system over a store in a fresh temporary directory (kept alive by the
 /// returned guard).
@@ -48,111 +50,16 @@ async fn start_with(
     )
 }
 
-/// A fake app: a real session handle whose outbound queue the test reads.
-struct App {
-    handle: SessionHandle,
-    rx: mpsc::Receiver<Outbound>,
-    req: u64,
-}
-
-impl App {
-    fn new(sys: &System) -> App {
-        let (handle, inbox): (SessionHandle, SessionInbox) = sys.new_session();
-        let (rx, _closed) = inbox.into_parts();
-        App { handle, rx, req: 0 }
-    }
-
-    fn responder(&mut self) -> (u64, Responder) {
-        self.req += 1;
-        (
-            self.req,
-            Responder::new(Some(self.req), self.handle.clone()),
-        )
-    }
-
-    async fn next_where(&mut self, what: &str, pred: impl Fn(&Outbound) -> bool) -> Outbound {
-        loop {
-            let m = tokio::time::timeout(WAIT, self.rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-            let m = m.unwrap_or_else(|| panic!("session queue closed waiting for {what}"));
-            if pred(&m) {
-                return m;
-            }
-        }
-    }
-
-    async fn acked(&mut self, req: u64) {
-        let m = self.next_where("reply", |m| matches!(m, Outbound::Ack { req: r } | Outbound::Error { req: Some(r), .. } if *r == req)).await;
-        assert!(
-            matches!(m, Outbound::Ack { .. }),
-            "req {req} answered {m:?}"
-        );
-    }
-
-    async fn trip_in(&mut self, state: TripState) -> u64 {
-        match self
-            .next_where(
-                &format!("{state:?}"),
-                |m| matches!(m, Outbound::TripUpdate { trip, .. } if trip.state == state),
-            )
-            .await
-        {
-            Outbound::TripUpdate { trip, .. } => trip.version,
-            _ => unreachable!(),
-        }
-    }
-
-    async fn offer(&mut self) -> TripId {
-        match self
-            .next_where("offer", |m| matches!(m, Outbound::Offer(_)))
-            .await
-        {
-            Outbound::Offer(o) => o.trip_id,
-            _ => unreachable!(),
-        }
-    }
-}
-
-fn vehicle() -> Vehicle {
-    Vehicle {
-        make: "Kia".into(),
-        model: "Niro".into(),
-        plate: "X1".into(),
-        color: "red".into(),
-        product: Product::Economy,
-        seats: 4,
-    }
-}
-
 async fn driver_cmd(sys: &System, id: &DriverId, app: &mut App, cmd: DriverCommand) {
-    let (req, r) = app.responder();
-    sys.driver_ref(id)
-        .unwrap()
-        .cast(DriverMsg::Command(cmd, r))
-        .unwrap();
+    let req = app.drive(&sys.driver_ref(id).unwrap(), cmd);
     app.acked(req).await;
 }
 
 /// A connected, online driver at (lat, lng).
 async fn online_driver(sys: &System, lat: f64, lng: f64) -> (DriverId, App) {
-    let id = sys
-        .register_driver(
-            DriverProfile {
-                name: "D".into(),
-                vehicle: vehicle(),
-            },
-            rand_hash(),
-        )
-        .await
-        .unwrap();
+    let id = register_driver(sys, "D", rand_hash()).await;
     let mut app = App::new(sys);
-    let h = app.handle.clone();
-    sys.driver_ref(&id)
-        .unwrap()
-        .call(|r| DriverMsg::Attach(h, r), Some(WAIT))
-        .await
-        .unwrap();
+    app.attach_driver(&sys.driver_ref(&id).unwrap()).await;
     app.next_where("welcome", |m| matches!(m, Outbound::DriverWelcome { .. }))
         .await;
     driver_cmd(
@@ -170,23 +77,9 @@ async fn online_driver(sys: &System, lat: f64, lng: f64) -> (DriverId, App) {
 }
 
 async fn rider(sys: &System) -> (RiderId, App) {
-    let id = sys
-        .register_rider(
-            RiderProfile {
-                name: "R".into(),
-                phone: "5550100".into(),
-            },
-            rand_hash(),
-        )
-        .await
-        .unwrap();
+    let id = register_rider(sys, "R", rand_hash()).await;
     let mut app = App::new(sys);
-    let h = app.handle.clone();
-    sys.rider_ref(&id)
-        .unwrap()
-        .call(|r| RiderMsg::Attach(h, r), Some(WAIT))
-        .await
-        .unwrap();
+    app.attach_rider(&sys.rider_ref(&id).unwrap()).await;
     app.next_where("welcome", |m| matches!(m, Outbound::RiderWelcome { .. }))
         .await;
     (id, app)
@@ -197,31 +90,15 @@ fn rand_hash() -> [u8; 32] {
 }
 
 async fn request(sys: &System, id: &RiderId, app: &mut App, lat: f64, lng: f64) -> TripId {
-    let (req, r) = app.responder();
     let ride = RideRequest::Direct {
         pickup: Point::new(lat, lng).unwrap(),
         dropoff: Point::new(lat + 0.02, lng).unwrap(),
         product: Product::Economy,
     };
-    sys.rider_ref(id)
-        .unwrap()
-        .cast(RiderMsg::Command(RiderCommand::RequestRide(ride), r))
-        .unwrap();
+    let req = app.ride(&sys.rider_ref(id).unwrap(), RiderCommand::RequestRide(ride));
     match app.next_where("request reply", |m| matches!(m, Outbound::TripUpdate { req: Some(r), .. } | Outbound::Error { req: Some(r), .. } if *r == req)).await {
         Outbound::TripUpdate { trip, .. } => trip.trip_id,
         m => panic!("request failed: {m:?}"),
-    }
-}
-
-/// Polls (with a generous deadline) until `f` holds.
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -232,74 +109,108 @@ fn restarts(sys: &System, group: &str) -> u64 {
         .get()
 }
 
+/// Makes the actor `find` returns panic, and waits until its supervisor has restarted
+/// it: another actor in its place, and the restart counted for `group`.
+async fn crash<M: Message>(
+    sys: &System,
+    group: &str,
+    find: impl Fn() -> Option<ActorRef<M>>,
+    panic: M,
+) {
+    let before = find().unwrap().get_id();
+    find().unwrap().cast(panic).unwrap();
+    eventually(&format!("{group} restarted"), || {
+        restarts(sys, group) == 1 && find().is_some_and(|a| a.get_id() != before)
+    })
+    .await;
+}
+
 fn panics(sys: &System, group: &str) -> u64 {
     sys.metrics().actor_panics.with_label_values(&[group]).get()
 }
 
-/// Drives an accepted trip to `completed` and checks both apps saw each step.
-async fn finish_ride(
-    sys: &System,
-    t: &TripId,
-    did: &DriverId,
-    d: &mut App,
-    r: &mut App,
-    from_version: u64,
-) {
-    driver_cmd(sys, did, d, DriverCommand::Arrived(t.clone())).await;
-    assert_eq!(r.trip_in(TripState::DriverArrived).await, from_version + 1);
-    driver_cmd(sys, did, d, DriverCommand::StartTrip(t.clone())).await;
-    assert_eq!(r.trip_in(TripState::InProgress).await, from_version + 2);
-    driver_cmd(sys, did, d, DriverCommand::CompleteTrip(t.clone())).await;
-    assert_eq!(r.trip_in(TripState::Completed).await, from_version + 3);
-    r.next_where("receipt", |m| matches!(m, Outbound::Receipt(_)))
-        .await;
+/// A driver and a rider, each with its app, and the rider's trip.
+struct Ride {
+    driver: DriverId,
+    dapp: App,
+    rider: RiderId,
+    rapp: App,
+    trip: TripId,
+}
+
+impl Ride {
+    /// An online driver at `at`, and a rider whose trip from `pickup` is offered to it.
+    async fn offered(sys: &System, at: (f64, f64), pickup: (f64, f64)) -> Ride {
+        let (driver, mut dapp) = online_driver(sys, at.0, at.1).await;
+        let (rider, mut rapp) = rider(sys).await;
+        let trip = request(sys, &rider, &mut rapp, pickup.0, pickup.1).await;
+        assert_eq!(dapp.offer().await, trip);
+        Ride {
+            driver,
+            dapp,
+            rider,
+            rapp,
+            trip,
+        }
+    }
+
+    /// As [`Ride::offered`], and accepted.
+    async fn accepted(sys: &System, at: (f64, f64), pickup: (f64, f64)) -> Ride {
+        let mut ride = Ride::offered(sys, at, pickup).await;
+        ride.accept(sys).await;
+        ride
+    }
+
+    /// The driver accepts, and the rider sees its trip assigned (version 2).
+    async fn accept(&mut self, sys: &System) {
+        self.driver_cmd(sys, DriverCommand::Accept(self.trip.clone()))
+            .await;
+        assert_eq!(self.rapp.trip_in(TripState::DriverAssigned).await, 2);
+    }
+
+    async fn driver_cmd(&mut self, sys: &System, cmd: DriverCommand) {
+        driver_cmd(sys, &self.driver, &mut self.dapp, cmd).await;
+    }
+
+    /// Drives the accepted trip to `completed` and checks the rider saw each step.
+    async fn finish(&mut self, sys: &System) {
+        let t = self.trip.clone();
+        self.driver_cmd(sys, DriverCommand::Arrived(t.clone()))
+            .await;
+        assert_eq!(self.rapp.trip_in(TripState::DriverArrived).await, 3);
+        self.driver_cmd(sys, DriverCommand::StartTrip(t.clone()))
+            .await;
+        assert_eq!(self.rapp.trip_in(TripState::InProgress).await, 4);
+        self.driver_cmd(sys, DriverCommand::CompleteTrip(t)).await;
+        assert_eq!(self.rapp.trip_in(TripState::Completed).await, 5);
+        self.rapp
+            .next_where("receipt", |m| matches!(m, Outbound::Receipt(_)))
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes() {
     let (sys, _dir) = start().await;
-    let (d1, mut dapp1) = online_driver(&sys, 45.50, -73.57).await;
-    let (d2, mut dapp2) = online_driver(&sys, 45.60, -73.70).await; // far away: the other ride
-    let (r1, mut rapp1) = rider(&sys).await;
-    let (r2, mut rapp2) = rider(&sys).await;
-
-    let t1 = request(&sys, &r1, &mut rapp1, 45.501, -73.571).await;
-    assert_eq!(dapp1.offer().await, t1);
-    driver_cmd(&sys, &d1, &mut dapp1, DriverCommand::Accept(t1.clone())).await;
-    assert_eq!(rapp1.trip_in(TripState::DriverAssigned).await, 2);
-
-    let t2 = request(&sys, &r2, &mut rapp2, 45.601, -73.701).await;
-    assert_eq!(dapp2.offer().await, t2);
-    driver_cmd(&sys, &d2, &mut dapp2, DriverCommand::Accept(t2.clone())).await;
+    let mut one = Ride::accepted(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    // Far away: the other ride.
+    let mut other = Ride::accepted(&sys, (45.60, -73.70), (45.601, -73.701)).await;
+    let (t1, t2) = (one.trip.clone(), other.trip.clone());
     let other_trip_actor = sys.trip_ref(&t2).unwrap().get_id();
 
-    let before = sys.trip_ref(&t1).unwrap().get_id();
-    sys.trip_ref(&t1)
-        .unwrap()
-        .cast(TripMsg::InjectPanic)
-        .unwrap();
-    eventually("trip restarted", || {
-        restarts(&sys, "trip") == 1 && sys.trip_ref(&t1).is_some_and(|a| a.get_id() != before)
-    })
-    .await;
+    crash(&sys, "trip", || sys.trip_ref(&t1), TripMsg::InjectPanic).await;
 
     // The restarted trip resumes exactly where it was.
-    let rec = sys
-        .trip_ref(&t1)
-        .unwrap()
-        .call(TripMsg::Get, Some(WAIT))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = ask(&sys.trip_ref(&t1).unwrap(), TripMsg::Get).await;
     assert_eq!(
         (rec.trip.state(), rec.trip.version()),
         (TripState::DriverAssigned, 2)
     );
-    finish_ride(&sys, &t1, &d1, &mut dapp1, &mut rapp1, 2).await;
+    one.finish(&sys).await;
 
     // The other ride never noticed.
     assert_eq!(sys.trip_ref(&t2).unwrap().get_id(), other_trip_actor);
-    finish_ride(&sys, &t2, &d2, &mut dapp2, &mut rapp2, 2).await;
+    other.finish(&sys).await;
     assert_eq!(restarts(&sys, "trip"), 1);
     assert_eq!(
         restarts(&sys, "driver") + restarts(&sys, "rider") + restarts(&sys, "cell"),
@@ -328,48 +239,34 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
     let (sys, _dir) = start().await;
-    let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
-    let (rid, mut rapp) = rider(&sys).await;
-    let t = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
-    assert_eq!(dapp.offer().await, t);
-    driver_cmd(&sys, &did, &mut dapp, DriverCommand::Accept(t.clone())).await;
-    assert_eq!(rapp.trip_in(TripState::DriverAssigned).await, 2);
+    let mut ride = Ride::accepted(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    let (did, t) = (ride.driver.clone(), ride.trip.clone());
 
-    let before = sys.driver_ref(&did).unwrap().get_id();
-    sys.driver_ref(&did)
-        .unwrap()
-        .cast(DriverMsg::InjectPanic)
-        .unwrap();
-    eventually("driver restarted", || {
-        sys.driver_ref(&did).is_some_and(|a| a.get_id() != before)
-    })
+    crash(
+        &sys,
+        "driver",
+        || sys.driver_ref(&did),
+        DriverMsg::InjectPanic,
+    )
     .await;
     assert_eq!(restarts(&sys, "driver"), 1);
 
     // Same session, same trip: the ride goes on through the restarted actor.
-    let rec = sys
-        .driver_ref(&did)
-        .unwrap()
-        .call(DriverMsg::Get, Some(WAIT))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = ask(&sys.driver_ref(&did).unwrap(), DriverMsg::Get).await;
     assert_eq!(rec.status, dispatch_engine::DriverStatus::OnTrip(t.clone()));
     assert!(rec.session.is_some());
-    finish_ride(&sys, &t, &did, &mut dapp, &mut rapp, 2).await;
+    ride.finish(&sys).await;
     // And it is available for the next one.
-    let t2 = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
-    assert_eq!(dapp.offer().await, t2);
+    let t2 = request(&sys, &ride.rider, &mut ride.rapp, 45.501, -73.571).await;
+    assert_eq!(ride.dapp.offer().await, t2);
     sys.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
     let (sys, _dir) = start().await;
-    let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
-    let (rid, mut rapp) = rider(&sys).await;
-    let t = request(&sys, &rid, &mut rapp, 45.501, -73.571).await;
-    assert_eq!(dapp.offer().await, t);
+    let mut ride = Ride::offered(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    let rid = ride.rider.clone();
 
     sys.rider_ref(&rid)
         .unwrap()
@@ -380,25 +277,23 @@ async fn a_rider_actor_that_panics_while_dispatching_still_gets_its_trip() {
     })
     .await;
 
-    driver_cmd(&sys, &did, &mut dapp, DriverCommand::Accept(t.clone())).await;
-    assert_eq!(rapp.trip_in(TripState::DriverAssigned).await, 2);
+    ride.accept(&sys).await;
     // Still one active trip: a second request is refused.
-    let (req, r) = rapp.responder();
-    let ride = RideRequest::Direct {
+    let second = RideRequest::Direct {
         pickup: Point::new(45.5, -73.57).unwrap(),
         dropoff: Point::new(45.51, -73.57).unwrap(),
         product: Product::Economy,
     };
-    sys.rider_ref(&rid)
-        .unwrap()
-        .cast(RiderMsg::Command(RiderCommand::RequestRide(ride), r))
-        .unwrap();
-    let m = rapp.next_where("reply", |m| matches!(m, Outbound::Error { req: Some(x), .. } | Outbound::TripUpdate { req: Some(x), .. } if *x == req)).await;
+    let req = ride.rapp.ride(
+        &sys.rider_ref(&rid).unwrap(),
+        RiderCommand::RequestRide(second),
+    );
+    let m = ride.rapp.next_where("reply", |m| matches!(m, Outbound::Error { req: Some(x), .. } | Outbound::TripUpdate { req: Some(x), .. } if *x == req)).await;
     assert!(
         matches!(m, Outbound::Error { ref error, .. } if error.code == dispatch_actors::ErrorCode::Conflict),
         "{m:?}"
     );
-    finish_ride(&sys, &t, &did, &mut dapp, &mut rapp, 2).await;
+    ride.finish(&sys).await;
     sys.shutdown().await;
 }
 
@@ -410,20 +305,12 @@ async fn a_cell_actor_that_panics_is_rebuilt_from_its_drivers() {
         .config()
         .grid
         .cell_of(Point::new(45.50, -73.57).unwrap());
-    let before = sys.cell_ref(&cell).unwrap().get_id();
-    sys.cell_ref(&cell)
-        .unwrap()
-        .cast(CellMsg::InjectPanic)
-        .unwrap();
-    eventually("cell restarted", || {
-        sys.cell_ref(&cell).is_some_and(|a| a.get_id() != before)
-    })
-    .await;
+    crash(&sys, "cell", || sys.cell_ref(&cell), CellMsg::InjectPanic).await;
     assert_eq!(restarts(&sys, "cell"), 1);
     let c = sys.cell_ref(&cell).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (avail, _) = c.call(CellMsg::Count, Some(WAIT)).await.unwrap().unwrap();
+        let (avail, _) = ask(&c, CellMsg::Count).await;
         if avail == 1 {
             break;
         }
@@ -450,34 +337,18 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
         for j in 0..100 {
             let lat = 45.45 + 0.0016 * f64::from(i);
             let lng = -73.735 + 0.0023 * f64::from(j);
-            let id = sys
-                .register_driver(
-                    DriverProfile {
-                        name: "D".into(),
-                        vehicle: vehicle(),
-                    },
-                    rand_hash(),
-                )
-                .await
-                .unwrap();
+            let id = register_driver(&sys, "D", rand_hash()).await;
             let mut app = App::new(&sys);
             let a = sys.driver_ref(&id).unwrap();
-            let h = app.handle.clone();
-            a.call(|r| DriverMsg::Attach(h, r), Some(WAIT))
-                .await
-                .unwrap();
-            let (_, r1) = app.responder();
-            a.cast(DriverMsg::Command(
+            app.attach_driver(&a).await;
+            app.drive(
+                &a,
                 DriverCommand::Location {
                     position: Point::new(lat, lng).unwrap(),
                     heading: None,
                 },
-                r1,
-            ))
-            .unwrap();
-            let (_, r2) = app.responder();
-            a.cast(DriverMsg::Command(DriverCommand::GoOnline, r2))
-                .unwrap();
+            );
+            app.drive(&a, DriverCommand::GoOnline);
             apps.push((id, app));
         }
     }
@@ -614,17 +485,17 @@ async fn a_hung_payment_provider_times_out_and_changes_nothing() {
         Some(Arc::new(Hung)),
     )
     .await;
-    let (did, mut dapp) = online_driver(&sys, 45.50, -73.57).await;
-    let (rid, mut rapp) = rider(&sys).await;
-    let t = request(&sys, &rid, &mut rapp, 45.50, -73.57).await;
-    dapp.next_where("offer", |m| matches!(m, Outbound::Offer(_)))
-        .await;
-    let (req, r) = dapp.responder();
+    let Ride {
+        driver: did,
+        mut dapp,
+        trip: t,
+        ..
+    } = Ride::offered(&sys, (45.50, -73.57), (45.50, -73.57)).await;
     let started = std::time::Instant::now();
-    sys.driver_ref(&did)
-        .unwrap()
-        .cast(DriverMsg::Command(DriverCommand::Accept(t.clone()), r))
-        .unwrap();
+    let req = dapp.drive(
+        &sys.driver_ref(&did).unwrap(),
+        DriverCommand::Accept(t.clone()),
+    );
     let m = dapp
         .next_where("accept reply", |m| matches!(m, Outbound::Ack { req: x } | Outbound::Error { req: Some(x), .. } if *x == req))
         .await;

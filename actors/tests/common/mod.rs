@@ -1,0 +1,205 @@
+//! Shared by the actors' integration tests (`mod common;`) and the recovery benchmark
+//! (included there with `#[path]`): a system on a store, the profiles a test registers,
+//! and a fake app whose session queue the test reads.
+// Every file that includes this module uses its own share of it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_actors::messages::{DriverCommand, DriverMsg, RiderCommand, RiderMsg};
+use dispatch_actors::session::{Outbound, Responder, SessionHandle, SessionInbox};
+use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
+use dispatch_actors::{Metrics, System, SystemConfig};
+use dispatch_engine::{DriverId, Product, RiderId, TripId, TripState};
+use dispatch_persistence::Store;
+use ractor::{ActorRef, Message, RpcReplyPort};
+use tokio::sync::mpsc;
+
+/// How long a test waits for any one answer.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A system with the default configuration on the store in `dir`, and that store (for
+/// [`stop`]).
+pub async fn start(dir: &Path) -> (System, Arc<Store>) {
+    let store = Arc::new(Store::open(dir, |_| {}).unwrap());
+    let sys = System::start(
+        SystemConfig::default(),
+        Arc::new(Metrics::new()),
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    (sys, store)
+}
+
+/// Shuts `sys` down and waits, polling every `every` for up to `within`, until every
+/// actor has let go of `store`, so that the next system can open the directory again.
+pub async fn stop(sys: System, store: Arc<Store>, within: Duration, every: Duration) {
+    sys.shutdown().await;
+    drop(sys);
+    eventually_within("the store is let go after shutdown", within, every, || {
+        Arc::strong_count(&store) == 1
+    })
+    .await;
+}
+
+/// Polls `f` every `every` until it holds, failing after `within`.
+pub async fn eventually_within(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    f: impl Fn() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls (with a generous deadline) until `f` holds.
+pub async fn eventually(what: &str, f: impl Fn() -> bool) {
+    eventually_within(what, WAIT, Duration::from_millis(5), f).await;
+}
+
+/// What actor `a` answers to the request `msg` builds (within [`WAIT`]).
+pub async fn ask<M: Message, T: Send + 'static>(
+    a: &ActorRef<M>,
+    msg: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> T {
+    a.call(msg, Some(WAIT)).await.unwrap().unwrap()
+}
+
+pub fn vehicle() -> Vehicle {
+    Vehicle {
+        make: "Kia".into(),
+        model: "Niro".into(),
+        plate: "X1".into(),
+        color: "red".into(),
+        product: Product::Economy,
+        seats: 4,
+    }
+}
+
+/// Registers a driver named `name` with a Kia Niro.
+pub async fn register_driver(sys: &System, name: &str, token_hash: [u8; 32]) -> DriverId {
+    let profile = DriverProfile {
+        name: name.into(),
+        vehicle: vehicle(),
+    };
+    sys.register_driver(profile, token_hash).await.unwrap()
+}
+
+/// Registers a rider named `name`.
+pub async fn register_rider(sys: &System, name: &str, token_hash: [u8; 32]) -> RiderId {
+    let profile = RiderProfile {
+        name: name.into(),
+        phone: "5550100".into(),
+    };
+    sys.register_rider(profile, token_hash).await.unwrap()
+}
+
+/// A fake app: a real session handle whose outbound queue the test reads.
+pub struct App {
+    pub handle: SessionHandle,
+    pub rx: mpsc::Receiver<Outbound>,
+    pub req: u64,
+}
+
+impl App {
+    pub fn new(sys: &System) -> App {
+        let (handle, inbox): (SessionHandle, SessionInbox) = sys.new_session();
+        let (rx, _closed) = inbox.into_parts();
+        App { handle, rx, req: 0 }
+    }
+
+    /// The next request id, and a responder that answers it on this app's session.
+    pub fn responder(&mut self) -> (u64, Responder) {
+        self.req += 1;
+        (
+            self.req,
+            Responder::new(Some(self.req), self.handle.clone()),
+        )
+    }
+
+    /// Attaches this app's session to the driver actor `a`.
+    pub async fn attach_driver(&self, a: &ActorRef<DriverMsg>) {
+        let h = self.handle.clone();
+        a.call(|r| DriverMsg::Attach(h, r), Some(WAIT))
+            .await
+            .unwrap();
+    }
+
+    /// Attaches this app's session to the rider actor `a`.
+    pub async fn attach_rider(&self, a: &ActorRef<RiderMsg>) {
+        let h = self.handle.clone();
+        a.call(|r| RiderMsg::Attach(h, r), Some(WAIT))
+            .await
+            .unwrap();
+    }
+
+    /// Sends `cmd` to the driver actor `a` under the next request id, and returns the id.
+    pub fn drive(&mut self, a: &ActorRef<DriverMsg>, cmd: DriverCommand) -> u64 {
+        let (req, r) = self.responder();
+        a.cast(DriverMsg::Command(cmd, r)).unwrap();
+        req
+    }
+
+    /// Sends `cmd` to the rider actor `a` under the next request id, and returns the id.
+    pub fn ride(&mut self, a: &ActorRef<RiderMsg>, cmd: RiderCommand) -> u64 {
+        let (req, r) = self.responder();
+        a.cast(RiderMsg::Command(cmd, r)).unwrap();
+        req
+    }
+
+    pub async fn next_where(&mut self, what: &str, pred: impl Fn(&Outbound) -> bool) -> Outbound {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+            let m = m.unwrap_or_else(|| panic!("session queue closed waiting for {what}"));
+            if pred(&m) {
+                return m;
+            }
+        }
+    }
+
+    /// Waits for the answer to `req`, and checks it is an ack.
+    pub async fn acked(&mut self, req: u64) {
+        let m = self.next_where("reply", |m| matches!(m, Outbound::Ack { req: r } | Outbound::Error { req: Some(r), .. } if *r == req)).await;
+        assert!(
+            matches!(m, Outbound::Ack { .. }),
+            "req {req} answered {m:?}"
+        );
+    }
+
+    /// Waits for a trip update in `state`, and returns the trip's version.
+    pub async fn trip_in(&mut self, state: TripState) -> u64 {
+        match self
+            .next_where(
+                &format!("{state:?}"),
+                |m| matches!(m, Outbound::TripUpdate { trip, .. } if trip.state == state),
+            )
+            .await
+        {
+            Outbound::TripUpdate { trip, .. } => trip.version,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits for an offer, and returns its trip.
+    pub async fn offer(&mut self) -> TripId {
+        match self
+            .next_where("offer", |m| matches!(m, Outbound::Offer(_)))
+            .await
+        {
+            Outbound::Offer(o) => o.trip_id,
+            _ => unreachable!(),
+        }
+    }
+}
