@@ -5,17 +5,20 @@
 //! each run, the median, and the size of the data directory. Sizes can be changed with
 //! `RECOVERY_DRIVERS`, `RECOVERY_TRIPS` and `RECOVERY_RUNS`.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use dispatch_actors::{Metrics, System, SystemConfig};
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
     Candidate, DispatchConfig, DriverId, DriverProfile, DriverStatus, IndexedDriver, Point,
     Product, QuoteTerms, RiderId, RiderProfile, StraightLineEta, Trip, TripCommand, TripId,
-    TripState, Vehicle,
+    TripState,
 };
 use dispatch_persistence::{Batch, Store, StoredDriver, StoredRider, StoredTrip, Transition};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../../engine/benches/common/fixtures.rs"]
+mod fixtures;
 
 /// The journal entry of the transition that brought `trip` to its current state.
 fn transition(trip: &Trip, by: Option<&DriverId>) -> Transition {
@@ -52,6 +55,36 @@ fn position(i: usize) -> Point {
     Point::new(45.45 + r * 0.000_51, -73.735 + c * 0.000_73).unwrap()
 }
 
+/// A token hash unique to `i` (among those filled with `fill`).
+fn token_hash(fill: u8, i: usize) -> [u8; 32] {
+    let mut h = [fill; 32];
+    h[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    h
+}
+
+/// Driver `i`'s record, `status` at `position`.
+fn driver(i: usize, status: DriverStatus, position: Point, heading: Option<f64>) -> StoredDriver {
+    StoredDriver {
+        id: DriverId::new(format!("drv_{i:08}")),
+        profile: DriverProfile {
+            name: format!("Driver {i}"),
+            vehicle: fixtures::vehicle(),
+        },
+        token_hash: token_hash(0, i),
+        status,
+        position: Some(position),
+        heading,
+    }
+}
+
+/// The trip's snapshot (with no driver details).
+fn snapshot(trip: &Trip) -> StoredTrip {
+    StoredTrip {
+        trip: trip.clone(),
+        driver: None,
+    }
+}
+
 async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
     let store = Store::open(dir, |_| {}).unwrap();
     // Deadlines far enough ahead that every run finds the same live trips.
@@ -64,14 +97,6 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let vehicle = Vehicle {
-        make: "Toyota".into(),
-        model: "Prius".into(),
-        plate: "AB 123".into(),
-        color: "blue".into(),
-        product: Product::Economy,
-        seats: 4,
-    };
     let mut batch = Batch::new();
     for i in 0..drivers {
         // Drivers below `trips` are written again below with their trip; a third of
@@ -81,21 +106,7 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
         } else {
             DriverStatus::Available
         };
-        batch = batch.driver(StoredDriver {
-            id: DriverId::new(format!("drv_{i:08}")),
-            profile: DriverProfile {
-                name: format!("Driver {i}"),
-                vehicle: vehicle.clone(),
-            },
-            token_hash: {
-                let mut h = [0u8; 32];
-                h[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                h
-            },
-            status,
-            position: Some(position(i)),
-            heading: Some((i % 360) as f64),
-        });
+        batch = batch.driver(driver(i, status, position(i), Some((i % 360) as f64)));
         if batch.len() >= 5_000 {
             store.commit(std::mem::take(&mut batch)).await.unwrap();
         }
@@ -108,19 +119,12 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
                 name: format!("Rider {i}"),
                 phone: "5550100".into(),
             },
-            token_hash: {
-                let mut h = [1u8; 32];
-                h[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                h
-            },
+            token_hash: token_hash(1, i),
         });
         let pickup = position(i);
         let quote = QuoteTerms {
             fare_cents: 1500,
-            currency: "USD".into(),
-            surge: 1.0,
-            distance_m: 4000,
-            duration_s: 600,
+            ..fixtures::quote()
         };
         let mut trip = Trip::start(
             TripId::new(format!("trp_{i:08}")),
@@ -133,13 +137,7 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
             &cfg,
         )
         .trip;
-        batch = batch.trip(
-            StoredTrip {
-                trip: trip.clone(),
-                driver: None,
-            },
-            Some(transition(&trip, None)),
-        );
+        batch = batch.trip(snapshot(&trip), Some(transition(&trip, None)));
         let driver_id = DriverId::new(format!("drv_{i:08}"));
         let candidate = Candidate {
             driver: IndexedDriver {
@@ -170,13 +168,7 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
                 &eta,
             )
             .unwrap();
-            batch = batch.trip(
-                StoredTrip {
-                    trip: trip.clone(),
-                    driver: None,
-                },
-                Some(transition(&trip, Some(&driver_id))),
-            );
+            batch = batch.trip(snapshot(&trip), Some(transition(&trip, Some(&driver_id))));
             status = DriverStatus::OnTrip(trip.id.clone());
         }
         if i % 3 == 2 {
@@ -189,38 +181,12 @@ async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
                 },
             ] {
                 trip.apply(cmd, now + 30, &cfg, &eta).unwrap();
-                batch = batch.trip(
-                    StoredTrip {
-                        trip: trip.clone(),
-                        driver: None,
-                    },
-                    Some(transition(&trip, Some(&driver_id))),
-                );
+                batch = batch.trip(snapshot(&trip), Some(transition(&trip, Some(&driver_id))));
             }
         }
         assert_ne!(trip.state(), TripState::Completed);
-        batch = batch.trip(
-            StoredTrip {
-                trip: trip.clone(),
-                driver: None,
-            },
-            None,
-        );
-        batch = batch.driver(StoredDriver {
-            id: driver_id,
-            profile: DriverProfile {
-                name: format!("Driver {i}"),
-                vehicle: vehicle.clone(),
-            },
-            token_hash: {
-                let mut h = [0u8; 32];
-                h[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                h
-            },
-            status,
-            position: Some(pickup),
-            heading: None,
-        });
+        batch = batch.trip(snapshot(&trip), None);
+        batch = batch.driver(driver(i, status, pickup, None));
         if batch.len() >= 5_000 {
             store.commit(std::mem::take(&mut batch)).await.unwrap();
         }
@@ -282,27 +248,17 @@ fn main() {
             } else {
                 started
             };
-            let store = Arc::new(Store::open(dir.path(), |_| {}).unwrap());
-            let sys = System::start(
-                SystemConfig::default(),
-                Arc::new(Metrics::new()),
-                store.clone(),
-            )
-            .await
-            .unwrap();
+            let (sys, store) = common::start(dir.path()).await;
             let stats = sys.recover().await.unwrap();
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            sys.shutdown().await;
-            drop(sys);
             // The next run opens the directory again: wait until every actor let go.
-            let deadline = Instant::now() + std::time::Duration::from_secs(120);
-            while Arc::strong_count(&store) > 1 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the store is still held after shutdown"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            common::stop(
+                sys,
+                store,
+                Duration::from_secs(120),
+                Duration::from_millis(10),
+            )
+            .await;
             (ms, stats)
         });
         assert_eq!(
