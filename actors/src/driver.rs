@@ -3,7 +3,6 @@
 //! Every message the driver's app receives passes through here, in order.
 
 use std::time::Duration;
-use tracing::Instrument;
 
 use dispatch_engine::{
     CellId, DriverState, DriverStatus, IndexedDriver, Point, Sender, TripCommand, TripId,
@@ -405,14 +404,11 @@ impl Actor for DriverActor {
         s: &mut DriverActorState,
     ) -> Result<(), ActorProcessingErr> {
         let span = tracing::info_span!("driver", driver_id = %s.rec.id);
-        // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.ctx.metrics.handling("driver", msg.kind());
-        async move {
-            let _handling = handling;
-            self.handle_msg(myself, msg, s).await
-        }
-        .instrument(span)
-        .await
+        let kind = msg.kind();
+        self.ctx
+            .metrics
+            .handle_in("driver", kind, span, self.handle_msg(myself, msg, s))
+            .await
     }
 }
 

@@ -580,6 +580,26 @@ impl Metrics {
         }
     }
 
+    /// Runs one message's handling `f` inside `span`, timed and counted; the guard ends
+    /// inside the span, so a slow-handler warning carries the entity's ids.
+    pub async fn handle_in<F: std::future::Future>(
+        &self,
+        group: &'static str,
+        kind: &'static str,
+        span: tracing::Span,
+        f: F,
+    ) -> F::Output {
+        let handling = self.handling(group, kind);
+        tracing::Instrument::instrument(
+            async move {
+                let _handling = handling;
+                f.await
+            },
+            span,
+        )
+        .await
+    }
+
     /// Handlers slower than this are logged with their group and message kind.
     pub fn set_slow_handler_ms(&self, ms: u64) {
         self.slow_handler_ms.store(ms, Ordering::Relaxed);

@@ -7,7 +7,6 @@ use dispatch_engine::{
     refuse_without_trip,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tracing::Instrument;
 
 use crate::context::{Context, random_suffix};
 use crate::error::{ApiError, ErrorCode};
@@ -230,14 +229,11 @@ impl Actor for RiderActor {
         s: &mut RiderActorState,
     ) -> Result<(), ActorProcessingErr> {
         let span = tracing::info_span!("rider", rider_id = %s.rec.id);
-        // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.ctx.metrics.handling("rider", msg.kind());
-        async move {
-            let _handling = handling;
-            self.handle_msg(_myself, msg, s).await
-        }
-        .instrument(span)
-        .await
+        let kind = msg.kind();
+        self.ctx
+            .metrics
+            .handle_in("rider", kind, span, self.handle_msg(_myself, msg, s))
+            .await
     }
 }
 

@@ -586,14 +586,11 @@ impl Actor for TripActor {
     ) -> Result<(), ActorProcessingErr> {
         let span =
             tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
-        // Inside the span, so a slow-handler warning carries the entity's ids.
-        let handling = self.ctx.metrics.handling("trip", msg.kind());
-        async move {
-            let _handling = handling;
-            self.handle_msg(myself, msg, s).await
-        }
-        .instrument(span)
-        .await
+        let kind = msg.kind();
+        self.ctx
+            .metrics
+            .handle_in("trip", kind, span, self.handle_msg(myself, msg, s))
+            .await
     }
 }
 
