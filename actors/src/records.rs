@@ -15,6 +15,16 @@ pub enum Identity {
     Rider(RiderId),
 }
 
+impl Identity {
+    /// `driver` or `rider` (a metrics label, a log field).
+    pub fn role(&self) -> &'static str {
+        match self {
+            Identity::Driver(_) => "driver",
+            Identity::Rider(_) => "rider",
+        }
+    }
+}
+
 /// A driver's restartable state.
 #[derive(Debug, Clone)]
 pub struct DriverRecord {

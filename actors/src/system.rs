@@ -219,20 +219,37 @@ impl System {
             .collect()
     }
 
-    /// Attaches a new session to the driver (starting its actor if it has none); true
-    /// once `welcome` is queued as the session's first message.
-    pub async fn attach_driver(&self, id: &DriverId, session: SessionHandle) -> bool {
-        let Some(a) = self.ctx.driver_actor(id).await else {
-            return false;
-        };
-        call(&a, |r| DriverMsg::Attach(session, r), self.call_timeout())
-            .await
-            .is_some()
+    /// Attaches a new session to the driver or rider (starting its actor if it has
+    /// none); true once `welcome` is queued as the session's first message.
+    pub async fn attach(&self, who: &Identity, session: SessionHandle) -> bool {
+        let timeout = self.call_timeout();
+        match who {
+            Identity::Driver(id) => match self.ctx.driver_actor(id).await {
+                Some(a) => call(&a, |r| DriverMsg::Attach(session, r), timeout).await,
+                None => None,
+            },
+            Identity::Rider(id) => match self.ctx.rider_actor(id).await {
+                Some(a) => call(&a, |r| RiderMsg::Attach(session, r), timeout).await,
+                None => None,
+            },
+        }
+        .is_some()
     }
 
-    pub fn detach_driver(&self, id: &DriverId, session_id: u64) {
-        if let Some(a) = self.ctx.registry.driver(id) {
-            let _ = a.cast(DriverMsg::Detach { session_id });
+    /// The session ended (its actor ignores it if a newer one took over).
+    pub fn detach(&self, who: &Identity, session_id: u64) {
+        let reg = &self.ctx.registry;
+        match who {
+            Identity::Driver(id) => {
+                if let Some(a) = reg.driver(id) {
+                    let _ = a.cast(DriverMsg::Detach { session_id });
+                }
+            }
+            Identity::Rider(id) => {
+                if let Some(a) = reg.rider(id) {
+                    let _ = a.cast(RiderMsg::Detach { session_id });
+                }
+            }
         }
     }
 
@@ -243,22 +260,6 @@ impl System {
                 let _ = a.cast(DriverMsg::Command(cmd, responder));
             }
             None => responder.fail(ApiError::internal()),
-        }
-    }
-
-    /// Attaches a new session to the rider (starting its actor if it has none).
-    pub async fn attach_rider(&self, id: &RiderId, session: SessionHandle) -> bool {
-        let Some(a) = self.ctx.rider_actor(id).await else {
-            return false;
-        };
-        call(&a, |r| RiderMsg::Attach(session, r), self.call_timeout())
-            .await
-            .is_some()
-    }
-
-    pub fn detach_rider(&self, id: &RiderId, session_id: u64) {
-        if let Some(a) = self.ctx.registry.rider(id) {
-            let _ = a.cast(RiderMsg::Detach { session_id });
         }
     }
 

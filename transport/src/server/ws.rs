@@ -33,21 +33,6 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-enum Role {
-    Driver(DriverId),
-    Rider(RiderId),
-}
-
-impl Role {
-    fn label(&self) -> &'static str {
-        match self {
-            Role::Driver(_) => "driver",
-            Role::Rider(_) => "rider",
-        }
-    }
-}
-
 fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, HttpError> {
     let token = auth::bearer(headers, q.token.as_deref())
         .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "missing token")))?;
@@ -62,14 +47,7 @@ pub async fn driver_upgrade(
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match identity(&app, &headers, &q) {
-        Ok(Identity::Driver(id)) => upgrade(app, up, Role::Driver(id)),
-        Ok(Identity::Rider(_)) => HttpError(ApiError::forbidden(
-            "a rider token cannot open a driver session",
-        ))
-        .into_response(),
-        Err(e) => e.into_response(),
-    }
+    upgrade_as(app, &headers, &q, up, "driver")
 }
 
 pub async fn rider_upgrade(
@@ -78,11 +56,23 @@ pub async fn rider_upgrade(
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match identity(&app, &headers, &q) {
-        Ok(Identity::Rider(id)) => upgrade(app, up, Role::Rider(id)),
-        Ok(Identity::Driver(_)) => HttpError(ApiError::forbidden(
-            "a driver token cannot open a rider session",
-        ))
+    upgrade_as(app, &headers, &q, up, "rider")
+}
+
+/// A session for `role`, whose token must be a `role`'s (403 for the other role's).
+fn upgrade_as(
+    app: App,
+    headers: &HeaderMap,
+    q: &TokenQuery,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    role: &'static str,
+) -> Response {
+    match identity(&app, headers, q) {
+        Ok(who) if who.role() == role => upgrade(app, up, who),
+        Ok(who) => HttpError(ApiError::forbidden(format!(
+            "a {} token cannot open a {role} session",
+            who.role()
+        )))
         .into_response(),
         Err(e) => e.into_response(),
     }
@@ -102,7 +92,7 @@ impl Drop for ConnectionSlot {
 fn upgrade(
     app: App,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    role: Role,
+    role: Identity,
 ) -> Response {
     let up = match up {
         Ok(up) => up,
@@ -137,10 +127,12 @@ fn upgrade(
         .on_upgrade(move |socket| async move {
             let _slot = slot;
             let span = match &role {
-                Role::Driver(id) => {
+                Identity::Driver(id) => {
                     tracing::info_span!("session", role = "driver", driver_id = %id)
                 }
-                Role::Rider(id) => tracing::info_span!("session", role = "rider", rider_id = %id),
+                Identity::Rider(id) => {
+                    tracing::info_span!("session", role = "rider", rider_id = %id)
+                }
             };
             session(app, socket, role).instrument(span).await;
         })
@@ -290,13 +282,10 @@ fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
     Responder::new(req, handle.clone()).fail(error);
 }
 
-async fn session(app: App, socket: WebSocket, role: Role) {
-    let label = role.label();
+async fn session(app: App, socket: WebSocket, role: Identity) {
+    let label = role.role();
     let (handle, inbox) = app.system.new_session();
-    let attached = match &role {
-        Role::Driver(id) => app.system.attach_driver(id, handle.clone()).await,
-        Role::Rider(id) => app.system.attach_rider(id, handle.clone()).await,
-    };
+    let attached = app.system.attach(&role, handle.clone()).await;
     let (mut sink, mut stream) = socket.split();
     if !attached {
         let _ = sink
@@ -386,10 +375,10 @@ async fn session(app: App, socket: WebSocket, role: Role) {
                     true
                 } else {
                     match &role {
-                        Role::Driver(id) => {
+                        Identity::Driver(id) => {
                             driver_frame(&app, &handle, id, &text, &mut limits, &mut handling)
                         }
-                        Role::Rider(id) => {
+                        Identity::Rider(id) => {
                             rider_frame(&app, &handle, id, &text, &mut limits, &mut handling)
                         }
                     }
@@ -423,10 +412,7 @@ async fn session(app: App, socket: WebSocket, role: Role) {
         }
     }
 
-    match &role {
-        Role::Driver(id) => app.system.detach_driver(id, handle.id),
-        Role::Rider(id) => app.system.detach_rider(id, handle.id),
-    }
+    app.system.detach(&role, handle.id);
     handle.close(1000);
     let _ = writer.await;
     app.transport.sessions.with_label_values(&[label]).dec();
