@@ -194,6 +194,25 @@ fn p(account: Account, amount_cents: i64) -> Posting {
     }
 }
 
+/// One trip's entry for `step`.
+fn entry(
+    trip_id: &TripId,
+    step: Step,
+    now_ms: u64,
+    currency: &str,
+    postings: Vec<Posting>,
+) -> Entry {
+    Entry {
+        key: EntryKey {
+            trip_id: trip_id.clone(),
+            step,
+        },
+        at_ms: now_ms,
+        currency: currency.to_owned(),
+        postings,
+    }
+}
+
 /// The rules that make each step's entry from where the trip's payment stands.
 impl TripMoney {
     pub fn of<'a>(entries: impl IntoIterator<Item = &'a Entry>, rider: &RiderId) -> TripMoney {
@@ -239,18 +258,16 @@ impl TripMoney {
         if amount <= 0 {
             return Err(LedgerError::NotAllowed("nothing to authorize".into()));
         }
-        Ok(Entry {
-            key: EntryKey {
-                trip_id: trip_id.clone(),
-                step: Step::Authorize,
-            },
-            at_ms: now_ms,
-            currency: currency.to_owned(),
-            postings: vec![
+        Ok(entry(
+            trip_id,
+            Step::Authorize,
+            now_ms,
+            currency,
+            vec![
                 p(Account::RiderHold(rider.clone()), -amount),
                 p(Account::Authorizations, amount),
             ],
-        })
+        ))
     }
 
     /// Releases the hold and charges `amount` to the rider, paid to `payee` (the driver
@@ -287,15 +304,7 @@ impl TripMoney {
         if commission != 0 {
             postings.push(p(Account::Platform, commission));
         }
-        Ok(Entry {
-            key: EntryKey {
-                trip_id: trip_id.clone(),
-                step,
-            },
-            at_ms: now_ms,
-            currency: currency.to_owned(),
-            postings,
-        })
+        Ok(entry(trip_id, step, now_ms, currency, postings))
     }
 
     /// `completed`: capture the fare and split it.
@@ -356,15 +365,13 @@ impl TripMoney {
         if self.settled || self.held == 0 {
             return None;
         }
-        Some(Entry {
-            key: EntryKey {
-                trip_id: trip_id.clone(),
-                step: Step::Release,
-            },
-            at_ms: now_ms,
-            currency: currency.to_owned(),
-            postings: self.release_hold(rider),
-        })
+        Some(entry(
+            trip_id,
+            Step::Release,
+            now_ms,
+            currency,
+            self.release_hold(rider),
+        ))
     }
 
     /// An operator's refund of up to what was charged less earlier refunds.
@@ -383,20 +390,18 @@ impl TripMoney {
                 self.charged, self.refunded
             )));
         }
-        Ok(Entry {
-            key: EntryKey {
-                trip_id: trip_id.clone(),
-                step: Step::Refund(self.refunds + 1),
-            },
-            at_ms: now_ms,
-            currency: currency.to_owned(),
-            postings: vec![
+        Ok(entry(
+            trip_id,
+            Step::Refund(self.refunds + 1),
+            now_ms,
+            currency,
+            vec![
                 p(Account::Platform, -amount),
                 p(Account::Clearing, amount),
                 p(Account::Clearing, -amount),
                 p(Account::Rider(rider.clone()), amount),
             ],
-        })
+        ))
     }
 }
 
