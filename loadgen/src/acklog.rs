@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
-use dispatch_transport::wire::{DriverStatus, Trip, TripState};
+use dispatch_transport::wire::{DriverStatus, Trip};
 use serde_json::{Value, json};
 
 use crate::sim::unix_ms;
@@ -47,28 +47,6 @@ pub fn moves_a_trip(cmd: &str) -> bool {
         cmd,
         "accept" | "arrived" | "start_trip" | "complete_trip" | "cancel_trip" | "cancel_ride"
     )
-}
-
-pub fn state_str(s: TripState) -> &'static str {
-    match s {
-        TripState::Dispatching => "dispatching",
-        TripState::DriverAssigned => "driver_assigned",
-        TripState::DriverArrived => "driver_arrived",
-        TripState::InProgress => "in_progress",
-        TripState::Completed => "completed",
-        TripState::Cancelled => "cancelled",
-        TripState::NoDriverFound => "no_driver_found",
-    }
-}
-
-fn status_str(s: DriverStatus) -> &'static str {
-    match s {
-        DriverStatus::Offline => "offline",
-        DriverStatus::Available => "available",
-        DriverStatus::Offered => "offered",
-        DriverStatus::OnTrip => "on_trip",
-        DriverStatus::Suspended => "suspended",
-    }
 }
 
 impl AckLog {
@@ -117,7 +95,7 @@ impl AckLog {
             json!({
                 "kind": "trip_update",
                 "trip_id": trip.trip_id,
-                "state": state_str(trip.state),
+                "state": trip.state,
                 "version": trip.version,
                 "req": req,
             }),
@@ -152,9 +130,9 @@ impl AckLog {
             json!({
                 "kind": "welcome",
                 "reconnect": reconnect,
-                "status": status.map(status_str),
+                "status": status,
                 "trip_id": trip.map(|t| t.trip_id.as_str()),
-                "state": trip.map(|t| state_str(t.state)),
+                "state": trip.map(|t| t.state),
                 "version": trip.map(|t| t.version),
                 "offer_trip_id": offer_trip_id,
             }),

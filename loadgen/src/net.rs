@@ -107,6 +107,15 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// How the wire spells a unit enum value (`TripState::DriverAssigned` is
+/// `driver_assigned`): its serde name, so the names stay written once, in the wire types.
+pub fn wire_name(v: impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 fn ws_config() -> WebSocketConfig {
     // Thousands of sessions per process: small eager buffers (the default read buffer is
     // 128 KiB per connection), and every message written at once.
@@ -305,5 +314,20 @@ pub fn raise_nofile_limit() -> Option<u64> {
         }
         #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
         Some(rl.rlim_cur as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dispatch_transport::wire::{CancelledBy, DriverStatus, TripState};
+
+    use super::wire_name;
+
+    #[test]
+    fn wire_names_are_the_serde_names() {
+        assert_eq!(wire_name(TripState::DriverAssigned), "driver_assigned");
+        assert_eq!(wire_name(TripState::NoDriverFound), "no_driver_found");
+        assert_eq!(wire_name(DriverStatus::OnTrip), "on_trip");
+        assert_eq!(wire_name(CancelledBy::Rider), "rider");
     }
 }

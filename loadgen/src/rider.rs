@@ -181,18 +181,6 @@ fn far() -> Instant {
     Instant::now() + Duration::from_secs(24 * 3600)
 }
 
-fn state_name(s: TripState) -> &'static str {
-    match s {
-        TripState::Dispatching => "dispatching",
-        TripState::DriverAssigned => "driver_assigned",
-        TripState::DriverArrived => "driver_arrived",
-        TripState::InProgress => "in_progress",
-        TripState::Completed => "completed",
-        TripState::Cancelled => "cancelled",
-        TripState::NoDriverFound => "no_driver_found",
-    }
-}
-
 impl Rider {
     /// Runs one session until the run stops or the session ends.
     async fn session(
@@ -358,7 +346,7 @@ impl Rider {
         let url = format!("{}/v1/trips/{trip_id}", self.sh.target.http_base);
         Stats::inc(&self.sh.stats.c.messages_sent);
         match net::get_json::<Trip>(&self.sh.http, &url, Some(&self.token)).await {
-            Ok(t) => state_name(t.state).to_owned(),
+            Ok(t) => net::wire_name(t.state),
             Err(_) => "unknown".to_owned(),
         }
     }
@@ -403,7 +391,7 @@ impl Rider {
             Phase::Active { state, trip_id, .. } => {
                 self.sh
                     .stats
-                    .trip_ended(&format!("unfinished: {}", state_name(state)));
+                    .trip_ended(&format!("unfinished: {}", net::wire_name(state)));
                 self.sh.forget(&trip_id);
                 self.sh.trip_done();
             }
@@ -654,10 +642,7 @@ impl Rider {
                     }
                     TripState::Cancelled => {
                         let by = match trip.cancelled_by {
-                            Some(b) => serde_json::to_value(b)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default(),
+                            Some(b) => net::wire_name(b),
                             None => "unknown".into(),
                         };
                         st.trip_ended(&format!("cancelled by {by}"));
