@@ -38,7 +38,7 @@ pub use dispatchd::{
     Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
     dispatchd_bin, reap,
 };
-pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, ride_to};
+pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};
 
 /// How long a test waits for something the server should do promptly. Generous: the
 /// timing under test always comes from the server's own flags, never from this.
@@ -290,6 +290,47 @@ impl Endpoint {
         })
         .await
     }
+}
+
+/// Every trip command a driver has (PROTOCOL.md, "Driver → server"): the transport's own
+/// list of driver message types, but for the first three (`go_online`, `go_offline`,
+/// `location`), which name no trip.
+pub const DRIVER_TRIP_COMMANDS: [&str; 6] = {
+    let [_go_online, _go_offline, _location, trip @ ..] = wire::DriverMessage::TYPES;
+    trip
+};
+
+/// PROTOCOL.md's REST error: asserts `(status, error.code)` is `(want_status, want_code)`
+/// and that `error.message` says something.
+pub fn assert_error_body(status: u16, v: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (want_status, Some(want_code)),
+        "{v}"
+    );
+    assert!(
+        !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+        "{v}"
+    );
+}
+
+/// The driver `d` accepts its offer of `trip_id` (acknowledged), and the rider's next
+/// `trip_update` is that trip `driver_assigned` to `driver_id` at `version`; returns it.
+pub async fn accepted(
+    d: &mut Client,
+    r: &mut Client,
+    trip_id: &str,
+    driver_id: &str,
+    version: u64,
+) -> wire::Trip {
+    d.ok(json!({"type": "accept", "trip_id": trip_id})).await;
+    let t = r.trip_update().await;
+    assert_eq!(
+        (t.state, t.version, t.driver_id.as_deref()),
+        (wire::TripState::DriverAssigned, version, Some(driver_id)),
+        "{t:?}"
+    );
+    t
 }
 
 /// `{"lat": .., "lng": ..}`, as the wire and REST bodies write a point.
@@ -575,6 +616,13 @@ impl Client {
         );
     }
 
+    /// Asserts the session is still served, with nothing owed before: a `go_online` is
+    /// acknowledged, and its ack is the next message.
+    pub async fn alive(&mut self) {
+        let m = self.reply_next(json!({"type": "go_online"})).await;
+        assert!(matches!(m, ServerMessage::Ack { .. }), "{m:?}");
+    }
+
     /// Sends `v` with a `req` and returns the error code it was answered with.
     pub async fn err(&mut self, v: Value) -> String {
         match self.request(v.clone()).await {
@@ -761,4 +809,18 @@ pub fn utc_date(ms: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use dispatch_transport::wire::DriverMessage;
+
+    #[test]
+    fn the_driver_trip_commands_are_the_types_that_name_a_trip() {
+        assert_eq!(
+            DriverMessage::TYPES[..3],
+            ["go_online", "go_offline", "location"]
+        );
+        assert_eq!(DriverMessage::TYPES[3..], super::DRIVER_TRIP_COMMANDS);
+    }
 }

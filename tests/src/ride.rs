@@ -6,7 +6,7 @@ use dispatch_transport::wire::{Offer, Trip, TripState};
 use serde_json::json;
 
 use crate::diagram::{HAPPY_PATH, happy_steps};
-use crate::{Client, Endpoint, north_of};
+use crate::{Client, Endpoint, TestServer, north_of};
 
 /// Where the tests' rides start and end (Montréal).
 pub const PICKUP: (f64, f64) = (45.5030, -73.5690);
@@ -44,18 +44,39 @@ impl RidePlan {
         self
     }
 
+    /// The driver, registered, connected (`welcome` read) and online at `driver_at`:
+    /// (driver_id, token, session).
+    pub async fn online_driver(&self, s: &Endpoint) -> (String, String, Client) {
+        s.online_driver_token(
+            self.driver,
+            self.product,
+            self.driver_at.0,
+            self.driver_at.1,
+        )
+        .await
+    }
+
+    /// `s` with the driver online (as [`RidePlan::online_driver`]) and the rider connected
+    /// (`welcome` read); nothing requested yet.
+    pub async fn scene(&self, s: TestServer) -> Scene {
+        let (did, dtoken, d) = self.online_driver(&s).await;
+        let (rid, rtoken, r) = s.connected_rider(self.rider).await;
+        Scene {
+            s,
+            did,
+            dtoken,
+            d,
+            rid,
+            rtoken,
+            r,
+        }
+    }
+
     /// Registers both, connects both (welcomes read), puts the driver online, has the
     /// rider request the ride and the driver receive its offer, then drives it to `state`
     /// (see [`Ride::advance`]).
     pub async fn to(&self, s: &Endpoint, state: TripState) -> Ride {
-        let (driver_id, driver_token, d) = s
-            .online_driver_token(
-                self.driver,
-                self.product,
-                self.driver_at.0,
-                self.driver_at.1,
-            )
-            .await;
+        let (driver_id, driver_token, d) = self.online_driver(s).await;
         let (rider_id, rider_token, mut r) = s.connected_rider(self.rider).await;
         let trip = r
             .request_ride(self.pickup, self.dropoff, self.product)
@@ -81,6 +102,20 @@ impl RidePlan {
 /// [`RidePlan::default`] brought to `state`.
 pub async fn ride_to(s: &Endpoint, state: TripState) -> Ride {
     RidePlan::default().to(s, state).await
+}
+
+/// A server, a driver online and a rider connected, before any ride: what
+/// [`RidePlan::scene`] sets up.
+pub struct Scene {
+    pub s: TestServer,
+    pub did: String,
+    pub dtoken: String,
+    /// The driver's session.
+    pub d: Client,
+    pub rid: String,
+    pub rtoken: String,
+    /// The rider's session.
+    pub r: Client,
 }
 
 /// A driver and a rider, both connected, and their trip.

@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use dispatch_tests::{
-    Client, DROPOFF, Dispatchd, PICKUP, TestServer, eventually, north_of, now_ms, rfc3339_ms,
-    trip_of,
+    Client, DROPOFF, Dispatchd, PICKUP, RidePlan, Scene, TestServer, eventually, north_of, now_ms,
+    rfc3339_ms, trip_of,
 };
 use dispatch_transport::wire::{CancelledBy, DriverStatus, ServerMessage, Trip, TripState};
 use reqwest::Method;
@@ -213,31 +213,14 @@ fn h3_parent(cell: &str, res: u8) -> String {
     format!("{i:x}")
 }
 
-/// Where Dana waits in a [`Scene`]: 200 m north of `PICKUP`.
+/// Where Dana waits in a [`Scene`] ([`RidePlan::default`]'s driver): 200 m north of
+/// `PICKUP`.
 const DANA: (f64, f64) = (PICKUP.0 + 200.0 / 111_195.0, PICKUP.1);
 
-/// A server with the admin token, Dana (economy) online at [`DANA`] and Riley connected.
-struct Scene {
-    s: TestServer,
-    did: String,
-    d: Client,
-    rid: String,
-    rtoken: String,
-    r: Client,
-}
-
+/// A server with the admin token and `extra` flags, Dana (economy) online at [`DANA`] and
+/// Riley connected.
 async fn scene(extra: &[&str]) -> Scene {
-    let s = server(extra).await;
-    let (did, d) = s.online_driver("Dana", "economy", DANA.0, DANA.1).await;
-    let (rid, rtoken, r) = s.connected_rider("Riley").await;
-    Scene {
-        s,
-        did,
-        d,
-        rid,
-        rtoken,
-        r,
-    }
+    RidePlan::default().scene(server(extra).await).await
 }
 
 /// The rider asks for an economy ride from `PICKUP` to `DROPOFF`, and it is offered to
@@ -287,10 +270,7 @@ async fn nearby_count(s: &TestServer, rider_token: &str, at: (f64, f64)) -> usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admin_route_wants_the_admin_token_and_a_refusal_changes_nothing() {
     let s = server(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, dtoken, mut d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
-        .await;
+    let (_, dtoken, mut d) = RidePlan::default().online_driver(&s).await;
     let (idle, _) = s.driver("Idle", "xl").await;
     let (rid, rtoken, mut r) = s.connected_rider("Riley").await;
     let trip = offered(&mut d, &mut r).await;
@@ -1406,6 +1386,7 @@ async fn an_admin_cancels_a_trip_in_progress() {
         rid,
         rtoken,
         mut r,
+        ..
     } = scene(&[]).await;
     let t = r.request_ride(PICKUP, DROPOFF, "economy").await;
     assign(&mut d, &mut r, &t.trip_id).await;

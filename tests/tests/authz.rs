@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use dispatch_tests::{Client, TestServer, north_of, now_ms};
+use dispatch_tests::{Client, DRIVER_TRIP_COMMANDS, TestServer, north_of, now_ms};
 use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -37,16 +37,6 @@ const UNKNOWN_TRIPS: [&str; 2] = ["trp_00000000000000000000000000000000", "trp_n
 /// Long enough that no offer times out while a test looks at it: a timeout would move
 /// the trip on by itself.
 const STEADY: [&str; 4] = ["--admin-token", ADMIN, "--offer-timeout-ms", "60000"];
-
-/// Every trip command a driver has (PROTOCOL.md, "Driver → server").
-const DRIVER_TRIP_COMMANDS: [&str; 6] = [
-    "accept",
-    "decline",
-    "arrived",
-    "start_trip",
-    "complete_trip",
-    "cancel_trip",
-];
 
 fn command(kind: &str, trip_id: &str) -> Value {
     if kind == "cancel_trip" {

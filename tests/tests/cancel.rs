@@ -1,7 +1,9 @@
 //! Cancelling: a rider before `in_progress`, a driver before pickup (the trip goes back to
 //! `dispatching` for someone else), and the errors around both.
 
-use dispatch_tests::{Client, DROPOFF, PICKUP, Ride, TestServer, north_of, ride_to, trip_of};
+use dispatch_tests::{
+    Client, DROPOFF, PICKUP, Ride, TestServer, accepted, north_of, ride_to, trip_of,
+};
 use dispatch_transport::wire::{CancelledBy, ServerMessage, TripState};
 use serde_json::json;
 
@@ -227,13 +229,7 @@ async fn a_driver_cancel_sends_the_trip_back_to_dispatching_for_another_driver()
     let (_, _, mut r) = s.connected_rider("Riley").await;
     let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
     assert_eq!(a.offer().await.trip_id, trip.trip_id);
-    a.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(aid.as_str()))
-    );
+    accepted(&mut a, &mut r, &trip.trip_id, &aid, 2).await;
     assert_eq!(a.trip_update().await.version, 2);
 
     // A cancels before pickup: its last trip_update, then the ack.
@@ -259,13 +255,7 @@ async fn a_driver_cancel_sends_the_trip_back_to_dispatching_for_another_driver()
 
     // B, further away, gets the offer: A, nearer and available again, is not asked again.
     assert_eq!(b.offer().await.trip_id, trip.trip_id);
-    b.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 4, Some(bid.as_str()))
-    );
+    accepted(&mut b, &mut r, &trip.trip_id, &bid, 4).await;
     let m = a.reply_next(json!({"type": "go_online"})).await;
     assert!(matches!(m, ServerMessage::Ack { .. }), "{m:?}");
     // Once off the trip, A can no longer read it or act on it.

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use dispatch_tests::{TestServer, north_of, trip_of};
+use dispatch_tests::{TestServer, accepted, north_of, trip_of};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::json;
 
@@ -101,13 +101,7 @@ async fn an_ignored_offer_expires_and_moves_to_the_next_driver() {
 
     let offer = b.offer().await;
     assert_eq!(offer.trip_id, trip.trip_id);
-    b.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(far_id.as_str()))
-    );
+    accepted(&mut b, &mut r, &trip.trip_id, &far_id, 2).await;
     s.stop().await.unwrap();
 }
 

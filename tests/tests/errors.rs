@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use dispatch_tests::{Client, TestServer, WAIT, north_of, now_ms, rfc3339_ms};
+use dispatch_tests::{Client, TestServer, WAIT, assert_error_body, north_of, now_ms, rfc3339_ms};
 use dispatch_transport::wire::ServerMessage;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,11 +33,6 @@ async fn bad_burst(c: &mut Client, n: usize) {
         c.send_raw(Message::Text("{".into())).await.unwrap();
         assert_eq!(next_error(c).await, (None, "bad_request".into()));
     }
-}
-
-async fn alive(c: &mut Client) {
-    let m = c.reply_next(json!({"type": "go_online"})).await;
-    assert!(matches!(m, ServerMessage::Ack { .. }), "{m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +88,7 @@ async fn bad_messages_get_typed_errors_and_the_session_lives_on() {
     // Unknown fields are ignored; the session is fine.
     d.ok(json!({"type": "go_online", "colour": "blue", "nested": {"a": 1}}))
         .await;
-    alive(&mut d).await;
+    d.alive().await;
 
     // The rider's side: its own unknown types, and bad coordinates in a request.
     let (_, _, mut r) = s.connected_rider("Riley").await;
@@ -142,7 +137,7 @@ async fn a_message_without_req_is_answered_only_when_it_fails() {
     assert_eq!(next_error(&mut d).await, (None, "not_found".into()));
     d.send(json!({"type": "accept"})).await;
     assert_eq!(next_error(&mut d).await, (None, "bad_request".into()));
-    alive(&mut d).await;
+    d.alive().await;
 
     // With `req`: exactly one reply each, in order, and nothing more.
     let r1 = d
@@ -155,7 +150,7 @@ async fn a_message_without_req_is_answered_only_when_it_fails() {
     assert_eq!(d.next().await, ServerMessage::Ack { req: r1 });
     assert_eq!(d.next().await, ServerMessage::Ack { req: r2 });
     assert_eq!(next_error(&mut d).await, (Some(r3), "not_found".into()));
-    alive(&mut d).await;
+    d.alive().await;
 
     // request_ride's one reply is the trip itself: no ack besides.
     let (_, _, mut r) = s.connected_rider("Riley").await;
@@ -199,7 +194,7 @@ async fn a_frame_over_the_limit_is_too_large_and_the_session_lives_on() {
         .await
         .unwrap();
     assert_eq!(next_error(&mut d).await, (None, "too_large".into()));
-    alive(&mut d).await;
+    d.alive().await;
     s.stop().await.unwrap();
 }
 
@@ -241,7 +236,7 @@ async fn location_pings_over_the_rate_are_rate_limited() {
     );
     // Refused pings are not bad messages: more than the limit of 5 did not close the session.
     assert!(limited.len() > 5, "only {} pings refused", limited.len());
-    alive(&mut d).await;
+    d.alive().await;
     s.stop().await.unwrap();
 }
 
@@ -256,7 +251,7 @@ async fn more_than_the_limit_of_bad_messages_closes_the_session_with_1008() {
         assert_eq!(next_error(&mut d).await, (None, "bad_request".into()));
     }
     // 50 bad messages do not close a session...
-    alive(&mut d).await;
+    d.alive().await;
     // ...the 51st does.
     d.send_raw(Message::Text("{".into())).await.unwrap();
     assert_eq!(d.closed_with().await, Some(1008));
@@ -269,12 +264,12 @@ async fn bad_messages_are_counted_within_a_sliding_window() {
         TestServer::start(&["--bad-message-limit", "5", "--bad-message-window-ms", "300"]).await;
     let (_, mut d) = s.online_driver("Dana", "economy", 45.5, -73.56).await;
     bad_burst(&mut d, 5).await;
-    alive(&mut d).await;
+    d.alive().await;
     // Once the window has passed (waiting the flag's own 300 ms, at least), the old ones
     // no longer count: 5 more are tolerated, where 10 in one window would close it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     bad_burst(&mut d, 5).await;
-    alive(&mut d).await;
+    d.alive().await;
     s.stop().await.unwrap();
 }
 
@@ -356,15 +351,7 @@ async fn rest_errors_have_their_status_and_code() {
     let (_, dtoken) = s.driver("Dana", "economy").await;
     let good = json!({"pickup": {"lat": 45.5, "lng": -73.5}, "dropoff": {"lat": 45.6, "lng": -73.6}, "product": "economy"});
     let check = |(st, v): (u16, Value), want_st: u16, want: &str| {
-        assert_eq!(
-            (st, v["error"]["code"].as_str()),
-            (want_st, Some(want)),
-            "{v}"
-        );
-        assert!(
-            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
-            "{v}"
-        );
+        assert_error_body(st, &v, want_st, want);
     };
 
     check(
@@ -445,6 +432,28 @@ async fn rest_errors_have_their_status_and_code() {
     let mut buf = Vec::new();
     let head = read_head(&mut sock, &mut buf).await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    // PROTOCOL.md: "REST: an HTTP status and `{"error": {"code": "...", "message": "..."}}`",
+    // for the refusals of the HTTP layer too (no upgrade, no token, a repeated parameter).
+    for (path, token) in [
+        ("/v1/ws/driver", Some(&dtoken)),
+        ("/v1/ws/rider", None),
+        (
+            "/v1/drivers/nearby?lat=45.5&lng=-73.5&lat=46",
+            Some(&rtoken),
+        ),
+    ] {
+        let (st, ctype, body) = s
+            .raw(reqwest::Method::GET, path, token.map(String::as_str), None)
+            .await;
+        assert!((400..500).contains(&st), "{path}: {st}");
+        assert!(
+            ctype.starts_with("application/json"),
+            "{path}: {ctype} {body:?}"
+        );
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert!(v["error"]["code"].as_str().is_some(), "{path}: {body:?}");
+    }
     s.stop().await.unwrap();
 }
 

@@ -31,7 +31,7 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use dispatch_tests::{Client, TestServer, WAIT};
+use dispatch_tests::{Client, DRIVER_TRIP_COMMANDS, TestServer, WAIT, assert_error_body};
 use dispatch_transport::wire::ServerMessage;
 use futures_util::FutureExt;
 use serde_json::{Value, json};
@@ -1033,17 +1033,7 @@ fn table() -> Table {
     t.one(R, "100,000 `[`", "[".repeat(100_000), vec![err(TOO_LARGE)]);
 
     // ---- Trips that do not exist.
-    for (i, ty) in [
-        "accept",
-        "decline",
-        "arrived",
-        "start_trip",
-        "complete_trip",
-        "cancel_trip",
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, ty) in DRIVER_TRIP_COMMANDS.into_iter().enumerate() {
         let req = 1700 + i as u64;
         t.one(
             D,
@@ -1473,15 +1463,7 @@ async fn run_case(s: &TestServer, d: &mut Client, r: &mut Client, case: &Case) {
             let v: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("not a JSON body ({e}): {text:.200}"));
             assert!(ctype.starts_with("application/json"), "{ctype}");
-            assert_eq!(
-                (st, v["error"]["code"].as_str()),
-                (status, Some(code)),
-                "{v}"
-            );
-            assert!(
-                !v["error"]["message"].as_str().unwrap_or("").is_empty(),
-                "{v}"
-            );
+            assert_error_body(st, &v, status, code);
             let (st, _, _) = s.raw(reqwest::Method::GET, "/readyz", None, None).await;
             assert_eq!(st, 200, "the server should still be ready");
             return;

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use dispatch_tests::{
-    Client, DROPOFF, Dispatchd, Endpoint, PICKUP, TestServer, eventually, north_of, now_ms,
-    rfc3339_ms, trip_of, utc_date,
+    Client, DROPOFF, Dispatchd, Endpoint, PICKUP, RidePlan, Scene, TestServer, eventually,
+    north_of, now_ms, rfc3339_ms, trip_of, utc_date,
 };
 use dispatch_transport::wire::{CancelledBy, DriverStatus, ServerMessage, Trip, TripState};
 use reqwest::Method;
@@ -189,37 +189,14 @@ async fn earnings(s: &Endpoint, driver_id: &str, token: &str) -> (u64, i64, u64,
 // ---------------------------------------------------------------------------------------
 // Rides
 
-/// A server with one economy driver online 200 m north of `PICKUP` and a connected rider.
-struct Ride {
-    s: TestServer,
-    did: String,
-    dtoken: String,
-    d: Client,
-    rid: String,
-    rtoken: String,
-    r: Client,
-}
-
-async fn ride_scene(extra: &[&str]) -> Ride {
-    let s = server(extra).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, dtoken, d) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
-        .await;
-    let (rid, rtoken, r) = s.connected_rider("Riley").await;
-    Ride {
-        s,
-        did,
-        dtoken,
-        d,
-        rid,
-        rtoken,
-        r,
-    }
+/// A server with one economy driver online 200 m north of `PICKUP` (Dana, of
+/// [`RidePlan::default`]) and a connected rider.
+async fn ride_scene(extra: &[&str]) -> Scene {
+    RidePlan::default().scene(server(extra).await).await
 }
 
 /// The scene's rider's, rider's hold and driver's accounts.
-fn accounts_of(x: &Ride) -> (String, String, String) {
+fn accounts_of(x: &Scene) -> (String, String, String) {
     (
         format!("rider:{}", x.rid),
         format!("rider_hold:{}", x.rid),
@@ -229,7 +206,7 @@ fn accounts_of(x: &Ride) -> (String, String, String) {
 
 /// What a settling entry (a capture or a fee) of the scene's trip moved into the rider's,
 /// the rider's hold, `authorizations`, the driver's, `platform` and `clearing`.
-fn settled(x: &Ride, entry: &Value) -> [i64; 6] {
+fn settled(x: &Scene, entry: &Value) -> [i64; 6] {
     let (rider, hold, driver) = accounts_of(x);
     [
         &rider,
@@ -272,7 +249,7 @@ async fn by_driver(d: &mut Client, r: &mut Client, trip_id: &str, cmd: &str) -> 
 
 /// The rider's and the driver's apps both get the trip's `cancelled` update, by `by` and
 /// showing `fare` (the fee a late cancel charged, or nothing).
-async fn both_see_cancelled(x: &mut Ride, by: Option<CancelledBy>, fare: Option<i64>) {
+async fn both_see_cancelled(x: &mut Scene, by: Option<CancelledBy>, fare: Option<i64>) {
     for (who, c) in [("rider", &mut x.r), ("driver", &mut x.d)] {
         let u = c.trip_in(TripState::Cancelled).await;
         assert_eq!((u.cancelled_by, u.fare_cents), (by, fare), "{who}: {u:?}");
@@ -299,7 +276,7 @@ async fn receipt(r: &mut Client) -> (String, i64, String, f64) {
 /// A quoted economy ride from `PICKUP` to `DROPOFF`, taken by the scene's driver and
 /// driven to `completed`: (the quoted fare, the rider's last update, the driver's last
 /// update).
-async fn completed_ride(x: &mut Ride) -> (i64, Trip, Trip) {
+async fn completed_ride(x: &mut Scene) -> (i64, Trip, Trip) {
     let q = x.s.quote(&x.rtoken, PICKUP, DROPOFF, "economy").await;
     let fare = q["fare_cents"].as_i64().expect("a fare");
     let t = request_quoted(&mut x.r, q["quote_id"].as_str().unwrap()).await;
@@ -334,7 +311,7 @@ async fn flat_economy(s: &Endpoint, base: i64, booking: i64) -> Value {
 
 /// Rides are paid as before (nothing a test did broke the processor): the next
 /// assignment takes a hold. Stops the server.
-async fn payments_still_work(mut x: Ride) {
+async fn payments_still_work(mut x: Scene) {
     let t = x.r.request_ride(PICKUP, DROPOFF, "economy").await;
     by_driver(&mut x.d, &mut x.r, &t.trip_id, "accept").await;
     assert_eq!(steps(&payments(&x.s, &t.trip_id).await), ["authorize"]);

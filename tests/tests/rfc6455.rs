@@ -29,11 +29,6 @@ fn raw_text(bytes: Vec<u8>) -> Message {
     Message::Frame(Frame::message(bytes, OpCode::Data(Data::Text), true))
 }
 
-async fn alive(c: &mut Client) {
-    let m = c.reply_next(json!({"type": "go_online"})).await;
-    assert!(matches!(m, ServerMessage::Ack { .. }), "{m:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_message() {
     let s = TestServer::start(&[]).await;
@@ -59,7 +54,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_mess
 
     // Nothing else changed: the other session is served, and the closed driver (in its
     // grace period) and rider come back as they were.
-    alive(&mut bystander).await;
+    bystander.alive().await;
     let mut again = Client::driver(&s, &dtoken).await.unwrap();
     match again.welcome().await {
         ServerMessage::Welcome { status, .. } => {
@@ -67,7 +62,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_mess
         }
         _ => unreachable!(),
     }
-    alive(&mut again).await;
+    again.alive().await;
     let mut r = Client::rider(&s, &rtoken).await.unwrap();
     r.welcome().await;
     r.ok(json!({"type": "location", "lat": 45.5, "lng": -73.56, "ts": 0}))

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use dispatch_tests::{
-    Client, DROPOFF, PICKUP, Ride, RidePlan, TestServer, eventually, north_of, ride_to,
+    Client, DROPOFF, PICKUP, Ride, RidePlan, TestServer, accepted, eventually, north_of, ride_to,
 };
 use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
 use serde_json::json;
@@ -125,13 +125,7 @@ async fn a_rider_reconnects_and_resumes_the_active_trip() {
     );
 
     // Updates now reach the new session.
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(did.as_str()))
-    );
+    accepted(&mut d, &mut r, &trip.trip_id, &did, 2).await;
     s.stop().await.unwrap();
 }
 
@@ -160,23 +154,15 @@ async fn an_offered_driver_reconnects_and_sees_the_offer_in_welcome() {
         "{offer:?} vs {first:?}"
     );
 
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(did.as_str()))
-    );
+    accepted(&mut d, &mut r, &trip.trip_id, &did, 2).await;
     s.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_driver_session_takes_over_and_the_first_is_closed_with_4001() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (did, dtoken, mut d1) = s
-        .online_driver_token("Dana", "economy", near.0, near.1)
-        .await;
+    let plan = RidePlan::default();
+    let (did, dtoken, mut d1) = plan.online_driver(&s).await;
 
     let mut d2 = Client::driver(&s, &dtoken).await.unwrap();
     let (status, offer, trip) = driver_welcome(d2.welcome().await);
@@ -184,19 +170,11 @@ async fn a_second_driver_session_takes_over_and_the_first_is_closed_with_4001() 
     assert_eq!(d1.closed_with().await, Some(4001));
 
     // The new session works, and it is the one offers go to.
-    d2.ok(json!({"type": "location", "lat": near.0, "lng": near.1, "ts": 5}))
-        .await;
-    d2.ok(json!({"type": "go_online"})).await;
+    d2.go_online(plan.driver_at).await;
     let (_, _, mut r) = s.connected_rider("Riley").await;
     let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
     assert_eq!(d2.offer().await.trip_id, trip.trip_id);
-    d2.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(did.as_str()))
-    );
+    accepted(&mut d2, &mut r, &trip.trip_id, &did, 2).await;
     s.stop().await.unwrap();
 }
 
@@ -248,13 +226,7 @@ async fn a_disconnected_driver_keeps_its_status_but_is_not_offered_trips() {
     // ...but an app that is not connected is not offered trips: B, further away, is.
     let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
     assert_eq!(b.offer().await.trip_id, trip.trip_id);
-    b.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    let t = r.trip_update().await;
-    assert_eq!(
-        (t.state, t.version, t.driver_id.as_deref()),
-        (TripState::DriverAssigned, 2, Some(bid.as_str()))
-    );
+    accepted(&mut b, &mut r, &trip.trip_id, &bid, 2).await;
 
     // A comes back within the grace period: still available, never offered anything.
     let mut a = Client::driver(&s, &atoken).await.unwrap();
