@@ -14,12 +14,13 @@ use dispatch_transport::wire::{
 use futures_util::StreamExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 
 use crate::acklog::{self, Who};
 use crate::geo::Mover;
-use crate::net::{self, Incoming, Ws};
-use crate::reconnect::{self, Outcome};
+use crate::net::{self, Ws};
+use crate::session::{self, Client, End};
 use crate::sim::{Shared, unix_ms};
 use crate::stats::{LATE_WINDOW, Stats, Unexplained};
 
@@ -131,27 +132,16 @@ struct Driver {
     next_ping: Instant,
 }
 
-/// How one session ended.
-enum End {
-    /// The run is over.
-    Stop,
-    /// The server closed the session or the connection failed: (code, detail).
-    Closed(String, String),
-    /// A send failed.
-    SendFailed(anyhow::Error),
-}
-
 pub async fn run(sh: Arc<Shared>, conn: DriverConn) {
     let DriverConn {
         gi,
         who,
         token,
-        mut ws,
+        ws,
         rng,
         mover,
         next_req,
     } = conn;
-    let mut stop = sh.stop.clone();
     let now = Instant::now();
     let mut d = Driver {
         sh: sh.clone(),
@@ -172,78 +162,15 @@ pub async fn run(sh: Arc<Shared>, conn: DriverConn) {
     let first = d.rng.random_range(0..sh.cfg.ping_interval_ms.max(1));
     d.next_ping = now + Duration::from_millis(first);
     d.new_waypoint();
-    let mut next_end = None;
-    loop {
-        let end = match next_end.take() {
-            Some(e) => e,
-            None => d.session(&mut ws, &mut stop).await,
-        };
-        let (code, detail) = match end {
-            End::Stop => break,
-            End::Closed(code, reason) if !sh.cfg.reconnect || *stop.borrow() => {
-                if !*stop.borrow() {
-                    sh.stats.error(
-                        &code,
-                        "driver session",
-                        false,
-                        format!("driver #{gi}: {reason}"),
-                    );
-                }
-                sh.stats.connected(-1);
-                return;
-            }
-            End::SendFailed(e) if !sh.cfg.reconnect || *stop.borrow() => {
-                d.send_failed(e);
-                break;
-            }
-            End::Closed(code, reason) => (code, reason),
-            End::SendFailed(e) => ("send_failed".to_owned(), e.to_string()),
-        };
-        // --reconnect: the session is gone; get another and resume from its welcome.
-        sh.stats.connected(-1);
-        Stats::inc(&sh.stats.c.sessions_dropped);
-        sh.stats.error(
-            &code,
-            "driver session (dropped; reconnecting)",
-            true,
-            format!("driver #{gi}: {detail}"),
-        );
-        d.drop_in_flight();
-        let src = sh.source_ip(gi);
-        match reconnect::reconnect(&sh, "/v1/ws/driver", &token, src, &mut stop).await {
-            Outcome::Session(session) => {
-                let (new, welcome) = *session;
-                ws = new;
-                sh.stats.connected(1);
-                if let Err(e) = d.resume(&mut ws, welcome).await {
-                    next_end = Some(End::SendFailed(e));
-                }
-            }
-            Outcome::Stopped => {
-                d.settle_unexplained();
-                return;
-            }
-            Outcome::GaveUp(why) => {
-                Stats::inc(&sh.stats.c.reconnect_failures);
-                sh.stats.error(
-                    "reconnect_failed",
-                    "driver session",
-                    false,
-                    format!("driver #{gi}: {why}"),
-                );
-                d.settle_unexplained();
-                return;
-            }
-        }
-    }
-    d.settle_unexplained();
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-    sh.stats.connected(-1);
+    let src = sh.source_ip(gi);
+    session::run(&mut d, ws, sh, gi, &token, src).await;
 }
 
-impl Driver {
-    /// Runs one session until the run stops or the session ends.
-    async fn session(&mut self, ws: &mut Ws, stop: &mut tokio::sync::watch::Receiver<bool>) -> End {
+impl Client for Driver {
+    const ROLE: &'static str = "driver";
+    const SETTLE_ON_CLOSE: bool = false;
+
+    async fn session(&mut self, ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> End {
         let sh = self.sh.clone();
         loop {
             if *stop.borrow() {
@@ -253,20 +180,9 @@ impl Driver {
             tokio::select! {
                 _ = stop.changed() => return End::Stop,
                 m = ws.next() => {
-                    match net::decode(m) {
-                        Incoming::Msg(m) => {
-                            Stats::inc(&sh.stats.c.messages_received);
-                            self.on_message(*m);
-                        }
-                        Incoming::Undecodable(t) => {
-                            Stats::inc(&sh.stats.c.messages_received);
-                            sh.stats.error("undecodable", "server frame (driver)", false, t);
-                        }
-                        Incoming::Skip => {}
-                        Incoming::Closed(code, reason) => {
-                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
-                            return End::Closed(code, reason);
-                        }
+                    let end = session::on_frame(&sh, Self::ROLE, m, |m| self.on_message(m));
+                    if let Some(end) = end {
+                        return end;
                     }
                 }
                 _ = sleep_until(wake) => {
@@ -279,7 +195,7 @@ impl Driver {
     }
 
     /// The run ended: conflicts still waiting for an explanation are unexpected.
-    fn settle_unexplained(&mut self) {
+    fn settle(&mut self) {
         for u in self.unexplained.drain(..) {
             self.sh
                 .stats
@@ -406,7 +322,9 @@ impl Driver {
         }
         Ok(())
     }
+}
 
+impl Driver {
     /// How long the rider takes to board, in real time.
     fn boarding_time(&mut self) -> Duration {
         let (lo, hi) = self.sh.cfg.boarding_ms;
@@ -432,17 +350,6 @@ impl Driver {
             decide_at: Instant::now() + Duration::from_millis(delay),
             decision,
         };
-    }
-
-    fn send_failed(&self, e: anyhow::Error) {
-        if !*self.sh.stop.borrow() {
-            self.sh.stats.error(
-                "send_failed",
-                "driver session",
-                false,
-                format!("driver #{}: {e}", self.gi),
-            );
-        }
     }
 
     fn new_waypoint(&mut self) {

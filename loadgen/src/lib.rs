@@ -14,6 +14,7 @@ pub mod net;
 pub mod reconnect;
 pub mod report;
 pub mod rider;
+pub mod session;
 pub mod sim;
 pub mod stats;
 pub mod ui;

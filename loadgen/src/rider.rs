@@ -12,12 +12,12 @@ use dispatch_transport::wire::{
 use futures_util::StreamExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::acklog::Who;
-use crate::net::{self, ConnError, Incoming, Ws};
-use crate::reconnect::{self, Outcome};
+use crate::net::{self, ConnError, Ws};
+use crate::session::{self, Client, End};
 use crate::sim::Shared;
 use crate::stats::{self, LATE_WINDOW, Stats, Unexplained};
 
@@ -63,6 +63,8 @@ struct Rider {
     who: Who,
     rng: SmallRng,
     token: String,
+    /// Wakes the rider, when idle, for its next request.
+    notify: Arc<Notify>,
     next_req: u64,
     phase: Phase,
     /// A `cancel_ride` awaiting its reply: (req, trip_id).
@@ -73,34 +75,24 @@ struct Rider {
     unexplained: Option<Unexplained>,
 }
 
-/// How one session ended.
-enum End {
-    /// The run is over.
-    Stop,
-    /// The server closed the session or the connection failed: (code, detail).
-    Closed(String, String),
-    /// A send failed.
-    SendFailed(anyhow::Error),
-}
-
 pub async fn run(sh: Arc<Shared>, conn: RiderConn, notify: Arc<Notify>) {
     let RiderConn {
         gi,
         li,
         who,
-        mut ws,
+        ws,
         rng,
         token,
         next_req,
     } = conn;
-    let mut stop = sh.stop.clone();
     let mut r = Rider {
         sh: sh.clone(),
         gi,
         li,
         who,
         rng,
-        token,
+        token: token.clone(),
+        notify,
         next_req,
         phase: Phase::Idle,
         cancel_req: None,
@@ -108,88 +100,21 @@ pub async fn run(sh: Arc<Shared>, conn: RiderConn, notify: Arc<Notify>) {
         unexplained: None,
     };
     sh.return_idle(li);
-    let mut next_end = None;
-    loop {
-        let end = match next_end.take() {
-            Some(e) => e,
-            None => r.session(&mut ws, &mut stop, &notify).await,
-        };
-        let (code, detail) = match end {
-            End::Stop => break,
-            End::Closed(code, reason) if !sh.cfg.reconnect || *stop.borrow() => {
-                if !*stop.borrow() {
-                    sh.stats.error(
-                        &code,
-                        "rider session",
-                        false,
-                        format!("rider #{gi}: {reason}"),
-                    );
-                }
-                r.unfinished();
-                sh.stats.connected(-1);
-                return;
-            }
-            End::SendFailed(e) if !sh.cfg.reconnect || *stop.borrow() => {
-                r.send_failed(e);
-                break;
-            }
-            End::Closed(code, reason) => (code, reason),
-            End::SendFailed(e) => ("send_failed".to_owned(), e.to_string()),
-        };
-        // --reconnect: the session is gone; get another and resume from its welcome.
-        sh.stats.connected(-1);
-        Stats::inc(&sh.stats.c.sessions_dropped);
-        sh.stats.error(
-            &code,
-            "rider session (dropped; reconnecting)",
-            true,
-            format!("rider #{gi}: {detail}"),
-        );
-        r.drop_in_flight();
-        let src = sh.source_ip(sh.cfg.drivers + gi);
-        let token = r.token.clone();
-        match reconnect::reconnect(&sh, "/v1/ws/rider", &token, src, &mut stop).await {
-            Outcome::Session(session) => {
-                let (new, welcome) = *session;
-                ws = new;
-                sh.stats.connected(1);
-                r.resume(welcome).await;
-            }
-            Outcome::Stopped => {
-                r.unfinished();
-                return;
-            }
-            Outcome::GaveUp(why) => {
-                Stats::inc(&sh.stats.c.reconnect_failures);
-                sh.stats.error(
-                    "reconnect_failed",
-                    "rider session",
-                    false,
-                    format!("rider #{gi}: {why}"),
-                );
-                r.unfinished();
-                return;
-            }
-        }
-    }
-    r.unfinished();
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-    sh.stats.connected(-1);
+    let src = sh.source_ip(sh.cfg.drivers + gi);
+    session::run(&mut r, ws, sh, gi, &token, src).await;
 }
 
 fn far() -> Instant {
     Instant::now() + Duration::from_secs(24 * 3600)
 }
 
-impl Rider {
-    /// Runs one session until the run stops or the session ends.
-    async fn session(
-        &mut self,
-        ws: &mut Ws,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-        notify: &Notify,
-    ) -> End {
+impl Client for Rider {
+    const ROLE: &'static str = "rider";
+    const SETTLE_ON_CLOSE: bool = true;
+
+    async fn session(&mut self, ws: &mut Ws, stop: &mut watch::Receiver<bool>) -> End {
         let sh = self.sh.clone();
+        let notify = self.notify.clone();
         loop {
             if *stop.borrow() {
                 return End::Stop;
@@ -204,20 +129,9 @@ impl Rider {
                     }
                 }
                 m = ws.next() => {
-                    match net::decode(m) {
-                        Incoming::Msg(m) => {
-                            Stats::inc(&sh.stats.c.messages_received);
-                            self.on_message(*m);
-                        }
-                        Incoming::Undecodable(t) => {
-                            Stats::inc(&sh.stats.c.messages_received);
-                            sh.stats.error("undecodable", "server frame (rider)", false, t);
-                        }
-                        Incoming::Skip => {}
-                        Incoming::Closed(code, reason) => {
-                            let code = code.map_or("closed".to_owned(), |c| format!("closed_{c}"));
-                            return End::Closed(code, reason);
-                        }
+                    let end = session::on_frame(&sh, Self::ROLE, m, |m| self.on_message(m));
+                    if let Some(end) = end {
+                        return end;
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
@@ -247,7 +161,7 @@ impl Rider {
     }
 
     /// A new session after a drop: the `welcome` shows the rider's active trip, if any.
-    async fn resume(&mut self, welcome: ServerMessage) {
+    async fn resume(&mut self, _: &mut Ws, welcome: ServerMessage) -> anyhow::Result<()> {
         let ServerMessage::Welcome { trip, .. } = welcome else {
             unreachable!("reconnect returns a welcome");
         };
@@ -322,8 +236,16 @@ impl Rider {
                 }
             }
         }
+        Ok(())
     }
 
+    /// The run ended, or the session is gone for good.
+    fn settle(&mut self) {
+        self.unfinished();
+    }
+}
+
+impl Rider {
     /// Follows `t`, learnt of from a `welcome`.
     fn adopt(&mut self, t: Trip, sent_at: Instant) {
         Stats::inc(&self.sh.stats.c.trips_adopted);
@@ -348,17 +270,6 @@ impl Rider {
         match net::get_json::<Trip>(&self.sh.http, &url, Some(&self.token)).await {
             Ok(t) => net::wire_name(t.state),
             Err(_) => "unknown".to_owned(),
-        }
-    }
-
-    fn send_failed(&self, e: anyhow::Error) {
-        if !*self.sh.stop.borrow() {
-            self.sh.stats.error(
-                "send_failed",
-                "rider session",
-                false,
-                format!("rider #{}: {e}", self.gi),
-            );
         }
     }
 
