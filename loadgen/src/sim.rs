@@ -16,6 +16,7 @@ use dispatch_transport::wire::{
 use futures_util::StreamExt;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -253,6 +254,42 @@ async fn next_msg(ws: &mut Ws, stats: &Stats) -> Result<ServerMessage, String> {
     }
 }
 
+/// Registers a `role` client (`POST /v1/{role}s` with `body`) and opens its session from
+/// `--source-ips` slot `slot`, counting both as the set-up does. Returns the registration,
+/// the session and when connecting began; `None` (the failure recorded) if either failed.
+async fn register_and_connect<R: DeserializeOwned>(
+    sh: &Shared,
+    role: &str,
+    who: &str,
+    body: &impl Serialize,
+    token: impl FnOnce(&R) -> String,
+    slot: usize,
+) -> Option<(R, Ws, Instant)> {
+    let st = &sh.stats;
+    Stats::inc(&st.c.messages_sent);
+    let url = format!("{}/v1/{role}s", sh.target.http_base);
+    let reg: R = match net::post_json(&sh.http, &url, None, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            sh.conn_failed(&format!("POST /v1/{role}s"), who.to_owned(), e);
+            return None;
+        }
+    };
+    Stats::inc(&st.c.registered);
+    let t = Instant::now();
+    let path = format!("/v1/ws/{role}");
+    match net::connect_ws(&sh.target, &path, &token(&reg), sh.source_ip(slot)).await {
+        Ok(ws) => {
+            st.connected(1);
+            Some((reg, ws, t))
+        }
+        Err(e) => {
+            sh.conn_failed(&format!("{role} connect"), who.to_owned(), e);
+            None
+        }
+    }
+}
+
 async fn setup_driver(sh: Arc<Shared>, gi: usize) -> Option<DriverConn> {
     let st = &sh.stats;
     let who = format!("driver #{gi}");
@@ -267,26 +304,8 @@ async fn setup_driver(sh: Arc<Shared>, gi: usize) -> Option<DriverConn> {
             seats: 4,
         },
     };
-    Stats::inc(&st.c.messages_sent);
-    let url = format!("{}/v1/drivers", sh.target.http_base);
-    let reg: DriverRegistered = match net::post_json(&sh.http, &url, None, &body).await {
-        Ok(r) => r,
-        Err(e) => {
-            sh.conn_failed("POST /v1/drivers", who, e);
-            return None;
-        }
-    };
-    Stats::inc(&st.c.registered);
-    let t = Instant::now();
-    let mut ws =
-        match net::connect_ws(&sh.target, "/v1/ws/driver", &reg.token, sh.source_ip(gi)).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                sh.conn_failed("driver connect", who, e);
-                return None;
-            }
-        };
-    st.connected(1);
+    let token = |r: &DriverRegistered| r.token.clone();
+    let (reg, mut ws, t) = register_and_connect(&sh, "driver", &who, &body, token, gi).await?;
     let fail = |what: &str, detail: String| {
         Stats::inc(&st.c.connect_failures);
         st.error(
@@ -372,26 +391,9 @@ async fn setup_rider(sh: Arc<Shared>, gi: usize, li: usize) -> Option<RiderConn>
         name: format!("Rider {gi}"),
         phone: format!("+1 555 {:04}", gi % 10_000),
     };
-    Stats::inc(&st.c.messages_sent);
-    let url = format!("{}/v1/riders", sh.target.http_base);
-    let reg: RiderRegistered = match net::post_json(&sh.http, &url, None, &body).await {
-        Ok(r) => r,
-        Err(e) => {
-            sh.conn_failed("POST /v1/riders", who, e);
-            return None;
-        }
-    };
-    Stats::inc(&st.c.registered);
-    let t = Instant::now();
-    let src = sh.source_ip(sh.cfg.drivers + gi);
-    let mut ws = match net::connect_ws(&sh.target, "/v1/ws/rider", &reg.token, src).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            sh.conn_failed("rider connect", who, e);
-            return None;
-        }
-    };
-    st.connected(1);
+    let token = |r: &RiderRegistered| r.token.clone();
+    let slot = sh.cfg.drivers + gi;
+    let (reg, mut ws, t) = register_and_connect(&sh, "rider", &who, &body, token, slot).await?;
     let ident = Who {
         role: "rider",
         id: reg.rider_id.clone(),
