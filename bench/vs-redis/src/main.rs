@@ -310,6 +310,59 @@ struct QueryRun {
     cores: Cores,
 }
 
+/// One side's query runs, summed up for the report: medians over the runs, and each run's
+/// throughput and p99 (ms).
+struct QueryStats {
+    tp: f64,
+    tps: Vec<f64>,
+    p50: f64,
+    p99: f64,
+    p99s: Vec<f64>,
+    p999: f64,
+    errors: u64,
+    cores: Vec<Cores>,
+}
+
+impl QueryStats {
+    fn of(runs: &[QueryRun]) -> QueryStats {
+        let ms = |q: f64| -> Vec<f64> {
+            let v = runs
+                .iter()
+                .map(|r| r.hist.value_at_quantile(q) as f64 / 1000.0);
+            v.collect()
+        };
+        let tps: Vec<f64> = runs.iter().map(|r| r.per_s).collect();
+        let p99s = ms(0.99);
+        QueryStats {
+            tp: median(&tps),
+            p50: median(&ms(0.5)),
+            p99: median(&p99s),
+            p999: median(&ms(0.999)),
+            errors: runs.iter().map(|r| r.errors).sum(),
+            cores: runs.iter().map(|r| r.cores).collect(),
+            tps,
+            p99s,
+        }
+    }
+
+    /// The side's row of the query table.
+    fn print_row(&self, name: &str) {
+        println!(
+            "  {:<20} {:>12} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>15} {:>14}   {}; {}",
+            name,
+            fmt_n(self.tp),
+            self.p50,
+            self.p99,
+            self.p999,
+            self.errors,
+            cores_text(&self.cores),
+            per_core_text(&self.tps, &self.cores),
+            list(&self.tps, fmt_n),
+            list(&self.p99s, |x| format!("{x:.2}"))
+        );
+    }
+}
+
 /// `conc` connections, each one query at a time, for `secs`, over the shared list of
 /// points (a shared cursor: both sides ask the same points in the same order).
 async fn run_queries(
@@ -1017,21 +1070,9 @@ async fn run(args: Args) -> Result<bool> {
     // ---- report
     let rq = &qruns["Redis GEOSEARCH"];
     let dq = &qruns["dispatchd nearby"];
-    let qstat = |v: &[QueryRun], f: &dyn Fn(&QueryRun) -> f64| -> (f64, Vec<f64>) {
-        let xs: Vec<f64> = v.iter().map(f).collect();
-        (median(&xs), xs)
-    };
-    let ms = |q: f64| move |r: &QueryRun| r.hist.value_at_quantile(q) as f64 / 1000.0;
-    let (r_tp, r_tps) = qstat(rq, &|r| r.per_s);
-    let (d_tp, d_tps) = qstat(dq, &|r| r.per_s);
-    let (r_p50, _) = qstat(rq, &ms(0.5));
-    let (d_p50, _) = qstat(dq, &ms(0.5));
-    let (r_p99, r_p99s) = qstat(rq, &ms(0.99));
-    let (d_p99, d_p99s) = qstat(dq, &ms(0.99));
-    let (r_p999, _) = qstat(rq, &ms(0.999));
-    let (d_p999, _) = qstat(dq, &ms(0.999));
-    let r_err: u64 = rq.iter().map(|r| r.errors).sum();
-    let d_err: u64 = dq.iter().map(|r| r.errors).sum();
+    let (rs, ds) = (QueryStats::of(rq), QueryStats::of(dq));
+    let (r_tp, r_p99, r_err) = (rs.tp, rs.p99, rs.errors);
+    let (d_tp, d_p99, d_err) = (ds.tp, ds.p99, ds.errors);
     let q_ratio = d_tp / r_tp;
     let met = |b: bool| if b { "MET" } else { "NOT MET" };
 
@@ -1092,34 +1133,8 @@ async fn run(args: Args) -> Result<bool> {
         "cores srv/cli",
         "per srv core-s"
     );
-    let rc: Vec<Cores> = rq.iter().map(|r| r.cores).collect();
-    let dc: Vec<Cores> = dq.iter().map(|r| r.cores).collect();
-    println!(
-        "  {:<20} {:>12} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>15} {:>14}   {}; {}",
-        "Redis GEOSEARCH",
-        fmt_n(r_tp),
-        r_p50,
-        r_p99,
-        r_p999,
-        r_err,
-        cores_text(&rc),
-        per_core_text(&r_tps, &rc),
-        list(&r_tps, fmt_n),
-        list(&r_p99s, |x| format!("{x:.2}"))
-    );
-    println!(
-        "  {:<20} {:>12} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>15} {:>14}   {}; {}",
-        "dispatchd nearby",
-        fmt_n(d_tp),
-        d_p50,
-        d_p99,
-        d_p999,
-        d_err,
-        cores_text(&dc),
-        per_core_text(&d_tps, &dc),
-        list(&d_tps, fmt_n),
-        list(&d_p99s, |x| format!("{x:.2}"))
-    );
+    rs.print_row("Redis GEOSEARCH");
+    ds.print_row("dispatchd nearby");
     println!(
         "  ratio dispatchd/Redis: throughput {:.2}x, p99 {:.2}x  -> target (>= 10x throughput and a lower p99): {}",
         q_ratio,
@@ -1252,6 +1267,10 @@ async fn run(args: Args) -> Result<bool> {
             problems.join("; ")
         }
     );
+    let median_per_s = |m: UpdateMode| {
+        let v: Vec<f64> = uruns[m.name()].iter().map(|r| r.per_s).collect();
+        median(&v)
+    };
     println!(
         "SUMMARY drivers={} queries: redis={:.0}/s p99={:.2}ms dispatchd={:.0}/s p99={:.2}ms ratio={:.2}x target={}{}",
         args.drivers,
@@ -1264,25 +1283,10 @@ async fn run(args: Args) -> Result<bool> {
         match (run_updates, updates_met) {
             (true, Some((a, b))) => format!(
                 " | updates: redis={:.0}/s pings(no req)={:.0}/s {} pings(req+ack)={:.0}/s {}",
-                median(
-                    &uruns[UpdateMode::RedisGeoadd.name()]
-                        .iter()
-                        .map(|r| r.per_s)
-                        .collect::<Vec<_>>()
-                ),
-                median(
-                    &uruns[UpdateMode::PingNoReq.name()]
-                        .iter()
-                        .map(|r| r.per_s)
-                        .collect::<Vec<_>>()
-                ),
+                median_per_s(UpdateMode::RedisGeoadd),
+                median_per_s(UpdateMode::PingNoReq),
                 met(a),
-                median(
-                    &uruns[UpdateMode::PingAcked.name()]
-                        .iter()
-                        .map(|r| r.per_s)
-                        .collect::<Vec<_>>()
-                ),
+                median_per_s(UpdateMode::PingAcked),
                 met(b)
             ),
             _ => String::new(),
