@@ -15,10 +15,11 @@ use dispatch_engine::{
     Account, DriverId, Entry, Ledger, LedgerError, PaymentTerms, RiderId, Step, TripId, TripMoney,
 };
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+mod common;
 
 const TRIPS: u8 = 6;
 /// Riders and drivers are shared between trips, so per-account sums are tested too.
@@ -542,11 +543,7 @@ fn scenario() -> impl Strategy<Value = (Vec<TripSpec>, Vec<(Op, u64)>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::config(256))]
 
     #[test]
     fn the_ledger_matches_the_model_across_crashes((specs, steps) in scenario()) {
@@ -590,18 +587,17 @@ fn the_model_test_reaches_every_end() {
             }
         }
     }
-    for what in [
-        "captured",
-        "fee",
-        "released",
-        "held",
-        "unauthorized",
-        "refunded twice",
-        "crash",
-    ] {
-        assert!(
-            seen.get(what).copied().unwrap_or(0) >= 5,
-            "{what} reached too rarely: {seen:?}"
-        );
-    }
+    common::assert_reached(
+        &seen,
+        &[
+            "captured",
+            "fee",
+            "released",
+            "held",
+            "unauthorized",
+            "refunded twice",
+            "crash",
+        ],
+        5,
+    );
 }

@@ -13,18 +13,10 @@ use dispatch_engine::{
     CellId, EtaEstimate, Grid, Point, Product, RateCard, RateCards, SurgeBook, SurgeConfig,
 };
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        // Integration tests have no lib.rs beside them; keep regressions next to the file.
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        ..ProptestConfig::default()
-    }
-}
+mod common;
+
+use common::config;
 
 fn cap() -> f64 {
     SurgeConfig::default().cap
@@ -860,17 +852,16 @@ fn the_surge_test_reaches_high_surge_pins_caps_and_forgetting() {
             }
         }
     }
-    for what in [
-        "computed ≥ 2",
-        "forgotten after surging",
-        "pinned",
-        "city cap",
-    ] {
-        assert!(
-            seen.get(what).copied().unwrap_or(0) >= 20,
-            "{what} reached too rarely: {seen:?}"
-        );
-    }
+    common::assert_reached(
+        &seen,
+        &[
+            "computed ≥ 2",
+            "forgotten after surging",
+            "pinned",
+            "city cap",
+        ],
+        20,
+    );
 }
 
 // ---------------------------------------------------------------------------------------

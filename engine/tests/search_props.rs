@@ -5,10 +5,14 @@ use std::collections::{BTreeSet, HashMap};
 
 use dispatch_engine::search::search_map;
 use dispatch_engine::{
-    CellDrivers, CellId, DriverId, Grid, IndexedDriver, Point, Product, SearchParams,
+    Candidate, CellDrivers, CellId, DriverId, Grid, IndexedDriver, Point, Product, SearchParams,
 };
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
+use rand::{Rng, SeedableRng};
+
+mod common;
+
+use common::config;
 
 /// Montréal, roughly: the centre of every generated city.
 const CENTRE: (f64, f64) = (45.53, -73.62);
@@ -153,17 +157,6 @@ fn matches(product: Product) -> impl Fn(&IndexedDriver) -> bool {
     move |d: &IndexedDriver| d.available && d.product == product
 }
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        // Integration tests have no lib.rs beside them; keep regressions next to the file.
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
     #![proptest_config(config(128))]
 
@@ -230,8 +223,7 @@ proptest! {
         let params = SearchParams { k, max_radius_m: radius_m, max_rings: 50 };
         let (got, stats) = search_map(grid, &cells, pickup, params, matches(Product::Economy));
         let want = brute_force(&drivers, pickup, k, radius_m, matches(Product::Economy));
-        let got_ids: Vec<DriverId> = got.iter().map(|c| c.driver.driver_id.clone()).collect();
-        prop_assert_eq!(got_ids, ids(&want), "stats {:?}", stats);
+        prop_assert_eq!(candidate_ids(&got), ids(&want), "stats {:?}", stats);
     }
 
     /// With a binding ring cap, the search is exact over the cells it may reach (grid
@@ -262,8 +254,7 @@ proptest! {
         let want = brute_force(&drivers, pickup, k, radius_m, |d| {
             matches(product)(d) && reachable(d)
         });
-        let got_ids: Vec<DriverId> = got.iter().map(|c| c.driver.driver_id.clone()).collect();
-        prop_assert_eq!(got_ids, ids(&want), "stats {:?}", stats);
+        prop_assert_eq!(candidate_ids(&got), ids(&want), "stats {:?}", stats);
         if stats.hit_ring_cap {
             prop_assert!(got.len() < k, "hit_ring_cap with {} of {} found", got.len(), k);
         }
@@ -375,28 +366,52 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// 10,000 drivers uniform over ~18 x 18 km around the centre (`seed` picks where), each
+/// of the product and availability `kind` draws.
+fn city(
+    seed: u64,
+    mut kind: impl FnMut(&mut rand::rngs::StdRng) -> (Product, bool),
+) -> Vec<IndexedDriver> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (half_lat, half_lng) = (0.081, 0.1155);
+    (0..10_000)
+        .map(|i| {
+            let position = pt(
+                CENTRE.0 + rng.random_range(-half_lat..half_lat),
+                CENTRE.1 + rng.random_range(-half_lng..half_lng),
+            );
+            let (product, available) = kind(&mut rng);
+            IndexedDriver {
+                driver_id: driver_id(i),
+                position,
+                heading: None,
+                product,
+                available,
+            }
+        })
+        .collect()
+}
+
+/// The 10 nearest within 5 km, at most 8 rings out.
+fn ten_within_5_km() -> SearchParams {
+    SearchParams {
+        k: 10,
+        max_radius_m: 5_000.0,
+        max_rings: 8,
+    }
+}
+
+fn candidate_ids(got: &[Candidate]) -> Vec<DriverId> {
+    got.iter().map(|c| c.driver.driver_id.clone()).collect()
+}
+
 /// Evidence for "a ride request with 10,000 online drivers is answered without touching
 /// drivers outside the searched rings": a k = 10 search in a dense city looks at a
 /// handful of cells and a few dozen drivers, and every driver it even looks at lies in a
 /// searched ring.
 #[test]
 fn a_search_among_10_000_drivers_stays_local() {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(10_000);
-    // ~18 x 18 km.
-    let (half_lat, half_lng) = (0.081, 0.1155);
-    let drivers: Vec<IndexedDriver> = (0..10_000)
-        .map(|i| IndexedDriver {
-            driver_id: driver_id(i),
-            position: pt(
-                CENTRE.0 + rng.random_range(-half_lat..half_lat),
-                CENTRE.1 + rng.random_range(-half_lng..half_lng),
-            ),
-            heading: None,
-            product: Product::Economy,
-            available: true,
-        })
-        .collect();
+    let drivers = city(10_000, |_| (Product::Economy, true));
 
     for resolution in [7u8, 8] {
         let grid = Grid::new(resolution).unwrap();
@@ -414,11 +429,7 @@ fn a_search_among_10_000_drivers_stays_local() {
         ] {
             let pickup = pt(CENTRE.0 + dl, CENTRE.1 + dn);
             let origin = grid.cell_of(pickup);
-            let params = SearchParams {
-                k: 10,
-                max_radius_m: 5_000.0,
-                max_rings: 8,
-            };
+            let params = ten_within_5_km();
             let mut touched: Vec<DriverId> = Vec::new();
             let (got, stats) = search_map(grid, &cells, pickup, params, |d| {
                 touched.push(d.driver_id.clone());
@@ -427,8 +438,11 @@ fn a_search_among_10_000_drivers_stays_local() {
 
             // Still the right answer.
             let want = brute_force(&drivers, pickup, 10, 5_000.0, |d| d.available);
-            let got_ids: Vec<DriverId> = got.iter().map(|c| c.driver.driver_id.clone()).collect();
-            assert_eq!(got_ids, ids(&want), "res {resolution} pickup {pickup:?}");
+            assert_eq!(
+                candidate_ids(&got),
+                ids(&want),
+                "res {resolution} pickup {pickup:?}"
+            );
             assert!(!stats.hit_ring_cap);
 
             // Local: a small fraction of the occupied cells and of the drivers.
@@ -470,29 +484,13 @@ fn a_search_among_10_000_drivers_stays_local() {
 /// a small fraction of the city.
 #[test]
 fn a_search_in_a_mostly_busy_city_stays_local() {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(95);
-    let (half_lat, half_lng) = (0.081, 0.1155);
-    let drivers: Vec<IndexedDriver> = (0..10_000)
-        .map(|i| IndexedDriver {
-            driver_id: driver_id(i),
-            position: pt(
-                CENTRE.0 + rng.random_range(-half_lat..half_lat),
-                CENTRE.1 + rng.random_range(-half_lng..half_lng),
-            ),
-            heading: None,
-            product: Product::ALL[rng.random_range(0..3)],
-            available: rng.random_bool(0.05),
-        })
-        .collect();
+    let drivers = city(95, |rng| {
+        (Product::ALL[rng.random_range(0..3)], rng.random_bool(0.05))
+    });
     let grid = Grid::new(7).unwrap();
     let cells = index(grid, &drivers);
     let pickup = pt(CENTRE.0, CENTRE.1);
-    let params = SearchParams {
-        k: 10,
-        max_radius_m: 5_000.0,
-        max_rings: 8,
-    };
+    let params = ten_within_5_km();
     let keep = matches(Product::Xl);
     let origin = grid.cell_of(pickup);
     let ring_of = |d: &IndexedDriver| origin.grid_distance(grid.cell_of(d.position)).unwrap();
@@ -504,8 +502,7 @@ fn a_search_in_a_mostly_busy_city_stays_local() {
         keep(d)
     });
     let want = brute_force(&drivers, pickup, 10, 5_000.0, &keep);
-    let got_ids: Vec<DriverId> = got.iter().map(|c| c.driver.driver_id.clone()).collect();
-    assert_eq!(got_ids, ids(&want));
+    assert_eq!(candidate_ids(&got), ids(&want));
     assert_eq!(got.len(), 10, "the city has enough xl drivers for k = 10");
     // Only ~1.7% of the drivers match, so each searched cell is scanned nearly whole:
     // the filter is applied after the R-tree, not inside it. Still, nothing outside the

@@ -16,7 +16,8 @@ use dispatch_engine::{
     TripId, TripState,
 };
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
+
+mod common;
 
 const PICKUP: (f64, f64) = (45.53, -73.62);
 const T0: u64 = 1_700_000_000_000;
@@ -783,11 +784,7 @@ fn short(cmd: &TripCommand) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::config(256))]
 
     #[test]
     fn trip_machine_matches_the_model(steps in proptest::collection::vec(step(), 1..60)) {
