@@ -6,17 +6,10 @@ mod check;
 #[path = "../../fuzz/fuzz_targets/common/replay.rs"]
 mod replay;
 
-const TARGET: &str = "trip_machine";
-
-#[test]
-fn the_fuzz_corpus_passes_the_trip_machine_checks() {
-    let files = replay::inputs(env!("CARGO_MANIFEST_DIR"), "corpus", TARGET);
-    assert!(files.len() >= 5, "the corpus went missing: {files:?}");
-    replay::replay(&files, check::run);
-}
-
-#[test]
-fn every_saved_trip_machine_crash_passes() {
-    let files = replay::inputs(env!("CARGO_MANIFEST_DIR"), "regressions", TARGET);
-    replay::replay(&files, check::run);
+replay::tests! {
+    target = "trip_machine",
+    check = check::run,
+    corpus_at_least = 5,
+    corpus = the_fuzz_corpus_passes_the_trip_machine_checks,
+    regressions = every_saved_trip_machine_crash_passes,
 }

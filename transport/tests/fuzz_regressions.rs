@@ -7,17 +7,10 @@ mod check;
 #[path = "../../fuzz/fuzz_targets/common/replay.rs"]
 mod replay;
 
-const TARGET: &str = "wire_decode";
-
-#[test]
-fn the_fuzz_corpus_passes_the_wire_decode_checks() {
-    let files = replay::inputs(env!("CARGO_MANIFEST_DIR"), "corpus", TARGET);
-    assert!(files.len() >= 10, "the corpus went missing: {files:?}");
-    replay::replay(&files, check::check);
-}
-
-#[test]
-fn every_saved_wire_decode_crash_passes() {
-    let files = replay::inputs(env!("CARGO_MANIFEST_DIR"), "regressions", TARGET);
-    replay::replay(&files, check::check);
+replay::tests! {
+    target = "wire_decode",
+    check = check::check,
+    corpus_at_least = 10,
+    corpus = the_fuzz_corpus_passes_the_wire_decode_checks,
+    regressions = every_saved_wire_decode_crash_passes,
 }

@@ -1,7 +1,8 @@
 //! Replays saved fuzz inputs in a plain `cargo test`: every file of
 //! `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/` goes through the target's own
-//! checks. Included with `#[path]` by `engine/tests/fuzz_regressions.rs` and
-//! `transport/tests/fuzz_regressions.rs`; needs neither cargo-fuzz nor nightly.
+//! checks, in the two tests [`tests!`] writes. Included with `#[path]` by
+//! `engine/tests/fuzz_regressions.rs` and `transport/tests/fuzz_regressions.rs`; needs
+//! neither cargo-fuzz nor nightly.
 
 use std::path::{Path, PathBuf};
 
@@ -49,3 +50,30 @@ pub fn replay(files: &[PathBuf], check: fn(&[u8])) {
         failed.join("\n")
     );
 }
+
+/// A target's two replay tests, named `corpus` and `regressions`: every file of
+/// `fuzz/corpus/<target>/` (at least `corpus_at_least` of them, or the corpus went
+/// missing) and every file of `fuzz/regressions/<target>/` through `check`.
+macro_rules! tests {
+    (
+        target = $target:literal,
+        check = $check:path,
+        corpus_at_least = $min:literal,
+        corpus = $corpus:ident,
+        regressions = $regressions:ident $(,)?
+    ) => {
+        #[test]
+        fn $corpus() {
+            let files = $crate::replay::inputs(env!("CARGO_MANIFEST_DIR"), "corpus", $target);
+            assert!(files.len() >= $min, "the corpus went missing: {files:?}");
+            $crate::replay::replay(&files, $check);
+        }
+
+        #[test]
+        fn $regressions() {
+            let files = $crate::replay::inputs(env!("CARGO_MANIFEST_DIR"), "regressions", $target);
+            $crate::replay::replay(&files, $check);
+        }
+    };
+}
+pub(crate) use tests;

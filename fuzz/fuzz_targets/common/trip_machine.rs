@@ -102,6 +102,14 @@ impl Reader<'_> {
     fn u16(&mut self) -> u16 {
         u16::from_le_bytes([self.u8(), self.u8()])
     }
+
+    /// `usual` for three bytes in four (below 192), else `rare` of the byte less 192.
+    fn mostly<T>(&mut self, usual: T, rare: impl FnOnce(u8) -> T) -> T {
+        match self.u8() {
+            b if b < 192 => usual,
+            b => rare(b - 192),
+        }
+    }
 }
 
 fn d(i: u8) -> DriverId {
@@ -210,10 +218,7 @@ enum Who {
 
 impl Who {
     fn decode(r: &mut Reader<'_>) -> Who {
-        match r.u8() {
-            b if b < 192 => Who::Role,
-            b => Who::Driver((b - 192) % (STRANGER + 1)),
-        }
+        r.mostly(Who::Role, |b| Who::Driver(b % (STRANGER + 1)))
     }
 }
 
@@ -227,10 +232,7 @@ enum Seq {
 
 impl Seq {
     fn decode(r: &mut Reader<'_>) -> Seq {
-        match r.u8() {
-            b if b < 192 => Seq::Current,
-            b => Seq::Stale(b - 192),
-        }
+        r.mostly(Seq::Current, Seq::Stale)
     }
 }
 
@@ -982,13 +984,14 @@ impl Harness {
             count(&|e| matches!(e, TripEffect::Finished)) == usize::from(ended),
             "Finished effects {fx:?} for {moved:?}"
         );
-        let assigned: Vec<&DriverId> = fx
-            .iter()
-            .filter_map(|e| match e {
-                TripEffect::DriverAssigned { driver_id } => Some(driver_id),
-                _ => None,
-            })
-            .collect();
+        // The drivers of the effects `pick` keeps.
+        let drivers_of = |pick: fn(&TripEffect) -> Option<&DriverId>| -> Vec<&DriverId> {
+            fx.iter().filter_map(pick).collect()
+        };
+        let assigned = drivers_of(|e| match e {
+            TripEffect::DriverAssigned { driver_id } => Some(driver_id),
+            _ => None,
+        });
         if moved == Some(TripState::DriverAssigned) {
             let holder = before.offer().map(|o| &o.driver_id);
             ensure!(
@@ -1018,13 +1021,10 @@ impl Harness {
                 "DriverAssigned without assignment"
             );
         }
-        let released: Vec<&DriverId> = fx
-            .iter()
-            .filter_map(|e| match e {
-                TripEffect::DriverReleased { driver_id } => Some(driver_id),
-                _ => None,
-            })
-            .collect();
+        let released = drivers_of(|e| match e {
+            TripEffect::DriverReleased { driver_id } => Some(driver_id),
+            _ => None,
+        });
         let want_released: Vec<&DriverId> = before
             .driver_id()
             .filter(|d| next.driver_id() != Some(*d) || ended)

@@ -20,8 +20,8 @@
 //!   bytes; a `heading` finite and normalised to [0, 360) (docs/api.md); a `reason` the
 //!   sent one cut to at most `MAX_REASON_CHARS` characters.
 
-use dispatch_actors::ErrorCode;
 use dispatch_actors::messages::{DriverCommand, RideRequest, RiderCommand};
+use dispatch_actors::{ApiError, ErrorCode};
 use dispatch_engine::{Point, Product};
 use dispatch_transport::server::decode::{self, MAX_REASON_CHARS};
 use dispatch_transport::wire::{DriverMessage, RiderMessage};
@@ -43,24 +43,43 @@ fn check_frame(text: &str) {
     let value: Option<Value> = serde_json::from_str(text).ok();
     let obj = value.as_ref().and_then(Value::as_object);
 
-    let d = decode::driver(text);
-    let got = d
-        .as_ref()
-        .map(|(req, _)| *req)
-        .map_err(|(req, e)| (*req, e.code));
-    check_outcome("driver", text, obj, &DriverMessage::TYPES, got);
-    if let (Ok((_, cmd)), Some(obj)) = (&d, obj) {
-        check_driver(text, obj, cmd);
-    }
+    let driver = decode::driver(text);
+    check_decoded(
+        "driver",
+        text,
+        obj,
+        &DriverMessage::TYPES,
+        &driver,
+        check_driver,
+    );
+    let rider = decode::rider(text);
+    check_decoded(
+        "rider",
+        text,
+        obj,
+        &RiderMessage::TYPES,
+        &rider,
+        check_rider,
+    );
+}
 
-    let r = decode::rider(text);
-    let got = r
+/// One role's decoding of the frame: the outcome the envelope rules give, and, when it
+/// decoded, the command's fields (by `check_command`).
+fn check_decoded<C>(
+    role: &str,
+    text: &str,
+    obj: Option<&Map<String, Value>>,
+    known: &[&str],
+    decoded: &Result<(Option<u64>, C), (Option<u64>, ApiError)>,
+    check_command: fn(&str, &Map<String, Value>, &C),
+) {
+    let got = decoded
         .as_ref()
         .map(|(req, _)| *req)
         .map_err(|(req, e)| (*req, e.code));
-    check_outcome("rider", text, obj, &RiderMessage::TYPES, got);
-    if let (Ok((_, cmd)), Some(obj)) = (&r, obj) {
-        check_rider(text, obj, cmd);
+    check_outcome(role, text, obj, known, got);
+    if let (Ok((_, cmd)), Some(obj)) = (decoded, obj) {
+        check_command(text, obj, cmd);
     }
 }
 
@@ -322,6 +341,11 @@ fn check_reason(reason: Option<&str>, v: Option<&Value>, text: &str) {
 fn check_driver(text: &str, o: &Map<String, Value>, cmd: &DriverCommand) {
     let ty = o.get("type").and_then(Value::as_str);
     let trip_id = |id: &str| check_id(id, o.get("trip_id"), "trip_id", text);
+    // A command about one trip and nothing else: its id is the frame's.
+    let about_trip = |id: &str, name: &'static str| {
+        trip_id(id);
+        name
+    };
     let want = match cmd {
         DriverCommand::GoOnline => "go_online",
         DriverCommand::GoOffline => "go_offline",
@@ -345,26 +369,11 @@ fn check_driver(text: &str, o: &Map<String, Value>, cmd: &DriverCommand) {
             }
             "location"
         }
-        DriverCommand::Accept(id) => {
-            trip_id(id.as_str());
-            "accept"
-        }
-        DriverCommand::Decline(id) => {
-            trip_id(id.as_str());
-            "decline"
-        }
-        DriverCommand::Arrived(id) => {
-            trip_id(id.as_str());
-            "arrived"
-        }
-        DriverCommand::StartTrip(id) => {
-            trip_id(id.as_str());
-            "start_trip"
-        }
-        DriverCommand::CompleteTrip(id) => {
-            trip_id(id.as_str());
-            "complete_trip"
-        }
+        DriverCommand::Accept(id) => about_trip(id.as_str(), "accept"),
+        DriverCommand::Decline(id) => about_trip(id.as_str(), "decline"),
+        DriverCommand::Arrived(id) => about_trip(id.as_str(), "arrived"),
+        DriverCommand::StartTrip(id) => about_trip(id.as_str(), "start_trip"),
+        DriverCommand::CompleteTrip(id) => about_trip(id.as_str(), "complete_trip"),
         DriverCommand::CancelTrip {
             trip_id: id,
             reason,
