@@ -242,6 +242,37 @@ impl QuerySide {
     }
 }
 
+/// GEOSEARCH `key` for the nearest 10 within 5 km of (`lat`, `lng`), ascending, with their
+/// positions if `with_coord`.
+async fn geosearch(
+    r: &mut Redis,
+    key: &str,
+    (lat, lng): (f64, f64),
+    with_coord: bool,
+) -> Result<Reply> {
+    let (lng, lat) = (lng.to_string(), lat.to_string());
+    let args = [
+        "GEOSEARCH",
+        key,
+        "FROMLONLAT",
+        &lng,
+        &lat,
+        "BYRADIUS",
+        "5",
+        "km",
+        "ASC",
+        "COUNT",
+        "10",
+        "WITHCOORD",
+    ];
+    let n = if with_coord {
+        args.len()
+    } else {
+        args.len() - 1
+    };
+    r.cmd(&args[..n]).await
+}
+
 enum QueryConn {
     Redis(Redis, String),
     Dispatch(Http, String),
@@ -262,28 +293,10 @@ impl QueryConn {
     /// One nearest-10-within-5-km query; returns how many drivers came back.
     async fn query(&mut self, (lat, lng): (f64, f64)) -> Result<usize> {
         match self {
-            QueryConn::Redis(r, key) => {
-                let (lng, lat) = (lng.to_string(), lat.to_string());
-                let reply = r
-                    .cmd(&[
-                        "GEOSEARCH",
-                        key,
-                        "FROMLONLAT",
-                        &lng,
-                        &lat,
-                        "BYRADIUS",
-                        "5",
-                        "km",
-                        "ASC",
-                        "COUNT",
-                        "10",
-                    ])
-                    .await?;
-                match reply {
-                    Reply::Array(Some(items)) => Ok(items.len()),
-                    r => bail!("GEOSEARCH answered {r:?}"),
-                }
-            }
+            QueryConn::Redis(r, key) => match geosearch(r, key, (lat, lng), false).await? {
+                Reply::Array(Some(items)) => Ok(items.len()),
+                r => bail!("GEOSEARCH answered {r:?}"),
+            },
             QueryConn::Dispatch(h, token) => {
                 let path = format!("/v1/drivers/nearby?lat={lat}&lng={lng}&radius_m=5000&limit=10");
                 let (st, body) = h.get(&path, Some(token)).await?;
@@ -363,6 +376,15 @@ impl QueryStats {
     }
 }
 
+/// A worker's connection, opened before it waits at `barrier` with the others so that
+/// connecting is not measured; whether it opened is seen after the wait (every worker
+/// must reach the barrier).
+async fn open_then_wait<C>(barrier: &Barrier, open: impl Future<Output = Result<C>>) -> Result<C> {
+    let conn = open.await;
+    barrier.wait().await;
+    conn
+}
+
 /// `conc` connections, each one query at a time, for `secs`, over the shared list of
 /// points (a shared cursor: both sides ask the same points in the same order).
 async fn run_queries(
@@ -382,9 +404,7 @@ async fn run_queries(
             barrier.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let conn = QueryConn::open(&side).await;
-            barrier.wait().await;
-            let mut conn = conn?;
+            let mut conn = open_then_wait(&barrier, QueryConn::open(&side)).await?;
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let (mut n, mut errors, mut empty, mut first_error) = (0u64, 0u64, 0u64, None);
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -567,9 +587,7 @@ impl Bench {
                         barrier.clone(),
                     );
                     tasks.push(tokio::spawn(async move {
-                        let r = Redis::connect(&addr).await;
-                        barrier.wait().await;
-                        let mut r = r?;
+                        let mut r = open_then_wait(&barrier, Redis::connect(&addr)).await?;
                         let mut rng =
                             Rng::new(rep_seed.wrapping_mul(1_000_003).wrapping_add(w as u64));
                         let member = format!("d{w}");
@@ -818,22 +836,7 @@ async fn sanity(
     };
     for &(lat, lng) in points.iter().take(args.sanity_points) {
         let truth = geo::nearest(positions, (lat, lng), RADIUS_M, K);
-        let reply = r
-            .cmd(&[
-                "GEOSEARCH",
-                &args.redis_key,
-                "FROMLONLAT",
-                &lng.to_string(),
-                &lat.to_string(),
-                "BYRADIUS",
-                "5",
-                "km",
-                "ASC",
-                "COUNT",
-                "10",
-                "WITHCOORD",
-            ])
-            .await?;
+        let reply = geosearch(&mut r, &args.redis_key, (lat, lng), true).await?;
         let Reply::Array(Some(items)) = reply else {
             bail!("GEOSEARCH WITHCOORD answered {reply:?}");
         };
