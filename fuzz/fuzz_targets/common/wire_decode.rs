@@ -63,6 +63,10 @@ fn check_frame(text: &str) {
     );
 }
 
+/// What `decode::driver` and `decode::rider` return: the request id with the command, or
+/// with the error.
+type Decoded<C> = Result<(Option<u64>, C), (Option<u64>, ApiError)>;
+
 /// One role's decoding of the frame: the outcome the envelope rules give, and, when it
 /// decoded, the command's fields (by `check_command`).
 fn check_decoded<C>(
@@ -70,7 +74,7 @@ fn check_decoded<C>(
     text: &str,
     obj: Option<&Map<String, Value>>,
     known: &[&str],
-    decoded: &Result<(Option<u64>, C), (Option<u64>, ApiError)>,
+    decoded: &Decoded<C>,
     check_command: fn(&str, &Map<String, Value>, &C),
 ) {
     let got = decoded
