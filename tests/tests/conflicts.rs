@@ -1,38 +1,36 @@
 //! State rules over the wire: one active trip per rider, no going offline while busy, and
 //! accepting only the offer one holds.
 
-use dispatch_tests::{DROPOFF, PICKUP, Ride, TestServer, north_of, ride_to};
+use dispatch_tests::{DROPOFF, PICKUP, TestServer, north_of, ride_to};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_active_request_is_a_conflict() {
     let s = TestServer::start(&[]).await;
-    let Ride {
-        mut d,
-        rider_token: rtoken,
-        mut r,
-        trip,
-        ..
-    } = ride_to(&s, TripState::Dispatching).await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
+    let trip = ride.trip.clone();
 
     let direct = json!({"type": "request_ride", "pickup": {"lat": PICKUP.0, "lng": PICKUP.1}, "dropoff": {"lat": DROPOFF.0, "lng": DROPOFF.1}, "product": "economy"});
-    assert_eq!(r.err(direct.clone()).await, "conflict");
-    let q = s.quote(&rtoken, PICKUP, DROPOFF, "economy").await;
+    assert_eq!(ride.r.err(direct.clone()).await, "conflict");
+    let q = s.quote(&ride.rider_token, PICKUP, DROPOFF, "economy").await;
     assert_eq!(
-        r.err(json!({"type": "request_ride", "quote_id": q["quote_id"]}))
+        ride.r
+            .err(json!({"type": "request_ride", "quote_id": q["quote_id"]}))
             .await,
         "conflict"
     );
 
     // The first trip is untouched (it is still at version 1 when cancelled to version 2),
     // and the refused quote is still good afterwards.
-    r.ok(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
+    ride.r
+        .ok(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
         .await;
-    let t = r.trip_in(TripState::Cancelled).await;
+    let t = ride.r.trip_in(TripState::Cancelled).await;
     assert_eq!((t.trip_id.as_str(), t.version), (trip.trip_id.as_str(), 2));
-    assert_eq!(d.offer_expired().await, trip.trip_id);
-    let m = r
+    assert_eq!(ride.d.offer_expired().await, trip.trip_id);
+    let m = ride
+        .r
         .request(json!({"type": "request_ride", "quote_id": q["quote_id"]}))
         .await;
     let ServerMessage::TripUpdate {
@@ -46,7 +44,7 @@ async fn a_second_active_request_is_a_conflict() {
     assert_ne!(second.trip_id, trip.trip_id);
     assert_eq!(Some(second.quote.fare_cents), q["fare_cents"].as_i64());
     // The new trip reaches the driver (the failed requests left it free).
-    assert_eq!(d.offer().await.trip_id, second.trip_id);
+    assert_eq!(ride.d.offer().await.trip_id, second.trip_id);
     s.stop().await.unwrap();
 }
 

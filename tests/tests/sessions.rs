@@ -6,17 +6,11 @@ use std::time::Instant;
 use dispatch_tests::{
     Client, DROPOFF, PICKUP, Ride, RidePlan, TestServer, accepted, eventually, north_of, ride_to,
 };
-use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
+use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, Trip, TripState};
 use serde_json::json;
 
 /// A driver's `welcome`: (status, offer, trip).
-fn driver_welcome(
-    m: ServerMessage,
-) -> (
-    DriverStatus,
-    Option<dispatch_transport::wire::Offer>,
-    Option<Trip>,
-) {
+fn driver_welcome(m: ServerMessage) -> (DriverStatus, Option<Offer>, Option<Trip>) {
     match m {
         ServerMessage::Welcome {
             driver_id: Some(_),
@@ -39,6 +33,24 @@ fn rider_welcome(m: ServerMessage) -> (String, Option<Trip>) {
         } => (id, trip),
         m => panic!("not a rider welcome: {m:?}"),
     }
+}
+
+/// The driver's app comes back with `token`: the new session, and its `welcome`'s
+/// (status, offer, trip).
+async fn driver_back(
+    s: &TestServer,
+    token: &str,
+) -> (Client, (DriverStatus, Option<Offer>, Option<Trip>)) {
+    let mut d = Client::driver(s, token).await.unwrap();
+    let welcome = driver_welcome(d.welcome().await);
+    (d, welcome)
+}
+
+/// The driver's app comes back with `token` to a `welcome` with `status`, and no offer
+/// and no trip.
+async fn driver_back_to(s: &TestServer, token: &str, status: DriverStatus) {
+    let (_, welcome) = driver_back(s, token).await;
+    assert_eq!(welcome, (status, None, None));
 }
 
 /// How many drivers `GET /v1/drivers/nearby` shows around `at`.
@@ -67,8 +79,7 @@ async fn a_driver_on_a_trip_reconnects_and_finishes_the_ride() {
 
     // The app drops and comes back: welcome holds everything needed to resume.
     d.close().await;
-    let mut d = Client::driver(&s, &dtoken).await.unwrap();
-    let (status, offer, t) = driver_welcome(d.welcome().await);
+    let (mut d, (status, offer, t)) = driver_back(&s, &dtoken).await;
     assert_eq!(status, DriverStatus::OnTrip);
     assert_eq!(offer, None);
     let t = t.expect("welcome carries the trip");
@@ -104,57 +115,41 @@ async fn a_driver_on_a_trip_reconnects_and_finishes_the_ride() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rider_reconnects_and_resumes_the_active_trip() {
     let s = TestServer::start(&[]).await;
-    let Ride {
-        driver_id: did,
-        mut d,
-        rider_id: rid,
-        rider_token: rtoken,
-        r,
-        trip,
-        ..
-    } = ride_to(&s, TripState::Dispatching).await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
 
-    r.close().await;
-    let mut r = Client::rider(&s, &rtoken).await.unwrap();
+    ride.r.close().await;
+    let mut r = Client::rider(&s, &ride.rider_token).await.unwrap();
     let (id, t) = rider_welcome(r.welcome().await);
-    assert_eq!(id, rid);
+    assert_eq!(id, ride.rider_id);
     let t = t.expect("welcome carries the active trip");
     assert_eq!(
         (t.trip_id.as_str(), t.state, t.version),
-        (trip.trip_id.as_str(), TripState::Dispatching, 1)
+        (ride.trip.trip_id.as_str(), TripState::Dispatching, 1)
     );
 
     // Updates now reach the new session.
-    accepted(&mut d, &mut r, &trip.trip_id, &did, 2).await;
+    accepted(&mut ride.d, &mut r, &ride.trip.trip_id, &ride.driver_id, 2).await;
     s.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offered_driver_reconnects_and_sees_the_offer_in_welcome() {
     let s = TestServer::start(&["--offer-timeout-ms", "30000"]).await;
-    let Ride {
-        driver_id: did,
-        driver_token: dtoken,
-        d,
-        mut r,
-        trip,
-        offer: first,
-        ..
-    } = ride_to(&s, TripState::Dispatching).await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
 
-    d.close().await;
-    let mut d = Client::driver(&s, &dtoken).await.unwrap();
-    let (status, offer, t) = driver_welcome(d.welcome().await);
+    ride.d.close().await;
+    let (mut d, (status, offer, t)) = driver_back(&s, &ride.driver_token).await;
     assert_eq!((status, t), (DriverStatus::Offered, None));
     let offer = offer.expect("welcome carries the open offer");
-    assert_eq!(offer.trip_id, trip.trip_id);
+    let first = &ride.offer;
+    assert_eq!(offer.trip_id, ride.trip.trip_id);
     assert_eq!(offer.fare_cents, first.fare_cents);
     assert!(
         offer.expires_in_ms > 0 && offer.expires_in_ms <= first.expires_in_ms,
         "{offer:?} vs {first:?}"
     );
 
-    accepted(&mut d, &mut r, &trip.trip_id, &did, 2).await;
+    accepted(&mut d, &mut ride.r, &ride.trip.trip_id, &ride.driver_id, 2).await;
     s.stop().await.unwrap();
 }
 
@@ -164,8 +159,7 @@ async fn a_second_driver_session_takes_over_and_the_first_is_closed_with_4001() 
     let plan = RidePlan::default();
     let (did, dtoken, mut d1) = plan.online_driver(&s).await;
 
-    let mut d2 = Client::driver(&s, &dtoken).await.unwrap();
-    let (status, offer, trip) = driver_welcome(d2.welcome().await);
+    let (mut d2, (status, offer, trip)) = driver_back(&s, &dtoken).await;
     assert_eq!((status, offer, trip), (DriverStatus::Available, None, None));
     assert_eq!(d1.closed_with().await, Some(4001));
 
@@ -181,26 +175,23 @@ async fn a_second_driver_session_takes_over_and_the_first_is_closed_with_4001() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_rider_session_takes_over_and_the_first_is_closed_with_4001() {
     let s = TestServer::start(&[]).await;
-    let near = north_of(PICKUP, 200.0);
-    let (_, mut d) = s.online_driver("Dana", "economy", near.0, near.1).await;
-    let (rid, rtoken, mut r1) = s.connected_rider("Riley").await;
-    let trip = r1.request_ride(PICKUP, DROPOFF, "economy").await;
-    d.offer().await;
+    let mut ride = ride_to(&s, TripState::Dispatching).await;
 
     // The second session is a browser's: the token comes as `?token=`.
-    let url = format!("{}?token={rtoken}", s.ws_url("/v1/ws/rider"));
+    let url = format!("{}?token={}", s.ws_url("/v1/ws/rider"), ride.rider_token);
     let mut r2 = Client::connect(&url, None).await.unwrap();
     let (id, t) = rider_welcome(r2.welcome().await);
-    assert_eq!(id, rid);
-    assert_eq!(t.map(|t| t.trip_id), Some(trip.trip_id.clone()));
-    assert_eq!(r1.closed_with().await, Some(4001));
+    assert_eq!(id, ride.rider_id);
+    assert_eq!(t.map(|t| t.trip_id), Some(ride.trip.trip_id.clone()));
+    assert_eq!(ride.r.closed_with().await, Some(4001));
 
     // The new session gets the updates and can act on the trip.
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
+    ride.d
+        .ok(json!({"type": "accept", "trip_id": ride.trip.trip_id}))
         .await;
     assert_eq!(r2.trip_update().await.version, 2);
     let req = r2
-        .send_req(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
+        .send_req(json!({"type": "cancel_ride", "trip_id": ride.trip.trip_id}))
         .await;
     let t = r2.trip_update().await;
     assert_eq!((t.state, t.version), (TripState::Cancelled, 3));
@@ -229,9 +220,7 @@ async fn a_disconnected_driver_keeps_its_status_but_is_not_offered_trips() {
     accepted(&mut b, &mut r, &trip.trip_id, &bid, 2).await;
 
     // A comes back within the grace period: still available, never offered anything.
-    let mut a = Client::driver(&s, &atoken).await.unwrap();
-    let (status, offer, t) = driver_welcome(a.welcome().await);
-    assert_eq!((status, offer, t), (DriverStatus::Available, None, None));
+    driver_back_to(&s, &atoken, DriverStatus::Available).await;
     s.stop().await.unwrap();
 }
 
@@ -257,8 +246,7 @@ async fn an_available_driver_goes_offline_after_the_grace_period() {
         dropped.elapsed()
     );
 
-    let mut a = Client::driver(&s, &atoken).await.unwrap();
-    let (status, offer, t) = driver_welcome(a.welcome().await);
+    let (mut a, (status, offer, t)) = driver_back(&s, &atoken).await;
     assert_eq!((status, offer, t), (DriverStatus::Offline, None, None));
     // It can simply go online again.
     a.ok(json!({"type": "go_online"})).await;
@@ -266,48 +254,53 @@ async fn an_available_driver_goes_offline_after_the_grace_period() {
     s.stop().await.unwrap();
 }
 
-/// Waits until a reference driver, dropped after `on_trip`'s session was detached, has
-/// gone offline: the grace period of `on_trip` is then over too.
-async fn outlast_the_grace_period(s: &TestServer, rtoken: &str, reference: Client, at: (f64, f64)) {
+/// A ride assigned to a driver 100 m north of the pickup, whose app then drops; returns
+/// once the grace period of that drop is over: (driver_id, driver_token, rider_token,
+/// the rider's session, the trip).
+///
+/// The grace period is seen to end by a reference driver, available far from the pickup
+/// (outside the nearby radius of it) and dropped after the first's session was detached:
+/// once the reference has gone offline, the first's grace period is over too.
+async fn assigned_then_dropped_past_the_grace_period(
+    s: &TestServer,
+) -> (String, String, String, Client, Trip) {
+    let Ride {
+        driver_id,
+        driver_token,
+        d,
+        rider_token,
+        r,
+        trip,
+        ..
+    } = RidePlan::default()
+        .driver_north(100.0)
+        .to(s, TripState::DriverAssigned)
+        .await;
+    let away = north_of(PICKUP, 20_000.0);
+    let (_, reference) = s.online_driver("Ref", "economy", away.0, away.1).await;
+
+    d.close().await;
     s.wait_sessions("driver", 1).await;
     reference.close().await;
     s.wait_sessions("driver", 0).await;
     eventually("the reference driver to go offline", || async {
-        (nearby_count(s, rtoken, at).await == 0).then_some(())
+        (nearby_count(s, &rider_token, away).await == 0).then_some(())
     })
     .await;
+    (driver_id, driver_token, rider_token, r, trip)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_survives_the_drivers_grace_period() {
     let s = TestServer::start(&["--session-grace-ms", "300"]).await;
-    let near = north_of(PICKUP, 100.0);
-    let Ride {
-        driver_id: did,
-        driver_token: dtoken,
-        d,
-        rider_token: rtoken,
-        mut r,
-        trip,
-        ..
-    } = RidePlan::default()
-        .driver_north(100.0)
-        .to(&s, TripState::DriverAssigned)
-        .await;
-    // An available reference driver, far from the pickup (outside the nearby radius of it).
-    let away = north_of(PICKUP, 20_000.0);
-    let (_, reference) = s.online_driver("Ref", "economy", away.0, away.1).await;
-
-    d.close().await;
-    outlast_the_grace_period(&s, &rtoken, reference, away).await;
+    let (did, dtoken, rtoken, mut r, trip) = assigned_then_dropped_past_the_grace_period(&s).await;
 
     // The rider heard nothing; the driver is still on the trip and finishes it.
     let m = r
         .reply_next(json!({"type": "location", "lat": PICKUP.0, "lng": PICKUP.1, "ts": 1}))
         .await;
     assert!(matches!(m, ServerMessage::Ack { .. }), "{m:?}");
-    let mut d = Client::driver(&s, &dtoken).await.unwrap();
-    let (status, _, t) = driver_welcome(d.welcome().await);
+    let (mut d, (status, _, t)) = driver_back(&s, &dtoken).await;
     assert_eq!(status, DriverStatus::OnTrip);
     let t = t.expect("still on the trip");
     assert_eq!(
@@ -324,42 +317,19 @@ async fn a_trip_survives_the_drivers_grace_period() {
         assert_eq!((t.state, t.version), (state, v));
     }
     // Connected again, the driver stays available after the trip.
-    let (st, v) = s
-        .get(
-            &format!("/v1/drivers/nearby?lat={}&lng={}", near.0, near.1),
-            Some(&rtoken),
-        )
-        .await;
-    assert_eq!(st, 200);
-    assert_eq!(v["drivers"].as_array().unwrap().len(), 1, "{v}");
+    let near = north_of(PICKUP, 100.0);
+    assert_eq!(nearby_count(&s, &rtoken, near).await, 1);
     s.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_freed_after_its_grace_period_goes_offline() {
     let s = TestServer::start(&["--session-grace-ms", "300"]).await;
-    let Ride {
-        driver_token: dtoken,
-        d,
-        rider_token: rtoken,
-        mut r,
-        trip,
-        ..
-    } = RidePlan::default()
-        .driver_north(100.0)
-        .to(&s, TripState::DriverAssigned)
-        .await;
-    let away = north_of(PICKUP, 20_000.0);
-    let (_, reference) = s.online_driver("Ref", "economy", away.0, away.1).await;
-
-    d.close().await;
-    outlast_the_grace_period(&s, &rtoken, reference, away).await;
+    let (_, dtoken, _, mut r, trip) = assigned_then_dropped_past_the_grace_period(&s).await;
     // The rider cancels: the driver, still away, is freed and then goes offline.
     r.ok(json!({"type": "cancel_ride", "trip_id": trip.trip_id}))
         .await;
-    let mut d = Client::driver(&s, &dtoken).await.unwrap();
-    let (status, offer, t) = driver_welcome(d.welcome().await);
-    assert_eq!((status, offer, t), (DriverStatus::Offline, None, None));
+    driver_back_to(&s, &dtoken, DriverStatus::Offline).await;
     s.stop().await.unwrap();
 }
 
