@@ -153,6 +153,15 @@ async fn views(s: &TestServer, rider_token: &str, trip_id: &str) -> (Value, Valu
     (rider, admin)
 }
 
+/// `POST /admin/drivers/{id}/{action}` (`suspend`, `unsuspend`) with the admin token:
+/// asserts 200 and the driver's `status` after it.
+async fn admin_sets_driver(s: &TestServer, id: &str, action: &str, body: Value, status: &str) {
+    let (st, v) = s
+        .post(&format!("/admin/drivers/{id}/{action}"), Some(ADMIN), body)
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some(status)), "{v}");
+}
+
 async fn driver_json(s: &TestServer, id: &str) -> Value {
     let (st, v) = s.get(&format!("/admin/drivers/{id}"), Some(ADMIN)).await;
     assert_eq!(st, 200, "{v}");
@@ -649,14 +658,7 @@ async fn rider_and_driver_tokens_cannot_reach_any_admin_route() {
     d2c.trip_in(TripState::DriverAssigned).await;
     // D4: suspended (unsuspendable).
     let (d4, _) = s.driver("Dale", "premium").await;
-    let (st, v) = s
-        .post(
-            &format!("/admin/drivers/{d4}/suspend"),
-            Some(ADMIN),
-            json!({}),
-        )
-        .await;
-    assert_eq!((st, v["status"].as_str()), (200, Some("suspended")), "{v}");
+    admin_sets_driver(&s, &d4, "suspend", json!({}), "suspended").await;
 
     let cell = driver_json(&s, &d1).await["cell"]
         .as_str()
@@ -915,14 +917,7 @@ async fn a_suspended_driver_gets_no_offers_and_cannot_go_online() {
     let (oid, mut oc) = s.online_driver("Olga", "economy", o_at.0, o_at.1).await;
     let (_, rtoken, mut r) = s.connected_rider("Riley").await;
 
-    let (st, v) = s
-        .post(
-            &format!("/admin/drivers/{sid}/suspend"),
-            Some(ADMIN),
-            json!({"reason": "audit"}),
-        )
-        .await;
-    assert_eq!((st, v["status"].as_str()), (200, Some("suspended")), "{v}");
+    admin_sets_driver(&s, &sid, "suspend", json!({"reason": "audit"}), "suspended").await;
     match sc
         .next_where("a welcome", |m| matches!(m, ServerMessage::Welcome { .. }))
         .await
@@ -978,14 +973,7 @@ async fn a_suspended_driver_gets_no_offers_and_cannot_go_online() {
     );
 
     // Control: unsuspended and online, S is the first to be offered the next ride.
-    let (st, v) = s
-        .post(
-            &format!("/admin/drivers/{sid}/unsuspend"),
-            Some(ADMIN),
-            json!({}),
-        )
-        .await;
-    assert_eq!((st, v["status"].as_str()), (200, Some("offline")), "{v}");
+    admin_sets_driver(&s, &sid, "unsuspend", json!({}), "offline").await;
     sc.ok(json!({"type": "go_online"})).await;
     let again = r.request_ride(PICKUP, DROPOFF, "economy").await;
     assert_eq!(sc.offer().await.trip_id, again.trip_id);

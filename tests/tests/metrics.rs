@@ -1,7 +1,7 @@
 //! `/metrics` after a real ride: every business and actor-group family moves as the ride
 //! does, every labelled family exists from the start, and no label names an entity.
 
-use dispatch_tests::TestServer;
+use dispatch_tests::{Ride, RidePlan, TestServer};
 use dispatch_transport::wire::TripState;
 use serde_json::json;
 
@@ -58,16 +58,21 @@ async fn every_family_is_exported_from_the_start_and_none_is_labelled_per_entity
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ride_moves_the_business_actor_and_transport_metrics() {
     let s = TestServer::start(&[]).await;
-    let (driver_id, mut d) = s.online_driver("Mia", "economy", 45.5017, -73.5673).await;
-    let (rider_id, _token, mut r) = s.connected_rider("Max").await;
-    let trip = r
-        .request_ride((45.5030, -73.5690), (45.5200, -73.5800), "economy")
-        .await;
-    let offer = d.offer().await;
-    assert_eq!(offer.trip_id, trip.trip_id);
-    d.ok(json!({"type": "accept", "trip_id": trip.trip_id}))
-        .await;
-    r.trip_in(TripState::DriverAssigned).await;
+    // Mia drives Max, from the plan's PICKUP to its DROPOFF.
+    let plan = RidePlan {
+        driver: "Mia",
+        rider: "Max",
+        driver_at: (45.5017, -73.5673),
+        ..RidePlan::default()
+    };
+    let Ride {
+        driver_id,
+        mut d,
+        rider_id,
+        mut r,
+        trip,
+        ..
+    } = plan.to(&s, TripState::DriverAssigned).await;
     // Mid-ride: one driver on a trip, one live trip, two open sessions.
     let m = samples(&s.metrics_text().await);
     assert_eq!(value(&m, "dispatch_drivers{status=\"on_trip\"}"), 1.0);

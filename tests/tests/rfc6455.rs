@@ -29,6 +29,13 @@ fn raw_text(bytes: Vec<u8>) -> Message {
     Message::Frame(Frame::message(bytes, OpCode::Data(Data::Text), true))
 }
 
+/// A server with one driver, Dana, online.
+async fn with_dana() -> (TestServer, Client) {
+    let s = TestServer::start(&[]).await;
+    let (_, d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
+    (s, d)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_message() {
     let s = TestServer::start(&[]).await;
@@ -36,9 +43,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_mess
     let (_, dtoken, mut d) = s
         .online_driver_token("Dana", "economy", 45.51, -73.56)
         .await;
-    let (_, rtoken) = s.rider("Riley").await;
-    let mut r = Client::rider(&s, &rtoken).await.unwrap();
-    r.welcome().await;
+    let (_, rtoken, mut r) = s.connected_rider("Riley").await;
     s.wait_sessions("driver", 2).await;
     s.wait_sessions("rider", 1).await;
     let before = s.metric(INVALID).await.unwrap_or(0.0);
@@ -72,8 +77,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_counts_as_a_bad_mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_frame_whose_reason_is_not_utf8_closes_with_1007() {
-    let s = TestServer::start(&[]).await;
-    let (_, mut d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
+    let (s, mut d) = with_dana().await;
     // Code 1000, reason 0xff: a close frame the client library would not build itself.
     let header = FrameHeader {
         opcode: OpCode::Control(Control::Close),
@@ -88,11 +92,8 @@ async fn a_close_frame_whose_reason_is_not_utf8_closes_with_1007() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_close_is_answered_with_a_close_echoing_its_code() {
-    let s = TestServer::start(&[]).await;
-    let (_, mut d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
-    let (_, rtoken) = s.rider("Riley").await;
-    let mut r = Client::rider(&s, &rtoken).await.unwrap();
-    r.welcome().await;
+    let (s, mut d) = with_dana().await;
+    let (_, _, mut r) = s.connected_rider("Riley").await;
 
     // A normal sign-off (1000) and an app's own code (4000): each comes back, so the
     // app sees a clean close and never 1006 (no close frame).
@@ -112,8 +113,7 @@ async fn a_clients_close_is_answered_with_a_close_echoing_its_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_while_the_server_is_sending_is_still_answered() {
-    let s = TestServer::start(&[]).await;
-    let (_, mut d) = s.online_driver("Dana", "economy", 45.51, -73.56).await;
+    let (s, mut d) = with_dana().await;
     // Replies still on their way when the close arrives: the answer comes after them.
     for _ in 0..20 {
         d.send_req(json!({"type": "go_online"})).await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dispatch_tests::{Endpoint, WAIT, now_ms, rfc3339_ms};
+use dispatch_tests::{Dispatchd, Endpoint, WAIT, now_ms, rfc3339_ms};
 use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
 use serde_json::json;
 use tokio::time::Instant;
@@ -22,18 +22,24 @@ async fn ended(server: &Endpoint, id: &str, token: &str, done: fn(TripState) -> 
     }
 }
 
+/// A server whose dispatch deadline is `deadline_ms`, and whose offers outlive it (a
+/// minute): only the deadline can end a trip.
+async fn with_deadline(name: &str, deadline_ms: u64) -> Dispatchd {
+    let deadline = deadline_ms.to_string();
+    let flags = [
+        "--dispatch-deadline-ms",
+        &deadline,
+        "--offer-timeout-ms",
+        "60000",
+    ];
+    crate::start(name, &flags).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_deadline_that_passed_while_down_ends_the_trip() {
     const DEADLINE_MS: u64 = 3_000;
     let tag = "[deadline while down]";
-    // The offer outlives the deadline: only the deadline can end this trip.
-    let flags = [
-        "--dispatch-deadline-ms",
-        "3000",
-        "--offer-timeout-ms",
-        "60000",
-    ];
-    let mut server = crate::start("deadline-while-down", &flags).await;
+    let mut server = with_deadline("deadline-while-down", DEADLINE_MS).await;
     let (driver_id, driver_token, mut d) = server
         .online_driver_token("Silent", "economy", CENTER.0, CENTER.1)
         .await;
@@ -117,13 +123,7 @@ async fn a_dispatch_deadline_that_passed_while_down_ends_the_trip() {
 async fn a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart() {
     const DEADLINE_MS: u64 = 1_000;
     let tag = "[offer of a trip whose deadline passed while down]";
-    let flags = [
-        "--dispatch-deadline-ms",
-        "1000",
-        "--offer-timeout-ms",
-        "60000",
-    ];
-    let mut server = crate::start("deadline-not-offered", &flags).await;
+    let mut server = with_deadline("deadline-not-offered", DEADLINE_MS).await;
     let (_, driver_token) = server.driver("Silent", "economy").await;
     let (_, rider_token) = server.rider("Waiting").await;
     let mut outcomes = Vec::new();
