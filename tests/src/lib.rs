@@ -333,6 +333,46 @@ pub async fn accepted(
     t
 }
 
+/// Asserts that the books (`GET /admin/ledger`'s body) have settled: balanced, nothing in
+/// total, and nothing left in clearing, authorizations or rider holds; `when` is for the
+/// message.
+pub fn assert_books_settled(books: &Value, when: &str) {
+    let a = &books["accounts"];
+    assert_eq!(
+        (
+            &books["balanced"],
+            &books["total_cents"],
+            &a["clearing"],
+            &a["authorizations"],
+            &a["rider_holds"],
+        ),
+        (&json!(true), &json!(0), &json!(0), &json!(0), &json!(0)),
+        "the books {when}: {books}"
+    );
+}
+
+/// Asserts that one ended trip's payment steps (`GET /admin/trips/{id}`'s, in order)
+/// settled: at most one `authorize`, settled once (a `capture`, `cancel_fee` or
+/// `release`), and captured exactly once if the trip `completed`, never otherwise. `trip`
+/// names it in the messages.
+pub fn assert_payments_settled(steps: &[&str], completed: bool, trip: &str) {
+    let n = |step: &str| steps.iter().filter(|s| **s == step).count();
+    let settled = n("capture") + n("cancel_fee") + n("release");
+    assert!(
+        n("authorize") <= 1 && settled == n("authorize"),
+        "{trip}: payment steps {steps:?}"
+    );
+    if completed {
+        assert_eq!(
+            (n("authorize"), n("capture")),
+            (1, 1),
+            "completed {trip}: payment steps {steps:?}"
+        );
+    } else {
+        assert_eq!(n("capture"), 0, "{trip} captured: {steps:?}");
+    }
+}
+
 /// `{"lat": .., "lng": ..}`, as the wire and REST bodies write a point.
 pub fn point((lat, lng): (f64, f64)) -> Value {
     json!({"lat": lat, "lng": lng})

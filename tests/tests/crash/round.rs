@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_tests::diagram::{has_driver, reachable};
-use dispatch_tests::{Dispatchd, Endpoint, SHORT_TRIP_FLAGS, WAIT, assert_clean_log, point};
+use dispatch_tests::{
+    Dispatchd, Endpoint, SHORT_TRIP_FLAGS, WAIT, assert_books_settled, assert_clean_log,
+    assert_payments_settled, point,
+};
 use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, Trip, TripState};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
@@ -745,18 +748,7 @@ async fn check_money<'a>(server: &Dispatchd, trips: impl Iterator<Item = &'a Str
     let admin = admin.trim();
     let (st, books) = server.get("/admin/ledger", Some(admin)).await;
     assert_eq!(st, 200, "{tag} GET /admin/ledger: {books}");
-    let a = &books["accounts"];
-    assert_eq!(
-        (
-            &books["balanced"],
-            &books["total_cents"],
-            &a["clearing"],
-            &a["authorizations"],
-            &a["rider_holds"],
-        ),
-        (&json!(true), &json!(0), &json!(0), &json!(0), &json!(0)),
-        "{tag} the books after every trip ended: {books}"
-    );
+    assert_books_settled(&books, &format!("{tag} after every trip ended"));
     for id in trips {
         let (st, t) = server.get(&format!("/admin/trips/{id}"), Some(admin)).await;
         assert_eq!(st, 200, "{tag} GET /admin/trips/{id}: {t}");
@@ -764,25 +756,10 @@ async fn check_money<'a>(server: &Dispatchd, trips: impl Iterator<Item = &'a Str
             .as_array()
             .map(|a| a.iter().filter_map(|e| e["step"].as_str()).collect())
             .unwrap_or_default();
-        let n = |step: &str| steps.iter().filter(|s| **s == step).count();
-        let settled = n("capture") + n("cancel_fee") + n("release");
-        assert!(
-            n("authorize") <= 1 && settled == n("authorize"),
-            "{tag} trip {id}: payment steps {steps:?}"
+        assert_payments_settled(
+            &steps,
+            t["trip"]["state"] == "completed",
+            &format!("{tag} trip {id} ({})", t["trip"]["state"]),
         );
-        if t["trip"]["state"] == "completed" {
-            assert_eq!(
-                (n("authorize"), n("capture")),
-                (1, 1),
-                "{tag} completed trip {id}: payment steps {steps:?}"
-            );
-        } else {
-            assert_eq!(
-                n("capture"),
-                0,
-                "{tag} trip {id} ({}) captured: {steps:?}",
-                t["trip"]["state"]
-            );
-        }
     }
 }
