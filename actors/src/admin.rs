@@ -443,13 +443,8 @@ impl System {
             premium,
         };
         self.ctx
-            .store
-            .commit(Batch::new().pricing(stored.clone()))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "pricing not stored");
-                ApiError::unavailable("the pricing could not be stored; retry")
-            })?;
+            .commit(Batch::new().pricing(stored.clone()), "pricing")
+            .await?;
         self.ctx
             .replace_rates(cards(&self.ctx.config.rates.currency, &stored));
         tracing::info!("pricing changed by an operator");
@@ -575,13 +570,8 @@ impl System {
                 ApiError::unavailable(format!("the refund did not go through: {e}"))
             })?;
         self.ctx
-            .store
-            .commit(Batch::new().ledger(entry.clone()))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "refund entry not stored");
-                ApiError::unavailable("the refund could not be stored; retry")
-            })?;
+            .commit(Batch::new().ledger(entry.clone()), "refund")
+            .await?;
         self.ctx.entry_written(&entry);
         tracing::info!(trip_id = %id, amount, "refund");
         Ok(entry)
@@ -619,15 +609,7 @@ impl System {
             *book = trial;
             stored
         };
-        self.ctx
-            .store
-            .commit(Batch::new().surge(stored))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "surge settings not stored");
-                ApiError::unavailable("the change could not be stored; retry")
-            })?;
-        Ok(())
+        self.ctx.commit(Batch::new().surge(stored), "change").await
     }
 }
 

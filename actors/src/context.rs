@@ -158,12 +158,6 @@ pub fn random_suffix() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// A failed write, as a client is told it.
-pub(crate) fn unavailable(e: dispatch_persistence::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store write failed");
-    ApiError::unavailable("the write could not be stored; retry")
-}
-
 impl Context {
     /// The shared state over an open store, with `provider` as the card processor (the
     /// in-process one when `None`). Supervisors are attached by `boot`.
@@ -361,6 +355,15 @@ impl Context {
         }
     }
 
+    /// Commits `batch` (durable when it returns); a failure is logged and answered
+    /// `unavailable` ("the `what` could not be stored; retry").
+    pub(crate) async fn commit(&self, batch: Batch, what: &'static str) -> Result<(), ApiError> {
+        self.store.commit(batch).await.map_err(|e| {
+            tracing::error!(error = %e, "{what} not stored");
+            ApiError::unavailable(format!("the {what} could not be stored; retry"))
+        })
+    }
+
     /// A read of the store, off the async workers; a failure is logged as `what` and
     /// answered `internal`.
     pub(crate) async fn read<T: Send + 'static>(
@@ -442,47 +445,59 @@ impl Context {
         n
     }
 
+    /// An entity's actor: the one `get` finds, or one started under its group's
+    /// supervisor from `start` (nothing to start: `None`).
+    async fn on_demand<M: ractor::Message>(
+        &self,
+        group: Group,
+        get: impl Fn() -> Option<ActorRef<M>>,
+        start: impl FnOnce() -> Option<Spawn>,
+    ) -> Option<ActorRef<M>> {
+        if let Some(a) = get() {
+            return Some(a);
+        }
+        self.spawn(group, start()?).await.ok()?;
+        get()
+    }
+
     /// A driver's actor, started on demand: recovery starts actors only for drivers that
     /// are online, and an offline driver's actor starts when its app connects.
     pub(crate) async fn driver_actor(&self, id: &DriverId) -> Option<ActorRef<DriverMsg>> {
-        if let Some(a) = self.registry.driver(id) {
-            return Some(a);
-        }
-        let record = self.registry.driver_records.get(id).map(|r| r.clone())?;
-        let args = DriverArgs {
-            record,
-            restarted: false,
+        let start = || {
+            let record = self.registry.driver_records.get(id)?.clone();
+            Some(Spawn::Driver(DriverArgs {
+                record,
+                restarted: false,
+            }))
         };
-        self.spawn(Group::Driver, Spawn::Driver(args)).await.ok()?;
-        self.registry.driver(id)
+        self.on_demand(Group::Driver, || self.registry.driver(id), start)
+            .await
     }
 
     /// A rider's actor, started on demand (riders without an active trip have none after
     /// recovery until their app connects).
     pub(crate) async fn rider_actor(&self, id: &RiderId) -> Option<ActorRef<RiderMsg>> {
-        if let Some(a) = self.registry.rider(id) {
-            return Some(a);
-        }
-        let record = self.registry.rider_records.get(id).map(|r| r.clone())?;
-        let args = RiderArgs {
-            record,
-            restarted: false,
+        let start = || {
+            let record = self.registry.rider_records.get(id)?.clone();
+            Some(Spawn::Rider(RiderArgs {
+                record,
+                restarted: false,
+            }))
         };
-        self.spawn(Group::Rider, Spawn::Rider(args)).await.ok()?;
-        self.registry.rider(id)
+        self.on_demand(Group::Rider, || self.registry.rider(id), start)
+            .await
     }
 
     /// The cell's actor, spawning it when the first driver enters the cell.
     pub(crate) async fn cell_actor(&self, cell: CellId) -> Option<ActorRef<CellMsg>> {
-        if let Some(a) = self.registry.cell(&cell) {
-            return Some(a);
-        }
-        let args = CellArgs {
-            cell,
-            restarted: false,
+        let start = || {
+            Some(Spawn::Cell(CellArgs {
+                cell,
+                restarted: false,
+            }))
         };
-        self.spawn(Group::Cell, Spawn::Cell(args)).await.ok()?;
-        self.registry.cell(&cell)
+        self.on_demand(Group::Cell, || self.registry.cell(&cell), start)
+            .await
     }
 
     /// Searches the pickup's cell and its rings through the cell actors: each ring's

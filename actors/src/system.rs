@@ -15,7 +15,7 @@ use dispatch_engine::{
 use dispatch_persistence::{Batch, StoredRider};
 use ractor::ActorRef;
 
-use crate::context::{Context, SystemConfig, random_suffix, unavailable};
+use crate::context::{Context, SystemConfig, random_suffix};
 use crate::error::ApiError;
 use crate::messages::{
     CellMsg, DriverArgs, DriverCommand, DriverMsg, Group, RiderArgs, RiderCommand, RiderMsg,
@@ -104,10 +104,8 @@ impl System {
             session: None,
             session_epoch: 0,
         };
-        ctx.store
-            .commit(Batch::new().driver(record.stored()))
-            .await
-            .map_err(unavailable)?;
+        ctx.commit(Batch::new().driver(record.stored()), "write")
+            .await?;
         ctx.registry
             .driver_records
             .insert(id.clone(), record.clone());
@@ -115,10 +113,12 @@ impl System {
             record,
             restarted: false,
         };
-        ctx.spawn(Group::Driver, Spawn::Driver(args)).await?;
-        ctx.registry
-            .tokens
-            .insert(token_hash, Identity::Driver(id.clone()));
+        self.enrol(
+            Spawn::Driver(args),
+            token_hash,
+            Identity::Driver(id.clone()),
+        )
+        .await?;
         Ok(id)
     }
 
@@ -135,10 +135,7 @@ impl System {
             profile: profile.clone(),
             token_hash,
         };
-        ctx.store
-            .commit(Batch::new().rider(stored))
-            .await
-            .map_err(unavailable)?;
+        ctx.commit(Batch::new().rider(stored), "write").await?;
         let record = RiderRecord {
             id: id.clone(),
             profile,
@@ -154,11 +151,25 @@ impl System {
             record,
             restarted: false,
         };
-        ctx.spawn(Group::Rider, Spawn::Rider(args)).await?;
-        ctx.registry
-            .tokens
-            .insert(token_hash, Identity::Rider(id.clone()));
+        self.enrol(Spawn::Rider(args), token_hash, Identity::Rider(id.clone()))
+            .await?;
         Ok(id)
+    }
+
+    /// A registered, durable entity's actor starts; only then does its token work.
+    async fn enrol(
+        &self,
+        spawn: Spawn,
+        token_hash: [u8; 32],
+        who: Identity,
+    ) -> Result<(), ApiError> {
+        let group = match who {
+            Identity::Driver(_) => Group::Driver,
+            Identity::Rider(_) => Group::Rider,
+        };
+        self.ctx.spawn(group, spawn).await?;
+        self.ctx.registry.tokens.insert(token_hash, who);
+        Ok(())
     }
 
     /// The upfront price of a trip, kept for `quote_ttl_ms` for this rider; durable
@@ -172,10 +183,8 @@ impl System {
     ) -> Result<Quote, ApiError> {
         let quote = self.ctx.price(rider_id, pickup, dropoff, product);
         self.ctx
-            .store
-            .commit(Batch::new().quote(quote.clone()))
-            .await
-            .map_err(unavailable)?;
+            .commit(Batch::new().quote(quote.clone()), "write")
+            .await?;
         self.ctx
             .registry
             .quotes
