@@ -19,7 +19,6 @@ use dispatch_actors::session::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, Outbound, Responder, SessionHandle, SessionInbox,
 };
 use dispatch_actors::{ApiError, ErrorCode};
-use dispatch_engine::{DriverId, RiderId};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tracing::Instrument;
@@ -375,12 +374,24 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
                     true
                 } else {
                     match &role {
-                        Identity::Driver(id) => {
-                            driver_frame(&app, &handle, id, &text, &mut limits, &mut handling)
-                        }
-                        Identity::Rider(id) => {
-                            rider_frame(&app, &handle, id, &text, &mut limits, &mut handling)
-                        }
+                        Identity::Driver(id) => client_frame(
+                            &app,
+                            &handle,
+                            decode::driver(&text),
+                            &mut limits,
+                            &mut handling,
+                            |c| (c.kind(), matches!(c, DriverCommand::Location { .. })),
+                            |c, r| app.system.driver_command(id, c, r),
+                        ),
+                        Identity::Rider(id) => client_frame(
+                            &app,
+                            &handle,
+                            decode::rider(&text),
+                            &mut limits,
+                            &mut handling,
+                            |c| (c.kind(), false),
+                            |c, r| app.system.rider_command(id, c, r),
+                        ),
                     }
                 }
             }
@@ -419,54 +430,30 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
     app.metrics.stopped("session");
 }
 
-/// Returns whether the frame was a bad message (counts toward the 1008 close).
-fn driver_frame(
+/// One client message, decoded (or refused) by its role's decoder: admitted by the
+/// session's limits and handed to `send` with its responder. Returns whether it was a bad
+/// message (counts toward the 1008 close).
+fn client_frame<C>(
     app: &App,
     handle: &SessionHandle,
-    id: &DriverId,
-    text: &str,
+    decoded: Result<(Option<u64>, C), (Option<u64>, ApiError)>,
     limits: &mut Limits,
     handling: &mut Handling<'_>,
+    kind: impl FnOnce(&C) -> (&'static str, bool),
+    send: impl FnOnce(C, Responder),
 ) -> bool {
-    match decode::driver(text) {
+    match decoded {
         Err((req, e)) => {
             reply_error(handle, req, e);
             true
         }
         Ok((req, cmd)) => {
-            handling.kind(cmd.kind());
-            let location = matches!(cmd, DriverCommand::Location { .. });
-            if !limits.admit(app, handle, req, location) {
-                return false;
+            let (name, location) = kind(&cmd);
+            handling.kind(name);
+            if limits.admit(app, handle, req, location) {
+                // A lost command's responder answers `internal` itself.
+                send(cmd, Responder::new(req, handle.clone()));
             }
-            // A lost command's responder answers `internal` itself.
-            app.system
-                .driver_command(id, cmd, Responder::new(req, handle.clone()));
-            false
-        }
-    }
-}
-
-fn rider_frame(
-    app: &App,
-    handle: &SessionHandle,
-    id: &RiderId,
-    text: &str,
-    limits: &mut Limits,
-    handling: &mut Handling<'_>,
-) -> bool {
-    match decode::rider(text) {
-        Err((req, e)) => {
-            reply_error(handle, req, e);
-            true
-        }
-        Ok((req, cmd)) => {
-            handling.kind(cmd.kind());
-            if !limits.admit(app, handle, req, false) {
-                return false;
-            }
-            app.system
-                .rider_command(id, cmd, Responder::new(req, handle.clone()));
             false
         }
     }
