@@ -112,35 +112,38 @@ impl DriverState {
 
     /// The open offer for `trip` ended without an assignment (declined, expired, withdrawn).
     pub fn offer_ended(&mut self, trip: &TripId) -> Result<(), DriverError> {
-        match &self.status {
-            DriverStatus::Offered(t) if t == trip => {
-                self.status = DriverStatus::Available;
-                Ok(())
-            }
-            _ => Err(DriverError::NoSuchOffer),
-        }
+        let offered = DriverStatus::Offered(trip.clone());
+        self.step(&offered, DriverStatus::Available, DriverError::NoSuchOffer)
     }
 
     /// The offer for `trip` was accepted: the driver is now on it.
     pub fn assign(&mut self, trip: &TripId) -> Result<(), DriverError> {
-        match &self.status {
-            DriverStatus::Offered(t) if t == trip => {
-                self.status = DriverStatus::OnTrip(trip.clone());
-                Ok(())
-            }
-            _ => Err(DriverError::NoSuchOffer),
-        }
+        let offered = DriverStatus::Offered(trip.clone());
+        self.step(
+            &offered,
+            DriverStatus::OnTrip(trip.clone()),
+            DriverError::NoSuchOffer,
+        )
     }
 
     /// The driver left `trip` (completed, cancelled, taken off): available again.
     pub fn release(&mut self, trip: &TripId) -> Result<(), DriverError> {
-        match &self.status {
-            DriverStatus::OnTrip(t) if t == trip => {
-                self.status = DriverStatus::Available;
-                Ok(())
-            }
-            _ => Err(DriverError::NotOnTrip),
+        let on_it = DriverStatus::OnTrip(trip.clone());
+        self.step(&on_it, DriverStatus::Available, DriverError::NotOnTrip)
+    }
+
+    /// `from` → `to`; from any other status, `otherwise`.
+    fn step(
+        &mut self,
+        from: &DriverStatus,
+        to: DriverStatus,
+        otherwise: DriverError,
+    ) -> Result<(), DriverError> {
+        if &self.status != from {
+            return Err(otherwise);
         }
+        self.status = to;
+        Ok(())
     }
 
     /// An operator suspends the driver; allowed only when not offered or on a trip.
