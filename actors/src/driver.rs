@@ -62,18 +62,29 @@ impl DriverActor {
             return responder.fail(e.into());
         }
         s.offline_when_free = false;
+        responder.answer(self.store_status(s, before, "driver status").await);
+    }
+
+    /// Indexes and commits the status just changed, and waits until it is on disk; if it
+    /// cannot be stored, puts `before` back and answers `unavailable`.
+    async fn store_status(
+        &self,
+        s: &mut DriverActorState,
+        before: DriverState,
+        what: &'static str,
+    ) -> Result<(), ApiError> {
         self.reindex(s, false).await;
         self.commit(s);
         if let Err(e) = self.ctx.store.sync().await {
-            tracing::error!(driver_id = %s.rec.id, error = %e, "driver status not stored");
+            tracing::error!(driver_id = %s.rec.id, error = %e, "{what} not stored");
             s.st = before;
             self.reindex(s, false).await;
             self.commit(s);
-            return responder.fail(ApiError::unavailable(
+            return Err(ApiError::unavailable(
                 "the change could not be stored; retry",
             ));
         }
-        responder.ack();
+        Ok(())
     }
 
     fn send(&self, s: &DriverActorState, msg: Outbound) {
@@ -184,45 +195,11 @@ impl DriverActor {
                 responder.ack();
                 return;
             }
-            DriverCommand::Accept(t) => (
-                t.clone(),
-                TripCommand::Accept {
-                    driver_id: s.rec.id.clone(),
-                },
-            ),
-            DriverCommand::Decline(t) => (
-                t.clone(),
-                TripCommand::Decline {
-                    driver_id: s.rec.id.clone(),
-                },
-            ),
-            DriverCommand::Arrived(t) => (
-                t.clone(),
-                TripCommand::Arrived {
-                    driver_id: s.rec.id.clone(),
-                },
-            ),
-            DriverCommand::StartTrip(t) => (
-                t.clone(),
-                TripCommand::Start {
-                    driver_id: s.rec.id.clone(),
-                },
-            ),
-            DriverCommand::CompleteTrip(t) => (
-                t.clone(),
-                TripCommand::Complete {
-                    driver_id: s.rec.id.clone(),
-                },
-            ),
-            DriverCommand::CancelTrip { trip_id, reason } => (
-                trip_id,
-                TripCommand::DriverCancel {
-                    driver_id: s.rec.id.clone(),
-                    reason,
-                },
-            ),
+            trip_cmd => trip_cmd.for_trip(s.rec.id.clone()),
         };
-        let (trip_id, cmd) = trip_cmd;
+        let Some((trip_id, cmd)) = trip_cmd else {
+            return responder.fail(ApiError::internal()); // every other command is a trip's
+        };
         self.to_trip(myself, s, trip_id, cmd, responder).await;
     }
 
@@ -298,17 +275,7 @@ impl DriverActor {
                     &format!("{} {}", s.rec.id, offer.trip_id),
                 );
             }
-            self.reindex(s, false).await;
-            self.commit(s);
-            if let Err(e) = self.ctx.store.sync().await {
-                tracing::error!(driver_id = %s.rec.id, error = %e, "suspension not stored");
-                s.st = before;
-                self.reindex(s, false).await;
-                self.commit(s);
-                return Err(ApiError::unavailable(
-                    "the change could not be stored; retry",
-                ));
-            }
+            self.store_status(s, before, "suspension").await?;
             tracing::info!(driver_id = %s.rec.id, status = s.st.status().as_str(), "driver suspension changed by an operator");
             self.send(s, self.welcome(s));
         }

@@ -1,4 +1,5 @@
-//! Every actor's messages and start arguments, as plain data: no behaviour here, so that
+//! Every actor's messages and start arguments, as plain data (and the odd pure mapping
+//! between them, such as a driver command to its trip command): no actor behaviour, so that
 //! the actors import this module and never each other.
 //!
 //! The messages a later multi-node version sends between nodes (cell queries, offers,
@@ -56,6 +57,29 @@ pub enum DriverCommand {
 }
 
 impl DriverCommand {
+    /// The trip and the trip command this is, sent by `driver_id`; `None` for the
+    /// driver's own commands (status, location).
+    pub fn for_trip(self, driver_id: DriverId) -> Option<(TripId, TripCommand)> {
+        let d = driver_id;
+        Some(match self {
+            DriverCommand::Accept(t) => (t, TripCommand::Accept { driver_id: d }),
+            DriverCommand::Decline(t) => (t, TripCommand::Decline { driver_id: d }),
+            DriverCommand::Arrived(t) => (t, TripCommand::Arrived { driver_id: d }),
+            DriverCommand::StartTrip(t) => (t, TripCommand::Start { driver_id: d }),
+            DriverCommand::CompleteTrip(t) => (t, TripCommand::Complete { driver_id: d }),
+            DriverCommand::CancelTrip { trip_id, reason } => {
+                let cmd = TripCommand::DriverCancel {
+                    driver_id: d,
+                    reason,
+                };
+                (trip_id, cmd)
+            }
+            DriverCommand::GoOnline | DriverCommand::GoOffline | DriverCommand::Location { .. } => {
+                return None;
+            }
+        })
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             DriverCommand::GoOnline => "go_online",

@@ -14,6 +14,7 @@ use dispatch_engine::{
 use dispatch_persistence::{Batch, StoreError, StoredTrip};
 
 use crate::admin::cards;
+use crate::context::Context;
 use crate::messages::{DriverArgs, DriverMsg, Group, RiderArgs, Spawn, TripArgs};
 use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
 use crate::system::System;
@@ -181,9 +182,7 @@ impl System {
                 }));
             }
         }
-        let t = Instant::now();
-        stats.rider_actors = ctx.spawn_many(Group::Rider, spawns).await.unwrap_or(0);
-        stats.riders_ms = t.elapsed().as_millis() as u64;
+        (stats.rider_actors, stats.riders_ms) = spawn_timed(ctx, Group::Rider, spawns).await;
 
         let mut spawns = Vec::new();
         for d in loaded.drivers {
@@ -236,9 +235,7 @@ impl System {
                 }));
             }
         }
-        let t = Instant::now();
-        stats.driver_actors = ctx.spawn_many(Group::Driver, spawns).await.unwrap_or(0);
-        stats.drivers_ms = t.elapsed().as_millis() as u64;
+        (stats.driver_actors, stats.drivers_ms) = spawn_timed(ctx, Group::Driver, spawns).await;
 
         let mut spawns = Vec::new();
         for (id, t) in live {
@@ -255,9 +252,7 @@ impl System {
                 restarted: true,
             }));
         }
-        let t = Instant::now();
-        stats.live_trips = ctx.spawn_many(Group::Trip, spawns).await.unwrap_or(0);
-        stats.trips_ms = t.elapsed().as_millis() as u64;
+        (stats.live_trips, stats.trips_ms) = spawn_timed(ctx, Group::Trip, spawns).await;
 
         // Every recovered driver is disconnected: one sweep after the grace period sends
         // those still away offline (each ignores it if it reconnected meanwhile).
@@ -299,6 +294,13 @@ impl System {
         );
         Ok(stats)
     }
+}
+
+/// Starts a group's recovered actors in one supervisor message: how many, in how many ms.
+async fn spawn_timed(ctx: &Context, group: Group, spawns: Vec<Spawn>) -> (usize, u64) {
+    let t = Instant::now();
+    let n = ctx.spawn_many(group, spawns).await.unwrap_or(0);
+    (n, t.elapsed().as_millis() as u64)
 }
 
 impl System {
