@@ -374,7 +374,7 @@ impl Actor for DriverActor {
         let kind = msg.kind();
         self.ctx
             .metrics
-            .handle_in("driver", kind, span, self.handle_msg(myself, msg, s))
+            .handle_in("driver", kind, span, || self.handle_msg(myself, msg, s))
             .await
     }
 }

@@ -580,24 +580,26 @@ impl Metrics {
         }
     }
 
-    /// Runs one message's handling `f` inside `span`, timed and counted; the guard ends
-    /// inside the span, so a slow-handler warning carries the entity's ids.
-    pub async fn handle_in<F: std::future::Future>(
-        &self,
+    /// One message's handling, the future `handle` makes, run inside `span`, timed and
+    /// counted; the guard ends inside the span, so a slow-handler warning carries the
+    /// entity's ids. It takes a closure, not the future: a future moved into an async
+    /// block is kept twice over (as the block's capture and as what it awaits), which
+    /// doubled the size of every actor's task.
+    pub fn handle_in<'a, F: std::future::Future + 'a>(
+        &'a self,
         group: &'static str,
         kind: &'static str,
         span: tracing::Span,
-        f: F,
-    ) -> F::Output {
+        handle: impl FnOnce() -> F + 'a,
+    ) -> impl std::future::Future<Output = F::Output> + 'a {
         let handling = self.handling(group, kind);
         tracing::Instrument::instrument(
             async move {
                 let _handling = handling;
-                f.await
+                handle().await
             },
             span,
         )
-        .await
     }
 
     /// Handlers slower than this are logged with their group and message kind.

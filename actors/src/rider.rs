@@ -232,7 +232,7 @@ impl Actor for RiderActor {
         let kind = msg.kind();
         self.ctx
             .metrics
-            .handle_in("rider", kind, span, self.handle_msg(_myself, msg, s))
+            .handle_in("rider", kind, span, || self.handle_msg(_myself, msg, s))
             .await
     }
 }

@@ -589,7 +589,7 @@ impl Actor for TripActor {
         let kind = msg.kind();
         self.ctx
             .metrics
-            .handle_in("trip", kind, span, self.handle_msg(myself, msg, s))
+            .handle_in("trip", kind, span, || self.handle_msg(myself, msg, s))
             .await
     }
 }
