@@ -299,12 +299,17 @@ async fn cors_is_same_origin_only_unless_an_origin_is_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_holds_at_most_its_in_flight_bound_in_actors() {
     // One message at a time may wait in actors: a burst of commands that each need the
-    // store (an accept for a trip that does not exist) outruns its answers.
+    // store (an accept for a trip that does not exist) outruns its answers. The burst's
+    // 300 answers are queued faster than a busy machine writes them, so the outbound
+    // queue is made big enough for them all: this test is about the in-flight bound, not
+    // about a client that stops reading (`a_client_that_stops_reading_is_disconnected…`).
     let s = TestServer::start(&[
         "--ws-in-flight-max",
         "1",
         "--ws-messages-max-per-s",
         "100000",
+        "--ws-outbound-queue-max",
+        "1024",
     ])
     .await;
     let near = north_of(PICKUP, 150.0);
