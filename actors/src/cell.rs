@@ -88,12 +88,10 @@ impl CellActor {
                 pickup,
                 k,
                 max_radius_m,
-                filter,
+                mut filter,
                 reply,
             } => {
-                let (found, examined) = state
-                    .drivers
-                    .nearest(pickup, k, max_radius_m, |d| filter.matches(d));
+                let (found, examined) = state.drivers.nearest(pickup, k, max_radius_m, &mut filter);
                 let found = found
                     .into_iter()
                     .map(|(driver, distance_m)| Candidate { driver, distance_m })

@@ -518,7 +518,11 @@ impl Context {
         while !late && let Some(ring) = s.next_cells() {
             let mut pending = Vec::new();
             for cell in ring {
-                if let Some(actor) = self.registry.cell(&cell) {
+                // Cells no closer than the k-th candidate so far (or beyond the radius)
+                // are not asked: none of their drivers could be chosen.
+                if let Some(actor) = self.registry.cell(&cell)
+                    && s.worth_querying(cell)
+                {
                     let (tx, rx) = oneshot();
                     let msg = CellMsg::Query {
                         pickup,

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use dispatch_engine::{
-    Candidate, CellId, DriverId, IndexedDriver, Point, Product, QuoteId, QuoteTerms, RiderId,
-    Sender, TripCommand, TripId,
+    Candidate, CellId, DriverFilter, DriverId, IndexedDriver, Point, Product, QuoteId, QuoteTerms,
+    RiderId, Sender, TripCommand, TripId,
 };
 use ractor::{ActorCell, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -353,9 +353,18 @@ pub struct SearchFilter {
 
 impl SearchFilter {
     pub fn matches(&self, d: &IndexedDriver) -> bool {
-        (!self.available_only || d.available)
-            && self.product.is_none_or(|p| p == d.product)
-            && !self.exclude.contains(&d.driver_id)
+        self.quick(d.product, d.available) && !self.exclude.contains(&d.driver_id)
+    }
+}
+
+impl DriverFilter for SearchFilter {
+    fn quick(&self, product: Product, available: bool) -> bool {
+        (!self.available_only || available) && self.product.is_none_or(|p| p == product)
+    }
+    /// Asked only after `quick` passed; the record is read only when some drivers are
+    /// excluded (it is a cache miss per driver).
+    fn keep(&mut self, d: &IndexedDriver) -> bool {
+        self.exclude.is_empty() || !self.exclude.contains(&d.driver_id)
     }
 }
 

@@ -381,8 +381,8 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
         "request among 10,000 drivers: searched {cells} of {cells_with_drivers} cells, examined {examined} drivers"
     );
     // The nearest ten are within the pickup's cell and its first ring: a handful of the
-    // city's cells, and at most k + 1 drivers per cell examined (the one past the k-th
-    // is looked at to rule out a tie).
+    // city's cells, each scanned whole (a cell holds ~130 of these drivers), so a few
+    // hundred drivers examined of 10,000.
     assert!(
         (1..=19).contains(&cells),
         "searched {cells} of {cells_with_drivers} cells"
@@ -392,10 +392,10 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
         "the city spans {cells_with_drivers} cells"
     );
     assert!(
-        examined <= 11 * cells,
-        "examined {examined} drivers in {cells} cells"
+        examined < 10_000 * cells / cells_with_drivers * 3,
+        "examined {examined} drivers in {cells} cells: more than the cells hold on average"
     );
-    assert!(examined < 500, "examined {examined} of 10,000 drivers");
+    assert!(examined < 2_000, "examined {examined} of 10,000 drivers");
     let offered: Vec<_> = apps
         .iter_mut()
         .filter_map(|(id, a)| {

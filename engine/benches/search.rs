@@ -31,7 +31,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use dispatch_engine::search::search_map;
 use dispatch_engine::{
     CellDrivers, CellId, DispatchConfig, DriverId, Grid, IndexedDriver, Point, Product, RiderId,
-    SearchParams, SearchStats, StraightLineEta, Trip, TripCommand, TripEffect, TripId,
+    SearchParams, SearchStats, StraightLineEta, Trip, TripCommand, TripEffect, TripId, Wanted,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -94,9 +94,11 @@ fn city(n: usize, side_m: f64) -> City {
     }
 }
 
-fn wanted(d: &IndexedDriver) -> bool {
-    d.available && d.product == Product::Economy
-}
+/// What the server's searches ask for (its `SearchFilter` rules out drivers the same way).
+const WANTED: Wanted = Wanted {
+    product: Some(Product::Economy),
+    available_only: true,
+};
 
 fn sizes() -> Vec<usize> {
     std::env::var("SEARCH_SIZES")
@@ -119,7 +121,7 @@ fn describe(n: usize, city: &City) {
     let mut found = 0;
     let mut kth_m = 0.0;
     for &p in &city.pickups {
-        let (c, s) = search_map(city.grid, &city.cells, p, SearchParams::default(), wanted);
+        let (c, s) = search_map(city.grid, &city.cells, p, SearchParams::default(), WANTED);
         assert_eq!(c.len(), 10, "a search at {p:?} found {}", c.len());
         found += c.len();
         kth_m += c.last().map_or(0.0, |c| c.distance_m);
@@ -160,7 +162,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
             b.iter(|| {
                 let p = city.pickups[j % PICKUPS];
                 j += 1;
-                black_box(search_map(city.grid, &city.cells, p, params, wanted))
+                black_box(search_map(city.grid, &city.cells, p, params, WANTED))
             })
         });
 
@@ -182,7 +184,7 @@ fn bench_search<M: Measurement>(c: &mut Criterion<M>) {
                 );
                 let (mut trip, fx) = (start.trip, start.effects);
                 debug_assert!(fx.iter().any(|e| matches!(e, TripEffect::Search { .. })));
-                let (found, _) = search_map(city.grid, &city.cells, p, params, wanted);
+                let (found, _) = search_map(city.grid, &city.cells, p, params, WANTED);
                 let fx = trip
                     .apply(TripCommand::Candidates(found), 1_000, &cfg, &eta)
                     .unwrap();

@@ -114,6 +114,58 @@ pub fn m_to_chord(m: f64) -> f64 {
         .sin()
 }
 
+/// A lower bound on the distance from the point with unit vector `q` to any point inside
+/// `cell`, in metres, for a point known to be outside it (see [`Grid::min_distance_m`]).
+pub(crate) fn min_distance_outside_m(q: [f64; 3], cell: CellId) -> f64 {
+    let (centre, radius_m) = disks::get(cell);
+    let d = [centre[0] - q[0], centre[1] - q[1], centre[2] - q[2]];
+    let to_centre = chord_to_m((d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt());
+    (to_centre - radius_m * 1.01 - 1.0).max(0.0)
+}
+
+/// Each cell's centre (as a unit vector) and largest centre-to-vertex distance, computed
+/// once per cell: they are a pure function of the cell id, and computing a cell's boundary
+/// was a third of a search's time. Bounded: the memo is emptied when it reaches
+/// [`disks::MAX`] cells (a city touches a few thousand).
+mod disks {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+
+    use h3o::{CellIndex, LatLng};
+
+    pub const MAX: usize = 1 << 16;
+
+    type Memo = RwLock<HashMap<CellIndex, ([f64; 3], f64)>>;
+
+    fn memo() -> &'static Memo {
+        static MEMO: OnceLock<Memo> = OnceLock::new();
+        MEMO.get_or_init(|| RwLock::new(HashMap::new()))
+    }
+
+    pub fn get(cell: CellIndex) -> ([f64; 3], f64) {
+        if let Some(d) = memo().read().unwrap_or_else(|e| e.into_inner()).get(&cell) {
+            return *d;
+        }
+        let centre = LatLng::from(cell);
+        let radius = cell
+            .boundary()
+            .iter()
+            .map(|v| centre.distance_m(*v))
+            .fold(0.0, f64::max);
+        let unit = super::Point {
+            lat: centre.lat(),
+            lng: centre.lng(),
+        }
+        .unit_vector();
+        let mut m = memo().write().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX {
+            m.clear();
+        }
+        m.insert(cell, (unit, radius));
+        (unit, radius)
+    }
+}
+
 /// The H3 grid at one resolution: which cell a point is in, and how far a cell can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grid {
@@ -148,14 +200,7 @@ impl Grid {
         if self.cell_of(p) == cell {
             return 0.0;
         }
-        let centre = LatLng::from(cell);
-        let radius = cell
-            .boundary()
-            .iter()
-            .map(|v| centre.distance_m(*v))
-            .fold(0.0, f64::max);
-        let to_centre = p.to_latlng().distance_m(centre);
-        (to_centre - radius * 1.01 - 1.0).max(0.0)
+        min_distance_outside_m(p.unit_vector(), cell)
     }
 
     /// The centre of a cell.

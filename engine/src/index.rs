@@ -1,11 +1,15 @@
-//! The drivers of one H3 cell in an R-tree, with O(log n) insert, move and remove.
+//! The drivers of one H3 cell in flat arrays: O(1) insert, move and remove, and a
+//! nearest search that is one linear scan over contiguous 32-byte slots.
 //!
-//! Points are stored as unit vectors on the sphere, so the R-tree's Euclidean nearest
-//! neighbour order is exactly the great-circle order (see [`Point::unit_vector`]).
+//! Points are stored as unit vectors on the sphere, so Euclidean (chord) order is exactly
+//! the great-circle order (see [`Point::unit_vector`]). A cell holds at most a few
+//! thousand drivers (an H3 resolution-7 cell is ~5 km²; even 1,000 drivers per km² is
+//! 5,000), and scanning 32 bytes per driver in order costs a few nanoseconds each, less
+//! than an R-tree walk's pointer chasing and heap at these sizes; a move is an overwrite in
+//! place instead of a remove and an insert (issue 14's profile). The search reads a
+//! driver's record only for the few that make the cut.
 
 use std::collections::HashMap;
-
-use rstar::{AABB, PointDistance, RTree, RTreeObject};
 
 use crate::fare::Product;
 use crate::geo::{Point, m_to_chord};
@@ -23,35 +27,65 @@ pub struct IndexedDriver {
     pub available: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Entry {
+/// What a search keeps. [`quick`](DriverFilter::quick) sees only what the index stores
+/// beside each vector (product and availability), so most drivers are ruled out without
+/// touching their records; [`keep`](DriverFilter::keep) is asked only about the drivers
+/// that pass it, and has the last word. Any `FnMut(&IndexedDriver) -> bool` is a filter.
+pub trait DriverFilter {
+    fn quick(&self, _product: Product, _available: bool) -> bool {
+        true
+    }
+    fn keep(&mut self, d: &IndexedDriver) -> bool;
+}
+
+impl<F: FnMut(&IndexedDriver) -> bool> DriverFilter for F {
+    fn keep(&mut self, d: &IndexedDriver) -> bool {
+        self(d)
+    }
+}
+
+/// The usual filter: drivers of one product (or any), available ones only or all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub product: Option<Product>,
+    pub available_only: bool,
+}
+
+impl DriverFilter for Wanted {
+    fn quick(&self, product: Product, available: bool) -> bool {
+        (!self.available_only || available) && self.product.is_none_or(|p| p == product)
+    }
+    /// `quick` said everything: the record need not be read (a cache miss per driver).
+    fn keep(&mut self, _d: &IndexedDriver) -> bool {
+        true
+    }
+}
+
+/// What the scan reads for each driver: 32 bytes, contiguous.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
     xyz: [f64; 3],
-    driver: IndexedDriver,
+    product: Product,
+    available: bool,
 }
 
-impl RTreeObject for Entry {
-    type Envelope = AABB<[f64; 3]>;
-    fn envelope(&self) -> Self::Envelope {
-        AABB::from_point(self.xyz)
+impl Slot {
+    fn of(d: &IndexedDriver) -> Self {
+        Self {
+            xyz: d.position.unit_vector(),
+            product: d.product,
+            available: d.available,
+        }
     }
 }
 
-impl PointDistance for Entry {
-    fn distance_2(&self, point: &[f64; 3]) -> f64 {
-        let d = [
-            self.xyz[0] - point[0],
-            self.xyz[1] - point[1],
-            self.xyz[2] - point[2],
-        ];
-        d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-    }
-}
-
-/// The drivers currently inside one cell.
+/// The drivers currently inside one cell. `slots[i]` is what the scan needs of
+/// `drivers[i]`; `slot` maps an id to its index. Removal swaps the last one in.
 #[derive(Debug, Default)]
 pub struct CellDrivers {
-    tree: RTree<Entry>,
-    by_id: HashMap<DriverId, Entry>,
+    slots: Vec<Slot>,
+    drivers: Vec<IndexedDriver>,
+    slot: HashMap<DriverId, u32>,
 }
 
 impl CellDrivers {
@@ -60,115 +94,138 @@ impl CellDrivers {
     }
 
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.drivers.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.drivers.is_empty()
     }
 
     pub fn contains(&self, id: &DriverId) -> bool {
-        self.by_id.contains_key(id)
+        self.slot.contains_key(id)
     }
 
     pub fn get(&self, id: &DriverId) -> Option<&IndexedDriver> {
-        self.by_id.get(id).map(|e| &e.driver)
+        self.slot.get(id).map(|&i| &self.drivers[i as usize])
     }
 
-    /// Inserts a driver or replaces its entry (a move or a status change).
+    /// Inserts a driver or replaces its entry in place (a move or a status change).
     pub fn upsert(&mut self, driver: IndexedDriver) {
-        let entry = Entry {
-            xyz: driver.position.unit_vector(),
-            driver,
-        };
-        if let Some(old) = self
-            .by_id
-            .insert(entry.driver.driver_id.clone(), entry.clone())
-        {
-            let removed = self.tree.remove(&old);
-            debug_assert!(
-                removed.is_some(),
-                "index out of sync for {}",
-                old.driver.driver_id
-            );
+        let slot = Slot::of(&driver);
+        match self.slot.get(&driver.driver_id) {
+            Some(&i) => {
+                self.slots[i as usize] = slot;
+                self.drivers[i as usize] = driver;
+            }
+            None => {
+                let i =
+                    u32::try_from(self.drivers.len()).expect("fewer than 2^32 drivers in a cell");
+                self.slot.insert(driver.driver_id.clone(), i);
+                self.slots.push(slot);
+                self.drivers.push(driver);
+            }
         }
-        self.tree.insert(entry);
     }
 
     /// Removes a driver; returns whether it was there.
     pub fn remove(&mut self, id: &DriverId) -> bool {
-        match self.by_id.remove(id) {
-            Some(old) => {
-                let removed = self.tree.remove(&old);
-                debug_assert!(removed.is_some(), "index out of sync for {id}");
-                true
-            }
-            None => false,
+        let Some(i) = self.slot.remove(id) else {
+            return false;
+        };
+        let i = i as usize;
+        self.slots.swap_remove(i);
+        self.drivers.swap_remove(i);
+        if let Some(moved) = self.drivers.get(i) {
+            self.slot.insert(moved.driver_id.clone(), i as u32);
         }
+        true
     }
 
     /// Up to `k` drivers nearest to `p` within `max_m` metres that match `filter`, nearest
-    /// first, with their distances. Returns the matches and how many entries it examined.
+    /// first (ties by driver id), with their distances. Returns the matches and how many
+    /// entries it scanned (every driver of the cell: the scan is linear).
     pub fn nearest(
         &self,
         p: Point,
         k: usize,
         max_m: f64,
-        mut filter: impl FnMut(&IndexedDriver) -> bool,
+        filter: &mut impl DriverFilter,
     ) -> (Vec<(IndexedDriver, f64)>, usize) {
-        let q = p.unit_vector();
-        let max_chord2 = m_to_chord(max_m).powi(2);
-        let mut out = Vec::with_capacity(k.min(self.len()));
-        let mut examined = 0;
-        if k == 0 {
-            return (out, 0);
+        if k == 0 || self.drivers.is_empty() {
+            return (Vec::new(), 0);
         }
-        // The chord of the k-th match: entries exactly as far are still taken, so that a
-        // tie at the k-th place is broken by driver id, as everywhere else.
-        let mut kth_d2 = f64::INFINITY;
-        for (entry, d2) in self.tree.nearest_neighbor_iter_with_distance_2(q) {
-            examined += 1;
-            if d2 > max_chord2 || d2 > kth_d2 {
-                break;
+        let q = p.unit_vector();
+        // Entries exactly as far as the k-th are still taken, so that a tie at the k-th
+        // place is broken by driver id, as everywhere else.
+        let mut bound = m_to_chord(max_m).powi(2);
+        // The k smallest squared chords among the matches so far, ascending.
+        let cap = k.min(self.drivers.len());
+        let mut top: Vec<f64> = Vec::with_capacity(cap + 1);
+        let mut taken: Vec<(f64, u32)> = Vec::with_capacity(cap);
+        for (i, s) in self.slots.iter().enumerate() {
+            let v = s.xyz;
+            let d = [v[0] - q[0], v[1] - q[1], v[2] - q[2]];
+            let d2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+            if d2 > bound || !filter.quick(s.product, s.available) || !filter.keep(&self.drivers[i])
+            {
+                continue;
             }
-            if filter(&entry.driver) {
-                // Report the haversine distance so that every caller compares the same number.
-                out.push((entry.driver.clone(), p.distance_m(entry.driver.position)));
-                if out.len() == k {
-                    kth_d2 = d2;
+            taken.push((d2, i as u32));
+            let at = top.partition_point(|&t| t <= d2);
+            if at < k {
+                top.insert(at, d2);
+                top.truncate(k);
+                if top.len() == k {
+                    bound = top[k - 1];
                 }
             }
         }
-        if out.len() > k {
-            out.sort_by(|a, b| {
-                a.1.total_cmp(&b.1)
-                    .then_with(|| a.0.driver_id.cmp(&b.0.driver_id))
-            });
-            out.truncate(k);
-        }
-        (out, examined)
+        // Only the records that made the cut are read, and only the final k are cloned.
+        let mut best: Vec<(f64, u32)> = taken
+            .into_iter()
+            .filter(|&(d2, _)| d2 <= bound)
+            // The haversine distance, so that every caller compares the same number.
+            .map(|(_, i)| (p.distance_m(self.drivers[i as usize].position), i))
+            .collect();
+        best.sort_by(|a, b| {
+            a.0.total_cmp(&b.0).then_with(|| {
+                self.drivers[a.1 as usize]
+                    .driver_id
+                    .cmp(&self.drivers[b.1 as usize].driver_id)
+            })
+        });
+        best.truncate(k);
+        let out = best
+            .into_iter()
+            .map(|(m, i)| (self.drivers[i as usize].clone(), m))
+            .collect();
+        (out, self.slots.len())
     }
 
     /// Every driver in the cell, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &IndexedDriver> {
-        self.by_id.values().map(|e| &e.driver)
+        self.drivers.iter()
     }
 
-    /// Checks that the tree and the id map agree (for tests and debug assertions).
+    /// Checks that the arrays and the id map agree (for tests and debug assertions).
     pub fn check_invariants(&self) -> Result<(), String> {
-        if self.tree.size() != self.by_id.len() {
+        if self.slots.len() != self.drivers.len() || self.slot.len() != self.drivers.len() {
             return Err(format!(
-                "tree has {} entries, map {}",
-                self.tree.size(),
-                self.by_id.len()
+                "{} slots, {} drivers, {} ids",
+                self.slots.len(),
+                self.drivers.len(),
+                self.slot.len()
             ));
         }
-        for e in self.by_id.values() {
-            if !self.tree.contains(e) {
+        for (i, d) in self.drivers.iter().enumerate() {
+            if self.slot.get(&d.driver_id) != Some(&(i as u32)) {
                 return Err(format!(
-                    "{} is in the map but not the tree",
-                    e.driver.driver_id
+                    "{} is in slot {i} but the map says otherwise",
+                    d.driver_id
                 ));
+            }
+            if self.slots[i] != Slot::of(d) {
+                return Err(format!("{}'s slot is stale", d.driver_id));
             }
         }
         Ok(())
@@ -211,14 +268,14 @@ mod tests {
         c.upsert(drv(3, 45.502, -73.600, true));
         c.upsert(drv(4, 45.600, -73.600, true)); // ~11 km away
         let p = Point::new(45.5005, -73.600).unwrap();
-        let (got, _) = c.nearest(p, 10, 5_000.0, |d| d.available);
+        let (got, _) = c.nearest(p, 10, 5_000.0, &mut |d: &IndexedDriver| d.available);
         let ids: Vec<_> = got
             .iter()
             .map(|(d, _)| d.driver_id.as_str().to_owned())
             .collect();
         assert_eq!(ids, ["drv_1", "drv_3"]);
         assert!(got[0].1 <= got[1].1);
-        let (one, _) = c.nearest(p, 1, 5_000.0, |d| d.available);
+        let (one, _) = c.nearest(p, 1, 5_000.0, &mut |d: &IndexedDriver| d.available);
         assert_eq!(one.len(), 1);
     }
 }

@@ -31,7 +31,7 @@ pub use eta::{EtaEstimate, EtaModel, StraightLineEta};
 pub use fare::{FareQuote, Product, RateCard, RateCardError, RateCards};
 pub use geo::{CellId, GeoError, Grid, Point};
 pub use ids::{DriverId, QuoteId, RiderId, TripId};
-pub use index::{CellDrivers, IndexedDriver};
+pub use index::{CellDrivers, DriverFilter, IndexedDriver, Wanted};
 pub use ledger::{
     Account, Entry, EntryKey, Ledger, LedgerError, PaymentTerms, Posting, Step, TripMoney,
 };

@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-use crate::geo::{CellId, Grid, Point};
-use crate::index::{CellDrivers, IndexedDriver};
+use crate::geo::{CellId, Grid, Point, min_distance_outside_m};
+use crate::index::{CellDrivers, DriverFilter, IndexedDriver};
 
 /// Bounds on one search. Each is a named limit so a request can never scan the city.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +58,7 @@ pub struct SearchStats {
 pub struct RingSearch {
     grid: Grid,
     pickup: Point,
+    pickup_xyz: [f64; 3],
     origin: CellId,
     params: SearchParams,
     next_ring: u32,
@@ -71,6 +72,7 @@ impl RingSearch {
         Self {
             grid,
             pickup,
+            pickup_xyz: pickup.unit_vector(),
             origin: grid.cell_of(pickup),
             params,
             next_ring: 0,
@@ -101,22 +103,41 @@ impl RingSearch {
         let ring = self.next_ring;
         let cells = self.grid.ring(self.origin, ring);
         // Everything in this ring and beyond is at least this far away.
-        let bound = cells
-            .iter()
-            .map(|c| self.grid.min_distance_m(self.pickup, *c))
-            .fold(f64::INFINITY, f64::min);
-        let kth = if self.found.len() >= self.params.k {
-            self.found[self.params.k - 1].distance_m
+        let bound = if ring == 0 {
+            0.0
         } else {
-            f64::INFINITY
+            cells
+                .iter()
+                .map(|c| min_distance_outside_m(self.pickup_xyz, *c))
+                .fold(f64::INFINITY, f64::min)
         };
-        if bound > self.params.max_radius_m || bound > kth {
+        if bound > self.params.max_radius_m || bound > self.kth_m() {
             self.done = true;
             return None;
         }
         self.next_ring += 1;
         self.stats.rings = self.next_ring;
         Some(cells)
+    }
+
+    /// The distance of the k-th candidate found so far, or infinity before there are k.
+    fn kth_m(&self) -> f64 {
+        if self.found.len() >= self.params.k {
+            self.found[self.params.k - 1].distance_m
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// Whether a cell of the current ring could hold a candidate: no point of it is
+    /// further than the radius or the k-th candidate found so far. A cell that could not
+    /// need not be asked (the ring's stopping rule is unaffected: it uses every cell).
+    pub fn worth_querying(&self, cell: CellId) -> bool {
+        if cell == self.origin {
+            return true;
+        }
+        let bound = min_distance_outside_m(self.pickup_xyz, cell);
+        bound <= self.params.max_radius_m && bound <= self.kth_m()
     }
 
     /// Takes back what one cell of the current ring held: its `k` nearest matches.
@@ -136,7 +157,7 @@ impl RingSearch {
     pub fn query_cell(
         &self,
         cell: &CellDrivers,
-        filter: impl FnMut(&IndexedDriver) -> bool,
+        filter: &mut impl DriverFilter,
     ) -> (Vec<Candidate>, usize) {
         let (got, examined) =
             cell.nearest(self.pickup, self.params.k, self.params.max_radius_m, filter);
@@ -164,12 +185,14 @@ pub fn search_map(
     cells: &HashMap<CellId, CellDrivers>,
     pickup: Point,
     params: SearchParams,
-    mut filter: impl FnMut(&IndexedDriver) -> bool,
+    mut filter: impl DriverFilter,
 ) -> (Vec<Candidate>, SearchStats) {
     let mut s = RingSearch::new(grid, pickup, params);
     while let Some(ring) = s.next_cells() {
         for cell in ring {
-            if let Some(drivers) = cells.get(&cell) {
+            if let Some(drivers) = cells.get(&cell)
+                && s.worth_querying(cell)
+            {
                 let (c, examined) = s.query_cell(drivers, &mut filter);
                 s.add(c, examined);
             }

@@ -957,9 +957,15 @@ impl Sim {
         let trip = &self.trips[t].trip;
         let exclude: BTreeSet<&DriverId> = exclude.iter().collect();
         let product = trip.product;
-        let (found, stats) = search_map(self.grid, &self.cells, trip.pickup, self.params, |d| {
-            d.available && d.product == product && !exclude.contains(&d.driver_id)
-        });
+        let (found, stats) = search_map(
+            self.grid,
+            &self.cells,
+            trip.pickup,
+            self.params,
+            |d: &IndexedDriver| {
+                d.available && d.product == product && !exclude.contains(&d.driver_id)
+            },
+        );
         assert!(found.len() <= self.params.k);
         for c in &found {
             let d = &self.drivers[driver_no(&c.driver.driver_id)];
