@@ -100,8 +100,14 @@ pub struct Args {
     #[arg(long)]
     pub max_error_rate: Option<f64>,
     /// Also report the CPU time and peak RSS (VmHWM) of this process, e.g. dispatchd's.
+    /// With it, the capacity report (server CPU per ping and per request, RSS per client,
+    /// and the projection to 1,000,000 drivers) is measured over a steady window.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Where the capacity report's steady window opens, into the run (it closes at the
+    /// end of --duration, before the drain); at most half the duration.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub steady_after: Duration,
     /// Survive the server going away: a driver or rider whose session drops (closed,
     /// failed, refused) reconnects with backoff (50 ms doubling to 1 s) using the same
     /// token, resumes from the `welcome`, and carries on. Requests in flight at the drop

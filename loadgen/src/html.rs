@@ -273,6 +273,9 @@ pub fn page(r: &Report) -> String {
         &nines,
         &dist,
     ));
+    if let Some(c) = r.cpu.server.as_ref().and_then(|sv| sv.capacity.as_ref()) {
+        capacity(&mut h, c);
+    }
     let _ = write!(h, "<h2>Full report</h2><pre>{}</pre>", esc(&r.text()));
     h.push_str("</body></html>\n");
     h
@@ -300,5 +303,41 @@ mod tests {
         assert!(!s.contains("NaN"));
         let empty = chart("t", "x", &[], &[]);
         assert!(empty.contains("no samples"));
+    }
+}
+
+/// The capacity report: the steady window's costs and the projection to 1M drivers.
+fn capacity(h: &mut String, c: &crate::capacity::Capacity) {
+    let opt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
+    h.push_str("<h2>Capacity (steady window)</h2><table><tr><th>what</th><th>value</th></tr>");
+    let rows = [
+        ("window", format!("{:.1} s", c.window_s)),
+        ("clients connected", c.clients.to_string()),
+        ("server CPU", format!("{:.2} cores", c.server_cores)),
+        ("pings", format!("{} ({:.0}/s)", c.pings, c.pings_per_s)),
+        (
+            "server CPU per ping",
+            format!("{} µs", opt(c.cpu_us_per_ping, 1)),
+        ),
+        (
+            "server CPU per request",
+            format!("{} ms", opt(c.cpu_ms_per_request, 2)),
+        ),
+        ("server RSS", format!("{:.0} MiB", c.rss_mib)),
+        (
+            "RSS per client",
+            format!("{} KiB", opt(c.rss_kib_per_client, 1)),
+        ),
+        (
+            "RSS per client above the idle baseline",
+            format!("{} KiB", opt(c.rss_kib_per_client_marginal, 1)),
+        ),
+    ];
+    for (k, v) in rows {
+        let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(&v));
+    }
+    h.push_str("</table>");
+    if let Some(p) = &c.projection {
+        let _ = write!(h, "<p>Projection: {}</p>", esc(&p.arithmetic));
     }
 }

@@ -3,6 +3,7 @@
 //! around [`main_entry`]; tests call [`run`] directly.
 
 pub mod acklog;
+pub mod capacity;
 pub mod cli;
 pub mod demand;
 pub mod driver;
@@ -83,13 +84,32 @@ pub async fn run_against(args: &Args, url: &str) -> Result<Outcome> {
         acklog::AckLog::truncate(p)?;
     }
     let progress = ui::Progress::new(args.quiet, args.duration + args.drain);
+    // Sampled before any client connects: the baseline of the capacity report.
+    let sampler = args.server_pid.map(|pid| {
+        Arc::new(capacity::Sampler::new(
+            pid,
+            args.steady_after.as_secs_f64(),
+            args.duration.as_secs_f64(),
+        ))
+    });
+    let observe = {
+        let sampler = sampler.clone();
+        move |t: &sim::Tick| {
+            if let Some(s) = &sampler {
+                s.observe(t);
+            }
+        }
+    };
     let merged = if args.workers > 1 {
-        workers::run_parent(args, url, &progress).await?
+        workers::run_parent(args, url, &progress, &observe).await?
     } else {
         let p = Arc::new(progress);
         let tick: sim::TickFn = {
             let p = p.clone();
-            Arc::new(move |t: &sim::Tick| p.tick(t))
+            Arc::new(move |t: &sim::Tick| {
+                p.tick(t);
+                observe(t);
+            })
         };
         let r = sim::run_local(
             Arc::new(args.clone()),
@@ -110,6 +130,7 @@ pub async fn run_against(args: &Args, url: &str) -> Result<Outcome> {
         cpu_s: stats::process_cpu_s(Some(pid)),
         vm_hwm_kib: stats::proc_status_kib(pid, "VmHWM"),
         vm_rss_kib: stats::proc_status_kib(pid, "VmRSS"),
+        capacity: sampler.as_ref().and_then(|s| s.report()),
     });
     let report = Report::build(args, url, &demand.source, &merged, server);
     print!("{}", report.text());

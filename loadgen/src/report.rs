@@ -159,6 +159,8 @@ pub struct ServerUsage {
     pub cpu_s: Option<f64>,
     pub vm_hwm_kib: Option<u64>,
     pub vm_rss_kib: Option<u64>,
+    /// Costs in the steady window and the projection to 1M drivers.
+    pub capacity: Option<crate::capacity::Capacity>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -603,6 +605,10 @@ impl Report {
                 sv.vm_rss_kib
                     .map_or("?".into(), |v| format!("{:.0}", v as f64 / 1024.0)),
             );
+            match &sv.capacity {
+                Some(c) => s.push_str(&c.text()),
+                None => s.push_str("capacity: no steady window (the run was too short?)\n"),
+            }
         }
         for ch in &self.checks {
             let _ = writeln!(

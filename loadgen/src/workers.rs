@@ -85,7 +85,12 @@ enum Event {
 
 /// The parent side: starts the workers, releases them together, shows their summed
 /// progress, and merges their results.
-pub async fn run_parent(args: &Args, url: &str, progress: &Progress) -> Result<Merged> {
+pub async fn run_parent(
+    args: &Args,
+    url: &str,
+    progress: &Progress,
+    observe: &(dyn Fn(&Tick) + Sync),
+) -> Result<Merged> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let name = exe
         .file_name()
@@ -161,6 +166,7 @@ pub async fn run_parent(args: &Args, url: &str, progress: &Progress) -> Result<M
                     sum.phase = "draining".into();
                 }
                 progress.tick(&sum);
+                observe(&sum);
             }
             Event::Line(i, WorkerLine::Result(r)) => results[i] = Some(*r),
             Event::Eof(i) => {

@@ -43,10 +43,16 @@ async fn a_small_city_completes_trips_without_protocol_errors() {
         "--max-error-rate",
         "0",
         "--quiet",
+        "--steady-after",
+        "5s",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The server is this process: the capacity report samples it (its numbers include
+    // loadgen's own work here, so only their presence and consistency are checked).
+    argv.push("--server-pid".into());
+    argv.push(std::process::id().to_string());
     if csv.exists() {
         argv.push("--demand-csv".into());
         argv.push(csv.display().to_string());
@@ -64,5 +70,27 @@ async fn a_small_city_completes_trips_without_protocol_errors() {
     assert!(r.anomalies.is_empty(), "protocol anomalies:\n{}", r.text());
     assert!(r.latency["request_to_offer"].count > 0, "{}", r.text());
     assert!(r.passed && out.exit_code == 0, "{}", r.text());
+    let cap = r
+        .cpu
+        .server
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .unwrap_or_else(|| panic!("no capacity report:\n{}", r.text()));
+    assert_eq!(cap.clients, 240, "{}", r.text());
+    // 200 drivers at one ping a second, over a window of ~15 s.
+    assert!(cap.pings > 1_000, "{}", r.text());
+    assert!(cap.window_s > 5.0 && cap.window_s <= 20.0, "{}", r.text());
+    let per_ping = cap.cpu_us_per_ping.expect("per ping");
+    let p = cap.projection.as_ref().expect("projection");
+    assert!(
+        (p.cores - 250_000.0 * per_ping / 1e6).abs() < 1e-6,
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("projection: 1,000,000 drivers"),
+        "{}",
+        r.text()
+    );
     server.stop().await.expect("clean stop");
 }
