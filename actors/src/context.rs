@@ -404,7 +404,10 @@ impl Context {
             r.position = Some(position);
             r.heading = heading;
         }
-        self.moved.insert(id.clone(), ());
+        // Most pings come from a driver already marked since the last snapshot.
+        if !self.moved.contains_key(id) {
+            self.moved.insert(id.clone(), ());
+        }
     }
 
     /// Writes the positions of drivers that moved since the last call (no fsync wait:

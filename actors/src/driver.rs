@@ -370,8 +370,14 @@ impl Actor for DriverActor {
         msg: DriverMsg,
         s: &mut DriverActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let span = tracing::info_span!("driver", driver_id = %s.rec.id);
         let kind = msg.kind();
+        // A location ping is the hot path (a driver's most frequent message) and logs
+        // nothing on success: it gets no span, which would format the id every time.
+        let span = if kind == "location" {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("driver", driver_id = %s.rec.id)
+        };
         self.ctx
             .metrics
             .handle_in("driver", kind, span, || self.handle_msg(myself, msg, s))

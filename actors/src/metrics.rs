@@ -98,6 +98,9 @@ pub struct Metrics {
     pub actor_handling: HistogramVec,
     /// `actor_handling` per group, resolved once (the hot path skips the label lookup).
     handling_by_group: Vec<Histogram>,
+    /// `actor_messages` per group, resolved once per message kind: a label lookup hashes
+    /// both labels under a lock, and every location ping paid it twice.
+    messages_by_group: Vec<std::sync::RwLock<Vec<(&'static str, IntCounter)>>>,
     pub mailbox_backlog: IntGaugeVec,
     pub drivers: IntGaugeVec,
     pub trips_active: IntGaugeVec,
@@ -136,9 +139,7 @@ impl Drop for Handling<'_> {
         let group = GROUPS[self.group];
         let elapsed = self.start.elapsed();
         m.handling_by_group[self.group].observe(elapsed.as_secs_f64());
-        m.actor_messages
-            .with_label_values(&[group, self.kind])
-            .inc();
+        m.message_counter(self.group, self.kind).inc();
         if std::thread::panicking() {
             m.actor_panics.with_label_values(&[group]).inc();
         }
@@ -411,6 +412,7 @@ impl Metrics {
                 .iter()
                 .map(|g| handling.with_label_values(&[g]))
                 .collect(),
+            messages_by_group: GROUPS.iter().map(|_| Default::default()).collect(),
             mailbox_backlog: reg(
                 &r,
                 IntGaugeVec::new(
@@ -571,6 +573,28 @@ impl Metrics {
     }
 
     /// Starts timing one message of `group` (one of [`GROUPS`]).
+    /// The `actor_messages` counter of a group and kind, from the resolved ones if it is
+    /// there (kinds are few: a linear search over a handful of short strings).
+    fn message_counter(&self, group: usize, kind: &'static str) -> IntCounter {
+        let resolved = &self.messages_by_group[group];
+        if let Some((_, c)) = resolved
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| *k == kind)
+        {
+            return c.clone();
+        }
+        let c = self
+            .actor_messages
+            .with_label_values(&[GROUPS[group], kind]);
+        let mut w = resolved.write().unwrap_or_else(|e| e.into_inner());
+        if !w.iter().any(|(k, _)| *k == kind) {
+            w.push((kind, c.clone()));
+        }
+        c
+    }
+
     pub fn handling(&self, group: &'static str, kind: &'static str) -> Handling<'_> {
         Handling {
             metrics: self,

@@ -400,7 +400,7 @@ async fn a_request_among_10000_drivers_touches_only_the_searched_rings() {
         .iter_mut()
         .filter_map(|(id, a)| {
             std::iter::from_fn(|| a.rx.try_recv().ok())
-                .any(|m| matches!(&m, Outbound::Offer(o) if o.trip_id == t))
+                .any(|m| matches!(&*m, Outbound::Offer(o) if o.trip_id == t))
                 .then(|| id.clone())
         })
         .collect();

@@ -107,7 +107,7 @@ pub async fn register_rider(sys: &System, name: &str, token_hash: [u8; 32]) -> R
 /// A fake app: a real session handle whose outbound queue the test reads.
 pub struct App {
     pub handle: SessionHandle,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: mpsc::Receiver<Box<Outbound>>,
     pub req: u64,
 }
 
@@ -164,7 +164,7 @@ impl App {
                 .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
             let m = m.unwrap_or_else(|| panic!("session queue closed waiting for {what}"));
             if pred(&m) {
-                return m;
+                return *m;
             }
         }
     }

@@ -117,9 +117,11 @@ fn upgrade(
     let slot = ConnectionSlot(app.clone());
     let hard = app.config.ws_hard_max_bytes;
     // Small socket buffers: tungstenite's default is 128 KiB each way per session, which
-    // made 17,000 sessions cost over 3 GB. Frames here are at most a few KiB; larger
-    // ones still arrive, in several reads.
-    up.read_buffer_size(8 * 1024)
+    // made 17,000 sessions cost over 3 GB. The read buffer is allocated up front for
+    // every session, and an app's frames are a few hundred bytes (a ping ~150): 1 KiB
+    // holds several; a larger frame grows the buffer for itself and still arrives. The
+    // write buffer only grows while a frame is written.
+    up.read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(hard)
         .max_frame_size(hard)
@@ -494,7 +496,7 @@ async fn write_loop(
             }
             m = rx.recv() => {
                 let Some(m) = m else { break None };
-                let text = render_text(&app, m);
+                let text = render_text(&app, *m);
                 if let Err(code) = send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
                     break code.map(|c| (c, close_reason(c)));
                 }
