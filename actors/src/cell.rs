@@ -1,4 +1,4 @@
-//! `CellActor`: the drivers of one H3 cell in an R-tree. Location pings upsert into it;
+//! `CellActor`: the drivers of one H3 cell (`CellDrivers`). Location pings upsert into it;
 //! searches query it. It never waits on another actor.
 
 use dispatch_engine::{Candidate, CellDrivers, CellId};

@@ -80,7 +80,7 @@ impl Point {
     }
 
     /// The point on the unit sphere. Euclidean (chord) distance between these vectors is
-    /// a strictly increasing function of great-circle distance, so an R-tree over them
+    /// a strictly increasing function of great-circle distance, so an index over them
     /// orders neighbours exactly as the sphere does, with no projection error.
     pub fn unit_vector(self) -> [f64; 3] {
         let (la, ln) = (self.lat.to_radians(), self.lng.to_radians());

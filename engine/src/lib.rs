@@ -1,6 +1,6 @@
 //! `dispatch-engine`: the dispatch domain as plain data and pure functions.
 //!
-//! It owns ids, coordinates and H3 cells ([`geo`]), the per-cell R-tree of drivers and
+//! It owns ids, coordinates and H3 cells ([`geo`]), the per-cell index of drivers and
 //! the ring-by-ring candidate search ([`index`], [`search`]), the ETA and fare models
 //! ([`eta`], [`fare`]), surge per H3 cell ([`surge`]), the payment rules of a
 //! double-entry ledger ([`ledger`]), the driver and rider status rules ([`driver`],
