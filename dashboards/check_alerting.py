@@ -127,21 +127,34 @@ def check_inhibition(failures):
                                             + open(os.path.join(tmp, "log")).read()[-1500:])
                             return
                         time.sleep(0.1)
+                # The Alertmanager hands new alerts to its inhibitor asynchronously, in the
+                # order posted. A control pair posted last (a critical and a warning of one
+                # name, which the same-name rule inhibits) tells when the inhibitor has seen
+                # every alert of the case, so that "nothing inhibited" is a real answer.
+                control = [("InhibitionControl", "critical", {"instance": "control"}),
+                           ("InhibitionControl", "warning", {"instance": "control"})]
                 posted = []
-                for name, severity, extra in alerts:
+                for name, severity, extra in alerts + control:
                     labels = {**TARGET, "alertname": name, "severity": severity, **extra}
                     posted.append({"labels": labels, "annotations": {"summary": name}})
                 api(port, "POST", "/alerts", posted)
-                got = {}
-                for a in api(port, "GET", "/alerts?inhibited=true&silenced=true&active=true"):
-                    key = a["labels"]["alertname"] + (f"/{a['labels']['group']}" if "group" in a["labels"] else "")
-                    by = a["status"]["inhibitedBy"]
-                    if by:
-                        # inhibitedBy holds fingerprints: map them back to alert names.
-                        got[key] = by
-                names = {a["fingerprint"]: a["labels"]["alertname"]
-                         for a in api(port, "GET", "/alerts?inhibited=true&silenced=true&active=true")}
-                got = {k: sorted(names.get(f, f) for f in v) for k, v in got.items()}
+                deadline = time.monotonic() + 15
+                while True:
+                    listed = api(port, "GET", "/alerts?inhibited=true&silenced=true&active=true")
+                    names = {a["fingerprint"]: a["labels"]["alertname"] for a in listed}
+                    got = {}
+                    for a in listed:
+                        if a["status"]["inhibitedBy"]:
+                            key = a["labels"]["alertname"] + (f"/{a['labels']['group']}" if "group" in a["labels"] else "")
+                            # inhibitedBy holds fingerprints: map them back to alert names.
+                            got[key] = sorted(names.get(f, f) for f in a["status"]["inhibitedBy"])
+                    control_seen = got.pop("InhibitionControl", None) is not None
+                    if control_seen or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+                if not control_seen:
+                    failures.append("the Alertmanager never inhibited the control pair (same-name rule) within 15 s")
+                    continue
                 expected = {k: [v] for k, v in want.items()}
                 what = ", ".join(f"{n}({s})" for n, s, _ in alerts)
                 if got != expected:
