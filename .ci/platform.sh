@@ -14,6 +14,8 @@
 # cargo-cyclonedx, built once into a cache directory, several minutes each the first
 # time). Idempotent. Prints the time of each step. Usage: bash .ci/platform.sh
 set -euo pipefail
+# A failure inside $(...) (a tool's install) stops the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
@@ -102,7 +104,8 @@ if [ -d "$snapshot/crates" ]; then
   read -r snap_commit snap_date < "$snapshot/SNAPSHOT"
   export DISPATCH_ADVISORY_DBS="$TOOLS/advisory-dbs-snapshot"
   # cargo-deny 0.20's directory name for https://github.com/rustsec/advisory-db
-  # (xxh64 of the URL, seed 0xca80de71); a wrong name fails below ("failed to open").
+  # (xxh64 of the URL, seed 0xca80de71); with a wrong name, cargo-deny fails below
+  # ("failed to get HEAD timestamp").
   db="$DISPATCH_ADVISORY_DBS/advisory-db-3157b0e258782691"
   if [ "$(cat "$db/.git/dispatchd-snapshot" 2>/dev/null)" != "$snap_commit $snap_date" ]; then
     rm -rf "$db"
