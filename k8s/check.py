@@ -70,6 +70,9 @@ ADMIN_PORT = 9090
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+# Kubernetes' limit on an object's annotations together is 256 KiB; the last-applied
+# annotation of client-side apply must leave room for the others.
+LAST_APPLIED_HEADROOM = 200 * 1024
 DATA_DIR = "/var/lib/dispatch"
 # Environment variables the binary reads that are not flags (so --help does not list them),
 # each with the source line that proves it.
@@ -321,11 +324,20 @@ def check_dockerfile(help_env: set[str]) -> dict:
 def render(kubectl: str, overlay: str) -> list[dict]:
     import yaml
 
-    r = run([kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(K8S / "overlays" / overlay)])
+    # The plain command, no --load-restrictor: what `kubectl apply -k` builds.
+    r = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
     if r.returncode != 0:
         C.fatal(f"kubectl kustomize k8s/overlays/{overlay}", r.stderr.strip())
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     C.ok(bool(docs), f"kubectl kustomize k8s/overlays/{overlay}: {len(docs)} objects")
+    # Client-side `kubectl apply -k` stores each object as JSON in its
+    # last-applied-configuration annotation, and the API server refuses an object whose
+    # annotations exceed 256 KiB together (the dashboards ConfigMap is the largest).
+    size, name = max((len(json.dumps(d, separators=(",", ":"))), f"{d['kind']}/{d['metadata']['name']}")
+                     for d in docs)
+    C.ok(size < LAST_APPLIED_HEADROOM,
+         f"largest object ({name}, {size} bytes) fits the last-applied annotation of `kubectl apply -k`",
+         f"over {LAST_APPLIED_HEADROOM} bytes: use `kubectl apply --server-side -k`")
     return docs
 
 
