@@ -293,3 +293,40 @@ async fn a_receiver_that_is_down_or_stuck_does_not_stop_rides() {
         );
     }
 }
+
+/// A bad trace setting stops the start with a message that names it, as every flag's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_trace_settings_are_refused_at_start() {
+    let cases: [(&[&str], Option<(&str, &str)>, &str); 5] = [
+        (
+            &["--otlp-endpoint", "https://collector:4318"],
+            None,
+            "--otlp-endpoint",
+        ),
+        (
+            &["--otlp-endpoint", "collector:4318"],
+            None,
+            "--otlp-endpoint",
+        ),
+        (
+            &[],
+            Some(("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://c:4317")),
+            "--otlp-endpoint",
+        ),
+        (&["--otlp-sample-ratio", "1.5"], None, "--otlp-sample-ratio"),
+        (&["--otlp-queue-max", "0"], None, "--otlp-queue-max"),
+    ];
+    for (flags, env, named) in cases {
+        let mut b = Dispatchd::builder("bad-trace-flag")
+            .flags(flags)
+            .stderr_apart();
+        if let Some((k, v)) = env {
+            b = b.env(k, v);
+        }
+        let mut d = b.spawn();
+        let status = d.exits_unready().await;
+        assert_eq!(status.code(), Some(2), "{flags:?} {env:?}");
+        let err = d.stderr_text();
+        assert!(err.contains(named), "{flags:?} {env:?}: {err}");
+    }
+}

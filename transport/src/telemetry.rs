@@ -31,7 +31,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
 use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::filter::Targets;
@@ -306,35 +308,49 @@ impl Telemetry {
     }
 }
 
-/// Installs the process's subscriber: logs in `format` (filtered by `DISPATCH_LOG`,
-/// default `info`) and, if `traces.endpoint` is set, the OTLP export of ride spans.
-/// Must run inside the tokio runtime (the export task is spawned on it).
-pub fn init(format: LogFormat, traces: &TraceConfig) -> anyhow::Result<Option<Telemetry>> {
-    let mut filter =
-        EnvFilter::try_from_env("DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let (otel, telemetry) = match &traces.endpoint {
-        None => (None, None),
-        Some(url) => {
-            // A ride's spans carry `trace_id`, so the log lines inside them do too.
-            filter = filter.add_directive(format!("{TARGET}=info").parse()?);
-            let (layer, t) = exporter(url, traces)?;
-            (Some(layer), Some(t))
-        }
-    };
+/// Installs the process's subscriber: logs in `format`, through `filter` (the binary's
+/// `DISPATCH_LOG`), and, if `traces.endpoint` is set, the OTLP export of ride spans, which
+/// `filter` does not apply to. Must run inside the tokio runtime (the export task is
+/// spawned on it).
+pub fn init(
+    filter: EnvFilter,
+    format: LogFormat,
+    traces: &TraceConfig,
+) -> anyhow::Result<Option<Telemetry>> {
     // Colours only on a terminal: log files and journald get plain text.
-    let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_filter(filter)
-            .boxed(),
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let Some(url) = &traces.endpoint else {
+        // Traces off: the subscriber is logs alone, exactly as without this module.
+        match format {
+            LogFormat::Text => tracing_subscriber::fmt()
+                .with_ansi(ansi)
+                .with_env_filter(filter)
+                .init(),
+            LogFormat::Json => tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .init(),
+        }
+        return Ok(None);
     };
-    let mut layers = vec![fmt];
-    layers.extend(otel);
-    tracing_subscriber::registry().with(layers).init();
+    // A ride's spans pass the log filter, so the log lines inside them carry `trace_id`.
+    let filter = filter.add_directive(format!("{TARGET}=info").parse()?);
+    let (tracer, telemetry) = exporter(url, traces)?;
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+    };
+    // The exporter sees the ride's spans only (a per-layer filter): the per-message actor
+    // spans, one per location ping among them, never reach it.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    let telemetry = Some(telemetry);
     if telemetry.is_some() {
         dispatch_actors::tracecontext::enable();
         tracing::info!(
@@ -347,9 +363,7 @@ pub fn init(format: LogFormat, traces: &TraceConfig) -> anyhow::Result<Option<Te
     Ok(telemetry)
 }
 
-type OtelLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
-
-fn exporter(url: &str, traces: &TraceConfig) -> anyhow::Result<(OtelLayer, Telemetry)> {
+fn exporter(url: &str, traces: &TraceConfig) -> anyhow::Result<(SdkTracer, Telemetry)> {
     let resource = Resource::builder()
         .with_service_name(traces.service_name.clone())
         .build();
@@ -380,12 +394,8 @@ fn exporter(url: &str, traces: &TraceConfig) -> anyhow::Result<(OtelLayer, Telem
         .with_resource(resource)
         .build();
     let tracer = provider.tracer("dispatchd");
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
-        .boxed();
     Ok((
-        layer,
+        tracer,
         Telemetry {
             provider,
             control: control_tx,

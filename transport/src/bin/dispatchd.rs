@@ -4,6 +4,7 @@
 use clap::Parser;
 use dispatch_transport::server::{self, Args};
 use dispatch_transport::telemetry;
+use tracing_subscriber::EnvFilter;
 
 // mimalloc rather than glibc's malloc: recovery creates ~100,000 actors at once, and
 // glibc's allocator dominated its profile (see the recovery benchmark).
@@ -23,9 +24,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     // Logs, and the OTLP export of traces when configured (its task runs on the runtime).
+    let filter = EnvFilter::try_from_env("DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let telemetry = {
         let _rt = runtime.enter();
-        telemetry::init(config.log_format, &config.traces)?
+        telemetry::init(filter, config.log_format, &config.traces)?
     };
     // Every WebSocket session is a file: take the whole hard limit (containers often start
     // with a soft limit of 1024), and say so when it cannot cover --max-connections.
