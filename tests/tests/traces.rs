@@ -297,7 +297,13 @@ async fn a_receiver_that_is_down_or_stuck_does_not_stop_rides() {
 /// A bad trace setting stops the start with a message that names it, as every flag's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_trace_settings_are_refused_at_start() {
-    let cases: [(&[&str], Option<(&str, &str)>, &str); 5] = [
+    // (flags, an environment variable, what the error names)
+    type Case = (
+        &'static [&'static str],
+        Option<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: [Case; 5] = [
         (
             &["--otlp-endpoint", "https://collector:4318"],
             None,

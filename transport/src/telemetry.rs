@@ -448,11 +448,20 @@ pub fn rider_frame(cmd: &RiderCommand) -> (tracing::Span, Trace) {
 
 /// What a driver's session remembers of the last traced offer it wrote, so that the
 /// driver's answer to it continues the offer's trace (shared by the session's reader and
-/// writer; touched only for traced offers and for accepts and declines).
+/// writer; touched only for traced offers and for accepts and declines). Nothing at all
+/// when tracing is off.
 #[derive(Debug, Clone, Default)]
-pub struct OfferTrace(Arc<Mutex<Option<(TripId, TraceContext)>>>);
+pub struct OfferTrace(Option<Arc<Mutex<LastOffer>>>);
+
+/// The trip and the write span of the last traced offer a session wrote.
+type LastOffer = Option<(TripId, TraceContext)>;
 
 impl OfferTrace {
+    /// A session's: empty when tracing is off.
+    pub fn new() -> OfferTrace {
+        OfferTrace(tracecontext::enabled().then(Arc::default))
+    }
+
     /// The span of writing `m` to the app: a traced offer's, else none.
     pub fn writing(&self, m: &Outbound) -> tracing::Span {
         let Outbound::Offer(offer) = m else {
@@ -460,8 +469,8 @@ impl OfferTrace {
         };
         let span =
             dispatch_actors::traced_span!(offer.trace, "ws.offer_write", trip_id = %offer.trip_id);
-        if let Some(cx) = TraceContext::of(&span) {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((offer.trip_id.clone(), cx));
+        if let (Some(slot), Some(cx)) = (&self.0, TraceContext::of(&span)) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((offer.trip_id.clone(), cx));
         }
         span
     }
@@ -472,7 +481,10 @@ impl OfferTrace {
         let (DriverCommand::Accept(trip) | DriverCommand::Decline(trip)) = cmd else {
             return (tracing::Span::none(), None);
         };
-        let offered = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(slot) = &self.0 else {
+            return (tracing::Span::none(), None);
+        };
+        let offered = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         let parent = offered.filter(|(t, _)| t == trip).map(|(_, cx)| cx);
         let span = dispatch_actors::traced_span!(parent, "ws.offer_answer", command = cmd.kind(), trip_id = %trip);
         let cx = TraceContext::of(&span);

@@ -299,7 +299,7 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
     app.transport.sessions.with_label_values(&[label]).inc();
     app.metrics.started("session");
     let heard = Arc::new(AtomicU64::new(app.system.now_ms()));
-    let offers = OfferTrace::default();
+    let offers = OfferTrace::new();
     let writer = tokio::spawn(write_loop(
         app.clone(),
         sink,
