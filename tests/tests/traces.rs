@@ -148,6 +148,9 @@ async fn one_ride_is_one_trace_from_request_ride_to_the_accept_and_pings_make_no
         // The standard variable names the service; debug lines of the actors are logged
         // inside the ride's spans.
         .env("OTEL_SERVICE_NAME", "dispatchd-under-test")
+        // No export on a timer within the test: every span arrives through the flush at
+        // SIGTERM (or a full batch), so the flush is what is tested.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         .env("DISPATCH_LOG", "info,dispatch_actors=debug")
         .start()
         .await;
@@ -303,7 +306,7 @@ async fn bad_trace_settings_are_refused_at_start() {
         Option<(&'static str, &'static str)>,
         &'static str,
     );
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             &["--otlp-endpoint", "https://collector:4318"],
             None,
@@ -321,6 +324,11 @@ async fn bad_trace_settings_are_refused_at_start() {
         ),
         (&["--otlp-sample-ratio", "1.5"], None, "--otlp-sample-ratio"),
         (&["--otlp-queue-max", "0"], None, "--otlp-queue-max"),
+        (
+            &["--otlp-endpoint", "http://c:4318"],
+            Some(("OTEL_BSP_SCHEDULE_DELAY", "soon")),
+            "OTEL_BSP_SCHEDULE_DELAY",
+        ),
     ];
     for (flags, env, named) in cases {
         let mut b = Dispatchd::builder("bad-trace-flag")

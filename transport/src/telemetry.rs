@@ -79,11 +79,14 @@ pub struct TraceConfig {
     pub sample_ratio: f64,
     pub queue_max: usize,
     pub export_timeout: Duration,
+    /// How long a finished span may wait for its batch to fill.
+    pub batch_delay: Duration,
 }
 
 /// Spans in one export request at most.
 const BATCH_MAX: usize = 512;
-/// How long a finished span may wait for its batch to fill.
+/// How long a finished span may wait for its batch to fill, unless the standard
+/// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds) says otherwise.
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 
 impl TraceArgs {
@@ -110,7 +113,19 @@ impl TraceArgs {
         if !(100..=120_000).contains(&self.otlp_export_timeout_ms) {
             return Err("--otlp-export-timeout-ms must be from 100 to 120000".into());
         }
+        let batch_delay = match std::env::var("OTEL_BSP_SCHEDULE_DELAY") {
+            Err(_) => BATCH_DELAY,
+            Ok(ms) => match ms.trim().parse::<u64>() {
+                Ok(ms) if (1..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+                _ => {
+                    return Err(format!(
+                        "OTEL_BSP_SCHEDULE_DELAY {ms:?} must be milliseconds from 1 to 3600000"
+                    ));
+                }
+            },
+        };
         Ok(TraceConfig {
+            batch_delay,
             endpoint,
             service_name,
             sample_ratio: self.otlp_sample_ratio,
@@ -195,7 +210,7 @@ impl SpanProcessor for Bounded {
 }
 
 /// The export task: batches of up to `batch_max` spans (at most [`BATCH_MAX`], at most
-/// the queue's size), sent when full, after [`BATCH_DELAY`], or on a flush; each export
+/// the queue's size), sent when full, after `delay`, or on a flush; each export
 /// bounded by `timeout`. Spans held: the queue, plus one batch being filled or sent.
 async fn export_loop<E: SpanExporter>(
     exporter: E,
@@ -203,10 +218,11 @@ async fn export_loop<E: SpanExporter>(
     mut control: mpsc::Receiver<Control>,
     timeout: Duration,
     batch_max: usize,
+    delay: Duration,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     let mut failures = Failures::default();
-    let mut tick = tokio::time::interval(BATCH_DELAY);
+    let mut tick = tokio::time::interval(delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let flush = tokio::select! {
@@ -382,6 +398,7 @@ fn exporter(url: &str, traces: &TraceConfig) -> anyhow::Result<(SdkTracer, Telem
         control_rx,
         traces.export_timeout,
         BATCH_MAX.min(traces.queue_max),
+        traces.batch_delay,
     ));
     let provider = SdkTracerProvider::builder()
         .with_span_processor(Bounded {
