@@ -501,8 +501,17 @@ impl OfferTrace {
         let Some(slot) = &self.0 else {
             return (tracing::Span::none(), None);
         };
-        let offered = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let parent = offered.filter(|(t, _)| t == trip).map(|(_, cx)| cx);
+        // Taken by the answer to that offer only: a frame naming another trip leaves it.
+        let parent = {
+            let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match last.take() {
+                Some((t, cx)) if t == *trip => Some(cx),
+                other => {
+                    *last = other;
+                    None
+                }
+            }
+        };
         let span = dispatch_actors::traced_span!(parent, "ws.offer_answer", command = cmd.kind(), trip_id = %trip);
         let cx = TraceContext::of(&span);
         (span, cx)
