@@ -89,8 +89,10 @@ impl CellActor {
                 k,
                 max_radius_m,
                 mut filter,
+                trace,
                 reply,
             } => {
+                let _span = crate::traced_span!(trace, "cell.query", cell = %state.cell).entered();
                 let (found, examined) = state.drivers.nearest(pickup, k, max_radius_m, &mut filter);
                 let found = found
                     .into_iter()

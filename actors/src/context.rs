@@ -28,6 +28,7 @@ use crate::messages::{
 use crate::metrics::Metrics;
 use crate::payments::{Books, LocalProvider, PayFuture, PaymentError, PaymentProvider};
 use crate::registry::Registry;
+use crate::tracecontext::Trace;
 use crate::views::{Quote, TripView};
 
 /// Everything the live system is configured with. Units are in the names.
@@ -513,6 +514,7 @@ impl Context {
         pickup: Point,
         params: SearchParams,
         filter: SearchFilter,
+        trace: Trace,
     ) -> (Vec<Candidate>, SearchStats) {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.config.search_timeout_ms);
@@ -532,6 +534,7 @@ impl Context {
                         k: params.k,
                         max_radius_m: params.max_radius_m,
                         filter: filter.clone(),
+                        trace,
                         reply: RpcReplyPort::from(tx),
                     };
                     if actor.cast(msg).is_ok() {

@@ -9,12 +9,14 @@ use dispatch_engine::{
     refuse_without_trip,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 use crate::context::Context;
 use crate::error::ApiError;
 use crate::messages::{CellMsg, DriverArgs, DriverCommand, DriverMsg, TripLink, TripMsg};
 use crate::records::DriverRecord;
 use crate::session::{Awaiting, CLOSE_REPLACED, Outbound, Responder};
+use crate::tracecontext::{Trace, TraceContext};
 use crate::views::TripView;
 use dispatch_persistence::Batch;
 
@@ -162,6 +164,7 @@ impl DriverActor {
         s: &mut DriverActorState,
         cmd: DriverCommand,
         responder: Responder,
+        trace: Trace,
     ) {
         let trip_cmd = match cmd {
             DriverCommand::GoOnline => {
@@ -200,7 +203,8 @@ impl DriverActor {
         let Some((trip_id, cmd)) = trip_cmd else {
             return responder.fail(ApiError::internal()); // every other command is a trip's
         };
-        self.to_trip(myself, s, trip_id, cmd, responder).await;
+        self.to_trip(myself, s, trip_id, cmd, responder, trace)
+            .await;
     }
 
     /// The trip decides; its answer comes back with the update it causes (under a
@@ -212,6 +216,7 @@ impl DriverActor {
         trip_id: TripId,
         cmd: TripCommand,
         responder: Responder,
+        trace: Trace,
     ) {
         let from = Sender::Driver(s.rec.id.clone());
         if let Some(t) = self.ctx.registry.trip(&trip_id) {
@@ -220,6 +225,7 @@ impl DriverActor {
                 cmd,
                 from: from.clone(),
                 ticket: Some(ticket),
+                trace,
             };
             match t.cast(msg) {
                 Ok(()) => {
@@ -425,21 +431,40 @@ impl DriverActor {
                     self.commit(s);
                 }
             }
-            DriverMsg::Command(cmd, responder) => self.command(&myself, s, cmd, responder).await,
-            DriverMsg::ReserveOffer(offer, reply) => {
-                let ok = if s.rec.session.is_none() {
-                    false // an app that is not connected cannot answer within the offer window
-                } else if s.st.status() == &DriverStatus::Offered(offer.trip_id.clone()) {
-                    true // a restarted trip re-sending its open offer
-                } else {
-                    s.st.reserve_offer(&offer.trip_id).is_ok()
-                };
-                if ok {
-                    s.rec.offer = Some(offer.clone());
-                    self.reindex(s, false).await;
-                    self.commit(s);
-                    self.send(s, Outbound::Offer(offer));
+            // Location pings never carry a trace: no span, no cost.
+            DriverMsg::Command(cmd, responder, None) => {
+                self.command(&myself, s, cmd, responder, None).await
+            }
+            DriverMsg::Command(cmd, responder, trace) => {
+                let span = crate::traced_span!(trace, "driver.command", command = cmd.kind(), driver_id = %s.rec.id);
+                let trace = TraceContext::of(&span);
+                self.command(&myself, s, cmd, responder, trace)
+                    .instrument(span)
+                    .await
+            }
+            DriverMsg::ReserveOffer(mut offer, reply) => {
+                let span =
+                    crate::traced_span!(offer.trace, "driver.reserve_offer", driver_id = %s.rec.id);
+                // The session writes the offer as a child of this actor's span.
+                offer.trace = TraceContext::of(&span);
+                let ok = async {
+                    let ok = if s.rec.session.is_none() {
+                        false // an app that is not connected cannot answer within the offer window
+                    } else if s.st.status() == &DriverStatus::Offered(offer.trip_id.clone()) {
+                        true // a restarted trip re-sending its open offer
+                    } else {
+                        s.st.reserve_offer(&offer.trip_id).is_ok()
+                    };
+                    if ok {
+                        s.rec.offer = Some(offer.clone());
+                        self.reindex(s, false).await;
+                        self.commit(s);
+                        self.send(s, Outbound::Offer(offer));
+                    }
+                    ok
                 }
+                .instrument(span)
+                .await;
                 let _ = reply.send(ok);
             }
             DriverMsg::OfferEnded {

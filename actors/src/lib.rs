@@ -45,6 +45,7 @@ pub mod rider;
 pub mod session;
 pub mod supervisor;
 pub mod system;
+pub mod tracecontext;
 pub mod trip;
 pub mod views;
 

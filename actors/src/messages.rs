@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::records::{DriverRecord, RiderRecord, TripRecord};
 use crate::session::{Responder, SessionHandle};
+use crate::tracecontext::Trace;
 use crate::views::{OfferView, Receipt, TripView};
 
 pub use crate::session::Ticket;
@@ -116,7 +117,9 @@ pub enum DriverMsg {
     GraceExpired {
         epoch: u64,
     },
-    Command(DriverCommand, Responder),
+    /// A command from the app; `Trace`: the session's span for it (an `accept` or
+    /// `decline` of a traced offer), so the ride's trace goes on through this actor.
+    Command(DriverCommand, Responder, Trace),
     /// From a trip: hold this offer if available (and connected). Replies whether it does.
     ReserveOffer(OfferView, RpcReplyPort<bool>),
     /// From a trip: the open offer ended; `notify` sends `offer_expired` to the app.
@@ -156,7 +159,7 @@ impl DriverMsg {
             DriverMsg::Attach(..) => "attach",
             DriverMsg::Detach { .. } => "detach",
             DriverMsg::GraceExpired { .. } => "grace_expired",
-            DriverMsg::Command(c, _) => c.kind(),
+            DriverMsg::Command(c, ..) => c.kind(),
             DriverMsg::ReserveOffer(..) => "reserve_offer",
             DriverMsg::OfferEnded { .. } => "offer_ended",
             DriverMsg::Trip { .. } => "trip_update",
@@ -218,7 +221,8 @@ pub enum RiderMsg {
     Detach {
         session_id: u64,
     },
-    Command(RiderCommand, Responder),
+    /// A command from the app; `Trace`: the session's span for a traced `request_ride`.
+    Command(RiderCommand, Responder, Trace),
     /// From a new trip: it is durable; `ticket` is the request it answers (with the trip).
     TripStarted {
         view: TripView,
@@ -260,7 +264,7 @@ impl RiderMsg {
         match self {
             RiderMsg::Attach(..) => "attach",
             RiderMsg::Detach { .. } => "detach",
-            RiderMsg::Command(c, _) => c.kind(),
+            RiderMsg::Command(c, ..) => c.kind(),
             RiderMsg::TripStarted { .. } => "trip_started",
             RiderMsg::TripNotStarted { .. } => "trip_not_started",
             RiderMsg::Trip { .. } => "trip_update",
@@ -290,6 +294,8 @@ pub struct NewTrip {
     pub quote_id: Option<QuoteId>,
     /// The rider's `request_ride`, answered with the trip once it is durable.
     pub ticket: Option<Ticket>,
+    /// The rider actor's span for the request: the trip's dispatch is its child.
+    pub trace: Trace,
 }
 
 pub enum TripArgs {
@@ -306,6 +312,8 @@ pub enum TripMsg {
         cmd: TripCommand,
         from: Sender,
         ticket: Option<Ticket>,
+        /// The sender's span, when the command is a step of a traced ride (an accept).
+        trace: Trace,
     },
     /// An operator's command: replies once it is durable and everyone has been sent it.
     Admin {
@@ -380,6 +388,8 @@ pub enum CellMsg {
         k: usize,
         max_radius_m: f64,
         filter: SearchFilter,
+        /// The searching trip's span, when its dispatch is traced.
+        trace: Trace,
         reply: RpcReplyPort<(Vec<Candidate>, usize)>,
     },
     /// (available, total) drivers in the cell.

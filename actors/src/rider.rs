@@ -7,6 +7,7 @@ use dispatch_engine::{
     refuse_without_trip,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 use crate::context::{Context, random_suffix};
 use crate::error::{ApiError, ErrorCode};
@@ -15,6 +16,7 @@ use crate::messages::{
     TripMsg,
 };
 use crate::session::{Awaiting, CLOSE_REPLACED, Outbound, Responder};
+use crate::tracecontext::{Trace, TraceContext};
 
 pub struct RiderActor {
     pub ctx: Context,
@@ -104,6 +106,7 @@ impl RiderActor {
         s: &mut RiderActorState,
         req: RideRequest,
         responder: Responder,
+        trace: Trace,
     ) {
         if let Some(active) = s.st.active_trip() {
             return responder.fail(ApiError::conflict(format!(
@@ -134,6 +137,7 @@ impl RiderActor {
             terms,
             quote_id,
             ticket: Some(ticket),
+            trace,
         };
         if let Err(e) = self
             .ctx
@@ -165,6 +169,7 @@ impl RiderActor {
                 cmd,
                 from: Sender::Rider,
                 ticket: Some(ticket),
+                trace: None,
             };
             // The trip actor may have stopped between the lookup and the cast.
             if let Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) = t.cast(msg)
@@ -268,10 +273,14 @@ impl RiderActor {
                     self.commit(s);
                 }
             }
-            RiderMsg::Command(RiderCommand::RequestRide(req), responder) => {
-                self.request(&myself, s, req, responder).await
+            RiderMsg::Command(RiderCommand::RequestRide(req), responder, trace) => {
+                let span = crate::traced_span!(trace, "rider.request_ride", rider_id = %s.rec.id);
+                let trace = TraceContext::of(&span);
+                self.request(&myself, s, req, responder, trace)
+                    .instrument(span)
+                    .await
             }
-            RiderMsg::Command(RiderCommand::CancelRide { trip_id, reason }, responder) => {
+            RiderMsg::Command(RiderCommand::CancelRide { trip_id, reason }, responder, _) => {
                 self.cancel(&myself, s, trip_id, reason, responder).await
             }
             RiderMsg::TripStarted { view, ticket } => {
@@ -306,7 +315,7 @@ impl RiderActor {
             RiderMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),
             // Dropped unanswered: the app is told the request was lost.
             RiderMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
-            RiderMsg::Command(RiderCommand::Location(p), responder) => {
+            RiderMsg::Command(RiderCommand::Location(p), responder, _) => {
                 s.rec.position = Some(p);
                 // Only the position changed: update it in place rather than recommit.
                 if let Some(mut r) = self.ctx.registry.rider_records.get_mut(&s.rec.id) {

@@ -24,6 +24,7 @@ use crate::messages::{
 use crate::payments::{Books, LocalProvider};
 use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
 use crate::session::{Responder, SessionHandle, SessionInbox};
+use crate::tracecontext::Trace;
 use crate::views::{NearbyDriver, Quote, TripView};
 
 /// A cheap, cloneable handle to the running system.
@@ -216,7 +217,7 @@ impl System {
             available_only: true,
             exclude: Arc::default(),
         };
-        let (found, _) = self.ctx.search(at, params, filter).await;
+        let (found, _) = self.ctx.search(at, params, filter, None).await;
         found
             .into_iter()
             .map(|c| NearbyDriver {
@@ -262,21 +263,34 @@ impl System {
         }
     }
 
-    /// A driver's command, answered through `responder` (a lost one answers `internal`).
-    pub fn driver_command(&self, id: &DriverId, cmd: DriverCommand, responder: Responder) {
+    /// A driver's command, answered through `responder` (a lost one answers `internal`);
+    /// `trace`: the session's span for it, if it is a step of a traced ride.
+    pub fn driver_command(
+        &self,
+        id: &DriverId,
+        cmd: DriverCommand,
+        responder: Responder,
+        trace: Trace,
+    ) {
         match self.ctx.registry.driver(id) {
             Some(a) => {
-                let _ = a.cast(DriverMsg::Command(cmd, responder));
+                let _ = a.cast(DriverMsg::Command(cmd, responder, trace));
             }
             None => responder.fail(ApiError::internal()),
         }
     }
 
-    /// A rider's command, answered through `responder`.
-    pub fn rider_command(&self, id: &RiderId, cmd: RiderCommand, responder: Responder) {
+    /// A rider's command, answered through `responder`; `trace` as for a driver's.
+    pub fn rider_command(
+        &self,
+        id: &RiderId,
+        cmd: RiderCommand,
+        responder: Responder,
+        trace: Trace,
+    ) {
         match self.ctx.registry.rider(id) {
             Some(a) => {
-                let _ = a.cast(RiderMsg::Command(cmd, responder));
+                let _ = a.cast(RiderMsg::Command(cmd, responder, trace));
             }
             None => responder.fail(ApiError::internal()),
         }

@@ -24,6 +24,7 @@ use crate::messages::{
     DriverMsg, NewTrip, RiderMsg, SearchFilter, Ticket, TripArgs, TripLink, TripMsg,
 };
 use crate::records::TripRecord;
+use crate::tracecontext::{Trace, TraceContext};
 use crate::views::{OfferView, Receipt, TripDriver, TripView};
 
 pub struct TripActor {
@@ -37,6 +38,8 @@ pub struct TripActorState {
     restarted: bool,
     /// A new trip's first decision and request, made durable in `post_start`.
     start: Option<(Decision, NewTrip)>,
+    /// The span of a traced request's dispatch: its searches and offers are its children.
+    trace: Trace,
 }
 
 /// Where a command's outcome goes.
@@ -209,7 +212,7 @@ impl TripActor {
         };
         let (found, stats) = self
             .ctx
-            .search(t.pickup, self.ctx.config.search, filter)
+            .search(t.pickup, self.ctx.config.search, filter, s.trace)
             .await;
         tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
         TripCommand::Candidates(found)
@@ -377,7 +380,10 @@ impl TripActor {
                     arm(myself, now, *at_ms, TripCommand::DeadlineReached)
                 }
                 TripEffect::SendOffer(offer) => {
-                    let ov = OfferView::of(&s.rec.trip, offer);
+                    let ov = OfferView {
+                        trace: s.trace,
+                        ..OfferView::of(&s.rec.trip, offer)
+                    };
                     let held = match self.ctx.registry.driver(&offer.driver_id) {
                         Some(d) => matches!(
                             d.call(
@@ -490,6 +496,7 @@ fn arm(myself: &ActorRef<TripMsg>, now: u64, at_ms: u64, cmd: TripCommand) {
         cmd,
         from: Sender::System,
         ticket: None,
+        trace: None,
     });
 }
 
@@ -537,6 +544,7 @@ impl Actor for TripActor {
             first_offer_seen,
             restarted,
             start,
+            trace: None,
         })
     }
 
@@ -548,9 +556,17 @@ impl Actor for TripActor {
         let span =
             tracing::info_span!("trip", trip_id = %s.rec.trip.id, rider_id = %s.rec.trip.rider_id);
         let mut work = Work::new();
+        let dispatch = match &s.start {
+            Some((_, new)) => span.in_scope(
+                || crate::traced_span!(new.trace, "trip.dispatch", trip_id = %s.rec.trip.id),
+            ),
+            None => tracing::Span::none(),
+        };
+        s.trace = TraceContext::of(&dispatch);
         if let Some((d, new)) = s.start.take() {
             if !self
                 .begin(&myself, s, d, new, &mut work)
+                .instrument(dispatch.clone())
                 .instrument(span.clone())
                 .await
             {
@@ -575,7 +591,10 @@ impl Actor for TripActor {
             }
             self.resume(&myself, s, &mut work);
         }
-        self.run(&myself, s, work).instrument(span).await
+        self.run(&myself, s, work)
+            .instrument(dispatch)
+            .instrument(span)
+            .await
     }
 
     async fn handle(
@@ -603,10 +622,16 @@ impl TripActor {
         s: &mut TripActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TripMsg::Command { cmd, from, ticket } => {
+            TripMsg::Command {
+                cmd,
+                from,
+                ticket,
+                trace,
+            } => {
+                let span = crate::traced_span!(trace, "trip.command", command = cmd.kind(), trip_id = %s.rec.trip.id);
                 let answer = ticket.map_or(Answer::None, Answer::Ticket);
                 let work = Work::from([Step::Command(cmd, from, answer)]);
-                self.run(&myself, s, work).await?;
+                self.run(&myself, s, work).instrument(span).await?;
             }
             TripMsg::Admin { cmd, reply } => {
                 let work = Work::from([Step::Command(cmd, Sender::Admin, Answer::Admin(reply))]);

@@ -70,6 +70,10 @@ pub struct OfferView {
     pub pickup_distance_m: u64,
     pub pickup_eta_s: u64,
     pub expires_at_ms: u64,
+    /// The span that made the offer, when the ride is traced: the driver's actor and the
+    /// session that writes the offer open theirs as its children (never on the wire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: crate::tracecontext::Trace,
 }
 
 impl OfferView {
@@ -84,6 +88,7 @@ impl OfferView {
             pickup_distance_m: offer.pickup_distance_m,
             pickup_eta_s: offer.pickup_eta_s,
             expires_at_ms: offer.expires_at_ms,
+            trace: None,
         }
     }
 }

@@ -39,6 +39,7 @@ async fn a_second_system_on_the_same_store_resumes_where_the_first_stopped() {
             heading: None,
         },
         Responder::none(),
+        None,
     ))
     .unwrap();
     let req = dapp.drive(&d, DriverCommand::GoOnline);

@@ -9,3 +9,6 @@ pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod server;
+
+#[cfg(feature = "server")]
+pub mod telemetry;

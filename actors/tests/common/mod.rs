@@ -146,14 +146,14 @@ impl App {
     /// Sends `cmd` to the driver actor `a` under the next request id, and returns the id.
     pub fn drive(&mut self, a: &ActorRef<DriverMsg>, cmd: DriverCommand) -> u64 {
         let (req, r) = self.responder();
-        a.cast(DriverMsg::Command(cmd, r)).unwrap();
+        a.cast(DriverMsg::Command(cmd, r, None)).unwrap();
         req
     }
 
     /// Sends `cmd` to the rider actor `a` under the next request id, and returns the id.
     pub fn ride(&mut self, a: &ActorRef<RiderMsg>, cmd: RiderCommand) -> u64 {
         let (req, r) = self.responder();
-        a.cast(RiderMsg::Command(cmd, r)).unwrap();
+        a.cast(RiderMsg::Command(cmd, r, None)).unwrap();
         req
     }
 

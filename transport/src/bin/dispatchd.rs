@@ -2,7 +2,8 @@
 //! environment variable; `--help` lists them).
 
 use clap::Parser;
-use dispatch_transport::server::{self, Args, LogFormat};
+use dispatch_transport::server::{self, Args};
+use dispatch_transport::telemetry;
 use tracing_subscriber::EnvFilter;
 
 // mimalloc rather than glibc's malloc: recovery creates ~100,000 actors at once, and
@@ -19,18 +20,15 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Logs, and the OTLP export of traces when configured (its task runs on the runtime).
     let filter = EnvFilter::try_from_env("DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    match config.log_format {
-        // Colours only on a terminal: log files and journald get plain text.
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    let telemetry = {
+        let _rt = runtime.enter();
+        telemetry::init(filter, config.log_format, &config.traces)?
+    };
     // Every WebSocket session is a file: take the whole hard limit (containers often start
     // with a soft limit of 1024), and say so when it cannot cover --max-connections.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -42,13 +40,15 @@ fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        server::run(listener, config, server::shutdown_signal()).await
+        let served = server::run(listener, config, server::shutdown_signal()).await;
+        // The spans of the last requests are exported (bounded) before the process ends.
+        if let Some(t) = telemetry {
+            t.shutdown().await;
+        }
+        served
     })
 }

@@ -169,6 +169,9 @@ pub struct Args {
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+    /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
+    #[command(flatten)]
+    pub traces: crate::telemetry::TraceArgs,
 }
 
 /// The validated configuration.
@@ -193,6 +196,7 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub slow_handler_ms: u64,
     pub system: SystemConfig,
+    pub traces: crate::telemetry::TraceConfig,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -382,6 +386,7 @@ impl Args {
             shutdown_timeout_ms: self.shutdown_timeout_ms,
             slow_handler_ms: self.slow_handler_ms,
             system,
+            traces: self.traces.validate()?,
         })
     }
 }

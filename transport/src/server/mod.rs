@@ -109,6 +109,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // Spans dropped at the OTLP export's full queue (none when traces are off).
+    crate::telemetry::count_drops_in(metrics.bounds_hit.with_label_values(&["otlp_span_queue"]));
     let store = {
         let dir = config.data_dir.clone();
         let m = metrics.clone();

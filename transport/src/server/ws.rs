@@ -26,6 +26,7 @@ use tracing::Instrument;
 use super::decode;
 use super::http::{HttpError, QueryParams};
 use super::{App, auth, render};
+use crate::telemetry::{self, OfferTrace};
 
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
@@ -300,12 +301,13 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
     app.transport.sessions.with_label_values(&[label]).inc();
     app.metrics.started("session");
     let heard = Arc::new(AtomicU64::new(app.system.now_ms()));
+    let offers = OfferTrace::new();
     let writer = tokio::spawn(write_loop(
         app.clone(),
         sink,
         inbox,
         label,
-        (handle.clone(), heard.clone()),
+        (handle.clone(), heard.clone(), offers.clone()),
     ));
 
     let mut bad = BadWindow {
@@ -383,7 +385,10 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
                             &mut limits,
                             &mut handling,
                             |c| (c.kind(), matches!(c, DriverCommand::Location { .. })),
-                            |c, r| app.system.driver_command(id, c, r),
+                            |c, r| {
+                                let (span, trace) = offers.answer(&c);
+                                span.in_scope(|| app.system.driver_command(id, c, r, trace))
+                            },
                         ),
                         Identity::Rider(id) => client_frame(
                             &app,
@@ -392,7 +397,10 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
                             &mut limits,
                             &mut handling,
                             |c| (c.kind(), false),
-                            |c, r| app.system.rider_command(id, c, r),
+                            |c, r| {
+                                let (span, trace) = telemetry::rider_frame(&c);
+                                span.in_scope(|| app.system.rider_command(id, c, r, trace))
+                            },
                         ),
                     }
                 }
@@ -466,7 +474,7 @@ async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     inbox: SessionInbox,
     label: &'static str,
-    (handle, heard): (SessionHandle, Arc<AtomicU64>),
+    (handle, heard, offers): (SessionHandle, Arc<AtomicU64>, OfferTrace),
 ) {
     let (mut rx, closed) = inbox.into_parts();
     // Pings keep a quiet session alive through proxies; a client silent for three
@@ -496,8 +504,11 @@ async fn write_loop(
             }
             m = rx.recv() => {
                 let Some(m) = m else { break None };
+                // A traced offer's write is a step of its ride's trace.
+                let span = offers.writing(&m);
                 let text = render_text(&app, *m);
-                if let Err(code) = send_unless_closed(&mut sink, Message::Text(text.into()), &closed).await {
+                let frame = Message::Text(text.into());
+                if let Err(code) = send_unless_closed(&mut sink, frame, &closed).instrument(span).await {
                     break code.map(|c| (c, close_reason(c)));
                 }
                 sent.inc();
