@@ -311,10 +311,16 @@ impl Dispatchd {
     /// How to start a `dispatchd` named `name` (in its log file names and failures):
     /// `dispatchd --listen 127.0.0.1:<port> --data-dir <data> <flags>`.
     pub fn builder(name: &str) -> DispatchdBuilder {
+        // Tests register many riders and drivers from one address: the registration
+        // limit is raised out of the way unless a test sets it (flags win over these).
+        let env = [
+            ("DISPATCH_REGISTER_RATE_PER_S", "1000000"),
+            ("DISPATCH_REGISTER_BURST", "1000000"),
+        ];
         DispatchdBuilder {
             name: name.to_owned(),
             flags: Vec::new(),
-            env: Vec::new(),
+            env: env.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec(),
             data: None,
             port: None,
             stderr_apart: false,

@@ -169,6 +169,10 @@ pub struct Args {
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+    #[command(flatten)]
+    pub register_limit: super::ratelimit::RateLimitArgs,
+    #[command(flatten)]
+    pub auth: super::jwt::JwtArgs,
 }
 
 /// The validated configuration.
@@ -193,6 +197,10 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub slow_handler_ms: u64,
     pub system: SystemConfig,
+    /// `--register-rate-per-s`, `--register-burst`, `--trusted-proxy`.
+    pub register_limit: super::ratelimit::RateLimitConfig,
+    /// `--auth-own-tokens` and the `--auth-jwt-*` flags.
+    pub auth: super::jwt::AuthConfig,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -363,7 +371,11 @@ impl Args {
                 "--admin-listen must differ from --listen",
             )?;
         }
+        let register_limit = self.register_limit.validate()?;
+        let auth = self.auth.validate()?;
         Ok(Config {
+            register_limit,
+            auth,
             listen: self.listen,
             admin_listen: self.admin_listen,
             ws_ping_interval_ms: self.ws_ping_interval_ms,
