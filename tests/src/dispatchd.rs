@@ -69,6 +69,25 @@ pub fn built_bin(package: &str, bin: &str) -> PathBuf {
         let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", package, "--bin", bin]);
+        // Not the variables cargo sets for this test crate (CARGO_PKG_NAME, ...): ring's
+        // build script reruns when they change, so inheriting them would rebuild ring and
+        // everything above it at every switch between `cargo test` and this build.
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ];
+        for (k, _) in std::env::vars_os() {
+            if k.to_str()
+                .is_some_and(|k| per_crate.iter().any(|p| k.starts_with(p)))
+            {
+                cmd.env_remove(k);
+            }
+        }
         if path.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
             cmd.arg("--release");
         }
