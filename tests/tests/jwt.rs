@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -138,13 +138,19 @@ fn claims(role: &str, sub: &str) -> Value {
     json!({"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600, "role": role, "sub": sub})
 }
 
+const SERVE: usize = 0;
+const FAIL: usize = 1;
+const HANG: usize = 2;
+const HUGE: usize = 3;
+
 /// The identity provider's key set on loopback: what it serves can change, it can be made
 /// to fail, and it counts its fetches.
 #[derive(Clone)]
 struct Idp {
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
-    failing: Arc<AtomicBool>,
+    /// What the key set endpoint does: [`SERVE`], [`FAIL`], [`HANG`] or [`HUGE`].
+    mode: Arc<AtomicUsize>,
     url: String,
 }
 
@@ -154,7 +160,7 @@ impl Idp {
         let idp = Idp {
             keys: Arc::new(Mutex::new(Vec::new())),
             fetches: Arc::new(AtomicUsize::new(0)),
-            failing: Arc::new(AtomicBool::new(false)),
+            mode: Arc::new(AtomicUsize::new(SERVE)),
             url: format!("http://{}/jwks", listener.local_addr().unwrap()),
         };
         idp.publish(keys);
@@ -165,14 +171,18 @@ impl Idp {
                 let s = state.clone();
                 async move {
                     s.fetches.fetch_add(1, Ordering::SeqCst);
-                    if s.failing.load(Ordering::SeqCst) {
-                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new());
-                    }
                     let keys = s.keys.lock().unwrap().clone();
-                    (
-                        axum::http::StatusCode::OK,
-                        json!({ "keys": keys }).to_string(),
-                    )
+                    let set = json!({ "keys": keys }).to_string();
+                    match s.mode.load(Ordering::SeqCst) {
+                        FAIL => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+                        HANG => std::future::pending().await,
+                        // The real keys, padded past the 256 KiB bound.
+                        HUGE => (
+                            axum::http::StatusCode::OK,
+                            format!("{set}{}", " ".repeat(300 * 1024)),
+                        ),
+                        _ => (axum::http::StatusCode::OK, set),
+                    }
                 }
             }),
         );
@@ -501,7 +511,7 @@ async fn an_unreachable_identity_provider_fails_jwts_only() {
     )
     .await;
     assert_eq!(register_rider(&s, &jwt).await.0, 201);
-    idp.failing.store(true, Ordering::SeqCst);
+    idp.mode.store(FAIL, Ordering::SeqCst);
     let stranger = Signer::rsa("rsa-2").sign(&claims("rider", "riley-5"));
     let (st, v) = probe(&s, &stranger).await;
     assert_error_body(st, &v, 503, "unavailable");
@@ -529,4 +539,43 @@ async fn own_tokens_are_refused_once_turned_off_and_jwt_riders_survive_a_restart
     assert_eq!((st, &v), (401, &unknown), "a minted token is now unknown");
     assert_eq!(s.metric_value(&rejected("own_tokens_off")).await, 2.0);
     assert_eq!(probe(&s, &jwt).await.0, 404, "the JWT rider was recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_that_hangs_or_is_too_large_is_cut_off() {
+    let rsa = Signer::rsa("rsa-1");
+    let jwt = rsa.sign(&claims("rider", "riley-7"));
+    for (mode, name) in [(HANG, "jwt-hang"), (HUGE, "jwt-huge")] {
+        let idp = Idp::serve(&[&rsa]).await;
+        idp.mode.store(mode, Ordering::SeqCst);
+        let s = Dispatchd::start(
+            name,
+            &idp.flags(&[
+                "--auth-jwt-fetch-timeout-ms",
+                "300",
+                "--auth-jwt-unknown-kid-refresh-ms",
+                "0",
+            ]),
+        )
+        .await;
+        // Answered (within the client's own timeout), and 503: the keys never loaded.
+        let (st, v) = register_rider(&s, &jwt).await;
+        assert_error_body(st, &v, 503, "unavailable");
+        // The fetch at start or the one the token asked for: either is cut off and counted.
+        eventually(&format!("{name}: a failed fetch counted"), || async {
+            let mut failed = 0.0;
+            for trigger in ["schedule", "unknown_kid"] {
+                let series = format!(
+                    "dispatch_jwks_fetches_total{{result=\"error\",trigger=\"{trigger}\"}}"
+                );
+                failed += s.metric_value(&series).await;
+            }
+            (failed >= 1.0).then_some(())
+        })
+        .await;
+        // Served properly again, the same token gets in.
+        idp.mode.store(SERVE, Ordering::SeqCst);
+        let (st, v) = register_rider(&s, &jwt).await;
+        assert_eq!(st, 201, "{name}: {v}");
+    }
 }
