@@ -356,6 +356,25 @@ mod tests {
     }
 
     #[test]
+    fn the_map_of_addresses_is_bounded() {
+        let cfg = RateLimitArgs {
+            register_rate_per_s: 0.001,
+            register_burst: 3,
+            trusted_proxies: vec![],
+        }
+        .validate()
+        .unwrap();
+        let l = RegisterLimit::new(&cfg);
+        for i in 0..MAX_KEYS as u32 {
+            assert!(l.check(IpAddr::V4(i.into())).is_ok());
+        }
+        assert_eq!(l.len(), MAX_KEYS);
+        // Full of addresses that are all still limited: a new one is refused, not added.
+        assert_eq!(l.check(PEER), Err(Err(())));
+        assert_eq!(l.len(), MAX_KEYS);
+    }
+
+    #[test]
     fn bad_flags_are_named() {
         let args = |rate: f64, burst: u32| RateLimitArgs {
             register_rate_per_s: rate,
