@@ -336,16 +336,19 @@ mod tests {
         assert_ne!(key(a), key(c));
     }
 
-    #[test]
-    fn a_burst_then_refusals_per_address() {
+    /// Bursts of 3, then one per 1000 s: nothing refills during a test.
+    fn slow_limit() -> RegisterLimit {
         let cfg = RateLimitArgs {
             register_rate_per_s: 0.001,
             register_burst: 3,
             trusted_proxies: vec![],
-        }
-        .validate()
-        .unwrap();
-        let l = RegisterLimit::new(&cfg);
+        };
+        RegisterLimit::new(&cfg.validate().unwrap())
+    }
+
+    #[test]
+    fn a_burst_then_refusals_per_address() {
+        let l = slow_limit();
         for _ in 0..3 {
             assert!(l.check(PEER).is_ok());
         }
@@ -357,14 +360,7 @@ mod tests {
 
     #[test]
     fn the_map_of_addresses_is_bounded() {
-        let cfg = RateLimitArgs {
-            register_rate_per_s: 0.001,
-            register_burst: 3,
-            trusted_proxies: vec![],
-        }
-        .validate()
-        .unwrap();
-        let l = RegisterLimit::new(&cfg);
+        let l = slow_limit();
         for i in 0..MAX_KEYS as u32 {
             assert!(l.check(IpAddr::V4(i.into())).is_ok());
         }
