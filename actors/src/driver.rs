@@ -36,16 +36,21 @@ pub struct DriverActorState {
 }
 
 impl DriverActor {
-    /// Commits the restartable state (see `registry`).
-    /// Commits the restartable state, and queues it for the store. Statuses that come
-    /// from a trip need not wait for the disk: recovery derives them from the trips,
-    /// which are durable before anyone is told.
-    fn commit(&self, s: &mut DriverActorState) {
+    /// Keeps the restartable state in the registry (what a restarted actor, or a
+    /// restarted cell asking its drivers back, starts from), without writing the store.
+    fn remember(&self, s: &mut DriverActorState) {
         s.rec.status = s.st.status().clone();
         self.ctx
             .registry
             .driver_records
             .insert(s.rec.id.clone(), s.rec.clone());
+    }
+
+    /// Commits the restartable state, and queues it for the store. Statuses that come
+    /// from a trip need not wait for the disk: recovery derives them from the trips,
+    /// which are durable before anyone is told.
+    fn commit(&self, s: &mut DriverActorState) {
+        self.remember(s);
         if let Err(e) = self.ctx.store.write(Batch::new().driver(s.rec.stored())) {
             tracing::error!(driver_id = %s.rec.id, error = %e, "driver write failed");
         }
@@ -183,8 +188,12 @@ impl DriverActor {
                     s.rec.heading = heading;
                 }
                 self.ctx.driver_moved(&s.rec.id, position, s.rec.heading);
+                // A new cell is worth remembering across an actor's restart; the store does
+                // not keep cells (recovery indexes a driver from its position), and its
+                // position reaches the store with the next snapshot. Writing the whole
+                // record at every cell crossing was a store write and an fsync each.
                 if self.reindex(s, true).await {
-                    self.commit(s); // a new cell is worth remembering across a restart
+                    self.remember(s);
                 }
                 if let DriverStatus::OnTrip(trip_id) = s.st.status()
                     && let Some(t) = self.ctx.registry.trip(trip_id)

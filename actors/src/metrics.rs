@@ -50,14 +50,17 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 15] = [
+pub const BOUNDS: [&str; 18] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
     "http_body_bytes",
+    "jwks_refresh_rate",
     "location_rate",
     "max_connections",
     "otlp_span_queue",
+    "register_rate",
+    "register_rate_keys",
     "store_write_failed",
     "ws_frame_bytes",
     "ws_hard_max_bytes",

@@ -90,8 +90,34 @@ impl System {
         profile: DriverProfile,
         token_hash: [u8; 32],
     ) -> Result<DriverId, ApiError> {
-        let ctx = &self.ctx;
         let id = DriverId::with_suffix(&random_suffix());
+        self.register_driver_as(id, profile, token_hash).await
+    }
+
+    /// Whether `who` names a registered rider or driver (for identities that come from
+    /// outside, such as a JWT's claims, rather than from a token this server minted).
+    pub fn is_registered(&self, who: &Identity) -> bool {
+        match who {
+            Identity::Driver(id) => self.ctx.registry.driver_records.contains_key(id),
+            Identity::Rider(id) => self.ctx.registry.rider_records.contains_key(id),
+        }
+    }
+
+    /// Registers a driver under an id chosen by the caller (a JWT's); `conflict` if one
+    /// is registered under it already. The caller keeps two registrations of one id from
+    /// running at once.
+    pub async fn register_driver_as(
+        &self,
+        id: DriverId,
+        profile: DriverProfile,
+        token_hash: [u8; 32],
+    ) -> Result<DriverId, ApiError> {
+        let ctx = &self.ctx;
+        if self.is_registered(&Identity::Driver(id.clone())) {
+            return Err(ApiError::conflict(
+                "a driver is registered under this id already",
+            ));
+        }
         let record = DriverRecord {
             id: id.clone(),
             profile,
@@ -129,8 +155,23 @@ impl System {
         profile: RiderProfile,
         token_hash: [u8; 32],
     ) -> Result<RiderId, ApiError> {
-        let ctx = &self.ctx;
         let id = RiderId::with_suffix(&random_suffix());
+        self.register_rider_as(id, profile, token_hash).await
+    }
+
+    /// Registers a rider under an id chosen by the caller; see [`Self::register_driver_as`].
+    pub async fn register_rider_as(
+        &self,
+        id: RiderId,
+        profile: RiderProfile,
+        token_hash: [u8; 32],
+    ) -> Result<RiderId, ApiError> {
+        let ctx = &self.ctx;
+        if self.is_registered(&Identity::Rider(id.clone())) {
+            return Err(ApiError::conflict(
+                "a rider is registered under this id already",
+            ));
+        }
         let stored = StoredRider {
             id: id.clone(),
             profile: profile.clone(),

@@ -111,7 +111,8 @@ start_dispatchd() {
   DISPATCH_PORT=$(free_port)
   mkdir -p "$WORK/$name"
   "$DISPATCHD" --listen "127.0.0.1:$DISPATCH_PORT" --data-dir "$WORK/$name/data" \
-    --location-max-per-s 1000 --max-connections 20000 --log-format json "$@" \
+    --location-max-per-s 1000 --max-connections 20000 --log-format json \
+    --register-rate-per-s 1000000 --register-burst 1000000 "$@" \
     >"$WORK/$name/dispatchd.log" 2>&1 &
   DISPATCH_PID=$!
   echo "dispatchd on 127.0.0.1:$DISPATCH_PORT (pid $DISPATCH_PID) $*"

@@ -29,7 +29,10 @@ impl EmbeddedServer {
             .to_str()
             .context("a UTF-8 temporary path")?
             .to_owned();
+        // Every simulated rider and driver registers from this one address.
+        // Every simulated rider and driver registers from this one address.
         let mut argv = vec!["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
+        argv.extend_from_slice(&dispatch_transport::server::ratelimit::UNLIMITED);
         argv.extend_from_slice(flags);
         let config = Args::parse_from(argv)
             .build_and_validate()

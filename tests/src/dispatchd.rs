@@ -69,6 +69,25 @@ pub fn built_bin(package: &str, bin: &str) -> PathBuf {
         let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", package, "--bin", bin]);
+        // Not the variables cargo sets for this test crate (CARGO_PKG_NAME, ...): ring's
+        // build script reruns when they change, so inheriting them would rebuild ring and
+        // everything above it at every switch between `cargo test` and this build.
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ];
+        for (k, _) in std::env::vars_os() {
+            if k.to_str()
+                .is_some_and(|k| per_crate.iter().any(|p| k.starts_with(p)))
+            {
+                cmd.env_remove(k);
+            }
+        }
         if path.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
             cmd.arg("--release");
         }
@@ -311,10 +330,16 @@ impl Dispatchd {
     /// How to start a `dispatchd` named `name` (in its log file names and failures):
     /// `dispatchd --listen 127.0.0.1:<port> --data-dir <data> <flags>`.
     pub fn builder(name: &str) -> DispatchdBuilder {
+        // Tests register many riders and drivers from one address: the registration
+        // limit is raised out of the way unless a test sets it (flags win over these).
+        let env = [
+            ("DISPATCH_REGISTER_RATE_PER_S", "1000000"),
+            ("DISPATCH_REGISTER_BURST", "1000000"),
+        ];
         DispatchdBuilder {
             name: name.to_owned(),
             flags: Vec::new(),
-            env: Vec::new(),
+            env: env.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec(),
             data: None,
             port: None,
             stderr_apart: false,

@@ -405,8 +405,10 @@ impl TestServer {
     /// fresh one: a restart, which recovers what an earlier server stored there.
     pub async fn start_in(data_dir: tempfile::TempDir, flags: &[&str]) -> TestServer {
         let dir = data_dir.path().to_str().expect("utf-8 path").to_owned();
+        // Tests register many riders and drivers from one address: no registration limit.
         let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
-        let config = Args::parse_from(argv.iter().chain(flags))
+        let unlimited = dispatch_transport::server::ratelimit::UNLIMITED;
+        let config = Args::parse_from(argv.iter().chain(&unlimited).chain(flags))
             .build_and_validate()
             .expect("valid test flags");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

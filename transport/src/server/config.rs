@@ -172,6 +172,10 @@ pub struct Args {
     /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
     #[command(flatten)]
     pub traces: crate::telemetry::TraceArgs,
+    #[command(flatten)]
+    pub register_limit: super::ratelimit::RateLimitArgs,
+    #[command(flatten)]
+    pub auth: super::jwt::JwtArgs,
 }
 
 /// The validated configuration.
@@ -197,6 +201,10 @@ pub struct Config {
     pub slow_handler_ms: u64,
     pub system: SystemConfig,
     pub traces: crate::telemetry::TraceConfig,
+    /// `--register-rate-per-s`, `--register-burst`, `--trusted-proxy`.
+    pub register_limit: super::ratelimit::RateLimitConfig,
+    /// `--auth-own-tokens` and the `--auth-jwt-*` flags.
+    pub auth: super::jwt::AuthConfig,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -367,7 +375,11 @@ impl Args {
                 "--admin-listen must differ from --listen",
             )?;
         }
+        let register_limit = self.register_limit.validate()?;
+        let auth = self.auth.validate()?;
         Ok(Config {
+            register_limit,
+            auth,
             listen: self.listen,
             admin_listen: self.admin_listen,
             ws_ping_interval_ms: self.ws_ping_interval_ms,

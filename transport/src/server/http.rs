@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::decode::point;
 use super::render::{self, product_in};
-use super::{App, admin, auth, ws};
+use super::{App, admin, auth, jwt, ratelimit, ws};
 use crate::wire;
 
 /// HTTP status of each protocol error code: the only such mapping.
@@ -212,10 +212,13 @@ impl FromRequestParts<App> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
-        app.system
-            .authenticate(&bearer_hash(parts)?)
-            .map(Caller)
-            .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "unknown token")))
+        let token = auth::bearer(&parts.headers, None).ok_or_else(|| {
+            HttpError(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing bearer token",
+            ))
+        })?;
+        jwt::identify(app, token).await.map(Caller)
     }
 }
 
@@ -232,9 +235,13 @@ fn ready(app: &App) -> Result<(), HttpError> {
 /// The client routes, and with them the operator routes (`/admin/`, `/metrics`) unless
 /// `--admin-listen` serves those on an address of their own.
 pub fn router(app: App) -> Router {
+    // The routes that need no token: limited per client address.
+    let limited = |app: &App| {
+        axum::middleware::from_fn_with_state(app.clone(), ratelimit::limit_registration)
+    };
     let clients = Router::new()
-        .route("/v1/riders", post(register_rider))
-        .route("/v1/drivers", post(register_driver))
+        .route("/v1/riders", post(register_rider).layer(limited(&app)))
+        .route("/v1/drivers", post(register_driver).layer(limited(&app)))
         .route("/v1/quotes", post(quote))
         .route("/v1/trips/{id}", get(get_trip))
         .route("/v1/drivers/nearby", get(nearby))
@@ -363,10 +370,18 @@ async fn metrics(State(app): State<App>) -> Response {
 
 async fn register_rider(
     State(app): State<App>,
+    headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<wire::RegisterRider>,
-) -> Result<(StatusCode, Json<wire::RiderRegistered>), HttpError> {
+) -> Result<Response, HttpError> {
     ready(&app)?;
+    let registrant = jwt::registrant(&app, &headers, "rider").await?;
     let profile = RiderProfile::new(&b.name, &b.phone).map_err(|e| bad(e.to_string()))?;
+    if let jwt::Registrant::Jwt(Identity::Rider(id), _held) = registrant {
+        let id = app
+            .system
+            .register_rider_as(id, profile, auth::new_token().1);
+        return Ok(jwt::registered("rider_id", id.await?.as_str()));
+    }
     let (token, hash) = auth::new_token();
     let id = app.system.register_rider(profile, hash).await?;
     Ok((
@@ -375,14 +390,17 @@ async fn register_rider(
             rider_id: id.to_string(),
             token,
         }),
-    ))
+    )
+        .into_response())
 }
 
 async fn register_driver(
     State(app): State<App>,
+    headers: axum::http::HeaderMap,
     JsonBody(b): JsonBody<wire::RegisterDriver>,
-) -> Result<(StatusCode, Json<wire::DriverRegistered>), HttpError> {
+) -> Result<Response, HttpError> {
     ready(&app)?;
+    let registrant = jwt::registrant(&app, &headers, "driver").await?;
     let v = &b.vehicle;
     let profile = DriverProfile::new(DriverForm {
         name: &b.name,
@@ -394,6 +412,12 @@ async fn register_driver(
         seats: v.seats,
     })
     .map_err(|e| bad(e.to_string()))?;
+    if let jwt::Registrant::Jwt(Identity::Driver(id), _held) = registrant {
+        let id = app
+            .system
+            .register_driver_as(id, profile, auth::new_token().1);
+        return Ok(jwt::registered("driver_id", id.await?.as_str()));
+    }
     let (token, hash) = auth::new_token();
     let id = app.system.register_driver(profile, hash).await?;
     Ok((
@@ -402,7 +426,8 @@ async fn register_driver(
             driver_id: id.to_string(),
             token,
         }),
-    ))
+    )
+        .into_response())
 }
 
 fn rider_only(c: &Caller) -> Result<dispatch_engine::RiderId, HttpError> {

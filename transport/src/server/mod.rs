@@ -9,6 +9,8 @@ pub mod auth;
 pub mod config;
 pub mod decode;
 pub mod http;
+pub mod jwt;
+pub mod ratelimit;
 pub mod render;
 pub mod ws;
 
@@ -93,6 +95,10 @@ pub struct AppInner {
     pub admin_token_hash: [u8; 32],
     /// Flips to true when the server begins to shut down; sessions watch it.
     pub shutdown: watch::Receiver<bool>,
+    /// The per-address limit on registration.
+    pub register_limit: ratelimit::RegisterLimit,
+    /// Own tokens and the identity provider's JWTs.
+    pub auth: jwt::Auth,
 }
 
 pub type App = Arc<AppInner>;
@@ -133,12 +139,14 @@ pub async fn run(
         transport: TransportMetrics::new(&metrics),
         config: config.clone(),
         system: system.clone(),
-        metrics,
+        metrics: metrics.clone(),
         ready: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         started: Instant::now(),
         admin_token_hash,
         shutdown: stop_rx,
+        register_limit: ratelimit::RegisterLimit::new(&config.register_limit),
+        auth: jwt::Auth::new(&config.auth, metrics.clone()),
     });
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "dispatchd serving; recovering state");
@@ -164,6 +172,7 @@ pub async fn run(
 
     // The system's own timers: position snapshots, the quote sweep, surge.
     let upkeep = system.spawn_timers();
+    let jwks_refresh = app.auth.spawn_refresh();
 
     let router = http::router(app.clone());
     // The operator routes on their own address, stopping with the rest.
@@ -197,7 +206,12 @@ pub async fn run(
         app2.metrics.ready.set(0);
         let _ = stop_tx.send(true);
     };
-    let serve = axum::serve(listener, router).with_graceful_shutdown(graceful);
+    // The peer address is what the registration limit keys on (see `ratelimit`).
+    let serve = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful);
     let timeout = Duration::from_millis(config.shutdown_timeout_ms);
     let served = serve.into_future();
     // The timeout only starts counting once shutdown has begun.
@@ -215,6 +229,9 @@ pub async fn run(
     };
     recovery.abort();
     upkeep.abort();
+    if let Some(t) = jwks_refresh {
+        t.abort();
+    }
     if let Some(a) = admin_server {
         a.abort();
     }

@@ -33,12 +33,10 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
-fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, HttpError> {
+async fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, HttpError> {
     let token = auth::bearer(headers, q.token.as_deref())
         .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "missing token")))?;
-    app.system
-        .authenticate(&auth::hash(token))
-        .ok_or_else(|| HttpError(ApiError::new(ErrorCode::Unauthorized, "unknown token")))
+    super::jwt::identify(app, token).await
 }
 
 pub async fn driver_upgrade(
@@ -47,7 +45,7 @@ pub async fn driver_upgrade(
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    upgrade_as(app, &headers, &q, up, "driver")
+    upgrade_as(app, &headers, &q, up, "driver").await
 }
 
 pub async fn rider_upgrade(
@@ -56,18 +54,18 @@ pub async fn rider_upgrade(
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    upgrade_as(app, &headers, &q, up, "rider")
+    upgrade_as(app, &headers, &q, up, "rider").await
 }
 
 /// A session for `role`, whose token must be a `role`'s (403 for the other role's).
-fn upgrade_as(
+async fn upgrade_as(
     app: App,
     headers: &HeaderMap,
     q: &TokenQuery,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     role: &'static str,
 ) -> Response {
-    match identity(&app, headers, q) {
+    match identity(&app, headers, q).await {
         Ok(who) if who.role() == role => upgrade(app, up, who),
         Ok(who) => HttpError(ApiError::forbidden(format!(
             "a {} token cannot open a {role} session",
