@@ -5,10 +5,12 @@
 //! 1001, stop the actors. It is bounded by `--shutdown-timeout-ms`.
 
 pub mod admin;
+pub mod asyncapi;
 pub mod auth;
 pub mod config;
 pub mod decode;
 pub mod http;
+pub mod openapi;
 pub mod render;
 pub mod ws;
 
