@@ -49,7 +49,197 @@ pub struct ApiDoc;
 
 /// The document as JSON.
 pub fn document_json() -> Value {
-    serde_json::to_value(ApiDoc::openapi()).expect("the document serializes")
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    refine(&mut doc);
+    doc
+}
+
+/// A name: printable characters, not starting or ending with a space (the server trims
+/// them: the document asks for what it keeps).
+const PRINTABLE: &str = r"^[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$";
+/// 5 to 20 digits, with spaces and `+ - ( ) .` between them.
+const PHONE: &str = r"^[ +\-().]*([0-9][ +\-().]*){5,20}$";
+/// A reason: 1 to 500 characters once trimmed.
+const REASON: &str = r"\S";
+/// An H3 cell index as the server writes it.
+const H3: &str = "^[0-9a-f]{15}$";
+
+/// What the server checks beyond the types, written into the schemas
+/// (`engine/src/profile.rs`, `engine/src/fare.rs`, the handlers' own checks): schemathesis
+/// sends data the document allows and fails when the server refuses it.
+fn constraints() -> Vec<(&'static str, &'static str, Value)> {
+    use serde_json::json;
+    let name = |max: u32| json!({"minLength": 1, "maxLength": max, "pattern": PRINTABLE});
+    let rate = |max: u32| json!({"minimum": 0, "maximum": max});
+    let reason = json!({"type": "string", "minLength": 1, "maxLength": 500, "pattern": REASON});
+    let multiplier = json!({"minimum": 1.0, "maximum": 3.0,
+        "description": "From 1.0 to --surge-cap (3.0 by default); null removes it"});
+    vec![
+        ("RegisterRider", "name", name(100)),
+        (
+            "RegisterRider",
+            "phone",
+            json!({"maxLength": 32, "pattern": PHONE}),
+        ),
+        ("RegisterDriver", "name", name(100)),
+        ("Vehicle", "make", name(64)),
+        ("Vehicle", "model", name(64)),
+        ("Vehicle", "plate", name(16)),
+        ("Vehicle", "color", name(32)),
+        ("Vehicle", "seats", json!({"minimum": 1, "maximum": 20})),
+        ("LatLng", "lat", json!({"minimum": -90, "maximum": 90})),
+        ("LatLng", "lng", json!({"minimum": -180, "maximum": 180})),
+        ("CancelBody", "reason", reason.clone()),
+        ("RefundBody", "reason", reason),
+        ("RefundBody", "amount_cents", json!({"minimum": 1})),
+        ("SuspendBody", "reason", json!({"maxLength": 500})),
+        (
+            "ModeBody",
+            "mode",
+            json!({"enum": ["approve", "decline", "fail"]}),
+        ),
+        (
+            "ProviderMode",
+            "mode",
+            json!({"enum": ["approve", "decline", "fail"]}),
+        ),
+        ("CapBody", "city_cap", multiplier.clone()),
+        ("PinBody", "multiplier", multiplier),
+        ("Rate", "base_cents", rate(100_000)),
+        ("Rate", "per_km_cents", rate(100_000)),
+        ("Rate", "per_minute_cents", rate(100_000)),
+        ("Rate", "minimum_cents", rate(1_000_000)),
+        ("Rate", "booking_fee_cents", rate(100_000)),
+        ("Rate", "cancellation_fee_cents", rate(100_000)),
+    ]
+}
+
+/// Query and path parameters' checks, by operation path and parameter name.
+fn parameter_constraints() -> Vec<(&'static str, &'static str, Value)> {
+    use serde_json::json;
+    let page = json!({"minimum": 1, "maximum": 1000});
+    let cursor = json!({"minLength": 1});
+    let mut out = vec![
+        (
+            "/v1/drivers/nearby",
+            "limit",
+            json!({"minimum": 1, "maximum": 50}),
+        ),
+        (
+            "/v1/drivers/nearby",
+            "radius_m",
+            json!({"exclusiveMinimum": 0, "maximum": 5000}),
+        ),
+        ("/admin/drivers", "cell", json!({"pattern": H3})),
+        ("/admin/surge/cells/{cell}", "cell", json!({"pattern": H3})),
+        (
+            "/admin/ledger",
+            "account",
+            json!({"pattern":
+            "^(platform|clearing|authorizations|rider:rdr_[0-9a-f]{32}|rider_hold:rdr_[0-9a-f]{32}|driver:drv_[0-9a-f]{32})$"}),
+        ),
+        (
+            "/admin/drivers",
+            "status",
+            json!({"enum": ["offline", "available", "offered", "on_trip", "suspended"]}),
+        ),
+    ];
+    for list in ["/admin/drivers", "/admin/trips", "/admin/cells"] {
+        out.push((list, "limit", page.clone()));
+        out.push((list, "cursor", cursor.clone()));
+    }
+    out
+}
+
+/// The server's checks beyond the types ([`constraints`], [`parameter_constraints`]), and
+/// what request bodies may hold besides their fields: unknown fields are ignored, but no
+/// request body has an array anywhere (docs/api.md, "REST"), so every object a request
+/// body holds allows other properties that are not arrays. (An array nested deeper in an
+/// unknown field is refused too; a recursive schema saying so broke openapi-python-client,
+/// which then left out every operation that used it.) The suspension routes take no body or
+/// an object, never `null`.
+fn refine(doc: &mut Value) {
+    use serde_json::json;
+    let schemas = doc["components"]["schemas"]
+        .as_object_mut()
+        .expect("the document has schemas");
+    for (schema, property, extra) in constraints() {
+        let p = &mut schemas[schema]["properties"][property];
+        assert!(p.is_object(), "{schema}.{property} is in the document");
+        for (k, v) in extra.as_object().expect("constraints are objects") {
+            p[k] = v.clone();
+        }
+    }
+    // The cancel reason is an Option only to name its absence in the error.
+    schemas["CancelBody"]["required"] = json!(["reason"]);
+    schemas["Rate"]["not"] = json!({
+        "description": "base, per-km and per-minute rates cannot all be 0",
+        "properties": {"base_cents": {"const": 0}, "per_km_cents": {"const": 0}, "per_minute_cents": {"const": 0}},
+    });
+    let mut in_requests = std::collections::BTreeSet::new();
+    let mut todo: Vec<String> = Vec::new();
+    for item in doc["paths"].as_object().expect("paths").values() {
+        for op in item.as_object().expect("a path item").values() {
+            refs(&op["requestBody"], &mut todo);
+        }
+    }
+    while let Some(name) = todo.pop() {
+        if in_requests.insert(name.clone()) {
+            refs(&doc["components"]["schemas"][&name], &mut todo);
+        }
+    }
+    for name in in_requests {
+        let s = &mut doc["components"]["schemas"][&name];
+        if s["type"] == "object" {
+            s["additionalProperties"] = json!({
+                "description": "Unknown fields are ignored, but may not be (or hold) an array",
+                "not": {"type": "array"},
+            });
+        }
+    }
+    for path in [
+        "/admin/drivers/{id}/suspend",
+        "/admin/drivers/{id}/unsuspend",
+    ] {
+        doc["paths"][path]["post"]["requestBody"] = json!({
+            "description": "Optional: no body, or an object",
+            "required": false,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SuspendBody"}}},
+        });
+    }
+    for (path, name, extra) in parameter_constraints() {
+        let ops = doc["paths"][path]
+            .as_object_mut()
+            .expect("the path is in the document");
+        let mut found = false;
+        for op in ops.values_mut() {
+            for p in op["parameters"].as_array_mut().into_iter().flatten() {
+                if p["name"] == name {
+                    found = true;
+                    for (k, v) in extra.as_object().expect("constraints are objects") {
+                        p["schema"][k] = v.clone();
+                    }
+                }
+            }
+        }
+        assert!(found, "{path} has the parameter {name}");
+    }
+}
+
+/// The schema names `v` refers to.
+fn refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(r) = m.get("$ref").and_then(Value::as_str) {
+                if let Some(name) = r.strip_prefix("#/components/schemas/") {
+                    out.push(name.to_owned());
+                }
+            }
+            m.values().for_each(|x| refs(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+        _ => {}
+    }
 }
 
 /// The document as `docs/openapi.json` holds it: pretty JSON and a final newline.
