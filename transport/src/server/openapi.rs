@@ -230,10 +230,12 @@ fn refine(doc: &mut Value) {
 fn refs(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
-            if let Some(r) = m.get("$ref").and_then(Value::as_str) {
-                if let Some(name) = r.strip_prefix("#/components/schemas/") {
-                    out.push(name.to_owned());
-                }
+            if let Some(name) = m
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            {
+                out.push(name.to_owned());
             }
             m.values().for_each(|x| refs(x, out));
         }
