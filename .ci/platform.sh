@@ -92,8 +92,8 @@ python3 dashboards/check_alerting.py
 step "cargo deny check (advisories, licenses, bans, sources)"
 CARGO_DENY=$(cargo_tool cargo-deny "$CARGO_DENY_VERSION" cargo-deny)
 cargo fetch --locked --quiet
-# The RustSec database. With the offline snapshot beside the repository (../shared/
-# advisory-db, CC0, a plain directory), cargo-deny reads a git copy of it: it opens
+# The RustSec database. With the offline snapshot beside the repository (../shared/advisory-db,
+# CC0, a plain directory), cargo-deny reads a git copy of it: it opens
 # <db-path>/advisory-db-<hash of the URL in deny.toml> and dates the database by its HEAD
 # commit, so the copy is committed with the snapshot's date (its SNAPSHOT file) and
 # deny.toml's maximum-db-staleness applies to the snapshot's real age. No fetch then

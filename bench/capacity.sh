@@ -8,14 +8,14 @@
 #   bash bench/capacity.sh A_DISPATCHD B_DISPATCHD [ROUNDS] [LOADGEN] [DEMAND_CSV]
 #
 # ROUNDS per side (default 3). LOADGEN defaults to target/release/loadgen; DEMAND_CSV to
-# the Montreal zones (any `lat,lng,weight` CSV works). The city is set by DRIVERS (15000),
+# the Montreal zones in loadgen/data (any `lat,lng,weight` CSV works). The city is set by DRIVERS (15000),
 # RIDERS (2000), RATE (50), DURATION (60s), PING_MS (4000). Above ~19,000 connections one
 # process runs out of files and one source address out of ports, so loadgen runs 2 worker
 # processes over 127.0.0.2-127.0.0.9. Bounded: each loadgen run is limited to 10 minutes.
 set -euo pipefail
 a=$1 b=$2 rounds=${3:-3}
 loadgen=${4:-target/release/loadgen}
-demand=${5:-../shared/data/montreal_carshare_zones.csv}
+demand=${5:-loadgen/data/montreal_carshare_zones.csv}
 drivers=${DRIVERS:-15000} riders=${RIDERS:-2000} rate=${RATE:-50}
 duration=${DURATION:-60s} ping_ms=${PING_MS:-4000}
 out=$(mktemp -d)
@@ -23,6 +23,9 @@ port=18191
 ulimit -n 20000 2>/dev/null || true
 one() { # side binary round
   local side=$1 bin=$2 round=$3 dir="$out/$1-$3"
+  # Every simulated client registers from this host: no registration limit (environment
+  # variables, which a binary from before the limit ignores).
+  DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
   "$bin" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + 1))" \
     --data-dir "$dir/data" >"$dir.log" 2>&1 &
   local pid=$!

@@ -6,12 +6,12 @@
 #   bash bench/side-by-side.sh A_DISPATCHD B_DISPATCHD [ROUNDS] [LOADGEN] [DEMAND_CSV]
 #
 # ROUNDS per side (default 3). LOADGEN defaults to target/release/loadgen. DEMAND_CSV
-# defaults to the Montreal zones beside the repository (../shared/data/…); any
+# defaults to the Montreal zones committed with loadgen (loadgen/data/…); any
 # `lat,lng,weight` CSV works. Bounded: each loadgen run is 60 s + 30 s of drain.
 set -euo pipefail
 a=$1 b=$2 rounds=${3:-3}
 loadgen=${4:-target/release/loadgen}
-demand=${5:-../shared/data/montreal_carshare_zones.csv}
+demand=${5:-loadgen/data/montreal_carshare_zones.csv}
 out=$(mktemp -d)
 port=18181
 one() { # side binary round

@@ -6,7 +6,7 @@
 //! ```sh
 //! cargo run --release -p dispatch-loadgen -- --url ws://127.0.0.1:8080 \
 //!     --drivers 2000 --riders 300 --request-rate 20 --duration 60s --time-scale 10 \
-//!     --demand-csv ../shared/data/montreal_carshare_zones.csv --json report.json --html report.html
+//!     --demand-csv loadgen/data/montreal_carshare_zones.csv --json report.json --html report.html
 //! ```
 //!
 //! or as a one-command demo with an in-process server:

@@ -17,9 +17,8 @@ use dispatch_loadgen::Args;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_city_completes_trips_without_protocol_errors() {
     let server = embedded::EmbeddedServer::start(&[]).await.expect("server");
-    // The demand map beside the repository (CI has it at ../shared/data), else a disc.
-    let csv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/montreal_carshare_zones.csv");
+    // The demand map committed with loadgen (loadgen/data/README.md).
+    let csv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/montreal_carshare_zones.csv");
     let mut argv: Vec<String> = [
         "loadgen",
         "--url",
@@ -53,12 +52,8 @@ async fn a_small_city_completes_trips_without_protocol_errors() {
     // loadgen's own work here, so only their presence and consistency are checked).
     argv.push("--server-pid".into());
     argv.push(std::process::id().to_string());
-    if csv.exists() {
-        argv.push("--demand-csv".into());
-        argv.push(csv.display().to_string());
-    } else {
-        eprintln!("{} not found: a uniform disc instead", csv.display());
-    }
+    argv.push("--demand-csv".into());
+    argv.push(csv.display().to_string());
     let args = Args::parse_from(argv);
     let t = Instant::now();
     let out = dispatch_loadgen::run(args).await.expect("loadgen runs");

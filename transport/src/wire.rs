@@ -1,16 +1,21 @@
 //! The wire types of PROTOCOL.md, defined once and shared by the server, the tests and
-//! `loadgen`. Only serde here: this module compiles without the `server` feature.
+//! `loadgen`. Only serde here: this module compiles without the `server` feature. With the
+//! `openapi` feature (part of `server`), each type is also a `utoipa::ToSchema`: the
+//! OpenAPI and AsyncAPI documents take their schemas from here. Their examples are real replies of a
+//! dispatchd, copied from a run.
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A WGS84 coordinate in decimal degrees.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LatLng {
     pub lat: f64,
     pub lng: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Product {
     Economy,
@@ -19,6 +24,7 @@ pub enum Product {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TripState {
     Dispatching,
@@ -40,6 +46,7 @@ impl TripState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CancelledBy {
     Rider,
@@ -49,6 +56,7 @@ pub enum CancelledBy {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DriverStatus {
     Offline,
@@ -62,12 +70,15 @@ pub enum DriverStatus {
 // REST bodies
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "Ada Lovelace", "phone": "+1 212 555 0100"})))]
 pub struct RegisterRider {
     pub name: String,
     pub phone: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vehicle {
     pub make: String,
     pub model: String,
@@ -78,24 +89,32 @@ pub struct Vehicle {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"name": "Grace Hopper", "vehicle": {"make": "Toyota", "model": "Prius", "plate": "T123456C", "color": "white", "product": "economy", "seats": 4}})))]
 pub struct RegisterDriver {
     pub name: String,
     pub vehicle: Vehicle,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"rider_id": "rdr_b21a26f689f83f9b7ffbce0a207c5b40", "token": "tok_Xt22B_M3ZT2eA4YSePAAiEXW95UTcAehenD591ZLiT4"})))]
 pub struct RiderRegistered {
     pub rider_id: String,
     pub token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"driver_id": "drv_e359494fe950863d4033309862099d63", "token": "tok_MeTn4VzQhCEZQbjNezKMR-yzhbDxxdj4z6Ct92GjJQQ"})))]
 pub struct DriverRegistered {
     pub driver_id: String,
     pub token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"pickup": {"lat": 40.7484, "lng": -73.9857}, "dropoff": {"lat": 40.7614, "lng": -73.9776}, "product": "economy"})))]
 pub struct QuoteRequest {
     pub pickup: LatLng,
     pub dropoff: LatLng,
@@ -103,6 +122,8 @@ pub struct QuoteRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"quote_id": "qte_c0178b6e75bbc6bc8eb38811a2962f35", "product": "economy", "fare_cents": 700, "currency": "USD", "surge": 1.0, "distance_m": 2078, "duration_s": 249, "expires_at": "2026-12-05T17:23:53.136Z"})))]
 pub struct QuoteResponse {
     pub quote_id: String,
     pub product: Product,
@@ -115,6 +136,7 @@ pub struct QuoteResponse {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NearbyDriver {
     pub lat: f64,
     pub lng: f64,
@@ -124,11 +146,13 @@ pub struct NearbyDriver {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NearbyResponse {
     pub drivers: Vec<NearbyDriver>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
@@ -136,6 +160,8 @@ pub struct ErrorDetail {
 
 /// A REST error: `{"error": {"code", "message"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"error": {"code": "not_found", "message": "no such trip"}})))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
@@ -144,6 +170,7 @@ pub struct ErrorBody {
 // The trip object
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TripQuote {
     pub fare_cents: i64,
     pub currency: String,
@@ -151,6 +178,7 @@ pub struct TripQuote {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TripDriver {
     pub name: String,
     pub vehicle: Vehicle,
@@ -158,6 +186,8 @@ pub struct TripDriver {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"trip_id": "trp_39ee0c8492396d979939b8d1a159f1e5", "state": "driver_assigned", "version": 2, "rider_id": "rdr_629114dcd0ea5589a51f1cbd005e5bc1", "driver_id": "drv_1c684bce233fb3ac9359846aca58ad58", "product": "economy", "pickup": {"lat": 40.7484, "lng": -73.9857}, "dropoff": {"lat": 40.7614, "lng": -73.9776}, "quote": {"fare_cents": 700, "currency": "USD", "surge": 1.0}, "driver": {"name": "Grace Hopper", "vehicle": {"make": "Toyota", "model": "Prius", "plate": "T123456C", "color": "white", "product": "economy", "seats": 4}, "location": {"lat": 40.7505, "lng": -73.9934}}, "pickup_eta_s": 108, "fare_cents": null, "cancelled_by": null, "cancel_reason": null, "created_at": "2026-12-05T17:22:03.376Z", "updated_at": "2026-12-05T17:22:03.419Z"})))]
 pub struct Trip {
     pub trip_id: String,
     pub state: TripState,
@@ -182,12 +212,14 @@ pub struct Trip {
 
 /// A client message's envelope: the optional `req` every message may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Envelope {
     pub req: Option<u64>,
 }
 
 /// Driver → server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DriverMessage {
     GoOnline,
@@ -239,6 +271,7 @@ impl DriverMessage {
 
 /// Rider → server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RiderMessage {
     RequestRide {
@@ -269,6 +302,8 @@ impl RiderMessage {
 
 /// An offer as the driver's app receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({"trip_id": "trp_39ee0c8492396d979939b8d1a159f1e5", "pickup": {"lat": 40.7484, "lng": -73.9857}, "dropoff": {"lat": 40.7614, "lng": -73.9776}, "product": "economy", "fare_cents": 700, "currency": "USD", "pickup_distance_m": 689, "pickup_eta_s": 108, "expires_in_ms": 14999})))]
 pub struct Offer {
     pub trip_id: String,
     pub pickup: LatLng,
@@ -283,6 +318,7 @@ pub struct Offer {
 
 /// Server → driver or rider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Sent first on every connection. Drivers get `driver_id`, `status` and `offer`
@@ -299,6 +335,7 @@ pub enum ServerMessage {
             skip_serializing_if = "Option::is_none",
             deserialize_with = "present"
         )]
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<Offer>))]
         offer: Option<Option<Offer>>,
         trip: Option<Trip>,
     },

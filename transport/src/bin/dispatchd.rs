@@ -1,5 +1,7 @@
 //! Run with `cargo run --release --bin dispatchd` (every flag has a `DISPATCH_*`
-//! environment variable; `--help` lists them).
+//! environment variable; `--help` lists them). `dispatchd openapi` prints the OpenAPI
+//! document of the REST routes (what `docs/openapi.json` holds) and exits; `dispatchd
+//! asyncapi` the AsyncAPI document of the sessions (`docs/asyncapi.yaml`).
 
 use clap::Parser;
 use dispatch_transport::server::{self, Args};
@@ -12,6 +14,17 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    match std::env::args().nth(1).as_deref() {
+        Some("openapi") => {
+            print!("{}", server::openapi::document());
+            return Ok(());
+        }
+        Some("asyncapi") => {
+            print!("{}", server::asyncapi::document());
+            return Ok(());
+        }
+        _ => {}
+    }
     let args = Args::parse();
     let config = match args.build_and_validate() {
         Ok(c) => c,

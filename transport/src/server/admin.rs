@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::http::{HttpError, JsonBody, QueryParams, bearer_hash, json_body};
+use super::openapi as doc;
 use super::render;
 use super::{App, auth};
 
@@ -81,6 +82,15 @@ pub fn routes() -> Router<App> {
             "/admin/payments/provider",
             get(provider_mode).put(set_provider_mode),
         )
+        .route("/admin/openapi.json", get(openapi))
+}
+
+/// This API's OpenAPI document (`docs/openapi.json`), for the admin token like every
+/// admin route: it lists the admin console's routes.
+#[utoipa::path(get, path = "/admin/openapi.json", tag = "admin", security(("admin" = [])),
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+async fn openapi(_: Admin) -> Json<Value> {
+    Json(doc::document_json())
 }
 
 fn bad(msg: impl Into<String>) -> HttpError {
@@ -257,6 +267,11 @@ fn pricing_json(r: &RateCards) -> Value {
     })
 }
 
+#[utoipa::path(
+    get, path = "/admin/stats", tag = "admin",
+    security(("admin" = [])),
+    responses((status = 200, description = "Fleet statistics", body = doc::Stats)),
+)]
 async fn stats(_: Admin, State(app): State<App>) -> Json<Value> {
     let counts = app.system.fleet_counts();
     let sessions = |role: &str| app.transport.sessions.with_label_values(&[role]).get();
@@ -297,6 +312,18 @@ fn product_param(v: &Option<String>) -> Result<Option<Product>, HttpError> {
         .transpose()
 }
 
+#[utoipa::path(
+    get, path = "/admin/drivers", tag = "admin",
+    params(
+        ("status" = Option<String>, Query, description = "offline, available, offered, on_trip or suspended"),
+        ("product" = Option<crate::wire::Product>, Query),
+        ("cell" = Option<String>, Query, description = "An H3 index at the matching resolution or coarser"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next_cursor`"),
+    ),
+    security(("admin" = [])),
+    responses((status = 200, description = "A page of drivers", body = doc::DriverPage)),
+)]
 async fn drivers(
     _: Admin,
     State(app): State<App>,
@@ -341,6 +368,12 @@ async fn drivers(
     })))
 }
 
+#[utoipa::path(
+    get, path = "/admin/drivers/{id}", tag = "admin",
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The driver", body = doc::AdminDriver)),
+)]
 async fn driver(
     _: Admin,
     State(app): State<App>,
@@ -354,7 +387,7 @@ async fn driver(
 }
 
 /// An optional body: `{"reason"}` is accepted (and logged), nothing else is required.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 struct SuspendBody {
     reason: Option<String>,
 }
@@ -387,6 +420,13 @@ async fn set_suspended(
     Ok(Json(driver_json(app, &d)))
 }
 
+#[utoipa::path(
+    post, path = "/admin/drivers/{id}/suspend", tag = "admin",
+    request_body = Option<SuspendBody>,
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The driver, suspended", body = doc::AdminDriver)),
+)]
 async fn suspend(
     _: Admin,
     State(app): State<App>,
@@ -396,6 +436,13 @@ async fn suspend(
     set_suspended(&app, id, &body, true).await
 }
 
+#[utoipa::path(
+    post, path = "/admin/drivers/{id}/unsuspend", tag = "admin",
+    request_body = Option<SuspendBody>,
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The driver, offline", body = doc::AdminDriver)),
+)]
 async fn unsuspend(
     _: Admin,
     State(app): State<App>,
@@ -405,6 +452,12 @@ async fn unsuspend(
     set_suspended(&app, id, &body, false).await
 }
 
+#[utoipa::path(
+    get, path = "/admin/riders/{id}", tag = "admin",
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The rider", body = doc::AdminRider)),
+)]
 async fn rider(
     _: Admin,
     State(app): State<App>,
@@ -426,6 +479,18 @@ struct TripsQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/admin/trips", tag = "admin",
+    params(
+        ("state" = Option<crate::wire::TripState>, Query),
+        ("rider_id" = Option<String>, Query),
+        ("driver_id" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next_cursor`"),
+    ),
+    security(("admin" = [])),
+    responses((status = 200, description = "A page of trips", body = doc::TripPage)),
+)]
 async fn trips(
     _: Admin,
     State(app): State<App>,
@@ -459,6 +524,12 @@ async fn trips(
     })))
 }
 
+#[utoipa::path(
+    get, path = "/admin/trips/{id}", tag = "admin",
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The trip, its history and its payments", body = doc::AdminTrip)),
+)]
 async fn trip(
     _: Admin,
     State(app): State<App>,
@@ -477,11 +548,18 @@ async fn trip(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CancelBody {
     reason: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/admin/trips/{id}/cancel", tag = "admin",
+    request_body = CancelBody,
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The trip, cancelled", body = crate::wire::Trip)),
+)]
 async fn cancel(
     _: Admin,
     State(app): State<App>,
@@ -505,6 +583,16 @@ struct CellsQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/admin/cells", tag = "admin",
+    params(
+        ("active" = Option<bool>, Query, description = "Only cells with a driver or an open request"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next_cursor`"),
+    ),
+    security(("admin" = [])),
+    responses((status = 200, description = "A page of cells", body = doc::CellPage)),
+)]
 async fn cells(
     _: Admin,
     State(app): State<App>,
@@ -532,11 +620,17 @@ async fn cells(
     })))
 }
 
+#[utoipa::path(
+    get, path = "/admin/pricing", tag = "admin",
+    security(("admin" = [])),
+    responses((status = 200, description = "The rate cards", body = PricingIn)),
+)]
 async fn pricing(_: Admin, State(app): State<App>) -> Json<Value> {
     Json(pricing_json(&app.system.rates()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = Rate)]
 struct RateIn {
     base_cents: i64,
     per_km_cents: i64,
@@ -559,19 +653,27 @@ impl From<RateIn> for RateCard {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = Products)]
 struct ProductsIn {
     economy: RateIn,
     xl: RateIn,
     premium: RateIn,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = Pricing)]
 struct PricingIn {
     currency: String,
     products: ProductsIn,
 }
 
+#[utoipa::path(
+    put, path = "/admin/pricing", tag = "admin",
+    request_body = PricingIn,
+    security(("admin" = [])),
+    responses((status = 200, description = "The new rate cards", body = PricingIn)),
+)]
 async fn set_pricing(
     _: Admin,
     State(app): State<App>,
@@ -615,6 +717,11 @@ pub fn rate_card_message(e: &RateCardError) -> String {
     }
 }
 
+#[utoipa::path(
+    get, path = "/admin/actors", tag = "admin",
+    security(("admin" = [])),
+    responses((status = 200, description = "Actor groups", body = doc::Actors)),
+)]
 async fn actors(_: Admin, State(app): State<App>) -> Json<Value> {
     let groups: Vec<Value> = app
         .system
@@ -677,6 +784,14 @@ fn account_param(s: &str) -> Result<Account, HttpError> {
     })
 }
 
+#[utoipa::path(
+    get, path = "/admin/ledger", tag = "admin",
+    params(
+        ("account" = Option<String>, Query, description = "platform, clearing, authorizations, rider:<id>, rider_hold:<id> or driver:<id>"),
+    ),
+    security(("admin" = [])),
+    responses((status = 200, description = "The ledger summary, or one account with `account`", body = doc::Ledger)),
+)]
 async fn ledger(
     _: Admin,
     State(app): State<App>,
@@ -708,12 +823,19 @@ async fn ledger(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct RefundBody {
     amount_cents: i64,
     reason: String,
 }
 
+#[utoipa::path(
+    post, path = "/admin/trips/{id}/refund", tag = "admin",
+    request_body = RefundBody,
+    params(("id" = String, Path, description = "An id")),
+    security(("admin" = [])),
+    responses((status = 200, description = "The refund and the trip's payments", body = doc::Refund)),
+)]
 async fn refund(
     _: Admin,
     State(app): State<App>,
@@ -759,6 +881,11 @@ fn surge_json(app: &App) -> Value {
     })
 }
 
+#[utoipa::path(
+    get, path = "/admin/surge", tag = "admin",
+    security(("admin" = [])),
+    responses((status = 200, description = "Surge configuration, pins and cells", body = doc::Surge)),
+)]
 async fn surge(_: Admin, State(app): State<App>) -> Json<Value> {
     Json(surge_json(&app))
 }
@@ -771,12 +898,19 @@ fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(d)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CapBody {
     #[serde(deserialize_with = "nullable")]
+    #[schema(required)]
     city_cap: Option<f64>,
 }
 
+#[utoipa::path(
+    put, path = "/admin/surge", tag = "admin",
+    request_body = CapBody,
+    security(("admin" = [])),
+    responses((status = 200, description = "The surge after the change", body = doc::Surge)),
+)]
 async fn set_surge_cap(
     _: Admin,
     State(app): State<App>,
@@ -786,12 +920,22 @@ async fn set_surge_cap(
     Ok(Json(surge_json(&app)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct PinBody {
     #[serde(deserialize_with = "nullable")]
+    #[schema(required)]
     multiplier: Option<f64>,
 }
 
+#[utoipa::path(
+    put, path = "/admin/surge/cells/{cell}", tag = "admin",
+    request_body = PinBody,
+    params(
+        ("cell" = String, Path, description = "An H3 index at the surge resolution or finer"),
+    ),
+    security(("admin" = [])),
+    responses((status = 200, description = "The surge after the change", body = doc::Surge)),
+)]
 async fn pin_surge(
     _: Admin,
     State(app): State<App>,
@@ -811,6 +955,11 @@ async fn pin_surge(
     Ok(Json(surge_json(&app)))
 }
 
+#[utoipa::path(
+    get, path = "/admin/payments/provider", tag = "admin",
+    security(("admin" = [])),
+    responses((status = 200, description = "The in-process provider's mode", body = doc::ProviderMode)),
+)]
 async fn provider_mode(_: Admin, State(app): State<App>) -> Result<Json<Value>, HttpError> {
     let p = app
         .system
@@ -821,11 +970,17 @@ async fn provider_mode(_: Admin, State(app): State<App>) -> Result<Json<Value>, 
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct ModeBody {
     mode: String,
 }
 
+#[utoipa::path(
+    put, path = "/admin/payments/provider", tag = "admin",
+    request_body = ModeBody,
+    security(("admin" = [])),
+    responses((status = 200, description = "The new mode", body = doc::ProviderMode)),
+)]
 async fn set_provider_mode(
     _: Admin,
     State(app): State<App>,

@@ -295,7 +295,7 @@ fn cors(app: &App) -> Option<tower_http::cors::CorsLayer> {
 fn finish(routes: Router<App>, app: App) -> Router {
     let cors = cors(&app);
     let routes = routes
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { HttpError(ApiError::new(ErrorCode::NotFound, "no such route")) })
         .method_not_allowed_fallback(|| async {
@@ -340,6 +340,16 @@ async fn count_request(
     response
 }
 
+/// The process runs: 200 `ok`, also while recovering or shutting down.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process runs", body = String, content_type = "text/plain", example = "ok")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready: recovery is done and sessions are accepted; 503 while starting or shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Ready", body = String, content_type = "text/plain", example = "ready")))]
 async fn readyz(State(app): State<App>) -> Response {
     if app.ready.load(Ordering::Acquire) {
         "ready".into_response()
@@ -348,6 +358,10 @@ async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
+/// Prometheus text exposition of every metric.
+#[utoipa::path(get, path = "/metrics", tag = "operator",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
+        content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 async fn metrics(State(app): State<App>) -> Response {
     use prometheus::Encoder;
     // Fleet gauges are counted at scrape time, from the registry.
@@ -368,6 +382,9 @@ async fn metrics(State(app): State<App>) -> Response {
     r
 }
 
+/// Registers a rider; the token is shown only in this reply.
+#[utoipa::path(post, path = "/v1/riders", tag = "riders", request_body = wire::RegisterRider,
+    responses((status = 201, description = "Registered", body = wire::RiderRegistered)))]
 async fn register_rider(
     State(app): State<App>,
     headers: axum::http::HeaderMap,
@@ -394,6 +411,9 @@ async fn register_rider(
         .into_response())
 }
 
+/// Registers a driver and its vehicle; the token is shown only in this reply.
+#[utoipa::path(post, path = "/v1/drivers", tag = "drivers", request_body = wire::RegisterDriver,
+    responses((status = 201, description = "Registered", body = wire::DriverRegistered)))]
 async fn register_driver(
     State(app): State<App>,
     headers: axum::http::HeaderMap,
@@ -437,6 +457,10 @@ fn rider_only(c: &Caller) -> Result<dispatch_engine::RiderId, HttpError> {
     }
 }
 
+/// Prices a ride now and holds the price until `expires_at` (riders only).
+#[utoipa::path(post, path = "/v1/quotes", tag = "riders", request_body = wire::QuoteRequest,
+    security(("rider" = [])),
+    responses((status = 201, description = "Quoted", body = wire::QuoteResponse)))]
 async fn quote(
     State(app): State<App>,
     caller: Caller,
@@ -468,6 +492,11 @@ async fn quote(
     ))
 }
 
+/// A trip, for its rider or its current driver.
+#[utoipa::path(get, path = "/v1/trips/{id}", tag = "trips",
+    params(("id" = String, Path, description = "A trip id (`trp_…`)")),
+    security(("rider" = []), ("driver" = [])),
+    responses((status = 200, description = "The trip", body = wire::Trip)))]
 async fn get_trip(
     State(app): State<App>,
     caller: Caller,
@@ -508,6 +537,17 @@ fn num<T: std::str::FromStr>(v: &Option<String>, name: &str) -> Result<Option<T>
         .transpose()
 }
 
+/// Available drivers near a point, nearest first, without their ids (riders only).
+#[utoipa::path(get, path = "/v1/drivers/nearby", tag = "riders",
+    params(
+        ("lat" = f64, Query, description = "Latitude, -90 to 90", minimum = -90, maximum = 90),
+        ("lng" = f64, Query, description = "Longitude, -180 to 180", minimum = -180, maximum = 180),
+        ("radius_m" = Option<f64>, Query, description = "Search radius in metres, default 2000, at most 5000"),
+        ("limit" = Option<u32>, Query, description = "At most this many drivers, 1 to 50, default 10"),
+        ("product" = Option<wire::Product>, Query, description = "Only this product"),
+    ),
+    security(("rider" = [])),
+    responses((status = 200, description = "Nearby drivers", body = wire::NearbyResponse)))]
 async fn nearby(
     State(app): State<App>,
     caller: Caller,
@@ -557,6 +597,9 @@ async fn nearby(
 
 /// A driver's own earnings: trips completed and money earned (fares less commission,
 /// plus cancellation fees), today (UTC) and in total.
+#[utoipa::path(get, path = "/v1/drivers/me/earnings", tag = "drivers",
+    security(("driver" = [])),
+    responses((status = 200, description = "The driver's earnings", body = super::openapi::Earnings)))]
 async fn earnings(
     State(app): State<App>,
     caller: Caller,

@@ -5,12 +5,14 @@
 //! 1001, stop the actors. It is bounded by `--shutdown-timeout-ms`.
 
 pub mod admin;
+pub mod asyncapi;
 pub mod auth;
 pub mod config;
 pub mod decode;
 pub mod http;
 pub mod jwt;
 pub mod ratelimit;
+pub mod openapi;
 pub mod render;
 pub mod ws;
 
