@@ -773,6 +773,12 @@ async fn rider_and_driver_tokens_cannot_reach_any_admin_route() {
             "/admin/payments/provider".into(),
             Some(json!({"mode": "fail"})),
         ),
+        (
+            Method::GET,
+            "/admin/openapi.json",
+            "/admin/openapi.json".into(),
+            None,
+        ),
     ];
     let covered: BTreeSet<(String, String)> = rows
         .iter()
