@@ -576,7 +576,6 @@ impl Metrics {
         self.start_time.set(now);
     }
 
-    /// Starts timing one message of `group` (one of [`GROUPS`]).
     /// The `actor_messages` counter of a group and kind, from the resolved ones if it is
     /// there (kinds are few: a linear search over a handful of short strings).
     fn message_counter(&self, group: usize, kind: &'static str) -> IntCounter {
@@ -599,6 +598,7 @@ impl Metrics {
         c
     }
 
+    /// Starts timing one message of `group` (one of [`GROUPS`]).
     pub fn handling(&self, group: &'static str, kind: &'static str) -> Handling<'_> {
         Handling {
             metrics: self,

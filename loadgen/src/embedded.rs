@@ -30,7 +30,6 @@ impl EmbeddedServer {
             .context("a UTF-8 temporary path")?
             .to_owned();
         // Every simulated rider and driver registers from this one address.
-        // Every simulated rider and driver registers from this one address.
         let mut argv = vec!["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
         argv.extend_from_slice(&dispatch_transport::server::ratelimit::UNLIMITED);
         argv.extend_from_slice(flags);

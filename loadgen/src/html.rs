@@ -281,31 +281,6 @@ pub fn page(r: &Report) -> String {
     h
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn charts_are_self_contained_svg() {
-        let s = chart(
-            "t",
-            "x",
-            &[(0.0, "0".into()), (10.0, "10".into())],
-            &[Series {
-                name: "a<b".into(),
-                color: "#000",
-                dash: "",
-                points: vec![(0.0, 0.5), (5.0, 12.0), (10.0, 300.0)],
-            }],
-        );
-        assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
-        assert!(s.contains("polyline") && s.contains("a&lt;b"));
-        assert!(!s.contains("NaN"));
-        let empty = chart("t", "x", &[], &[]);
-        assert!(empty.contains("no samples"));
-    }
-}
-
 /// The capacity report: the steady window's costs and the projection to 1M drivers.
 fn capacity(h: &mut String, c: &crate::capacity::Capacity) {
     let opt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
@@ -339,5 +314,30 @@ fn capacity(h: &mut String, c: &crate::capacity::Capacity) {
     h.push_str("</table>");
     if let Some(p) = &c.projection {
         let _ = write!(h, "<p>Projection: {}</p>", esc(&p.arithmetic));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_self_contained_svg() {
+        let s = chart(
+            "t",
+            "x",
+            &[(0.0, "0".into()), (10.0, "10".into())],
+            &[Series {
+                name: "a<b".into(),
+                color: "#000",
+                dash: "",
+                points: vec![(0.0, 0.5), (5.0, 12.0), (10.0, 300.0)],
+            }],
+        );
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
+        assert!(s.contains("polyline") && s.contains("a&lt;b"));
+        assert!(!s.contains("NaN"));
+        let empty = chart("t", "x", &[], &[]);
+        assert!(empty.contains("no samples"));
     }
 }

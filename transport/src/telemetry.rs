@@ -49,7 +49,7 @@ pub struct TraceArgs {
     /// Base URL of an OTLP/HTTP receiver (a collector, Jaeger, Tempo), such as
     /// `http://otel-collector:4318`; spans are POSTed to `<url>/v1/traces` as protobuf.
     /// Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`; both unset: no traces are exported, at no
-    /// cost. Plain `http://` only (no TLS is compiled in: use a local collector).
+    /// cost. Plain `http://` only (the exporter has no TLS: use a local collector).
     #[arg(long, env = "DISPATCH_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans. Unset: `OTEL_SERVICE_NAME`, else `dispatchd`.
@@ -141,7 +141,7 @@ fn traces_url(base: &str) -> Result<String, String> {
     let bad = |why: &str| format!("--otlp-endpoint {base:?}: {why}");
     let rest = base
         .strip_prefix("http://")
-        .ok_or_else(|| bad("must start with http:// (no TLS is compiled in)"))?;
+        .ok_or_else(|| bad("must start with http:// (the OTLP exporter has no TLS)"))?;
     let authority = rest.split('/').next().unwrap_or("");
     if authority.is_empty() || authority.contains(['@', '?', '#', ' ']) {
         return Err(bad("must be http://host[:port][/path]"));

@@ -643,17 +643,25 @@ fn identity(
     if !ok {
         return None;
     }
-    let named = |prefix: &str| {
-        if id.starts_with(prefix) {
-            id.to_owned()
-        } else {
-            format!("{prefix}{id}")
-        }
+    let prefix = match role {
+        "rider" => RiderId::PREFIX,
+        "driver" => DriverId::PREFIX,
+        _ => return None,
     };
+    let name = id.strip_prefix(prefix).unwrap_or(id);
+    // Ids this server mints for its own tokens are 32 lowercase hex digits after the
+    // prefix, and they are visible to the other party of a trip. A JWT may never name
+    // one: an identity provider whose claim a user can influence would otherwise let
+    // that user become a rider or driver who registered with an own token.
+    if name.is_empty()
+        || (name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return None;
+    }
+    let id = format!("{prefix}{name}");
     match role {
-        "rider" => Some(Identity::Rider(RiderId::new(named(RiderId::PREFIX)))),
-        "driver" => Some(Identity::Driver(DriverId::new(named(DriverId::PREFIX)))),
-        _ => None,
+        "rider" => Some(Identity::Rider(RiderId::new(id))),
+        _ => Some(Identity::Driver(DriverId::new(id))),
     }
 }
 
@@ -675,7 +683,12 @@ fn parse_key_set(body: &[u8]) -> Result<HashMap<String, Key>, String> {
         Algorithm::PS512,
     ];
     let mut keys = HashMap::new();
-    for v in set.keys.into_iter().take(MAX_KEYS) {
+    // The body is bounded (256 KiB), so reading every entry is bounded too; at most
+    // MAX_KEYS usable keys are kept, so unusable entries first cannot hide the real ones.
+    for v in set.keys {
+        if keys.len() == MAX_KEYS {
+            break;
+        }
         let Ok(jwk) = serde_json::from_value::<Jwk>(v) else {
             continue;
         };
@@ -754,6 +767,14 @@ mod tests {
             assert_eq!(identity(&claims(role, sub), &c), None, "{role} {sub}");
         }
         assert_eq!(identity(&claims("rider", &"x".repeat(65)), &c), None);
+        // The shape of an id minted for an own token, with or without its prefix.
+        let own = "0123456789abcdef0123456789abcdef";
+        assert_eq!(identity(&claims("rider", own), &c), None);
+        assert_eq!(identity(&claims("rider", &format!("rdr_{own}")), &c), None);
+        assert_eq!(identity(&claims("driver", &format!("drv_{own}")), &c), None);
+        assert_eq!(identity(&claims("rider", "rdr_"), &c), None);
+        // Upper case or another length is the identity provider's own.
+        assert!(identity(&claims("rider", &own.to_uppercase()), &c).is_some());
     }
 
     #[test]

@@ -11,8 +11,8 @@ pub mod config;
 pub mod decode;
 pub mod http;
 pub mod jwt;
-pub mod ratelimit;
 pub mod openapi;
+pub mod ratelimit;
 pub mod render;
 pub mod ws;
 

@@ -172,6 +172,17 @@ fn refine(doc: &mut Value) {
     }
     // The cancel reason is an Option only to name its absence in the error.
     schemas["CancelBody"]["required"] = json!(["reason"]);
+    // Registered under a JWT of the operator's identity provider, no token is minted and
+    // the reply has none (docs/api.md, "Who gets in").
+    for (schema, id) in [
+        ("RiderRegistered", "rider_id"),
+        ("DriverRegistered", "driver_id"),
+    ] {
+        schemas[schema]["required"] = json!([id]);
+        schemas[schema]["properties"]["token"]["description"] = json!(
+            "The new rider's or driver's own token, shown once. Absent when the registration was made with a JWT of the operator's identity provider as bearer: the JWT is the token."
+        );
+    }
     schemas["Rate"]["not"] = json!({
         "description": "base, per-km and per-minute rates cannot all be 0",
         "properties": {"base_cents": {"const": 0}, "per_km_cents": {"const": 0}, "per_minute_cents": {"const": 0}},
@@ -259,8 +270,14 @@ impl Modify for SecuritySchemes {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let c = doc.components.get_or_insert_with(Components::default);
         for (name, what) in [
-            ("rider", "A rider's token, from POST /v1/riders"),
-            ("driver", "A driver's token, from POST /v1/drivers"),
+            (
+                "rider",
+                "A rider's token, from POST /v1/riders; or, with --auth-jwt-jwks-url, a JWT of the operator's identity provider naming a rider (docs/api.md, \"Who gets in\"; 503 while its keys cannot be had)",
+            ),
+            (
+                "driver",
+                "A driver's token, from POST /v1/drivers; or, with --auth-jwt-jwks-url, a JWT of the operator's identity provider naming a driver (503 while its keys cannot be had)",
+            ),
             (
                 "admin",
                 "The admin token (--admin-token, or <data-dir>/admin.token)",

@@ -96,7 +96,9 @@ impl RateLimitArgs {
         }
         let burst = NonZeroU32::new(self.register_burst)
             .ok_or_else(|| "--register-burst must be positive".to_owned())?;
-        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rate))
+        let period = Duration::try_from_secs_f64(1.0 / rate)
+            .map_err(|_| "--register-rate-per-s is too low".to_owned())?;
+        let quota = Quota::with_period(period)
             .ok_or_else(|| "--register-rate-per-s is too high".to_owned())?
             .allow_burst(burst);
         Ok(RateLimitConfig {
