@@ -460,7 +460,11 @@ impl Context {
         if let Some(a) = get() {
             return Some(a);
         }
-        self.spawn(group, start()?).await.ok()?;
+        // Boxed: starting an actor is a ~5 KiB future, and an unboxed one would make every
+        // future that may await this one (a ping's re-index, every driver actor's handler,
+        // a session's attach) that large, for as long as its task lives: per driver and
+        // per session, even though the actor is started once.
+        Box::pin(self.spawn(group, start()?)).await.ok()?;
         get()
     }
 

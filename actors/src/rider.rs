@@ -139,10 +139,9 @@ impl RiderActor {
             ticket: Some(ticket),
             trace,
         };
-        if let Err(e) = self
-            .ctx
-            .spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))
-            .await
+        // Boxed: the spawn carries the new trip, and an unboxed future would make every
+        // rider actor's task that large for its whole life.
+        if let Err(e) = Box::pin(self.ctx.spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))).await
         {
             tracing::error!(trip_id = %trip_id, error = %e, "could not start the trip actor");
             s.st.end(&trip_id);
