@@ -14,27 +14,17 @@ loadgen=${4:-target/release/loadgen}
 demand=${5:-loadgen/data/montreal_carshare_zones.csv}
 out=$(mktemp -d)
 port=18181
+source "$(dirname "$0")/lib.sh"
 one() { # side binary round
   local side=$1 bin=$2 round=$3 dir="$out/$1-$3"
-  # Every simulated client registers from this host: no registration limit (environment
-  # variables, which a binary from before the limit ignores).
-  DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
-    "$bin" --listen "127.0.0.1:$port" --data-dir "$dir/data" >"$dir.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  start_dispatchd "$bin" "$port" "$dir"
   timeout 180 "$loadgen" --url "ws://127.0.0.1:$port" --drivers 2000 --riders 300 \
     --request-rate 20 --duration 60s --drain 30s --time-scale 30 --demand-csv "$demand" \
-    --seed 1 --max-error-rate 0 --server-pid "$pid" --json "$dir.json" >"$dir.txt" 2>&1 ||
+    --seed 1 --max-error-rate 0 --server-pid "$DISPATCHD_PID" --json "$dir.json" >"$dir.txt" 2>&1 ||
     echo "side $side round $round: loadgen failed (see $dir.txt)" >&2
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "side $side round $round: load $(cut -d' ' -f1 /proc/loadavg)" >&2
+  stop_dispatchd "$side" "$round"
 }
-for r in $(seq "$rounds"); do
-  if (( r % 2 )); then one A "$a" "$r"; one B "$b" "$r"; else one B "$b" "$r"; one A "$a" "$r"; fi
-done
+alternate "$rounds" "$a" "$b" one
 python3 - "$out" <<'PY'
 import glob, json, statistics, sys
 out = sys.argv[1]

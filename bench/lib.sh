@@ -1,0 +1,32 @@
+# Shared by the side-by-side bench scripts (side-by-side.sh, capacity.sh); sourced, not run.
+#
+# start_dispatchd BIN PORT DIR [FLAG...]: starts BIN listening on 127.0.0.1:PORT, its data
+# in DIR/data and its log in DIR.log, and waits (at most 10 s) until /readyz answers. Every
+# simulated client registers from this host, so the registration limit is lifted, through
+# environment variables, which a binary from before the limit ignores. Sets DISPATCHD_PID.
+start_dispatchd() {
+  local bin=$1 port=$2 dir=$3
+  shift 3
+  DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
+    "$bin" --listen "127.0.0.1:$port" --data-dir "$dir/data" "$@" >"$dir.log" 2>&1 &
+  DISPATCHD_PID=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+}
+
+# stop_dispatchd SIDE ROUND: stops the server start_dispatchd started, and says the load.
+stop_dispatchd() {
+  kill "$DISPATCHD_PID"; wait "$DISPATCHD_PID" 2>/dev/null || true
+  echo "side $1 round $2: load $(cut -d' ' -f1 /proc/loadavg)" >&2
+}
+
+# alternate ROUNDS A_BIN B_BIN FN: calls `FN SIDE BIN ROUND` for both sides each round,
+# A first in odd rounds and B first in even ones.
+alternate() {
+  local rounds=$1 a=$2 b=$3 fn=$4 r
+  for r in $(seq "$rounds"); do
+    if (( r % 2 )); then "$fn" A "$a" "$r"; "$fn" B "$b" "$r"; else "$fn" B "$b" "$r"; "$fn" A "$a" "$r"; fi
+  done
+}
