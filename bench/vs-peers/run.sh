@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Issue 4: dispatchd against Redis (GEOADD / GEOSEARCH) on the same machine, in the same
-# run, with the same drivers at the same positions and the same client concurrency.
+# Issues 4 and 15: dispatchd against Redis GEO (GEOADD / GEOSEARCH) and PostGIS (UPDATE /
+# index KNN) on the same machine, in the same run, with the same drivers at the same
+# positions and the same client concurrency.
 #
-#   bash bench/vs-redis/run.sh                  # 15,000 drivers, then a 100,000-driver query-only round
-#   bash bench/vs-redis/run.sh --drivers 30000  # more, on a machine whose processes may hold more files
-#   bash bench/vs-redis/run.sh --big 0          # skip the 100,000-driver round
-#   bash bench/vs-redis/run.sh --quick          # a smoke run: 1 repetition of short windows
-#   bash bench/vs-redis/run.sh -- --query-conc 64   # anything after -- goes to the vs-redis binary
+#   bash bench/vs-peers/run.sh                  # 15,000 drivers, then a 100,000-driver query-only round
+#   bash bench/vs-peers/run.sh --drivers 30000  # more, on a machine whose processes may hold more files
+#   bash bench/vs-peers/run.sh --big 0          # skip the 100,000-driver round
+#   bash bench/vs-peers/run.sh --quick          # a smoke run: 2,000 drivers, 1 repetition of short windows
+#   bash bench/vs-peers/run.sh -- --query-conc 64   # anything after -- goes to the vs-peers binary
 #
-# Installs Debian's redis-server if it is missing (as root), builds dispatchd and the bench
-# in release, starts both servers on free loopback ports, runs bench/vs-redis (src/main.rs),
-# prints the results with their ratios, and stops both servers. It exits non-zero only when
-# something failed (a server, a load, answers that disagree); a missed target is reported,
-# not failed. See README.md beside this file for what is measured and how.
+# Installs Debian's redis-server and postgresql-15-postgis-3 if they are missing (as root),
+# builds dispatchd and the bench in release, starts the three servers on free loopback ports
+# (BENCH_PORTS=lo-hi picks the range; Postgres in a throwaway cluster), runs
+# bench/vs-peers (src/main.rs), prints the results with their ratios, and stops everything.
+# It exits non-zero only when something failed (a server, a load, answers that disagree); a
+# missed target is reported, not failed. See README.md beside this file.
 set -euo pipefail
+SECONDS=0
 cd "$(dirname "$0")/../.."
-ROOT=$(pwd)
-HERE=bench/vs-redis
+HERE=bench/vs-peers
+source "$HERE/peers.sh"
 
 DRIVERS=15000
 BIG=100000
@@ -28,12 +31,13 @@ while [ $# -gt 0 ]; do
     --big) BIG=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then
-  EXTRA=(--reps 1 --warm-secs 2 --query-secs 3 --update-secs 3 "${EXTRA[@]}")
+  DRIVERS=2000 BIG=0
+  EXTRA=(--reps 1 --warm-secs 1 --query-secs 2 --update-secs 2 --update-conns 64 "${EXTRA[@]}")
 fi
 
 # One process may hold only so many open files: the bench holds one per driver session
@@ -44,19 +48,10 @@ if [ "$NOFILE" != unlimited ] && [ "$DRIVERS" -gt $((NOFILE - 2000)) ]; then
   DRIVERS=$((NOFILE - 2000))
 fi
 
-echo "== redis-server"
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "run.sh: redis-server is missing and this is not root: apt-get install -y redis-server" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-fi
-redis-server --version
+echo "== redis-server, postgresql-15-postgis-3"
+peers_install
 
-WORK=$(mktemp -d /tmp/vs-redis.XXXXXX)
-REDIS_PID=""
+WORK=$(mktemp -d /tmp/vs-peers.XXXXXX)
 DISPATCH_PID=""
 stop_dispatchd() {
   if [ -n "$DISPATCH_PID" ] && kill -0 "$DISPATCH_PID" 2>/dev/null; then
@@ -69,40 +64,13 @@ stop_dispatchd() {
 }
 cleanup() {
   stop_dispatchd
-  if [ -n "$REDIS_PID" ]; then
-    kill -TERM "$REDIS_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$REDIS_PID" 2>/dev/null || break; sleep 0.1; done
-  fi
-  rm -rf "$WORK" || true
+  peers_stop "$WORK"
+  echo "run.sh: done in ${SECONDS} s"
 }
 trap cleanup EXIT
 
-# A port nothing listens on, below the ephemeral range (so no client socket takes it).
-free_port() {
-  local p
-  for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 10000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "run.sh: no free port found" >&2
-  exit 1
-}
-
-echo "== build (release): dispatchd and bench/vs-redis"
-cargo build --release --bin dispatchd
-cargo build --release --manifest-path "$HERE/Cargo.toml"
-DISPATCHD=${CARGO_TARGET_DIR:-$ROOT/target}/release/dispatchd
-BENCH=${CARGO_TARGET_DIR:-$ROOT/$HERE/target}/release/vs-redis
-
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log" --dir "$WORK"
-for _ in $(seq 1 100); do
-  [ -s "$WORK/redis.pid" ] && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
-REDIS_PID=$(cat "$WORK/redis.pid")
-echo "redis-server on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID, no persistence)"
+peers_build
+peers_start "$WORK"
 
 # Starts dispatchd with the given extra flags; sets DISPATCH_PORT and DISPATCH_PID.
 start_dispatchd() {
@@ -111,7 +79,8 @@ start_dispatchd() {
   DISPATCH_PORT=$(free_port)
   mkdir -p "$WORK/$name"
   "$DISPATCHD" --listen "127.0.0.1:$DISPATCH_PORT" --data-dir "$WORK/$name/data" \
-    --location-max-per-s 1000 --max-connections 20000 --log-format json \
+    --location-max-per-s 1000 --ws-messages-max-per-s 1000 --ws-in-flight-max 1024 \
+    --max-connections 20000 --log-format json \
     --register-rate-per-s 1000000 --register-burst 1000000 "$@" \
     >"$WORK/$name/dispatchd.log" 2>&1 &
   DISPATCH_PID=$!
@@ -130,13 +99,15 @@ round() {
   local rc
   set +e
   "$BENCH" --dispatch "127.0.0.1:$DISPATCH_PORT" --redis "127.0.0.1:$REDIS_PORT" \
-    --dispatch-pid "$DISPATCH_PID" --redis-pid "$REDIS_PID" "$@" \
+    --postgres "$PG_CONN" --dispatch-pid "$DISPATCH_PID" --redis-pid "$REDIS_PID" \
+    --postgres-pid "$PG_PID" "$@" \
     | tee "$WORK/$name.out"
   rc=${PIPESTATUS[0]}
   set -e
   {
     echo "memory at the end of the round: dispatchd $(rss_mb "$DISPATCH_PID") RSS," \
-      "redis-server $(rss_mb "$REDIS_PID") RSS ($(redis-cli -p "$REDIS_PORT" info memory | tr -d '\r' | awk -F: '/^used_memory_human/ {print $2}') used)"
+      "redis-server $(rss_mb "$REDIS_PID") RSS ($(redis-cli -p "$REDIS_PORT" info memory | tr -d '\r' | awk -F: '/^used_memory_human/ {print $2}') used)," \
+      "PostGIS table + indexes $(psql -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d bench -c "SELECT pg_size_pretty(pg_total_relation_size('drivers'))")"
   } | tee -a "$WORK/$name.out"
   if ! kill -0 "$DISPATCH_PID" 2>/dev/null; then
     echo "run.sh: dispatchd died during the $name round; its log ends:" >&2
