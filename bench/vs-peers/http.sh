@@ -77,14 +77,15 @@ for _ in $(seq 1 900); do
   sleep 1
 done
 [ -f "$WORK/ready" ] || { cat "$WORK/holder.out" >&2; echo "http.sh: not loaded within 15 minutes" >&2; exit 1; }
-grep -E "PostgreSQL|dispatchd: .* online|sanity:" "$WORK/holder.out"
+grep -E "PostgreSQL|dispatchd: .* online in|sanity|misses" "$WORK/holder.out"
 # shellcheck disable=SC1091
 source "$WORK/ready"
 BOX=("$NPOINTS" "$LAT0" "$DLAT" "$LNG0" "$DLNG")
 
 # CPU ticks (USER_HZ) used so far by PID, its exited children and its live children.
 cpu_ticks() {
-  cat /proc/[0-9]*/stat 2>/dev/null |
+  # A process may exit between the glob and cat: cat then fails, which is fine.
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } |
     awk -v p="$1" '$1 == p {t += $14 + $15 + $16 + $17} $4 == p {t += $14 + $15} END {print t + 0}'
 }
 # cores S0 S1 T0 T1: the cores used between two cpu_ticks readings S0, S1 at times T0, T1.
