@@ -1,8 +1,8 @@
 # The peers of the vs-peers benches (run.sh, http.sh): Redis and a throwaway PostgreSQL +
 # PostGIS cluster, on loopback; sourced, not run.
 #
-# free_port: a port nothing listens on, from BENCH_PORTS ("lo-hi", default 20000-29999,
-# below the ephemeral range so no client socket takes it).
+# free_port: a port no socket uses, from BENCH_PORTS ("lo-hi", default 20000-29999, below
+# the usual ephemeral range).
 #
 # peers_install [PKG...]: installs, as root, Debian's redis-server and
 # postgresql-15-postgis-3 (with it postgresql-15 and postgresql-client: psql, pgbench) and
@@ -41,7 +41,13 @@ free_port() {
   lo=${range%-*} hi=${range#*-}
   for _ in $(seq 1 200); do
     p=$((lo + RANDOM % (hi - lo + 1)))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    # No socket in any state (listening, connected, TIME_WAIT) has it as its local port:
+    # a range inside the ephemeral one is also where clients' sockets get their ports.
+    if ! awk 'NR > 1 {print $2}' /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+      grep -q "$(printf ':%04X$' "$p")"; then
+      echo "$p"
+      return
+    fi
   done
   echo "peers.sh: no free port in $range" >&2
   exit 1
