@@ -93,12 +93,20 @@ cores() {
   awk -v s0="$1" -v s1="$2" -v t0="$3" -v t1="$4" 'BEGIN {print (s1 - s0) / 100 / (t1 - t0)}'
 }
 
+# fail TOOL LOG: the tool exited non-zero; show its output and stop.
+fail() {
+  cat "$2" >&2
+  echo "http.sh: $1 failed (its output is above)" >&2
+  exit 1
+}
+
 # run_wrk SECS OUT / run_pgbench SECS OUT: one window; OUT gets "per_s p50_ms p99_ms cores".
 run_wrk() {
   local secs=$1 out=$2 t0 t1 s0 s1
   s0=$(cpu_ticks "$DISPATCHD_PID") t0=$(date +%s.%N)
   timeout $((secs + 60)) wrk -t 2 -c "$CONNS" -d "${secs}s" --timeout 10s --latency \
-    -s "$HERE/nearby.lua" "http://127.0.0.1:$DISPATCH_PORT" -- "$TOKEN" "${BOX[@]}" >"$out.log" 2>&1
+    -s "$HERE/nearby.lua" "http://127.0.0.1:$DISPATCH_PORT" -- "$TOKEN" "${BOX[@]}" >"$out.log" 2>&1 ||
+    fail "wrk" "$out.log"
   t1=$(date +%s.%N) s1=$(cpu_ticks "$DISPATCHD_PID")
   if grep -qE "Non-2xx|Socket errors" "$out.log"; then
     cat "$out.log" >&2
@@ -116,7 +124,8 @@ run_pgbench() {
   s0=$(cpu_ticks "$PG_PID") t0=$(date +%s.%N)
   timeout $((secs + 60)) pgbench -h 127.0.0.1 -p "$PG_PORT" -U bench -n -c "$CONNS" -j 2 \
     -M prepared -T "$secs" -f "$HERE/knn.sql" -D npoints="$NPOINTS" -D lat0="$LAT0" \
-    -D dlat="$DLAT" -D lng0="$LNG0" -D dlng="$DLNG" -l --log-prefix "$out.d/tx" bench >"$out.log" 2>&1
+    -D dlat="$DLAT" -D lng0="$LNG0" -D dlng="$DLNG" -l --log-prefix "$out.d/tx" bench >"$out.log" 2>&1 ||
+    fail "pgbench" "$out.log"
   t1=$(date +%s.%N) s1=$(cpu_ticks "$PG_PID")
   if ! grep -q "number of failed transactions: 0 " "$out.log"; then
     cat "$out.log" >&2
