@@ -25,7 +25,9 @@ set -euo pipefail
 SECONDS=0
 cd "$(dirname "$0")/../.."
 HERE=bench/vs-peers
+# shellcheck source=bench/lib.sh
 source bench/lib.sh
+# shellcheck source=bench/vs-peers/peers.sh
 source "$HERE/peers.sh"
 
 DRIVERS=${DRIVERS:-15000} CONNS=${CONNS:-50} SECS=${SECS:-10} ROUNDS=${ROUNDS:-2} WARM=${WARM:-3}

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the scripts that source it read the variables it sets
 # The peers of the vs-peers benches (run.sh, http.sh): Redis and a throwaway PostgreSQL +
 # PostGIS cluster, on loopback; sourced, not run.
 #

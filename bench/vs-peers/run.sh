@@ -19,6 +19,7 @@ set -euo pipefail
 SECONDS=0
 cd "$(dirname "$0")/../.."
 HERE=bench/vs-peers
+# shellcheck source=bench/vs-peers/peers.sh
 source "$HERE/peers.sh"
 
 DRIVERS=15000
