@@ -463,9 +463,20 @@ impl Context {
         // Boxed: starting an actor is a ~5 KiB future, and an unboxed one would make every
         // future that may await this one (a ping's re-index, every driver actor's handler,
         // a session's attach) that large, for as long as its task lives: per driver and
-        // per session, even though the actor is started once.
-        Box::pin(self.spawn(group, start()?)).await.ok()?;
+        // per session, even though the actor is started once. Boxed by a plain function,
+        // so that the start arguments (~900 bytes) are not kept in this future either.
+        let starting = self.spawn_boxed(group, start)?;
+        starting.await.ok()?;
         get()
+    }
+
+    fn spawn_boxed(
+        &self,
+        group: Group,
+        start: impl FnOnce() -> Option<Spawn>,
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + '_>>>
+    {
+        Some(Box::pin(self.spawn(group, start()?)))
     }
 
     /// A driver's actor, started on demand: recovery starts actors only for drivers that

@@ -146,8 +146,8 @@ impl DriverActor {
         Outbound::DriverWelcome {
             driver_id: s.rec.id.to_string(),
             status: s.st.status().clone(),
-            offer: s.rec.offer.clone(),
-            trip: s.rec.trip.clone(),
+            offer: s.rec.offer.as_deref().cloned(),
+            trip: s.rec.trip.as_deref().cloned(),
         }
     }
 
@@ -183,29 +183,7 @@ impl DriverActor {
                     .await;
             }
             DriverCommand::Location { position, heading } => {
-                s.rec.position = Some(position);
-                if heading.is_some() {
-                    s.rec.heading = heading;
-                }
-                self.ctx.driver_moved(&s.rec.id, position, s.rec.heading);
-                // A new cell is worth remembering across an actor's restart; the store does
-                // not keep cells (recovery indexes a driver from its position), and its
-                // position reaches the store with the next snapshot. Writing the whole
-                // record at every cell crossing was a store write and an fsync each.
-                if self.reindex(s, true).await {
-                    self.remember(s);
-                }
-                if let DriverStatus::OnTrip(trip_id) = s.st.status()
-                    && let Some(t) = self.ctx.registry.trip(trip_id)
-                {
-                    let _ = t.cast(TripMsg::DriverLocation {
-                        driver_id: s.rec.id.clone(),
-                        position,
-                        heading: s.rec.heading,
-                    });
-                }
-                responder.ack();
-                return;
+                return self.location(s, position, heading, responder).await;
             }
             trip_cmd => trip_cmd.for_trip(s.rec.id.clone()),
         };
@@ -214,6 +192,38 @@ impl DriverActor {
         };
         self.to_trip(myself, s, trip_id, cmd, responder, trace)
             .await;
+    }
+
+    /// A location ping: the hot path, kept apart so that its future stays small.
+    async fn location(
+        &self,
+        s: &mut DriverActorState,
+        position: Point,
+        heading: Option<f64>,
+        responder: Responder,
+    ) {
+        s.rec.position = Some(position);
+        if heading.is_some() {
+            s.rec.heading = heading;
+        }
+        self.ctx.driver_moved(&s.rec.id, position, s.rec.heading);
+        // A new cell is worth remembering across an actor's restart; the store does
+        // not keep cells (recovery indexes a driver from its position), and its
+        // position reaches the store with the next snapshot. Writing the whole
+        // record at every cell crossing was a store write and an fsync each.
+        if self.reindex(s, true).await {
+            self.remember(s);
+        }
+        if let DriverStatus::OnTrip(trip_id) = s.st.status()
+            && let Some(t) = self.ctx.registry.trip(trip_id)
+        {
+            let _ = t.cast(TripMsg::DriverLocation {
+                driver_id: s.rec.id.clone(),
+                position,
+                heading: s.rec.heading,
+            });
+        }
+        responder.ack();
     }
 
     /// The trip decides; its answer comes back with the update it causes (under a
@@ -313,11 +323,11 @@ impl DriverActor {
                     s.st = DriverState::new(DriverStatus::OnTrip(id.clone()));
                 }
                 s.rec.offer = None;
-                s.rec.trip = Some(view.clone());
+                s.rec.trip = Some(Box::new(view.clone()));
             }
             TripLink::Update => {
                 if s.rec.trip.as_ref().is_none_or(|t| &t.trip_id == id) {
-                    s.rec.trip = Some(view.clone());
+                    s.rec.trip = Some(Box::new(view.clone()));
                 }
             }
             TripLink::Released => {
@@ -386,17 +396,30 @@ impl Actor for DriverActor {
         s: &mut DriverActorState,
     ) -> Result<(), ActorProcessingErr> {
         let kind = msg.kind();
-        // A location ping is the hot path (a driver's most frequent message) and logs
-        // nothing on success: it gets no span, which would format the id every time.
-        let span = if kind == "location" {
-            tracing::Span::none()
-        } else {
-            tracing::info_span!("driver", driver_id = %s.rec.id)
-        };
-        self.ctx
-            .metrics
-            .handle_in("driver", kind, span, || self.handle_msg(myself, msg, s))
-            .await
+        let metrics = &self.ctx.metrics;
+        match msg {
+            // A location ping is the hot path (a driver's most frequent message) and logs
+            // nothing on success: it gets no span, which would format the id every time.
+            // It is handled in place, without an allocation.
+            DriverMsg::Command(DriverCommand::Location { position, heading }, responder, None) => {
+                // Made inside the closure: a future made outside would be held twice.
+                metrics
+                    .handle_in("driver", kind, tracing::Span::none(), || {
+                        self.location(s, position, heading, responder)
+                    })
+                    .await;
+                Ok(())
+            }
+            // Everything else is boxed, once per message: ractor keeps one future per
+            // actor for its whole life, as large as the largest handler it may await,
+            // and a driver's handlers made it ~10 KB of every connected driver's memory
+            // (heaptrack, issue 14). Boxed, that future holds the ping path and a pointer.
+            msg => {
+                let span = tracing::info_span!("driver", driver_id = %s.rec.id);
+                let work = Box::pin(self.handle_msg(myself, msg, s));
+                metrics.handle_in("driver", kind, span, || work).await
+            }
+        }
     }
 }
 
@@ -465,7 +488,7 @@ impl DriverActor {
                         s.st.reserve_offer(&offer.trip_id).is_ok()
                     };
                     if ok {
-                        s.rec.offer = Some(offer.clone());
+                        s.rec.offer = Some(Box::new(offer.clone()));
                         self.reindex(s, false).await;
                         self.commit(s);
                         self.send(s, Outbound::Offer(offer));
@@ -509,7 +532,7 @@ impl DriverActor {
                     s,
                     Outbound::TripUpdate {
                         req: None,
-                        trip: view,
+                        trip: *view,
                     },
                 );
                 s.awaiting.answer(answers, Ok(()));

@@ -128,9 +128,10 @@ pub enum DriverMsg {
         notify: bool,
         answers: Option<Ticket>,
     },
-    /// From a trip: a transition the driver must see.
+    /// From a trip: a transition the driver must see. Boxed: a trip's view is the largest
+    /// thing a driver is sent, and every driver actor's future holds one message.
     Trip {
-        view: TripView,
+        view: Box<TripView>,
         link: TripLink,
         answers: Option<Ticket>,
     },

@@ -35,8 +35,10 @@ pub struct DriverRecord {
     pub position: Option<Point>,
     pub heading: Option<f64>,
     pub cell: Option<CellId>,
-    pub offer: Option<OfferView>,
-    pub trip: Option<TripView>,
+    /// Boxed, as `trip`: most drivers have neither, and the record is kept twice per
+    /// driver (the actor's state and the registry), so inline views made it ~880 bytes.
+    pub offer: Option<Box<OfferView>>,
+    pub trip: Option<Box<TripView>>,
     pub session: Option<SessionHandle>,
     /// Rises with every session attach and detach, so a stale grace timer is ignored.
     pub session_epoch: u64,

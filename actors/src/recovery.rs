@@ -217,8 +217,8 @@ impl System {
                 position: d.position,
                 heading: d.heading,
                 cell: None,
-                offer,
-                trip,
+                offer: offer.map(Box::new),
+                trip: trip.map(Box::new),
                 session: None,
                 session_epoch: 0,
             };

@@ -234,9 +234,12 @@ impl Actor for RiderActor {
     ) -> Result<(), ActorProcessingErr> {
         let span = tracing::info_span!("rider", rider_id = %s.rec.id);
         let kind = msg.kind();
+        // Boxed once per message, so the future ractor keeps for the actor's life is
+        // small (see the driver actor's `handle`).
+        let work = Box::pin(self.handle_msg(_myself, msg, s));
         self.ctx
             .metrics
-            .handle_in("rider", kind, span, || self.handle_msg(_myself, msg, s))
+            .handle_in("rider", kind, span, || work)
             .await
     }
 }

@@ -465,7 +465,7 @@ impl TripActor {
     ) {
         if let Some(d) = self.ctx.registry.driver(driver_id) {
             let _ = d.cast(DriverMsg::Trip {
-                view: view.clone(),
+                view: Box::new(view.clone()),
                 link,
                 answers,
             });

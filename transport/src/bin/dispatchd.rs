@@ -9,7 +9,10 @@ use dispatch_transport::telemetry;
 use tracing_subscriber::EnvFilter;
 
 // mimalloc rather than glibc's malloc: recovery creates ~100,000 actors at once, and
-// glibc's allocator dominated its profile (see the recovery benchmark).
+// glibc's allocator dominated its profile (see the recovery benchmark). Built with
+// `RUSTFLAGS="--cfg dispatch_system_alloc"` it keeps the system allocator, so heaptrack and
+// valgrind's dhat, which see only malloc, can attribute the server's memory (issue 14).
+#[cfg(not(dispatch_system_alloc))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

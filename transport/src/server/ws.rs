@@ -285,7 +285,9 @@ fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
 async fn session(app: App, socket: WebSocket, role: Identity) {
     let label = role.role();
     let (handle, inbox) = app.system.new_session();
-    let attached = app.system.attach(&role, handle.clone()).await;
+    // Boxed: attaching awaits an actor's start, a ~1 KiB future that the session's task
+    // would otherwise keep for the whole life of the connection (issue 14).
+    let attached = Box::pin(app.system.attach(&role, handle.clone())).await;
     let (mut sink, mut stream) = socket.split();
     if !attached {
         let _ = sink
