@@ -788,21 +788,7 @@ impl Sim {
                     return None;
                 }
                 let candidates = self.search(t, &exclude);
-                if candidates.is_empty() {
-                    self.stats.empty_searches += 1;
-                }
-                // The answer comes back from the cell actors a little later. (Never twice:
-                // a trip has one search in flight and mailboxes do not duplicate. Note
-                // that a duplicate would be taken as the answer to the next search:
-                // `Candidates` carries no search id, unlike offers and their `seq`.)
-                let latency = self.rng.random_range(5..300);
-                self.schedule(
-                    latency,
-                    Ev::SearchAnswer {
-                        trip: t,
-                        candidates,
-                    },
-                );
+                self.answer_search(t, candidates);
                 None
             }
             TripEffect::SendOffer(offer) => {
@@ -1064,18 +1050,26 @@ impl Sim {
                 // its offer then be refused).
                 None => self.search(t, &exclude),
             };
-            if candidates.is_empty() {
-                self.stats.empty_searches += 1;
-            }
-            let latency = self.rng.random_range(5..300);
-            self.schedule(
-                latency,
-                Ev::SearchAnswer {
-                    trip: t,
-                    candidates,
-                },
-            );
+            self.answer_search(t, candidates);
         }
+    }
+
+    /// The answer comes back from the cell actors a little later. (Never twice: a trip has
+    /// one search in flight and mailboxes do not duplicate. Note that a duplicate would be
+    /// taken as the answer to the next search: `Candidates` carries no search id, unlike
+    /// offers and their `seq`.)
+    fn answer_search(&mut self, t: usize, candidates: Vec<Candidate>) {
+        if candidates.is_empty() {
+            self.stats.empty_searches += 1;
+        }
+        let latency = self.rng.random_range(5..300);
+        self.schedule(
+            latency,
+            Ev::SearchAnswer {
+                trip: t,
+                candidates,
+            },
+        );
     }
 
     // -----------------------------------------------------------------------------------
