@@ -88,6 +88,9 @@ pub struct ReplayArgs {
     /// Print one Markdown table row per mode (the README's study) instead of the text.
     #[arg(long)]
     pub markdown: bool,
+    /// With --markdown: print the table's header first.
+    #[arg(long)]
+    pub markdown_header: bool,
 }
 
 impl ReplayArgs {
@@ -300,16 +303,20 @@ pub fn text(o: &Outcome) -> String {
     s
 }
 
+/// The header of [`markdown_row`]'s table.
+pub const MARKDOWN_HEADER: &str = "| drivers | matching | served % | pickup mean s | pickup p90 s | rider wait mean s | request → 1st offer mean s | utilisation % |\n|---:|---|---:|---:|---:|---:|---:|---:|";
+
 /// The README study's row of one outcome.
 pub fn markdown_row(o: &Outcome) -> String {
     format!(
-        "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
+        "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
         o.drivers,
         o.mode,
         o.day.served_pct,
         o.day.pickup_s.mean,
         o.day.pickup_s.p90,
         o.day.wait_s.mean,
+        o.day.to_first_offer_s.mean,
         o.day.utilisation_pct
     )
 }
@@ -335,6 +342,9 @@ pub fn main_entry<I: IntoIterator<Item = String>>(argv: I) -> i32 {
 fn run_and_write(args: &ReplayArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let outs = run(args)?;
+    if args.markdown && args.markdown_header {
+        println!("{MARKDOWN_HEADER}");
+    }
     for o in &outs {
         if args.markdown {
             println!("{}", markdown_row(o));
