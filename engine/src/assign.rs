@@ -132,8 +132,8 @@ pub fn assign<D: Ord + Clone>(options: &[Vec<(D, u64)>], params: &BatchParams) -
         }
     }
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for r in 0..n {
-        if !allowed[r].is_empty() {
+    for (r, mine) in allowed.iter().enumerate() {
+        if !mine.is_empty() {
             let root = find(&mut parent, r);
             groups.entry(root).or_default().push(r);
         }

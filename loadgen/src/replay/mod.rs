@@ -193,7 +193,7 @@ pub fn load_trips(
         col("dropoff_latitude")?,
         col("dropoff_longitude")?,
     );
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x7472_6970_73);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0074_7269_7073);
     let mut out = Vec::new();
     for (n, rec) in rdr.records().enumerate() {
         let rec = rec?;
