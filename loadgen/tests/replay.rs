@@ -22,7 +22,7 @@ fn args(seed: u64) -> ReplayArgs {
         "--hours",
         "1",
         "--drivers",
-        "450",
+        "350",
         "--matching",
         "greedy,batch",
         "--match-window-ms",
@@ -51,7 +51,9 @@ fn one_hour_slice_is_deterministic_for_a_seed() {
             o.day.requests, greedy.day.requests,
             "same trips in both modes"
         );
-        assert!(o.day.served > 0 && o.day.served <= o.day.requests);
+        // Contended: most are served, some reach the dispatch deadline.
+        assert!(o.day.served * 10 > o.day.requests * 7, "{:?}", o.day);
+        assert!(o.day.served < o.day.requests, "{:?}", o.day);
         assert_eq!(o.pickup_hist.iter().sum::<u64>() as usize, o.day.pickup_s.n);
     }
     // Batch mode really batched: windows ran, some with more than one request.
