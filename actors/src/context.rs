@@ -70,6 +70,10 @@ pub struct SystemConfig {
     /// Test hook (`DISPATCH_TEST_CRASH_AFTER=capture`): abort the process right after the
     /// provider captured a fare and before the ledger entry is written.
     pub crash_after_capture: bool,
+    /// Greedy, or batched with a window (`--matching`, `--match-window-ms`).
+    pub matching: crate::batch::Matching,
+    /// The bounds of one window's assignment (batched matching).
+    pub batch: dispatch_engine::BatchParams,
 }
 
 impl Default for SystemConfig {
@@ -96,6 +100,8 @@ impl Default for SystemConfig {
             surge: SurgeConfig::default(),
             surge_update_ms: 10_000,
             crash_after_capture: false,
+            matching: crate::batch::Matching::Greedy,
+            batch: dispatch_engine::BatchParams::default(),
         }
     }
 }
@@ -106,7 +112,17 @@ impl SystemConfig {
     pub fn ticket_timeout(&self) -> Duration {
         Duration::from_millis(
             self.search_timeout_ms + 2 * self.actor_call_timeout_ms + self.payment_timeout_ms,
-        )
+        ) + self.matching_wait()
+    }
+
+    /// The longest a trip's search waits for its batch window (zero when greedy).
+    pub fn matching_wait(&self) -> Duration {
+        match self.matching {
+            crate::batch::Matching::Greedy => Duration::ZERO,
+            crate::batch::Matching::Batch { window_ms } => {
+                Duration::from_millis(window_ms) + crate::batch::SOLVE_BOUND
+            }
+        }
     }
 }
 
@@ -128,6 +144,8 @@ pub struct Inner {
     pub(crate) local_provider: Option<Arc<LocalProvider>>,
     /// Ledger balances and drivers' earnings (entries are in the store).
     pub(crate) books: Mutex<Books>,
+    /// Batched matching's window task, started by the first trip that needs it.
+    batcher: OnceLock<crate::batch::Batcher>,
     pub(crate) surge: Mutex<SurgeBook>,
     /// One operator's refund at a time (a refund's number is the count of earlier ones).
     pub(crate) refunds: tokio::sync::Mutex<()>,
@@ -177,6 +195,7 @@ impl Context {
             provider,
             local_provider,
             books: Mutex::new(Books::default()),
+            batcher: OnceLock::new(),
             surge: Mutex::new(SurgeBook::new(config.surge)),
             refunds: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
@@ -189,6 +208,13 @@ impl Context {
             rates: std::sync::RwLock::new(Arc::new(config.rates.clone())),
             config,
         }))
+    }
+
+    /// The batcher (batched matching), started on first use on the current runtime.
+    pub(crate) fn batcher(&self, window_ms: u64) -> &crate::batch::Batcher {
+        self.batcher.get_or_init(|| {
+            crate::batch::Batcher::start(window_ms, self.config.batch, self.metrics.clone())
+        })
     }
 
     pub fn downgrade(&self) -> WeakContext {

@@ -29,6 +29,7 @@
 #![allow(clippy::large_enum_variant)]
 
 pub mod admin;
+pub mod batch;
 pub mod boot;
 pub mod cell;
 pub mod clock;

@@ -50,8 +50,12 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 18] = [
+pub const BOUNDS: [&str; 22] = [
     "bad_messages",
+    "batch_group_cap",
+    "batch_queue",
+    "batch_wait",
+    "batch_work_budget",
     "cell_query_timeout",
     "cell_spawn_failed",
     "http_body_bytes",
@@ -95,6 +99,11 @@ pub struct Metrics {
     pub store_flush_batches: Histogram,
     pub request_to_accept: Histogram,
     pub pickup_eta: Histogram,
+    /// Batched matching: trips per window, a window's solve time, and the pickup ETA of
+    /// each pair the window assigned.
+    pub batch_size: Histogram,
+    pub batch_solve: Histogram,
+    pub batch_assigned_eta: Histogram,
     pub actors_started: IntCounterVec,
     pub actors_stopped: IntCounterVec,
     pub actor_panics: IntCounterVec,
@@ -360,6 +369,43 @@ impl Metrics {
                     HistogramOpts::new(
                         "dispatch_pickup_eta_seconds",
                         "Estimated pickup time when a driver is assigned",
+                    )
+                    .buckets(vec![
+                        30.0, 60.0, 120.0, 180.0, 300.0, 420.0, 600.0, 900.0, 1200.0, 1800.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            batch_size: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_batch_size",
+                        "Trips assigned together in one batched-matching window",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+                )
+                .unwrap(),
+            ),
+            batch_solve: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_batch_solve_seconds",
+                        "Time to solve one batched-matching window's assignment",
+                    )
+                    .buckets(vec![
+                        0.00001, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            batch_assigned_eta: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_batch_assigned_eta_seconds",
+                        "Pickup ETA of each pair a batched-matching window assigned",
                     )
                     .buckets(vec![
                         30.0, 60.0, 120.0, 180.0, 300.0, 420.0, 600.0, 900.0, 1200.0, 1800.0,

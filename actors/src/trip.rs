@@ -205,17 +205,56 @@ impl TripActor {
 
     async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
         let t = &s.rec.trip;
+        let exclude = Arc::new(exclude);
         let filter = SearchFilter {
             product: Some(t.product),
             available_only: true,
-            exclude: Arc::new(exclude),
+            exclude: exclude.clone(),
         };
         let (found, stats) = self
             .ctx
             .search(t.pickup, self.ctx.config.search, filter, s.trace)
             .await;
         tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
-        TripCommand::Candidates(found)
+        let crate::batch::Matching::Batch { window_ms } = self.ctx.config.matching else {
+            return TripCommand::Candidates(found);
+        };
+        if found.is_empty() {
+            // Nobody within reach: the trip ends now, as in greedy mode.
+            return TripCommand::Candidates(found);
+        }
+        // Batched: the window's assignment picks this trip's driver among its candidates
+        // (ETAs as the engine ranks them). A trip left without one (the others took its
+        // drivers, or the batcher was full or late) searches again and goes greedy, so
+        // no first offer waits past its window.
+        let options = found
+            .iter()
+            .filter(|c| c.driver.product == t.product)
+            .map(|c| {
+                let e = self.ctx.config.eta.estimate(c.driver.position, t.pickup);
+                (c.driver.driver_id.clone(), e.duration_s.round() as u64)
+            })
+            .collect();
+        match self.ctx.batcher(window_ms).assign(options).await {
+            Some(driver) => TripCommand::Candidates(
+                found
+                    .into_iter()
+                    .filter(|c| c.driver.driver_id == driver)
+                    .collect(),
+            ),
+            None => {
+                let filter = SearchFilter {
+                    product: Some(t.product),
+                    available_only: true,
+                    exclude,
+                };
+                let (again, _) = self
+                    .ctx
+                    .search(t.pickup, self.ctx.config.search, filter, s.trace)
+                    .await;
+                TripCommand::Candidates(again)
+            }
+        }
     }
 
     /// Commits one decision, then tells everyone, then arms what it asks for.

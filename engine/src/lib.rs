@@ -1,7 +1,8 @@
 //! `dispatch-engine`: the dispatch domain as plain data and pure functions.
 //!
 //! It owns ids, coordinates and H3 cells ([`geo`]), the per-cell index of drivers and
-//! the ring-by-ring candidate search ([`index`], [`search`]), the ETA and fare models
+//! the ring-by-ring candidate search ([`index`], [`search`]), the batched min-cost
+//! assignment of a window's requests to drivers ([`assign`]), the ETA and fare models
 //! ([`eta`], [`fare`]), surge per H3 cell ([`surge`]), the payment rules of a
 //! double-entry ledger ([`ledger`]), the driver and rider status rules ([`driver`],
 //! [`rider`]), registration profiles and their rules ([`profile`]), the trip state machine
@@ -12,6 +13,7 @@
 //! needs the time takes `now_ms` (Unix milliseconds) as an argument, and ids are handed
 //! in by the caller, so every rule is deterministic, testable and replayable.
 
+pub mod assign;
 pub mod driver;
 pub mod eta;
 pub mod fare;
@@ -26,6 +28,7 @@ pub mod surge;
 pub mod transition;
 pub mod trip;
 
+pub use assign::{BatchOutcome, BatchParams, BatchStats, assign};
 pub use driver::{DriverError, DriverState, DriverStatus};
 pub use eta::{EtaEstimate, EtaModel, StraightLineEta};
 pub use fare::{FareQuote, Product, RateCard, RateCardError, RateCards};

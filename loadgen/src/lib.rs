@@ -13,6 +13,7 @@ pub mod geo;
 pub mod html;
 pub mod net;
 pub mod reconnect;
+pub mod replay;
 pub mod report;
 pub mod rider;
 pub mod session;

@@ -13,6 +13,16 @@ use dispatch_engine::{
     StraightLineEta, SurgeConfig,
 };
 
+/// How trips get their drivers (issue 17; the README's study says when to choose which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MatchingMode {
+    /// Each request offers its nearest available drivers in turn, at once.
+    Greedy,
+    /// The requests of each `--match-window-ms` window are assigned together, for the
+    /// least total pickup time.
+    Batch,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -102,6 +112,17 @@ pub struct Args {
     /// Rings of H3 cells around the pickup cell searched at most.
     #[arg(long, env = "DISPATCH_SEARCH_MAX_RINGS", default_value_t = 8)]
     pub search_max_rings: u32,
+    /// `greedy`: nearest driver at once. `batch`: requests of one window are assigned
+    /// together (each trip's first offer then waits up to the window).
+    #[arg(long, env = "DISPATCH_MATCHING", value_enum, default_value_t = MatchingMode::Greedy)]
+    pub matching: MatchingMode,
+    /// The batch window (`--matching batch`), 1–60000 ms.
+    #[arg(long, env = "DISPATCH_MATCH_WINDOW_MS", default_value_t = 2_000)]
+    pub match_window_ms: u64,
+    /// The most requests in one assignment problem (`--matching batch`); a larger group
+    /// of nearby requests is solved in slices of this many (counted).
+    #[arg(long, env = "DISPATCH_MATCH_MAX_BATCH", default_value_t = 64)]
+    pub match_max_batch: usize,
     /// How long one search may wait for the cell actors it asks, all rings together; a
     /// cell that has not answered by then is left out (and counted).
     #[arg(long, env = "DISPATCH_SEARCH_TIMEOUT_MS", default_value_t = 2_000)]
@@ -272,6 +293,14 @@ impl Args {
             (1..=30).contains(&self.search_max_rings),
             "--search-max-rings must be in 1..=30",
         )?;
+        check(
+            (1..=60_000).contains(&self.match_window_ms),
+            "--match-window-ms must be in 1..=60000",
+        )?;
+        check(
+            (1..=1_024).contains(&self.match_max_batch),
+            "--match-max-batch must be in 1..=1024",
+        )?;
         check(self.quote_ttl_ms > 0, "--quote-ttl-ms must be positive")?;
         check(
             (10..=60_000).contains(&self.search_timeout_ms),
@@ -367,6 +396,16 @@ impl Args {
             // A test hook, deliberately not a flag: see `SystemConfig::crash_after_capture`.
             crash_after_capture: std::env::var("DISPATCH_TEST_CRASH_AFTER").as_deref()
                 == Ok("capture"),
+            matching: match self.matching {
+                MatchingMode::Greedy => dispatch_actors::batch::Matching::Greedy,
+                MatchingMode::Batch => dispatch_actors::batch::Matching::Batch {
+                    window_ms: self.match_window_ms,
+                },
+            },
+            batch: dispatch_engine::BatchParams {
+                max_group: self.match_max_batch,
+                ..dispatch_engine::BatchParams::default()
+            },
             ..SystemConfig::default()
         };
         if let Some(a) = self.admin_listen {
@@ -547,6 +586,27 @@ mod tests {
             .build_and_validate()
             .unwrap_err();
         assert!(e.contains("--currency"), "{e}");
+    }
+
+    #[test]
+    fn matching_flags_are_checked_and_reach_the_system() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dispatchd"];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv).build_and_validate()
+        };
+        use dispatch_actors::batch::Matching;
+        assert_eq!(Config::defaults().system.matching, Matching::Greedy);
+        let c = parse(&["--matching", "batch", "--match-window-ms", "500"]).unwrap();
+        assert_eq!(c.system.matching, Matching::Batch { window_ms: 500 });
+        assert!(c.system.ticket_timeout() > Config::defaults().system.ticket_timeout());
+        for bad in [["--match-window-ms", "0"], ["--match-window-ms", "60001"]] {
+            let e = parse(&bad).unwrap_err();
+            assert!(e.contains("--match-window-ms"), "{e}");
+        }
+        let e = parse(&["--match-max-batch", "0"]).unwrap_err();
+        assert!(e.contains("--match-max-batch"), "{e}");
+        assert!(Args::try_parse_from(["dispatchd", "--matching", "auction"]).is_err());
     }
 
     #[test]
