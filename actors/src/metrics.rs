@@ -50,10 +50,13 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 18] = [
+pub const BOUNDS: [&str; 21] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
+    "console_feed_items",
+    "console_feed_send",
+    "console_feeds",
     "http_body_bytes",
     "jwks_refresh_rate",
     "location_rate",
