@@ -729,4 +729,35 @@ mod tests {
         let inf = [(1.0, 0), (f64::INFINITY, 5)];
         assert_eq!(histogram_quantile(0.99, &inf, 5), 1.0);
     }
+
+    #[test]
+    fn a_window_counts_only_what_happened_inside_it() {
+        let before = Counters {
+            requests: 10,
+            assigned: 8,
+            request_to_offer_count: 100,
+            // 100 fast offers, all under 10 ms.
+            request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 100)],
+            restarts: 2,
+        };
+        let after = Counters {
+            requests: 20,
+            assigned: 13,
+            request_to_offer_count: 110,
+            // Then 10 slow ones, in (0.1, 1] s: the window's p50 is slow, not fast.
+            request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 110)],
+            restarts: 3,
+        };
+        let w = after.since(&before);
+        assert_eq!((w.requests, w.assigned, w.restarts), (10, 5, 1));
+        assert_eq!(w.match_rate, Some(0.5));
+        assert_eq!(w.request_to_offer_count, 10);
+        let p50 = w.request_to_offer_p50_ms.unwrap();
+        assert!((p50 - 550.0).abs() < 1e-6, "{p50}");
+        assert!(w.request_to_offer_p99_ms.unwrap() > p50);
+        // Nothing in the window: no rate and no quantiles, not zeros.
+        let empty = after.since(&after);
+        assert_eq!(empty.match_rate, None);
+        assert_eq!(empty.request_to_offer_p99_ms, None);
+    }
 }
