@@ -83,6 +83,7 @@ const state = {
   lastUpdate: null,
   updates: 0,
   welcome: null,
+  renders: [],
 };
 window.dispatchConsole = state; // read by the browser test
 
@@ -238,7 +239,11 @@ function openFeed(onWelcome) {
       onWelcome(m);
       sendView();
     } else if (m.type === 'update') {
+      const t0 = performance.now();
       render(m);
+      // The last 120 renders' durations and sizes, for the performance check.
+      state.renders.push({ ms: performance.now() - t0, bytes: ev.data.length });
+      if (state.renders.length > 120) state.renders.shift();
     } else if (m.type === 'error') {
       $('feed-state').textContent = `feed: ${m.code}: ${m.message}`;
     }
