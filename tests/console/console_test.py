@@ -254,6 +254,49 @@ def page_headers(srv):
     log("page and assets: 200 without a token, CSP without inline, DENY, nosniff, no-referrer")
 
 
+def feed_bounds(srv):
+    """Eight feeds at most: the ninth upgrade is 503, counted; a bad view is a typed error."""
+    feed = ws_url(srv.admin, "/admin/v1/ws/live")
+    before = bound_hits(srv, "console_feeds")
+    open_feeds = []
+    try:
+        for _ in range(8):
+            p = Peer(feed)
+            p.send({"type": "auth", "token": ADMIN})
+            p.wait(lambda m: m.get("type") == "welcome", "the feed's welcome")
+            open_feeds.append(p)
+        try:
+            extra = Peer(feed)
+            extra.close()
+            raise Check("a ninth feed was accepted")
+        except Check:
+            raise
+        except Exception as e:  # noqa: BLE001 - websockets' InvalidStatus
+            check("503" in str(e), f"the ninth feed: {e}")
+        check(bound_hits(srv, "console_feeds") == before + 1, "the refused feed was not counted")
+        p = open_feeds[0]
+        p.send({"type": "view", "south": 46, "west": -74, "north": 45, "east": -73, "zoom": 12})
+        err = p.wait(lambda m: m.get("type") == "error", "the bad view's error")
+        check(err["code"] == "bad_request" and "south <= north" in err["message"], f"bad view: {err}")
+        p.send({"type": "view", "south": 45.4, "west": -73.7, "north": 45.6, "east": -73.4, "zoom": 12})
+        u = p.wait(lambda m: m.get("type") == "update", "an update")
+        check(u["mode"] == "cells" and u["resolution"] == 7 and not u["truncated"], f"update: {str(u)[:200]}")
+    finally:
+        for p in open_feeds:
+            p.close()
+    # The slots come back when the feeds close.
+    end = time.monotonic() + 10
+    while True:
+        try:
+            p = Peer(feed)
+            p.close()
+            break
+        except Exception:  # noqa: BLE001
+            check(time.monotonic() < end, "feed slots not released after their feeds closed")
+            time.sleep(0.2)
+    log("feeds: the ninth is 503 and counted; a bad view is bad_request; an update in cells mode")
+
+
 # ---- The browser ------------------------------------------------------------------------
 
 def browser(out_dir):
@@ -471,6 +514,91 @@ def city_screenshot(args, srv):
             lg.kill()
 
 
+FRAMES_JS = """
+const c = window.dispatchConsole;
+c.frames = [];
+let last = performance.now();
+const tick = (t) => { c.frames.push(t - last); last = t; if (c.frames.length < 100000) requestAnimationFrame(tick); };
+requestAnimationFrame(tick);
+"""
+
+STATS_JS = """
+const c = window.dispatchConsole;
+const q = (xs, p) => { if (!xs.length) return null; const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(p * s.length))]; };
+const f = c.frames || [], r = c.renders.map(x => x.ms), b = c.renders.map(x => x.bytes);
+const u = c.lastUpdate || {};
+return {frames: f.length, frame_p50_ms: q(f, 0.5), frame_p99_ms: q(f, 0.99), frame_max_ms: q(f, 1),
+        renders: r.length, render_p50_ms: q(r, 0.5), render_max_ms: q(r, 1), bytes_max: q(b, 1),
+        updates: c.updates, mode: u.mode, cells: (u.cells || []).length, drivers: (u.drivers || []).length,
+        truncated: u.truncated, zoom: c.map.getZoom()};
+"""
+
+
+def bound_hits(srv, bound):
+    st, _, text = http("GET", f"{srv.admin}/metrics")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    for line in text.splitlines():
+        if line.startswith("dispatch_bound_hits_total") and f'bound="{bound}"' in line:
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def perf(args):
+    """15,000 drivers from loadgen, with and without the console open, alternating."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    extra = ["--register-rate-per-s", "1000000", "--register-burst", "1000000"]
+    results = []
+    for rnd in range(args.perf_rounds):
+        for side in ("without", "with"):
+            srv = Server(args.dispatchd, args.port, args.port + 1, extra)
+            report = os.path.join(args.out, f"perf-{side}-{rnd}.json")
+            lg = subprocess.Popen(
+                [args.perf, "--url", ws_url(srv.base, ""), "--drivers", "15000", "--riders", "2000",
+                 "--request-rate", "50", "--duration", "60s", "--drain", "20s", "--ping-interval-ms", "4000",
+                 "--time-scale", "30", "--demand-csv", "loadgen/data/montreal_carshare_zones.csv", "--seed", "1",
+                 "--workers", "2", "--source-ips", "127.0.0.2-127.0.0.9", "--connect-concurrency", "256",
+                 "--json", report, "--quiet"],
+                stdout=subprocess.DEVNULL, stderr=open(report + ".log", "w"))
+            page = None
+            try:
+                if side == "with":
+                    d, profile = browser(args.out)
+                    try:
+                        d.get(f"{srv.admin}/admin/console")
+                        d.find_element(By.ID, "token").send_keys(ADMIN)
+                        d.find_element(By.ID, "login-button").click()
+                        until(d, lambda: d.execute_script(
+                            "const c = window.dispatchConsole; return c.lastUpdate && c.lastUpdate.cells.length > 20"),
+                            "the city's cells", timeout=180)
+                        d.execute_script(FRAMES_JS)
+                        page = {}
+                        # The whole city (cells), then zoomed in on its busiest part (drivers).
+                        for zoom in (11, 12, 15):
+                            d.execute_script(f"window.dispatchConsole.map.setZoom({zoom})")
+                            time.sleep(15)
+                            page[zoom] = d.execute_script(STATS_JS)
+                        d.execute_script("window.dispatchConsole.map.setZoom(12)")
+                        lg.wait(600)
+                    finally:
+                        d.quit()
+                        shutil.rmtree(profile, ignore_errors=True)
+                else:
+                    lg.wait(600)
+                truncations = bound_hits(srv, "console_feed_items")
+            finally:
+                if lg.poll() is None:
+                    lg.kill()
+                srv.stop()
+            r = json.load(open(report))
+            lat = r["latency"]["request_to_offer"]
+            row = {"side": side, "round": rnd, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                   "matched": r["trips"]["matched"], "truncations": truncations, "page": page}
+            log(json.dumps(row))
+            results.append(row)
+    print(json.dumps(results, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dispatchd", required=True)
@@ -482,9 +610,14 @@ def main():
     ap.add_argument("--city-request-rate", type=float, default=5.0)
     ap.add_argument("--city-seconds", type=int, default=120)
     ap.add_argument("--screenshot", default="docs/console.png")
+    ap.add_argument("--perf", help="a loadgen binary: 15,000 drivers with and without the console open")
+    ap.add_argument("--perf-rounds", type=int, default=2)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     began = time.monotonic()
+    if args.perf:
+        perf(args)
+        return
     # A city registers every driver and rider from this host: lift the registration limit.
     extra = ["--register-rate-per-s", "1000000", "--register-burst", "1000000"] if args.city else []
     srv = Server(args.dispatchd, args.port, args.port + 1, extra)
@@ -496,6 +629,7 @@ def main():
         try:
             page_headers(srv)
             no_data_without_the_token(srv, drivers[0][2], rtok)
+            feed_bounds(srv)
             console_flow(srv, [(i, p) for i, p, _ in drivers], (rid, rider), args.out)
         finally:
             stop.set()

@@ -366,7 +366,11 @@ async fn feed(app: App, mut socket: WebSocket) {
         tokio::select! {
             _ = tick.tick() => {
                 let Some(v) = view else { continue };
-                let text = update(&app, &v).to_string();
+                // A scan of the whole fleet: off the async workers.
+                let a = app.clone();
+                let Ok(text) = tokio::task::spawn_blocking(move || update(&a, &v).to_string()).await else {
+                    return;
+                };
                 match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
@@ -433,10 +437,6 @@ fn round6(v: f64) -> f64 {
     (v * 1e6).round() / 1e6
 }
 
-fn status_name(s: &DriverStatus) -> &'static str {
-    s.as_str()
-}
-
 /// Counts per cell at one resolution.
 #[derive(Default)]
 struct CellCount {
@@ -479,7 +479,7 @@ pub fn update(app: &App, v: &View) -> Value {
     let mut on_trip: HashMap<String, Point> = HashMap::new();
     app.system.for_each_driver(|d| {
         let Some(p) = d.position else { return };
-        let status = status_name(&d.status);
+        let status = d.status.as_str();
         if let DriverStatus::OnTrip(t) | DriverStatus::Offered(t) = &d.status {
             on_trip.insert(t.as_str().to_owned(), p);
         }
