@@ -490,10 +490,15 @@ impl System {
     pub fn counters(&self) -> Counters {
         let m = &self.ctx.metrics;
         let (count, _, buckets) = histogram_read(&m.request_to_offer);
-        let transitions = |s: TripState| m.trip_transitions.with_label_values(&[s.as_str()]).get();
         Counters {
-            requests: transitions(TripState::Dispatching),
-            assigned: transitions(TripState::DriverAssigned),
+            assigned: m
+                .trip_transitions
+                .with_label_values(&[TripState::DriverAssigned.as_str()])
+                .get(),
+            no_driver_found: m
+                .trips_final
+                .with_label_values(&[TripState::NoDriverFound.as_str()])
+                .get(),
             request_to_offer_count: count,
             request_to_offer_buckets: buckets,
             restarts: GROUPS
@@ -534,10 +539,10 @@ impl System {
 /// apart give the last minute's numbers ([`Counters::since`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {
-    /// Transitions into `dispatching` (each ride request and each return to dispatching).
-    pub requests: u64,
     /// Transitions into `driver_assigned`.
     pub assigned: u64,
+    /// Trips that ended `no_driver_found`.
+    pub no_driver_found: u64,
     /// Observations of request → first offer, and its cumulative buckets (seconds).
     pub request_to_offer_count: u64,
     pub request_to_offer_buckets: Vec<(f64, u64)>,
@@ -548,9 +553,10 @@ pub struct Counters {
 /// What happened between two [`Counters`] readings.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Window {
-    pub requests: u64,
     pub assigned: u64,
-    /// `assigned / requests`, or `None` without requests.
+    pub no_driver_found: u64,
+    /// Of the dispatches that ended in the window, the share that found a driver:
+    /// `assigned / (assigned + no_driver_found)`, or `None` when none ended.
     pub match_rate: Option<f64>,
     pub request_to_offer_count: u64,
     /// Quantiles of request → first offer in milliseconds, `None` without observations.
@@ -578,12 +584,13 @@ impl Counters {
             })
             .collect();
         let q = |q: f64| (count > 0).then(|| histogram_quantile(q, &buckets, count) * 1000.0);
-        let requests = self.requests.saturating_sub(earlier.requests);
         let assigned = self.assigned.saturating_sub(earlier.assigned);
+        let no_driver_found = self.no_driver_found.saturating_sub(earlier.no_driver_found);
+        let ended = assigned + no_driver_found;
         Window {
-            requests,
             assigned,
-            match_rate: (requests > 0).then(|| assigned as f64 / requests as f64),
+            no_driver_found,
+            match_rate: (ended > 0).then(|| assigned as f64 / ended as f64),
             request_to_offer_count: count,
             request_to_offer_p50_ms: q(0.5),
             request_to_offer_p99_ms: q(0.99),
@@ -733,23 +740,23 @@ mod tests {
     #[test]
     fn a_window_counts_only_what_happened_inside_it() {
         let before = Counters {
-            requests: 10,
             assigned: 8,
+            no_driver_found: 2,
             request_to_offer_count: 100,
             // 100 fast offers, all under 10 ms.
             request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 100)],
             restarts: 2,
         };
         let after = Counters {
-            requests: 20,
             assigned: 13,
+            no_driver_found: 7,
             request_to_offer_count: 110,
             // Then 10 slow ones, in (0.1, 1] s: the window's p50 is slow, not fast.
             request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 110)],
             restarts: 3,
         };
         let w = after.since(&before);
-        assert_eq!((w.requests, w.assigned, w.restarts), (10, 5, 1));
+        assert_eq!((w.assigned, w.no_driver_found, w.restarts), (5, 5, 1));
         assert_eq!(w.match_rate, Some(0.5));
         assert_eq!(w.request_to_offer_count, 10);
         let p50 = w.request_to_offer_p50_ms.unwrap();

@@ -482,22 +482,29 @@ def drive(srv):
     return drivers, (rid, rider, rtok), stop
 
 
+def open_on_city(d, srv, timeout=180):
+    """Logs in and waits until the feed shows a loadgen city's cells."""
+    d.get(f"{srv.admin}/admin/console")
+    d.find_element(By.ID, "token").send_keys(ADMIN)
+    d.find_element(By.ID, "login-button").click()
+    until(d, lambda: d.execute_script(
+        "const c = window.dispatchConsole; return c.lastUpdate && c.lastUpdate.cells.length > 5"),
+        "the city's cells", timeout=timeout)
+
+
 def city_screenshot(args, srv):
     """A loadgen city running, the console zoomed out over it, saved as --screenshot."""
     lg = subprocess.Popen(
         [args.city, "--url", ws_url(srv.base, ""), "--drivers", str(args.city_drivers),
          "--riders", str(args.city_riders), "--request-rate", str(args.city_request_rate),
-         "--duration", f"{args.city_seconds}s"],
+         "--duration", f"{args.city_seconds}s", "--demand-csv", "loadgen/data/montreal_carshare_zones.csv"],
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(args.out, "loadgen.log"), "w"))
     try:
         d, profile = browser(args.out)
         try:
-            d.get(f"{srv.admin}/admin/console")
-            d.find_element(By.ID, "token").send_keys(ADMIN)
-            d.find_element(By.ID, "login-button").click()
-            until(d, lambda: d.execute_script(
-                "const c = window.dispatchConsole; return c.lastUpdate && c.lastUpdate.cells.length > 20"),
-                "the city's cells", timeout=90)
+            open_on_city(d, srv)
+            # Downtown Montreal at zoom 12: H3 cells of resolution 7 shaded by drivers and requests.
+            d.execute_script("window.dispatchConsole.map.setView([45.515, -73.6], 12)")
             time.sleep(8)
             d.set_window_size(1200, 760)
             time.sleep(3)
@@ -565,12 +572,7 @@ def perf(args):
                 if side == "with":
                     d, profile = browser(args.out)
                     try:
-                        d.get(f"{srv.admin}/admin/console")
-                        d.find_element(By.ID, "token").send_keys(ADMIN)
-                        d.find_element(By.ID, "login-button").click()
-                        until(d, lambda: d.execute_script(
-                            "const c = window.dispatchConsole; return c.lastUpdate && c.lastUpdate.cells.length > 20"),
-                            "the city's cells", timeout=180)
+                        open_on_city(d, srv)
                         d.execute_script(FRAMES_JS)
                         page = {}
                         # The whole city (cells), then zoomed in on its busiest part (drivers).

@@ -302,8 +302,8 @@ async fn stats(_: Admin, State(app): State<App>) -> Json<Value> {
         "actor_restarts": now.restarts,
         "last_minute": {
             "window_s": window_s,
-            "requests": w.requests,
             "assigned": w.assigned,
+            "no_driver_found": w.no_driver_found,
             "match_rate": w.match_rate,
             "request_to_offer_count": w.request_to_offer_count,
             "request_to_offer_p50_ms": w.request_to_offer_p50_ms,

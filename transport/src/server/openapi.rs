@@ -475,11 +475,12 @@ pub struct Stats {
 pub struct LastMinute {
     /// Seconds the window covers.
     window_s: u64,
-    /// Transitions into `dispatching`.
-    requests: u64,
     /// Transitions into `driver_assigned`.
     assigned: u64,
-    /// `assigned / requests`.
+    /// Trips that ended `no_driver_found`.
+    no_driver_found: u64,
+    /// `assigned / (assigned + no_driver_found)`: of the dispatches that ended, the share
+    /// that found a driver.
     match_rate: Option<f64>,
     request_to_offer_count: u64,
     request_to_offer_p50_ms: Option<f64>,
