@@ -569,7 +569,18 @@ def perf(args):
                 stdout=subprocess.DEVNULL, stderr=open(report + ".log", "w"))
             page = None
             try:
-                if side == "with":
+                if side == "with" and args.perf_feed_only:
+                    # The feed alone (no browser on this machine): its server-side cost.
+                    time.sleep(20)
+                    p = Peer(ws_url(srv.admin, "/admin/v1/ws/live"))
+                    p.send({"type": "auth", "token": ADMIN})
+                    p.send({"type": "view", "south": 45.40, "west": -73.80, "north": 45.62, "east": -73.45, "zoom": 12})
+                    lg.wait(600)
+                    ups = [m for m in list(p.seen) + list(p.inbox.queue) if m and m.get("type") == "update"]
+                    page = {"updates": len(ups), "bytes_max": max(len(json.dumps(u)) for u in ups),
+                            "cells_max": max(len(u["cells"]) for u in ups)}
+                    p.close()
+                elif side == "with":
                     d, profile = browser(args.out)
                     try:
                         open_on_city(d, srv)
@@ -614,6 +625,7 @@ def main():
     ap.add_argument("--screenshot", default="docs/console.png")
     ap.add_argument("--perf", help="a loadgen binary: 15,000 drivers with and without the console open")
     ap.add_argument("--perf-rounds", type=int, default=2)
+    ap.add_argument("--perf-feed-only", action="store_true", help="a Python feed client instead of Chromium")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     began = time.monotonic()
