@@ -158,13 +158,18 @@ class Server:
             time.sleep(0.2)
         raise Check("dispatchd not ready in 60 s")
 
-    def stop(self):
+    def stop(self, keep=False):
+        """Stops dispatchd; its data directory and log are kept when `keep` (a failure)."""
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+        if keep:
+            log("dispatchd's log and data kept in", self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def register_driver(srv, i):
@@ -635,9 +640,11 @@ def main():
     # A city registers every driver and rider from this host: lift the registration limit.
     extra = ["--register-rate-per-s", "1000000", "--register-burst", "1000000"] if args.city else []
     srv = Server(args.dispatchd, args.port, args.port + 1, extra)
+    failed = True
     try:
         if args.city:
             city_screenshot(args, srv)
+            failed = False
             return
         drivers, (rid, rider, rtok), stop = drive(srv)
         try:
@@ -650,8 +657,9 @@ def main():
             for _, p, _ in drivers:
                 p.close()
             rider.close()
+        failed = False
     finally:
-        srv.stop()
+        srv.stop(keep=failed)
     log(f"console test passed in {time.monotonic() - began:.1f} s")
 
 
