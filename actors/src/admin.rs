@@ -134,6 +134,23 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, u64)], count: u64) -> f64 {
     lower
 }
 
+/// A histogram's count, sum and cumulative buckets `(upper bound, count)`, ascending.
+fn histogram_read(h: &prometheus::Histogram) -> (u64, f64, Vec<(f64, u64)>) {
+    h.collect()
+        .first()
+        .and_then(|f| f.get_metric().first())
+        .map(|mm| {
+            let h = mm.get_histogram();
+            let b: Vec<(f64, u64)> = h
+                .get_bucket()
+                .iter()
+                .map(|b| (b.upper_bound(), b.cumulative_count()))
+                .collect();
+            (h.get_sample_count(), h.get_sample_sum(), b)
+        })
+        .unwrap_or_default()
+}
+
 impl System {
     /// Counts drivers by status, live trips by state, open offers and queued messages,
     /// and sets the matching gauges (called for every `/metrics` scrape).
@@ -452,26 +469,52 @@ impl System {
     }
 
     /// Per-group actor statistics from the metrics registry.
+    /// Calls `f` with every driver's record, shard by shard, holding each shard's read
+    /// lock only while `f` runs (the console's live feed: `f` must be quick).
+    pub fn for_each_driver(&self, mut f: impl FnMut(&DriverRecord)) {
+        for d in self.ctx.registry.driver_records.iter() {
+            f(&d);
+        }
+    }
+
+    /// Calls `f` with every trip that is not final (as [`Self::for_each_driver`]).
+    pub fn for_each_live_trip(&self, mut f: impl FnMut(&TripView)) {
+        for t in self.ctx.registry.trip_views.iter() {
+            if !t.state.is_final() {
+                f(&t);
+            }
+        }
+    }
+
+    /// The counters a window over the last minute is computed from: see [`Counters`].
+    pub fn counters(&self) -> Counters {
+        let m = &self.ctx.metrics;
+        let (count, _, buckets) = histogram_read(&m.request_to_offer);
+        Counters {
+            assigned: m
+                .trip_transitions
+                .with_label_values(&[TripState::DriverAssigned.as_str()])
+                .get(),
+            no_driver_found: m
+                .trips_final
+                .with_label_values(&[TripState::NoDriverFound.as_str()])
+                .get(),
+            request_to_offer_count: count,
+            request_to_offer_buckets: buckets,
+            restarts: GROUPS
+                .iter()
+                .map(|g| m.actor_restarts.with_label_values(&[g]).get())
+                .sum(),
+        }
+    }
+
     pub fn actor_stats(&self) -> Vec<GroupStats> {
         let m = &self.ctx.metrics;
         GROUPS
             .iter()
             .map(|&g| {
-                let h = m.actor_handling.with_label_values(&[g]);
-                let (count, sum, buckets) = h
-                    .collect()
-                    .first()
-                    .and_then(|f| f.get_metric().first())
-                    .map(|mm| {
-                        let h = mm.get_histogram();
-                        let b: Vec<(f64, u64)> = h
-                            .get_bucket()
-                            .iter()
-                            .map(|b| (b.upper_bound(), b.cumulative_count()))
-                            .collect();
-                        (h.get_sample_count(), h.get_sample_sum(), b)
-                    })
-                    .unwrap_or_default();
+                let (count, sum, buckets) =
+                    histogram_read(&m.actor_handling.with_label_values(&[g]));
                 GroupStats {
                     group: g,
                     alive: m.actors_alive.with_label_values(&[g]).get(),
@@ -489,6 +532,70 @@ impl System {
                 }
             })
             .collect()
+    }
+}
+
+/// Cumulative counters since the start, read together, so that two readings a minute
+/// apart give the last minute's numbers ([`Counters::since`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Transitions into `driver_assigned`.
+    pub assigned: u64,
+    /// Trips that ended `no_driver_found`.
+    pub no_driver_found: u64,
+    /// Observations of request → first offer, and its cumulative buckets (seconds).
+    pub request_to_offer_count: u64,
+    pub request_to_offer_buckets: Vec<(f64, u64)>,
+    /// Actor restarts over every group.
+    pub restarts: u64,
+}
+
+/// What happened between two [`Counters`] readings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Window {
+    pub assigned: u64,
+    pub no_driver_found: u64,
+    /// Of the dispatches that ended in the window, the share that found a driver:
+    /// `assigned / (assigned + no_driver_found)`, or `None` when none ended.
+    pub match_rate: Option<f64>,
+    pub request_to_offer_count: u64,
+    /// Quantiles of request → first offer in milliseconds, `None` without observations.
+    pub request_to_offer_p50_ms: Option<f64>,
+    pub request_to_offer_p99_ms: Option<f64>,
+    pub restarts: u64,
+}
+
+impl Counters {
+    /// The window from `earlier` to `self` (counters only rise; a smaller reading counts 0).
+    pub fn since(&self, earlier: &Counters) -> Window {
+        let count = self
+            .request_to_offer_count
+            .saturating_sub(earlier.request_to_offer_count);
+        let buckets: Vec<(f64, u64)> = self
+            .request_to_offer_buckets
+            .iter()
+            .map(|&(upper, n)| {
+                let before = earlier
+                    .request_to_offer_buckets
+                    .iter()
+                    .find(|(u, _)| *u == upper)
+                    .map_or(0, |(_, b)| *b);
+                (upper, n.saturating_sub(before))
+            })
+            .collect();
+        let q = |q: f64| (count > 0).then(|| histogram_quantile(q, &buckets, count) * 1000.0);
+        let assigned = self.assigned.saturating_sub(earlier.assigned);
+        let no_driver_found = self.no_driver_found.saturating_sub(earlier.no_driver_found);
+        let ended = assigned + no_driver_found;
+        Window {
+            assigned,
+            no_driver_found,
+            match_rate: (ended > 0).then(|| assigned as f64 / ended as f64),
+            request_to_offer_count: count,
+            request_to_offer_p50_ms: q(0.5),
+            request_to_offer_p99_ms: q(0.99),
+            restarts: self.restarts.saturating_sub(earlier.restarts),
+        }
     }
 }
 
@@ -628,5 +735,36 @@ mod tests {
         // Everything beyond the last finite bound answers that bound.
         let inf = [(1.0, 0), (f64::INFINITY, 5)];
         assert_eq!(histogram_quantile(0.99, &inf, 5), 1.0);
+    }
+
+    #[test]
+    fn a_window_counts_only_what_happened_inside_it() {
+        let before = Counters {
+            assigned: 8,
+            no_driver_found: 2,
+            request_to_offer_count: 100,
+            // 100 fast offers, all under 10 ms.
+            request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 100)],
+            restarts: 2,
+        };
+        let after = Counters {
+            assigned: 13,
+            no_driver_found: 7,
+            request_to_offer_count: 110,
+            // Then 10 slow ones, in (0.1, 1] s: the window's p50 is slow, not fast.
+            request_to_offer_buckets: vec![(0.01, 100), (0.1, 100), (1.0, 110)],
+            restarts: 3,
+        };
+        let w = after.since(&before);
+        assert_eq!((w.assigned, w.no_driver_found, w.restarts), (5, 5, 1));
+        assert_eq!(w.match_rate, Some(0.5));
+        assert_eq!(w.request_to_offer_count, 10);
+        let p50 = w.request_to_offer_p50_ms.unwrap();
+        assert!((p50 - 550.0).abs() < 1e-6, "{p50}");
+        assert!(w.request_to_offer_p99_ms.unwrap() > p50);
+        // Nothing in the window: no rate and no quantiles, not zeros.
+        let empty = after.since(&after);
+        assert_eq!(empty.match_rate, None);
+        assert_eq!(empty.request_to_offer_p99_ms, None);
     }
 }

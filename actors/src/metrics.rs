@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 22] = [
+pub const BOUNDS: [&str; 25] = [
     "bad_messages",
     "batch_group_cap",
     "batch_queue",
@@ -58,6 +58,9 @@ pub const BOUNDS: [&str; 22] = [
     "batch_work_budget",
     "cell_query_timeout",
     "cell_spawn_failed",
+    "console_feed_items",
+    "console_feed_send",
+    "console_feeds",
     "http_body_bytes",
     "jwks_refresh_rate",
     "location_rate",

@@ -40,24 +40,30 @@ impl FromRequestParts<App> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
         let hash = bearer_hash(parts)?;
-        if !app.ready.load(Ordering::Acquire) {
-            return Err(HttpError(ApiError::unavailable(
-                "the server is starting or shutting down",
-            )));
-        }
-        if auth::same_hash(&hash, &app.admin_token_hash) {
-            return Ok(Admin);
-        }
-        if app.system.authenticate(&hash).is_some() {
-            return Err(HttpError(ApiError::forbidden(
-                "admin routes need the admin token",
-            )));
-        }
-        Err(HttpError(ApiError::new(
-            ErrorCode::Unauthorized,
-            "unknown token",
-        )))
+        admin_token(app, &hash).map(|()| Admin)
     }
+}
+
+/// Whether a token's hash is the admin token's: 503 while not ready, 403 for a rider's or
+/// driver's token, 401 for any other (the routes and the console's feed alike).
+pub fn admin_token(app: &App, hash: &[u8; 32]) -> Result<(), HttpError> {
+    if !app.ready.load(Ordering::Acquire) {
+        return Err(HttpError(ApiError::unavailable(
+            "the server is starting or shutting down",
+        )));
+    }
+    if auth::same_hash(hash, &app.admin_token_hash) {
+        return Ok(());
+    }
+    if app.system.authenticate(hash).is_some() {
+        return Err(HttpError(ApiError::forbidden(
+            "admin routes need the admin token",
+        )));
+    }
+    Err(HttpError(ApiError::new(
+        ErrorCode::Unauthorized,
+        "unknown token",
+    )))
 }
 
 pub fn routes() -> Router<App> {
@@ -281,6 +287,8 @@ async fn stats(_: Admin, State(app): State<App>) -> Json<Value> {
         .into_iter()
         .map(|g| (g.group.to_owned(), json!(g.alive)))
         .collect();
+    let now = app.system.counters();
+    let (w, window_s) = app.console.last_minute(&now);
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": app.started.elapsed().as_secs(),
@@ -291,6 +299,17 @@ async fn stats(_: Admin, State(app): State<App>) -> Json<Value> {
         "open_offers": counts.open_offers,
         "sessions": {"driver": sessions("driver"), "rider": sessions("rider")},
         "actors": actors,
+        "actor_restarts": now.restarts,
+        "last_minute": {
+            "window_s": window_s,
+            "assigned": w.assigned,
+            "no_driver_found": w.no_driver_found,
+            "match_rate": w.match_rate,
+            "request_to_offer_count": w.request_to_offer_count,
+            "request_to_offer_p50_ms": w.request_to_offer_p50_ms,
+            "request_to_offer_p99_ms": w.request_to_offer_p99_ms,
+            "actor_restarts": w.restarts,
+        },
     }))
 }
 

@@ -103,6 +103,11 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// A map tile URL template of the operator's own (`https://tiles.example.com/{z}/{x}/{y}.png`)
+    /// for the console at `/admin/console`. Unset: the map is drawn without tiles (H3
+    /// cells, a scale, a graticule), so it works on an air-gapped cluster.
+    #[arg(long, env = "DISPATCH_CONSOLE_TILES_URL")]
+    pub console_tiles_url: Option<String>,
     /// Candidates ranked per dispatch search.
     #[arg(long, env = "DISPATCH_SEARCH_K", default_value_t = 10)]
     pub search_k: usize,
@@ -218,6 +223,8 @@ pub struct Config {
     pub max_connections: usize,
     /// `--cors-origin`, each checked to be a bare `scheme://host[:port]`.
     pub cors_origins: Vec<String>,
+    /// `--console-tiles-url`, checked by `console::check_tiles_url`.
+    pub console_tiles_url: Option<String>,
     pub shutdown_timeout_ms: u64,
     pub slow_handler_ms: u64,
     pub system: SystemConfig,
@@ -266,6 +273,9 @@ impl Args {
         )?;
         for o in &self.cors_origins {
             cors_origin(o)?;
+        }
+        if let Some(u) = &self.console_tiles_url {
+            super::console::check_tiles_url(u)?;
         }
         check(
             self.bad_message_window_ms > 0,
@@ -434,6 +444,7 @@ impl Args {
             bad_message_window_ms: self.bad_message_window_ms,
             max_connections: self.max_connections,
             cors_origins: self.cors_origins,
+            console_tiles_url: self.console_tiles_url,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
             slow_handler_ms: self.slow_handler_ms,
             system,

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::decode::point;
 use super::render::{self, product_in};
-use super::{App, admin, auth, jwt, ratelimit, ws};
+use super::{App, admin, auth, console, jwt, ratelimit, ws};
 use crate::wire;
 
 /// HTTP status of each protocol error code: the only such mapping.
@@ -265,6 +265,7 @@ fn operator_routes() -> Router<App> {
     Router::new()
         .route("/metrics", get(metrics))
         .merge(admin::routes())
+        .merge(console::routes())
 }
 
 /// `--cors-origin`: the listed origins may call every route of this listener from a

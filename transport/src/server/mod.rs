@@ -8,6 +8,7 @@ pub mod admin;
 pub mod asyncapi;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod decode;
 pub mod http;
 pub mod jwt;
@@ -101,6 +102,8 @@ pub struct AppInner {
     pub register_limit: ratelimit::RegisterLimit,
     /// Own tokens and the identity provider's JWTs.
     pub auth: jwt::Auth,
+    /// The operator's console: its feeds and the last minute's counters.
+    pub console: console::Console,
 }
 
 pub type App = Arc<AppInner>;
@@ -149,6 +152,7 @@ pub async fn run(
         shutdown: stop_rx,
         register_limit: ratelimit::RegisterLimit::new(&config.register_limit),
         auth: jwt::Auth::new(&config.auth, metrics.clone()),
+        console: console::Console::new(config.console_tiles_url.clone()),
     });
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "dispatchd serving; recovering state");
@@ -175,6 +179,7 @@ pub async fn run(
     // The system's own timers: position snapshots, the quote sweep, surge.
     let upkeep = system.spawn_timers();
     let jwks_refresh = app.auth.spawn_refresh();
+    let console_sampler = console::spawn_sampler(app.clone());
 
     let router = http::router(app.clone());
     // The operator routes on their own address, stopping with the rest.
@@ -231,6 +236,7 @@ pub async fn run(
     };
     recovery.abort();
     upkeep.abort();
+    console_sampler.abort();
     if let Some(t) = jwks_refresh {
         t.abort();
     }

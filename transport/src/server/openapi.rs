@@ -463,6 +463,29 @@ pub struct Stats {
     sessions: Sessions,
     /// Live actors by group.
     actors: BTreeMap<String, i64>,
+    /// Actor restarts since the start, every group together.
+    actor_restarts: u64,
+    last_minute: LastMinute,
+}
+
+/// The last minute, from counters sampled every 5 s (`window_s` is shorter while the
+/// server is younger than a minute). Null where nothing was observed.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct LastMinute {
+    /// Seconds the window covers.
+    window_s: u64,
+    /// Transitions into `driver_assigned`.
+    assigned: u64,
+    /// Trips that ended `no_driver_found`.
+    no_driver_found: u64,
+    /// `assigned / (assigned + no_driver_found)`: of the dispatches that ended, the share
+    /// that found a driver.
+    match_rate: Option<f64>,
+    request_to_offer_count: u64,
+    request_to_offer_p50_ms: Option<f64>,
+    request_to_offer_p99_ms: Option<f64>,
+    actor_restarts: u64,
 }
 
 /// A driver as the admin console sees it.

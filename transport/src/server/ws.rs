@@ -85,6 +85,16 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// A request to a WebSocket route that is not an upgrade: 400 `bad_request`, in the
+/// protocol's JSON form (not axum's text).
+pub fn not_an_upgrade(e: WebSocketUpgradeRejection) -> Response {
+    HttpError(ApiError::new(
+        ErrorCode::BadRequest,
+        format!("not a WebSocket upgrade: {}", e.body_text()),
+    ))
+    .into_response()
+}
+
 /// Authentication comes first (401/403), then the request must really be a WebSocket
 /// upgrade (400 `bad_request` otherwise, in the protocol's JSON form).
 fn upgrade(
@@ -94,13 +104,7 @@ fn upgrade(
 ) -> Response {
     let up = match up {
         Ok(up) => up,
-        Err(e) => {
-            return HttpError(ApiError::new(
-                ErrorCode::BadRequest,
-                format!("not a WebSocket upgrade: {}", e.body_text()),
-            ))
-            .into_response();
-        }
+        Err(e) => return not_an_upgrade(e),
     };
     if !app.ready.load(Ordering::Acquire) {
         return HttpError(ApiError::unavailable(
