@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 18] = [
+pub const BOUNDS: [&str; 19] = [
     "bad_messages",
     "cell_query_timeout",
     "cell_spawn_failed",
@@ -61,6 +61,7 @@ pub const BOUNDS: [&str; 18] = [
     "otlp_span_queue",
     "register_rate",
     "register_rate_keys",
+    "store_call_timeout",
     "store_write_failed",
     "ws_frame_bytes",
     "ws_hard_max_bytes",

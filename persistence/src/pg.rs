@@ -77,6 +77,11 @@ impl PgOptions {
     }
 }
 
+/// Whether `url` is a PostgreSQL connection string the driver accepts.
+pub fn url_is_valid(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>().is_ok()
+}
+
 /// The address of a database URL without its password: `postgres://user@host:port/db`.
 /// An unparsable URL is shown as `<invalid database URL>`, never as given.
 pub fn redact(url: &str) -> String {
