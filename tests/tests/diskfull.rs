@@ -103,6 +103,7 @@ async fn a_full_disk_answers_unavailable_loses_nothing_and_recovers_when_space_r
         "100",
     ];
     let s = Dispatchd::builder("diskfull")
+        .sled_only()
         .data_dir(&data)
         .flags(&flags)
         .start()
