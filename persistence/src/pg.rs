@@ -130,9 +130,20 @@ impl Drop for Pg {
     }
 }
 
-/// A failure of one call: the server's or the bound's.
-fn reason(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// A failure of one call, with every cause under it (the driver's own message is
+/// often just "db error"; the server's words are in its source).
+fn reason(e: impl std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !out.contains(&more) {
+            out.push_str(": ");
+            out.push_str(&more);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 impl Pg {

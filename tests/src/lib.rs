@@ -333,6 +333,41 @@ pub async fn accepted(
     t
 }
 
+/// After a store fault and a `kill -9`: the trip `trip_id` completed with every step of
+/// the happy path in its history, every rider in `acknowledged` is there, and the books
+/// balance (read through `/admin/` with `admin`).
+pub async fn assert_nothing_acknowledged_lost(
+    s: &Endpoint,
+    admin: &str,
+    trip_id: &str,
+    acknowledged: &[String],
+) {
+    let v = s.get_ok(&format!("/admin/trips/{trip_id}"), admin).await;
+    assert_eq!(v["trip"]["state"], "completed", "{v}");
+    let states: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|h| h["to"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "dispatching",
+            "driver_assigned",
+            "driver_arrived",
+            "in_progress",
+            "completed"
+        ],
+        "{v}"
+    );
+    for id in acknowledged {
+        s.get_ok(&format!("/admin/riders/{id}"), admin).await;
+    }
+    let l = s.get_ok("/admin/ledger", admin).await;
+    assert_eq!(l["balanced"], json!(true), "{l}");
+}
+
 /// Asserts that the books (`GET /admin/ledger`'s body) have settled: balanced, nothing in
 /// total, and nothing left in clearing, authorizations or rider holds; `when` is for the
 /// message.
