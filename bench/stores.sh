@@ -28,15 +28,20 @@ fresh_db() {
 }
 export RECOVERY_RUNS=${RECOVERY_RUNS:-3}
 echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $(psql "$admin" -qAtc 'SHOW server_version') (fsync $(psql "$admin" -qAtc 'SHOW fsync'), synchronous_commit $(psql "$admin" -qAtc 'SHOW synchronous_commit'))"
-cargo bench -p dispatch-persistence --bench transition --no-run -q
-cargo bench -p dispatch-actors --bench recovery --no-run -q
+# Built once, then run directly (cargo's build lock stays free meanwhile).
+exe() {
+  cargo bench -p "$1" --bench "$2" --no-run -q --message-format=json |
+    python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])'
+}
+transition_bin=$(exe dispatch-persistence transition)
+recovery_bin=$(exe dispatch-actors recovery)
 for store in sled postgres; do
   if [ "$store" = postgres ]; then export BENCH_DATABASE_URL; BENCH_DATABASE_URL=$(fresh_db transition); else unset BENCH_DATABASE_URL; fi
   echo "== $store: transitions (load $(cut -d' ' -f1 /proc/loadavg))"
-  cargo bench -q -p dispatch-persistence --bench transition 2>&1 | grep -E "thrpt|flushes|^transition/" || true
+  "$transition_bin" --bench 2>&1 | grep -E "thrpt|flushes|^transition/" || true
   if [ "$store" = postgres ]; then BENCH_DATABASE_URL=$(fresh_db recovery); fi
   echo "== $store: recovery (load $(cut -d' ' -f1 /proc/loadavg))"
-  cargo bench -q -p dispatch-actors --bench recovery 2>&1 | grep -E "populated|^run|recovery of" || true
+  "$recovery_bin" --bench 2>&1 | grep -E "populated|^run|recovery of" || true
 done
 unset BENCH_DATABASE_URL
 for db in $(psql "$admin" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'dispatch_bench_%_$$'"); do
