@@ -35,7 +35,7 @@ pub fn schema_version() -> i32 {
 }
 
 /// `pg_advisory_lock` key of the migrations ("dispatchd" in ASCII, truncated).
-const MIGRATION_LOCK: i64 = 0x6469_7370_6174_6368;
+pub const MIGRATION_LOCK: i64 = 0x6469_7370_6174_6368;
 
 /// How to reach the database, and the bounds on every call.
 #[derive(Clone)]
@@ -376,7 +376,10 @@ impl Pg {
 const FUTURE_SCHEMA: &str = "future schema version ";
 
 async fn migrate(pool: Pool) -> Result<(), String> {
-    let mut c = pool.get().await.map_err(reason)?;
+    // Taken out of the pool: if this call is abandoned (its timeout) while waiting for
+    // the lock, the connection closes with it, and the server drops the pending lock,
+    // instead of a pooled session acquiring it later and holding it for good.
+    let mut c = deadpool_postgres::Object::take(pool.get().await.map_err(reason)?);
     // Session-level lock: two nodes starting at once apply each migration once; a
     // dropped connection lets go of it.
     c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

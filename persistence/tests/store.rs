@@ -473,6 +473,52 @@ async fn postgres_a_newer_schema_is_refused_clearly_and_left_alone() {
 }
 
 #[tokio::test]
+async fn postgres_migrations_wait_for_the_advisory_lock() {
+    let Some(url) = pg_place("postgres_migrations_wait_for_the_advisory_lock") else {
+        return;
+    };
+    // Another node is migrating: it holds the lock on a session of its own.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (held, is_held) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.execute(
+                    "SELECT pg_advisory_lock($1)",
+                    &[&dispatch_persistence::pg::MIGRATION_LOCK],
+                )
+                .await
+                .unwrap();
+                held.send(()).unwrap();
+                let _ = tokio::task::spawn_blocking(move || hold.recv()).await;
+            })
+        })
+    };
+    is_held.recv().unwrap();
+    let mut o = dispatch_persistence::PgOptions::new(&url);
+    o.call_timeout = std::time::Duration::from_millis(500);
+    o.start_timeout = std::time::Duration::from_millis(200);
+    let s = Store::open_postgres(o, |_| {}).unwrap();
+    let err = s.load().unwrap_err();
+    assert!(err.to_string().contains("no answer within"), "{err}");
+    assert_eq!(s.timeouts(), 1, "the timeout was not counted");
+    // The other node is done: this one migrates.
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    drop(s);
+    pg_open(&url).load().unwrap();
+}
+
+#[tokio::test]
 async fn postgres_nodes_starting_at_once_migrate_once() {
     let Some(url) = pg_place("postgres_nodes_starting_at_once_migrate_once") else {
         return;
@@ -534,6 +580,19 @@ async fn postgres_a_commit_whose_reply_is_lost_is_retried_without_doubling() {
     commit_snapshot(&s, t).await;
     let now = s.trip(&a.id).unwrap().unwrap();
     assert_eq!(now.trip.version(), a.version());
+    // The row itself, not only what recovery makes of it (it also reads the journal).
+    let row = sql_rows(
+        &url,
+        "SELECT v FROM trips WHERE k = $1",
+        a.id.as_str().as_bytes().to_vec(),
+        None,
+    );
+    let stored: StoredTrip = dispatch_persistence::codec::decode(&row[0]).unwrap();
+    assert_eq!(
+        stored.trip.version(),
+        a.version(),
+        "an older snapshot replaced a newer one"
+    );
     let l = pg_open(&url).load().unwrap();
     assert_eq!((l.trips.len(), l.journal_entries), (1, 1));
     assert_eq!(l.trips[0].trip.version(), a.version());
