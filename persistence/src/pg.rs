@@ -242,6 +242,11 @@ impl Pg {
                 }
                 Ok(v)
             }
+            // The pool's own bounds (waiting for a slot, connecting) are the same bound.
+            Ok(Ok(Err(e))) if e.starts_with("Timeout occurred") => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(self.fail(format!("no answer within {} ms ({e})", bound.as_millis())))
+            }
             Ok(Ok(Err(e))) => Err(self.fail(e)),
             Ok(Err(_)) => {
                 self.timeouts.fetch_add(1, Ordering::Relaxed);

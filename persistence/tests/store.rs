@@ -96,10 +96,12 @@ impl Place {
     }
 }
 
-/// Runs one statement with a key (and a value) on its own connection; the first
-/// column of what it returns.
-pub fn sql_rows(url: &str, sql: &str, key: Vec<u8>, value: Option<Vec<u8>>) -> Vec<Vec<u8>> {
-    let (url, sql) = (url.to_owned(), sql.to_owned());
+/// Runs `f` on a connection of its own to `url`, on a thread and runtime of its own.
+fn with_client<T: Send + 'static, Fut: std::future::Future<Output = T>>(
+    url: &str,
+    f: impl FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+) -> T {
+    let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -110,15 +112,24 @@ pub fn sql_rows(url: &str, sql: &str, key: Vec<u8>, value: Option<Vec<u8>>) -> V
                 .await
                 .unwrap();
             tokio::spawn(conn);
-            let rows = match &value {
-                Some(v) => c.query(&sql, &[&key, v]).await.unwrap(),
-                None => c.query(&sql, &[&key]).await.unwrap(),
-            };
-            rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect()
+            f(c).await
         })
     })
     .join()
     .unwrap()
+}
+
+/// Runs one statement with a key (and a value) on its own connection; the first
+/// column of what it returns.
+pub fn sql_rows(url: &str, sql: &str, key: Vec<u8>, value: Option<Vec<u8>>) -> Vec<Vec<u8>> {
+    let sql = sql.to_owned();
+    with_client(url, move |c| async move {
+        let rows = match &value {
+            Some(v) => c.query(&sql, &[&key, v]).await.unwrap(),
+            None => c.query(&sql, &[&key]).await.unwrap(),
+        };
+        rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect()
+    })
 }
 
 fn driver(i: u32) -> StoredDriver {
@@ -483,15 +494,7 @@ async fn postgres_migrations_wait_for_the_advisory_lock() {
     let holder = {
         let url = url.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
+            with_client(&url, move |c| async move {
                 c.execute(
                     "SELECT pg_advisory_lock($1)",
                     &[&dispatch_persistence::pg::MIGRATION_LOCK],
