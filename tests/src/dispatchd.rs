@@ -310,6 +310,15 @@ impl DispatchdBuilder {
                 if let Ok(r) = d.http.get(d.url("/readyz")).send().await
                     && r.status() == 200
                 {
+                    // DISPATCH_TEST_STORE=postgres really runs it on PostgreSQL.
+                    if d.work.database.is_some() {
+                        let log = d.log_text();
+                        assert!(
+                            log.contains("store=postgres postgres://"),
+                            "{}: DISPATCH_TEST_STORE=postgres, but dispatchd did not start on PostgreSQL\n--- log ---\n{log}",
+                            self.name
+                        );
+                    }
                     return d;
                 }
                 if let Some(st) = d.child.try_wait().expect("try_wait") {
