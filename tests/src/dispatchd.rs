@@ -314,7 +314,8 @@ impl DispatchdBuilder {
                     if d.work.database.is_some() {
                         let log = d.log_text();
                         assert!(
-                            log.contains("store=postgres postgres://"),
+                            // `store=postgres postgres://…` (text) or `"store":"postgres postgres://…"` (JSON).
+                            log.contains("postgres postgres://"),
                             "{}: DISPATCH_TEST_STORE=postgres, but dispatchd did not start on PostgreSQL\n--- log ---\n{log}",
                             self.name
                         );
