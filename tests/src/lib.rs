@@ -36,7 +36,7 @@ mod ride;
 
 pub use dispatchd::{
     Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
-    dispatchd_bin, reap,
+    dispatchd_bin, reap, test_store_is_postgres,
 };
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};
 
@@ -443,7 +443,23 @@ impl TestServer {
         // Tests register many riders and drivers from one address: no registration limit.
         let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
         let unlimited = dispatch_transport::server::ratelimit::UNLIMITED;
-        let config = Args::parse_from(argv.iter().chain(&unlimited).chain(flags))
+        // DISPATCH_TEST_STORE=postgres: a fresh database, named in the data directory so
+        // that a restart on it finds the same one.
+        let mut store: Vec<String> = Vec::new();
+        if dispatchd::test_store_is_postgres() {
+            let file = data_dir.path().join("test-database-url");
+            let url = std::fs::read_to_string(&file).unwrap_or_else(|_| {
+                let url = dispatch_persistence::pg::test_database("in-process")
+                    .expect("DISPATCH_TEST_STORE=postgres needs DISPATCH_TEST_DATABASE_URL");
+                std::fs::write(&file, &url).expect("note the test database");
+                url
+            });
+            store = ["--store", "postgres", "--database-url", &url]
+                .map(String::from)
+                .to_vec();
+        }
+        let store: Vec<&str> = store.iter().map(String::as_str).collect();
+        let config = Args::parse_from(argv.iter().chain(&unlimited).chain(&store).chain(flags))
             .build_and_validate()
             .expect("valid test flags");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
