@@ -3,7 +3,9 @@
 //!
 //! Run with `cargo bench -p dispatch-actors --bench recovery` (release build). Prints
 //! each run, the median, and the size of the data directory. Sizes can be changed with
-//! `RECOVERY_DRIVERS`, `RECOVERY_TRIPS` and `RECOVERY_RUNS`.
+//! `RECOVERY_DRIVERS`, `RECOVERY_TRIPS` and `RECOVERY_RUNS`. With
+//! `BENCH_DATABASE_URL=postgres://…` (an empty database) the state is written to and
+//! recovered from the PostgreSQL store instead (`bench/stores.sh` runs both).
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use dispatch_engine::{
     Product, QuoteTerms, RiderId, RiderProfile, StraightLineEta, Trip, TripCommand, TripId,
     TripState,
 };
-use dispatch_persistence::{Batch, Store, StoredDriver, StoredRider, StoredTrip, Transition};
+use dispatch_persistence::{Batch, StoredDriver, StoredRider, StoredTrip, Transition};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -86,7 +88,7 @@ fn snapshot(trip: &Trip) -> StoredTrip {
 }
 
 async fn populate(dir: &std::path::Path, drivers: usize, trips: usize) {
-    let store = Store::open(dir, |_| {}).unwrap();
+    let store = common::open_store(dir);
     // Deadlines far enough ahead that every run finds the same live trips.
     let cfg = DispatchConfig {
         offer_timeout_ms: 3_600_000,
@@ -234,7 +236,7 @@ fn main() {
         let (ms, stats) = rt.block_on(async {
             let started = Instant::now();
             if std::env::var("RECOVERY_PHASES").is_ok() {
-                let s = Store::open(dir.path(), |_| {}).unwrap();
+                let s = common::open_store(dir.path());
                 let t = Instant::now();
                 let l = s.load().unwrap();
                 println!(

@@ -404,7 +404,15 @@ impl Context {
             .map_err(|_| ApiError::internal())?
             .map_err(|e| {
                 tracing::error!(error = %e, "{what} read failed");
-                ApiError::internal()
+                use dispatch_persistence::StoreError as E;
+                match e {
+                    // The database is out of reach for now (PostgreSQL lost, sled being
+                    // reopened): a retry can succeed.
+                    E::Postgres { .. } | E::Unavailable { .. } | E::Closed => {
+                        ApiError::unavailable(format!("the {what} could not be read; retry"))
+                    }
+                    _ => ApiError::internal(),
+                }
             })
     }
 

@@ -50,7 +50,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "withdrawn",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 25] = [
+pub const BOUNDS: [&str; 26] = [
     "bad_messages",
     "batch_group_cap",
     "batch_queue",
@@ -68,6 +68,7 @@ pub const BOUNDS: [&str; 25] = [
     "otlp_span_queue",
     "register_rate",
     "register_rate_keys",
+    "store_call_timeout",
     "store_write_failed",
     "ws_frame_bytes",
     "ws_hard_max_bytes",

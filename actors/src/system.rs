@@ -39,6 +39,26 @@ impl System {
     }
 
     /// The metrics every actor records into.
+    /// What keeps the store from answering, if anything (`/readyz` says it); never a
+    /// password.
+    pub fn store_problem(&self) -> Option<String> {
+        self.ctx.store.problem()
+    }
+
+    /// Copies the store's count of calls that hit their time bound into
+    /// `dispatch_bounds_hit_total{bound="store_call_timeout"}` (at scrape time).
+    pub fn count_store_timeouts(&self) {
+        let c = self
+            .ctx
+            .metrics
+            .bounds_hit
+            .with_label_values(&["store_call_timeout"]);
+        let now = self.ctx.store.timeouts();
+        if now > c.get() {
+            c.inc_by(now - c.get());
+        }
+    }
+
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.ctx.metrics
     }

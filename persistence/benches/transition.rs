@@ -13,8 +13,11 @@
 //! The sled directory is a temporary directory under `$TMPDIR` (or `BENCH_DIR` if set):
 //! the numbers are those of that file system's fsync.
 //!
+//! With `BENCH_DATABASE_URL=postgres://…` (an empty database) the same runs go to the
+//! PostgreSQL store instead: a flush is then one transaction's commit.
+//!
 //! Throughput is transitions per second. Run with
-//! `cargo bench -p dispatch-persistence --bench transition`.
+//! `cargo bench -p dispatch-persistence --bench transition` (or `bench/stores.sh`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,11 +124,17 @@ fn bench_transition(c: &mut Criterion) {
     let batches = Arc::new(AtomicU64::new(0));
     let store = {
         let (f, b) = (flushes.clone(), batches.clone());
+        let on_flush = move |s: dispatch_persistence::FlushStats| {
+            f.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(s.batches as u64, Ordering::Relaxed);
+        };
         Arc::new(
-            Store::open(dir.path(), move |s| {
-                f.fetch_add(1, Ordering::Relaxed);
-                b.fetch_add(s.batches as u64, Ordering::Relaxed);
-            })
+            match std::env::var("BENCH_DATABASE_URL") {
+                Ok(url) => {
+                    Store::open_postgres(dispatch_persistence::PgOptions::new(url), on_flush)
+                }
+                Err(_) => Store::open(dir.path(), on_flush),
+            }
             .unwrap(),
         )
     };
@@ -133,6 +142,7 @@ fn bench_transition(c: &mut Criterion) {
     let trips = Arc::new(trips);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .enable_all()
         .build()
         .unwrap();
     // Every id written once, so the benchmarks overwrite rather than grow the trees.

@@ -41,7 +41,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+/// Checks a stored value's header and checksum without decoding its payload.
+pub fn check(bytes: &[u8]) -> Result<(), CodecError> {
+    payload(bytes).map(|_| ())
+}
+
+fn payload(bytes: &[u8]) -> Result<&[u8], CodecError> {
     if bytes.len() < HEADER {
         return Err(CodecError::Truncated(bytes.len()));
     }
@@ -55,6 +60,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if stored != computed {
         return Err(CodecError::Checksum { stored, computed });
     }
+    Ok(payload)
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let payload = payload(bytes)?;
     let (value, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if used != payload.len() {

@@ -9,15 +9,20 @@
 //! with group commit and loads everything back for recovery, refusing any record it
 //! cannot read.
 //!
-//! It knows the engine's types and sled; it must not know actors, sockets or JSON.
+//! [`pg`] is the same store on PostgreSQL (`--store postgres`): one table per tree, the
+//! same keys and codec records, group commit as one transaction.
+//!
+//! It knows the engine's types, sled and PostgreSQL; it must not know actors, sockets or JSON.
 
 pub mod codec;
+pub mod pg;
 pub mod records;
 pub mod store;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
+pub use pg::{PgOptions, redact};
 pub use records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
     StoredSurge, StoredTrip, Transition,
 };
-pub use store::{Batch, FlushStats, Loaded, Store, StoreError, journal_key, ledger_key};
+pub use store::{Batch, FlushStats, Loaded, Store, StoreError, TreeCopy, journal_key, ledger_key};

@@ -65,6 +65,17 @@ pub enum StoreError {
     Closed,
     #[error("the database in {dir} is being reopened after a failed write")]
     Unavailable { dir: PathBuf },
+    #[error("storage write failed in {at}: {reason}")]
+    Write { at: String, reason: String },
+    /// PostgreSQL could not be reached or answered an error (`at` never holds a password).
+    #[error("PostgreSQL at {at}: {reason}")]
+    Postgres { at: String, reason: String },
+    #[error(
+        "the PostgreSQL database at {at} has schema version {found}, newer than this build's {ours}: it was migrated by a newer dispatchd; run that version (nothing was changed)"
+    )]
+    FutureSchema { at: String, found: i32, ours: i32 },
+    #[error("invalid --database-url: {0}")]
+    BadUrl(String),
 }
 
 /// Writes that must land together, in this order.
@@ -74,7 +85,7 @@ pub struct Batch {
 }
 
 #[derive(Debug, Clone)]
-enum Op {
+pub(crate) enum Op {
     Driver(StoredDriver),
     Rider(StoredRider),
     Trip(StoredTrip),
@@ -165,6 +176,32 @@ pub struct Loaded {
     pub ledger: Vec<Entry>,
 }
 
+/// One tree's records as copied by [`Store::copy_into`]: how many, and a CRC-32 over
+/// every key and value in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeCopy {
+    pub tree: &'static str,
+    pub records: usize,
+    pub crc32: u32,
+}
+
+impl TreeCopy {
+    fn of(tree: Tree, rows: &[(Vec<u8>, Vec<u8>)]) -> Self {
+        let mut h = crc32fast::Hasher::new();
+        for (k, v) in rows {
+            h.update(&(k.len() as u64).to_be_bytes());
+            h.update(k);
+            h.update(&(v.len() as u64).to_be_bytes());
+            h.update(v);
+        }
+        TreeCopy {
+            tree: tree.name(),
+            records: rows.len(),
+            crc32: h.finalize(),
+        }
+    }
+}
+
 /// What one group commit did, for metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct FlushStats {
@@ -175,8 +212,8 @@ pub struct FlushStats {
 
 type Waiter = Option<oneshot::Sender<Result<(), String>>>;
 
-struct Request {
-    batch: Batch,
+pub(crate) struct Request {
+    pub(crate) batch: Batch,
     done: Waiter,
 }
 
@@ -206,10 +243,20 @@ struct Handles {
 /// again from disk: writes answer errors until that works, and resume once it does.
 type Shared = Arc<RwLock<Option<Arc<Handles>>>>;
 
+/// Where the records live: sled in a directory, or a PostgreSQL database.
+///
+/// An enum, not a trait object: two backends known at compile time, no generic
+/// parameter leaking into every actor, and the group commit, the codec and every
+/// point read written once above the raw key-value calls the two backends answer.
+enum Backend {
+    Sled(Shared),
+    Postgres(Arc<crate::pg::Pg>),
+}
+
 /// The open store. Cheap to share behind an `Arc`.
 pub struct Store {
     dir: PathBuf,
-    shared: Shared,
+    backend: Backend,
     faults: Arc<Faults>,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -220,6 +267,7 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct Faults {
     fail_writes: AtomicBool,
+    lose_commit_replies: std::sync::atomic::AtomicU32,
 }
 
 impl Faults {
@@ -228,10 +276,27 @@ impl Faults {
     pub fn fail_writes(&self, on: bool) {
         self.fail_writes.store(on, Ordering::SeqCst);
     }
+
+    /// The next `n` group commits commit, then answer as if the connection had been
+    /// lost before the reply: the outcome is unknown to the writer (PostgreSQL only).
+    pub fn lose_commit_replies(&self, n: u32) {
+        self.lose_commit_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether this group commit's reply is to be lost (and counts it down).
+    pub(crate) fn take_lost_reply(&self) -> bool {
+        self.lose_commit_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    pub(crate) fn failing(&self) -> bool {
+        self.fail_writes.load(Ordering::SeqCst)
+    }
 }
 
 /// How often a store whose database could not be reopened tries again.
-const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+pub(crate) const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// sled's page cache, in bytes.
 pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -252,8 +317,164 @@ pub fn journal_key(trip: &TripId, version: u64) -> Vec<u8> {
     k
 }
 
+/// The trees (sled) or tables (PostgreSQL) the records live in; keys are the same bytes
+/// in both, and both order them bytewise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Tree {
+    Drivers,
+    Riders,
+    Trips,
+    Journal,
+    Quotes,
+    Meta,
+    Ledger,
+    Provider,
+}
+
+impl Tree {
+    pub(crate) const ALL: [Tree; 8] = [
+        Tree::Drivers,
+        Tree::Riders,
+        Tree::Trips,
+        Tree::Journal,
+        Tree::Quotes,
+        Tree::Meta,
+        Tree::Ledger,
+        Tree::Provider,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Tree::Drivers => "drivers",
+            Tree::Riders => "riders",
+            Tree::Trips => "trips",
+            Tree::Journal => "journal",
+            Tree::Quotes => "quotes",
+            Tree::Meta => "meta",
+            Tree::Ledger => "ledger",
+            Tree::Provider => "provider",
+        }
+    }
+
+    fn of(self, t: &Trees) -> &sled::Tree {
+        match self {
+            Tree::Drivers => &t.drivers,
+            Tree::Riders => &t.riders,
+            Tree::Trips => &t.trips,
+            Tree::Journal => &t.journal,
+            Tree::Quotes => &t.quotes,
+            Tree::Meta => &t.meta,
+            Tree::Ledger => &t.ledger,
+            Tree::Provider => &t.provider,
+        }
+    }
+}
+
+/// A range of keys to read: from `lo` (inclusive or not) to before `hi`, at most
+/// `limit` of them, newest first when `reverse`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Range {
+    pub lo: Option<(Vec<u8>, bool)>,
+    pub hi: Option<Vec<u8>>,
+    pub limit: Option<usize>,
+    pub reverse: bool,
+}
+
+impl Range {
+    fn prefix(p: Vec<u8>) -> Range {
+        Range {
+            hi: prefix_end(&p),
+            lo: Some((p, true)),
+            ..Range::default()
+        }
+    }
+}
+
+/// The first key after every key that starts with `p` (none: no upper bound).
+fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// One key's write: its new value (none: delete it) and, for trips, the version it
+/// holds (the PostgreSQL store never lets an older version overwrite a newer one).
+pub(crate) struct KeyWrite {
+    pub tree: Tree,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub version: i64,
+}
+
+impl Op {
+    pub(crate) fn key_write(&self) -> KeyWrite {
+        let (tree, key, value, version) = match self {
+            Op::Driver(d) => (
+                Tree::Drivers,
+                d.id.as_str().as_bytes().to_vec(),
+                Some(codec::encode(d)),
+                0,
+            ),
+            Op::Rider(x) => (
+                Tree::Riders,
+                x.id.as_str().as_bytes().to_vec(),
+                Some(codec::encode(x)),
+                0,
+            ),
+            Op::Trip(x) => (
+                Tree::Trips,
+                x.trip.id.as_str().as_bytes().to_vec(),
+                Some(codec::encode(x)),
+                i64::try_from(x.trip.version()).unwrap_or(i64::MAX),
+            ),
+            Op::Journal(e) => (
+                Tree::Journal,
+                journal_key(&e.trip.trip.id, e.transition.version),
+                Some(codec::encode(e)),
+                0,
+            ),
+            Op::Quote(q) => (
+                Tree::Quotes,
+                q.quote_id.as_str().as_bytes().to_vec(),
+                Some(codec::encode(q)),
+                0,
+            ),
+            Op::DeleteQuote(id) => (Tree::Quotes, id.as_str().as_bytes().to_vec(), None, 0),
+            Op::Pricing(p) => (Tree::Meta, PRICING_KEY.to_vec(), Some(codec::encode(p)), 0),
+            Op::Surge(x) => (Tree::Meta, SURGE_KEY.to_vec(), Some(codec::encode(x)), 0),
+            Op::Ledger(e) => (Tree::Ledger, ledger_key(&e.key), Some(codec::encode(e)), 0),
+            Op::Provider(r) => (
+                Tree::Provider,
+                r.key.as_bytes().to_vec(),
+                Some(codec::encode(r)),
+                0,
+            ),
+        };
+        KeyWrite {
+            tree,
+            key,
+            value,
+            version,
+        }
+    }
+}
+
+impl Batch {
+    pub(crate) fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.ops.iter()
+    }
+}
+
+pub(crate) type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 impl Store {
-    /// Opens (or creates) the store in `dir`. `on_flush` is told about every group commit.
+    /// Opens (or creates) the sled store in `dir`. `on_flush` is told about every group
+    /// commit.
     pub fn open(
         dir: &Path,
         on_flush: impl Fn(FlushStats) + Send + 'static,
@@ -261,23 +482,61 @@ impl Store {
         let handles = open_db(dir)?;
         let shared: Shared = Arc::new(RwLock::new(Some(Arc::new(handles))));
         let faults = Arc::new(Faults::default());
-        let (tx, rx) = mpsc::channel::<Request>();
-        let writer = {
-            let shared = shared.clone();
-            let faults = faults.clone();
-            let dir = dir.to_owned();
-            std::thread::Builder::new()
-                .name("store-writer".into())
-                .spawn(move || write_loop(shared, faults, dir, rx, on_flush))
-                .expect("spawn the store writer")
-        };
-        Ok(Store {
+        let sink = SledSink {
+            shared: shared.clone(),
+            faults: faults.clone(),
             dir: dir.to_owned(),
-            shared,
+        };
+        Ok(Self::start(
+            dir.to_owned(),
+            Backend::Sled(shared),
+            faults,
+            sink,
+            on_flush,
+        ))
+    }
+
+    /// Opens the PostgreSQL store at `options.url`. Nothing is connected yet: the
+    /// schema is checked and migrated by [`Store::load`] (recovery), which retries with
+    /// backoff while the server is down, so the caller can answer `/readyz` meanwhile.
+    pub fn open_postgres(
+        options: crate::pg::PgOptions,
+        on_flush: impl Fn(FlushStats) + Send + 'static,
+    ) -> Result<Store, StoreError> {
+        let pg = Arc::new(crate::pg::Pg::new(options)?);
+        let faults = Arc::new(Faults::default());
+        let sink = crate::pg::PgSink {
+            pg: pg.clone(),
+            faults: faults.clone(),
+        };
+        Ok(Self::start(
+            PathBuf::from(pg.location()),
+            Backend::Postgres(pg),
+            faults,
+            sink,
+            on_flush,
+        ))
+    }
+
+    fn start(
+        dir: PathBuf,
+        backend: Backend,
+        faults: Arc<Faults>,
+        sink: impl Sink,
+        on_flush: impl Fn(FlushStats) + Send + 'static,
+    ) -> Store {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(sink, rx, on_flush))
+            .expect("spawn the store writer");
+        Store {
+            dir,
+            backend,
             faults,
             tx: Some(tx),
             writer: Some(writer),
-        })
+        }
     }
 
     /// The fault switches of this store (tests only).
@@ -285,13 +544,45 @@ impl Store {
         &self.faults
     }
 
-    /// Whether the database is open (false between a failed write and its reopening).
-    pub fn is_healthy(&self) -> bool {
-        self.shared.read().expect("store lock").is_some()
+    /// Which backend this is: `sled` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
-    fn handles(&self) -> Result<Arc<Handles>, StoreError> {
-        self.shared
+    /// Whether the database is open (false between a failed write and its reopening).
+    pub fn is_healthy(&self) -> bool {
+        match &self.backend {
+            Backend::Sled(shared) => shared.read().expect("store lock").is_some(),
+            Backend::Postgres(pg) => pg.problem().is_none(),
+        }
+    }
+
+    /// What keeps the store from answering, if anything (for `/readyz`); never holds a
+    /// password.
+    pub fn problem(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Sled(_) if self.is_healthy() => None,
+            Backend::Sled(_) => Some(format!(
+                "the database in {} is being reopened after a failed write",
+                self.dir.display()
+            )),
+            Backend::Postgres(pg) => pg.problem(),
+        }
+    }
+
+    /// How many calls to the database hit their time bound (PostgreSQL only).
+    pub fn timeouts(&self) -> u64 {
+        match &self.backend {
+            Backend::Sled(_) => 0,
+            Backend::Postgres(pg) => pg.timeouts(),
+        }
+    }
+
+    fn handles(&self, shared: &Shared) -> Result<Arc<Handles>, StoreError> {
+        shared
             .read()
             .expect("store lock")
             .clone()
@@ -300,11 +591,67 @@ impl Store {
             })
     }
 
+    /// The data directory (sled), or the database's address without its password.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Writes `batch` and waits until it is on disk.
+    /// One key's stored bytes.
+    fn get_raw(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.backend {
+            Backend::Sled(shared) => {
+                let h = self.handles(shared)?;
+                Ok(tree
+                    .of(&h.trees)
+                    .get(key)
+                    .map_err(|e| self.io(e))?
+                    .map(|v| v.to_vec()))
+            }
+            Backend::Postgres(pg) => pg.get(tree, key),
+        }
+    }
+
+    /// The keys and values of a range, in key order (or reversed).
+    pub(crate) fn range_raw(&self, tree: Tree, r: &Range) -> Result<Rows, StoreError> {
+        match &self.backend {
+            Backend::Sled(shared) => {
+                use std::ops::Bound;
+                let h = self.handles(shared)?;
+                let lo = match &r.lo {
+                    None => Bound::Unbounded,
+                    Some((k, true)) => Bound::Included(k.clone()),
+                    Some((k, false)) => Bound::Excluded(k.clone()),
+                };
+                let hi = match &r.hi {
+                    None => Bound::Unbounded,
+                    Some(k) => Bound::Excluded(k.clone()),
+                };
+                let iter = tree.of(&h.trees).range::<Vec<u8>, _>((lo, hi));
+                let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+                    if r.reverse {
+                        Box::new(iter.rev())
+                    } else {
+                        Box::new(iter)
+                    };
+                iter.take(r.limit.unwrap_or(usize::MAX))
+                    .map(|kv| {
+                        kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                            .map_err(|e| self.io(e))
+                    })
+                    .collect()
+            }
+            Backend::Postgres(pg) => pg.range(tree, r),
+        }
+    }
+
+    fn io(&self, e: sled::Error) -> StoreError {
+        StoreError::Io {
+            dir: self.dir.clone(),
+            source: e,
+        }
+    }
+
+    /// Writes `batch` and waits until it is on disk (committed, on PostgreSQL).
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -314,11 +661,24 @@ impl Store {
             batch,
             done: Some(done),
         })?;
-        match wait.await {
+        self.outcome(wait.await)
+    }
+
+    fn outcome(
+        &self,
+        r: Result<Result<(), String>, oneshot::error::RecvError>,
+    ) -> Result<(), StoreError> {
+        match r {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Io {
-                dir: self.dir.clone(),
-                source: sled::Error::Unsupported(e),
+            Ok(Err(e)) => Err(match &self.backend {
+                Backend::Sled(_) => StoreError::Io {
+                    dir: self.dir.clone(),
+                    source: sled::Error::Unsupported(e),
+                },
+                Backend::Postgres(_) => StoreError::Write {
+                    at: self.dir.display().to_string(),
+                    reason: e,
+                },
             }),
             Err(_) => Err(StoreError::Closed),
         }
@@ -341,26 +701,29 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
-    /// Reads and checks every record. Any record that does not decode stops here with
-    /// an error that names it; nothing is written.
+    /// Reads and checks every record (blocking). Any record that does not decode stops
+    /// here with an error that names it; nothing is written. On PostgreSQL, first waits
+    /// (with backoff, bounded) for the server and applies the schema migrations.
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        let h = self.handles()?;
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.prepare()?;
+        }
         let mut out = Loaded {
-            drivers: self.load_tree("drivers", &h.trees.drivers)?,
-            riders: self.load_tree("riders", &h.trees.riders)?,
-            quotes: self.load_tree("quotes", &h.trees.quotes)?,
-            ledger: self.load_tree("ledger", &h.trees.ledger)?,
+            drivers: self.load_tree(Tree::Drivers)?,
+            riders: self.load_tree(Tree::Riders)?,
+            quotes: self.load_tree(Tree::Quotes)?,
+            ledger: self.load_tree(Tree::Ledger)?,
             ..Loaded::default()
         };
         let mut trips: HashMap<TripId, StoredTrip> = HashMap::new();
-        for t in self.load_tree::<StoredTrip>("trips", &h.trees.trips)? {
+        for t in self.load_tree::<StoredTrip>(Tree::Trips)? {
             self.check_trip("trips", &t)?;
             trips.insert(t.trip.id.clone(), t);
         }
         // Replay: a journal entry newer than the snapshot wins (the snapshot write was
         // lost in a crash between the two).
         let mut newest: BTreeMap<TripId, StoredTrip> = BTreeMap::new();
-        for e in self.load_tree::<JournalEntry>("journal", &h.trees.journal)? {
+        for e in self.load_tree::<JournalEntry>(Tree::Journal)? {
             out.journal_entries += 1;
             self.check_trip("journal", &e.trip)?;
             let id = e.trip.trip.id.clone();
@@ -392,40 +755,113 @@ impl Store {
         })
     }
 
-    fn load_tree<T: DeserializeOwned>(
-        &self,
-        name: &'static str,
-        tree: &sled::Tree,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut out = Vec::with_capacity(tree.len());
-        for kv in tree.iter() {
-            let (k, v) = kv.map_err(|e| StoreError::Io {
-                dir: self.dir.clone(),
-                source: e,
-            })?;
-            let value = self.decode(name, &k, &v)?;
-            out.push(value);
+    fn load_tree<T: DeserializeOwned>(&self, tree: Tree) -> Result<Vec<T>, StoreError> {
+        self.range_raw(tree, &Range::default())?
+            .iter()
+            .map(|(k, v)| self.decode(tree.name(), k, v))
+            .collect()
+    }
+
+    /// Every key and stored value of `tree` (for `migrate`), undecoded.
+    pub(crate) fn dump(&self, tree: Tree) -> Result<Rows, StoreError> {
+        self.range_raw(tree, &Range::default())
+    }
+
+    /// Copies every record of this (stopped) store into `to`, tree by tree, as stored
+    /// bytes, then reads both back and compares counts and checksums (blocking). Each
+    /// record is also decoded on the way, so a damaged one stops the copy naming it.
+    pub fn copy_into(&self, to: &Store) -> Result<Vec<TreeCopy>, StoreError> {
+        for s in [self, to] {
+            if let Backend::Postgres(pg) = &s.backend {
+                pg.prepare()?;
+            }
         }
-        Ok(out)
+        let mut report = Vec::new();
+        for tree in Tree::ALL {
+            let rows = self.dump(tree)?;
+            for (k, v) in &rows {
+                // `meta/format` is sled's own bookkeeping, not a codec record.
+                if !(tree == Tree::Meta && k.as_slice() == b"format") {
+                    codec::check(v).map_err(|source| StoreError::Corrupt {
+                        tree: tree.name(),
+                        key: printable(k),
+                        dir: self.dir.clone(),
+                        source,
+                    })?;
+                }
+            }
+            let rows: Rows = rows
+                .into_iter()
+                .filter(|(k, _)| !(tree == Tree::Meta && k.as_slice() == b"format"))
+                .collect();
+            let from = TreeCopy::of(tree, &rows);
+            for chunk in rows.chunks(5_000) {
+                to.put_raw(tree, chunk.to_vec())?;
+            }
+            let landed: Rows = to
+                .dump(tree)?
+                .into_iter()
+                .filter(|(k, _)| !(tree == Tree::Meta && k.as_slice() == b"format"))
+                .collect();
+            let there = TreeCopy::of(tree, &landed);
+            if there != from {
+                return Err(StoreError::Write {
+                    at: to.dir.display().to_string(),
+                    reason: format!(
+                        "the copy of {} does not match: {} records (crc32 {:#010x}) read, {} (crc32 {:#010x}) found there; was the target empty?",
+                        tree.name(),
+                        from.records,
+                        from.crc32,
+                        there.records,
+                        there.crc32
+                    ),
+                });
+            }
+            report.push(from);
+        }
+        match &to.backend {
+            Backend::Sled(shared) => {
+                let h = to.handles(shared)?;
+                h.db.flush().map_err(|e| to.io(e))?;
+                h.data_file
+                    .sync_data()
+                    .map_err(|e| to.io(sled::Error::Io(e)))?;
+            }
+            Backend::Postgres(_) => {}
+        }
+        Ok(report)
+    }
+
+    fn put_raw(&self, tree: Tree, rows: Rows) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(shared) => {
+                let h = self.handles(shared)?;
+                let t = tree.of(&h.trees);
+                for (k, v) in rows {
+                    t.insert(k, v).map_err(|e| self.io(e))?;
+                }
+                Ok(())
+            }
+            Backend::Postgres(pg) => pg.put_raw(tree, rows),
+        }
     }
 
     /// One trip's latest state (blocking: call from a blocking context).
     /// The newer of its snapshot and its last journal entry, as recovery would see it
     /// (a crash can leave the entry without the snapshot that follows it).
     pub fn trip(&self, id: &TripId) -> Result<Option<StoredTrip>, StoreError> {
-        let h = self.handles()?;
-        let snapshot: Option<StoredTrip> =
-            self.get("trips", &h.trees.trips, id.as_str().as_bytes())?;
+        let snapshot: Option<StoredTrip> = self.get(Tree::Trips, id.as_str().as_bytes())?;
         let mut prefix = id.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let last = match h.trees.journal.scan_prefix(&prefix).next_back() {
+        let newest_first = Range {
+            limit: Some(1),
+            reverse: true,
+            ..Range::prefix(prefix)
+        };
+        let last = match self.range_raw(Tree::Journal, &newest_first)?.first() {
             None => None,
-            Some(kv) => {
-                let (k, v) = kv.map_err(|e| StoreError::Io {
-                    dir: self.dir.clone(),
-                    source: e,
-                })?;
-                let e: JournalEntry = self.decode("journal", &k, &v)?;
+            Some((k, v)) => {
+                let e: JournalEntry = self.decode("journal", k, v)?;
                 Some(e.trip)
             }
         };
@@ -438,8 +874,7 @@ impl Store {
 
     /// The pricing an operator set, if any (blocking).
     pub fn pricing(&self) -> Result<Option<StoredPricing>, StoreError> {
-        let h = self.handles()?;
-        self.get("meta", &h.trees.meta, PRICING_KEY)
+        self.get(Tree::Meta, PRICING_KEY)
     }
 
     /// Trips' snapshots in id order, starting after `after`, looking at no more than
@@ -451,95 +886,67 @@ impl Store {
         max_scan: usize,
         mut visit: impl FnMut(StoredTrip) -> bool,
     ) -> Result<(Option<TripId>, bool), StoreError> {
-        let h = self.handles()?;
-        use std::ops::Bound;
-        let start = match after {
-            Some(id) => Bound::Excluded(id.as_str().as_bytes().to_vec()),
-            None => Bound::Unbounded,
+        let r = Range {
+            lo: after.map(|id| (id.as_str().as_bytes().to_vec(), false)),
+            limit: Some(max_scan.saturating_add(1)),
+            ..Range::default()
         };
+        let rows = self.range_raw(Tree::Trips, &r)?;
+        let ended = rows.len() <= max_scan;
         let mut last = None;
-        let mut iter = h.trees.trips.range::<Vec<u8>, _>((start, Bound::Unbounded));
-        for _ in 0..max_scan {
-            let Some(kv) = iter.next() else {
-                return Ok((last, true));
-            };
-            let (k, v) = kv.map_err(|e| StoreError::Io {
-                dir: self.dir.clone(),
-                source: e,
-            })?;
-            let t: StoredTrip = self.decode("trips", &k, &v)?;
+        for (k, v) in rows.iter().take(max_scan) {
+            let t: StoredTrip = self.decode("trips", k, v)?;
             last = Some(t.trip.id.clone());
             if !visit(t) {
                 return Ok((last, false));
             }
         }
-        let ended = iter.next().is_none();
         Ok((last, ended))
     }
 
     /// The operator's surge pins and cap, if ever set (blocking).
     pub fn surge(&self) -> Result<Option<StoredSurge>, StoreError> {
-        let h = self.handles()?;
-        self.get("meta", &h.trees.meta, SURGE_KEY)
+        self.get(Tree::Meta, SURGE_KEY)
+    }
+
+    /// The decoded records of one trip's contiguous keys (`<trip>\0...`).
+    fn of_trip<T: DeserializeOwned>(&self, tree: Tree, id: &TripId) -> Result<Vec<T>, StoreError> {
+        let mut prefix = id.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        self.range_raw(tree, &Range::prefix(prefix))?
+            .iter()
+            .map(|(k, v)| self.decode(tree.name(), k, v))
+            .collect()
     }
 
     /// One trip's ledger entries (blocking).
     pub fn ledger_of(&self, id: &TripId) -> Result<Vec<Entry>, StoreError> {
-        let h = self.handles()?;
-        let mut prefix = id.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        let mut out = Vec::new();
-        for kv in h.trees.ledger.scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(|e| StoreError::Io {
-                dir: self.dir.clone(),
-                source: e,
-            })?;
-            out.push(self.decode("ledger", &k, &v)?);
-        }
-        Ok(out)
+        self.of_trip(Tree::Ledger, id)
     }
 
     /// What the in-process payment provider recorded under `key` (blocking).
     pub fn provider_record(&self, key: &str) -> Result<Option<ProviderRecord>, StoreError> {
-        let h = self.handles()?;
-        self.get("provider", &h.trees.provider, key.as_bytes())
+        self.get(Tree::Provider, key.as_bytes())
     }
 
     /// One driver (blocking).
     pub fn driver(&self, id: &DriverId) -> Result<Option<StoredDriver>, StoreError> {
-        let h = self.handles()?;
-        self.get("drivers", &h.trees.drivers, id.as_str().as_bytes())
+        self.get(Tree::Drivers, id.as_str().as_bytes())
     }
 
     /// A trip's transitions in order (blocking).
     pub fn history(&self, id: &TripId) -> Result<Vec<Transition>, StoreError> {
-        let h = self.handles()?;
-        let mut prefix = id.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        let mut out = Vec::new();
-        for kv in h.trees.journal.scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(|e| StoreError::Io {
-                dir: self.dir.clone(),
-                source: e,
-            })?;
-            let e: JournalEntry = self.decode("journal", &k, &v)?;
-            out.push(e.transition);
-        }
-        Ok(out)
+        Ok(self
+            .of_trip::<JournalEntry>(Tree::Journal, id)?
+            .into_iter()
+            .map(|e| e.transition)
+            .collect())
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        name: &'static str,
-        tree: &sled::Tree,
-        key: &[u8],
-    ) -> Result<Option<T>, StoreError> {
-        match tree.get(key).map_err(|e| StoreError::Io {
-            dir: self.dir.clone(),
-            source: e,
-        })? {
+    fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.get_raw(tree, key)? {
             None => Ok(None),
-            Some(v) => self.decode(name, key, &v).map(Some),
+            Some(v) => self.decode(tree.name(), key, &v).map(Some),
         }
     }
 
@@ -565,20 +972,19 @@ impl Store {
             batch: Batch::new(),
             done: Some(done),
         })?;
-        wait.await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| StoreError::Io {
-                dir: self.dir.clone(),
-                source: sled::Error::Unsupported(e),
-            })
+        self.outcome(wait.await)
     }
 
-    /// Size of the data directory's files, in bytes.
+    /// Size of the data directory's files, in bytes (0 on PostgreSQL).
     pub fn size_on_disk(&self) -> u64 {
-        self.handles()
-            .ok()
-            .and_then(|h| h.db.size_on_disk().ok())
-            .unwrap_or(0)
+        match &self.backend {
+            Backend::Sled(shared) => self
+                .handles(shared)
+                .ok()
+                .and_then(|h| h.db.size_on_disk().ok())
+                .unwrap_or(0),
+            Backend::Postgres(_) => 0,
+        }
     }
 
     /// Stops the writer after it has written and flushed everything queued.
@@ -591,11 +997,13 @@ impl Store {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        let h = self.handles()?;
-        h.db.flush().map(|_| ()).map_err(|e| StoreError::Io {
-            dir: self.dir.clone(),
-            source: e,
-        })
+        match &self.backend {
+            Backend::Sled(shared) => {
+                let h = self.handles(shared)?;
+                h.db.flush().map(|_| ()).map_err(|e| self.io(e))
+            }
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 }
 
@@ -700,15 +1108,59 @@ fn printable(k: &[u8]) -> String {
         .collect()
 }
 
-fn write_loop(
+/// What the writer thread writes to: sled or PostgreSQL.
+pub(crate) trait Sink: Send + 'static {
+    /// Whether writes can go through now.
+    fn healthy(&self) -> bool;
+    /// Called while unhealthy, between groups and at least every [`REOPEN_EVERY`].
+    fn recover(&self);
+    /// Applies every batch of the group, in order, durably and all together.
+    fn apply(&self, group: &[Request]) -> Result<(), String>;
+}
+
+struct SledSink {
     shared: Shared,
     faults: Arc<Faults>,
     dir: PathBuf,
-    rx: mpsc::Receiver<Request>,
-    on_flush: impl Fn(FlushStats),
-) {
+}
+
+impl Sink for SledSink {
+    fn healthy(&self) -> bool {
+        self.shared.read().expect("store lock").is_some()
+    }
+
+    fn recover(&self) {
+        reopen(&self.shared, &self.dir);
+    }
+
+    fn apply(&self, group: &[Request]) -> Result<(), String> {
+        let handles = self.shared.read().expect("store lock").clone();
+        let result = match &handles {
+            None => Err("the database could not be reopened after a failed write".to_owned()),
+            Some(_) if self.faults.failing() => {
+                Err("injected fault: no space left on device".to_owned())
+            }
+            Some(h) => apply(&h.trees, group)
+                .and_then(|()| h.db.flush().map(|_| ()))
+                .and_then(|()| h.data_file.sync_data().map_err(sled::Error::Io))
+                .map_err(|e| e.to_string()),
+        };
+        if result.is_err()
+            && let Some(h) = handles
+        {
+            // What failed may be applied in memory though not on disk, and sled
+            // would answer every later call with this error: start again from disk.
+            *self.shared.write().expect("store lock") = None;
+            drop(h);
+            reopen(&self.shared, &self.dir);
+        }
+        result
+    }
+}
+
+fn write_loop(sink: impl Sink, rx: mpsc::Receiver<Request>, on_flush: impl Fn(FlushStats)) {
     loop {
-        let healthy = shared.read().expect("store lock").is_some();
+        let healthy = sink.healthy();
         let first = if healthy {
             match rx.recv() {
                 Ok(r) => r,
@@ -718,7 +1170,7 @@ fn write_loop(
             match rx.recv_timeout(REOPEN_EVERY) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    reopen(&shared, &dir);
+                    sink.recover();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -730,30 +1182,13 @@ fn write_loop(
             group.push(more);
         }
         if !healthy {
-            reopen(&shared, &dir);
+            sink.recover();
         }
         let started = Instant::now();
         let ops: usize = group.iter().map(|r| r.batch.len()).sum();
-        let handles = shared.read().expect("store lock").clone();
-        let result = match &handles {
-            None => Err("the database could not be reopened after a failed write".to_owned()),
-            Some(_) if faults.fail_writes.load(Ordering::SeqCst) => {
-                Err("injected fault: no space left on device".to_owned())
-            }
-            Some(h) => apply(&h.trees, &group)
-                .and_then(|()| h.db.flush().map(|_| ()))
-                .and_then(|()| h.data_file.sync_data().map_err(sled::Error::Io))
-                .map_err(|e| e.to_string()),
-        };
+        let result = sink.apply(&group);
         if let Err(e) = &result {
-            tracing::error!(dir = %dir.display(), error = %e, "store write failed");
-            if let Some(h) = handles {
-                // What failed may be applied in memory though not on disk, and sled
-                // would answer every later call with this error: start again from disk.
-                *shared.write().expect("store lock") = None;
-                drop(h);
-                reopen(&shared, &dir);
-            }
+            tracing::error!(error = %e, "store write failed");
         }
         on_flush(FlushStats {
             batches: group.len(),
@@ -784,46 +1219,13 @@ fn reopen(shared: &Shared, dir: &Path) {
 
 fn apply(t: &Trees, group: &[Request]) -> sled::Result<()> {
     for r in group {
-        for op in &r.batch.ops {
-            match op {
-                Op::Driver(d) => {
-                    t.drivers
-                        .insert(d.id.as_str().as_bytes(), codec::encode(d))?;
-                }
-                Op::Rider(x) => {
-                    t.riders
-                        .insert(x.id.as_str().as_bytes(), codec::encode(x))?;
-                }
-                Op::Trip(x) => {
-                    t.trips
-                        .insert(x.trip.id.as_str().as_bytes(), codec::encode(x))?;
-                }
-                Op::Journal(e) => {
-                    t.journal.insert(
-                        journal_key(&e.trip.trip.id, e.transition.version),
-                        codec::encode(e),
-                    )?;
-                }
-                Op::Quote(q) => {
-                    t.quotes
-                        .insert(q.quote_id.as_str().as_bytes(), codec::encode(q))?;
-                }
-                Op::DeleteQuote(id) => {
-                    t.quotes.remove(id.as_str().as_bytes())?;
-                }
-                Op::Pricing(p) => {
-                    t.meta.insert(PRICING_KEY, codec::encode(p))?;
-                }
-                Op::Surge(x) => {
-                    t.meta.insert(SURGE_KEY, codec::encode(x))?;
-                }
-                Op::Ledger(e) => {
-                    t.ledger.insert(ledger_key(&e.key), codec::encode(e))?;
-                }
-                Op::Provider(r) => {
-                    t.provider.insert(r.key.as_bytes(), codec::encode(r))?;
-                }
-            }
+        for op in r.batch.ops() {
+            let w = op.key_write();
+            let tree = w.tree.of(t);
+            match w.value {
+                Some(v) => tree.insert(w.key, v)?,
+                None => tree.remove(w.key)?,
+            };
         }
     }
     Ok(())

@@ -14,6 +14,14 @@
 //! [`sigterm`]: Dispatchd::sigterm
 //! [`stop`]: Dispatchd::stop
 //! [`again`]: Dispatchd::again
+//!
+//! The store: sled in the data directory, unless the test process has
+//! `DISPATCH_TEST_STORE=postgres`: then each run gets a fresh PostgreSQL database on the
+//! server `DISPATCH_TEST_DATABASE_URL` names (kept across restarts of the run), and the
+//! child runs with `--store postgres` through `DISPATCH_STORE`/`DISPATCH_DATABASE_URL`.
+//! A test that reads or damages sled's files itself says [`sled_only`].
+//!
+//! [`sled_only`]: DispatchdBuilder::sled_only
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -128,6 +136,17 @@ fn free_port() -> u16 {
 struct Work {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
+    /// The run's PostgreSQL database, under `DISPATCH_TEST_STORE=postgres`.
+    database: Option<String>,
+}
+
+/// Whether this test process runs `dispatchd` on PostgreSQL (`DISPATCH_TEST_STORE`).
+pub fn test_store_is_postgres() -> bool {
+    match std::env::var("DISPATCH_TEST_STORE").as_deref() {
+        Err(_) | Ok("sled") | Ok("") => false,
+        Ok("postgres") => true,
+        Ok(other) => panic!("DISPATCH_TEST_STORE={other}: expected sled or postgres"),
+    }
 }
 
 impl Drop for Work {
@@ -152,10 +171,18 @@ pub struct DispatchdBuilder {
     data: Option<PathBuf>,
     port: Option<u16>,
     stderr_apart: bool,
+    sled_only: bool,
     work: Option<Arc<Work>>,
 }
 
 impl DispatchdBuilder {
+    /// Runs on sled whatever `DISPATCH_TEST_STORE` says: the test reads or damages
+    /// sled's files (what it checks, the PostgreSQL store's own tests check there).
+    pub fn sled_only(mut self) -> Self {
+        self.sled_only = true;
+        self
+    }
+
     /// Appends `flags` to the command line (after `--listen` and `--data-dir`).
     pub fn flags<S: AsRef<str>>(mut self, flags: &[S]) -> Self {
         self.flags
@@ -202,9 +229,18 @@ impl DispatchdBuilder {
                     .prefix(&format!("dispatchd-{}-", self.name))
                     .tempdir()
                     .expect("a temporary work directory");
+                let database = (!self.sled_only && test_store_is_postgres()).then(|| {
+                    dispatch_persistence::pg::test_database(&self.name).unwrap_or_else(|| {
+                        panic!(
+                            "{}: DISPATCH_TEST_STORE=postgres needs DISPATCH_TEST_DATABASE_URL",
+                            self.name
+                        )
+                    })
+                });
                 Arc::new(Work {
                     path: dir.path().to_owned(),
                     dir: Some(dir),
+                    database,
                 })
             })
             .clone()
@@ -235,8 +271,12 @@ impl DispatchdBuilder {
                 cmd.env_remove(k);
             }
         }
-        cmd.env("DISPATCH_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        cmd.env("DISPATCH_LOG", "info");
+        if let Some(url) = &work.database {
+            cmd.env("DISPATCH_STORE", "postgres")
+                .env("DISPATCH_DATABASE_URL", url);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err_file);
@@ -270,6 +310,16 @@ impl DispatchdBuilder {
                 if let Ok(r) = d.http.get(d.url("/readyz")).send().await
                     && r.status() == 200
                 {
+                    // DISPATCH_TEST_STORE=postgres really runs it on PostgreSQL.
+                    if d.work.database.is_some() {
+                        let log = d.log_text();
+                        assert!(
+                            // `store=postgres postgres://…` (text) or `"store":"postgres postgres://…"` (JSON).
+                            log.contains("postgres postgres://"),
+                            "{}: DISPATCH_TEST_STORE=postgres, but dispatchd did not start on PostgreSQL\n--- log ---\n{log}",
+                            self.name
+                        );
+                    }
                     return d;
                 }
                 if let Some(st) = d.child.try_wait().expect("try_wait") {
@@ -343,6 +393,7 @@ impl Dispatchd {
             data: None,
             port: None,
             stderr_apart: false,
+            sled_only: false,
             work: None,
         }
     }

@@ -36,7 +36,7 @@ mod ride;
 
 pub use dispatchd::{
     Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
-    dispatchd_bin, reap,
+    dispatchd_bin, reap, test_store_is_postgres,
 };
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};
 
@@ -333,6 +333,41 @@ pub async fn accepted(
     t
 }
 
+/// After a store fault and a `kill -9`: the trip `trip_id` completed with every step of
+/// the happy path in its history, every rider in `acknowledged` is there, and the books
+/// balance (read through `/admin/` with `admin`).
+pub async fn assert_nothing_acknowledged_lost(
+    s: &Endpoint,
+    admin: &str,
+    trip_id: &str,
+    acknowledged: &[String],
+) {
+    let v = s.get_ok(&format!("/admin/trips/{trip_id}"), admin).await;
+    assert_eq!(v["trip"]["state"], "completed", "{v}");
+    let states: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|h| h["to"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "dispatching",
+            "driver_assigned",
+            "driver_arrived",
+            "in_progress",
+            "completed"
+        ],
+        "{v}"
+    );
+    for id in acknowledged {
+        s.get_ok(&format!("/admin/riders/{id}"), admin).await;
+    }
+    let l = s.get_ok("/admin/ledger", admin).await;
+    assert_eq!(l["balanced"], json!(true), "{l}");
+}
+
 /// Asserts that the books (`GET /admin/ledger`'s body) have settled: balanced, nothing in
 /// total, and nothing left in clearing, authorizations or rider holds; `when` is for the
 /// message.
@@ -408,7 +443,23 @@ impl TestServer {
         // Tests register many riders and drivers from one address: no registration limit.
         let argv = ["dispatchd", "--listen", "127.0.0.1:0", "--data-dir", &dir];
         let unlimited = dispatch_transport::server::ratelimit::UNLIMITED;
-        let config = Args::parse_from(argv.iter().chain(&unlimited).chain(flags))
+        // DISPATCH_TEST_STORE=postgres: a fresh database, named in the data directory so
+        // that a restart on it finds the same one.
+        let mut store: Vec<String> = Vec::new();
+        if dispatchd::test_store_is_postgres() {
+            let file = data_dir.path().join("test-database-url");
+            let url = std::fs::read_to_string(&file).unwrap_or_else(|_| {
+                let url = dispatch_persistence::pg::test_database("in-process")
+                    .expect("DISPATCH_TEST_STORE=postgres needs DISPATCH_TEST_DATABASE_URL");
+                std::fs::write(&file, &url).expect("note the test database");
+                url
+            });
+            store = ["--store", "postgres", "--database-url", &url]
+                .map(String::from)
+                .to_vec();
+        }
+        let store: Vec<&str> = store.iter().map(String::as_str).collect();
+        let config = Args::parse_from(argv.iter().chain(&unlimited).chain(&store).chain(flags))
             .build_and_validate()
             .expect("valid test flags");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -139,6 +139,25 @@ impl Ride {
         &self.trip.trip_id
     }
 
+    /// While the store refuses writes (a `dispatching` trip): the driver's accept is
+    /// answered `unavailable`, and the trip, read from memory, is as it was.
+    pub async fn accept_is_refused_and_changes_nothing(&mut self, s: &Endpoint) {
+        let path = format!("/v1/trips/{}", self.trip.trip_id);
+        let before = s.get_ok(&path, &self.rider_token).await;
+        let code = self
+            .d
+            .err(json!({"type": "accept", "trip_id": self.trip.trip_id}))
+            .await;
+        assert_eq!(code, "unavailable");
+        let after = s.get_ok(&path, &self.rider_token).await;
+        assert_eq!(
+            (&after["state"], &after["version"]),
+            (&before["state"], &before["version"]),
+            "a refused write changed the trip: {after}"
+        );
+        assert_eq!(after["state"], "dispatching");
+    }
+
     /// The driver's commands along the happy path up to `state`, each acknowledged, and
     /// each one's `trip_update` (the next version, in its state) read by the driver and
     /// the rider. A state not ahead on the happy path is a mistake in the test.

@@ -23,7 +23,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A system with the default configuration on the store in `dir`, and that store (for
 /// [`stop`]).
 pub async fn start(dir: &Path) -> (System, Arc<Store>) {
-    let store = Arc::new(Store::open(dir, |_| {}).unwrap());
+    let store = Arc::new(open_store(dir));
     let sys = System::start(
         SystemConfig::default(),
         Arc::new(Metrics::new()),
@@ -32,6 +32,15 @@ pub async fn start(dir: &Path) -> (System, Arc<Store>) {
     .await
     .unwrap();
     (sys, store)
+}
+
+/// The sled store in `dir`, or with `BENCH_DATABASE_URL` set (the recovery benchmark
+/// on PostgreSQL) the PostgreSQL store there.
+pub fn open_store(dir: &Path) -> Store {
+    match std::env::var("BENCH_DATABASE_URL") {
+        Ok(url) => Store::open_postgres(dispatch_persistence::PgOptions::new(url), |_| {}).unwrap(),
+        Err(_) => Store::open(dir, |_| {}).unwrap(),
+    }
 }
 
 /// Shuts `sys` down and waits, polling every `every` for up to `within`, until every

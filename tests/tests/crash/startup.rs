@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use dispatch_tests::{SLOW, assert_clean_log};
+use dispatch_tests::{Dispatchd, SLOW, assert_clean_log};
 
 use crate::{CENTER, from_center};
 
@@ -24,7 +24,7 @@ fn dump(dir: &Path) -> BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
 
 async fn damaged_record_stops_startup(case: &str, damage: fn(&mut Vec<u8>), cause: &str) {
     let tag = format!("[{case}]");
-    let server = crate::start(case, &[]).await;
+    let server = Dispatchd::builder(case).sled_only().start().await;
     let (_, _) = server.driver("Intact", "economy").await;
     let (victim, _) = server.driver("Damaged", "economy").await;
     let (_, _) = server.rider("Someone").await;
@@ -104,7 +104,7 @@ async fn a_future_version_record_stops_startup_and_is_left_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_a_locked_data_dir_is_refused() {
     let tag = "[locked data dir]";
-    let first = crate::start("locked", &[]).await;
+    let first = Dispatchd::builder("locked").sled_only().start().await;
     let (_, token) = first.rider("First").await;
 
     let mut second = first.again().spawn();

@@ -1,7 +1,9 @@
 //! Run with `cargo run --release --bin dispatchd` (every flag has a `DISPATCH_*`
 //! environment variable; `--help` lists them). `dispatchd openapi` prints the OpenAPI
 //! document of the REST routes (what `docs/openapi.json` holds) and exits; `dispatchd
-//! asyncapi` the AsyncAPI document of the sessions (`docs/asyncapi.yaml`).
+//! asyncapi` the AsyncAPI document of the sessions (`docs/asyncapi.yaml`). `dispatchd
+//! migrate --from sled --data-dir … --to postgres --database-url …` (or back) copies a
+//! stopped store, verified by counts and checksums.
 
 use clap::Parser;
 use dispatch_transport::server::{self, Args};
@@ -25,6 +27,13 @@ fn main() -> anyhow::Result<()> {
         Some("asyncapi") => {
             print!("{}", server::asyncapi::document());
             return Ok(());
+        }
+        Some("migrate") => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("warn"))
+                .with_writer(std::io::stderr)
+                .try_init();
+            return server::migrate::run(std::env::args().skip(1));
         }
         _ => {}
     }

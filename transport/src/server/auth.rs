@@ -64,6 +64,9 @@ pub fn admin_token_hash(given: Option<&str>, data_dir: &Path) -> anyhow::Result<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let bytes: [u8; 32] = rand::random();
             let token = format!("adm_{}", URL_SAFE_NO_PAD.encode(bytes));
+            // With --store postgres nothing else creates the data directory.
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))?;
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
             #[cfg(unix)]

@@ -23,6 +23,39 @@ pub enum MatchingMode {
     Batch,
 }
 
+/// Where durable state lives (`--store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// sled, embedded, in `--data-dir` (the default: nothing else to run).
+    Sled,
+    /// PostgreSQL at `--database-url`.
+    Postgres,
+}
+
+/// A database URL as given: it may hold a password, so it never prints.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&dispatch_persistence::redact(&self.0))
+    }
+}
+
+/// The validated store choice.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sled,
+    Postgres(dispatch_persistence::PgOptions),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -44,6 +77,25 @@ pub struct Args {
     /// Directory for the engine's state.
     #[arg(long, env = "DISPATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Where durable state lives: `sled` in `--data-dir`, or `postgres` at
+    /// `--database-url` (`--data-dir` then holds only `admin.token`).
+    #[arg(long, env = "DISPATCH_STORE", value_enum, default_value_t = StoreKind::Sled)]
+    pub store: StoreKind,
+    /// PostgreSQL URL for `--store postgres`, e.g. `postgres://user:pw@host:5432/db`
+    /// (or `key=value` form). Its password never appears in logs or `/admin/`.
+    #[arg(long, env = "DISPATCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
+    /// Bound on one PostgreSQL call, client-side (connecting, waiting for a pooled
+    /// connection, a query, a commit); the server's `statement_timeout` is the same.
+    #[arg(long, env = "DISPATCH_DATABASE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub database_timeout_ms: u64,
+    /// PostgreSQL connections at most.
+    #[arg(long, env = "DISPATCH_DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub database_pool_size: usize,
+    /// How long start-up waits for PostgreSQL (retrying with backoff, `/readyz` 503
+    /// saying why) before it gives up.
+    #[arg(long, env = "DISPATCH_DATABASE_WAIT_MS", default_value_t = 60_000)]
+    pub database_wait_ms: u64,
     /// Bearer token for the admin routes.
     #[arg(long, env = "DISPATCH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -211,6 +263,7 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub ws_ping_interval_ms: u64,
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
     pub max_frame_bytes: usize,
@@ -426,7 +479,41 @@ impl Args {
         }
         let register_limit = self.register_limit.validate()?;
         let auth = self.auth.validate()?;
+        let store = match (self.store, self.database_url) {
+            (StoreKind::Sled, None) => StoreConfig::Sled,
+            (StoreKind::Sled, Some(_)) => {
+                return Err("--database-url is only for --store postgres".to_owned());
+            }
+            (StoreKind::Postgres, None) => {
+                return Err(
+                    "--store postgres needs --database-url (or DISPATCH_DATABASE_URL)".to_owned(),
+                );
+            }
+            (StoreKind::Postgres, Some(url)) => {
+                if !dispatch_persistence::pg::url_is_valid(&url.0) {
+                    return Err(format!(
+                        "--database-url is not a PostgreSQL URL (given: {})",
+                        dispatch_persistence::redact(&url.0)
+                    ));
+                }
+                check(
+                    self.database_timeout_ms >= 100,
+                    "--database-timeout-ms must be at least 100",
+                )?;
+                check(
+                    (1..=1000).contains(&self.database_pool_size),
+                    "--database-pool-size must be 1 to 1000",
+                )?;
+                let mut o = dispatch_persistence::PgOptions::new(url.0);
+                o.call_timeout = std::time::Duration::from_millis(self.database_timeout_ms);
+                o.statement_timeout = o.call_timeout;
+                o.pool_size = self.database_pool_size;
+                o.start_timeout = std::time::Duration::from_millis(self.database_wait_ms);
+                StoreConfig::Postgres(o)
+            }
+        };
         Ok(Config {
+            store,
             register_limit,
             auth,
             listen: self.listen,

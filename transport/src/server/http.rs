@@ -355,7 +355,12 @@ async fn readyz(State(app): State<App>) -> Response {
     if app.ready.load(Ordering::Acquire) {
         "ready".into_response()
     } else {
-        HttpError(ApiError::unavailable("not ready")).into_response()
+        let why = match app.system.store_problem() {
+            // While recovery waits for PostgreSQL, say why (never with a password).
+            Some(p) => format!("not ready: the store is unavailable: {p}"),
+            None => "not ready".to_owned(),
+        };
+        HttpError(ApiError::unavailable(why)).into_response()
     }
 }
 
@@ -367,6 +372,7 @@ async fn metrics(State(app): State<App>) -> Response {
     use prometheus::Encoder;
     // Fleet gauges are counted at scrape time, from the registry.
     app.system.fleet_counts();
+    app.system.count_store_timeouts();
     let mut buf = Vec::new();
     let enc = prometheus::TextEncoder::new();
     if enc

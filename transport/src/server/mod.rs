@@ -12,6 +12,7 @@ pub mod console;
 pub mod decode;
 pub mod http;
 pub mod jwt;
+pub mod migrate;
 pub mod openapi;
 pub mod ratelimit;
 pub mod render;
@@ -127,7 +128,12 @@ pub async fn run(
         let m = metrics.clone();
         let on_flush =
             move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
-        tokio::task::spawn_blocking(move || Store::open(&dir, on_flush)).await??
+        let choice = config.store.clone();
+        tokio::task::spawn_blocking(move || match choice {
+            config::StoreConfig::Sled => Store::open(&dir, on_flush),
+            config::StoreConfig::Postgres(o) => Store::open_postgres(o, on_flush),
+        })
+        .await??
     };
     let admin_token_hash = {
         let given = config.admin_token.clone();
@@ -136,6 +142,8 @@ pub async fn run(
             .await??
     };
     metrics.set_slow_handler_ms(config.slow_handler_ms);
+    // The data directory, or the database without its password.
+    let store_name = format!("{} {}", store.kind(), store.dir().display());
     let system = System::start(config.system.clone(), metrics.clone(), Arc::new(store))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -155,7 +163,7 @@ pub async fn run(
         console: console::Console::new(config.console_tiles_url.clone()),
     });
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "dispatchd serving; recovering state");
+    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, "dispatchd serving; recovering state");
 
     // Recovery runs while the listener already answers `/healthz` and `/readyz` (503).
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();

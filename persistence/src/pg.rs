@@ -1,0 +1,599 @@
+//! The PostgreSQL store: the same trees as tables, the same codec records as `bytea`.
+//!
+//! A small Tokio runtime of its own (one worker) runs the driver (`tokio-postgres`) and
+//! its pool (`deadpool-postgres`), so the store keeps sled's blocking read calls and
+//! its writer thread, whatever runtime (or none) the caller is on. Every call is bounded
+//! twice: by the server's `statement_timeout` and by a client-side timeout that also
+//! covers connecting and waiting for a pooled connection; a call that hits it fails and
+//! is counted ([`Pg::timeouts`]).
+//!
+//! Group commit: the writer thread's group (every batch that arrived during the last
+//! commit) becomes one transaction: per table, one `INSERT ... SELECT FROM unnest(...)
+//! ON CONFLICT DO UPDATE` of the group's last value per key and one `DELETE`. A lost
+//! connection during `COMMIT` leaves the outcome unknown; the waiters are told it
+//! failed, and the retry writes the same keys (trip, journal version, ledger step)
+//! again: it neither applies a transition twice nor loses it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::store::{Faults, Range, Request, Rows, Sink, StoreError, Tree};
+
+/// The versioned migrations, applied in order under an advisory lock.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "trees", include_str!("../migrations/0001_trees.sql"))];
+
+/// The schema version this build writes and reads.
+pub fn schema_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// `pg_advisory_lock` key of the migrations ("dispatchd" in ASCII, truncated).
+pub const MIGRATION_LOCK: i64 = 0x6469_7370_6174_6368;
+
+/// How to reach the database, and the bounds on every call.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// `postgres://user:password@host:port/db` or `key=value` form. Never logged.
+    pub url: String,
+    /// Client-side bound on any one call (connecting, waiting for a pooled connection,
+    /// a query, a commit).
+    pub call_timeout: Duration,
+    /// The server-side `statement_timeout` set on every connection.
+    pub statement_timeout: Duration,
+    /// Pooled connections at most.
+    pub pool_size: usize,
+    /// How long recovery waits for the server at start, retrying with backoff.
+    pub start_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &redact(&self.url))
+            .field("call_timeout", &self.call_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("pool_size", &self.pool_size)
+            .field("start_timeout", &self.start_timeout)
+            .finish()
+    }
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            call_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(5),
+            pool_size: 16,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whether `url` is a PostgreSQL connection string the driver accepts.
+pub fn url_is_valid(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>().is_ok()
+}
+
+/// The address of a database URL without its password: `postgres://user@host:port/db`.
+/// An unparsable URL is shown as `<invalid database URL>`, never as given.
+pub fn redact(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => location(&c),
+        Err(_) => "<invalid database URL>".to_owned(),
+    }
+}
+
+fn location(c: &tokio_postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{}:{}/{}",
+        c.get_user().unwrap_or(""),
+        host,
+        port,
+        c.get_dbname().unwrap_or("")
+    )
+}
+
+pub(crate) struct Pg {
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    pool: Pool,
+    location: String,
+    options: PgOptions,
+    /// The schema was checked and migrated by this process.
+    prepared: AtomicBool,
+    /// The last failure to reach the server, cleared by the next success.
+    problem: Mutex<Option<String>>,
+    timeouts: AtomicU64,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Never blocks, so it may run on any thread, async or not.
+        if let Some(rt) = self.rt.lock().expect("pg runtime").take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A failure of one call, with every cause under it (the driver's own message is
+/// often just "db error"; the server's words are in its source).
+fn reason(e: impl std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !out.contains(&more) {
+            out.push_str(": ");
+            out.push_str(&more);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+impl Pg {
+    pub(crate) fn new(options: PgOptions) -> Result<Pg, StoreError> {
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
+            StoreError::BadUrl(format!(
+                "{e} (the URL is not shown: it may hold a password)"
+            ))
+        })?;
+        let location = location(&config);
+        config
+            .connect_timeout(options.call_timeout)
+            .application_name("dispatchd")
+            .options(format!(
+                "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+                options.statement_timeout.as_millis(),
+                options.call_timeout.as_millis().max(1000)
+            ));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("store-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Postgres {
+                at: location.clone(),
+                reason: format!("cannot start its runtime: {e}"),
+            })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            let _in = rt.enter();
+            Pool::builder(manager)
+                .max_size(options.pool_size.max(1))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(options.call_timeout))
+                .create_timeout(Some(options.call_timeout))
+                .recycle_timeout(Some(options.call_timeout))
+                .build()
+                .map_err(|e| StoreError::Postgres {
+                    at: location.clone(),
+                    reason: e.to_string(),
+                })?
+        };
+        Ok(Pg {
+            handle: rt.handle().clone(),
+            rt: Mutex::new(Some(rt)),
+            pool,
+            location,
+            options,
+            prepared: AtomicBool::new(false),
+            problem: Mutex::new(Some("not connected yet".to_owned())),
+            timeouts: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn location(&self) -> &str {
+        &self.location
+    }
+
+    pub(crate) fn problem(&self) -> Option<String> {
+        self.problem.lock().expect("pg problem").clone()
+    }
+
+    pub(crate) fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, reason: String) -> StoreError {
+        *self.problem.lock().expect("pg problem") = Some(reason.clone());
+        StoreError::Postgres {
+            at: self.location.clone(),
+            reason,
+        }
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it, bounded by the call timeout.
+    /// Callable from any thread (it blocks this one).
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let bound = self.options.call_timeout;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(bound, fut).await);
+        });
+        match rx.recv() {
+            Ok(Ok(Ok(v))) => {
+                if self.prepared.load(Ordering::Acquire) {
+                    *self.problem.lock().expect("pg problem") = None;
+                }
+                Ok(v)
+            }
+            // The pool's own bounds (waiting for a slot, connecting) are the same bound.
+            Ok(Ok(Err(e))) if e.starts_with("Timeout occurred") => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(self.fail(format!("no answer within {} ms ({e})", bound.as_millis())))
+            }
+            Ok(Ok(Err(e))) => Err(self.fail(e)),
+            Ok(Err(_)) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(self.fail(format!(
+                    "no answer within {} ms (the call was abandoned)",
+                    bound.as_millis()
+                )))
+            }
+            Err(_) => Err(self.fail("the store's runtime stopped".to_owned())),
+        }
+    }
+
+    /// One attempt to check and migrate the schema, unless this process already did.
+    fn ready(&self) -> Result<(), StoreError> {
+        if self.prepared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.run(migrate(self.pool.clone())) {
+            Ok(()) => {
+                self.prepared.store(true, Ordering::Release);
+                *self.problem.lock().expect("pg problem") = None;
+                Ok(())
+            }
+            Err(StoreError::Postgres { reason, .. }) if reason.starts_with(FUTURE_SCHEMA) => {
+                let found = reason[FUTURE_SCHEMA.len()..]
+                    .trim()
+                    .parse()
+                    .unwrap_or(i32::MAX);
+                let e = StoreError::FutureSchema {
+                    at: self.location.clone(),
+                    found,
+                    ours: schema_version(),
+                };
+                *self.problem.lock().expect("pg problem") = Some(e.to_string());
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the server (retrying with backoff, up to the start timeout), then
+    /// checks and migrates the schema under an advisory lock. Idempotent.
+    pub(crate) fn prepare(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.options.start_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.ready() {
+                Ok(()) => return Ok(()),
+                Err(e @ StoreError::FutureSchema { .. }) => return Err(e),
+                Err(e) => {
+                    if Instant::now() + backoff > deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(at = %self.location, error = %e, retry_in_ms = backoff.as_millis() as u64, "PostgreSQL not reachable yet; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let key = key.to_vec();
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let sql = format!("SELECT v FROM {} WHERE k = $1", tree.name());
+            let st = c.prepare_cached(&sql).await.map_err(reason)?;
+            let row = c.query_opt(&st, &[&key]).await.map_err(reason)?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    pub(crate) fn range(&self, tree: Tree, r: &Range) -> Result<Rows, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let mut conds = Vec::new();
+        let mut params: Vec<Vec<u8>> = Vec::new();
+        if let Some((lo, inclusive)) = &r.lo {
+            params.push(lo.clone());
+            conds.push(format!(
+                "k {} ${}",
+                if *inclusive { ">=" } else { ">" },
+                params.len()
+            ));
+        }
+        if let Some(hi) = &r.hi {
+            params.push(hi.clone());
+            conds.push(format!("k < ${}", params.len()));
+        }
+        let mut sql = format!("SELECT k, v FROM {}", tree.name());
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(if r.reverse {
+            " ORDER BY k DESC"
+        } else {
+            " ORDER BY k"
+        });
+        if let Some(n) = r.limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(&sql).await.map_err(reason)?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                params.iter().map(|p| p as _).collect();
+            let rows = c.query(&st, &refs).await.map_err(reason)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                .collect())
+        })
+    }
+
+    /// Writes `rows` of raw keys and values into `tree` (for `migrate`), in one
+    /// transaction.
+    pub(crate) fn put_raw(&self, tree: Tree, rows: Rows) -> Result<(), StoreError> {
+        self.ready()?;
+        let mut writes = BTreeMap::new();
+        for (k, v) in rows {
+            writes.insert((tree, k), (Some(v), 0i64));
+        }
+        let pool = self.pool.clone();
+        self.run(async move { write_group(pool, writes, false).await })
+    }
+}
+
+/// The prefix of a migration failure that means "the database is newer than us".
+const FUTURE_SCHEMA: &str = "future schema version ";
+
+async fn migrate(pool: Pool) -> Result<(), String> {
+    // Taken out of the pool: if this call is abandoned (its timeout) while waiting for
+    // the lock, the connection closes with it, and the server drops the pending lock,
+    // instead of a pooled session acquiring it later and holding it for good.
+    let mut c = deadpool_postgres::Object::take(pool.get().await.map_err(reason)?);
+    // Session-level lock: two nodes starting at once apply each migration once; a
+    // dropped connection lets go of it.
+    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(reason)?;
+    let result = async {
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS dispatch_schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(reason)?;
+        let current: i32 = c
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM dispatch_schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(reason)?
+            .get(0);
+        if current > schema_version() {
+            return Err(format!("{FUTURE_SCHEMA}{current}"));
+        }
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let tx = c.transaction().await.map_err(reason)?;
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| format!("migration {version} ({name}) failed: {e}"))?;
+            tx.execute(
+                "INSERT INTO dispatch_schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .map_err(reason)?;
+            tx.commit().await.map_err(reason)?;
+            tracing::info!(version, name, "PostgreSQL schema migrated");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = c
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+type Writes = BTreeMap<(Tree, Vec<u8>), (Option<Vec<u8>>, i64)>;
+
+/// One transaction: per table, an upsert of the last value per key and a delete.
+/// `lose_reply`: commit, then answer as a lost connection would (tests).
+async fn write_group(pool: Pool, writes: Writes, lose_reply: bool) -> Result<(), String> {
+    let mut c = pool.get().await.map_err(reason)?;
+    let tx = c.transaction().await.map_err(reason)?;
+    for tree in Tree::ALL {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        let mut versions = Vec::new();
+        let mut gone = Vec::new();
+        for ((_, k), (v, ver)) in writes
+            .range((tree, Vec::new())..)
+            .take_while(|((t, _), _)| *t == tree)
+        {
+            match v {
+                Some(v) => {
+                    keys.push(k.clone());
+                    values.push(v.clone());
+                    versions.push(*ver);
+                }
+                None => gone.push(k.clone()),
+            }
+        }
+        if !keys.is_empty() {
+            let t = tree.name();
+            let sql = format!(
+                "INSERT INTO {t} (k, v, ver) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) \
+                 ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver WHERE {t}.ver <= excluded.ver"
+            );
+            let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+            tx.execute(&st, &[&keys, &values, &versions])
+                .await
+                .map_err(reason)?;
+        }
+        if !gone.is_empty() {
+            let sql = format!("DELETE FROM {} WHERE k = ANY($1::bytea[])", tree.name());
+            let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+            tx.execute(&st, &[&gone]).await.map_err(reason)?;
+        }
+    }
+    tx.commit().await.map_err(|e| {
+        format!("the commit's outcome is unknown (the connection failed during COMMIT: {e})")
+    })?;
+    if lose_reply {
+        return Err(
+            "injected fault: the connection was lost during COMMIT; the outcome is unknown"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// The writer thread's side of the PostgreSQL store.
+pub(crate) struct PgSink {
+    pub(crate) pg: Arc<Pg>,
+    pub(crate) faults: Arc<Faults>,
+}
+
+impl Sink for PgSink {
+    fn healthy(&self) -> bool {
+        // The pool reconnects by itself; every group simply tries.
+        true
+    }
+
+    fn recover(&self) {}
+
+    fn apply(&self, group: &[Request]) -> Result<(), String> {
+        if self.faults.failing() {
+            return Err("injected fault: the database refused the write".to_owned());
+        }
+        // The group's last value per key, in arrival order: one transaction makes the
+        // final state the same as applying each write in turn.
+        let mut writes = Writes::new();
+        for r in group {
+            for op in r.batch.ops() {
+                let w = op.key_write();
+                writes.insert((w.tree, w.key), (w.value, w.version));
+            }
+        }
+        if writes.is_empty() {
+            // A sync: nothing queued is unwritten once the previous group returned.
+            return Ok(());
+        }
+        self.pg.ready().map_err(|e| match e {
+            StoreError::Postgres { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        let lose = self.faults.take_lost_reply();
+        let pool = self.pg.pool.clone();
+        self.pg
+            .run(write_group(pool, writes, lose))
+            .map_err(|e| match e {
+                StoreError::Postgres { reason, .. } => reason,
+                other => other.to_string(),
+            })
+    }
+}
+
+/// A fresh, empty database for one test, on the server `DISPATCH_TEST_DATABASE_URL`
+/// names; its URL. Without that variable: `None` after saying so on stderr, or, when
+/// `CI` is set, a panic (PostgreSQL tests never skip silently in CI).
+pub fn test_database(test: &str) -> Option<String> {
+    let Ok(admin) = std::env::var("DISPATCH_TEST_DATABASE_URL") else {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{test}: CI is set but DISPATCH_TEST_DATABASE_URL is not: start PostgreSQL with `source .ci/postgres.sh start`"
+            );
+        }
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (PostgreSQL): {test}: DISPATCH_TEST_DATABASE_URL is not set (`source .ci/postgres.sh start` sets it)"
+        );
+        return None;
+    };
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "dispatch_t_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let sql = format!("CREATE DATABASE {name}");
+    let admin2 = admin.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (c, conn) = tokio_postgres::connect(&admin2, NoTls).await?;
+            tokio::spawn(conn);
+            c.batch_execute(&sql).await
+        })
+    })
+    .join()
+    .expect("create the test database")
+    .unwrap_or_else(|e| {
+        panic!(
+            "{test}: cannot create a test database on {}: {e}",
+            redact(&admin)
+        )
+    });
+    Some(url_of(&admin, &name))
+}
+
+/// `admin` with its database name replaced by `db`.
+fn url_of(admin: &str, db: &str) -> String {
+    match admin.rfind('/') {
+        Some(i) if admin.starts_with("postgres") => {
+            let (base, rest) = admin.split_at(i + 1);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}{db}{query}")
+        }
+        _ => format!("{admin} dbname={db}"),
+    }
+}
