@@ -31,6 +31,9 @@ use crate::registry::Registry;
 use crate::tracecontext::Trace;
 use crate::views::{Quote, TripView};
 
+/// An actor being started: a boxed future, so that what awaits it stays small.
+type Starting<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + 'a>>;
 /// Everything the live system is configured with. Units are in the names.
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
@@ -508,8 +511,7 @@ impl Context {
         &self,
         group: Group,
         start: impl FnOnce() -> Option<Spawn>,
-    ) -> Option<std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + '_>>>
-    {
+    ) -> Option<Starting<'_>> {
         Some(Box::pin(self.spawn(group, start()?)))
     }
 
