@@ -34,6 +34,7 @@ use crate::views::{Quote, TripView};
 /// An actor being started: a boxed future, so that what awaits it stays small.
 type Starting<'a> =
     std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + 'a>>;
+
 /// Everything the live system is configured with. Units are in the names.
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
