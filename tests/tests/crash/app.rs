@@ -183,6 +183,10 @@ impl Session {
             }
             ServerMessage::Error { req, code, message } => {
                 let cmd = req.and_then(|r| self.pending.remove(&r));
+                if code == "unavailable" && l.store_outage {
+                    l.refused += 1;
+                    return;
+                }
                 let expected = match &cmd {
                     // Races: the offer expired or moved on, the rider cancelled, ...
                     Some((c, _)) if code == "conflict" => *c != "request_ride",
