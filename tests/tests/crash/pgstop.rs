@@ -10,7 +10,8 @@
 //!   `dispatch_bound_hits_total{bound="store_write_failed"}` counts the refused trip
 //!   writes.
 //! - Once it is back, without a restart of `dispatchd`: a registration succeeds and a new
-//!   ride is driven to `completed`, within [`SLOW`] each.
+//!   ride is driven to `completed`, within [`SLOW`] each, and the load's apps (which
+//!   retry what was refused `unavailable`) go on: 30 more trip_updates.
 //! - Then the crash round's own end: `kill -9` of `dispatchd` under load, a restart on the
 //!   same database, every transition any client saw (every `trip_update`, every `ack`)
 //!   there, every trip finished, and the books balanced with every completed trip
@@ -137,10 +138,12 @@ async fn postgres_stopped_and_started_under_load_loses_no_acknowledged_transitio
         );
     }
     let failed_during = r.server.metric(WRITE_FAILED).await.unwrap_or(0.0);
+    let restart_at = std::time::Instant::now();
     tokio::task::block_in_place(|| pg.restart());
     eprintln!(
-        "{tag} PostgreSQL down for {:.1} s; {} refusals to the load's apps, {} trip writes counted failed",
+        "{tag} PostgreSQL down for {:.1} s (its start took {:.1} s); {} refusals to the load's apps, {} trip writes counted failed",
         down_at.elapsed().as_secs_f64(),
+        restart_at.elapsed().as_secs_f64(),
         r.ledger.lock().unwrap().refused,
         failed_during - failed_before
     );
@@ -167,8 +170,10 @@ async fn postgres_stopped_and_started_under_load_loses_no_acknowledged_transitio
     drop(ride);
     drop(probe);
 
-    // The crash round's end: kill -9 under what load is left, and every check.
-    let at_kill = r.kill_under_load(apps, registrar, 0).await;
+    // The apps retried what was refused: the load goes on. Then the crash round's end:
+    // kill -9 under load, and every check.
+    let resumed_at = r.ledger.lock().unwrap().updates;
+    let at_kill = r.kill_under_load(apps, registrar, resumed_at + 30).await;
     r.restart_and_check(at_kill, started).await;
     drop(pg);
 }
