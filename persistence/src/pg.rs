@@ -538,16 +538,9 @@ impl Sink for PgSink {
 /// `CI` is set, a panic (PostgreSQL tests never skip silently in CI).
 pub fn test_database(test: &str) -> Option<String> {
     let Ok(admin) = std::env::var("DISPATCH_TEST_DATABASE_URL") else {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{test}: CI is set but DISPATCH_TEST_DATABASE_URL is not: start PostgreSQL with `source .ci/postgres.sh start`"
-            );
-        }
-        // Straight to stderr: the test harness captures eprintln! of passing tests.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (PostgreSQL): {test}: DISPATCH_TEST_DATABASE_URL is not set (`source .ci/postgres.sh start` sets it)"
+        no_postgres(
+            test,
+            "DISPATCH_TEST_DATABASE_URL is not set (`source .ci/postgres.sh start` sets it)",
         );
         return None;
     };
@@ -584,6 +577,17 @@ pub fn test_database(test: &str) -> Option<String> {
         )
     });
     Some(url_of(&admin, &name))
+}
+
+/// A PostgreSQL test that cannot run because `why`: a panic when `CI` is set
+/// (PostgreSQL tests never skip silently in CI), else `SKIPPED (PostgreSQL): …` on stderr.
+pub fn no_postgres(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: CI is set but {why}");
+    }
+    // Straight to stderr: the test harness captures eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED (PostgreSQL): {test}: {why}");
 }
 
 /// `admin` with its database name replaced by `db`.

@@ -9,6 +9,7 @@
 //!   restart on the same data); it derefs to its [`Endpoint`] too.
 //! - [`Client`]: a real WebSocket client (tokio-tungstenite) that speaks PROTOCOL.md's
 //!   wire types.
+//! - [`PgServer`]: a throwaway PostgreSQL server of a test's own, to stop and start.
 //! - [`ride_to`] / [`RidePlan`]: a driver and a rider with a trip brought to any state of
 //!   the happy path; [`diagram`]: the trip state machine over the wire types.
 
@@ -32,12 +33,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod diagram;
 mod dispatchd;
+mod pg;
 mod ride;
 
 pub use dispatchd::{
     Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
     dispatchd_bin, reap, test_store_is_postgres,
 };
+pub use pg::PgServer;
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};
 
 /// How long a test waits for something the server should do promptly. Generous: the

@@ -183,6 +183,10 @@ impl Session {
             }
             ServerMessage::Error { req, code, message } => {
                 let cmd = req.and_then(|r| self.pending.remove(&r));
+                if code == "unavailable" && l.store_outage {
+                    l.refused += 1;
+                    return;
+                }
                 let expected = match &cmd {
                     // Races: the offer expired or moved on, the rider cancelled, ...
                     Some((c, _)) if code == "conflict" => *c != "request_ride",
@@ -196,6 +200,26 @@ impl Session {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A command answered `unavailable` while the store is away on purpose, planned
+    /// again a moment later: what an app does with an answer that says "retry".
+    pub(crate) fn retry_of(&self, m: &ServerMessage, mode: &mut Mode) -> Option<Planned> {
+        let ServerMessage::Error {
+            req: Some(r), code, ..
+        } = m
+        else {
+            return None;
+        };
+        if code != "unavailable" || !self.ledger.lock().unwrap().store_outage {
+            return None;
+        }
+        let after = Duration::from_millis(200);
+        match self.pending.get(r)? {
+            (cmd, Some(trip)) => Some(Planned::cmd(after, cmd, trip)),
+            ("request_ride", None) => Some(ride_request(mode, after)),
+            _ => None,
         }
     }
 
@@ -303,8 +327,10 @@ pub(crate) async fn run_app(
         tokio::select! {
             m = s.recv() => {
                 let Some(m) = m else { return };
+                let retry = s.retry_of(&m, &mut mode);
                 s.note(&m);
                 react(&me, &mut mode, &m, &mut plan);
+                plan.extend(retry);
             }
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 let p = plan.remove(0);

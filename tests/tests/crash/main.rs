@@ -10,6 +10,10 @@
 //!   and every completed trip was captured exactly once. `CRASH_SEED=<n>` replays one round;
 //!   `CRASH_ROUNDS=<k>` runs more (or fewer) rounds with fresh seeds.
 //!   The simulated apps are in `app`, what they were told in `ledger`.
+//! - `pgstop::postgres_stopped_and_started_under_load_loses_no_acknowledged_transition`:
+//!   a round on a PostgreSQL of the test's own, crashed (`pg_ctl stop -m immediate`) and
+//!   started again under load: writes refused while it is down, resumed after, then the
+//!   round's kill -9 and every check (skips without PostgreSQL outside CI).
 //! - `restart::a_clean_restart_keeps_every_live_trip_offer_token_and_quote`
 //! - `deadline::a_dispatch_deadline_that_passed_while_down_ends_the_trip`, and
 //!   `deadline::a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart`
@@ -25,6 +29,7 @@
 mod app;
 mod deadline;
 mod ledger;
+mod pgstop;
 mod races;
 mod restart;
 mod round;

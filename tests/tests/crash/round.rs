@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use dispatch_tests::diagram::{has_driver, reachable};
 use dispatch_tests::{
-    Dispatchd, Endpoint, SHORT_TRIP_FLAGS, WAIT, assert_books_settled, assert_clean_log,
-    assert_payments_settled, point,
+    Dispatchd, DispatchdBuilder, Endpoint, SHORT_TRIP_FLAGS, WAIT, assert_books_settled,
+    assert_clean_log, assert_payments_settled, point,
 };
 use dispatch_transport::wire::{DriverStatus, Offer, ServerMessage, Trip, TripState};
 use futures_util::future::join_all;
@@ -33,7 +33,7 @@ const CRASH_OFFER_TIMEOUT_MS: u64 = 3_000;
 
 /// `CRASH_SEED=<n>` (decimal or 0x-hex): that one round. Otherwise `CRASH_ROUNDS` (5)
 /// rounds with fresh seeds, each printed.
-fn round_seeds() -> Vec<u64> {
+pub(crate) fn round_seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("CRASH_SEED") {
         let s = s.trim();
         let seed = match s.strip_prefix("0x") {
@@ -74,47 +74,58 @@ async fn kill_9_under_load_loses_no_acknowledged_transition() {
 /// One round, step by step.
 async fn crash_round(round: usize, seed: u64) {
     let started = std::time::Instant::now();
-    let mut r = Round::register(round, seed).await;
+    let server = Dispatchd::builder(&format!("crash-round-{round}")).flags(SHORT_TRIP_FLAGS);
+    let tag = format!("[crash round {round}, CRASH_SEED={seed}]");
+    let mut r = Round::register(server, tag, seed).await;
     let (apps, registrar) = r.load().await;
-    let at_kill = r.kill_under_load(apps, registrar).await;
-    let mut r = r.restart().await;
-    let (riders, drivers) = r.reconnect_everyone().await;
-    r.find_every_trip().await;
-    r.check_nothing_acknowledged_was_lost().await;
-    r.check_welcomes();
-    let quote_trips = r.check_late_registrations_and_quotes().await;
-    let apps = r.finish_every_trip(riders, drivers).await;
-    let resumed = r.check_every_trip_ended().await;
-    check_money(&r.server, r.owner.keys(), &r.tag).await;
-    let Round {
-        tag,
-        server,
-        ledger,
-        owner,
-        registered,
-        ..
-    } = r;
-    let last_log = server.stop().await;
-    for a in apps {
-        tokio::time::timeout(WAIT, a)
-            .await
-            .unwrap_or_else(|_| panic!("{tag} an app was not disconnected by SIGTERM"))
-            .unwrap_or_else(|e| panic!("{tag} an app failed: {e}"));
+    let kill_after = r.rng.random_range(40..=400usize);
+    let at_kill = r.kill_under_load(apps, registrar, kill_after).await;
+    r.restart_and_check(at_kill, started).await;
+}
+
+impl Round {
+    /// After the kill: a restart on the same store, everyone back, every acknowledged
+    /// transition there, every trip finished, the books balanced; a clean SIGTERM.
+    pub(crate) async fn restart_and_check(self, at_kill: AtKill, started: std::time::Instant) {
+        let mut r = self.restart().await;
+        let (riders, drivers) = r.reconnect_everyone().await;
+        r.find_every_trip().await;
+        r.check_nothing_acknowledged_was_lost().await;
+        r.check_welcomes();
+        let quote_trips = r.check_late_registrations_and_quotes().await;
+        let apps = r.finish_every_trip(riders, drivers).await;
+        let resumed = r.check_every_trip_ended().await;
+        check_money(&r.server, r.owner.keys(), &r.tag).await;
+        let Round {
+            tag,
+            server,
+            ledger,
+            owner,
+            registered,
+            ..
+        } = r;
+        let last_log = server.stop().await;
+        for a in apps {
+            tokio::time::timeout(WAIT, a)
+                .await
+                .unwrap_or_else(|_| panic!("{tag} an app was not disconnected by SIGTERM"))
+                .unwrap_or_else(|e| panic!("{tag} an app failed: {e}"));
+        }
+        assert_clean_log(&tag, &last_log);
+        let l = ledger.lock().unwrap();
+        assert!(l.anomalies.is_empty(), "{tag} {:#?}", l.anomalies);
+        eprintln!(
+            "{tag} killed after {} trip_updates with {} trips in flight (by state: {:?}); \
+             {} trips, {resumed} resumed and finished, {} late registrations, {} quotes; {:.1} s",
+            at_kill.updates,
+            at_kill.in_flight,
+            at_kill.by_state,
+            owner.len(),
+            registered.lock().unwrap().riders.len(),
+            quote_trips,
+            started.elapsed().as_secs_f64()
+        );
     }
-    assert_clean_log(&tag, &last_log);
-    let l = ledger.lock().unwrap();
-    assert!(l.anomalies.is_empty(), "{tag} {:#?}", l.anomalies);
-    eprintln!(
-        "{tag} killed after {} trip_updates with {} trips in flight (by state: {:?}); \
-         {} trips, {resumed} resumed and finished, {} late registrations, {} quotes; {:.1} s",
-        at_kill.updates,
-        at_kill.in_flight,
-        at_kill.by_state,
-        owner.len(),
-        registered.lock().unwrap().riders.len(),
-        quote_trips,
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// Riders registered (each with a quote) while the load runs: their 201s are
@@ -126,7 +137,7 @@ struct Registered {
 }
 
 /// What the ledger showed when the server was killed.
-struct AtKill {
+pub(crate) struct AtKill {
     by_state: BTreeMap<String, usize>,
     in_flight: usize,
     updates: usize,
@@ -139,18 +150,18 @@ struct DriverWelcome {
     trip: Option<Trip>,
 }
 
-type Apps = Vec<JoinHandle<()>>;
+pub(crate) type Apps = Vec<JoinHandle<()>>;
 
 /// A round: its server, its people and what they were told.
-struct Round {
+pub(crate) struct Round {
     tag: String,
     rng: StdRng,
-    server: Dispatchd,
+    pub(crate) server: Dispatchd,
     drivers: Vec<(String, String)>,
-    riders: Vec<(String, String)>,
+    pub(crate) riders: Vec<(String, String)>,
     /// Rider id → token.
     tokens: HashMap<String, String>,
-    ledger: Arc<Mutex<Ledger>>,
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
     registered: Arc<Mutex<Registered>>,
     /// Every trip any client heard of → a token that may read it.
     owner: BTreeMap<String, String>,
@@ -162,13 +173,10 @@ struct Round {
 }
 
 impl Round {
-    /// Starts the server and registers everyone (each durable before its 201).
-    async fn register(round: usize, seed: u64) -> Round {
-        let tag = format!("[crash round {round}, CRASH_SEED={seed}]");
-        let server = Dispatchd::builder(&format!("crash-round-{round}"))
-            .flags(SHORT_TRIP_FLAGS)
-            .start()
-            .await;
+    /// Starts the server and registers everyone (each durable before its 201); `tag`
+    /// names the round in every failure.
+    pub(crate) async fn register(server: DispatchdBuilder, tag: String, seed: u64) -> Round {
+        let server = server.start().await;
         let names: Vec<String> = (0..DRIVERS.max(RIDERS))
             .map(|i| format!("Person {i}"))
             .collect();
@@ -196,7 +204,7 @@ impl Round {
 
     /// Drivers online a few hundred metres apart around the centre, riders requesting
     /// rides, seeded apps for both, and late registrations in the background.
-    async fn load(&mut self) -> (Apps, JoinHandle<()>) {
+    pub(crate) async fn load(&mut self) -> (Apps, JoinHandle<()>) {
         let mut apps = Vec::new();
         let mut driver_sessions = Vec::new();
         for (id, token) in &self.drivers {
@@ -229,21 +237,20 @@ impl Round {
         (apps, registrar)
     }
 
-    /// The crash: after a seeded number of trip_updates, with rides in flight. Every app
-    /// notices, and nothing the clients were told before it broke the diagram.
-    async fn kill_under_load(&mut self, apps: Apps, registrar: JoinHandle<()>) -> AtKill {
+    /// Waits until clients have been told of `updates` trip_updates in all, with trips
+    /// in flight (the load must get there within a minute).
+    pub(crate) async fn wait_for_load(&mut self, updates: usize) {
         let tag = &self.tag;
-        let kill_after = self.rng.random_range(40..=400usize);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             {
                 let l = self.ledger.lock().unwrap();
-                if l.updates >= kill_after && l.in_flight() > 0 {
-                    break;
+                if l.updates >= updates && l.in_flight() > 0 {
+                    return;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{tag} the load stalled: {} trip_updates (waiting for {kill_after}), {:?}, anomalies {:?}\n--- log ---\n{}",
+                    "{tag} the load stalled: {} trip_updates (waiting for {updates}), {:?}, anomalies {:?}\n--- log ---\n{}",
                     l.updates,
                     l.by_state(),
                     l.anomalies,
@@ -257,6 +264,18 @@ impl Round {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// The crash: after `kill_after` trip_updates, with rides in flight. Every app
+    /// notices, and nothing the clients were told before it broke the diagram.
+    pub(crate) async fn kill_under_load(
+        &mut self,
+        apps: Apps,
+        registrar: JoinHandle<()>,
+        kill_after: usize,
+    ) -> AtKill {
+        self.wait_for_load(kill_after).await;
+        let tag = &self.tag;
         self.server.kill9();
         for a in apps {
             tokio::time::timeout(WAIT, a)
