@@ -4,7 +4,8 @@
 //! Lines, each with `at_ms` (Unix ms when the client read it), `role` (`driver` or
 //! `rider`), `id` (the driver's or rider's id) and `client` (its index in the city):
 //! - `{"kind": "trip_update", "trip_id", "state", "version", "req"}`: every `trip_update`
-//!   (`req` is set on the reply to `request_ride`);
+//!   (`req` is set on the reply to `request_ride`, and that line also has the trip's
+//!   `pickup` and `dropoff` as the server stored them, `{"lat", "lng"}`);
 //! - `{"kind": "ack", "cmd", "trip_id", "req"}`: every `ack` of a command that moves a
 //!   trip (`accept`, `arrived`, `start_trip`, `complete_trip`, `cancel_trip`,
 //!   `cancel_ride`);
@@ -89,17 +90,18 @@ impl AckLog {
     }
 
     pub fn trip_update(&self, stats: &Stats, who: &Who, trip: &Trip, req: Option<u64>) {
-        self.line(
-            stats,
-            who,
-            json!({
-                "kind": "trip_update",
-                "trip_id": trip.trip_id,
-                "state": trip.state,
-                "version": trip.version,
-                "req": req,
-            }),
-        );
+        let mut v = json!({
+            "kind": "trip_update",
+            "trip_id": trip.trip_id,
+            "state": trip.state,
+            "version": trip.version,
+            "req": req,
+        });
+        if req.is_some() {
+            v["pickup"] = json!(trip.pickup);
+            v["dropoff"] = json!(trip.dropoff);
+        }
+        self.line(stats, who, v);
     }
 
     pub fn ack(&self, stats: &Stats, who: &Who, cmd: &str, trip_id: &str, req: u64) {

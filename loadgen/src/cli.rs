@@ -46,6 +46,20 @@ pub struct Args {
     /// (`centroid_lat,centroid_lon,car_hours,…`). Pickups are drawn by weight.
     #[arg(long)]
     pub demand_csv: Option<PathBuf>,
+    /// Real demand: the trips of a file in the NYC taxi layout of loadgen/data
+    /// (`pickup_datetime,…,pickup_latitude,pickup_longitude,dropoff_latitude,
+    /// dropoff_longitude`), each requested in order at its pickup time ÷ --time-scale from
+    /// the start of the run, from its own pickup to its own drop-off. Replaces
+    /// --request-rate, --demand-csv and --duration (the window is the slice ÷ K); drivers
+    /// start near the slice's first hour of pickups.
+    #[arg(long, conflicts_with_all = ["request_rate", "demand_csv", "duration", "center", "radius_km"])]
+    pub demand_trips: Option<PathBuf>,
+    /// With --demand-trips: the slice's first minute of the day, `HH:MM` (default 00:00).
+    #[arg(long, requires = "demand_trips", value_parser = parse_hhmm)]
+    pub demand_from: Option<u64>,
+    /// With --demand-trips: hours of the day from --demand-from (default: to midnight).
+    #[arg(long, requires = "demand_trips")]
+    pub demand_hours: Option<f64>,
     /// Same seed, same city (positions, waypoints, trips, decisions).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -173,10 +187,48 @@ impl Args {
         if self.reconnect && self.reconnect_for.is_zero() {
             bail!("--reconnect-for must be > 0");
         }
+        if self.demand_trips.is_some() {
+            let (from_s, to_s) = self.demand_slice_s();
+            if !(to_s > from_s && to_s <= 24 * 3600) {
+                bail!(
+                    "--demand-from and --demand-hours must pick a slice of one day (00:00–24:00), got {} h from {:02}:{:02}",
+                    self.demand_hours.unwrap_or(f64::NAN),
+                    from_s / 3600,
+                    from_s % 3600 / 60
+                );
+            }
+            if self.workers > 1 || self.worker_index.is_some() {
+                bail!(
+                    "--demand-trips runs in one process: --workers must be 1 (the trips are one ordered stream)"
+                );
+            }
+        }
         if self.embedded && self.worker_index.is_some() {
             bail!("a worker does not start its own server");
         }
         Ok(())
+    }
+
+    /// With --demand-trips: the slice of the day, seconds after midnight, `[from, to)`.
+    pub fn demand_slice_s(&self) -> (u64, u64) {
+        let from = self.demand_from.unwrap_or(0);
+        let to = match self.demand_hours {
+            Some(h) if h.is_finite() && h > 0.0 => from + (h * 3600.0).round() as u64,
+            Some(_) => from,
+            None => 24 * 3600,
+        };
+        (from, to)
+    }
+
+    /// The flags with what --demand-trips implies resolved: the request window is the
+    /// slice's length ÷ --time-scale.
+    pub fn resolved(&self) -> Args {
+        let mut a = self.clone();
+        if a.demand_trips.is_some() {
+            let (from, to) = a.demand_slice_s();
+            a.duration = Duration::from_secs_f64(to.saturating_sub(from) as f64 / a.time_scale);
+        }
+        a
     }
 
     /// The argv a worker process is started with: the same city, `url` resolved, and
@@ -273,6 +325,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("not a duration: {s:?}"));
     }
     Ok(Duration::from_secs_f64(v * mult_ms / 1000.0))
+}
+
+/// `HH:MM` → seconds after midnight (`24:00` is the end of the day).
+pub fn parse_hhmm(s: &str) -> Result<u64, String> {
+    let err = || format!("expected HH:MM within 00:00–24:00, got {s:?}");
+    let (h, m) = s.trim().split_once(':').ok_or_else(err)?;
+    let h: u64 = h.parse().map_err(|_| err())?;
+    let m: u64 = m.parse().map_err(|_| err())?;
+    if m >= 60 || h * 60 + m > 24 * 60 {
+        return Err(err());
+    }
+    Ok(h * 3600 + m * 60)
 }
 
 /// `LAT,LNG` in decimal degrees.
@@ -372,5 +436,47 @@ mod tests {
                 Some(PathBuf::from("/tmp/acks.jsonl"))
             )
         );
+    }
+
+    #[test]
+    fn demand_trips_flags_conflict_and_resolve() {
+        let t = ["loadgen", "--demand-trips", "trips.csv"];
+        for extra in [
+            &["--request-rate", "5"][..],
+            &["--demand-csv", "z.csv"],
+            &["--duration", "10s"],
+            &["--center", "45.5,-73.6"],
+        ] {
+            let argv = t.iter().chain(extra).copied();
+            let e = Args::try_parse_from(argv).expect_err("conflicting flags");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{extra:?}"
+            );
+        }
+        let e = Args::try_parse_from(["loadgen", "--demand-from", "08:00"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(Args::try_parse_from(t.iter().chain(&["--demand-from", "8h"])).is_err());
+        assert!(Args::try_parse_from(t.iter().chain(&["--demand-from", "24:01"])).is_err());
+        let a = Args::parse_from(t.iter().chain(&[
+            "--demand-from",
+            "08:30",
+            "--demand-hours",
+            "1.5",
+            "--time-scale",
+            "60",
+        ]));
+        assert_eq!(a.demand_slice_s(), (8 * 3600 + 1800, 10 * 3600));
+        assert_eq!(a.resolved().duration, Duration::from_secs(90));
+        a.validate().unwrap();
+        let past_midnight =
+            Args::parse_from(
+                t.iter()
+                    .chain(&["--demand-from", "23:00", "--demand-hours", "2"]),
+            );
+        assert!(past_midnight.validate().is_err());
+        let workers = Args::parse_from(t.iter().chain(&["--workers", "2"]));
+        assert!(workers.validate().is_err());
     }
 }

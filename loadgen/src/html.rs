@@ -215,10 +215,10 @@ pub fn page(r: &Report) -> String {
     let c = &r.config;
     let _ = write!(
         h,
-        "<p>{} drivers, {} riders, {} requests/s for {:.0} s; pings every {} ms; seed {}; time scale {}; {} worker(s); demand: {}; server {}.</p>",
+        "<p>{} drivers, {} riders, {} for {:.0} s; pings every {} ms; seed {}; time scale {}; {} worker(s); demand: {}; server {}.</p>",
         c.drivers,
         c.riders,
-        c.request_rate,
+        c.requests(),
         c.duration_s,
         c.ping_interval_ms,
         c.seed,

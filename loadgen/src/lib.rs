@@ -78,7 +78,8 @@ pub async fn run(args: Args) -> Result<Outcome> {
 
 /// Runs against a server already listening at `url` (`ws://host:port`).
 pub async fn run_against(args: &Args, url: &str) -> Result<Outcome> {
-    let demand = sim::demand(args)?;
+    let args = &args.resolved();
+    let (demand, _) = sim::demand(args)?;
     let target = net::Target::resolve(url).await?;
     if let Some(p) = &args.ack_log {
         // Emptied once; every process of the run appends to it.

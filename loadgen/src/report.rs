@@ -16,7 +16,10 @@ pub struct ConfigEcho {
     pub riders: usize,
     pub duration_s: f64,
     pub drain_s: f64,
+    /// Poisson requests per second (not used with `demand_trips`).
     pub request_rate: f64,
+    /// The requests were a trips file's (`--demand-trips`), at its own times.
+    pub demand_trips: bool,
     pub ping_interval_ms: u64,
     pub seed: u64,
     pub speed_mps: f64,
@@ -27,6 +30,17 @@ pub struct ConfigEcho {
     pub workers: usize,
     pub source_ips: usize,
     pub demand: String,
+}
+
+impl ConfigEcho {
+    /// How requests arrived: a rate, or the trips file's own times.
+    pub fn requests(&self) -> String {
+        if self.demand_trips {
+            "the trips file's requests".to_owned()
+        } else {
+            format!("{} requests/s", self.request_rate)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -369,6 +383,7 @@ impl Report {
                 duration_s: args.duration.as_secs_f64(),
                 drain_s: args.drain.as_secs_f64(),
                 request_rate: args.request_rate,
+                demand_trips: args.demand_trips.is_some(),
                 ping_interval_ms: args.ping_interval_ms,
                 seed: args.seed,
                 speed_mps: args.speed_mps,
@@ -463,10 +478,10 @@ impl Report {
         let _ = writeln!(s, "== loadgen report");
         let _ = writeln!(
             s,
-            "city: {} drivers, {} riders, {} req/s for {:.0} s (+{:.0} s drain), pings every {} ms, seed {}, time scale {}, {} worker(s), {} source address(es)",
+            "city: {} drivers, {} riders, {} for {:.0} s (+{:.0} s drain), pings every {} ms, seed {}, time scale {}, {} worker(s), {} source address(es)",
             c.drivers,
             c.riders,
-            c.request_rate,
+            c.requests(),
             c.duration_s,
             c.drain_s,
             c.ping_interval_ms,

@@ -330,8 +330,13 @@ impl Rider {
         let sh = self.sh.clone();
         let st = &sh.stats;
         sh.trip_started();
-        let pickup = sh.demand.sample_point(&mut self.rng);
-        let dropoff = sh.demand.sample_dropoff(pickup, &mut self.rng);
+        let (pickup, dropoff) = match sh.take_planned(self.li) {
+            Some(trip) => trip,
+            None => {
+                let pickup = sh.demand.sample_point(&mut self.rng);
+                (pickup, sh.demand.sample_dropoff(pickup, &mut self.rng))
+            }
+        };
         let body = QuoteRequest {
             pickup,
             dropoff,

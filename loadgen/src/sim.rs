@@ -24,10 +24,11 @@ use tokio::time::Instant;
 
 use crate::acklog::{AckLog, Who};
 use crate::cli::Args;
-use crate::demand::Demand;
+use crate::demand::{Demand, Zone};
 use crate::driver::{self, DriverConn};
 use crate::geo::Mover;
 use crate::net::{self, ConnError, Incoming, Target, Ws};
+use crate::replay::TripRow;
 use crate::rider::{self, RiderConn};
 use crate::stats::{self, CountersSnap, Stats, WorkerResult};
 
@@ -61,17 +62,49 @@ const KIND_DRIVER: u64 = 1;
 const KIND_RIDER: u64 = 2;
 const KIND_ARRIVALS: u64 = 3;
 
-/// The demand map the flags describe.
-pub fn demand(args: &Args) -> Result<Demand> {
-    match &args.demand_csv {
-        Some(p) => Demand::from_csv(p),
-        None => Ok(Demand::disc(
+/// The demand map the flags describe, and with --demand-trips the slice's trips in order.
+pub fn demand(args: &Args) -> Result<(Demand, Option<Vec<TripRow>>)> {
+    if let Some(path) = &args.demand_trips {
+        let (from_s, to_s) = args.demand_slice_s();
+        // The replay's reader: the same trips, spread over their minute the same way.
+        let trips = crate::replay::load_trips(path, args.seed, from_s, to_s)?;
+        let first_hour_ms = (from_s + 3600) * 1000;
+        let zones: Vec<Zone> = trips
+            .iter()
+            .take_while(|t| t.at_ms < first_hour_ms)
+            .map(|t| Zone {
+                at: latlng(t.pickup),
+                weight: 1.0,
+            })
+            .collect();
+        let source = format!(
+            "{} trips of {} from {:02}:{:02} for {:.2} h at ×{} (drivers start near the first hour's pickups)",
+            trips.len(),
+            path.display(),
+            from_s / 3600,
+            from_s % 3600 / 60,
+            (to_s - from_s) as f64 / 3600.0,
+            args.time_scale,
+        );
+        return Ok((Demand::from_zones(zones, source)?, Some(trips)));
+    }
+    let d = match &args.demand_csv {
+        Some(p) => Demand::from_csv(p)?,
+        None => Demand::disc(
             LatLng {
                 lat: args.center.0,
                 lng: args.center.1,
             },
             args.radius_km * 1000.0,
-        )),
+        ),
+    };
+    Ok((d, None))
+}
+
+fn latlng(p: dispatch_engine::Point) -> LatLng {
+    LatLng {
+        lat: p.lat(),
+        lng: p.lng(),
     }
 }
 
@@ -103,6 +136,8 @@ pub struct Shared {
     multi: bool,
     offers: Mutex<HashMap<String, OfferTrack>>,
     idle: Mutex<Vec<usize>>,
+    /// With --demand-trips: the next trip (pickup, drop-off) of each rider, by its index.
+    planned: Mutex<Vec<Option<(LatLng, LatLng)>>>,
     accepting: AtomicBool,
     active_trips: AtomicI64,
 }
@@ -158,6 +193,22 @@ impl Shared {
         if let Some(i) = idle.iter().position(|&x| x == li) {
             idle.swap_remove(i);
         }
+    }
+
+    /// An idle rider for the next request, drawn with `rng`, out of the idle pool.
+    fn pick_idle(&self, rng: &mut SmallRng) -> Option<usize> {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.is_empty() {
+            None
+        } else {
+            let i = rng.random_range(0..idle.len());
+            Some(idle.swap_remove(i))
+        }
+    }
+
+    /// The trip planned for rider `li` (--demand-trips), if any.
+    pub fn take_planned(&self, li: usize) -> Option<(LatLng, LatLng)> {
+        self.planned.lock().unwrap().get_mut(li)?.take()
     }
 
     /// The rider `li` may be picked for a request again.
@@ -454,17 +505,37 @@ async fn arrivals(
             _ = tokio::time::sleep_until(t) => {}
             _ = stop.changed() => return,
         }
-        let pick = {
-            let mut idle = sh.idle.lock().unwrap();
-            if idle.is_empty() {
-                None
-            } else {
-                let i = rng.random_range(0..idle.len());
-                Some(idle.swap_remove(i))
-            }
-        };
-        match pick {
+        match sh.pick_idle(&mut rng) {
             Some(li) => notifies[li].notify_one(),
+            None => Stats::inc(&sh.stats.c.requests_skipped_busy),
+        }
+    }
+}
+
+/// --demand-trips: each trip at its pickup time ÷ --time-scale after `start` (the slice
+/// opening at `from_ms` of the day), handed with its own points to an idle rider; a trip
+/// that finds every rider busy is counted as skipped.
+async fn trip_arrivals(
+    sh: Arc<Shared>,
+    notifies: Arc<Vec<Arc<Notify>>>,
+    trips: Vec<TripRow>,
+    from_ms: u64,
+    start: Instant,
+    mut rng: SmallRng,
+) {
+    let mut stop = sh.stop.clone();
+    let k = sh.cfg.time_scale;
+    for t in trips {
+        let after_s = t.at_ms.saturating_sub(from_ms) as f64 / 1000.0 / k;
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + Duration::from_secs_f64(after_s)) => {}
+            _ = stop.changed() => return,
+        }
+        match sh.pick_idle(&mut rng) {
+            Some(li) => {
+                sh.planned.lock().unwrap()[li] = Some((latlng(t.pickup), latlng(t.dropoff)));
+                notifies[li].notify_one();
+            }
             None => Stats::inc(&sh.stats.c.requests_skipped_busy),
         }
     }
@@ -481,7 +552,7 @@ pub async fn run_local(
     go: impl Future<Output = ()>,
 ) -> Result<WorkerResult> {
     let nofile = net::raise_nofile_limit();
-    let demand = demand(&args)?;
+    let (demand, trips) = demand(&args)?;
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = reqwest::Client::builder()
@@ -499,6 +570,7 @@ pub async fn run_local(
         multi: count > 1,
         offers: Mutex::default(),
         idle: Mutex::default(),
+        planned: Mutex::new(vec![None; args.riders.div_ceil(count)]),
         accepting: AtomicBool::new(true),
         active_trips: AtomicI64::new(0),
     });
@@ -596,8 +668,16 @@ pub async fn run_local(
     }
     let until = start + args.duration;
     let rng = SmallRng::seed_from_u64(seed_for(args.seed, KIND_ARRIVALS, index as u64));
-    let rate = args.request_rate / count as f64;
-    arrivals(sh.clone(), notifies.clone(), rate, until, rng).await;
+    match trips {
+        Some(trips) => {
+            let from_ms = args.demand_slice_s().0 * 1000;
+            trip_arrivals(sh.clone(), notifies.clone(), trips, from_ms, start, rng).await;
+        }
+        None => {
+            let rate = args.request_rate / count as f64;
+            arrivals(sh.clone(), notifies.clone(), rate, until, rng).await;
+        }
+    }
     tokio::time::sleep_until(until).await;
     sh.accepting.store(false, Ordering::Relaxed);
     if !args.drain.is_zero() {
