@@ -223,14 +223,6 @@ impl TripActor {
             // Nobody within reach: the trip ends now, as in greedy mode.
             return TripCommand::Candidates(found);
         }
-        if !s.first_offer_seen && !exclude.is_empty() {
-            // The window's driver could not take the offer (another trip or its app got
-            // there first), so no offer reached anyone yet: waiting for another window
-            // would break "a first offer waits at most the window plus the solve", so
-            // this search goes greedy. After a real offer was declined or timed out, the
-            // trip waits for the next window with its next-best options.
-            return TripCommand::Candidates(found);
-        }
         // Batched: the window's assignment picks this trip's driver among its candidates
         // (ETAs as the engine ranks them). A trip left without one (the others took its
         // drivers, or the batcher was full or late) searches again and goes greedy, so
