@@ -247,6 +247,20 @@ pub struct Args {
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+    /// This node's name in a cluster (issue 16). Given, cluster mode is on: nodes that
+    /// share one PostgreSQL store (`--store postgres`) take turns holding the city's
+    /// lease; the holder serves, the others stand by and take over when it is lost.
+    /// Unset: one node, as always.
+    #[arg(long, env = "DISPATCH_NODE_NAME")]
+    node_name: Option<String>,
+    /// How long a lease lasts without renewal (cluster mode): a dead or paused leader's
+    /// work is served again by a standby about this long after its last renewal.
+    #[arg(long, env = "DISPATCH_LEASE_TTL_MS", default_value_t = 5_000)]
+    pub lease_ttl_ms: u64,
+    /// How often the leader renews its lease and a standby tries to claim it (cluster
+    /// mode). Default: a third of `--lease-ttl-ms`; it must be under half of it.
+    #[arg(long, env = "DISPATCH_LEASE_RENEW_MS")]
+    pub lease_renew_ms: Option<u64>,
     /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
     #[command(flatten)]
     pub traces: crate::telemetry::TraceArgs,
@@ -286,6 +300,17 @@ pub struct Config {
     pub register_limit: super::ratelimit::RateLimitConfig,
     /// `--auth-own-tokens` and the `--auth-jwt-*` flags.
     pub auth: super::jwt::AuthConfig,
+    /// `--node-name` and the lease durations: cluster mode (standby takeover), if set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode's settings (`--node-name`, `--lease-ttl-ms`, `--lease-renew-ms`); see
+/// [`super::failover`].
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_name: String,
+    pub lease_ttl: std::time::Duration,
+    pub lease_renew: std::time::Duration,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -512,7 +537,14 @@ impl Args {
                 StoreConfig::Postgres(o)
             }
         };
+        let cluster = cluster_config(
+            self.node_name,
+            self.lease_ttl_ms,
+            self.lease_renew_ms,
+            &store,
+        )?;
         Ok(Config {
+            cluster,
             store,
             register_limit,
             auth,
@@ -538,6 +570,46 @@ impl Args {
             traces: self.traces.validate()?,
         })
     }
+}
+
+/// Cluster mode from `--node-name` and the lease flags: only on PostgreSQL (the lease
+/// lives there), a node name of 1 to 63 letters, digits, `-`, `_` or `.`, and a renewal
+/// interval under half the lease, so one lost renewal never ends a term.
+fn cluster_config(
+    node_name: Option<String>,
+    ttl_ms: u64,
+    renew_ms: Option<u64>,
+    store: &StoreConfig,
+) -> Result<Option<ClusterConfig>, String> {
+    let Some(name) = node_name else {
+        return Ok(None);
+    };
+    check(
+        matches!(store, StoreConfig::Postgres(_)),
+        "--node-name (cluster mode) needs --store postgres: the nodes share their state and their lease through PostgreSQL",
+    )?;
+    check(
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+        "--node-name must be 1 to 63 letters, digits, '-', '_' or '.'",
+    )?;
+    check(
+        (500..=600_000).contains(&ttl_ms),
+        "--lease-ttl-ms must be from 500 to 600000",
+    )?;
+    let renew_ms = renew_ms.unwrap_or(ttl_ms / 3);
+    check(
+        renew_ms >= 50 && renew_ms * 2 < ttl_ms,
+        "--lease-renew-ms must be at least 50 and under half of --lease-ttl-ms",
+    )?;
+    Ok(Some(ClusterConfig {
+        node_name: name,
+        lease_ttl: std::time::Duration::from_millis(ttl_ms),
+        lease_renew: std::time::Duration::from_millis(renew_ms),
+    }))
 }
 
 /// A `--cors-origin` is what a browser sends in `Origin`: `http` or `https`, a host, an
@@ -705,6 +777,67 @@ mod tests {
         let e = parse(&["--match-max-batch", "0"]).unwrap_err();
         assert!(e.contains("--match-max-batch"), "{e}");
         assert!(Args::try_parse_from(["dispatchd", "--matching", "auction"]).is_err());
+    }
+
+    #[test]
+    fn cluster_mode_needs_postgres_and_sane_lease_durations() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["dispatchd"];
+            argv.extend_from_slice(extra);
+            Args::parse_from(argv).build_and_validate()
+        };
+        assert!(Config::defaults().cluster.is_none());
+        let e = parse(&["--node-name", "n1"]).unwrap_err();
+        assert!(
+            e.contains("--node-name") && e.contains("--store postgres"),
+            "{e}"
+        );
+        let pg = [
+            "--store",
+            "postgres",
+            "--database-url",
+            "postgres://u@localhost/db",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = pg.to_vec();
+            a.extend_from_slice(extra);
+            parse(&a)
+        };
+        assert!(with(&[]).unwrap().cluster.is_none());
+        let c = with(&["--node-name", "n1"]).unwrap().cluster.unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.lease_ttl.as_millis(), 5_000);
+        assert_eq!(c.lease_renew.as_millis(), 1_666);
+        let c = with(&[
+            "--node-name",
+            "n1",
+            "--lease-ttl-ms",
+            "2000",
+            "--lease-renew-ms",
+            "500",
+        ])
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(
+            (c.lease_ttl.as_millis(), c.lease_renew.as_millis()),
+            (2_000, 500)
+        );
+        for (bad, named) in [
+            (
+                &["--node-name", "n1", "--lease-renew-ms", "2500"][..],
+                "--lease-renew-ms",
+            ),
+            (
+                &["--node-name", "n1", "--lease-ttl-ms", "100"],
+                "--lease-ttl-ms",
+            ),
+            (&["--node-name", "n 1"], "--node-name"),
+            (&["--node-name", ""], "--node-name"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains(named), "{bad:?}: {e}");
+        }
     }
 
     #[test]

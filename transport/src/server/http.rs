@@ -369,16 +369,18 @@ async fn readyz(State(app): State<App>) -> Response {
     responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
         content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 async fn metrics(State(app): State<App>) -> Response {
-    use prometheus::Encoder;
     // Fleet gauges are counted at scrape time, from the registry.
     app.system.fleet_counts();
     app.system.count_store_timeouts();
+    exposition(&app.metrics.registry)
+}
+
+/// Every metric of `registry` in Prometheus' text format.
+pub(crate) fn exposition(registry: &prometheus::Registry) -> Response {
+    use prometheus::Encoder;
     let mut buf = Vec::new();
     let enc = prometheus::TextEncoder::new();
-    if enc
-        .encode(&app.metrics.registry.gather(), &mut buf)
-        .is_err()
-    {
+    if enc.encode(&registry.gather(), &mut buf).is_err() {
         return HttpError(ApiError::internal()).into_response();
     }
     let mut r = buf.into_response();

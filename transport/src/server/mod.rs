@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod console;
 pub mod decode;
+pub mod failover;
 pub mod http;
 pub mod jwt;
 pub mod migrate;
@@ -32,7 +33,7 @@ use tokio::sync::watch;
 pub use config::{Args, Config, LogFormat};
 
 /// Transport-level metrics, registered in the same registry as the actors'.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TransportMetrics {
     pub sessions: IntGaugeVec,
     pub ws_messages: IntCounterVec,
@@ -105,6 +106,11 @@ pub struct AppInner {
     pub auth: jwt::Auth,
     /// The operator's console: its feeds and the last minute's counters.
     pub console: console::Console,
+    /// Why sessions are closed when `shutdown` flips (their close frame's reason); unset:
+    /// "server shutting down".
+    pub stop_reason: std::sync::OnceLock<&'static str>,
+    /// In cluster mode, until when this leader term may answer clients.
+    pub term: Option<Arc<failover::TermClock>>,
 }
 
 pub type App = Arc<AppInner>;
@@ -120,27 +126,13 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if config.cluster.is_some() {
+        return failover::run(listener, config, shutdown).await;
+    }
     let metrics = Arc::new(Metrics::new());
     // Spans dropped at the OTLP export's full queue (none when traces are off).
     crate::telemetry::count_drops_in(metrics.bounds_hit.with_label_values(&["otlp_span_queue"]));
-    let store = {
-        let dir = config.data_dir.clone();
-        let m = metrics.clone();
-        let on_flush =
-            move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
-        let choice = config.store.clone();
-        tokio::task::spawn_blocking(move || match choice {
-            config::StoreConfig::Sled => Store::open(&dir, on_flush),
-            config::StoreConfig::Postgres(o) => Store::open_postgres(o, on_flush),
-        })
-        .await??
-    };
-    let admin_token_hash = {
-        let given = config.admin_token.clone();
-        let dir = config.data_dir.clone();
-        tokio::task::spawn_blocking(move || auth::admin_token_hash(given.as_deref(), &dir))
-            .await??
-    };
+    let (store, admin_token_hash) = open_store(&config, &metrics).await?;
     metrics.set_slow_handler_ms(config.slow_handler_ms);
     // The data directory, or the database without its password.
     let store_name = format!("{} {}", store.kind(), store.dir().display());
@@ -148,20 +140,15 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app: App = Arc::new(AppInner {
-        transport: TransportMetrics::new(&metrics),
-        config: config.clone(),
-        system: system.clone(),
-        metrics: metrics.clone(),
-        ready: AtomicBool::new(false),
-        connections: AtomicUsize::new(0),
-        started: Instant::now(),
+    let transport = TransportMetrics::new(&metrics);
+    let app = new_app(
+        &config,
+        &system,
+        &transport,
         admin_token_hash,
-        shutdown: stop_rx,
-        register_limit: ratelimit::RegisterLimit::new(&config.register_limit),
-        auth: jwt::Auth::new(&config.auth, metrics.clone()),
-        console: console::Console::new(config.console_tiles_url.clone()),
-    });
+        stop_rx,
+        None,
+    );
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, "dispatchd serving; recovering state");
 
@@ -184,10 +171,7 @@ pub async fn run(
         })
     };
 
-    // The system's own timers: position snapshots, the quote sweep, surge.
-    let upkeep = system.spawn_timers();
-    let jwks_refresh = app.auth.spawn_refresh();
-    let console_sampler = console::spawn_sampler(app.clone());
+    let tasks = Tasks::start(&app);
 
     let router = http::router(app.clone());
     // The operator routes on their own address, stopping with the rest.
@@ -243,11 +227,7 @@ pub async fn run(
         }
     };
     recovery.abort();
-    upkeep.abort();
-    console_sampler.abort();
-    if let Some(t) = jwks_refresh {
-        t.abort();
-    }
+    tasks.abort();
     if let Some(a) = admin_server {
         a.abort();
     }
@@ -258,6 +238,79 @@ pub async fn run(
     }
     tracing::info!("dispatchd stopped");
     result
+}
+
+/// Opens the store `--store` names, and reads (or makes) the admin token.
+async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<(Store, [u8; 32])> {
+    let store = {
+        let dir = config.data_dir.clone();
+        let m = metrics.clone();
+        let on_flush =
+            move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
+        let choice = config.store.clone();
+        tokio::task::spawn_blocking(move || match choice {
+            config::StoreConfig::Sled => Store::open(&dir, on_flush),
+            config::StoreConfig::Postgres(o) => Store::open_postgres(o, on_flush),
+        })
+        .await??
+    };
+    let admin_token_hash = {
+        let given = config.admin_token.clone();
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || auth::admin_token_hash(given.as_deref(), &dir))
+            .await??
+    };
+    Ok((store, admin_token_hash))
+}
+
+/// The handlers' shared state over a started `system` (one per serving term in cluster
+/// mode, one per process otherwise); not ready until recovery says so.
+fn new_app(
+    config: &Config,
+    system: &System,
+    transport: &TransportMetrics,
+    admin_token_hash: [u8; 32],
+    shutdown: watch::Receiver<bool>,
+    term: Option<Arc<failover::TermClock>>,
+) -> App {
+    let metrics = system.metrics().clone();
+    Arc::new(AppInner {
+        transport: transport.clone(),
+        config: config.clone(),
+        system: system.clone(),
+        auth: jwt::Auth::new(&config.auth, metrics.clone()),
+        metrics,
+        ready: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        started: Instant::now(),
+        admin_token_hash,
+        shutdown,
+        register_limit: ratelimit::RegisterLimit::new(&config.register_limit),
+        console: console::Console::new(config.console_tiles_url.clone()),
+        stop_reason: std::sync::OnceLock::new(),
+        term,
+    })
+}
+
+/// The background work of a serving system: its own timers (position snapshots, the
+/// quote sweep, surge), the JWKS refresh and the console's sampler.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn start(app: &App) -> Tasks {
+        let mut t = vec![
+            app.system.spawn_timers(),
+            console::spawn_sampler(app.clone()),
+        ];
+        t.extend(app.auth.spawn_refresh());
+        Tasks(t)
+    }
+
+    fn abort(&self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -494,7 +494,7 @@ async fn write_loop(
             biased;
             code = closed.closed() => break Some((code, close_reason(code))),
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                break Some((CLOSE_GOING_AWAY, "server shutting down"))
+                break Some((CLOSE_GOING_AWAY, app.stop_reason.get().copied().unwrap_or("server shutting down")))
             }
             _ = pings.tick(), if every > 0 => {
                 let silent = app.system.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
@@ -508,6 +508,10 @@ async fn write_loop(
             }
             m = rx.recv() => {
                 let Some(m) = m else { break None };
+                // A leader past its lease's deadline tells nobody anything more.
+                if app.term.as_ref().is_some_and(|t| !t.live()) {
+                    break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
+                }
                 // A traced offer's write is a step of its ride's trace.
                 let span = offers.writing(&m);
                 let text = render_text(&app, *m);
