@@ -14,6 +14,11 @@
 //!   a round on a PostgreSQL of the test's own, crashed (`pg_ctl stop -m immediate`) and
 //!   started again under load: writes refused while it is down, resumed after, then the
 //!   round's kill -9 and every check (skips without PostgreSQL outside CI).
+//! - `failover::a_standby_takes_over_a_killed_then_a_paused_leader` (issue 16): three
+//!   nodes on one PostgreSQL of the test's own; kill -9 of the leader under load, then
+//!   SIGSTOP of the next one past its lease: a standby takes over each time (the takeover
+//!   time printed), the paused one writes and tells nothing after its lease ended, and
+//!   the crash round's checks hold on the new leader (skips without PostgreSQL outside CI).
 //! - `restart::a_clean_restart_keeps_every_live_trip_offer_token_and_quote`
 //! - `deadline::a_dispatch_deadline_that_passed_while_down_ends_the_trip`, and
 //!   `deadline::a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart`
@@ -28,6 +33,7 @@
 
 mod app;
 mod deadline;
+mod failover;
 mod ledger;
 mod pgstop;
 mod races;

@@ -87,7 +87,13 @@ impl Round {
     /// After the kill: a restart on the same store, everyone back, every acknowledged
     /// transition there, every trip finished, the books balanced; a clean SIGTERM.
     pub(crate) async fn restart_and_check(self, at_kill: AtKill, started: std::time::Instant) {
-        let mut r = self.restart().await;
+        self.restart().await.check_after(at_kill, started).await
+    }
+
+    /// The checks of [`Round::restart_and_check`] on the server now in `self.server`
+    /// (restarted, or another node that took over); it ends with a clean SIGTERM.
+    pub(crate) async fn check_after(mut self, at_kill: AtKill, started: std::time::Instant) {
+        let r = &mut self;
         let (riders, drivers) = r.reconnect_everyone().await;
         r.find_every_trip().await;
         r.check_nothing_acknowledged_was_lost().await;
@@ -103,7 +109,7 @@ impl Round {
             owner,
             registered,
             ..
-        } = r;
+        } = self;
         let last_log = server.stop().await;
         for a in apps {
             tokio::time::timeout(WAIT, a)
@@ -141,6 +147,17 @@ pub(crate) struct AtKill {
     by_state: BTreeMap<String, usize>,
     in_flight: usize,
     updates: usize,
+    /// The moment of the SIGKILL.
+    pub(crate) at: Instant,
+}
+
+fn at_kill(l: &Ledger, at: Instant) -> AtKill {
+    AtKill {
+        by_state: l.by_state(),
+        in_flight: l.in_flight(),
+        updates: l.updates,
+        at,
+    }
 }
 
 /// A driver's welcome after the restart.
@@ -154,7 +171,7 @@ pub(crate) type Apps = Vec<JoinHandle<()>>;
 
 /// A round: its server, its people and what they were told.
 pub(crate) struct Round {
-    tag: String,
+    pub(crate) tag: String,
     rng: StdRng,
     pub(crate) server: Dispatchd,
     drivers: Vec<(String, String)>,
@@ -176,7 +193,11 @@ impl Round {
     /// Starts the server and registers everyone (each durable before its 201); `tag`
     /// names the round in every failure.
     pub(crate) async fn register(server: DispatchdBuilder, tag: String, seed: u64) -> Round {
-        let server = server.start().await;
+        Round::on(server.start().await, tag, seed).await
+    }
+
+    /// As [`Round::register`], on a server that is already ready.
+    pub(crate) async fn on(server: Dispatchd, tag: String, seed: u64) -> Round {
         let names: Vec<String> = (0..DRIVERS.max(RIDERS))
             .map(|i| format!("Person {i}"))
             .collect();
@@ -276,29 +297,38 @@ impl Round {
     ) -> AtKill {
         self.wait_for_load(kill_after).await;
         let tag = &self.tag;
+        let at = Instant::now();
         self.server.kill9();
+        assert_clean_log(tag, &self.server.log_text());
+        self.apps_ended(apps, registrar, at).await
+    }
+
+    /// Waits for every app and the registrar to end (their server went away), and
+    /// checks that nothing they were told broke the diagram.
+    pub(crate) async fn apps_ended(
+        &self,
+        apps: Apps,
+        registrar: JoinHandle<()>,
+        at: Instant,
+    ) -> AtKill {
+        let tag = &self.tag;
         for a in apps {
             tokio::time::timeout(WAIT, a)
                 .await
-                .unwrap_or_else(|_| panic!("{tag} an app did not notice the server died"))
+                .unwrap_or_else(|_| panic!("{tag} an app did not notice its server went away"))
                 .unwrap_or_else(|e| panic!("{tag} an app failed: {e}"));
         }
         tokio::time::timeout(WAIT, registrar)
             .await
-            .unwrap_or_else(|_| panic!("{tag} the registrar did not notice the server died"))
+            .unwrap_or_else(|_| panic!("{tag} the registrar did not notice its server went away"))
             .unwrap_or_else(|e| panic!("{tag} the registrar failed: {e}"));
-        assert_clean_log(tag, &self.server.log_text());
         let l = self.ledger.lock().unwrap();
         assert!(
             l.anomalies.is_empty(),
-            "{tag} before the crash: {:#?}",
+            "{tag} before the server went away: {:#?}",
             l.anomalies
         );
-        AtKill {
-            by_state: l.by_state(),
-            in_flight: l.in_flight(),
-            updates: l.updates,
-        }
+        at_kill(&l, at)
     }
 
     /// Starts again on the same data directory.

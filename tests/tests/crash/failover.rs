@@ -1,0 +1,304 @@
+//! Standby takeover (issue 16, first slice): three `dispatchd` nodes (`--node-name n1..n3
+//! --lease-ttl-ms 2000`) on one PostgreSQL of the test's own ([`PgServer`]), the first
+//! of them the leader.
+//!
+//! - Exactly one node is ready; the others' `/readyz` (503) name it and its epoch.
+//! - kill -9 of the leader under load (the crash round's rides over WebSockets): a
+//!   standby is ready within [`SLOW`] (the takeover time is measured and printed), the
+//!   other names it, the apps reconnect to it and get `welcome` with their state, and the
+//!   crash round's checks all hold there (every acknowledged transition in the store, no
+//!   driver in two trips, no trip in two states, every trip finished, the books
+//!   balanced). Its SIGTERM hands the lease over (released: the next takes over at once).
+//! - SIGSTOP of the leader under load, past its lease; riders of its own send ride
+//!   requests into it while it is stopped. A standby takes over; then SIGCONT: the old
+//!   leader tells no client anything more (no trip version, no acknowledgement), writes
+//!   no trip (the `trips` table has the rows it had at the takeover), counts what it
+//!   tried in `dispatch_cluster_fenced_commits_total`, and is a standby again, naming the
+//!   new leader. The crash round's checks then hold on the new leader.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use dispatch_tests::{Dispatchd, DispatchdBuilder, PgServer, SHORT_TRIP_FLAGS, SLOW, point};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::app::Session;
+use crate::round::{Round, round_seeds};
+use crate::{CENTER, from_center};
+
+const TTL_MS: &str = "2000";
+
+fn node(pg: &PgServer, name: &str) -> DispatchdBuilder {
+    Dispatchd::builder(&format!("failover-{name}"))
+        .flags(SHORT_TRIP_FLAGS)
+        .flags(&[
+            "--node-name",
+            name,
+            "--lease-ttl-ms",
+            TTL_MS,
+            "--database-timeout-ms",
+            "2000",
+        ])
+        .env("DISPATCH_STORE", "postgres")
+        .env("DISPATCH_DATABASE_URL", &pg.url())
+}
+
+/// `/readyz`: its status and body, or `None` when the node does not answer (in time).
+async fn readyz(d: &Dispatchd) -> Option<(u16, String)> {
+    let ask = async {
+        let r = d.http.get(d.url("/readyz")).send().await.ok()?;
+        let st = r.status().as_u16();
+        Some((st, r.text().await.ok()?))
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits until `d` is a standby whose `/readyz` names `leader` as the lease's holder;
+/// the epoch it names.
+async fn standby_naming(d: &Dispatchd, name: &str, leader: &str, tag: &str) -> u64 {
+    let deadline = Instant::now() + SLOW;
+    let want = format!("standby: {leader} holds the lease, epoch ");
+    loop {
+        let seen = readyz(d).await;
+        if let Some((503, body)) = &seen
+            && let Some(at) = body.find(&want)
+        {
+            let digits: String = body[at + want.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return digits.parse().expect("an epoch");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{tag} {name}'s /readyz does not name {leader} as the leader within {SLOW:?}: {seen:?}\n--- log ---\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the standbys until one is ready; its index, and how long after `since`.
+async fn first_ready(
+    standbys: &[(String, Dispatchd)],
+    since: Instant,
+    tag: &str,
+) -> (usize, Duration) {
+    let deadline = since + SLOW;
+    loop {
+        for (i, (_, d)) in standbys.iter().enumerate() {
+            if readyz(d).await.is_some_and(|(st, _)| st == 200) {
+                return (i, since.elapsed());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{tag} no standby took over within {SLOW:?}\n--- logs ---\n{}",
+            standbys
+                .iter()
+                .map(|(n, d)| format!("{n}:\n{}", d.log_text()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn signal(d: &Dispatchd, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &d.child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Rows of `table` in the shared database.
+async fn rows(pg: &PgServer, table: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test's PostgreSQL");
+    let conn = tokio::spawn(conn);
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count rows")
+        .get(0);
+    drop(client);
+    let _ = conn.await;
+    n
+}
+
+/// Every (trip, version) any client has been told of, and how many acknowledgements.
+fn told(r: &Round) -> (BTreeSet<(String, u64)>, usize) {
+    let l = r.ledger.lock().unwrap();
+    let versions = l
+        .trips
+        .iter()
+        .flat_map(|(id, s)| s.at.keys().map(move |v| (id.clone(), *v)))
+        .collect();
+    (versions, l.acks.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_killed_then_a_paused_leader() {
+    let test = "a_standby_takes_over_a_killed_then_a_paused_leader";
+    let Some(pg) = PgServer::start(test) else {
+        return;
+    };
+    let seed = round_seeds()[0];
+    let tag = format!("[failover, CRASH_SEED={seed}]");
+
+    // n1 starts first and leads; n2 and n3 stand by, naming it.
+    let n1 = node(&pg, "n1").start().await;
+    let mut standbys: Vec<(String, Dispatchd)> = ["n2", "n3"]
+        .into_iter()
+        .map(|n| (n.to_owned(), node(&pg, n).spawn()))
+        .collect();
+    let mut epoch = 0;
+    for (name, d) in &standbys {
+        epoch = standby_naming(d, name, "n1", &tag).await;
+    }
+    assert_eq!(readyz(&n1).await.map(|r| r.0), Some(200), "{tag} n1 leads");
+
+    // kill -9 of the leader under load.
+    let started = std::time::Instant::now();
+    let mut r = Round::on(n1, format!("{tag} [kill -9]"), seed).await;
+    let (apps, registrar) = r.load().await;
+    let at_kill = r.kill_under_load(apps, registrar, 60).await;
+    let (i, took) = first_ready(&standbys, at_kill.at, &tag).await;
+    let (leader, d) = standbys.remove(i);
+    let other = &standbys[0];
+    let next_epoch = standby_naming(&other.1, &other.0, &leader, &tag).await;
+    assert!(
+        next_epoch > epoch,
+        "{tag} the epoch went from {epoch} to {next_epoch}"
+    );
+    eprintln!(
+        "{tag} kill -9 of n1: {leader} ready {} ms after the kill (lease {TTL_MS} ms), epoch {epoch} -> {next_epoch}",
+        took.as_millis()
+    );
+    let killed = std::mem::replace(&mut r.server, d);
+    drop(killed);
+    // The apps reconnect to the new leader; every check of a crash round there. It ends
+    // with a SIGTERM of the leader, which hands the lease over.
+    r.check_after(at_kill, started).await;
+    let handed = Instant::now();
+    let (_, took) = first_ready(&standbys, handed, &tag).await;
+    let (leader, d) = standbys.remove(0);
+    eprintln!(
+        "{tag} SIGTERM of the leader: {leader} ready {} ms after it exited (the lease was released)",
+        took.as_millis()
+    );
+
+    // Three nodes again: n1 comes back, and the node that was stopped too.
+    let mut standbys: Vec<(String, Dispatchd)> = ["n1", if leader == "n2" { "n3" } else { "n2" }]
+        .into_iter()
+        .map(|n| (n.to_owned(), node(&pg, n).spawn()))
+        .collect();
+    for (name, s) in &standbys {
+        epoch = standby_naming(s, name, &leader, &tag).await;
+    }
+
+    // SIGSTOP of the leader under load, past its lease.
+    let started = std::time::Instant::now();
+    let mut r = Round::on(d, format!("{tag} [SIGSTOP {leader}]"), seed ^ 1).await;
+    // Riders of its own, to send requests into it while it is stopped.
+    let mut probes = Vec::new();
+    for i in 0..4 {
+        let (id, token) = r.server.rider(&format!("Probe {i}")).await;
+        let (s, _) = Session::open(&r.server, "rider", &id, &token, &r.ledger)
+            .await
+            .unwrap_or_else(|e| panic!("{tag} {e}"));
+        probes.push(s);
+    }
+    let (apps, registrar) = r.load().await;
+    r.wait_for_load(40).await;
+    // What the paused node answers once it wakes (`unavailable`) is expected, not an
+    // anomaly; what must not happen is checked below.
+    r.ledger.lock().unwrap().store_outage = true;
+    let paused = Instant::now();
+    signal(&r.server, "-STOP");
+    for (i, p) in probes.iter_mut().enumerate() {
+        let pickup = from_center(0.001 * i as f64, 0.001);
+        let sent = p
+            .send_req(
+                json!({"type": "request_ride", "pickup": point(pickup), "dropoff": point(CENTER), "product": "economy"}),
+                "request_ride",
+                None,
+            )
+            .await;
+        assert!(sent, "{tag} a probe's request into the stopped leader");
+    }
+    let (i, took) = first_ready(&standbys, paused, &tag).await;
+    let (new_leader, d) = standbys.remove(i);
+    eprintln!(
+        "{tag} SIGSTOP of {leader}: {new_leader} ready {} ms after the stop",
+        took.as_millis()
+    );
+    let (versions, acks) = told(&r);
+    let trips = rows(&pg, "trips").await;
+    signal(&r.server, "-CONT");
+    // It wakes past its deadline: a standby again, naming the new leader.
+    let woke = standby_naming(&r.server, &leader, &new_leader, &tag).await;
+    assert!(
+        woke > epoch,
+        "{tag} the epoch after the pause: {woke}, before {epoch}"
+    );
+    // Its sessions are closed; the probes' requests were never answered.
+    for mut p in probes {
+        while let Ok(Some(m)) = tokio::time::timeout(SLOW, p.recv()).await {
+            p.note(&m);
+        }
+    }
+    let at_pause = r.apps_ended(apps, registrar, paused).await;
+    let (versions_after, acks_after) = told(&r);
+    let new: Vec<_> = versions_after.difference(&versions).collect();
+    assert!(
+        new.is_empty() && acks_after == acks,
+        "{tag} after its lease ended, {leader} told clients of trip versions {new:?} and acknowledged {} commands\n--- log ---\n{}",
+        acks_after - acks,
+        r.server.log_text()
+    );
+    let trips_after = rows(&pg, "trips").await;
+    assert_eq!(
+        trips_after,
+        trips,
+        "{tag} {leader} wrote trips after its lease ended\n--- log ---\n{}",
+        r.server.log_text()
+    );
+    let fenced = r
+        .server
+        .metric("dispatch_cluster_fenced_commits_total")
+        .await
+        .unwrap_or(0.0);
+    let ended: f64 = {
+        let mut n = 0.0;
+        for cause in ["expired", "lost", "fenced"] {
+            n += r
+                .server
+                .metric(&format!(
+                    "dispatch_cluster_terms_ended_total{{cause=\"{cause}\"}}"
+                ))
+                .await
+                .unwrap_or(0.0);
+        }
+        n
+    };
+    assert_eq!(ended, 1.0, "{tag} {leader}'s term ended once, by its lease");
+    eprintln!(
+        "{tag} {leader} woke as a standby; {fenced} of its commits were refused by the fence; the trips table kept its {trips} rows"
+    );
+    r.ledger.lock().unwrap().store_outage = false;
+    let paused_node = std::mem::replace(&mut r.server, d);
+    r.check_after(at_pause, started).await;
+    paused_node.stop_clean().await;
+    for (_, s) in standbys {
+        s.stop_clean().await;
+    }
+    drop(pg);
+}
