@@ -15,11 +15,13 @@
 //! It knows the engine's types, sled and PostgreSQL; it must not know actors, sockets or JSON.
 
 pub mod codec;
+pub mod lease;
 pub mod pg;
 pub mod records;
 pub mod store;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
+pub use lease::{Fence, Lease};
 pub use pg::{PgOptions, redact};
 pub use records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,

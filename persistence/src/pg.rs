@@ -23,11 +23,14 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use crate::lease::{self, FENCED, Fence, Lease};
 use crate::store::{Faults, Range, Request, Rows, Sink, StoreError, Tree};
 
 /// The versioned migrations, applied in order under an advisory lock.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "trees", include_str!("../migrations/0001_trees.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "trees", include_str!("../migrations/0001_trees.sql")),
+    (2, "leases", include_str!("../migrations/0002_leases.sql")),
+];
 
 /// The schema version this build writes and reads.
 pub fn schema_version() -> i32 {
@@ -119,6 +122,10 @@ pub(crate) struct Pg {
     /// The last failure to reach the server, cleared by the next success.
     problem: Mutex<Option<String>>,
     timeouts: AtomicU64,
+    /// What every group commit checks first (cluster mode), if anything.
+    fence: Mutex<Option<Fence>>,
+    /// Group commits refused by the fence.
+    fenced: AtomicU64,
 }
 
 impl Drop for Pg {
@@ -201,6 +208,8 @@ impl Pg {
             prepared: AtomicBool::new(false),
             problem: Mutex::new(Some("not connected yet".to_owned())),
             timeouts: AtomicU64::new(0),
+            fence: Mutex::new(None),
+            fenced: AtomicU64::new(0),
         })
     }
 
@@ -364,6 +373,111 @@ impl Pg {
         })
     }
 
+    /// See [`Store::claim_lease`](crate::Store::claim_lease).
+    pub(crate) fn claim_lease(
+        &self,
+        shard: u32,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let (shard, holder, ttl) = (shard as i32, holder.to_owned(), lease::ms(ttl));
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::CLAIM).await.map_err(reason)?;
+            if let Some(r) = c
+                .query_opt(&st, &[&shard, &holder, &ttl])
+                .await
+                .map_err(reason)?
+            {
+                return Ok(Some(lease::lease(shard, r.get(0), r.get(1), r.get(2))));
+            }
+            // Another claim is live: ours, or someone else's.
+            let st = c.prepare_cached(lease::READ).await.map_err(reason)?;
+            Ok(c.query_opt(&st, &[&shard])
+                .await
+                .map_err(reason)?
+                .map(|r| lease::lease(r.get(0), r.get(1), r.get(2), r.get(3)))
+                .filter(|l| l.holder == holder && !l.remaining.is_zero()))
+        })
+    }
+
+    /// See [`Store::renew_lease`](crate::Store::renew_lease).
+    pub(crate) fn renew_lease(
+        &self,
+        shard: u32,
+        holder: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let (shard, holder, epoch, ttl) = (
+            shard as i32,
+            holder.to_owned(),
+            epoch as i64,
+            lease::ms(ttl),
+        );
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::RENEW).await.map_err(reason)?;
+            let n = c
+                .execute(&st, &[&shard, &holder, &epoch, &ttl])
+                .await
+                .map_err(reason)?;
+            Ok(n == 1)
+        })
+    }
+
+    /// See [`Store::release_lease`](crate::Store::release_lease).
+    pub(crate) fn release_lease(
+        &self,
+        shard: u32,
+        holder: &str,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let (shard, holder, epoch) = (shard as i32, holder.to_owned(), epoch as i64);
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::RELEASE).await.map_err(reason)?;
+            c.execute(&st, &[&shard, &holder, &epoch])
+                .await
+                .map_err(reason)?;
+            Ok(())
+        })
+    }
+
+    /// Every shard's lease, as the database holds them now.
+    pub(crate) fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::ALL).await.map_err(reason)?;
+            Ok(c.query(&st, &[])
+                .await
+                .map_err(reason)?
+                .into_iter()
+                .map(|r| lease::lease(r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect())
+        })
+    }
+
+    pub(crate) fn set_fence(&self, fence: Option<Fence>) {
+        *self.fence.lock().expect("pg fence") = fence;
+    }
+
+    pub(crate) fn fence(&self) -> Option<Fence> {
+        self.fence.lock().expect("pg fence").clone()
+    }
+
+    pub(crate) fn fenced(&self) -> u64 {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
     /// Writes `rows` of raw keys and values into `tree` (for `migrate`), in one
     /// transaction.
     pub(crate) fn put_raw(&self, tree: Tree, rows: Rows) -> Result<(), StoreError> {
@@ -373,7 +487,7 @@ impl Pg {
             writes.insert((tree, k), (Some(v), 0i64));
         }
         let pool = self.pool.clone();
-        self.run(async move { write_group(pool, writes, false).await })
+        self.run(async move { write_group(pool, writes, None, Duration::ZERO, false).await })
     }
 }
 
@@ -436,10 +550,35 @@ async fn migrate(pool: Pool) -> Result<(), String> {
 type Writes = BTreeMap<(Tree, Vec<u8>), (Option<Vec<u8>>, i64)>;
 
 /// One transaction: per table, an upsert of the last value per key and a delete.
-/// `lose_reply`: commit, then answer as a lost connection would (tests).
-async fn write_group(pool: Pool, writes: Writes, lose_reply: bool) -> Result<(), String> {
+/// Under a `fence`, first the lease row `FOR SHARE`: refused whole (rolled back, the
+/// error starting with [`FENCED`]) unless the fence's holder still holds its epoch
+/// unexpired. `lose_reply`: commit, then answer as a lost connection would (tests).
+async fn write_group(
+    pool: Pool,
+    writes: Writes,
+    fence: Option<Fence>,
+    hold: Duration,
+    lose_reply: bool,
+) -> Result<(), String> {
     let mut c = pool.get().await.map_err(reason)?;
     let tx = c.transaction().await.map_err(reason)?;
+    if let Some(f) = &fence {
+        let st = tx.prepare_cached(lease::CHECK).await.map_err(reason)?;
+        let held = tx
+            .query_opt(&st, &[&(f.shard as i32), &f.holder, &(f.epoch as i64)])
+            .await
+            .map_err(reason)?;
+        if held.is_none() {
+            // Dropping `tx` rolls it back; nothing of the group is written.
+            return Err(format!(
+                "{FENCED}{} no longer holds shard {} with epoch {} (the lease expired or a newer epoch claimed it); nothing was written",
+                f.holder, f.shard, f.epoch
+            ));
+        }
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
+    }
     for tree in Tree::ALL {
         let mut keys = Vec::new();
         let mut values = Vec::new();
@@ -523,13 +662,21 @@ impl Sink for PgSink {
             other => other.to_string(),
         })?;
         let lose = self.faults.take_lost_reply();
+        let hold = self.faults.held_after_fence();
         let pool = self.pg.pool.clone();
-        self.pg
-            .run(write_group(pool, writes, lose))
+        let result = self
+            .pg
+            .run(write_group(pool, writes, self.pg.fence(), hold, lose))
             .map_err(|e| match e {
                 StoreError::Postgres { reason, .. } => reason,
                 other => other.to_string(),
-            })
+            });
+        if let Err(e) = &result
+            && e.starts_with(FENCED)
+        {
+            self.pg.fenced.fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 }
 

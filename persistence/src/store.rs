@@ -76,6 +76,12 @@ pub enum StoreError {
     FutureSchema { at: String, found: i32, ours: i32 },
     #[error("invalid --database-url: {0}")]
     BadUrl(String),
+    /// A commit under a fence whose lease this node no longer holds (cluster mode):
+    /// nothing of it was written, and nothing this node writes will be.
+    #[error("refused by the shard lease: {0}")]
+    Fenced(String),
+    #[error("{0} needs the PostgreSQL store (--store postgres)")]
+    Unsupported(&'static str),
 }
 
 /// Writes that must land together, in this order.
@@ -268,6 +274,7 @@ pub struct Store {
 pub struct Faults {
     fail_writes: AtomicBool,
     lose_commit_replies: std::sync::atomic::AtomicU32,
+    hold_after_fence_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -281,6 +288,17 @@ impl Faults {
     /// lost before the reply: the outcome is unknown to the writer (PostgreSQL only).
     pub fn lose_commit_replies(&self, n: u32) {
         self.lose_commit_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Each fenced group commit waits this long between its lease check and the rest
+    /// of its transaction (PostgreSQL only): a commit in flight while the lease ends.
+    pub fn hold_after_fence_check(&self, d: std::time::Duration) {
+        self.hold_after_fence_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub(crate) fn held_after_fence(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.hold_after_fence_ms.load(Ordering::SeqCst))
     }
 
     /// Whether this group commit's reply is to be lost (and counts it down).
@@ -591,6 +609,85 @@ impl Store {
             })
     }
 
+    fn postgres(&self, what: &'static str) -> Result<&crate::pg::Pg, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pg) => Ok(pg),
+            Backend::Sled(_) => Err(StoreError::Unsupported(what)),
+        }
+    }
+
+    /// Claims `shard` for `holder` for `ttl` (by the database's clock) when it is free
+    /// or expired, with a new, higher epoch; or returns the live lease `holder` already
+    /// has. `Ok(None)`: another holder's lease is live. Of concurrent claimers of an
+    /// expired lease exactly one wins. Blocking; bounded by the call timeout.
+    pub fn claim_lease(
+        &self,
+        shard: u32,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<crate::Lease>, StoreError> {
+        check_holder(holder)?;
+        self.postgres("a shard lease")?
+            .claim_lease(shard, holder, ttl)
+    }
+
+    /// Extends a live lease held by `holder` with `epoch` to `ttl` from now: `Ok(true)`;
+    /// `Ok(false)` when it is lost (expired, or claimed again).
+    pub fn renew_lease(
+        &self,
+        shard: u32,
+        holder: &str,
+        epoch: u64,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        check_holder(holder)?;
+        self.postgres("a shard lease")?
+            .renew_lease(shard, holder, epoch, ttl)
+    }
+
+    /// Ends the lease now if `holder` holds it with `epoch` (a clean handoff: the next
+    /// claim need not wait for it to expire).
+    pub fn release_lease(&self, shard: u32, holder: &str, epoch: u64) -> Result<(), StoreError> {
+        check_holder(holder)?;
+        self.postgres("a shard lease")?
+            .release_lease(shard, holder, epoch)
+    }
+
+    /// Every shard's lease, as the database holds them now.
+    pub fn leases(&self) -> Result<Vec<crate::Lease>, StoreError> {
+        self.postgres("a shard lease")?.leases()
+    }
+
+    /// From now on, every group commit checks in its own transaction that `holder`
+    /// still holds `shard` with `epoch`, unexpired by the database's clock, and is
+    /// refused whole ([`StoreError::Fenced`], nothing written) otherwise. See
+    /// [`crate::lease`].
+    pub fn fence(&self, shard: u32, epoch: u64, holder: &str) -> Result<(), StoreError> {
+        check_holder(holder)?;
+        self.postgres("fencing")?.set_fence(Some(crate::Fence {
+            shard,
+            epoch,
+            holder: holder.to_owned(),
+        }));
+        Ok(())
+    }
+
+    /// The fence every commit checks, if any.
+    pub fn current_fence(&self) -> Option<crate::Fence> {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.fence(),
+            Backend::Sled(_) => None,
+        }
+    }
+
+    /// How many group commits the fence refused (each refused every write in it).
+    pub fn fenced(&self) -> u64 {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.fenced(),
+            Backend::Sled(_) => 0,
+        }
+    }
+
     /// The data directory (sled), or the database's address without its password.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -671,6 +768,9 @@ impl Store {
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(match &self.backend {
+                Backend::Postgres(_) if e.starts_with(crate::lease::FENCED) => {
+                    StoreError::Fenced(e[crate::lease::FENCED.len()..].to_owned())
+                }
                 Backend::Sled(_) => StoreError::Io {
                     dir: self.dir.clone(),
                     source: sled::Error::Unsupported(e),
@@ -1094,6 +1194,19 @@ fn open_db(dir: &Path) -> Result<Handles, StoreError> {
         trees,
         data_file,
     })
+}
+
+fn check_holder(holder: &str) -> Result<(), StoreError> {
+    if holder.is_empty() || holder.len() > crate::lease::MAX_HOLDER {
+        return Err(StoreError::Write {
+            at: "dispatch_leases".to_owned(),
+            reason: format!(
+                "a lease holder is a node name of 1 to {} bytes",
+                crate::lease::MAX_HOLDER
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn printable(k: &[u8]) -> String {

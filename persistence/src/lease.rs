@@ -1,0 +1,92 @@
+//! Shard leases and fencing (issue 16), PostgreSQL only.
+//!
+//! A lease says which node owns a shard until when. It lives in the shared database
+//! (`dispatch_leases`), and its expiry is by the database's clock, the only clock every
+//! node shares. Each new claim raises the shard's `epoch`, the fencing token: a node
+//! that claimed (shard, epoch) calls [`Store::fence`](crate::Store::fence), and from
+//! then on every group commit it makes checks, inside its own transaction, that it
+//! still holds that epoch unexpired, taking the lease row `FOR SHARE`. A claim has to
+//! lock that row to raise the epoch, so it waits for a commit in flight: a write lands
+//! before the next owner's claim (whose recovery then reads it) or is refused whole
+//! with [`StoreError::Fenced`](crate::StoreError::Fenced). A paused or cut-off node can
+//! therefore never write over its successor, whatever its own clock says.
+//!
+//! The node still has to stop serving on its own before its lease ends (a deadline from
+//! the instant it sent its last successful renewal): fencing makes its late writes
+//! harmless; the deadline keeps it from answering clients after it lost the shard.
+
+use std::time::Duration;
+
+/// One shard's lease as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub shard: u32,
+    /// The fencing token: raised by every new claim.
+    pub epoch: u64,
+    pub holder: String,
+    /// Time left by the database's clock when it was read (zero when expired).
+    pub remaining: Duration,
+}
+
+/// What a fenced store's commits check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub shard: u32,
+    pub epoch: u64,
+    pub holder: String,
+}
+
+/// The prefix of a commit's failure that means "refused by the fence".
+pub(crate) const FENCED: &str = "fenced: ";
+
+/// Longest holder name accepted (it is a node name).
+pub const MAX_HOLDER: usize = 253;
+
+/// A claim: a new epoch when the lease is free or expired, nothing when another's
+/// lease is live. `ON CONFLICT DO UPDATE` locks the row and re-checks the `WHERE` on
+/// its newest version, so of concurrent claimers exactly one wins.
+pub(crate) const CLAIM: &str = "\
+INSERT INTO dispatch_leases (shard, epoch, holder, expires_at, claimed_at) \
+VALUES ($1, 1, $2, clock_timestamp() + $3::int8 * interval '1 millisecond', clock_timestamp()) \
+ON CONFLICT (shard) DO UPDATE SET epoch = dispatch_leases.epoch + 1, holder = excluded.holder, \
+expires_at = excluded.expires_at, claimed_at = excluded.claimed_at \
+WHERE dispatch_leases.expires_at <= clock_timestamp() \
+RETURNING epoch, holder, greatest(0, (extract(epoch from expires_at - clock_timestamp()) * 1000))::int8";
+
+/// One shard's lease now.
+pub(crate) const READ: &str = "\
+SELECT shard, epoch, holder, greatest(0, (extract(epoch from expires_at - clock_timestamp()) * 1000))::int8 \
+FROM dispatch_leases WHERE shard = $1";
+
+/// Every lease.
+pub(crate) const ALL: &str = "\
+SELECT shard, epoch, holder, greatest(0, (extract(epoch from expires_at - clock_timestamp()) * 1000))::int8 \
+FROM dispatch_leases ORDER BY shard";
+
+/// A renewal: only the holder of that epoch, only while it is live.
+pub(crate) const RENEW: &str = "\
+UPDATE dispatch_leases SET expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
+WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()";
+
+/// A release: the lease ends now (a clean handoff), only by its holder.
+pub(crate) const RELEASE: &str = "\
+UPDATE dispatch_leases SET expires_at = clock_timestamp() \
+WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()";
+
+/// The check at the start of a fenced commit's transaction.
+pub(crate) const CHECK: &str = "\
+SELECT 1 FROM dispatch_leases \
+WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp() FOR SHARE";
+
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn lease(shard: i32, epoch: i64, holder: String, remaining_ms: i64) -> Lease {
+    Lease {
+        shard: shard as u32,
+        epoch: epoch as u64,
+        holder,
+        remaining: Duration::from_millis(remaining_ms.max(0) as u64),
+    }
+}
