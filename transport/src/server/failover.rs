@@ -442,6 +442,14 @@ impl Node {
             let sent = Instant::now();
             let n = name.clone();
             match blocking(&self.store, move |s| s.claim_lease(SHARD, &n, ttl)).await {
+                // Its own lease back (a term that ended at its deadline, inside the
+                // margin): too little left to serve; it expires and is claimed afresh.
+                Ok(Some(lease)) if lease.remaining <= safety_margin(ttl) => {
+                    self.front.standby(format!(
+                        "this node's lease (epoch {}) is ending; claiming it again after",
+                        lease.epoch
+                    ));
+                }
                 Ok(Some(lease)) if !self.quitting() => return Some((lease, sent)),
                 Ok(Some(lease)) => {
                     // Claimed just as shutdown began: hand it back at once.
