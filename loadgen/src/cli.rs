@@ -11,7 +11,10 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "loadgen", version, about)]
 pub struct Args {
-    /// The server's WebSocket base; the REST base (`http://…`) is derived from it.
+    /// The server's WebSocket base; the REST base (`http://…`) is derived from it. Several
+    /// nodes of a cluster: separated by commas. The clients use one at a time and move on to
+    /// the next when it refuses (`unavailable`: a standby) or cannot be reached (with
+    /// `--reconnect`, a dropped session comes back on the node that serves).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
     /// Start an in-process dispatchd on a free port with a temporary data directory

@@ -2,6 +2,8 @@
 //! address, REST calls, and naming the client-side limit an error means.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -17,9 +19,18 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// Where the server is.
+/// Where the server is: one node, or several (`--url` with commas) of which the clients
+/// use one at a time, moving on to the next when it refuses or cannot be reached.
 #[derive(Debug, Clone)]
 pub struct Target {
+    pub nodes: Vec<Node>,
+    /// The node every client uses now (an index into `nodes`), shared by all of them.
+    current: Arc<AtomicUsize>,
+}
+
+/// One node's addresses.
+#[derive(Debug, Clone)]
+pub struct Node {
     /// `ws://host:port`, no trailing slash.
     pub ws_base: String,
     /// `http://host:port`.
@@ -28,7 +39,44 @@ pub struct Target {
 }
 
 impl Target {
-    pub async fn resolve(url: &str) -> Result<Target> {
+    /// `ws://HOST:PORT`, or several separated by commas.
+    pub async fn resolve(urls: &str) -> Result<Target> {
+        let mut nodes = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            nodes.push(Node::resolve(url).await?);
+        }
+        if nodes.is_empty() {
+            bail!("--url: expected ws://HOST:PORT (or several, separated by commas)");
+        }
+        Ok(Target {
+            nodes,
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The node in use now, and its index.
+    pub fn node(&self) -> (usize, &Node) {
+        let i = self.current.load(Ordering::Relaxed) % self.nodes.len();
+        (i, &self.nodes[i])
+    }
+
+    /// The REST base of the node in use.
+    pub fn http_base(&self) -> &str {
+        &self.node().1.http_base
+    }
+
+    /// Node `i` refused or could not be reached: the next one is used from now on (once,
+    /// however many clients saw it fail at once).
+    pub fn failed(&self, i: usize) {
+        let next = (i + 1) % self.nodes.len();
+        let _ = self
+            .current
+            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    async fn resolve(url: &str) -> Result<Node> {
         let url = url.trim_end_matches('/');
         let Some(hostport) = url.strip_prefix("ws://") else {
             if url.starts_with("wss://") {
@@ -52,7 +100,7 @@ impl Target {
             .find(|a| a.is_ipv4())
             .or(None)
             .with_context(|| format!("--url {url}: no IPv4 address for {hp}"))?;
-        Ok(Target {
+        Ok(Node {
             ws_base: format!("ws://{hostport}"),
             http_base: format!("http://{hostport}"),
             addr,
@@ -130,9 +178,30 @@ fn io_err(e: std::io::Error) -> ConnError {
     ConnError::from_io(&e).unwrap_or_else(|| ConnError::Other(e.to_string()))
 }
 
-/// Opens `path` (`/v1/ws/driver`) with `token`, from `source` when given.
+/// Opens `path` (`/v1/ws/driver`) with `token`, from `source` when given, on the node in
+/// use; a node that refuses (`unavailable`: a standby, or one shutting down) or cannot be
+/// reached is left for the next one (see [`Target::failed`]).
 pub async fn connect_ws(
     target: &Target,
+    path: &str,
+    token: &str,
+    source: Option<IpAddr>,
+) -> Result<Ws, ConnError> {
+    let (i, node) = target.node();
+    let r = connect_node(node, path, token, source).await;
+    let moves_on = match &r {
+        Err(ConnError::Refused(code, _)) => code == "unavailable" || code == "http_503",
+        Err(ConnError::Other(_)) => true,
+        _ => false,
+    };
+    if moves_on && target.nodes.len() > 1 {
+        target.failed(i);
+    }
+    r
+}
+
+async fn connect_node(
+    target: &Node,
     path: &str,
     token: &str,
     source: Option<IpAddr>,

@@ -265,7 +265,7 @@ impl Rider {
 
     /// How a trip ended, read back over REST (`unknown` if that fails).
     async fn final_state_of(&self, trip_id: &str) -> String {
-        let url = format!("{}/v1/trips/{trip_id}", self.sh.target.http_base);
+        let url = format!("{}/v1/trips/{trip_id}", self.sh.target.http_base());
         Stats::inc(&self.sh.stats.c.messages_sent);
         match net::get_json::<Trip>(&self.sh.http, &url, Some(&self.token)).await {
             Ok(t) => net::wire_name(t.state),
@@ -345,7 +345,7 @@ impl Rider {
         Stats::inc(&st.c.messages_sent);
         Stats::inc(&st.c.quotes_sent);
         let t = Instant::now();
-        let url = format!("{}/v1/quotes", sh.target.http_base);
+        let url = format!("{}/v1/quotes", sh.target.http_base());
         let quote: QuoteResponse =
             match net::post_json(&sh.http, &url, Some(&self.token), &body).await {
                 Ok(q) => q,

@@ -318,7 +318,7 @@ async fn register_and_connect<R: DeserializeOwned>(
 ) -> Option<(R, Ws, Instant)> {
     let st = &sh.stats;
     Stats::inc(&st.c.messages_sent);
-    let url = format!("{}/v1/{role}s", sh.target.http_base);
+    let url = format!("{}/v1/{role}s", sh.target.http_base());
     let reg: R = match net::post_json(&sh.http, &url, None, body).await {
         Ok(r) => r,
         Err(e) => {
