@@ -15,11 +15,16 @@
 //!   no trip (the `trips` table has the rows it had at the takeover), counts what it
 //!   tried in `dispatch_cluster_fenced_commits_total`, and is a standby again, naming the
 //!   new leader. The crash round's checks then hold on the new leader.
+//! - The paused node, left the only standby, leads again when that leader stops (SIGTERM:
+//!   the lease released): a second term in the same process, in which a ride completes.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use dispatch_tests::{Dispatchd, DispatchdBuilder, PgServer, SHORT_TRIP_FLAGS, SLOW, point};
+use dispatch_tests::{
+    Dispatchd, DispatchdBuilder, PgServer, SHORT_TRIP_FLAGS, SLOW, point, ride_to,
+};
+use dispatch_transport::wire::TripState;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -295,10 +300,25 @@ async fn a_standby_takes_over_a_killed_then_a_paused_leader() {
     );
     r.ledger.lock().unwrap().store_outage = false;
     let paused_node = std::mem::replace(&mut r.server, d);
-    r.check_after(at_pause, started).await;
-    paused_node.stop_clean().await;
+    // The paused node is left the only standby, so that it leads once more when the new
+    // leader stops: a second term in the same process.
     for (_, s) in standbys {
         s.stop_clean().await;
     }
+    r.check_after(at_pause, started).await;
+    let handed = Instant::now();
+    let solo = vec![(leader.clone(), paused_node)];
+    let (_, took) = first_ready(&solo, handed, &tag).await;
+    eprintln!(
+        "{tag} {leader} leads again, {} ms after the SIGTERM of {new_leader}: a second term in one process",
+        took.as_millis()
+    );
+    let (_, again) = solo.into_iter().next().expect("the node");
+    let ride = tokio::time::timeout(SLOW, ride_to(&again, TripState::Completed))
+        .await
+        .unwrap_or_else(|_| panic!("{tag} no ride completed in the second term within {SLOW:?}"));
+    assert_eq!(ride.trip.state, TripState::Completed);
+    drop(ride);
+    again.stop_clean().await;
     drop(pg);
 }

@@ -297,6 +297,8 @@ struct Node {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     transport: TransportMetrics,
+    /// Token resolution: one per process (its metrics are registered once).
+    auth: Arc<super::jwt::Auth>,
     admin_token_hash: [u8; 32],
     front: Arc<Front>,
     /// Flips to true on SIGTERM/SIGINT.
@@ -347,6 +349,7 @@ pub(super) async fn run(
     }
     let node = Node {
         transport: TransportMetrics::new(&metrics),
+        auth: Arc::new(super::jwt::Auth::new(&config.auth, metrics.clone())),
         config,
         cluster,
         store,
@@ -534,8 +537,7 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let app = new_app(
             &self.config,
-            &system,
-            &self.transport,
+            (&system, &self.transport, &self.auth),
             self.admin_token_hash,
             stop_rx,
             Some(clock.clone()),

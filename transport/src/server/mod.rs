@@ -102,8 +102,9 @@ pub struct AppInner {
     pub shutdown: watch::Receiver<bool>,
     /// The per-address limit on registration.
     pub register_limit: ratelimit::RegisterLimit,
-    /// Own tokens and the identity provider's JWTs.
-    pub auth: jwt::Auth,
+    /// Own tokens and the identity provider's JWTs (one per process: its metrics are
+    /// registered once, and cluster mode's terms share it).
+    pub auth: Arc<jwt::Auth>,
     /// The operator's console: its feeds and the last minute's counters.
     pub console: console::Console,
     /// Why sessions are closed when `shutdown` flips (their close frame's reason); unset:
@@ -141,10 +142,10 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let transport = TransportMetrics::new(&metrics);
+    let auth = Arc::new(jwt::Auth::new(&config.auth, metrics.clone()));
     let app = new_app(
         &config,
-        &system,
-        &transport,
+        (&system, &transport, &auth),
         admin_token_hash,
         stop_rx,
         None,
@@ -267,19 +268,17 @@ async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<(
 /// mode, one per process otherwise); not ready until recovery says so.
 fn new_app(
     config: &Config,
-    system: &System,
-    transport: &TransportMetrics,
+    (system, transport, auth): (&System, &TransportMetrics, &Arc<jwt::Auth>),
     admin_token_hash: [u8; 32],
     shutdown: watch::Receiver<bool>,
     term: Option<Arc<failover::TermClock>>,
 ) -> App {
-    let metrics = system.metrics().clone();
     Arc::new(AppInner {
         transport: transport.clone(),
         config: config.clone(),
         system: system.clone(),
-        auth: jwt::Auth::new(&config.auth, metrics.clone()),
-        metrics,
+        auth: auth.clone(),
+        metrics: system.metrics().clone(),
         ready: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         started: Instant::now(),
