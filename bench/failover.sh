@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Standby takeover under load (issue 16, item 6): PostgreSQL, three dispatchd nodes
+# (--node-name n1..n3, --lease-ttl-ms $LEASE_TTL_MS) and loadgen spreading its clients over
+# them (--url with the three, --reconnect, --ack-log). ROUNDS times (20): find the leader,
+# kill -9 it, time until another node's /readyz is 200, start the killed one again (a
+# standby now). Then: the takeover time distribution (p50/p90/max), and every transition
+# in the ack log checked against the last leader's store (GET /admin/trips/{id}: the
+# history has that version in that state).
+#
+#   bench/failover.sh            # needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL, or it
+#                                # starts one with .ci/postgres.sh (and stops it after)
+#   ROUNDS=5 PROFILE=release bench/failover.sh
+#
+# Debug builds unless PROFILE=release. Ports BASE_PORT+1..3 (24100).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+ROUNDS=${ROUNDS:-20}
+LEASE_TTL_MS=${LEASE_TTL_MS:-2000}
+BASE_PORT=${BASE_PORT:-24100}
+PROFILE=${PROFILE:-debug}
+own_pg=
+if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
+  # shellcheck source=../.ci/postgres.sh
+  source .ci/postgres.sh start
+  own_pg=1
+fi
+admin=$DISPATCH_TEST_DATABASE_URL
+db="dispatch_bench_failover_$$"
+psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+url="${admin%/*}/$db"
+flag=(); [ "$PROFILE" = release ] && flag=(--release)
+cargo build -q "${flag[@]}" -p dispatch-transport --bin dispatchd
+cargo build -q "${flag[@]}" -p dispatch-loadgen --bin loadgen
+target=${CARGO_TARGET_DIR:-target}/$PROFILE
+work=$(mktemp -d /tmp/failover-bench.XXXXXX)
+declare -A pid
+start_node() { # NAME: n1 -> port BASE_PORT+1
+  local n=$1 port=$((BASE_PORT + ${1#n}))
+  DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
+    DISPATCH_STORE=postgres DISPATCH_DATABASE_URL=$url \
+    "$target/dispatchd" --listen "127.0.0.1:$port" --data-dir "$work/$n" \
+    --node-name "$n" --lease-ttl-ms "$LEASE_TTL_MS" --database-timeout-ms 2000 \
+    >>"$work/$n.log" 2>&1 &
+  pid[$n]=$!
+}
+ready() { curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$((BASE_PORT + ${1#n}))/readyz" 2>/dev/null || true; }
+leader() { for n in n1 n2 n3; do [ "$(ready "$n")" = 200 ] && { echo "$n"; return; }; done; }
+cleanup() {
+  for n in "${!pid[@]}"; do kill "${pid[$n]}" 2>/dev/null || true; done
+  [ -n "${loadgen_pid:-}" ] && kill "$loadgen_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+start_node n1
+for _ in $(seq 300); do [ "$(ready n1)" = 200 ] && break; sleep 0.1; done
+start_node n2; start_node n3
+echo "== 3 nodes on $PROFILE builds, lease ${LEASE_TTL_MS} ms; $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+per_round=8
+"$target/loadgen" --url "ws://127.0.0.1:$((BASE_PORT + 1)),ws://127.0.0.1:$((BASE_PORT + 2)),ws://127.0.0.1:$((BASE_PORT + 3))" \
+  --drivers 40 --riders 20 --request-rate 2 --duration "$(((ROUNDS + 1) * per_round))s" --drain 20s \
+  --reconnect --reconnect-for 30s --ack-log "$work/acks.jsonl" --quiet >"$work/loadgen.txt" 2>&1 &
+loadgen_pid=$!
+sleep 5
+times=()
+for r in $(seq "$ROUNDS"); do
+  l=$(leader)
+  [ -n "$l" ] || { echo "round $r: no leader"; exit 1; }
+  kill -9 "${pid[$l]}"; wait "${pid[$l]}" 2>/dev/null || true
+  t0=$(date +%s%N)
+  next=
+  while [ -z "$next" ]; do
+    for n in n1 n2 n3; do [ "$n" != "$l" ] && [ "$(ready "$n")" = 200 ] && next=$n; done
+    [ $(( ($(date +%s%N) - t0) / 1000000 )) -lt 60000 ] || { echo "round $r: no takeover within 60 s"; exit 1; }
+  done
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  times+=("$ms")
+  echo "round $r: kill -9 $l, $next ready after $ms ms"
+  start_node "$l"
+  sleep $((per_round - 2))
+done
+wait "$loadgen_pid" || echo "loadgen exited $?"
+loadgen_pid=
+grep -E "trips|reconnect|requests|errors|first offer" "$work/loadgen.txt" | head -20 || true
+# Nearest-rank percentiles.
+printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {
+  p50 = a[int(NR*0.5) + (NR*0.5 > int(NR*0.5))]; p90 = a[int(NR*0.9) + (NR*0.9 > int(NR*0.9))]
+  print "== takeover after kill -9 (" NR " rounds): p50 " p50 " ms, p90 " p90 " ms, max " a[NR] " ms"}'
+l=$(leader)
+token=$(cat "$work/$l/admin.token")
+python3 - "$work/acks.jsonl" "http://127.0.0.1:$((BASE_PORT + ${l#n}))" "$token" <<'EOF'
+import json, sys, urllib.request
+log, base, token = sys.argv[1:]
+seen = {}
+for line in open(log):
+    e = json.loads(line)
+    if e.get("kind") == "trip_update":
+        seen.setdefault(e["trip_id"], {})[e["version"]] = e["state"]
+missing = []
+for trip, versions in seen.items():
+    req = urllib.request.Request(f"{base}/admin/trips/{trip}", headers={"Authorization": f"Bearer {token}"})
+    t = json.load(urllib.request.urlopen(req, timeout=10))
+    history = {h["version"]: h["to"] for h in t["history"]}
+    for v, state in versions.items():
+        if history.get(v) != state:
+            missing.append((trip, v, state, history.get(v)))
+n = sum(len(v) for v in seen.values())
+print(f"== ack log: {n} trip versions of {len(seen)} trips acknowledged to clients; {len(missing)} not in the store")
+for m in missing[:20]:
+    print("   missing:", m)
+sys.exit(1 if missing else 0)
+EOF
+cleanup; pid=()
+psql "$admin" -qc "DROP DATABASE $db" >/dev/null
+if [ -n "$own_pg" ]; then bash .ci/postgres.sh stop; fi
+echo "bench/failover.sh: $(($(date +%s) - started)) s; logs in $work"
