@@ -229,6 +229,9 @@ enum Role {
 
 struct Front {
     role: RwLock<Role>,
+    /// `--admin-listen` is set: the client listener serves neither `/metrics` nor
+    /// `/admin/`, on a standby as on a leader.
+    admin_apart: bool,
     metrics: Arc<Metrics>,
     cluster: ClusterMetrics,
     store: Arc<Store>,
@@ -258,6 +261,18 @@ impl Front {
                 } else {
                     client
                 }
+            }
+            Role::Standby(_)
+                if !admin
+                    && self.admin_apart
+                    && (req.uri().path() == "/metrics"
+                        || req.uri().path().starts_with("/admin")) =>
+            {
+                return HttpError(ApiError::new(
+                    dispatch_actors::ErrorCode::NotFound,
+                    "no such route",
+                ))
+                .into_response();
             }
             Role::Standby(why) => return self.standby_answer(req.uri().path(), &why),
         };
@@ -321,6 +336,7 @@ pub(super) async fn run(
     let cm = ClusterMetrics::new(&metrics);
     let front = Arc::new(Front {
         role: RwLock::new(Role::Standby("no lease read yet".into())),
+        admin_apart: config.admin_listen.is_some(),
         metrics: metrics.clone(),
         cluster: cm.clone(),
         store: store.clone(),
