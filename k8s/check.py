@@ -647,8 +647,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def get(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, str]:
+    """GET, or POST of `body` as JSON."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, headers=headers, data=None if body is None else json.dumps(body).encode())
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read().decode()
@@ -730,6 +734,9 @@ def scrape_value(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+RIDER = {"name": "k8s check", "phone": "+15555550100"}
+
+
 def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, database_url: str | None) -> None:
     """Active/standby on one machine: `nodes` real dispatchd processes with the overlay's
     ConfigMap, one fresh PostgreSQL database, loopback ports and their own node names.
@@ -805,9 +812,9 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
             s0 = standbys[0]
             C.ok(get(f"http://127.0.0.1:{addrs[s0][1]}{LIVENESS_PATH}")[0] == 200,
                  f"a standby's {LIVENESS_PATH} is 200 (liveness never restarts it)")
-            code, body = get(f"http://127.0.0.1:{addrs[s0][0]}/v1/drivers/nearby?lat=52.52&lng=13.405")
-            C.ok(code == 503 and '"unavailable"' in body, f"a standby answers client routes 503 unavailable ({code})",
-                 body[:200])
+            code, body = get(f"http://127.0.0.1:{addrs[s0][0]}/v1/riders", body=RIDER)
+            C.ok(code == 503 and '"unavailable"' in body,
+                 f"a standby answers a client route (POST /v1/riders) 503 unavailable ({code})", body[:200])
             metrics = {i: get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1] for i in range(nodes)}
             flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
             C.ok(flags == {i: float(i == leader) for i in range(nodes)},
@@ -838,6 +845,8 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
                 C.ok(epoch is not None and e2 is not None and e2 > epoch,
                      f"the new leader's lease epoch {e2} is above the old one's {epoch} (its writes fence the old)")
                 C.ok(scrape_value(text, "dispatch_cluster_leader") == 1.0, "dispatch_cluster_leader 1 on the new leader")
+                code, body = get(f"http://127.0.0.1:{addrs[new][0]}/v1/riders", body=RIDER)
+                C.ok(code == 201, f"the new leader serves clients (POST /v1/riders {code})", body[:200])
         finally:
             for p in procs:
                 if p is not None and p.poll() is None:
