@@ -57,6 +57,8 @@ CLUSTER_PORT = 7070
 # below scrapes real cluster nodes and fails on any name used in dashboards/ that starts so
 # and none of them exports.
 CLUSTER_METRIC_PREFIXES = ("dispatch_cluster_", "dispatch_store_fenced")
+# The lease epoch gauge, compared across a takeover.
+EPOCH_METRIC = "dispatch_cluster_lease_epoch"
 
 # Pinned tools. kubernetes-validate 1.37.0 carries the schemas of Kubernetes 1.24 to 1.37.
 PIP_PACKAGES = [
@@ -812,8 +814,17 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
                         f"{[i for i, p in enumerate(procs) if p and p.poll() is not None]}{tail()}"):
                 return
             standbys = [i for i in range(nodes) if i != leader]
-            C.ok(all(f"dispatchd-{leader}" in st[i][1] for i in standbys),
-                 f"each standby's /readyz names the leader dispatchd-{leader}", str({i: st[i][1][:200] for i in standbys}))
+            # A standby that has not read the lease yet says so ("no lease read yet"): it
+            # names the leader from its next try on (every --lease-renew-ms).
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2 * ttl_ms / 1000 + 10:
+                st = states()
+                if all(i in st and f"dispatchd-{leader}" in st[i][1] for i in standbys):
+                    break
+                time.sleep(0.1)
+            C.ok(all(i in st and st[i][0] == 503 and f"dispatchd-{leader}" in st[i][1] for i in standbys)
+                 and st.get(leader, (0,))[0] == 200,
+                 f"each standby's /readyz names the leader dispatchd-{leader}", str({i: st.get(i, (0, ""))[1][:200] for i in standbys}))
             s0 = standbys[0]
             C.ok(get(f"http://127.0.0.1:{addrs[s0][1]}{LIVENESS_PATH}")[0] == 200,
                  f"a standby's {LIVENESS_PATH} is 200 (liveness never restarts it)")
@@ -824,7 +835,7 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
             flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
             C.ok(flags == {i: float(i == leader) for i in range(nodes)},
                  "dispatch_cluster_leader is 1 on the leader, 0 on the standbys", str(flags))
-            epoch = scrape_value(metrics[leader], "dispatch_cluster_lease_epoch")
+            epoch = scrape_value(metrics[leader], EPOCH_METRIC)
             used = set()
             for f in [*(ROOT / "dashboards").glob("*.json"), ROOT / "dashboards" / "alerts.yml"]:
                 used |= set(re.findall(r"\b(?:" + "|".join(CLUSTER_METRIC_PREFIXES) + r")[a-zA-Z0-9_]*[a-zA-Z0-9]",
@@ -855,7 +866,7 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
                  f"/readyz: { {i: c for i, (c, _) in st.items()} }{tail()}")
             if new is not None:
                 text = get(f"http://127.0.0.1:{addrs[new][1]}{METRICS_PATH}")[1]
-                e2 = scrape_value(text, "dispatch_cluster_lease_epoch")
+                e2 = scrape_value(text, EPOCH_METRIC)
                 C.ok(epoch is not None and e2 is not None and e2 > epoch,
                      f"the new leader's lease epoch {e2} is above the old one's {epoch} (its writes fence the old)")
                 C.ok(scrape_value(text, "dispatch_cluster_leader") == 1.0, "dispatch_cluster_leader 1 on the new leader")
