@@ -19,6 +19,9 @@ What it does (k8s/README.md, "The check"):
      /readyz and /metrics where the manifests look for them, takes the admin token from the
      environment, and stops on SIGTERM within its bound; the HEALTHCHECK program of the
      Dockerfile, compiled from the Dockerfile itself, is run against it.
+  5. the cluster overlay (several nodes, active/standby on PostgreSQL): its own facts
+     (check_cluster), then three real dispatchd nodes with its ConfigMap on a fresh database
+     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: exactly one leads, SIGTERM it, another does.
 Ends with 'k8s: N passed, N failed' and exits non-zero on any failure.
 """
 
