@@ -55,9 +55,9 @@ KNOWN_MISSING: dict[str, str] = {}
 # nodes and fails on any of these names they do not export (its CLUSTER_METRICS).
 _CLUSTER_ONLY = "exported only in cluster mode (--node-name); checked by k8s/check.py's live cluster"
 KNOWN_MISSING.update({n: _CLUSTER_ONLY for n in [
-    "dispatch_cluster_leader", "dispatch_cluster_lease_epoch", "dispatch_cluster_takeovers_total",
+    "dispatch_cluster_leader", "dispatch_cluster_epoch", "dispatch_cluster_takeovers_total",
     "dispatch_cluster_lease_renewals_failed_total", "dispatch_cluster_members",
-    "dispatch_cluster_peer_up", "dispatch_cluster_auth_refused_total", "dispatch_store_fenced_total",
+    "dispatch_cluster_peer_up", "dispatch_cluster_auth_refusals_total", "dispatch_cluster_fenced_commits_total",
 ]})
 
 

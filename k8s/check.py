@@ -61,7 +61,7 @@ CLUSTER_PORT = 7070
 # and none of them exports.
 CLUSTER_METRIC_PREFIXES = ("dispatch_cluster_", "dispatch_store_fenced")
 # The lease epoch gauge, compared across a takeover.
-EPOCH_METRIC = "dispatch_cluster_lease_epoch"
+EPOCH_METRIC = "dispatch_cluster_epoch"
 
 # Pinned tools. kubernetes-validate 1.37.0 carries the schemas of Kubernetes 1.24 to 1.37.
 PIP_PACKAGES = [
