@@ -254,6 +254,13 @@ pub struct Args {
     pub register_limit: super::ratelimit::RateLimitArgs,
     #[command(flatten)]
     pub auth: super::jwt::JwtArgs,
+    /// This node's name in a cluster: unique, stable across restarts (a StatefulSet
+    /// pod's name).
+    #[arg(long, env = "DISPATCH_NODE_NAME")]
+    node_name: Option<String>,
+    /// Cluster membership: `--cluster-*` (see `super::cluster`).
+    #[command(flatten)]
+    pub cluster: super::cluster::ClusterArgs,
 }
 
 /// The validated configuration.
@@ -286,6 +293,10 @@ pub struct Config {
     pub register_limit: super::ratelimit::RateLimitConfig,
     /// `--auth-own-tokens` and the `--auth-jwt-*` flags.
     pub auth: super::jwt::AuthConfig,
+    /// `--node-name`.
+    pub node_name: Option<String>,
+    /// Membership, when `--cluster-listen` is given (the cookie redacted in `Debug`).
+    pub cluster: Option<dispatch_cluster::ClusterConfig>,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -512,7 +523,10 @@ impl Args {
                 StoreConfig::Postgres(o)
             }
         };
+        let cluster = self.cluster.validate(self.node_name.as_deref())?;
         Ok(Config {
+            node_name: self.node_name,
+            cluster,
             store,
             register_limit,
             auth,

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod asyncapi;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod decode;
@@ -105,6 +106,8 @@ pub struct AppInner {
     pub auth: jwt::Auth,
     /// The operator's console: its feeds and the last minute's counters.
     pub console: console::Console,
+    /// Cluster membership (`--cluster-listen`), for `/admin/cluster`.
+    pub cluster: Option<Arc<dispatch_cluster::Cluster>>,
 }
 
 pub type App = Arc<AppInner>;
@@ -123,6 +126,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     // Spans dropped at the OTLP export's full queue (none when traces are off).
     crate::telemetry::count_drops_in(metrics.bounds_hit.with_label_values(&["otlp_span_queue"]));
+    // Issue 16: membership first, so the member set is forming while the store opens.
+    let membership = cluster::start(&config, &metrics).await?;
     let store = {
         let dir = config.data_dir.clone();
         let m = metrics.clone();
@@ -161,6 +166,7 @@ pub async fn run(
         register_limit: ratelimit::RegisterLimit::new(&config.register_limit),
         auth: jwt::Auth::new(&config.auth, metrics.clone()),
         console: console::Console::new(config.console_tiles_url.clone()),
+        cluster: membership.clone(),
     });
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, "dispatchd serving; recovering state");
@@ -253,6 +259,9 @@ pub async fn run(
     }
     // Actors stop, the last positions are written, and everything queued is flushed.
     system.shutdown().await;
+    if let Some(m) = membership {
+        m.stop().await;
+    }
     if let Some(e) = recovery_error.lock().unwrap().take() {
         return Err(anyhow::anyhow!(e));
     }
