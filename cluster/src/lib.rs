@@ -446,13 +446,15 @@ async fn dial_peers(
                 continue;
             }
             // Resolved again on every attempt: a StatefulSet pod's address changes.
-            let resolved: Vec<SocketAddr> =
-                match tokio::time::timeout(bound, tokio::net::lookup_host(slot.addr.as_str()))
-                    .await
-                {
-                    Ok(Ok(a)) => a.collect(),
-                    Ok(Err(_)) | Err(_) => Vec::new(),
-                };
+            let resolved: Vec<SocketAddr> = match tokio::time::timeout(
+                bound,
+                tokio::net::lookup_host(slot.addr.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(_)) | Err(_) => Vec::new(),
+            };
             let mut keys = vec![slot.addr.clone()];
             keys.extend(resolved.iter().map(|a| a.to_string()));
             if resolved.contains(&config.listen) {

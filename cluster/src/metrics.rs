@@ -1,6 +1,8 @@
 //! Membership's Prometheus series.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 
 /// Every series membership keeps (see docs/api.md, "Cluster membership").
 #[derive(Debug, Clone)]
@@ -30,13 +32,18 @@ impl ClusterMetrics {
             "Live cluster members, this node included",
         )
         .expect("valid metric");
-        r.register(Box::new(members.clone())).expect("unique metric");
+        r.register(Box::new(members.clone()))
+            .expect("unique metric");
         let peer_up = IntGaugeVec::new(
-            Opts::new("dispatch_cluster_peer_up", "1 while the peer is a live member"),
+            Opts::new(
+                "dispatch_cluster_peer_up",
+                "1 while the peer is a live member",
+            ),
             &["peer"],
         )
         .expect("valid metric");
-        r.register(Box::new(peer_up.clone())).expect("unique metric");
+        r.register(Box::new(peer_up.clone()))
+            .expect("unique metric");
         let heartbeats = IntCounterVec::new(
             Opts::new(
                 "dispatch_cluster_heartbeats_total",
@@ -45,7 +52,8 @@ impl ClusterMetrics {
             &["direction"],
         )
         .expect("valid metric");
-        r.register(Box::new(heartbeats.clone())).expect("unique metric");
+        r.register(Box::new(heartbeats.clone()))
+            .expect("unique metric");
         for d in ["sent", "received", "ignored"] {
             heartbeats.with_label_values(&[d]);
         }

@@ -72,14 +72,11 @@ pub fn weight(shard: ShardId, member: &str) -> u64 {
 /// of highest [`weight`], ties (never seen in practice) to the smaller name. `None` when
 /// there are no members.
 pub fn owner<S: AsRef<str>>(shard: ShardId, members: &[S]) -> Option<&str> {
-    members
-        .iter()
-        .map(|m| m.as_ref())
-        .max_by(|a, b| {
-            weight(shard, a)
-                .cmp(&weight(shard, b))
-                .then_with(|| b.cmp(a))
-        })
+    members.iter().map(|m| m.as_ref()).max_by(|a, b| {
+        weight(shard, a)
+            .cmp(&weight(shard, b))
+            .then_with(|| b.cmp(a))
+    })
 }
 
 /// The owner of each of `shards` among `members`: shard → member.
@@ -98,10 +95,8 @@ pub fn shards_per_member<S: AsRef<str>>(
     shards: impl IntoIterator<Item = ShardId>,
     members: &[S],
 ) -> BTreeMap<String, usize> {
-    let mut counts: BTreeMap<String, usize> = members
-        .iter()
-        .map(|m| (m.as_ref().to_owned(), 0))
-        .collect();
+    let mut counts: BTreeMap<String, usize> =
+        members.iter().map(|m| (m.as_ref().to_owned(), 0)).collect();
     for s in shards {
         if let Some(m) = owner(s, members) {
             *counts.entry(m.to_owned()).or_default() += 1;

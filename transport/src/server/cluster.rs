@@ -39,7 +39,11 @@ pub struct ClusterArgs {
     pub cluster_heartbeat_ms: u64,
     /// A peer not heard from for this long is dead: its links are dropped and it leaves
     /// the member set (and so the shard map).
-    #[arg(long, env = "DISPATCH_CLUSTER_PEER_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(
+        long,
+        env = "DISPATCH_CLUSTER_PEER_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
     pub cluster_peer_timeout_ms: u64,
 }
 
@@ -55,7 +59,9 @@ impl ClusterArgs {
                 || self.cluster_cookie.is_some()
                 || self.cluster_cookie_file.is_some()
             {
-                return Err("--cluster-peers and --cluster-cookie[-file] need --cluster-listen".into());
+                return Err(
+                    "--cluster-peers and --cluster-cookie[-file] need --cluster-listen".into(),
+                );
             }
             return Ok(None);
         };
@@ -169,4 +175,67 @@ async fn status(_: Admin, State(app): State<App>) -> Json<Value> {
             "per_member": per,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ClusterArgs {
+        ClusterArgs {
+            cluster_listen: Some("127.0.0.1:7000".parse().unwrap()),
+            cluster_peers: vec!["dispatchd-1.dispatchd:7000".into(), "127.0.0.1:7002".into()],
+            cluster_cookie: Some("a-cookie-of-twenty-chars".into()),
+            cluster_cookie_file: None,
+            cluster_heartbeat_ms: 500,
+            cluster_peer_timeout_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn membership_needs_a_name_and_a_cookie_and_never_prints_it() {
+        let c = args().validate(Some("n0")).unwrap().unwrap();
+        assert_eq!(c.peers.len(), 2);
+        assert!(!format!("{c:?}").contains("a-cookie-of-twenty-chars"));
+        let err = |a: ClusterArgs, name: Option<&str>| a.validate(name).unwrap_err();
+        assert!(err(args(), None).contains("--node-name"));
+        assert!(err(args(), Some("n@0")).contains("--node-name"));
+        let mut a = args();
+        a.cluster_cookie = None;
+        assert!(err(a, Some("n0")).contains("cookie"));
+        let mut a = args();
+        a.cluster_cookie_file = Some("/nonexistent/cookie".into());
+        assert!(err(a, Some("n0")).contains("not both"));
+        let mut a = args();
+        a.cluster_cookie = Some("short".into());
+        let e = err(a, Some("n0"));
+        assert!(e.contains("at least 16") && !e.contains("short"), "{e}");
+        let mut a = args();
+        a.cluster_peers = vec!["no-port".into()];
+        assert!(err(a, Some("n0")).contains("host:port"));
+        let mut a = args();
+        a.cluster_peer_timeout_ms = 600;
+        assert!(err(a, Some("n0")).contains("twice"));
+        let mut a = args();
+        a.cluster_listen = None;
+        assert!(err(a, Some("n0")).contains("need --cluster-listen"));
+        let off = ClusterArgs {
+            cluster_listen: None,
+            cluster_peers: vec![],
+            cluster_cookie: None,
+            ..args()
+        };
+        assert!(off.validate(None).unwrap().is_none());
+        // A cookie file: surrounding whitespace is not part of the cookie.
+        let f = std::env::temp_dir().join(format!("dispatch-cookie-test-{}", std::process::id()));
+        std::fs::write(&f, "  file-cookie-0123456789\n").unwrap();
+        let a = ClusterArgs {
+            cluster_cookie: None,
+            cluster_cookie_file: Some(f.clone()),
+            ..args()
+        };
+        let read = a.validate(Some("n0"));
+        let _ = std::fs::remove_file(&f);
+        assert_eq!(read.unwrap().unwrap().cookie.0, "file-cookie-0123456789");
+    }
 }
