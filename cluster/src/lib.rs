@@ -468,18 +468,21 @@ async fn dial_peers(
                 continue;
             }
             shared.metrics.connect_attempts.inc();
-            let dialled = match resolved.first() {
-                None => Err("cannot resolve".to_owned()),
-                Some(a) => {
+            // Each resolved address in turn (`localhost` may give `::1` before 127.0.0.1).
+            let mut dialled = Err("cannot resolve".to_owned());
+            for a in &resolved {
+                dialled =
                     match tokio::time::timeout(bound, ractor_cluster::client_connect(&server, *a))
                         .await
                     {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("timed out".to_owned()),
-                    }
+                    };
+                if dialled.is_ok() {
+                    break;
                 }
-            };
+            }
             match dialled {
                 Ok(()) => {
                     // Give the handshake and the first heartbeat time before dialling again.

@@ -23,7 +23,8 @@ const PEER_TIMEOUT_MS: u64 = 1_000;
 fn peers() -> String {
     PORTS[..3]
         .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
+        // A DNS name, resolved on every dial, as a StatefulSet's peers are.
+        .map(|p| format!("localhost:{p}"))
         .collect::<Vec<_>>()
         .join(",")
 }
