@@ -171,6 +171,13 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
     let refused_before = n0
         .metric_value("dispatch_cluster_auth_refusals_total")
         .await;
+    eprintln!(
+        "before the 4th node: n0 counted {refused_before} refusals, {} dials, {} failed dials",
+        n0.metric_value("dispatch_cluster_connect_attempts_total")
+            .await,
+        n0.metric_value("dispatch_cluster_connect_failures_total")
+            .await
+    );
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not-the-cookie-0123456789abcdef").unwrap();
     let n3 = node(3, &wrong).start().await;
@@ -181,6 +188,11 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
             .then_some(())
     })
     .await;
+    eprintln!(
+        "the 4th node with the wrong cookie: n0 counted {} refusals",
+        n0.metric_value("dispatch_cluster_auth_refusals_total")
+            .await
+    );
     // Several heartbeat timeouts more: it is still not a member anywhere.
     tokio::time::sleep(Duration::from_millis(3 * PEER_TIMEOUT_MS)).await;
     for d in [&n0, &n1, &n2] {
