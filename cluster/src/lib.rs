@@ -36,6 +36,8 @@ pub use metrics::ClusterMetrics;
 /// The largest inbound cluster frame; a peer sending a larger one is disconnected. The
 /// heartbeats and `ractor_cluster`'s own control messages are far smaller.
 pub const MAX_FRAME_BYTES: u64 = 256 * 1024;
+/// Links open but not yet authenticated, at most; more are closed at once (counted).
+pub const MAX_PENDING_SESSIONS: usize = 32;
 /// The longest wait between two dials of a missing peer.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -242,7 +244,16 @@ struct Events(Arc<Shared>);
 
 impl NodeEventSubscription for Events {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
-        self.0.inner.lock().sessions.insert(
+        let mut inner = self.0.inner.lock();
+        let pending = inner.sessions.values().filter(|s| s.name.is_none()).count();
+        if pending >= MAX_PENDING_SESSIONS {
+            // Links not yet authenticated are capped: a flood of idle connections to the
+            // cluster port costs at most this many sessions until the handshake timeout.
+            self.0.metrics.pending_refused.inc();
+            ses.actor.stop(Some("too_many_pending".into()));
+            return;
+        }
+        inner.sessions.insert(
             ses.actor.get_id(),
             Session {
                 actor: ses.actor.clone(),

@@ -15,6 +15,7 @@ pub struct ClusterMetrics {
     pub connect_failures: IntCounter,
     pub auth_refusals: IntCounter,
     pub handshake_timeouts: IntCounter,
+    pub pending_refused: IntCounter,
     pub remote_latency: Histogram,
     pub remote_errors: IntCounter,
 }
@@ -97,6 +98,11 @@ impl ClusterMetrics {
                 r,
                 "dispatch_cluster_handshake_timeouts_total",
                 "Links stopped for not authenticating within --cluster-peer-timeout-ms",
+            ),
+            pending_refused: counter(
+                r,
+                "dispatch_cluster_pending_refused_total",
+                "Links closed at once because MAX_PENDING_SESSIONS were already authenticating",
             ),
             remote_latency,
             remote_errors: counter(

@@ -226,6 +226,27 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
         let _ = s.write_all(bytes).await;
         let _ = s.shutdown().await;
     }
+    // A flood of idle connections: at most 32 wait for a handshake, the rest are closed.
+    let mut idle = Vec::new();
+    for _ in 0..48 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", PORTS[0]))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually_within(
+        "idle links past the cap closed and counted",
+        SLOW,
+        || async {
+            (n0.metric_value("dispatch_cluster_pending_refused_total")
+                .await
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    drop(idle);
     tokio::time::sleep(Duration::from_millis(2 * PEER_TIMEOUT_MS)).await;
     let mut n0 = n0;
     assert!(n0.running(), "garbage on the cluster port ended the node");
