@@ -466,6 +466,14 @@ pub enum SupervisorMsg {
     Count(RpcReplyPort<usize>),
 }
 
+// ractor's `cluster` feature (issue 16) turns off its blanket `Message` impl: every message
+// type says so itself. None of these crosses nodes (the default: not serializable).
+impl ractor::Message for DriverMsg {}
+impl ractor::Message for RiderMsg {}
+impl ractor::Message for TripMsg {}
+impl ractor::Message for CellMsg {}
+impl ractor::Message for SupervisorMsg {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

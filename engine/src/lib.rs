@@ -24,6 +24,7 @@ pub mod ledger;
 pub mod profile;
 pub mod rider;
 pub mod search;
+pub mod shard;
 pub mod surge;
 pub mod transition;
 pub mod trip;

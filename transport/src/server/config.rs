@@ -247,10 +247,11 @@ pub struct Args {
     /// Time allowed for a graceful shutdown before the process exits anyway.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
-    /// This node's name in a cluster (issue 16). Given, cluster mode is on: nodes that
-    /// share one PostgreSQL store (`--store postgres`) take turns holding the city's
-    /// lease; the holder serves, the others stand by and take over when it is lost.
-    /// Unset: one node, as always.
+    /// This node's name in a cluster (issue 16): unique, stable across restarts (a
+    /// StatefulSet pod's name). Given, cluster mode is on: nodes that share one
+    /// PostgreSQL store (`--store postgres`) take turns holding the city's lease; the
+    /// holder serves, the others stand by and take over when it is lost. Unset: one
+    /// node, as always.
     #[arg(long, env = "DISPATCH_NODE_NAME")]
     node_name: Option<String>,
     /// How long a lease lasts without renewal (cluster mode): a dead or paused leader's
@@ -268,6 +269,9 @@ pub struct Args {
     pub register_limit: super::ratelimit::RateLimitArgs,
     #[command(flatten)]
     pub auth: super::jwt::JwtArgs,
+    /// Cluster membership: `--cluster-*` (see `super::cluster`).
+    #[command(flatten)]
+    pub cluster: super::cluster::ClusterArgs,
 }
 
 /// The validated configuration.
@@ -302,6 +306,10 @@ pub struct Config {
     pub auth: super::jwt::AuthConfig,
     /// `--node-name` and the lease durations: cluster mode (standby takeover), if set.
     pub cluster: Option<ClusterConfig>,
+    /// `--node-name`.
+    pub node_name: Option<String>,
+    /// Membership, when `--cluster-listen` is given (the cookie redacted in `Debug`).
+    pub membership: Option<dispatch_cluster::ClusterConfig>,
 }
 
 /// Cluster mode's settings (`--node-name`, `--lease-ttl-ms`, `--lease-renew-ms`); see
@@ -537,13 +545,16 @@ impl Args {
                 StoreConfig::Postgres(o)
             }
         };
+        let membership = self.cluster.validate(self.node_name.as_deref())?;
         let cluster = cluster_config(
-            self.node_name,
+            self.node_name.clone(),
             self.lease_ttl_ms,
             self.lease_renew_ms,
             &store,
         )?;
         Ok(Config {
+            node_name: self.node_name,
+            membership,
             cluster,
             store,
             register_limit,

@@ -318,6 +318,8 @@ struct Node {
     front: Arc<Front>,
     /// Flips to true on SIGTERM/SIGINT.
     quit: watch::Receiver<bool>,
+    /// Membership over ractor_cluster (`--cluster-listen`), across terms.
+    membership: Option<Arc<dispatch_cluster::Cluster>>,
 }
 
 /// `run` in cluster mode: serves `listener` (and `--admin-listen`) through the front
@@ -330,6 +332,9 @@ pub(super) async fn run(
     let cluster = config.cluster.clone().expect("cluster mode");
     let metrics = Arc::new(Metrics::new());
     crate::telemetry::count_drops_in(metrics.bounds_hit.with_label_values(&["otlp_span_queue"]));
+    // Membership (`--cluster-listen`) first, so the member set forms while the store
+    // opens; it lives across terms, standing by included.
+    let membership = super::cluster::start(&config, &metrics).await?;
     let (store, admin_token_hash) = open_store(&config, &metrics).await?;
     metrics.set_slow_handler_ms(config.slow_handler_ms);
     let store = Arc::new(store);
@@ -373,6 +378,7 @@ pub(super) async fn run(
         admin_token_hash,
         front,
         quit,
+        membership,
     };
     let mut result = Ok(());
     while let Some((lease, sent)) = node.stand_by(&cm).await {
@@ -397,6 +403,9 @@ pub(super) async fn run(
         }
     }
     cm.count_fenced(&node.store);
+    if let Some(m) = &node.membership {
+        m.stop().await;
+    }
     tracing::info!("dispatchd stopped");
     result
 }
@@ -557,6 +566,7 @@ impl Node {
             self.admin_token_hash,
             stop_rx,
             Some(clock.clone()),
+            self.membership.clone(),
         );
         self.front.set(Role::Leader {
             clock,

@@ -266,6 +266,7 @@ fn operator_routes() -> Router<App> {
         .route("/metrics", get(metrics))
         .merge(admin::routes())
         .merge(console::routes())
+        .merge(super::cluster::routes())
 }
 
 /// `--cors-origin`: the listed origins may call every route of this listener from a

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod asyncapi;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod decode;
@@ -112,6 +113,8 @@ pub struct AppInner {
     pub stop_reason: std::sync::OnceLock<&'static str>,
     /// In cluster mode, until when this leader term may answer clients.
     pub term: Option<Arc<failover::TermClock>>,
+    /// Cluster membership (`--cluster-listen`), for `/admin/cluster`.
+    pub cluster: Option<Arc<dispatch_cluster::Cluster>>,
 }
 
 pub type App = Arc<AppInner>;
@@ -148,6 +151,7 @@ pub async fn run(
         (&system, &transport, &auth),
         admin_token_hash,
         stop_rx,
+        None,
         None,
     );
     let local = listener.local_addr()?;
@@ -272,6 +276,7 @@ fn new_app(
     admin_token_hash: [u8; 32],
     shutdown: watch::Receiver<bool>,
     term: Option<Arc<failover::TermClock>>,
+    cluster: Option<Arc<dispatch_cluster::Cluster>>,
 ) -> App {
     Arc::new(AppInner {
         transport: transport.clone(),
@@ -288,6 +293,7 @@ fn new_app(
         console: console::Console::new(config.console_tiles_url.clone()),
         stop_reason: std::sync::OnceLock::new(),
         term,
+        cluster,
     })
 }
 

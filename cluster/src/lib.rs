@@ -1,0 +1,512 @@
+//! Cluster membership over `ractor_cluster` (issue 16): this node's `NodeServer`, links to
+//! the configured peers (re-dialled with backoff, since `ractor_cluster` never reconnects),
+//! a heartbeat actor in a ractor process group, and the live member set published on a
+//! [`tokio::sync::watch`] for the shard map and the lease controller.
+//!
+//! - **Authentication**: `ractor_cluster`'s cookie handshake (a challenge–response over the
+//!   shared secret, both ways). A peer that fails it is refused and counted
+//!   (`dispatch_cluster_auth_refusals_total`).
+//! - **Failure detection**: `ractor_cluster` keeps a silent peer's session open forever. Every
+//!   node casts a heartbeat to every remote member of [`HEARTBEAT_GROUP`] each
+//!   `heartbeat` interval; a peer not heard from within `peer_timeout` is declared dead, its
+//!   sessions are stopped (so a paused node is dropped like a dead one), and it is dialled
+//!   again like any missing peer. A session that has not authenticated within
+//!   `peer_timeout` is stopped too (a paused peer accepts TCP but never answers).
+//! - **Bounds**: inbound frames at most [`MAX_FRAME_BYTES`]; every dial (DNS and TCP) and
+//!   every call to the `NodeServer` within `peer_timeout`; dial backoff up to
+//!   [`MAX_BACKOFF`]; heartbeat names at most [`MAX_NAME_BYTES`].
+
+mod heartbeat;
+mod metrics;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use ractor::{Actor, ActorId, ActorRef};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
+use tokio::sync::watch;
+
+pub use heartbeat::{HEARTBEAT_GROUP, HeartbeatMsg, MAX_NAME_BYTES};
+pub use metrics::ClusterMetrics;
+
+/// The largest inbound cluster frame; a peer sending a larger one is disconnected. The
+/// heartbeats and `ractor_cluster`'s own control messages are far smaller.
+pub const MAX_FRAME_BYTES: u64 = 256 * 1024;
+/// Links open but not yet authenticated, at most; more are closed at once (counted).
+pub const MAX_PENDING_SESSIONS: usize = 32;
+/// The longest wait between two dials of a missing peer.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The shared cluster secret. Never printed.
+#[derive(Clone)]
+pub struct Cookie(pub String);
+
+impl std::fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What membership needs, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster (a StatefulSet pod's name).
+    pub node_name: String,
+    /// Where the `NodeServer` listens.
+    pub listen: SocketAddr,
+    /// The peers to dial, `host:port`; a DNS name is resolved again on every dial.
+    pub peers: Vec<String>,
+    pub cookie: Cookie,
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+}
+
+/// Why membership could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the cluster node server on {addr} (--cluster-listen): {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("cannot start the heartbeat actor: {0}")]
+    Heartbeat(String),
+}
+
+/// One member as `/admin/v1/cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    /// This node itself.
+    pub is_self: bool,
+    /// Milliseconds since its last heartbeat arrived (`None` for this node).
+    pub last_heard_ms: Option<u64>,
+}
+
+/// A session as the node server reported it.
+#[derive(Debug)]
+struct Session {
+    actor: ActorRef<NodeSessionMessage>,
+    opened: Instant,
+    is_server: bool,
+    node_id: u64,
+    peer_addr: String,
+    /// The peer's name once it authenticated.
+    name: Option<String>,
+}
+
+/// State shared by the heartbeat actor, the node-server subscription and the dialer.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) node_name: String,
+    pub(crate) peer_timeout: Duration,
+    pub(crate) metrics: ClusterMetrics,
+    inner: Mutex<Inner>,
+    members_tx: watch::Sender<Vec<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<ActorId, Session>,
+    /// Live peers (not this node) and when each was last heard.
+    live: HashMap<String, Instant>,
+    /// Addresses (dialled, or advertised by the peer) → the peer name seen there.
+    known: HashMap<String, String>,
+}
+
+impl Shared {
+    /// Sorted live members, this node included.
+    fn members(inner: &Inner, me: &str) -> Vec<String> {
+        let mut set: BTreeSet<String> = inner.live.keys().cloned().collect();
+        set.insert(me.to_owned());
+        set.into_iter().collect()
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let members = Self::members(inner, &self.node_name);
+        self.metrics.members.set(members.len() as i64);
+        self.members_tx.send_if_modified(|m| {
+            if *m == members {
+                false
+            } else {
+                *m = members;
+                true
+            }
+        });
+    }
+
+    /// The node ids of the authenticated sessions with `name`.
+    pub(crate) fn node_ids_of(&self, name: &str) -> Vec<u64> {
+        let inner = self.inner.lock();
+        inner
+            .sessions
+            .values()
+            .filter(|s| s.name.as_deref() == Some(name))
+            .map(|s| s.node_id)
+            .collect()
+    }
+
+    /// A heartbeat from `name` arrived over the session of `node_id`. Only a name an
+    /// authenticated session carries counts, so a peer cannot keep another alive.
+    pub(crate) fn heard(&self, name: &str) -> bool {
+        let mut inner = self.inner.lock();
+        if !inner
+            .sessions
+            .values()
+            .any(|s| s.name.as_deref() == Some(name))
+        {
+            return false;
+        }
+        let was_live = inner.live.insert(name.to_owned(), Instant::now()).is_some();
+        if !was_live {
+            tracing::info!(peer = name, "cluster peer up");
+            self.metrics.peer_up.with_label_values(&[name]).set(1);
+            self.publish(&inner);
+        }
+        true
+    }
+
+    /// Declares peers not heard within the timeout dead and stops their sessions, and
+    /// stops sessions that have not authenticated within it.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        let dead: Vec<String> = inner
+            .live
+            .iter()
+            .filter(|(_, heard)| now.duration_since(**heard) > self.peer_timeout)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &dead {
+            inner.live.remove(name);
+            self.metrics.peers_dead.inc();
+            self.metrics.peer_up.with_label_values(&[name]).set(0);
+            tracing::warn!(peer = %name, timeout_ms = self.peer_timeout.as_millis() as u64, "cluster peer not heard from: declared dead, its sessions dropped");
+        }
+        for s in inner.sessions.values() {
+            let stale = match &s.name {
+                Some(n) => dead.contains(n),
+                None => now.duration_since(s.opened) > self.peer_timeout,
+            };
+            if stale {
+                if s.name.is_none() {
+                    self.metrics.handshake_timeouts.inc();
+                }
+                s.actor.stop(Some("peer_timeout".into()));
+            }
+        }
+        if !dead.is_empty() {
+            self.publish(&inner);
+        }
+    }
+
+    fn last_heard(&self) -> Vec<MemberStatus> {
+        let now = Instant::now();
+        let inner = self.inner.lock();
+        let mut out: Vec<MemberStatus> = inner
+            .live
+            .iter()
+            .map(|(n, t)| MemberStatus {
+                name: n.clone(),
+                is_self: false,
+                last_heard_ms: Some(now.duration_since(*t).as_millis() as u64),
+            })
+            .collect();
+        out.push(MemberStatus {
+            name: self.node_name.clone(),
+            is_self: true,
+            last_heard_ms: None,
+        });
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The live peer name already seen at one of `addrs`, if any.
+    fn live_at(&self, addrs: &[String]) -> Option<String> {
+        let inner = self.inner.lock();
+        addrs
+            .iter()
+            .filter_map(|a| inner.known.get(a))
+            .find(|n| inner.live.contains_key(*n))
+            .cloned()
+    }
+}
+
+/// A peer's member name from ractor_cluster's `<name>@<hostname>`.
+fn node_name_of(full: &str) -> &str {
+    full.split('@').next().unwrap_or(full)
+}
+
+/// Node-server events, kept in [`Shared`].
+struct Events(Arc<Shared>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        let mut inner = self.0.inner.lock();
+        let pending = inner.sessions.values().filter(|s| s.name.is_none()).count();
+        if pending >= MAX_PENDING_SESSIONS {
+            // Links not yet authenticated are capped: a flood of idle connections to the
+            // cluster port costs at most this many sessions until the handshake timeout.
+            self.0.metrics.pending_refused.inc();
+            ses.actor.stop(Some("too_many_pending".into()));
+            return;
+        }
+        inner.sessions.insert(
+            ses.actor.get_id(),
+            Session {
+                actor: ses.actor.clone(),
+                opened: Instant::now(),
+                is_server: ses.is_server,
+                node_id: ses.node_id,
+                peer_addr: ses.peer_addr.clone(),
+                name: None,
+            },
+        );
+    }
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        let Some(mut peer) = ses.peer_name.clone() else {
+            return;
+        };
+        // ractor_cluster names a node `<name>@<hostname>`; members are known by `<name>`
+        // (`--node-name` has no '@').
+        peer.name = node_name_of(&peer.name).to_owned();
+        let mut inner = self.0.inner.lock();
+        if let Some(s) = inner.sessions.get_mut(&ses.actor.get_id()) {
+            s.name = Some(peer.name.clone());
+            if !s.is_server {
+                let addr = s.peer_addr.clone();
+                inner.known.insert(addr, peer.name.clone());
+            }
+        }
+        inner
+            .known
+            .insert(peer.connection_string.clone(), peer.name.clone());
+        tracing::info!(peer = %peer.name, addr = %ses.peer_addr, incoming = ses.is_server, "cluster session authenticated");
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let mut inner = self.0.inner.lock();
+        let Some(gone) = inner.sessions.remove(&ses.actor.get_id()) else {
+            return;
+        };
+        match gone.name {
+            None => {
+                // An incoming session that never authenticated: a wrong cookie, or not a
+                // cluster peer at all — unless it lost the election between two
+                // simultaneous links of a peer that is linked anyway.
+                let claimed = ses
+                    .peer_name
+                    .as_ref()
+                    .map(|p| node_name_of(&p.name).to_owned());
+                let linked = claimed.as_ref().is_some_and(|n| {
+                    inner.live.contains_key(n)
+                        || inner.sessions.values().any(|s| s.name.as_ref() == Some(n))
+                });
+                if gone.is_server && !linked {
+                    self.0.metrics.auth_refusals.inc();
+                    tracing::warn!(addr = %gone.peer_addr, claimed_name = ?claimed, "cluster peer refused: it did not complete the cookie handshake");
+                }
+            }
+            Some(name) => {
+                let other = inner
+                    .sessions
+                    .values()
+                    .any(|s| s.name.as_ref() == Some(&name));
+                if !other && inner.live.remove(&name).is_some() {
+                    tracing::warn!(peer = %name, "cluster peer's session closed: peer down");
+                    self.0.metrics.peer_up.with_label_values(&[&name]).set(0);
+                    self.0.publish(&inner);
+                }
+            }
+        }
+    }
+}
+
+/// A running membership: stop it with [`Cluster::stop`].
+pub struct Cluster {
+    shared: Arc<Shared>,
+    members: watch::Receiver<Vec<String>>,
+    server: ActorRef<NodeServerMessage>,
+    heartbeat: ActorRef<HeartbeatMsg>,
+    dialer: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.shared.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts the node server on `config.listen`, the heartbeat actor and the dialer;
+    /// metrics go to `registry`.
+    pub async fn start(
+        config: ClusterConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Cluster, ClusterError> {
+        let metrics = ClusterMetrics::new(registry);
+        let (members_tx, members) = watch::channel(vec![config.node_name.clone()]);
+        metrics.members.set(1);
+        let shared = Arc::new(Shared {
+            node_name: config.node_name.clone(),
+            peer_timeout: config.peer_timeout,
+            metrics,
+            inner: Mutex::new(Inner::default()),
+            members_tx,
+        });
+        let listen_err = |reason: String| ClusterError::Listen {
+            addr: config.listen,
+            reason,
+        };
+        // Bind once ourselves first: ractor_cluster's listener panics inside its actor on a
+        // taken port, which would only show as a spawn error without the reason.
+        std::net::TcpListener::bind(config.listen).map_err(|e| listen_err(e.to_string()))?;
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.cookie.0.clone(),
+            config.node_name.clone(),
+            config.listen.ip().to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip())
+        .with_max_inbound_frame_size(MAX_FRAME_BYTES);
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| listen_err(e.to_string()))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "dispatch-membership".into(),
+                subscription: Box::new(Events(shared.clone())),
+            })
+            .map_err(|e| listen_err(e.to_string()))?;
+        let heartbeat = heartbeat::spawn(shared.clone(), config.heartbeat)
+            .await
+            .map_err(ClusterError::Heartbeat)?;
+        let dialer = tokio::spawn(dial_peers(config.clone(), shared.clone(), server.clone()));
+        tracing::info!(node = %config.node_name, listen = %config.listen, peers = ?config.peers, "cluster membership started");
+        Ok(Cluster {
+            shared,
+            members,
+            server,
+            heartbeat,
+            dialer,
+        })
+    }
+
+    /// The live members, this node included, sorted; changes are published.
+    pub fn members(&self) -> watch::Receiver<Vec<String>> {
+        self.members.clone()
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.shared.node_name
+    }
+
+    /// Every live member with how long ago it was last heard.
+    pub fn status(&self) -> Vec<MemberStatus> {
+        self.shared.last_heard()
+    }
+
+    /// Stops dialling, the heartbeats and the node server (closing every link).
+    pub async fn stop(&self) {
+        self.dialer.abort();
+        let wait = Some(self.shared.peer_timeout);
+        let _ = self.heartbeat.stop_and_wait(None, wait).await;
+        let _ = self.server.stop_and_wait(None, wait).await;
+    }
+}
+
+/// One configured peer address and when to dial it next.
+struct Slot {
+    addr: String,
+    backoff: Duration,
+    next: Instant,
+}
+
+/// Dials every configured peer that is not a live member, with exponential backoff per
+/// peer, forever. A peer that resolves to this node's own address is skipped.
+async fn dial_peers(
+    config: ClusterConfig,
+    shared: Arc<Shared>,
+    server: ActorRef<NodeServerMessage>,
+) {
+    let mut slots: Vec<Slot> = config
+        .peers
+        .iter()
+        .map(|a| Slot {
+            addr: a.clone(),
+            backoff: MIN_BACKOFF,
+            next: Instant::now(),
+        })
+        .collect();
+    let bound = config.peer_timeout;
+    let mut tick = tokio::time::interval(config.heartbeat.min(Duration::from_millis(250)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for slot in &mut slots {
+            let now = Instant::now();
+            if now < slot.next {
+                continue;
+            }
+            // Resolved again on every attempt: a StatefulSet pod's address changes.
+            let resolved: Vec<SocketAddr> = match tokio::time::timeout(
+                bound,
+                tokio::net::lookup_host(slot.addr.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(_)) | Err(_) => Vec::new(),
+            };
+            let mut keys = vec![slot.addr.clone()];
+            keys.extend(resolved.iter().map(|a| a.to_string()));
+            if resolved.contains(&config.listen) {
+                // Ourselves (a StatefulSet lists every pod, this one too).
+                slot.next = now + Duration::from_secs(3600);
+                continue;
+            }
+            if shared.live_at(&keys).is_some() {
+                slot.backoff = MIN_BACKOFF;
+                slot.next = now + config.heartbeat;
+                continue;
+            }
+            shared.metrics.connect_attempts.inc();
+            // Each resolved address in turn (`localhost` may give `::1` before 127.0.0.1).
+            let mut dialled = Err("cannot resolve".to_owned());
+            for a in &resolved {
+                dialled =
+                    match tokio::time::timeout(bound, ractor_cluster::client_connect(&server, *a))
+                        .await
+                    {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".to_owned()),
+                    };
+                if dialled.is_ok() {
+                    break;
+                }
+            }
+            match dialled {
+                Ok(()) => {
+                    // Give the handshake and the first heartbeat time before dialling again.
+                    slot.next = now + bound + slot.backoff;
+                    slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => {
+                    shared.metrics.connect_failures.inc();
+                    tracing::debug!(peer = %slot.addr, error = %e, "cluster dial failed");
+                    slot.next = now + slot.backoff;
+                    slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
