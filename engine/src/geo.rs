@@ -123,6 +123,12 @@ pub(crate) fn min_distance_outside_m(q: [f64; 3], cell: CellId) -> f64 {
     (to_centre - radius_m * 1.01 - 1.0).max(0.0)
 }
 
+/// A cell's centre (as a unit vector) and its largest centre-to-vertex distance in metres:
+/// every point of the cell is within that distance of the centre.
+pub(crate) fn cell_disk(cell: CellId) -> ([f64; 3], f64) {
+    disks::get(cell)
+}
+
 /// Each cell's centre (as a unit vector) and largest centre-to-vertex distance, computed
 /// once per cell: they are a pure function of the cell id, and computing a cell's boundary
 /// was a third of a search's time. Bounded: the memo is emptied when it reaches

@@ -140,6 +140,12 @@ impl RingSearch {
         bound <= self.params.max_radius_m && bound <= self.kth_m()
     }
 
+    /// How far a cell asked now need look: the radius, or the k-th candidate found so
+    /// far if nearer (a driver exactly that far is still wanted, for the tie by id).
+    pub fn query_radius_m(&self) -> f64 {
+        self.params.max_radius_m.min(self.kth_m())
+    }
+
     /// Takes back what one cell of the current ring held: its `k` nearest matches.
     pub fn add(&mut self, candidates: Vec<Candidate>, examined: usize) {
         self.stats.cells_searched += 1;
@@ -160,7 +166,7 @@ impl RingSearch {
         filter: &mut impl DriverFilter,
     ) -> (Vec<Candidate>, usize) {
         let (got, examined) =
-            cell.nearest(self.pickup, self.params.k, self.params.max_radius_m, filter);
+            cell.nearest(self.pickup, self.params.k, self.query_radius_m(), filter);
         (
             got.into_iter()
                 .map(|(driver, distance_m)| Candidate { driver, distance_m })
