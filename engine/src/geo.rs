@@ -135,17 +135,38 @@ pub(crate) fn cell_disk(cell: CellId) -> ([f64; 3], f64) {
 /// [`disks::MAX`] cells (a city touches a few thousand).
 mod disks {
     use std::collections::HashMap;
+    use std::hash::{BuildHasherDefault, Hasher};
     use std::sync::{OnceLock, RwLock};
 
     use h3o::{CellIndex, LatLng};
 
     pub const MAX: usize = 1 << 16;
 
-    type Memo = RwLock<HashMap<CellIndex, ([f64; 3], f64)>>;
+    type Memo = RwLock<HashMap<CellIndex, ([f64; 3], f64), BuildHasherDefault<CellHasher>>>;
+
+    /// A cell id is already a well-mixed 64-bit number: one multiply spreads it over the
+    /// table (SipHash was ~8% of a search; nothing here is keyed by untrusted input that
+    /// could not be any cell id anyway, and the memo is bounded).
+    #[derive(Default)]
+    pub struct CellHasher(u64);
+
+    impl Hasher for CellHasher {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.write_u64(u64::from(b));
+            }
+        }
+        fn write_u64(&mut self, x: u64) {
+            self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
 
     fn memo() -> &'static Memo {
         static MEMO: OnceLock<Memo> = OnceLock::new();
-        MEMO.get_or_init(|| RwLock::new(HashMap::new()))
+        MEMO.get_or_init(|| RwLock::new(HashMap::default()))
     }
 
     pub fn get(cell: CellIndex) -> ([f64; 3], f64) {
@@ -195,7 +216,16 @@ impl Grid {
 
     /// The cells at exactly grid distance `k` from `origin` (the origin itself for 0).
     pub fn ring(self, origin: CellId, k: u32) -> Vec<CellId> {
-        origin.grid_ring::<Vec<_>>(k)
+        // A ring holds 6k cells (fewer near a pentagon, where the fast walk gives up and
+        // the general one answers): sized once, not grown as h3o's collect does.
+        let mut cells = Vec::with_capacity(if k == 0 { 1 } else { 6 * k as usize });
+        for c in origin.grid_ring_fast(k) {
+            match c {
+                Some(c) => cells.push(c),
+                None => return origin.grid_ring::<Vec<_>>(k),
+            }
+        }
+        cells
     }
 
     /// A lower bound on the distance from `p` to any point inside `cell`, in metres:

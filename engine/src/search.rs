@@ -62,6 +62,8 @@ pub struct RingSearch {
     origin: CellId,
     params: SearchParams,
     next_ring: u32,
+    /// The current ring's cells with the lower bound on their distance, computed once.
+    ring: Vec<(CellId, f64)>,
     found: Vec<Candidate>,
     done: bool,
     stats: SearchStats,
@@ -76,6 +78,7 @@ impl RingSearch {
             origin: grid.cell_of(pickup),
             params,
             next_ring: 0,
+            ring: Vec::new(),
             found: Vec::new(),
             done: params.k == 0,
             stats: SearchStats::default(),
@@ -102,15 +105,17 @@ impl RingSearch {
         }
         let ring = self.next_ring;
         let cells = self.grid.ring(self.origin, ring);
+        self.ring.clear();
+        self.ring.extend(cells.iter().map(|&c| {
+            let bound = if c == self.origin {
+                0.0
+            } else {
+                min_distance_outside_m(self.pickup_xyz, c)
+            };
+            (c, bound)
+        }));
         // Everything in this ring and beyond is at least this far away.
-        let bound = if ring == 0 {
-            0.0
-        } else {
-            cells
-                .iter()
-                .map(|c| min_distance_outside_m(self.pickup_xyz, *c))
-                .fold(f64::INFINITY, f64::min)
-        };
+        let bound = self.ring.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
         if bound > self.params.max_radius_m || bound > self.kth_m() {
             self.done = true;
             return None;
@@ -133,10 +138,11 @@ impl RingSearch {
     /// further than the radius or the k-th candidate found so far. A cell that could not
     /// need not be asked (the ring's stopping rule is unaffected: it uses every cell).
     pub fn worth_querying(&self, cell: CellId) -> bool {
-        if cell == self.origin {
-            return true;
-        }
-        let bound = min_distance_outside_m(self.pickup_xyz, cell);
+        let bound = match self.ring.iter().find(|c| c.0 == cell) {
+            Some(c) => c.1,
+            None if cell == self.origin => 0.0,
+            None => min_distance_outside_m(self.pickup_xyz, cell),
+        };
         bound <= self.params.max_radius_m && bound <= self.kth_m()
     }
 
