@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use crate::fare::Product;
-use crate::geo::{Point, m_to_chord};
+use crate::geo::{Haversine, Point, m_to_chord};
 use crate::ids::DriverId;
 
 /// One driver as the cell index sees it.
@@ -422,11 +422,12 @@ impl CellDrivers {
             }
         }
         // Only the records that made the cut are read, and only the final k are cloned.
+        let from = Haversine::new(p);
         let mut best: Vec<(f64, u32)> = near
             .best
             .into_iter()
             // The haversine distance, so that every caller compares the same number.
-            .map(|(_, i)| (p.distance_m(self.drivers[i as usize].position), i))
+            .map(|(_, i)| (from.distance_m(self.drivers[i as usize].position), i))
             .filter(|&(m, _)| m <= max_m)
             .collect();
         best.sort_by(|a, b| {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use crate::geo::{CellId, Grid, Point, min_distance_outside_m};
+use crate::geo::{CellId, Grid, Point, min_distance_outside_m, outside_disk_m, ring_disks};
 use crate::index::{CellDrivers, DriverFilter, IndexedDriver};
 
 /// Bounds on one search. Each is a named limit so a request can never scan the city.
@@ -104,16 +104,19 @@ impl RingSearch {
             return None;
         }
         let ring = self.next_ring;
-        let cells = self.grid.ring(self.origin, ring);
         self.ring.clear();
-        self.ring.extend(cells.iter().map(|&c| {
-            let bound = if c == self.origin {
-                0.0
-            } else {
-                min_distance_outside_m(self.pickup_xyz, c)
-            };
-            (c, bound)
-        }));
+        self.ring
+            .extend(ring_disks(self.grid, self.origin, ring).iter().map(
+                |&(c, centre, radius_m)| {
+                    let bound = if c == self.origin {
+                        0.0
+                    } else {
+                        outside_disk_m(self.pickup_xyz, centre, radius_m)
+                    };
+                    (c, bound)
+                },
+            ));
+        let cells = self.ring.iter().map(|c| c.0).collect();
         // Everything in this ring and beyond is at least this far away.
         let bound = self.ring.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
         if bound > self.params.max_radius_m || bound > self.kth_m() {
