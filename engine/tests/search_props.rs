@@ -628,3 +628,58 @@ fn ties_at_the_kth_place_are_broken_by_driver_id() {
         "k = 1 among n co-located drivers should give drv_00000; (n, got): {wrong:?}"
     );
 }
+
+/// Two drivers exactly as far from the pickup (mirror images east and west of it, in
+/// coordinates that are exact in binary, so their haversine distances are equal to the
+/// bit), the higher id in the pickup's cell and the lower id in a neighbouring cell: the
+/// later cell is asked only as far as the k-th found so far, and a driver exactly that
+/// far must still be found, so that the tie goes to the lower id.
+#[test]
+fn a_tie_at_the_kth_place_across_cells_is_broken_by_driver_id() {
+    let grid = Grid::new(7).unwrap();
+    let d = 1.0 / 512.0; // ~150 m of longitude here
+    let mut checked = 0;
+    for i in 0..64 {
+        for j in 0..64 {
+            let lat = 45.5 + f64::from(i) / 1024.0;
+            let lng = -73.625 + f64::from(j) / 1024.0;
+            let (pickup, east, west) = (pt(lat, lng), pt(lat, lng + d), pt(lat, lng - d));
+            assert_eq!(pickup.distance_m(east), pickup.distance_m(west));
+            let origin = grid.cell_of(pickup);
+            let (near, far) = match (grid.cell_of(east), grid.cell_of(west)) {
+                (e, w) if e == origin && w != origin => (east, west),
+                (e, w) if w == origin && e != origin => (west, east),
+                _ => continue,
+            };
+            let mut cells: HashMap<CellId, CellDrivers> = HashMap::new();
+            for (id, at) in [(1, near), (0, far)] {
+                let cell = grid.cell_of(at);
+                cells
+                    .entry(cell)
+                    .or_insert_with(|| CellDrivers::for_cell(cell))
+                    .upsert(IndexedDriver {
+                        driver_id: driver_id(id),
+                        position: at,
+                        heading: None,
+                        product: Product::Economy,
+                        available: true,
+                    });
+            }
+            let params = SearchParams {
+                k: 1,
+                ..ten_within_5_km()
+            };
+            let (got, stats) = search_map(grid, &cells, pickup, params, |_: &IndexedDriver| true);
+            assert_eq!(
+                candidate_ids(&got),
+                [driver_id(0)],
+                "pickup {pickup:?}: {stats:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} pickups had the two in different cells"
+    );
+}
