@@ -120,6 +120,8 @@ struct Frame {
     x0: f64,
     y0: f64,
     w: f64,
+    /// `1 / w`: a ping multiplies rather than divides.
+    per_w: f64,
 }
 
 impl Frame {
@@ -140,6 +142,7 @@ impl Frame {
             x0: dot(c, east) - half,
             y0: dot(c, north) - half,
             w,
+            per_w: 1.0 / w,
         }
     }
 
@@ -150,11 +153,13 @@ impl Frame {
     /// The bucket column or row of a plane coordinate (the edge ones take everything
     /// beyond them).
     fn index(&self, t: f64, t0: f64) -> usize {
-        let i = ((t - t0) / self.w).floor();
-        if i.is_nan() || i < 0.0 {
-            0
-        } else {
+        let i = (t - t0) * self.per_w;
+        // For i >= 0 the cast's truncation is the floor (without a call to libm's
+        // `floor`, which the baseline x86-64 target needs); NaN and below 0 are column 0.
+        if i >= 0.0 {
             (i as usize).min(SIDE - 1)
+        } else {
+            0
         }
     }
 
@@ -196,8 +201,13 @@ struct Slot {
 
 impl Slot {
     fn of(d: &IndexedDriver, driver: u32) -> Self {
+        Self::at(d, d.position.unit_vector(), driver)
+    }
+
+    /// [`Slot::of`] with the unit vector already computed.
+    fn at(d: &IndexedDriver, xyz: [f64; 3], driver: u32) -> Self {
         Self {
-            xyz: d.position.unit_vector(),
+            xyz,
             driver,
             class: class_of(d.product, d.available),
         }
@@ -313,7 +323,7 @@ impl CellDrivers {
         let bucket = frame.bucket_of(xyz);
         match self.slot.get(&driver.driver_id) {
             Some(&i) => {
-                let slot = Slot::of(&driver, i);
+                let slot = Slot::at(&driver, xyz, i);
                 let was = self.at[i as usize];
                 if was.0 == bucket {
                     self.buckets[bucket as usize][was.1 as usize] = slot;
@@ -326,7 +336,7 @@ impl CellDrivers {
             None => {
                 let i =
                     u32::try_from(self.drivers.len()).expect("fewer than 2^32 drivers in a cell");
-                let at = self.put_slot(bucket, Slot::of(&driver, i));
+                let at = self.put_slot(bucket, Slot::at(&driver, xyz, i));
                 self.slot.insert(driver.driver_id.clone(), i);
                 self.at.push(at);
                 self.drivers.push(driver);
@@ -367,6 +377,18 @@ impl CellDrivers {
         max_m: f64,
         filter: &mut impl DriverFilter,
     ) -> (Vec<(IndexedDriver, f64)>, usize) {
+        self.nearest_to(p, p.unit_vector(), k, max_m, filter)
+    }
+
+    /// [`CellDrivers::nearest`] with `p`'s unit vector `q` already computed.
+    pub(crate) fn nearest_to(
+        &self,
+        p: Point,
+        q: [f64; 3],
+        k: usize,
+        max_m: f64,
+        filter: &mut impl DriverFilter,
+    ) -> (Vec<(IndexedDriver, f64)>, usize) {
         let Some(frame) = self.frame.filter(|_| k > 0 && !self.drivers.is_empty()) else {
             return (Vec::new(), 0);
         };
@@ -374,7 +396,6 @@ impl CellDrivers {
         if mask == 0 || max_m.is_nan() || max_m < 0.0 {
             return (Vec::new(), 0);
         }
-        let q = p.unit_vector();
         let (x, y) = frame.plane(q);
         let (cx, cy) = (frame.index(x, frame.x0), frame.index(y, frame.y0));
         // Entries exactly as far as the k-th are still taken, so that a tie at the k-th

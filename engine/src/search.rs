@@ -174,8 +174,13 @@ impl RingSearch {
         cell: &CellDrivers,
         filter: &mut impl DriverFilter,
     ) -> (Vec<Candidate>, usize) {
-        let (got, examined) =
-            cell.nearest(self.pickup, self.params.k, self.query_radius_m(), filter);
+        let (got, examined) = cell.nearest_to(
+            self.pickup,
+            self.pickup_xyz,
+            self.params.k,
+            self.query_radius_m(),
+            filter,
+        );
         (
             got.into_iter()
                 .map(|(driver, distance_m)| Candidate { driver, distance_m })
