@@ -163,7 +163,8 @@ pub(crate) type RingCell = (CellId, [f64; 3], f64);
 
 /// The cells at grid distance `k` from `origin` with their disks, computed once per
 /// origin and ring: walking H3's ring and looking up each cell's disk was a third of a
-/// search. Bounded like the disks: emptied when it reaches [`disks::MAX_RINGS`] rings.
+/// search. Bounded like the disks: emptied when it reaches [`disks::MAX_RINGS`] rings, and
+/// only rings up to [`disks::MEMO_UP_TO`] are kept.
 pub(crate) fn ring_disks(grid: Grid, origin: CellId, k: u32) -> std::sync::Arc<[RingCell]> {
     disks::ring(grid, origin, k)
 }
@@ -212,6 +213,9 @@ mod disks {
     }
 
     pub const MAX_RINGS: usize = 1 << 14;
+    /// Only rings this close are kept (at most 12 cells, ~0.5 KiB each, so the memo stays
+    /// under ~10 MiB): a search rarely goes further, and a far ring is walked afresh.
+    pub const MEMO_UP_TO: u32 = 2;
 
     type Rings =
         RwLock<HashMap<(CellIndex, u32), Arc<[super::RingCell]>, BuildHasherDefault<CellHasher>>>;
@@ -234,6 +238,9 @@ mod disks {
                 (c, centre, radius)
             })
             .collect();
+        if k > MEMO_UP_TO {
+            return ring;
+        }
         let mut m = rings.write().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_RINGS {
             m.clear();
