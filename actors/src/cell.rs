@@ -28,7 +28,7 @@ impl Actor for CellActor {
     ) -> Result<CellState, ActorProcessingErr> {
         Ok(CellState {
             cell: args.cell,
-            drivers: CellDrivers::new(),
+            drivers: CellDrivers::for_cell(args.cell),
         })
     }
 

@@ -584,7 +584,8 @@ impl Context {
                     let msg = CellMsg::Query {
                         pickup,
                         k: params.k,
-                        max_radius_m: params.max_radius_m,
+                        // The k-th found in the rings before bounds this one's cells.
+                        max_radius_m: s.query_radius_m(),
                         filter: filter.clone(),
                         trace,
                         reply: RpcReplyPort::from(tx),

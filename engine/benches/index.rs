@@ -94,7 +94,7 @@ fn bench_small_move<M: Measurement>(c: &mut Criterion<M>) {
         let drivers: Vec<IndexedDriver> = (0..n)
             .map(|i| driver(i, point_in(&mut rng, cell)))
             .collect();
-        let mut index = CellDrivers::new();
+        let mut index = CellDrivers::for_cell(cell);
         for d in &drivers {
             index.upsert(d.clone());
         }
@@ -134,7 +134,7 @@ fn bench_cross_cell<M: Measurement>(c: &mut Criterion<M>) {
     let b_cell = grid().ring(a, 1)[0];
     for n in [100usize, 1_000] {
         let mut rng = StdRng::seed_from_u64(11);
-        let mut cells = [CellDrivers::new(), CellDrivers::new()];
+        let mut cells = [CellDrivers::for_cell(a), CellDrivers::for_cell(b_cell)];
         // Driver i starts in cell i % 2 and has a position ready in each cell.
         let homes: Vec<[IndexedDriver; 2]> = (0..2 * n)
             .map(|i| {

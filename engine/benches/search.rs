@@ -75,7 +75,11 @@ fn city(n: usize, side_m: f64) -> City {
             product,
             available: rng.random_bool(0.6),
         };
-        cells.entry(grid.cell_of(p)).or_default().upsert(d);
+        let cell = grid.cell_of(p);
+        cells
+            .entry(cell)
+            .or_insert_with(|| CellDrivers::for_cell(cell))
+            .upsert(d);
     }
     let (il, ig) = half_extent_deg(side_m - 4_000.0);
     let pickups = (0..PICKUPS)

@@ -72,11 +72,7 @@ impl Point {
 
     /// Great-circle (haversine) distance in metres.
     pub fn distance_m(self, other: Point) -> f64 {
-        let (p1, p2) = (self.lat.to_radians(), other.lat.to_radians());
-        let dp = p2 - p1;
-        let dl = (other.lng - self.lng).to_radians();
-        let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-        2.0 * EARTH_RADIUS_M * a.sqrt().min(1.0).asin()
+        Haversine::new(self).distance_m(other)
     }
 
     /// The point on the unit sphere. Euclidean (chord) distance between these vectors is
@@ -102,6 +98,34 @@ impl Point {
     }
 }
 
+/// Great-circle (haversine) distances from one point, with what depends on that point
+/// alone computed once; the same numbers as [`Point::distance_m`], bit for bit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Haversine {
+    lng: f64,
+    lat_rad: f64,
+    cos_lat: f64,
+}
+
+impl Haversine {
+    pub(crate) fn new(from: Point) -> Self {
+        let lat_rad = from.lat.to_radians();
+        Self {
+            lng: from.lng,
+            lat_rad,
+            cos_lat: lat_rad.cos(),
+        }
+    }
+
+    pub(crate) fn distance_m(&self, other: Point) -> f64 {
+        let p2 = other.lat.to_radians();
+        let dp = p2 - self.lat_rad;
+        let dl = (other.lng - self.lng).to_radians();
+        let a = (dp / 2.0).sin().powi(2) + self.cos_lat * p2.cos() * (dl / 2.0).sin().powi(2);
+        2.0 * EARTH_RADIUS_M * a.sqrt().min(1.0).asin()
+    }
+}
+
 /// Converts a chord length on the unit sphere to a great-circle distance in metres.
 pub fn chord_to_m(chord: f64) -> f64 {
     2.0 * EARTH_RADIUS_M * (chord / 2.0).min(1.0).asin()
@@ -118,9 +142,31 @@ pub fn m_to_chord(m: f64) -> f64 {
 /// `cell`, in metres, for a point known to be outside it (see [`Grid::min_distance_m`]).
 pub(crate) fn min_distance_outside_m(q: [f64; 3], cell: CellId) -> f64 {
     let (centre, radius_m) = disks::get(cell);
+    outside_disk_m(q, centre, radius_m)
+}
+
+/// [`min_distance_outside_m`] for a cell whose disk is already known.
+pub(crate) fn outside_disk_m(q: [f64; 3], centre: [f64; 3], radius_m: f64) -> f64 {
     let d = [centre[0] - q[0], centre[1] - q[1], centre[2] - q[2]];
     let to_centre = chord_to_m((d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt());
     (to_centre - radius_m * 1.01 - 1.0).max(0.0)
+}
+
+/// A cell's centre (as a unit vector) and its largest centre-to-vertex distance in metres:
+/// every point of the cell is within that distance of the centre.
+pub(crate) fn cell_disk(cell: CellId) -> ([f64; 3], f64) {
+    disks::get(cell)
+}
+
+/// One cell of a ring with its disk (centre as a unit vector, radius in metres).
+pub(crate) type RingCell = (CellId, [f64; 3], f64);
+
+/// The cells at grid distance `k` from `origin` with their disks, computed once per
+/// origin and ring: walking H3's ring and looking up each cell's disk was a third of a
+/// search. Bounded like the disks: emptied when it reaches [`disks::MAX_RINGS`] rings, and
+/// only rings up to [`disks::MEMO_UP_TO`] are kept.
+pub(crate) fn ring_disks(grid: Grid, origin: CellId, k: u32) -> std::sync::Arc<[RingCell]> {
+    disks::ring(grid, origin, k)
 }
 
 /// Each cell's centre (as a unit vector) and largest centre-to-vertex distance, computed
@@ -129,17 +175,78 @@ pub(crate) fn min_distance_outside_m(q: [f64; 3], cell: CellId) -> f64 {
 /// [`disks::MAX`] cells (a city touches a few thousand).
 mod disks {
     use std::collections::HashMap;
-    use std::sync::{OnceLock, RwLock};
+    use std::hash::{BuildHasherDefault, Hasher};
+    use std::sync::{Arc, OnceLock, RwLock};
 
     use h3o::{CellIndex, LatLng};
 
     pub const MAX: usize = 1 << 16;
 
-    type Memo = RwLock<HashMap<CellIndex, ([f64; 3], f64)>>;
+    type Memo = RwLock<HashMap<CellIndex, ([f64; 3], f64), BuildHasherDefault<CellHasher>>>;
+
+    /// A cell id is already a well-mixed 64-bit number: one multiply spreads it over the
+    /// table (SipHash was ~8% of a search; nothing here is keyed by untrusted input that
+    /// could not be any cell id anyway, and the memo is bounded).
+    #[derive(Default)]
+    pub struct CellHasher(u64);
+
+    impl Hasher for CellHasher {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.write_u64(u64::from(b));
+            }
+        }
+        fn write_u32(&mut self, x: u32) {
+            self.write_u64(u64::from(x));
+        }
+        fn write_u64(&mut self, x: u64) {
+            self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
 
     fn memo() -> &'static Memo {
         static MEMO: OnceLock<Memo> = OnceLock::new();
-        MEMO.get_or_init(|| RwLock::new(HashMap::new()))
+        MEMO.get_or_init(|| RwLock::new(HashMap::default()))
+    }
+
+    pub const MAX_RINGS: usize = 1 << 14;
+    /// Only rings this close are kept (at most 12 cells, ~0.5 KiB each, so the memo stays
+    /// under ~10 MiB): a search rarely goes further, and a far ring is walked afresh.
+    pub const MEMO_UP_TO: u32 = 2;
+
+    type Rings =
+        RwLock<HashMap<(CellIndex, u32), Arc<[super::RingCell]>, BuildHasherDefault<CellHasher>>>;
+
+    pub fn ring(grid: super::Grid, origin: CellIndex, k: u32) -> Arc<[super::RingCell]> {
+        static RINGS: OnceLock<Rings> = OnceLock::new();
+        let rings = RINGS.get_or_init(|| RwLock::new(HashMap::default()));
+        if let Some(r) = rings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(origin, k))
+        {
+            return r.clone();
+        }
+        let ring: Arc<[super::RingCell]> = grid
+            .ring(origin, k)
+            .into_iter()
+            .map(|c| {
+                let (centre, radius) = get(c);
+                (c, centre, radius)
+            })
+            .collect();
+        if k > MEMO_UP_TO {
+            return ring;
+        }
+        let mut m = rings.write().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_RINGS {
+            m.clear();
+        }
+        m.insert((origin, k), ring.clone());
+        ring
     }
 
     pub fn get(cell: CellIndex) -> ([f64; 3], f64) {
@@ -189,7 +296,16 @@ impl Grid {
 
     /// The cells at exactly grid distance `k` from `origin` (the origin itself for 0).
     pub fn ring(self, origin: CellId, k: u32) -> Vec<CellId> {
-        origin.grid_ring::<Vec<_>>(k)
+        // A ring holds 6k cells (fewer near a pentagon, where the fast walk gives up and
+        // the general one answers): sized once, not grown as h3o's collect does.
+        let mut cells = Vec::with_capacity(if k == 0 { 1 } else { 6 * k as usize });
+        for c in origin.grid_ring_fast(k) {
+            match c {
+                Some(c) => cells.push(c),
+                None => return origin.grid_ring::<Vec<_>>(k),
+            }
+        }
+        cells
     }
 
     /// A lower bound on the distance from `p` to any point inside `cell`, in metres:

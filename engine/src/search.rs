@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use crate::geo::{CellId, Grid, Point, min_distance_outside_m};
+use crate::geo::{CellId, Grid, Point, min_distance_outside_m, outside_disk_m, ring_disks};
 use crate::index::{CellDrivers, DriverFilter, IndexedDriver};
 
 /// Bounds on one search. Each is a named limit so a request can never scan the city.
@@ -62,6 +62,8 @@ pub struct RingSearch {
     origin: CellId,
     params: SearchParams,
     next_ring: u32,
+    /// The current ring's cells with the lower bound on their distance, computed once.
+    ring: Vec<(CellId, f64)>,
     found: Vec<Candidate>,
     done: bool,
     stats: SearchStats,
@@ -76,6 +78,7 @@ impl RingSearch {
             origin: grid.cell_of(pickup),
             params,
             next_ring: 0,
+            ring: Vec::new(),
             found: Vec::new(),
             done: params.k == 0,
             stats: SearchStats::default(),
@@ -101,16 +104,21 @@ impl RingSearch {
             return None;
         }
         let ring = self.next_ring;
-        let cells = self.grid.ring(self.origin, ring);
+        self.ring.clear();
+        self.ring
+            .extend(ring_disks(self.grid, self.origin, ring).iter().map(
+                |&(c, centre, radius_m)| {
+                    let bound = if c == self.origin {
+                        0.0
+                    } else {
+                        outside_disk_m(self.pickup_xyz, centre, radius_m)
+                    };
+                    (c, bound)
+                },
+            ));
+        let cells = self.ring.iter().map(|c| c.0).collect();
         // Everything in this ring and beyond is at least this far away.
-        let bound = if ring == 0 {
-            0.0
-        } else {
-            cells
-                .iter()
-                .map(|c| min_distance_outside_m(self.pickup_xyz, *c))
-                .fold(f64::INFINITY, f64::min)
-        };
+        let bound = self.ring.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
         if bound > self.params.max_radius_m || bound > self.kth_m() {
             self.done = true;
             return None;
@@ -133,11 +141,18 @@ impl RingSearch {
     /// further than the radius or the k-th candidate found so far. A cell that could not
     /// need not be asked (the ring's stopping rule is unaffected: it uses every cell).
     pub fn worth_querying(&self, cell: CellId) -> bool {
-        if cell == self.origin {
-            return true;
-        }
-        let bound = min_distance_outside_m(self.pickup_xyz, cell);
+        let bound = match self.ring.iter().find(|c| c.0 == cell) {
+            Some(c) => c.1,
+            None if cell == self.origin => 0.0,
+            None => min_distance_outside_m(self.pickup_xyz, cell),
+        };
         bound <= self.params.max_radius_m && bound <= self.kth_m()
+    }
+
+    /// How far a cell asked now need look: the radius, or the k-th candidate found so
+    /// far if nearer (a driver exactly that far is still wanted, for the tie by id).
+    pub fn query_radius_m(&self) -> f64 {
+        self.params.max_radius_m.min(self.kth_m())
     }
 
     /// Takes back what one cell of the current ring held: its `k` nearest matches.
@@ -159,8 +174,13 @@ impl RingSearch {
         cell: &CellDrivers,
         filter: &mut impl DriverFilter,
     ) -> (Vec<Candidate>, usize) {
-        let (got, examined) =
-            cell.nearest(self.pickup, self.params.k, self.params.max_radius_m, filter);
+        let (got, examined) = cell.nearest_to(
+            self.pickup,
+            self.pickup_xyz,
+            self.params.k,
+            self.query_radius_m(),
+            filter,
+        );
         (
             got.into_iter()
                 .map(|(driver, distance_m)| Candidate { driver, distance_m })

@@ -120,7 +120,22 @@ fn build(drivers: &[GenDriver], pickup: Point) -> Vec<IndexedDriver> {
         .collect()
 }
 
+/// Each cell's drivers in an index whose bucket grid is laid over the cell, as the server
+/// keeps them.
 fn index(grid: Grid, drivers: &[IndexedDriver]) -> HashMap<CellId, CellDrivers> {
+    let mut cells: HashMap<CellId, CellDrivers> = HashMap::new();
+    for d in drivers {
+        let cell = grid.cell_of(d.position);
+        cells
+            .entry(cell)
+            .or_insert_with(|| CellDrivers::for_cell(cell))
+            .upsert(d.clone());
+    }
+    cells
+}
+
+/// The same with `CellDrivers::default()`, whose grid is centred on its first driver.
+fn index_unfitted(grid: Grid, drivers: &[IndexedDriver]) -> HashMap<CellId, CellDrivers> {
     let mut cells: HashMap<CellId, CellDrivers> = HashMap::new();
     for d in drivers {
         cells
@@ -186,6 +201,9 @@ proptest! {
         let wanted = Wanted { product: Some(product), available_only: true };
         let (quick, _) = search_map(grid, &cells, pickup, params, wanted);
         prop_assert_eq!(&quick, &got);
+        // A grid centred on each cell's first driver rather than on the cell: the same.
+        let (unfitted, _) = search_map(grid, &index_unfitted(grid, &drivers), pickup, params, wanted);
+        prop_assert_eq!(&unfitted, &got);
 
         let got_pairs: Vec<(DriverId, f64)> = got
             .iter()
@@ -267,11 +285,24 @@ proptest! {
         prop_assert!(stats.rings <= max_rings + 1, "{:?}", stats);
     }
 
-    /// `CellDrivers` keeps its R-tree and its id map in step under any sequence of
-    /// upserts, moves and removes, and holds exactly what a `HashMap` model holds.
+    /// `CellDrivers` keeps its buckets, slots and id map in step under any sequence of
+    /// upserts, moves and removes, holds exactly what a `HashMap` model holds, and answers
+    /// a nearest query as the brute force does over the model.
     #[test]
-    fn cell_drivers_match_a_hashmap_model(ops in proptest::collection::vec(op(), 1..200)) {
-        let mut cell = CellDrivers::new();
+    fn cell_drivers_match_a_hashmap_model(
+        ops in proptest::collection::vec(op(), 1..200),
+        fitted in any::<bool>(),
+        probe_at in place(),
+        k in 1usize..15,
+        radius_m in prop_oneof![Just(f64::INFINITY), 100.0..20_000.0f64],
+    ) {
+        // Either a grid laid over the centre's resolution-7 cell or one centred on the
+        // first driver; drivers are anywhere, far beyond the grid too.
+        let mut cell = if fitted {
+            CellDrivers::for_cell(Grid::new(7).unwrap().cell_of(pt(CENTRE.0, CENTRE.1)))
+        } else {
+            CellDrivers::new()
+        };
         let mut model: HashMap<DriverId, IndexedDriver> = HashMap::new();
         for (step, op) in ops.iter().enumerate() {
             match *op {
@@ -319,7 +350,7 @@ proptest! {
             let listed: BTreeSet<DriverId> = cell.iter().map(|d| d.driver_id.clone()).collect();
             prop_assert_eq!(&listed, &model.keys().cloned().collect::<BTreeSet<_>>());
         }
-        // The tree, not just the map, holds the model: an unbounded nearest query sees
+        // The buckets, not just the map, hold the model: an unbounded nearest query sees
         // every driver exactly once, nearest first.
         let probe = pt(CENTRE.0, CENTRE.1);
         let (all, examined) = cell.nearest(probe, usize::MAX, f64::INFINITY, &mut |_: &IndexedDriver| true);
@@ -333,6 +364,19 @@ proptest! {
         for (d, _) in &all {
             prop_assert_eq!(Some(d), model.get(&d.driver_id));
         }
+        // A bounded query from anywhere, inside the grid or not, skips buckets and stops
+        // early, yet finds exactly the brute force's k nearest.
+        let probe = position(probe_at);
+        let drivers: Vec<IndexedDriver> = model.values().cloned().collect();
+        let all_match = |d: &IndexedDriver| d.available;
+        let (got, _) = cell.nearest(probe, k, radius_m, &mut |d: &IndexedDriver| all_match(d));
+        let got: Vec<(DriverId, f64)> = got.into_iter().map(|(d, m)| (d.driver_id, m)).collect();
+        let want = brute_force(&drivers, probe, k, radius_m, all_match);
+        prop_assert_eq!(ids(&got), ids(&want));
+        let quick = Wanted { product: None, available_only: true };
+        let (fast, _) = cell.nearest(probe, k, radius_m, &mut { quick });
+        let fast: Vec<(DriverId, f64)> = fast.into_iter().map(|(d, m)| (d.driver_id, m)).collect();
+        prop_assert_eq!(ids(&fast), ids(&want));
     }
 }
 
@@ -582,5 +626,60 @@ fn ties_at_the_kth_place_are_broken_by_driver_id() {
     assert!(
         wrong.is_empty(),
         "k = 1 among n co-located drivers should give drv_00000; (n, got): {wrong:?}"
+    );
+}
+
+/// Two drivers exactly as far from the pickup (mirror images east and west of it, in
+/// coordinates that are exact in binary, so their haversine distances are equal to the
+/// bit), the higher id in the pickup's cell and the lower id in a neighbouring cell: the
+/// later cell is asked only as far as the k-th found so far, and a driver exactly that
+/// far must still be found, so that the tie goes to the lower id.
+#[test]
+fn a_tie_at_the_kth_place_across_cells_is_broken_by_driver_id() {
+    let grid = Grid::new(7).unwrap();
+    let d = 1.0 / 512.0; // ~150 m of longitude here
+    let mut checked = 0;
+    for i in 0..64 {
+        for j in 0..64 {
+            let lat = 45.5 + f64::from(i) / 1024.0;
+            let lng = -73.625 + f64::from(j) / 1024.0;
+            let (pickup, east, west) = (pt(lat, lng), pt(lat, lng + d), pt(lat, lng - d));
+            assert_eq!(pickup.distance_m(east), pickup.distance_m(west));
+            let origin = grid.cell_of(pickup);
+            let (near, far) = match (grid.cell_of(east), grid.cell_of(west)) {
+                (e, w) if e == origin && w != origin => (east, west),
+                (e, w) if w == origin && e != origin => (west, east),
+                _ => continue,
+            };
+            let mut cells: HashMap<CellId, CellDrivers> = HashMap::new();
+            for (id, at) in [(1, near), (0, far)] {
+                let cell = grid.cell_of(at);
+                cells
+                    .entry(cell)
+                    .or_insert_with(|| CellDrivers::for_cell(cell))
+                    .upsert(IndexedDriver {
+                        driver_id: driver_id(id),
+                        position: at,
+                        heading: None,
+                        product: Product::Economy,
+                        available: true,
+                    });
+            }
+            let params = SearchParams {
+                k: 1,
+                ..ten_within_5_km()
+            };
+            let (got, stats) = search_map(grid, &cells, pickup, params, |_: &IndexedDriver| true);
+            assert_eq!(
+                candidate_ids(&got),
+                [driver_id(0)],
+                "pickup {pickup:?}: {stats:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} pickups had the two in different cells"
     );
 }
