@@ -60,8 +60,8 @@ impl Batcher {
     }
 
     /// The driver the next window assigns this trip, or `None`: none of its options was
-    /// left for it, or the batcher was full or late (both counted). The caller then goes
-    /// greedy.
+    /// left for it, or the batcher was full or late (both counted). The caller then
+    /// retries greedily at once (and waits for a later window only if nobody is free).
     pub async fn assign(&self, options: Vec<(DriverId, u64)>) -> Option<DriverId> {
         let (reply, rx) = oneshot::channel();
         if self.tx.try_send(Waiting { options, reply }).is_err() {
