@@ -42,6 +42,9 @@ pub struct TripActorState {
     trace: Trace,
     /// Batched matching: what the trip's next search does (issue 17).
     round: Round,
+    /// Batched matching: the drivers the trip's last window assigned, which its retries
+    /// leave out (their offers are on their way).
+    taken: Arc<Vec<DriverId>>,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -55,8 +58,9 @@ enum Round {
     /// trip, or could not take the offer): its searches offer the next-best free drivers
     /// at once, greedily, so its offer does not wait for another window.
     Retry,
-    /// Nobody was free for the retry: a window later the trip searches again and joins a
-    /// window; finding nobody then does not end it (its dispatch deadline does).
+    /// Nobody was free for the retry: every quarter window the trip searches again, and
+    /// joins a window once it finds someone; finding nobody does not end it (its dispatch
+    /// deadline does).
     Wait,
 }
 
@@ -241,27 +245,29 @@ impl TripActor {
     }
 
     /// A search's answer to the engine; `None` when there is none yet (batched matching:
-    /// nobody was free, and the trip looks again a window later).
+    /// nobody was free, and the trip looks again for the next window).
     async fn search(
         &self,
         myself: &ActorRef<TripMsg>,
         s: &mut TripActorState,
         exclude: Vec<DriverId>,
     ) -> Option<TripCommand> {
-        let exclude = Arc::new(exclude);
-        let found = self.find(s, &exclude).await;
         let crate::batch::Matching::Batch { window_ms } = self.ctx.config.matching else {
+            let found = self.find(s, &Arc::new(exclude)).await;
             return Some(TripCommand::Candidates(found));
         };
         if s.round == Round::Retry {
+            let found = self.find(s, &with_taken(exclude, &s.taken)).await;
             return self.retry(myself, s, found, window_ms);
         }
+        let exclude = Arc::new(exclude);
+        let found = self.find(s, &exclude).await;
         if found.is_empty() {
             if s.round == Round::Window {
                 // Nobody within reach: the trip ends now, as in greedy mode.
                 return Some(TripCommand::Candidates(found));
             }
-            // Still nobody free since the retry: look again a window later.
+            // Still nobody free since the retry: look again for the next window.
             self.wait_window(myself, window_ms);
             return None;
         }
@@ -276,11 +282,12 @@ impl TripActor {
                 (c.driver.driver_id.clone(), e.duration_s.round() as u64)
             })
             .collect();
-        let assigned = self.ctx.batcher(window_ms).assign(options).await;
+        let answer = self.ctx.batcher(window_ms).assign(options).await;
         // Until an offer is held, whatever the window's answer comes to is a retry: a
         // driver that cannot take the offer sends the trip's next search to `retry`.
         s.round = Round::Retry;
-        match assigned {
+        s.taken = answer.taken;
+        match answer.driver {
             Some(driver) => Some(TripCommand::Candidates(
                 found
                     .into_iter()
@@ -290,6 +297,7 @@ impl TripActor {
             None => {
                 // The others took its drivers (or the batcher was full or late): the
                 // next-best free ones, at once.
+                let exclude = with_taken(exclude.to_vec(), &s.taken);
                 let again = self.find(s, &exclude).await;
                 self.retry(myself, s, again, window_ms)
             }
@@ -297,17 +305,21 @@ impl TripActor {
     }
 
     /// A window left the trip without an offer it could hold: the nearest free drivers
-    /// (a fresh search, leaving out those already tried) are offered at once, so the
-    /// first offer does not wait for another window. With nobody free the trip does not
-    /// end: it looks again a window later.
+    /// (a fresh search, leaving out those already tried and those the window assigned)
+    /// are offered at once, so the first offer does not wait for another window. With
+    /// nobody free the trip does not end: it looks again for the next window.
     fn retry(
         &self,
         myself: &ActorRef<TripMsg>,
         s: &mut TripActorState,
-        found: Vec<Candidate>,
+        mut found: Vec<Candidate>,
         window_ms: u64,
     ) -> Option<TripCommand> {
         let m = &self.ctx.metrics;
+        // Only drivers free by their own actor's record: one the index still shows free
+        // but that holds another offer would refuse, and be left out of this trip's
+        // searches for good.
+        found.retain(|c| self.ctx.driver_free(&c.driver.driver_id));
         if found.is_empty() {
             m.batch_retries.with_label_values(&["next_window"]).inc();
             s.round = Round::Wait;
@@ -318,10 +330,12 @@ impl TripActor {
         Some(TripCommand::Candidates(found))
     }
 
-    /// The trip searches again a window from now (it stays `searching` meanwhile, and
-    /// handles its other messages: a rider's cancel, its dispatch deadline).
+    /// The trip searches again a quarter of a window from now, so it joins the next
+    /// window once a driver is free (it stays `searching` meanwhile, and handles its
+    /// other messages: a rider's cancel, its dispatch deadline).
     fn wait_window(&self, myself: &ActorRef<TripMsg>, window_ms: u64) {
-        myself.send_after(Duration::from_millis(window_ms), || TripMsg::SearchAgain);
+        let after = Duration::from_millis((window_ms / 4).max(1));
+        myself.send_after(after, || TripMsg::SearchAgain);
     }
 
     /// Commits one decision, then tells everyone, then arms what it asks for.
@@ -580,6 +594,12 @@ impl TripActor {
     }
 }
 
+/// A retry's exclusions: the drivers the trip tried and those its window just assigned.
+fn with_taken(mut exclude: Vec<DriverId>, taken: &[DriverId]) -> Arc<Vec<DriverId>> {
+    exclude.extend(taken.iter().cloned());
+    Arc::new(exclude)
+}
+
 /// The end-of-trip summary the rider gets with `completed`.
 fn receipt(t: &Trip) -> Receipt {
     let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
@@ -653,6 +673,7 @@ impl Actor for TripActor {
             start,
             trace: None,
             round: Round::Window,
+            taken: Arc::default(),
         })
     }
 

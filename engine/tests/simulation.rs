@@ -144,7 +144,8 @@ enum Ev {
     },
     /// Batch mode: the window closes; its waiting trips are assigned together.
     BatchWindow,
-    /// Batch mode: a trip whose retry found nobody free looks again, for a window.
+    /// Batch mode: a trip whose retry found nobody free looks again (every quarter
+    /// window), and joins a window once it finds someone.
     SearchAgain(usize),
     /// A driver that was never offered the trip tries to take it.
     RogueAccept {
@@ -264,12 +265,15 @@ struct SimTrip {
     searches: u64,
     /// Batch mode: what the trip's next search does, as the server's trip actor keeps it.
     round: Round,
+    /// Batch mode: the drivers the trip's last window assigned, left out of its retries.
+    taken: Vec<DriverId>,
 }
 
 /// Batch mode, as the server's trip actor (`actors/src/trip.rs`): a search joins a window
 /// (`Window`: finding nobody ends the trip); after a window that left the trip without an
 /// offer a driver holds, searches go greedy at once (`Retry`); a retry that found nobody
-/// looks again a window later, and finding nobody then does not end the trip (`Wait`).
+/// looks again every quarter window and joins a window once it finds someone, and
+/// finding nobody then does not end the trip (`Wait`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Round {
     Window,
@@ -798,6 +802,8 @@ impl Sim {
                 );
                 if self.cfg.batch_window_ms.is_some() {
                     if self.trips[t].round == Round::Retry {
+                        let mut exclude = exclude;
+                        exclude.extend(self.trips[t].taken.iter().cloned());
                         let candidates = self.search(t, &exclude);
                         self.retry(t, candidates);
                     } else {
@@ -1027,13 +1033,13 @@ impl Sim {
     }
 
     /// Batch mode: a window left trip `t` without an offer a driver holds. Free drivers
-    /// are offered at once; with nobody free the trip looks again a window later.
+    /// are offered at once; with nobody free the trip looks again for the next window.
     fn retry(&mut self, t: usize, candidates: Vec<Candidate>) {
         if candidates.is_empty() {
             self.stats.batch_waits += 1;
             self.trips[t].round = Round::Wait;
             let window = self.cfg.batch_window_ms.expect("batch mode");
-            self.schedule(window, Ev::SearchAgain(t));
+            self.schedule((window / 4).max(1), Ev::SearchAgain(t));
         } else {
             self.answer_search(t, candidates);
         }
@@ -1051,7 +1057,7 @@ impl Sim {
         let mut found: Vec<Vec<Candidate>> = Vec::new();
         for (t, ex) in std::mem::take(&mut self.pending) {
             // The server's trip searches before joining: nobody found ends it (`Window`)
-            // or has it look again a window later (`Wait`), without joining.
+            // or has it look again for the next window (`Wait`), without joining.
             let cands = self.search(t, &ex);
             if !cands.is_empty() {
                 pending.push((t, ex));
@@ -1094,6 +1100,7 @@ impl Sim {
         self.stats.batch_shared += u64::from(pending.len() > 1);
         for (((t, exclude), cands), got) in pending.into_iter().zip(found).zip(out.assigned) {
             self.trips[t].round = Round::Retry;
+            self.trips[t].taken = taken.clone();
             match got {
                 Some((driver, _)) => {
                     self.stats.batch_assigned += 1;
@@ -1104,9 +1111,10 @@ impl Sim {
                     self.answer_search(t, candidates);
                 }
                 // As in the server, the drivers just assigned are reserved only when
-                // their trips' offers go out, so this search may still find them (and
-                // its offer then be refused).
+                // their trips' offers go out, so this search leaves them out.
                 None => {
+                    let mut exclude = exclude;
+                    exclude.extend(taken.iter().cloned());
                     let candidates = self.search(t, &exclude);
                     self.retry(t, candidates);
                 }
@@ -1421,6 +1429,7 @@ impl Sim {
             redispatches: 0,
             searches: 0,
             round: Round::Window,
+            taken: Vec::new(),
         });
         assert_eq!(trip_no(&trip_id), t);
         self.live.insert(t);
@@ -2126,4 +2135,28 @@ fn a_sparse_city_ends_trips_no_driver_found_without_spinning() {
     let ndf = s.reached.get("no_driver_found").copied().unwrap_or(0);
     assert!(s.empty_searches > 0 && ndf >= s.empty_searches, "{s:#?}");
     assert!(s.searches < 2 * s.requests, "{s:#?}");
+}
+
+/// Batch mode where drivers are scarce: windows leave trips without a driver, their
+/// greedy retries find nobody free and wait for later windows (the server's `Wait`
+/// round), and every invariant still holds.
+#[test]
+fn a_sparse_city_in_batch_mode_waits_for_later_windows_and_keeps_every_invariant() {
+    let cfg = SimConfig {
+        drivers: 30,
+        riders: 120,
+        end_ms: 900_000,
+        requests_until_ms: 600_000,
+        batch_window_ms: Some(2_000),
+        ..SimConfig::default()
+    };
+    let s = run_seed(7, cfg);
+    assert!(
+        s.batch_waits > 0,
+        "no retry waited for a later window: {s:#?}"
+    );
+    assert!(
+        s.reached.get("completed").copied().unwrap_or(0) > 0,
+        "{s:#?}"
+    );
 }

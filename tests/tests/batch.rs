@@ -82,12 +82,11 @@ async fn a_batch_window_minimises_the_total_pickup() {
     s.stop().await.unwrap();
 }
 
-const REFUSED: &str = "dispatch_offers_total{outcome=\"refused\"}";
-
 /// A rider asks with driver A 1 km away (and, if `far`, driver B 2 km away on the other
-/// side); A goes offline before the window closes, so the window gives the trip A and A
-/// cannot take the offer: nobody has been offered the trip yet. Returns the server, the
-/// trip's id, the rider's token and B's session.
+/// side); A goes offline before the window closes, so the trip's nearest candidate is no
+/// longer free when the window is solved (before the fix the window gave the trip A, A
+/// could not take the offer, and the trip went back for another window). Returns the
+/// server, the trip's id, the rider's token and B's session.
 async fn window_driver_gone(
     window_ms: &str,
     far: bool,
@@ -112,21 +111,15 @@ async fn window_driver_gone(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_window_driver_that_cannot_take_the_offer_sends_the_trip_to_the_next_best_at_once() {
+async fn a_window_driver_that_stopped_being_free_does_not_cost_the_trip_another_window() {
     let (s, trip, _, b) = window_driver_gone("4000", true).await;
     let offer = b.unwrap().offer().await;
     assert_eq!(offer.trip_id, trip, "B is offered the trip");
-    assert_eq!(s.metric(REFUSED).await, Some(1.0), "A could not take it");
-    // Main offered B only after another whole window: two windows by then.
+    // Before, B was offered only after another whole window: two windows by then.
     assert_eq!(
         s.metric("dispatch_batch_size_count").await,
         Some(1.0),
         "the first offer waited for another window"
-    );
-    assert_eq!(
-        s.metric("dispatch_batch_retries_total{outcome=\"greedy\"}")
-            .await,
-        Some(1.0)
     );
     s.stop().await.unwrap();
 }
@@ -134,11 +127,8 @@ async fn a_window_driver_that_cannot_take_the_offer_sends_the_trip_to_the_next_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nobody_free_the_retry_waits_for_a_later_window_and_is_matched_there() {
     let (s, trip, token, _) = window_driver_gone("2000", false).await;
-    eventually("A's refusal", || async {
-        (s.metric(REFUSED).await == Some(1.0)).then_some(())
-    })
-    .await;
-    // Main's retry found nobody and ended the trip no_driver_found right there.
+    // Before, the trip's search after A refused found nobody and ended the trip
+    // no_driver_found right there.
     eventually("a retry that found nobody free", || async {
         let n = s
             .metric("dispatch_batch_retries_total{outcome=\"next_window\"}")
