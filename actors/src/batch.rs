@@ -1,7 +1,9 @@
 //! Batched matching in the live server (issue 17, `--matching batch`): trips hand their
 //! search results to one batcher task; a window opens when the first trip waits and
 //! closes `--match-window-ms` later, and the task then assigns the window's trips together (`dispatch_engine::assign`: least total pickup time) and
-//! answers each with its driver, or with none when the others took its drivers.
+//! answers each with its driver, or with none when the others took its drivers. A trip's
+//! candidates were found when it joined, so those no longer free at the close are left
+//! out first ([`Free`]).
 //!
 //! Bounded: the queue holds at most [`QUEUE_MAX`] waiting trips (a trip that finds it full
 //! is counted, `batch_queue`, and goes greedy); a trip waits at most the window plus
@@ -23,6 +25,10 @@ pub const QUEUE_MAX: usize = 4_096;
 /// How much longer than the window a trip waits for its answer.
 pub const SOLVE_BOUND: Duration = Duration::from_millis(1_000);
 
+/// Whether a driver is still free to be offered a trip (read when the window closes: a
+/// trip's candidates were found when it joined, up to a window earlier).
+pub type Free = Arc<dyn Fn(&DriverId) -> bool + Send + Sync>;
+
 /// How trips get their drivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Matching {
@@ -35,11 +41,20 @@ pub enum Matching {
 struct Waiting {
     /// The trip's candidates and their pickup ETAs, seconds.
     options: Vec<(DriverId, u64)>,
-    reply: oneshot::Sender<Option<DriverId>>,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// A window's answer to one trip.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// The driver the window assigned this trip, if any.
+    pub driver: Option<DriverId>,
+    /// Every driver the window assigned (to any trip). Their offers are on their way, so
+    /// a trip that retries at once leaves them out rather than race those offers.
+    pub taken: Arc<Vec<DriverId>>,
 }
 
 /// The handle trips submit to; the task ends when the last handle is dropped.
-#[derive(Debug)]
 pub struct Batcher {
     tx: mpsc::Sender<Waiting>,
     window: Duration,
@@ -48,10 +63,10 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the window task on the current tokio runtime.
-    pub fn start(window_ms: u64, params: BatchParams, metrics: Arc<Metrics>) -> Self {
+    pub fn start(window_ms: u64, params: BatchParams, metrics: Arc<Metrics>, free: Free) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let window = Duration::from_millis(window_ms.max(1));
-        tokio::spawn(windows(rx, window, params, metrics.clone()));
+        tokio::spawn(windows(rx, window, params, metrics.clone(), free));
         Self {
             tx,
             window,
@@ -60,19 +75,19 @@ impl Batcher {
     }
 
     /// The driver the next window assigns this trip, or `None`: none of its options was
-    /// left for it, or the batcher was full or late (both counted). The caller then goes
-    /// greedy.
-    pub async fn assign(&self, options: Vec<(DriverId, u64)>) -> Option<DriverId> {
+    /// left for it, or the batcher was full or late (both counted). The caller then
+    /// retries greedily at once (and waits for a later window only if nobody is free).
+    pub async fn assign(&self, options: Vec<(DriverId, u64)>) -> Answer {
         let (reply, rx) = oneshot::channel();
         if self.tx.try_send(Waiting { options, reply }).is_err() {
             self.metrics.bound_hit("batch_queue");
-            return None;
+            return Answer::default();
         }
         match tokio::time::timeout(self.window + SOLVE_BOUND, rx).await {
             Ok(Ok(answer)) => answer,
             _ => {
                 self.metrics.bound_hit("batch_wait");
-                None
+                Answer::default()
             }
         }
     }
@@ -83,6 +98,7 @@ async fn windows(
     window: Duration,
     params: BatchParams,
     metrics: Arc<Metrics>,
+    free: Free,
 ) {
     loop {
         // A window opens with the first trip that waits and closes `window` later; with
@@ -102,9 +118,15 @@ async fn windows(
         if batch.is_empty() {
             continue;
         }
+        // Candidates that stopped being free while the window ran (another trip's offer,
+        // a trip, offline) are left out: assigned, they could only refuse the offer.
         let options: Vec<Vec<(DriverId, u64)>> = batch
             .iter_mut()
-            .map(|w| std::mem::take(&mut w.options))
+            .map(|w| {
+                let mut o = std::mem::take(&mut w.options);
+                o.retain(|(d, _)| free(d));
+                o
+            })
             .collect();
         let started = Instant::now();
         let out = assign(&options, &params);
@@ -116,12 +138,22 @@ async fn windows(
         if out.stats.greedy_fallback > 0 {
             metrics.bound_hit("batch_work_budget");
         }
+        let taken: Arc<Vec<DriverId>> = Arc::new(
+            out.assigned
+                .iter()
+                .flatten()
+                .map(|(d, _)| d.clone())
+                .collect(),
+        );
         for (w, got) in batch.into_iter().zip(out.assigned) {
             if let Some((_, eta_s)) = &got {
                 metrics.batch_assigned_eta.observe(*eta_s as f64);
             }
             // The trip may have given up since: nothing to do then.
-            let _ = w.reply.send(got.map(|(d, _)| d));
+            let _ = w.reply.send(Answer {
+                driver: got.map(|(d, _)| d),
+                taken: taken.clone(),
+            });
         }
     }
 }

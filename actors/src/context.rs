@@ -217,7 +217,19 @@ impl Context {
     /// The batcher (batched matching), started on first use on the current runtime.
     pub(crate) fn batcher(&self, window_ms: u64) -> &crate::batch::Batcher {
         self.batcher.get_or_init(|| {
-            crate::batch::Batcher::start(window_ms, self.config.batch, self.metrics.clone())
+            // Weak: the batcher's task must not keep the context alive.
+            let weak = self.downgrade();
+            let free: crate::batch::Free =
+                Arc::new(move |d| weak.upgrade().is_none_or(|c| c.driver_free(d)));
+            crate::batch::Batcher::start(window_ms, self.config.batch, self.metrics.clone(), free)
+        })
+    }
+
+    /// Whether a driver is free to be offered a trip now, by its actor's last committed
+    /// record (the cell index, which searches read, follows it a little later).
+    pub(crate) fn driver_free(&self, d: &dispatch_engine::DriverId) -> bool {
+        self.registry.driver_records.get(d).is_some_and(|r| {
+            r.status == dispatch_engine::DriverStatus::Available && r.session.is_some()
         })
     }
 

@@ -327,6 +327,9 @@ pub enum TripMsg {
         heading: Option<f64>,
     },
     Get(RpcReplyPort<TripRecord>),
+    /// Batched matching: a trip that found no driver free for its retry looks again, for
+    /// the next window (the trip sends it to itself a window later).
+    SearchAgain,
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
 }
@@ -338,6 +341,7 @@ impl TripMsg {
             TripMsg::Command { cmd, .. } | TripMsg::Admin { cmd, .. } => cmd.kind(),
             TripMsg::DriverLocation { .. } => "driver_location",
             TripMsg::Get(_) => "get",
+            TripMsg::SearchAgain => "search_again",
             TripMsg::InjectPanic => "inject_panic",
         }
     }

@@ -49,6 +49,11 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "expired",
     "withdrawn",
 ];
+/// Every `outcome` of `dispatch_batch_retries_total`: a window left a trip without an
+/// offer it could hold (its driver went to another trip or could not take it), and the
+/// trip's search found free drivers to offer at once (`greedy`), or nobody free, so it
+/// waits for a later window (`next_window`: its offer may then wait past one window).
+pub const BATCH_RETRIES: [&str; 2] = ["greedy", "next_window"];
 /// Every `bound` label value `bound_hit` is called with.
 pub const BOUNDS: [&str; 26] = [
     "bad_messages",
@@ -108,6 +113,9 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub batch_solve: Histogram,
     pub batch_assigned_eta: Histogram,
+    /// Batched matching: the searches of trips a window left without an offer they could
+    /// hold, by outcome (see [`BATCH_RETRIES`]).
+    pub batch_retries: IntCounterVec,
     pub actors_started: IntCounterVec,
     pub actors_stopped: IntCounterVec,
     pub actor_panics: IntCounterVec,
@@ -417,6 +425,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            batch_retries: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_batch_retries_total",
+                        "Searches of trips a batched-matching window left without an offer they could hold, by outcome",
+                    ),
+                    &["outcome"],
+                )
+                .unwrap(),
+            ),
             actors_started: reg(
                 &r,
                 IntCounterVec::new(
@@ -595,6 +614,9 @@ impl Metrics {
         }
         for o in OFFER_OUTCOMES {
             self.offers.with_label_values(&[o]);
+        }
+        for o in BATCH_RETRIES {
+            self.batch_retries.with_label_values(&[o]);
         }
         for s in DRIVER_STATUSES {
             self.drivers.with_label_values(&[s]);

@@ -12,8 +12,8 @@ use tracing::Instrument;
 
 use dispatch_engine::trip::OfferEnd;
 use dispatch_engine::{
-    AfterPayment, Decision, DriverId, PaymentPlan, ProviderAnswer, Sender, Trip, TripCommand,
-    TripEffect, TripState,
+    AfterPayment, Candidate, Decision, DriverId, PaymentPlan, ProviderAnswer, Sender, Trip,
+    TripCommand, TripEffect, TripState,
 };
 use dispatch_persistence::{Batch, StoredTrip};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -40,6 +40,28 @@ pub struct TripActorState {
     start: Option<(Decision, NewTrip)>,
     /// The span of a traced request's dispatch: its searches and offers are its children.
     trace: Trace,
+    /// Batched matching: what the trip's next search does (issue 17).
+    round: Round,
+    /// Batched matching: the drivers the trip's last window assigned, which its retries
+    /// leave out (their offers are on their way).
+    taken: Arc<Vec<DriverId>>,
+}
+
+/// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
+/// the next window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// The next search joins a window: the first one, and after an offer a driver held
+    /// ended (declined, expired). Finding nobody ends the trip, as in greedy mode.
+    Window,
+    /// A window left the trip without an offer it could hold (its driver went to another
+    /// trip, or could not take the offer): its searches offer the next-best free drivers
+    /// at once, greedily, so its offer does not wait for another window.
+    Retry,
+    /// Nobody was free for the retry: every quarter window the trip searches again, and
+    /// joins a window once it finds someone; finding nobody does not end it (its dispatch
+    /// deadline does).
+    Wait,
 }
 
 /// Where a command's outcome goes.
@@ -55,6 +77,8 @@ enum Answer {
 /// (which run between commands, so their results are applied in order).
 enum Step {
     Command(TripCommand, Sender, Answer),
+    /// A search (leaving out these drivers); in batch mode it may wait for a window, or
+    /// end with no command when it is to look again later ([`Round::Wait`]).
     Search(Vec<DriverId>),
     /// A refusal owed once the steps before it have been carried out (and sent).
     Refuse(Sender, Answer, ApiError),
@@ -150,9 +174,10 @@ impl TripActor {
         while let Some(step) = work.pop_front() {
             let (cmd, from, answer) = match step {
                 Step::Command(cmd, from, answer) => (cmd, from, answer),
-                Step::Search(exclude) => {
-                    (self.search(s, exclude).await, Sender::System, Answer::None)
-                }
+                Step::Search(exclude) => match self.search(myself, s, exclude).await {
+                    Some(cmd) => (cmd, Sender::System, Answer::None),
+                    None => continue,
+                },
                 Step::Refuse(from, answer, error) => {
                     self.answer(s, &from, answer, Err(error));
                     continue;
@@ -203,9 +228,9 @@ impl TripActor {
         Ok(())
     }
 
-    async fn search(&self, s: &TripActorState, exclude: Vec<DriverId>) -> TripCommand {
+    /// The nearest available candidates of the trip's product, leaving out `exclude`.
+    async fn find(&self, s: &TripActorState, exclude: &Arc<Vec<DriverId>>) -> Vec<Candidate> {
         let t = &s.rec.trip;
-        let exclude = Arc::new(exclude);
         let filter = SearchFilter {
             product: Some(t.product),
             available_only: true,
@@ -216,17 +241,39 @@ impl TripActor {
             .search(t.pickup, self.ctx.config.search, filter, s.trace)
             .await;
         tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
+        found
+    }
+
+    /// A search's answer to the engine; `None` when there is none yet (batched matching:
+    /// nobody was free, and the trip looks again for the next window).
+    async fn search(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        exclude: Vec<DriverId>,
+    ) -> Option<TripCommand> {
         let crate::batch::Matching::Batch { window_ms } = self.ctx.config.matching else {
-            return TripCommand::Candidates(found);
+            let found = self.find(s, &Arc::new(exclude)).await;
+            return Some(TripCommand::Candidates(found));
         };
+        if s.round == Round::Retry {
+            let found = self.find(s, &with_taken(exclude, &s.taken)).await;
+            return self.retry(myself, s, found, window_ms);
+        }
+        let exclude = Arc::new(exclude);
+        let found = self.find(s, &exclude).await;
         if found.is_empty() {
-            // Nobody within reach: the trip ends now, as in greedy mode.
-            return TripCommand::Candidates(found);
+            if s.round == Round::Window {
+                // Nobody within reach: the trip ends now, as in greedy mode.
+                return Some(TripCommand::Candidates(found));
+            }
+            // Still nobody free since the retry: look again for the next window.
+            self.wait_window(myself, window_ms);
+            return None;
         }
         // Batched: the window's assignment picks this trip's driver among its candidates
-        // (ETAs as the engine ranks them). A trip left without one (the others took its
-        // drivers, or the batcher was full or late) searches again and goes greedy, so
-        // no first offer waits past its window.
+        // (ETAs as the engine ranks them).
+        let t = &s.rec.trip;
         let options = found
             .iter()
             .filter(|c| c.driver.product == t.product)
@@ -235,26 +282,60 @@ impl TripActor {
                 (c.driver.driver_id.clone(), e.duration_s.round() as u64)
             })
             .collect();
-        match self.ctx.batcher(window_ms).assign(options).await {
-            Some(driver) => TripCommand::Candidates(
+        let answer = self.ctx.batcher(window_ms).assign(options).await;
+        // Until an offer is held, whatever the window's answer comes to is a retry: a
+        // driver that cannot take the offer sends the trip's next search to `retry`.
+        s.round = Round::Retry;
+        s.taken = answer.taken;
+        match answer.driver {
+            Some(driver) => Some(TripCommand::Candidates(
                 found
                     .into_iter()
                     .filter(|c| c.driver.driver_id == driver)
                     .collect(),
-            ),
+            )),
             None => {
-                let filter = SearchFilter {
-                    product: Some(t.product),
-                    available_only: true,
-                    exclude,
-                };
-                let (again, _) = self
-                    .ctx
-                    .search(t.pickup, self.ctx.config.search, filter, s.trace)
-                    .await;
-                TripCommand::Candidates(again)
+                // The others took its drivers (or the batcher was full or late): the
+                // next-best free ones, at once.
+                let exclude = with_taken(exclude.to_vec(), &s.taken);
+                let again = self.find(s, &exclude).await;
+                self.retry(myself, s, again, window_ms)
             }
         }
+    }
+
+    /// A window left the trip without an offer it could hold: the nearest free drivers
+    /// (a fresh search, leaving out those already tried and those the window assigned)
+    /// are offered at once, so the first offer does not wait for another window. With
+    /// nobody free the trip does not end: it looks again for the next window.
+    fn retry(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        mut found: Vec<Candidate>,
+        window_ms: u64,
+    ) -> Option<TripCommand> {
+        let m = &self.ctx.metrics;
+        // Only drivers free by their own actor's record: one the index still shows free
+        // but that holds another offer would refuse, and be left out of this trip's
+        // searches for good.
+        found.retain(|c| self.ctx.driver_free(&c.driver.driver_id));
+        if found.is_empty() {
+            m.batch_retries.with_label_values(&["next_window"]).inc();
+            s.round = Round::Wait;
+            self.wait_window(myself, window_ms);
+            return None;
+        }
+        m.batch_retries.with_label_values(&["greedy"]).inc();
+        Some(TripCommand::Candidates(found))
+    }
+
+    /// The trip searches again a quarter of a window from now, so it joins the next
+    /// window once a driver is free (it stays `searching` meanwhile, and handles its
+    /// other messages: a rider's cancel, its dispatch deadline).
+    fn wait_window(&self, myself: &ActorRef<TripMsg>, window_ms: u64) {
+        let after = Duration::from_millis((window_ms / 4).max(1));
+        myself.send_after(after, || TripMsg::SearchAgain);
     }
 
     /// Commits one decision, then tells everyone, then arms what it asks for.
@@ -436,6 +517,7 @@ impl TripActor {
                     };
                     if held {
                         m.offers.with_label_values(&["sent"]).inc();
+                        s.round = Round::Window;
                         if !s.first_offer_seen {
                             s.first_offer_seen = true;
                             let waited = now.saturating_sub(s.rec.trip.created_at_ms);
@@ -512,6 +594,12 @@ impl TripActor {
     }
 }
 
+/// A retry's exclusions: the drivers the trip tried and those its window just assigned.
+fn with_taken(mut exclude: Vec<DriverId>, taken: &[DriverId]) -> Arc<Vec<DriverId>> {
+    exclude.extend(taken.iter().cloned());
+    Arc::new(exclude)
+}
+
 /// The end-of-trip summary the rider gets with `completed`.
 fn receipt(t: &Trip) -> Receipt {
     let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
@@ -584,6 +672,8 @@ impl Actor for TripActor {
             restarted,
             start,
             trace: None,
+            round: Round::Window,
+            taken: Arc::default(),
         })
     }
 
@@ -683,6 +773,16 @@ impl TripActor {
             } => self.driver_moved(s, driver_id, position, heading),
             TripMsg::Get(reply) => {
                 let _ = reply.send(s.rec.clone());
+            }
+            TripMsg::SearchAgain => {
+                let t = &s.rec.trip;
+                // Only a trip still waiting for that search (not cancelled, not past its
+                // deadline, not restarted into another round since).
+                if s.round == Round::Wait && t.state() == TripState::Dispatching && t.is_searching()
+                {
+                    let work = Work::from([Step::Search(t.excluded().cloned().collect())]);
+                    self.run(&myself, s, work).await?;
+                }
             }
             TripMsg::InjectPanic => panic!("injected fault in trip {}", s.rec.trip.id),
         }

@@ -144,6 +144,9 @@ enum Ev {
     },
     /// Batch mode: the window closes; its waiting trips are assigned together.
     BatchWindow,
+    /// Batch mode: a trip whose retry found nobody free looks again (every quarter
+    /// window), and joins a window once it finds someone.
+    SearchAgain(usize),
     /// A driver that was never offered the trip tries to take it.
     RogueAccept {
         trip: usize,
@@ -260,6 +263,22 @@ struct SimTrip {
     redispatches: u64,
     /// Searches this trip asked for.
     searches: u64,
+    /// Batch mode: what the trip's next search does, as the server's trip actor keeps it.
+    round: Round,
+    /// Batch mode: the drivers the trip's last window assigned, left out of its retries.
+    taken: Vec<DriverId>,
+}
+
+/// Batch mode, as the server's trip actor (`actors/src/trip.rs`): a search joins a window
+/// (`Window`: finding nobody ends the trip); after a window that left the trip without an
+/// offer a driver holds, searches go greedy at once (`Retry`); a retry that found nobody
+/// looks again every quarter window and joins a window once it finds someone, and
+/// finding nobody then does not end the trip (`Wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Window,
+    Retry,
+    Wait,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -295,6 +314,8 @@ struct Stats {
     batch_windows: u64,
     batch_assigned: u64,
     batch_shared: u64,
+    /// Batch mode: retries that found nobody free and waited for a later window.
+    batch_waits: u64,
 }
 
 struct Sim {
@@ -779,11 +800,14 @@ impl Sim {
                     st.offered.len(),
                     st.redispatches
                 );
-                if let Some(window) = self.cfg.batch_window_ms {
-                    self.pending.push((t, exclude));
-                    if !self.window_armed {
-                        self.window_armed = true;
-                        self.schedule(window - self.now % window, Ev::BatchWindow);
+                if self.cfg.batch_window_ms.is_some() {
+                    if self.trips[t].round == Round::Retry {
+                        let mut exclude = exclude;
+                        exclude.extend(self.trips[t].taken.iter().cloned());
+                        let candidates = self.search(t, &exclude);
+                        self.retry(t, candidates);
+                    } else {
+                        self.join_window(t, exclude);
                     }
                     return None;
                 }
@@ -836,6 +860,7 @@ impl Sim {
                     Ok(()) => {}
                 }
                 self.stats.offers_sent += 1;
+                self.trips[t].round = Round::Window;
                 self.sync_index(d);
                 let x = self.rng.random::<f64>();
                 if x < 0.7 {
@@ -997,15 +1022,52 @@ impl Sim {
         found
     }
 
+    /// Batch mode: the trip waits for the next window.
+    fn join_window(&mut self, t: usize, exclude: Vec<DriverId>) {
+        let window = self.cfg.batch_window_ms.expect("batch mode");
+        self.pending.push((t, exclude));
+        if !self.window_armed {
+            self.window_armed = true;
+            self.schedule(window - self.now % window, Ev::BatchWindow);
+        }
+    }
+
+    /// Batch mode: a window left trip `t` without an offer a driver holds. Free drivers
+    /// are offered at once; with nobody free the trip looks again for the next window.
+    fn retry(&mut self, t: usize, candidates: Vec<Candidate>) {
+        if candidates.is_empty() {
+            self.stats.batch_waits += 1;
+            self.trips[t].round = Round::Wait;
+            let window = self.cfg.batch_window_ms.expect("batch mode");
+            self.schedule((window / 4).max(1), Ev::SearchAgain(t));
+        } else {
+            self.answer_search(t, candidates);
+        }
+    }
+
     /// Batch mode: the window's trips searched, assigned together, and answered as the
     /// server answers them: an assigned trip gets its one driver, the others search again
-    /// and take the nearest, as greedy would (an empty answer ends the trip, as a greedy
-    /// search's does). Every answer comes back a little later, like a search's.
+    /// and take the nearest, as greedy would (an empty answer sends the trip to a later
+    /// window). A trip that finds nobody ends (as a greedy search's empty answer does),
+    /// unless it is waiting since a retry found nobody. Every answer comes back a little
+    /// later, like a search's.
     fn batch_window(&mut self) {
         self.window_armed = false;
-        let pending = std::mem::take(&mut self.pending);
-        let found: Vec<Vec<Candidate>> =
-            pending.iter().map(|(t, ex)| self.search(*t, ex)).collect();
+        let mut pending = Vec::new();
+        let mut found: Vec<Vec<Candidate>> = Vec::new();
+        for (t, ex) in std::mem::take(&mut self.pending) {
+            // The server's trip searches before joining: nobody found ends it (`Window`)
+            // or has it look again for the next window (`Wait`), without joining.
+            let cands = self.search(t, &ex);
+            if !cands.is_empty() {
+                pending.push((t, ex));
+                found.push(cands);
+            } else if self.trips[t].round == Round::Wait {
+                self.retry(t, cands);
+            } else {
+                self.answer_search(t, cands);
+            }
+        }
         let options: Vec<Vec<(DriverId, u64)>> = pending
             .iter()
             .zip(&found)
@@ -1037,20 +1099,26 @@ impl Sim {
         self.stats.batch_windows += 1;
         self.stats.batch_shared += u64::from(pending.len() > 1);
         for (((t, exclude), cands), got) in pending.into_iter().zip(found).zip(out.assigned) {
-            let candidates = match got {
+            self.trips[t].round = Round::Retry;
+            self.trips[t].taken = taken.clone();
+            match got {
                 Some((driver, _)) => {
                     self.stats.batch_assigned += 1;
-                    cands
+                    let candidates = cands
                         .into_iter()
                         .filter(|c| c.driver.driver_id == driver)
-                        .collect()
+                        .collect();
+                    self.answer_search(t, candidates);
                 }
                 // As in the server, the drivers just assigned are reserved only when
-                // their trips' offers go out, so this search may still find them (and
-                // its offer then be refused).
-                None => self.search(t, &exclude),
-            };
-            self.answer_search(t, candidates);
+                // their trips' offers go out, so this search leaves them out.
+                None => {
+                    let mut exclude = exclude;
+                    exclude.extend(taken.iter().cloned());
+                    let candidates = self.search(t, &exclude);
+                    self.retry(t, candidates);
+                }
+            }
         }
     }
 
@@ -1081,6 +1149,16 @@ impl Sim {
             Ev::SearchAnswerOf { .. } => unreachable!("never scheduled"),
             Ev::DriverTick(d) => self.driver_tick(d),
             Ev::BatchWindow => self.batch_window(),
+            Ev::SearchAgain(t) => {
+                let st = &self.trips[t];
+                if st.round == Round::Wait
+                    && st.trip.state() == TripState::Dispatching
+                    && st.trip.is_searching()
+                {
+                    let exclude = st.trip.excluded().cloned().collect();
+                    self.join_window(t, exclude);
+                }
+            }
             Ev::RideRequest { rider, spurious } => self.ride_request(rider, spurious),
             Ev::SearchAnswer { trip, candidates } => {
                 self.system(trip, TripCommand::Candidates(candidates));
@@ -1350,6 +1428,8 @@ impl Sim {
             entries: Vec::new(),
             redispatches: 0,
             searches: 0,
+            round: Round::Window,
+            taken: Vec::new(),
         });
         assert_eq!(trip_no(&trip_id), t);
         self.live.insert(t);
@@ -2055,4 +2135,28 @@ fn a_sparse_city_ends_trips_no_driver_found_without_spinning() {
     let ndf = s.reached.get("no_driver_found").copied().unwrap_or(0);
     assert!(s.empty_searches > 0 && ndf >= s.empty_searches, "{s:#?}");
     assert!(s.searches < 2 * s.requests, "{s:#?}");
+}
+
+/// Batch mode where drivers are scarce: windows leave trips without a driver, their
+/// greedy retries find nobody free and wait for later windows (the server's `Wait`
+/// round), and every invariant still holds.
+#[test]
+fn a_sparse_city_in_batch_mode_waits_for_later_windows_and_keeps_every_invariant() {
+    let cfg = SimConfig {
+        drivers: 30,
+        riders: 120,
+        end_ms: 900_000,
+        requests_until_ms: 600_000,
+        batch_window_ms: Some(2_000),
+        ..SimConfig::default()
+    };
+    let s = run_seed(7, cfg);
+    assert!(
+        s.batch_waits > 0,
+        "no retry waited for a later window: {s:#?}"
+    );
+    assert!(
+        s.reached.get("completed").copied().unwrap_or(0) > 0,
+        "{s:#?}"
+    );
 }

@@ -8,7 +8,7 @@
 //! Greedy: P1 → A (1 km), then P2 → B (3.5 km) = 4.5 km. Batched: P1 → B (1.5 km) and
 //! P2 → A (1 km) = 2.5 km.
 
-use dispatch_tests::{Client, TestServer};
+use dispatch_tests::{Client, TestServer, eventually};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::json;
 
@@ -79,5 +79,66 @@ async fn a_batch_window_minimises_the_total_pickup() {
         s.metric("dispatch_batch_solve_seconds_count").await,
         Some(1.0)
     );
+    s.stop().await.unwrap();
+}
+
+/// A rider asks with driver A 1 km away (and, if `far`, driver B 2 km away on the other
+/// side); A goes offline before the window closes, so the trip's nearest candidate is no
+/// longer free when the window is solved (before the fix the window gave the trip A, A
+/// could not take the offer, and the trip went back for another window). Returns the
+/// server, the trip's id, the rider's token and B's session.
+async fn window_driver_gone(
+    window_ms: &str,
+    far: bool,
+) -> (TestServer, String, String, Option<Client>) {
+    let s = TestServer::start(&["--matching", "batch", "--match-window-ms", window_ms]).await;
+    let (_, mut a) = s.online_driver("Ada", "economy", 45.5 + KM, LNG).await;
+    let mut b = None;
+    if far {
+        b = Some(
+            s.online_driver("Bo", "economy", 45.5 - 2.0 * KM, LNG)
+                .await
+                .1,
+        );
+    }
+    let (_, token, mut r) = s.connected_rider("Rider").await;
+    let trip = r
+        .request_ride((45.5, LNG), (45.5 + 5.0 * KM, LNG), "economy")
+        .await;
+    // Acknowledged in milliseconds, seconds before the window closes.
+    a.ok(json!({"type": "go_offline"})).await;
+    (s, trip.trip_id, token, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_driver_that_stopped_being_free_does_not_cost_the_trip_another_window() {
+    let (s, trip, _, b) = window_driver_gone("4000", true).await;
+    let offer = b.unwrap().offer().await;
+    assert_eq!(offer.trip_id, trip, "B is offered the trip");
+    // Before, B was offered only after another whole window: two windows by then.
+    assert_eq!(
+        s.metric("dispatch_batch_size_count").await,
+        Some(1.0),
+        "the first offer waited for another window"
+    );
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nobody_free_the_retry_waits_for_a_later_window_and_is_matched_there() {
+    let (s, trip, token, _) = window_driver_gone("2000", false).await;
+    // Before, the trip's search after A refused found nobody and ended the trip
+    // no_driver_found right there.
+    eventually("a retry that found nobody free", || async {
+        let n = s
+            .metric("dispatch_batch_retries_total{outcome=\"next_window\"}")
+            .await;
+        (n >= Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(s.trip(&trip, &token).await.state, TripState::Dispatching);
+    // A driver appears: a later window gives it the trip.
+    let (_, mut b) = s.online_driver("Bo", "economy", 45.5 - 2.0 * KM, LNG).await;
+    assert_eq!(b.offer().await.trip_id, trip);
     s.stop().await.unwrap();
 }
