@@ -19,7 +19,7 @@ demand=${5:-loadgen/data/montreal_carshare_zones.csv}
 drivers=${DRIVERS:-15000} riders=${RIDERS:-2000} rate=${RATE:-50}
 duration=${DURATION:-60s} ping_ms=${PING_MS:-4000}
 out=$(mktemp -d)
-port=18191
+port=${PORT:-18191}
 ulimit -n 20000 2>/dev/null || true
 source "$(dirname "$0")/lib.sh"
 one() { # side binary round
