@@ -46,7 +46,7 @@ impl System {
     }
 
     /// Copies the store's count of calls that hit their time bound into
-    /// `dispatch_bounds_hit_total{bound="store_call_timeout"}` (at scrape time).
+    /// `dispatch_bound_hits_total{bound="store_call_timeout"}` (at scrape time).
     pub fn count_store_timeouts(&self) {
         let c = self
             .ctx
