@@ -826,6 +826,17 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
             code, body = get(f"http://127.0.0.1:{addrs[s0][0]}/v1/riders", body=RIDER)
             C.ok(code == 503 and '"unavailable"' in body,
                  f"a standby answers a client route (POST /v1/riders) 503 unavailable ({code})", body[:200])
+            # Membership: every node counts all of them (dials and heartbeats take a moment).
+            t0, members = time.monotonic(), {}
+            while time.monotonic() - t0 < 30:
+                members = {i: scrape_value(get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1],
+                                           "dispatch_cluster_members") for i in range(nodes)}
+                if all(v == nodes for v in members.values()):
+                    break
+                time.sleep(0.2)
+            C.ok(all(v == nodes for v in members.values()),
+                 f"membership formed: every node counts {nodes} members (dispatch_cluster_members) after "
+                 f"{time.monotonic() - t0:.1f} s", str(members))
             metrics = {i: get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1] for i in range(nodes)}
             flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
             C.ok(flags == {i: float(i == leader) for i in range(nodes)},
