@@ -7,8 +7,10 @@
 # initdb refuses to run as root, so the cluster belongs to an unprivileged user
 # (`dispatchci`, created if missing). It listens on 127.0.0.1 only (port
 # DISPATCH_PG_PORT, default 55432) and on a Unix socket in its own directory. The tests
-# create a fresh database per test, so they can run in parallel. Idempotent: `start`
-# on a running cluster only exports the URL again.
+# create a fresh database per test, so they can run in parallel. DISPATCH_PG_LISTEN
+# (another address to listen on instead) and DISPATCH_PG_HBA (a CIDR whose clients may log
+# in with the password) are for .ci/partition.sh, which runs it in a network namespace.
+# Idempotent: `start` on a running cluster only exports the URL again.
 #
 # Works when sourced (bash) and when run; it never calls `exit` when sourced.
 
@@ -20,7 +22,8 @@ _dispatch_pg_main() {
     local base="${DISPATCH_PG_DIR:-/tmp/dispatch-ci-pg}"
     local user=dispatchci
     local bin
-    local url="postgres://dispatch:dispatch@127.0.0.1:${port}/postgres"
+    local listen="${DISPATCH_PG_LISTEN:-127.0.0.1}"
+    local url="postgres://dispatch:dispatch@${listen}:${port}/postgres"
     case "$cmd" in
     start)
         if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
@@ -44,18 +47,21 @@ _dispatch_pg_main() {
                     cat "$base/initdb.log"
                     return 1
                 }
+                if [ -n "${DISPATCH_PG_HBA:-}" ]; then
+                    echo "host all all ${DISPATCH_PG_HBA} scram-sha-256" >>"$base/data/pg_hba.conf"
+                fi
             fi
             mkdir -p "$base/sock" && { [ "$(id -u)" != 0 ] || chown "$user" "$base/sock"; }
             # fsync stays on: the crash tests rely on what a commit promises.
             "${as[@]}" "$bin/pg_ctl" -D "$base/data" -l "$base/server.log" -w -t 60 \
-                -o "-c listen_addresses=127.0.0.1 -p $port -k $base/sock -c max_connections=400 -c shared_buffers=64MB" \
+                -o "-c listen_addresses=$listen -p $port -k $base/sock -c max_connections=400 -c shared_buffers=64MB" \
                 start >/dev/null || {
                 cat "$base/server.log"
                 return 1
             }
         fi
         export DISPATCH_TEST_DATABASE_URL="$url"
-        echo "postgres.sh: PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (data $base/data); DISPATCH_TEST_DATABASE_URL exported; $(($(date +%s) - started))s"
+        echo "postgres.sh: PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on $listen:$port (data $base/data); DISPATCH_TEST_DATABASE_URL exported; $(($(date +%s) - started))s"
         ;;
     stop)
         bin=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
