@@ -251,6 +251,8 @@ new_epoch=$(metric "$new" dispatch_cluster_epoch)
 say "phase 2: n$new leads ${took} ms after the cut (epoch $old_epoch -> $new_epoch)"
 sleep_until() { local d=$(($1 - $(now_ms))); [ $d -le 0 ] || sleep "$(awk -v d="$d" 'BEGIN { print d / 1000 }')"; }
 sleep_until $((t_cut + 3 * TTL))
+cl python3 .ci/partition_probe.py check "$work/probe-cut.jsonl" $((t_cut + TTL)) \
+    "phase 2 probe on n1 (bound: cut + lease)" --closed || fail "the cut node answered after its lease"
 n1_ready=$(code 1 /readyz)
 n1_leader=$(metric 1 dispatch_cluster_leader)
 { [ "$n1_ready" = 503 ] && [ "$n1_leader" = 0 ]; } ||
@@ -262,9 +264,6 @@ wait_until 30 "n1 back as a standby naming n$new" standby_of 1 "$new"
 wait_until 30 "membership of 3 on every node after the heal" all_members
 say "phase 2: healed; n1 is a standby naming n$new and every node counts 3 members $(($(now_ms) - t_heal)) ms after the heal"
 touch "$work/stop-cut"
-sleep 1
-cl python3 .ci/partition_probe.py check "$work/probe-cut.jsonl" $((t_cut + TTL)) \
-    "phase 2 probe on n1 (bound: cut + lease)" --closed || fail "the cut node answered after its lease"
 
 # --- 3. SIGSTOP past the lease --------------------------------------------------------
 paused=$new
