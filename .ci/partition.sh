@@ -11,8 +11,9 @@
 #
 # The client network does not reach the cluster network (no node forwards).
 # Phases, each with its checks (exit 1 on the first that fails):
-#  1. impairment of every healthy cluster link (netem delay 50 ms +- 20 ms and 1% loss
-#     where the kernel has sch_netem; else 1% random loss by iptables): no takeover.
+#  1. impairment of every healthy cluster link for 12 s: netem delay 50 ms +- 20 ms and
+#     1% loss where the kernel has sch_netem; else 1% random loss by iptables and the
+#     delay on the database's connections (.ci/delay_proxy.py): no takeover.
 #  2. the cut: the leader's cluster link is unplugged from the bridge (silent: its packets
 #     vanish) while its client link stays up, held for 3 leases. (a) the cut node answers
 #     nothing to a request sent at or after cut + lease (the probe), says `unavailable`
@@ -31,7 +32,7 @@
 #                                # ${CARGO_TARGET_DIR:-target}/debug, built if missing)
 #
 # Installs what it lacks (iproute2, iptables, curl, PostgreSQL, websockets from PyPI).
-# Ports 33080 (clients), 33090 (cluster), 33432 (PostgreSQL). Everything it creates is
+# Ports 33080 (clients), 33090 (cluster), 33432 (PostgreSQL), 33433 (its delay proxy). Everything it creates is
 # removed on exit, failure included. Prints its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,7 @@ RENEW=${LEASE_RENEW_MS:-400}
 PORT=33080
 CPORT=33090
 PGPORT=33432
+PROXYPORT=33433
 NET=10.231.0
 CNET=10.232.0
 NAMESPACES=(dnx-cl dnx-n1 dnx-n2 dnx-n3 dnx-db dnx-sw)
@@ -55,6 +57,14 @@ fail() {
     exit 1
 }
 now_ms() { date +%s%3N; }
+wait_until() { # SECONDS WHAT COMMAND...: polls every 100 ms
+    local until=$(($(date +%s) + $1)) what=$2
+    shift 2
+    until "$@"; do
+        [ "$(date +%s)" -lt "$until" ] || fail "$what: not within the time allowed"
+        sleep 0.1
+    done
+}
 
 # --- prerequisites --------------------------------------------------------------------
 [ "$(id -u)" = 0 ] || fail "needs root (network namespaces)"
@@ -132,8 +142,13 @@ say "namespaces ${NAMESPACES[*]}: cluster network $NET.0/24 (bridge in dnx-sw), 
 
 # --- PostgreSQL in dnx-db -------------------------------------------------------------
 ip netns exec dnx-db bash .ci/postgres.sh start
-url="postgres://dispatch:dispatch@$NET.10:$PGPORT/postgres"
-ip netns exec dnx-n1 timeout 5 bash -c "</dev/tcp/$NET.10/$PGPORT" || fail "n1 cannot reach PostgreSQL"
+# The nodes reach it through .ci/delay_proxy.py (in dnx-db too), which delays what it
+# carries while $work/delay-on exists: the delay of phase 1 where netem is missing.
+ip netns exec dnx-db python3 .ci/delay_proxy.py "$NET.10:$PROXYPORT" "$NET.10:$PGPORT" "$work/delay-on" 50 20 \
+    >"$work/proxy.txt" 2>&1 &
+bg+=("$!")
+url="postgres://dispatch:dispatch@$NET.10:$PROXYPORT/postgres"
+wait_until 10 "n1 reaches PostgreSQL through the proxy" ip netns exec dnx-n1 timeout 5 bash -c "</dev/tcp/$NET.10/$PROXYPORT"
 if cl timeout 2 bash -c "</dev/tcp/$NET.10/$PGPORT" 2>/dev/null; then
     fail "the client network reaches the database: the namespaces leak"
 fi
@@ -159,14 +174,6 @@ metric() { get "$1" /metrics | awk -v m="$2" '$1 == m { print $2 }'; }
 members() { metric "$1" dispatch_cluster_members; }
 ready() { [ "$(code "$1" /readyz)" = 200 ]; }
 leaders() { for i in 1 2 3; do if ready "$i"; then echo "$i"; fi; done; }
-wait_until() { # SECONDS WHAT COMMAND...: polls every 100 ms
-    local until=$(($(date +%s) + $1)) what=$2
-    shift 2
-    until "$@"; do
-        [ "$(date +%s)" -lt "$until" ] || fail "$what: not within the time allowed"
-        sleep 0.1
-    done
-}
 all_members() { for i in 1 2 3; do [ "$(members "$i")" = 3 ] || return 1; done; }
 standby_of() { # I LEADER: I's /readyz names nLEADER as the lease's holder
     get "$1" /readyz | grep -q "standby: n$2 holds the lease"
@@ -207,7 +214,14 @@ takeovers() {
     done
     echo "$n"
 }
+psql_ms() { # one psql session (connect, SELECT 1) from dnx-n2, in ms
+    local t
+    t=$(now_ms)
+    ip netns exec dnx-n2 psql "$url" -qAt -c 'SELECT 1' >/dev/null
+    echo $(($(now_ms) - t))
+}
 before=$(takeovers)
+fast=$(psql_ms)
 impaired=()
 if tc -n dnx-n1 qdisc add dev c0 root netem delay 50ms 20ms loss 1% 2>/dev/null; then
     how="netem delay 50 ms +- 20 ms, loss 1% (each direction)"
@@ -217,7 +231,8 @@ if tc -n dnx-n1 qdisc add dev c0 root netem delay 50ms 20ms loss 1% 2>/dev/null;
         impaired+=("$ns")
     done
 else
-    how="1% random loss each way by iptables (this kernel has no sch_netem: no delay)"
+    how="50 ms +- 20 ms each way on the database's connections (.ci/delay_proxy.py) and 1% random loss each way by iptables on every cluster link (this kernel has no sch_netem)"
+    touch "$work/delay-on"
     for ns in dnx-n1 dnx-n2 dnx-n3 dnx-db; do
         for chain in "INPUT -i c0" "OUTPUT -o c0"; do
             # shellcheck disable=SC2086
@@ -227,7 +242,9 @@ else
     done
 fi
 say "phase 1: every cluster link impaired for 12 s: $how"
+slow=$(psql_ms)
 sleep 12
+rm -f "$work/delay-on"
 for ns in "${impaired[@]}"; do
     tc -n "$ns" qdisc del dev c0 root 2>/dev/null || true
     ip netns exec "$ns" iptables-legacy -F 2>/dev/null || true
@@ -235,7 +252,7 @@ done
 after=$(takeovers)
 [ "$after" = "$before" ] || fail "takeovers went from $before to $after on links that were slow but up"
 [ "$(code 1 /readyz)" = 200 ] || fail "n1 stopped leading on impaired links"
-say "phase 1: no takeover (takeovers counted: $before before, $after after); n1 still leads"
+say "phase 1: no takeover (takeovers counted: $before before, $after after); n1 still leads; a psql session from dnx-n2 took $fast ms before, $slow ms impaired"
 
 # --- 2. the cut -----------------------------------------------------------------------
 old_epoch=$(metric 1 dispatch_cluster_epoch)
