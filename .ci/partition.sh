@@ -38,8 +38,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/debug}
-TTL=${LEASE_TTL_MS:-2000}
-RENEW=${LEASE_RENEW_MS:-400}
+# A 4 s lease: 2 s (the failover test's) ended terms on the impaired links of phase 1 on
+# a loaded machine (a renewal waits for the commit that holds the lease row FOR SHARE,
+# several 100 ms round trips long there).
+TTL=${LEASE_TTL_MS:-4000}
+RENEW=${LEASE_RENEW_MS:-800}
 PORT=33080
 CPORT=33090
 PGPORT=33432
@@ -100,6 +103,7 @@ cleanup() {
     done
     for p in "${pid[@]}" "${bg[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    cp "$DISPATCH_PG_DIR/server.log" "$work/postgres.log" 2>/dev/null || true
     bash .ci/postgres.sh stop >/dev/null 2>&1 || true
     for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
     if [ $rc != 0 ]; then
@@ -175,6 +179,12 @@ members() { metric "$1" dispatch_cluster_members; }
 ready() { [ "$(code "$1" /readyz)" = 200 ]; }
 leaders() { for i in 1 2 3; do if ready "$i"; then echo "$i"; fi; done; }
 all_members() { for i in 1 2 3; do [ "$(members "$i")" = 3 ] || return 1; done; }
+standby_of_leader() { # I: I is a standby naming the one node that leads now (leadership
+    # may move again under load: a new leader that cannot renew in time loses it too)
+    local l
+    l=$(leaders | grep -vx "$1" || true)
+    [ -n "$l" ] && [ "$(echo "$l" | wc -l)" = 1 ] && standby_of "$1" "$l"
+}
 standby_of() { # I LEADER: I's /readyz names nLEADER as the lease's holder
     get "$1" /readyz | grep -q "standby: n$2 holds the lease"
 }
@@ -277,7 +287,9 @@ n1_leader=$(metric 1 dispatch_cluster_leader)
 say "phase 2: 3 leases into the cut n1 is a standby (/readyz 503: $(get 1 /readyz | head -c 160)); it counts $(members 1) member(s)"
 ip -n dnx-sw link set vn1 master br0
 t_heal=$(now_ms)
-wait_until 30 "n1 back as a standby naming n$new" standby_of 1 "$new"
+wait_until 30 "n1 back as a standby naming the leader" standby_of_leader 1
+[ "$(leaders)" = "$new" ] || say "phase 2: (the lease moved on meanwhile: n$(leaders) leads now)"
+new=$(leaders)
 wait_until 30 "membership of 3 on every node after the heal" all_members
 say "phase 2: healed; n1 is a standby naming n$new and every node counts 3 members $(($(now_ms) - t_heal)) ms after the heal"
 touch "$work/stop-cut"
@@ -312,7 +324,9 @@ sleep_until $((t_stop + 2 * TTL))
 kill -CONT "${pid[$paused]}"
 t_cont=$(now_ms)
 say "phase 3: n$next leads ${took_pause} ms after the stop; n$paused continued $((t_cont - t_stop)) ms after it stopped"
-wait_until 30 "n$paused a standby naming n$next after SIGCONT" standby_of "$paused" "$next"
+wait_until 30 "n$paused a standby naming the leader after SIGCONT" standby_of_leader "$paused"
+[ "$(leaders)" = "$next" ] || say "phase 3: (the lease moved on meanwhile: n$(leaders) leads now)"
+next=$(leaders)
 wait_until 30 "membership of 3 on every node after SIGCONT" all_members
 fenced_after=$(metric "$paused" dispatch_cluster_fenced_commits_total)
 say "phase 3: n$paused woke a standby naming n$next; membership 3; its commits refused by the fence: ${fenced_before:-0} -> ${fenced_after:-0}"
