@@ -80,7 +80,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -c 'import websockets' 2>/dev/null ||
+python3 -c 'import websockets.asyncio.client' 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'websockets==17.4'
 if [ ! -x "$BIN/dispatchd" ] || [ ! -x "$BIN/loadgen" ]; then
     cargo build --locked -p dispatch-transport --bin dispatchd -p dispatch-loadgen --bin loadgen
