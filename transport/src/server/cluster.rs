@@ -187,7 +187,10 @@ pub fn routes() -> Router<App> {
 
 /// This node, the live members with how long ago each was heard, and how many shards
 /// each owns among the shards this node's cells are in.
-async fn status(_: Admin, State(app): State<App>) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/cluster", tag = "admin", security(("admin" = [])),
+    description = "Cluster membership (docs/api.md, \"Cluster membership\"): this node, the live members with how long ago each was last heard, and how many of the shards this node's cells are in each member owns. Without `--cluster-listen`, only `{\"enabled\": false}`.",
+    responses((status = 200, description = "Membership as this node sees it", body = super::openapi::ClusterStatus)))]
+pub(super) async fn status(_: Admin, State(app): State<App>) -> Json<Value> {
     let Some(cluster) = &app.cluster else {
         return Json(json!({ "enabled": false }));
     };
