@@ -410,6 +410,13 @@ impl Cluster {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| listen_err(e.to_string()))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "dispatch-membership".into(),
+                subscription: Box::new(Events(shared.clone())),
+            })
+            .map_err(|e| listen_err(e.to_string()))?;
+        // After the subscription: every link this node accepts is a session it tracks.
         let acceptor = match (&config.tls, own) {
             (Some(tls), Some(own)) => {
                 // The name peers see (`connection_string`) carries the public port, not the
@@ -432,12 +439,6 @@ impl Cluster {
             }
             _ => None,
         };
-        server
-            .cast(NodeServerMessage::SubscribeToEvents {
-                id: "dispatch-membership".into(),
-                subscription: Box::new(Events(shared.clone())),
-            })
-            .map_err(|e| listen_err(e.to_string()))?;
         let heartbeat = heartbeat::spawn(shared.clone(), config.heartbeat)
             .await
             .map_err(ClusterError::Heartbeat)?;
