@@ -21,7 +21,9 @@ What it does (k8s/README.md, "The check"):
      Dockerfile, compiled from the Dockerfile itself, is run against it.
   5. the cluster overlay (several nodes, active/standby on PostgreSQL): its own facts
      (check_cluster), then three real dispatchd nodes with its ConfigMap on a fresh database
-     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: exactly one leads, SIGTERM it, another does.
+     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: exactly one leads, SIGTERM it, another does;
+     the same for the cluster-tls overlay (TLS on the links, certificates made with openssl),
+     where plain bytes on a cluster port must also be refused and counted.
 Ends with 'k8s: N passed, N failed' and exits non-zero on any failure.
 """
 
@@ -49,11 +51,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-OVERLAYS = ["dev", "prod", "cluster"]
+OVERLAYS = ["dev", "prod", "cluster", "cluster-tls"]
 # Overlays of several nodes (issue 16): active/standby over one PostgreSQL store. Their facts
 # differ from the one-node overlays' (replicas, an HPA, probes, no volume claim, the cluster
 # port, Secrets for the database URL and the cookie); check_cluster() checks those.
-CLUSTER_OVERLAYS = {"cluster": 3}
+CLUSTER_OVERLAYS = {"cluster": 3, "cluster-tls": 3}
+# Overlays with TLS on the cluster links (--cluster-tls-*): the three files of a Secret.
+TLS_OVERLAYS = {"cluster-tls"}
+TLS_KEYS = ("DISPATCH_CLUSTER_TLS_CERT", "DISPATCH_CLUSTER_TLS_KEY", "DISPATCH_CLUSTER_TLS_CA")
 CLUSTER_PORT = 7070
 # The metric names of cluster mode that dashboards/ uses. dashboards/check.py scrapes a
 # single sled node, which does not export them (its KNOWN_MISSING); the live cluster check
@@ -544,6 +549,7 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
     C.ok(matches(pdb["spec"]["selector"]["matchLabels"], labels), "the PodDisruptionBudget selects the pod")
     if nodes is not None:
         check_cluster(nodes, objs, sts, ctr, data, mounts, claims, ports)
+        check_cluster_tls(overlay in TLS_OVERLAYS, pod, ctr, data, mounts)
 
     dash = cms.get("dispatchd-dashboards", {}).get("data", {})
     files = sorted(p.name for p in (ROOT / "dashboards").glob("*.json"))
@@ -747,6 +753,49 @@ def scrape_value(text: str, name: str) -> float | None:
 RIDER = {"name": "k8s check", "phone": "+15555550100"}
 
 
+def check_cluster_tls(want: bool, pod: dict, ctr: dict, data: dict[str, str], mounts: dict[str, str]) -> None:
+    """TLS on the cluster links: in a TLS overlay the three DISPATCH_CLUSTER_TLS_* files are
+    files of one read-only Secret volume readable by the pod's group only; elsewhere none."""
+    given = [k for k in TLS_KEYS if k in data]
+    env = {e["name"] for e in ctr.get("env", [])}
+    if not want:
+        C.ok(not given and not env & set(TLS_KEYS), "no TLS on the cluster links (plain TCP, the cookie only)")
+        return
+    C.ok(len(given) == 3, f"TLS on the cluster links: all three of {', '.join(TLS_KEYS)} in the ConfigMap", str(given))
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    ro = {m["mountPath"]: m.get("readOnly", False) for m in ctr.get("volumeMounts", [])}
+    for k in given:
+        d, _, f = data[k].rpartition("/")
+        vol = vols.get(mounts.get(d, ""), {}).get("secret", {})
+        mode = vol.get("defaultMode", 0o644)
+        C.ok(bool(vol) and ro.get(d) is True and any(i.get("path") == f for i in vol.get("items", [{"path": f}]))
+             and mode & 0o007 == 0 and mode & 0o040,
+             f"{k} {data[k]} is a file of a read-only Secret volume ({vol.get('secretName')}, mode {mode:#o}: "
+             "the pod's group only)")
+
+
+def make_test_tls(tmp: str) -> dict[str, str]:
+    """A CA and one node certificate for 127.0.0.1 (server and client use), made with the
+    openssl command, for the live check of a TLS overlay: the DISPATCH_CLUSTER_TLS_* paths."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    Path(tmp, "node.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+                                     "basicConstraints=CA:FALSE\n")
+    for cmd in (["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=k8s check CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"],
+                ["req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=dispatchd"],
+                ["x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", "node.pem", "-days", "1", "-extfile", "node.ext"]):
+        r = run(["openssl", *cmd], cwd=tmp, timeout=30)
+        if r.returncode != 0:
+            C.fatal(f"openssl {cmd[0]} (the live TLS check's certificates)", r.stderr.strip())
+    return dict(zip(TLS_KEYS, (f"{tmp}/node.pem", f"{tmp}/node.key", f"{tmp}/ca.pem")))
+
+
+def tls_refusals(text: str, reason: str) -> float:
+    m = re.search(rf'^dispatch_cluster_tls_refusals_total{{direction="incoming",reason="{reason}"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else -1.0
+
+
 def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, database_url: str | None) -> None:
     """Active/standby on one machine: `nodes` real dispatchd processes with the overlay's
     ConfigMap, one fresh PostgreSQL database, loopback ports and their own node names.
@@ -773,6 +822,8 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
         addrs = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
         # The overlay lists every pod, itself included; so does this.
         peers = ",".join(f"127.0.0.1:{c}" for _, _, c in addrs)
+        # A TLS overlay's files, made here (in the pod: the mounted Secret's).
+        tls = make_test_tls(tmp) if any(k in data for k in TLS_KEYS) else {}
         token = secrets.token_urlsafe(24)
         logs = []
         try:
@@ -785,6 +836,7 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
                            DISPATCH_CLUSTER_LISTEN=f"127.0.0.1:{clus}", DISPATCH_CLUSTER_PEERS=peers,
                            DISPATCH_CLUSTER_COOKIE_FILE=str(cookie), DISPATCH_NODE_NAME=f"dispatchd-{i}",
                            DISPATCH_DATABASE_URL=url, DISPATCH_DATA_DIR=f"{tmp}/data-{i}", DISPATCH_ADMIN_TOKEN=token)
+                env.update(tls)
                 log = open(f"{tmp}/log-{i}", "w+")
                 logs.append(log)
                 procs.append(subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -837,6 +889,18 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
             C.ok(all(v == nodes for v in members.values()),
                  f"membership formed: every node counts {nodes} members (dispatch_cluster_members) after "
                  f"{time.monotonic() - t0:.1f} s", str(members))
+            if tls:
+                # The links are TLS: plain bytes on a node's cluster port are refused as not TLS.
+                text = get(f"http://127.0.0.1:{addrs[0][1]}{METRICS_PATH}")[1]
+                before = tls_refusals(text, "not_tls")
+                with socket.create_connection(("127.0.0.1", addrs[0][2]), timeout=5) as s:
+                    s.sendall(b"\x00" * 7 + b"\x05hello")
+                t0, after = time.monotonic(), before
+                while time.monotonic() - t0 < 10 and after <= before:
+                    time.sleep(0.1)
+                    after = tls_refusals(get(f"http://127.0.0.1:{addrs[0][1]}{METRICS_PATH}")[1], "not_tls")
+                C.ok(0 <= before < after, "TLS on the links: plain bytes on a cluster port are refused and counted "
+                     f"(dispatch_cluster_tls_refusals_total not_tls {before} -> {after})")
             metrics = {i: get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1] for i in range(nodes)}
             flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
             C.ok(flags == {i: float(i == leader) for i in range(nodes)},

@@ -12,12 +12,21 @@
 //!   sessions are stopped (so a paused node is dropped like a dead one), and it is dialled
 //!   again like any missing peer. A session that has not authenticated within
 //!   `peer_timeout` is stopped too (a paused peer accepts TCP but never answers).
+//! - **TLS** (optional, [`ClusterConfig::tls`]): mutual TLS 1.3 under the cookie handshake
+//!   ([`tls`]). This node accepts its links itself ([`accept_tls`]): every handshake in a
+//!   task of its own, within `peer_timeout`, at most [`MAX_PENDING_SESSIONS`] at once, a
+//!   failure counted by reason (`dispatch_cluster_tls_refusals_total`); only a finished
+//!   handshake reaches the `NodeServer`. (`ractor_cluster`'s own TLS listener awaits each
+//!   handshake inline, without a timeout, so one idle connection would stop it accepting,
+//!   and its failures are only logged.) Its own listener then runs, unused and TLS too, on
+//!   an ephemeral loopback port.
 //! - **Bounds**: inbound frames at most [`MAX_FRAME_BYTES`]; every dial (DNS and TCP) and
 //!   every call to the `NodeServer` within `peer_timeout`; dial backoff up to
 //!   [`MAX_BACKOFF`]; heartbeat names at most [`MAX_NAME_BYTES`].
 
 mod heartbeat;
 mod metrics;
+mod tls;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -27,11 +36,15 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorId, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, NodeSessionMessage};
+use ractor_cluster::{
+    IncomingEncryptionMode, NetworkStream, NodeEventSubscription, NodeServer, NodeServerMessage,
+    NodeSessionMessage,
+};
 use tokio::sync::watch;
 
 pub use heartbeat::{HEARTBEAT_GROUP, HeartbeatMsg, MAX_NAME_BYTES};
 pub use metrics::ClusterMetrics;
+pub use tls::{ClusterTls, TlsError, TlsFiles};
 
 /// The largest inbound cluster frame; a peer sending a larger one is disconnected. The
 /// heartbeats and `ractor_cluster`'s own control messages are far smaller.
@@ -64,6 +77,8 @@ pub struct ClusterConfig {
     pub cookie: Cookie,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
+    /// Mutual TLS on every link (`--cluster-tls-*`); `None`: plain TCP.
+    pub tls: Option<ClusterTls>,
 }
 
 /// Why membership could not start.
@@ -332,6 +347,8 @@ pub struct Cluster {
     server: ActorRef<NodeServerMessage>,
     heartbeat: ActorRef<HeartbeatMsg>,
     dialer: tokio::task::JoinHandle<()>,
+    /// With TLS, the task accepting the links ([`accept_tls`]).
+    acceptor: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -364,17 +381,31 @@ impl Cluster {
             reason,
         };
         // Bind once ourselves first: ractor_cluster's listener panics inside its actor on a
-        // taken port, which would only show as a spawn error without the reason.
-        std::net::TcpListener::bind(config.listen).map_err(|e| listen_err(e.to_string()))?;
+        // taken port, which would only show as a spawn error without the reason. With TLS
+        // this listener is kept: this node accepts its links itself.
+        let own =
+            std::net::TcpListener::bind(config.listen).map_err(|e| listen_err(e.to_string()))?;
+        let (own, port, listen_ip, encryption) = match &config.tls {
+            None => {
+                drop(own);
+                (None, config.listen.port(), config.listen.ip(), None)
+            }
+            Some(tls) => (
+                Some(own),
+                0,
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                Some(IncomingEncryptionMode::Tls(tls.acceptor().clone())),
+            ),
+        };
         let server = NodeServer::new(
-            config.listen.port(),
+            port,
             config.cookie.0.clone(),
             config.node_name.clone(),
             config.listen.ip().to_string(),
-            None,
+            encryption,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(config.listen.ip())
+        .with_listen_addr(listen_ip)
         .with_max_inbound_frame_size(MAX_FRAME_BYTES);
         let (server, _) = Actor::spawn(None, server, ())
             .await
@@ -385,6 +416,29 @@ impl Cluster {
                 subscription: Box::new(Events(shared.clone())),
             })
             .map_err(|e| listen_err(e.to_string()))?;
+        // After the subscription: every link this node accepts is a session it tracks.
+        let acceptor = match (&config.tls, own) {
+            (Some(tls), Some(own)) => {
+                // The name peers see (`connection_string`) carries the public port, not the
+                // ephemeral one its own listener reported (that message is already queued).
+                server
+                    .cast(NodeServerMessage::PortChanged {
+                        port: config.listen.port(),
+                    })
+                    .map_err(|e| listen_err(e.to_string()))?;
+                own.set_nonblocking(true)
+                    .map_err(|e| listen_err(e.to_string()))?;
+                let own = tokio::net::TcpListener::from_std(own)
+                    .map_err(|e| listen_err(e.to_string()))?;
+                Some(tokio::spawn(accept_tls(
+                    own,
+                    tls.clone(),
+                    shared.clone(),
+                    server.clone(),
+                )))
+            }
+            _ => None,
+        };
         let heartbeat = heartbeat::spawn(shared.clone(), config.heartbeat)
             .await
             .map_err(ClusterError::Heartbeat)?;
@@ -396,6 +450,7 @@ impl Cluster {
             server,
             heartbeat,
             dialer,
+            acceptor,
         })
     }
 
@@ -417,6 +472,9 @@ impl Cluster {
     /// Stops dialling, the heartbeats and the node server (closing every link).
     pub async fn stop(&self) {
         self.dialer.abort();
+        if let Some(a) = &self.acceptor {
+            a.abort();
+        }
         let wait = Some(self.shared.peer_timeout);
         let _ = self.heartbeat.stop_and_wait(None, wait).await;
         let _ = self.server.stop_and_wait(None, wait).await;
@@ -482,14 +540,7 @@ async fn dial_peers(
             // Each resolved address in turn (`localhost` may give `::1` before 127.0.0.1).
             let mut dialled = Err("cannot resolve".to_owned());
             for a in &resolved {
-                dialled =
-                    match tokio::time::timeout(bound, ractor_cluster::client_connect(&server, *a))
-                        .await
-                    {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("timed out".to_owned()),
-                    };
+                dialled = dial(&config, &shared, &server, &slot.addr, *a).await;
                 if dialled.is_ok() {
                     break;
                 }
@@ -508,5 +559,106 @@ async fn dial_peers(
                 }
             }
         }
+    }
+}
+
+/// One dial of `peer` at `addr`, within `peer_timeout`: plain, or TLS (a failed handshake
+/// counted as an outgoing TLS refusal).
+async fn dial(
+    config: &ClusterConfig,
+    shared: &Shared,
+    server: &ActorRef<NodeServerMessage>,
+    peer: &str,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    use ractor_cluster::ClientConnectErr;
+    let bound = config.peer_timeout;
+    let connected = match &config.tls {
+        None => tokio::time::timeout(bound, ractor_cluster::client_connect(server, addr)).await,
+        Some(tls) => {
+            let Some(name) = tls.server_name_for(peer) else {
+                return Err(format!("{peer}: its host is not a TLS server name"));
+            };
+            let connect = ractor_cluster::client_connect_enc(server, addr, tls.connector(), name);
+            match tokio::time::timeout(bound, connect).await {
+                Ok(Err(ClientConnectErr::Encryption(e))) => {
+                    let reason = tls::refusal_reason(&e);
+                    shared
+                        .metrics
+                        .tls_refusals
+                        .with_label_values(&["outgoing", reason])
+                        .inc();
+                    tracing::warn!(peer, %addr, reason, error = %e, "cluster peer refused: TLS handshake failed");
+                    return Err(e.to_string());
+                }
+                other => other,
+            }
+        }
+    };
+    match connected {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
+/// Accepts the cluster links with TLS (see the module doc): each handshake in a task of its
+/// own, bounded in time and number; a finished one is handed to the `NodeServer` as an
+/// incoming session (the cookie handshake follows), a failed one is closed and counted.
+async fn accept_tls(
+    listener: tokio::net::TcpListener,
+    tls: ClusterTls,
+    shared: Arc<Shared>,
+    server: ActorRef<NodeServerMessage>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_SESSIONS));
+    // Dropped (aborting every handshake in flight) when this task is aborted.
+    let mut handshakes = tokio::task::JoinSet::new();
+    loop {
+        while handshakes.try_join_next().is_some() {}
+        let (stream, peer_addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tracing::warn!(error = %e, "cluster listener: accept failed");
+                tokio::time::sleep(MIN_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.pending_refused.inc();
+            continue;
+        };
+        let (acceptor, shared, server) = (tls.acceptor().clone(), shared.clone(), server.clone());
+        handshakes.spawn(async move {
+            let _slot = slot;
+            let _ = stream.set_nodelay(true);
+            let Ok(local_addr) = stream.local_addr() else {
+                return;
+            };
+            let refused = |reason: &'static str, error: String| {
+                shared
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&["incoming", reason])
+                    .inc();
+                tracing::warn!(addr = %peer_addr, reason, %error, "cluster peer refused: TLS handshake failed");
+            };
+            match tokio::time::timeout(shared.peer_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    // Fails only while the node server stops: the link is dropped with it.
+                    let _ = server.cast(NodeServerMessage::ConnectionOpened {
+                        stream: Box::new(NetworkStream::TlsServer {
+                            peer_addr,
+                            local_addr,
+                            stream,
+                        }),
+                        is_server: true,
+                    });
+                }
+                Ok(Err(e)) => refused(tls::refusal_reason(&e), e.to_string()),
+                Err(_) => refused("timeout", "no handshake within --cluster-peer-timeout-ms".into()),
+            }
+        });
     }
 }

@@ -16,6 +16,7 @@ pub struct ClusterMetrics {
     pub auth_refusals: IntCounter,
     pub handshake_timeouts: IntCounter,
     pub pending_refused: IntCounter,
+    pub tls_refusals: IntCounterVec,
     pub remote_latency: Histogram,
     pub remote_errors: IntCounter,
 }
@@ -70,8 +71,31 @@ impl ClusterMetrics {
         .expect("valid metric");
         r.register(Box::new(remote_latency.clone()))
             .expect("unique metric");
+        let tls_refusals = IntCounterVec::new(
+            Opts::new(
+                "dispatch_cluster_tls_refusals_total",
+                "Cluster links whose TLS handshake failed (--cluster-tls-*): incoming ones this node refused, outgoing ones it gave up, by reason",
+            ),
+            &["direction", "reason"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(tls_refusals.clone()))
+            .expect("unique metric");
+        // A dial that times out is a failed dial (`connect_failures`), not a TLS refusal.
+        for (d, reasons) in [
+            (
+                "incoming",
+                &["not_tls", "certificate", "handshake", "timeout"][..],
+            ),
+            ("outgoing", &["not_tls", "certificate", "handshake"][..]),
+        ] {
+            for reason in reasons {
+                tls_refusals.with_label_values(&[d, reason]);
+            }
+        }
         Self {
             members,
+            tls_refusals,
             peer_up,
             heartbeats,
             peers_dead: counter(
@@ -102,7 +126,7 @@ impl ClusterMetrics {
             pending_refused: counter(
                 r,
                 "dispatch_cluster_pending_refused_total",
-                "Links closed at once because MAX_PENDING_SESSIONS were already authenticating",
+                "Links closed at once because MAX_PENDING_SESSIONS were already authenticating (or, with TLS, in their TLS handshake)",
             ),
             remote_latency,
             remote_errors: counter(

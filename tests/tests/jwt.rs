@@ -9,14 +9,12 @@
 //! scheduled refresh); an unreachable identity provider (503 for JWTs, own tokens fine);
 //! minted tokens refused once `--auth-own-tokens false`.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use dispatch_tests::{Client, Dispatchd, Endpoint, assert_error_body, eventually, now_ms};
+use dispatch_tests::{Client, Dispatchd, Endpoint, assert_error_body, eventually, now_ms, openssl};
 use dispatch_tests::{DROPOFF, PICKUP, Ride};
 use dispatch_transport::wire::TripState;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -32,20 +30,6 @@ struct Signer {
     key: EncodingKey,
     jwk: Value,
     public_pem: Vec<u8>,
-}
-
-fn openssl(args: &[&str], dir: &Path) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 impl Signer {

@@ -9,8 +9,9 @@
 //! it): the first to start leads, the others stand by; membership runs the same in both
 //! roles and across terms.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use dispatch_tests::cluster::{all_list, cluster_node, cluster_setup, members, names};
 use dispatch_tests::{Dispatchd, SLOW, eventually_within};
 use tokio::io::AsyncWriteExt;
 
@@ -21,59 +22,16 @@ const PORTS: [u16; 4] = [25101, 25102, 25103, 25104];
 const HEARTBEAT_MS: u64 = 200;
 const PEER_TIMEOUT_MS: u64 = 1_000;
 
-fn peers() -> String {
-    PORTS[..3]
-        .iter()
-        // A DNS name, resolved on every dial, as a StatefulSet's peers are.
-        .map(|p| format!("localhost:{p}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn node(i: usize, cookie_file: &std::path::Path, db: &str) -> dispatch_tests::DispatchdBuilder {
-    // `sled_only`: the builder sets no database of its own; the env below sets ours.
-    Dispatchd::builder(&format!("n{i}"))
-        .sled_only()
-        .env("DISPATCH_STORE", "postgres")
-        .env("DISPATCH_DATABASE_URL", db)
-        .flags(&[
-            "--admin-token".to_owned(),
-            ADMIN.to_owned(),
-            "--node-name".to_owned(),
-            format!("n{i}"),
-            "--cluster-listen".to_owned(),
-            format!("127.0.0.1:{}", PORTS[i]),
-            "--cluster-peers".to_owned(),
-            peers(),
-            "--cluster-cookie-file".to_owned(),
-            cookie_file.display().to_string(),
-            "--cluster-heartbeat-ms".to_owned(),
-            HEARTBEAT_MS.to_string(),
-            "--cluster-peer-timeout-ms".to_owned(),
-            PEER_TIMEOUT_MS.to_string(),
-        ])
-}
-
-/// The member names `d` counts live: itself and every peer whose
-/// `dispatch_cluster_peer_up` is 1 (empty while it does not answer yet).
-async fn members(d: &Dispatchd, me: &str) -> Vec<String> {
-    let Ok(r) = d.http.get(d.url("/metrics")).send().await else {
-        return Vec::new();
-    };
-    let Ok(text) = r.text().await else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("dispatch_cluster_peer_up{peer=\"")?;
-            let (name, value) = rest.split_once("\"} ")?;
-            (value.trim() == "1").then(|| name.to_owned())
-        })
-        .collect();
-    out.push(me.to_owned());
-    out.sort();
-    out
+    cluster_node(
+        &format!("n{i}"),
+        PORTS[i],
+        &PORTS[..3],
+        cookie_file,
+        db,
+        (HEARTBEAT_MS, PEER_TIMEOUT_MS),
+        &["--admin-token".to_owned(), ADMIN.to_owned()],
+    )
 }
 
 /// The member names the leader lists in `GET /admin/cluster`.
@@ -88,26 +46,6 @@ async fn listed(d: &Dispatchd) -> Vec<String> {
         .collect()
 }
 
-fn names(of: &[&str]) -> Vec<String> {
-    of.iter().map(|s| s.to_string()).collect()
-}
-
-/// Waits until every node in `nodes` lists exactly `want`; returns how long it took.
-async fn all_list(nodes: &[(&Dispatchd, &str)], want: &[&str], what: &str) -> Duration {
-    let start = Instant::now();
-    let want = names(want);
-    eventually_within(what, SLOW, || async {
-        for (d, me) in nodes {
-            if members(d, me).await != want {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-    start.elapsed()
-}
-
 fn signal(d: &Dispatchd, sig: &str) {
     let st = std::process::Command::new("kill")
         .args([sig, &d.child.id().to_string()])
@@ -118,17 +56,9 @@ fn signal(d: &Dispatchd, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_wrong_cookie() {
-    if dispatch_tests::test_store_is_postgres() {
-        // Every node runs on PostgreSQL anyway (see the module doc): not twice in CI.
-        eprintln!("membership: skipped under DISPATCH_TEST_STORE=postgres (it always runs on it)");
-        return;
-    }
-    let Some(db) = dispatch_persistence::pg::test_database("membership_three_nodes") else {
+    let Some((db, dir, cookie_file)) = cluster_setup("membership_three_nodes", COOKIE) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cookie_file = dir.path().join("cookie");
-    std::fs::write(&cookie_file, format!("{COOKIE}\n")).unwrap();
 
     // n0 starts first and leads; the others stand by (never ready: spawned, not started).
     let n0 = node(0, &cookie_file, &db).start().await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use dispatch_cluster::{Cluster, ClusterConfig, Cookie};
+use dispatch_cluster::{Cluster, ClusterConfig, ClusterTls, Cookie, TlsFiles};
 use serde_json::{Value, json};
 
 use super::App;
@@ -45,6 +45,22 @@ pub struct ClusterArgs {
         default_value_t = 2_000
     )]
     pub cluster_peer_timeout_ms: u64,
+    /// TLS on the cluster links: this node's certificate chain (PEM, its own first). Give
+    /// all three of `--cluster-tls-cert`, `--cluster-tls-key` and `--cluster-tls-ca`, or
+    /// none (plain TCP). It serves both ends of a link (server and client authentication).
+    #[arg(long, env = "DISPATCH_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// TLS: this node's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DISPATCH_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// TLS: the CA certificate(s) (PEM) every peer's certificate must chain to. Mutual: a
+    /// peer that dials in without such a certificate is refused too.
+    #[arg(long, env = "DISPATCH_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
+    /// TLS: the name every peer's certificate must carry. Default: the host part of the
+    /// peer address dialled (`--cluster-peers`).
+    #[arg(long, env = "DISPATCH_CLUSTER_TLS_SERVER_NAME")]
+    pub cluster_tls_server_name: Option<String>,
 }
 
 /// The shortest cookie accepted: ractor_cluster's handshake is only as strong as it.
@@ -54,13 +70,18 @@ impl ClusterArgs {
     /// The membership's configuration, `None` when `--cluster-listen` is not given (then
     /// no other `--cluster-*` flag may be either).
     pub fn validate(self, node_name: Option<&str>) -> Result<Option<ClusterConfig>, String> {
+        let tls_given = self.cluster_tls_cert.is_some()
+            || self.cluster_tls_key.is_some()
+            || self.cluster_tls_ca.is_some()
+            || self.cluster_tls_server_name.is_some();
         let Some(listen) = self.cluster_listen else {
             if !self.cluster_peers.is_empty()
                 || self.cluster_cookie.is_some()
                 || self.cluster_cookie_file.is_some()
+                || tls_given
             {
                 return Err(
-                    "--cluster-peers and --cluster-cookie[-file] need --cluster-listen".into(),
+                    "--cluster-peers, --cluster-cookie[-file] and --cluster-tls-* need --cluster-listen".into(),
                 );
             }
             return Ok(None);
@@ -116,6 +137,23 @@ impl ClusterArgs {
         {
             return Err("--cluster-peer-timeout-ms must be at least twice --cluster-heartbeat-ms, and at most 600000".into());
         }
+        let tls = match (
+            self.cluster_tls_cert,
+            self.cluster_tls_key,
+            self.cluster_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(
+                ClusterTls::from_files(
+                    &TlsFiles { cert, key, ca },
+                    self.cluster_tls_server_name.as_deref(),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+            (None, None, None) if self.cluster_tls_server_name.is_none() => None,
+            _ => {
+                return Err("--cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca go together (and --cluster-tls-server-name needs them): give all three or none".into());
+            }
+        };
         Ok(Some(ClusterConfig {
             node_name,
             listen,
@@ -127,6 +165,7 @@ impl ClusterArgs {
             cookie: Cookie(cookie),
             heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
             peer_timeout: Duration::from_millis(self.cluster_peer_timeout_ms),
+            tls,
         }))
     }
 }
@@ -148,7 +187,10 @@ pub fn routes() -> Router<App> {
 
 /// This node, the live members with how long ago each was heard, and how many shards
 /// each owns among the shards this node's cells are in.
-async fn status(_: Admin, State(app): State<App>) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/cluster", tag = "admin", security(("admin" = [])),
+    description = "Cluster membership (docs/api.md, \"Cluster membership\"): this node, the live members with how long ago each was last heard, and how many of the shards this node's cells are in each member owns. Without `--cluster-listen`, only `{\"enabled\": false}`.",
+    responses((status = 200, description = "Membership as this node sees it", body = super::openapi::ClusterStatus)))]
+pub(super) async fn status(_: Admin, State(app): State<App>) -> Json<Value> {
     let Some(cluster) = &app.cluster else {
         return Json(json!({ "enabled": false }));
     };
@@ -189,6 +231,10 @@ mod tests {
             cluster_cookie_file: None,
             cluster_heartbeat_ms: 500,
             cluster_peer_timeout_ms: 2_000,
+            cluster_tls_cert: None,
+            cluster_tls_key: None,
+            cluster_tls_ca: None,
+            cluster_tls_server_name: None,
         }
     }
 
@@ -219,6 +265,32 @@ mod tests {
         let mut a = args();
         a.cluster_listen = None;
         assert!(err(a, Some("n0")).contains("need --cluster-listen"));
+        // TLS: all three files or none; a bad file names its flag.
+        let mut a = args();
+        a.cluster_tls_cert = Some("/nonexistent/cert.pem".into());
+        assert!(err(a, Some("n0")).contains("all three or none"));
+        let mut a = args();
+        a.cluster_tls_server_name = Some("dispatchd".into());
+        assert!(err(a, Some("n0")).contains("all three or none"));
+        let a = ClusterArgs {
+            cluster_tls_cert: Some("/nonexistent/cert.pem".into()),
+            cluster_tls_key: Some("/nonexistent/key.pem".into()),
+            cluster_tls_ca: Some("/nonexistent/ca.pem".into()),
+            ..args()
+        };
+        let e = err(a, Some("n0"));
+        assert!(
+            e.contains("--cluster-tls-cert /nonexistent/cert.pem: cannot read"),
+            "{e}"
+        );
+        let a = ClusterArgs {
+            cluster_listen: None,
+            cluster_peers: vec![],
+            cluster_cookie: None,
+            cluster_tls_ca: Some("/nonexistent/ca.pem".into()),
+            ..args()
+        };
+        assert!(err(a, None).contains("need --cluster-listen"));
         let off = ClusterArgs {
             cluster_listen: None,
             cluster_peers: vec![],

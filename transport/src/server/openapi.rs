@@ -15,7 +15,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Components, ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{admin, http};
+use super::{admin, cluster, http};
 use crate::wire;
 
 #[derive(OpenApi)]
@@ -32,7 +32,7 @@ use crate::wire;
         admin::rider, admin::trips, admin::trip, admin::cancel, admin::refund, admin::cells,
         admin::pricing, admin::set_pricing, admin::actors, admin::ledger, admin::surge,
         admin::set_surge_cap, admin::pin_surge, admin::provider_mode,
-        admin::set_provider_mode, admin::openapi,
+        admin::set_provider_mode, admin::openapi, cluster::status,
     ),
     components(schemas(wire::ErrorBody, wire::ErrorDetail)),
     modifiers(&SecuritySchemes, &ErrorReplies),
@@ -694,6 +694,44 @@ pub struct ProviderMode {
     mode: String,
 }
 
+/// A live member of the cluster.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ClusterMember {
+    name: String,
+    /// This node itself.
+    #[schema(rename = "self")]
+    is_self: bool,
+    /// Milliseconds since its last heartbeat arrived; null for this node.
+    last_heard_ms: Option<u64>,
+}
+
+/// The shards of the cells this node has actors for, owned per member by the rendezvous
+/// map over the live members (a summary, not the lease table).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ClusterShards {
+    /// The H3 resolution of a shard.
+    resolution: u8,
+    known: u64,
+    per_member: BTreeMap<String, u64>,
+}
+
+/// Membership as this node sees it; only `enabled` without `--cluster-listen`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ClusterStatus {
+    enabled: bool,
+    /// This node's name.
+    #[schema(required = false)]
+    node: String,
+    /// The live members, sorted by name, this node included.
+    #[schema(required = false)]
+    members: Vec<ClusterMember>,
+    #[schema(required = false)]
+    shards: ClusterShards,
+}
+
 /// Fails when `docs/<file>` differs from `now`, what `dispatchd <command>` prints;
 /// with `DISPATCH_BLESS=1` in the environment, rewrites the file instead.
 #[cfg(test)]
@@ -716,9 +754,115 @@ pub(crate) fn assert_committed(file: &str, command: &str, now: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     /// `docs/openapi.json` is what the code generates. `DISPATCH_BLESS=1` rewrites it.
     #[test]
     fn the_committed_openapi_document_is_what_the_code_generates() {
         super::assert_committed("openapi.json", "openapi", &super::document());
+    }
+
+    const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
+
+    /// `src` without its `//` comments (a route commented out is not served).
+    fn without_comments(src: &str) -> String {
+        src.lines()
+            .map(|line| {
+                let mut in_string = false;
+                let mut prev = ' ';
+                for (i, c) in line.char_indices() {
+                    match c {
+                        '"' if prev != '\\' => in_string = !in_string,
+                        '/' if prev == '/' && !in_string => return &line[..i - 1],
+                        _ => {}
+                    }
+                    prev = c;
+                }
+                line
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The routes a router source declares with a literal path, `.route("<path>", <methods>)`,
+    /// with the methods named in that call (`get(..)`, `.put(..)`, `routing::put(..)`).
+    fn declared_routes(src: &str) -> Vec<(String, String)> {
+        let src = without_comments(src);
+        let mut out = Vec::new();
+        let mut rest = src.as_str();
+        while let Some(i) = rest.find(".route(") {
+            rest = &rest[i + ".route(".len()..];
+            let Some(literal) = rest.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let path = &literal[..literal.find('"').expect("a closed string literal")];
+            // The call's arguments: up to its closing parenthesis.
+            let mut depth = 1;
+            let end = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .map(|(j, _)| j)
+                .expect("a closed .route( call");
+            let call = &rest[..end];
+            for m in METHODS {
+                let named = call.match_indices(&format!("{m}(")).any(|(k, _)| {
+                    !call[..k].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                });
+                if named {
+                    out.push((m.to_owned(), path.to_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The document and the routers agree: every REST route the server declares is
+    /// documented with the same methods, and every documented operation is declared. A
+    /// route added or removed on one side only fails here. (The WebSocket upgrades are in
+    /// asyncapi.yaml, the console's feed in docs/api.md; the console's page and assets are
+    /// declared from a table, not with literal paths.)
+    #[test]
+    fn the_document_lists_exactly_the_routes_the_server_declares() {
+        const NOT_REST: [&str; 3] = ["/v1/ws/driver", "/v1/ws/rider", "/admin/v1/ws/live"];
+        let sources = [
+            include_str!("http.rs"),
+            include_str!("admin.rs"),
+            include_str!("cluster.rs"),
+            include_str!("console.rs"),
+        ];
+        let served: BTreeSet<(String, String)> = sources
+            .into_iter()
+            .flat_map(declared_routes)
+            .filter(|(_, path)| !NOT_REST.contains(&path.as_str()))
+            .collect();
+        assert!(
+            served.len() >= 20,
+            "the parser finds the routes: {served:?}"
+        );
+        let doc = super::document_json();
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, item)| {
+                METHODS
+                    .into_iter()
+                    .filter(|m| item.get(*m).is_some())
+                    .map(move |m| (m.to_owned(), path.clone()))
+            })
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && unserved.is_empty(),
+            "served but not in openapi.json: {undocumented:?}; in openapi.json but not served: {unserved:?}"
+        );
     }
 }
