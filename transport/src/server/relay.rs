@@ -161,7 +161,7 @@ pub enum ToEndpoint {
     },
     Deliver {
         session: u64,
-        message: Outbound,
+        message: Box<Outbound>,
     },
     Close {
         session: u64,
@@ -545,7 +545,7 @@ impl Receive for Shared {
                     s.actor_metrics.bound_hit("relay_queue");
                     r.handle.close(CLOSE_POLICY);
                 } else {
-                    r.handle.send(message);
+                    r.handle.send(*message);
                 }
             }
             ToEndpoint::Close { code, .. } => r.handle.close(code),
@@ -640,7 +640,7 @@ async fn relay_upgrade(
     let env = Env::Relayed(s.clone());
     let slot = match ConnectionSlot::take(&env) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let id = s.next_session.fetch_add(1, Ordering::Relaxed);
     let (handle, inbox) = SessionHandle::new(id, s.shared.queue_max, s.metrics.clone());
@@ -939,7 +939,7 @@ impl Hosting {
                     if self.app.term.as_ref().is_some_and(|t| !t.live()) {
                         break Some(CLOSE_GOING_AWAY);
                     }
-                    let deliver = ToEndpoint::Deliver { session: *session, message: *m };
+                    let deliver = ToEndpoint::Deliver { session: *session, message: m };
                     if !self.tell(endpoint, deliver) {
                         break None;
                     }
@@ -1023,7 +1023,7 @@ mod tests {
         assert_eq!(Relay::<ToHost>::deserialize(wire).unwrap(), m);
         let d = Relay::Msg(ToEndpoint::Deliver {
             session: 1,
-            message: Outbound::Ack { req: 4 },
+            message: Box::new(Outbound::Ack { req: 4 }),
         });
         let wire = d.clone().serialize().unwrap();
         assert_eq!(Relay::<ToEndpoint>::deserialize(wire).unwrap(), d);

@@ -157,12 +157,12 @@ pub(super) struct ConnectionSlot(Env);
 
 impl ConnectionSlot {
     /// A slot, or the 503 for a node at `--max-connections` (counted).
-    pub(super) fn take(env: &Env) -> Result<ConnectionSlot, Response> {
+    pub(super) fn take(env: &Env) -> Result<ConnectionSlot, HttpError> {
         let max = env.config().max_connections;
         if env.connections().fetch_add(1, Ordering::AcqRel) >= max {
             env.connections().fetch_sub(1, Ordering::AcqRel);
             env.metrics().bound_hit("max_connections");
-            return Err(HttpError(ApiError::unavailable("too many connections")).into_response());
+            return Err(HttpError(ApiError::unavailable("too many connections")));
         }
         Ok(ConnectionSlot(env.clone()))
     }
@@ -232,7 +232,7 @@ fn upgrade(
     }
     let slot = match ConnectionSlot::take(&Env::Local(app.clone())) {
         Ok(slot) => slot,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     upgrade_socket(app.config.ws_hard_max_bytes, up, move |socket| async move {
         let _slot = slot;
