@@ -276,20 +276,11 @@ impl Front {
                 ))
                 .into_response();
             }
-            Role::Standby(_)
-                if !admin && matches!(req.uri().path(), "/v1/ws/driver" | "/v1/ws/rider") =>
-            {
-                match &self.relay {
-                    Some(relay) => relay.clone(),
-                    None => {
-                        return self.standby_answer(
-                            req.uri().path(),
-                            "no cluster membership (--cluster-listen) to relay through",
-                        );
-                    }
-                }
-            }
-            Role::Standby(why) => return self.standby_answer(req.uri().path(), &why),
+            // With membership, a standby relays the apps' sessions to the leader.
+            Role::Standby(why) => match (&self.relay, admin, req.uri().path()) {
+                (Some(relay), false, "/v1/ws/driver" | "/v1/ws/rider") => relay.clone(),
+                _ => return self.standby_answer(req.uri().path(), &why),
+            },
         };
         match router.oneshot(req).await {
             Ok(r) => r,
