@@ -55,7 +55,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// waits for a later window (`next_window`: its offer may then wait past one window).
 pub const BATCH_RETRIES: [&str; 2] = ["greedy", "next_window"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 26] = [
+pub const BOUNDS: [&str; 28] = [
     "bad_messages",
     "batch_group_cap",
     "batch_queue",
@@ -73,6 +73,8 @@ pub const BOUNDS: [&str; 26] = [
     "otlp_span_queue",
     "register_rate",
     "register_rate_keys",
+    "relay_attach_timeout",
+    "relay_queue",
     "store_call_timeout",
     "store_write_failed",
     "ws_frame_bytes",

@@ -548,3 +548,57 @@ pub fn assert_clean_log(what: &str, log: &str) {
         }
     }
 }
+
+/// What a test of several nodes in cluster mode shares: a fresh database on the
+/// PostgreSQL of `DISPATCH_TEST_DATABASE_URL`, and a file holding the cluster cookie.
+pub struct ClusterFixture {
+    pub db: String,
+    pub cookie_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterFixture {
+    /// `None` (the test skips) without a test database (`test_database` says why, and
+    /// panics under CI=1), or under `DISPATCH_TEST_STORE=postgres`: every node runs on
+    /// PostgreSQL anyway, so such a test does not run twice in CI.
+    pub fn new(test: &str, cookie: &str) -> Option<ClusterFixture> {
+        if test_store_is_postgres() {
+            eprintln!("{test}: skipped under DISPATCH_TEST_STORE=postgres (it always runs on it)");
+            return None;
+        }
+        let db = dispatch_persistence::pg::test_database(test)?;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let cookie_file = dir.path().join("cookie");
+        std::fs::write(&cookie_file, format!("{cookie}\n")).expect("the cookie file");
+        Some(ClusterFixture {
+            db,
+            cookie_file,
+            _dir: dir,
+        })
+    }
+
+    /// A node `name` of the cluster on this database: its cluster port on 127.0.0.1:`port`,
+    /// `peers` (`host:port,…`), heartbeats every 200 ms, a peer dead after 1 s.
+    pub fn node(&self, name: &str, port: u16, peers: &str, admin: &str) -> DispatchdBuilder {
+        // `sled_only`: the builder sets no database of its own; the env below sets ours.
+        Dispatchd::builder(name)
+            .sled_only()
+            .env("DISPATCH_STORE", "postgres")
+            .env("DISPATCH_DATABASE_URL", &self.db)
+            .flags(&["--admin-token", admin, "--node-name", name])
+            .flags(&[
+                "--cluster-listen".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--cluster-peers".to_owned(),
+                peers.to_owned(),
+                "--cluster-cookie-file".to_owned(),
+                self.cookie_file.display().to_string(),
+            ])
+            .flags(&[
+                "--cluster-heartbeat-ms",
+                "200",
+                "--cluster-peer-timeout-ms",
+                "1000",
+            ])
+    }
+}

@@ -38,8 +38,8 @@ mod pg;
 mod ride;
 
 pub use dispatchd::{
-    Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin, built_dispatchd,
-    dispatchd_bin, reap, test_store_is_postgres,
+    ClusterFixture, Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin,
+    built_dispatchd, dispatchd_bin, reap, test_store_is_postgres,
 };
 pub use pg::PgServer;
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};

@@ -229,6 +229,8 @@ enum Role {
 
 struct Front {
     role: RwLock<Role>,
+    /// A standby's own WebSocket routes: sessions relayed to the leader (`relay`).
+    relay: Option<Router>,
     /// `--admin-listen` is set: the client listener serves neither `/metrics` nor
     /// `/admin/`, on a standby as on a leader.
     admin_apart: bool,
@@ -274,7 +276,11 @@ impl Front {
                 ))
                 .into_response();
             }
-            Role::Standby(why) => return self.standby_answer(req.uri().path(), &why),
+            // With membership, a standby relays the apps' sessions to the leader.
+            Role::Standby(why) => match (&self.relay, admin, req.uri().path()) {
+                (Some(relay), false, "/v1/ws/driver" | "/v1/ws/rider") => relay.clone(),
+                _ => return self.standby_answer(req.uri().path(), &why),
+            },
         };
         match router.oneshot(req).await {
             Ok(r) => r,
@@ -320,6 +326,8 @@ struct Node {
     quit: watch::Receiver<bool>,
     /// Membership over ractor_cluster (`--cluster-listen`), across terms.
     membership: Option<Arc<dispatch_cluster::Cluster>>,
+    /// Sessions relayed across nodes: the series, across terms.
+    relay_metrics: super::relay::RelayMetrics,
 }
 
 /// `run` in cluster mode: serves `listener` (and `--admin-listen`) through the front
@@ -339,14 +347,31 @@ pub(super) async fn run(
     metrics.set_slow_handler_ms(config.slow_handler_ms);
     let store = Arc::new(store);
     let cm = ClusterMetrics::new(&metrics);
+    let (quit_tx, quit) = watch::channel(false);
+    let transport = TransportMetrics::new(&metrics);
+    let auth = Arc::new(super::jwt::Auth::new(&config.auth, metrics.clone()));
+    let relay_metrics = super::relay::RelayMetrics::new(&metrics);
+    let standby = match &membership {
+        Some(m) => Some(
+            super::relay::Standby::start(
+                &config,
+                (&metrics, &transport, &relay_metrics),
+                auth.clone(),
+                m,
+                quit.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let front = Arc::new(Front {
         role: RwLock::new(Role::Standby("no lease read yet".into())),
+        relay: standby.as_ref().map(|s| s.router()),
         admin_apart: config.admin_listen.is_some(),
         metrics: metrics.clone(),
         cluster: cm.clone(),
         store: store.clone(),
     });
-    let (quit_tx, quit) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = quit_tx.send(true);
@@ -369,8 +394,9 @@ pub(super) async fn run(
         servers.push(serve(l, front_router(&front, true), servers_stop));
     }
     let node = Node {
-        transport: TransportMetrics::new(&metrics),
-        auth: Arc::new(super::jwt::Auth::new(&config.auth, metrics.clone())),
+        transport,
+        auth,
+        relay_metrics,
         config,
         cluster,
         store,
@@ -403,6 +429,9 @@ pub(super) async fn run(
         }
     }
     cm.count_fenced(&node.store);
+    if let Some(s) = &standby {
+        s.stop();
+    }
     if let Some(m) = &node.membership {
         m.stop().await;
     }
@@ -568,6 +597,19 @@ impl Node {
             Some(clock.clone()),
             self.membership.clone(),
         );
+        // The host of sessions relayed from standbys, for this term.
+        let host = match &self.membership {
+            Some(m) => {
+                match super::relay::spawn_host(app.clone(), m, self.relay_metrics.clone()).await {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no relayed sessions this term");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         self.front.set(Role::Leader {
             clock,
             client: http::router(app.clone()),
@@ -632,6 +674,11 @@ impl Node {
         tracing::warn!(node = %name, epoch, cause = cause.as_str(), term_s = started.elapsed().as_secs_f64(), "the leader term ended: standing by");
         recovery.abort();
         tasks.abort();
+        if let Some(h) = host {
+            // Out of the host group at once: standbys stop sending attaches here.
+            ractor::pg::leave(super::relay::HOST_GROUP.to_owned(), vec![h.get_cell()]);
+            h.stop(None);
+        }
         drop(app);
         let wait = Duration::from_millis(self.config.shutdown_timeout_ms);
         if tokio::time::timeout(wait, system.shutdown()).await.is_err() {

@@ -182,11 +182,11 @@ fn first_array(v: &serde_json::Value, at: &str) -> Option<String> {
 /// A query string, with protocol errors (`bad_request`, JSON) instead of axum's text.
 pub struct QueryParams<T>(pub T);
 
-impl<T: DeserializeOwned + Send> FromRequestParts<App> for QueryParams<T> {
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
     type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, HttpError> {
-        Query::<T>::from_request_parts(parts, app)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| QueryParams(q))
             .map_err(|e| bad(format!("invalid query string: {}", e.body_text())))

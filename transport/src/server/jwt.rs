@@ -314,23 +314,43 @@ impl Auth {
 /// valid JWT whose rider or driver is not registered yet; 503 when JWT keys cannot be
 /// had).
 pub async fn identify(app: &App, token: &str) -> Result<Identity, HttpError> {
-    let a = &app.auth;
+    resolve(app, verify(&app.auth, token).await?)
+}
+
+/// What a bearer token proves before the registry is asked: a JWT's verified identity,
+/// or the hash of an own token. A standby verifies a token this far and its leader
+/// resolves the rest ([`resolve`]): only the leader holds the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    Jwt(Identity),
+    Own([u8; 32]),
+}
+
+/// The part of [`identify`] that needs no registry (401/503 as it documents).
+pub async fn verify(a: &Auth, token: &str) -> Result<Proof, HttpError> {
     if let Some(verified) = a.jwt(token).await {
-        let who = verified?;
-        if !app.system.is_registered(&who) {
-            return Err(HttpError(ApiError::forbidden(format!(
-                "no {} is registered under this token's identity: register first, with this token as bearer",
-                who.role()
-            ))));
-        }
-        return Ok(who);
+        return Ok(Proof::Jwt(verified?));
     }
     if !a.own_tokens {
         return Err(a.refuse(Refusal::Reason("own_tokens_off")));
     }
-    app.system
-        .authenticate(&auth::hash(token))
-        .ok_or_else(|| a.refuse(Refusal::Reason("unknown_token")))
+    Ok(Proof::Own(auth::hash(token)))
+}
+
+/// The registered rider or driver a [`Proof`] names (403 for an unregistered JWT
+/// identity, 401 for an unknown own token).
+pub fn resolve(app: &App, proof: Proof) -> Result<Identity, HttpError> {
+    match proof {
+        Proof::Jwt(who) if app.system.is_registered(&who) => Ok(who),
+        Proof::Jwt(who) => Err(HttpError(ApiError::forbidden(format!(
+            "no {} is registered under this token's identity: register first, with this token as bearer",
+            who.role()
+        )))),
+        Proof::Own(hash) => app
+            .system
+            .authenticate(&hash)
+            .ok_or_else(|| app.auth.refuse(Refusal::Reason("unknown_token"))),
+    }
 }
 
 /// Who a registration is for.

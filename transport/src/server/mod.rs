@@ -17,6 +17,7 @@ pub mod jwt;
 pub mod migrate;
 pub mod openapi;
 pub mod ratelimit;
+pub mod relay;
 pub mod render;
 pub mod ws;
 

@@ -3,6 +3,7 @@
 //! messages, connections), and a writer that drains the session's bounded queue.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use dispatch_actors::messages::DriverCommand;
+use dispatch_actors::messages::{DriverCommand, RiderCommand};
 use dispatch_actors::metrics::Handling;
 use dispatch_actors::records::Identity;
 use dispatch_actors::session::{
@@ -30,7 +31,7 @@ use crate::telemetry::{self, OfferTrace};
 
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
-    token: Option<String>,
+    pub(super) token: Option<String>,
 }
 
 async fn identity(app: &App, headers: &HeaderMap, q: &TokenQuery) -> Result<Identity, HttpError> {
@@ -76,13 +77,130 @@ async fn upgrade_as(
     }
 }
 
+/// What a session's loops need from the node that serves it.
+#[derive(Clone)]
+pub(super) enum Env {
+    /// This node's own term (or the single node): commands go to its actors.
+    Local(App),
+    /// A standby's session, relayed to the leader's actors (see `relay`).
+    Relayed(Arc<super::relay::Standby>),
+}
+
+impl Env {
+    pub(super) fn config(&self) -> &super::Config {
+        match self {
+            Env::Local(app) => &app.config,
+            Env::Relayed(s) => &s.config,
+        }
+    }
+
+    pub(super) fn metrics(&self) -> &dispatch_actors::Metrics {
+        match self {
+            Env::Local(app) => &app.metrics,
+            Env::Relayed(s) => &s.metrics,
+        }
+    }
+
+    fn transport(&self) -> &super::TransportMetrics {
+        match self {
+            Env::Local(app) => &app.transport,
+            Env::Relayed(s) => &s.transport,
+        }
+    }
+
+    fn connections(&self) -> &std::sync::atomic::AtomicUsize {
+        match self {
+            Env::Local(app) => &app.connections,
+            Env::Relayed(s) => &s.connections,
+        }
+    }
+
+    /// Unix milliseconds: the system's clock, or the wall clock on a standby (which
+    /// renders the leader's deadlines, as an app compares them with its own clock).
+    fn now_ms(&self) -> u64 {
+        match self {
+            Env::Local(app) => app.system.now_ms(),
+            Env::Relayed(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        match self {
+            Env::Local(app) => app.shutdown.clone(),
+            Env::Relayed(s) => s.shutdown.clone(),
+        }
+    }
+
+    fn stop_reason(&self) -> &'static str {
+        match self {
+            Env::Local(app) => app.stop_reason.get().copied(),
+            Env::Relayed(_) => None,
+        }
+        .unwrap_or("server shutting down")
+    }
+
+    /// A leader past its lease's deadline tells nobody anything more (a relayed session's
+    /// leader checks its own before it sends).
+    fn term_lost(&self) -> bool {
+        match self {
+            Env::Local(app) => app.term.as_ref().is_some_and(|t| !t.live()),
+            Env::Relayed(_) => false,
+        }
+    }
+}
+
 /// Holds one slot of `--max-connections` for as long as a session lives.
-struct ConnectionSlot(App);
+pub(super) struct ConnectionSlot(Env);
+
+impl ConnectionSlot {
+    /// A slot, or the 503 for a node at `--max-connections` (counted).
+    pub(super) fn take(env: &Env) -> Result<ConnectionSlot, HttpError> {
+        let max = env.config().max_connections;
+        if env.connections().fetch_add(1, Ordering::AcqRel) >= max {
+            env.connections().fetch_sub(1, Ordering::AcqRel);
+            env.metrics().bound_hit("max_connections");
+            return Err(HttpError(ApiError::unavailable("too many connections")));
+        }
+        Ok(ConnectionSlot(env.clone()))
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.connections().fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The session's span.
+pub(super) fn session_span(role: &Identity) -> tracing::Span {
+    match role {
+        Identity::Driver(id) => tracing::info_span!("session", role = "driver", driver_id = %id),
+        Identity::Rider(id) => tracing::info_span!("session", role = "rider", rider_id = %id),
+    }
+}
+
+/// The socket's limits, then `run` on the upgraded socket.
+pub(super) fn upgrade_socket<F>(
+    hard: usize,
+    up: WebSocketUpgrade,
+    run: impl FnOnce(WebSocket) -> F + Send + 'static,
+) -> Response
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Small socket buffers: tungstenite's default is 128 KiB each way per session, which
+    // made 17,000 sessions cost over 3 GB. The read buffer is allocated up front for
+    // every session, and an app's frames are a few hundred bytes (a ping ~150): 1 KiB
+    // holds several; a larger frame grows the buffer for itself and still arrives. The
+    // write buffer only grows while a frame is written.
+    up.read_buffer_size(1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(run)
 }
 
 /// A request to a WebSocket route that is not an upgrade: 400 `bad_request`, in the
@@ -112,34 +230,15 @@ fn upgrade(
         ))
         .into_response();
     }
-    if app.connections.fetch_add(1, Ordering::AcqRel) >= app.config.max_connections {
-        app.connections.fetch_sub(1, Ordering::AcqRel);
-        app.metrics.bound_hit("max_connections");
-        return HttpError(ApiError::unavailable("too many connections")).into_response();
-    }
-    let slot = ConnectionSlot(app.clone());
-    let hard = app.config.ws_hard_max_bytes;
-    // Small socket buffers: tungstenite's default is 128 KiB each way per session, which
-    // made 17,000 sessions cost over 3 GB. The read buffer is allocated up front for
-    // every session, and an app's frames are a few hundred bytes (a ping ~150): 1 KiB
-    // holds several; a larger frame grows the buffer for itself and still arrives. The
-    // write buffer only grows while a frame is written.
-    up.read_buffer_size(1024)
-        .write_buffer_size(8 * 1024)
-        .max_message_size(hard)
-        .max_frame_size(hard)
-        .on_upgrade(move |socket| async move {
-            let _slot = slot;
-            let span = match &role {
-                Identity::Driver(id) => {
-                    tracing::info_span!("session", role = "driver", driver_id = %id)
-                }
-                Identity::Rider(id) => {
-                    tracing::info_span!("session", role = "rider", rider_id = %id)
-                }
-            };
-            session(app, socket, role).instrument(span).await;
-        })
+    let slot = match ConnectionSlot::take(&Env::Local(app.clone())) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
+    upgrade_socket(app.config.ws_hard_max_bytes, up, move |socket| async move {
+        let _slot = slot;
+        let span = session_span(&role);
+        session(app, socket, role).instrument(span).await;
+    })
 }
 
 /// "More than `limit` bad messages within `window`."
@@ -202,7 +301,7 @@ impl Bucket {
 }
 
 /// A session's rate limits: every message, and location pings on their own.
-struct Limits {
+pub(super) struct Limits {
     messages: Bucket,
     pings: Bucket,
     /// Messages refused (`rate_limited`) since `window` began, a second at most ago.
@@ -211,11 +310,11 @@ struct Limits {
 }
 
 impl Limits {
-    fn new(app: &App) -> Limits {
-        let rate = app.config.ws_messages_max_per_s;
+    fn new(config: &super::Config) -> Limits {
+        let rate = config.ws_messages_max_per_s;
         Limits {
             messages: Bucket::new(rate, rate.saturating_mul(2)),
-            pings: Bucket::new(app.config.location_max_per_s, app.config.location_max_per_s),
+            pings: Bucket::new(config.location_max_per_s, config.location_max_per_s),
             refused: 0.0,
             window: Instant::now(),
         }
@@ -243,87 +342,156 @@ impl Limits {
     /// lives on, and what it sends later within the rate is served.
     fn admit(
         &mut self,
-        app: &App,
+        env: &Env,
         handle: &SessionHandle,
         req: Option<u64>,
         location: bool,
     ) -> bool {
+        let config = env.config();
         let (bound, message) = if !self.messages.take() {
             (
                 "ws_message_rate",
-                format!(
-                    "at most {} messages a second",
-                    app.config.ws_messages_max_per_s
-                ),
+                format!("at most {} messages a second", config.ws_messages_max_per_s),
             )
         } else if location && !self.pings.take() {
             (
                 "location_rate",
                 format!(
                     "at most {} location updates a second",
-                    app.config.location_max_per_s
+                    config.location_max_per_s
                 ),
             )
-        } else if handle.in_flight() >= app.config.ws_in_flight_max {
-            (
-                "ws_in_flight",
-                format!(
-                    "at most {} messages awaiting an answer; wait for answers first",
-                    app.config.ws_in_flight_max
-                ),
-            )
+        } else if let Some(e) = in_flight_refusal(config, handle) {
+            ("ws_in_flight", e)
         } else {
             return true;
         };
-        app.metrics.bound_hit(bound);
+        env.metrics().bound_hit(bound);
         self.refused += 1.0;
         reply_error(handle, req, ApiError::new(ErrorCode::RateLimited, message));
         false
     }
 }
 
-fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
+/// The refusal of one more message from a session that has `ws_in_flight_max` messages
+/// awaiting an answer already (checked where its messages are handed to actors: by the
+/// leader for a relayed session).
+pub(super) fn in_flight_refusal(config: &super::Config, handle: &SessionHandle) -> Option<String> {
+    (handle.in_flight() >= config.ws_in_flight_max).then(|| {
+        format!(
+            "at most {} messages awaiting an answer; wait for answers first",
+            config.ws_in_flight_max
+        )
+    })
+}
+
+pub(super) fn reply_error(handle: &SessionHandle, req: Option<u64>, error: ApiError) {
     Responder::new(req, handle.clone()).fail(error);
 }
 
 async fn session(app: App, socket: WebSocket, role: Identity) {
-    let label = role.role();
     let (handle, inbox) = app.system.new_session();
     // Boxed: attaching awaits an actor's start, a ~1 KiB future that the session's task
     // would otherwise keep for the whole life of the connection (issue 14).
     let attached = Box::pin(app.system.attach(&role, handle.clone())).await;
-    let (mut sink, mut stream) = socket.split();
     if !attached {
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: 1011,
-                reason: "could not start the session".into(),
-            })))
-            .await;
+        refuse_session(socket).await;
         return;
     }
-    app.transport.sessions.with_label_values(&[label]).inc();
-    app.metrics.started("session");
-    let heard = Arc::new(AtomicU64::new(app.system.now_ms()));
+    let env = Env::Local(app.clone());
     let offers = OfferTrace::new();
+    let detach = {
+        let (app, role, id) = (app.clone(), role.clone(), handle.id);
+        move || app.system.detach(&role, id)
+    };
+    let on_text = {
+        let (role, handle, offers, env) =
+            (role.clone(), handle.clone(), offers.clone(), env.clone());
+        move |text: &str, limits: &mut Limits, handling: &mut Handling<'_>| {
+            let driver = matches!(role, Identity::Driver(_));
+            client_frame(
+                &env,
+                &handle,
+                (text, driver),
+                limits,
+                handling,
+                |cmd, req| {
+                    let r = Responder::new(req, handle.clone());
+                    match (cmd, &role) {
+                        (Command::Driver(c), Identity::Driver(id)) => {
+                            let (span, trace) = offers.answer(&c);
+                            span.in_scope(|| app.system.driver_command(id, c, r, trace))
+                        }
+                        (Command::Rider(c), Identity::Rider(id)) => {
+                            let (span, trace) = telemetry::rider_frame(&c);
+                            span.in_scope(|| app.system.rider_command(id, c, r, trace))
+                        }
+                        // Decoded by the session's own role's decoder.
+                        _ => {}
+                    }
+                },
+            )
+        }
+    };
+    serve(
+        env,
+        socket,
+        (handle, inbox),
+        role.role(),
+        offers,
+        on_text,
+        detach,
+    )
+    .await;
+}
+
+/// Closes a socket whose session could not be attached (1011).
+pub(super) async fn refuse_session(socket: WebSocket) {
+    let (mut sink, _) = socket.split();
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: 1011,
+            reason: "could not start the session".into(),
+        })))
+        .await;
+}
+
+/// A session on an upgraded socket, attached: its writer drains `inbox`; its reader
+/// checks every frame (size, UTF-8, text) and hands each text frame to `on_text`, which
+/// returns whether it was a bad message; `detach` runs as the reader stops.
+pub(super) async fn serve(
+    env: Env,
+    socket: WebSocket,
+    (handle, inbox): (SessionHandle, SessionInbox),
+    label: &'static str,
+    offers: OfferTrace,
+    mut on_text: impl FnMut(&str, &mut Limits, &mut Handling<'_>) -> bool,
+    detach: impl FnOnce(),
+) {
+    let (sink, mut stream) = socket.split();
+    let transport = env.transport().clone();
+    transport.sessions.with_label_values(&[label]).inc();
+    env.metrics().started("session");
+    let heard = Arc::new(AtomicU64::new(env.now_ms()));
     let writer = tokio::spawn(write_loop(
-        app.clone(),
+        env.clone(),
         sink,
         inbox,
         label,
-        (handle.clone(), heard.clone(), offers.clone()),
+        (handle.clone(), heard.clone(), offers),
     ));
-
+    let config = env.config();
+    let metrics = env.metrics();
     let mut bad = BadWindow {
-        limit: app.config.bad_message_limit,
-        window: Duration::from_millis(app.config.bad_message_window_ms),
+        limit: config.bad_message_limit,
+        window: Duration::from_millis(config.bad_message_window_ms),
         hits: VecDeque::new(),
     };
-    let mut limits = Limits::new(&app);
-    let received = app.transport.ws_messages.with_label_values(&[label, "in"]);
+    let mut limits = Limits::new(config);
+    let received = transport.ws_messages.with_label_values(&[label, "in"]);
     loop {
         if let Some(wait) = limits.pause().filter(|w| !w.is_zero()) {
-            app.metrics.bound_hit("ws_read_paused");
+            metrics.bound_hit("ws_read_paused");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = handle.closed() => break,
@@ -341,7 +509,7 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
                     // A message over --ws-hard-max-bytes is not read at all: 1009, as
                     // documented.
                     Some(tungstenite_axum::Error::Capacity(_)) => {
-                        app.metrics.bound_hit("ws_hard_max_bytes");
+                        metrics.bound_hit("ws_hard_max_bytes");
                         handle.close(CLOSE_TOO_BIG);
                     }
                     // A text frame (or a close reason) that is not UTF-8: a bad message,
@@ -350,7 +518,7 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
                     // JSON error. Nothing in the frame is acted on.
                     Some(tungstenite_axum::Error::Utf8(_)) => {
                         received.inc();
-                        drop(app.metrics.handling("session", "invalid"));
+                        drop(metrics.handling("session", "invalid"));
                         tracing::info!(
                             role = label,
                             "closing a session that sent text that is not UTF-8"
@@ -363,55 +531,30 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
             }
             None => break,
         };
-        heard.store(app.system.now_ms(), Ordering::Relaxed);
+        heard.store(env.now_ms(), Ordering::Relaxed);
         let is_bad = match frame {
             Message::Text(text) => {
                 received.inc();
                 // Timed and counted as a message of its kind once decoded.
-                let mut handling = app.metrics.handling("session", "invalid");
-                if text.len() > app.config.max_frame_bytes {
-                    app.metrics.bound_hit("ws_frame_bytes");
+                let mut handling = metrics.handling("session", "invalid");
+                if text.len() > config.max_frame_bytes {
+                    metrics.bound_hit("ws_frame_bytes");
                     reply_error(
                         &handle,
                         None,
                         ApiError::new(
                             ErrorCode::TooLarge,
-                            format!("frames are limited to {} bytes", app.config.max_frame_bytes),
+                            format!("frames are limited to {} bytes", config.max_frame_bytes),
                         ),
                     );
                     true
                 } else {
-                    match &role {
-                        Identity::Driver(id) => client_frame(
-                            &app,
-                            &handle,
-                            decode::driver(&text),
-                            &mut limits,
-                            &mut handling,
-                            |c| (c.kind(), matches!(c, DriverCommand::Location { .. })),
-                            |c, r| {
-                                let (span, trace) = offers.answer(&c);
-                                span.in_scope(|| app.system.driver_command(id, c, r, trace))
-                            },
-                        ),
-                        Identity::Rider(id) => client_frame(
-                            &app,
-                            &handle,
-                            decode::rider(&text),
-                            &mut limits,
-                            &mut handling,
-                            |c| (c.kind(), false),
-                            |c, r| {
-                                let (span, trace) = telemetry::rider_frame(&c);
-                                span.in_scope(|| app.system.rider_command(id, c, r, trace))
-                            },
-                        ),
-                    }
+                    on_text(&text, &mut limits, &mut handling)
                 }
             }
             Message::Binary(_) => {
                 received.inc();
-                let _handling = app.metrics.handling("session", "invalid");
+                let _handling = metrics.handling("session", "invalid");
                 reply_error(
                     &handle,
                     None,
@@ -427,7 +570,7 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
             Message::Close(_) => break,
         };
         if is_bad && bad.hit() {
-            app.metrics.bound_hit("bad_messages");
+            metrics.bound_hit("bad_messages");
             tracing::info!(
                 role = label,
                 "closing a session that keeps sending bad messages"
@@ -437,36 +580,56 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
         }
     }
 
-    app.system.detach(&role, handle.id);
+    detach();
     handle.close(1000);
     let _ = writer.await;
-    app.transport.sessions.with_label_values(&[label]).dec();
-    app.metrics.stopped("session");
+    transport.sessions.with_label_values(&[label]).dec();
+    metrics.stopped("session");
 }
 
-/// One client message, decoded (or refused) by its role's decoder: admitted by the
-/// session's limits and handed to `send` with its responder. Returns whether it was a bad
-/// message (counts toward the 1008 close).
-fn client_frame<C>(
-    app: &App,
+/// A client message decoded by its role's decoder.
+pub(super) enum Command {
+    Driver(DriverCommand),
+    Rider(RiderCommand),
+}
+
+/// A text frame decoded by the driver's decoder (`driver`) or the rider's.
+pub(super) fn decode_command(
+    text: &str,
+    driver: bool,
+) -> Result<(Option<u64>, Command), (Option<u64>, ApiError)> {
+    if driver {
+        decode::driver(text).map(|(req, c)| (req, Command::Driver(c)))
+    } else {
+        decode::rider(text).map(|(req, c)| (req, Command::Rider(c)))
+    }
+}
+
+/// One client text frame, decoded (or refused) by the decoder of its role (`driver`,
+/// else a rider's): admitted by the session's limits and handed to `send` with its
+/// `req`. Returns whether it was a bad message (counts toward the 1008 close).
+pub(super) fn client_frame(
+    env: &Env,
     handle: &SessionHandle,
-    decoded: Result<(Option<u64>, C), (Option<u64>, ApiError)>,
+    (text, driver): (&str, bool),
     limits: &mut Limits,
     handling: &mut Handling<'_>,
-    kind: impl FnOnce(&C) -> (&'static str, bool),
-    send: impl FnOnce(C, Responder),
+    send: impl FnOnce(Command, Option<u64>),
 ) -> bool {
-    match decoded {
+    match decode_command(text, driver) {
         Err((req, e)) => {
             reply_error(handle, req, e);
             true
         }
         Ok((req, cmd)) => {
-            let (name, location) = kind(&cmd);
+            let (name, location) = match &cmd {
+                Command::Driver(c) => (c.kind(), matches!(c, DriverCommand::Location { .. })),
+                Command::Rider(c) => (c.kind(), false),
+            };
             handling.kind(name);
-            if limits.admit(app, handle, req, location) {
+            if limits.admit(env, handle, req, location) {
                 // A lost command's responder answers `internal` itself.
-                send(cmd, Responder::new(req, handle.clone()));
+                send(cmd, req);
             }
             false
         }
@@ -474,7 +637,7 @@ fn client_frame<C>(
 }
 
 async fn write_loop(
-    app: App,
+    env: Env,
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     inbox: SessionInbox,
     label: &'static str,
@@ -483,23 +646,26 @@ async fn write_loop(
     let (mut rx, closed) = inbox.into_parts();
     // Pings keep a quiet session alive through proxies; a client silent for three
     // intervals is gone (a phone that lost its network sends no close).
-    let every = app.config.ws_ping_interval_ms;
+    let every = env.config().ws_ping_interval_ms;
     let mut pings = tokio::time::interval(Duration::from_millis(every.max(1)));
     pings.tick().await;
-    let sent = app.transport.ws_messages.with_label_values(&[label, "out"]);
-    let mut shutdown = app.shutdown.clone();
+    let sent = env
+        .transport()
+        .ws_messages
+        .with_label_values(&[label, "out"]);
+    let mut shutdown = env.shutdown();
     // The close code to send as the loop ends, if there is one, and its reason.
     let code = loop {
         tokio::select! {
             biased;
             code = closed.closed() => break Some((code, close_reason(code))),
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                break Some((CLOSE_GOING_AWAY, app.stop_reason.get().copied().unwrap_or("server shutting down")))
+                break Some((CLOSE_GOING_AWAY, env.stop_reason()))
             }
             _ = pings.tick(), if every > 0 => {
-                let silent = app.system.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
+                let silent = env.now_ms().saturating_sub(heard.load(Ordering::Relaxed));
                 if silent > 3 * every {
-                    app.metrics.bound_hit("ws_idle_timeout");
+                    env.metrics().bound_hit("ws_idle_timeout");
                     tracing::info!(role = label, silent_ms = silent, "closing a session that stopped answering");
                     handle.close(CLOSE_GOING_AWAY);
                 } else if let Err(code) = send_unless_closed(&mut sink, Message::Ping(Default::default()), &closed).await {
@@ -509,12 +675,12 @@ async fn write_loop(
             m = rx.recv() => {
                 let Some(m) = m else { break None };
                 // A leader past its lease's deadline tells nobody anything more.
-                if app.term.as_ref().is_some_and(|t| !t.live()) {
+                if env.term_lost() {
                     break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
                 }
                 // A traced offer's write is a step of its ride's trace.
                 let span = offers.writing(&m);
-                let text = render_text(&app, *m);
+                let text = render_text(&env, *m);
                 let frame = Message::Text(text.into());
                 if let Err(code) = send_unless_closed(&mut sink, frame, &closed).instrument(span).await {
                     break code.map(|c| (c, close_reason(c)));
@@ -585,7 +751,7 @@ fn close_reason(code: u16) -> &'static str {
 /// leaves none).
 const STUCK_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-fn render_text(app: &App, m: Outbound) -> String {
-    let wire = render::outbound(m, app.system.now_ms());
+fn render_text(env: &Env, m: Outbound) -> String {
+    let wire = render::outbound(m, env.now_ms());
     serde_json::to_string(&wire).expect("wire types always serialize")
 }

@@ -1,0 +1,1048 @@
+//! Sessions across nodes (issue 16, item 2, first step): a standby accepts a driver's or
+//! rider's WebSocket and relays it to the leader's actors through `ractor_cluster` remote
+//! actors (no protocol or proxy of our own).
+//!
+//! - **Leader**: each term runs a *host* actor in the process group [`HOST_GROUP`], which
+//!   `ractor_cluster` shares with every linked node. The host attaches a relayed session
+//!   to the leader's real actors (`System::attach`) with a session handle of the leader's
+//!   own, and a forwarder task sends what the actors queue there to the standby's
+//!   endpoint ([`ToEndpoint::Deliver`], the `Outbound` itself with serde); client frames
+//!   from the standby ([`ToHost::Frame`], the text as the app sent it) are decoded again
+//!   and handed to the actors with a responder on that handle, as a local session's are.
+//! - **Every node**: an *endpoint* actor in the group `dispatch.relay.endpoint.<node>`
+//!   takes what hosts send to this node's relayed sessions. A session on a standby:
+//!   authenticates as far as a standby can ([`jwt::verify`]: the JWT's signature, or an own
+//!   token's hash; the leader resolves it against its registry), asks the host to attach
+//!   ([`ToHost::Attach`], answered by [`ToEndpoint::Attached`] within
+//!   [`Standby::attach_timeout`]) before the upgrade (so 401/403/503 are HTTP answers as
+//!   on the leader), then runs the same session loops as a local session
+//!   ([`ws::serve`]): frame size, UTF-8, rate limits and bad messages are checked on the
+//!   standby; in-flight messages on the leader, where the responders live.
+//! - **Failure**: the leader's forwarder closes a relayed session (1001) when its term
+//!   ends, as a local one; a standby closes its relayed sessions (1001) when their
+//!   leader leaves the member set (a dead or paused node is dropped by membership's
+//!   heartbeats). With no host in [`HOST_GROUP`] the upgrade is 503 `unavailable`.
+//! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
+//!   (full: 1008, counted as `relay_queue`); the attach is bounded; every message is at most
+//!   membership's `MAX_FRAME_BYTES` (the link refuses more) and a client frame at most
+//!   `--max-frame-bytes`; a message that does not decode is dropped and counted
+//!   (`dispatch_cluster_relay_errors_total{kind="malformed"}`), never a panic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dispatch_actors::metrics::Handling;
+use dispatch_actors::records::Identity;
+use dispatch_actors::session::{
+    CLOSE_GOING_AWAY, CLOSE_POLICY, Outbound, Responder, SessionHandle,
+};
+use dispatch_actors::{ApiError, ErrorCode, Metrics};
+use dispatch_engine::{DriverId, RiderId};
+use parking_lot::Mutex;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, Message};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use super::http::{HttpError, QueryParams};
+use super::jwt::{self, Proof};
+use super::ws::{self, Command, ConnectionSlot, Env, TokenQuery};
+use super::{App, Config, TransportMetrics, auth};
+use crate::telemetry::OfferTrace;
+
+/// The process group of the leader's host actor.
+pub const HOST_GROUP: &str = "dispatch.relay.host";
+
+/// The process group of `node`'s endpoint actor.
+pub fn endpoint_group(node: &str) -> String {
+    format!("dispatch.relay.endpoint.{node}")
+}
+
+/// A session's role on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Driver,
+    Rider,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Driver => "driver",
+            Role::Rider => "rider",
+        }
+    }
+
+    fn identity(self, id: String) -> Identity {
+        match self {
+            Role::Driver => Identity::Driver(DriverId::new(id)),
+            Role::Rider => Identity::Rider(RiderId::new(id)),
+        }
+    }
+
+    fn of(who: &Identity) -> (Role, String) {
+        match who {
+            Identity::Driver(id) => (Role::Driver, id.as_str().to_owned()),
+            Identity::Rider(id) => (Role::Rider, id.as_str().to_owned()),
+        }
+    }
+}
+
+/// What a standby verified of a bearer token (see [`jwt::Proof`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireProof {
+    Jwt { role: Role, id: String },
+    Own { hash: [u8; 32] },
+}
+
+impl From<Proof> for WireProof {
+    fn from(p: Proof) -> Self {
+        match p {
+            Proof::Jwt(who) => {
+                let (role, id) = Role::of(&who);
+                WireProof::Jwt { role, id }
+            }
+            Proof::Own(hash) => WireProof::Own { hash },
+        }
+    }
+}
+
+impl From<WireProof> for Proof {
+    fn from(p: WireProof) -> Self {
+        match p {
+            WireProof::Jwt { role, id } => Proof::Jwt(role.identity(id)),
+            WireProof::Own { hash } => Proof::Own(hash),
+        }
+    }
+}
+
+/// A standby's messages to the leader's host. `node` is the standby's name, `session`
+/// its session's number there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToHost {
+    Attach {
+        node: String,
+        session: u64,
+        role: Role,
+        proof: WireProof,
+    },
+    Frame {
+        node: String,
+        session: u64,
+        text: String,
+    },
+    Detach {
+        node: String,
+        session: u64,
+    },
+}
+
+/// The host's messages to a standby's endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToEndpoint {
+    /// The answer to `Attach`: the leader's name, and the session's id (driver or rider)
+    /// or why it was refused.
+    Attached {
+        session: u64,
+        leader: String,
+        result: Result<String, ApiError>,
+    },
+    Deliver {
+        session: u64,
+        message: Box<Outbound>,
+    },
+    Close {
+        session: u64,
+        code: u16,
+    },
+}
+
+/// A message that crosses nodes: JSON in a `ractor_cluster` cast. One that does not
+/// decode arrives as `Malformed` (counted by its actor), never as an error ractor would
+/// only log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Relay<T> {
+    Msg(T),
+    Malformed(String),
+}
+
+/// The variant name of every relay cast.
+const VARIANT: &str = "relay";
+
+impl<T> Message for Relay<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    fn serializable() -> bool {
+        true
+    }
+
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        let Relay::Msg(m) = self else {
+            return Err(BoxedDowncastErr);
+        };
+        let args = serde_json::to_vec(&m).map_err(|_| BoxedDowncastErr)?;
+        Ok(SerializedMessage::Cast {
+            variant: VARIANT.to_owned(),
+            args,
+            metadata: None,
+        })
+    }
+
+    fn deserialize(bytes: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        Ok(match bytes {
+            SerializedMessage::Cast { variant, args, .. } if variant == VARIANT => {
+                match serde_json::from_slice(&args) {
+                    Ok(m) => Relay::Msg(m),
+                    Err(e) => Relay::Malformed(e.to_string()),
+                }
+            }
+            SerializedMessage::Cast { variant, .. } => {
+                Relay::Malformed(format!("unknown variant {variant:?}"))
+            }
+            _ => Relay::Malformed("not a cast".to_owned()),
+        })
+    }
+}
+
+/// The relay's series (docs/api.md, "Sessions across nodes"), registered once a process.
+#[derive(Debug, Clone)]
+pub struct RelayMetrics {
+    sessions: IntGaugeVec,
+    messages: IntCounterVec,
+    errors: IntCounterVec,
+    attach: Histogram,
+}
+
+/// Every `kind` of `dispatch_cluster_relay_errors_total`.
+pub const RELAY_ERRORS: [&str; 6] = [
+    "malformed",
+    "send_failed",
+    "attach_timeout",
+    "no_endpoint",
+    "unknown_session",
+    "leader_lost",
+];
+
+impl RelayMetrics {
+    pub fn new(m: &Metrics) -> Self {
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "dispatch_cluster_relayed_sessions",
+                "Sessions relayed across nodes: `relaying` on the standby that holds the socket, `hosting` on the leader whose actors serve it",
+            ),
+            &["side"],
+        )
+        .unwrap();
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "dispatch_cluster_relay_messages_total",
+                "Relay messages sent, by direction (to_leader, to_standby)",
+            ),
+            &["direction"],
+        )
+        .unwrap();
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "dispatch_cluster_relay_errors_total",
+                "Relay failures, by kind",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        let attach = Histogram::with_opts(
+            HistogramOpts::new(
+                "dispatch_cluster_relay_attach_seconds",
+                "A standby's attach of a relayed session: from the request to the leader's answer",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .unwrap();
+        for side in ["relaying", "hosting"] {
+            sessions.with_label_values(&[side]);
+        }
+        for d in ["to_leader", "to_standby"] {
+            messages.with_label_values(&[d]);
+        }
+        for k in RELAY_ERRORS {
+            errors.with_label_values(&[k]);
+        }
+        let r = &m.registry;
+        r.register(Box::new(sessions.clone())).expect("unique");
+        r.register(Box::new(messages.clone())).expect("unique");
+        r.register(Box::new(errors.clone())).expect("unique");
+        r.register(Box::new(attach.clone())).expect("unique");
+        Self {
+            sessions,
+            messages,
+            errors,
+            attach,
+        }
+    }
+
+    fn error(&self, kind: &str) {
+        debug_assert!(RELAY_ERRORS.contains(&kind), "add {kind} to RELAY_ERRORS");
+        self.errors.with_label_values(&[kind]).inc();
+    }
+}
+
+/// A remote member of `group` (this node's own members are not relays).
+fn remote_member(group: &str) -> Option<ActorCell> {
+    ractor::pg::get_members(&group.to_owned())
+        .into_iter()
+        .find(|c| !c.get_id().is_local())
+}
+
+/// What a relay actor does with each message that decoded.
+trait Receive: Send + Sync + 'static {
+    type Msg: Serialize + DeserializeOwned + Send + 'static;
+    fn receive(self: &Arc<Self>, m: Self::Msg);
+    fn metrics(&self) -> &RelayMetrics;
+}
+
+/// The one actor type of the relay (the host and the endpoints): a member of its process
+/// group, which it leaves as it stops; a `Malformed` message is counted and dropped.
+struct RelayActor<R> {
+    inner: Arc<R>,
+    group: String,
+}
+
+impl<R: Receive> RelayActor<R> {
+    /// Spawns the actor and joins it to `group`.
+    async fn spawn(inner: Arc<R>, group: String) -> anyhow::Result<ActorRef<Relay<R::Msg>>> {
+        let (actor, _) = Actor::spawn(
+            None,
+            RelayActor {
+                inner,
+                group: group.clone(),
+            },
+            (),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the relay actor of {group}: {e}"))?;
+        ractor::pg::join(group, vec![actor.get_cell()]);
+        Ok(actor)
+    }
+}
+
+impl<R: Receive> Actor for RelayActor<R> {
+    type Msg = Relay<R::Msg>;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        ractor::pg::leave(self.group.clone(), vec![myself.get_cell()]);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            Relay::Msg(m) => self.inner.receive(m),
+            Relay::Malformed(e) => {
+                self.inner.metrics().error("malformed");
+                tracing::warn!(error = %e, group = %self.group, "a relay message that does not decode: dropped");
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The standby's side.
+
+/// A relayed session on this node.
+struct Relaying {
+    handle: SessionHandle,
+    /// The leader serving it, once it answered.
+    leader: Option<String>,
+    /// Where the attach's answer goes, until it arrives.
+    attached: Option<oneshot::Sender<Result<String, ApiError>>>,
+}
+
+/// What the endpoint actor and the sessions share.
+struct Shared {
+    node: String,
+    sessions: Mutex<HashMap<u64, Relaying>>,
+    metrics: RelayMetrics,
+    actor_metrics: Arc<Metrics>,
+    queue_max: usize,
+}
+
+/// Everything a standby's relayed sessions need; one per process in cluster mode.
+pub struct Standby {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub transport: TransportMetrics,
+    /// Flips to true when the process shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    pub connections: AtomicUsize,
+    auth: Arc<jwt::Auth>,
+    node: String,
+    shared: Arc<Shared>,
+    next_session: AtomicU64,
+    attach_timeout: Duration,
+    endpoint: ActorRef<Relay<ToEndpoint>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    /// Spawns this node's endpoint actor and the task that closes relayed sessions whose
+    /// leader left the member set.
+    pub async fn start(
+        config: &Config,
+        (metrics, transport, relay): (&Arc<Metrics>, &TransportMetrics, &RelayMetrics),
+        auth: Arc<jwt::Auth>,
+        cluster: &dispatch_cluster::Cluster,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Arc<Standby>> {
+        let node = cluster.node_name().to_owned();
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            sessions: Mutex::new(HashMap::new()),
+            metrics: relay.clone(),
+            actor_metrics: metrics.clone(),
+            queue_max: config.system.ws_outbound_queue_max,
+        });
+        let endpoint = RelayActor::spawn(shared.clone(), endpoint_group(&node)).await?;
+        let watcher = tokio::spawn(watch_leaders(shared.clone(), cluster.members()));
+        let peer_timeout = config
+            .membership
+            .as_ref()
+            .map_or(Duration::from_secs(2), |m| m.peer_timeout);
+        Ok(Arc::new(Standby {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            transport: transport.clone(),
+            shutdown,
+            connections: AtomicUsize::new(0),
+            auth,
+            node,
+            shared,
+            // Numbers unlikely to repeat across this node's restarts: a leader keys
+            // relayed sessions by node name and number.
+            next_session: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+                    << 16,
+            ),
+            attach_timeout: Duration::from_millis(config.system.actor_call_timeout_ms)
+                + peer_timeout,
+            endpoint,
+            watcher,
+        }))
+    }
+
+    /// How long a standby waits for the leader's answer to an attach: the leader's own
+    /// bound on an actor's start, and a peer timeout for the round trip.
+    pub fn attach_timeout(&self) -> Duration {
+        self.attach_timeout
+    }
+
+    /// The routes a standby serves itself: the two WebSocket upgrades.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/ws/driver", get(driver_upgrade))
+            .route("/v1/ws/rider", get(rider_upgrade))
+            .with_state(self.clone())
+    }
+
+    pub fn stop(&self) {
+        self.watcher.abort();
+        ractor::pg::leave(endpoint_group(&self.node), vec![self.endpoint.get_cell()]);
+        self.endpoint.stop(None);
+    }
+}
+
+/// Closes (1001) the relayed sessions whose leader is no longer a member.
+async fn watch_leaders(shared: Arc<Shared>, mut members: watch::Receiver<Vec<String>>) {
+    while members.changed().await.is_ok() {
+        let live = members.borrow_and_update().clone();
+        for r in shared.sessions.lock().values() {
+            if let Some(l) = &r.leader
+                && !live.contains(l)
+                && !r.handle.is_closed()
+            {
+                shared.metrics.error("leader_lost");
+                r.handle.close(CLOSE_GOING_AWAY);
+            }
+        }
+    }
+}
+
+/// The endpoint: what hosts send to this node's relayed sessions.
+impl Receive for Shared {
+    type Msg = ToEndpoint;
+
+    fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    fn receive(self: &Arc<Self>, msg: ToEndpoint) {
+        let s = self;
+        let mut sessions = s.sessions.lock();
+        let session = match &msg {
+            ToEndpoint::Attached { session, .. }
+            | ToEndpoint::Deliver { session, .. }
+            | ToEndpoint::Close { session, .. } => *session,
+        };
+        let Some(r) = sessions.get_mut(&session) else {
+            drop(sessions);
+            if !matches!(msg, ToEndpoint::Close { .. }) {
+                // Gone here (its socket closed, or the attach timed out): the leader
+                // forgets it too.
+                s.metrics.error("unknown_session");
+                if let Some(host) = remote_member(HOST_GROUP) {
+                    let detach = ToHost::Detach {
+                        node: self.node.clone(),
+                        session,
+                    };
+                    let _ = host.send_message(Relay::Msg(detach));
+                }
+            }
+            return;
+        };
+        match msg {
+            ToEndpoint::Attached { leader, result, .. } => {
+                r.leader = Some(leader);
+                if let Some(tx) = r.attached.take() {
+                    let _ = tx.send(result);
+                }
+            }
+            ToEndpoint::Deliver { message, .. } => {
+                if r.handle.is_closed() {
+                    return;
+                }
+                if r.handle.queued() >= s.queue_max {
+                    // The app stopped reading: as a local session's full queue, 1008.
+                    s.actor_metrics.bound_hit("relay_queue");
+                    r.handle.close(CLOSE_POLICY);
+                } else {
+                    r.handle.send(*message);
+                }
+            }
+            ToEndpoint::Close { code, .. } => r.handle.close(code),
+        }
+    }
+}
+
+pub async fn driver_upgrade(
+    State(s): State<Arc<Standby>>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<TokenQuery>,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    relay_upgrade(s, &headers, &q, up, Role::Driver).await
+}
+
+pub async fn rider_upgrade(
+    State(s): State<Arc<Standby>>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<TokenQuery>,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    relay_upgrade(s, &headers, &q, up, Role::Rider).await
+}
+
+/// Forgets a relayed session here and on the leader when dropped: after its socket
+/// closed, or when the upgrade never happened.
+struct Attachment {
+    s: Arc<Standby>,
+    host: ActorCell,
+    id: u64,
+    attached: bool,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.s.shared.sessions.lock().remove(&self.id);
+        if self.attached {
+            self.s
+                .shared
+                .metrics
+                .sessions
+                .with_label_values(&["relaying"])
+                .dec();
+        }
+        let detach = ToHost::Detach {
+            node: self.s.node.clone(),
+            session: self.id,
+        };
+        let _ = self.host.send_message(Relay::Msg(detach));
+    }
+}
+
+fn refused(e: ApiError) -> Response {
+    HttpError(e).into_response()
+}
+
+/// A standby's WebSocket upgrade: the token as far as a standby can check it, then the
+/// leader's attach, then the session.
+async fn relay_upgrade(
+    s: Arc<Standby>,
+    headers: &HeaderMap,
+    q: &TokenQuery,
+    up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    role: Role,
+) -> Response {
+    let Some(token) = auth::bearer(headers, q.token.as_deref()) else {
+        return refused(ApiError::new(ErrorCode::Unauthorized, "missing token"));
+    };
+    let proof = match jwt::verify(&s.auth, token).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if let Proof::Jwt(who) = &proof
+        && who.role() != role.as_str()
+    {
+        return refused(ApiError::forbidden(format!(
+            "a {} token cannot open a {} session",
+            who.role(),
+            role.as_str()
+        )));
+    }
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => return ws::not_an_upgrade(e),
+    };
+    let Some(host) = remote_member(HOST_GROUP) else {
+        return refused(ApiError::unavailable(
+            "this node is a standby and no node holds the lease: retry, or connect to another node",
+        ));
+    };
+    let env = Env::Relayed(s.clone());
+    let slot = match ConnectionSlot::take(&env) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let id = s.next_session.fetch_add(1, Ordering::Relaxed);
+    let (handle, inbox) = SessionHandle::new(id, s.shared.queue_max, s.metrics.clone());
+    let (tx, rx) = oneshot::channel();
+    s.shared.sessions.lock().insert(
+        id,
+        Relaying {
+            handle: handle.clone(),
+            leader: None,
+            attached: Some(tx),
+        },
+    );
+    let mut attachment = Attachment {
+        s: s.clone(),
+        host: host.clone(),
+        id,
+        attached: false,
+    };
+    let attach = ToHost::Attach {
+        node: s.node.clone(),
+        session: id,
+        role,
+        proof: proof.into(),
+    };
+    if host.send_message(Relay::Msg(attach)).is_err() {
+        s.shared.metrics.error("send_failed");
+        return refused(ApiError::unavailable(
+            "the leader cannot be reached: retry, or connect to another node",
+        ));
+    }
+    s.shared
+        .metrics
+        .messages
+        .with_label_values(&["to_leader"])
+        .inc();
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(s.attach_timeout, rx).await;
+    s.shared
+        .metrics
+        .attach
+        .observe(asked.elapsed().as_secs_f64());
+    let who = match answer {
+        Ok(Ok(Ok(id))) => role.identity(id),
+        Ok(Ok(Err(e))) => return refused(e),
+        Ok(Err(_)) => {
+            return refused(ApiError::unavailable(
+                "the leader went away: retry, or connect to another node",
+            ));
+        }
+        Err(_) => {
+            s.metrics.bound_hit("relay_attach_timeout");
+            s.shared.metrics.error("attach_timeout");
+            return refused(ApiError::unavailable(
+                "the leader did not answer in time: retry, or connect to another node",
+            ));
+        }
+    };
+    attachment.attached = true;
+    s.shared
+        .metrics
+        .sessions
+        .with_label_values(&["relaying"])
+        .inc();
+    ws::upgrade_socket(s.config.ws_hard_max_bytes, up, move |socket| async move {
+        let _slot = slot;
+        let span = ws::session_span(&who);
+        relayed(env, socket, (handle, inbox), role, (host, attachment))
+            .instrument(span)
+            .await;
+    })
+}
+
+/// A relayed session's loops: client frames checked here and sent to the host as text.
+async fn relayed(
+    env: Env,
+    socket: axum::extract::ws::WebSocket,
+    (handle, inbox): (SessionHandle, dispatch_actors::session::SessionInbox),
+    role: Role,
+    (host, attachment): (ActorCell, Attachment),
+) {
+    let s = attachment.s.clone();
+    let (node, id) = (s.node.clone(), attachment.id);
+    let forward = {
+        let (s, handle) = (s.clone(), handle.clone());
+        move |text: &str| {
+            let frame = ToHost::Frame {
+                node: node.clone(),
+                session: id,
+                text: text.to_owned(),
+            };
+            match host.send_message(Relay::Msg(frame)) {
+                Ok(()) => s
+                    .shared
+                    .metrics
+                    .messages
+                    .with_label_values(&["to_leader"])
+                    .inc(),
+                Err(_) => {
+                    s.shared.metrics.error("send_failed");
+                    handle.close(CLOSE_GOING_AWAY);
+                }
+            }
+        }
+    };
+    let on_text = {
+        let (env, handle) = (env.clone(), handle.clone());
+        move |text: &str, limits: &mut ws::Limits, handling: &mut Handling<'_>| {
+            let driver = role == Role::Driver;
+            ws::client_frame(&env, &handle, (text, driver), limits, handling, |_, _| {
+                forward(text)
+            })
+        }
+    };
+    let label = role.as_str();
+    ws::serve(
+        env,
+        socket,
+        (handle, inbox),
+        label,
+        OfferTrace::new(),
+        on_text,
+        move || drop(attachment),
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The leader's side.
+
+/// A session this leader serves for a standby.
+#[derive(Clone)]
+struct Hosted {
+    who: Identity,
+    handle: SessionHandle,
+}
+
+/// The state of one term's host.
+pub struct Hosting {
+    app: App,
+    node: String,
+    sessions: Mutex<HashMap<(String, u64), Hosted>>,
+    metrics: RelayMetrics,
+    members: watch::Receiver<Vec<String>>,
+}
+
+/// Spawns the term's host and joins it to [`HOST_GROUP`]; stop it when the term ends.
+pub async fn spawn_host(
+    app: App,
+    cluster: &dispatch_cluster::Cluster,
+    metrics: RelayMetrics,
+) -> anyhow::Result<ActorRef<Relay<ToHost>>> {
+    let hosting = Arc::new(Hosting {
+        app,
+        node: cluster.node_name().to_owned(),
+        sessions: Mutex::new(HashMap::new()),
+        metrics,
+        members: cluster.members(),
+    });
+    RelayActor::spawn(hosting, HOST_GROUP.to_owned()).await
+}
+
+/// The host of one leader term.
+impl Receive for Hosting {
+    type Msg = ToHost;
+
+    fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    fn receive(self: &Arc<Self>, msg: ToHost) {
+        match msg {
+            ToHost::Attach {
+                node,
+                session,
+                role,
+                proof,
+            } => {
+                // Attaching waits for an actor's start: not in the host's own turn.
+                tokio::spawn(self.clone().attach(node, session, role, proof.into()));
+            }
+            ToHost::Frame {
+                node,
+                session,
+                text,
+            } => self.frame(node, session, &text),
+            ToHost::Detach { node, session } => {
+                let gone = self.sessions.lock().remove(&(node, session));
+                if let Some(s) = gone {
+                    s.handle.close(1000);
+                }
+            }
+        }
+    }
+}
+
+impl Hosting {
+    fn tell(&self, endpoint: &ActorCell, m: ToEndpoint) -> bool {
+        let sent = endpoint.send_message(Relay::Msg(m)).is_ok();
+        if sent {
+            self.metrics
+                .messages
+                .with_label_values(&["to_standby"])
+                .inc();
+        } else {
+            self.metrics.error("send_failed");
+        }
+        sent
+    }
+
+    /// Whom `proof` names, if it may open a `role` session on this term now.
+    fn admit(&self, role: Role, proof: Proof) -> Result<Identity, ApiError> {
+        if !self.app.ready.load(Ordering::Acquire) {
+            return Err(ApiError::unavailable(
+                "the leader is starting or shutting down",
+            ));
+        }
+        let who = jwt::resolve(&self.app, proof).map_err(|e| e.0)?;
+        if who.role() != role.as_str() {
+            return Err(ApiError::forbidden(format!(
+                "a {} token cannot open a {} session",
+                who.role(),
+                role.as_str()
+            )));
+        }
+        Ok(who)
+    }
+
+    /// Attaches a standby's session and forwards what its actors send until it ends.
+    async fn attach(self: Arc<Self>, node: String, session: u64, role: Role, proof: Proof) {
+        let Some(endpoint) = remote_member(&endpoint_group(&node)) else {
+            self.metrics.error("no_endpoint");
+            return;
+        };
+        let answer = |result| ToEndpoint::Attached {
+            session,
+            leader: self.node.clone(),
+            result,
+        };
+        let who = match self.admit(role, proof) {
+            Ok(who) => who,
+            Err(e) => {
+                self.tell(&endpoint, answer(Err(e)));
+                return;
+            }
+        };
+        let (handle, inbox) = self.app.system.new_session();
+        if !Box::pin(self.app.system.attach(&who, handle.clone())).await {
+            let e = ApiError::new(ErrorCode::Internal, "could not start the session");
+            self.tell(&endpoint, answer(Err(e)));
+            return;
+        }
+        let key = (node, session);
+        self.sessions.lock().insert(
+            key.clone(),
+            Hosted {
+                who: who.clone(),
+                handle: handle.clone(),
+            },
+        );
+        let gauge = self.metrics.sessions.with_label_values(&["hosting"]);
+        gauge.inc();
+        if self.tell(&endpoint, answer(Ok(Role::of(&who).1))) {
+            self.forward(&key, &handle, inbox, &endpoint).await;
+        }
+        self.sessions.lock().remove(&key);
+        gauge.dec();
+        self.app.system.detach(&who, handle.id);
+        handle.close(1000);
+    }
+
+    /// Sends what the actors queue for the session to its standby, until the session
+    /// closes (the code is sent on), the term ends (1001), or the standby is gone.
+    async fn forward(
+        &self,
+        (node, session): &(String, u64),
+        handle: &SessionHandle,
+        inbox: dispatch_actors::session::SessionInbox,
+        endpoint: &ActorCell,
+    ) {
+        let (mut rx, closed) = inbox.into_parts();
+        let mut shutdown = self.app.shutdown.clone();
+        let mut members = self.members.clone();
+        let code = loop {
+            tokio::select! {
+                biased;
+                code = closed.closed() => break Some(code),
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break Some(CLOSE_GOING_AWAY),
+                changed = members.changed() => {
+                    if changed.is_err() || !members.borrow_and_update().contains(node) {
+                        break None;
+                    }
+                }
+                m = rx.recv() => {
+                    let Some(m) = m else { break Some(1000) };
+                    // A leader past its lease's deadline tells nobody anything more.
+                    if self.app.term.as_ref().is_some_and(|t| !t.live()) {
+                        break Some(CLOSE_GOING_AWAY);
+                    }
+                    let deliver = ToEndpoint::Deliver { session: *session, message: m };
+                    if !self.tell(endpoint, deliver) {
+                        break None;
+                    }
+                }
+            }
+        };
+        if let Some(code) = code {
+            self.tell(
+                endpoint,
+                ToEndpoint::Close {
+                    session: *session,
+                    code,
+                },
+            );
+        }
+        handle.close(1000);
+    }
+
+    /// A client frame from a standby: decoded again and handed to the actors, as a local
+    /// session's.
+    fn frame(&self, node: String, session: u64, text: &str) {
+        let Some(h) = self.sessions.lock().get(&(node.clone(), session)).cloned() else {
+            self.metrics.error("unknown_session");
+            if let Some(endpoint) = remote_member(&endpoint_group(&node)) {
+                let close = ToEndpoint::Close {
+                    session,
+                    code: CLOSE_GOING_AWAY,
+                };
+                self.tell(&endpoint, close);
+            }
+            return;
+        };
+        let app = &self.app;
+        if text.len() > app.config.max_frame_bytes {
+            let e = ApiError::new(
+                ErrorCode::TooLarge,
+                format!("frames are limited to {} bytes", app.config.max_frame_bytes),
+            );
+            ws::reply_error(&h.handle, None, e);
+            return;
+        }
+        let driver = matches!(h.who, Identity::Driver(_));
+        match ws::decode_command(text, driver) {
+            Err((req, e)) => ws::reply_error(&h.handle, req, e),
+            Ok((req, cmd)) => {
+                if let Some(e) = ws::in_flight_refusal(&app.config, &h.handle) {
+                    app.metrics.bound_hit("ws_in_flight");
+                    let e = ApiError::new(ErrorCode::RateLimited, e);
+                    ws::reply_error(&h.handle, req, e);
+                    return;
+                }
+                let r = Responder::new(req, h.handle.clone());
+                match (cmd, &h.who) {
+                    (Command::Driver(c), Identity::Driver(id)) => {
+                        app.system.driver_command(id, c, r, None)
+                    }
+                    (Command::Rider(c), Identity::Rider(id)) => {
+                        app.system.rider_command(id, c, r, None)
+                    }
+                    // Decoded by the session's own role's decoder.
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_messages_round_trip_and_garbage_is_malformed() {
+        let m = Relay::Msg(ToHost::Attach {
+            node: "n1".into(),
+            session: 7,
+            role: Role::Driver,
+            proof: WireProof::Own { hash: [3; 32] },
+        });
+        let wire = m.clone().serialize().unwrap();
+        assert_eq!(Relay::<ToHost>::deserialize(wire).unwrap(), m);
+        let d = Relay::Msg(ToEndpoint::Deliver {
+            session: 1,
+            message: Box::new(Outbound::Ack { req: 4 }),
+        });
+        let wire = d.clone().serialize().unwrap();
+        assert_eq!(Relay::<ToEndpoint>::deserialize(wire).unwrap(), d);
+        for (variant, args) in [
+            (VARIANT, b"{\"Frame\":{\"node\":1}}".to_vec()),
+            (VARIANT, vec![0xff, 0x00, 0x7b]),
+            (VARIANT, Vec::new()),
+            ("other", b"{}".to_vec()),
+        ] {
+            let m = SerializedMessage::Cast {
+                variant: variant.to_owned(),
+                args,
+                metadata: None,
+            };
+            assert!(matches!(
+                Relay::<ToHost>::deserialize(m),
+                Ok(Relay::Malformed(_))
+            ));
+        }
+        assert!(Relay::<ToHost>::Malformed("x".into()).serialize().is_err());
+    }
+}
