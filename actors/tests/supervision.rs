@@ -12,8 +12,8 @@ use dispatch_actors::messages::{DriverCommand, DriverMsg};
 use dispatch_actors::messages::{RideRequest, RiderCommand, RiderMsg};
 use dispatch_actors::payments::{PayFuture, PaymentProvider};
 use dispatch_actors::session::Outbound;
-use dispatch_actors::{Metrics, System, SystemConfig};
-use dispatch_engine::{DispatchConfig, DriverId, Point, Product, RiderId, TripId, TripState};
+use dispatch_actors::{System, SystemConfig};
+use dispatch_engine::{DriverId, Point, Product, RiderId, TripId, TripState};
 
 use ractor::{ActorRef, Message};
 
