@@ -11,7 +11,10 @@
 # third runs after them in the same order each round), ROUNDS (default 2), FROM (HH:MM,
 # 08:00), HOURS (1), SCALE (60: one hour in 60 s), DRIVERS (400, about what the study's
 # 1,200-driver fleet keeps on shift at that hour: the file is a 1-in-10 sample and the
-# fleet is sized to it, so requests compete), RIDERS (1000), PORT (55651), OUT.
+# fleet is sized to it, so requests compete), RIDERS (1000), PORT (55651), OUT, DISPATCHD
+# (a dispatchd binary to run instead of this tree's, e.g. a base commit's build, to measure
+# a change against it). Before each server stops, its batched-matching counters are read
+# from /metrics into the run's .metrics file and summed up in the second table.
 # Each run is HOURS×3600/SCALE s of requests + 15 s of drain + set-up, bounded by timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,7 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 cargo build --release --locked -p dispatch-transport --bin dispatchd -p dispatch-loadgen --bin loadgen >&2
 bin=${CARGO_TARGET_DIR:-target}/release
+dispatchd=${DISPATCHD:-$bin/dispatchd}
 source bench/lib.sh
 start=$(date +%s)
 run_s=$(python3 -c "print(int($HOURS*3600/$SCALE) + 120)")
@@ -35,12 +39,13 @@ one() { # mode round
   local mode=$1 round=$2 tag=${1/:/-} flags=(--matching greedy)
   [[ $mode == batch:* ]] && flags=(--matching batch --match-window-ms "${mode#batch:}")
   local dir="$OUT/$tag-$round"
-  start_dispatchd "$bin/dispatchd" "$PORT" "$dir" "${flags[@]}"
+  start_dispatchd "$dispatchd" "$PORT" "$dir" "${flags[@]}"
   timeout "$run_s" "$bin/loadgen" --url "ws://127.0.0.1:$PORT" --quiet \
     --demand-trips loadgen/data/nyc_taxi_2011-02-01_manhattan.csv --demand-from "$FROM" \
     --demand-hours "$HOURS" --time-scale "$SCALE" --drivers "$DRIVERS" --riders "$RIDERS" \
     --drain 15s --seed 1 --server-pid "$DISPATCHD_PID" --json "$dir.json" >"$dir.txt" 2>&1 ||
     echo "$mode round $round: loadgen failed or a check failed (see $dir.txt)" >&2
+  curl -sf -m 5 "http://127.0.0.1:$PORT/metrics" >"$dir.metrics" || true
   stop_dispatchd "$mode" "$round"
 }
 
@@ -54,24 +59,43 @@ for r in $(seq "$ROUNDS"); do
 done
 
 python3 - "$OUT" "${modes[@]}" <<'PY'
-import glob, json, statistics, sys
+import glob, json, re, statistics, sys
 out, modes = sys.argv[1], sys.argv[2:]
-print("| matching | runs | requested | skipped (riders busy) | request → offer p50 ms | p99 ms | match rate % | request → assigned p50 ms |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| matching | runs | requested | skipped (riders busy) | request → offer p50 ms | p99 ms | max ms | match rate % | request → assigned p50 ms |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for m in modes:
     runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/{m.replace(':', '-')}-*.json"))]
     if not runs:
-        print(f"| {m} | 0 | | | | | | |"); continue
+        print(f"| {m} | 0 | | | | | | | |"); continue
     med = lambda f: statistics.median(f(r) for r in runs)
     lat = lambda r, k, q: r['latency'][k][q]
     print(f"| {m} | {len(runs)} | {med(lambda r: r['trips']['requested']):.0f} "
           f"| {med(lambda r: r['trips']['arrivals_skipped_all_riders_busy']):.0f} "
           f"| {med(lambda r: lat(r, 'request_to_offer', 'p50_ms')):.1f} "
           f"| {med(lambda r: lat(r, 'request_to_offer', 'p99_ms')):.0f} "
+          f"| {med(lambda r: lat(r, 'request_to_offer', 'max_ms')):.0f} "
           f"| {100 * med(lambda r: r['trips']['match_rate'] or 0):.1f} "
           f"| {med(lambda r: lat(r, 'request_to_assigned', 'p50_ms')):.0f} |")
     for r in runs:
         l = r['latency']['request_to_offer']
-        print(f"<!-- {m}: p50 {l['p50_ms']:.1f} p99 {l['p99_ms']:.1f} match {r['trips']['match_rate']} -->")
+        print(f"<!-- {m}: p50 {l['p50_ms']:.1f} p99 {l['p99_ms']:.1f} max {l['max_ms']:.1f} match {r['trips']['match_rate']} -->")
+# The server's own counters, read before it stopped (medians per mode).
+series = [("retries same_window", r'dispatch_batch_retries_total\{outcome="same_window"\}'),
+          ("retries greedy", r'dispatch_batch_retries_total\{outcome="greedy"\}'),
+          ("retries next_window", r'dispatch_batch_retries_total\{outcome="next_window"\}'),
+          ("offers refused", r'dispatch_offers_total\{outcome="refused"\}'),
+          ("offers sent", r'dispatch_offers_total\{outcome="sent"\}'),
+          ("batch_leftover hits", r'dispatch_bound_hits_total\{bound="batch_leftover"\}'),
+          ("batch_wait hits", r'dispatch_bound_hits_total\{bound="batch_wait"\}')]
+print()
+print("| matching | " + " | ".join(n for n, _ in series) + " |")
+print("|---|" + "---:|" * len(series))
+for m in modes:
+    texts = [open(f).read() for f in sorted(glob.glob(f"{out}/{m.replace(':', '-')}-*.metrics"))]
+    def value(t, pat):
+        hit = re.search(r'^' + pat + r'\s+(\S+)$', t, re.M)
+        return float(hit.group(1)) if hit else 0.0
+    cells = [f"{statistics.median(value(t, p) for t in texts):.0f}" if texts else "" for _, p in series]
+    print(f"| {m} | " + " | ".join(cells) + " |")
 PY
 echo "demand: $(( $(date +%s) - start )) s; modes $MODES, $ROUNDS rounds, $FROM +${HOURS}h at x$SCALE, $DRIVERS drivers; reports in $OUT" >&2

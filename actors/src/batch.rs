@@ -1,33 +1,83 @@
 //! Batched matching in the live server (issue 17, `--matching batch`): trips hand their
 //! search results to one batcher task; a window opens when the first trip waits and
-//! closes `--match-window-ms` later, and the task then assigns the window's trips together (`dispatch_engine::assign`: least total pickup time) and
-//! answers each with its driver, or with none when the others took its drivers. A trip's
-//! candidates were found when it joined, so those no longer free at the close are left
-//! out first ([`Free`]).
+//! closes `--match-window-ms` later, and the task then assigns the window's trips together
+//! (`dispatch_engine::assign`: least total pickup time) and answers each with its driver,
+//! or with none when nobody was left for it. A trip's candidates were found when it
+//! joined, so those no longer free at the close are left out first ([`Free`]). Trips the
+//! first solve leaves without a driver search again within the same solve ([`Lookup`],
+//! leaving out every driver the window assigned) and are assigned together again, up to
+//! [`LEFTOVER_ROUNDS`] times: the window hands out its remaining free drivers itself, one
+//! solve at a time, rather than let its leftover trips race one another for them.
 //!
 //! Bounded: the queue holds at most [`QUEUE_MAX`] waiting trips (a trip that finds it full
 //! is counted, `batch_queue`, and goes greedy); a trip waits at most the window plus
 //! [`SOLVE_BOUND`] (past it, counted `batch_wait`, greedy); a window's solve is bounded by
 //! the engine's group cap and work budget (counted `batch_group_cap`,
-//! `batch_work_budget`). Batch sizes, solve times and the pickup ETA of each assignment
-//! are histograms.
+//! `batch_work_budget`), and its leftover rounds by [`LEFTOVER_ROUNDS`] and
+//! [`LEFTOVER_BUDGET`] (counted `batch_leftover`). Batch sizes, solve times and the pickup
+//! ETA of each assignment are histograms.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dispatch_engine::{BatchParams, DriverId, assign};
+use dispatch_engine::{BatchParams, Candidate, DriverId, EtaModel, Point, Product, assign};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::tracecontext::Trace;
 
 /// The most trips waiting for one window.
 pub const QUEUE_MAX: usize = 4_096;
 /// How much longer than the window a trip waits for its answer.
 pub const SOLVE_BOUND: Duration = Duration::from_millis(1_000);
+/// The most times a window's leftover trips search again and are solved again.
+pub const LEFTOVER_ROUNDS: usize = 4;
+/// How long a window's leftover rounds may take in all (well within [`SOLVE_BOUND`]):
+/// a round that would start later, or searches that take longer, are cut short.
+pub const LEFTOVER_BUDGET: Duration = Duration::from_millis(300);
 
 /// Whether a driver is still free to be offered a trip (read when the window closes: a
 /// trip's candidates were found when it joined, up to a window earlier).
 pub type Free = Arc<dyn Fn(&DriverId) -> bool + Send + Sync>;
+
+/// A trip's options: its candidates with their pickup ETAs in whole seconds, estimated
+/// once (the engine takes them as they are: `TripCommand::Ranked`).
+pub type Options = Vec<(Candidate, u64)>;
+
+/// What a window needs to search again for one of its trips.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub pickup: Point,
+    pub product: Product,
+    /// The drivers the trip already tried.
+    pub exclude: Arc<Vec<DriverId>>,
+    pub trace: Trace,
+}
+
+/// A fresh search for a trip the window's solve left without a driver: its nearest
+/// available drivers of its product, leaving out `Query::exclude`, as [`Options`].
+pub type Lookup = Arc<dyn Fn(Query) -> Pin<Box<dyn Future<Output = Options> + Send>> + Send + Sync>;
+
+/// A search's candidates of `product` with their pickup ETAs to `pickup` (the engine's
+/// ranking, estimated here once).
+pub fn options(
+    eta: &dyn EtaModel,
+    pickup: Point,
+    product: Product,
+    found: Vec<Candidate>,
+) -> Options {
+    found
+        .into_iter()
+        .filter(|c| c.driver.product == product)
+        .map(|c| {
+            let e = eta.estimate(c.driver.position, pickup);
+            (c, e.duration_s.round() as u64)
+        })
+        .collect()
+}
 
 /// How trips get their drivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,16 +89,16 @@ pub enum Matching {
 }
 
 struct Waiting {
-    /// The trip's candidates and their pickup ETAs, seconds.
-    options: Vec<(DriverId, u64)>,
+    query: Query,
+    options: Options,
     reply: oneshot::Sender<Answer>,
 }
 
 /// A window's answer to one trip.
 #[derive(Debug, Clone, Default)]
 pub struct Answer {
-    /// The driver the window assigned this trip, if any.
-    pub driver: Option<DriverId>,
+    /// The driver the window assigned this trip, if any, and its pickup ETA.
+    pub driver: Option<(Candidate, u64)>,
     /// Every driver the window assigned (to any trip). Their offers are on their way, so
     /// a trip that retries at once leaves them out rather than race those offers.
     pub taken: Arc<Vec<DriverId>>,
@@ -63,10 +113,22 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the window task on the current tokio runtime.
-    pub fn start(window_ms: u64, params: BatchParams, metrics: Arc<Metrics>, free: Free) -> Self {
+    pub fn start(
+        window_ms: u64,
+        params: BatchParams,
+        metrics: Arc<Metrics>,
+        free: Free,
+        lookup: Lookup,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let window = Duration::from_millis(window_ms.max(1));
-        tokio::spawn(windows(rx, window, params, metrics.clone(), free));
+        let solver = Solver {
+            params,
+            metrics: metrics.clone(),
+            free,
+            lookup,
+        };
+        tokio::spawn(windows(rx, window, solver));
         Self {
             tx,
             window,
@@ -74,12 +136,18 @@ impl Batcher {
         }
     }
 
-    /// The driver the next window assigns this trip, or `None`: none of its options was
-    /// left for it, or the batcher was full or late (both counted). The caller then
-    /// retries greedily at once (and waits for a later window only if nobody is free).
-    pub async fn assign(&self, options: Vec<(DriverId, u64)>) -> Answer {
+    /// The driver the next window assigns this trip (`options` are its search's, `query`
+    /// how to search again), or `None`: nobody free was left for it, or the batcher was
+    /// full or late (both counted). The caller then retries greedily at once (and waits
+    /// for a later window only if nobody is free).
+    pub async fn assign(&self, query: Query, options: Options) -> Answer {
         let (reply, rx) = oneshot::channel();
-        if self.tx.try_send(Waiting { options, reply }).is_err() {
+        let waiting = Waiting {
+            query,
+            options,
+            reply,
+        };
+        if self.tx.try_send(waiting).is_err() {
             self.metrics.bound_hit("batch_queue");
             return Answer::default();
         }
@@ -93,13 +161,15 @@ impl Batcher {
     }
 }
 
-async fn windows(
-    mut rx: mpsc::Receiver<Waiting>,
-    window: Duration,
+/// What solves a window.
+struct Solver {
     params: BatchParams,
     metrics: Arc<Metrics>,
     free: Free,
-) {
+    lookup: Lookup,
+}
+
+async fn windows(mut rx: mpsc::Receiver<Waiting>, window: Duration, solver: Solver) {
     loop {
         // A window opens with the first trip that waits and closes `window` later; with
         // nobody waiting, nothing runs.
@@ -118,42 +188,159 @@ async fn windows(
         if batch.is_empty() {
             continue;
         }
-        // Candidates that stopped being free while the window ran (another trip's offer,
-        // a trip, offline) are left out: assigned, they could only refuse the offer.
-        let options: Vec<Vec<(DriverId, u64)>> = batch
-            .iter_mut()
-            .map(|w| {
-                let mut o = std::mem::take(&mut w.options);
-                o.retain(|(d, _)| free(d));
-                o
-            })
-            .collect();
+        solver.solve(batch).await;
+    }
+}
+
+impl Solver {
+    /// Assigns one window's trips and answers each: the first solve on the options they
+    /// brought, then rounds in which the trips still without a driver search again
+    /// (leaving out every driver assigned so far) and are solved together again. Trips
+    /// are answered as soon as their round assigns them.
+    async fn solve(&self, batch: Vec<Waiting>) {
+        let m = &self.metrics;
         let started = Instant::now();
-        let out = assign(&options, &params);
-        metrics.batch_solve.observe(started.elapsed().as_secs_f64());
-        metrics.batch_size.observe(batch.len() as f64);
-        if out.stats.groups_sliced > 0 {
-            metrics.bound_hit("batch_group_cap");
+        m.batch_size.observe(batch.len() as f64);
+        let mut queries = Vec::with_capacity(batch.len());
+        let mut options = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for w in batch {
+            queries.push(w.query);
+            options.push(w.options);
+            replies.push(Some(w.reply));
         }
-        if out.stats.greedy_fallback > 0 {
-            metrics.bound_hit("batch_work_budget");
-        }
-        let taken: Arc<Vec<DriverId>> = Arc::new(
-            out.assigned
+        // Every driver a trip of this window was given as an option, to leave out of
+        // its next search (each was assigned, not free, or too far).
+        let mut seen: Vec<Vec<DriverId>> = options
+            .iter()
+            .map(|o| o.iter().map(|(c, _)| c.driver.driver_id.clone()).collect())
+            .collect();
+        let mut taken: BTreeSet<DriverId> = BTreeSet::new();
+        let mut pending: Vec<usize> = (0..options.len()).collect();
+        let (mut sliced, mut fallback) = (false, false);
+        for round in 0..=LEFTOVER_ROUNDS {
+            // Candidates that stopped being free (another trip's offer, a trip, offline)
+            // are left out: assigned, they could only refuse the offer.
+            let costs: Vec<Vec<(DriverId, u64)>> = pending
                 .iter()
-                .flatten()
-                .map(|(d, _)| d.clone())
-                .collect(),
-        );
-        for (w, got) in batch.into_iter().zip(out.assigned) {
-            if let Some((_, eta_s)) = &got {
-                metrics.batch_assigned_eta.observe(*eta_s as f64);
+                .map(|&i| {
+                    options[i].retain(|(c, _)| {
+                        (self.free)(&c.driver.driver_id) && !taken.contains(&c.driver.driver_id)
+                    });
+                    let o = &options[i];
+                    o.iter()
+                        .map(|(c, e)| (c.driver.driver_id.clone(), *e))
+                        .collect()
+                })
+                .collect();
+            let out = assign(&costs, &self.params);
+            sliced |= out.stats.groups_sliced > 0;
+            fallback |= out.stats.greedy_fallback > 0;
+            let mut left = Vec::new();
+            let mut matched = Vec::new();
+            for (&i, got) in pending.iter().zip(out.assigned) {
+                let Some((driver, eta_s)) = got else {
+                    left.push(i);
+                    continue;
+                };
+                m.batch_assigned_eta.observe(eta_s as f64);
+                if round > 0 {
+                    m.batch_retries.with_label_values(&["same_window"]).inc();
+                }
+                let pick = options[i]
+                    .iter()
+                    .find(|(c, _)| c.driver.driver_id == driver)
+                    .cloned();
+                taken.insert(driver);
+                matched.push((i, pick));
             }
-            // The trip may have given up since: nothing to do then.
-            let _ = w.reply.send(Answer {
-                driver: got.map(|(d, _)| d),
+            // Answered at once: their offers need not wait for the leftover rounds.
+            let so_far = Arc::new(taken.iter().cloned().collect::<Vec<_>>());
+            for (i, pick) in matched {
+                // The trip may have given up since: nothing to do then.
+                if let Some(reply) = replies[i].take() {
+                    let _ = reply.send(Answer {
+                        driver: pick,
+                        taken: so_far.clone(),
+                    });
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            if round == LEFTOVER_ROUNDS || started.elapsed() >= LEFTOVER_BUDGET {
+                m.bound_hit("batch_leftover");
+                break;
+            }
+            let deadline = tokio::time::Instant::from_std(started + LEFTOVER_BUDGET);
+            let found = self
+                .search_again(&left, &queries, &seen, &taken, deadline)
+                .await;
+            pending.clear();
+            for (i, again) in found {
+                seen[i].extend(again.iter().map(|(c, _)| c.driver.driver_id.clone()));
+                options[i] = again;
+                if !options[i].is_empty() {
+                    pending.push(i);
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            pending.sort_unstable(); // arrival order, as the engine slices groups
+        }
+        m.batch_solve.observe(started.elapsed().as_secs_f64());
+        if sliced {
+            m.bound_hit("batch_group_cap");
+        }
+        if fallback {
+            m.bound_hit("batch_work_budget");
+        }
+        // The rest: nobody free was left for them.
+        let taken = Arc::new(taken.into_iter().collect::<Vec<_>>());
+        for reply in replies.into_iter().flatten() {
+            let _ = reply.send(Answer {
+                driver: None,
                 taken: taken.clone(),
             });
         }
+    }
+
+    /// The trips `left`'s fresh searches, all at once, each leaving out what it tried,
+    /// the options it was given in this window and every driver assigned so far. A search
+    /// still running at `deadline` is dropped (counted `batch_leftover`).
+    async fn search_again(
+        &self,
+        left: &[usize],
+        queries: &[Query],
+        seen: &[Vec<DriverId>],
+        taken: &BTreeSet<DriverId>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(usize, Options)> {
+        let mut searches = tokio::task::JoinSet::new();
+        for &i in left {
+            let q = &queries[i];
+            let mut exclude = q.exclude.to_vec();
+            exclude.extend(seen[i].iter().cloned());
+            exclude.extend(taken.iter().cloned());
+            let search = (self.lookup)(Query {
+                exclude: Arc::new(exclude),
+                ..q.clone()
+            });
+            searches.spawn(async move { (i, search.await) });
+        }
+        let mut found = Vec::with_capacity(left.len());
+        loop {
+            match tokio::time::timeout_at(deadline, searches.join_next()).await {
+                Ok(Some(Ok(one))) => found.push(one),
+                Ok(Some(Err(_))) => {} // a search that panicked: no options
+                Ok(None) => break,
+                Err(_) => {
+                    self.metrics.bound_hit("batch_leftover");
+                    break; // dropping the set aborts the rest
+                }
+            }
+        }
+        found
     }
 }

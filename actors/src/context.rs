@@ -219,9 +219,28 @@ impl Context {
         self.batcher.get_or_init(|| {
             // Weak: the batcher's task must not keep the context alive.
             let weak = self.downgrade();
-            let free: crate::batch::Free =
-                Arc::new(move |d| weak.upgrade().is_none_or(|c| c.driver_free(d)));
-            crate::batch::Batcher::start(window_ms, self.config.batch, self.metrics.clone(), free)
+            let free: crate::batch::Free = {
+                let weak = weak.clone();
+                Arc::new(move |d| weak.upgrade().is_none_or(|c| c.driver_free(d)))
+            };
+            let lookup: crate::batch::Lookup = Arc::new(move |q: crate::batch::Query| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let Some(ctx) = weak.upgrade() else {
+                        return Vec::new();
+                    };
+                    let filter = SearchFilter {
+                        product: Some(q.product),
+                        available_only: true,
+                        exclude: q.exclude,
+                    };
+                    let params = ctx.config.search;
+                    let (found, _) = ctx.search(q.pickup, params, filter, q.trace).await;
+                    crate::batch::options(ctx.config.eta.as_ref(), q.pickup, q.product, found)
+                })
+            });
+            let (params, metrics) = (self.config.batch, self.metrics.clone());
+            crate::batch::Batcher::start(window_ms, params, metrics, free, lookup)
         })
     }
 

@@ -49,15 +49,18 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
     "expired",
     "withdrawn",
 ];
-/// Every `outcome` of `dispatch_batch_retries_total`: a window left a trip without an
-/// offer it could hold (its driver went to another trip or could not take it), and the
-/// trip's search found free drivers to offer at once (`greedy`), or nobody free, so it
-/// waits for a later window (`next_window`: its offer may then wait past one window).
-pub const BATCH_RETRIES: [&str; 2] = ["greedy", "next_window"];
+/// Every `outcome` of `dispatch_batch_retries_total`: a window's first solve left a trip
+/// without a driver and the window's own fresh search and solve matched it
+/// (`same_window`); or a window left a trip without an offer it could hold (nobody free
+/// was left for it, or its driver could not take the offer) and the trip's search found
+/// free drivers to offer at once (`greedy`), or nobody free, so it waits for a later
+/// window (`next_window`: its offer may then wait past one window).
+pub const BATCH_RETRIES: [&str; 3] = ["greedy", "next_window", "same_window"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 28] = [
+pub const BOUNDS: [&str; 29] = [
     "bad_messages",
     "batch_group_cap",
+    "batch_leftover",
     "batch_queue",
     "batch_wait",
     "batch_work_budget",

@@ -271,32 +271,27 @@ impl TripActor {
             self.wait_window(myself, window_ms);
             return None;
         }
-        // Batched: the window's assignment picks this trip's driver among its candidates
-        // (ETAs as the engine ranks them).
+        // Batched: the window's assignment picks this trip's driver among its candidates,
+        // with the pickup ETAs the engine ranks by, estimated once here.
         let t = &s.rec.trip;
-        let options = found
-            .iter()
-            .filter(|c| c.driver.product == t.product)
-            .map(|c| {
-                let e = self.ctx.config.eta.estimate(c.driver.position, t.pickup);
-                (c.driver.driver_id.clone(), e.duration_s.round() as u64)
-            })
-            .collect();
-        let answer = self.ctx.batcher(window_ms).assign(options).await;
+        let options =
+            crate::batch::options(self.ctx.config.eta.as_ref(), t.pickup, t.product, found);
+        let query = crate::batch::Query {
+            pickup: t.pickup,
+            product: t.product,
+            exclude: exclude.clone(),
+            trace: s.trace,
+        };
+        let answer = self.ctx.batcher(window_ms).assign(query, options).await;
         // Until an offer is held, whatever the window's answer comes to is a retry: a
         // driver that cannot take the offer sends the trip's next search to `retry`.
         s.round = Round::Retry;
         s.taken = answer.taken;
         match answer.driver {
-            Some(driver) => Some(TripCommand::Candidates(
-                found
-                    .into_iter()
-                    .filter(|c| c.driver.driver_id == driver)
-                    .collect(),
-            )),
+            Some(assigned) => Some(TripCommand::Ranked(vec![assigned])),
             None => {
-                // The others took its drivers (or the batcher was full or late): the
-                // next-best free ones, at once.
+                // Nobody free was left for it in the window (or the batcher was full or
+                // late): the next-best free ones, at once, if any freed up since.
                 let exclude = with_taken(exclude.to_vec(), &s.taken);
                 let again = self.find(s, &exclude).await;
                 self.retry(myself, s, again, window_ms)

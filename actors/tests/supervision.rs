@@ -12,94 +12,22 @@ use dispatch_actors::messages::{DriverCommand, DriverMsg};
 use dispatch_actors::messages::{RideRequest, RiderCommand, RiderMsg};
 use dispatch_actors::payments::{PayFuture, PaymentProvider};
 use dispatch_actors::session::Outbound;
-use dispatch_actors::{Metrics, System, SystemConfig};
-use dispatch_engine::{DispatchConfig, DriverId, Point, Product, RiderId, TripId, TripState};
+use dispatch_actors::{System, SystemConfig};
+use dispatch_engine::{DriverId, Point, Product, RiderId, TripId, TripState};
 
 use ractor::{ActorRef, Message};
 
 mod common;
 
-use common::{App, WAIT, ask, eventually, register_driver, register_rider};
+use common::{
+    App, WAIT, ask, driver_cmd, eventually, online_driver, rand_hash, register_driver, request,
+    rider, start_with,
+};
 
 /// A started system over a store in a fresh temporary directory (kept alive by the
 /// returned guard).
 async fn start() -> (System, tempfile::TempDir) {
     start_with(|c| c, None).await
-}
-
-/// As [`start`], with the configuration changed by `tune` and another payment provider.
-async fn start_with(
-    tune: impl FnOnce(SystemConfig) -> SystemConfig,
-    provider: Option<Arc<dyn PaymentProvider>>,
-) -> (System, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
-    let cfg = SystemConfig {
-        dispatch: DispatchConfig {
-            offer_timeout_ms: 10_000,
-            dispatch_deadline_ms: 60_000,
-        },
-        ws_outbound_queue_max: 4096,
-        ..SystemConfig::default()
-    };
-    (
-        System::start_with_provider(tune(cfg), Arc::new(Metrics::new()), store, provider)
-            .await
-            .unwrap(),
-        dir,
-    )
-}
-
-async fn driver_cmd(sys: &System, id: &DriverId, app: &mut App, cmd: DriverCommand) {
-    let req = app.drive(&sys.driver_ref(id).unwrap(), cmd);
-    app.acked(req).await;
-}
-
-/// A connected, online driver at (lat, lng).
-async fn online_driver(sys: &System, lat: f64, lng: f64) -> (DriverId, App) {
-    let id = register_driver(sys, "D", rand_hash()).await;
-    let mut app = App::new(sys);
-    app.attach_driver(&sys.driver_ref(&id).unwrap()).await;
-    app.next_where("welcome", |m| matches!(m, Outbound::DriverWelcome { .. }))
-        .await;
-    driver_cmd(
-        sys,
-        &id,
-        &mut app,
-        DriverCommand::Location {
-            position: Point::new(lat, lng).unwrap(),
-            heading: None,
-        },
-    )
-    .await;
-    driver_cmd(sys, &id, &mut app, DriverCommand::GoOnline).await;
-    (id, app)
-}
-
-async fn rider(sys: &System) -> (RiderId, App) {
-    let id = register_rider(sys, "R", rand_hash()).await;
-    let mut app = App::new(sys);
-    app.attach_rider(&sys.rider_ref(&id).unwrap()).await;
-    app.next_where("welcome", |m| matches!(m, Outbound::RiderWelcome { .. }))
-        .await;
-    (id, app)
-}
-
-fn rand_hash() -> [u8; 32] {
-    rand::random()
-}
-
-async fn request(sys: &System, id: &RiderId, app: &mut App, lat: f64, lng: f64) -> TripId {
-    let ride = RideRequest::Direct {
-        pickup: Point::new(lat, lng).unwrap(),
-        dropoff: Point::new(lat + 0.02, lng).unwrap(),
-        product: Product::Economy,
-    };
-    let req = app.ride(&sys.rider_ref(id).unwrap(), RiderCommand::RequestRide(ride));
-    match app.next_where("request reply", |m| matches!(m, Outbound::TripUpdate { req: Some(r), .. } | Outbound::Error { req: Some(r), .. } if *r == req)).await {
-        Outbound::TripUpdate { trip, .. } => trip.trip_id,
-        m => panic!("request failed: {m:?}"),
-    }
 }
 
 fn restarts(sys: &System, group: &str) -> u64 {

@@ -171,6 +171,11 @@ pub enum OfferEnd {
 pub enum TripCommand {
     /// The result of a [`TripEffect::Search`], nearest first.
     Candidates(Vec<Candidate>),
+    /// The result of a search whose candidates' pickup ETAs (whole seconds) the caller
+    /// already estimated with the trip's own ETA model (batched matching estimates them
+    /// to solve its window): taken as [`TripCommand::Candidates`] would take them, without
+    /// estimating them again. Excluded drivers and other products are still left out.
+    Ranked(Vec<(Candidate, u64)>),
     /// The driver of offer `seq` could not hold it (no longer available).
     OfferRefused {
         seq: u64,
@@ -212,6 +217,7 @@ impl TripCommand {
     pub fn kind(&self) -> &'static str {
         match self {
             TripCommand::Candidates(_) => "candidates",
+            TripCommand::Ranked(_) => "ranked",
             TripCommand::OfferRefused { .. } => "offer_refused",
             TripCommand::Accept { .. } => "accept",
             TripCommand::Decline { .. } => "decline",
@@ -430,35 +436,18 @@ impl Trip {
         let mut fx = Vec::new();
         match cmd {
             TripCommand::Candidates(found) => {
-                if self.state != TripState::Dispatching || !self.searching {
-                    return Ok(fx); // a late answer to a search that no longer matters
-                }
-                self.searching = false;
-                let mut ranked: Vec<(Candidate, u64)> = found
+                // Only candidates it would offer are estimated.
+                let ranked = found
                     .into_iter()
-                    .filter(|c| {
-                        !self.excluded.contains(&c.driver.driver_id)
-                            && c.driver.product == self.product
-                    })
+                    .filter(|c| self.would_offer(c))
                     .map(|c| {
                         let e = eta.estimate(c.driver.position, self.pickup);
                         (c, e.duration_s.round() as u64)
                     })
                     .collect();
-                ranked.sort_by(|a, b| {
-                    a.1.cmp(&b.1)
-                        .then(a.0.distance_m.total_cmp(&b.0.distance_m))
-                });
-                ranked.dedup_by(|a, b| a.0.driver.driver_id == b.0.driver.driver_id);
-                if ranked.is_empty() {
-                    // Nobody new is within reach: searching again would find the same
-                    // nobody, so the trip ends now.
-                    self.no_driver_found(now_ms, &mut fx);
-                } else {
-                    self.candidates = ranked.into();
-                    self.advance(now_ms, cfg, eta, &mut fx);
-                }
+                self.take_candidates(ranked, now_ms, cfg, eta, &mut fx);
             }
+            TripCommand::Ranked(ranked) => self.take_candidates(ranked, now_ms, cfg, eta, &mut fx),
             TripCommand::OfferRefused { seq } => {
                 if self.state == TripState::Dispatching
                     && self.offer.as_ref().is_some_and(|o| o.seq == seq)
@@ -791,6 +780,48 @@ impl Trip {
             by,
             at_ms: now_ms,
         });
+    }
+
+    /// A search's answer, each candidate with its pickup ETA: ranked, best first, and the
+    /// first offered; with nobody new in it the trip ends.
+    fn take_candidates(
+        &mut self,
+        found: Vec<(Candidate, u64)>,
+        now_ms: u64,
+        cfg: &DispatchConfig,
+        eta: &dyn EtaModel,
+        fx: &mut Vec<TripEffect>,
+    ) {
+        if self.state != TripState::Dispatching || !self.searching {
+            return; // a late answer to a search that no longer matters
+        }
+        let mut ranked: Vec<(Candidate, u64)> = found
+            .into_iter()
+            .filter(|(c, _)| self.would_offer(c))
+            .collect();
+        self.searching = false;
+        ranked.sort_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then(a.0.distance_m.total_cmp(&b.0.distance_m))
+        });
+        ranked.dedup_by(|a, b| a.0.driver.driver_id == b.0.driver.driver_id);
+        if ranked.is_empty() {
+            // Nobody new is within reach: searching again would find the same
+            // nobody, so the trip ends now.
+            self.no_driver_found(now_ms, fx);
+        } else {
+            self.candidates = ranked.into();
+            self.advance(now_ms, cfg, eta, fx);
+        }
+    }
+
+    /// Whether a search's candidate may be offered this trip: while it searches, one of
+    /// its product that it has not tried.
+    fn would_offer(&self, c: &Candidate) -> bool {
+        self.state == TripState::Dispatching
+            && self.searching
+            && !self.excluded.contains(&c.driver.driver_id)
+            && c.driver.product == self.product
     }
 
     fn no_driver_found(&mut self, now_ms: u64, fx: &mut Vec<TripEffect>) {

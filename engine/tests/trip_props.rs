@@ -237,24 +237,29 @@ impl Model {
         let mut fx = Vec::new();
         let err = |k| (self.clone(), Err(k));
         match cmd {
-            TripCommand::Candidates(list) => {
+            TripCommand::Candidates(_) | TripCommand::Ranked(_) => {
                 if m.state != TripState::Dispatching || !m.searching {
                     return (m, Ok(fx));
                 }
                 m.searching = false;
-                let mut ranked: Vec<(DriverId, f64, u64)> = list
-                    .iter()
-                    .filter(|c| {
+                // `Ranked` brings the ETAs `Candidates` would estimate.
+                let given: Vec<(&Candidate, u64)> = match cmd {
+                    TripCommand::Candidates(list) => list
+                        .iter()
+                        .map(|c| {
+                            let eta_s = env.eta.estimate(c.driver.position, pickup()).duration_s;
+                            (c, eta_s.round() as u64)
+                        })
+                        .collect(),
+                    TripCommand::Ranked(list) => list.iter().map(|(c, e)| (c, *e)).collect(),
+                    _ => unreachable!("matched above"),
+                };
+                let mut ranked: Vec<(DriverId, f64, u64)> = given
+                    .into_iter()
+                    .filter(|(c, _)| {
                         c.driver.product == env.product && !m.tried.contains(&c.driver.driver_id)
                     })
-                    .map(|c| {
-                        let eta_s = env.eta.estimate(c.driver.position, pickup()).duration_s;
-                        (
-                            c.driver.driver_id.clone(),
-                            c.distance_m,
-                            eta_s.round() as u64,
-                        )
-                    })
+                    .map(|(c, eta_s)| (c.driver.driver_id.clone(), c.distance_m, eta_s))
                     .collect();
                 ranked.sort_by(|a, b| a.2.cmp(&b.2).then(a.1.total_cmp(&b.1)));
                 if ranked.is_empty() {
@@ -478,6 +483,8 @@ enum Seq {
 enum Act {
     /// A search answer: (driver, hundreds of metres away, wrong product).
     Candidates(Vec<(u8, u8, bool)>),
+    /// The same with the ETAs estimated by the caller (batched matching).
+    Ranked(Vec<(u8, u8, bool)>),
     Accept(Option<u8>),
     Decline(Option<u8>),
     Timeout(Seq),
@@ -509,6 +516,8 @@ fn act() -> impl Strategy<Value = Act> {
     prop_oneof![
         5 => proptest::collection::vec((0..POOL, 1u8..40, proptest::bool::weighted(0.15)), 0..5)
             .prop_map(Act::Candidates),
+        3 => proptest::collection::vec((0..POOL, 1u8..40, proptest::bool::weighted(0.15)), 0..5)
+            .prop_map(Act::Ranked),
         5 => offered_or_other().prop_map(Act::Accept),
         4 => offered_or_other().prop_map(Act::Decline),
         3 => seq().prop_map(Act::Timeout),
@@ -600,11 +609,13 @@ impl Harness {
     /// Turns a generated action into a command, moving the clock as the action needs.
     fn command(&mut self, act: &Act) -> TripCommand {
         match act {
-            Act::Candidates(list) => TripCommand::Candidates(
-                list.iter()
-                    .map(|&(i, hm, wrong)| {
-                        let product = if wrong { Product::Xl } else { Product::Economy };
-                        cand(i, f64::from(hm) * 100.0, product)
+            Act::Candidates(list) => TripCommand::Candidates(cands(list)),
+            Act::Ranked(list) => TripCommand::Ranked(
+                cands(list)
+                    .into_iter()
+                    .map(|c| {
+                        let e = self.env.eta.estimate(c.driver.position, pickup());
+                        (c, e.duration_s.round() as u64)
                     })
                     .collect(),
             ),
@@ -759,6 +770,16 @@ impl Harness {
         );
         Ok(())
     }
+}
+
+/// A generated search answer's candidates.
+fn cands(list: &[(u8, u8, bool)]) -> Vec<Candidate> {
+    list.iter()
+        .map(|&(i, hm, wrong)| {
+            let product = if wrong { Product::Xl } else { Product::Economy };
+            cand(i, f64::from(hm) * 100.0, product)
+        })
+        .collect()
 }
 
 /// A command without the candidate details, for readable failure logs.
@@ -1464,4 +1485,56 @@ fn accept_after_the_offer_expired_is_a_conflict_even_before_the_timer() {
     t.now = t.trip.offer().unwrap().expires_at_ms - 1;
     t.ok(TripCommand::Accept { driver_id: d(1) });
     assert_eq!(t.trip.state(), TripState::DriverAssigned);
+}
+
+/// An ETA model that counts its estimates.
+#[derive(Debug, Default)]
+struct CountingEta(std::sync::atomic::AtomicUsize);
+
+impl EtaModel for CountingEta {
+    fn estimate(&self, from: Point, to: Point) -> dispatch_engine::EtaEstimate {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StraightLineEta::default().estimate(from, to)
+    }
+}
+
+#[test]
+fn ranked_candidates_are_taken_as_candidates_without_estimating_again() {
+    // drv_1 is the nearest but excluded from nothing; drv_9 is of another product.
+    let list = vec![
+        cand(2, 900.0, Product::Economy),
+        cand(1, 400.0, Product::Economy),
+        cand(9, 100.0, Product::Xl),
+        cand(3, 1_500.0, Product::Economy),
+    ];
+    let cfg = DispatchConfig::default();
+    let eta = CountingEta::default();
+    let (mut by_candidates, _) = new_trip(T0, &cfg);
+    let (mut by_ranked, _) = new_trip(T0, &cfg);
+    let fx = by_candidates
+        .apply(TripCommand::Candidates(list.clone()), T0, &cfg, &eta)
+        .unwrap();
+    let n = eta.0.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        n, 3,
+        "Candidates estimates each candidate of its product once"
+    );
+    let ranked = list
+        .into_iter()
+        .map(|c| {
+            let e = StraightLineEta::default().estimate(c.driver.position, pickup());
+            (c, e.duration_s.round() as u64)
+        })
+        .collect();
+    let fx2 = by_ranked
+        .apply(TripCommand::Ranked(ranked), T0, &cfg, &eta)
+        .unwrap();
+    assert_eq!(
+        eta.0.load(std::sync::atomic::Ordering::Relaxed),
+        n,
+        "Ranked estimated again"
+    );
+    assert_eq!(fx2, fx, "the same offer, with the same ETA");
+    assert_eq!(by_ranked, by_candidates, "and the same trip after it");
+    assert_eq!(sends(&fx2), ["drv_1"]);
 }

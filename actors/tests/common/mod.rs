@@ -8,11 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_actors::messages::{DriverCommand, DriverMsg, RiderCommand, RiderMsg};
+use dispatch_actors::messages::{DriverCommand, DriverMsg, RideRequest, RiderCommand, RiderMsg};
+use dispatch_actors::payments::PaymentProvider;
 use dispatch_actors::session::{Outbound, Responder, SessionHandle, SessionInbox};
 use dispatch_actors::views::{DriverProfile, RiderProfile, Vehicle};
 use dispatch_actors::{Metrics, System, SystemConfig};
-use dispatch_engine::{DriverId, Product, RiderId, TripId, TripState};
+use dispatch_engine::{DispatchConfig, DriverId, Point, Product, RiderId, TripId, TripState};
 use dispatch_persistence::Store;
 use ractor::{ActorRef, Message, RpcReplyPort};
 use tokio::sync::mpsc;
@@ -210,5 +211,82 @@ impl App {
             Outbound::Offer(o) => o.trip_id,
             _ => unreachable!(),
         }
+    }
+}
+
+/// A started system over a store in a fresh temporary directory (kept alive by the
+/// returned guard): 10 s offers, 60 s dispatch deadlines, the configuration changed by
+/// `tune`, and another payment provider if given.
+pub async fn start_with(
+    tune: impl FnOnce(SystemConfig) -> SystemConfig,
+    provider: Option<Arc<dyn PaymentProvider>>,
+) -> (System, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
+    let cfg = SystemConfig {
+        dispatch: DispatchConfig {
+            offer_timeout_ms: 10_000,
+            dispatch_deadline_ms: 60_000,
+        },
+        ws_outbound_queue_max: 4096,
+        ..SystemConfig::default()
+    };
+    (
+        System::start_with_provider(tune(cfg), Arc::new(Metrics::new()), store, provider)
+            .await
+            .unwrap(),
+        dir,
+    )
+}
+
+pub async fn driver_cmd(sys: &System, id: &DriverId, app: &mut App, cmd: DriverCommand) {
+    let req = app.drive(&sys.driver_ref(id).unwrap(), cmd);
+    app.acked(req).await;
+}
+
+/// A connected, online driver at (lat, lng).
+pub async fn online_driver(sys: &System, lat: f64, lng: f64) -> (DriverId, App) {
+    let id = register_driver(sys, "D", rand_hash()).await;
+    let mut app = App::new(sys);
+    app.attach_driver(&sys.driver_ref(&id).unwrap()).await;
+    app.next_where("welcome", |m| matches!(m, Outbound::DriverWelcome { .. }))
+        .await;
+    driver_cmd(
+        sys,
+        &id,
+        &mut app,
+        DriverCommand::Location {
+            position: Point::new(lat, lng).unwrap(),
+            heading: None,
+        },
+    )
+    .await;
+    driver_cmd(sys, &id, &mut app, DriverCommand::GoOnline).await;
+    (id, app)
+}
+
+pub async fn rider(sys: &System) -> (RiderId, App) {
+    let id = register_rider(sys, "R", rand_hash()).await;
+    let mut app = App::new(sys);
+    app.attach_rider(&sys.rider_ref(&id).unwrap()).await;
+    app.next_where("welcome", |m| matches!(m, Outbound::RiderWelcome { .. }))
+        .await;
+    (id, app)
+}
+
+pub fn rand_hash() -> [u8; 32] {
+    rand::random()
+}
+
+pub async fn request(sys: &System, id: &RiderId, app: &mut App, lat: f64, lng: f64) -> TripId {
+    let ride = RideRequest::Direct {
+        pickup: Point::new(lat, lng).unwrap(),
+        dropoff: Point::new(lat + 0.02, lng).unwrap(),
+        product: Product::Economy,
+    };
+    let req = app.ride(&sys.rider_ref(id).unwrap(), RiderCommand::RequestRide(ride));
+    match app.next_where("request reply", |m| matches!(m, Outbound::TripUpdate { req: Some(r), .. } | Outbound::Error { req: Some(r), .. } if *r == req)).await {
+        Outbound::TripUpdate { trip, .. } => trip.trip_id,
+        m => panic!("request failed: {m:?}"),
     }
 }

@@ -709,6 +709,7 @@ impl Harness {
         };
         match cmd {
             TripCommand::Candidates(_)
+            | TripCommand::Ranked(_)
             | TripCommand::OfferRefused { .. }
             | TripCommand::OfferTimeout { .. }
             | TripCommand::DeadlineReached => true,

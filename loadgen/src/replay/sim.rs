@@ -521,18 +521,27 @@ impl<'a> Sim<'a> {
             return;
         }
         let waiting: Vec<usize> = self.pool.iter().copied().collect();
-        let found: Vec<Vec<Candidate>> = waiting.iter().map(|&i| self.search(i)).collect();
-        let options: Vec<Vec<(DriverId, u64)>> = waiting
+        // Each candidate's pickup ETA, estimated once: the engine takes the assigned one
+        // as it is (`Ranked`).
+        let found: Vec<Vec<(Candidate, u64)>> = waiting
             .iter()
-            .zip(&found)
-            .map(|(&i, cands)| {
+            .map(|&i| {
                 let pickup = self.trips_in[i].pickup;
-                cands
-                    .iter()
+                self.search(i)
+                    .into_iter()
                     .map(|c| {
                         let eta = self.cfg.eta.estimate(c.driver.position, pickup);
-                        (c.driver.driver_id.clone(), eta.duration_s.round() as u64)
+                        (c, eta.duration_s.round() as u64)
                     })
+                    .collect()
+            })
+            .collect();
+        let options: Vec<Vec<(DriverId, u64)>> = found
+            .iter()
+            .map(|cands| {
+                cands
+                    .iter()
+                    .map(|(c, e)| (c.driver.driver_id.clone(), *e))
                     .collect()
             })
             .collect();
@@ -545,11 +554,11 @@ impl<'a> Sim<'a> {
             self.pool.remove(&i);
             match got {
                 Some((driver, _)) => {
-                    let c: Vec<Candidate> = cands
+                    let c: Vec<(Candidate, u64)> = cands
                         .into_iter()
-                        .filter(|c| c.driver.driver_id == driver)
+                        .filter(|(c, _)| c.driver.driver_id == driver)
                         .collect();
-                    self.apply(i, TripCommand::Candidates(c));
+                    self.apply(i, TripCommand::Ranked(c));
                 }
                 None => left.push(i),
             }

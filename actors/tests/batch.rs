@@ -1,0 +1,122 @@
+//! Batched matching in the live actors (issue 17): a window hands its leftover trips the
+//! remaining free drivers in the same solve, so they neither wait for another window nor
+//! race one another for the same drivers (each loser's driver refusing an offer it never
+//! saw), and the engine takes the window's ETAs as they are.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dispatch_actors::SystemConfig;
+use dispatch_actors::batch::Matching;
+use dispatch_actors::session::Outbound;
+use dispatch_engine::{EtaEstimate, EtaModel, Point, SearchParams, StraightLineEta, TripId};
+
+mod common;
+
+use common::{App, online_driver, request, rider, start_with};
+
+/// 1 km of latitude, in degrees.
+const KM: f64 = 0.009;
+const LAT: f64 = 45.5;
+const LNG: f64 = -73.57;
+
+/// An ETA model that counts its estimates of pickups at (LAT, LNG) (not the route
+/// estimates that price the rides).
+#[derive(Debug, Default)]
+struct CountingEta(AtomicUsize);
+
+impl EtaModel for CountingEta {
+    fn estimate(&self, from: Point, to: Point) -> EtaEstimate {
+        if to == Point::new(LAT, LNG).unwrap() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        StraightLineEta::default().estimate(from, to)
+    }
+}
+
+/// A batched system (2 s windows) whose searches find only the nearest driver, so that
+/// every trip at one pickup brings the same single option to the window.
+async fn nearest_only(eta: Arc<CountingEta>) -> (dispatch_actors::System, tempfile::TempDir) {
+    start_with(
+        |c| SystemConfig {
+            matching: Matching::Batch { window_ms: 2_000 },
+            search: SearchParams { k: 1, ..c.search },
+            eta,
+            ..c
+        },
+        None,
+    )
+    .await
+}
+
+/// The trip of the next offer on `app`, and its pickup ETA.
+async fn offered(app: &mut App) -> (TripId, u64) {
+    match app
+        .next_where("offer", |m| matches!(m, Outbound::Offer(_)))
+        .await
+    {
+        Outbound::Offer(o) => (o.trip_id, o.pickup_eta_s),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_trips_get_the_remaining_free_drivers_in_the_same_window() {
+    const N: usize = 4;
+    let eta = Arc::new(CountingEta::default());
+    let (sys, _dir) = nearest_only(eta.clone()).await;
+    // Drivers 0.5, 1, 1.5 and 2 km north of the one pickup all riders ask at.
+    let mut drivers = Vec::new();
+    for i in 1..=N {
+        drivers.push(online_driver(&sys, LAT + i as f64 * 0.5 * KM, LNG).await.1);
+    }
+    let mut trips = Vec::new();
+    let mut riders = Vec::new();
+    for _ in 0..N {
+        let (id, mut app) = rider(&sys).await;
+        trips.push(request(&sys, &id, &mut app, LAT, LNG).await);
+        riders.push(app);
+    }
+    // Each driver is offered one of the trips, each trip once.
+    let mut got = Vec::new();
+    for d in &mut drivers {
+        got.push(offered(d).await);
+    }
+    let mut offered_trips: Vec<_> = got.iter().map(|(t, _)| t.clone()).collect();
+    offered_trips.sort();
+    trips.sort();
+    assert_eq!(offered_trips, trips, "every trip offered to one driver");
+    let m = sys.metrics();
+    assert_eq!(
+        m.batch_size.get_sample_count(),
+        1,
+        "all in one window, none in a later one"
+    );
+    let retries = |o: &str| m.batch_retries.with_label_values(&[o]).get();
+    assert_eq!(retries("greedy"), 0, "no trip retried on its own");
+    assert_eq!(
+        retries("next_window"),
+        0,
+        "no trip waited for another window"
+    );
+    let refused = m.offers.with_label_values(&["refused"]).get();
+    assert_eq!(refused, 0, "no driver was offered a trip it could not hold");
+    assert_eq!(
+        retries("same_window"),
+        (N - 1) as u64,
+        "the window's leftover rounds matched the other trips"
+    );
+    // Every ETA was estimated once: one per search's candidate (a first search per trip
+    // plus a search per trip and leftover round), none again by the engine. The offers
+    // carry the window's ETAs: 0.5 km steps at the model's speed, nearest first.
+    let searched = N + (N - 1) + (N - 2) + (N - 3);
+    assert_eq!(
+        eta.0.load(Ordering::Relaxed),
+        searched,
+        "ETAs estimated twice"
+    );
+    let etas: Vec<u64> = got.iter().map(|(_, e)| *e).collect();
+    assert!(etas.windows(2).all(|w| w[0] < w[1]), "{etas:?}");
+    drop(riders);
+    sys.shutdown().await;
+}
