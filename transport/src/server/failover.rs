@@ -618,23 +618,11 @@ impl Node {
                 .admin_listen
                 .map(|_| http::admin_router(app.clone())),
         });
-        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
-        let recovery = {
-            let app = app.clone();
+        let (recovery, failed_rx) = {
             let name = name.clone();
-            tokio::spawn(async move {
-                match app.system.recover().await {
-                    Ok(stats) => {
-                        app.ready.store(true, Ordering::Release);
-                        app.metrics.ready.set(1);
-                        tracing::info!(node = %name, epoch, recovery_ms = stats.elapsed_ms,
-                            takeover_ms = started.elapsed().as_millis() as u64, "leader ready");
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "recovery failed");
-                        let _ = failed_tx.send(e.to_string());
-                    }
-                }
+            super::spawn_recovery(&app, move |ms| {
+                tracing::info!(node = %name, epoch, recovery_ms = ms,
+                    takeover_ms = started.elapsed().as_millis() as u64, "leader ready");
             })
         };
         let tasks = Tasks::start(&app);

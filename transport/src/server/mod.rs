@@ -159,23 +159,9 @@ pub async fn run(
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, "dispatchd serving; recovering state");
 
     // Recovery runs while the listener already answers `/healthz` and `/readyz` (503).
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
-    let recovery = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            match app.system.recover().await {
-                Ok(stats) => {
-                    app.ready.store(true, Ordering::Release);
-                    app.metrics.ready.set(1);
-                    tracing::info!(listen = %local, recovery_ms = stats.elapsed_ms, "dispatchd ready");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "recovery failed");
-                    let _ = failed_tx.send(e.to_string());
-                }
-            }
-        })
-    };
+    let (recovery, failed_rx) = spawn_recovery(&app, move |ms| {
+        tracing::info!(listen = %local, recovery_ms = ms, "dispatchd ready");
+    });
 
     let tasks = Tasks::start(&app);
 
@@ -296,6 +282,35 @@ fn new_app(
         term,
         cluster,
     })
+}
+
+/// Recovers the state from the store in the background (the listener already answers
+/// `/readyz` 503 meanwhile): on success marks the app ready and calls `ready` with the
+/// recovery's milliseconds; on failure the receiver gets the error, which stops the node.
+/// One node at start, and each leader term in cluster mode.
+pub(crate) fn spawn_recovery(
+    app: &App,
+    ready: impl FnOnce(u64) + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<String>,
+) {
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let app = app.clone();
+    let task = tokio::spawn(async move {
+        match app.system.recover().await {
+            Ok(stats) => {
+                app.ready.store(true, Ordering::Release);
+                app.metrics.ready.set(1);
+                ready(stats.elapsed_ms);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recovery failed");
+                let _ = failed_tx.send(e.to_string());
+            }
+        }
+    });
+    (task, failed_rx)
 }
 
 /// The background work of a serving system: its own timers (position snapshots, the
