@@ -13,6 +13,9 @@ use dispatch_engine::{
     StraightLineEta, SurgeConfig,
 };
 
+/// The largest `--max-frame-bytes` with cluster links: half a link frame less 1 KiB.
+const RELAYED_FRAME_MAX: u64 = dispatch_cluster::MAX_FRAME_BYTES / 2 - 1024;
+
 /// How trips get their drivers (issue 17; the README's study says when to choose which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MatchingMode {
@@ -344,6 +347,14 @@ impl Args {
         check(
             self.ws_hard_max_bytes >= self.max_frame_bytes,
             "--ws-hard-max-bytes must be at least --max-frame-bytes",
+        )?;
+        // A relayed client frame crosses a cluster link re-escaped in JSON (up to twice
+        // its length, plus the envelope), and the link closes on a frame over its limit,
+        // taking every relayed session of that standby with it.
+        check(
+            self.cluster.cluster_listen.is_none()
+                || (self.max_frame_bytes as u64) <= RELAYED_FRAME_MAX,
+            "--max-frame-bytes must be at most 130048 with --cluster-listen (a relayed frame must fit a cluster link's 256 KiB frame)",
         )?;
         check(
             self.location_max_per_s > 0,
@@ -849,6 +860,33 @@ mod tests {
             let e = with(bad).unwrap_err();
             assert!(e.contains(named), "{bad:?}: {e}");
         }
+        // A relayed frame must fit a cluster link's frame.
+        let linked = |max: &str| {
+            with(&[
+                "--node-name",
+                "n1",
+                "--cluster-listen",
+                "127.0.0.1:7000",
+                "--cluster-cookie",
+                "a-cookie-of-twenty-chars",
+                "--max-frame-bytes",
+                max,
+                "--ws-hard-max-bytes",
+                "1000000",
+            ])
+        };
+        assert!(linked("130048").is_ok(), "{:?}", linked("130048").err());
+        let e = linked("130049").unwrap_err();
+        assert!(e.contains("--max-frame-bytes"), "{e}");
+        assert!(
+            with(&[
+                "--max-frame-bytes",
+                "200000",
+                "--ws-hard-max-bytes",
+                "1000000"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

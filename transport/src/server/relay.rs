@@ -946,15 +946,16 @@ impl Hosting {
                 }
             }
         };
-        if let Some(code) = code {
-            self.tell(
-                endpoint,
-                ToEndpoint::Close {
-                    session: *session,
-                    code,
-                },
-            );
-        }
+        // When the standby left the members or a send failed, still try to close its
+        // side (best effort): its own view of the members may still count this leader,
+        // and its session must not stay open with nothing behind it.
+        self.tell(
+            endpoint,
+            ToEndpoint::Close {
+                session: *session,
+                code: code.unwrap_or(CLOSE_GOING_AWAY),
+            },
+        );
         handle.close(1000);
     }
 
