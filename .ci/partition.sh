@@ -142,6 +142,9 @@ for i in 1 2 3; do
     plug "dnx-n$i" k0 "$CNET.$i" dnx-cl br1 "vk$i"
 done
 cl() { ip netns exec dnx-cl "$@"; }
+# In the background, `ip netns exec` itself (not a function's subshell) so that $! is the
+# process the cleanup must stop.
+CL=(ip netns exec dnx-cl)
 say "namespaces ${NAMESPACES[*]}: cluster network $NET.0/24 (bridge in dnx-sw), client network $CNET.0/24 (bridge in dnx-cl)"
 
 # --- PostgreSQL in dnx-db -------------------------------------------------------------
@@ -204,12 +207,12 @@ say "n1 leads (epoch $(metric 1 dispatch_cluster_epoch)); n2, n3 stand by; membe
 
 # --- load -----------------------------------------------------------------------------
 urls="ws://$CNET.1:$PORT,ws://$CNET.2:$PORT,ws://$CNET.3:$PORT"
-cl "$BIN/loadgen" --url "$urls" --drivers 40 --riders 40 --request-rate 2 --radius-km 2 \
+"${CL[@]}" "$BIN/loadgen" --url "$urls" --drivers 40 --riders 40 --request-rate 2 --radius-km 2 \
     --speed-mps 30 --decision-delay-ms 300-1500 --boarding-ms 2000-6000 --duration 60s --drain 25s \
     --reconnect --reconnect-for 40s --ack-log "$work/acks.jsonl" --quiet >"$work/loadgen.txt" 2>&1 &
 loadgen=$!
 bg+=("$loadgen")
-cl python3 .ci/partition_probe.py run "http://$CNET.1:$PORT" "$work/probe-cut.jsonl" "$work/stop-cut" \
+"${CL[@]}" python3 .ci/partition_probe.py run "http://$CNET.1:$PORT" "$work/probe-cut.jsonl" "$work/stop-cut" \
     >"$work/probe-cut.txt" 2>&1 &
 bg+=("$!")
 sleep 8
@@ -296,7 +299,7 @@ touch "$work/stop-cut"
 
 # --- 3. SIGSTOP past the lease --------------------------------------------------------
 paused=$new
-cl python3 .ci/partition_probe.py run "http://$CNET.$paused:$PORT" "$work/probe-pause.jsonl" "$work/stop-pause" \
+"${CL[@]}" python3 .ci/partition_probe.py run "http://$CNET.$paused:$PORT" "$work/probe-pause.jsonl" "$work/stop-pause" --once \
     >"$work/probe-pause.txt" 2>&1 &
 bg+=("$!")
 wait_until 30 "the pause probe answered by n$paused" grep -qs '"kind": "frame"' "$work/probe-pause.jsonl"
@@ -306,7 +309,7 @@ rider2=$(echo "$probe_token" | python3 -c 'import json, sys; print(json.load(sys
 token2=$(echo "$probe_token" | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
 # A session opened now, to ask for a ride once the node is stopped: with fencing, that
 # trip can never reach the store.
-cl python3 .ci/partition_probe.py ride "http://$CNET.$paused:$PORT" "$token2" "$work/go-ride" "$work/ride.jsonl" \
+"${CL[@]}" python3 .ci/partition_probe.py ride "http://$CNET.$paused:$PORT" "$token2" "$work/go-ride" "$work/ride.jsonl" \
     >"$work/ride.txt" 2>&1 &
 bg+=("$!")
 wait_until 30 "the ride probe's session on n$paused" grep -qs '"welcome"' "$work/ride.jsonl"

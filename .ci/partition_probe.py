@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A client pinned to one dispatchd node, for .ci/partition.sh (issue 16).
 
-  partition_probe.py run BASE LOG STOPFILE    # e.g. http://10.232.0.1:33080
+  partition_probe.py run BASE LOG STOPFILE [--once]   # e.g. http://10.232.0.1:33080
   partition_probe.py check LOG AFTER_MS LABEL [--closed]
   partition_probe.py ride BASE TOKEN GOFILE LOG
 
@@ -12,7 +12,9 @@ and the close go to LOG.
 `run` registers a rider on BASE (retrying while BASE is not ready) and, until STOPFILE
 exists, every 100 ms: asks `GET /v1/drivers/nearby` (answered from the node's memory)
 and sends a rider `location` with a `req` on its WebSocket session (answered `ack` from
-memory); when the session closes it opens it again every 300 ms. One JSON line per
+memory); when the session closes it opens it again every 300 ms (with --once: not after
+a session that opened has closed, since a node that woke as a standby relays a new session
+to the new leader, which may answer it). One JSON line per
 event goes to LOG, each stamped with this machine's clock in Unix ms: what was sent
 when, what came back, upgrades, closes.
 
@@ -103,10 +105,11 @@ async def read_all(ws, log):
     log(kind="close", at=now_ms(), code=ws.close_code, reason=ws.close_reason)
 
 
-async def ws_loop(base, token, log, stop):
+async def ws_loop(base, token, log, stop, once):
     url = base.replace("http://", "ws://") + "/v1/ws/rider"
     req = 0
-    while not os.path.exists(stop):
+    opened = False
+    while not os.path.exists(stop) and not (once and opened):
         sent = now_ms()
         try:
             async with connect(
@@ -118,6 +121,7 @@ async def ws_loop(base, token, log, stop):
             ) as ws:
                 first = json.loads(await asyncio.wait_for(ws.recv(), 2))
                 log(kind="upgrade", sent=sent, at=now_ms(), ok=True, first=first.get("type"))
+                opened = True
 
                 r = asyncio.create_task(read_all(ws, log))
                 while not r.done() and not os.path.exists(stop):
@@ -138,12 +142,12 @@ async def ws_loop(base, token, log, stop):
         await asyncio.sleep(0.3)
 
 
-def run(base, path, stop):
+def run(base, path, stop, once=False):
     log = Log(path)
     token = register(base, log, stop)
 
     async def both():
-        await asyncio.gather(rest_loop(base, token, log, stop), ws_loop(base, token, log, stop))
+        await asyncio.gather(rest_loop(base, token, log, stop), ws_loop(base, token, log, stop, once))
 
     asyncio.run(both())
 
@@ -213,8 +217,8 @@ def ride(base, token, go, path):
 
 
 def main():
-    if len(sys.argv) == 5 and sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], sys.argv[4])
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "run" and sys.argv[5:] in ([], ["--once"]):
+        run(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:] == ["--once"])
     elif len(sys.argv) in (5, 6) and sys.argv[1] == "check":
         closed = sys.argv[5:] == ["--closed"]
         sys.exit(0 if check(sys.argv[2], int(sys.argv[3]), sys.argv[4], closed) else 1)
