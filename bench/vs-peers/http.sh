@@ -8,6 +8,8 @@
 #   bash bench/vs-peers/http.sh              # 15,000 drivers, 50 connections, 2 rounds of 10 s per side
 #   bash bench/vs-peers/http.sh --quick      # a smoke run: 2,000 drivers, 1 round of 2 s
 #   DRIVERS=… CONNS=… SECS=… ROUNDS=… WARM=… bash bench/vs-peers/http.sh
+#   DISPATCHD_BIN=/path/to/dispatchd bash bench/vs-peers/http.sh   # another build, e.g. an older
+#                                            # commit's, for a side-by-side row
 #   PERF=/tmp/nearby.perf bash bench/vs-peers/http.sh   # also `perf record` dispatchd during
 #                                            # one more wrk window (build with
 #                                            # CARGO_PROFILE_RELEASE_DEBUG=line-tables-only)

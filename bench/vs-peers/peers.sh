@@ -136,9 +136,10 @@ pg_stop() {
 
 peers_build() {
   echo "== build (release): dispatchd and bench/vs-peers"
-  cargo build --release --bin dispatchd
+  # DISPATCHD_BIN runs another build of dispatchd (e.g. an older commit's, side by side).
+  if [ -z "${DISPATCHD_BIN:-}" ]; then cargo build --release --bin dispatchd; fi
   cargo build --release --manifest-path bench/vs-peers/Cargo.toml
-  DISPATCHD=${CARGO_TARGET_DIR:-$PWD/target}/release/dispatchd
+  DISPATCHD=${DISPATCHD_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/dispatchd}
   BENCH=${CARGO_TARGET_DIR:-$PWD/bench/vs-peers/target}/release/vs-peers
 }
 
