@@ -143,6 +143,16 @@ async fn postgres_down_at_start_readyz_says_why_then_recovers() {
     .await;
     assert!(why.contains("store is unavailable"), "{why}");
     assert!(!why.contains(&db.password), "the password leaked: {why}");
+    // Before recovery the registry is not loaded: a token is neither known nor unknown,
+    // so it gets 503 `unavailable` (retry), never 401 (which tells an app to drop it).
+    for path in ["/v1/trips/trp_0", "/v1/drivers/nearby?lat=45.5&lng=-73.6"] {
+        let (st, v) = s.get(path, Some("tok_not_loaded_yet")).await;
+        assert_eq!(
+            (st, &v["error"]["code"]),
+            (503, &json!("unavailable")),
+            "{path}: {v}"
+        );
+    }
     assert!(
         s.log_text()
             .contains("PostgreSQL not reachable yet; retrying"),

@@ -222,7 +222,8 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-fn ready(app: &App) -> Result<(), HttpError> {
+/// 503 `unavailable` while the node is not ready (recovering, standing by, stopping).
+pub(super) fn ready(app: &App) -> Result<(), HttpError> {
     if app.ready.load(Ordering::Acquire) {
         Ok(())
     } else {

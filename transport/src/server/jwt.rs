@@ -338,8 +338,11 @@ pub async fn verify(a: &Auth, token: &str) -> Result<Proof, HttpError> {
 }
 
 /// The registered rider or driver a [`Proof`] names (403 for an unregistered JWT
-/// identity, 401 for an unknown own token).
+/// identity, 401 for an unknown own token); 503 while the node is not ready, since the
+/// registry is not loaded yet and a 401 would tell an app to drop a valid token (a new
+/// leader recovering after a takeover, a node starting).
 pub fn resolve(app: &App, proof: Proof) -> Result<Identity, HttpError> {
+    super::http::ready(app)?;
     match proof {
         Proof::Jwt(who) if app.system.is_registered(&who) => Ok(who),
         Proof::Jwt(who) => Err(HttpError(ApiError::forbidden(format!(
