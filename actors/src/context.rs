@@ -451,8 +451,12 @@ impl Context {
             })
     }
 
-    /// A trip as the store holds it (finished trips live there only).
+    /// A trip as the store holds it (finished trips live there only). A trip being
+    /// reloaded after its actor failed is not judged from the store: `unavailable`.
     pub(crate) async fn stored_trip(&self, id: &TripId) -> Result<Option<StoredTrip>, ApiError> {
+        if self.registry.reloading.contains(id) {
+            return Err(crate::error::trip_reloading());
+        }
         let id = id.clone();
         self.read("trip", move |s| s.trip(&id)).await
     }

@@ -239,7 +239,7 @@ impl DriverActor {
     ) {
         let from = Sender::Driver(s.rec.id.clone());
         if let Some(t) = self.ctx.registry.trip(&trip_id) {
-            let ticket = s.awaiting.keep(responder);
+            let ticket = s.awaiting.keep(&trip_id, responder);
             let msg = TripMsg::Command {
                 cmd,
                 from: from.clone(),
@@ -520,7 +520,18 @@ impl DriverActor {
                 link,
                 answers,
             } => {
+                // Not newer than what the app has (a restarted trip re-syncing): the
+                // status follows it, the app is not told twice (as the rider's actor).
+                let known = s
+                    .rec
+                    .trip
+                    .as_ref()
+                    .is_some_and(|t| t.trip_id == view.trip_id && t.version >= view.version);
                 self.follow_trip(s, &view, link);
+                if known && link != TripLink::Released {
+                    s.awaiting.answer(answers, Ok(()));
+                    return Ok(());
+                }
                 if link == TripLink::Released {
                     self.reindex(s, false).await;
                     self.go_offline_if_idle(s).await;
@@ -540,6 +551,10 @@ impl DriverActor {
             DriverMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),
             // Dropped unanswered: the app is told the request was lost.
             DriverMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
+            DriverMsg::TripFailed(trip_id) => {
+                s.awaiting
+                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+            }
             DriverMsg::Reindex => {
                 s.rec.cell = None;
                 self.reindex(s, false).await;

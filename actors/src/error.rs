@@ -90,6 +90,12 @@ impl ApiError {
     }
 }
 
+/// The answer while a failed trip actor is read back from the store (docs/api.md, "A trip
+/// actor that fails"): nothing the command asked was applied, and a retry can succeed.
+pub(crate) fn trip_reloading() -> ApiError {
+    ApiError::unavailable("the trip is being reloaded after a failure; retry")
+}
+
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code.as_str(), self.message)

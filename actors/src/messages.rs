@@ -143,6 +143,9 @@ pub enum DriverMsg {
     },
     /// Nobody answered this ticket in time (the trip failed holding it).
     TicketExpired(Ticket),
+    /// From the trip supervisor: this trip's actor failed, and what it held is gone;
+    /// commands waiting on it are answered `unavailable` (retry) at once.
+    TripFailed(TripId),
     /// The driver's cell restarted: index yourself again.
     Reindex,
     Get(RpcReplyPort<DriverRecord>),
@@ -166,6 +169,7 @@ impl DriverMsg {
             DriverMsg::Trip { .. } => "trip_update",
             DriverMsg::Answer { .. } => "answer",
             DriverMsg::TicketExpired(_) => "ticket_expired",
+            DriverMsg::TripFailed(_) => "trip_failed",
             DriverMsg::Reindex => "reindex",
             DriverMsg::Get(_) => "get",
             DriverMsg::Suspend(..) => "suspend",
@@ -254,6 +258,8 @@ pub enum RiderMsg {
         outcome: Result<(), ApiError>,
     },
     TicketExpired(Ticket),
+    /// From the trip supervisor: as [`DriverMsg::TripFailed`].
+    TripFailed(TripId),
     Get(RpcReplyPort<RiderRecord>),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
@@ -272,6 +278,7 @@ impl RiderMsg {
             RiderMsg::DriverLocation { .. } => "driver_location",
             RiderMsg::Answer { .. } => "answer",
             RiderMsg::TicketExpired(_) => "ticket_expired",
+            RiderMsg::TripFailed(_) => "trip_failed",
             RiderMsg::Get(_) => "get",
             RiderMsg::InjectPanic => "inject_panic",
         }
@@ -468,6 +475,20 @@ pub enum SupervisorMsg {
     SpawnMany(Vec<Spawn>, RpcReplyPort<usize>),
     /// How many children are alive (for tests and stats).
     Count(RpcReplyPort<usize>),
+    /// Read a failed trip back from the store (the `attempt`th time); see
+    /// `Supervisor::reload`.
+    Reload {
+        trip: TripId,
+        rider: RiderId,
+        attempt: u32,
+    },
+    /// What that read found: the trip and its ledger entries, if it was ever stored.
+    Reloaded {
+        trip: TripId,
+        rider: RiderId,
+        attempt: u32,
+        read: Result<Option<TripRecord>, String>,
+    },
 }
 
 // ractor's `cluster` feature (issue 16) turns off its blanket `Message` impl: every message

@@ -15,6 +15,11 @@ use crate::error::ErrorCode;
 /// sessions (tokio tasks, counted as a group of their own).
 pub const GROUPS: [&str; 5] = ["driver", "rider", "trip", "cell", "session"];
 
+/// Outcomes of reading a failed trip actor's trip back from the store: `resumed` (a new
+/// actor runs it), `finished` (it had ended), `not_stored` (it never reached the store:
+/// its rider is free to ask again), `retried` (the store did not answer; read again later).
+pub const TRIP_RELOADS: [&str; 4] = ["resumed", "finished", "not_stored", "retried"];
+
 /// Index of a group in [`GROUPS`].
 fn group_index(group: &str) -> usize {
     GROUPS
@@ -105,6 +110,8 @@ pub struct Metrics {
     pub offers: IntCounterVec,
     pub actors_alive: IntGaugeVec,
     pub actor_restarts: IntCounterVec,
+    /// A failed trip actor read back from the store, by outcome (`TRIP_RELOADS`).
+    pub trip_reloads: IntCounterVec,
     pub rejected: IntCounterVec,
     pub bounds_hit: IntCounterVec,
     pub locations_applied: IntCounter,
@@ -299,6 +306,17 @@ impl Metrics {
                         "Actors restarted after a failure",
                     ),
                     &["group"],
+                )
+                .unwrap(),
+            ),
+            trip_reloads: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_trip_reloads_total",
+                        "Reads of a failed trip actor's trip from the store, by outcome (retried: the store did not answer)",
+                    ),
+                    &["outcome"],
                 )
                 .unwrap(),
             ),
@@ -606,6 +624,9 @@ impl Metrics {
             self.actors_stopped.with_label_values(&[g]);
             self.actor_restarts.with_label_values(&[g]);
             self.actor_panics.with_label_values(&[g]);
+        }
+        for o in TRIP_RELOADS {
+            self.trip_reloads.with_label_values(&[o]);
         }
         self.mailbox_backlog.with_label_values(&["session"]);
         for s in FINAL_STATES {

@@ -6,7 +6,7 @@
 //! of a change, so the supervisor can restart it from a state no one has been told
 //! anything beyond.
 
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use dispatch_engine::{CellId, DriverId, QuoteId, RiderId, TripId};
 use ractor::ActorRef;
 
@@ -28,6 +28,10 @@ pub(crate) struct Registry {
     /// The latest view of every live trip (finished ones are read from the store).
     pub(crate) trip_views: DashMap<TripId, TripView>,
     pub(crate) quotes: DashMap<QuoteId, Quote>,
+    /// Live trips whose actor failed and which the trip supervisor is reading back from
+    /// the store (retrying while the store is away): commands to them are answered
+    /// `unavailable`, not judged from the store as if they had ended.
+    pub(crate) reloading: DashSet<TripId>,
 }
 
 impl Registry {

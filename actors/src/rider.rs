@@ -85,14 +85,15 @@ impl RiderActor {
         Ok((quote.pickup, quote.dropoff, quote.product, terms))
     }
 
-    /// Keeps `responder` until the trip answers `ticket` (or it expires).
+    /// Keeps `responder` until `trip` answers `ticket` (or it expires).
     fn await_answer(
         &self,
         myself: &ActorRef<RiderMsg>,
         s: &mut RiderActorState,
+        trip: &TripId,
         responder: Responder,
     ) -> Ticket {
-        let ticket = s.awaiting.keep(responder);
+        let ticket = s.awaiting.keep(trip, responder);
         let after = self.ctx.config.ticket_timeout();
         myself.send_after(after, move || RiderMsg::TicketExpired(ticket));
         ticket
@@ -109,6 +110,11 @@ impl RiderActor {
         trace: Trace,
     ) {
         if let Some(active) = s.st.active_trip() {
+            // A trip whose actor failed is being read back: whether it was ever stored
+            // (and so is still the rider's) is not known yet.
+            if self.ctx.registry.reloading.contains(active) {
+                return responder.fail(crate::error::trip_reloading());
+            }
             return responder.fail(ApiError::conflict(format!(
                 "the rider already has an active trip {active}"
             )));
@@ -127,7 +133,7 @@ impl RiderActor {
                 .metrics
                 .invariant("rider_two_trips", s.rec.id.as_str());
         }
-        let ticket = self.await_answer(myself, s, responder);
+        let ticket = self.await_answer(myself, s, &trip_id, responder);
         let new = NewTrip {
             trip_id: trip_id.clone(),
             rider_id: s.rec.id.clone(),
@@ -163,7 +169,7 @@ impl RiderActor {
         };
         let mine = s.st.active_trip() == Some(&trip_id);
         if let Some(t) = self.ctx.registry.trip(&trip_id).filter(|_| mine) {
-            let ticket = self.await_answer(myself, s, responder);
+            let ticket = self.await_answer(myself, s, &trip_id, responder);
             let msg = TripMsg::Command {
                 cmd,
                 from: Sender::Rider,
@@ -317,6 +323,10 @@ impl RiderActor {
             RiderMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),
             // Dropped unanswered: the app is told the request was lost.
             RiderMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
+            RiderMsg::TripFailed(trip_id) => {
+                s.awaiting
+                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+            }
             RiderMsg::Command(RiderCommand::Location(p), responder, _) => {
                 s.rec.position = Some(p);
                 // Only the position changed: update it in place rather than recommit.

@@ -311,24 +311,27 @@ impl Responder {
 pub type Ticket = u64;
 
 /// The commands an actor sent on and whose answers it awaits: their responders, by
-/// ticket. A responder dropped here unanswered (its ticket expired) answers `internal`.
+/// ticket, with the trip each went to. A responder dropped here unanswered (its ticket
+/// expired) answers `internal`; one whose trip actor failed is answered `unavailable`
+/// at once ([`Awaiting::fail_trip`]).
 #[derive(Debug, Default)]
 pub struct Awaiting {
-    responders: HashMap<Ticket, Responder>,
+    responders: HashMap<Ticket, (TripId, Responder)>,
     last: Ticket,
 }
 
 impl Awaiting {
-    /// Keeps `r` until its ticket is answered, taken back or forgotten.
-    pub fn keep(&mut self, r: Responder) -> Ticket {
+    /// Keeps `r`, a command sent to `trip`, until its ticket is answered, taken back or
+    /// forgotten.
+    pub fn keep(&mut self, trip: &TripId, r: Responder) -> Ticket {
         self.last += 1;
-        self.responders.insert(self.last, r);
+        self.responders.insert(self.last, (trip.clone(), r));
         self.last
     }
 
     /// The responder of `ticket`, to answer it otherwise.
     pub fn take(&mut self, ticket: Ticket) -> Option<Responder> {
-        self.responders.remove(&ticket)
+        self.responders.remove(&ticket).map(|(_, r)| r)
     }
 
     /// Answers `ticket`, if it still awaits.
@@ -336,6 +339,23 @@ impl Awaiting {
         if let Some(r) = ticket.and_then(|t| self.take(t)) {
             r.answer(outcome);
         }
+    }
+
+    /// Fails every command still waiting on `trip` with `error`: the trip actor failed,
+    /// and what was in its mailbox is gone (it answers nothing of it). Returns how many.
+    pub fn fail_trip(&mut self, trip: &TripId, error: &ApiError) -> usize {
+        let gone: Vec<Ticket> = self
+            .responders
+            .iter()
+            .filter(|(_, (t, _))| t == trip)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &gone {
+            if let Some(r) = self.take(*k) {
+                r.fail(error.clone());
+            }
+        }
+        gone.len()
     }
 }
 

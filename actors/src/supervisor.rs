@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 
-use dispatch_engine::TripId;
+use dispatch_engine::{DriverId, RiderId, TripId, TripState};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::cell::CellActor;
 use crate::context::Context;
 use crate::driver::DriverActor;
 use crate::messages::{
-    CellArgs, DriverArgs, Entity, Group, RiderArgs, RiderMsg, Spawn, SupervisorMsg, TripArgs,
+    CellArgs, DriverArgs, DriverMsg, Entity, Group, RiderArgs, RiderMsg, Spawn, SupervisorMsg,
+    TripArgs, TripLink,
 };
 use crate::records::TripRecord;
 use crate::rider::RiderActor;
@@ -99,7 +100,7 @@ impl Supervisor {
                     restarted: true,
                 })
             }),
-            Entity::Trip(..) => None, // restarted from the store: see `restart_trip`
+            Entity::Trip(..) => None, // read back from the store: see `trip_failed`
             Entity::Cell(cell) => Some(Spawn::Cell(CellArgs {
                 cell: *cell,
                 restarted: true,
@@ -108,45 +109,162 @@ impl Supervisor {
     }
 
     /// A trip restarts from its last *durable* state: what the store holds is exactly
-    /// what anyone can have been told.
-    /// A trip that failed before it was ever stored cannot restart: its rider is told, so
-    /// it is free to ask again.
-    async fn restart_trip(&self, id: &TripId, rider: &dispatch_engine::RiderId) -> Option<Spawn> {
+    /// what anyone can have been told. Its actor is gone, and with it the commands in its
+    /// mailbox: the rider and the drivers the trip names are told, so those commands are
+    /// answered `unavailable` now rather than `internal` when their tickets expire. Until
+    /// the trip is read back, commands to it are answered `unavailable` (the registry's
+    /// `reloading`), not judged from the store as if it had ended.
+    fn trip_failed(&self, myself: &ActorRef<SupervisorMsg>, id: &TripId, rider: &RiderId) {
+        let reg = &self.ctx.registry;
+        reg.reloading.insert(id.clone());
+        if let Some(r) = reg.rider(rider) {
+            let _ = r.cast(RiderMsg::TripFailed(id.clone()));
+        }
+        let named: Vec<DriverId> = reg
+            .trip_records
+            .get(id)
+            .map(|rec| {
+                let t = &rec.trip;
+                t.driver_id()
+                    .into_iter()
+                    .chain(t.offer().map(|o| &o.driver_id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for d in named {
+            if let Some(a) = reg.driver(&d) {
+                let _ = a.cast(DriverMsg::TripFailed(id.clone()));
+            }
+        }
+        self.reload(myself, id.clone(), rider.clone(), 0);
+    }
+
+    /// Reads a failed trip back from the store off the supervisor's own loop (a read is
+    /// bounded by the store's call timeout, but a supervisor waiting on it would hold up
+    /// every other child's failure); the answer comes back as `Reloaded`.
+    fn reload(&self, myself: &ActorRef<SupervisorMsg>, trip: TripId, rider: RiderId, attempt: u32) {
         let store = self.ctx.store.clone();
-        let key = id.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, dispatch_persistence::StoreError>((store.trip(&key)?, store.ledger_of(&key)?))
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let key = trip.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let Some(t) = store.trip(&key)? else {
+                    return Ok(None);
+                };
+                let entries = store.ledger_of(&key)?;
+                Ok::<_, dispatch_persistence::StoreError>(Some(TripRecord {
+                    trip: t.trip,
+                    driver: t.driver,
+                    entries,
+                }))
+            })
+            .await;
+            let read = match read {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the read did not finish: {e}")),
+            };
+            let _ = me.cast(SupervisorMsg::Reloaded {
+                trip,
+                rider,
+                attempt,
+                read,
+            });
         });
-        let (stored, entries) = match read.await {
-            Ok(Ok((Some(t), entries))) => (t, entries),
-            Ok(Ok((None, _))) => {
-                if let Some(r) = self.ctx.registry.rider(rider) {
+    }
+
+    /// What a failed trip's read found. A trip that was never stored cannot restart: its
+    /// rider is told, so it is free to ask again. A read the store did not answer (it is
+    /// away) is tried again with backoff, for as long as it takes: the trip is live in
+    /// the store, and dropping it would leave its rider and driver stuck until a restart.
+    async fn reloaded(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        (trip, rider, attempt): (TripId, RiderId, u32),
+        read: Result<Option<TripRecord>, String>,
+    ) {
+        let reg = &self.ctx.registry;
+        let outcome = match read {
+            Ok(Some(record)) if !record.trip.state().is_final() => {
+                let spawn = Spawn::Trip(TripArgs::Resume {
+                    record,
+                    restarted: true,
+                });
+                match self.start_child(myself, spawn, false).await {
+                    Ok((entity, cell)) => {
+                        if state.children.insert(cell.get_id(), entity).is_none() {
+                            self.ctx.metrics.started(self.group.as_str());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(trip_id = %trip, error = %e, "restart failed")
+                    }
+                }
+                "resumed"
+            }
+            // It had finished (a write reported failed had landed): nothing left to run,
+            // but its rider and driver may not know, and would stay bound to it.
+            Ok(Some(record)) => {
+                let t = &record.trip;
+                let view = crate::views::TripView::of(t, record.driver.clone());
+                if let Some(r) = reg.rider(&rider) {
+                    let receipt =
+                        (t.state() == TripState::Completed).then(|| crate::trip::receipt(t));
+                    let _ = r.cast(RiderMsg::Trip {
+                        view: view.clone(),
+                        receipt,
+                        answers: None,
+                    });
+                }
+                if let Some(d) = t.driver_id().and_then(|d| reg.driver(d)) {
+                    let _ = d.cast(DriverMsg::Trip {
+                        view: Box::new(view),
+                        link: TripLink::Released,
+                        answers: None,
+                    });
+                }
+                reg.trip_records.remove(&trip);
+                reg.trip_views.remove(&trip);
+                "finished"
+            }
+            Ok(None) => {
+                if let Some(r) = reg.rider(&rider) {
                     let _ = r.cast(RiderMsg::TripNotStarted {
-                        trip_id: id.clone(),
+                        trip_id: trip.clone(),
                         ticket: None,
                         error: crate::error::ApiError::internal(),
                     });
                 }
-                return None;
+                "not_stored"
             }
-            Ok(Err(e)) => {
-                tracing::error!(trip_id = %id, error = %e, "cannot reload trip");
-                return None;
+            Err(e) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(trip_id = %trip, attempt, error = %e, "cannot reload trip yet; retrying");
+                }
+                let after = reload_backoff(attempt);
+                let next = attempt.saturating_add(1);
+                myself.send_after(after, move || SupervisorMsg::Reload {
+                    trip,
+                    rider,
+                    attempt: next,
+                });
+                self.ctx
+                    .metrics
+                    .trip_reloads
+                    .with_label_values(&["retried"])
+                    .inc();
+                return;
             }
-            Err(_) => return None,
         };
-        if stored.trip.state().is_final() {
-            return None; // it had finished; nothing left to run
-        }
-        let record = TripRecord {
-            trip: stored.trip,
-            driver: stored.driver,
-            entries,
-        };
-        Some(Spawn::Trip(TripArgs::Resume {
-            record,
-            restarted: true,
-        }))
+        // After the rider's `TripNotStarted` was sent: a request it retries meanwhile is
+        // answered `unavailable`, not "already has an active trip".
+        reg.reloading.remove(&trip);
+        self.ctx
+            .metrics
+            .trip_reloads
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     fn forget(&self, entity: &Entity, who: ActorId) {
@@ -223,6 +341,20 @@ impl Actor for Supervisor {
             SupervisorMsg::Count(reply) => {
                 let _ = reply.send(state.children.len());
             }
+            SupervisorMsg::Reload {
+                trip,
+                rider,
+                attempt,
+            } => self.reload(&myself, trip, rider, attempt),
+            SupervisorMsg::Reloaded {
+                trip,
+                rider,
+                attempt,
+                read,
+            } => {
+                self.reloaded(&myself, state, (trip, rider, attempt), read)
+                    .await
+            }
         }
         Ok(())
     }
@@ -254,7 +386,10 @@ impl Actor for Supervisor {
                     .with_label_values(&[group])
                     .inc();
                 let spec = match &entity {
-                    Entity::Trip(id, rider) => self.restart_trip(id, rider).await,
+                    Entity::Trip(id, rider) => {
+                        self.trip_failed(&myself, id, rider);
+                        None
+                    }
                     other => self.restart_spec(other),
                 };
                 if let Some(spec) = spec {
@@ -274,6 +409,11 @@ impl Actor for Supervisor {
         }
         Ok(())
     }
+}
+
+/// 100 ms, doubling, at most 5 s between reads of a trip the store did not answer.
+fn reload_backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
 }
 
 async fn spawn_child<A: Actor>(

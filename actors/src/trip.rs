@@ -114,6 +114,12 @@ impl TripActor {
 
     /// A new trip: durable (with the used quote gone) before the rider hears of it; the
     /// rider's request is answered with it, then the first search and the deadline run.
+    ///
+    /// A first write that fails is answered `unavailable`, and the actor fails: whether
+    /// the trip is stored is not known (PostgreSQL can lose the connection during a
+    /// `COMMIT` that lands), so the supervisor reads it back — resuming it if it is there,
+    /// freeing the rider if not — rather than letting the rider ask again beside a trip
+    /// that may exist.
     async fn begin(
         &self,
         myself: &ActorRef<TripMsg>,
@@ -121,7 +127,7 @@ impl TripActor {
         decision: Decision,
         new: NewTrip,
         work: &mut Work,
-    ) -> bool {
+    ) -> Result<(), ActorProcessingErr> {
         let ctx = &self.ctx;
         let stored = StoredTrip {
             trip: decision.trip.clone(),
@@ -132,15 +138,16 @@ impl TripActor {
             batch = batch.delete_quote(q.clone());
         }
         if let Err(e) = ctx.store.commit(batch).await {
-            tracing::error!(error = %e, "could not store a new trip");
-            if let Some(r) = ctx.registry.rider(&new.rider_id) {
-                let _ = r.cast(RiderMsg::TripNotStarted {
-                    trip_id: new.trip_id.clone(),
-                    ticket: new.ticket,
-                    error: ApiError::unavailable("the request could not be stored; retry"),
+            ctx.metrics.bound_hit("store_write_failed");
+            if let (Some(r), Some(ticket)) = (ctx.registry.rider(&new.rider_id), new.ticket) {
+                let _ = r.cast(RiderMsg::Answer {
+                    ticket,
+                    outcome: Err(ApiError::unavailable(
+                        "the request could not be stored; retry",
+                    )),
                 });
             }
-            return false;
+            return Err(format!("trip {}: its first write failed: {e}", new.trip_id).into());
         }
         // Demand for surge pricing in the pickup's cell.
         ctx.record_request(new.pickup);
@@ -162,7 +169,7 @@ impl TripActor {
             });
         }
         self.schedule(myself, s, &decision.effects, work).await;
-        true
+        Ok(())
     }
 
     async fn run(
@@ -596,7 +603,7 @@ fn with_taken(mut exclude: Vec<DriverId>, taken: &[DriverId]) -> Arc<Vec<DriverI
 }
 
 /// The end-of-trip summary the rider gets with `completed`.
-fn receipt(t: &Trip) -> Receipt {
+pub(crate) fn receipt(t: &Trip) -> Receipt {
     let duration_s = match (t.started_at_ms(), t.completed_at_ms()) {
         (Some(a), Some(b)) => b.saturating_sub(a) / 1000,
         _ => 0,
@@ -688,15 +695,10 @@ impl Actor for TripActor {
         };
         s.trace = TraceContext::of(&dispatch);
         if let Some((d, new)) = s.start.take() {
-            if !self
-                .begin(&myself, s, d, new, &mut work)
+            self.begin(&myself, s, d, new, &mut work)
                 .instrument(dispatch.clone())
                 .instrument(span.clone())
-                .await
-            {
-                myself.stop(Some("not stored".into()));
-                return Ok(());
-            }
+                .await?;
         } else {
             if s.restarted {
                 // Whatever was lost with the failed actor, the rider and driver see the

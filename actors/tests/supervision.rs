@@ -164,6 +164,162 @@ async fn a_trip_actor_that_panics_mid_ride_is_restarted_and_the_ride_completes()
     sys.shutdown().await;
 }
 
+fn reloads(sys: &System, outcome: &str) -> u64 {
+    sys.metrics()
+        .trip_reloads
+        .with_label_values(&[outcome])
+        .get()
+}
+
+/// The code of the answer to `req` (`None` for an ack or a trip_update).
+async fn answer_code(app: &mut App, req: u64) -> Option<dispatch_actors::error::ErrorCode> {
+    let m = app
+        .next_where("reply", |m| matches!(m, Outbound::Ack { req: r } | Outbound::Error { req: Some(r), .. } | Outbound::TripUpdate { req: Some(r), .. } if *r == req))
+        .await;
+    match m {
+        Outbound::Error { error, .. } => Some(error.code),
+        _ => None,
+    }
+}
+
+/// The store goes away mid-ride (writes and reads fail, as with PostgreSQL lost): the
+/// trip's write fails, its actor fails, and the read that would restart it fails too.
+/// The trip must come back once the store does, without a restart of the system, and
+/// commands meanwhile are answered `unavailable` (retry), never lost or judged from the
+/// store as if the trip had ended. (Before: the failed read dropped the trip for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_that_fails_while_the_store_is_away_comes_back_when_it_returns() {
+    use dispatch_actors::error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let (sys, store) = common::start(dir.path()).await;
+    let mut ride = Ride::accepted(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    let t = ride.trip.clone();
+    let driver = sys.driver_ref(&ride.driver).unwrap();
+
+    store.faults().fail_writes(true);
+    store.faults().fail_reads(true);
+    // Two commands back to back: the first fails the trip's write (answered `unavailable`
+    // by the trip), the second is in its mailbox or finds it gone: `unavailable` too, at
+    // once, not `internal` after its ticket expires (later than this app waits).
+    let first = ride.dapp.drive(&driver, DriverCommand::Arrived(t.clone()));
+    let second = ride.dapp.drive(&driver, DriverCommand::Arrived(t.clone()));
+    assert_eq!(
+        answer_code(&mut ride.dapp, first).await,
+        Some(ErrorCode::Unavailable)
+    );
+    assert_eq!(
+        answer_code(&mut ride.dapp, second).await,
+        Some(ErrorCode::Unavailable)
+    );
+    eventually("the trip's reload retried while the store is away", || {
+        restarts(&sys, "trip") == 1 && sys.trip_ref(&t).is_none() && reloads(&sys, "retried") >= 2
+    })
+    .await;
+    // While it is being read back, a command is `unavailable`, and so is the rider's new
+    // request (whether the trip is still its own is not known yet).
+    let again = ride.dapp.drive(&driver, DriverCommand::Arrived(t.clone()));
+    assert_eq!(
+        answer_code(&mut ride.dapp, again).await,
+        Some(ErrorCode::Unavailable)
+    );
+    let rider = sys.rider_ref(&ride.rider).unwrap();
+    let ask_again = ride.rapp.ride(
+        &rider,
+        RiderCommand::RequestRide(RideRequest::Direct {
+            pickup: Point::new(45.501, -73.571).unwrap(),
+            dropoff: Point::new(45.52, -73.571).unwrap(),
+            product: Product::Economy,
+        }),
+    );
+    assert_eq!(
+        answer_code(&mut ride.rapp, ask_again).await,
+        Some(ErrorCode::Unavailable)
+    );
+
+    // The store is back: the trip is read back (within the 5 s backoff) and resumes
+    // where its last durable state left it.
+    store.faults().fail_reads(false);
+    store.faults().fail_writes(false);
+    common::eventually_within(
+        "the trip resumed",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || sys.trip_ref(&t).is_some(),
+    )
+    .await;
+    assert_eq!(reloads(&sys, "resumed"), 1);
+    let rec = ask(&sys.trip_ref(&t).unwrap(), TripMsg::Get).await;
+    assert_eq!(
+        (rec.trip.state(), rec.trip.version()),
+        (TripState::DriverAssigned, 2)
+    );
+    ride.finish(&sys).await;
+    sys.shutdown().await;
+}
+
+/// A ride request whose first write lands but is answered as failed (a `COMMIT` whose
+/// connection was lost before its reply): the rider is told `unavailable`, the trip is
+/// read back and resumed (the app gets its update), and the rider's retry is refused
+/// `conflict` instead of creating a second live trip beside it. (Before: the rider was
+/// freed at once, and the retry stored a second live trip for the same rider.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_write_landed_but_was_answered_failed_is_resumed_not_duplicated() {
+    use dispatch_actors::error::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let (sys, store) = common::start(dir.path()).await;
+    // A driver nearby keeps the trip live (an offer) while the test looks.
+    let (_driver, _dapp) = online_driver(&sys, 45.50, -73.57).await;
+    let (rider_id, mut app) = rider(&sys).await;
+    let ask = || {
+        RiderCommand::RequestRide(RideRequest::Direct {
+            pickup: Point::new(45.501, -73.571).unwrap(),
+            dropoff: Point::new(45.52, -73.571).unwrap(),
+            product: Product::Economy,
+        })
+    };
+    let r = sys.rider_ref(&rider_id).unwrap();
+    store.faults().lose_commit_replies(1);
+    let first = app.ride(&r, ask());
+    assert_eq!(
+        answer_code(&mut app, first).await,
+        Some(ErrorCode::Unavailable)
+    );
+    let resumed = match app
+        .next_where("the resumed trip's update", |m| {
+            matches!(m, Outbound::TripUpdate { req: None, .. })
+        })
+        .await
+    {
+        Outbound::TripUpdate { trip, .. } => trip,
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        (resumed.state, resumed.version),
+        (TripState::Dispatching, 1)
+    );
+    assert_eq!(reloads(&sys, "resumed"), 1);
+    let again = app.ride(&r, ask());
+    assert_eq!(
+        answer_code(&mut app, again).await,
+        Some(ErrorCode::Conflict)
+    );
+    let mut live = Vec::new();
+    store
+        .scan_trips(None, 10_000, |t| {
+            if t.trip.rider_id == rider_id && !t.trip.state().is_final() {
+                live.push(t.trip.id.clone());
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(
+        live,
+        vec![resumed.trip_id.clone()],
+        "the rider's live trips in the store"
+    );
+    sys.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
     let (sys, _dir) = start().await;

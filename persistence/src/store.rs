@@ -273,6 +273,7 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct Faults {
     fail_writes: AtomicBool,
+    fail_reads: AtomicBool,
     lose_commit_replies: std::sync::atomic::AtomicU32,
     hold_after_fence_ms: std::sync::atomic::AtomicU64,
 }
@@ -284,8 +285,15 @@ impl Faults {
         self.fail_writes.store(on, Ordering::SeqCst);
     }
 
+    /// While on, every read answers as a database out of reach would
+    /// ([`StoreError::Unavailable`]), before it touches the backend.
+    pub fn fail_reads(&self, on: bool) {
+        self.fail_reads.store(on, Ordering::SeqCst);
+    }
+
     /// The next `n` group commits commit, then answer as if the connection had been
-    /// lost before the reply: the outcome is unknown to the writer (PostgreSQL only).
+    /// lost before the reply: the outcome is unknown to the writer (on sled: written and
+    /// synced, then answered as failed).
     pub fn lose_commit_replies(&self, n: u32) {
         self.lose_commit_replies.store(n, Ordering::SeqCst);
     }
@@ -693,8 +701,19 @@ impl Store {
         &self.dir
     }
 
+    /// An injected read fault ([`Faults::fail_reads`]), if on.
+    fn read_fault(&self) -> Result<(), StoreError> {
+        if self.faults.fail_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// One key's stored bytes.
     fn get_raw(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_fault()?;
         match &self.backend {
             Backend::Sled(shared) => {
                 let h = self.handles(shared)?;
@@ -710,6 +729,7 @@ impl Store {
 
     /// The keys and values of a range, in key order (or reversed).
     pub(crate) fn range_raw(&self, tree: Tree, r: &Range) -> Result<Rows, StoreError> {
+        self.read_fault()?;
         match &self.backend {
             Backend::Sled(shared) => {
                 use std::ops::Bound;
@@ -1256,7 +1276,12 @@ impl Sink for SledSink {
             Some(h) => apply(&h.trees, group)
                 .and_then(|()| h.db.flush().map(|_| ()))
                 .and_then(|()| h.data_file.sync_data().map_err(sled::Error::Io))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+                .and_then(|()| match self.faults.take_lost_reply() {
+                    // Durable on disk, but the writer is told otherwise.
+                    true => Err("injected fault: the commit's outcome was lost".to_owned()),
+                    false => Ok(()),
+                }),
         };
         if result.is_err()
             && let Some(h) = handles

@@ -218,7 +218,12 @@ impl Session {
         let after = Duration::from_millis(200);
         match self.pending.get(r)? {
             (cmd, Some(trip)) => Some(Planned::cmd(after, cmd, trip)),
-            ("request_ride", None) => Some(ride_request(mode, after)),
+            // A request answered `unavailable` may have landed (a COMMIT whose reply was
+            // lost): its retry may then be refused `conflict`, naming that trip.
+            ("request_ride" | RETRIED_REQUEST, None) => Some(Planned {
+                cmd: RETRIED_REQUEST,
+                ..ride_request(mode, after)
+            }),
             _ => None,
         }
     }
@@ -264,6 +269,9 @@ impl Session {
         }
     }
 }
+
+/// The command label of a `request_ride` sent again after `unavailable`.
+const RETRIED_REQUEST: &str = "request_ride (retried)";
 
 /// Something an app will send at `at`.
 pub(crate) struct Planned {
@@ -328,8 +336,15 @@ pub(crate) async fn run_app(
             m = s.recv() => {
                 let Some(m) = m else { return };
                 let retry = s.retry_of(&m, &mut mode);
+                // A trip_update of a version this app already has is not news (a trip
+                // actor that restarted sends its state again): an app that acted on it
+                // twice would send a second, contradictory command.
+                let known = matches!(&m, ServerMessage::TripUpdate { trip, .. }
+                    if s.last.get(&trip.trip_id).is_some_and(|(v, _)| *v >= trip.version));
                 s.note(&m);
-                react(&me, &mut mode, &m, &mut plan);
+                if !known {
+                    react(&me, &mut mode, &m, &mut plan);
+                }
                 plan.extend(retry);
             }
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
