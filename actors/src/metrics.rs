@@ -62,7 +62,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// window (`next_window`: its offer may then wait past one window).
 pub const BATCH_RETRIES: [&str; 3] = ["greedy", "next_window", "same_window"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 29] = [
+pub const BOUNDS: [&str; 31] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -82,6 +82,8 @@ pub const BOUNDS: [&str; 29] = [
     "register_rate",
     "register_rate_keys",
     "relay_attach_timeout",
+    "relay_attaching",
+    "relay_in_flight",
     "relay_queue",
     "store_call_timeout",
     "store_write_failed",

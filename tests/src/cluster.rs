@@ -104,3 +104,30 @@ pub async fn all_list(nodes: &[(&Dispatchd, &str)], want: &[&str], what: &str) -
     .await;
     start.elapsed()
 }
+
+/// Opens `count` idle TCP connections to `d`'s cluster port `port` that never start a
+/// handshake, and waits until `d` counts one closed past its cap of links waiting for a
+/// handshake (`dispatch_cluster_pending_refused_total`). Returns the connections: they stay
+/// open until the caller drops them.
+pub async fn idle_flood(d: &Dispatchd, port: u16, count: usize) -> Vec<tokio::net::TcpStream> {
+    let mut idle = Vec::with_capacity(count);
+    for _ in 0..count {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually_within(
+        "idle links past the cap closed and counted",
+        SLOW,
+        || async {
+            (d.metric_value("dispatch_cluster_pending_refused_total")
+                .await
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    idle
+}

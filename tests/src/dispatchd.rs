@@ -472,12 +472,17 @@ impl Dispatchd {
 
     /// SIGTERM, without waiting.
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends the process the signal `sig` (`kill`'s spelling: `-STOP`, `-CONT`, …).
+    pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .expect("run kill")
             .success();
-        assert!(ok, "{}: kill -TERM failed", self.builder.name);
+        assert!(ok, "{}: kill {sig} failed", self.builder.name);
     }
 
     /// Waits for the process to end by itself (not killed by the test); its exit status.

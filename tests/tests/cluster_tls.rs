@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dispatch_tests::cluster::{all_list, cluster_node, cluster_setup, members, names};
+use dispatch_tests::cluster::{all_list, cluster_node, cluster_setup, idle_flood, members, names};
 use dispatch_tests::{Dispatchd, SLOW, WAIT, eventually_within, openssl};
 
 const COOKIE: &str = "tls-test-cookie-0123456789abcdef";
@@ -213,25 +213,7 @@ async fn nodes_with_tls_form_a_cluster_and_refuse_another_ca_and_plain_tcp() {
     // Idle connections that never start a handshake: at most 32 wait, each at most the
     // peer timeout; the node keeps accepting (the refusals below are counted after them).
     let timeouts_before = refusals(&n0, "incoming", "timeout").await;
-    let mut idle = Vec::new();
-    for _ in 0..40 {
-        idle.push(
-            tokio::net::TcpStream::connect(("127.0.0.1", PORTS[0]))
-                .await
-                .unwrap(),
-        );
-    }
-    eventually_within(
-        "idle links past the cap closed and counted",
-        SLOW,
-        || async {
-            (n0.metric_value("dispatch_cluster_pending_refused_total")
-                .await
-                > 0.0)
-                .then_some(())
-        },
-    )
-    .await;
+    let idle = idle_flood(&n0, PORTS[0], 40).await;
 
     // A node with a certificate from another CA (and the right cookie): refused in the
     // handshake by every node it dials.

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use dispatch_tests::cluster::{all_list, cluster_node, cluster_setup, members, names};
+use dispatch_tests::cluster::{all_list, cluster_node, cluster_setup, idle_flood, members, names};
 use dispatch_tests::{Dispatchd, SLOW, eventually_within};
 use tokio::io::AsyncWriteExt;
 
@@ -44,14 +44,6 @@ async fn listed(d: &Dispatchd) -> Vec<String> {
         .iter()
         .map(|m| m["name"].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn signal(d: &Dispatchd, sig: &str) {
-    let st = std::process::Command::new("kill")
-        .args([sig, &d.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +108,7 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
 
     // SIGSTOP: its sockets stay open; only the missing heartbeats tell.
     let dead_before = n0.metric_value("dispatch_cluster_peers_dead_total").await;
-    signal(&n2, "-STOP");
+    n2.signal("-STOP");
     let t = all_list(
         &[(&n0, "n0"), (&n1, "n1")],
         &["n0", "n1"],
@@ -131,7 +123,7 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
         n0.metric_value("dispatch_cluster_peers_dead_total").await > dead_before,
         "the paused node was dropped by the heartbeat timeout"
     );
-    signal(&n2, "-CONT");
+    n2.signal("-CONT");
     let t = all_list(
         &[(&n0, "n0"), (&n1, "n1"), (&n2, "n2")],
         &["n0", "n1", "n2"],
@@ -201,25 +193,7 @@ async fn three_nodes_find_each_other_drop_the_dead_and_the_paused_and_refuse_a_w
         let _ = s.shutdown().await;
     }
     // A flood of idle connections: at most 32 wait for a handshake, the rest are closed.
-    let mut idle = Vec::new();
-    for _ in 0..48 {
-        idle.push(
-            tokio::net::TcpStream::connect(("127.0.0.1", PORTS[0]))
-                .await
-                .unwrap(),
-        );
-    }
-    eventually_within(
-        "idle links past the cap closed and counted",
-        SLOW,
-        || async {
-            (n0.metric_value("dispatch_cluster_pending_refused_total")
-                .await
-                > 0.0)
-                .then_some(())
-        },
-    )
-    .await;
+    let idle = idle_flood(&n0, PORTS[0], 48).await;
     drop(idle);
     tokio::time::sleep(Duration::from_millis(2 * PEER_TIMEOUT_MS)).await;
     let mut n0 = n0;

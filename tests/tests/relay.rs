@@ -5,17 +5,27 @@
 //! `ractor_cluster` remote actors. Then `kill -9` of the leader: the driver's relayed
 //! session closes with 1001, and it reconnects to the surviving node (leader once it
 //! claims the lease) and gets `welcome` with its state.
+//!
+//! A second test holds the leader's side of a relayed session to its bound: a driver on a
+//! standby that is paused (SIGSTOP) while a rider on the leader requests and cancels rides
+//! (an offer and a withdrawal for the driver each) is closed by the leader (1008) once
+//! more messages are in flight to the standby than it allows, long before membership
+//! would drop the standby.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use dispatch_tests::cluster::cluster_node;
 use dispatch_tests::{Client, ClusterFixture, Dispatchd, Ride, RidePlan, SLOW, eventually_within};
 use dispatch_transport::wire::{DriverStatus, ServerMessage, Trip, TripState};
+use serde_json::json;
 
 const ADMIN: &str = "adm-relay-0123456789abcdef012345";
 const COOKIE: &str = "relay-test-cookie-0123456789";
 /// Cluster ports of this test's own (the helper's range 31000–31999).
 const PORTS: [u16; 2] = [31101, 31102];
+/// The second test's.
+const BOUND_PORTS: [u16; 2] = [31103, 31104];
 
 fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
     let peers = PORTS
@@ -36,9 +46,14 @@ fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
 /// A driver session on `d`, retried while `d` answers 503 (membership and the leader's
 /// host group still reaching it, or no leader yet); the 503s seen.
 async fn connect_when_served(d: &Dispatchd, token: &str) -> (Client, u32) {
-    let url = d.ws_url("/v1/ws/driver");
+    session_when_served(d, "driver", token).await
+}
+
+/// A `role` session on `d`, as [`connect_when_served`].
+async fn session_when_served(d: &Dispatchd, role: &str, token: &str) -> (Client, u32) {
+    let url = d.ws_url(&format!("/v1/ws/{role}"));
     let refused = AtomicU32::new(0);
-    let c = eventually_within("a driver session on the node", SLOW, || {
+    let c = eventually_within("a session on the node", SLOW, || {
         let (url, refused) = (url.clone(), &refused);
         async move {
             match Client::try_connect(&url, Some(token)).await {
@@ -49,12 +64,21 @@ async fn connect_when_served(d: &Dispatchd, token: &str) -> (Client, u32) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     None
                 }
-                Err((st, v)) => panic!("a driver session refused {st}: {v}"),
+                Err((st, v)) => panic!("a {role} session refused {st}: {v}"),
             }
         }
     })
     .await;
     (c, refused.into_inner())
+}
+
+/// Waits until the standby `d` answers `/healthz`.
+async fn answers_healthz(d: &Dispatchd) {
+    eventually_within("the standby answers /healthz", SLOW, || async {
+        let r = d.http.get(d.url("/healthz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
 }
 
 /// A driver's `welcome`: its id, status and trip.
@@ -79,11 +103,7 @@ async fn a_driver_on_a_standby_rides_with_a_rider_on_the_leader_and_reconnects_a
     // n0 starts first and leads; n1 stands by.
     let mut n0 = node(&fx, 0).start().await;
     let n1 = node(&fx, 1).spawn();
-    eventually_within("the standby answers /healthz", SLOW, || async {
-        let r = n1.http.get(n1.url("/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    answers_healthz(&n1).await;
 
     // Registered on the leader (a standby answers REST 503).
     let plan = RidePlan::default();
@@ -173,4 +193,93 @@ async fn a_driver_on_a_standby_rides_with_a_rider_on_the_leader_and_reconnects_a
     assert!(trip.is_none(), "{trip:?}");
     d.alive().await;
     assert_eq!(n1.metric_value("dispatch_cluster_leader").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_standby_s_session_is_closed_by_the_leader_past_what_it_may_have_in_flight() {
+    let Some(fx) = ClusterFixture::new("relay_in_flight", COOKIE) else {
+        return;
+    };
+    // A peer timeout far past the test: membership does not drop the paused standby, so
+    // only the leader's bound on what is in flight to it can close the session. The
+    // smallest outbound queue (8): at most 8 + 8 messages in flight.
+    let node = |i: usize| {
+        let extra: Vec<String> = [
+            "--admin-token",
+            ADMIN,
+            "--lease-ttl-ms",
+            "6000",
+            "--lease-renew-ms",
+            "1000",
+            "--ws-outbound-queue-max",
+            "8",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let name = format!("b{i}");
+        cluster_node(
+            &name,
+            BOUND_PORTS[i],
+            &BOUND_PORTS,
+            &fx.cookie_file,
+            &fx.db,
+            (200, 120_000),
+            &extra,
+        )
+    };
+    let b0 = node(0).start().await;
+    let b1 = node(1).spawn();
+    answers_healthz(&b1).await;
+    b0.wait_ready().await;
+    let plan = RidePlan::default();
+    let (driver_id, driver_token) = b0.driver(plan.driver, plan.product).await;
+    let (mut d, _) = connect_when_served(&b1, &driver_token).await;
+    driver_welcome(&mut d).await;
+    d.go_online(plan.driver_at).await;
+    let (_, _, mut r) = b0.connected_rider(plan.rider).await;
+    let cancel = |trip: &Trip| json!({"type": "cancel_ride", "trip_id": trip.trip_id});
+    // Through the relay while the standby runs: the driver is offered the ride.
+    let trip = r
+        .request_ride(plan.pickup, plan.dropoff, plan.product)
+        .await;
+    assert_eq!(d.offer().await.trip_id, trip.trip_id);
+    r.ok(cancel(&trip)).await;
+    let hosting = "dispatch_cluster_relayed_sessions{side=\"hosting\"}";
+    assert_eq!(b0.metric_value(hosting).await, 1.0);
+
+    // The standby pauses; rides are requested and cancelled (an offer and its withdrawal
+    // for the driver each) until the leader gives the driver's session up.
+    b1.signal("-STOP");
+    let bound = "dispatch_bound_hits_total{bound=\"relay_in_flight\"}";
+    let deadline = Instant::now() + SLOW;
+    let mut rides = 0u32;
+    loop {
+        let trip = r
+            .request_ride(plan.pickup, plan.dropoff, plan.product)
+            .await;
+        r.ok(cancel(&trip)).await;
+        rides += 1;
+        if b0.metric_value(hosting).await == 0.0 && b0.metric_value(bound).await == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader still hosts the paused standby's session after {rides} rides"
+        );
+    }
+    eprintln!("the leader closed the paused standby's session after {rides} rides");
+    assert_eq!(b0.metric_value("dispatch_cluster_members").await, 2.0);
+
+    // Awake, the standby passes the leader's close on: 1008, as a local slow client's.
+    b1.signal("-CONT");
+    assert_eq!(
+        d.closed_with().await,
+        Some(1008),
+        "the relayed session's close"
+    );
+    // The driver reconnects through the standby, still online and free.
+    let (mut d, _) = connect_when_served(&b1, &driver_token).await;
+    let (id, status, trip) = driver_welcome(&mut d).await;
+    assert_eq!((id, status), (driver_id, DriverStatus::Available));
+    assert!(trip.is_none(), "{trip:?}");
 }

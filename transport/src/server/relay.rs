@@ -21,9 +21,14 @@
 //! - **Failure**: the leader's forwarder closes a relayed session (1001) when its term
 //!   ends, as a local one; a standby closes its relayed sessions (1001) when their
 //!   leader leaves the member set (a dead or paused node is dropped by membership's
-//!   heartbeats). With no host in [`HOST_GROUP`] the upgrade is 503 `unavailable`.
+//!   heartbeats). With no host in [`HOST_GROUP`] the upgrade is 503 `unavailable`. An
+//!   `Attached` from a leader whose departure the standby saw after it sent the attach is
+//!   refused (503): nothing later would close that session ([`Departures`]).
 //! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
-//!   (full: 1008, counted as `relay_queue`); the attach is bounded; every message is at most
+//!   (full: 1008, counted as `relay_queue`); on the leader, what is in flight to the
+//!   standby (unacknowledged, [`ToHost::Ack`]) is at most that plus [`ACK_EVERY`] (more:
+//!   1008, `relay_in_flight`); a host has at most [`MAX_ATTACHING`] attaches in progress
+//!   (more: refused at once, `relay_attaching`); the attach is bounded; every message is at most
 //!   membership's `MAX_FRAME_BYTES` (the link refuses more) and a client frame at most
 //!   `--max-frame-bytes`; a message that does not decode is dropped and counted
 //!   (`dispatch_cluster_relay_errors_total{kind="malformed"}`), never a panic.
@@ -137,6 +142,11 @@ pub enum ToHost {
         session: u64,
         role: Role,
         proof: WireProof,
+        /// The standby acknowledges what it receives ([`ToHost::Ack`]), so the leader
+        /// bounds what it has in flight to it. Absent (false) from a build before that:
+        /// the leader does not wait for acknowledgements it will never get.
+        #[serde(default)]
+        acks: bool,
     },
     Frame {
         node: String,
@@ -147,7 +157,25 @@ pub enum ToHost {
         node: String,
         session: u64,
     },
+    /// The standby has received `delivered` messages of the session so far (sent every
+    /// [`ACK_EVERY`] messages).
+    Ack {
+        node: String,
+        session: u64,
+        delivered: u64,
+    },
 }
+
+/// A standby acknowledges every this many messages it receives for a relayed session; the
+/// leader allows `--ws-outbound-queue-max` plus this many in flight to it.
+pub const ACK_EVERY: u64 = 8;
+
+/// Attaches a leader's host has in progress at most (each waits at most for an actor's
+/// start, the actors' call timeout, and for the standby's endpoint, the peer timeout).
+/// More are refused at once (503 `unavailable` on the standby), counted
+/// `bound="relay_attaching"`: a reconnection storm after a leader's death costs the new
+/// leader at most this many waiting tasks, and the apps retry.
+pub const MAX_ATTACHING: usize = 256;
 
 /// The host's messages to a standby's endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,19 +408,133 @@ impl<R: Receive> Actor for RelayActor<R> {
 /// A relayed session on this node.
 struct Relaying {
     handle: SessionHandle,
-    /// The leader serving it, once it answered.
-    leader: Option<String>,
+    /// The leader's host it was asked of: acknowledgements go there.
+    host: ActorCell,
+    /// The leader serving it and when it answered, once it did.
+    leader: Option<(String, Instant)>,
     /// Where the attach's answer goes, until it arrives.
     attached: Option<oneshot::Sender<Result<String, ApiError>>>,
+    /// [`Departures::seq`] when the attach was sent.
+    asked: u64,
+    /// Messages received from the leader so far.
+    delivered: u64,
+}
+
+/// The departures from the member set this node has seen: an `Attached` from a leader
+/// whose departure was seen after the attach was sent is refused, since no later change
+/// of the members would close its session.
+#[derive(Debug, Default)]
+struct Departures {
+    /// The members at the last change.
+    live: Vec<String>,
+    /// Departures seen so far (the sequence's last number).
+    seq: u64,
+    /// The number of each node's latest departure.
+    last: HashMap<String, u64>,
 }
 
 /// What the endpoint actor and the sessions share.
 struct Shared {
     node: String,
+    /// Locked before `departures` where both are.
     sessions: Mutex<HashMap<u64, Relaying>>,
+    departures: Mutex<Departures>,
     metrics: RelayMetrics,
     actor_metrics: Arc<Metrics>,
     queue_max: usize,
+}
+
+impl Shared {
+    fn new(
+        node: &str,
+        metrics: RelayMetrics,
+        actor_metrics: Arc<Metrics>,
+        queue_max: usize,
+    ) -> Self {
+        Shared {
+            node: node.to_owned(),
+            sessions: Mutex::new(HashMap::new()),
+            departures: Mutex::new(Departures::default()),
+            metrics,
+            actor_metrics,
+            queue_max,
+        }
+    }
+
+    /// Registers session `id` as asked of `host`; the receiver gets the leader's answer.
+    fn ask(
+        &self,
+        id: u64,
+        host: ActorCell,
+        handle: SessionHandle,
+    ) -> oneshot::Receiver<Result<String, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        let mut sessions = self.sessions.lock();
+        let asked = self.departures.lock().seq;
+        sessions.insert(
+            id,
+            Relaying {
+                handle,
+                host,
+                leader: None,
+                attached: Some(tx),
+                asked,
+                delivered: 0,
+            },
+        );
+        rx
+    }
+
+    /// The member set changed to `live`: every node that left it gets a departure number,
+    /// and the relayed sessions it served are closed (1001).
+    fn members_changed(&self, live: Vec<String>) {
+        let sessions = self.sessions.lock();
+        let mut d = self.departures.lock();
+        let left: Vec<String> = d
+            .live
+            .iter()
+            .filter(|n| !live.contains(n))
+            .cloned()
+            .collect();
+        for node in &left {
+            d.seq += 1;
+            let seq = d.seq;
+            d.last.insert(node.clone(), seq);
+        }
+        d.live = live;
+        drop(d);
+        for r in sessions.values() {
+            if let Some((l, _)) = &r.leader
+                && left.contains(l)
+            {
+                self.leader_lost(&r.handle);
+            }
+        }
+    }
+
+    /// Closes (1001) the relayed sessions whose leader answered at least `grace` ago and
+    /// has not been a member since: a leader whose ractor link (and host) was visible
+    /// before its heartbeats counted it, and that went away before they did, leaves no
+    /// departure to act on.
+    fn recheck(&self, grace: Duration) {
+        let sessions = self.sessions.lock();
+        let d = self.departures.lock();
+        for r in sessions.values() {
+            if let Some((l, since)) = &r.leader
+                && !d.live.contains(l)
+                && since.elapsed() >= grace
+            {
+                self.leader_lost(&r.handle);
+            }
+        }
+    }
+
+    fn leader_lost(&self, handle: &SessionHandle) {
+        if !handle.is_closed() {
+            self.metrics.error("leader_lost");
+            handle.close(CLOSE_GOING_AWAY);
+        }
+    }
 }
 
 /// Everything a standby's relayed sessions need; one per process in cluster mode.
@@ -423,19 +565,19 @@ impl Standby {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<Standby>> {
         let node = cluster.node_name().to_owned();
-        let shared = Arc::new(Shared {
-            node: node.clone(),
-            sessions: Mutex::new(HashMap::new()),
-            metrics: relay.clone(),
-            actor_metrics: metrics.clone(),
-            queue_max: config.system.ws_outbound_queue_max,
-        });
+        let shared = Arc::new(Shared::new(
+            &node,
+            relay.clone(),
+            metrics.clone(),
+            config.system.ws_outbound_queue_max,
+        ));
         let endpoint = RelayActor::spawn(shared.clone(), endpoint_group(&node)).await?;
-        let watcher = tokio::spawn(watch_leaders(shared.clone(), cluster.members()));
-        let peer_timeout = config
-            .membership
-            .as_ref()
-            .map_or(Duration::from_secs(2), |m| m.peer_timeout);
+        let peer_timeout = peer_timeout(config);
+        let watcher = tokio::spawn(watch_leaders(
+            shared.clone(),
+            cluster.members(),
+            peer_timeout,
+        ));
         Ok(Arc::new(Standby {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -481,18 +623,36 @@ impl Standby {
     }
 }
 
-/// Closes (1001) the relayed sessions whose leader is no longer a member.
-async fn watch_leaders(shared: Arc<Shared>, mut members: watch::Receiver<Vec<String>>) {
-    while members.changed().await.is_ok() {
-        let live = members.borrow_and_update().clone();
-        for r in shared.sessions.lock().values() {
-            if let Some(l) = &r.leader
-                && !live.contains(l)
-                && !r.handle.is_closed()
-            {
-                shared.metrics.error("leader_lost");
-                r.handle.close(CLOSE_GOING_AWAY);
+/// Membership's peer timeout (2 s without membership, which a relay never runs without).
+fn peer_timeout(config: &Config) -> Duration {
+    config
+        .membership
+        .as_ref()
+        .map_or(Duration::from_secs(2), |m| m.peer_timeout)
+}
+
+/// Closes (1001) the relayed sessions whose leader left the member set, and, every half
+/// peer timeout, those whose leader has not been a member for two peer timeouts since it
+/// answered.
+async fn watch_leaders(
+    shared: Arc<Shared>,
+    mut members: watch::Receiver<Vec<String>>,
+    peer_timeout: Duration,
+) {
+    shared.members_changed(members.borrow_and_update().clone());
+    let mut tick = tokio::time::interval(peer_timeout / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                shared.members_changed(members.borrow_and_update().clone());
             }
+            // Two peer timeouts: a live leader is counted a member after its first
+            // heartbeat, well within one.
+            _ = tick.tick() => shared.recheck(2 * peer_timeout),
         }
     }
 }
@@ -531,12 +691,37 @@ impl Receive for Shared {
         };
         match msg {
             ToEndpoint::Attached { leader, result, .. } => {
-                r.leader = Some(leader);
+                let left = s.departures.lock().last.get(&leader).copied();
+                let result = match result {
+                    // Its departure was processed after the attach was sent: no later
+                    // change of the members would close this session.
+                    Ok(_) if left.is_some_and(|seq| seq > r.asked) => {
+                        s.metrics.error("leader_lost");
+                        Err(ApiError::unavailable(
+                            "the leader left the cluster while attaching: retry, or connect to another node",
+                        ))
+                    }
+                    result => result,
+                };
+                r.leader = Some((leader, Instant::now()));
                 if let Some(tx) = r.attached.take() {
                     let _ = tx.send(result);
                 }
             }
             ToEndpoint::Deliver { message, .. } => {
+                r.delivered += 1;
+                if r.delivered % ACK_EVERY == 0 {
+                    let ack = ToHost::Ack {
+                        node: s.node.clone(),
+                        session,
+                        delivered: r.delivered,
+                    };
+                    if r.host.send_message(Relay::Msg(ack)).is_ok() {
+                        s.metrics.messages.with_label_values(&["to_leader"]).inc();
+                    } else {
+                        s.metrics.error("send_failed");
+                    }
+                }
                 if r.handle.is_closed() {
                     return;
                 }
@@ -644,15 +829,7 @@ async fn relay_upgrade(
     };
     let id = s.next_session.fetch_add(1, Ordering::Relaxed);
     let (handle, inbox) = SessionHandle::new(id, s.shared.queue_max, s.metrics.clone());
-    let (tx, rx) = oneshot::channel();
-    s.shared.sessions.lock().insert(
-        id,
-        Relaying {
-            handle: handle.clone(),
-            leader: None,
-            attached: Some(tx),
-        },
-    );
+    let rx = s.shared.ask(id, host.clone(), handle.clone());
     let mut attachment = Attachment {
         s: s.clone(),
         host: host.clone(),
@@ -664,6 +841,7 @@ async fn relay_upgrade(
         session: id,
         role,
         proof: proof.into(),
+        acks: true,
     };
     if host.send_message(Relay::Msg(attach)).is_err() {
         s.shared.metrics.error("send_failed");
@@ -677,15 +855,24 @@ async fn relay_upgrade(
         .with_label_values(&["to_leader"])
         .inc();
     let asked = Instant::now();
-    let answer = tokio::time::timeout(s.attach_timeout, rx).await;
+    let answer = tokio::time::timeout(s.attach_timeout, async {
+        tokio::select! {
+            answer = rx => answer.ok(),
+            () = host_gone(host.get_id()) => {
+                s.shared.metrics.error("leader_lost");
+                None
+            }
+        }
+    })
+    .await;
     s.shared
         .metrics
         .attach
         .observe(asked.elapsed().as_secs_f64());
     let who = match answer {
-        Ok(Ok(Ok(id))) => role.identity(id),
-        Ok(Ok(Err(e))) => return refused(e),
-        Ok(Err(_)) => {
+        Ok(Some(Ok(id))) => role.identity(id),
+        Ok(Some(Err(e))) => return refused(e),
+        Ok(None) => {
             return refused(ApiError::unavailable(
                 "the leader went away: retry, or connect to another node",
             ));
@@ -711,6 +898,17 @@ async fn relay_upgrade(
             .instrument(span)
             .await;
     })
+}
+
+/// Resolves once the host `id` is no longer in [`HOST_GROUP`]: its link closed (the leader
+/// died, or membership dropped it) or its term ended, so no answer will come.
+async fn host_gone(id: ractor::ActorId) {
+    while ractor::pg::get_members(&HOST_GROUP.to_owned())
+        .iter()
+        .any(|c| c.get_id() == id)
+    {
+        tokio::time::sleep(ENDPOINT_POLL).await;
+    }
 }
 
 /// A relayed session's loops: client frames checked here and sent to the host as text.
@@ -775,6 +973,8 @@ async fn relayed(
 struct Hosted {
     who: Identity,
     handle: SessionHandle,
+    /// What the standby acknowledged having received ([`ToHost::Ack`]).
+    acked: Arc<AtomicU64>,
 }
 
 /// The state of one term's host.
@@ -784,6 +984,28 @@ pub struct Hosting {
     sessions: Mutex<HashMap<(String, u64), Hosted>>,
     metrics: RelayMetrics,
     members: watch::Receiver<Vec<String>>,
+    /// Attaches in progress, at most [`MAX_ATTACHING`].
+    attaching: AttachGate,
+}
+
+/// Caps the attaches a host has in progress.
+struct AttachGate(Arc<tokio::sync::Semaphore>);
+
+impl AttachGate {
+    fn new(max: usize) -> Self {
+        AttachGate(Arc::new(tokio::sync::Semaphore::new(max)))
+    }
+
+    /// A place for one more attach, or the refusal to answer at once (counted
+    /// `bound="relay_attaching"`).
+    fn enter(&self, metrics: &Metrics) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.0.clone().try_acquire_owned().map_err(|_| {
+            metrics.bound_hit("relay_attaching");
+            ApiError::unavailable(
+                "the leader is attaching too many sessions: retry, or connect to another node",
+            )
+        })
+    }
 }
 
 /// Spawns the term's host and joins it to [`HOST_GROUP`]; stop it when the term ends.
@@ -798,6 +1020,7 @@ pub async fn spawn_host(
         sessions: Mutex::new(HashMap::new()),
         metrics,
         members: cluster.members(),
+        attaching: AttachGate::new(MAX_ATTACHING),
     });
     RelayActor::spawn(hosting, HOST_GROUP.to_owned()).await
 }
@@ -817,10 +1040,32 @@ impl Receive for Hosting {
                 session,
                 role,
                 proof,
-            } => {
+                acks,
+            } => match self.attaching.enter(&self.app.metrics) {
                 // Attaching waits for an actor's start: not in the host's own turn.
-                tokio::spawn(self.clone().attach(node, session, role, proof.into()));
-            }
+                Ok(permit) => {
+                    let attach = Attach {
+                        node,
+                        session,
+                        role,
+                        proof: proof.into(),
+                        acks,
+                    };
+                    tokio::spawn(self.clone().attach(attach, permit));
+                }
+                Err(e) => {
+                    if let Some(endpoint) = remote_member(&endpoint_group(&node)) {
+                        let answer = ToEndpoint::Attached {
+                            session,
+                            leader: self.node.clone(),
+                            result: Err(e),
+                        };
+                        self.tell(&endpoint, answer);
+                    } else {
+                        self.metrics.error("no_endpoint");
+                    }
+                }
+            },
             ToHost::Frame {
                 node,
                 session,
@@ -832,9 +1077,30 @@ impl Receive for Hosting {
                     s.handle.close(1000);
                 }
             }
+            ToHost::Ack {
+                node,
+                session,
+                delivered,
+            } => {
+                if let Some(h) = self.sessions.lock().get(&(node, session)) {
+                    h.acked.fetch_max(delivered, Ordering::AcqRel);
+                }
+            }
         }
     }
 }
+
+/// A standby's `Attach`, as the host works on it.
+struct Attach {
+    node: String,
+    session: u64,
+    role: Role,
+    proof: Proof,
+    acks: bool,
+}
+
+/// How often a host looks for a standby's endpoint that is not visible yet.
+const ENDPOINT_POLL: Duration = Duration::from_millis(20);
 
 impl Hosting {
     fn tell(&self, endpoint: &ActorCell, m: ToEndpoint) -> bool {
@@ -868,10 +1134,37 @@ impl Hosting {
         Ok(who)
     }
 
+    /// The endpoint of `node`, waiting up to a peer timeout for it to become visible: an
+    /// `Attach` can arrive before the process group's news of the standby's endpoint
+    /// (a link that just formed), and without the endpoint there is nobody to answer.
+    async fn endpoint(&self, node: &str) -> Option<ActorCell> {
+        let group = endpoint_group(node);
+        let until = Instant::now() + peer_timeout(&self.app.config);
+        loop {
+            if let Some(e) = remote_member(&group) {
+                return Some(e);
+            }
+            if Instant::now() >= until {
+                self.metrics.error("no_endpoint");
+                return None;
+            }
+            tokio::time::sleep(ENDPOINT_POLL).await;
+        }
+    }
+
     /// Attaches a standby's session and forwards what its actors send until it ends.
-    async fn attach(self: Arc<Self>, node: String, session: u64, role: Role, proof: Proof) {
-        let Some(endpoint) = remote_member(&endpoint_group(&node)) else {
-            self.metrics.error("no_endpoint");
+    async fn attach(
+        self: Arc<Self>,
+        Attach {
+            node,
+            session,
+            role,
+            proof,
+            acks,
+        }: Attach,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let Some(endpoint) = self.endpoint(&node).await else {
             return;
         };
         let answer = |result| ToEndpoint::Attached {
@@ -893,17 +1186,22 @@ impl Hosting {
             return;
         }
         let key = (node, session);
+        let acked = Arc::new(AtomicU64::new(0));
         self.sessions.lock().insert(
             key.clone(),
             Hosted {
                 who: who.clone(),
                 handle: handle.clone(),
+                acked: acked.clone(),
             },
         );
         let gauge = self.metrics.sessions.with_label_values(&["hosting"]);
         gauge.inc();
-        if self.tell(&endpoint, answer(Ok(Role::of(&who).1))) {
-            self.forward(&key, &handle, inbox, &endpoint).await;
+        let answered = self.tell(&endpoint, answer(Ok(Role::of(&who).1)));
+        drop(permit);
+        if answered {
+            let acked = acks.then_some(&*acked);
+            self.forward(&key, &handle, (inbox, acked), &endpoint).await;
         }
         self.sessions.lock().remove(&key);
         gauge.dec();
@@ -912,15 +1210,20 @@ impl Hosting {
     }
 
     /// Sends what the actors queue for the session to its standby, until the session
-    /// closes (the code is sent on), the term ends (1001), or the standby is gone.
+    /// closes (the code is sent on), the term ends (1001), the standby is gone, or more
+    /// than `--ws-outbound-queue-max` plus [`ACK_EVERY`] messages are in flight to it
+    /// (1008, as a local session's full queue; counted `bound="relay_in_flight"`).
+    /// `acked`: what the standby acknowledged, when it acknowledges.
     async fn forward(
         &self,
         (node, session): &(String, u64),
         handle: &SessionHandle,
-        inbox: dispatch_actors::session::SessionInbox,
+        (inbox, acked): (dispatch_actors::session::SessionInbox, Option<&AtomicU64>),
         endpoint: &ActorCell,
     ) {
         let (mut rx, closed) = inbox.into_parts();
+        let in_flight_max = self.app.config.system.ws_outbound_queue_max as u64 + ACK_EVERY;
+        let mut sent: u64 = 0;
         let mut shutdown = self.app.shutdown.clone();
         let mut members = self.members.clone();
         let code = loop {
@@ -939,10 +1242,18 @@ impl Hosting {
                     if self.app.term.as_ref().is_some_and(|t| !t.live()) {
                         break Some(CLOSE_GOING_AWAY);
                     }
+                    let unacked = |a: &AtomicU64| sent.saturating_sub(a.load(Ordering::Acquire));
+                    if acked.is_some_and(|a| unacked(a) >= in_flight_max) {
+                        // The standby stopped taking messages (slow or paused): as a
+                        // local session's full queue.
+                        self.app.metrics.bound_hit("relay_in_flight");
+                        break Some(CLOSE_POLICY);
+                    }
                     let deliver = ToEndpoint::Deliver { session: *session, message: m };
                     if !self.tell(endpoint, deliver) {
                         break None;
                     }
+                    sent += 1;
                 }
             }
         };
@@ -1019,6 +1330,7 @@ mod tests {
             session: 7,
             role: Role::Driver,
             proof: WireProof::Own { hash: [3; 32] },
+            acks: true,
         });
         let wire = m.clone().serialize().unwrap();
         assert_eq!(Relay::<ToHost>::deserialize(wire).unwrap(), m);
@@ -1045,5 +1357,121 @@ mod tests {
             ));
         }
         assert!(Relay::<ToHost>::Malformed("x".into()).serialize().is_err());
+        // An attach from a build that does not acknowledge: no `acks`, read as false.
+        let old = br#"{"Attach":{"node":"n1","session":7,"role":"driver","proof":{"Own":{"hash":[3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3]}}}}"#;
+        let m = SerializedMessage::Cast {
+            variant: VARIANT.to_owned(),
+            args: old.to_vec(),
+            metadata: None,
+        };
+        assert!(matches!(
+            Relay::<ToHost>::deserialize(m),
+            Ok(Relay::Msg(ToHost::Attach { acks: false, .. }))
+        ));
+    }
+
+    fn live(of: &[&str]) -> Vec<String> {
+        of.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Issue 16's review, item 1: an `Attached` that arrives after its leader's departure
+    /// was processed is refused, and only that one: a leader not counted a member yet
+    /// (its link and host visible before its heartbeats count it) is not.
+    #[tokio::test]
+    async fn an_attach_answered_after_its_leader_left_is_refused_and_a_fresh_leader_is_not() {
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared::new(
+            "s1",
+            RelayMetrics::new(&metrics),
+            metrics.clone(),
+            8,
+        ));
+        // An actor to stand for the leader's host: the answers below never reach it.
+        let stand_in = RelayActor::spawn(shared.clone(), "test.relay.host".into())
+            .await
+            .unwrap();
+        let session = |id: u64| {
+            let (h, inbox) = SessionHandle::new(id, 8, metrics.clone());
+            let rx = shared.ask(id, stand_in.get_cell(), h.clone());
+            (h, inbox, rx)
+        };
+        let attached = |id: u64, leader: &str| {
+            shared.receive(ToEndpoint::Attached {
+                session: id,
+                leader: leader.into(),
+                result: Ok(format!("d{id}")),
+            })
+        };
+        let lost = || {
+            shared
+                .metrics
+                .errors
+                .with_label_values(&["leader_lost"])
+                .get()
+        };
+        shared.members_changed(live(&["l0", "l1", "s1"]));
+
+        // Asked of l0, which leaves before its answer arrives: refused (503 on the upgrade).
+        let (_h1, _i1, rx1) = session(1);
+        shared.members_changed(live(&["l1", "s1"]));
+        attached(1, "l0");
+        let e = rx1.await.unwrap().unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+        assert_eq!(lost(), 1);
+        // As the refused upgrade's `Attachment` does.
+        shared.sessions.lock().remove(&1);
+
+        // Asked after l0's departure was seen, answered by l0 (linked again, not counted
+        // a member yet): kept. So is one from l2, never a member yet.
+        let (h2, _i2, rx2) = session(2);
+        attached(2, "l0");
+        assert_eq!(rx2.await.unwrap().unwrap(), "d2");
+        let (h3, _i3, rx3) = session(3);
+        attached(3, "l2");
+        assert_eq!(rx3.await.unwrap().unwrap(), "d3");
+        let (h4, _i4, rx4) = session(4);
+        attached(4, "l1");
+        assert_eq!(rx4.await.unwrap().unwrap(), "d4");
+
+        // A departure closes its leader's sessions only (1001): l1 leaves.
+        shared.members_changed(live(&["s1"]));
+        assert_eq!(h4.closed().await, CLOSE_GOING_AWAY);
+        assert!(!h2.is_closed() && !h3.is_closed());
+        assert_eq!(lost(), 2);
+        // l0 counted a member, then gone: its session closes.
+        shared.members_changed(live(&["l0", "s1"]));
+        assert!(!h2.is_closed());
+        shared.members_changed(live(&["s1"]));
+        assert_eq!(h2.closed().await, CLOSE_GOING_AWAY);
+
+        // l2 never became a member: closed by the re-check once the grace has passed.
+        shared.recheck(Duration::from_secs(3600));
+        assert!(!h3.is_closed());
+        shared.recheck(Duration::ZERO);
+        assert_eq!(h3.closed().await, CLOSE_GOING_AWAY);
+        assert_eq!(lost(), 4);
+        stand_in.stop(None);
+    }
+
+    /// Item 3: attaches past the cap are refused at once (503 `unavailable` on the
+    /// standby) and counted; a finished attach makes room again.
+    #[test]
+    fn attaches_past_the_cap_are_refused_at_once_and_counted() {
+        let metrics = Metrics::default();
+        let gate = AttachGate::new(2);
+        let hits = || {
+            metrics
+                .bounds_hit
+                .with_label_values(&["relay_attaching"])
+                .get()
+        };
+        let a = gate.enter(&metrics).unwrap();
+        let _b = gate.enter(&metrics).unwrap();
+        let e = gate.enter(&metrics).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+        assert_eq!(hits(), 1);
+        drop(a);
+        let _c = gate.enter(&metrics).unwrap();
+        assert_eq!(hits(), 1);
     }
 }
