@@ -17,7 +17,7 @@
 //! [`LEFTOVER_BUDGET`] (counted `batch_leftover`). Batch sizes, solve times and the pickup
 //! ETA of each assignment are histograms.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use dispatch_engine::{BatchParams, Candidate, DriverId, EtaModel, Point, Product, assign};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::messages::Excluded;
 use crate::metrics::Metrics;
 use crate::tracecontext::Trace;
 
@@ -52,8 +53,9 @@ pub type Options = Vec<(Candidate, u64)>;
 pub struct Query {
     pub pickup: Point,
     pub product: Product,
-    /// The drivers the trip already tried.
-    pub exclude: Arc<Vec<DriverId>>,
+    /// The drivers the trip already tried (and, for a window's fresh search, those the
+    /// window gave it or assigned: shared sets, not copies).
+    pub exclude: Excluded,
     pub trace: Trace,
 }
 
@@ -100,8 +102,9 @@ pub struct Answer {
     /// The driver the window assigned this trip, if any, and its pickup ETA.
     pub driver: Option<(Candidate, u64)>,
     /// Every driver the window assigned (to any trip). Their offers are on their way, so
-    /// a trip that retries at once leaves them out rather than race those offers.
-    pub taken: Arc<Vec<DriverId>>,
+    /// a trip that retries at once leaves them out rather than race those offers. One set
+    /// shared by every answer of a round.
+    pub taken: Arc<HashSet<DriverId>>,
 }
 
 /// The handle trips submit to; the task ends when the last handle is dropped.
@@ -184,7 +187,9 @@ async fn windows(mut rx: mpsc::Receiver<Waiting>, window: Duration, solver: Solv
             batch.push(w);
         }
         // A trip that stopped waiting (it timed out, or its actor stopped) is left out.
+        let before = batch.len();
         batch.retain(|w| !w.reply.is_closed());
+        solver.gave_up(before - batch.len());
         if batch.is_empty() {
             continue;
         }
@@ -211,14 +216,19 @@ impl Solver {
         }
         // Every driver a trip of this window was given as an option, to leave out of
         // its next search (each was assigned, not free, or too far).
-        let mut seen: Vec<Vec<DriverId>> = options
+        let mut seen: Vec<Arc<HashSet<DriverId>>> = options
             .iter()
-            .map(|o| o.iter().map(|(c, _)| c.driver.driver_id.clone()).collect())
+            .map(|o| Arc::new(o.iter().map(|(c, _)| c.driver.driver_id.clone()).collect()))
             .collect();
-        let mut taken: BTreeSet<DriverId> = BTreeSet::new();
+        let mut taken: HashSet<DriverId> = HashSet::new();
         let mut pending: Vec<usize> = (0..options.len()).collect();
         let (mut sliced, mut fallback) = (false, false);
         for round in 0..=LEFTOVER_ROUNDS {
+            // Only trips still waiting are solved (and shown by the gauge).
+            self.still_waiting(&mut pending, &replies);
+            if pending.is_empty() {
+                break;
+            }
             // Candidates that stopped being free (another trip's offer, a trip, offline)
             // are left out: assigned, they could only refuse the offer.
             let costs: Vec<Vec<(DriverId, u64)>> = pending
@@ -255,7 +265,7 @@ impl Solver {
                 matched.push((i, pick));
             }
             // Answered at once: their offers need not wait for the leftover rounds.
-            let so_far = Arc::new(taken.iter().cloned().collect::<Vec<_>>());
+            let so_far = Arc::new(taken.clone());
             for (i, pick) in matched {
                 // The trip may have given up since: nothing to do then.
                 if let Some(reply) = replies[i].take() {
@@ -272,13 +282,15 @@ impl Solver {
                 m.bound_hit("batch_leftover");
                 break;
             }
+            self.still_waiting(&mut left, &replies);
             let deadline = tokio::time::Instant::from_std(started + LEFTOVER_BUDGET);
             let found = self
                 .search_again(&left, &queries, &seen, &taken, deadline)
                 .await;
             pending.clear();
             for (i, again) in found {
-                seen[i].extend(again.iter().map(|(c, _)| c.driver.driver_id.clone()));
+                Arc::make_mut(&mut seen[i])
+                    .extend(again.iter().map(|(c, _)| c.driver.driver_id.clone()));
                 options[i] = again;
                 if !options[i].is_empty() {
                     pending.push(i);
@@ -290,6 +302,7 @@ impl Solver {
             pending.sort_unstable(); // arrival order, as the engine slices groups
         }
         m.batch_solve.observe(started.elapsed().as_secs_f64());
+        m.batch_pending.set(0);
         if sliced {
             m.bound_hit("batch_group_cap");
         }
@@ -297,13 +310,28 @@ impl Solver {
             m.bound_hit("batch_work_budget");
         }
         // The rest: nobody free was left for them.
-        let taken = Arc::new(taken.into_iter().collect::<Vec<_>>());
+        let taken = Arc::new(taken);
         for reply in replies.into_iter().flatten() {
             let _ = reply.send(Answer {
                 driver: None,
                 taken: taken.clone(),
             });
         }
+    }
+
+    /// Keeps only the trips of `trips` still waiting for their answer: one that stopped
+    /// (its `batch_wait` bound passed, its actor stopped) has moved on, and solving it
+    /// again would hand a driver to nobody and search for it for nothing.
+    /// `dispatch_batch_pending` shows how many are left.
+    fn still_waiting(&self, trips: &mut Vec<usize>, replies: &[Option<oneshot::Sender<Answer>>]) {
+        let before = trips.len();
+        trips.retain(|&i| replies[i].as_ref().is_some_and(|r| !r.is_closed()));
+        self.gave_up(before - trips.len());
+        self.metrics.batch_pending.set(trips.len() as i64);
+    }
+
+    fn gave_up(&self, n: usize) {
+        self.metrics.batch_gave_up.inc_by(n as u64);
     }
 
     /// The trips `left`'s fresh searches, all at once, each leaving out what it tried,
@@ -313,18 +341,17 @@ impl Solver {
         &self,
         left: &[usize],
         queries: &[Query],
-        seen: &[Vec<DriverId>],
-        taken: &BTreeSet<DriverId>,
+        seen: &[Arc<HashSet<DriverId>>],
+        taken: &HashSet<DriverId>,
         deadline: tokio::time::Instant,
     ) -> Vec<(usize, Options)> {
         let mut searches = tokio::task::JoinSet::new();
+        // One copy of the assigned drivers per round, shared by every trip's search.
+        let taken = Arc::new(taken.clone());
         for &i in left {
             let q = &queries[i];
-            let mut exclude = q.exclude.to_vec();
-            exclude.extend(seen[i].iter().cloned());
-            exclude.extend(taken.iter().cloned());
             let search = (self.lookup)(Query {
-                exclude: Arc::new(exclude),
+                exclude: q.exclude.and(&seen[i]).and(&taken),
                 ..q.clone()
             });
             searches.spawn(async move { (i, search.await) });
@@ -342,5 +369,118 @@ impl Solver {
             }
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use dispatch_engine::IndexedDriver;
+
+    use super::*;
+
+    fn here() -> Point {
+        Point::new(45.5, -73.57).unwrap()
+    }
+
+    fn option(driver: &str, eta_s: u64) -> (Candidate, u64) {
+        let driver = IndexedDriver {
+            driver_id: DriverId::new(driver),
+            position: here(),
+            heading: None,
+            product: Product::Economy,
+            available: true,
+        };
+        let c = Candidate {
+            driver,
+            distance_m: 0.0,
+        };
+        (c, eta_s)
+    }
+
+    /// A trip that stops waiting while its window is solved (its `batch_wait` bound, its
+    /// actor stopped) leaves the window: it is neither searched for again nor solved
+    /// again, so the driver a leftover round finds goes to a trip still waiting.
+    #[tokio::test]
+    async fn a_trip_that_stopped_waiting_leaves_the_window() {
+        let metrics = Arc::new(Metrics::new());
+        // Three trips whose one option is drv_a (nearest to the first): the first solve
+        // gives it to the first; the leftover round's searches find drv_b.
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for eta_s in [10, 20, 30] {
+            let (reply, rx) = oneshot::channel();
+            let query = Query {
+                pickup: here(),
+                product: Product::Economy,
+                exclude: Excluded::default(),
+                trace: None,
+            };
+            let options = vec![option("drv_a", eta_s)];
+            batch.push(Waiting {
+                query,
+                options,
+                reply,
+            });
+            answers.push(Some(rx));
+        }
+        // The second trip gives up while the first solve runs (when it asks who is free).
+        let quits = Arc::new(Mutex::new(answers[1].take()));
+        let free: Free = Arc::new(move |_: &DriverId| {
+            quits.lock().unwrap().take();
+            true
+        });
+        let searches = Arc::new(AtomicUsize::new(0));
+        let pending_then = Arc::new(AtomicUsize::new(usize::MAX));
+        let lookup: Lookup = {
+            let (searches, pending_then, m) =
+                (searches.clone(), pending_then.clone(), metrics.clone());
+            Arc::new(move |q: Query| {
+                assert!(q.exclude.contains(&DriverId::new("drv_a")));
+                searches.fetch_add(1, Ordering::SeqCst);
+                pending_then.store(m.batch_pending.get() as usize, Ordering::SeqCst);
+                Box::pin(async { vec![option("drv_b", 5)] })
+            })
+        };
+        let solver = Solver {
+            params: BatchParams::default(),
+            metrics: metrics.clone(),
+            free,
+            lookup,
+        };
+        solver.solve(batch).await;
+        let driver = |mut rx: oneshot::Receiver<Answer>| {
+            rx.try_recv()
+                .unwrap()
+                .driver
+                .map(|(c, _)| c.driver.driver_id)
+        };
+        assert_eq!(
+            driver(answers[0].take().unwrap()),
+            Some(DriverId::new("drv_a"))
+        );
+        assert_eq!(
+            searches.load(Ordering::SeqCst),
+            1,
+            "only the trip still waiting searched again"
+        );
+        assert_eq!(
+            driver(answers[2].take().unwrap()),
+            Some(DriverId::new("drv_b")),
+            "the leftover driver went to the trip still waiting"
+        );
+        assert_eq!(metrics.batch_gave_up.get(), 1);
+        assert_eq!(
+            pending_then.load(Ordering::SeqCst),
+            1,
+            "the window held only the trip still waiting"
+        );
+        assert_eq!(
+            metrics.batch_pending.get(),
+            0,
+            "nothing held after the solve"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! ticket in the update it sends to that actor, and so the app sees the update before
 //! the `ack` that confirms it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use dispatch_engine::{
@@ -368,7 +369,62 @@ pub struct CellArgs {
 pub struct SearchFilter {
     pub product: Option<Product>,
     pub available_only: bool,
-    pub exclude: Arc<Vec<DriverId>>,
+    pub exclude: Excluded,
+}
+
+/// The drivers a search leaves out: a few shared sets (the drivers a trip tried, those a
+/// batched-matching window assigned, ...), each looked up by hash. Adding a set shares it
+/// (an `Arc`), never copies its ids, so a window's many searches cost no copies. On the
+/// wire (between cluster nodes) it is the list of ids, as before.
+#[derive(Debug, Clone, Default)]
+pub struct Excluded(Vec<Arc<HashSet<DriverId>>>);
+
+impl Excluded {
+    /// One set of these drivers (none: nothing is left out).
+    pub fn new(ids: impl IntoIterator<Item = DriverId>) -> Self {
+        Self::default().and(&Arc::new(ids.into_iter().collect()))
+    }
+
+    /// These and also `more` (shared, not copied; an empty set adds nothing).
+    pub fn and(&self, more: &Arc<HashSet<DriverId>>) -> Self {
+        let mut sets = self.0.clone();
+        if !more.is_empty() {
+            sets.push(more.clone());
+        }
+        Self(sets)
+    }
+
+    pub fn contains(&self, d: &DriverId) -> bool {
+        self.0.iter().any(|s| s.contains(d))
+    }
+
+    /// No driver is left out (every set held is non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every driver left out, once each.
+    pub fn ids(&self) -> std::collections::BTreeSet<&DriverId> {
+        self.0.iter().flat_map(|s| s.iter()).collect()
+    }
+}
+
+impl PartialEq for Excluded {
+    fn eq(&self, other: &Self) -> bool {
+        self.ids() == other.ids()
+    }
+}
+
+impl Serialize for Excluded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.ids())
+    }
+}
+
+impl<'de> Deserialize<'de> for Excluded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<DriverId>::deserialize(d).map(Self::new)
+    }
 }
 
 impl SearchFilter {
@@ -503,6 +559,23 @@ impl ractor::Message for SupervisorMsg {}
 mod tests {
     use super::*;
 
+    /// Exclusions combine shared sets, and cross nodes as the plain list of ids they did
+    /// before they were sets (so nodes of either build understand each other).
+    #[test]
+    fn excluded_drivers_combine_sets_and_travel_as_a_list() {
+        let one = Arc::new(HashSet::from([DriverId::new("drv_1")]));
+        let e = Excluded::new([DriverId::new("drv_2")])
+            .and(&one)
+            .and(&Arc::default());
+        assert!(e.contains(&DriverId::new("drv_1")) && e.contains(&DriverId::new("drv_2")));
+        assert!(!e.contains(&DriverId::new("drv_3")));
+        assert!(Excluded::new([]).is_empty() && !e.is_empty());
+        let wire = serde_json::to_string(&e).unwrap();
+        assert_eq!(wire, r#"["drv_1","drv_2"]"#);
+        let back: Excluded = serde_json::from_str(r#"["drv_2","drv_1"]"#).unwrap();
+        assert_eq!(back, e);
+    }
+
     /// What crosses nodes is data: it survives a round trip through a serializer.
     #[test]
     fn cross_node_payloads_are_plain_serializable_data() {
@@ -532,7 +605,7 @@ mod tests {
         let f = SearchFilter {
             product: Some(Product::Economy),
             available_only: true,
-            exclude: Arc::new(vec![DriverId::new("drv_2")]),
+            exclude: Excluded::new([DriverId::new("drv_2")]),
         };
         let back: SearchFilter = serde_json::from_slice(&serde_json::to_vec(&f).unwrap()).unwrap();
         assert_eq!((back.product, back.exclude), (f.product, f.exclude));

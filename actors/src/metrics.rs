@@ -59,8 +59,9 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// (`same_window`); or a window left a trip without an offer it could hold (nobody free
 /// was left for it, or its driver could not take the offer) and the trip's search found
 /// free drivers to offer at once (`greedy`), or nobody free, so it waits for a later
-/// window (`next_window`: its offer may then wait past one window).
-pub const BATCH_RETRIES: [&str; 3] = ["greedy", "next_window", "same_window"];
+/// window (`next_window`: its offer may then wait past one window); a trip that waited
+/// so found a driver who freed up since and offers it at once (`waited_greedy`).
+pub const BATCH_RETRIES: [&str; 4] = ["greedy", "next_window", "same_window", "waited_greedy"];
 /// Every `bound` label value `bound_hit` is called with.
 pub const BOUNDS: [&str; 31] = [
     "bad_messages",
@@ -130,6 +131,10 @@ pub struct Metrics {
     /// Batched matching: the searches of trips a window left without an offer they could
     /// hold, by outcome (see [`BATCH_RETRIES`]).
     pub batch_retries: IntCounterVec,
+    /// Batched matching: the trips the window being solved still holds, waiting for their
+    /// answer (0 between solves), and those it let go because they stopped waiting.
+    pub batch_pending: IntGauge,
+    pub batch_gave_up: IntCounter,
     pub actors_started: IntCounterVec,
     pub actors_stopped: IntCounterVec,
     pub actor_panics: IntCounterVec,
@@ -458,6 +463,22 @@ impl Metrics {
                         "Searches of trips a batched-matching window left without an offer they could hold, by outcome",
                     ),
                     &["outcome"],
+                )
+                .unwrap(),
+            ),
+            batch_pending: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_batch_pending",
+                    "Trips the batched-matching window being solved still holds, waiting for their answer",
+                )
+                .unwrap(),
+            ),
+            batch_gave_up: reg(
+                &r,
+                IntCounter::new(
+                    "dispatch_batch_gave_up_total",
+                    "Trips a batched-matching window let go because they stopped waiting for its answer",
                 )
                 .unwrap(),
             ),

@@ -276,7 +276,7 @@ impl System {
         let filter = SearchFilter {
             product,
             available_only: true,
-            exclude: Arc::default(),
+            exclude: Default::default(),
         };
         let (found, _) = self.ctx.search(at, params, filter, None).await;
         found

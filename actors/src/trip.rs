@@ -5,7 +5,7 @@
 //! timers, reserve offers and search. Because the commit comes first, a restart from the
 //! store never forgets something a client was told.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -21,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::context::Context;
 use crate::error::ApiError;
 use crate::messages::{
-    DriverMsg, NewTrip, RiderMsg, SearchFilter, Ticket, TripArgs, TripLink, TripMsg,
+    DriverMsg, Excluded, NewTrip, RiderMsg, SearchFilter, Ticket, TripArgs, TripLink, TripMsg,
 };
 use crate::records::TripRecord;
 use crate::tracecontext::{Trace, TraceContext};
@@ -44,7 +44,7 @@ pub struct TripActorState {
     round: Round,
     /// Batched matching: the drivers the trip's last window assigned, which its retries
     /// leave out (their offers are on their way).
-    taken: Arc<Vec<DriverId>>,
+    taken: Arc<HashSet<DriverId>>,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -58,9 +58,10 @@ enum Round {
     /// trip, or could not take the offer): its searches offer the next-best free drivers
     /// at once, greedily, so its offer does not wait for another window.
     Retry,
-    /// Nobody was free for the retry: every quarter window the trip searches again, and
-    /// joins a window once it finds someone; finding nobody does not end it (its dispatch
-    /// deadline does).
+    /// Nobody was free for the retry: every quarter window the trip searches again and
+    /// offers a driver who freed up since at once, greedily (it waited through a whole
+    /// window already, so it does not wait for another window's close); finding nobody
+    /// does not end it (its dispatch deadline does).
     Wait,
 }
 
@@ -236,7 +237,7 @@ impl TripActor {
     }
 
     /// The nearest available candidates of the trip's product, leaving out `exclude`.
-    async fn find(&self, s: &TripActorState, exclude: &Arc<Vec<DriverId>>) -> Vec<Candidate> {
+    async fn find(&self, s: &TripActorState, exclude: &Excluded) -> Vec<Candidate> {
         let t = &s.rec.trip;
         let filter = SearchFilter {
             product: Some(t.product),
@@ -259,24 +260,28 @@ impl TripActor {
         s: &mut TripActorState,
         exclude: Vec<DriverId>,
     ) -> Option<TripCommand> {
+        let exclude = Excluded::new(exclude);
         let crate::batch::Matching::Batch { window_ms } = self.ctx.config.matching else {
-            let found = self.find(s, &Arc::new(exclude)).await;
+            let found = self.find(s, &exclude).await;
             return Some(TripCommand::Candidates(found));
         };
-        if s.round == Round::Retry {
-            let found = self.find(s, &with_taken(exclude, &s.taken)).await;
-            return self.retry(myself, s, found, window_ms);
+        match s.round {
+            Round::Window => {}
+            // A retry leaves out the drivers its window just assigned (their offers are on
+            // their way); a trip that waited looks again at everyone it did not try.
+            Round::Retry => {
+                let found = self.find(s, &exclude.and(&s.taken)).await;
+                return self.retry(myself, s, found, window_ms);
+            }
+            Round::Wait => {
+                let found = self.find(s, &exclude).await;
+                return self.retry(myself, s, found, window_ms);
+            }
         }
-        let exclude = Arc::new(exclude);
         let found = self.find(s, &exclude).await;
         if found.is_empty() {
-            if s.round == Round::Window {
-                // Nobody within reach: the trip ends now, as in greedy mode.
-                return Some(TripCommand::Candidates(found));
-            }
-            // Still nobody free since the retry: look again for the next window.
-            self.wait_window(myself, window_ms);
-            return None;
+            // Nobody within reach: the trip ends now, as in greedy mode.
+            return Some(TripCommand::Candidates(found));
         }
         // Batched: the window's assignment picks this trip's driver among its candidates,
         // with the pickup ETAs the engine ranks by, estimated once here.
@@ -299,8 +304,7 @@ impl TripActor {
             None => {
                 // Nobody free was left for it in the window (or the batcher was full or
                 // late): the next-best free ones, at once, if any freed up since.
-                let exclude = with_taken(exclude.to_vec(), &s.taken);
-                let again = self.find(s, &exclude).await;
+                let again = self.find(s, &exclude.and(&s.taken)).await;
                 self.retry(myself, s, again, window_ms)
             }
         }
@@ -309,7 +313,9 @@ impl TripActor {
     /// A window left the trip without an offer it could hold: the nearest free drivers
     /// (a fresh search, leaving out those already tried and those the window assigned)
     /// are offered at once, so the first offer does not wait for another window. With
-    /// nobody free the trip does not end: it looks again for the next window.
+    /// nobody free the trip does not end: it waits ([`Round::Wait`]) and looks again
+    /// every quarter window, and offers the first driver who freed up at once (a trip
+    /// that waited through a window does not wait for another window's close too).
     fn retry(
         &self,
         myself: &ActorRef<TripMsg>,
@@ -322,19 +328,23 @@ impl TripActor {
         // but that holds another offer would refuse, and be left out of this trip's
         // searches for good.
         found.retain(|c| self.ctx.driver_free(&c.driver.driver_id));
+        let waited = s.round == Round::Wait;
         if found.is_empty() {
-            m.batch_retries.with_label_values(&["next_window"]).inc();
-            s.round = Round::Wait;
+            if !waited {
+                m.batch_retries.with_label_values(&["next_window"]).inc();
+                s.round = Round::Wait;
+            }
             self.wait_window(myself, window_ms);
             return None;
         }
-        m.batch_retries.with_label_values(&["greedy"]).inc();
+        let outcome = if waited { "waited_greedy" } else { "greedy" };
+        m.batch_retries.with_label_values(&[outcome]).inc();
         Some(TripCommand::Candidates(found))
     }
 
-    /// The trip searches again a quarter of a window from now, so it joins the next
-    /// window once a driver is free (it stays `searching` meanwhile, and handles its
-    /// other messages: a rider's cancel, its dispatch deadline).
+    /// The trip searches again a quarter of a window from now, to offer a driver who
+    /// freed up meanwhile (it stays `searching`, and handles its other messages: a
+    /// rider's cancel, its dispatch deadline).
     fn wait_window(&self, myself: &ActorRef<TripMsg>, window_ms: u64) {
         let after = Duration::from_millis((window_ms / 4).max(1));
         myself.send_after(after, || TripMsg::SearchAgain);
@@ -594,12 +604,6 @@ impl TripActor {
             });
         }
     }
-}
-
-/// A retry's exclusions: the drivers the trip tried and those its window just assigned.
-fn with_taken(mut exclude: Vec<DriverId>, taken: &[DriverId]) -> Arc<Vec<DriverId>> {
-    exclude.extend(taken.iter().cloned());
-    Arc::new(exclude)
 }
 
 /// The end-of-trip summary the rider gets with `completed`.

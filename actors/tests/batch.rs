@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dispatch_actors::SystemConfig;
 use dispatch_actors::batch::Matching;
+use dispatch_actors::messages::DriverCommand;
 use dispatch_actors::session::Outbound;
 use dispatch_engine::{EtaEstimate, EtaModel, Point, SearchParams, StraightLineEta, TripId};
 
 mod common;
 
-use common::{App, online_driver, request, rider, start_with};
+use common::{App, eventually, online_driver, request, rider, start_with};
 
 /// 1 km of latitude, in degrees.
 const KM: f64 = 0.009;
@@ -117,6 +118,53 @@ async fn leftover_trips_get_the_remaining_free_drivers_in_the_same_window() {
     );
     let etas: Vec<u64> = got.iter().map(|(_, e)| *e).collect();
     assert!(etas.windows(2).all(|w| w[0] < w[1]), "{etas:?}");
+    drop(riders);
+    sys.shutdown().await;
+}
+
+/// A trip its window left with nobody free waits; a driver who frees up afterwards is
+/// offered to it at once (it waited through a whole window already), not at the close of
+/// another window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_who_frees_up_goes_at_once_to_a_trip_that_waited_a_window() {
+    let (sys, _dir) = start_with(
+        |c| SystemConfig {
+            matching: Matching::Batch { window_ms: 2_000 },
+            ..c
+        },
+        None,
+    )
+    .await;
+    let (driver_id, mut driver) = online_driver(&sys, LAT + 0.5 * KM, LNG).await;
+    let mut trips = Vec::new();
+    let mut riders = Vec::new();
+    for _ in 0..2 {
+        let (id, mut app) = rider(&sys).await;
+        trips.push(request(&sys, &id, &mut app, LAT, LNG).await);
+        riders.push(app);
+    }
+    // One window gives the one driver to one trip; the other finds nobody free, waits.
+    let first = driver.offer().await;
+    let m = sys.metrics();
+    let retries = |o: &str| m.batch_retries.with_label_values(&[o]).get();
+    eventually("the other trip waits", || retries("next_window") == 1).await;
+    // The driver declines, and so is free again (the declined trip, finding nobody else,
+    // ends): it goes to the waiting trip at once, without another window.
+    let decline = DriverCommand::Decline(first.clone());
+    driver.drive(&sys.driver_ref(&driver_id).unwrap(), decline);
+    let second = driver.offer().await;
+    let waited = trips.iter().find(|t| **t != first).unwrap();
+    assert_eq!(&second, waited, "the waiting trip got the driver");
+    assert_eq!(
+        m.batch_size.get_sample_count(),
+        1,
+        "one window in all: the waiting trip did not wait for another"
+    );
+    assert_eq!(
+        retries("waited_greedy"),
+        1,
+        "offered by the waiting trip itself"
+    );
     drop(riders);
     sys.shutdown().await;
 }

@@ -125,7 +125,7 @@ async fn a_window_driver_that_stopped_being_free_does_not_cost_the_trip_another_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_nobody_free_the_retry_waits_for_a_later_window_and_is_matched_there() {
+async fn with_nobody_free_the_retry_waits_and_is_offered_the_first_driver_who_comes() {
     let (s, trip, token, _) = window_driver_gone("2000", false).await;
     // Before, the trip's search after A refused found nobody and ended the trip
     // no_driver_found right there.
@@ -137,8 +137,19 @@ async fn with_nobody_free_the_retry_waits_for_a_later_window_and_is_matched_ther
     })
     .await;
     assert_eq!(s.trip(&trip, &token).await.state, TripState::Dispatching);
-    // A driver appears: a later window gives it the trip.
+    // A driver appears: the waiting trip offers it at once (before, it joined another
+    // window and waited for its close).
     let (_, mut b) = s.online_driver("Bo", "economy", 45.5 - 2.0 * KM, LNG).await;
     assert_eq!(b.offer().await.trip_id, trip);
+    assert_eq!(
+        s.metric("dispatch_batch_retries_total{outcome=\"waited_greedy\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        s.metric("dispatch_batch_size_count").await,
+        Some(1.0),
+        "the waiting trip's offer waited for another window"
+    );
     s.stop().await.unwrap();
 }
