@@ -58,6 +58,9 @@ KNOWN_MISSING.update({n: _CLUSTER_ONLY for n in [
     "dispatch_cluster_leader", "dispatch_cluster_epoch", "dispatch_cluster_takeovers_total",
     "dispatch_cluster_lease_renewals_failed_total", "dispatch_cluster_members",
     "dispatch_cluster_peer_up", "dispatch_cluster_auth_refusals_total", "dispatch_cluster_fenced_commits_total",
+    "dispatch_cluster_relayed_sessions", "dispatch_cluster_relay_messages_total",
+    "dispatch_cluster_relay_attach_seconds_bucket", "dispatch_cluster_relay_errors_total",
+    "dispatch_cluster_tls_refusals_total",
 ]})
 
 
