@@ -92,7 +92,7 @@ members_are() { # N NODES...: every node counts N members
 run() {
   local nodes=$1 round=$2 i peers="" urls="" spread=() db url
   db="dispatch_bench_cl_$$_${nodes}_$round"
-  psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  PGOPTIONS=--client-min-messages=warning psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
   url="${admin%/*}/$db"
   for i in $(seq "$nodes"); do
     peers+="${peers:+,}127.0.0.1:$((BASE_PORT + 10 + i))"
