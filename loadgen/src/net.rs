@@ -415,7 +415,7 @@ pub fn raise_nofile_limit() -> Option<u64> {
 mod tests {
     use dispatch_transport::wire::{CancelledBy, DriverStatus, TripState};
 
-    use super::wire_name;
+    use super::{Target, wire_name};
 
     #[test]
     fn wire_names_are_the_serde_names() {
@@ -423,5 +423,26 @@ mod tests {
         assert_eq!(wire_name(TripState::NoDriverFound), "no_driver_found");
         assert_eq!(wire_name(DriverStatus::OnTrip), "on_trip");
         assert_eq!(wire_name(CancelledBy::Rider), "rider");
+    }
+
+    /// `--spread`: a client's own node is the same on every call (its reconnects go back
+    /// there), the clients land on every node, and the node in use is never "its own".
+    #[tokio::test]
+    async fn spread_gives_each_token_one_node_and_uses_them_all() {
+        let urls = "ws://127.0.0.1:1,ws://127.0.0.1:2,ws://127.0.0.1:3";
+        let t = Target::resolve(urls, true).await.unwrap();
+        let mut per_node = [0usize; 3];
+        for i in 0..300 {
+            let token = format!("token-{i}");
+            let own = t.own_node(&token).map(|n| n.addr);
+            assert_eq!(own, t.own_node(&token).map(|n| n.addr), "{token}");
+            let at = own.map_or(0, |a| a.port() as usize - 1);
+            per_node[at] += 1;
+        }
+        assert!(per_node.iter().all(|n| *n >= 50), "{per_node:?}");
+        let plain = Target::resolve(urls, false).await.unwrap();
+        assert!((0..50).all(|i| plain.own_node(&format!("token-{i}")).is_none()));
+        let one = Target::resolve("ws://127.0.0.1:1", true).await.unwrap();
+        assert!(one.own_node("token-0").is_none());
     }
 }
