@@ -17,6 +17,12 @@ pub struct Args {
     /// `--reconnect`, a dropped session comes back on the node that serves).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
+    /// With several `--url`s: each client opens (and reopens) its WebSocket on a node of
+    /// its own, chosen by a hash of its token, so the sessions spread over the nodes (a
+    /// standby relays its sessions to the leader); REST still goes to the node in use. A
+    /// client whose node refuses or cannot be reached falls back to the node in use.
+    #[arg(long)]
+    pub spread: bool,
     /// Start an in-process dispatchd on a free port with a temporary data directory
     /// (needs a build with `--features embedded`).
     #[arg(long)]
@@ -295,6 +301,9 @@ impl Args {
         }
         if self.reconnect {
             v.push("--reconnect".into());
+        }
+        if self.spread {
+            v.push("--spread".into());
         }
         v.push("--reconnect-for".into());
         v.push(format!("{}ms", self.reconnect_for.as_millis()));

@@ -80,7 +80,7 @@ pub async fn run(args: Args) -> Result<Outcome> {
 pub async fn run_against(args: &Args, url: &str) -> Result<Outcome> {
     let args = &args.resolved();
     let (demand, _) = sim::demand(args)?;
-    let target = net::Target::resolve(url).await?;
+    let target = net::Target::resolve(url, args.spread).await?;
     if let Some(p) = &args.ack_log {
         // Emptied once; every process of the run appends to it.
         acklog::AckLog::truncate(p)?;

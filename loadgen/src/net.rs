@@ -26,6 +26,8 @@ pub struct Target {
     pub nodes: Vec<Node>,
     /// The node every client uses now (an index into `nodes`), shared by all of them.
     current: Arc<AtomicUsize>,
+    /// `--spread`: each client's WebSocket goes first to a node of its own.
+    spread: bool,
 }
 
 /// One node's addresses.
@@ -39,8 +41,9 @@ pub struct Node {
 }
 
 impl Target {
-    /// `ws://HOST:PORT`, or several separated by commas.
-    pub async fn resolve(urls: &str) -> Result<Target> {
+    /// `ws://HOST:PORT`, or several separated by commas; with `spread`, each client's
+    /// WebSocket goes first to a node of its own (see [`Target::own_node`]).
+    pub async fn resolve(urls: &str, spread: bool) -> Result<Target> {
         let mut nodes = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             nodes.push(Node::resolve(url).await?);
@@ -51,7 +54,22 @@ impl Target {
         Ok(Target {
             nodes,
             current: Arc::new(AtomicUsize::new(0)),
+            spread,
         })
+    }
+
+    /// With `--spread` and several nodes, the node of the client holding `token` (a hash
+    /// of it, the same on every reconnect), unless that is the node in use anyway.
+    fn own_node(&self, token: &str) -> Option<&Node> {
+        use std::hash::{Hash, Hasher};
+        if !self.spread || self.nodes.len() < 2 {
+            return None;
+        }
+        // DefaultHasher::new() has fixed keys: the same node in every process of a run.
+        let mut h = std::hash::DefaultHasher::new();
+        token.hash(&mut h);
+        let i = (h.finish() % self.nodes.len() as u64) as usize;
+        (i != self.node().0).then(|| &self.nodes[i])
     }
 
     /// The node in use now, and its index.
@@ -180,21 +198,28 @@ fn io_err(e: std::io::Error) -> ConnError {
 
 /// Opens `path` (`/v1/ws/driver`) with `token`, from `source` when given, on the node in
 /// use; a node that refuses (`unavailable`: a standby, or one shutting down) or cannot be
-/// reached is left for the next one (see [`Target::failed`]).
+/// reached is left for the next one (see [`Target::failed`]). With `--spread`, the
+/// client's own node is tried first, and the node in use only if it refuses so.
 pub async fn connect_ws(
     target: &Target,
     path: &str,
     token: &str,
     source: Option<IpAddr>,
 ) -> Result<Ws, ConnError> {
-    let (i, node) = target.node();
-    let r = connect_node(node, path, token, source).await;
-    let moves_on = match &r {
+    let moves_on = |r: &Result<Ws, ConnError>| match r {
         Err(ConnError::Refused(code, _)) => code == "unavailable" || code == "http_503",
         Err(ConnError::Other(_)) => true,
         _ => false,
     };
-    if moves_on && target.nodes.len() > 1 {
+    if let Some(own) = target.own_node(token) {
+        let r = connect_node(own, path, token, source).await;
+        if !moves_on(&r) {
+            return r;
+        }
+    }
+    let (i, node) = target.node();
+    let r = connect_node(node, path, token, source).await;
+    if moves_on(&r) && target.nodes.len() > 1 {
         target.failed(i);
     }
     r
@@ -390,7 +415,7 @@ pub fn raise_nofile_limit() -> Option<u64> {
 mod tests {
     use dispatch_transport::wire::{CancelledBy, DriverStatus, TripState};
 
-    use super::wire_name;
+    use super::{Target, wire_name};
 
     #[test]
     fn wire_names_are_the_serde_names() {
@@ -398,5 +423,26 @@ mod tests {
         assert_eq!(wire_name(TripState::NoDriverFound), "no_driver_found");
         assert_eq!(wire_name(DriverStatus::OnTrip), "on_trip");
         assert_eq!(wire_name(CancelledBy::Rider), "rider");
+    }
+
+    /// `--spread`: a client's own node is the same on every call (its reconnects go back
+    /// there), the clients land on every node, and the node in use is never "its own".
+    #[tokio::test]
+    async fn spread_gives_each_token_one_node_and_uses_them_all() {
+        let urls = "ws://127.0.0.1:1,ws://127.0.0.1:2,ws://127.0.0.1:3";
+        let t = Target::resolve(urls, true).await.unwrap();
+        let mut per_node = [0usize; 3];
+        for i in 0..300 {
+            let token = format!("token-{i}");
+            let own = t.own_node(&token).map(|n| n.addr);
+            assert_eq!(own, t.own_node(&token).map(|n| n.addr), "{token}");
+            let at = own.map_or(0, |a| a.port() as usize - 1);
+            per_node[at] += 1;
+        }
+        assert!(per_node.iter().all(|n| *n >= 50), "{per_node:?}");
+        let plain = Target::resolve(urls, false).await.unwrap();
+        assert!((0..50).all(|i| plain.own_node(&format!("token-{i}")).is_none()));
+        let one = Target::resolve("ws://127.0.0.1:1", true).await.unwrap();
+        assert!(one.own_node("token-0").is_none());
     }
 }

@@ -38,7 +38,7 @@ fn emit(line: &WorkerLine) {
 /// The worker side: runs its slice, talking to the parent over stdin/stdout.
 pub async fn run_worker(args: Args) -> Result<()> {
     let index = args.worker_index.context("not a worker")?;
-    let target = Target::resolve(&args.url).await?;
+    let target = Target::resolve(&args.url, args.spread).await?;
     let count = args.workers;
     let ready_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tick: TickFn = {

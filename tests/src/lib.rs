@@ -34,8 +34,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub mod cluster;
 pub mod diagram;
 mod dispatchd;
+pub mod loadgen;
 mod pg;
 mod ride;
+pub mod served;
 
 pub use dispatchd::{
     ClusterFixture, Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin,

@@ -27,12 +27,11 @@
 //! with a generous deadline; every child is killed by a guard if the test fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use dispatch_tests::diagram::{self, can_move, has_driver};
+use dispatch_tests::loadgen::Loadgen;
 use dispatch_tests::{
     Dispatchd, SHORT_TRIP_FLAGS, assert_books_settled, assert_clean_log, assert_payments_settled,
     now_ms, rfc3339_ms,
@@ -76,29 +75,6 @@ fn spare_port() -> u16 {
         }
     }
     panic!("no free port in {lo}..{hi}");
-}
-
-/// loadgen as a child; killed if the test fails before it ends.
-struct Loadgen {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Drop for Loadgen {
-    fn drop(&mut self) {
-        dispatch_tests::reap(&mut self.child);
-    }
-}
-
-impl Loadgen {
-    fn output(&self) -> String {
-        format!(
-            "--- loadgen stdout ---\n{}\n--- loadgen stderr ---\n{}",
-            std::fs::read_to_string(&self.out).unwrap_or_default(),
-            std::fs::read_to_string(&self.err).unwrap_or_default()
-        )
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -401,7 +377,6 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| now_ms() % 1_000_000);
     eprintln!("chaos: loadgen --seed {seed} (replay the city with CHAOS_SEED={seed})");
-    let loadgen_bin = dispatch_tests::built_bin("dispatch-loadgen", "loadgen");
     let work = tempfile::tempdir().expect("a temporary directory");
     let acks = work.path().join("acks.jsonl");
     let report_path = work.path().join("report.json");
@@ -458,17 +433,7 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
     .map(|s| s.to_string())
     .collect();
     let lg_started = std::time::Instant::now();
-    let mut loadgen = Loadgen {
-        child: Command::new(&loadgen_bin)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).expect("loadgen stdout file"))
-            .stderr(File::create(&err).expect("loadgen stderr file"))
-            .spawn()
-            .expect("spawn loadgen"),
-        out,
-        err,
-    };
+    let mut loadgen = Loadgen::spawn(&args, out, err);
 
     // Kill 1: trips have completed, and others are in flight.
     wait_for_load(

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# 3 nodes vs 1, same load (issue 16, item 6): request → offer p50/p99 of the release
+# dispatchd run as one node and as three, on the same PostgreSQL server, under the same
+# loadgen load, alternating the two ROUNDS times each (1 then 3 in odd rounds, 3 then 1 in
+# even ones), then the medians of each side.
+#
+# Both sides run in cluster mode (--node-name, --cluster-listen, --cluster-peers, the
+# lease in PostgreSQL), so the only difference is the number of nodes: with 3, loadgen
+# spreads its WebSocket sessions over them (--spread: each client on a node chosen by a
+# hash of its token, about two thirds of them on the standbys, which relay them to the
+# leader through ractor_cluster); REST goes to the leader. Each run gets a fresh database.
+# Reported per run: request → offer p50/p99 (loadgen's), trips offered, the relay's share
+# (sessions relayed halfway through the run, relay messages over the run) and the load
+# average before and after.
+#
+#   bash bench/cluster-latency.sh                  # 2 rounds: 2,000 drivers + 500 riders,
+#                                                  # 10 requests/s, 60 s (+10 s drain)
+#   ROUNDS=1 DRIVERS=200 RIDERS=50 DURATION=20 bash bench/cluster-latency.sh
+#
+# Needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL (an admin URL), or it starts one with
+# .ci/postgres.sh (and stops it after). Builds the release dispatchd and loadgen unless
+# BIN names a directory holding both. Ports BASE_PORT+1..3 (clients) and BASE_PORT+11..13
+# (cluster links); BASE_PORT 28200. On this project's machine (2 cores shared by every
+# process) three nodes share the same two cores as one does: this measures what the relay
+# hop costs, not what three machines would give.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+ROUNDS=${ROUNDS:-2}
+DRIVERS=${DRIVERS:-2000}
+RIDERS=${RIDERS:-500}
+RATE=${RATE:-10}
+DURATION=${DURATION:-60}
+DRAIN=${DRAIN:-10}
+BASE_PORT=${BASE_PORT:-28200}
+own_pg=
+if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
+  # shellcheck source=../.ci/postgres.sh
+  source .ci/postgres.sh start
+  own_pg=1
+fi
+admin=$DISPATCH_TEST_DATABASE_URL
+if [ -z "${BIN:-}" ]; then
+  cargo build -q --release --locked -p dispatch-transport --bin dispatchd -p dispatch-loadgen --bin loadgen
+  BIN=${CARGO_TARGET_DIR:-target}/release
+fi
+work=$(mktemp -d /tmp/cluster-latency.XXXXXX)
+head -c 24 /dev/urandom | base64 >"$work/cookie"
+pids=()
+stop_nodes() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+cleanup() {
+  local rc=$?
+  stop_nodes
+  if [ -n "${loadgen_pid:-}" ]; then kill "$loadgen_pid" 2>/dev/null || true; fi
+  wait 2>/dev/null || true
+  for db in $(psql "$admin" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'dispatch_bench_cl_$$_%'"); do
+    psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  done
+  if [ -n "$own_pg" ]; then bash .ci/postgres.sh stop >/dev/null 2>&1 || true; fi
+  if [ $rc = 0 ]; then rm -rf "$work"; else echo "cluster-latency.sh: logs kept in $work"; fi
+  echo "cluster-latency.sh: $(($(date +%s) - started)) s, exit $rc"
+}
+trap cleanup EXIT
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+metric_sum() { # NAME_WITH_LABELS NODES...: the sum of one series over the nodes' /metrics
+  local name=$1 i
+  shift
+  for i in "$@"; do
+    curl -s -m 2 "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
+  done | awk -v m="$name" '$1 == m { s += $2 } END { printf "%d\n", s }'
+}
+ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$((BASE_PORT + $1))/readyz" 2>/dev/null || true)" = 200 ]; }
+wait_for() { # SECONDS WHAT COMMAND...
+  local until=$(($(date +%s) + $1)) what=$2
+  shift 2
+  until "$@"; do
+    [ "$(date +%s)" -lt "$until" ] || { echo "$what: not within $1 s" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+members_are() { # N NODES...: every node counts N members
+  local n=$1 i
+  shift
+  for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
+}
+
+# run NODES ROUND: one run on a fresh database; appends a JSON line to $work/runs.jsonl.
+run() {
+  local nodes=$1 round=$2 i peers="" urls="" spread=() db url
+  db="dispatch_bench_cl_$$_${nodes}_$round"
+  PGOPTIONS=--client-min-messages=warning psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  url="${admin%/*}/$db"
+  for i in $(seq "$nodes"); do
+    peers+="${peers:+,}127.0.0.1:$((BASE_PORT + 10 + i))"
+    urls+="${urls:+,}ws://127.0.0.1:$((BASE_PORT + i))"
+  done
+  if [ "$nodes" -gt 1 ]; then spread=(--spread); fi
+  for i in $(seq "$nodes"); do
+    DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
+      DISPATCH_STORE=postgres DISPATCH_DATABASE_URL=$url \
+      "$BIN/dispatchd" --listen "127.0.0.1:$((BASE_PORT + i))" --data-dir "$work/d-$nodes-$round-n$i" \
+      --node-name "n$i" --cluster-listen "127.0.0.1:$((BASE_PORT + 10 + i))" --cluster-peers "$peers" \
+      --cluster-cookie-file "$work/cookie" --lease-ttl-ms 6000 --lease-renew-ms 1000 \
+      >"$work/n$i-$nodes-$round.log" 2>&1 &
+    pids+=("$!")
+    # n1 first, so that it holds the lease and the REST base (the first --url) is the leader.
+    if [ "$i" = 1 ]; then wait_for 60 "n1 ready" ready 1; fi
+  done
+  # shellcheck disable=SC2046
+  wait_for 60 "membership of $nodes" members_are "$nodes" $(seq "$nodes")
+  local load0
+  load0=$(load)
+  "$BIN/loadgen" --url "$urls" "${spread[@]}" --drivers "$DRIVERS" --riders "$RIDERS" \
+    --request-rate "$RATE" --duration "${DURATION}s" --drain "${DRAIN}s" \
+    --json "$work/report-$nodes-$round.json" --quiet >"$work/loadgen-$nodes-$round.txt" 2>&1 &
+  loadgen_pid=$!
+  # The most sessions relayed at once (sampled every 5 s while loadgen runs).
+  local relayed=0 v rc=0
+  while kill -0 "$loadgen_pid" 2>/dev/null; do
+    # shellcheck disable=SC2046
+    v=$(metric_sum 'dispatch_cluster_relayed_sessions{side="relaying"}' $(seq "$nodes"))
+    if [ "$v" -gt "$relayed" ]; then relayed=$v; fi
+    sleep 5
+  done
+  wait "$loadgen_pid" || rc=$?
+  loadgen_pid=
+  local to_leader to_standby
+  # shellcheck disable=SC2046
+  to_leader=$(metric_sum 'dispatch_cluster_relay_messages_total{direction="to_leader"}' $(seq "$nodes"))
+  to_standby=$(metric_sum 'dispatch_cluster_relay_messages_total{direction="to_standby"}' $(seq "$nodes"))
+  stop_nodes
+  python3 - "$work/report-$nodes-$round.json" "$nodes" "$round" "$relayed" "$to_leader" "$to_standby" \
+    "$load0" "$(load)" "$rc" >>"$work/runs.jsonl" <<'EOF'
+import json, sys
+path, nodes, rnd, relayed, to_leader, to_standby, load0, load1, rc = sys.argv[1:]
+r = json.load(open(path))
+lat = r["latency"].get("request_to_offer", {})
+print(json.dumps({
+    "nodes": int(nodes), "round": int(rnd), "loadgen_exit": int(rc),
+    "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "offered": lat.get("count"),
+    "trips_completed": r["trips"].get("completed"), "relayed_sessions": int(relayed),
+    "relay_messages": int(to_leader) + int(to_standby), "load_before": load0, "load_after": load1,
+}))
+EOF
+  tail -n 1 "$work/runs.jsonl"
+}
+
+echo "== cluster-latency: $DRIVERS drivers + $RIDERS riders, $RATE requests/s, ${DURATION} s (+${DRAIN} s drain), $ROUNDS rounds; $(nproc) cores, load $(load); $("$BIN/dispatchd" --version 2>/dev/null || echo dispatchd)"
+for r in $(seq "$ROUNDS"); do
+  if ((r % 2)); then run 1 "$r"; run 3 "$r"; else run 3 "$r"; run 1 "$r"; fi
+done
+python3 - "$work/runs.jsonl" <<'EOF'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+print("== medians (request -> offer, loadgen's)")
+for n in sorted({r["nodes"] for r in runs}):
+    rs = [r for r in runs if r["nodes"] == n]
+    med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)
+    print(f"{n} node{'s' if n > 1 else ' '}: p50 {med('p50_ms'):.2f} ms, p99 {med('p99_ms'):.2f} ms over {len(rs)} runs "
+          f"(offered {med('offered'):.0f}, completed {med('trips_completed'):.0f}; sessions relayed {med('relayed_sessions'):.0f}, "
+          f"relay messages {med('relay_messages'):.0f}; load {', '.join(r['load_before'].split()[0] + '->' + r['load_after'].split()[0] for r in rs)})")
+bad = [r for r in runs if r["loadgen_exit"] != 0]
+if bad:
+    print(f"note: loadgen failed its own checks in {len(bad)} runs (exit codes {[r['loadgen_exit'] for r in bad]})")
+EOF

@@ -1,0 +1,44 @@
+//! `loadgen` as a child process of a test: killed and reaped if the test ends first, its
+//! stdout and stderr in files that a failure message shows.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A running `loadgen`.
+pub struct Loadgen {
+    pub child: Child,
+    pub out: PathBuf,
+    pub err: PathBuf,
+}
+
+impl Drop for Loadgen {
+    fn drop(&mut self) {
+        crate::reap(&mut self.child);
+    }
+}
+
+impl Loadgen {
+    /// The workspace's `loadgen` (built first under cargo) with `args`, its stdout in `out`
+    /// and its stderr in `err`.
+    pub fn spawn(args: &[String], out: PathBuf, err: PathBuf) -> Loadgen {
+        let bin = crate::built_bin("dispatch-loadgen", "loadgen");
+        let child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("loadgen stdout file"))
+            .stderr(File::create(&err).expect("loadgen stderr file"))
+            .spawn()
+            .expect("spawn loadgen");
+        Loadgen { child, out, err }
+    }
+
+    /// Its output so far, for a failure message.
+    pub fn output(&self) -> String {
+        format!(
+            "--- loadgen stdout ---\n{}\n--- loadgen stderr ---\n{}",
+            std::fs::read_to_string(&self.out).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+}
