@@ -12,8 +12,7 @@
 //! more messages are in flight to the standby than it allows, long before membership
 //! would drop the standby.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dispatch_tests::cluster::cluster_node;
 use dispatch_tests::{Client, ClusterFixture, Dispatchd, Ride, RidePlan, SLOW, eventually_within};
@@ -46,30 +45,7 @@ fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
 /// A driver session on `d`, retried while `d` answers 503 (membership and the leader's
 /// host group still reaching it, or no leader yet); the 503s seen.
 async fn connect_when_served(d: &Dispatchd, token: &str) -> (Client, u32) {
-    session_when_served(d, "driver", token).await
-}
-
-/// A `role` session on `d`, as [`connect_when_served`].
-async fn session_when_served(d: &Dispatchd, role: &str, token: &str) -> (Client, u32) {
-    let url = d.ws_url(&format!("/v1/ws/{role}"));
-    let refused = AtomicU32::new(0);
-    let c = eventually_within("a session on the node", SLOW, || {
-        let (url, refused) = (url.clone(), &refused);
-        async move {
-            match Client::try_connect(&url, Some(token)).await {
-                Ok(c) => Some(c),
-                Err((503, v)) => {
-                    assert_eq!(v["error"]["code"], "unavailable", "{v}");
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    None
-                }
-                Err((st, v)) => panic!("a {role} session refused {st}: {v}"),
-            }
-        }
-    })
-    .await;
-    (c, refused.into_inner())
+    dispatch_tests::served::connect_when_served(d, "/v1/ws/driver", token).await
 }
 
 /// Waits until the standby `d` answers `/healthz`.
