@@ -6,6 +6,8 @@
 //! - **Authentication**: `ractor_cluster`'s cookie handshake (a challenge–response over the
 //!   shared secret, both ways). A peer that fails it is refused and counted
 //!   (`dispatch_cluster_auth_refusals_total`).
+//! - **Start-up**: membership subscribes to the `NodeServer`'s events before the server's
+//!   `pre_start` starts its listener, so it sees every session (issue 16).
 //! - **Failure detection**: `ractor_cluster` keeps a silent peer's session open forever. Every
 //!   node casts a heartbeat to every remote member of [`HEARTBEAT_GROUP`] each
 //!   `heartbeat` interval; a peer not heard from within `peer_timeout` is declared dead, its
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use ractor::{Actor, ActorId, ActorRef};
+use ractor::{ActorId, ActorRef, ActorRuntime};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{
     IncomingEncryptionMode, NetworkStream, NodeEventSubscription, NodeServer, NodeServerMessage,
@@ -366,6 +368,17 @@ impl Cluster {
         config: ClusterConfig,
         registry: &prometheus::Registry,
     ) -> Result<Cluster, ClusterError> {
+        Self::start_with(config, registry, std::future::ready(())).await
+    }
+
+    /// [`Cluster::start`], awaiting `listening` once the node server has started (and its
+    /// listener accepts) and before anything else: the test of issue 16 holds this open so
+    /// that a peer's link authenticates there.
+    async fn start_with(
+        config: ClusterConfig,
+        registry: &prometheus::Registry,
+        listening: impl std::future::Future<Output = ()>,
+    ) -> Result<Cluster, ClusterError> {
         let metrics = ClusterMetrics::new(registry);
         let (members_tx, members) = watch::channel(vec![config.node_name.clone()]);
         metrics.members.set(1);
@@ -407,15 +420,25 @@ impl Cluster {
         )
         .with_listen_addr(listen_ip)
         .with_max_inbound_frame_size(MAX_FRAME_BYTES);
-        let (server, _) = Actor::spawn(None, server, ())
-            .await
-            .map_err(|e| listen_err(e.to_string()))?;
+        // Subscribed before the node server starts (issue 16): its listener starts inside its
+        // `pre_start` and may accept and authenticate a link at once, and a session whose
+        // events membership missed is never tracked (its peer never counted, never dropped).
+        // Cast before `pre_start` runs, the subscription is first in the server's queue,
+        // ahead of every link's events.
+        let (server, started) =
+            ActorRuntime::spawn_instant(None, server, ()).map_err(|e| listen_err(e.to_string()))?;
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "dispatch-membership".into(),
                 subscription: Box::new(Events(shared.clone())),
             })
             .map_err(|e| listen_err(e.to_string()))?;
+        match started.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(listen_err(e.to_string())),
+            Err(e) => return Err(listen_err(e.to_string())),
+        }
+        listening.await;
         // After the subscription: every link this node accepts is a session it tracks.
         let acceptor = match (&config.tls, own) {
             (Some(tls), Some(own)) => {
@@ -660,5 +683,81 @@ async fn accept_tls(
                 Err(_) => refused("timeout", "no handshake within --cluster-peer-timeout-ms".into()),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: &str, port: u16, peer: u16) -> ClusterConfig {
+        ClusterConfig {
+            node_name: name.to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            peers: vec![format!("127.0.0.1:{peer}")],
+            cookie: Cookie("membership-race-cookie-0123456789".into()),
+            heartbeat: Duration::from_millis(100),
+            peer_timeout: Duration::from_millis(1_000),
+            tls: None,
+        }
+    }
+
+    /// Waits until `f` holds, polling, at most `within`; whether it held.
+    async fn wait_for(within: Duration, f: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    /// Issue 16: a peer's link that authenticates between the node server's start and
+    /// membership's subscription to its events must still be tracked, or that peer is never
+    /// counted (its heartbeats are not believed) and, when this node's name sorts first, its
+    /// own dials of the peer lose ractor_cluster's duplicate-link election for good. As in
+    /// the failed run (n1 accepted n2's link before its membership started): `n2` runs
+    /// first and dials `n1`, and `n1` holds the window open until that link authenticated
+    /// (where `n1`'s node server can accept before the subscription).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_made_before_membership_subscribes_is_counted() {
+        // Ports of this helper's range (29000–29499).
+        let (p1, p2) = (29101, 29102);
+        let n2 = Cluster::start(config("n2", p2, p1), &prometheus::Registry::new())
+            .await
+            .unwrap();
+        let n2_shared = n2.shared.clone();
+        let (linked_tx, linked) = tokio::sync::oneshot::channel();
+        let window = async move {
+            let linked = wait_for(Duration::from_secs(15), || {
+                !n2_shared.node_ids_of("n1").is_empty()
+            })
+            .await;
+            let _ = linked_tx.send(linked);
+        };
+        let n1 = Cluster::start_with(config("n1", p1, p2), &prometheus::Registry::new(), window)
+            .await
+            .unwrap();
+        // Else this test would not test the window at all.
+        assert!(
+            linked.await.unwrap(),
+            "n2's link to n1 did not authenticate while n1's start was held"
+        );
+        let want = vec!["n1".to_owned(), "n2".to_owned()];
+        let (m1, m2) = (n1.members(), n2.members());
+        // Generous: on loopback they list each other within a few heartbeats; broken, never.
+        let both = wait_for(Duration::from_secs(30), || {
+            *m1.borrow() == want && *m2.borrow() == want
+        })
+        .await;
+        let (seen1, seen2) = (m1.borrow().clone(), m2.borrow().clone());
+        n1.stop().await;
+        n2.stop().await;
+        assert!(
+            both,
+            "n1 lists {seen1:?}, n2 lists {seen2:?}; both should list n1 and n2"
+        );
     }
 }
