@@ -207,6 +207,15 @@ async fn a_paused_standby_s_session_is_closed_by_the_leader_past_what_it_may_hav
     let b1 = node(1).spawn();
     answers_healthz(&b1).await;
     b0.wait_ready().await;
+    // Each counts the other a member first (relayed sessions work before that, through
+    // ractor's groups): the check after the pause is then that membership kept the paused
+    // standby, so the close came from the bound.
+    eventually_within("b0 and b1 count each other", SLOW, || async {
+        let both = b0.metric_value("dispatch_cluster_members").await == 2.0
+            && b1.metric_value("dispatch_cluster_members").await == 2.0;
+        both.then_some(())
+    })
+    .await;
     let plan = RidePlan::default();
     let (driver_id, driver_token) = b0.driver(plan.driver, plan.product).await;
     let (mut d, _) = connect_when_served(&b1, &driver_token).await;
