@@ -24,7 +24,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::lease::{self, FENCED, Fence, Lease, ShardId};
-use crate::store::{Faults, Range, Request, Rows, Sink, StoreError, Tree};
+use crate::store::{Faults, KeyWrite, Range, Request, Rows, Sink, StoreError, Tree};
 
 /// The versioned migrations, applied in order under an advisory lock.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -523,7 +523,12 @@ impl Pg {
         self.ready()?;
         let writes = rows
             .into_iter()
-            .map(|(k, v)| (tree, k, Some(v), 0i64))
+            .map(|(key, v)| KeyWrite {
+                tree,
+                key,
+                value: Some(v),
+                version: 0,
+            })
             .collect();
         let pool = self.pool.clone();
         let group = vec![Planned {
@@ -602,21 +607,14 @@ type Writes = BTreeMap<(Tree, Vec<u8>), (Option<Vec<u8>>, i64)>;
 /// writes in order.
 pub(crate) struct Planned {
     shards: Vec<ShardId>,
-    writes: Vec<(Tree, Vec<u8>, Option<Vec<u8>>, i64)>,
+    writes: Vec<KeyWrite>,
 }
 
 impl Planned {
     fn of(r: &Request) -> Planned {
         Planned {
             shards: r.batch.shards().into_iter().collect(),
-            writes: r
-                .batch
-                .ops()
-                .map(|op| {
-                    let w = op.key_write();
-                    (w.tree, w.key, w.value, w.version)
-                })
-                .collect(),
+            writes: r.batch.ops().map(|op| op.key_write()).collect(),
         }
     }
 }
@@ -697,8 +695,8 @@ async fn write_group(
     // final state the same as applying each write in turn.
     let mut writes = Writes::new();
     for (p, _) in group.iter().zip(&refused).filter(|(_, r)| r.is_none()) {
-        for (tree, key, value, version) in &p.writes {
-            writes.insert((*tree, key.clone()), (value.clone(), *version));
+        for w in &p.writes {
+            writes.insert((w.tree, w.key.clone()), (w.value.clone(), w.version));
         }
     }
     if writes.is_empty() {
