@@ -14,13 +14,29 @@
 //! The node still has to stop serving on its own before its lease ends (a deadline from
 //! the instant it sent its last successful renewal): fencing makes its late writes
 //! harmless; the deadline keeps it from answering clients after it lost the shard.
+//!
+//! **Several shards per node** (issue 16, stage 1 of `docs/sharding.md`): a store holds
+//! one fence per shard it owns ([`Store::fence`](crate::Store::fence) per shard,
+//! [`Store::unfence`](crate::Store::unfence) on handoff), and every write names its shard
+//! ([`Batch::in_shard`](crate::Batch::in_shard)). A group commit checks, in its one
+//! transaction and one query ([`CHECK`]), every shard its writes name; a batch naming a
+//! shard whose lease this node no longer holds at that epoch, or whose fence it never
+//! had, is refused whole, and the group's other batches still commit. Once fenced, a
+//! store never writes unchecked again, even with no fence left.
 
 use std::time::Duration;
+
+pub use dispatch_engine::shard::ShardId;
+
+/// The shard of the whole city: the one shard of a single leader (today's cluster mode)
+/// and of every write that names none ([`Batch::new`](crate::Batch::new)). No H3 cell
+/// index is 0, so it never collides with a shard of [`dispatch_engine::shard::shard_of`].
+pub const WHOLE_CITY: ShardId = 0;
 
 /// One shard's lease as the database holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub shard: u32,
+    pub shard: ShardId,
     /// The fencing token: raised by every new claim.
     pub epoch: u64,
     pub holder: String,
@@ -31,7 +47,7 @@ pub struct Lease {
 /// What a fenced store's commits check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
-    pub shard: u32,
+    pub shard: ShardId,
     pub epoch: u64,
     pub holder: String,
 }
@@ -73,18 +89,30 @@ pub(crate) const RELEASE: &str = "\
 UPDATE dispatch_leases SET expires_at = clock_timestamp() \
 WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()";
 
-/// The check at the start of a fenced commit's transaction.
+/// The check at the start of a fenced commit's transaction: of the (shard, holder,
+/// epoch) fences given as three arrays, the shards whose lease is still that holder's at
+/// that epoch, unexpired. Their rows stay locked `FOR SHARE` until the commit, so a claim
+/// of any of them waits for it; a row a claim changed meanwhile is re-checked on its new
+/// version (and drops out).
 pub(crate) const CHECK: &str = "\
-SELECT 1 FROM dispatch_leases \
-WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp() FOR SHARE";
+SELECT l.shard FROM dispatch_leases l \
+JOIN unnest($1::int8[], $2::text[], $3::int8[]) AS f(shard, holder, epoch) \
+ON l.shard = f.shard AND l.holder = f.holder AND l.epoch = f.epoch \
+WHERE l.expires_at > clock_timestamp() ORDER BY l.shard FOR SHARE OF l";
 
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-pub(crate) fn lease(shard: i32, epoch: i64, holder: String, remaining_ms: i64) -> Lease {
+/// A shard id as the `bigint` column holds it. H3 indexes leave the top bit clear, so
+/// every shard id of [`dispatch_engine::shard::shard_of`] maps one to one.
+pub(crate) fn column(shard: ShardId) -> i64 {
+    shard as i64
+}
+
+pub(crate) fn lease(shard: i64, epoch: i64, holder: String, remaining_ms: i64) -> Lease {
     Lease {
-        shard: shard as u32,
+        shard: shard as ShardId,
         epoch: epoch as u64,
         holder,
         remaining: Duration::from_millis(remaining_ms.max(0) as u64),

@@ -21,7 +21,7 @@ pub mod records;
 pub mod store;
 
 pub use codec::{CodecError, SCHEMA_VERSION};
-pub use lease::{Fence, Lease};
+pub use lease::{Fence, Lease, ShardId, WHOLE_CITY};
 pub use pg::{PgOptions, redact};
 pub use records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,

@@ -23,13 +23,18 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::lease::{self, FENCED, Fence, Lease};
-use crate::store::{Faults, Range, Request, Rows, Sink, StoreError, Tree};
+use crate::lease::{self, FENCED, Fence, Lease, ShardId};
+use crate::store::{Faults, KeyWrite, Range, Request, Rows, Sink, StoreError, Tree};
 
 /// The versioned migrations, applied in order under an advisory lock.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "trees", include_str!("../migrations/0001_trees.sql")),
     (2, "leases", include_str!("../migrations/0002_leases.sql")),
+    (
+        3,
+        "lease shard bigint",
+        include_str!("../migrations/0003_lease_shard_bigint.sql"),
+    ),
 ];
 
 /// The schema version this build writes and reads.
@@ -123,9 +128,20 @@ pub(crate) struct Pg {
     problem: Mutex<Option<String>>,
     timeouts: AtomicU64,
     /// What every group commit checks first (cluster mode), if anything.
-    fence: Mutex<Option<Fence>>,
-    /// Group commits refused by the fence.
+    fences: Mutex<Fences>,
+    /// Batches refused by a fence.
     fenced: AtomicU64,
+    /// Batches refused, by the shard whose fence refused them.
+    fenced_by_shard: Mutex<BTreeMap<ShardId, u64>>,
+}
+
+/// The fences of the shards this node holds. Unfenced (every write lands unchecked) until
+/// the first [`Pg::set_fence`]; from then on fenced for good: a write naming a shard with
+/// no fence here is refused, even once the last fence is gone.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Fences {
+    on: bool,
+    by_shard: BTreeMap<ShardId, Fence>,
 }
 
 impl Drop for Pg {
@@ -208,8 +224,9 @@ impl Pg {
             prepared: AtomicBool::new(false),
             problem: Mutex::new(Some("not connected yet".to_owned())),
             timeouts: AtomicU64::new(0),
-            fence: Mutex::new(None),
+            fences: Mutex::new(Fences::default()),
             fenced: AtomicU64::new(0),
+            fenced_by_shard: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -376,13 +393,13 @@ impl Pg {
     /// See [`Store::claim_lease`](crate::Store::claim_lease).
     pub(crate) fn claim_lease(
         &self,
-        shard: u32,
+        shard: ShardId,
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
         self.ready()?;
         let pool = self.pool.clone();
-        let (shard, holder, ttl) = (shard as i32, holder.to_owned(), lease::ms(ttl));
+        let (shard, holder, ttl) = (lease::column(shard), holder.to_owned(), lease::ms(ttl));
         self.run(async move {
             let c = pool.get().await.map_err(reason)?;
             let st = c.prepare_cached(lease::CLAIM).await.map_err(reason)?;
@@ -406,7 +423,7 @@ impl Pg {
     /// See [`Store::renew_lease`](crate::Store::renew_lease).
     pub(crate) fn renew_lease(
         &self,
-        shard: u32,
+        shard: ShardId,
         holder: &str,
         epoch: u64,
         ttl: Duration,
@@ -414,7 +431,7 @@ impl Pg {
         self.ready()?;
         let pool = self.pool.clone();
         let (shard, holder, epoch, ttl) = (
-            shard as i32,
+            lease::column(shard),
             holder.to_owned(),
             epoch as i64,
             lease::ms(ttl),
@@ -433,13 +450,13 @@ impl Pg {
     /// See [`Store::release_lease`](crate::Store::release_lease).
     pub(crate) fn release_lease(
         &self,
-        shard: u32,
+        shard: ShardId,
         holder: &str,
         epoch: u64,
     ) -> Result<(), StoreError> {
         self.ready()?;
         let pool = self.pool.clone();
-        let (shard, holder, epoch) = (shard as i32, holder.to_owned(), epoch as i64);
+        let (shard, holder, epoch) = (lease::column(shard), holder.to_owned(), epoch as i64);
         self.run(async move {
             let c = pool.get().await.map_err(reason)?;
             let st = c.prepare_cached(lease::RELEASE).await.map_err(reason)?;
@@ -466,28 +483,65 @@ impl Pg {
         })
     }
 
-    pub(crate) fn set_fence(&self, fence: Option<Fence>) {
-        *self.fence.lock().expect("pg fence") = fence;
+    /// Holds `fence` for its shard (replacing that shard's older one); fenced from now on.
+    pub(crate) fn set_fence(&self, fence: Fence) {
+        let mut f = self.fences.lock().expect("pg fence");
+        f.on = true;
+        f.by_shard.insert(fence.shard, fence);
     }
 
-    pub(crate) fn fence(&self) -> Option<Fence> {
-        self.fence.lock().expect("pg fence").clone()
+    /// Drops `shard`'s fence: writes naming it are refused from now on.
+    pub(crate) fn unset_fence(&self, shard: ShardId) -> Option<Fence> {
+        self.fences
+            .lock()
+            .expect("pg fence")
+            .by_shard
+            .remove(&shard)
+    }
+
+    pub(crate) fn fences(&self) -> Vec<Fence> {
+        let f = self.fences.lock().expect("pg fence");
+        f.by_shard.values().cloned().collect()
     }
 
     pub(crate) fn fenced(&self) -> u64 {
         self.fenced.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn fenced_in(&self, shard: ShardId) -> u64 {
+        self.fenced_by_shard
+            .lock()
+            .expect("pg fenced")
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Writes `rows` of raw keys and values into `tree` (for `migrate`), in one
     /// transaction.
     pub(crate) fn put_raw(&self, tree: Tree, rows: Rows) -> Result<(), StoreError> {
         self.ready()?;
-        let mut writes = BTreeMap::new();
-        for (k, v) in rows {
-            writes.insert((tree, k), (Some(v), 0i64));
-        }
+        let writes = rows
+            .into_iter()
+            .map(|(key, v)| KeyWrite {
+                tree,
+                key,
+                value: Some(v),
+                version: 0,
+            })
+            .collect();
         let pool = self.pool.clone();
-        self.run(async move { write_group(pool, writes, None, Duration::ZERO, false).await })
+        let group = vec![Planned {
+            shards: Vec::new(),
+            writes,
+        }];
+        let fences = Fences::default();
+        self.run(async move {
+            match write_group(pool, group, fences, Duration::ZERO, false).await {
+                Ok(mut outcomes) => outcomes.pop().map(|o| o.1).unwrap_or(Ok(())),
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 
@@ -549,35 +603,105 @@ async fn migrate(pool: Pool) -> Result<(), String> {
 
 type Writes = BTreeMap<(Tree, Vec<u8>), (Option<Vec<u8>>, i64)>;
 
-/// One transaction: per table, an upsert of the last value per key and a delete.
-/// Under a `fence`, first the lease row `FOR SHARE`: refused whole (rolled back, the
-/// error starting with [`FENCED`]) unless the fence's holder still holds its epoch
-/// unexpired. `lose_reply`: commit, then answer as a lost connection would (tests).
+/// One batch of a group as the transaction sees it: the shards it names, and its key
+/// writes in order.
+pub(crate) struct Planned {
+    shards: Vec<ShardId>,
+    writes: Vec<KeyWrite>,
+}
+
+impl Planned {
+    fn of(r: &Request) -> Planned {
+        Planned {
+            shards: r.batch.shards().into_iter().collect(),
+            writes: r.batch.ops().map(|op| op.key_write()).collect(),
+        }
+    }
+}
+
+/// Why `holder`'s writes to `shard` are refused (the text after [`FENCED`]).
+fn refusal(shard: ShardId, fence: Option<&Fence>) -> String {
+    match fence {
+        Some(f) => format!(
+            "{} no longer holds shard {} with epoch {} (the lease expired or a newer epoch claimed it); nothing of this write was written",
+            f.holder, shard, f.epoch
+        ),
+        None => format!(
+            "this node holds no lease on shard {shard} (never claimed here, or handed off); nothing of this write was written"
+        ),
+    }
+}
+
+/// What one batch of a group came to: the shard whose fence refused it, if any, and
+/// its outcome.
+type Outcome = (Option<ShardId>, Result<(), String>);
+
+/// One transaction for a group; one outcome per batch, in order.
+///
+/// Fenced (`fences.on`): first one query locks `FOR SHARE` the lease row of every shard
+/// the group names and this node has a fence for, and keeps those still held by the
+/// fence's holder at its epoch, unexpired. A batch naming any other shard is refused
+/// (its outcome starts with [`FENCED`]) and none of its writes is applied; the others
+/// are. Then per table, an upsert of the last value per key of the batches kept, and a
+/// delete. `lose_reply`: commit, then answer as a lost connection would (tests).
+/// `Err`: the transaction failed, nothing of the group was written.
 async fn write_group(
     pool: Pool,
-    writes: Writes,
-    fence: Option<Fence>,
+    group: Vec<Planned>,
+    fences: Fences,
     hold: Duration,
     lose_reply: bool,
-) -> Result<(), String> {
+) -> Result<Vec<Outcome>, String> {
     let mut c = pool.get().await.map_err(reason)?;
     let tx = c.transaction().await.map_err(reason)?;
-    if let Some(f) = &fence {
-        let st = tx.prepare_cached(lease::CHECK).await.map_err(reason)?;
-        let held = tx
-            .query_opt(&st, &[&(f.shard as i32), &f.holder, &(f.epoch as i64)])
-            .await
-            .map_err(reason)?;
-        if held.is_none() {
-            // Dropping `tx` rolls it back; nothing of the group is written.
-            return Err(format!(
-                "{FENCED}{} no longer holds shard {} with epoch {} (the lease expired or a newer epoch claimed it); nothing was written",
-                f.holder, f.shard, f.epoch
-            ));
+    // The refusal of each batch, if any.
+    let mut refused: Vec<Option<(ShardId, String)>> = vec![None; group.len()];
+    if fences.on {
+        let named: std::collections::BTreeSet<ShardId> = group
+            .iter()
+            .flat_map(|p| p.shards.iter().copied())
+            .collect();
+        let checked: Vec<&Fence> = named
+            .iter()
+            .filter_map(|s| fences.by_shard.get(s))
+            .collect();
+        let mut held = std::collections::BTreeSet::new();
+        if !checked.is_empty() {
+            let shards: Vec<i64> = checked.iter().map(|f| lease::column(f.shard)).collect();
+            let holders: Vec<&str> = checked.iter().map(|f| f.holder.as_str()).collect();
+            let epochs: Vec<i64> = checked.iter().map(|f| f.epoch as i64).collect();
+            let st = tx.prepare_cached(lease::CHECK).await.map_err(reason)?;
+            for row in tx
+                .query(&st, &[&shards, &holders, &epochs])
+                .await
+                .map_err(reason)?
+            {
+                held.insert(row.get::<_, i64>(0) as ShardId);
+            }
+        }
+        for (i, p) in group.iter().enumerate() {
+            if let Some(s) = p.shards.iter().find(|s| !held.contains(s)) {
+                refused[i] = Some((
+                    *s,
+                    format!("{FENCED}{}", refusal(*s, fences.by_shard.get(s))),
+                ));
+            }
         }
         if !hold.is_zero() {
             tokio::time::sleep(hold).await;
         }
+    }
+    // The kept batches' last value per key, in arrival order: one transaction makes the
+    // final state the same as applying each write in turn.
+    let mut writes = Writes::new();
+    for (p, _) in group.iter().zip(&refused).filter(|(_, r)| r.is_none()) {
+        for w in &p.writes {
+            writes.insert((w.tree, w.key.clone()), (w.value.clone(), w.version));
+        }
+    }
+    if writes.is_empty() {
+        // Dropping `tx` rolls it back: nothing to write (a sync, or every batch refused).
+        return Ok(outcomes(refused, Ok(())));
     }
     for tree in Tree::ALL {
         let mut keys = Vec::new();
@@ -618,12 +742,26 @@ async fn write_group(
         format!("the commit's outcome is unknown (the connection failed during COMMIT: {e})")
     })?;
     if lose_reply {
-        return Err(
-            "injected fault: the connection was lost during COMMIT; the outcome is unknown"
-                .to_owned(),
-        );
+        return Ok(outcomes(
+            refused,
+            Err(
+                "injected fault: the connection was lost during COMMIT; the outcome is unknown"
+                    .to_owned(),
+            ),
+        ));
     }
-    Ok(())
+    Ok(outcomes(refused, Ok(())))
+}
+
+/// Each batch's outcome: its refusal, or what the transaction answered.
+fn outcomes(refused: Vec<Option<(ShardId, String)>>, kept: Result<(), String>) -> Vec<Outcome> {
+    refused
+        .into_iter()
+        .map(|r| match r {
+            Some((shard, why)) => (Some(shard), Err(why)),
+            None => (None, kept.clone()),
+        })
+        .collect()
 }
 
 /// The writer thread's side of the PostgreSQL store.
@@ -640,43 +778,42 @@ impl Sink for PgSink {
 
     fn recover(&self) {}
 
-    fn apply(&self, group: &[Request]) -> Result<(), String> {
+    fn apply(&self, group: &[Request]) -> Vec<Result<(), String>> {
+        let all = |e: String| vec![Err(e); group.len()];
         if self.faults.failing() {
-            return Err("injected fault: the database refused the write".to_owned());
+            return all("injected fault: the database refused the write".to_owned());
         }
-        // The group's last value per key, in arrival order: one transaction makes the
-        // final state the same as applying each write in turn.
-        let mut writes = Writes::new();
-        for r in group {
-            for op in r.batch.ops() {
-                let w = op.key_write();
-                writes.insert((w.tree, w.key), (w.value, w.version));
-            }
-        }
-        if writes.is_empty() {
+        if group.iter().all(|r| r.batch.is_empty()) {
             // A sync: nothing queued is unwritten once the previous group returned.
-            return Ok(());
+            return vec![Ok(()); group.len()];
         }
-        self.pg.ready().map_err(|e| match e {
-            StoreError::Postgres { reason, .. } => reason,
-            other => other.to_string(),
-        })?;
-        let lose = self.faults.take_lost_reply();
-        let hold = self.faults.held_after_fence();
-        let pool = self.pg.pool.clone();
-        let result = self
-            .pg
-            .run(write_group(pool, writes, self.pg.fence(), hold, lose))
-            .map_err(|e| match e {
+        if let Err(e) = self.pg.ready() {
+            return all(match e {
                 StoreError::Postgres { reason, .. } => reason,
                 other => other.to_string(),
             });
-        if let Err(e) = &result
-            && e.starts_with(FENCED)
-        {
-            self.pg.fenced.fetch_add(1, Ordering::Relaxed);
         }
-        result
+        let planned: Vec<Planned> = group.iter().map(Planned::of).collect();
+        let fences = self.pg.fences.lock().expect("pg fence").clone();
+        let lose = self.faults.take_lost_reply();
+        let hold = self.faults.held_after_fence();
+        let pool = self.pg.pool.clone();
+        let outcomes = match self.pg.run(write_group(pool, planned, fences, hold, lose)) {
+            Ok(o) => o,
+            Err(StoreError::Postgres { reason, .. }) => return all(reason),
+            Err(other) => return all(other.to_string()),
+        };
+        let mut by_shard = self.pg.fenced_by_shard.lock().expect("pg fenced");
+        outcomes
+            .into_iter()
+            .map(|(refused_by, outcome)| {
+                if let Some(shard) = refused_by {
+                    self.pg.fenced.fetch_add(1, Ordering::Relaxed);
+                    *by_shard.entry(shard).or_default() += 1;
+                }
+                outcome
+            })
+            .collect()
     }
 }
 

@@ -7,7 +7,7 @@
 //! crash, so a journal entry written before its snapshot is never lost while the
 //! snapshot survives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::codec::{self, CodecError};
+use crate::lease::{ShardId, WHOLE_CITY};
 use crate::records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
     StoredSurge, StoredTrip, Transition,
@@ -84,10 +85,18 @@ pub enum StoreError {
     Unsupported(&'static str),
 }
 
-/// Writes that must land together, in this order.
+/// Writes that must land together, in this order, each naming the shard it belongs to.
+///
+/// Under fencing (cluster mode, PostgreSQL) a batch lands only if this node holds the
+/// lease of every shard its writes name, at the epoch it fenced, checked in the commit's
+/// own transaction; otherwise none of it does ([`StoreError::Fenced`]). On sled, and on
+/// a PostgreSQL store never fenced, shards are not checked.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    ops: Vec<Op>,
+    /// Each write and the shard it belongs to.
+    ops: Vec<(ShardId, Op)>,
+    /// The shard of the writes added next.
+    shard: ShardId,
 }
 
 #[derive(Debug, Clone)]
@@ -105,8 +114,33 @@ pub(crate) enum Op {
 }
 
 impl Batch {
+    /// A batch of the whole city's shard ([`WHOLE_CITY`]): a single node's writes, and a
+    /// single leader's.
     pub fn new() -> Self {
-        Self::default()
+        Self::in_shard(WHOLE_CITY)
+    }
+    /// A batch whose writes belong to `shard` (until [`Batch::then_in`] says otherwise).
+    pub fn in_shard(shard: ShardId) -> Self {
+        Self {
+            ops: Vec::new(),
+            shard,
+        }
+    }
+    /// The writes added after this belong to `shard`: the batch lands only if every shard
+    /// it names is held.
+    pub fn then_in(mut self, shard: ShardId) -> Self {
+        self.shard = shard;
+        self
+    }
+    /// This batch's writes, then `other`'s, each keeping its shard.
+    pub fn append(mut self, other: Batch) -> Self {
+        self.ops.extend(other.ops);
+        self.shard = other.shard;
+        self
+    }
+    /// The shards this batch's writes name.
+    pub fn shards(&self) -> BTreeSet<ShardId> {
+        self.ops.iter().map(|(s, _)| *s).collect()
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -114,24 +148,26 @@ impl Batch {
     pub fn len(&self) -> usize {
         self.ops.len()
     }
-    pub fn driver(mut self, d: StoredDriver) -> Self {
-        self.ops.push(Op::Driver(d));
+    fn push(mut self, op: Op) -> Self {
+        self.ops.push((self.shard, op));
         self
     }
-    pub fn rider(mut self, r: StoredRider) -> Self {
-        self.ops.push(Op::Rider(r));
-        self
+    pub fn driver(self, d: StoredDriver) -> Self {
+        self.push(Op::Driver(d))
+    }
+    pub fn rider(self, r: StoredRider) -> Self {
+        self.push(Op::Rider(r))
     }
     /// The trip's latest state; with `transition`, its journal entry goes first.
-    pub fn trip(mut self, t: StoredTrip, transition: Option<Transition>) -> Self {
-        if let Some(transition) = transition {
-            self.ops.push(Op::Journal(JournalEntry {
+    pub fn trip(self, t: StoredTrip, transition: Option<Transition>) -> Self {
+        let b = match transition {
+            Some(transition) => self.push(Op::Journal(JournalEntry {
                 transition,
                 trip: t.clone(),
-            }));
-        }
-        self.ops.push(Op::Trip(t));
-        self
+            })),
+            None => self,
+        };
+        b.push(Op::Trip(t))
     }
     /// One decided transition (the engine's `Decision`): its journal record and the
     /// trip's new state, then the ledger entry its payment plan wrote, in one batch.
@@ -142,30 +178,24 @@ impl Batch {
             None => b,
         }
     }
-    pub fn quote(mut self, q: StoredQuote) -> Self {
-        self.ops.push(Op::Quote(q));
-        self
+    pub fn quote(self, q: StoredQuote) -> Self {
+        self.push(Op::Quote(q))
     }
-    pub fn delete_quote(mut self, id: QuoteId) -> Self {
-        self.ops.push(Op::DeleteQuote(id));
-        self
+    pub fn delete_quote(self, id: QuoteId) -> Self {
+        self.push(Op::DeleteQuote(id))
     }
-    pub fn pricing(mut self, p: StoredPricing) -> Self {
-        self.ops.push(Op::Pricing(p));
-        self
+    pub fn pricing(self, p: StoredPricing) -> Self {
+        self.push(Op::Pricing(p))
     }
-    pub fn surge(mut self, s: StoredSurge) -> Self {
-        self.ops.push(Op::Surge(s));
-        self
+    pub fn surge(self, s: StoredSurge) -> Self {
+        self.push(Op::Surge(s))
     }
     /// A ledger entry; written with the trip transition that caused it.
-    pub fn ledger(mut self, e: Entry) -> Self {
-        self.ops.push(Op::Ledger(e));
-        self
+    pub fn ledger(self, e: Entry) -> Self {
+        self.push(Op::Ledger(e))
     }
-    pub fn provider(mut self, r: ProviderRecord) -> Self {
-        self.ops.push(Op::Provider(r));
-        self
+    pub fn provider(self, r: ProviderRecord) -> Self {
+        self.push(Op::Provider(r))
     }
 }
 
@@ -492,7 +522,7 @@ impl Op {
 
 impl Batch {
     pub(crate) fn ops(&self) -> impl Iterator<Item = &Op> {
-        self.ops.iter()
+        self.ops.iter().map(|(_, op)| op)
     }
 }
 
@@ -630,7 +660,7 @@ impl Store {
     /// expired lease exactly one wins. Blocking; bounded by the call timeout.
     pub fn claim_lease(
         &self,
-        shard: u32,
+        shard: ShardId,
         holder: &str,
         ttl: std::time::Duration,
     ) -> Result<Option<crate::Lease>, StoreError> {
@@ -643,7 +673,7 @@ impl Store {
     /// `Ok(false)` when it is lost (expired, or claimed again).
     pub fn renew_lease(
         &self,
-        shard: u32,
+        shard: ShardId,
         holder: &str,
         epoch: u64,
         ttl: std::time::Duration,
@@ -655,7 +685,12 @@ impl Store {
 
     /// Ends the lease now if `holder` holds it with `epoch` (a clean handoff: the next
     /// claim need not wait for it to expire).
-    pub fn release_lease(&self, shard: u32, holder: &str, epoch: u64) -> Result<(), StoreError> {
+    pub fn release_lease(
+        &self,
+        shard: ShardId,
+        holder: &str,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
         check_holder(holder)?;
         self.postgres("a shard lease")?
             .release_lease(shard, holder, epoch)
@@ -666,32 +701,52 @@ impl Store {
         self.postgres("a shard lease")?.leases()
     }
 
-    /// From now on, every group commit checks in its own transaction that `holder`
-    /// still holds `shard` with `epoch`, unexpired by the database's clock, and is
-    /// refused whole ([`StoreError::Fenced`], nothing written) otherwise. See
-    /// [`crate::lease`].
-    pub fn fence(&self, shard: u32, epoch: u64, holder: &str) -> Result<(), StoreError> {
+    /// From now on, every batch naming `shard` lands only if its group commit finds,
+    /// in its own transaction, that `holder` still holds `shard` with `epoch`, unexpired
+    /// by the database's clock; otherwise that batch is refused whole
+    /// ([`StoreError::Fenced`], nothing of it written). Replaces `shard`'s older fence;
+    /// other shards' fences stay. The first fence turns fencing on for good: a batch
+    /// naming a shard with no fence here is refused too. See [`crate::lease`].
+    pub fn fence(&self, shard: ShardId, epoch: u64, holder: &str) -> Result<(), StoreError> {
         check_holder(holder)?;
-        self.postgres("fencing")?.set_fence(Some(crate::Fence {
+        self.postgres("fencing")?.set_fence(crate::Fence {
             shard,
             epoch,
             holder: holder.to_owned(),
-        }));
+        });
         Ok(())
     }
 
-    /// The fence every commit checks, if any.
-    pub fn current_fence(&self) -> Option<crate::Fence> {
+    /// Drops `shard`'s fence (after a handoff or a lost lease): from now on every batch
+    /// naming it is refused without asking the database. Returns the fence it had.
+    pub fn unfence(&self, shard: ShardId) -> Option<crate::Fence> {
         match &self.backend {
-            Backend::Postgres(pg) => pg.fence(),
+            Backend::Postgres(pg) => pg.unset_fence(shard),
             Backend::Sled(_) => None,
         }
     }
 
-    /// How many group commits the fence refused (each refused every write in it).
+    /// The fences commits check, one per shard held, in shard order.
+    pub fn fences(&self) -> Vec<crate::Fence> {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.fences(),
+            Backend::Sled(_) => Vec::new(),
+        }
+    }
+
+    /// How many batches a fence refused (each refused whole).
     pub fn fenced(&self) -> u64 {
         match &self.backend {
             Backend::Postgres(pg) => pg.fenced(),
+            Backend::Sled(_) => 0,
+        }
+    }
+
+    /// How many batches were refused for naming `shard` (counted under the first shard
+    /// a batch names that is not held).
+    pub fn fenced_in(&self, shard: ShardId) -> u64 {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.fenced_in(shard),
             Backend::Sled(_) => 0,
         }
     }
@@ -1247,8 +1302,9 @@ pub(crate) trait Sink: Send + 'static {
     fn healthy(&self) -> bool;
     /// Called while unhealthy, between groups and at least every [`REOPEN_EVERY`].
     fn recover(&self);
-    /// Applies every batch of the group, in order, durably and all together.
-    fn apply(&self, group: &[Request]) -> Result<(), String>;
+    /// Applies the batches of the group, in order, durably and all together; one outcome
+    /// per batch (a fenced store may refuse some and write the others).
+    fn apply(&self, group: &[Request]) -> Vec<Result<(), String>>;
 }
 
 struct SledSink {
@@ -1266,7 +1322,7 @@ impl Sink for SledSink {
         reopen(&self.shared, &self.dir);
     }
 
-    fn apply(&self, group: &[Request]) -> Result<(), String> {
+    fn apply(&self, group: &[Request]) -> Vec<Result<(), String>> {
         let handles = self.shared.read().expect("store lock").clone();
         let result = match &handles {
             None => Err("the database could not be reopened after a failed write".to_owned()),
@@ -1292,7 +1348,7 @@ impl Sink for SledSink {
             drop(h);
             reopen(&self.shared, &self.dir);
         }
-        result
+        vec![result; group.len()]
     }
 }
 
@@ -1324,8 +1380,8 @@ fn write_loop(sink: impl Sink, rx: mpsc::Receiver<Request>, on_flush: impl Fn(Fl
         }
         let started = Instant::now();
         let ops: usize = group.iter().map(|r| r.batch.len()).sum();
-        let result = sink.apply(&group);
-        if let Err(e) = &result {
+        let results = sink.apply(&group);
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             tracing::error!(error = %e, "store write failed");
         }
         on_flush(FlushStats {
@@ -1333,9 +1389,9 @@ fn write_loop(sink: impl Sink, rx: mpsc::Receiver<Request>, on_flush: impl Fn(Fl
             ops,
             flush_seconds: started.elapsed().as_secs_f64(),
         });
-        for r in group {
+        for (r, result) in group.into_iter().zip(results) {
             if let Some(done) = r.done {
-                let _ = done.send(result.clone());
+                let _ = done.send(result);
             }
         }
     }

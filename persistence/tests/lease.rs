@@ -301,3 +301,263 @@ fn on_sled_leases_are_refused_clearly() {
     assert!(s.fence(0, 1, "n1").is_err());
     assert_eq!(s.fenced(), 0);
 }
+
+// ---- Several shards per store (issue 16, stage 1 of docs/sharding.md) ----
+
+use dispatch_engine::shard::{ShardId, shard_of};
+use dispatch_persistence::FlushStats;
+
+/// Two real shards (H3 resolution-6 cells, 64-bit ids) of one city, ~20 km apart.
+fn two_shards() -> (ShardId, ShardId) {
+    let grid = dispatch_engine::Grid::new(8).unwrap();
+    let a = shard_of(grid.cell_of(Point::new(52.52, 13.40).unwrap()));
+    let b = shard_of(grid.cell_of(Point::new(52.40, 13.15).unwrap()));
+    assert_ne!(a, b);
+    assert!(a > u64::from(u32::MAX), "a shard id is wider than 32 bits");
+    (a, b)
+}
+
+/// A store whose group commits are counted: batches per group, in order.
+fn open_counted(url: &str) -> (Store, Arc<std::sync::Mutex<Vec<usize>>>) {
+    let groups = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = groups.clone();
+    let s = Store::open_postgres(PgOptions::new(url), move |f: FlushStats| {
+        g.lock().unwrap().push(f.batches)
+    })
+    .unwrap();
+    s.load().unwrap();
+    (s, groups)
+}
+
+fn stored_name(s: &Store, i: u32) -> Option<String> {
+    s.driver(&DriverId::new(format!("drv_{i}")))
+        .unwrap()
+        .map(|d| d.profile.name)
+}
+
+fn fenced(r: Result<(), StoreError>) -> String {
+    match r {
+        Err(StoreError::Fenced(why)) => why,
+        other => panic!("expected a refusal by the fence, got {other:?}"),
+    }
+}
+
+/// Claims `shard` for `holder` on `s` and fences it; the epoch.
+fn hold(s: &Store, shard: ShardId, holder: &str, ttl: Duration) -> u64 {
+    let l = s.claim_lease(shard, holder, ttl).unwrap().expect("free");
+    s.fence(shard, l.epoch, holder).unwrap();
+    l.epoch
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_holders_of_two_shards_write_concurrently_each_refused_for_the_others_shard() {
+    let Some(url) = dispatch_persistence::pg::test_database("lease_two_shards") else {
+        return;
+    };
+    let (a, b) = two_shards();
+    let ttl = Duration::from_secs(60);
+    let n1 = Arc::new(open(&url));
+    let n2 = Arc::new(open(&url));
+    hold(&n1, a, "n1", ttl);
+    hold(&n2, b, "n2", ttl);
+    // Each writes its own shard, at the same time, through its own group commits.
+    let writer = |s: Arc<Store>, shard: ShardId, from: u32| {
+        tokio::spawn(async move {
+            for i in from..from + 200 {
+                s.commit(Batch::in_shard(shard).driver(driver(i, "own shard")))
+                    .await
+                    .unwrap_or_else(|e| panic!("drv_{i} in its own shard: {e}"));
+            }
+        })
+    };
+    let (w1, w2) = (writer(n1.clone(), a, 0), writer(n2.clone(), b, 1000));
+    w1.await.unwrap();
+    w2.await.unwrap();
+    // Each is refused for the other's shard: no fence here for it, and even a fence
+    // with the other's epoch names the wrong holder.
+    let why = fenced(
+        n1.commit(Batch::in_shard(b).driver(driver(5000, "n1 into b")))
+            .await,
+    );
+    assert!(why.contains(&format!("no lease on shard {b}")), "{why}");
+    n2.fence(a, 1, "n2").unwrap();
+    let why = fenced(
+        n2.commit(Batch::in_shard(a).driver(driver(5001, "n2 into a")))
+            .await,
+    );
+    assert!(
+        why.contains(&format!("n2 no longer holds shard {a} with epoch 1")),
+        "{why}"
+    );
+    // A batch of the whole city's shard (what `Batch::new` names) is not theirs either.
+    fenced(
+        n1.commit(Batch::new().driver(driver(5002, "n1 unsharded")))
+            .await,
+    );
+    assert_eq!(
+        (n1.fenced_in(b), n1.fenced_in(0), n2.fenced_in(a)),
+        (1, 1, 1)
+    );
+    assert_eq!((n1.fenced(), n2.fenced()), (2, 1));
+    let loaded = n1.load().unwrap();
+    assert_eq!(loaded.drivers.len(), 400, "every own-shard write, no other");
+    for i in [5000, 5001, 5002] {
+        assert_eq!(stored_name(&n1, i), None, "drv_{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_or_superseded_epoch_is_refused_per_shard_and_the_other_shard_still_lands() {
+    let Some(url) = dispatch_persistence::pg::test_database("lease_stale_shard") else {
+        return;
+    };
+    let (a, b) = two_shards();
+    let (n1, groups) = open_counted(&url);
+    let n1 = Arc::new(n1);
+    let epoch_a = hold(&n1, a, "n1", TTL);
+    hold(&n1, b, "n1", Duration::from_secs(60));
+    assert_eq!(n1.fences().iter().map(|f| f.shard).collect::<Vec<_>>(), {
+        let mut both = vec![a, b];
+        both.sort();
+        both
+    });
+    n1.commit(Batch::in_shard(a).driver(driver(1, "a, live")))
+        .await
+        .unwrap();
+
+    // Shard a's lease expires (b's does not): a refused, b lands.
+    past_ttl();
+    let why = fenced(
+        n1.commit(Batch::in_shard(a).driver(driver(2, "a, expired")))
+            .await,
+    );
+    assert!(
+        why.contains(&format!(
+            "n1 no longer holds shard {a} with epoch {epoch_a}"
+        )),
+        "{why}"
+    );
+    n1.commit(Batch::in_shard(b).driver(driver(3, "b, live")))
+        .await
+        .unwrap();
+
+    // Superseded: n2 claims a with a newer epoch. In one group commit of n1, the batch
+    // for a is refused and the one for b lands: a group commit checks each shard.
+    let n2 = open(&url);
+    let epoch_a2 = hold(&n2, a, "n2", Duration::from_secs(60));
+    assert_eq!(epoch_a2, epoch_a + 1);
+    n1.faults()
+        .hold_after_fence_check(Duration::from_millis(600));
+    let first = {
+        let n1 = n1.clone();
+        tokio::spawn(async move {
+            n1.commit(Batch::in_shard(b).driver(driver(4, "b, held")))
+                .await
+        })
+    };
+    // While that group is held, both of these queue and go together in the next one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (late_a, late_b) = tokio::join!(
+        n1.commit(Batch::in_shard(a).driver(driver(5, "a, superseded"))),
+        n1.commit(Batch::in_shard(b).driver(driver(6, "b, same group")))
+    );
+    first.await.unwrap().unwrap();
+    n1.faults().hold_after_fence_check(Duration::ZERO);
+    fenced(late_a);
+    late_b.unwrap();
+    assert!(
+        groups.lock().unwrap().contains(&2),
+        "the two went in one group commit: {:?}",
+        groups.lock().unwrap()
+    );
+    // The new holder of a writes; n1 counted its refusals under a only.
+    n2.commit(Batch::in_shard(a).driver(driver(7, "a, by n2")))
+        .await
+        .unwrap();
+    assert_eq!((n1.fenced_in(a), n1.fenced_in(b)), (2, 0));
+    let names: Vec<_> = (1..=7).map(|i| stored_name(&n2, i)).collect();
+    assert_eq!(
+        names,
+        [
+            Some("a, live"),
+            None,
+            Some("b, live"),
+            Some("b, held"),
+            None,
+            Some("b, same group"),
+            Some("a, by n2")
+        ]
+        .map(|n| n.map(str::to_owned))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_batch_with_one_stale_shard_writes_nothing() {
+    let Some(url) = dispatch_persistence::pg::test_database("lease_mixed_batch") else {
+        return;
+    };
+    let (a, b) = two_shards();
+    let n1 = open(&url);
+    let epoch_a = hold(&n1, a, "n1", TTL);
+    hold(&n1, b, "n1", Duration::from_secs(60));
+    // Both held: a batch naming both lands whole.
+    n1.commit(
+        Batch::in_shard(b)
+            .driver(driver(1, "b, mixed"))
+            .then_in(a)
+            .driver(driver(2, "a, mixed")),
+    )
+    .await
+    .unwrap();
+    // a expires and is claimed again: a batch naming a and b writes nothing, whichever
+    // way it was put together, and however many of its writes are b's.
+    past_ttl();
+    let n2 = open(&url);
+    hold(&n2, a, "n2", Duration::from_secs(60));
+    let built = Batch::in_shard(b)
+        .driver(driver(1, "b, overwrite"))
+        .driver(driver(3, "b, insert"))
+        .then_in(a)
+        .driver(driver(4, "a, stale"));
+    assert_eq!(built.shards().len(), 2);
+    let why = fenced(n1.commit(built).await);
+    assert!(
+        why.contains(&format!("shard {a} with epoch {epoch_a}")),
+        "{why}"
+    );
+    let appended = Batch::in_shard(b)
+        .driver(driver(5, "b, appended"))
+        .append(Batch::in_shard(a).driver(driver(6, "a, appended")));
+    fenced(n1.commit(appended).await);
+    assert_eq!(n1.fenced_in(a), 2);
+    assert_eq!(stored_name(&n2, 1).as_deref(), Some("b, mixed"));
+    assert_eq!(stored_name(&n2, 2).as_deref(), Some("a, mixed"));
+    for i in [3, 4, 5, 6] {
+        assert_eq!(stored_name(&n2, i), None, "drv_{i}");
+    }
+    // b alone still lands; after a handoff of b (unfence), nothing of b does, and the
+    // store stays fenced with no fence left.
+    n1.commit(Batch::in_shard(b).driver(driver(8, "b alone")))
+        .await
+        .unwrap();
+    assert!(n1.unfence(a).is_some() && n1.unfence(b).is_some());
+    assert!(n1.fences().is_empty());
+    fenced(
+        n1.commit(Batch::in_shard(b).driver(driver(9, "b, handed off")))
+            .await,
+    );
+    assert_eq!(stored_name(&n2, 8).as_deref(), Some("b alone"));
+    assert_eq!(stored_name(&n2, 9), None);
+}
+
+#[tokio::test]
+async fn on_sled_shards_are_not_checked() {
+    let (a, _) = two_shards();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), |_| {}).unwrap();
+    s.commit(Batch::in_shard(a).driver(driver(1, "sled, any shard")))
+        .await
+        .unwrap();
+    assert!(s.unfence(a).is_none() && s.fences().is_empty());
+    assert_eq!(stored_name(&s, 1).as_deref(), Some("sled, any shard"));
+}

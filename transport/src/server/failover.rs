@@ -50,7 +50,7 @@ use super::http::{self, HttpError};
 use super::{Config, Tasks, TransportMetrics, new_app, open_store};
 
 /// The one shard of this slice: the whole city.
-pub const SHARD: u32 = 0;
+pub const SHARD: dispatch_persistence::ShardId = dispatch_persistence::WHOLE_CITY;
 
 /// Why a leader term ended (the `cause` label of `dispatch_cluster_terms_ended_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
