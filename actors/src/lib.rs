@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod payments;
 pub mod records;
 pub mod recovery;
+pub mod remote;
 mod registry;
 pub mod rider;
 pub mod session;
