@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatch_engine::{
-    Candidate, CellId, DriverId, DriverProfile, DriverStatus, Entry, IndexedDriver, Point,
-    RiderId, RiderProfile, Sender, Trip, TripCommand, TripDriver, TripId,
+    Candidate, CellId, DriverId, DriverProfile, DriverStatus, Entry, IndexedDriver, Point, RiderId,
+    RiderProfile, Sender, Trip, TripCommand, TripDriver, TripId,
 };
 use parking_lot::Mutex;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
@@ -44,8 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::Context;
 use crate::error::ApiError;
 use crate::messages::{
-    CellMsg, DriverMsg, Group, NewTrip, RiderMsg, SearchFilter, Spawn, TripArgs, TripLink,
-    TripMsg,
+    CellMsg, DriverMsg, Group, NewTrip, RiderMsg, SearchFilter, Spawn, TripArgs, TripLink, TripMsg,
 };
 use crate::metrics::Metrics;
 use crate::records::{DriverRecord, RiderRecord, TripRecord};
@@ -338,6 +337,9 @@ pub enum Failure {
     NoRoute(String),
     #[error("too many messages in flight to or from this peer")]
     Inflight,
+    /// The callee's router refused the call: this node has too many in flight there.
+    #[error("the peer has too many messages in flight from this node")]
+    PeerInflight,
     #[error("no answer in time")]
     Timeout,
     #[error("the entity is not on that node")]
@@ -357,6 +359,7 @@ impl Failure {
             Failure::LocalOnly(_) => "local_only",
             Failure::NoRoute(_) => "no_route",
             Failure::Inflight => "inflight",
+            Failure::PeerInflight => "peer_inflight",
             Failure::Timeout => "timeout",
             Failure::NotHere => "not_here",
             Failure::PeerGone => "peer_gone",
@@ -366,12 +369,13 @@ impl Failure {
 }
 
 /// Every `cause` of `dispatch_cluster_remote_errors_total`.
-pub const CAUSES: [&str; 9] = [
+pub const CAUSES: [&str; 10] = [
     "malformed",
     "version",
     "local_only",
     "no_route",
     "inflight",
+    "peer_inflight",
     "timeout",
     "not_here",
     "peer_gone",
@@ -755,7 +759,10 @@ impl Outgoing {
                     Reply::Admin(a) => Some(a),
                     _ => None,
                 });
-                Ok(Outgoing::Call(RoutedCall::Trip(id, TripCall::Admin(cmd)), to))
+                Ok(Outgoing::Call(
+                    RoutedCall::Trip(id, TripCall::Admin(cmd)),
+                    to,
+                ))
             }
             TripMsg::Get(reply) => {
                 let to = answer(reply, |r| match r {
@@ -1126,8 +1133,14 @@ async fn call_inner(
         .await
     {
         Ok(CallResult::Success(reply)) => {
-            serde_json::from_slice::<Result<Reply, Failure>>(&reply)
-                .map_err(|e| Failure::Malformed(format!("a reply that does not decode: {e}")))?
+            match serde_json::from_slice::<Result<Reply, Failure>>(&reply) {
+                // The peer's bound, not this node's: counted apart.
+                Ok(Err(Failure::Inflight)) => Err(Failure::PeerInflight),
+                Ok(r) => r,
+                Err(e) => Err(Failure::Malformed(format!(
+                    "a reply that does not decode: {e}"
+                ))),
+            }
         }
         Ok(CallResult::Timeout) => Err(Failure::Timeout),
         Ok(CallResult::SenderError) | Err(_) => Err(Failure::PeerGone),
@@ -1298,9 +1311,9 @@ impl Router {
             Routed::Rider(id, m) => reg.rider(id).map(|a| a.cast(m.clone().into()).is_ok()),
             Routed::Trip(id, m) => reg.trip(id).map(|a| a.cast(m.clone().into()).is_ok()),
         };
-        match delivered {
-            Some(true) => return self.remote.metrics.took(kind, started),
-            Some(false) | None => {}
+        // Not delivered (no actor, or it stopped just now): started on demand below.
+        if delivered == Some(true) {
+            return self.remote.metrics.took(kind, started);
         }
         if let Routed::Trip(id, m) = env.msg {
             return self.no_trip(&env.from, id, m, kind);
@@ -1383,13 +1396,16 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
     let t = ctx.call_timeout();
     let reg = &ctx.registry;
     match call {
-        RoutedCall::Cell(c, CellCall::Query {
-            pickup,
-            k,
-            max_radius_m,
-            filter,
-            trace,
-        }) => {
+        RoutedCall::Cell(
+            c,
+            CellCall::Query {
+                pickup,
+                k,
+                max_radius_m,
+                filter,
+                trace,
+            },
+        ) => {
             // A cell with no actor has no drivers: an empty answer, as a local search
             // skips it.
             let Some(a) = reg.cell(&c.0) else {
@@ -1457,6 +1473,13 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
             Ok(Reply::Spawned(r.map(drop)))
         }
     }
+}
+
+/// Messages in flight now: (this node's calls waiting on `peer`, deliveries in progress
+/// here for `peer`) (tests, the admin console).
+pub fn in_flight(remote: &Remote, peer: &str) -> (usize, usize) {
+    let n = |i: &Inflight| i.per_peer.lock().get(peer).copied().unwrap_or(0);
+    (n(&remote.outbound), n(&remote.inbound))
 }
 
 /// The actor cell of `node`'s router as this node reaches it (tests, the admin console).
@@ -1534,7 +1557,12 @@ mod tests {
                 Routed::Rider(_, m) => RiderMsg::from(m).kind(),
                 Routed::Trip(_, m) => TripMsg::from(m).kind(),
             };
-            assert_eq!(back_kind, local_kind, "{} came back as another", routed.kind());
+            assert_eq!(
+                back_kind,
+                local_kind,
+                "{} came back as another",
+                routed.kind()
+            );
         }
     }
 
@@ -1573,13 +1601,17 @@ mod tests {
             expires_at_ms: 1,
             trace: None,
         };
-        let Ok(Outgoing::Call(call, answer)) =
-            Outgoing::driver(DriverId::new("d"), DriverMsg::ReserveOffer(offer, tx.into()))
-        else {
+        let Ok(Outgoing::Call(call, answer)) = Outgoing::driver(
+            DriverId::new("d"),
+            DriverMsg::ReserveOffer(offer, tx.into()),
+        ) else {
             panic!("ReserveOffer is a call");
         };
         let _ = json_round_trip(&call);
-        assert!(!answer(Reply::Count(0, 0)), "a Count is no answer to ReserveOffer");
+        assert!(
+            !answer(Reply::Count(0, 0)),
+            "a Count is no answer to ReserveOffer"
+        );
         assert!(rx.await.is_err(), "the port is dropped");
     }
 
