@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{App, WAIT, eventually, online_driver, rider};
-use dispatch_actors::messages::{NewTrip, SearchFilter, TripLink};
+use dispatch_actors::messages::{DriverMsg, NewTrip, SearchFilter, TripLink};
 use dispatch_actors::remote::{
     self, CALL_VARIANT, CAST_VARIANT, CellCall, CellCast, DriverCall, DriverCast, Failure,
-    MAX_INFLIGHT_PER_PEER, Remote, Reply, RiderCall, RiderCast, Routed, RoutedCall, TripCall,
-    TripCast, WireCell,
+    MAX_INFLIGHT_PER_PEER, Outgoing, Remote, Reply, RiderCall, RiderCast, Routed, RoutedCall,
+    TripCall, TripCast, WireCell,
 };
 use dispatch_actors::session::Outbound;
 use dispatch_actors::views::{OfferView, TripView};
@@ -229,6 +229,13 @@ async fn every_remote_kind_round_trips_through_the_other_nodes_router() {
         }
         r => panic!("a driver's get answered {r:?}"),
     }
+    // The same call made from a local message: `forward` splits off its reply port, and
+    // the answer comes back into it (the session stays on b1: none here).
+    let (tx, rx) = ractor::concurrency::oneshot();
+    let out = Outgoing::driver(driver.clone(), DriverMsg::Get(tx.into())).unwrap();
+    remote::forward(&a.remote, "b1", out, None);
+    let rec = tokio::time::timeout(WAIT, rx).await.unwrap().unwrap();
+    assert_eq!((rec.id, rec.session.is_none()), (driver.clone(), true));
     let offered = TripId::new("trp_offered");
     let reserve = DriverCall::ReserveOffer(offer(&offered, here));
     assert_eq!(
