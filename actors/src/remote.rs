@@ -1551,6 +1551,15 @@ mod tests {
             };
             let back = json_round_trip(&routed);
             assert_eq!(back, routed);
+            // docs/api.md: a ping's frame is a few hundred bytes at most.
+            let frame = serde_json::to_vec(&Envelope {
+                from: "dispatchd-0".to_owned(),
+                msg: &routed,
+            })
+            .unwrap();
+            if routed.kind() == "cell_upsert" {
+                assert!(frame.len() < 300, "an upsert frame is {} bytes", frame.len());
+            }
             let back_kind = match back {
                 Routed::Cell(_, m) => CellMsg::from(m).kind(),
                 Routed::Driver(_, m) => DriverMsg::from(m).kind(),
