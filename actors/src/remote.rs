@@ -1558,7 +1558,11 @@ mod tests {
             })
             .unwrap();
             if routed.kind() == "cell_upsert" {
-                assert!(frame.len() < 300, "an upsert frame is {} bytes", frame.len());
+                assert!(
+                    frame.len() < 300,
+                    "an upsert frame is {} bytes",
+                    frame.len()
+                );
             }
             let back_kind = match back {
                 Routed::Cell(_, m) => CellMsg::from(m).kind(),
