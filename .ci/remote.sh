@@ -4,7 +4,7 @@
 # with its own system and router (actors/tests/remote.rs: every message kind, a call that
 # times out, malformed and unknown-version frames, the in-flight bounds). `cargo test
 # --workspace` runs the same tests; this runs them alone. Needs only cargo and loopback
-# ports 29511-29542; idempotent; prints its time.
+# ports 29511-29552; idempotent; prints its time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

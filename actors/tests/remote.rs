@@ -667,3 +667,45 @@ async fn the_inflight_bound_refuses_and_counts_on_both_sides() {
     assert_eq!(first.await.unwrap(), Ok(Reply::Count(1, 1)));
     stop([a, b]).await;
 }
+
+/// A trip that is not on the node answers as a dead trip does: a driver's command is
+/// answered `TripFailed` back on the driver's node (a1's router delivers it to the
+/// driver's actor there), an operator's command `unavailable`, a read `not_here`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_not_on_the_node_answers_as_a_dead_trip() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("a5", 29551), ("b5", 29552), (64, 64)).await;
+    let driver = common::register_driver(&a.sys, "D", common::rand_hash()).await;
+    let nowhere = TripId::new("trp_nowhere");
+    let accept = TripCast::Command {
+        cmd: TripCommand::Accept {
+            driver_id: driver.clone(),
+        },
+        from: Sender::Driver(driver.clone()),
+        ticket: Some(1),
+        trace: None,
+    };
+    remote::send(&a.remote, "b5", Routed::Trip(nowhere.clone(), accept)).unwrap();
+    let (am, bm) = (a.remote.metrics().clone(), b.remote.metrics().clone());
+    eventually("the driver's node is told the trip failed", || {
+        am.timed("driver_trip_failed") == 1
+    })
+    .await;
+    assert_eq!(bm.errors("trip_command", "not_here"), 1);
+
+    let admin = TripCall::Admin(TripCommand::Cancel {
+        by: CancelledBy::Admin,
+        reason: None,
+    });
+    match call_b(&a, "b5", RoutedCall::Trip(nowhere.clone(), admin)).await {
+        Reply::Admin(Err(e)) => assert_eq!(e.code, dispatch_actors::ErrorCode::Unavailable),
+        r => panic!("an operator's command to no trip answered {r:?}"),
+    }
+    let get = RoutedCall::Trip(nowhere, TripCall::Get);
+    assert_eq!(
+        remote::call(&a.remote, "b5", get, None).await,
+        Err(Failure::NotHere)
+    );
+    assert_eq!(am.errors("trip_get", "not_here"), 1);
+    stop([a, b]).await;
+}
