@@ -42,6 +42,7 @@ pub mod payments;
 pub mod records;
 pub mod recovery;
 mod registry;
+pub mod remote;
 pub mod rider;
 pub mod session;
 pub mod supervisor;

@@ -63,7 +63,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// so found a driver who freed up since and offers it at once (`waited_greedy`).
 pub const BATCH_RETRIES: [&str; 4] = ["greedy", "next_window", "same_window", "waited_greedy"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 31] = [
+pub const BOUNDS: [&str; 32] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -86,6 +86,7 @@ pub const BOUNDS: [&str; 31] = [
     "relay_attaching",
     "relay_in_flight",
     "relay_queue",
+    "remote_inflight",
     "store_call_timeout",
     "store_write_failed",
     "ws_frame_bytes",
