@@ -44,6 +44,7 @@ pub mod recovery;
 mod registry;
 pub mod rider;
 pub mod session;
+pub mod stages;
 pub mod supervisor;
 pub mod system;
 pub mod tracecontext;
