@@ -488,9 +488,12 @@ impl DriverActor {
                         s.st.reserve_offer(&offer.trip_id).is_ok()
                     };
                     if ok {
+                        // A first offer's stages go on in the session, from its queuing.
+                        let first = offer.queued_at.take().is_some();
                         s.rec.offer = Some(Box::new(offer.clone()));
                         self.reindex(s, false).await;
                         self.commit(s);
+                        offer.queued_at = first.then(std::time::Instant::now);
                         self.send(s, Outbound::Offer(offer));
                     }
                     ok

@@ -45,6 +45,7 @@ mod registry;
 pub mod remote;
 pub mod rider;
 pub mod session;
+pub mod stages;
 pub mod supervisor;
 pub mod system;
 pub mod tracecontext;

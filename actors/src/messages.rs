@@ -305,6 +305,9 @@ pub struct NewTrip {
     pub ticket: Option<Ticket>,
     /// The rider actor's span for the request: the trip's dispatch is its child.
     pub trace: Trace,
+    /// The request's time so far, by stage (never on the wire).
+    #[serde(skip)]
+    pub stages: Option<Box<crate::stages::StageClock>>,
 }
 
 pub enum TripArgs {

@@ -10,6 +10,11 @@ use prometheus::{
 };
 
 use crate::error::ErrorCode;
+use crate::stages::{COMMIT_PARTS, STAGES, Stage, StageClock};
+
+/// Every `stage` of `dispatch_store_commit_stage_seconds`: per group commit, the wait of
+/// its longest-waiting batch before the group began, sled's write, and the fsync.
+pub const COMMIT_STAGES: [&str; 3] = ["queue_wait", "write", "fsync"];
 
 /// The actor groups metrics are labelled with: the four ractor groups and the WebSocket
 /// sessions (tokio tasks, counted as a group of their own).
@@ -122,6 +127,13 @@ pub struct Metrics {
     pub invariant_violations: IntCounterVec,
     pub store_flush: Histogram,
     pub store_flush_batches: Histogram,
+    /// A group commit's time by stage ([`COMMIT_STAGES`]).
+    pub store_commit_stage: HistogramVec,
+    /// Request → offer's time by stage ([`STAGES`]), and its series resolved once.
+    pub request_offer_stage: HistogramVec,
+    offer_stage_by_index: Vec<Histogram>,
+    /// The parts of a request's two awaited commits ([`COMMIT_PARTS`]), by `commit`.
+    pub request_offer_commit: HistogramVec,
     pub request_to_accept: Histogram,
     pub pickup_eta: Histogram,
     /// Batched matching: trips per window, a window's solve time, and the pickup ETA of
@@ -206,6 +218,16 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
     c
 }
 
+/// A histogram of request → offer's stages (10 µs to 1 s).
+fn stage_histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02,
+        0.05, 0.1, 0.25, 1.0,
+    ];
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    reg(r, HistogramVec::new(opts, labels).unwrap())
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
@@ -226,6 +248,12 @@ impl Metrics {
                 &["group"],
             )
             .unwrap(),
+        );
+        let offer_stage = stage_histogram(
+            &r,
+            "dispatch_request_offer_stage_seconds",
+            "Time of a ride request's first offer spent in each stage, from the session's hand-off to the offer's socket write",
+            &["stage"],
         );
         let m = Self {
             search_requests: reg(
@@ -392,6 +420,32 @@ impl Metrics {
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
                 )
                 .unwrap(),
+            ),
+            store_commit_stage: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "dispatch_store_commit_stage_seconds",
+                        "A group commit's time by stage: its longest-waiting batch's queue wait, the write, the fsync",
+                    )
+                    .buckets(vec![
+                        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                        0.1, 0.25, 1.0,
+                    ]),
+                    &["stage"],
+                )
+                .unwrap(),
+            ),
+            offer_stage_by_index: STAGES
+                .iter()
+                .map(|s| offer_stage.with_label_values(&[s]))
+                .collect(),
+            request_offer_stage: offer_stage,
+            request_offer_commit: stage_histogram(
+                &r,
+                "dispatch_request_offer_commit_seconds",
+                "A ride request's first commit and its offer's commit, by part: queue wait, write, fsync, and the wake until the trip runs again",
+                &["commit", "part"],
             ),
             request_to_accept: reg(
                 &r,
@@ -649,6 +703,14 @@ impl Metrics {
             self.actor_restarts.with_label_values(&[g]);
             self.actor_panics.with_label_values(&[g]);
         }
+        for s in COMMIT_STAGES {
+            self.store_commit_stage.with_label_values(&[s]);
+        }
+        for c in ["first", "offer"] {
+            for p in COMMIT_PARTS {
+                self.request_offer_commit.with_label_values(&[c, p]);
+            }
+        }
         for o in TRIP_RELOADS {
             self.trip_reloads.with_label_values(&[o]);
         }
@@ -773,9 +835,63 @@ impl Metrics {
         self.rejected.with_label_values(&[code.as_str()]).inc();
     }
 
-    pub fn store_flushed(&self, batches: usize, seconds: f64) {
-        self.store_flush.observe(seconds);
-        self.store_flush_batches.observe(batches as f64);
+    pub fn store_flushed(&self, f: &dispatch_persistence::FlushStats) {
+        self.store_flush.observe(f.flush_seconds);
+        self.store_flush_batches.observe(f.batches as f64);
+        for (stage, seconds) in
+            COMMIT_STAGES
+                .iter()
+                .zip([f.queue_wait_seconds, f.write_seconds, f.fsync_seconds])
+        {
+            self.store_commit_stage
+                .with_label_values(&[stage])
+                .observe(seconds);
+        }
+    }
+
+    /// One stage of a request's first offer.
+    pub fn offer_stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        self.offer_stage_by_index[stage as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// A request's first offer is reserved: each of its stages so far is observed, and
+    /// its breakdown logged (a warning when slower than `--slow-handler-ms`).
+    pub fn offer_reserved(&self, clock: &StageClock, trip_id: &str) {
+        for (stage, d) in clock.spent() {
+            self.offer_stage(stage, d);
+        }
+        for (commit, parts) in ["first", "offer"].iter().zip(clock.commits()) {
+            for (part, d) in COMMIT_PARTS.iter().zip(parts) {
+                self.request_offer_commit
+                    .with_label_values(&[commit, part])
+                    .observe(d.as_secs_f64());
+            }
+        }
+        let total = clock.total();
+        let slow = total.as_millis() as u64 >= self.slow_handler_ms.load(Ordering::Relaxed);
+        if !slow && !tracing::enabled!(target: "dispatch_actors::stages", tracing::Level::DEBUG) {
+            return;
+        }
+        let mut stages_us = String::new();
+        for (stage, d) in clock.spent() {
+            let sep = if stages_us.is_empty() { "" } else { " " };
+            stages_us.push_str(&format!(
+                "{sep}{}={}",
+                STAGES[stage as usize],
+                d.as_micros()
+            ));
+        }
+        for (commit, parts) in ["first", "offer"].iter().zip(clock.commits()) {
+            for (part, d) in COMMIT_PARTS.iter().zip(parts) {
+                stages_us.push_str(&format!(" {commit}_{part}={}", d.as_micros()));
+            }
+        }
+        let total_us = total.as_micros() as u64;
+        if slow {
+            tracing::warn!(target: "dispatch_actors::stages", trip_id, total_us, stages_us = %stages_us, "slow request to offer");
+        } else {
+            tracing::debug!(target: "dispatch_actors::stages", trip_id, total_us, stages_us = %stages_us, "request to offer");
+        }
     }
 
     pub fn bound_hit(&self, bound: &str) {

@@ -1613,6 +1613,7 @@ mod tests {
             pickup_eta_s: 60,
             expires_at_ms: 1,
             trace: None,
+            queued_at: None,
         };
         let Ok(Outgoing::Call(call, answer)) = Outgoing::driver(
             DriverId::new("d"),

@@ -119,6 +119,8 @@ impl RiderActor {
                 "the rider already has an active trip {active}"
             )));
         }
+        let mut stages = crate::stages::StageClock::new(responder.received());
+        stages.mark(crate::stages::Stage::RiderQueue);
         let quote_id = match &req {
             RideRequest::Quote(id) => Some(id.clone()),
             RideRequest::Direct { .. } => None,
@@ -144,6 +146,10 @@ impl RiderActor {
             quote_id,
             ticket: Some(ticket),
             trace,
+            stages: {
+                stages.mark(crate::stages::Stage::Rider);
+                Some(Box::new(stages))
+            },
         };
         // Boxed: the spawn carries the new trip, and an unboxed future would make every
         // rider actor's task that large for its whole life.

@@ -219,6 +219,8 @@ pub struct Responder {
     channel: Option<oneshot::Sender<Result<(), ApiError>>>,
     /// Counts the message in its session's in-flight messages until this is dropped.
     _in_flight: Option<InFlight>,
+    /// When the message was handed on (request → offer's stages start here).
+    received: std::time::Instant,
 }
 
 impl Responder {
@@ -228,6 +230,7 @@ impl Responder {
             _in_flight: Some(InFlight::new(&session)),
             session: Some(session),
             channel: None,
+            received: std::time::Instant::now(),
         }
     }
 
@@ -238,6 +241,7 @@ impl Responder {
             session: None,
             channel: None,
             _in_flight: None,
+            received: std::time::Instant::now(),
         }
     }
 
@@ -251,9 +255,15 @@ impl Responder {
                 session: None,
                 channel: Some(tx),
                 _in_flight: None,
+                received: std::time::Instant::now(),
             },
             rx,
         )
+    }
+
+    /// When the message was handed on to the actors.
+    pub fn received(&self) -> std::time::Instant {
+        self.received
     }
 
     fn settle(&mut self, outcome: Result<(), ApiError>) {

@@ -24,6 +24,7 @@ use crate::messages::{
     DriverMsg, Excluded, NewTrip, RiderMsg, SearchFilter, Ticket, TripArgs, TripLink, TripMsg,
 };
 use crate::records::TripRecord;
+use crate::stages::{Stage, StageClock};
 use crate::tracecontext::{Trace, TraceContext};
 use crate::views::{OfferView, Receipt, TripDriver, TripView};
 
@@ -45,6 +46,8 @@ pub struct TripActorState {
     /// Batched matching: the drivers the trip's last window assigned, which its retries
     /// leave out (their offers are on their way).
     taken: Arc<HashSet<DriverId>>,
+    /// A new trip's request → offer time by stage, until its first offer is reserved.
+    stages: Option<Box<StageClock>>,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -138,7 +141,8 @@ impl TripActor {
         if let Some(q) = &new.quote_id {
             batch = batch.delete_quote(q.clone());
         }
-        if let Err(e) = ctx.store.commit(batch).await {
+        let committed = s.commit(&ctx.store, batch, Stage::FirstCommit).await;
+        if let Err(e) = committed {
             ctx.metrics.bound_hit("store_write_failed");
             if let (Some(r), Some(ticket)) = (ctx.registry.rider(&new.rider_id), new.ticket) {
                 let _ = r.cast(RiderMsg::Answer {
@@ -182,10 +186,14 @@ impl TripActor {
         while let Some(step) = work.pop_front() {
             let (cmd, from, answer) = match step {
                 Step::Command(cmd, from, answer) => (cmd, from, answer),
-                Step::Search(exclude) => match self.search(myself, s, exclude).await {
-                    Some(cmd) => (cmd, Sender::System, Answer::None),
-                    None => continue,
-                },
+                Step::Search(exclude) => {
+                    let found = self.search(myself, s, exclude).await;
+                    s.mark(Stage::Search);
+                    match found {
+                        Some(cmd) => (cmd, Sender::System, Answer::None),
+                        None => continue,
+                    }
+                }
                 Step::Refuse(from, answer, error) => {
                     self.answer(s, &from, answer, Err(error));
                     continue;
@@ -390,7 +398,9 @@ impl TripActor {
         };
         let entry = d.payment.entry().cloned();
         let batch = Batch::new().decided(stored, d.journal.clone(), entry.clone());
-        if let Err(e) = self.ctx.store.commit(batch).await {
+        s.mark(Stage::Decide);
+        let committed = s.commit(&self.ctx.store, batch, Stage::OfferCommit).await;
+        if let Err(e) = committed {
             // Nobody has been told; the actor fails and restarts from what is on disk.
             m.bound_hit("store_write_failed");
             let e2 = ApiError::unavailable("the change could not be stored; retry");
@@ -512,8 +522,10 @@ impl TripActor {
                     arm(myself, now, *at_ms, TripCommand::DeadlineReached)
                 }
                 TripEffect::SendOffer(offer) => {
+                    let first = !s.first_offer_seen;
                     let ov = OfferView {
                         trace: s.trace,
+                        queued_at: first.then(std::time::Instant::now),
                         ..OfferView::of(&s.rec.trip, offer)
                     };
                     let held = match self.ctx.registry.driver(&offer.driver_id) {
@@ -527,6 +539,7 @@ impl TripActor {
                         ),
                         None => false,
                     };
+                    s.mark(Stage::Reserve);
                     if held {
                         m.offers.with_label_values(&["sent"]).inc();
                         s.round = Round::Window;
@@ -534,6 +547,9 @@ impl TripActor {
                             s.first_offer_seen = true;
                             let waited = now.saturating_sub(s.rec.trip.created_at_ms);
                             m.request_to_offer.observe(waited as f64 / 1000.0);
+                            if let Some(clock) = s.stages.take() {
+                                m.offer_reserved(&clock, s.rec.trip.id.as_str());
+                            }
                         }
                         arm(
                             myself,
@@ -603,6 +619,33 @@ impl TripActor {
                 answers,
             });
         }
+    }
+}
+
+impl TripActorState {
+    /// Ends a stage of a new trip's request → offer (nothing once its first offer is
+    /// reserved, or for a resumed trip).
+    fn mark(&mut self, stage: Stage) {
+        if let Some(c) = self.stages.as_mut() {
+            c.mark(stage);
+        }
+    }
+
+    /// Commits `batch`, the time it took ending `stage` (a commit's stage).
+    async fn commit(
+        &mut self,
+        store: &dispatch_persistence::Store,
+        batch: Batch,
+        stage: Stage,
+    ) -> Result<(), dispatch_persistence::StoreError> {
+        let (committed, timing) = store.commit_timed(batch).await;
+        if let Some(c) = self.stages.as_mut() {
+            if let Some(t) = &timing {
+                c.commit(stage, t);
+            }
+            c.mark(stage);
+        }
+        committed
     }
 }
 
@@ -680,6 +723,7 @@ impl Actor for TripActor {
             trace: None,
             round: Round::Window,
             taken: Arc::default(),
+            stages: None,
         })
     }
 
@@ -698,7 +742,9 @@ impl Actor for TripActor {
             None => tracing::Span::none(),
         };
         s.trace = TraceContext::of(&dispatch);
-        if let Some((d, new)) = s.start.take() {
+        if let Some((d, mut new)) = s.start.take() {
+            s.stages = new.stages.take();
+            s.mark(Stage::TripSpawn);
             self.begin(&myself, s, d, new, &mut work)
                 .instrument(dispatch.clone())
                 .instrument(span.clone())

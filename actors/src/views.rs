@@ -74,6 +74,10 @@ pub struct OfferView {
     /// session that writes the offer open theirs as its children (never on the wire).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: crate::tracecontext::Trace,
+    /// A request's first offer: when it was handed on towards the driver's session, whose
+    /// writer times its queue and its write from here (never on the wire).
+    #[serde(skip)]
+    pub queued_at: Option<std::time::Instant>,
 }
 
 impl OfferView {
@@ -89,6 +93,7 @@ impl OfferView {
             pickup_eta_s: offer.pickup_eta_s,
             expires_at_ms: offer.expires_at_ms,
             trace: None,
+            queued_at: None,
         }
     }
 }

@@ -131,6 +131,7 @@ fn offer(trip: &TripId, at: Point) -> OfferView {
         pickup_eta_s: 60,
         expires_at_ms: u64::MAX / 2,
         trace: None,
+        queued_at: None,
     }
 }
 
@@ -151,6 +152,7 @@ fn new_trip(rider: &RiderId, at: Point) -> NewTrip {
         quote_id: None,
         ticket: None,
         trace: None,
+        stages: None,
     }
 }
 

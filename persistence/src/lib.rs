@@ -27,4 +27,6 @@ pub use records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
     StoredSurge, StoredTrip, Transition,
 };
-pub use store::{Batch, FlushStats, Loaded, Store, StoreError, TreeCopy, journal_key, ledger_key};
+pub use store::{
+    Batch, CommitTiming, FlushStats, Loaded, Store, StoreError, TreeCopy, journal_key, ledger_key,
+};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dispatch_engine::{DriverId, Entry, EntryKey, QuoteId, TripId};
 use serde::de::DeserializeOwned;
@@ -243,14 +243,38 @@ impl TreeCopy {
 pub struct FlushStats {
     pub batches: usize,
     pub ops: usize,
+    /// The whole group: write and fsync.
     pub flush_seconds: f64,
+    /// How long the group's oldest batch waited in the queue before the group began
+    /// (behind the previous group's flush, and for the writer thread to run).
+    pub queue_wait_seconds: f64,
+    /// Applying the group (on PostgreSQL: the whole transaction, commit included).
+    pub write_seconds: f64,
+    /// sled's flush and the fsync of its data file (0 on PostgreSQL).
+    pub fsync_seconds: f64,
 }
 
-type Waiter = Option<oneshot::Sender<Result<(), String>>>;
+/// Where one awaited commit's time went, up to the writer's answer (its waiter adds the
+/// wake: from `answered` until it runs again).
+#[derive(Debug, Clone, Copy)]
+pub struct CommitTiming {
+    /// From the commit's queuing to its group's start.
+    pub queued: Duration,
+    /// Its group's write.
+    pub write: Duration,
+    /// Its group's fsync.
+    pub fsync: Duration,
+    /// When the writer answered.
+    pub answered: Instant,
+}
+
+type Waiter = Option<oneshot::Sender<(Result<(), String>, CommitTiming)>>;
 
 pub(crate) struct Request {
     pub(crate) batch: Batch,
     done: Waiter,
+    /// When it was queued (for the group commit's queue wait).
+    queued: Instant,
 }
 
 #[derive(Clone)]
@@ -542,6 +566,7 @@ impl Store {
             shared: shared.clone(),
             faults: faults.clone(),
             dir: dir.to_owned(),
+            synced: Default::default(),
         };
         Ok(Self::start(
             dir.to_owned(),
@@ -825,15 +850,29 @@ impl Store {
 
     /// Writes `batch` and waits until it is on disk (committed, on PostgreSQL).
     pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.commit_timed(batch).await.0
+    }
+
+    /// [`Store::commit`], and where its time went (none when nothing was written).
+    pub async fn commit_timed(
+        &self,
+        batch: Batch,
+    ) -> (Result<(), StoreError>, Option<CommitTiming>) {
         if batch.is_empty() {
-            return Ok(());
+            return (Ok(()), None);
         }
         let (done, wait) = oneshot::channel();
-        self.send(Request {
+        if let Err(e) = self.send(Request {
             batch,
             done: Some(done),
-        })?;
-        self.outcome(wait.await)
+            queued: Instant::now(),
+        }) {
+            return (Err(e), None);
+        }
+        match wait.await {
+            Ok((r, timing)) => (self.outcome(Ok(r)), Some(timing)),
+            Err(e) => (self.outcome(Err(e)), None),
+        }
     }
 
     fn outcome(
@@ -865,7 +904,11 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        self.send(Request { batch, done: None })
+        self.send(Request {
+            batch,
+            done: None,
+            queued: Instant::now(),
+        })
     }
 
     fn send(&self, r: Request) -> Result<(), StoreError> {
@@ -1146,8 +1189,9 @@ impl Store {
         self.send(Request {
             batch: Batch::new(),
             done: Some(done),
+            queued: Instant::now(),
         })?;
-        self.outcome(wait.await)
+        self.outcome(wait.await.map(|(r, _)| r))
     }
 
     /// Size of the data directory's files, in bytes (0 on PostgreSQL).
@@ -1305,12 +1349,19 @@ pub(crate) trait Sink: Send + 'static {
     /// Applies the batches of the group, in order, durably and all together; one outcome
     /// per batch (a fenced store may refuse some and write the others).
     fn apply(&self, group: &[Request]) -> Vec<Result<(), String>>;
+    /// The time the last `apply` spent making the group durable after writing it (an
+    /// fsync; 0 where the write and the sync are one call).
+    fn last_sync(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 struct SledSink {
     shared: Shared,
     faults: Arc<Faults>,
     dir: PathBuf,
+    /// The last group's flush and fsync.
+    synced: std::cell::Cell<std::time::Duration>,
 }
 
 impl Sink for SledSink {
@@ -1322,6 +1373,10 @@ impl Sink for SledSink {
         reopen(&self.shared, &self.dir);
     }
 
+    fn last_sync(&self) -> std::time::Duration {
+        self.synced.get()
+    }
+
     fn apply(&self, group: &[Request]) -> Vec<Result<(), String>> {
         let handles = self.shared.read().expect("store lock").clone();
         let result = match &handles {
@@ -1330,8 +1385,14 @@ impl Sink for SledSink {
                 Err("injected fault: no space left on device".to_owned())
             }
             Some(h) => apply(&h.trees, group)
-                .and_then(|()| h.db.flush().map(|_| ()))
-                .and_then(|()| h.data_file.sync_data().map_err(sled::Error::Io))
+                .and_then(|()| {
+                    let syncing = Instant::now();
+                    let synced =
+                        h.db.flush()
+                            .and_then(|_| h.data_file.sync_data().map_err(sled::Error::Io));
+                    self.synced.set(syncing.elapsed());
+                    synced
+                })
                 .map_err(|e| e.to_string())
                 .and_then(|()| match self.faults.take_lost_reply() {
                     // Durable on disk, but the writer is told otherwise.
@@ -1379,19 +1440,31 @@ fn write_loop(sink: impl Sink, rx: mpsc::Receiver<Request>, on_flush: impl Fn(Fl
             sink.recover();
         }
         let started = Instant::now();
+        let oldest = group.iter().map(|r| r.queued).min().unwrap_or(started);
         let ops: usize = group.iter().map(|r| r.batch.len()).sum();
         let results = sink.apply(&group);
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             tracing::error!(error = %e, "store write failed");
         }
+        let flush = started.elapsed();
+        let fsync = sink.last_sync().min(flush);
         on_flush(FlushStats {
             batches: group.len(),
             ops,
-            flush_seconds: started.elapsed().as_secs_f64(),
+            flush_seconds: flush.as_secs_f64(),
+            queue_wait_seconds: started.saturating_duration_since(oldest).as_secs_f64(),
+            write_seconds: (flush - fsync).as_secs_f64(),
+            fsync_seconds: fsync.as_secs_f64(),
         });
         for (r, result) in group.into_iter().zip(results) {
             if let Some(done) = r.done {
-                let _ = done.send(result);
+                let timing = CommitTiming {
+                    queued: started.saturating_duration_since(r.queued),
+                    write: flush - fsync,
+                    fsync,
+                    answered: Instant::now(),
+                };
+                let _ = done.send((result, timing));
             }
         }
     }

@@ -147,3 +147,79 @@ async fn a_ride_moves_the_business_actor_and_transport_metrics() {
         );
     }
 }
+
+/// Request → offer by stage (issue 14's tail): every stage's series, and the group
+/// commit's, exists at zero from the start, and a ride's first offer moves each stage
+/// once: from the session's hand-off, through the rider's and the trip's actors, the
+/// store and the search, to the driver session's socket write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_to_offer_stages_start_at_zero_and_each_moves_with_a_ride() {
+    const STAGES: [&str; 10] = [
+        "rider_queue",
+        "rider",
+        "trip_spawn",
+        "first_commit",
+        "search",
+        "decide",
+        "offer_commit",
+        "reserve",
+        "session_queue",
+        "socket_write",
+    ];
+    let count =
+        |stage: &str| format!("dispatch_request_offer_stage_seconds_count{{stage=\"{stage}\"}}");
+    let commit =
+        |stage: &str| format!("dispatch_store_commit_stage_seconds_count{{stage=\"{stage}\"}}");
+    // The trip's two awaited commits, by part.
+    const PARTS: [&str; 8] = [
+        "commit=\"first\",part=\"queue\"",
+        "commit=\"first\",part=\"write\"",
+        "commit=\"first\",part=\"fsync\"",
+        "commit=\"first\",part=\"wake\"",
+        "commit=\"offer\",part=\"queue\"",
+        "commit=\"offer\",part=\"write\"",
+        "commit=\"offer\",part=\"fsync\"",
+        "commit=\"offer\",part=\"wake\"",
+    ];
+    let parts = PARTS.map(|p| format!("dispatch_request_offer_commit_seconds_count{{{p}}}"));
+    let s = TestServer::start(&[]).await;
+    let m = samples(&s.metrics_text().await);
+    for stage in STAGES {
+        assert_eq!(value(&m, &count(stage)), 0.0, "{stage}");
+    }
+    for stage in ["queue_wait", "write", "fsync"] {
+        value(&m, &commit(stage));
+    }
+    for part in &parts {
+        assert_eq!(value(&m, part), 0.0, "{part}");
+    }
+    let plan = RidePlan {
+        driver: "Mia",
+        rider: "Max",
+        driver_at: (45.5017, -73.5673),
+        ..RidePlan::default()
+    };
+    // The driver accepted: the offer's frame was written before anything after it.
+    let _ride = plan.to(&s, TripState::DriverAssigned).await;
+    let m = samples(&s.metrics_text().await);
+    for stage in STAGES {
+        assert_eq!(value(&m, &count(stage)), 1.0, "{stage}");
+    }
+    for stage in ["queue_wait", "write", "fsync"] {
+        assert!(value(&m, &commit(stage)) >= 2.0, "{stage}");
+    }
+    for part in &parts {
+        assert_eq!(value(&m, part), 1.0, "{part}");
+    }
+    // The trip's stages took time (the store's fsync at least).
+    let sum: f64 = STAGES
+        .iter()
+        .map(|st| {
+            value(
+                &m,
+                &format!("dispatch_request_offer_stage_seconds_sum{{stage=\"{st}\"}}"),
+            )
+        })
+        .sum();
+    assert!(sum > 0.0, "stages took {sum} s");
+}

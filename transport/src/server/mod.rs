@@ -237,8 +237,7 @@ async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<(
     let store = {
         let dir = config.data_dir.clone();
         let m = metrics.clone();
-        let on_flush =
-            move |f: dispatch_persistence::FlushStats| m.store_flushed(f.batches, f.flush_seconds);
+        let on_flush = move |f: dispatch_persistence::FlushStats| m.store_flushed(&f);
         let choice = config.store.clone();
         tokio::task::spawn_blocking(move || match choice {
             config::StoreConfig::Sled => Store::open(&dir, on_flush),

@@ -19,6 +19,7 @@ use dispatch_actors::records::Identity;
 use dispatch_actors::session::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, Outbound, Responder, SessionHandle, SessionInbox,
 };
+use dispatch_actors::stages::Stage;
 use dispatch_actors::{ApiError, ErrorCode};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -680,10 +681,23 @@ async fn write_loop(
                 }
                 // A traced offer's write is a step of its ride's trace.
                 let span = offers.writing(&m);
+                // A request's first offer: its last two stages (issue 14).
+                let queued_at = match &*m {
+                    Outbound::Offer(o) => o.queued_at,
+                    _ => None,
+                };
+                let taken = queued_at.map(|q| {
+                    let now = std::time::Instant::now();
+                    env.metrics().offer_stage(Stage::SessionQueue, now.saturating_duration_since(q));
+                    now
+                });
                 let text = render_text(&env, *m);
                 let frame = Message::Text(text.into());
                 if let Err(code) = send_unless_closed(&mut sink, frame, &closed).instrument(span).await {
                     break code.map(|c| (c, close_reason(c)));
+                }
+                if let Some(t) = taken {
+                    env.metrics().offer_stage(Stage::SocketWrite, t.elapsed());
                 }
                 sent.inc();
             }
