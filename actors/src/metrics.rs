@@ -63,7 +63,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// so found a driver who freed up since and offers it at once (`waited_greedy`).
 pub const BATCH_RETRIES: [&str; 4] = ["greedy", "next_window", "same_window", "waited_greedy"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 31] = [
+pub const BOUNDS: [&str; 32] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -88,6 +88,7 @@ pub const BOUNDS: [&str; 31] = [
     "relay_queue",
     "store_call_timeout",
     "store_write_failed",
+    "trip_reload_reads",
     "ws_frame_bytes",
     "ws_hard_max_bytes",
     "ws_idle_timeout",
@@ -115,6 +116,9 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     /// A failed trip actor read back from the store, by outcome (`TRIP_RELOADS`).
     pub trip_reloads: IntCounterVec,
+    /// Not exported: the most reads of failed trips that were ever in flight at once
+    /// (at most `SystemConfig::trip_reload_reads_max`), for tests of that cap.
+    pub trip_reload_reads_peak: std::sync::atomic::AtomicUsize,
     pub rejected: IntCounterVec,
     pub bounds_hit: IntCounterVec,
     pub locations_applied: IntCounter,
@@ -327,6 +331,7 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            trip_reload_reads_peak: std::sync::atomic::AtomicUsize::new(0),
             rejected: reg(
                 &r,
                 IntCounterVec::new(
