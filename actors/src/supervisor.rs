@@ -289,8 +289,7 @@ impl Supervisor {
                         answers: None,
                     });
                 }
-                reg.trip_records.remove(&trip);
-                reg.trip_views.remove(&trip);
+                reg.forget_finished(&trip);
                 "finished"
             }
             Ok(None) => {

@@ -404,6 +404,37 @@ async fn many_trips_failing_while_the_store_is_away_are_read_back_at_most_the_ca
     sys.shutdown().await;
 }
 
+/// A rider's cancel lands but is answered as failed (a `COMMIT` whose reply was lost):
+/// the trip actor fails, and its read back finds the trip finished (cancelled). Nothing
+/// of it is left in memory, as after a trip that finished on its own: its view is the
+/// store's, not the last one its actor had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_read_back_finished_is_forgotten_like_one_that_finished_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sys, store) = common::start(dir.path()).await;
+    let mut ride = Ride::offered(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    let t = ride.trip.clone();
+    // Every write queued so far is done: the next group commit is the cancel's.
+    store.sync().await.unwrap();
+    store.faults().lose_commit_replies(1);
+    let rider = sys.rider_ref(&ride.rider).unwrap();
+    let _ = ride.rapp.ride(
+        &rider,
+        RiderCommand::CancelRide {
+            trip_id: t.clone(),
+            reason: None,
+        },
+    );
+    eventually("the trip read back finished", || {
+        reloads(&sys, "finished") == 1
+    })
+    .await;
+    assert!(sys.trip_ref(&t).is_none());
+    let view = sys.trip_view(&t).await.unwrap().unwrap();
+    assert_eq!(view.state, TripState::Cancelled);
+    sys.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
     let (sys, _dir) = start().await;
