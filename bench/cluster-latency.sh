@@ -33,12 +33,9 @@ RATE=${RATE:-10}
 DURATION=${DURATION:-60}
 DRAIN=${DRAIN:-10}
 BASE_PORT=${BASE_PORT:-28200}
-own_pg=
-if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
-  # shellcheck source=../.ci/postgres.sh
-  source .ci/postgres.sh start
-  own_pg=1
-fi
+# shellcheck source=lib.sh
+source bench/lib.sh
+bench_postgres
 admin=$DISPATCH_TEST_DATABASE_URL
 if [ -z "${BIN:-}" ]; then
   cargo build -q --release --locked -p dispatch-transport --bin dispatchd -p dispatch-loadgen --bin loadgen
@@ -60,7 +57,7 @@ cleanup() {
   for db in $(psql "$admin" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'dispatch_bench_cl_$$_%'"); do
     psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   done
-  if [ -n "$own_pg" ]; then bash .ci/postgres.sh stop >/dev/null 2>&1 || true; fi
+  bench_postgres_stop >/dev/null 2>&1 || true
   if [ $rc = 0 ]; then rm -rf "$work"; else echo "cluster-latency.sh: logs kept in $work"; fi
   echo "cluster-latency.sh: $(($(date +%s) - started)) s, exit $rc"
 }

@@ -1,4 +1,5 @@
-# Shared by the side-by-side bench scripts (side-by-side.sh, capacity.sh); sourced, not run.
+# Shared by the bench scripts (side-by-side.sh, capacity.sh, failover.sh,
+# cluster-latency.sh); sourced, not run.
 #
 # start_dispatchd BIN PORT DIR [FLAG...]: starts BIN listening on 127.0.0.1:PORT, its data
 # in DIR/data and its log in DIR.log, and waits (at most 10 s) until /readyz answers. Every
@@ -29,4 +30,21 @@ alternate() {
   for r in $(seq "$rounds"); do
     if (( r % 2 )); then "$fn" A "$a" "$r"; "$fn" B "$b" "$r"; else "$fn" B "$b" "$r"; "$fn" A "$a" "$r"; fi
   done
+}
+
+# bench_postgres: a PostgreSQL whose admin URL is in DISPATCH_TEST_DATABASE_URL: the one it
+# names, or a server started here with .ci/postgres.sh (then $own_pg is 1, and
+# bench_postgres_stop stops it). Run from the repository's root.
+bench_postgres() {
+  own_pg=
+  if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
+    # shellcheck source=../.ci/postgres.sh
+    source .ci/postgres.sh start
+    own_pg=1
+  fi
+}
+
+# bench_postgres_stop: stops the server bench_postgres started, if it started one.
+bench_postgres_stop() {
+  if [ -n "${own_pg:-}" ]; then bash .ci/postgres.sh stop; fi
 }
