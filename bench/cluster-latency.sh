@@ -63,27 +63,7 @@ cleanup() {
 }
 trap cleanup EXIT
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-metric_sum() { # NAME_WITH_LABELS NODES...: the sum of one series over the nodes' /metrics
-  local name=$1 i
-  shift
-  for i in "$@"; do
-    curl -s -m 2 "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
-  done | awk -v m="$name" '$1 == m { s += $2 } END { printf "%d\n", s }'
-}
 ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$((BASE_PORT + $1))/readyz" 2>/dev/null || true)" = 200 ]; }
-wait_for() { # SECONDS WHAT COMMAND...
-  local until=$(($(date +%s) + $1)) what=$2
-  shift 2
-  until "$@"; do
-    [ "$(date +%s)" -lt "$until" ] || { echo "$what: not within $1 s" >&2; exit 1; }
-    sleep 0.2
-  done
-}
-members_are() { # N NODES...: every node counts N members
-  local n=$1 i
-  shift
-  for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
-}
 
 # run NODES ROUND: one run on a fresh database; appends a JSON line to $work/runs.jsonl.
 run() {

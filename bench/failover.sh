@@ -59,6 +59,11 @@ trap cleanup EXIT
 start_node n1
 for _ in $(seq 300); do [ "$(ready n1)" = 200 ] && break; sleep 0.1; done
 start_node n2; start_node n3
+# The standbys relay only once linked: loadgen starts when every node counts 3 members and
+# one of them leads.
+wait_for 60 "membership of 3" members_are 3 1 2 3
+has_leader() { [ -n "$(leader)" ]; }
+wait_for 30 "a leader" has_leader
 echo "== 3 nodes on $PROFILE builds, lease ${LEASE_TTL_MS} ms; $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 per_round=8
 # --spread: each client's session on a node of its own (the standbys relay theirs to the
@@ -68,6 +73,7 @@ per_round=8
   --reconnect --reconnect-for 30s --ack-log "$work/acks.jsonl" --quiet >"$work/loadgen.txt" 2>&1 &
 loadgen_pid=$!
 sleep 5
+echo "sessions relayed by standbys 5 s in: $(metric_sum 'dispatch_cluster_relayed_sessions{side="relaying"}' 1 2 3) of 60"
 times=()
 for r in $(seq "$ROUNDS"); do
   l=$(leader)

@@ -1,4 +1,4 @@
-# Shared by the bench scripts (side-by-side.sh, capacity.sh, failover.sh,
+# Shared by the bench scripts (side-by-side.sh, capacity.sh, demand.sh, failover.sh,
 # cluster-latency.sh); sourced, not run.
 #
 # start_dispatchd BIN PORT DIR [FLAG...]: starts BIN listening on 127.0.0.1:PORT, its data
@@ -47,4 +47,34 @@ bench_postgres() {
 # bench_postgres_stop: stops the server bench_postgres started, if it started one.
 bench_postgres_stop() {
   if [ -n "${own_pg:-}" ]; then bash .ci/postgres.sh stop; fi
+}
+
+# The helpers below name a node by its index i: it listens on 127.0.0.1:$((BASE_PORT + i)),
+# BASE_PORT being the sourcing script's.
+
+# metric_sum NAME_WITH_LABELS NODES...: the sum of one series over the nodes' /metrics.
+metric_sum() {
+  local name=$1 i
+  shift
+  for i in "$@"; do
+    curl -s -m 2 "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
+  done | awk -v m="$name" '$1 == m { s += $2 } END { printf "%d\n", s }'
+}
+
+# wait_for SECONDS WHAT COMMAND...: runs COMMAND every 0.2 s until it succeeds; exits the
+# script, saying WHAT, if it has not within SECONDS.
+wait_for() {
+  local until=$(($(date +%s) + $1)) what=$2
+  shift 2
+  until "$@"; do
+    [ "$(date +%s)" -lt "$until" ] || { echo "$what: not within $1 s" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
+# members_are N NODES...: every node counts N cluster members.
+members_are() {
+  local n=$1 i
+  shift
+  for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
 }
