@@ -501,3 +501,29 @@ async fn spawn_child<A: Actor>(
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::reload_backoff;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    /// Every wait is within half of the doubling step and the step itself, at most 5 s,
+    /// and trips that fail together do not all wait the same (100 draws of a 2.5 s range
+    /// all equal would be a broken jitter, not bad luck).
+    #[test]
+    fn reload_backoff_doubles_to_5_s_less_a_random_part_of_up_to_half() {
+        for (attempt, full) in [(0, 100), (1, 200), (3, 800), (6, 5_000), (40, 5_000)] {
+            let waits: Vec<Duration> = (0..100).map(|_| reload_backoff(attempt)).collect();
+            for w in &waits {
+                let ms = w.as_millis() as u64;
+                assert!(
+                    (full / 2..=full).contains(&ms),
+                    "attempt {attempt}: {ms} ms"
+                );
+            }
+            let distinct: HashSet<_> = waits.iter().collect();
+            assert!(distinct.len() > 1, "attempt {attempt}: every wait {waits:?}");
+        }
+    }
+}
