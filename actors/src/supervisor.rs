@@ -523,7 +523,10 @@ mod tests {
                 );
             }
             let distinct: HashSet<_> = waits.iter().collect();
-            assert!(distinct.len() > 1, "attempt {attempt}: every wait {waits:?}");
+            assert!(
+                distinct.len() > 1,
+                "attempt {attempt}: every wait {waits:?}"
+            );
         }
     }
 }
