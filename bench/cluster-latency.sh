@@ -33,12 +33,9 @@ RATE=${RATE:-10}
 DURATION=${DURATION:-60}
 DRAIN=${DRAIN:-10}
 BASE_PORT=${BASE_PORT:-28200}
-own_pg=
-if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
-  # shellcheck source=../.ci/postgres.sh
-  source .ci/postgres.sh start
-  own_pg=1
-fi
+# shellcheck source=lib.sh
+source bench/lib.sh
+bench_postgres
 admin=$DISPATCH_TEST_DATABASE_URL
 if [ -z "${BIN:-}" ]; then
   cargo build -q --release --locked -p dispatch-transport --bin dispatchd -p dispatch-loadgen --bin loadgen
@@ -60,33 +57,13 @@ cleanup() {
   for db in $(psql "$admin" -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'dispatch_bench_cl_$$_%'"); do
     psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   done
-  if [ -n "$own_pg" ]; then bash .ci/postgres.sh stop >/dev/null 2>&1 || true; fi
+  bench_postgres_stop >/dev/null 2>&1 || true
   if [ $rc = 0 ]; then rm -rf "$work"; else echo "cluster-latency.sh: logs kept in $work"; fi
   echo "cluster-latency.sh: $(($(date +%s) - started)) s, exit $rc"
 }
 trap cleanup EXIT
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-metric_sum() { # NAME_WITH_LABELS NODES...: the sum of one series over the nodes' /metrics
-  local name=$1 i
-  shift
-  for i in "$@"; do
-    curl -s -m 2 "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
-  done | awk -v m="$name" '$1 == m { s += $2 } END { printf "%d\n", s }'
-}
 ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$((BASE_PORT + $1))/readyz" 2>/dev/null || true)" = 200 ]; }
-wait_for() { # SECONDS WHAT COMMAND...
-  local until=$(($(date +%s) + $1)) what=$2
-  shift 2
-  until "$@"; do
-    [ "$(date +%s)" -lt "$until" ] || { echo "$what: not within $1 s" >&2; exit 1; }
-    sleep 0.2
-  done
-}
-members_are() { # N NODES...: every node counts N members
-  local n=$1 i
-  shift
-  for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
-}
 
 # run NODES ROUND: one run on a fresh database; appends a JSON line to $work/runs.jsonl.
 run() {

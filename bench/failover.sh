@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Standby takeover under load (issue 16, item 6): PostgreSQL, three dispatchd nodes
 # (--node-name n1..n3, --lease-ttl-ms $LEASE_TTL_MS) and loadgen spreading its clients over
-# them (--url with the three, --reconnect, --ack-log). ROUNDS times (20): find the leader,
-# kill -9 it, time until another node's /readyz is 200, start the killed one again (a
-# standby now). Then: the takeover time distribution (p50/p90/max), and every transition
-# in the ack log checked against the last leader's store (bench/ackcheck.py: the history
-# has that version in that state; no trip with two drivers, no driver in two trips).
+# them (--url with the three, --spread, --reconnect, --ack-log; the nodes linked by
+# --cluster-listen/--cluster-peers, so standbys relay their sessions to the leader).
+# ROUNDS times (20): find the leader, kill -9 it, time until another node's /readyz is
+# 200, start the killed one again (a standby now). Then: the takeover time distribution
+# (p50/p90/max), and every transition in the ack log checked against the last leader's
+# store (bench/ackcheck.py: the history has that version in that state; no trip with two
+# drivers, no driver in two trips).
 #
 #   bench/failover.sh            # needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL, or it
 #                                # starts one with .ci/postgres.sh (and stops it after)
 #   ROUNDS=5 PROFILE=release bench/failover.sh
 #
-# Debug builds unless PROFILE=release. Ports BASE_PORT+1..3 (24100).
+# Debug builds unless PROFILE=release. Ports BASE_PORT+1..3 (clients) and BASE_PORT+11..13
+# (cluster links); BASE_PORT 24100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -19,12 +22,9 @@ ROUNDS=${ROUNDS:-20}
 LEASE_TTL_MS=${LEASE_TTL_MS:-2000}
 BASE_PORT=${BASE_PORT:-24100}
 PROFILE=${PROFILE:-debug}
-own_pg=
-if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
-  # shellcheck source=../.ci/postgres.sh
-  source .ci/postgres.sh start
-  own_pg=1
-fi
+# shellcheck source=lib.sh
+source bench/lib.sh
+bench_postgres
 admin=$DISPATCH_TEST_DATABASE_URL
 db="dispatch_bench_failover_$$"
 psql "$admin" -qAt -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
@@ -34,13 +34,17 @@ cargo build -q "${flag[@]}" -p dispatch-transport --bin dispatchd
 cargo build -q "${flag[@]}" -p dispatch-loadgen --bin loadgen
 target=${CARGO_TARGET_DIR:-target}/$PROFILE
 work=$(mktemp -d /tmp/failover-bench.XXXXXX)
+head -c 24 /dev/urandom | base64 >"$work/cookie"
+peers="127.0.0.1:$((BASE_PORT + 11)),127.0.0.1:$((BASE_PORT + 12)),127.0.0.1:$((BASE_PORT + 13))"
 declare -A pid
-start_node() { # NAME: n1 -> port BASE_PORT+1
+start_node() { # NAME: n1 -> port BASE_PORT+1, cluster link BASE_PORT+11
   local n=$1 port=$((BASE_PORT + ${1#n}))
   DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
     DISPATCH_STORE=postgres DISPATCH_DATABASE_URL=$url \
     "$target/dispatchd" --listen "127.0.0.1:$port" --data-dir "$work/$n" \
     --node-name "$n" --lease-ttl-ms "$LEASE_TTL_MS" --database-timeout-ms 2000 \
+    --cluster-listen "127.0.0.1:$((port + 10))" --cluster-peers "$peers" \
+    --cluster-cookie-file "$work/cookie" \
     >>"$work/$n.log" 2>&1 &
   pid[$n]=$!
 }
@@ -55,13 +59,21 @@ trap cleanup EXIT
 start_node n1
 for _ in $(seq 300); do [ "$(ready n1)" = 200 ] && break; sleep 0.1; done
 start_node n2; start_node n3
+# The standbys relay only once linked: loadgen starts when every node counts 3 members and
+# one of them leads.
+wait_for 60 "membership of 3" members_are 3 1 2 3
+has_leader() { [ -n "$(leader)" ]; }
+wait_for 30 "a leader" has_leader
 echo "== 3 nodes on $PROFILE builds, lease ${LEASE_TTL_MS} ms; $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 per_round=8
+# --spread: each client's session on a node of its own (the standbys relay theirs to the
+# leader), as behind a load balancer, rather than every client on the first --url.
 "$target/loadgen" --url "ws://127.0.0.1:$((BASE_PORT + 1)),ws://127.0.0.1:$((BASE_PORT + 2)),ws://127.0.0.1:$((BASE_PORT + 3))" \
-  --drivers 40 --riders 20 --request-rate 2 --duration "$(((ROUNDS + 1) * per_round))s" --drain 20s \
+  --spread --drivers 40 --riders 20 --request-rate 2 --duration "$(((ROUNDS + 1) * per_round))s" --drain 20s \
   --reconnect --reconnect-for 30s --ack-log "$work/acks.jsonl" --quiet >"$work/loadgen.txt" 2>&1 &
 loadgen_pid=$!
 sleep 5
+echo "sessions relayed by standbys 5 s in: $(metric_sum 'dispatch_cluster_relayed_sessions{side="relaying"}' 1 2 3) of 60"
 times=()
 for r in $(seq "$ROUNDS"); do
   l=$(leader)
@@ -91,5 +103,5 @@ token=$(cat "$work/$l/admin.token")
 python3 bench/ackcheck.py "http://127.0.0.1:$((BASE_PORT + ${l#n}))" "$token" "$work/acks.jsonl"
 cleanup; pid=()
 psql "$admin" -qc "DROP DATABASE $db" >/dev/null
-if [ -n "$own_pg" ]; then bash .ci/postgres.sh stop; fi
+bench_postgres_stop
 echo "bench/failover.sh: $(($(date +%s) - started)) s; logs in $work"

@@ -1,4 +1,5 @@
-# Shared by the side-by-side bench scripts (side-by-side.sh, capacity.sh); sourced, not run.
+# Shared by the bench scripts (side-by-side.sh, capacity.sh, demand.sh, failover.sh,
+# cluster-latency.sh); sourced, not run.
 #
 # start_dispatchd BIN PORT DIR [FLAG...]: starts BIN listening on 127.0.0.1:PORT, its data
 # in DIR/data and its log in DIR.log, and waits (at most 10 s) until /readyz answers. Every
@@ -29,4 +30,51 @@ alternate() {
   for r in $(seq "$rounds"); do
     if (( r % 2 )); then "$fn" A "$a" "$r"; "$fn" B "$b" "$r"; else "$fn" B "$b" "$r"; "$fn" A "$a" "$r"; fi
   done
+}
+
+# bench_postgres: a PostgreSQL whose admin URL is in DISPATCH_TEST_DATABASE_URL: the one it
+# names, or a server started here with .ci/postgres.sh (then $own_pg is 1, and
+# bench_postgres_stop stops it). Run from the repository's root.
+bench_postgres() {
+  own_pg=
+  if [ -z "${DISPATCH_TEST_DATABASE_URL:-}" ]; then
+    # shellcheck source=../.ci/postgres.sh
+    source .ci/postgres.sh start
+    own_pg=1
+  fi
+}
+
+# bench_postgres_stop: stops the server bench_postgres started, if it started one.
+bench_postgres_stop() {
+  if [ -n "${own_pg:-}" ]; then bash .ci/postgres.sh stop; fi
+}
+
+# The helpers below name a node by its index i: it listens on 127.0.0.1:$((BASE_PORT + i)),
+# BASE_PORT being the sourcing script's.
+
+# metric_sum NAME_WITH_LABELS NODES...: the sum of one series over the nodes' /metrics.
+metric_sum() {
+  local name=$1 i
+  shift
+  for i in "$@"; do
+    curl -s -m 2 "http://127.0.0.1:$((BASE_PORT + i))/metrics" || true
+  done | awk -v m="$name" '$1 == m { s += $2 } END { printf "%d\n", s }'
+}
+
+# wait_for SECONDS WHAT COMMAND...: runs COMMAND every 0.2 s until it succeeds; exits the
+# script, saying WHAT, if it has not within SECONDS.
+wait_for() {
+  local until=$(($(date +%s) + $1)) what=$2
+  shift 2
+  until "$@"; do
+    [ "$(date +%s)" -lt "$until" ] || { echo "$what: not within $1 s" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
+# members_are N NODES...: every node counts N cluster members.
+members_are() {
+  local n=$1 i
+  shift
+  for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
 }

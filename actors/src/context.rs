@@ -78,6 +78,13 @@ pub struct SystemConfig {
     pub matching: crate::batch::Matching,
     /// The bounds of one window's assignment (batched matching).
     pub batch: dispatch_engine::BatchParams,
+    /// The most reads of failed trips from the store in flight at once
+    /// ([`TRIP_RELOAD_READS_MAX`](crate::supervisor::TRIP_RELOAD_READS_MAX)); not a flag.
+    pub trip_reload_reads_max: usize,
+    /// Test hook, not a flag: while set, a read of a failed trip that holds one of the
+    /// permits above waits for a permit of this too (added by the test), so a test can
+    /// hold reads in flight and count them.
+    pub test_hold_trip_reloads: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Default for SystemConfig {
@@ -106,6 +113,8 @@ impl Default for SystemConfig {
             crash_after_capture: false,
             matching: crate::batch::Matching::Greedy,
             batch: dispatch_engine::BatchParams::default(),
+            trip_reload_reads_max: crate::supervisor::TRIP_RELOAD_READS_MAX,
+            test_hold_trip_reloads: None,
         }
     }
 }

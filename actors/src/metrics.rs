@@ -94,6 +94,7 @@ pub const BOUNDS: [&str; 32] = [
     "remote_inflight",
     "store_call_timeout",
     "store_write_failed",
+    "trip_reload_reads",
     "ws_frame_bytes",
     "ws_hard_max_bytes",
     "ws_idle_timeout",
@@ -121,6 +122,9 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     /// A failed trip actor read back from the store, by outcome (`TRIP_RELOADS`).
     pub trip_reloads: IntCounterVec,
+    /// Not exported: the most reads of failed trips that were ever in flight at once
+    /// (at most `SystemConfig::trip_reload_reads_max`), for tests of that cap.
+    pub trip_reload_reads_peak: std::sync::atomic::AtomicUsize,
     pub rejected: IntCounterVec,
     pub bounds_hit: IntCounterVec,
     pub locations_applied: IntCounter,
@@ -356,6 +360,7 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            trip_reload_reads_peak: std::sync::atomic::AtomicUsize::new(0),
             rejected: reg(
                 &r,
                 IntCounterVec::new(

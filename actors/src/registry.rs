@@ -47,4 +47,12 @@ impl Registry {
     pub(crate) fn cell(&self, id: &CellId) -> Option<ActorRef<CellMsg>> {
         self.cells.get(id).map(|r| r.value().clone())
     }
+
+    /// A trip that finished lives in the store only: its last record and view go, so
+    /// reads of it go there. Both ways a trip is known to have finished call it: its own
+    /// actor's final transition, and a read back that finds it finished.
+    pub(crate) fn forget_finished(&self, id: &TripId) {
+        self.trip_records.remove(id);
+        self.trip_views.remove(id);
+    }
 }

@@ -3,9 +3,12 @@
 //! committed snapshot. One actor's failure touches no other actor.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dispatch_engine::{DriverId, RiderId, TripId, TripState};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::Semaphore;
 
 use crate::cell::CellActor;
 use crate::context::Context;
@@ -25,7 +28,34 @@ pub struct Supervisor {
 
 pub struct SupervisorState {
     children: HashMap<ActorId, Entity>,
+    reload_reads: Arc<ReloadReads>,
 }
+
+/// The reads of failed trips in flight: permits for at most
+/// `SystemConfig::trip_reload_reads_max` at once, and how many hold one.
+struct ReloadReads {
+    permits: Semaphore,
+    reading: AtomicUsize,
+}
+
+impl ReloadReads {
+    fn new(max: usize) -> Self {
+        ReloadReads {
+            permits: Semaphore::new(max.max(1)),
+            reading: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The most reads of failed trips from the store in flight at once, by default. A store
+/// outage fails every trip that writes meanwhile, and each is read back, again and again
+/// until the store answers: without a cap, thousands of reads (and as many blocking
+/// threads, each held up to the store's call timeout) against a database that is down.
+/// Reads past it wait their turn (counted in
+/// `dispatch_bound_hits_total{bound="trip_reload_reads"}`); a trip is never dropped for
+/// it. Eight keep the reads of a large outage draining at the store's pace without
+/// hogging its connections.
+pub const TRIP_RELOAD_READS_MAX: usize = 8;
 
 impl Supervisor {
     /// Starts one child and records it in the registry. With `instant`, it does not wait
@@ -114,7 +144,13 @@ impl Supervisor {
     /// answered `unavailable` now rather than `internal` when their tickets expire. Until
     /// the trip is read back, commands to it are answered `unavailable` (the registry's
     /// `reloading`), not judged from the store as if it had ended.
-    fn trip_failed(&self, myself: &ActorRef<SupervisorMsg>, id: &TripId, rider: &RiderId) {
+    fn trip_failed(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        reads: &Arc<ReloadReads>,
+        id: &TripId,
+        rider: &RiderId,
+    ) {
         let reg = &self.ctx.registry;
         reg.reloading.insert(id.clone());
         if let Some(r) = reg.rider(rider) {
@@ -137,16 +173,43 @@ impl Supervisor {
                 let _ = a.cast(DriverMsg::TripFailed(id.clone()));
             }
         }
-        self.reload(myself, id.clone(), rider.clone(), 0);
+        self.reload(myself, reads, id.clone(), rider.clone(), 0);
     }
 
     /// Reads a failed trip back from the store off the supervisor's own loop (a read is
     /// bounded by the store's call timeout, but a supervisor waiting on it would hold up
-    /// every other child's failure); the answer comes back as `Reloaded`.
-    fn reload(&self, myself: &ActorRef<SupervisorMsg>, trip: TripId, rider: RiderId, attempt: u32) {
+    /// every other child's failure); the answer comes back as `Reloaded`. At most
+    /// `reads`' permits are reading at once; the others wait their turn, in order.
+    fn reload(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        reads: &Arc<ReloadReads>,
+        trip: TripId,
+        rider: RiderId,
+        attempt: u32,
+    ) {
         let store = self.ctx.store.clone();
+        let metrics = self.ctx.metrics.clone();
+        let reads = reads.clone();
+        let hold = self.ctx.config.test_hold_trip_reloads.clone();
         let me = myself.clone();
         tokio::spawn(async move {
+            let permit = match reads.permits.try_acquire() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    metrics.bound_hit("trip_reload_reads");
+                    // Never closed; were it, the read goes ahead rather than the trip
+                    // being dropped.
+                    reads.permits.acquire().await.ok()
+                }
+            };
+            let reading = reads.reading.fetch_add(1, Ordering::SeqCst) + 1;
+            metrics
+                .trip_reload_reads_peak
+                .fetch_max(reading, Ordering::SeqCst);
+            if let Some(hold) = hold {
+                let _ = hold.acquire().await;
+            }
             let key = trip.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let Some(t) = store.trip(&key)? else {
@@ -160,6 +223,8 @@ impl Supervisor {
                 }))
             })
             .await;
+            reads.reading.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
             let read = match read {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(e) => Err(format!("the read did not finish: {e}")),
@@ -224,8 +289,7 @@ impl Supervisor {
                         answers: None,
                     });
                 }
-                reg.trip_records.remove(&trip);
-                reg.trip_views.remove(&trip);
+                reg.forget_finished(&trip);
                 "finished"
             }
             Ok(None) => {
@@ -299,6 +363,7 @@ impl Actor for Supervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SupervisorState {
             children: HashMap::new(),
+            reload_reads: Arc::new(ReloadReads::new(self.ctx.config.trip_reload_reads_max)),
         })
     }
 
@@ -345,7 +410,7 @@ impl Actor for Supervisor {
                 trip,
                 rider,
                 attempt,
-            } => self.reload(&myself, trip, rider, attempt),
+            } => self.reload(&myself, &state.reload_reads, trip, rider, attempt),
             SupervisorMsg::Reloaded {
                 trip,
                 rider,
@@ -387,7 +452,7 @@ impl Actor for Supervisor {
                     .inc();
                 let spec = match &entity {
                     Entity::Trip(id, rider) => {
-                        self.trip_failed(&myself, id, rider);
+                        self.trip_failed(&myself, &state.reload_reads, id, rider);
                         None
                     }
                     other => self.restart_spec(other),
@@ -411,9 +476,12 @@ impl Actor for Supervisor {
     }
 }
 
-/// 100 ms, doubling, at most 5 s between reads of a trip the store did not answer.
+/// 100 ms, doubling, at most 5 s between reads of a trip the store did not answer, less
+/// a random part of up to half of that, so that trips that failed together do not read
+/// again in lockstep.
 fn reload_backoff(attempt: u32) -> std::time::Duration {
-    std::time::Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
+    let full = (100u64 << attempt.min(6)).min(5_000);
+    std::time::Duration::from_millis(full - rand::random_range(0..=full / 2))
 }
 
 async fn spawn_child<A: Actor>(
@@ -431,5 +499,34 @@ async fn spawn_child<A: Actor>(
             .await
             .map(|(r, _)| r)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reload_backoff;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    /// Every wait is within half of the doubling step and the step itself, at most 5 s,
+    /// and trips that fail together do not all wait the same (100 draws of a 2.5 s range
+    /// all equal would be a broken jitter, not bad luck).
+    #[test]
+    fn reload_backoff_doubles_to_5_s_less_a_random_part_of_up_to_half() {
+        for (attempt, full) in [(0, 100), (1, 200), (3, 800), (6, 5_000), (40, 5_000)] {
+            let waits: Vec<Duration> = (0..100).map(|_| reload_backoff(attempt)).collect();
+            for w in &waits {
+                let ms = w.as_millis() as u64;
+                assert!(
+                    (full / 2..=full).contains(&ms),
+                    "attempt {attempt}: {ms} ms"
+                );
+            }
+            let distinct: HashSet<_> = waits.iter().collect();
+            assert!(
+                distinct.len() > 1,
+                "attempt {attempt}: every wait {waits:?}"
+            );
+        }
     }
 }

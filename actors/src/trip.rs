@@ -498,9 +498,7 @@ impl TripActor {
                 .with_label_values(&[s.rec.trip.state().as_str()])
                 .inc();
             reg.trips.remove(&trip_id);
-            // Finished trips live in the store only; reads go there.
-            reg.trip_records.remove(&trip_id);
-            reg.trip_views.remove(&trip_id);
+            reg.forget_finished(&trip_id);
             let _ = myself.drain();
         }
         Ok(())

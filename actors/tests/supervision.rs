@@ -320,6 +320,121 @@ async fn a_request_whose_write_landed_but_was_answered_failed_is_resumed_not_dup
     sys.shutdown().await;
 }
 
+/// A store outage fails many trips at once (every write fails, and so does every read
+/// that would restart them): their reads back are retried while the store is away, but
+/// never more than the cap of them are in flight at once, the others wait their turn
+/// (counted), and once the store answers every trip resumes, none dropped. The reads in
+/// flight are held by the test's hook and counted, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_trips_failing_while_the_store_is_away_are_read_back_at_most_the_cap_at_once() {
+    use dispatch_actors::error::ErrorCode;
+    use std::sync::atomic::Ordering;
+    const TRIPS: usize = 12;
+    const CAP: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(common::open_store(dir.path()));
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let cfg = SystemConfig {
+        trip_reload_reads_max: CAP,
+        test_hold_trip_reloads: Some(hold.clone()),
+        ..SystemConfig::default()
+    };
+    let metrics = Arc::new(dispatch_actors::Metrics::new());
+    let sys = System::start(cfg, metrics, store.clone()).await.unwrap();
+    let waits = || {
+        sys.metrics()
+            .bounds_hit
+            .with_label_values(&["trip_reload_reads"])
+            .get()
+    };
+    let peak = || sys.metrics().trip_reload_reads_peak.load(Ordering::SeqCst);
+    // One at a time, each at the same place: the only free driver is the newest one.
+    let mut rides = Vec::new();
+    for _ in 0..TRIPS {
+        rides.push(Ride::accepted(&sys, (45.50, -73.57), (45.501, -73.571)).await);
+    }
+
+    store.faults().fail_writes(true);
+    store.faults().fail_reads(true);
+    for ride in &mut rides {
+        let driver = sys.driver_ref(&ride.driver).unwrap();
+        let req = ride
+            .dapp
+            .drive(&driver, DriverCommand::Arrived(ride.trip.clone()));
+        assert_eq!(
+            answer_code(&mut ride.dapp, req).await,
+            Some(ErrorCode::Unavailable)
+        );
+    }
+    // Every trip failed and wants its read; the cap's worth are reading (held), the
+    // others wait at the cap.
+    eventually("every failed trip's read waiting or in flight", || {
+        restarts(&sys, "trip") == TRIPS as u64 && waits() == (TRIPS - CAP) as u64
+    })
+    .await;
+    assert_eq!(peak(), CAP, "reads in flight at once");
+    assert!(rides.iter().all(|r| sys.trip_ref(&r.trip).is_none()));
+
+    // Reads go ahead (and fail: the store is still away), and are retried.
+    hold.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    eventually(
+        "every failed trip's read retried while the store is away",
+        || reloads(&sys, "retried") >= 2 * TRIPS as u64,
+    )
+    .await;
+    store.faults().fail_reads(false);
+    store.faults().fail_writes(false);
+    common::eventually_within(
+        "every trip resumed",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || reloads(&sys, "resumed") == TRIPS as u64,
+    )
+    .await;
+    for ride in &rides {
+        let rec = ask(&sys.trip_ref(&ride.trip).unwrap(), TripMsg::Get).await;
+        assert_eq!(
+            (rec.trip.state(), rec.trip.version()),
+            (TripState::DriverAssigned, 2)
+        );
+    }
+    assert_eq!(peak(), CAP, "reads in flight at once, retries included");
+    // A resumed ride still completes.
+    rides[0].finish(&sys).await;
+    sys.shutdown().await;
+}
+
+/// A rider's cancel lands but is answered as failed (a `COMMIT` whose reply was lost):
+/// the trip actor fails, and its read back finds the trip finished (cancelled). Nothing
+/// of it is left in memory, as after a trip that finished on its own: its view is the
+/// store's, not the last one its actor had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_read_back_finished_is_forgotten_like_one_that_finished_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sys, store) = common::start(dir.path()).await;
+    let mut ride = Ride::offered(&sys, (45.50, -73.57), (45.501, -73.571)).await;
+    let t = ride.trip.clone();
+    // Every write queued so far is done: the next group commit is the cancel's.
+    store.sync().await.unwrap();
+    store.faults().lose_commit_replies(1);
+    let rider = sys.rider_ref(&ride.rider).unwrap();
+    let _ = ride.rapp.ride(
+        &rider,
+        RiderCommand::CancelRide {
+            trip_id: t.clone(),
+            reason: None,
+        },
+    );
+    eventually("the trip read back finished", || {
+        reloads(&sys, "finished") == 1
+    })
+    .await;
+    assert!(sys.trip_ref(&t).is_none());
+    let view = sys.trip_view(&t).await.unwrap().unwrap();
+    assert_eq!(view.state, TripState::Cancelled);
+    sys.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_actor_that_panics_keeps_its_status_session_and_trip() {
     let (sys, _dir) = start().await;

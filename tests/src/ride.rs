@@ -76,24 +76,9 @@ impl RidePlan {
     /// rider request the ride and the driver receive its offer, then drives it to `state`
     /// (see [`Ride::advance`]).
     pub async fn to(&self, s: &Endpoint, state: TripState) -> Ride {
-        let (driver_id, driver_token, d) = self.online_driver(s).await;
-        let (rider_id, rider_token, mut r) = s.connected_rider(self.rider).await;
-        let trip = r
-            .request_ride(self.pickup, self.dropoff, self.product)
-            .await;
-        let mut d = d;
-        let offer = d.offer().await;
-        assert_eq!(offer.trip_id, trip.trip_id, "the only driver's offer");
-        let mut ride = Ride {
-            driver_id,
-            driver_token,
-            d,
-            rider_id,
-            rider_token,
-            r,
-            trip,
-            offer,
-        };
+        let driver = self.online_driver(s).await;
+        let rider = s.connected_rider(self.rider).await;
+        let mut ride = Ride::offered(self, driver, rider).await;
         ride.advance(state).await;
         ride
     }
@@ -135,6 +120,30 @@ pub struct Ride {
 }
 
 impl Ride {
+    /// The rider (connected) requests `plan`'s ride, and the driver (online, the only one
+    /// free near its pickup) is offered it. Each side is (id, token, session).
+    pub async fn offered(
+        plan: &RidePlan,
+        (driver_id, driver_token, mut d): (String, String, Client),
+        (rider_id, rider_token, mut r): (String, String, Client),
+    ) -> Ride {
+        let trip = r
+            .request_ride(plan.pickup, plan.dropoff, plan.product)
+            .await;
+        let offer = d.offer().await;
+        assert_eq!(offer.trip_id, trip.trip_id, "the only driver's offer");
+        Ride {
+            driver_id,
+            driver_token,
+            d,
+            rider_id,
+            rider_token,
+            r,
+            trip,
+            offer,
+        }
+    }
+
     pub fn trip_id(&self) -> &str {
         &self.trip.trip_id
     }

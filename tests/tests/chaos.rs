@@ -31,7 +31,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dispatch_tests::diagram::{self, can_move, has_driver};
-use dispatch_tests::loadgen::Loadgen;
+use dispatch_tests::loadgen::{Loadgen, LoadgenArgs};
 use dispatch_tests::{
     Dispatchd, SHORT_TRIP_FLAGS, assert_books_settled, assert_clean_log, assert_payments_settled,
     now_ms, rfc3339_ms,
@@ -393,9 +393,10 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         work.path().join("loadgen.out"),
         work.path().join("loadgen.err"),
     );
-    let args: Vec<String> = [
+    let url = format!("ws://127.0.0.1:{port}");
+    let args = LoadgenArgs::new(&[
         "--url",
-        &format!("ws://127.0.0.1:{port}"),
+        &url,
         "--drivers",
         &DRIVERS.to_string(),
         "--riders",
@@ -420,20 +421,10 @@ async fn loadgen_through_two_kill_9s_loses_no_acknowledged_transition() {
         "500-6000",
         "--seed",
         &seed.to_string(),
-        "--reconnect",
-        "--reconnect-for",
-        "30s",
-        "--ack-log",
-        acks.to_str().expect("utf-8 path"),
-        "--json",
-        report_path.to_str().expect("utf-8 path"),
-        "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ])
+    .recorded(&acks, &report_path);
     let lg_started = std::time::Instant::now();
-    let mut loadgen = Loadgen::spawn(&args, out, err);
+    let mut loadgen = args.spawn(out, err);
 
     // Kill 1: trips have completed, and others are in flight.
     wait_for_load(

@@ -45,6 +45,7 @@ async fn every_family_is_exported_from_the_start_and_none_is_labelled_per_entity
         "dispatch_request_to_accept_seconds_count",
         "dispatch_pickup_eta_seconds_count",
         "dispatch_store_flush_seconds_count",
+        "dispatch_bound_hits_total{bound=\"trip_reload_reads\"}",
     ] {
         value(&m, series);
     }

@@ -104,23 +104,9 @@ async fn a_driver_on_a_standby_rides_with_a_rider_on_the_leader_and_reconnects_a
     );
 
     // The rider on the leader; the ride through both.
-    let (rider_id, rider_token, mut r) = n0.connected_rider(plan.rider).await;
-    let trip = r
-        .request_ride(plan.pickup, plan.dropoff, plan.product)
-        .await;
-    let offer = d.offer().await;
-    assert_eq!(offer.trip_id, trip.trip_id, "the only driver's offer");
-    assert!(offer.expires_in_ms > 0, "{offer:?}");
-    let mut ride = Ride {
-        driver_id: driver_id.clone(),
-        driver_token: driver_token.clone(),
-        d,
-        rider_id,
-        rider_token,
-        r,
-        trip,
-        offer,
-    };
+    let rider = n0.connected_rider(plan.rider).await;
+    let mut ride = Ride::offered(&plan, (driver_id.clone(), driver_token.clone(), d), rider).await;
+    assert!(ride.offer.expires_in_ms > 0, "{:?}", ride.offer);
     ride.advance(TripState::Completed).await;
     eprintln!(
         "ride completed across nodes: {} relay messages to the leader, {} to the standby",

@@ -28,7 +28,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dispatch_tests::cluster::all_list;
-use dispatch_tests::loadgen::Loadgen;
+use dispatch_tests::loadgen::{Loadgen, LoadgenArgs};
 use dispatch_tests::served::connect_when_served;
 use dispatch_tests::{
     ClusterFixture, Dispatchd, Ride, RidePlan, SHORT_TRIP_FLAGS, SLOW, eventually_within,
@@ -88,7 +88,7 @@ impl Load {
             .join(",");
         let acks = dir.join(format!("{name}-acks.jsonl"));
         let report = dir.join(format!("{name}-report.json"));
-        let args: Vec<String> = [
+        let lg = LoadgenArgs::new(&[
             "--url",
             &urls,
             "--spread",
@@ -111,20 +111,9 @@ impl Load {
             &format!("{duration_s}s"),
             "--drain",
             &format!("{drain_s}s"),
-            "--reconnect",
-            "--reconnect-for",
-            "30s",
-            "--ack-log",
-            acks.to_str().expect("utf-8 path"),
-            "--json",
-            report.to_str().expect("utf-8 path"),
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let lg = Loadgen::spawn(
-            &args,
+        ])
+        .recorded(&acks, &report)
+        .spawn(
             dir.join(format!("{name}.out")),
             dir.join(format!("{name}.err")),
         );
@@ -296,24 +285,12 @@ async fn a_fourth_node_joins_a_loaded_cluster_serves_and_leaves_with_nothing_los
     let (mut r, _) = connect_when_served(&n3, "/v1/ws/rider", &rider_token).await;
     r.welcome().await;
     assert_eq!(relayed(&n3).await, 2.0, "n3 relays the test's two sessions");
-    let trip = r
-        .request_ride(plan.pickup, plan.dropoff, plan.product)
-        .await;
-    let offer = d.offer().await;
-    assert_eq!(
-        offer.trip_id, trip.trip_id,
-        "the only driver near the pickup"
-    );
-    let mut ride = Ride {
-        driver_id: driver_id.clone(),
-        driver_token: driver_token.clone(),
-        d,
-        rider_id,
-        rider_token,
-        r,
-        trip,
-        offer,
-    };
+    let mut ride = Ride::offered(
+        &plan,
+        (driver_id.clone(), driver_token.clone(), d),
+        (rider_id, rider_token, r),
+    )
+    .await;
     ride.advance(TripState::Completed).await;
     let stored = n0.trip(ride.trip_id(), &ride.rider_token).await;
     assert_eq!(stored.state, TripState::Completed);
