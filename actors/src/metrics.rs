@@ -68,7 +68,7 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// so found a driver who freed up since and offers it at once (`waited_greedy`).
 pub const BATCH_RETRIES: [&str; 4] = ["greedy", "next_window", "same_window", "waited_greedy"];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 32] = [
+pub const BOUNDS: [&str; 33] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
