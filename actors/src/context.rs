@@ -255,9 +255,9 @@ impl Context {
         }
         let radius = self.config.search.max_radius_m;
         let eta = self.config.eta.as_ref();
-        let handed = self.waiting.hand(driver, radius, eta, |t| {
-            self.registry.trip(t).is_some()
-        });
+        let handed = self
+            .waiting
+            .hand(driver, radius, eta, |t| self.registry.trip(t).is_some());
         self.metrics.batch_waiting.set(self.waiting.len() as i64);
         let Some(h) = handed else {
             return;

@@ -585,7 +585,9 @@ impl TripActor {
                         None => false,
                     };
                     // The driver a cell handed this trip: settled, sent or refused.
-                    if s.handed.as_ref().is_some_and(|(d, _)| *d == offer.driver_id)
+                    if s.handed
+                        .as_ref()
+                        .is_some_and(|(d, _)| *d == offer.driver_id)
                         && let Some((d, freed_at)) = s.handed.take()
                     {
                         if held {

@@ -205,8 +205,8 @@ mod tests {
         assert!(w.wait(&trip("trp_near"), waiter(45.501, &["drv_x"])));
         assert!(w.wait(&trip("trp_mid"), waiter(45.505, &[])));
         // Another product, or a driver the nearest trip tried: not to it.
-        let comfort = driver("drv_c", 45.5, Product::Comfort);
-        assert!(w.hand(&comfort, 5_000.0, &eta, |_| true).is_none());
+        let xl = driver("drv_c", 45.5, Product::Xl);
+        assert!(w.hand(&xl, 5_000.0, &eta, |_| true).is_none());
         let tried = driver("drv_x", 45.5, Product::Economy);
         let h = w.hand(&tried, 5_000.0, &eta, |_| true).unwrap();
         assert_eq!(h.trip_id, trip("trp_mid"));

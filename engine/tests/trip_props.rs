@@ -1030,7 +1030,11 @@ fn a_freed_driver_that_only_refused_may_be_offered_the_trip_again() {
     // nothing: the trip is still searching, still dispatching.
     let before = t.trip.clone();
     assert_eq!(
-        t.ok(TripCommand::Freed(vec![eta(cand(2, 100.0, Product::Economy))])),
+        t.ok(TripCommand::Freed(vec![eta(cand(
+            2,
+            100.0,
+            Product::Economy
+        ))])),
         vec![]
     );
     assert_eq!(t.trip, before);
@@ -1047,7 +1051,11 @@ fn a_freed_driver_that_only_refused_may_be_offered_the_trip_again() {
     let fx = t.ok(TripCommand::Decline { driver_id: d(1) });
     assert_eq!(searches(&fx), [["drv_1", "drv_2", "drv_3"]]);
     assert_eq!(
-        t.ok(TripCommand::Freed(vec![eta(cand(1, 300.0, Product::Economy))])),
+        t.ok(TripCommand::Freed(vec![eta(cand(
+            1,
+            300.0,
+            Product::Economy
+        ))])),
         vec![]
     );
 }
