@@ -259,6 +259,24 @@ impl TripActor {
         found
     }
 
+    /// Whether any driver of the trip's product it has not tried is indexed within reach
+    /// of its pickup, free or not (one more search, made only when a search found nobody
+    /// free).
+    async fn anyone_busy_near(&self, s: &TripActorState, exclude: &Excluded) -> bool {
+        let t = &s.rec.trip;
+        let filter = SearchFilter {
+            product: Some(t.product),
+            available_only: false,
+            exclude: exclude.clone(),
+        };
+        let params = dispatch_engine::SearchParams {
+            k: 1,
+            ..self.ctx.config.search
+        };
+        let (found, _) = self.ctx.search(t.pickup, params, filter, s.trace).await;
+        !found.is_empty()
+    }
+
     /// A search's answer to the engine; `None` when there is none yet (batched matching:
     /// nobody was free, and the trip looks again for the next window).
     async fn search(
@@ -292,7 +310,14 @@ impl TripActor {
         }
         let found = self.find(s, &exclude).await;
         if found.is_empty() {
-            // Nobody within reach: the trip ends now, as in greedy mode.
+            // Nobody free within reach but drivers busy near it (holding offers, on
+            // trips): it waits for one of them to free up, as a trip its window left
+            // waits; otherwise a driver freed up would go to the waiting trips and this
+            // one would end `no_driver_found` beside them.
+            if self.anyone_busy_near(s, &exclude).await {
+                return self.retry(myself, s, found, window_ms);
+            }
+            // Nobody within reach at all: the trip ends now, as in greedy mode.
             return Some(TripCommand::Candidates(found));
         }
         // Batched: the window's assignment picks this trip's driver among its candidates,
