@@ -84,6 +84,7 @@ series = [("retries same_window", r'dispatch_batch_retries_total\{outcome="same_
           ("retries greedy", r'dispatch_batch_retries_total\{outcome="greedy"\}'),
           ("retries next_window", r'dispatch_batch_retries_total\{outcome="next_window"\}'),
           ("retries waited_greedy", r'dispatch_batch_retries_total\{outcome="waited_greedy"\}'),
+          ("handed a freed driver", r'dispatch_batch_retries_total\{outcome="freed"\}'),
           ("waiting trips' searches", r'dispatch_actor_messages_total\{group="trip",kind="search_again"\}'),
           ("gave up in a window", r'dispatch_batch_gave_up_total'),
           ("offers refused", r'dispatch_offers_total\{outcome="refused"\}'),

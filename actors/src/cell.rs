@@ -76,6 +76,17 @@ impl CellActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CellMsg::Upsert { driver, ping } => {
+                // A driver that becomes available here (freed from an offer or a trip,
+                // online, or driven into this cell) goes to a trip waiting near it.
+                let freed = driver.available
+                    && !self.ctx.waiting.is_empty()
+                    && !state
+                        .drivers
+                        .get(&driver.driver_id)
+                        .is_some_and(|d| d.available);
+                if freed {
+                    self.ctx.driver_freed(&driver);
+                }
                 state.drivers.upsert(driver);
                 if ping {
                     self.ctx.metrics.locations_applied.inc();

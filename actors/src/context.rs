@@ -159,6 +159,8 @@ pub struct Inner {
     pub(crate) books: Mutex<Books>,
     /// Batched matching's window task, started by the first trip that needs it.
     batcher: OnceLock<crate::batch::Batcher>,
+    /// Batched matching: the trips that wait for a driver to free up near them.
+    pub(crate) waiting: crate::waiting::WaitingTrips,
     pub(crate) surge: Mutex<SurgeBook>,
     /// One operator's refund at a time (a refund's number is the count of earlier ones).
     pub(crate) refunds: tokio::sync::Mutex<()>,
@@ -209,6 +211,7 @@ impl Context {
             local_provider,
             books: Mutex::new(Books::default()),
             batcher: OnceLock::new(),
+            waiting: Default::default(),
             surge: Mutex::new(SurgeBook::new(config.surge)),
             refunds: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
@@ -251,6 +254,33 @@ impl Context {
             let (params, metrics) = (self.config.batch, self.metrics.clone());
             crate::batch::Batcher::start(window_ms, params, metrics, free, lookup)
         })
+    }
+
+    /// A cell saw `driver` become available (batched matching): the nearest trip that
+    /// waits for a driver near it is handed the driver, at once (see [`crate::waiting`]).
+    pub(crate) fn driver_freed(&self, driver: &dispatch_engine::IndexedDriver) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let radius = self.config.search.max_radius_m;
+        let eta = self.config.eta.as_ref();
+        let handed = self
+            .waiting
+            .hand(driver, radius, eta, |t| self.registry.trip(t).is_some());
+        self.metrics.batch_waiting.set(self.waiting.len() as i64);
+        let Some(h) = handed else {
+            return;
+        };
+        let driver_id = h.candidate.driver.driver_id.clone();
+        let sent = match self.registry.trip(&h.trip_id) {
+            Some(trip) => trip.cast(crate::messages::TripMsg::DriverFreed(h)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The trip stopped since: the driver is free for the next one.
+            self.waiting.settled(&driver_id);
+            self.driver_freed(driver);
+        }
     }
 
     /// Whether a driver is free to be offered a trip now, by its actor's last committed

@@ -51,6 +51,7 @@ pub mod system;
 pub mod tracecontext;
 pub mod trip;
 pub mod views;
+pub mod waiting;
 
 pub use context::SystemConfig;
 pub use error::{ApiError, ErrorCode};

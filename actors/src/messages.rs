@@ -341,6 +341,9 @@ pub enum TripMsg {
     /// Batched matching: a trip that found no driver free for its retry looks again, for
     /// the next window (the trip sends it to itself a window later).
     SearchAgain,
+    /// Batched matching: a driver freed up near the trip, which waits for one; the trip
+    /// was the nearest waiting trip and is the only one handed it (`Context::driver_freed`).
+    DriverFreed(crate::waiting::Handed),
     /// Test hook: fail inside a handler, as a bug would.
     InjectPanic,
 }
@@ -353,6 +356,7 @@ impl TripMsg {
             TripMsg::DriverLocation { .. } => "driver_location",
             TripMsg::Get(_) => "get",
             TripMsg::SearchAgain => "search_again",
+            TripMsg::DriverFreed(_) => "driver_freed",
             TripMsg::InjectPanic => "inject_panic",
         }
     }

@@ -65,15 +65,24 @@ pub const OFFER_OUTCOMES: [&str; 6] = [
 /// was left for it, or its driver could not take the offer) and the trip's search found
 /// free drivers to offer at once (`greedy`), or nobody free, so it waits for a later
 /// window (`next_window`: its offer may then wait past one window); a trip that waited
-/// so found a driver who freed up since and offers it at once (`waited_greedy`).
-pub const BATCH_RETRIES: [&str; 4] = ["greedy", "next_window", "same_window", "waited_greedy"];
+/// so found a driver who freed up since and offers it at once (`waited_greedy`: its slow
+/// safety poll found it), or was handed a driver as it freed up (`freed`: the cell that
+/// saw the driver become available handed it to the nearest waiting trip).
+pub const BATCH_RETRIES: [&str; 5] = [
+    "freed",
+    "greedy",
+    "next_window",
+    "same_window",
+    "waited_greedy",
+];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 33] = [
+pub const BOUNDS: [&str; 34] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
     "batch_queue",
     "batch_wait",
+    "batch_waiting",
     "batch_work_budget",
     "cell_query_timeout",
     "cell_spawn_failed",
@@ -152,6 +161,11 @@ pub struct Metrics {
     /// answer (0 between solves), and those it let go because they stopped waiting.
     pub batch_pending: IntGauge,
     pub batch_gave_up: IntCounter,
+    /// Batched matching: the trips waiting for a driver to free up near them, and the
+    /// time from a cell seeing a driver become available to the offer it was handed
+    /// with reaching that driver.
+    pub batch_waiting: IntGauge,
+    pub batch_freed_to_offer: Histogram,
     pub actors_started: IntCounterVec,
     pub actors_stopped: IntCounterVec,
     pub actor_panics: IntCounterVec,
@@ -539,6 +553,27 @@ impl Metrics {
                 IntCounter::new(
                     "dispatch_batch_gave_up_total",
                     "Trips a batched-matching window let go because they stopped waiting for its answer",
+                )
+                .unwrap(),
+            ),
+            batch_waiting: reg(
+                &r,
+                IntGauge::new(
+                    "dispatch_batch_waiting",
+                    "Trips that waited through a batched-matching window and wait for a driver to free up near them",
+                )
+                .unwrap(),
+            ),
+            batch_freed_to_offer: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "dispatch_batch_freed_to_offer_seconds",
+                        "Time from a cell seeing a driver become available to the offer of the waiting trip it was handed to reaching that driver",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                    ]),
                 )
                 .unwrap(),
             ),

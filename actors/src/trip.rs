@@ -48,6 +48,11 @@ pub struct TripActorState {
     taken: Arc<HashSet<DriverId>>,
     /// A new trip's request → offer time by stage, until its first offer is reserved.
     stages: Option<Box<StageClock>>,
+    /// Batched matching: the driver a cell handed this waiting trip as it freed up, and
+    /// when the cell saw it free, until its offer is sent or refused.
+    handed: Option<(DriverId, std::time::Instant)>,
+    /// Batched matching: a safety poll ([`TripMsg::SearchAgain`]) is on its way.
+    polling: bool,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -61,10 +66,12 @@ enum Round {
     /// trip, or could not take the offer): its searches offer the next-best free drivers
     /// at once, greedily, so its offer does not wait for another window.
     Retry,
-    /// Nobody was free for the retry: every quarter window the trip searches again and
-    /// offers a driver who freed up since at once, greedily (it waited through a whole
-    /// window already, so it does not wait for another window's close); finding nobody
-    /// does not end it (its dispatch deadline does).
+    /// Nobody was free for the retry: the trip waits among the waiting trips
+    /// ([`crate::waiting`]) and is handed a driver who frees up near it at once, if it is
+    /// the nearest waiting trip, and offers it at once (it waited through a whole window
+    /// already, so it does not wait for another window's close); as a fallback it also
+    /// searches again every window. Finding nobody does not end it (its dispatch
+    /// deadline does).
     Wait,
 }
 
@@ -260,6 +267,24 @@ impl TripActor {
         found
     }
 
+    /// Whether any driver of the trip's product it has not tried is indexed within reach
+    /// of its pickup, free or not (one more search, made only when a search found nobody
+    /// free).
+    async fn anyone_busy_near(&self, s: &TripActorState, exclude: &Excluded) -> bool {
+        let t = &s.rec.trip;
+        let filter = SearchFilter {
+            product: Some(t.product),
+            available_only: false,
+            exclude: exclude.clone(),
+        };
+        let params = dispatch_engine::SearchParams {
+            k: 1,
+            ..self.ctx.config.search
+        };
+        let (found, _) = self.ctx.search(t.pickup, params, filter, s.trace).await;
+        !found.is_empty()
+    }
+
     /// A search's answer to the engine; `None` when there is none yet (batched matching:
     /// nobody was free, and the trip looks again for the next window).
     async fn search(
@@ -281,14 +306,26 @@ impl TripActor {
                 let found = self.find(s, &exclude.and(&s.taken)).await;
                 return self.retry(myself, s, found, window_ms);
             }
+            // A driver that only could not hold the trip's offer (it never saw it) is
+            // not left out for good: free again, it may be offered the trip.
             Round::Wait => {
-                let found = self.find(s, &exclude).await;
+                let t = &s.rec.trip;
+                let refused: HashSet<&DriverId> = t.refused().collect();
+                let tried = t.excluded().filter(|d| !refused.contains(d)).cloned();
+                let found = self.find(s, &Excluded::new(tried)).await;
                 return self.retry(myself, s, found, window_ms);
             }
         }
         let found = self.find(s, &exclude).await;
         if found.is_empty() {
-            // Nobody within reach: the trip ends now, as in greedy mode.
+            // Nobody free within reach but drivers busy near it (holding offers, on
+            // trips): it waits for one of them to free up, as a trip its window left
+            // waits; otherwise a driver freed up would go to the waiting trips and this
+            // one would end `no_driver_found` beside them.
+            if self.anyone_busy_near(s, &exclude).await {
+                return self.retry(myself, s, found, window_ms);
+            }
+            // Nobody within reach at all: the trip ends now, as in greedy mode.
             return Some(TripCommand::Candidates(found));
         }
         // Batched: the window's assignment picks this trip's driver among its candidates,
@@ -342,19 +379,61 @@ impl TripActor {
                 m.batch_retries.with_label_values(&["next_window"]).inc();
                 s.round = Round::Wait;
             }
-            self.wait_window(myself, window_ms);
+            if !s.polling {
+                s.polling = true;
+                self.wait_window(myself, window_ms);
+            }
+            self.wait_for_driver(s);
             return None;
         }
-        let outcome = if waited { "waited_greedy" } else { "greedy" };
-        m.batch_retries.with_label_values(&[outcome]).inc();
+        if waited {
+            // Its safety poll found a driver the hand-off did not bring (see `wait_window`).
+            m.batch_retries.with_label_values(&["waited_greedy"]).inc();
+            let t = &s.rec.trip;
+            let eta = self.ctx.config.eta.as_ref();
+            let options = crate::batch::options(eta, t.pickup, t.product, found);
+            return Some(TripCommand::Freed(options));
+        }
+        m.batch_retries.with_label_values(&["greedy"]).inc();
         Some(TripCommand::Candidates(found))
     }
 
-    /// The trip searches again a quarter of a window from now, to offer a driver who
-    /// freed up meanwhile (it stays `searching`, and handles its other messages: a
-    /// rider's cancel, its dispatch deadline).
+    /// The trip waits among the waiting trips for a driver to free up near it (again,
+    /// with what it now leaves out): a cell that sees one become available hands it to
+    /// the nearest waiting trip ([`TripMsg::DriverFreed`]).
+    fn wait_for_driver(&self, s: &TripActorState) {
+        let t = &s.rec.trip;
+        let refused: HashSet<&DriverId> = t.refused().collect();
+        let exclude = t.excluded().filter(|d| !refused.contains(d)).cloned();
+        let waiter = crate::waiting::Waiter {
+            pickup: t.pickup,
+            product: t.product,
+            exclude: Arc::new(exclude.collect()),
+        };
+        let m = &self.ctx.metrics;
+        if !self.ctx.waiting.wait(&t.id, waiter) {
+            m.bound_hit("batch_waiting");
+        }
+        m.batch_waiting.set(self.ctx.waiting.len() as i64);
+    }
+
+    /// The trip no longer waits for a freed driver (its offer is out, or it ended).
+    fn stop_waiting(&self, s: &TripActorState) {
+        self.ctx.waiting.leave(&s.rec.trip.id);
+        let m = &self.ctx.metrics;
+        m.batch_waiting.set(self.ctx.waiting.len() as i64);
+    }
+
+    /// The slow safety poll of a waiting trip: it searches again a window from now, and
+    /// every window after, to find a driver the hand-off did not bring it (it stays
+    /// `searching`, and handles its other messages: a rider's cancel, its dispatch
+    /// deadline). The hand-off can miss one: a driver freed between the trip's search
+    /// and its joining the waiting trips; one handed to it that was taken before its
+    /// offer arrived while no other frees up; a full waiting list (`batch_waiting`); a
+    /// driver whose availability reached its cell before its record (the trip's search
+    /// reads the index; the hand-off, the cell's upsert).
     fn wait_window(&self, myself: &ActorRef<TripMsg>, window_ms: u64) {
-        let after = Duration::from_millis((window_ms / 4).max(1));
+        let after = Duration::from_millis(window_ms.max(1));
         myself.send_after(after, || TripMsg::SearchAgain);
     }
 
@@ -498,6 +577,9 @@ impl TripActor {
                 .with_label_values(&[s.rec.trip.state().as_str()])
                 .inc();
             reg.trips.remove(&trip_id);
+            if s.round == Round::Wait {
+                self.stop_waiting(s);
+            }
             reg.forget_finished(&trip_id);
             let _ = myself.drain();
         }
@@ -538,8 +620,23 @@ impl TripActor {
                         None => false,
                     };
                     s.mark(Stage::Reserve);
+                    // The driver a cell handed this trip: settled, sent or refused.
+                    if s.handed
+                        .as_ref()
+                        .is_some_and(|(d, _)| *d == offer.driver_id)
+                        && let Some((d, freed_at)) = s.handed.take()
+                    {
+                        if held {
+                            m.batch_freed_to_offer
+                                .observe(freed_at.elapsed().as_secs_f64());
+                        }
+                        self.ctx.waiting.settled(&d);
+                    }
                     if held {
                         m.offers.with_label_values(&["sent"]).inc();
+                        if s.round == Round::Wait {
+                            self.stop_waiting(s);
+                        }
                         s.round = Round::Window;
                         if !s.first_offer_seen {
                             s.first_offer_seen = true;
@@ -722,6 +819,8 @@ impl Actor for TripActor {
             round: Round::Window,
             taken: Arc::default(),
             stages: None,
+            handed: None,
+            polling: false,
         })
     }
 
@@ -820,6 +919,7 @@ impl TripActor {
                 let _ = reply.send(s.rec.clone());
             }
             TripMsg::SearchAgain => {
+                s.polling = false;
                 let t = &s.rec.trip;
                 // Only a trip still waiting for that search (not cancelled, not past its
                 // deadline, not restarted into another round since).
@@ -829,7 +929,42 @@ impl TripActor {
                     self.run(&myself, s, work).await?;
                 }
             }
+            TripMsg::DriverFreed(h) => self.driver_freed(&myself, s, h).await?,
             TripMsg::InjectPanic => panic!("injected fault in trip {}", s.rec.trip.id),
+        }
+        Ok(())
+    }
+
+    /// A cell handed this waiting trip a driver that freed up near it: it offers it at
+    /// once (a driver that only could not hold an earlier offer of this trip included).
+    /// A trip that no longer waits, or may not offer it, passes it on to the next
+    /// waiting trip.
+    async fn driver_freed(
+        &self,
+        myself: &ActorRef<TripMsg>,
+        s: &mut TripActorState,
+        h: crate::waiting::Handed,
+    ) -> Result<(), ActorProcessingErr> {
+        let t = &s.rec.trip;
+        let waits = s.round == Round::Wait && t.state() == TripState::Dispatching;
+        if !waits || !t.may_offer_freed(&h.candidate) || t.offer().is_some() {
+            self.ctx.waiting.settled(&h.candidate.driver.driver_id);
+            self.ctx.driver_freed(&h.candidate.driver);
+            if waits {
+                self.wait_for_driver(s);
+            }
+            return Ok(());
+        }
+        self.stop_waiting(s);
+        let m = &self.ctx.metrics;
+        m.batch_retries.with_label_values(&["freed"]).inc();
+        s.handed = Some((h.candidate.driver.driver_id.clone(), h.freed_at));
+        let cmd = TripCommand::Freed(vec![(h.candidate, h.eta_s)]);
+        let work = Work::from([Step::Command(cmd, Sender::System, Answer::None)]);
+        self.run(myself, s, work).await?;
+        // Whatever came of it (an offer sent or refused), the driver is settled.
+        if let Some((d, _)) = s.handed.take() {
+            self.ctx.waiting.settled(&d);
         }
         Ok(())
     }

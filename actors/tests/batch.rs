@@ -161,10 +161,69 @@ async fn a_driver_who_frees_up_goes_at_once_to_a_trip_that_waited_a_window() {
         "one window in all: the waiting trip did not wait for another"
     );
     assert_eq!(
-        retries("waited_greedy"),
+        retries("freed"),
         1,
-        "offered by the waiting trip itself"
+        "handed to the waiting trip as it freed up"
     );
+    drop(riders);
+    sys.shutdown().await;
+}
+
+/// A batched system with `window_ms` windows.
+async fn batched(window_ms: u64) -> (dispatch_actors::System, tempfile::TempDir) {
+    start_with(
+        |c| SystemConfig {
+            matching: Matching::Batch { window_ms },
+            ..c
+        },
+        None,
+    )
+    .await
+}
+
+/// Trips a window left with nobody free wait; a driver who frees up is handed to the
+/// nearest of them at once, by the cell that saw it free (not found by a poll), and only
+/// to that one: the other goes on waiting and is handed the driver when it frees up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_driver_is_handed_to_the_nearest_waiting_trip_only() {
+    let (sys, _dir) = batched(3_000).await;
+    let (driver_id, mut driver) = online_driver(&sys, LAT + 0.5 * KM, LNG).await;
+    // Pickups 0.5, 1.5 and 2.5 km from the one driver.
+    let mut trips = Vec::new();
+    let mut riders = Vec::new();
+    for km in [0.0, 1.0, 2.0] {
+        let (id, mut app) = rider(&sys).await;
+        trips.push(request(&sys, &id, &mut app, LAT - km * KM, LNG).await);
+        riders.push(app);
+    }
+    let m = sys.metrics();
+    let retries = |o: &str| m.batch_retries.with_label_values(&[o]).get();
+    // The window gives the driver to the nearest trip; the two others find nobody free.
+    let first = driver.offer().await;
+    assert_eq!(first, trips[0]);
+    eventually("two trips wait", || m.batch_waiting.get() == 2).await;
+    let polls = || {
+        m.actor_messages
+            .with_label_values(&["trip", "search_again"])
+            .get()
+    };
+    let driver_ref = sys.driver_ref(&driver_id).unwrap();
+    // Declined (the first trip, finding nobody else, ends): handed to the nearer waiting
+    // trip at once, the farther one still waits.
+    driver.drive(&driver_ref, DriverCommand::Decline(first));
+    assert_eq!(driver.offer().await, trips[1], "the nearest waiting trip");
+    assert_eq!(retries("freed"), 1, "handed by the cell");
+    assert_eq!(m.batch_waiting.get(), 1, "the other trip still waits");
+    // Declined again: the last waiting trip gets it.
+    driver.drive(&driver_ref, DriverCommand::Decline(trips[1].clone()));
+    assert_eq!(driver.offer().await, trips[2]);
+    assert_eq!(retries("freed"), 2);
+    assert_eq!(m.batch_waiting.get(), 0);
+    let refused = m.offers.with_label_values(&["refused"]).get();
+    assert_eq!(refused, 0, "no waiting trip raced another for the driver");
+    assert_eq!(retries("waited_greedy"), 0, "no poll found the driver");
+    assert_eq!(polls(), 0, "no safety poll was needed");
+    assert_eq!(m.batch_size.get_sample_count(), 1, "one window in all");
     drop(riders);
     sys.shutdown().await;
 }

@@ -176,6 +176,13 @@ pub enum TripCommand {
     /// to solve its window): taken as [`TripCommand::Candidates`] would take them, without
     /// estimating them again. Excluded drivers and other products are still left out.
     Ranked(Vec<(Candidate, u64)>),
+    /// Drivers who freed up near a trip that waits for one (batched matching hands such a
+    /// trip a driver as it frees up), with their pickup ETAs: taken as
+    /// [`TripCommand::Ranked`] would take them, and a driver that could not hold an
+    /// earlier offer of this trip ([`TripCommand::OfferRefused`]: it never saw it) may be
+    /// offered it again. If none of them can be offered, nothing changes (the trip goes
+    /// on searching, rather than end as an empty search would end it).
+    Freed(Vec<(Candidate, u64)>),
     /// The driver of offer `seq` could not hold it (no longer available).
     OfferRefused {
         seq: u64,
@@ -218,6 +225,7 @@ impl TripCommand {
         match self {
             TripCommand::Candidates(_) => "candidates",
             TripCommand::Ranked(_) => "ranked",
+            TripCommand::Freed(_) => "freed",
             TripCommand::OfferRefused { .. } => "offer_refused",
             TripCommand::Accept { .. } => "accept",
             TripCommand::Decline { .. } => "decline",
@@ -306,6 +314,10 @@ pub struct Trip {
     candidates: VecDeque<(Candidate, u64)>,
     /// Drivers already offered this trip in this or an earlier dispatch round, or taken off it.
     excluded: BTreeSet<DriverId>,
+    /// Of `excluded`, the drivers that could not hold their offer (they never saw it):
+    /// only [`TripCommand::Freed`] may offer them the trip again.
+    #[cfg_attr(feature = "serde", serde(default))]
+    refused: BTreeSet<DriverId>,
     offer: Option<Offer>,
     offer_seq: u64,
     deadline_ms: u64,
@@ -347,6 +359,7 @@ impl Trip {
             completed_at_ms: None,
             candidates: VecDeque::new(),
             excluded: BTreeSet::new(),
+            refused: BTreeSet::new(),
             offer: None,
             offer_seq: 0,
             deadline_ms,
@@ -424,6 +437,20 @@ impl Trip {
     pub fn is_searching(&self) -> bool {
         self.searching
     }
+    /// The drivers that could not hold an offer of this trip (they never saw it).
+    pub fn refused(&self) -> impl Iterator<Item = &DriverId> {
+        self.refused.iter()
+    }
+    /// Whether [`TripCommand::Freed`] would offer this candidate the trip: while it
+    /// searches, one of its product that it has not tried or that could not hold its
+    /// offer.
+    pub fn may_offer_freed(&self, c: &Candidate) -> bool {
+        self.would_offer(c)
+            || (self.state == TripState::Dispatching
+                && self.searching
+                && c.driver.product == self.product
+                && self.refused.contains(&c.driver.driver_id))
+    }
 
     /// Applies one command at `now_ms`. On error nothing changed.
     pub fn apply(
@@ -448,11 +475,26 @@ impl Trip {
                 self.take_candidates(ranked, now_ms, cfg, eta, &mut fx);
             }
             TripCommand::Ranked(ranked) => self.take_candidates(ranked, now_ms, cfg, eta, &mut fx),
+            TripCommand::Freed(freed) => {
+                let freed: Vec<(Candidate, u64)> = freed
+                    .into_iter()
+                    .filter(|(c, _)| self.may_offer_freed(c))
+                    .collect();
+                if !freed.is_empty() {
+                    for (c, _) in &freed {
+                        if self.refused.remove(&c.driver.driver_id) {
+                            self.excluded.remove(&c.driver.driver_id);
+                        }
+                    }
+                    self.take_candidates(freed, now_ms, cfg, eta, &mut fx);
+                }
+            }
             TripCommand::OfferRefused { seq } => {
                 if self.state == TripState::Dispatching
                     && self.offer.as_ref().is_some_and(|o| o.seq == seq)
+                    && let Some(o) = self.offer.take()
                 {
-                    self.offer = None;
+                    self.refused.insert(o.driver_id);
                     self.advance(now_ms, cfg, eta, &mut fx);
                 }
             }

@@ -237,6 +237,8 @@ impl Model {
         let mut fx = Vec::new();
         let err = |k| (self.clone(), Err(k));
         match cmd {
+            // Not generated: `Freed` has tests of its own.
+            TripCommand::Freed(_) => unreachable!("the model does not generate Freed"),
             TripCommand::Candidates(_) | TripCommand::Ranked(_) => {
                 if m.state != TripState::Dispatching || !m.searching {
                     return (m, Ok(fx));
@@ -1007,6 +1009,54 @@ fn a_refused_offer_moves_on_without_telling_the_driver() {
         t.apply(TripCommand::Accept { driver_id: d(1) })
             .map_err(|e| kind(&e)),
         Err(Kind::Conflict)
+    );
+}
+
+/// Batched matching hands a waiting trip a driver as it frees up (`Freed`): a driver
+/// that only could not hold the trip's offer (it never saw it) may be offered it again
+/// then; one that declined may not, and a `Freed` with nobody it may offer changes
+/// nothing (the trip goes on waiting rather than end).
+#[test]
+fn a_freed_driver_that_only_refused_may_be_offered_the_trip_again() {
+    let mut t = T::new();
+    t.three_candidates();
+    t.ok(TripCommand::OfferRefused { seq: 1 }); // drv_1 was taken: it never saw it
+    t.ok(TripCommand::Decline { driver_id: d(2) });
+    let fx = t.ok(TripCommand::OfferTimeout { seq: 3 });
+    // The trip's own search still leaves drv_1 out (it is not free yet).
+    assert_eq!(searches(&fx), [["drv_1", "drv_2", "drv_3"]]);
+    let eta = |c: Candidate| (c, 60);
+    // A stale search answer does not bring drv_1 back; `Freed` of a decliner changes
+    // nothing: the trip is still searching, still dispatching.
+    let before = t.trip.clone();
+    assert_eq!(
+        t.ok(TripCommand::Freed(vec![eta(cand(
+            2,
+            100.0,
+            Product::Economy
+        ))])),
+        vec![]
+    );
+    assert_eq!(t.trip, before);
+    assert!(t.trip.is_searching());
+    // drv_1 freed up: offered the trip, once more.
+    let fx = t.at(500).ok(TripCommand::Freed(vec![
+        eta(cand(2, 100.0, Product::Economy)),
+        eta(cand(1, 300.0, Product::Economy)),
+    ]));
+    assert_eq!(sends(&fx), ["drv_1"]);
+    assert_eq!(t.seq(), 4);
+    assert_eq!(t.trip.refused().count(), 0);
+    // Declined this time: it is left out for good.
+    let fx = t.ok(TripCommand::Decline { driver_id: d(1) });
+    assert_eq!(searches(&fx), [["drv_1", "drv_2", "drv_3"]]);
+    assert_eq!(
+        t.ok(TripCommand::Freed(vec![eta(cand(
+            1,
+            300.0,
+            Product::Economy
+        ))])),
+        vec![]
     );
 }
 

@@ -137,14 +137,22 @@ async fn with_nobody_free_the_retry_waits_and_is_offered_the_first_driver_who_co
     })
     .await;
     assert_eq!(s.trip(&trip, &token).await.state, TripState::Dispatching);
-    // A driver appears: the waiting trip offers it at once (before, it joined another
-    // window and waited for its close).
+    // A driver appears: the cell that indexes it hands it to the waiting trip, which
+    // offers it at once (before, it joined another window and waited for its close; then
+    // it found it by polling every quarter window).
     let (_, mut b) = s.online_driver("Bo", "economy", 45.5 - 2.0 * KM, LNG).await;
     assert_eq!(b.offer().await.trip_id, trip);
     assert_eq!(
+        s.metric("dispatch_batch_retries_total{outcome=\"freed\"}")
+            .await,
+        Some(1.0),
+        "handed to the trip as the driver came"
+    );
+    assert_eq!(
         s.metric("dispatch_batch_retries_total{outcome=\"waited_greedy\"}")
             .await,
-        Some(1.0)
+        Some(0.0),
+        "found by the safety poll instead"
     );
     assert_eq!(
         s.metric("dispatch_batch_size_count").await,

@@ -710,6 +710,7 @@ impl Harness {
         match cmd {
             TripCommand::Candidates(_)
             | TripCommand::Ranked(_)
+            | TripCommand::Freed(_)
             | TripCommand::OfferRefused { .. }
             | TripCommand::OfferTimeout { .. }
             | TripCommand::DeadlineReached => true,
