@@ -496,7 +496,7 @@ impl Pg {
         let mut out: Rows = Vec::new();
         loop {
             // One more than the bound, so a shard exactly at it is not refused.
-            let page = SHARD_PAGE.min(limit - out.len() + 1);
+            let page = SHARD_PAGE.min((limit - out.len()).saturating_add(1));
             let after = out.last().map(|(k, _)| k.clone());
             let pool = self.pool.clone();
             let sql = format!(
