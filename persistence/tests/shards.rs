@@ -302,6 +302,8 @@ fn renew_leases_renews_every_held_shard_at_once_and_leaves_out_the_lost() {
     let s = open(&url);
     let short = Duration::from_millis(400);
     let claim = |shard, holder| s.claim_lease(shard, holder, short).unwrap().unwrap().epoch;
+    let e6 = claim(6, "n1");
+    std::thread::sleep(short + Duration::from_millis(250));
     let (e1, e2, e3, e4) = (
         claim(1, "n1"),
         claim(2, "n1"),
@@ -309,17 +311,27 @@ fn renew_leases_renews_every_held_shard_at_once_and_leaves_out_the_lost() {
         claim(4, "n2"),
     );
     s.release_lease(3, "n1", e3).unwrap();
+    let e5 = claim(5, "n1");
     let renewed = s
         .renew_leases(
             "n1",
-            &[(2, e2), (1, e1), (3, e3), (4, e4), (2, e2 + 1), (99, 1)],
+            &[
+                (2, e2),
+                (1, e1),
+                (3, e3),
+                (4, e4),
+                (2, e2 + 1),
+                (5, e5 + 1),
+                (6, e6),
+                (99, 1),
+            ],
             Duration::from_secs(60),
         )
         .unwrap();
     assert_eq!(
         renewed,
         vec![1, 2],
-        "held ones only: not a released lease, another holder's, a wrong epoch, or none"
+        "held ones only: not a released or expired lease, another holder's, a wrong epoch, or none"
     );
     std::thread::sleep(short + Duration::from_millis(250));
     assert_eq!(
