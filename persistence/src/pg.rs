@@ -134,6 +134,8 @@ pub(crate) struct Pg {
     /// The last failure to reach the server, cleared by the next success.
     problem: Mutex<Option<String>>,
     timeouts: AtomicU64,
+    /// Reads by shard refused for passing their bound ([`StoreError::TooLarge`]).
+    too_large: AtomicU64,
     /// What every group commit checks first (cluster mode), if anything.
     fences: Mutex<Fences>,
     /// Batches refused by a fence.
@@ -231,6 +233,7 @@ impl Pg {
             prepared: AtomicBool::new(false),
             problem: Mutex::new(Some("not connected yet".to_owned())),
             timeouts: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
             fences: Mutex::new(Fences::default()),
             fenced: AtomicU64::new(0),
             fenced_by_shard: Mutex::new(BTreeMap::new()),
@@ -247,6 +250,16 @@ impl Pg {
 
     pub(crate) fn timeouts(&self) -> u64 {
         self.timeouts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn too_large(&self) -> u64 {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// A read past its bound: counted, and refused.
+    fn refuse_too_large(&self, what: String, limit: usize) -> StoreError {
+        self.too_large.fetch_add(1, Ordering::Relaxed);
+        StoreError::TooLarge { what, limit }
     }
 
     fn fail(&self, reason: String) -> StoreError {
@@ -520,10 +533,7 @@ impl Pg {
             let last = rows.len() < page;
             out.extend(rows);
             if out.len() > limit {
-                return Err(StoreError::TooLarge {
-                    what: format!("shard {shard}"),
-                    limit,
-                });
+                return Err(self.refuse_too_large(format!("shard {shard}"), limit));
             }
             if last {
                 return Ok(out);
@@ -540,6 +550,11 @@ impl Pg {
         limit: usize,
     ) -> Result<Rows, StoreError> {
         self.ready()?;
+        let what = || format!("the live trips of {} drivers", drivers.len());
+        if drivers.len() > limit {
+            return Err(self.refuse_too_large(what(), limit));
+        }
+        let what = what();
         let pool = self.pool.clone();
         let n = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
         let rows: Rows = self.run(async move {
@@ -553,10 +568,7 @@ impl Pg {
                 .collect())
         })?;
         if rows.len() > limit {
-            return Err(StoreError::TooLarge {
-                what: "live trips".to_owned(),
-                limit,
-            });
+            return Err(self.refuse_too_large(what, limit));
         }
         Ok(rows)
     }

@@ -961,10 +961,7 @@ impl Store {
         self.assemble(|tree| {
             self.read_fault()?;
             let rows = pg.shard_rows(tree, shard, left).map_err(|e| match e {
-                StoreError::TooLarge { .. } => StoreError::TooLarge {
-                    what: format!("shard {shard}"),
-                    limit,
-                },
+                StoreError::TooLarge { what, .. } => StoreError::TooLarge { what, limit },
                 e => e,
             })?;
             left -= rows.len();
@@ -986,18 +983,8 @@ impl Store {
         let pg = self.postgres("finding trips by driver")?;
         pg.prepare()?;
         self.read_fault()?;
-        let too_large = || StoreError::TooLarge {
-            what: format!("the live trips of {} drivers", drivers.len()),
-            limit,
-        };
-        if drivers.len() > limit {
-            return Err(too_large());
-        }
         let ids: Vec<String> = drivers.iter().map(|d| d.as_str().to_owned()).collect();
-        let rows = pg.live_trips(ids, limit).map_err(|e| match e {
-            StoreError::TooLarge { .. } => too_large(),
-            e => e,
-        })?;
+        let rows = pg.live_trips(ids, limit)?;
         let wanted: BTreeSet<&DriverId> = drivers.iter().collect();
         let mut out = Vec::new();
         for (k, v) in rows {
@@ -1013,6 +1000,15 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Reads by shard ([`Store::load_shard`], [`Store::live_trips_of`]) refused for
+    /// passing their bound, each counted once.
+    pub fn reads_too_large(&self) -> u64 {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.too_large(),
+            Backend::Sled(_) => 0,
+        }
     }
 
     /// Extends every lease `holder` holds in `held` (shard, epoch) to `ttl` from now, in

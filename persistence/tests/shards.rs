@@ -228,6 +228,7 @@ async fn load_shard_returns_exactly_its_shards_records_in_pages_and_refuses_past
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
+    assert_eq!(s.reads_too_large(), 1, "the bound's hit is counted");
 }
 
 #[test]
@@ -284,9 +285,14 @@ async fn the_live_trips_naming_a_set_of_drivers_are_found_whatever_their_shard()
     );
     // Bounded.
     assert!(matches!(
-        tokio::task::block_in_place(|| s.live_trips_of(&asked, 1)),
+        tokio::task::block_in_place(|| s.live_trips_of(&asked[..2], 1)),
         Err(StoreError::TooLarge { limit: 1, .. })
     ));
+    assert!(matches!(
+        tokio::task::block_in_place(|| s.live_trips_of(&asked, 2)),
+        Err(StoreError::TooLarge { limit: 2, .. })
+    ));
+    assert_eq!(s.reads_too_large(), 2, "both bounds' hits are counted");
     assert!(
         tokio::task::block_in_place(|| s.live_trips_of(&[], 1))
             .unwrap()
