@@ -283,9 +283,12 @@ async fn the_live_trips_naming_a_set_of_drivers_are_found_whatever_their_shard()
         ids(&live, |t| t.trip.id.to_string()),
         ["trp_offer".to_owned()].into()
     );
-    // Bounded.
+    // Bounded, in rows (one driver named by two live trips) and in drivers asked.
+    s.commit(Batch::in_shard(8).trip(stored(offered("trp_more", "drv_2")), None))
+        .await
+        .unwrap();
     assert!(matches!(
-        tokio::task::block_in_place(|| s.live_trips_of(&asked[..2], 1)),
+        tokio::task::block_in_place(|| s.live_trips_of(&asked[1..2], 1)),
         Err(StoreError::TooLarge { limit: 1, .. })
     ));
     assert!(matches!(
