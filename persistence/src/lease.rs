@@ -89,13 +89,22 @@ pub(crate) const RELEASE: &str = "\
 UPDATE dispatch_leases SET expires_at = clock_timestamp() \
 WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp()";
 
+/// Every renewal of one holder in one statement: of the (shard, epoch) pairs given as
+/// two arrays, those it still holds live are extended; returns the shards renewed.
+pub(crate) const RENEW_ALL: &str = "\
+UPDATE dispatch_leases l SET expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
+FROM unnest($2::int8[], $3::int8[]) AS f(shard, epoch) \
+WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.holder = $1 AND l.expires_at > clock_timestamp() \
+RETURNING l.shard";
+
 /// The check at the start of a fenced commit's transaction: of the (shard, holder,
-/// epoch) fences given as three arrays, the shards whose lease is still that holder's at
-/// that epoch, unexpired. Their rows stay locked `FOR SHARE` until the commit, so a claim
+/// epoch) fences given as three arrays (this node's own, and the foreign ones a batch
+/// requires, [`Batch::requires`](crate::Batch::requires)), those whose lease is still
+/// that holder's at that epoch, unexpired. Their rows stay locked `FOR SHARE` until the commit, so a claim
 /// of any of them waits for it; a row a claim changed meanwhile is re-checked on its new
 /// version (and drops out).
 pub(crate) const CHECK: &str = "\
-SELECT l.shard FROM dispatch_leases l \
+SELECT l.shard, l.holder, l.epoch FROM dispatch_leases l \
 JOIN unnest($1::int8[], $2::text[], $3::int8[]) AS f(shard, holder, epoch) \
 ON l.shard = f.shard AND l.holder = f.holder AND l.epoch = f.epoch \
 WHERE l.expires_at > clock_timestamp() ORDER BY l.shard FOR SHARE OF l";

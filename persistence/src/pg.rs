@@ -24,7 +24,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::lease::{self, FENCED, Fence, Lease, ShardId};
-use crate::store::{Faults, KeyWrite, Range, Request, Rows, Sink, StoreError, Tree};
+use crate::store::{
+    Faults, KeyWrite, Range, Request, Rows, SHARD_PAGE, Sink, StoreError, Tree, TripColumns,
+};
 
 /// The versioned migrations, applied in order under an advisory lock.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -34,6 +36,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "lease shard bigint",
         include_str!("../migrations/0003_lease_shard_bigint.sql"),
+    ),
+    (
+        4,
+        "shard columns",
+        include_str!("../migrations/0004_shard_columns.sql"),
     ),
 ];
 
@@ -127,6 +134,8 @@ pub(crate) struct Pg {
     /// The last failure to reach the server, cleared by the next success.
     problem: Mutex<Option<String>>,
     timeouts: AtomicU64,
+    /// Reads by shard refused for passing their bound ([`StoreError::TooLarge`]).
+    too_large: AtomicU64,
     /// What every group commit checks first (cluster mode), if anything.
     fences: Mutex<Fences>,
     /// Batches refused by a fence.
@@ -224,6 +233,7 @@ impl Pg {
             prepared: AtomicBool::new(false),
             problem: Mutex::new(Some("not connected yet".to_owned())),
             timeouts: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
             fences: Mutex::new(Fences::default()),
             fenced: AtomicU64::new(0),
             fenced_by_shard: Mutex::new(BTreeMap::new()),
@@ -240,6 +250,16 @@ impl Pg {
 
     pub(crate) fn timeouts(&self) -> u64 {
         self.timeouts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn too_large(&self) -> u64 {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// A read past its bound: counted, and refused.
+    fn refuse_too_large(&self, what: String, limit: usize) -> StoreError {
+        self.too_large.fetch_add(1, Ordering::Relaxed);
+        StoreError::TooLarge { what, limit }
     }
 
     fn fail(&self, reason: String) -> StoreError {
@@ -447,6 +467,112 @@ impl Pg {
         })
     }
 
+    /// See [`Store::renew_leases`](crate::Store::renew_leases).
+    pub(crate) fn renew_leases(
+        &self,
+        holder: &str,
+        held: &[(ShardId, u64)],
+        ttl: Duration,
+    ) -> Result<Vec<ShardId>, StoreError> {
+        self.ready()?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.pool.clone();
+        let shards: Vec<i64> = held.iter().map(|(s, _)| lease::column(*s)).collect();
+        let epochs: Vec<i64> = held.iter().map(|(_, e)| *e as i64).collect();
+        let (holder, ttl) = (holder.to_owned(), lease::ms(ttl));
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::RENEW_ALL).await.map_err(reason)?;
+            let mut renewed: Vec<ShardId> = c
+                .query(&st, &[&holder, &shards, &epochs, &ttl])
+                .await
+                .map_err(reason)?
+                .into_iter()
+                .map(|r| r.get::<_, i64>(0) as ShardId)
+                .collect();
+            renewed.sort_unstable();
+            Ok(renewed)
+        })
+    }
+
+    /// The rows of `tree` written under `shard`, in key order, read in pages of
+    /// [`SHARD_PAGE`]; more than `limit` is [`StoreError::TooLarge`].
+    pub(crate) fn shard_rows(
+        &self,
+        tree: Tree,
+        shard: ShardId,
+        limit: usize,
+    ) -> Result<Rows, StoreError> {
+        self.ready()?;
+        let mut out: Rows = Vec::new();
+        loop {
+            // One more than the bound, so a shard exactly at it is not refused.
+            let page = SHARD_PAGE.min((limit - out.len()).saturating_add(1));
+            let after = out.last().map(|(k, _)| k.clone());
+            let pool = self.pool.clone();
+            let sql = format!(
+                "SELECT k, v FROM {} WHERE shard = $1 AND k {} $2 ORDER BY k LIMIT $3",
+                tree.name(),
+                if after.is_some() { ">" } else { ">=" }
+            );
+            let args = (lease::column(shard), after.unwrap_or_default(), page as i64);
+            let rows: Rows = self.run(async move {
+                let c = pool.get().await.map_err(reason)?;
+                let st = c.prepare_cached(&sql).await.map_err(reason)?;
+                let rows = c
+                    .query(&st, &[&args.0, &args.1, &args.2])
+                    .await
+                    .map_err(reason)?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                    .collect())
+            })?;
+            let last = rows.len() < page;
+            out.extend(rows);
+            if out.len() > limit {
+                return Err(self.refuse_too_large(format!("shard {shard}"), limit));
+            }
+            if last {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The `trips` rows that are live and name one of `drivers`, and those whose columns
+    /// predate migration 4 (not known yet), in key order; more than `limit` is
+    /// [`StoreError::TooLarge`].
+    pub(crate) fn live_trips(
+        &self,
+        drivers: Vec<String>,
+        limit: usize,
+    ) -> Result<Rows, StoreError> {
+        self.ready()?;
+        let what = || format!("the live trips of {} drivers", drivers.len());
+        if drivers.len() > limit {
+            return Err(self.refuse_too_large(what(), limit));
+        }
+        let what = what();
+        let pool = self.pool.clone();
+        let n = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+        let rows: Rows = self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(LIVE_TRIPS).await.map_err(reason)?;
+            Ok(c.query(&st, &[&drivers, &n])
+                .await
+                .map_err(reason)?
+                .into_iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                .collect())
+        })?;
+        if rows.len() > limit {
+            return Err(self.refuse_too_large(what, limit));
+        }
+        Ok(rows)
+    }
+
     /// See [`Store::release_lease`](crate::Store::release_lease).
     pub(crate) fn release_lease(
         &self,
@@ -528,11 +654,14 @@ impl Pg {
                 key,
                 value: Some(v),
                 version: 0,
+                shard: crate::WHOLE_CITY,
+                trip: None,
             })
             .collect();
         let pool = self.pool.clone();
         let group = vec![Planned {
             shards: Vec::new(),
+            requires: Vec::new(),
             writes,
         }];
         let fences = Fences::default();
@@ -544,6 +673,13 @@ impl Pg {
         })
     }
 }
+
+/// The live trips naming one of the drivers `$1`, and the trips whose `live` is not
+/// known (written before migration 4): each branch uses its partial index.
+const LIVE_TRIPS: &str = "\
+SELECT k, v FROM (\
+SELECT k, v FROM trips WHERE live AND driver = ANY($1::text[]) \
+UNION ALL SELECT k, v FROM trips WHERE live IS NULL) t ORDER BY k LIMIT $2";
 
 /// The prefix of a migration failure that means "the database is newer than us".
 const FUTURE_SCHEMA: &str = "future schema version ";
@@ -601,12 +737,14 @@ async fn migrate(pool: Pool) -> Result<(), String> {
     result
 }
 
-type Writes = BTreeMap<(Tree, Vec<u8>), (Option<Vec<u8>>, i64)>;
+/// The group's last write per key.
+type Writes<'a> = BTreeMap<(Tree, &'a [u8]), &'a KeyWrite>;
 
-/// One batch of a group as the transaction sees it: the shards it names, and its key
-/// writes in order.
+/// One batch of a group as the transaction sees it: the shards it names, the foreign
+/// fences it requires, and its key writes in order.
 pub(crate) struct Planned {
     shards: Vec<ShardId>,
+    requires: Vec<Fence>,
     writes: Vec<KeyWrite>,
 }
 
@@ -614,9 +752,17 @@ impl Planned {
     fn of(r: &Request) -> Planned {
         Planned {
             shards: r.batch.shards().into_iter().collect(),
-            writes: r.batch.ops().map(|op| op.key_write()).collect(),
+            requires: r.batch.required().to_vec(),
+            writes: r.batch.key_writes().collect(),
         }
     }
+}
+
+/// A lease as a commit checks it: (shard, holder, epoch).
+type Held = (ShardId, String, u64);
+
+fn held_as(f: &Fence) -> Held {
+    (f.shard, f.holder.clone(), f.epoch)
 }
 
 /// Why `holder`'s writes to `shard` are refused (the text after [`FENCED`]).
@@ -656,34 +802,60 @@ async fn write_group(
     let tx = c.transaction().await.map_err(reason)?;
     // The refusal of each batch, if any.
     let mut refused: Vec<Option<(ShardId, String)>> = vec![None; group.len()];
+    // Every lease the group depends on: this node's fence of each shard it names (when
+    // fenced) and every foreign fence a batch requires (always).
+    let mut checked: std::collections::BTreeSet<Held> = group
+        .iter()
+        .flat_map(|p| p.requires.iter().map(held_as))
+        .collect();
     if fences.on {
-        let named: std::collections::BTreeSet<ShardId> = group
-            .iter()
-            .flat_map(|p| p.shards.iter().copied())
-            .collect();
-        let checked: Vec<&Fence> = named
-            .iter()
-            .filter_map(|s| fences.by_shard.get(s))
-            .collect();
+        checked.extend(
+            group
+                .iter()
+                .flat_map(|p| p.shards.iter())
+                .filter_map(|s| fences.by_shard.get(s))
+                .map(held_as),
+        );
+    }
+    if fences.on || !checked.is_empty() {
         let mut held = std::collections::BTreeSet::new();
         if !checked.is_empty() {
-            let shards: Vec<i64> = checked.iter().map(|f| lease::column(f.shard)).collect();
-            let holders: Vec<&str> = checked.iter().map(|f| f.holder.as_str()).collect();
-            let epochs: Vec<i64> = checked.iter().map(|f| f.epoch as i64).collect();
+            let shards: Vec<i64> = checked.iter().map(|f| lease::column(f.0)).collect();
+            let holders: Vec<&str> = checked.iter().map(|f| f.1.as_str()).collect();
+            let epochs: Vec<i64> = checked.iter().map(|f| f.2 as i64).collect();
             let st = tx.prepare_cached(lease::CHECK).await.map_err(reason)?;
             for row in tx
                 .query(&st, &[&shards, &holders, &epochs])
                 .await
                 .map_err(reason)?
             {
-                held.insert(row.get::<_, i64>(0) as ShardId);
+                held.insert((
+                    row.get::<_, i64>(0) as ShardId,
+                    row.get::<_, String>(1),
+                    row.get::<_, i64>(2) as u64,
+                ));
             }
         }
         for (i, p) in group.iter().enumerate() {
-            if let Some(s) = p.shards.iter().find(|s| !held.contains(s)) {
+            let own = p.shards.iter().find(|s| {
+                fences.on
+                    && !fences
+                        .by_shard
+                        .get(s)
+                        .is_some_and(|f| held.contains(&held_as(f)))
+            });
+            if let Some(s) = own {
                 refused[i] = Some((
                     *s,
                     format!("{FENCED}{}", refusal(*s, fences.by_shard.get(s))),
+                ));
+            } else if let Some(f) = p.requires.iter().find(|f| !held.contains(&held_as(f))) {
+                refused[i] = Some((
+                    f.shard,
+                    format!(
+                        "{FENCED}{} (a lease this write requires)",
+                        refusal(f.shard, Some(f))
+                    ),
                 ));
             }
         }
@@ -696,7 +868,7 @@ async fn write_group(
     let mut writes = Writes::new();
     for (p, _) in group.iter().zip(&refused).filter(|(_, r)| r.is_none()) {
         for w in &p.writes {
-            writes.insert((w.tree, w.key.clone()), (w.value.clone(), w.version));
+            writes.insert((w.tree, w.key.as_slice()), w);
         }
     }
     if writes.is_empty() {
@@ -704,33 +876,53 @@ async fn write_group(
         return Ok(outcomes(refused, Ok(())));
     }
     for tree in Tree::ALL {
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
+        let mut keys: Vec<&[u8]> = Vec::new();
+        let mut values: Vec<&[u8]> = Vec::new();
         let mut versions = Vec::new();
-        let mut gone = Vec::new();
-        for ((_, k), (v, ver)) in writes
-            .range((tree, Vec::new())..)
+        let mut shards = Vec::new();
+        let mut drivers: Vec<Option<&str>> = Vec::new();
+        let mut live: Vec<Option<bool>> = Vec::new();
+        let mut gone: Vec<&[u8]> = Vec::new();
+        for w in writes
+            .range((tree, &[][..])..)
             .take_while(|((t, _), _)| *t == tree)
+            .map(|(_, w)| *w)
         {
-            match v {
+            match &w.value {
                 Some(v) => {
-                    keys.push(k.clone());
-                    values.push(v.clone());
-                    versions.push(*ver);
+                    keys.push(&w.key);
+                    values.push(v);
+                    versions.push(w.version);
+                    shards.push(lease::column(w.shard));
+                    let c: Option<&TripColumns> = w.trip.as_ref();
+                    drivers.push(c.and_then(|c| c.driver.as_deref()));
+                    live.push(c.map(|c| c.live));
                 }
-                None => gone.push(k.clone()),
+                None => gone.push(&w.key),
             }
         }
         if !keys.is_empty() {
             let t = tree.name();
-            let sql = format!(
-                "INSERT INTO {t} (k, v, ver) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) \
-                 ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver WHERE {t}.ver <= excluded.ver"
-            );
-            let st = tx.prepare_cached(&sql).await.map_err(reason)?;
-            tx.execute(&st, &[&keys, &values, &versions])
-                .await
-                .map_err(reason)?;
+            if tree == Tree::Trips {
+                // `driver` and `live` (migration 4): NULL when not known (a raw copy).
+                let sql = format!(
+                    "INSERT INTO {t} (k, v, ver, shard, driver, live) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::text[], $6::bool[]) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard, driver = excluded.driver, live = excluded.live WHERE {t}.ver <= excluded.ver"
+                );
+                let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+                tx.execute(&st, &[&keys, &values, &versions, &shards, &drivers, &live])
+                    .await
+                    .map_err(reason)?;
+            } else {
+                let sql = format!(
+                    "INSERT INTO {t} (k, v, ver, shard) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[]) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard WHERE {t}.ver <= excluded.ver"
+                );
+                let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+                tx.execute(&st, &[&keys, &values, &versions, &shards])
+                    .await
+                    .map_err(reason)?;
+            }
         }
         if !gone.is_empty() {
             let sql = format!("DELETE FROM {} WHERE k = ANY($1::bytea[])", tree.name());

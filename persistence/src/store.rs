@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::codec::{self, CodecError};
-use crate::lease::{ShardId, WHOLE_CITY};
+use crate::lease::{Fence, ShardId, WHOLE_CITY};
 use crate::records::{
     JournalEntry, ProviderRecord, StoredDriver, StoredPricing, StoredQuote, StoredRider,
     StoredSurge, StoredTrip, Transition,
@@ -83,6 +83,10 @@ pub enum StoreError {
     Fenced(String),
     #[error("{0} needs the PostgreSQL store (--store postgres)")]
     Unsupported(&'static str),
+    /// A read by shard found more than its bound (`Store::load_shard`,
+    /// `Store::live_trips_of`): nothing of it is returned.
+    #[error("{what} has more than {limit} records (the bound of one read); nothing was returned")]
+    TooLarge { what: String, limit: usize },
 }
 
 /// Writes that must land together, in this order, each naming the shard it belongs to.
@@ -91,12 +95,19 @@ pub enum StoreError {
 /// lease of every shard its writes name, at the epoch it fenced, checked in the commit's
 /// own transaction; otherwise none of it does ([`StoreError::Fenced`]). On sled, and on
 /// a PostgreSQL store never fenced, shards are not checked.
+///
+/// [`Batch::requires`] adds a *foreign* fence (another node's lease, the driver's accept
+/// of docs/sharding.md §3): on PostgreSQL the batch lands only if that lease is held by
+/// that holder at that epoch, checked and locked `FOR SHARE` in the same query, fenced
+/// store or not; sled ignores it, as it ignores shards.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     /// Each write and the shard it belongs to.
     ops: Vec<(ShardId, Op)>,
     /// The shard of the writes added next.
     shard: ShardId,
+    /// Foreign leases that must be held as given for this batch to land.
+    requires: Vec<Fence>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,7 +135,22 @@ impl Batch {
         Self {
             ops: Vec::new(),
             shard,
+            requires: Vec::new(),
         }
+    }
+    /// This batch lands only if `fence.holder` holds `fence.shard` at `fence.epoch`,
+    /// unexpired, checked in the commit's transaction, which keeps that lease row locked
+    /// `FOR SHARE` until it commits: a claim of that shard waits for this batch, and its
+    /// claimer then reads it. Otherwise the batch is refused whole
+    /// ([`StoreError::Fenced`]). For a write on one shard that a foreign shard's owner
+    /// vouches for (a driver's accept on the trip's shard, docs/sharding.md §3).
+    pub fn requires(mut self, fence: Fence) -> Self {
+        self.requires.push(fence);
+        self
+    }
+    /// The foreign fences this batch requires.
+    pub fn required(&self) -> &[Fence] {
+        &self.requires
     }
     /// The writes added after this belong to `shard`: the batch lands only if every shard
     /// it names is held.
@@ -135,6 +161,7 @@ impl Batch {
     /// This batch's writes, then `other`'s, each keeping its shard.
     pub fn append(mut self, other: Batch) -> Self {
         self.ops.extend(other.ops);
+        self.requires.extend(other.requires);
         self.shard = other.shard;
         self
     }
@@ -384,6 +411,9 @@ pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// How long `open` waits for another holder of the directory's lock to let go.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Rows per query of [`Store::load_shard`].
+pub const SHARD_PAGE: usize = 1_000;
+
 /// The store format this build writes (independent of the record schema version).
 pub const FORMAT: u16 = 1;
 
@@ -482,17 +512,42 @@ fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// One key's write: its new value (none: delete it) and, for trips, the version it
-/// holds (the PostgreSQL store never lets an older version overwrite a newer one).
+/// One key's write: its new value (none: delete it), the shard it belongs to and, for
+/// trips, the version it holds (the PostgreSQL store never lets an older version
+/// overwrite a newer one) and what a driver shard's recovery looks it up by.
 pub(crate) struct KeyWrite {
     pub tree: Tree,
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
     pub version: i64,
+    pub shard: ShardId,
+    /// Trips only: see [`TripColumns`].
+    pub trip: Option<TripColumns>,
+}
+
+/// The `trips` columns a driver shard's recovery finds a trip by (migration 4): the
+/// driver it names (assigned, else offered) and whether it is not final yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TripColumns {
+    pub driver: Option<String>,
+    pub live: bool,
+}
+
+impl TripColumns {
+    pub(crate) fn of(t: &StoredTrip) -> TripColumns {
+        TripColumns {
+            driver: t
+                .trip
+                .driver_id()
+                .or(t.trip.offer().map(|o| &o.driver_id))
+                .map(|d| d.as_str().to_owned()),
+            live: !t.trip.state().is_final(),
+        }
+    }
 }
 
 impl Op {
-    pub(crate) fn key_write(&self) -> KeyWrite {
+    pub(crate) fn key_write(&self, shard: ShardId) -> KeyWrite {
         let (tree, key, value, version) = match self {
             Op::Driver(d) => (
                 Tree::Drivers,
@@ -535,18 +590,25 @@ impl Op {
                 0,
             ),
         };
+        let trip = match self {
+            Op::Trip(t) => Some(TripColumns::of(t)),
+            _ => None,
+        };
         KeyWrite {
             tree,
             key,
             value,
             version,
+            shard,
+            trip,
         }
     }
 }
 
 impl Batch {
-    pub(crate) fn ops(&self) -> impl Iterator<Item = &Op> {
-        self.ops.iter().map(|(_, op)| op)
+    /// Each write as it lands, with its shard.
+    pub(crate) fn key_writes(&self) -> impl Iterator<Item = KeyWrite> + '_ {
+        self.ops.iter().map(|(shard, op)| op.key_write(*shard))
     }
 }
 
@@ -926,22 +988,107 @@ impl Store {
         if let Backend::Postgres(pg) = &self.backend {
             pg.prepare()?;
         }
+        self.assemble(|tree| self.range_raw(tree, &Range::default()))
+    }
+
+    /// Everything stored under `shard` (blocking, PostgreSQL only): its drivers, riders,
+    /// trips (each at its newest state, as [`Store::load`] gives them), quotes and
+    /// ledger entries, decoded and checked, for the node that just claimed it
+    /// (docs/sharding.md §4). Read in pages of [`SHARD_PAGE`] rows by key, each one
+    /// query under the call timeout; more than `limit` records in all (journal entries
+    /// included) is [`StoreError::TooLarge`], and nothing is returned.
+    pub fn load_shard(&self, shard: ShardId, limit: usize) -> Result<Loaded, StoreError> {
+        let pg = self.postgres("reading one shard")?;
+        pg.prepare()?;
+        let mut left = limit;
+        self.assemble(|tree| {
+            self.read_fault()?;
+            let rows = pg.shard_rows(tree, shard, left).map_err(|e| match e {
+                StoreError::TooLarge { what, .. } => StoreError::TooLarge { what, limit },
+                e => e,
+            })?;
+            left -= rows.len();
+            Ok(rows)
+        })
+    }
+
+    /// The live (not final) trips that name one of `drivers`, as assigned driver or as
+    /// the driver of their open offer (blocking, PostgreSQL only): what a driver shard's
+    /// recovery reconciles its drivers against, wherever those trips' shards are. Found
+    /// by `trips.driver`/`trips.live` (migration 4); rows written before it are decoded
+    /// and filtered here. More than `limit` rows, or more than `limit` drivers asked, is
+    /// [`StoreError::TooLarge`].
+    pub fn live_trips_of(
+        &self,
+        drivers: &[DriverId],
+        limit: usize,
+    ) -> Result<Vec<StoredTrip>, StoreError> {
+        let pg = self.postgres("finding trips by driver")?;
+        pg.prepare()?;
+        self.read_fault()?;
+        let ids: Vec<String> = drivers.iter().map(|d| d.as_str().to_owned()).collect();
+        let rows = pg.live_trips(ids, limit)?;
+        let wanted: BTreeSet<&DriverId> = drivers.iter().collect();
+        let mut out = Vec::new();
+        for (k, v) in rows {
+            let t: StoredTrip = self.decode(Tree::Trips.name(), &k, &v)?;
+            self.check_trip("trips", &t)?;
+            let names = t
+                .trip
+                .driver_id()
+                .into_iter()
+                .chain(t.trip.offer().map(|o| &o.driver_id));
+            if !t.trip.state().is_final() && names.into_iter().any(|d| wanted.contains(d)) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads by shard ([`Store::load_shard`], [`Store::live_trips_of`]) refused for
+    /// passing their bound, each counted once.
+    pub fn reads_too_large(&self) -> u64 {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.too_large(),
+            Backend::Sled(_) => 0,
+        }
+    }
+
+    /// Extends every lease `holder` holds in `held` (shard, epoch) to `ttl` from now, in
+    /// one statement (blocking, PostgreSQL only); returns the shards renewed, in order.
+    /// A shard missing from the answer is lost (expired, or claimed again).
+    pub fn renew_leases(
+        &self,
+        holder: &str,
+        held: &[(ShardId, u64)],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<ShardId>, StoreError> {
+        check_holder(holder)?;
+        self.postgres("a shard lease")?
+            .renew_leases(holder, held, ttl)
+    }
+
+    /// Decodes and checks the rows `rows` gives for each tree into what recovery needs.
+    fn assemble(
+        &self,
+        mut rows: impl FnMut(Tree) -> Result<Rows, StoreError>,
+    ) -> Result<Loaded, StoreError> {
         let mut out = Loaded {
-            drivers: self.load_tree(Tree::Drivers)?,
-            riders: self.load_tree(Tree::Riders)?,
-            quotes: self.load_tree(Tree::Quotes)?,
-            ledger: self.load_tree(Tree::Ledger)?,
+            drivers: self.decode_rows(Tree::Drivers, rows(Tree::Drivers)?)?,
+            riders: self.decode_rows(Tree::Riders, rows(Tree::Riders)?)?,
+            quotes: self.decode_rows(Tree::Quotes, rows(Tree::Quotes)?)?,
+            ledger: self.decode_rows(Tree::Ledger, rows(Tree::Ledger)?)?,
             ..Loaded::default()
         };
         let mut trips: HashMap<TripId, StoredTrip> = HashMap::new();
-        for t in self.load_tree::<StoredTrip>(Tree::Trips)? {
+        for t in self.decode_rows::<StoredTrip>(Tree::Trips, rows(Tree::Trips)?)? {
             self.check_trip("trips", &t)?;
             trips.insert(t.trip.id.clone(), t);
         }
         // Replay: a journal entry newer than the snapshot wins (the snapshot write was
         // lost in a crash between the two).
         let mut newest: BTreeMap<TripId, StoredTrip> = BTreeMap::new();
-        for e in self.load_tree::<JournalEntry>(Tree::Journal)? {
+        for e in self.decode_rows::<JournalEntry>(Tree::Journal, rows(Tree::Journal)?)? {
             out.journal_entries += 1;
             self.check_trip("journal", &e.trip)?;
             let id = e.trip.trip.id.clone();
@@ -973,9 +1120,12 @@ impl Store {
         })
     }
 
-    fn load_tree<T: DeserializeOwned>(&self, tree: Tree) -> Result<Vec<T>, StoreError> {
-        self.range_raw(tree, &Range::default())?
-            .iter()
+    fn decode_rows<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        rows: Rows,
+    ) -> Result<Vec<T>, StoreError> {
+        rows.iter()
             .map(|(k, v)| self.decode(tree.name(), k, v))
             .collect()
     }
@@ -1486,8 +1636,7 @@ fn reopen(shared: &Shared, dir: &Path) {
 
 fn apply(t: &Trees, group: &[Request]) -> sled::Result<()> {
     for r in group {
-        for op in r.batch.ops() {
-            let w = op.key_write();
+        for w in r.batch.key_writes() {
             let tree = w.tree.of(t);
             match w.value {
                 Some(v) => tree.insert(w.key, v)?,

@@ -6,9 +6,11 @@
 
 use dispatch_engine::trip::Mover;
 use dispatch_engine::{
-    DispatchConfig, DriverId, DriverProfile, DriverStatus, Point, Product, QuoteTerms, RiderId,
-    RiderProfile, StraightLineEta, Trip, TripCommand, TripId, TripState, Vehicle,
+    DispatchConfig, DriverId, DriverProfile, DriverStatus, Point, Product, RiderId, RiderProfile,
+    StraightLineEta, Trip, TripCommand, TripId, TripState, Vehicle,
 };
+mod common;
+use common::{trip, with_client};
 use dispatch_persistence::{
     Batch, Store, StoreError, StoredDriver, StoredRider, StoredTrip, Transition, journal_key,
 };
@@ -97,28 +99,6 @@ impl Place {
 }
 
 /// Runs `f` on a connection of its own to `url`, on a thread and runtime of its own.
-fn with_client<T: Send + 'static, Fut: std::future::Future<Output = T>>(
-    url: &str,
-    f: impl FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
-) -> T {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            f(c).await
-        })
-    })
-    .join()
-    .unwrap()
-}
-
 /// Runs one statement with a key (and a value) on its own connection; the first
 /// column of what it returns.
 pub fn sql_rows(url: &str, sql: &str, key: Vec<u8>, value: Option<Vec<u8>>) -> Vec<Vec<u8>> {
@@ -151,27 +131,6 @@ fn driver(i: u32) -> StoredDriver {
         position: Some(Point::new(45.5, -73.6).unwrap()),
         heading: Some(90.0),
     }
-}
-
-fn trip(id: &str) -> Trip {
-    let quote = QuoteTerms {
-        fare_cents: 1234,
-        currency: "USD".into(),
-        surge: 1.0,
-        distance_m: 3000,
-        duration_s: 400,
-    };
-    Trip::start(
-        TripId::new(id),
-        RiderId::new("rdr_1"),
-        Product::Economy,
-        Point::new(45.5, -73.6).unwrap(),
-        Point::new(45.52, -73.6).unwrap(),
-        quote,
-        1_000,
-        &DispatchConfig::default(),
-    )
-    .trip
 }
 
 fn accepted(mut t: Trip) -> Trip {
