@@ -35,6 +35,17 @@ use crate::views::{Quote, TripView};
 type Starting<'a> =
     std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + 'a>>;
 
+/// The most reads of failed trips from the store in flight at once, by default (the
+/// supervisor reads them back; it lives here so that `context` imports no actor). A store
+/// outage fails every trip that writes meanwhile, and each is read back, again and again
+/// until the store answers: without a cap, thousands of reads (and as many blocking
+/// threads, each held up to the store's call timeout) against a database that is down.
+/// Reads past it wait their turn (counted in
+/// `dispatch_bound_hits_total{bound="trip_reload_reads"}`); a trip is never dropped for
+/// it. Eight keep the reads of a large outage draining at the store's pace without
+/// hogging its connections.
+pub const TRIP_RELOAD_READS_MAX: usize = 8;
+
 /// Everything the live system is configured with. Units are in the names.
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
@@ -79,7 +90,7 @@ pub struct SystemConfig {
     /// The bounds of one window's assignment (batched matching).
     pub batch: dispatch_engine::BatchParams,
     /// The most reads of failed trips from the store in flight at once
-    /// ([`TRIP_RELOAD_READS_MAX`](crate::supervisor::TRIP_RELOAD_READS_MAX)); not a flag.
+    /// ([`TRIP_RELOAD_READS_MAX`]); not a flag.
     pub trip_reload_reads_max: usize,
     /// Test hook, not a flag: while set, a read of a failed trip that holds one of the
     /// permits above waits for a permit of this too (added by the test), so a test can
@@ -113,7 +124,7 @@ impl Default for SystemConfig {
             crash_after_capture: false,
             matching: crate::batch::Matching::Greedy,
             batch: dispatch_engine::BatchParams::default(),
-            trip_reload_reads_max: crate::supervisor::TRIP_RELOAD_READS_MAX,
+            trip_reload_reads_max: TRIP_RELOAD_READS_MAX,
             test_hold_trip_reloads: None,
         }
     }

@@ -47,16 +47,6 @@ impl ReloadReads {
     }
 }
 
-/// The most reads of failed trips from the store in flight at once, by default. A store
-/// outage fails every trip that writes meanwhile, and each is read back, again and again
-/// until the store answers: without a cap, thousands of reads (and as many blocking
-/// threads, each held up to the store's call timeout) against a database that is down.
-/// Reads past it wait their turn (counted in
-/// `dispatch_bound_hits_total{bound="trip_reload_reads"}`); a trip is never dropped for
-/// it. Eight keep the reads of a large outage draining at the store's pace without
-/// hogging its connections.
-pub const TRIP_RELOAD_READS_MAX: usize = 8;
-
 impl Supervisor {
     /// Starts one child and records it in the registry. With `instant`, it does not wait
     /// for the child's `pre_start` (messages queue until it runs); recovery uses that
