@@ -46,6 +46,26 @@ pub fn shard_of(cell: CellId) -> ShardId {
     u64::from(shard)
 }
 
+/// How many entity shards drivers and riders are spread over (`docs/sharding.md` §1).
+pub const ENTITY_SHARDS: u64 = 256;
+
+/// The shard of the whole city's settings (pricing, surge): one writer for them.
+pub const WHOLE_CITY: ShardId = 0;
+
+/// The shard of a driver or rider: `1 + weight(0, id) % 256`, ids 1–256.
+///
+/// Never [`WHOLE_CITY`] (0) and never a cell shard (an H3 index has its mode bits set, so
+/// it is at least 2^59). Fixed like [`weight`]: every node computes the same shard for an
+/// id, in every version.
+pub fn entity_shard(id: &str) -> ShardId {
+    1 + weight(WHOLE_CITY, id) % ENTITY_SHARDS
+}
+
+/// Whether `shard` is one of the entity shards (1–256).
+pub fn is_entity_shard(shard: ShardId) -> bool {
+    (1..=ENTITY_SHARDS).contains(&shard)
+}
+
 /// The rendezvous weight of `member` for `shard`: a fixed, seedless 64-bit hash.
 pub fn weight(shard: ShardId, member: &str) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -152,6 +172,25 @@ mod tests {
         assert_ne!(weight(1, "a"), weight(1, "b"));
         assert_ne!(weight(1, "a"), weight(2, "a"));
         assert_eq!(weight(42, "dispatchd-0"), 0xba80_cdac_a9a0_63b4);
+    }
+
+    #[test]
+    fn entity_shards_are_1_to_256_and_never_a_cell_or_the_city() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..20_000 {
+            let s = entity_shard(&format!("d-{i}"));
+            assert!(is_entity_shard(s), "{s}");
+            seen.insert(s);
+        }
+        // 20,000 ids fill all 256 buckets (a miss has odds of about 256 · e^-78).
+        assert_eq!(seen.len(), ENTITY_SHARDS as usize);
+        assert!(!is_entity_shard(WHOLE_CITY));
+        let grid = crate::Grid::new(9).unwrap();
+        let cell = grid.cell_of(crate::Point::new(52.52, 13.405).unwrap());
+        assert!(!is_entity_shard(shard_of(cell)));
+        // Pinned: a change here moves every driver of every cluster.
+        assert_eq!(entity_shard("d-1"), 163);
+        assert_eq!(entity_shard("dispatchd-driver-1"), 92);
     }
 
     #[test]
