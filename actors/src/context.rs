@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
 use dispatch_engine::{
     Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, PaymentTerms, Point,
     Product, ProviderAnswer, QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats,
     StraightLineEta, SurgeBook, SurgeConfig, TripId, TripRules,
 };
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
 use dispatch_persistence::{Batch, Fence, Store, StoredTrip};
 use ractor::concurrency::oneshot;
 use ractor::{ActorCell, ActorRef, RpcReplyPort};

@@ -958,7 +958,10 @@ impl Metrics {
 
     /// Sharded mode: a command refused for where a shard is (one of `SHARD_REFUSALS`).
     pub fn shard_refused(&self, cause: &str) {
-        debug_assert!(SHARD_REFUSALS.contains(&cause), "add {cause} to SHARD_REFUSALS");
+        debug_assert!(
+            SHARD_REFUSALS.contains(&cause),
+            "add {cause} to SHARD_REFUSALS"
+        );
         self.shard_refused.with_label_values(&[cause]).inc();
     }
 

@@ -13,10 +13,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, is_entity_shard};
 use dispatch_engine::{
     AfterPayment, DriverId, DriverStatus, RiderId, TripCommand, TripId, TripState,
 };
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, is_entity_shard};
 use dispatch_persistence::{Batch, Loaded, StoreError, StoredTrip};
 
 use crate::admin::cards;
@@ -283,8 +283,9 @@ impl System {
                 stats.reconciled_drivers += 1;
             }
             let offer = match &status {
-                DriverStatus::Offered(t) => known(t)
-                    .and_then(|t| t.trip.offer().map(|o| OfferView::of(&t.trip, o))),
+                DriverStatus::Offered(t) => {
+                    known(t).and_then(|t| t.trip.offer().map(|o| OfferView::of(&t.trip, o)))
+                }
                 _ => None,
             };
             let trip = match &status {
@@ -470,8 +471,18 @@ impl System {
         // running puts a record back after it is removed below.
         let cells: Vec<ractor::ActorCell> = (trips.iter().filter_map(|t| reg.trip(t)))
             .map(|a| a.get_cell())
-            .chain(drivers.iter().filter_map(|d| reg.driver(d)).map(|a| a.get_cell()))
-            .chain(riders.iter().filter_map(|r| reg.rider(r)).map(|a| a.get_cell()))
+            .chain(
+                drivers
+                    .iter()
+                    .filter_map(|d| reg.driver(d))
+                    .map(|a| a.get_cell()),
+            )
+            .chain(
+                riders
+                    .iter()
+                    .filter_map(|r| reg.rider(r))
+                    .map(|a| a.get_cell()),
+            )
             .collect();
         for cell in &cells {
             cell.stop(Some("shard ended".into()));

@@ -246,8 +246,7 @@ impl System {
         dropoff: Point,
         product: Product,
     ) -> Result<Quote, ApiError> {
-        self.ctx
-            .check_served(&Identity::Rider(rider_id.clone()))?;
+        self.ctx.check_served(&Identity::Rider(rider_id.clone()))?;
         let shard = self.ctx.shard_of_rider(&rider_id);
         let quote = self.ctx.price(rider_id, pickup, dropoff, product);
         self.ctx

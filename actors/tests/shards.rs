@@ -93,7 +93,9 @@ fn contents(l: &Loaded) -> [BTreeSet<String>; 5] {
 }
 
 async fn driver_status(sys: &System, id: &DriverId) -> DriverStatus {
-    ask(&sys.driver_ref(id).unwrap(), DriverMsg::Get).await.status
+    ask(&sys.driver_ref(id).unwrap(), DriverMsg::Get)
+        .await
+        .status
 }
 
 /// What the rides below left: who is where, and which trip is which.
@@ -168,7 +170,14 @@ async fn sharded_writes_land_in_their_owners_shards_and_each_shard_recovers_and_
     let (sys, store) = start(&url, true).await;
     let w = rides(&sys, &store).await;
     let (p1, p3) = (cell_shard(&sys, P1), cell_shard(&sys, P3));
-    let stored_offer = sys.trip_state(&w.trips[1]).await.unwrap().trip.offer().unwrap().clone();
+    let stored_offer = sys
+        .trip_state(&w.trips[1])
+        .await
+        .unwrap()
+        .trip
+        .offer()
+        .unwrap()
+        .clone();
     stop(sys, store).await;
     let store = open(&url);
 
@@ -180,8 +189,7 @@ async fn sharded_writes_land_in_their_owners_shards_and_each_shard_recovers_and_
     for r in &w.riders {
         want.entry(entity_shard(r.as_str())).or_default()[1].insert(r.to_string());
     }
-    want.entry(entity_shard(w.riders[0].as_str())).or_default()[2]
-        .insert(w.riders[0].to_string());
+    want.entry(entity_shard(w.riders[0].as_str())).or_default()[2].insert(w.riders[0].to_string());
     for (t, s) in w.trips.iter().zip([p1, p1, p3]) {
         want.entry(s).or_default()[3].insert(t.to_string());
     }
@@ -251,8 +259,14 @@ async fn sharded_writes_land_in_their_owners_shards_and_each_shard_recovers_and_
     let (h, inbox) = sys.new_session();
     let (mut rx, watch) = inbox.into_parts();
     assert!(sys.attach(&Identity::Driver(w.drivers[0].clone()), h).await);
-    let welcome = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
-    assert!(matches!(*welcome, Outbound::DriverWelcome { .. }), "{welcome:?}");
+    let welcome = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(*welcome, Outbound::DriverWelcome { .. }),
+        "{welcome:?}"
+    );
     let refused = || {
         sys.metrics()
             .shard_refused
@@ -261,28 +275,43 @@ async fn sharded_writes_land_in_their_owners_shards_and_each_shard_recovers_and_
     };
     let before = refused();
     let ended = sys.end_shard(s0).await;
-    assert_eq!(tokio::time::timeout(WAIT, watch.closed()).await, Ok(CLOSE_GOING_AWAY));
+    assert_eq!(
+        tokio::time::timeout(WAIT, watch.closed()).await,
+        Ok(CLOSE_GOING_AWAY)
+    );
     assert_eq!(watch.reason(), Some(SHARD_MOVED));
     assert!(ended.sessions >= 1 && ended.drivers >= 1, "{ended:?}");
     assert!(!sys.serves(s0));
     assert!(sys.driver_ref(&w.drivers[0]).is_none());
     assert!(!sys.is_registered(&Identity::Driver(w.drivers[0].clone())));
-    assert!(sys.trip_ref(&w.trips[0]).is_some(), "its trip is another shard's");
+    assert!(
+        sys.trip_ref(&w.trips[0]).is_some(),
+        "its trip is another shard's"
+    );
     if s1 != s0 {
-        assert!(sys.driver_ref(&w.drivers[1]).is_some(), "another shard's driver");
+        assert!(
+            sys.driver_ref(&w.drivers[1]).is_some(),
+            "another shard's driver"
+        );
     }
     let mut app = App::new(&sys);
     let (req, r) = app.responder();
     sys.driver_command(&w.drivers[0], DriverCommand::GoOffline, r, None);
     match app
-        .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } if *q == req))
+        .next_where(
+            "refusal",
+            |m| matches!(m, Outbound::Error { req: Some(q), .. } if *q == req),
+        )
         .await
     {
         Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Unavailable),
         _ => unreachable!(),
     }
     let (h2, _inbox2) = sys.new_session();
-    assert!(!sys.attach(&Identity::Driver(w.drivers[0].clone()), h2).await);
+    assert!(
+        !sys.attach(&Identity::Driver(w.drivers[0].clone()), h2)
+            .await
+    );
     assert_eq!(refused(), before + 2);
 
     // The cell shard ends: its trips' actors stop; they stay readable from the store.
@@ -305,15 +334,23 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
     let (d, mut a) = online_driver(&sys, P1.0, P1.1).await;
     let (r, mut b) = rider(&sys).await;
     let sd = entity_shard(d.as_str());
-    let shards: BTreeSet<ShardId> = [WHOLE_CITY, cell_shard(&sys, P1), sd, entity_shard(r.as_str())]
-        .into_iter()
-        .collect();
+    let shards: BTreeSet<ShardId> = [
+        WHOLE_CITY,
+        cell_shard(&sys, P1),
+        sd,
+        entity_shard(r.as_str()),
+    ]
+    .into_iter()
+    .collect();
     let epochs = hold(&store, &shards, "n1");
     let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
     assert_eq!(a.offer().await, t);
     let stored = |store: &Store| {
         let t = t.clone();
-        tokio::task::block_in_place(|| store.trip(&t)).unwrap().unwrap().trip
+        tokio::task::block_in_place(|| store.trip(&t))
+            .unwrap()
+            .unwrap()
+            .trip
     };
 
     // 1. This node holds no fence for the driver's shard: refused before anything is
@@ -325,7 +362,10 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
             .with_label_values(&["accept_unfenced"])
             .get()
     };
-    let req = a.drive(&sys.driver_ref(&d).unwrap(), DriverCommand::Accept(t.clone()));
+    let req = a.drive(
+        &sys.driver_ref(&d).unwrap(),
+        DriverCommand::Accept(t.clone()),
+    );
     match a
         .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
         .await
@@ -353,7 +393,10 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
             .unwrap();
         assert_eq!(l.epoch, epochs[&sd] + 1);
     });
-    let req = a.drive(&sys.driver_ref(&d).unwrap(), DriverCommand::Accept(t.clone()));
+    let req = a.drive(
+        &sys.driver_ref(&d).unwrap(),
+        DriverCommand::Accept(t.clone()),
+    );
     match a
         .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
         .await
@@ -362,7 +405,11 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
         m => panic!("the accept was taken: {m:?}"),
     }
     assert!(store.fenced_in(sd) >= 1, "refused for the driver's shard");
-    assert_eq!(unfenced(), 1, "this one was fenced by the store, not refused here");
+    assert_eq!(
+        unfenced(),
+        1,
+        "this one was fenced by the store, not refused here"
+    );
     let on_disk = stored(&store);
     assert_eq!(on_disk.state(), TripState::Dispatching);
     assert_eq!(on_disk.driver_id(), None);
@@ -416,9 +463,11 @@ async fn with_sharded_off_every_write_names_the_whole_city() {
             set(t.as_str())
         ]
     );
-    for s in [entity_shard(d.as_str()), entity_shard(r.as_str()), shard_of(
-        config(false).grid.cell_of(here),
-    )] {
+    for s in [
+        entity_shard(d.as_str()),
+        entity_shard(r.as_str()),
+        shard_of(config(false).grid.cell_of(here)),
+    ] {
         let none: [BTreeSet<String>; 5] = Default::default();
         assert_eq!(contents(&load(&store, s)), none, "shard {s}");
     }
