@@ -92,6 +92,21 @@ fn contents(l: &Loaded) -> [BTreeSet<String>; 5] {
     ]
 }
 
+/// `d` accepts `t` through its app `a`, and is answered `unavailable`.
+async fn accept_refused(sys: &System, a: &mut App, d: &DriverId, t: &TripId) {
+    let req = a.drive(
+        &sys.driver_ref(d).unwrap(),
+        DriverCommand::Accept(t.clone()),
+    );
+    match a
+        .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
+        .await
+    {
+        Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Unavailable),
+        m => panic!("the accept was taken: {m:?}"),
+    }
+}
+
 async fn driver_status(sys: &System, id: &DriverId) -> DriverStatus {
     ask(&sys.driver_ref(id).unwrap(), DriverMsg::Get)
         .await
@@ -363,17 +378,7 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
             .with_label_values(&["accept_unfenced"])
             .get()
     };
-    let req = a.drive(
-        &sys.driver_ref(&d).unwrap(),
-        DriverCommand::Accept(t.clone()),
-    );
-    match a
-        .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
-        .await
-    {
-        Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Unavailable),
-        m => panic!("the accept was taken: {m:?}"),
-    }
+    accept_refused(&sys, &mut a, &d, &t).await;
     assert_eq!(unfenced(), 1);
     let live = sys.trip_state(&t).await.unwrap().trip;
     assert_eq!(live.state(), TripState::Dispatching);
@@ -394,17 +399,7 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
             .unwrap();
         assert_eq!(l.epoch, epochs[&sd] + 1);
     });
-    let req = a.drive(
-        &sys.driver_ref(&d).unwrap(),
-        DriverCommand::Accept(t.clone()),
-    );
-    match a
-        .next_where("refusal", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
-        .await
-    {
-        Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Unavailable),
-        m => panic!("the accept was taken: {m:?}"),
-    }
+    accept_refused(&sys, &mut a, &d, &t).await;
     assert!(store.fenced_in(sd) >= 1, "refused for the driver's shard");
     assert_eq!(
         unfenced(),
