@@ -8,7 +8,7 @@
 //! [`System::recover`] rebuilds everything; in sharded mode (docs/sharding.md §4)
 //! [`System::recover_shard`] rebuilds one shard (a cell shard's trips, an entity shard's
 //! drivers and riders reconciled against the live trips naming them, wherever those are)
-//! and [`System::end_shard`] stops one. Both recoveries share one path, [`System::restore`].
+//! and [`System::end_shard`] stops one. Both recoveries share one path (`System::restore`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -199,20 +199,21 @@ impl System {
             ctx.entry_written(e);
         }
         // Trips that name this part's drivers and riders but are not started here: those
-        // of other shards (an entity shard's recovery), and those live on this node.
+        // of other shards (an entity shard's recovery), then, newer than the store's copy,
+        // those live on this node.
         let mut others: HashMap<TripId, StoredTrip> = HashMap::new();
-        if !elsewhere.is_empty() || !loaded.riders.is_empty() || !loaded.drivers.is_empty() {
+        for t in elsewhere {
+            if !t.trip.state().is_final() {
+                others.insert(t.trip.id.clone(), t);
+            }
+        }
+        if !loaded.riders.is_empty() || !loaded.drivers.is_empty() {
             for r in ctx.registry.trip_records.iter() {
                 let t = StoredTrip {
                     trip: r.trip.clone(),
                     driver: r.driver.clone(),
                 };
                 others.insert(r.key().clone(), t);
-            }
-        }
-        for t in elsewhere {
-            if !t.trip.state().is_final() {
-                others.insert(t.trip.id.clone(), t);
             }
         }
         others.retain(|id, _| !live.contains_key(id));
