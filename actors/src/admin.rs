@@ -677,7 +677,10 @@ impl System {
                 ApiError::unavailable(format!("the refund did not go through: {e}"))
             })?;
         self.ctx
-            .commit(Batch::new().ledger(entry.clone()), "refund")
+            .commit(
+                Batch::in_shard(self.ctx.shard_of_pickup(view.pickup)).ledger(entry.clone()),
+                "refund",
+            )
             .await?;
         self.ctx.entry_written(&entry);
         tracing::info!(trip_id = %id, amount, "refund");

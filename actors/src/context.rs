@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
 use dispatch_engine::{
     Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, PaymentTerms, Point,
     Product, ProviderAnswer, QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats,
     StraightLineEta, SurgeBook, SurgeConfig, TripId, TripRules,
 };
-use dispatch_persistence::{Batch, Store, StoredTrip};
+use dispatch_persistence::{Batch, Fence, Store, StoredTrip};
 use ractor::concurrency::oneshot;
 use ractor::{ActorCell, ActorRef, RpcReplyPort};
 
@@ -96,6 +97,13 @@ pub struct SystemConfig {
     /// permits above waits for a permit of this too (added by the test), so a test can
     /// hold reads in flight and count them.
     pub test_hold_trip_reloads: Option<Arc<tokio::sync::Semaphore>>,
+    /// Sharded mode (issue 16 stage 4, docs/sharding.md §1/§4), off by default; not a flag
+    /// yet. Off: every write names `WHOLE_CITY`, as a single node and today's single
+    /// leader do. On: every write names its owner's shard (see [`Context::shard_of_trip`]
+    /// and the others), a driver's accept requires the fence this node holds for the
+    /// driver's shard, and commands for an entity whose shard this node does not serve
+    /// are refused `unavailable`.
+    pub sharded: bool,
 }
 
 impl Default for SystemConfig {
@@ -126,6 +134,7 @@ impl Default for SystemConfig {
             batch: dispatch_engine::BatchParams::default(),
             trip_reload_reads_max: TRIP_RELOAD_READS_MAX,
             test_hold_trip_reloads: None,
+            sharded: false,
         }
     }
 }
@@ -175,6 +184,8 @@ pub struct Inner {
     pub(crate) surge: Mutex<SurgeBook>,
     /// One operator's refund at a time (a refund's number is the count of earlier ones).
     pub(crate) refunds: tokio::sync::Mutex<()>,
+    /// Sharded mode: the shards this node serves now (recovered and not ended).
+    pub(crate) serving: dashmap::DashSet<ShardId>,
 }
 
 /// A cheap, cloneable handle to the shared state of the live system.
@@ -217,7 +228,8 @@ impl Context {
             Some(p) => (p, None),
             None => (local.clone(), Some(local)),
         };
-        Context(Arc::new(Inner {
+        let sharded = config.sharded;
+        let ctx = Context(Arc::new(Inner {
             provider,
             local_provider,
             books: Mutex::new(Books::default()),
@@ -225,6 +237,7 @@ impl Context {
             waiting: Default::default(),
             surge: Mutex::new(SurgeBook::new(config.surge)),
             refunds: tokio::sync::Mutex::new(()),
+            serving: Default::default(),
             registry: Registry::default(),
             store,
             metrics,
@@ -234,7 +247,29 @@ impl Context {
             next_session: AtomicU64::new(1),
             rates: std::sync::RwLock::new(Arc::new(config.rates.clone())),
             config,
-        }))
+        }));
+        if sharded && let Some(local) = &ctx.local_provider {
+            let weak = ctx.downgrade();
+            local.shard_records_by(Arc::new(move |key| {
+                weak.upgrade()
+                    .map_or(WHOLE_CITY, |c| c.shard_of_provider_key(key))
+            }));
+        }
+        ctx
+    }
+
+    /// The shard of an in-process provider record (`<trip id>:<step>`): its trip's, from
+    /// the live trip here or else the stored trip (blocking; a finished trip's refund).
+    /// A key naming no trip known anywhere stays `WHOLE_CITY`'s.
+    fn shard_of_provider_key(&self, key: &str) -> ShardId {
+        let id = TripId::new(key.split(':').next().unwrap_or(key));
+        if let Some(r) = self.registry.trip_records.get(&id) {
+            return self.shard_of_trip(&r.trip);
+        }
+        match self.store.trip(&id) {
+            Ok(Some(t)) => self.shard_of_trip(&t.trip),
+            _ => WHOLE_CITY,
+        }
     }
 
     /// The batcher (batched matching), started on first use on the current runtime.
@@ -300,6 +335,82 @@ impl Context {
         self.registry.driver_records.get(d).is_some_and(|r| {
             r.status == dispatch_engine::DriverStatus::Available && r.session.is_some()
         })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Which shard a write names (docs/sharding.md §1): decided here only, never at a call
+    // site. With `sharded` off every one is `WHOLE_CITY`, exactly as before stage 4.
+    // -----------------------------------------------------------------------------------
+
+    /// The shard of a trip picked up at `pickup` (its trip, journal, ledger and provider
+    /// records): `shard_of` its pickup's cell.
+    pub(crate) fn shard_of_pickup(&self, pickup: Point) -> ShardId {
+        if !self.config.sharded {
+            return WHOLE_CITY;
+        }
+        shard_of(self.config.grid.cell_of(pickup))
+    }
+
+    /// The shard of a trip's writes.
+    pub(crate) fn shard_of_trip(&self, t: &dispatch_engine::Trip) -> ShardId {
+        self.shard_of_pickup(t.pickup)
+    }
+
+    /// The shard of a driver's record: `entity_shard(id)`.
+    pub(crate) fn shard_of_driver(&self, id: &DriverId) -> ShardId {
+        if !self.config.sharded {
+            return WHOLE_CITY;
+        }
+        entity_shard(id.as_str())
+    }
+
+    /// The shard of a rider's record and quotes: `entity_shard(id)`.
+    pub(crate) fn shard_of_rider(&self, id: &RiderId) -> ShardId {
+        if !self.config.sharded {
+            return WHOLE_CITY;
+        }
+        entity_shard(id.as_str())
+    }
+
+    /// What a trip's commit of an accept by `driver` requires (docs/sharding.md §3): off,
+    /// nothing; on, the fence this node holds for the driver's shard, or `Err` when it
+    /// holds none (the driver's actor lives elsewhere: stage 5 has the command carry the
+    /// fence; until then the accept is refused, never written unfenced).
+    pub(crate) fn accept_fence(&self, driver: &DriverId) -> Result<Option<Fence>, ()> {
+        if !self.config.sharded {
+            return Ok(None);
+        }
+        let shard = self.shard_of_driver(driver);
+        match self.store.fences().into_iter().find(|f| f.shard == shard) {
+            Some(f) => Ok(Some(f)),
+            None => {
+                self.metrics.shard_refused("accept_unfenced");
+                Err(())
+            }
+        }
+    }
+
+    /// Whether this node serves `shard` now: always with `sharded` off; on, once it was
+    /// recovered here and until it ends (`System::set_serving`).
+    pub(crate) fn serves(&self, shard: ShardId) -> bool {
+        !self.config.sharded || self.serving.contains(&shard)
+    }
+
+    /// `Ok` when this node serves the shard of `who`; otherwise counted
+    /// (`dispatch_shard_refused_total{cause="not_served"}`) and `unavailable` (retry: the
+    /// shard is being recovered here, or its sessions should reconnect to its owner).
+    pub(crate) fn check_served(&self, who: &crate::records::Identity) -> Result<(), ApiError> {
+        let shard = match who {
+            crate::records::Identity::Driver(id) => self.shard_of_driver(id),
+            crate::records::Identity::Rider(id) => self.shard_of_rider(id),
+        };
+        if self.serves(shard) {
+            return Ok(());
+        }
+        self.metrics.shard_refused("not_served");
+        Err(ApiError::unavailable(
+            "this node does not serve this account now; retry",
+        ))
     }
 
     pub fn downgrade(&self) -> WeakContext {
@@ -542,7 +653,7 @@ impl Context {
         for id in &ids {
             self.moved.remove(id);
             if let Some(r) = self.registry.driver_records.get(id) {
-                batch = batch.driver(r.stored());
+                batch = batch.then_in(self.shard_of_driver(id)).driver(r.stored());
             }
         }
         let n = batch.len();
@@ -561,7 +672,9 @@ impl Context {
         self.registry.quotes.retain(|id, q| {
             let keep = q.expires_at_ms > cutoff;
             if !keep {
-                gone = std::mem::take(&mut gone).delete_quote(id.clone());
+                gone = std::mem::take(&mut gone)
+                    .then_in(self.shard_of_rider(&q.rider_id))
+                    .delete_quote(id.clone());
                 n += 1;
             }
             keep

@@ -51,7 +51,12 @@ impl DriverActor {
     /// which are durable before anyone is told.
     fn commit(&self, s: &mut DriverActorState) {
         self.remember(s);
-        if let Err(e) = self.ctx.store.write(Batch::new().driver(s.rec.stored())) {
+        let shard = self.ctx.shard_of_driver(&s.rec.id);
+        if let Err(e) = self
+            .ctx
+            .store
+            .write(Batch::in_shard(shard).driver(s.rec.stored()))
+        {
             tracing::error!(driver_id = %s.rec.id, error = %e, "driver write failed");
         }
     }

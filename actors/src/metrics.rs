@@ -25,6 +25,12 @@ pub const GROUPS: [&str; 5] = ["driver", "rider", "trip", "cell", "session"];
 /// its rider is free to ask again), `retried` (the store did not answer; read again later).
 pub const TRIP_RELOADS: [&str; 4] = ["resumed", "finished", "not_stored", "retried"];
 
+/// Why sharded mode refused a command (`dispatch_shard_refused_total{cause}`):
+/// `not_served`, an app command, attach or quote for a driver or rider whose shard this
+/// node does not serve (not recovered yet, or ended); `accept_unfenced`, a driver's accept
+/// whose shard this node holds no fence for (docs/sharding.md §3).
+pub const SHARD_REFUSALS: &[&str] = &["not_served", "accept_unfenced"];
+
 /// Index of a group in [`GROUPS`].
 fn group_index(group: &str) -> usize {
     GROUPS
@@ -131,6 +137,8 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     /// A failed trip actor read back from the store, by outcome (`TRIP_RELOADS`).
     pub trip_reloads: IntCounterVec,
+    /// Sharded mode: work refused because of where a shard is (`SHARD_REFUSALS`).
+    pub shard_refused: IntCounterVec,
     /// Not exported: the most reads of failed trips that were ever in flight at once
     /// (at most `SystemConfig::trip_reload_reads_max`), for tests of that cap.
     pub trip_reload_reads_peak: std::sync::atomic::AtomicUsize,
@@ -371,6 +379,17 @@ impl Metrics {
                         "Reads of a failed trip actor's trip from the store, by outcome (retried: the store did not answer)",
                     ),
                     &["outcome"],
+                )
+                .unwrap(),
+            ),
+            shard_refused: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "dispatch_shard_refused_total",
+                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for)",
+                    ),
+                    &["cause"],
                 )
                 .unwrap(),
             ),
@@ -754,6 +773,9 @@ impl Metrics {
         for o in TRIP_RELOADS {
             self.trip_reloads.with_label_values(&[o]);
         }
+        for c in SHARD_REFUSALS {
+            self.shard_refused.with_label_values(&[c]);
+        }
         self.mailbox_backlog.with_label_values(&["session"]);
         for s in FINAL_STATES {
             self.trips_final.with_label_values(&[s]);
@@ -932,6 +954,15 @@ impl Metrics {
         } else {
             tracing::debug!(target: "dispatch_actors::stages", trip_id, total_us, stages_us = %stages_us, "request to offer");
         }
+    }
+
+    /// Sharded mode: a command refused for where a shard is (one of `SHARD_REFUSALS`).
+    pub fn shard_refused(&self, cause: &str) {
+        debug_assert!(
+            SHARD_REFUSALS.contains(&cause),
+            "add {cause} to SHARD_REFUSALS"
+        );
+        self.shard_refused.with_label_values(&[cause]).inc();
     }
 
     pub fn bound_hit(&self, bound: &str) {

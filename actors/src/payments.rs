@@ -100,7 +100,13 @@ pub struct LocalProvider {
     store: Arc<Store>,
     mode: Mutex<ProviderMode>,
     clock: crate::clock::Clock,
+    /// Sharded mode: the shard of a request's key (its trip's), set by the context; the
+    /// records are `WHOLE_CITY`'s while it is unset. Blocking (it may read the trip).
+    shard_of_key: std::sync::OnceLock<ShardOfKey>,
 }
+
+/// The shard a provider record belongs to, by its key (`<trip id>:<step>`).
+pub(crate) type ShardOfKey = Arc<dyn Fn(&str) -> dispatch_persistence::ShardId + Send + Sync>;
 
 impl LocalProvider {
     pub fn new(store: Arc<Store>, mode: ProviderMode) -> Self {
@@ -108,7 +114,13 @@ impl LocalProvider {
             store,
             mode: Mutex::new(mode),
             clock: crate::clock::Clock::new(),
+            shard_of_key: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sharded mode: records go in the shard `f` gives their key.
+    pub(crate) fn shard_records_by(&self, f: ShardOfKey) {
+        let _ = self.shard_of_key.set(f);
     }
 
     pub fn mode(&self) -> ProviderMode {
@@ -127,10 +139,14 @@ impl LocalProvider {
     ) -> Result<(), PaymentError> {
         let store = self.store.clone();
         let k = key.clone();
-        let earlier = tokio::task::spawn_blocking(move || store.provider_record(&k))
-            .await
-            .map_err(|e| PaymentError::Unavailable(e.to_string()))?
-            .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
+        let shard_of = self.shard_of_key.get().cloned();
+        let (earlier, shard) = tokio::task::spawn_blocking(move || {
+            let shard = shard_of.map_or(dispatch_persistence::WHOLE_CITY, |f| f(&k));
+            store.provider_record(&k).map(|r| (r, shard))
+        })
+        .await
+        .map_err(|e| PaymentError::Unavailable(e.to_string()))?
+        .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
         if let Some(r) = earlier {
             // The same request again (a retry, a replay after a crash): the same answer.
             return if r.approved {
@@ -155,7 +171,7 @@ impl LocalProvider {
             at_ms: self.clock.now_ms(),
         };
         self.store
-            .commit(Batch::new().provider(record))
+            .commit(Batch::in_shard(shard).provider(record))
             .await
             .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
         if approved {

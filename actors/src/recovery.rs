@@ -4,19 +4,26 @@
 //! before anyone is told); each driver's stored status is reconciled against them. An
 //! open offer gets a fresh timeout; a trip whose dispatch deadline passed while the
 //! process was down ends `no_driver_found` as soon as its actor starts.
+//!
+//! [`System::recover`] rebuilds everything; in sharded mode (docs/sharding.md §4)
+//! [`System::recover_shard`] rebuilds one shard (a cell shard's trips, an entity shard's
+//! drivers and riders reconciled against the live trips naming them, wherever those are)
+//! and [`System::end_shard`] stops one. Both recoveries share one path (`System::restore`).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, is_entity_shard};
 use dispatch_engine::{
     AfterPayment, DriverId, DriverStatus, RiderId, TripCommand, TripId, TripState,
 };
-use dispatch_persistence::{Batch, StoreError, StoredTrip};
+use dispatch_persistence::{Batch, Loaded, StoreError, StoredTrip};
 
 use crate::admin::cards;
 use crate::context::Context;
 use crate::messages::{DriverArgs, DriverMsg, Group, RiderArgs, Spawn, TripArgs};
 use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
+use crate::session::{CLOSE_GOING_AWAY, SHARD_MOVED};
 use crate::system::System;
 use crate::views::{OfferView, TripView};
 
@@ -51,13 +58,54 @@ impl System {
     /// Loads the store and starts an actor for every driver, rider and live trip.
     /// Call once, before serving clients.
     pub async fn recover(&self) -> Result<RecoveryStats, StoreError> {
-        let ctx = &self.ctx;
         let started = Instant::now();
-        let store = ctx.store.clone();
+        let store = self.ctx.store.clone();
         let loaded = tokio::task::spawn_blocking(move || store.load())
             .await
             .expect("the load task does not panic")?;
         let load_ms = started.elapsed().as_millis() as u64;
+        self.restore_settings().await?;
+        self.restore(loaded, Vec::new(), started, load_ms).await
+    }
+
+    /// Sharded mode: loads one shard (`Store::load_shard`, at most `limit` records) and
+    /// starts what [`System::recover`] would for it: a cell shard's live trips (an open
+    /// offer gets a fresh timeout, an expired dispatch deadline ends `no_driver_found`);
+    /// an entity shard's drivers and riders, their status reconciled against the live
+    /// trips naming the drivers (`Store::live_trips_of`, any shard) and the trips live on
+    /// this node; `WHOLE_CITY`'s pricing and surge settings. Then the shard is served here
+    /// ([`System::set_serving`]). PostgreSQL only (sled: `StoreError::Unsupported`).
+    pub async fn recover_shard(
+        &self,
+        shard: ShardId,
+        limit: usize,
+    ) -> Result<RecoveryStats, StoreError> {
+        let started = Instant::now();
+        let store = self.ctx.store.clone();
+        let (loaded, elsewhere) = tokio::task::spawn_blocking(move || {
+            let loaded = store.load_shard(shard, limit)?;
+            let drivers: Vec<DriverId> = loaded.drivers.iter().map(|d| d.id.clone()).collect();
+            let elsewhere = if is_entity_shard(shard) && !drivers.is_empty() {
+                store.live_trips_of(&drivers, limit)?
+            } else {
+                Vec::new()
+            };
+            Ok::<_, StoreError>((loaded, elsewhere))
+        })
+        .await
+        .expect("the shard load task does not panic")?;
+        let load_ms = started.elapsed().as_millis() as u64;
+        if shard == WHOLE_CITY {
+            self.restore_settings().await?;
+        }
+        let stats = self.restore(loaded, elsewhere, started, load_ms).await?;
+        self.set_serving(shard, true);
+        Ok(stats)
+    }
+
+    /// The operator's stored pricing and surge settings (`WHOLE_CITY`'s).
+    async fn restore_settings(&self) -> Result<(), StoreError> {
+        let ctx = &self.ctx;
         let store = ctx.store.clone();
         if let Some(p) = tokio::task::spawn_blocking(move || store.pricing())
             .await
@@ -72,6 +120,20 @@ impl System {
         {
             self.restore_surge(&sg);
         }
+        Ok(())
+    }
+
+    /// Starts the actors of what was loaded: its live trips (expired ones ended first),
+    /// its drivers and riders reconciled against those trips, `elsewhere` (live trips of
+    /// other shards naming its drivers, not started here) and the trips live here.
+    async fn restore(
+        &self,
+        loaded: Loaded,
+        elsewhere: Vec<StoredTrip>,
+        started: Instant,
+        load_ms: u64,
+    ) -> Result<RecoveryStats, StoreError> {
+        let ctx = &self.ctx;
         // The books: balances and earnings from every entry; live trips keep their own.
         let mut entries_by_trip: HashMap<TripId, Vec<dispatch_engine::Entry>> = HashMap::new();
         {
@@ -113,7 +175,11 @@ impl System {
                     if d.payment.after(&paid) == AfterPayment::Commit {
                         let entry = d.payment.entry().cloned();
                         t.trip = d.trip;
-                        expired = expired.decided(t.clone(), d.journal, entry.clone());
+                        expired = expired.then_in(ctx.shard_of_trip(&t.trip)).decided(
+                            t.clone(),
+                            d.journal,
+                            entry.clone(),
+                        );
                         // The trip is final now: only the books need its entry.
                         expired_entries.extend(entry);
                         stats.expired_trips += 1;
@@ -132,10 +198,29 @@ impl System {
         for e in &expired_entries {
             ctx.entry_written(e);
         }
+        // Trips that name this part's drivers and riders but are not started here: those
+        // of other shards (an entity shard's recovery), then, newer than the store's copy,
+        // those live on this node.
+        let mut others: HashMap<TripId, StoredTrip> = HashMap::new();
+        for t in elsewhere {
+            if !t.trip.state().is_final() {
+                others.insert(t.trip.id.clone(), t);
+            }
+        }
+        if !loaded.riders.is_empty() || !loaded.drivers.is_empty() {
+            for r in ctx.registry.trip_records.iter() {
+                let t = StoredTrip {
+                    trip: r.trip.clone(),
+                    driver: r.driver.clone(),
+                };
+                others.insert(r.key().clone(), t);
+            }
+        }
+        others.retain(|id, _| !live.contains_key(id));
         let mut on_trip: HashMap<DriverId, TripId> = HashMap::new();
         let mut offered: HashMap<DriverId, TripId> = HashMap::new();
         let mut active: HashMap<RiderId, TripId> = HashMap::new();
-        for t in live.values() {
+        for t in live.values().chain(others.values()) {
             let id = t.trip.id.clone();
             if let Some(d) = t.trip.driver_id() {
                 on_trip.insert(d.clone(), id.clone());
@@ -150,10 +235,8 @@ impl System {
                 );
             }
         }
-        let view = |id: &TripId| {
-            live.get(id)
-                .map(|t| TripView::of(&t.trip, t.driver.clone()))
-        };
+        let known = |id: &TripId| live.get(id).or_else(|| others.get(id));
+        let view = |id: &TripId| known(id).map(|t| TripView::of(&t.trip, t.driver.clone()));
 
         for q in loaded.quotes {
             reg.quotes.insert(q.quote_id.clone(), q);
@@ -185,6 +268,7 @@ impl System {
         (stats.rider_actors, stats.riders_ms) = spawn_timed(ctx, Group::Rider, spawns).await;
 
         let mut spawns = Vec::new();
+        let mut recovered = Vec::new();
         for d in loaded.drivers {
             let status = if let Some(t) = on_trip.get(&d.id) {
                 DriverStatus::OnTrip(t.clone())
@@ -200,9 +284,9 @@ impl System {
                 stats.reconciled_drivers += 1;
             }
             let offer = match &status {
-                DriverStatus::Offered(t) => live
-                    .get(t)
-                    .and_then(|t| t.trip.offer().map(|o| OfferView::of(&t.trip, o))),
+                DriverStatus::Offered(t) => {
+                    known(t).and_then(|t| t.trip.offer().map(|o| OfferView::of(&t.trip, o)))
+                }
                 _ => None,
             };
             let trip = match &status {
@@ -229,6 +313,7 @@ impl System {
             reg.driver_records.insert(record.id.clone(), record.clone());
             // An offline driver needs no actor until its app connects.
             if online {
+                recovered.push(record.id.clone());
                 spawns.push(Spawn::Driver(DriverArgs {
                     record,
                     restarted: false,
@@ -261,12 +346,13 @@ impl System {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let Some(sys) = weak.upgrade() else { return };
-            let away: Vec<_> = sys
-                .registry
-                .driver_records
-                .iter()
-                .filter(|r| r.session.is_none() && r.session_epoch == 0 && r.status.is_indexed())
-                .map(|r| r.id.clone())
+            let away: Vec<_> = recovered
+                .into_iter()
+                .filter(|id| {
+                    sys.registry.driver_records.get(id).is_some_and(|r| {
+                        r.session.is_none() && r.session_epoch == 0 && r.status.is_indexed()
+                    })
+                })
                 .collect();
             for id in away {
                 if let Some(d) = sys.registry.driver(&id) {
@@ -320,5 +406,145 @@ impl System {
         if let Err(e) = book.set_city_cap(sg.city_cap) {
             tracing::warn!(error = %e, "stored surge cap ignored");
         }
+    }
+}
+
+/// What [`System::end_shard`] stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndStats {
+    pub trips: usize,
+    pub drivers: usize,
+    pub riders: usize,
+    /// Sessions closed (1001, [`SHARD_MOVED`](crate::session::SHARD_MOVED)).
+    pub sessions: usize,
+}
+
+impl System {
+    /// Sharded mode: whether this node serves `shard` now (always, with sharded off).
+    pub fn serves(&self, shard: ShardId) -> bool {
+        self.ctx.serves(shard)
+    }
+
+    /// Sharded mode: marks `shard` served here or not. While it is not, an app command,
+    /// attach or quote for a driver or rider of it is refused `unavailable` (retry) and
+    /// counted in `dispatch_shard_refused_total{cause="not_served"}`.
+    /// [`System::recover_shard`] sets it; [`System::end_shard`] clears it first.
+    pub fn set_serving(&self, shard: ShardId, on: bool) {
+        if on {
+            self.ctx.serving.insert(shard);
+        } else {
+            self.ctx.serving.remove(&shard);
+        }
+    }
+
+    /// Sharded mode: stops serving `shard` (its lease lost, or handed off). Its trips'
+    /// actors stop (a cell shard), or its drivers' and riders' (an entity shard), each
+    /// with its session closed 1001 "reconnect" and its driver out of the cell index;
+    /// they leave the registry, so the shard's next owner is the only one running them.
+    /// Nothing is written but the stopped drivers' last positions (every trip transition
+    /// is durable already). Cell actors stay: they are soft state, refilled by pings,
+    /// and index the drivers of every shard this node holds, not the cell shard's.
+    pub async fn end_shard(&self, shard: ShardId) -> EndStats {
+        self.set_serving(shard, false);
+        let ctx = &self.ctx;
+        let reg = &ctx.registry;
+        let mut stats = EndStats::default();
+        let trips: Vec<TripId> = reg
+            .trip_records
+            .iter()
+            .filter(|r| ctx.shard_of_trip(&r.trip) == shard)
+            .map(|r| r.key().clone())
+            .collect();
+        let drivers: Vec<DriverId> = reg
+            .driver_records
+            .iter()
+            .filter(|r| ctx.shard_of_driver(&r.id) == shard)
+            .map(|r| r.id.clone())
+            .collect();
+        let riders: Vec<RiderId> = reg
+            .rider_records
+            .iter()
+            .filter(|r| ctx.shard_of_rider(&r.id) == shard)
+            .map(|r| r.id.clone())
+            .collect();
+
+        // Stop them all, then wait (each bounded by the call timeout), so no handler still
+        // running puts a record back after it is removed below.
+        let cells: Vec<ractor::ActorCell> = (trips.iter().filter_map(|t| reg.trip(t)))
+            .map(|a| a.get_cell())
+            .chain(
+                drivers
+                    .iter()
+                    .filter_map(|d| reg.driver(d))
+                    .map(|a| a.get_cell()),
+            )
+            .chain(
+                riders
+                    .iter()
+                    .filter_map(|r| reg.rider(r))
+                    .map(|a| a.get_cell()),
+            )
+            .collect();
+        for cell in &cells {
+            cell.stop(Some("shard ended".into()));
+        }
+        let wait = Some(ctx.call_timeout());
+        for cell in cells {
+            if cell.wait(wait).await.is_err() {
+                tracing::warn!(shard, actor = ?cell.get_id(), "an actor of an ended shard did not stop in time");
+            }
+        }
+
+        for id in &trips {
+            reg.trips.remove(id);
+            reg.forget_finished(id);
+            reg.reloading.remove(id);
+            stats.trips += 1;
+        }
+        // The drivers' last positions, under the shard's fence (held while it ends).
+        let mut positions = Batch::in_shard(shard);
+        for id in &drivers {
+            reg.drivers.remove(id);
+            ctx.moved.remove(id);
+            if let Some((_, r)) = reg.driver_records.remove(id) {
+                if let Some(session) = &r.session {
+                    session.close_because(CLOSE_GOING_AWAY, SHARD_MOVED);
+                    stats.sessions += 1;
+                }
+                if let Some(cell) = r.cell.and_then(|c| reg.cell(&c)) {
+                    let _ = cell.cast(crate::messages::CellMsg::Remove(id.clone()));
+                }
+                reg.tokens.remove(&r.token_hash);
+                positions = positions.driver(r.stored());
+            }
+            stats.drivers += 1;
+        }
+        for id in &riders {
+            reg.riders.remove(id);
+            if let Some((_, r)) = reg.rider_records.remove(id) {
+                if let Some(session) = &r.session {
+                    session.close_because(CLOSE_GOING_AWAY, SHARD_MOVED);
+                    stats.sessions += 1;
+                }
+                reg.tokens.remove(&r.token_hash);
+            }
+            stats.riders += 1;
+        }
+        if !riders.is_empty() {
+            let gone: std::collections::HashSet<&RiderId> = riders.iter().collect();
+            reg.quotes.retain(|_, q| !gone.contains(&q.rider_id));
+        }
+        if let Err(e) = ctx.store.write(positions) {
+            tracing::warn!(shard, error = %e, "last positions of an ended shard not written");
+        }
+        tracing::info!(
+            shard,
+            trips = stats.trips,
+            drivers = stats.drivers,
+            riders = stats.riders,
+            sessions = stats.sessions,
+            "shard ended"
+        );
+        stats
     }
 }

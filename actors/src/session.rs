@@ -24,6 +24,9 @@ pub const CLOSE_REPLACED: u16 = 4001;
 pub const CLOSE_POLICY: u16 = 1008;
 /// WebSocket close code for "going away" (the server shuts down).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// The close reason (with [`CLOSE_GOING_AWAY`]) of a session whose driver's or rider's
+/// shard this node stopped serving (sharded mode, `System::end_shard`).
+pub const SHARD_MOVED: &str = "this account moved to another node; reconnect";
 
 /// A message for an app. The transport renders each as one JSON text frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +71,8 @@ struct CloseSignal {
     notify: Notify,
     code: AtomicU16,
     closed: AtomicBool,
+    /// Why, when the closer said (else the transport names the code).
+    reason: std::sync::OnceLock<&'static str>,
 }
 
 /// The actors' end of one session.
@@ -130,6 +135,11 @@ impl CloseWatch {
     pub async fn closed(&self) -> u16 {
         wait_closed(&self.0).await
     }
+
+    /// The reason the closer gave, if any ([`SessionHandle::close_because`]).
+    pub fn reason(&self) -> Option<&'static str> {
+        self.0.reason.get().copied()
+    }
 }
 
 async fn wait_closed(close: &CloseSignal) -> u16 {
@@ -154,6 +164,7 @@ impl SessionHandle {
             notify: Notify::new(),
             code: AtomicU16::new(0),
             closed: AtomicBool::new(false),
+            reason: std::sync::OnceLock::new(),
         });
         (
             SessionHandle {
@@ -187,6 +198,14 @@ impl SessionHandle {
             self.close.code.store(code, Ordering::Release);
             self.close.notify.notify_waiters();
         }
+    }
+
+    /// Asks the session to close with `code` and `reason`; the first request wins.
+    pub fn close_because(&self, code: u16, reason: &'static str) {
+        if !self.close.closed.load(Ordering::Acquire) {
+            let _ = self.close.reason.set(reason);
+        }
+        self.close(code);
     }
 
     /// Resolves with the close code once someone asked to close the session.

@@ -151,7 +151,8 @@ impl System {
             session: None,
             session_epoch: 0,
         };
-        ctx.commit(Batch::new().driver(record.stored()), "write")
+        let shard = ctx.shard_of_driver(&id);
+        ctx.commit(Batch::in_shard(shard).driver(record.stored()), "write")
             .await?;
         ctx.registry
             .driver_records
@@ -197,7 +198,9 @@ impl System {
             profile: profile.clone(),
             token_hash,
         };
-        ctx.commit(Batch::new().rider(stored), "write").await?;
+        let shard = ctx.shard_of_rider(&id);
+        ctx.commit(Batch::in_shard(shard).rider(stored), "write")
+            .await?;
         let record = RiderRecord {
             id: id.clone(),
             profile,
@@ -243,9 +246,11 @@ impl System {
         dropoff: Point,
         product: Product,
     ) -> Result<Quote, ApiError> {
+        self.ctx.check_served(&Identity::Rider(rider_id.clone()))?;
+        let shard = self.ctx.shard_of_rider(&rider_id);
         let quote = self.ctx.price(rider_id, pickup, dropoff, product);
         self.ctx
-            .commit(Batch::new().quote(quote.clone()), "write")
+            .commit(Batch::in_shard(shard).quote(quote.clone()), "write")
             .await?;
         self.ctx
             .registry
@@ -292,7 +297,11 @@ impl System {
 
     /// Attaches a new session to the driver or rider (starting its actor if it has
     /// none); true once `welcome` is queued as the session's first message.
+    /// Sharded mode: `false` (counted) while this node does not serve the entity's shard.
     pub async fn attach(&self, who: &Identity, session: SessionHandle) -> bool {
+        if self.ctx.check_served(who).is_err() {
+            return false;
+        }
         let timeout = self.call_timeout();
         match who {
             Identity::Driver(id) => match self.ctx.driver_actor(id).await {
@@ -333,6 +342,9 @@ impl System {
         responder: Responder,
         trace: Trace,
     ) {
+        if let Err(e) = self.ctx.check_served(&Identity::Driver(id.clone())) {
+            return responder.fail(e);
+        }
         match self.ctx.registry.driver(id) {
             Some(a) => {
                 let _ = a.cast(DriverMsg::Command(cmd, responder, trace));
@@ -349,6 +361,9 @@ impl System {
         responder: Responder,
         trace: Trace,
     ) {
+        if let Err(e) = self.ctx.check_served(&Identity::Rider(id.clone())) {
+            return responder.fail(e);
+        }
         match self.ctx.registry.rider(id) {
             Some(a) => {
                 let _ = a.cast(RiderMsg::Command(cmd, responder, trace));

@@ -144,9 +144,13 @@ impl TripActor {
             trip: decision.trip.clone(),
             driver: None,
         };
-        let mut batch = Batch::new().decided(stored, decision.journal.clone(), None);
+        let shard = ctx.shard_of_trip(&decision.trip);
+        let mut batch = Batch::in_shard(shard).decided(stored, decision.journal.clone(), None);
         if let Some(q) = &new.quote_id {
-            batch = batch.delete_quote(q.clone());
+            // The used quote is the rider's: it goes in the rider's shard.
+            batch = batch
+                .then_in(ctx.shard_of_rider(&new.rider_id))
+                .delete_quote(q.clone());
         }
         let committed = s.commit(&ctx.store, batch, Stage::FirstCommit).await;
         if let Err(e) = committed {
@@ -218,6 +222,17 @@ impl TripActor {
                     continue;
                 }
             };
+            // An accept spans the driver's shard too (docs/sharding.md §3): with sharded
+            // on it commits only under the fence this node holds for that shard; holding
+            // none, it is refused (counted) before the provider is asked, and nothing
+            // changes: the offer stays open until it is answered again or expires.
+            let required = match self.accept_fence(&decision) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.answer(s, &from, answer, Err(e));
+                    continue;
+                }
+            };
             let paid = self.ctx.pay(&decision.payment).await;
             if self.ctx.config.crash_after_capture
                 && matches!(decision.payment, PaymentPlan::Capture { .. })
@@ -228,7 +243,8 @@ impl TripActor {
             }
             match decision.payment.after(&paid) {
                 AfterPayment::Commit => {
-                    self.carry_out(myself, s, decision, from, answer, &mut work)
+                    let d = (decision, required);
+                    self.carry_out(myself, s, d, from, answer, &mut work)
                         .await?
                 }
                 AfterPayment::Retry => {
@@ -437,12 +453,26 @@ impl TripActor {
         myself.send_after(after, || TripMsg::SearchAgain);
     }
 
-    /// Commits one decision, then tells everyone, then arms what it asks for.
+    /// The fence an accept in `d` must commit under (sharded mode, the driver's shard),
+    /// or `unavailable` when this node holds none for it.
+    fn accept_fence(&self, d: &Decision) -> Result<Option<dispatch_persistence::Fence>, ApiError> {
+        for e in &d.effects {
+            if let TripEffect::DriverAssigned { driver_id } = e {
+                return self.ctx.accept_fence(driver_id).map_err(|()| {
+                    ApiError::unavailable("the driver's shard is not held here now; retry")
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// Commits one decision (under `required`, an accept's fence on the driver's shard),
+    /// then tells everyone, then arms what it asks for.
     async fn carry_out(
         &self,
         myself: &ActorRef<TripMsg>,
         s: &mut TripActorState,
-        d: Decision,
+        (d, required): (Decision, Option<dispatch_persistence::Fence>),
         from: Sender,
         answer: Answer,
         work: &mut Work,
@@ -476,7 +506,14 @@ impl TripActor {
             driver: s.rec.driver.clone(),
         };
         let entry = d.payment.entry().cloned();
-        let batch = Batch::new().decided(stored, d.journal.clone(), entry.clone());
+        let mut batch = Batch::in_shard(self.ctx.shard_of_trip(&d.trip)).decided(
+            stored,
+            d.journal.clone(),
+            entry.clone(),
+        );
+        if let Some(f) = required {
+            batch = batch.requires(f);
+        }
         s.mark(Stage::Decide);
         let committed = s.commit(&self.ctx.store, batch, Stage::OfferCommit).await;
         if let Err(e) = committed {

@@ -659,7 +659,7 @@ async fn write_loop(
     let code = loop {
         tokio::select! {
             biased;
-            code = closed.closed() => break Some((code, close_reason(code))),
+            code = closed.closed() => break Some((code, closed.reason().unwrap_or(close_reason(code)))),
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                 break Some((CLOSE_GOING_AWAY, env.stop_reason()))
             }
