@@ -99,7 +99,10 @@ pub fn safety_margin(ttl: Duration) -> Duration {
 /// Until when a leader term may answer clients: the local deadline, moved on by each
 /// renewal. The session writers and the front check it before each message and request,
 /// so a node that wakes from a pause past its deadline tells nobody anything, even before
-/// its controller has run to end the term.
+/// its controller has run to end the term. One frame per session escapes it: a frame
+/// whose check passed just before the process was frozen goes to the socket as it
+/// resumes (nothing runs in between to check again); the writer logs it
+/// (`ws::LATE_FRAME`) and closes the session.
 #[derive(Debug)]
 pub struct TermClock {
     base: std::time::Instant,

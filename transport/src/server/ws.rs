@@ -474,13 +474,17 @@ pub(super) async fn serve(
     transport.sessions.with_label_values(&[label]).inc();
     env.metrics().started("session");
     let heard = Arc::new(AtomicU64::new(env.now_ms()));
-    let writer = tokio::spawn(write_loop(
-        env.clone(),
-        sink,
-        inbox,
-        label,
-        (handle.clone(), heard.clone(), offers),
-    ));
+    // In the session's span, so that what the writer logs names the session.
+    let writer = tokio::spawn(
+        write_loop(
+            env.clone(),
+            sink,
+            inbox,
+            label,
+            (handle.clone(), heard.clone(), offers),
+        )
+        .in_current_span(),
+    );
     let config = env.config();
     let metrics = env.metrics();
     let mut bad = BadWindow {
@@ -675,10 +679,6 @@ async fn write_loop(
             }
             m = rx.recv() => {
                 let Some(m) = m else { break None };
-                // A leader past its lease's deadline tells nobody anything more.
-                if env.term_lost() {
-                    break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
-                }
                 // A traced offer's write is a step of its ride's trace.
                 let span = offers.writing(&m);
                 // A request's first offer: its last two stages (issue 14).
@@ -693,6 +693,17 @@ async fn write_loop(
                 });
                 let text = render_text(&env, *m);
                 let frame = Message::Text(text.into());
+                // A leader past its lease's deadline tells nobody anything more: checked
+                // once the frame is rendered, as close to the socket's write as this loop
+                // gets. A process frozen (SIGSTOP, a paused VM) between this check and the
+                // write sends the frame as it resumes, past the deadline: no check inside
+                // the process can close that gap. Such a frame was decided, rendered and
+                // checked within the term; it is logged with how long after its check it
+                // was written, and the session closes at once.
+                if env.term_lost() {
+                    break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
+                }
+                let checked = Instant::now();
                 if let Err(code) = send_unless_closed(&mut sink, frame, &closed).instrument(span).await {
                     break code.map(|c| (c, close_reason(c)));
                 }
@@ -700,11 +711,22 @@ async fn write_loop(
                     env.metrics().offer_stage(Stage::SocketWrite, t.elapsed());
                 }
                 sent.inc();
+                if env.term_lost() {
+                    tracing::warn!(
+                        after_check_ms = checked.elapsed().as_millis() as u64,
+                        "{LATE_FRAME}"
+                    );
+                    break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
+                }
             }
         }
     };
     goodbye(&mut sink, code).await;
 }
+
+/// The log line of a frame checked within the leader's term and written after its
+/// deadline (the crash test's failover case reads it).
+pub const LATE_FRAME: &str = "a frame checked within this node's term was written after the term's deadline (the process was paused or the write was slow)";
 
 /// Sends one frame, unless the session is asked to close first. A client that stopped
 /// reading blocks a send once the socket's buffers are full; its queue then fills and the
