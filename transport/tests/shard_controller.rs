@@ -410,39 +410,55 @@ async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_databa
     })
     .await;
     let observer = open(&url);
-    n.store.faults().fail_leases(true);
-    // A renewal already sent when the fault came on lands meanwhile.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = Instant::now();
-    let expiry: BTreeMap<ShardId, Instant> = observer
-        .leases()
-        .unwrap()
-        .into_iter()
-        .map(|l| (l.shard, sent + l.remaining))
-        .collect();
-    until(TTL * 2, "every shard ended", || {
-        n.host.ended().len() == all.len()
-    })
-    .await;
-    for (s, cause, handoff, at) in n.host.ended() {
-        assert_eq!((cause, handoff), (ShardEnd::Expired, false), "{s}");
-        assert!(
-            at < expiry[&s],
-            "{s} ended {:?} after its lease ended in the database",
-            at - expiry[&s]
+    // Twice: cut off right after the claims (deadlines from the claim), then again after
+    // the leases were claimed anew and renewed a few times (deadlines from renewals).
+    for round in 1..=2u64 {
+        if round == 2 {
+            n.store.faults().fail_leases(false);
+            until(TTL * 3, "every shard ready again", || {
+                ready(&n, &all).len() == all.len()
+            })
+            .await;
+            assert!(n.metrics.renewals_failed.get() >= 1);
+            let renewed = n.metrics.renewals_failed.get();
+            tokio::time::sleep(RENEW * 4).await;
+            assert_eq!(n.metrics.renewals_failed.get(), renewed, "renewing again");
+        }
+        let before = n.host.ended().len();
+        n.store.faults().fail_leases(true);
+        // A renewal already sent when the fault came on lands meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = Instant::now();
+        let expiry: BTreeMap<ShardId, Instant> = observer
+            .leases()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.shard, sent + l.remaining))
+            .collect();
+        until(TTL * 2, "every shard ended", || {
+            n.host.ended().len() == before + all.len()
+        })
+        .await;
+        for (s, cause, handoff, at) in n.host.ended().into_iter().skip(before) {
+            assert_eq!((cause, handoff), (ShardEnd::Expired, false), "{s}");
+            assert!(
+                at < expiry[&s],
+                "round {round}: {s} ended {:?} after its lease ended in the database",
+                at - expiry[&s]
+            );
+            assert!(n.view.slot(s).is_some_and(|slot| !slot.clock().live()));
+        }
+        assert!(n.store.fences().is_empty(), "every fence dropped");
+        assert!(n.metrics.renewals_failed.get() >= 1);
+        assert_eq!(
+            n.metrics
+                .ends
+                .with_label_values(&[ShardEnd::Expired.as_str()])
+                .get(),
+            round * all.len() as u64
         );
-        assert!(n.view.slot(s).is_some_and(|slot| !slot.clock().live()));
+        assert_eq!(n.metrics.held.get(), 0);
     }
-    assert!(n.store.fences().is_empty(), "every fence dropped");
-    assert!(n.metrics.renewals_failed.get() >= 1);
-    assert_eq!(
-        n.metrics
-            .ends
-            .with_label_values(&[ShardEnd::Expired.as_str()])
-            .get(),
-        all.len() as u64
-    );
-    assert_eq!(n.metrics.held.get(), 0);
     let _ = n.quit.send(true);
     n.task.await.unwrap();
 }
