@@ -667,7 +667,12 @@ impl<H: ShardHost> ShardController<H> {
             self.report(r).await;
         }
         let me = self.config.node_name.clone();
-        let members: Vec<String> = self.members.borrow().clone();
+        // A node is always one of its members: a list that misses it (membership not
+        // formed yet, or a glitch) must not make it hand off everything it holds.
+        let mut members: Vec<String> = self.members.borrow().clone();
+        if !members.contains(&me) {
+            members.push(me.clone());
+        }
         if self.ticks == 1
             || self
                 .ticks
