@@ -559,6 +559,8 @@ enum Report {
         epoch: u64,
         cause: ShardEnd,
     },
+    /// The shard's task is over (after any of the above, or without them).
+    Finished { shard: ShardId },
 }
 
 /// One node's shard controller. Drive it with [`ShardController::run`], or call
@@ -575,6 +577,9 @@ pub struct ShardController<H: ShardHost> {
     stored_cells: BTreeSet<ShardId>,
     /// Shards whose host refused them: not claimed again before this instant.
     backoff: HashMap<ShardId, Instant>,
+    /// Shards whose task (the host's `claimed`, then `ended`) has not finished: not
+    /// claimed again until it has, so one shard's host calls never overlap.
+    busy: BTreeSet<ShardId>,
     /// The last read of the leases: shard → holder, for the live ones.
     last_holders: HashMap<ShardId, String>,
     ticks: u64,
@@ -608,6 +613,7 @@ impl<H: ShardHost> ShardController<H> {
             held: BTreeMap::new(),
             stored_cells: BTreeSet::new(),
             backoff: HashMap::new(),
+            busy: BTreeSet::new(),
             last_holders: HashMap::new(),
             ticks: 0,
             reports_tx,
@@ -709,7 +715,11 @@ impl<H: ShardHost> ShardController<H> {
         let want: Vec<ShardId> = desired
             .iter()
             .copied()
-            .filter(|s| !self.held.contains_key(s) && !self.backoff.contains_key(s))
+            .filter(|s| {
+                !self.held.contains_key(s)
+                    && !self.backoff.contains_key(s)
+                    && !self.busy.contains(s)
+            })
             .collect();
         if !want.is_empty() {
             self.claim(want, &members).await;
@@ -942,6 +952,7 @@ impl<H: ShardHost> ShardController<H> {
                     stop: Some(stop_tx),
                 },
             );
+            self.busy.insert(s);
             tracing::info!(shard = s, epoch = lease.epoch, "claimed a shard");
             let fence = Fence {
                 shard: s,
@@ -961,6 +972,9 @@ impl<H: ShardHost> ShardController<H> {
     /// What a shard's task reported.
     async fn report(&mut self, r: Report) {
         match r {
+            Report::Finished { shard } => {
+                self.busy.remove(&shard);
+            }
             Report::Claimed {
                 shard,
                 epoch,
@@ -1067,6 +1081,14 @@ async fn shard_task<H: ShardHost>(
     reports: mpsc::UnboundedSender<Report>,
 ) {
     let (shard, epoch) = (fence.shard, fence.epoch);
+    /// Reports the task's end however it ends (a panic in the host included).
+    struct Finish(ShardId, mpsc::UnboundedSender<Report>);
+    impl Drop for Finish {
+        fn drop(&mut self) {
+            let _ = self.1.send(Report::Finished { shard: self.0 });
+        }
+    }
+    let _finish = Finish(shard, reports.clone());
     let result = host.claimed(shard, fence).await;
     let ok = result.is_ok();
     let _ = reports.send(Report::Claimed {
