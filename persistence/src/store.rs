@@ -358,6 +358,7 @@ pub struct Faults {
     lose_commit_replies: std::sync::atomic::AtomicU32,
     hold_after_fence_ms: std::sync::atomic::AtomicU64,
     fail_leases: AtomicBool,
+    stall_leases_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -392,6 +393,13 @@ impl Faults {
     /// a node cut off from the database while its leases run out there.
     pub fn fail_leases(&self, on: bool) {
         self.fail_leases.store(on, Ordering::SeqCst);
+    }
+
+    /// While not zero, every lease call waits this long before it is sent: a database
+    /// that does not answer in time (the call then goes on as usual).
+    pub fn stall_leases(&self, d: std::time::Duration) {
+        self.stall_leases_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub(crate) fn held_after_fence(&self) -> std::time::Duration {
@@ -828,8 +836,12 @@ impl Store {
             .trip_shards(above, limit)
     }
 
-    /// An injected lease fault ([`Faults::fail_leases`]), if on.
+    /// An injected lease fault ([`Faults::fail_leases`], [`Faults::stall_leases`]), if on.
     fn lease_fault(&self) -> Result<(), StoreError> {
+        let stall = self.faults.stall_leases_ms.load(Ordering::SeqCst);
+        if stall > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(stall));
+        }
         if self.faults.fail_leases.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable {
                 dir: self.dir.clone(),

@@ -410,11 +410,14 @@ async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_databa
     })
     .await;
     let observer = open(&url);
-    // Twice: cut off right after the claims (deadlines from the claim), then again after
-    // the leases were claimed anew and renewed a few times (deadlines from renewals).
-    for round in 1..=2u64 {
-        if round == 2 {
+    // Three times: cut off right after the claims (deadlines from the claim), then after
+    // the leases were claimed anew and renewed a few times (deadlines from renewals), and
+    // then with the database not answering at all (a renewal still waiting at the
+    // deadline counts as failed).
+    for round in 1..=3u64 {
+        if round > 1 {
             n.store.faults().fail_leases(false);
+            n.store.faults().stall_leases(Duration::ZERO);
             until(TTL * 3, "every shard ready again", || {
                 ready(&n, &all).len() == all.len()
             })
@@ -425,7 +428,13 @@ async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_databa
             assert_eq!(n.metrics.renewals_failed.get(), renewed, "renewing again");
         }
         let before = n.host.ended().len();
-        n.store.faults().fail_leases(true);
+        if round == 3 {
+            n.store
+                .faults()
+                .stall_leases(TTL + Duration::from_millis(500));
+        } else {
+            n.store.faults().fail_leases(true);
+        }
         // A renewal already sent when the fault came on lands meanwhile.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let sent = Instant::now();
@@ -459,6 +468,7 @@ async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_databa
         );
         assert_eq!(n.metrics.held.get(), 0);
     }
+    n.store.faults().stall_leases(Duration::ZERO);
     let _ = n.quit.send(true);
     n.task.await.unwrap();
 }
