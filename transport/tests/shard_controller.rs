@@ -398,6 +398,55 @@ async fn a_shard_the_host_cannot_load_is_released_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_the_renewal_leaves_out_ends_as_lost_and_is_claimed_anew() {
+    let Some(url) = dispatch_persistence::pg::test_database("shard_controller_lost") else {
+        return;
+    };
+    let (_members_tx, members) = watch::channel(names(&["n1"]));
+    let n = start("n1", &url, &members);
+    let all = candidates();
+    until(Duration::from_secs(10), "every shard ready", || {
+        ready(&n, &all).len() == all.len()
+    })
+    .await;
+    let Readiness::Ready(epoch) = n.view.readiness(5) else {
+        panic!("5 not ready");
+    };
+    // The lease ends under the node (as if its epoch had been claimed away).
+    open(&url).release_lease(5, "n1", epoch).unwrap();
+    until(TTL, "5 ended as lost", || {
+        n.host.ended().iter().any(|e| e.0 == 5)
+    })
+    .await;
+    let ended = n.host.ended();
+    assert_eq!(ended.len(), 1, "only the lost shard: {ended:?}");
+    assert_eq!((ended[0].1, ended[0].2), (ShardEnd::Lost, false));
+    assert_eq!(
+        n.metrics
+            .ends
+            .with_label_values(&[ShardEnd::Lost.as_str()])
+            .get(),
+        1
+    );
+    assert!(n.metrics.renewals_failed.get() >= 1);
+    until(
+        TTL,
+        "5 claimed anew",
+        || matches!(n.view.readiness(5), Readiness::Ready(e) if e > epoch),
+    )
+    .await;
+    assert!(
+        n.store
+            .fences()
+            .iter()
+            .any(|f| f.shard == 5 && f.epoch > epoch),
+        "fenced with the new epoch"
+    );
+    let _ = n.quit.send(true);
+    n.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_database() {
     let Some(url) = dispatch_persistence::pg::test_database("shard_controller_renewals") else {
         return;
