@@ -169,6 +169,18 @@ async fn until(bound: Duration, what: &str, mut f: impl FnMut() -> bool) -> Dura
     t0.elapsed()
 }
 
+/// One node, its own only member, once every candidate shard is ready on it.
+async fn alone(url: &str) -> (Node, BTreeSet<ShardId>) {
+    let (_members_tx, members) = watch::channel(names(&["n1"]));
+    let n = start("n1", url, &members);
+    let all = candidates();
+    until(Duration::from_secs(10), "every shard ready", || {
+        ready(&n, &all).len() == all.len()
+    })
+    .await;
+    (n, all)
+}
+
 fn names(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -402,13 +414,7 @@ async fn a_shard_the_renewal_leaves_out_ends_as_lost_and_is_claimed_anew() {
     let Some(url) = dispatch_persistence::pg::test_database("shard_controller_lost") else {
         return;
     };
-    let (_members_tx, members) = watch::channel(names(&["n1"]));
-    let n = start("n1", &url, &members);
-    let all = candidates();
-    until(Duration::from_secs(10), "every shard ready", || {
-        ready(&n, &all).len() == all.len()
-    })
-    .await;
+    let (n, all) = alone(&url).await;
     let Readiness::Ready(epoch) = n.view.readiness(5) else {
         panic!("5 not ready");
     };
@@ -451,13 +457,7 @@ async fn when_renewals_fail_every_shard_ends_before_its_lease_ends_in_the_databa
     let Some(url) = dispatch_persistence::pg::test_database("shard_controller_renewals") else {
         return;
     };
-    let (_members_tx, members) = watch::channel(names(&["n1"]));
-    let n = start("n1", &url, &members);
-    let all = candidates();
-    until(Duration::from_secs(10), "every shard ready", || {
-        ready(&n, &all).len() == all.len()
-    })
-    .await;
+    let (n, all) = alone(&url).await;
     let observer = open(&url);
     // Three times: cut off right after the claims (deadlines from the claim), then after
     // the leases were claimed anew and renewed a few times (deadlines from renewals), and

@@ -666,6 +666,16 @@ impl<H: ShardHost> ShardController<H> {
         self.held.values().map(|h| h.deadline).min()
     }
 
+    /// How long a store call may take: at most `max`, and never past the earliest held
+    /// deadline, so a database that does not answer never keeps the controller from
+    /// ending a shard on time (it ends what is due right after, [`Self::end_expired`]).
+    fn bound(&self, max: Duration) -> Duration {
+        match self.earliest_deadline() {
+            Some(d) => max.min(d.saturating_duration_since(Instant::now())),
+            None => max,
+        }
+    }
+
     /// One round: handle what the shards' tasks reported, survey, renew, end, claim.
     pub async fn tick(&mut self) {
         self.ticks += 1;
@@ -724,15 +734,16 @@ impl<H: ShardHost> ShardController<H> {
         if !want.is_empty() {
             self.claim(want, &members).await;
         }
+        self.end_expired();
         self.metrics.held.set(self.held.len() as i64);
     }
 
     /// Reads the leases (for `unowned` and for telling handoffs in from takeovers) and,
     /// without a service area, the cell shards trips are stored in.
     async fn survey(&mut self) {
-        let bound = self.config.lease_ttl;
+        let bound = self.bound(self.config.lease_ttl);
         if self.config.service_area.is_none() {
-            match bounded(&self.store, bound, |s| {
+            match bounded(&self.store, self.bound(bound), |s| {
                 s.trip_shards(ENTITY_SHARDS, MAX_CELL_SHARDS)
             })
             .await
@@ -746,7 +757,7 @@ impl<H: ShardHost> ShardController<H> {
                 }
             }
         }
-        match bounded(&self.store, bound, |s| s.leases()).await {
+        match bounded(&self.store, self.bound(bound), |s| s.leases()).await {
             Ok(leases) => {
                 let live: HashMap<ShardId, String> = leases
                     .into_iter()
@@ -892,7 +903,8 @@ impl<H: ShardHost> ShardController<H> {
         let (name, ttl) = (self.config.node_name.clone(), self.config.lease_ttl);
         let margin = safety_margin(ttl);
         let asked = want.clone();
-        let got: Vec<Lease> = match bounded(&self.store, ttl.saturating_sub(margin), move |s| {
+        let bound = self.bound(ttl.saturating_sub(margin));
+        let got: Vec<Lease> = match bounded(&self.store, bound, move |s| {
             s.claim_leases(&name, &asked, ttl)
         })
         .await
@@ -969,8 +981,13 @@ impl<H: ShardHost> ShardController<H> {
         self.metrics.held.set(self.held.len() as i64);
     }
 
-    /// What a shard's task reported.
+    /// What a shard's task reported; then ends what fell due meanwhile.
     async fn report(&mut self, r: Report) {
+        self.handle(r).await;
+        self.end_expired();
+    }
+
+    async fn handle(&mut self, r: Report) {
         match r {
             Report::Finished { shard } => {
                 self.busy.remove(&shard);
@@ -1026,7 +1043,7 @@ impl<H: ShardHost> ShardController<H> {
 
     async fn release(&self, shard: ShardId, epoch: u64) {
         let name = self.config.node_name.clone();
-        if let Err(e) = bounded(&self.store, self.config.lease_ttl, move |s| {
+        if let Err(e) = bounded(&self.store, self.bound(self.config.lease_ttl), move |s| {
             s.release_lease(shard, &name, epoch)
         })
         .await
