@@ -414,7 +414,7 @@ async fn a_shard_the_renewal_leaves_out_ends_as_lost_and_is_claimed_anew() {
     let Some(url) = dispatch_persistence::pg::test_database("shard_controller_lost") else {
         return;
     };
-    let (n, all) = alone(&url).await;
+    let (n, _) = alone(&url).await;
     let Readiness::Ready(epoch) = n.view.readiness(5) else {
         panic!("5 not ready");
     };
