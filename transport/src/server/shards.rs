@@ -32,7 +32,8 @@
 //! to find a cell shard's slot (taken for writing only when the candidate set grows), and
 //! atomics again on the slot a reader keeps. The desired shard map (shard → owner) is
 //! there too, for routing. Every blocking store call runs in `spawn_blocking` under a
-//! timeout.
+//! timeout that never reaches past the earliest held deadline, and what fell due is
+//! ended right after it. A shard is not claimed again while its last host task runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
