@@ -68,6 +68,13 @@ KNOWN_MISSING.update({n: _CLUSTER_ONLY for n in [
     "dispatch_cluster_relay_attach_seconds_bucket", "dispatch_cluster_relay_errors_total",
     "dispatch_cluster_tls_refusals_total",
 ]})
+# Names built but not yet exported by dispatchd in any mode, excused even against the
+# cluster scrape: the shard controller (transport/src/server/shards.rs, issue 16 stage 4)
+# registers them; dispatchd runs it in place of the single term in the next step, which
+# removes this entry (the check says when it is exported).
+NOT_WIRED: dict[str, str] = {
+    "dispatch_cluster_shards_unowned": "the shard controller's, not run by dispatchd yet (docs/sharding.md §7, stage 4)",
+}
 
 
 class Failure(Exception):
@@ -636,6 +643,12 @@ def main():
             for n in METRIC_NAME.findall(expr):
                 used.setdefault(n, set()).add(ALERTS)
         excused = {n for n in KNOWN_MISSING if not (cluster_names and n.startswith("dispatch_cluster_"))}
+        excused |= set(NOT_WIRED)
+        for n, why in sorted(NOT_WIRED.items()):
+            if n in samples or n in cluster_names:
+                say(f"names: {n} is exported now: remove it from NOT_WIRED in check.py")
+            elif n in used:
+                say(f"WARNING names: {n} is not exported yet: {why}")
         missing = sorted(n for n in used if n not in samples and n not in cluster_names and n not in excused)
         for n, why in sorted(KNOWN_MISSING.items()):
             if n in cluster_names:

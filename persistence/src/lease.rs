@@ -97,6 +97,35 @@ FROM unnest($2::int8[], $3::int8[]) AS f(shard, epoch) \
 WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.holder = $1 AND l.expires_at > clock_timestamp() \
 RETURNING l.shard";
 
+/// Many claims of one holder in one statement (`Store::claim_leases`): each of the shards
+/// given (deduplicated, taken in shard order so two claimers lock rows in the same order)
+/// gets a new epoch when its lease is free or expired, as [`CLAIM`] does one; a shard
+/// whose lease this holder already holds live is returned as it is (its own lease back).
+/// Returns (shard, epoch, holder, remaining ms) of both kinds.
+pub(crate) const CLAIM_ALL: &str = "\
+WITH f AS (SELECT DISTINCT unnest($2::int8[]) AS shard), \
+c AS (INSERT INTO dispatch_leases (shard, epoch, holder, expires_at, claimed_at) \
+SELECT shard, 1, $1, clock_timestamp() + $3::int8 * interval '1 millisecond', clock_timestamp() FROM f ORDER BY shard \
+ON CONFLICT (shard) DO UPDATE SET epoch = dispatch_leases.epoch + 1, holder = excluded.holder, \
+expires_at = excluded.expires_at, claimed_at = excluded.claimed_at \
+WHERE dispatch_leases.expires_at <= clock_timestamp() \
+RETURNING shard, epoch, holder, greatest(0, (extract(epoch from expires_at - clock_timestamp()) * 1000))::int8 AS ms) \
+SELECT shard, epoch, holder, ms FROM c \
+UNION ALL \
+SELECT l.shard, l.epoch, l.holder, greatest(0, (extract(epoch from l.expires_at - clock_timestamp()) * 1000))::int8 \
+FROM dispatch_leases l JOIN f ON l.shard = f.shard \
+WHERE l.holder = $1 AND l.expires_at > clock_timestamp() AND l.shard NOT IN (SELECT shard FROM c)";
+
+/// The distinct shards above `$1` that `trips` has rows in, in order, at most `$2`: a
+/// loose index scan over `trips_shard` (one index probe per shard found, however many
+/// trips each has), for a controller that has no `--service-area`.
+pub(crate) const TRIP_SHARDS: &str = "\
+WITH RECURSIVE s(shard) AS ( \
+(SELECT shard FROM trips WHERE shard > $1 ORDER BY shard LIMIT 1) \
+UNION ALL \
+SELECT (SELECT t.shard FROM trips t WHERE t.shard > s.shard ORDER BY t.shard LIMIT 1) FROM s WHERE s.shard IS NOT NULL) \
+SELECT shard FROM s WHERE shard IS NOT NULL LIMIT $2";
+
 /// The check at the start of a fenced commit's transaction: of the (shard, holder,
 /// epoch) fences given as three arrays (this node's own, and the foreign ones a batch
 /// requires, [`Batch::requires`](crate::Batch::requires)), those whose lease is still

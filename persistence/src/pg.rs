@@ -573,6 +573,63 @@ impl Pg {
         Ok(rows)
     }
 
+    /// See [`Store::claim_leases`](crate::Store::claim_leases).
+    pub(crate) fn claim_leases(
+        &self,
+        holder: &str,
+        shards: &[ShardId],
+        ttl: Duration,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.ready()?;
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.pool.clone();
+        let shards: Vec<i64> = shards.iter().map(|s| lease::column(*s)).collect();
+        let (holder, ttl) = (holder.to_owned(), lease::ms(ttl));
+        self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::CLAIM_ALL).await.map_err(reason)?;
+            let mut got: Vec<Lease> = c
+                .query(&st, &[&holder, &shards, &ttl])
+                .await
+                .map_err(reason)?
+                .into_iter()
+                .map(|r| lease::lease(r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            got.sort_unstable_by_key(|l| l.shard);
+            Ok(got)
+        })
+    }
+
+    /// See [`Store::trip_shards`](crate::Store::trip_shards).
+    pub(crate) fn trip_shards(
+        &self,
+        above: ShardId,
+        limit: usize,
+    ) -> Result<Vec<ShardId>, StoreError> {
+        self.ready()?;
+        let pool = self.pool.clone();
+        let (above, n) = (
+            lease::column(above),
+            i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1,
+        );
+        let found: Vec<ShardId> = self.run(async move {
+            let c = pool.get().await.map_err(reason)?;
+            let st = c.prepare_cached(lease::TRIP_SHARDS).await.map_err(reason)?;
+            Ok(c.query(&st, &[&above, &n])
+                .await
+                .map_err(reason)?
+                .into_iter()
+                .map(|r| r.get::<_, i64>(0) as ShardId)
+                .collect())
+        })?;
+        if found.len() > limit {
+            return Err(self.refuse_too_large("the shards trips are in".to_owned(), limit));
+        }
+        Ok(found)
+    }
+
     /// See [`Store::release_lease`](crate::Store::release_lease).
     pub(crate) fn release_lease(
         &self,

@@ -357,6 +357,8 @@ pub struct Faults {
     fail_reads: AtomicBool,
     lose_commit_replies: std::sync::atomic::AtomicU32,
     hold_after_fence_ms: std::sync::atomic::AtomicU64,
+    fail_leases: AtomicBool,
+    stall_leases_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -383,6 +385,20 @@ impl Faults {
     /// of its transaction (PostgreSQL only): a commit in flight while the lease ends.
     pub fn hold_after_fence_check(&self, d: std::time::Duration) {
         self.hold_after_fence_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// While on, every lease call (claim, renewal, release, reading the leases) answers
+    /// as a database out of reach would ([`StoreError::Unavailable`]) before it is sent:
+    /// a node cut off from the database while its leases run out there.
+    pub fn fail_leases(&self, on: bool) {
+        self.fail_leases.store(on, Ordering::SeqCst);
+    }
+
+    /// While not zero, every lease call waits this long before it is sent: a database
+    /// that does not answer in time (the call then goes on as usual).
+    pub fn stall_leases(&self, d: std::time::Duration) {
+        self.stall_leases_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
@@ -752,6 +768,7 @@ impl Store {
         ttl: std::time::Duration,
     ) -> Result<Option<crate::Lease>, StoreError> {
         check_holder(holder)?;
+        self.lease_fault()?;
         self.postgres("a shard lease")?
             .claim_lease(shard, holder, ttl)
     }
@@ -766,6 +783,7 @@ impl Store {
         ttl: std::time::Duration,
     ) -> Result<bool, StoreError> {
         check_holder(holder)?;
+        self.lease_fault()?;
         self.postgres("a shard lease")?
             .renew_lease(shard, holder, epoch, ttl)
     }
@@ -779,13 +797,57 @@ impl Store {
         epoch: u64,
     ) -> Result<(), StoreError> {
         check_holder(holder)?;
+        self.lease_fault()?;
         self.postgres("a shard lease")?
             .release_lease(shard, holder, epoch)
     }
 
     /// Every shard's lease, as the database holds them now.
     pub fn leases(&self) -> Result<Vec<crate::Lease>, StoreError> {
+        self.lease_fault()?;
         self.postgres("a shard lease")?.leases()
+    }
+
+    /// Claims each of `shards` for `holder` for `ttl`, in one statement (blocking,
+    /// PostgreSQL only), as [`Store::claim_lease`] claims one: a shard free or expired
+    /// gets a new, higher epoch; a shard `holder` already holds live comes back as it is;
+    /// a shard another holder holds live is left out. Returns the leases `holder` has
+    /// among `shards` now, in shard order. Two holders claiming overlapping sets lock
+    /// the rows in the same (shard) order.
+    pub fn claim_leases(
+        &self,
+        holder: &str,
+        shards: &[ShardId],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<crate::Lease>, StoreError> {
+        check_holder(holder)?;
+        self.lease_fault()?;
+        self.postgres("a shard lease")?
+            .claim_leases(holder, shards, ttl)
+    }
+
+    /// The distinct shards above `above` that trips are stored in, in order (blocking,
+    /// PostgreSQL only): the cell shards with rows, for a cluster with no service area.
+    /// One index probe per shard found; more than `limit` shards is
+    /// [`StoreError::TooLarge`] (counted in [`Store::reads_too_large`]).
+    pub fn trip_shards(&self, above: ShardId, limit: usize) -> Result<Vec<ShardId>, StoreError> {
+        self.read_fault()?;
+        self.postgres("finding the shards trips are in")?
+            .trip_shards(above, limit)
+    }
+
+    /// An injected lease fault ([`Faults::fail_leases`], [`Faults::stall_leases`]), if on.
+    fn lease_fault(&self) -> Result<(), StoreError> {
+        let stall = self.faults.stall_leases_ms.load(Ordering::SeqCst);
+        if stall > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(stall));
+        }
+        if self.faults.fail_leases.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// From now on, every batch naming `shard` lands only if its group commit finds,
@@ -1064,6 +1126,7 @@ impl Store {
         ttl: std::time::Duration,
     ) -> Result<Vec<ShardId>, StoreError> {
         check_holder(holder)?;
+        self.lease_fault()?;
         self.postgres("a shard lease")?
             .renew_leases(holder, held, ttl)
     }

@@ -644,3 +644,92 @@ async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
     });
     assert_eq!(filled, (Some("drv_1".to_owned()), Some(true)));
 }
+
+#[test]
+fn claim_leases_claims_the_free_and_expired_keeps_its_own_and_leaves_out_the_others() {
+    let Some(url) = dispatch_persistence::pg::test_database("shards_claim_leases") else {
+        return;
+    };
+    let s = open(&url);
+    let short = Duration::from_millis(300);
+    let long = Duration::from_secs(60);
+    // 1: n2's, live. 2: n2's, expired. 3: n1's own, live. 4: never claimed.
+    s.claim_lease(1, "n2", long).unwrap().unwrap();
+    let e2 = s.claim_lease(2, "n2", short).unwrap().unwrap().epoch;
+    let e3 = s.claim_lease(3, "n1", long).unwrap().unwrap().epoch;
+    std::thread::sleep(short + Duration::from_millis(200));
+    let got = s.claim_leases("n1", &[4, 3, 2, 1, 4], long).unwrap();
+    let got: Vec<(u64, u64, &str)> = got
+        .iter()
+        .map(|l| {
+            assert!(l.remaining > Duration::from_secs(50), "{l:?}");
+            (l.shard, l.epoch, l.holder.as_str())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(2, e2 + 1, "n1"), (3, e3, "n1"), (4, 1, "n1")],
+        "the expired one with a new epoch, its own as it was, the new one; not n2's live one, no duplicate"
+    );
+    assert!(s.claim_leases("n1", &[], long).unwrap().is_empty());
+    // Of two holders claiming the same free shards at once, each shard goes to one.
+    let shards: Vec<u64> = (100..400).collect();
+    let (a, b) = std::thread::scope(|t| {
+        let a = t.spawn(|| s.claim_leases("na", &shards, long).unwrap());
+        let b = t.spawn(|| s.claim_leases("nb", &shards, long).unwrap());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let a: BTreeSet<u64> = a.iter().map(|l| l.shard).collect();
+    let b: BTreeSet<u64> = b.iter().map(|l| l.shard).collect();
+    assert!(a.is_disjoint(&b));
+    assert_eq!(a.len() + b.len(), shards.len());
+
+    // One statement against one call per shard, for 300 free shards (docs/sharding.md §4).
+    let many: Vec<u64> = (1_000..1_300).collect();
+    let t0 = std::time::Instant::now();
+    assert_eq!(s.claim_leases("n1", &many, long).unwrap().len(), many.len());
+    let batched = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    for shard in 2_000..2_300 {
+        s.claim_lease(shard, "n1", long).unwrap().unwrap();
+    }
+    let one_by_one = t0.elapsed();
+    eprintln!("claiming 300 shards: one statement {batched:?}, one by one {one_by_one:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trip_shards_lists_the_cell_shards_trips_are_in_and_refuses_past_its_bound() {
+    let Some(url) = dispatch_persistence::pg::test_database("shards_trip_shards") else {
+        return;
+    };
+    let s = open(&url);
+    let (a, b) = (0x0862_8d55_ffff_ffff_u64, 0x0863_2a10_7fff_ffff_u64);
+    s.commit(
+        Batch::in_shard(a)
+            .trip(stored(trip("trp_a1")), None)
+            .trip(stored(trip("trp_a2")), None)
+            .then_in(b)
+            .trip(stored(trip("trp_b")), None)
+            .then_in(7)
+            .trip(stored(trip("trp_7")), None)
+            .then_in(12345)
+            .driver(a_driver("drv_c")),
+    )
+    .await
+    .unwrap();
+    s.commit(Batch::new().trip(stored(trip("trp_city")), None))
+        .await
+        .unwrap();
+    let found = tokio::task::block_in_place(|| s.trip_shards(256, 10)).unwrap();
+    assert_eq!(found, vec![a, b], "the cell shards with trips, once each");
+    assert_eq!(
+        tokio::task::block_in_place(|| s.trip_shards(0, 10)).unwrap(),
+        vec![7, a, b]
+    );
+    tokio::task::block_in_place(|| s.trip_shards(256, 2)).expect("exactly at the bound");
+    match tokio::task::block_in_place(|| s.trip_shards(256, 1)) {
+        Err(StoreError::TooLarge { limit: 1, .. }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(s.reads_too_large(), 1);
+}

@@ -265,6 +265,12 @@ pub struct Args {
     /// mode). Default: a third of `--lease-ttl-ms`; it must be under half of it.
     #[arg(long, env = "DISPATCH_LEASE_RENEW_MS")]
     pub lease_renew_ms: Option<u64>,
+    /// The city's service area (cluster mode), `lat1,lng1,lat2,lng2`: two opposite
+    /// corners of a box. Its H3 resolution-6 cells are the cell shards whose leases the
+    /// nodes share out (`docs/sharding.md` §4); at most 20,000 of them. Unset: the cell
+    /// shards trips are stored in.
+    #[arg(long, env = "DISPATCH_SERVICE_AREA")]
+    pub service_area: Option<String>,
     /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
     #[command(flatten)]
     pub traces: crate::telemetry::TraceArgs,
@@ -315,13 +321,15 @@ pub struct Config {
     pub membership: Option<dispatch_cluster::ClusterConfig>,
 }
 
-/// Cluster mode's settings (`--node-name`, `--lease-ttl-ms`, `--lease-renew-ms`); see
-/// [`super::failover`].
+/// Cluster mode's settings (`--node-name`, `--lease-ttl-ms`, `--lease-renew-ms`,
+/// `--service-area`); see [`super::failover`] and [`super::shards`].
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub node_name: String,
     pub lease_ttl: std::time::Duration,
     pub lease_renew: std::time::Duration,
+    /// The cell shards of `--service-area`, in order; `None` when it is not set.
+    pub service_area: Option<std::sync::Arc<[dispatch_engine::shard::ShardId]>>,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -563,6 +571,16 @@ impl Args {
             self.lease_renew_ms,
             &store,
         )?;
+        let cluster = match (cluster, &self.service_area) {
+            (Some(mut c), Some(area)) => {
+                c.service_area = Some(super::shards::service_area_shards(area)?.into());
+                Some(c)
+            }
+            (None, Some(_)) => {
+                return Err("--service-area needs --node-name (cluster mode)".to_owned());
+            }
+            (c, None) => c,
+        };
         Ok(Config {
             node_name: self.node_name,
             membership,
@@ -631,6 +649,7 @@ fn cluster_config(
         node_name: name,
         lease_ttl: std::time::Duration::from_millis(ttl_ms),
         lease_renew: std::time::Duration::from_millis(renew_ms),
+        service_area: None,
     }))
 }
 
@@ -830,6 +849,18 @@ mod tests {
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.lease_ttl.as_millis(), 5_000);
         assert_eq!(c.lease_renew.as_millis(), 1_666);
+        assert!(c.service_area.is_none());
+        let c = with(&[
+            "--node-name",
+            "n1",
+            "--service-area",
+            "45.4,-73.7,45.6,-73.5",
+        ])
+        .unwrap()
+        .cluster
+        .unwrap();
+        let area = c.service_area.unwrap();
+        assert!(area.len() > 5 && area.len() < 100, "{}", area.len());
         let c = with(&[
             "--node-name",
             "n1",
@@ -856,6 +887,15 @@ mod tests {
             ),
             (&["--node-name", "n 1"], "--node-name"),
             (&["--node-name", ""], "--node-name"),
+            (&["--service-area", "45.4,-73.7,45.6,-73.5"], "--node-name"),
+            (
+                &["--node-name", "n1", "--service-area", "45.4,-73.7,45.6"],
+                "--service-area",
+            ),
+            (
+                &["--node-name", "n1", "--service-area", "0,0,60,60"],
+                "--service-area",
+            ),
         ] {
             let e = with(bad).unwrap_err();
             assert!(e.contains(named), "{bad:?}: {e}");

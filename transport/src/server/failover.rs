@@ -30,7 +30,7 @@
 //! that holder's lease back.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use dispatch_actors::{ApiError, Metrics, System};
-use dispatch_persistence::{Lease, Store, StoreError};
+use dispatch_persistence::{Lease, Store};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,6 +47,8 @@ use tower::ServiceExt;
 
 use super::config::ClusterConfig;
 use super::http::{self, HttpError};
+use super::shards::blocking;
+pub use super::shards::{TermClock, safety_margin};
 use super::{Config, Tasks, TransportMetrics, new_app, open_store};
 
 /// The one shard of this slice: the whole city.
@@ -84,54 +86,6 @@ impl TermEnd {
             TermEnd::Failed => "failed",
             TermEnd::Shutdown => "shutdown",
         }
-    }
-}
-
-/// How long before the lease's end by its own clock a leader stops serving: a tenth of
-/// the lease, at least 50 ms. It covers a timer that fires late and the moment it takes
-/// to turn the front to standby, and any difference in rate between this node's clock
-/// and the database's (NTP keeps that under 500 ppm: 1 ms in 2 s). Writes do not depend
-/// on it: the fence refuses them by the database's clock.
-pub fn safety_margin(ttl: Duration) -> Duration {
-    (ttl / 10).max(Duration::from_millis(50))
-}
-
-/// Until when a leader term may answer clients: the local deadline, moved on by each
-/// renewal. The session writers and the front check it before each message and request,
-/// so a node that wakes from a pause past its deadline tells nobody anything, even before
-/// its controller has run to end the term. One frame per session escapes it: a frame
-/// whose check passed just before the process was frozen goes to the socket as it
-/// resumes (nothing runs in between to check again); the writer logs it
-/// (`ws::LATE_FRAME`) and closes the session.
-#[derive(Debug)]
-pub struct TermClock {
-    base: std::time::Instant,
-    until_us: AtomicU64,
-}
-
-impl TermClock {
-    fn new(until: Instant) -> Self {
-        let c = TermClock {
-            base: std::time::Instant::now(),
-            until_us: AtomicU64::new(0),
-        };
-        c.extend(until);
-        c
-    }
-
-    fn extend(&self, until: Instant) {
-        let us = until
-            .into_std()
-            .saturating_duration_since(self.base)
-            .as_micros();
-        self.until_us
-            .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Release);
-    }
-
-    /// Whether the term's deadline is still ahead.
-    pub fn live(&self) -> bool {
-        let until = self.until_us.load(Ordering::Acquire);
-        (self.base.elapsed().as_micros() as u64) < until
     }
 }
 
@@ -462,22 +416,6 @@ fn serve(
     })
 }
 
-/// Runs a blocking store call off the async workers.
-async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .unwrap_or_else(|e| {
-            Err(StoreError::Write {
-                at: "dispatch_leases".to_owned(),
-                reason: format!("the lease call failed: {e}"),
-            })
-        })
-}
-
 impl Node {
     fn quitting(&self) -> bool {
         *self.quit.borrow()
@@ -747,22 +685,5 @@ async fn keep(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_margin_is_a_tenth_of_the_lease_and_at_least_50_ms() {
-        assert_eq!(
-            safety_margin(Duration::from_secs(5)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            safety_margin(Duration::from_millis(500)),
-            Duration::from_millis(50)
-        );
     }
 }

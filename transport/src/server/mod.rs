@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod relay;
 pub mod render;
+pub mod shards;
 pub mod ws;
 
 use std::future::Future;
