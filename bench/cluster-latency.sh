@@ -77,6 +77,8 @@ run() {
   done
   if [ "$nodes" -gt 1 ]; then spread=(--spread); fi
   for i in $(seq "$nodes"); do
+    # Greedy unless DISPATCH_MATCHING says otherwise, as bench/lib.sh's start_dispatchd.
+    DISPATCH_MATCHING=${DISPATCH_MATCHING:-greedy} \
     DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
       DISPATCH_STORE=postgres DISPATCH_DATABASE_URL=$url \
       "$BIN/dispatchd" --listen "127.0.0.1:$((BASE_PORT + i))" --data-dir "$work/d-$nodes-$round-n$i" \

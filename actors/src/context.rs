@@ -86,7 +86,10 @@ pub struct SystemConfig {
     /// Test hook (`DISPATCH_TEST_CRASH_AFTER=capture`): abort the process right after the
     /// provider captured a fare and before the ledger entry is written.
     pub crash_after_capture: bool,
-    /// Greedy, or batched with a window (`--matching`, `--match-window-ms`).
+    /// Greedy, or batched with a window (`--matching`, `--match-window-ms`). `dispatchd`'s
+    /// default is batched, 2 s windows (issue 17); [`SystemConfig::default`] keeps greedy,
+    /// so that the actors' tests and benchmarks that build a system directly see offers at
+    /// once (those of batched matching say so: `tests/batch.rs`).
     pub matching: crate::batch::Matching,
     /// The bounds of one window's assignment (batched matching).
     pub batch: dispatch_engine::BatchParams,

@@ -21,6 +21,10 @@
 //! child runs with `--store postgres` through `DISPATCH_STORE`/`DISPATCH_DATABASE_URL`.
 //! A test that reads or damages sled's files itself says [`sled_only`].
 //!
+//! The matching mode: the server's default (batch, 2 s windows) unless the test process
+//! has `DISPATCH_MATCHING` / `DISPATCH_MATCH_WINDOW_MS` ([`MATCHING_ENV`]), which reach
+//! the child; a test that depends on one mode says `--matching` in its flags.
+//!
 //! [`sled_only`]: DispatchdBuilder::sled_only
 
 use std::path::{Path, PathBuf};
@@ -46,6 +50,11 @@ pub const SHORT_TRIP_FLAGS: &[&str] = &[
     "--shutdown-timeout-ms",
     "5000",
 ];
+
+/// The variables of the test process's own environment that reach every child (the rest
+/// of `DISPATCH_*` does not): the matching mode and window, so that the whole suite can
+/// run in either mode (`DISPATCH_MATCHING=greedy cargo test -p dispatch-tests`).
+pub const MATCHING_ENV: [&str; 2] = ["DISPATCH_MATCHING", "DISPATCH_MATCH_WINDOW_MS"];
 
 /// The `dispatchd` binary cargo built next to the test executable.
 pub fn dispatchd_bin() -> PathBuf {
@@ -272,6 +281,13 @@ impl DispatchdBuilder {
             }
         }
         cmd.env("DISPATCH_LOG", "info");
+        // The matching mode of the test process (`DISPATCH_MATCHING=greedy cargo test
+        // -p dispatch-tests` runs the suite in greedy mode); a test's own flags and env win.
+        for key in MATCHING_ENV {
+            if let Ok(v) = std::env::var(key) {
+                cmd.env(key, v);
+            }
+        }
         if let Some(url) = &work.database {
             cmd.env("DISPATCH_STORE", "postgres")
                 .env("DISPATCH_DATABASE_URL", url);

@@ -808,7 +808,14 @@ async fn a_suspended_driver_is_out_of_dispatch_until_unsuspended() {
         rtoken,
         mut r,
         ..
-    } = scene(&["--dispatch-deadline-ms", "2000"]).await;
+    } = scene(&[
+        // Longer than batched matching's default window (2 s): the last request's first
+        // offer waits up to a window, and a deadline no longer than it would end the trip
+        // first (dispatchd now refuses that combination at start).
+        "--dispatch-deadline-ms",
+        "5000",
+    ])
+    .await;
     let near = DANA;
     assert_eq!(nearby_count(&s, &rtoken, PICKUP).await, 1);
 

@@ -142,6 +142,46 @@ async fn an_invalid_flag_value_exits_non_zero_naming_the_flag() {
     }
 }
 
+/// Batched matching (the default) with a window no shorter than the dispatch deadline
+/// would end every trip `no_driver_found` before its first window closed: `dispatchd`
+/// refuses to start, with exit code 2 and a message naming both flags. Greedy matching
+/// has no window, so the same deadline starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_window_not_shorter_than_the_dispatch_deadline_is_refused_at_start() {
+    for args in [
+        // The default mode and window (batch, 2000 ms).
+        vec!["--dispatch-deadline-ms", "2000"],
+        vec![
+            "--matching",
+            "batch",
+            "--match-window-ms",
+            "5000",
+            "--dispatch-deadline-ms",
+            "3000",
+        ],
+    ] {
+        let mut d = Dispatchd::builder("window-deadline")
+            .flags(&args)
+            .stderr_apart()
+            .spawn();
+        let status = d.exited_within(WAIT).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {status:?}");
+        let err = d.stderr_text();
+        assert!(
+            err.contains("invalid configuration")
+                && err.contains("--match-window-ms")
+                && err.contains("--dispatch-deadline-ms"),
+            "{args:?}: stderr does not name both flags: {err}"
+        );
+    }
+    let d = Dispatchd::start(
+        "window-deadline-greedy",
+        &["--matching", "greedy", "--dispatch-deadline-ms", "2000"],
+    )
+    .await;
+    assert!(d.log_text().contains("matching=greedy"), "{}", d.log_text());
+}
+
 /// A trip that finds no driver must not stop the server from serving everyone else, nor
 /// keep it from exiting on SIGTERM within `--shutdown-timeout-ms`. (At commit b195d13
 /// such a trip re-searched in a loop that never yielded, until its dispatch deadline: one

@@ -276,6 +276,10 @@ async fn a_trip_sent_back_by_a_driver_gets_a_fresh_dispatch_deadline() {
         "1000",
         "--offer-timeout-ms",
         "60000",
+        // In batch mode (the default) a window well inside the 1 s deadline; greedy
+        // ignores it.
+        "--match-window-ms",
+        "200",
     ])
     .await;
     let near = north_of(PICKUP, 100.0);

@@ -166,6 +166,10 @@ async fn the_dispatch_deadline_withdraws_an_unanswered_offer() {
         "60000",
         "--dispatch-deadline-ms",
         "700",
+        // In batch mode (the default) a window well inside the 700 ms deadline; greedy
+        // ignores it.
+        "--match-window-ms",
+        "200",
     ])
     .await;
     let near = north_of(PICKUP, 100.0);

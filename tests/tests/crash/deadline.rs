@@ -23,7 +23,9 @@ async fn ended(server: &Endpoint, id: &str, token: &str, done: fn(TripState) -> 
 }
 
 /// A server whose dispatch deadline is `deadline_ms`, and whose offers outlive it (a
-/// minute): only the deadline can end a trip.
+/// minute): only the deadline can end a trip. In batch mode (the default) its window is
+/// 200 ms, well inside the deadline, so the first offer comes (and the test's kill
+/// follows) before the deadline; greedy ignores the window.
 async fn with_deadline(name: &str, deadline_ms: u64) -> Dispatchd {
     let deadline = deadline_ms.to_string();
     let flags = [
@@ -31,6 +33,8 @@ async fn with_deadline(name: &str, deadline_ms: u64) -> Dispatchd {
         &deadline,
         "--offer-timeout-ms",
         "60000",
+        "--match-window-ms",
+        "200",
     ];
     crate::start(name, &flags).await
 }

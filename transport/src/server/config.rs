@@ -172,9 +172,10 @@ pub struct Args {
     /// Rings of H3 cells around the pickup cell searched at most.
     #[arg(long, env = "DISPATCH_SEARCH_MAX_RINGS", default_value_t = 8)]
     pub search_max_rings: u32,
-    /// `greedy`: nearest driver at once. `batch`: requests of one window are assigned
-    /// together (each trip's first offer then waits up to the window).
-    #[arg(long, env = "DISPATCH_MATCHING", value_enum, default_value_t = MatchingMode::Greedy)]
+    /// `batch` (the default, the README's study: "Which mode to run"): requests of one
+    /// window are assigned together (each trip's first offer then waits up to the
+    /// window). `greedy`: nearest driver at once.
+    #[arg(long, env = "DISPATCH_MATCHING", value_enum, default_value_t = MatchingMode::Batch)]
     pub matching: MatchingMode,
     /// The batch window (`--matching batch`), 1–60000 ms.
     #[arg(long, env = "DISPATCH_MATCH_WINDOW_MS", default_value_t = 2_000)]
@@ -411,6 +412,19 @@ impl Args {
         check(
             (1..=60_000).contains(&self.match_window_ms),
             "--match-window-ms must be in 1..=60000",
+        )?;
+        // A trip's first offer waits up to the window, and its dispatch deadline counts
+        // from entering `dispatching`: a window as long as the deadline ends every trip
+        // `no_driver_found` before its first window closes. The offer timeout is not
+        // compared: it bounds how long one driver holds an offer, which the window does
+        // not shorten or lengthen (docs/api.md, "Batched matching").
+        check(
+            self.matching != MatchingMode::Batch
+                || self.match_window_ms < self.dispatch_deadline_ms,
+            &format!(
+                "--match-window-ms ({}) must be shorter than --dispatch-deadline-ms ({}) with --matching batch: a trip's first offer waits up to the window, and the deadline would end it first",
+                self.match_window_ms, self.dispatch_deadline_ms
+            ),
         )?;
         check(
             (1..=1_024).contains(&self.match_max_batch),
@@ -807,10 +821,39 @@ mod tests {
             Args::parse_from(argv).build_and_validate()
         };
         use dispatch_actors::batch::Matching;
-        assert_eq!(Config::defaults().system.matching, Matching::Greedy);
+        assert_eq!(
+            Config::defaults().system.matching,
+            Matching::Batch { window_ms: 2_000 }
+        );
         let c = parse(&["--matching", "batch", "--match-window-ms", "500"]).unwrap();
         assert_eq!(c.system.matching, Matching::Batch { window_ms: 500 });
-        assert!(c.system.ticket_timeout() > Config::defaults().system.ticket_timeout());
+        let greedy = parse(&["--matching", "greedy"]).unwrap();
+        assert_eq!(greedy.system.matching, Matching::Greedy);
+        assert!(c.system.ticket_timeout() > greedy.system.ticket_timeout());
+        // The window must be shorter than the dispatch deadline, in batch mode only.
+        for bad in [
+            &["--dispatch-deadline-ms", "2000"][..],
+            &["--dispatch-deadline-ms", "1500"],
+            &[
+                "--matching",
+                "batch",
+                "--match-window-ms",
+                "5000",
+                "--dispatch-deadline-ms",
+                "5000",
+            ],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                e.contains("--match-window-ms") && e.contains("--dispatch-deadline-ms"),
+                "{e}"
+            );
+        }
+        parse(&["--dispatch-deadline-ms", "2001"]).unwrap();
+        parse(&["--matching", "greedy", "--dispatch-deadline-ms", "2000"]).unwrap();
+        parse(&["--match-window-ms", "500", "--dispatch-deadline-ms", "2000"]).unwrap();
+        // The offer timeout is not compared with the window.
+        parse(&["--offer-timeout-ms", "500"]).unwrap();
         for bad in [["--match-window-ms", "0"], ["--match-window-ms", "60001"]] {
             let e = parse(&bad).unwrap_err();
             assert!(e.contains("--match-window-ms"), "{e}");

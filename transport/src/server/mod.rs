@@ -157,7 +157,11 @@ pub async fn run(
         None,
     );
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, "dispatchd serving; recovering state");
+    let matching = match config.system.matching {
+        dispatch_actors::batch::Matching::Greedy => "greedy".to_owned(),
+        dispatch_actors::batch::Matching::Batch { window_ms } => format!("batch {window_ms} ms"),
+    };
+    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), store = %store_name, matching = %matching, "dispatchd serving; recovering state");
 
     // Recovery runs while the listener already answers `/healthz` and `/readyz` (503).
     let (recovery, failed_rx) = spawn_recovery(&app, move |ms| {
