@@ -71,6 +71,19 @@ fn hold(store: &Store, shards: &BTreeSet<ShardId>, holder: &str) -> BTreeMap<Sha
     })
 }
 
+/// [`hold`]s `shards` for "n1" and marks them served by `sys`: this node owns them.
+fn hold_and_serve(
+    sys: &System,
+    store: &Store,
+    shards: &BTreeSet<ShardId>,
+) -> BTreeMap<ShardId, u64> {
+    let epochs = hold(store, shards, "n1");
+    for s in shards {
+        sys.set_serving(*s, true);
+    }
+    epochs
+}
+
 fn cell_shard(sys: &System, (lat, lng): (f64, f64)) -> ShardId {
     shard_of(sys.config().grid.cell_of(Point::new(lat, lng).unwrap()))
 }
@@ -139,10 +152,7 @@ async fn rides(sys: &System, store: &Store) -> World {
     // d1 registers after the fences: its shard is claimed first.
     let d1 = DriverId::with_suffix("shardsys1");
     shards.insert(entity_shard(d1.as_str()));
-    hold(store, &shards, "n1");
-    for s in &shards {
-        sys.set_serving(*s, true);
-    }
+    hold_and_serve(sys, store, &shards);
 
     let here = Point::new(P1.0, P1.1).unwrap();
     sys.quote(r0.clone(), here, here, dispatch_engine::Product::Economy)
@@ -358,11 +368,8 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
     ]
     .into_iter()
     .collect();
-    let epochs = hold(&store, &shards, "n1");
     // Served here: its failed trip is restarted here (a shard not served is not).
-    for s in &shards {
-        sys.set_serving(*s, true);
-    }
+    let epochs = hold_and_serve(&sys, &store, &shards);
     let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
     assert_eq!(a.offer().await, t);
     let stored = |store: &Store| {
@@ -496,10 +503,7 @@ async fn a_trip_failing_as_its_shard_ends_is_not_restarted_here() {
     let shards: BTreeSet<ShardId> = [WHOLE_CITY, p1, sd, entity_shard(r.as_str())]
         .into_iter()
         .collect();
-    let epochs = hold(&store, &shards, "n1");
-    for s in &shards {
-        sys.set_serving(*s, true);
-    }
+    let epochs = hold_and_serve(&sys, &store, &shards);
     let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
     assert_eq!(a.offer().await, t);
     // Another node takes the driver's shard: the accept's commit is refused, the trip's
