@@ -403,10 +403,23 @@ impl Context {
     /// (`dispatch_shard_refused_total{cause="not_served"}`) and `unavailable` (retry: the
     /// shard is being recovered here, or its sessions should reconnect to its owner).
     pub(crate) fn check_served(&self, who: &crate::records::Identity) -> Result<(), ApiError> {
-        let shard = match who {
-            crate::records::Identity::Driver(id) => self.shard_of_driver(id),
-            crate::records::Identity::Rider(id) => self.shard_of_rider(id),
-        };
+        match who {
+            crate::records::Identity::Driver(id) => self.check_driver_served(id),
+            crate::records::Identity::Rider(id) => self.check_rider_served(id),
+        }
+    }
+
+    /// [`Context::check_served`] for a driver (no copy of its id: every command asks).
+    pub(crate) fn check_driver_served(&self, id: &DriverId) -> Result<(), ApiError> {
+        self.check_shard_served(self.shard_of_driver(id))
+    }
+
+    /// [`Context::check_served`] for a rider.
+    pub(crate) fn check_rider_served(&self, id: &RiderId) -> Result<(), ApiError> {
+        self.check_shard_served(self.shard_of_rider(id))
+    }
+
+    fn check_shard_served(&self, shard: ShardId) -> Result<(), ApiError> {
         if self.serves(shard) {
             return Ok(());
         }

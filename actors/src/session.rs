@@ -201,11 +201,14 @@ impl SessionHandle {
     }
 
     /// Asks the session to close with `code` and `reason`; the first request wins.
+    /// The reason is set only by the request that wins, so a session closed first for
+    /// another cause (4001 replaced, 1008 policy) never goes with this reason.
     pub fn close_because(&self, code: u16, reason: &'static str) {
-        if !self.close.closed.load(Ordering::Acquire) {
+        if !self.close.closed.swap(true, Ordering::AcqRel) {
             let _ = self.close.reason.set(reason);
+            self.close.code.store(code, Ordering::Release);
+            self.close.notify.notify_waiters();
         }
-        self.close(code);
     }
 
     /// Resolves with the close code once someone asked to close the session.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use dispatch_engine::shard::ShardId;
 use dispatch_engine::{DriverId, RiderId, TripId, TripState};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::Semaphore;
@@ -102,6 +103,51 @@ impl Supervisor {
                 Ok((Entity::Cell(id), r.get_cell()))
             }
         }
+    }
+
+    /// The shard of what `spawn` starts (`WHOLE_CITY` with sharded off); `None` for a
+    /// cell, which is soft state that belongs to no shard.
+    fn shard_of(&self, spawn: &Spawn) -> Option<ShardId> {
+        let ctx = &self.ctx;
+        match spawn {
+            Spawn::Driver(a) => Some(ctx.shard_of_driver(&a.record.id)),
+            Spawn::Rider(a) => Some(ctx.shard_of_rider(&a.record.id)),
+            Spawn::Trip(TripArgs::Resume { record, .. }) => Some(ctx.shard_of_trip(&record.trip)),
+            Spawn::Trip(TripArgs::New(n)) => Some(ctx.shard_of_pickup(n.pickup)),
+            Spawn::Cell(_) => None,
+        }
+    }
+
+    /// Restarts a failed actor from `spawn`, unless its shard is no longer served here
+    /// (sharded mode): a shard that `System::end_shard` ended, or is ending, is run by its
+    /// next owner. `end_shard` stops serving the shard before it looks for the shard's
+    /// actors, and this checks again once the actor is in the registry: either
+    /// `end_shard` finds (and stops) the restarted actor, or it is stopped here.
+    async fn restart(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        spawn: Spawn,
+    ) -> Result<bool, String> {
+        let shard = self.shard_of(&spawn);
+        let served = || shard.is_none_or(|s| self.ctx.serves(s));
+        if !served() {
+            tracing::info!(
+                group = self.group.as_str(),
+                shard,
+                "not restarting a failed actor of a shard no longer served here"
+            );
+            return Ok(false);
+        }
+        let (entity, cell) = self.start_child(myself, spawn, false).await?;
+        if state.children.insert(cell.get_id(), entity).is_none() {
+            self.ctx.metrics.started(self.group.as_str());
+        }
+        if !served() {
+            cell.stop(Some("shard ended".into()));
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The spawn that brings a failed entity back from its last snapshot.
@@ -240,21 +286,25 @@ impl Supervisor {
         read: Result<Option<TripRecord>, String>,
     ) {
         let reg = &self.ctx.registry;
+        // Sharded mode: `System::end_shard` forgot this trip while it was read back (its
+        // shard ended here): its next owner runs it; no retry, no restart.
+        if self.ctx.config.sharded && !reg.reloading.contains(&trip) {
+            return;
+        }
         let outcome = match read {
             Ok(Some(record)) if !record.trip.state().is_final() => {
                 let spawn = Spawn::Trip(TripArgs::Resume {
                     record,
                     restarted: true,
                 });
-                match self.start_child(myself, spawn, false).await {
-                    Ok((entity, cell)) => {
-                        if state.children.insert(cell.get_id(), entity).is_none() {
-                            self.ctx.metrics.started(self.group.as_str());
-                        }
+                match self.restart(myself, state, spawn).await {
+                    Ok(true) => {}
+                    // Its shard is not served here (any more): its owner runs it.
+                    Ok(false) => {
+                        reg.reloading.remove(&trip);
+                        return;
                     }
-                    Err(e) => {
-                        tracing::error!(trip_id = %trip, error = %e, "restart failed")
-                    }
+                    Err(e) => tracing::error!(trip_id = %trip, error = %e, "restart failed"),
                 }
                 "resumed"
             }
@@ -447,17 +497,10 @@ impl Actor for Supervisor {
                     }
                     other => self.restart_spec(other),
                 };
-                if let Some(spec) = spec {
-                    match self.start_child(&myself, spec, false).await {
-                        Ok((entity, cell)) => {
-                            if state.children.insert(cell.get_id(), entity).is_none() {
-                                self.ctx.metrics.started(group);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(group, entity = ?entity, error = %e, "restart failed")
-                        }
-                    }
+                if let Some(spec) = spec
+                    && let Err(e) = self.restart(&myself, state, spec).await
+                {
+                    tracing::error!(group, entity = ?entity, error = %e, "restart failed")
                 }
             }
             _ => {}

@@ -246,7 +246,7 @@ impl System {
         dropoff: Point,
         product: Product,
     ) -> Result<Quote, ApiError> {
-        self.ctx.check_served(&Identity::Rider(rider_id.clone()))?;
+        self.ctx.check_rider_served(&rider_id)?;
         let shard = self.ctx.shard_of_rider(&rider_id);
         let quote = self.ctx.price(rider_id, pickup, dropoff, product);
         self.ctx
@@ -342,7 +342,7 @@ impl System {
         responder: Responder,
         trace: Trace,
     ) {
-        if let Err(e) = self.ctx.check_served(&Identity::Driver(id.clone())) {
+        if let Err(e) = self.ctx.check_driver_served(id) {
             return responder.fail(e);
         }
         match self.ctx.registry.driver(id) {
@@ -361,7 +361,7 @@ impl System {
         responder: Responder,
         trace: Trace,
     ) {
-        if let Err(e) = self.ctx.check_served(&Identity::Rider(id.clone())) {
+        if let Err(e) = self.ctx.check_rider_served(id) {
             return responder.fail(e);
         }
         match self.ctx.registry.rider(id) {

@@ -71,6 +71,19 @@ fn hold(store: &Store, shards: &BTreeSet<ShardId>, holder: &str) -> BTreeMap<Sha
     })
 }
 
+/// [`hold`]s `shards` for "n1" and marks them served by `sys`: this node owns them.
+fn hold_and_serve(
+    sys: &System,
+    store: &Store,
+    shards: &BTreeSet<ShardId>,
+) -> BTreeMap<ShardId, u64> {
+    let epochs = hold(store, shards, "n1");
+    for s in shards {
+        sys.set_serving(*s, true);
+    }
+    epochs
+}
+
 fn cell_shard(sys: &System, (lat, lng): (f64, f64)) -> ShardId {
     shard_of(sys.config().grid.cell_of(Point::new(lat, lng).unwrap()))
 }
@@ -139,10 +152,7 @@ async fn rides(sys: &System, store: &Store) -> World {
     // d1 registers after the fences: its shard is claimed first.
     let d1 = DriverId::with_suffix("shardsys1");
     shards.insert(entity_shard(d1.as_str()));
-    hold(store, &shards, "n1");
-    for s in &shards {
-        sys.set_serving(*s, true);
-    }
+    hold_and_serve(sys, store, &shards);
 
     let here = Point::new(P1.0, P1.1).unwrap();
     sys.quote(r0.clone(), here, here, dispatch_engine::Product::Economy)
@@ -358,7 +368,8 @@ async fn an_accept_without_a_live_fence_on_the_drivers_shard_is_refused_and_noth
     ]
     .into_iter()
     .collect();
-    let epochs = hold(&store, &shards, "n1");
+    // Served here: its failed trip is restarted here (a shard not served is not).
+    let epochs = hold_and_serve(&sys, &store, &shards);
     let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
     assert_eq!(a.offer().await, t);
     let stored = |store: &Store| {
@@ -467,4 +478,65 @@ async fn with_sharded_off_every_write_names_the_whole_city() {
         let none: [BTreeSet<String>; 5] = Default::default();
         assert_eq!(contents(&load(&store, s)), none, "shard {s}");
     }
+}
+
+/// A trip actor fails (its accept fenced out by the store) and its read back is held;
+/// meanwhile its cell shard ends here. Once the read goes ahead, the trip is not resumed
+/// on this node: the shard's next owner runs it (two nodes would otherwise both run it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_failing_as_its_shard_ends_is_not_restarted_here() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_end_restart") else {
+        return;
+    };
+    let store = open(&url);
+    let reads = Arc::new(tokio::sync::Semaphore::new(0));
+    let cfg = SystemConfig {
+        test_hold_trip_reloads: Some(reads.clone()),
+        ..config(true)
+    };
+    let sys = System::start(cfg, Arc::new(Metrics::new()), store.clone())
+        .await
+        .unwrap();
+    let (d, mut a) = online_driver(&sys, P1.0, P1.1).await;
+    let (r, mut b) = rider(&sys).await;
+    let (sd, p1) = (entity_shard(d.as_str()), cell_shard(&sys, P1));
+    let shards: BTreeSet<ShardId> = [WHOLE_CITY, p1, sd, entity_shard(r.as_str())]
+        .into_iter()
+        .collect();
+    let epochs = hold_and_serve(&sys, &store, &shards);
+    let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
+    assert_eq!(a.offer().await, t);
+    // Another node takes the driver's shard: the accept's commit is refused, the trip's
+    // actor fails and waits for its read back (held).
+    tokio::task::block_in_place(|| {
+        store.release_lease(sd, "n1", epochs[&sd]).unwrap();
+        open(&url)
+            .claim_lease(sd, "n2", Duration::from_secs(60))
+            .unwrap()
+            .unwrap();
+    });
+    accept_refused(&sys, &mut a, &d, &t).await;
+    common::eventually("the trip's actor failed", || sys.trip_ref(&t).is_none()).await;
+
+    let ended = sys.end_shard(p1).await;
+    assert_eq!(ended.trips, 1);
+    reads.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    // The read finishes in milliseconds; give it ample time to (wrongly) resume the trip.
+    let resumed = || {
+        sys.metrics()
+            .trip_reloads
+            .with_label_values(&["resumed"])
+            .get()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            sys.trip_ref(&t).is_none(),
+            "the ended shard's trip restarted here"
+        );
+        assert_eq!(resumed(), 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sys.actor_count(Group::Trip).await, 0);
+    stop(sys, store).await;
 }

@@ -612,7 +612,7 @@ impl Pg {
         let pool = self.pool.clone();
         let (above, n) = (
             lease::column(above),
-            i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1,
+            i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1),
         );
         let found: Vec<ShardId> = self.run(async move {
             let c = pool.get().await.map_err(reason)?;

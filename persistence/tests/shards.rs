@@ -727,6 +727,11 @@ async fn trip_shards_lists_the_cell_shards_trips_are_in_and_refuses_past_its_bou
         vec![7, a, b]
     );
     tokio::task::block_in_place(|| s.trip_shards(256, 2)).expect("exactly at the bound");
+    // The bound plus one (what the query asks for) does not overflow.
+    assert_eq!(
+        tokio::task::block_in_place(|| s.trip_shards(256, i64::MAX as usize)).unwrap(),
+        vec![a, b]
+    );
     match tokio::task::block_in_place(|| s.trip_shards(256, 1)) {
         Err(StoreError::TooLarge { limit: 1, .. }) => {}
         other => panic!("expected TooLarge, got {other:?}"),

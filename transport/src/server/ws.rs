@@ -151,6 +151,15 @@ impl Env {
             Env::Relayed(_) => false,
         }
     }
+
+    /// Whether this session's node runs a lease term at all (cluster mode): a single node
+    /// has none, and its writer reads no clock for it.
+    fn in_term(&self) -> bool {
+        match self {
+            Env::Local(app) => app.term.is_some(),
+            Env::Relayed(_) => false,
+        }
+    }
 }
 
 /// Holds one slot of `--max-connections` for as long as a session lives.
@@ -703,7 +712,7 @@ async fn write_loop(
                 if env.term_lost() {
                     break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
                 }
-                let checked = Instant::now();
+                let checked = env.in_term().then(Instant::now);
                 if let Err(code) = send_unless_closed(&mut sink, frame, &closed).instrument(span).await {
                     break code.map(|c| (c, close_reason(c)));
                 }
@@ -713,7 +722,7 @@ async fn write_loop(
                 sent.inc();
                 if env.term_lost() {
                     tracing::warn!(
-                        after_check_ms = checked.elapsed().as_millis() as u64,
+                        after_check_ms = checked.map_or(0, |c| c.elapsed().as_millis() as u64),
                         "{LATE_FRAME}"
                     );
                     break Some((CLOSE_GOING_AWAY, super::failover::LEASE_LOST));
