@@ -419,6 +419,17 @@ impl Context {
         self.placement.remote(shard)
     }
 
+    /// The node of `cell`'s shard when that is another node (as [`Context::remote_of`]).
+    pub(crate) fn remote_of_cell(
+        &self,
+        cell: CellId,
+    ) -> Option<(Arc<str>, &Arc<dyn crate::placement::Link>)> {
+        if !self.config.sharded {
+            return None;
+        }
+        self.placement.remote(shard_of(cell))
+    }
+
     /// This node's fence of `shard`, if it holds one.
     pub(crate) fn own_fence(&self, shard: ShardId) -> Option<Fence> {
         self.store.fences().into_iter().find(|f| f.shard == shard)
@@ -829,11 +840,7 @@ impl Context {
             for cell in ring {
                 // Cells no closer than the k-th candidate so far (or beyond the radius)
                 // are not asked: none of their drivers could be chosen.
-                let remote = self
-                    .config
-                    .sharded
-                    .then(|| self.placement.remote(shard_of(cell)));
-                let (remote, local) = match remote.flatten() {
+                let (remote, local) = match self.remote_of_cell(cell) {
                     Some(r) => (Some(r), None),
                     None => (None, self.registry.cell(&cell)),
                 };

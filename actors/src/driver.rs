@@ -126,13 +126,26 @@ impl DriverActor {
                 .is_indexed()
                 .then(|| self.ctx.config.grid.cell_of(pos));
         let old = s.rec.cell;
+        // A cell of a shard on another node is told through that node's router (§5).
         if old != want
             && let Some(old) = old
-            && let Some(a) = self.ctx.registry.cell(&old)
         {
-            let _ = a.cast(CellMsg::Remove(s.rec.id.clone()));
+            let remove = CellMsg::Remove(s.rec.id.clone());
+            if let Some((node, link)) = self.ctx.remote_of_cell(old) {
+                link.cell(&node, old, remove, None);
+            } else if let Some(a) = self.ctx.registry.cell(&old) {
+                let _ = a.cast(remove);
+            }
         }
-        if let Some(cell) = want {
+        if let Some(cell) = want
+            && let Some((node, link)) = self.ctx.remote_of_cell(cell)
+        {
+            let upsert = CellMsg::Upsert {
+                driver: self.indexed(s, pos),
+                ping,
+            };
+            link.cell(&node, cell, upsert, None);
+        } else if let Some(cell) = want {
             match self.ctx.cell_actor(cell).await {
                 Some(a) => {
                     let _ = a.cast(CellMsg::Upsert {

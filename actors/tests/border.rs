@@ -228,6 +228,44 @@ async fn a_remote_cell_that_does_not_answer_is_left_out_within_the_deadline_and_
     stop([a, b]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_of_b_is_indexed_in_the_cells_owner_and_moves_across_the_border() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a5", 29309), ("border-b5", 29310), None).await;
+    let (pickup, beyond) = across_the_border(&a.sys);
+    let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
+    a.sys
+        .set_placement(Some(place(&a.sys, "border-b5", (pickup, beyond))));
+    b.sys.set_placement(Some(ShardMap::new([
+        (home, Place::Remote("border-a5".into())),
+        (there, Place::Local),
+    ])));
+    // B's driver at the pickup: its cell is A's, so A indexes it, B runs no such cell.
+    let (d, mut app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
+    let cell = a.sys.config().grid.cell_of(pickup);
+    eventually("A's cell indexes B's driver", || {
+        a.sys.cell_ref(&cell).is_some()
+    })
+    .await;
+    assert!(b.sys.cell_ref(&cell).is_none());
+    assert_eq!(a.sys.nearby(pickup, 5_000.0, 5, None).await.len(), 1);
+
+    // It drives across the border: out of A's cell, into B's, still found from A.
+    let to = DriverCommand::Location {
+        position: beyond,
+        heading: None,
+    };
+    driver_cmd(&b.sys, &d, &mut app, to).await;
+    let far = b.sys.config().grid.cell_of(beyond);
+    eventually("B's cell indexes it", || b.sys.cell_ref(&far).is_some()).await;
+    let counted = common::ask(&a.sys.cell_ref(&cell).unwrap(), CellMsg::Count).await;
+    assert_eq!(counted, (0, 0), "A's cell let it go");
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    assert_eq!(found.len(), 1);
+    assert!(found[0].position.distance_m(beyond) < 1.0);
+    stop([a, b]).await;
+}
+
 /// A ride's cast on two PostgreSQL nodes: B's driver `d` online across the border, A's
 /// rider `r` (of another entity shard); A holds the pickup's shard, the rider's and the
 /// city's, B the driver's cell shard and the driver's; each node's map places the other's.
