@@ -189,6 +189,8 @@ pub struct Inner {
     pub(crate) refunds: tokio::sync::Mutex<()>,
     /// Sharded mode: the shards this node serves now (recovered and not ended).
     pub(crate) serving: dashmap::DashSet<ShardId>,
+    /// Sharded mode: which node each shard lives on, and the link to them (stage 5).
+    pub(crate) placement: crate::placement::Placement,
 }
 
 /// A cheap, cloneable handle to the shared state of the live system.
@@ -211,6 +213,9 @@ impl WeakContext {
         self.0.upgrade().map(Context)
     }
 }
+
+/// How much longer than a search's deadline its remote cell calls may wait.
+const REMOTE_MARGIN: Duration = Duration::from_millis(250);
 
 /// 128 random bits as an id suffix.
 pub fn random_suffix() -> String {
@@ -241,6 +246,7 @@ impl Context {
             surge: Mutex::new(SurgeBook::new(config.surge)),
             refunds: tokio::sync::Mutex::new(()),
             serving: Default::default(),
+            placement: Default::default(),
             registry: Registry::default(),
             store,
             metrics,
@@ -379,17 +385,75 @@ impl Context {
     /// nothing; on, the fence this node holds for the driver's shard, or `Err` when it
     /// holds none (the driver's actor lives elsewhere: stage 5 has the command carry the
     /// fence; until then the accept is refused, never written unfenced).
-    pub(crate) fn accept_fence(&self, driver: &DriverId) -> Result<Option<Fence>, ()> {
+    ///
+    /// `carried`: the fence a driver's command from another node carried (stage 5): the
+    /// sending node's of the driver's shard, required as it is (a stale one: the store
+    /// refuses the commit); a carried fence of another shard is ignored.
+    pub(crate) fn accept_fence(
+        &self,
+        driver: &DriverId,
+        carried: Option<&Fence>,
+    ) -> Result<Option<Fence>, ()> {
         if !self.config.sharded {
             return Ok(None);
         }
         let shard = self.shard_of_driver(driver);
-        match self.store.fences().into_iter().find(|f| f.shard == shard) {
+        if let Some(f) = carried.filter(|f| f.shard == shard) {
+            return Ok(Some(f.clone()));
+        }
+        match self.own_fence(shard) {
             Some(f) => Ok(Some(f)),
             None => {
                 self.metrics.shard_refused("accept_unfenced");
                 Err(())
             }
+        }
+    }
+
+    /// The node `shard` lives on when that is another node (sharded mode with a
+    /// placement set and a router started); `None`: local, as before stage 5.
+    pub(crate) fn remote_of(
+        &self,
+        shard: ShardId,
+    ) -> Option<(Arc<str>, &Arc<dyn crate::placement::Link>)> {
+        if !self.config.sharded {
+            return None;
+        }
+        self.placement.remote(shard)
+    }
+
+    /// The node of `cell`'s shard when that is another node (as [`Context::remote_of`]).
+    pub(crate) fn remote_of_cell(
+        &self,
+        cell: CellId,
+    ) -> Option<(Arc<str>, &Arc<dyn crate::placement::Link>)> {
+        if !self.config.sharded {
+            return None;
+        }
+        self.placement.remote(shard_of(cell))
+    }
+
+    /// This node's fence of `shard`, if it holds one.
+    pub(crate) fn own_fence(&self, shard: ShardId) -> Option<Fence> {
+        self.store.fences().into_iter().find(|f| f.shard == shard)
+    }
+
+    /// Casts `m` to driver `id`: through its node's router when its shard is on another
+    /// node (stage 5), else to its actor here (none running: dropped, as before).
+    pub(crate) fn tell_driver(&self, id: &DriverId, m: DriverMsg) {
+        if let Some((node, link)) = self.remote_of(self.shard_of_driver(id)) {
+            link.driver(&node, id.clone(), m);
+        } else if let Some(a) = self.registry.driver(id) {
+            let _ = a.cast(m);
+        }
+    }
+
+    /// Casts `m` to rider `id`, as [`Context::tell_driver`].
+    pub(crate) fn tell_rider(&self, id: &RiderId, m: RiderMsg) {
+        if let Some((node, link)) = self.remote_of(self.shard_of_rider(id)) {
+            link.rider(&node, id.clone(), m);
+        } else if let Some(a) = self.registry.rider(id) {
+            let _ = a.cast(m);
         }
     }
 
@@ -786,27 +850,45 @@ impl Context {
             tokio::time::Instant::now() + Duration::from_millis(self.config.search_timeout_ms);
         let mut s = RingSearch::new(self.config.grid, pickup, params);
         let mut late = false;
+        let mut crossed = false;
         while !late && let Some(ring) = s.next_cells() {
             let mut pending = Vec::new();
             for cell in ring {
                 // Cells no closer than the k-th candidate so far (or beyond the radius)
                 // are not asked: none of their drivers could be chosen.
-                if let Some(actor) = self.registry.cell(&cell)
-                    && s.worth_querying(cell)
-                {
-                    let (tx, rx) = oneshot();
-                    let msg = CellMsg::Query {
-                        pickup,
-                        k: params.k,
-                        // The k-th found in the rings before bounds this one's cells.
-                        max_radius_m: s.query_radius_m(),
-                        filter: filter.clone(),
-                        trace,
-                        reply: RpcReplyPort::from(tx),
-                    };
-                    if actor.cast(msg).is_ok() {
-                        pending.push(rx);
+                let (remote, local) = match self.remote_of_cell(cell) {
+                    Some(r) => (Some(r), None),
+                    None => (None, self.registry.cell(&cell)),
+                };
+                if (remote.is_none() && local.is_none()) || !s.worth_querying(cell) {
+                    continue;
+                }
+                let (tx, rx) = oneshot();
+                let msg = CellMsg::Query {
+                    pickup,
+                    k: params.k,
+                    // The k-th found in the rings before bounds this one's cells.
+                    max_radius_m: s.query_radius_m(),
+                    filter: filter.clone(),
+                    trace,
+                    reply: RpcReplyPort::from(tx),
+                };
+                // A cell of a shard on another node (docs/sharding.md §5) is asked through
+                // that node's router, under the same deadline; its filter crosses as
+                // `IndexedDriver` fields and the exclude list only.
+                let sent = match (remote, local) {
+                    (Some((node, link)), _) => {
+                        crossed = true;
+                        // A little past the deadline: the search's own wait ends first
+                        // and counts the cell as late (`cell_query_timeout`).
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        link.cell(&node, cell, msg, Some(left + REMOTE_MARGIN))
                     }
+                    (None, Some(actor)) => actor.cast(msg).is_ok(),
+                    (None, None) => false,
+                };
+                if sent {
+                    pending.push(rx);
                 }
             }
             for rx in pending {
@@ -823,6 +905,9 @@ impl Context {
         let (found, stats) = s.finish();
         let m = &self.metrics;
         m.search_requests.inc();
+        if crossed {
+            m.search_cross_border.inc();
+        }
         m.search_cells.inc_by(u64::from(stats.cells_searched));
         m.search_drivers_examined.inc_by(stats.drivers_examined);
         if stats.hit_ring_cap {

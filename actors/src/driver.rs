@@ -126,13 +126,26 @@ impl DriverActor {
                 .is_indexed()
                 .then(|| self.ctx.config.grid.cell_of(pos));
         let old = s.rec.cell;
+        // A cell of a shard on another node is told through that node's router (§5).
         if old != want
             && let Some(old) = old
-            && let Some(a) = self.ctx.registry.cell(&old)
         {
-            let _ = a.cast(CellMsg::Remove(s.rec.id.clone()));
+            let remove = CellMsg::Remove(s.rec.id.clone());
+            if let Some((node, link)) = self.ctx.remote_of_cell(old) {
+                link.cell(&node, old, remove, None);
+            } else if let Some(a) = self.ctx.registry.cell(&old) {
+                let _ = a.cast(remove);
+            }
         }
-        if let Some(cell) = want {
+        if let Some(cell) = want
+            && let Some((node, link)) = self.ctx.remote_of_cell(cell)
+        {
+            let upsert = CellMsg::Upsert {
+                driver: self.indexed(s, pos),
+                ping,
+            };
+            link.cell(&node, cell, upsert, None);
+        } else if let Some(cell) = want {
             match self.ctx.cell_actor(cell).await {
                 Some(a) => {
                     let _ = a.cast(CellMsg::Upsert {
@@ -219,14 +232,17 @@ impl DriverActor {
         if self.reindex(s, true).await {
             self.remember(s);
         }
-        if let DriverStatus::OnTrip(trip_id) = s.st.status()
-            && let Some(t) = self.ctx.registry.trip(trip_id)
-        {
-            let _ = t.cast(TripMsg::DriverLocation {
+        if let DriverStatus::OnTrip(trip_id) = s.st.status() {
+            let msg = TripMsg::DriverLocation {
                 driver_id: s.rec.id.clone(),
                 position,
                 heading: s.rec.heading,
-            });
+            };
+            if let Some(t) = self.ctx.registry.trip(trip_id) {
+                let _ = t.cast(msg);
+            } else if let Some((node, link)) = self.trip_node(s, trip_id) {
+                link.trip(&node, trip_id.clone(), msg);
+            }
         }
         responder.ack();
     }
@@ -243,6 +259,30 @@ impl DriverActor {
         trace: Trace,
     ) {
         let from = Sender::Driver(s.rec.id.clone());
+        // A trip on another node (its pickup's shard is there): the command crosses with
+        // this node's fence of the driver's shard, which its accept then requires
+        // (docs/sharding.md §3). A trip that is not there is answered `TripFailed`.
+        if self.ctx.registry.trip(&trip_id).is_none()
+            && let Some((node, link)) = self.trip_node(s, &trip_id)
+        {
+            let ticket = s.awaiting.keep(&trip_id, responder);
+            let msg = TripMsg::Command {
+                cmd,
+                from,
+                ticket: Some(ticket),
+                trace,
+                fence: self.ctx.own_fence(self.ctx.shard_of_driver(&s.rec.id)),
+            };
+            if link.trip(&node, trip_id.clone(), msg) {
+                let after = self.ctx.config.ticket_timeout();
+                myself.send_after(after, move || DriverMsg::TicketExpired(ticket));
+            } else if let Some(r) = s.awaiting.take(ticket) {
+                r.fail(ApiError::unavailable(
+                    "the trip's node is not reachable; retry",
+                ));
+            }
+            return;
+        }
         if let Some(t) = self.ctx.registry.trip(&trip_id) {
             let ticket = s.awaiting.keep(&trip_id, responder);
             let msg = TripMsg::Command {
@@ -250,6 +290,7 @@ impl DriverActor {
                 from: from.clone(),
                 ticket: Some(ticket),
                 trace,
+                fence: None,
             };
             match t.cast(msg) {
                 Ok(()) => {
@@ -267,6 +308,30 @@ impl DriverActor {
             return;
         }
         self.refuse(trip_id, &from, cmd, responder).await
+    }
+
+    /// The node of a trip this driver knows (its offer's or its trip's pickup) when that
+    /// trip's shard is on another node.
+    fn trip_node<'a>(
+        &'a self,
+        s: &DriverActorState,
+        trip_id: &TripId,
+    ) -> Option<(
+        std::sync::Arc<str>,
+        &'a std::sync::Arc<dyn crate::placement::Link>,
+    )> {
+        let offered = s.rec.offer.as_ref().filter(|o| &o.trip_id == trip_id);
+        let pickup = match offered {
+            Some(o) => o.pickup,
+            None => {
+                s.rec
+                    .trip
+                    .as_ref()
+                    .filter(|t| &t.trip_id == trip_id)?
+                    .pickup
+            }
+        };
+        self.ctx.remote_of(self.ctx.shard_of_pickup(pickup))
     }
 
     /// No live trip takes the command: the engine's rule for ended trips answers.

@@ -39,6 +39,7 @@ pub mod error;
 pub mod messages;
 pub mod metrics;
 pub mod payments;
+pub mod placement;
 pub mod records;
 pub mod recovery;
 mod registry;

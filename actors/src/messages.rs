@@ -326,6 +326,9 @@ pub enum TripMsg {
         ticket: Option<Ticket>,
         /// The sender's span, when the command is a step of a traced ride (an accept).
         trace: Trace,
+        /// A driver's command from another node: the fence of the driver's shard held by
+        /// the sending node (docs/sharding.md §3), which an accept then requires.
+        fence: Option<dispatch_persistence::Fence>,
     },
     /// An operator's command: replies once it is durable and everyone has been sent it.
     Admin {

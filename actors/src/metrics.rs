@@ -129,6 +129,7 @@ pub struct Metrics {
     pub search_cells: IntCounter,
     pub search_drivers_examined: IntCounter,
     pub search_ring_cap: IntCounter,
+    pub search_cross_border: IntCounter,
     pub request_to_offer: Histogram,
     pub trips_final: IntCounterVec,
     pub trip_transitions: IntCounterVec,
@@ -311,6 +312,14 @@ impl Metrics {
                 IntCounter::new(
                     "dispatch_search_ring_cap_total",
                     "Searches stopped by the ring cap before finding k",
+                )
+                .unwrap(),
+            ),
+            search_cross_border: reg(
+                &r,
+                IntCounter::new(
+                    "dispatch_search_cross_border_total",
+                    "Searches that asked a cell on another node (sharded mode)",
                 )
                 .unwrap(),
             ),

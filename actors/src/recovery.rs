@@ -425,6 +425,13 @@ impl System {
         self.ctx.serves(shard)
     }
 
+    /// Sharded mode: where each shard's actors live now (stage 5), replacing the map
+    /// before (`None`: every entity local). With a router started, searches, offers and
+    /// a trip's messages to entities of a remote shard go through its node's router.
+    pub fn set_placement(&self, map: Option<crate::placement::ShardMap>) {
+        self.ctx.placement.set(map);
+    }
+
     /// Sharded mode: marks `shard` served here or not. While it is not, an app command,
     /// attach or quote for a driver or rider of it is refused `unavailable` (retry) and
     /// counted in `dispatch_shard_refused_total{cause="not_served"}`.

@@ -47,6 +47,7 @@ use crate::messages::{
     CellMsg, DriverMsg, Group, NewTrip, RiderMsg, SearchFilter, Spawn, TripArgs, TripLink, TripMsg,
 };
 use crate::metrics::Metrics;
+use crate::placement::Link;
 use crate::records::{DriverRecord, RiderRecord, TripRecord};
 use crate::session::Ticket;
 use crate::system::System;
@@ -161,12 +162,43 @@ pub enum TripCast {
         from: Sender,
         ticket: Option<Ticket>,
         trace: Trace,
+        /// The sending node's fence of the driver's shard (stage 5; absent before).
+        #[serde(default)]
+        fence: Option<WireFence>,
     },
     DriverLocation {
         driver_id: DriverId,
         position: Point,
         heading: Option<f64>,
     },
+}
+
+/// A fence on the wire: `(shard, epoch, holder)` of the node that sent a driver's command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFence {
+    pub shard: u64,
+    pub epoch: u64,
+    pub holder: String,
+}
+
+impl From<dispatch_persistence::Fence> for WireFence {
+    fn from(f: dispatch_persistence::Fence) -> Self {
+        WireFence {
+            shard: f.shard,
+            epoch: f.epoch,
+            holder: f.holder,
+        }
+    }
+}
+
+impl From<WireFence> for dispatch_persistence::Fence {
+    fn from(f: WireFence) -> Self {
+        dispatch_persistence::Fence {
+            shard: f.shard,
+            epoch: f.epoch,
+            holder: f.holder,
+        }
+    }
 }
 
 /// A cast to an entity on another node.
@@ -544,11 +576,13 @@ impl From<TripCast> for TripMsg {
                 from,
                 ticket,
                 trace,
+                fence,
             } => TripMsg::Command {
                 cmd,
                 from,
                 ticket,
                 trace,
+                fence: fence.map(Into::into),
             },
             TripCast::DriverLocation {
                 driver_id,
@@ -580,8 +614,10 @@ pub enum Outgoing {
 }
 
 /// `port`'s answer from a reply of the one kind `pick` takes.
+/// A reply of the right kind whose waiter has gone (a search past its deadline) is not an
+/// error: it is dropped.
 fn answer<T: Send + 'static>(port: RpcReplyPort<T>, pick: fn(Reply) -> Option<T>) -> Answer {
-    Box::new(move |r| pick(r).is_some_and(|v| port.send(v).is_ok()))
+    Box::new(move |r| pick(r).map(|v| drop(port.send(v))).is_some())
 }
 
 impl Outgoing {
@@ -733,12 +769,14 @@ impl Outgoing {
                 from,
                 ticket,
                 trace,
+                fence,
             } => {
                 let c = TripCast::Command {
                     cmd,
                     from,
                     ticket,
                     trace,
+                    fence: fence.map(Into::into),
                 };
                 Ok(Outgoing::Cast(Routed::Trip(id, c)))
             }
@@ -1170,6 +1208,41 @@ pub fn forward(remote: &Arc<Remote>, to_node: &str, out: Outgoing, timeout: Opti
     }
 }
 
+/// The [`Link`] of a node's actors to other nodes: local messages sent through
+/// [`forward`] (stage 5's call sites, through `Context::placement`).
+struct Via(Arc<Remote>);
+
+impl Via {
+    fn go(&self, node: &str, out: Result<Outgoing, Failure>, timeout: Option<Duration>) -> bool {
+        match out {
+            Ok(Outgoing::Cast(m)) => send(&self.0, node, m).is_ok(),
+            Ok(call) => {
+                forward(&self.0, node, call, timeout);
+                true
+            }
+            Err(f) => {
+                self.0.metrics.error("unknown", &f);
+                false
+            }
+        }
+    }
+}
+
+impl Link for Via {
+    fn cell(&self, node: &str, cell: CellId, m: CellMsg, timeout: Option<Duration>) -> bool {
+        self.go(node, Outgoing::cell(cell, m), timeout)
+    }
+    fn driver(&self, node: &str, id: DriverId, m: DriverMsg) -> bool {
+        self.go(node, Outgoing::driver(id, m), None)
+    }
+    fn rider(&self, node: &str, id: RiderId, m: RiderMsg) -> bool {
+        self.go(node, Outgoing::rider(id, m), None)
+    }
+    fn trip(&self, node: &str, id: TripId, m: TripMsg) -> bool {
+        self.go(node, Outgoing::trip(id, m), None)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The router.
 // ---------------------------------------------------------------------------------------
@@ -1202,6 +1275,7 @@ impl System {
             .await
             .map_err(|e| ApiError::unavailable(format!("cannot start the router: {e}")))?;
         ractor::pg::join(router_group(node), vec![actor.get_cell()]);
+        self.ctx.placement.set_link(Arc::new(Via(remote.clone())));
         Ok((actor, remote))
     }
 }
@@ -1537,6 +1611,11 @@ mod tests {
                     .to_owned()
                     .try_into()
                     .ok(),
+                fence: Some(dispatch_persistence::Fence {
+                    shard: 7,
+                    epoch: 3,
+                    holder: "node-b".into(),
+                }),
             }),
         ];
         for c in casts {

@@ -181,6 +181,7 @@ impl RiderActor {
                 from: Sender::Rider,
                 ticket: Some(ticket),
                 trace: None,
+                fence: None,
             };
             // The trip actor may have stopped between the lookup and the cast.
             if let Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) = t.cast(msg)

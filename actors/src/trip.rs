@@ -53,6 +53,8 @@ pub struct TripActorState {
     handed: Option<(DriverId, std::time::Instant)>,
     /// Batched matching: a safety poll ([`TripMsg::SearchAgain`]) is on its way.
     polling: bool,
+    /// While a remote driver's command runs: the fence of its shard it carried.
+    carried: Option<dispatch_persistence::Fence>,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -155,13 +157,16 @@ impl TripActor {
         let committed = s.commit(&ctx.store, batch, Stage::FirstCommit).await;
         if let Err(e) = committed {
             ctx.metrics.bound_hit("store_write_failed");
-            if let (Some(r), Some(ticket)) = (ctx.registry.rider(&new.rider_id), new.ticket) {
-                let _ = r.cast(RiderMsg::Answer {
-                    ticket,
-                    outcome: Err(ApiError::unavailable(
-                        "the request could not be stored; retry",
-                    )),
-                });
+            if let Some(ticket) = new.ticket {
+                ctx.tell_rider(
+                    &new.rider_id,
+                    RiderMsg::Answer {
+                        ticket,
+                        outcome: Err(ApiError::unavailable(
+                            "the request could not be stored; retry",
+                        )),
+                    },
+                );
             }
             return Err(format!("trip {}: its first write failed: {e}", new.trip_id).into());
         }
@@ -178,12 +183,11 @@ impl TripActor {
             ctx.registry.quotes.remove(q); // a quote buys one trip
         }
         // The request's answer is the trip's first update: sent before any other.
-        if let Some(r) = ctx.registry.rider(&new.rider_id) {
-            let _ = r.cast(RiderMsg::TripStarted {
-                view,
-                ticket: new.ticket,
-            });
-        }
+        let started = RiderMsg::TripStarted {
+            view,
+            ticket: new.ticket,
+        };
+        ctx.tell_rider(&new.rider_id, started);
         self.schedule(myself, s, &decision.effects, work).await;
         Ok(())
     }
@@ -226,7 +230,7 @@ impl TripActor {
             // on it commits only under the fence this node holds for that shard; holding
             // none, it is refused (counted) before the provider is asked, and nothing
             // changes: the offer stays open until it is answered again or expires.
-            let required = match self.accept_fence(&decision) {
+            let required = match self.accept_fence(&decision, s.carried.as_ref()) {
                 Ok(f) => f,
                 Err(e) => {
                     self.answer(s, &from, answer, Err(e));
@@ -455,10 +459,14 @@ impl TripActor {
 
     /// The fence an accept in `d` must commit under (sharded mode, the driver's shard),
     /// or `unavailable` when this node holds none for it.
-    fn accept_fence(&self, d: &Decision) -> Result<Option<dispatch_persistence::Fence>, ApiError> {
+    fn accept_fence(
+        &self,
+        d: &Decision,
+        carried: Option<&dispatch_persistence::Fence>,
+    ) -> Result<Option<dispatch_persistence::Fence>, ApiError> {
         for e in &d.effects {
             if let TripEffect::DriverAssigned { driver_id } = e {
-                return self.ctx.accept_fence(driver_id).map_err(|()| {
+                return self.ctx.accept_fence(driver_id, carried).map_err(|()| {
                     ApiError::unavailable("the driver's shard is not held here now; retry")
                 });
             }
@@ -550,13 +558,14 @@ impl TripActor {
                     }])
                     .inc();
                 let answers = ticket_for(&Sender::Driver(driver_id.clone()));
-                if let Some(a) = reg.driver(driver_id) {
-                    let _ = a.cast(DriverMsg::OfferEnded {
+                self.ctx.tell_driver(
+                    driver_id,
+                    DriverMsg::OfferEnded {
                         trip_id: trip_id.clone(),
                         notify: *why != OfferEnd::Declined,
                         answers,
-                    });
-                }
+                    },
+                );
             }
         }
         if assigned.is_some() {
@@ -574,14 +583,16 @@ impl TripActor {
             let to = j.to;
             m.trip_transitions.with_label_values(&[to.as_str()]).inc();
             tracing::info!(trip_id = %trip_id, state = to.as_str(), version = view.version, "trip transition");
-            if let Some(r) = reg.rider(&s.rec.trip.rider_id) {
-                let receipt = (to == TripState::Completed).then(|| receipt(&s.rec.trip));
-                let _ = r.cast(RiderMsg::Trip {
+            let receipt = (to == TripState::Completed).then(|| receipt(&s.rec.trip));
+            let answers = ticket_for(&Sender::Rider);
+            self.ctx.tell_rider(
+                &s.rec.trip.rider_id,
+                RiderMsg::Trip {
                     view: view.clone(),
                     receipt,
-                    answers: ticket_for(&Sender::Rider),
-                });
-            }
+                    answers,
+                },
+            );
             if let Some(d) = &released {
                 let t = ticket_for(&Sender::Driver(d.clone()));
                 self.tell_driver(d, &view, TripLink::Released, t);
@@ -646,6 +657,20 @@ impl TripActor {
                         ..OfferView::of(&s.rec.trip, offer)
                     };
                     let held = match self.ctx.registry.driver(&offer.driver_id) {
+                        // A driver of a shard on another node is asked through its
+                        // router; no answer within `actor_call_timeout_ms` = declined.
+                        _ if let Some((node, link)) = self
+                            .ctx
+                            .remote_of(self.ctx.shard_of_driver(&offer.driver_id)) =>
+                        {
+                            let (tx, rx) = ractor::concurrency::oneshot();
+                            let msg = DriverMsg::ReserveOffer(ov, tx.into());
+                            link.driver(&node, offer.driver_id.clone(), msg)
+                                && matches!(
+                                    tokio::time::timeout(self.ctx.call_timeout(), rx).await,
+                                    Ok(Ok(true))
+                                )
+                        }
                         Some(d) => matches!(
                             d.call(
                                 |r| DriverMsg::ReserveOffer(ov, r),
@@ -715,7 +740,6 @@ impl TripActor {
         answer: Answer,
         outcome: Result<(), ApiError>,
     ) {
-        let reg = &self.ctx.registry;
         match answer {
             Answer::None => {}
             Answer::Admin(p) => {
@@ -723,14 +747,12 @@ impl TripActor {
             }
             Answer::Ticket(ticket) => match from {
                 Sender::Driver(d) => {
-                    if let Some(a) = reg.driver(d) {
-                        let _ = a.cast(DriverMsg::Answer { ticket, outcome });
-                    }
+                    self.ctx
+                        .tell_driver(d, DriverMsg::Answer { ticket, outcome });
                 }
                 Sender::Rider => {
-                    if let Some(a) = reg.rider(&s.rec.trip.rider_id) {
-                        let _ = a.cast(RiderMsg::Answer { ticket, outcome });
-                    }
+                    let msg = RiderMsg::Answer { ticket, outcome };
+                    self.ctx.tell_rider(&s.rec.trip.rider_id, msg);
                 }
                 Sender::Admin | Sender::System => {}
             },
@@ -744,13 +766,12 @@ impl TripActor {
         link: TripLink,
         answers: Option<Ticket>,
     ) {
-        if let Some(d) = self.ctx.registry.driver(driver_id) {
-            let _ = d.cast(DriverMsg::Trip {
-                view: Box::new(view.clone()),
-                link,
-                answers,
-            });
-        }
+        let msg = DriverMsg::Trip {
+            view: Box::new(view.clone()),
+            link,
+            answers,
+        };
+        self.ctx.tell_driver(driver_id, msg);
     }
 }
 
@@ -805,6 +826,7 @@ fn arm(myself: &ActorRef<TripMsg>, now: u64, at_ms: u64, cmd: TripCommand) {
         from: Sender::System,
         ticket: None,
         trace: None,
+        fence: None,
     });
 }
 
@@ -858,6 +880,7 @@ impl Actor for TripActor {
             stages: None,
             handed: None,
             polling: false,
+            carried: None,
         })
     }
 
@@ -888,13 +911,12 @@ impl Actor for TripActor {
                 // Whatever was lost with the failed actor, the rider and driver see the
                 // committed state again (each ignores a version it already has).
                 let view = self.view(s);
-                if let Some(r) = self.ctx.registry.rider(&s.rec.trip.rider_id) {
-                    let _ = r.cast(RiderMsg::Trip {
-                        view: view.clone(),
-                        receipt: None,
-                        answers: None,
-                    });
-                }
+                let msg = RiderMsg::Trip {
+                    view: view.clone(),
+                    receipt: None,
+                    answers: None,
+                };
+                self.ctx.tell_rider(&s.rec.trip.rider_id, msg);
                 if let Some(d) = s.rec.trip.driver_id().cloned() {
                     self.tell_driver(&d, &view, TripLink::Assigned, None);
                 }
@@ -937,11 +959,16 @@ impl TripActor {
                 from,
                 ticket,
                 trace,
+                fence,
             } => {
                 let span = crate::traced_span!(trace, "trip.command", command = cmd.kind(), trip_id = %s.rec.trip.id);
                 let answer = ticket.map_or(Answer::None, Answer::Ticket);
+                // A remote driver's fence holds for its own command only.
+                s.carried = fence.filter(|_| matches!(from, Sender::Driver(_)));
                 let work = Work::from([Step::Command(cmd, from, answer)]);
-                self.run(&myself, s, work).instrument(span).await?;
+                let r = self.run(&myself, s, work).instrument(span).await;
+                s.carried = None;
+                r?;
             }
             TripMsg::Admin { cmd, reply } => {
                 let work = Work::from([Step::Command(cmd, Sender::Admin, Answer::Admin(reply))]);
@@ -1035,14 +1062,13 @@ impl TripActor {
                 >= self.ctx.config.driver_location_interval_ms
         {
             s.last_location_push_ms = now;
-            if let Some(r) = self.ctx.registry.rider(&s.rec.trip.rider_id) {
-                let _ = r.cast(RiderMsg::DriverLocation {
-                    trip_id: s.rec.trip.id.clone(),
-                    position,
-                    heading,
-                    pickup_eta_s: eta,
-                });
-            }
+            let msg = RiderMsg::DriverLocation {
+                trip_id: s.rec.trip.id.clone(),
+                position,
+                heading,
+                pickup_eta_s: eta,
+            };
+            self.ctx.tell_rider(&s.rec.trip.rider_id, msg);
         }
     }
 }

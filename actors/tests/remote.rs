@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use dispatch_actors::remote::{
 use dispatch_actors::session::Outbound;
 use dispatch_actors::views::{OfferView, TripView};
 use dispatch_actors::{ApiError, System};
-use dispatch_cluster::{Cluster, ClusterConfig, Cookie};
+use dispatch_cluster::Cluster;
 use dispatch_engine::{
     CancelledBy, DriverId, IndexedDriver, Point, Product, QuoteTerms, RiderId, Sender, TripCommand,
     TripId, TripState,
@@ -44,27 +43,18 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
-fn config(name: &str, port: u16, peer: u16) -> ClusterConfig {
-    ClusterConfig {
-        node_name: name.to_owned(),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        peers: vec![format!("127.0.0.1:{peer}")],
-        cookie: Cookie("remote-router-cookie-0123456789ab".into()),
-        heartbeat: Duration::from_millis(100),
-        peer_timeout: Duration::from_millis(1_000),
-        tls: None,
-    }
-}
-
 /// Two linked nodes `a` and `b`, each with a router allowing `max_inflight` per peer,
 /// once each sees the other's router over the link.
 async fn pair(a: (&str, u16), b: (&str, u16), max_inflight: (usize, usize)) -> (Node, Node) {
     let start = |name: &'static str, port, peer, max| async move {
         let (sys, dir) = common::start_with(|c| c, None).await;
         let (_router, remote) = sys.start_router(name, max).await.unwrap();
-        let cluster = Cluster::start(config(name, port, peer), &prometheus::Registry::new())
-            .await
-            .unwrap();
+        let cluster = Cluster::start(
+            common::cluster_config(name, port, peer, "remote-router-cookie-0123456789ab"),
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
         Node {
             cluster,
             sys,
@@ -341,6 +331,7 @@ async fn every_remote_kind_round_trips_through_the_other_nodes_router() {
         from: Sender::Rider,
         ticket: None,
         trace: None,
+        fence: None,
     };
     remote::send(
         &a.remote,
@@ -686,6 +677,7 @@ async fn a_trip_not_on_the_node_answers_as_a_dead_trip() {
         from: Sender::Driver(driver.clone()),
         ticket: Some(1),
         trace: None,
+        fence: None,
     };
     remote::send(&a.remote, "b5", Routed::Trip(nowhere.clone(), accept)).unwrap();
     let (am, bm) = (a.remote.metrics().clone(), b.remote.metrics().clone());

@@ -18,7 +18,7 @@ use dispatch_persistence::{Loaded, PgOptions, Store};
 
 mod common;
 
-use common::{App, WAIT, ask, driver_cmd, online_driver, register_driver, request, rider};
+use common::{App, WAIT, ask, driver_cmd, hold, online_driver, register_driver, request, rider};
 
 const P1: (f64, f64) = (45.50, -73.57);
 /// ~20 km from P1: another cell shard, beyond the search radius.
@@ -52,23 +52,6 @@ async fn start(url: &str, sharded: bool) -> (System, Arc<Store>) {
 
 async fn stop(sys: System, store: Arc<Store>) {
     common::stop(sys, store, WAIT, Duration::from_millis(5)).await;
-}
-
-/// Claims `shards` for `holder` (60 s) and fences `store` on each: this node holds them.
-fn hold(store: &Store, shards: &BTreeSet<ShardId>, holder: &str) -> BTreeMap<ShardId, u64> {
-    tokio::task::block_in_place(|| {
-        shards
-            .iter()
-            .map(|&s| {
-                let lease = store
-                    .claim_lease(s, holder, Duration::from_secs(60))
-                    .unwrap()
-                    .expect("free");
-                store.fence(s, lease.epoch, holder).unwrap();
-                (s, lease.epoch)
-            })
-            .collect()
-    })
 }
 
 /// [`hold`]s `shards` for "n1" and marks them served by `sys`: this node owns them.

@@ -290,3 +290,43 @@ pub async fn request(sys: &System, id: &RiderId, app: &mut App, lat: f64, lng: f
         m => panic!("request failed: {m:?}"),
     }
 }
+
+/// Claims `shards` for `holder` (60 s) and fences `store` on each: this node holds them
+/// (PostgreSQL). Each shard's epoch.
+pub fn hold(
+    store: &Store,
+    shards: &std::collections::BTreeSet<dispatch_engine::shard::ShardId>,
+    holder: &str,
+) -> std::collections::BTreeMap<dispatch_engine::shard::ShardId, u64> {
+    tokio::task::block_in_place(|| {
+        shards
+            .iter()
+            .map(|&s| {
+                let lease = store
+                    .claim_lease(s, holder, Duration::from_secs(60))
+                    .unwrap()
+                    .expect("free");
+                store.fence(s, lease.epoch, holder).unwrap();
+                (s, lease.epoch)
+            })
+            .collect()
+    })
+}
+
+/// A membership node `name` on loopback `port`, linking to the one on `peer`.
+pub fn cluster_config(
+    name: &str,
+    port: u16,
+    peer: u16,
+    cookie: &str,
+) -> dispatch_cluster::ClusterConfig {
+    dispatch_cluster::ClusterConfig {
+        node_name: name.to_owned(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        peers: vec![format!("127.0.0.1:{peer}")],
+        cookie: dispatch_cluster::Cookie(cookie.into()),
+        heartbeat: Duration::from_millis(100),
+        peer_timeout: Duration::from_millis(1_000),
+        tls: None,
+    }
+}

@@ -1,0 +1,417 @@
+//! Across nodes and borders (issue 16 stage 5, docs/sharding.md §5): two sharded systems
+//! in this process, linked by `ractor_cluster` over loopback TCP (`dispatch-cluster`'s
+//! membership, as `remote.rs`), each with its router, and a shard map set by hand: a
+//! search on A asks the cells of B's shard through B's router, under its one deadline.
+//!
+//! The rides: a request on A offers B's driver through B's router, and the driver's accept
+//! crosses back carrying B's fence of the driver's shard, under which A commits it (real
+//! PostgreSQL, one database for both nodes; without `DISPATCH_TEST_DATABASE_URL` these
+//! skip saying so, or fail when `CI` is set).
+//!
+//! Ports of this file's own range (29300–29349); one pair at a time ([`ONE_PAIR`], see
+//! `remote.rs`). The search tests use sled stores (a search writes nothing).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{App, WAIT, driver_cmd, eventually, hold, online_driver, request, rider};
+use dispatch_actors::messages::{CellMsg, DriverCommand};
+use dispatch_actors::placement::{Place, ShardMap};
+use dispatch_actors::remote::{self, Remote};
+use dispatch_actors::session::Outbound;
+use dispatch_actors::{ErrorCode, Metrics, System, SystemConfig};
+use dispatch_cluster::Cluster;
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::{CellId, DispatchConfig, DriverId, Point, RiderId, TripId, TripState};
+use dispatch_persistence::{PgOptions, Store};
+
+const COOKIE: &str = "border-router-cookie-0123456789ab";
+
+static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Where the border search for the test's points starts.
+const P1: (f64, f64) = (45.50, -73.57);
+/// How long a search waits at most on node A.
+const SEARCH_TIMEOUT_MS: u64 = 400;
+
+struct Node {
+    cluster: Cluster,
+    sys: System,
+    _remote: Arc<Remote>,
+    _dir: tempfile::TempDir,
+    /// The PostgreSQL store, when the pair has one.
+    store: Option<Arc<Store>>,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_owned().into_boxed_str())
+}
+
+fn sharded(c: SystemConfig) -> SystemConfig {
+    SystemConfig {
+        sharded: true,
+        search_timeout_ms: SEARCH_TIMEOUT_MS,
+        ..c
+    }
+}
+
+/// Two linked sharded nodes, each serving every entity shard (its sessions attach), on
+/// sled stores of their own, or both on the PostgreSQL database `pg`.
+async fn pair(a: (&str, u16), b: (&str, u16), pg: Option<&str>) -> (Node, Node) {
+    let start = |name: &'static str, port, peer| async move {
+        let (sys, dir, store) = match pg {
+            None => {
+                let (sys, dir) = common::start_with(sharded, None).await;
+                (sys, dir, None)
+            }
+            Some(url) => {
+                let store = Store::open_postgres(PgOptions::new(url), |_| {}).unwrap();
+                tokio::task::block_in_place(|| store.load()).unwrap();
+                let store = Arc::new(store);
+                let cfg = sharded(SystemConfig {
+                    dispatch: DispatchConfig {
+                        offer_timeout_ms: 10_000,
+                        dispatch_deadline_ms: 60_000,
+                    },
+                    ws_outbound_queue_max: 4096,
+                    ..SystemConfig::default()
+                });
+                let sys = System::start(cfg, Arc::new(Metrics::new()), store.clone())
+                    .await
+                    .unwrap();
+                (sys, tempfile::tempdir().unwrap(), Some(store))
+            }
+        };
+        for s in 1..=256 {
+            sys.set_serving(s, true);
+        }
+        let (_router, remote) = sys
+            .start_router(name, remote::MAX_INFLIGHT_PER_PEER)
+            .await
+            .unwrap();
+        let cluster = Cluster::start(
+            common::cluster_config(name, port, peer, COOKIE),
+            &prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
+        Node {
+            cluster,
+            sys,
+            _remote: remote,
+            _dir: dir,
+            store,
+        }
+    };
+    let (a_name, b_name) = (leak(a.0), leak(b.0));
+    let na = start(a_name, a.1, b.1).await;
+    let nb = start(b_name, b.1, a.1).await;
+    eventually("each node reaches the other's router over the link", || {
+        remote::router_of(&na._remote, b_name).is_some_and(|c| !c.get_id().is_local())
+            && remote::router_of(&nb._remote, a_name).is_some_and(|c| !c.get_id().is_local())
+    })
+    .await;
+    (na, nb)
+}
+
+async fn stop(nodes: impl IntoIterator<Item = Node>) {
+    for n in nodes {
+        n.cluster.stop().await;
+        n.sys.shutdown().await;
+    }
+}
+
+fn point((lat, lng): (f64, f64)) -> Point {
+    Point::new(lat, lng).unwrap()
+}
+
+fn shard_at(sys: &System, p: Point) -> ShardId {
+    shard_of(sys.config().grid.cell_of(p))
+}
+
+/// Two points ~60 m apart on either side of the first shard border east of P1 (in 20 m
+/// steps): the pickup (A's shard) and the driver's place (B's shard).
+fn across_the_border(sys: &System) -> (Point, Point) {
+    let at = |i: i32| point((P1.0, P1.1 + f64::from(i) * 0.00026));
+    let home = shard_at(sys, at(0));
+    let i = (1..1_000)
+        .find(|&i| shard_at(sys, at(i)) != home)
+        .expect("a shard border within 20 km");
+    (at(i - 2), at(i + 1))
+}
+
+fn timeouts(sys: &System) -> u64 {
+    sys.metrics()
+        .bounds_hit
+        .with_label_values(&["cell_query_timeout"])
+        .get()
+}
+
+/// An online driver on B across the border from A's pickup, once B's cell indexes it:
+/// the pickup, the driver's place, its cell and its app.
+async fn driver_across(a: &Node, b: &Node) -> (Point, Point, CellId, App) {
+    let (pickup, beyond) = across_the_border(&a.sys);
+    let (_d, app) = online_driver(&b.sys, beyond.lat(), beyond.lng()).await;
+    let cell = b.sys.config().grid.cell_of(beyond);
+    eventually("the driver is indexed on B", || {
+        b.sys.cell_ref(&cell).is_some()
+    })
+    .await;
+    (pickup, beyond, cell, app)
+}
+
+/// A's map: the pickup's shard here, the one across the border on B.
+fn place(a: &System, b_name: &str, (pickup, beyond): (Point, Point)) -> ShardMap {
+    ShardMap::new([
+        (shard_at(a, pickup), Place::Local),
+        (shard_at(a, beyond), Place::Remote(b_name.into())),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_search_from_a_finds_bs_drivers_in_bs_cells_and_is_counted() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a1", 29301), ("border-b1", 29302), None).await;
+    let (pickup, beyond, cell, _app) = driver_across(&a, &b).await;
+    assert!(
+        a.sys.cell_ref(&cell).is_none(),
+        "A runs no actor of B's cell"
+    );
+
+    // No shard map: every cell is asked here, and A has no drivers.
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    assert!(found.is_empty(), "without a placement nothing crosses");
+    assert_eq!(a.sys.metrics().search_cross_border.get(), 0);
+
+    a.sys
+        .set_placement(Some(place(&a.sys, "border-b1", (pickup, beyond))));
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    assert_eq!(found.len(), 1, "B's driver, found from A in B's cell");
+    assert!(found[0].position.distance_m(beyond) < 1.0);
+    assert_eq!(a.sys.metrics().search_cross_border.get(), 1);
+    assert_eq!(timeouts(&a.sys), 0);
+    stop([a, b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_cell_that_does_not_answer_is_left_out_within_the_deadline_and_counted() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a2", 29303), ("border-b2", 29304), None).await;
+    let (pickup, beyond, cell, _app) = driver_across(&a, &b).await;
+    a.sys
+        .set_placement(Some(place(&a.sys, "border-b2", (pickup, beyond))));
+
+    // B's cell stops answering for longer than A's search waits.
+    let stall = Duration::from_millis(3 * SEARCH_TIMEOUT_MS);
+    b.sys
+        .cell_ref(&cell)
+        .unwrap()
+        .cast(CellMsg::InjectStall(stall))
+        .unwrap();
+    let started = Instant::now();
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    let took = started.elapsed();
+    assert!(found.is_empty(), "the stalled cell is left out");
+    assert!(
+        took < Duration::from_millis(SEARCH_TIMEOUT_MS + 200),
+        "the search ends at its deadline, took {took:?}"
+    );
+    assert_eq!(timeouts(&a.sys), 1, "the late remote cell is counted");
+    assert_eq!(a.sys.metrics().search_cross_border.get(), 1);
+
+    // Once it answers again, it is found.
+    tokio::time::sleep(stall).await;
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    assert_eq!(found.len(), 1);
+    stop([a, b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_of_b_is_indexed_in_the_cells_owner_and_moves_across_the_border() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a5", 29309), ("border-b5", 29310), None).await;
+    let (pickup, beyond) = across_the_border(&a.sys);
+    let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
+    a.sys
+        .set_placement(Some(place(&a.sys, "border-b5", (pickup, beyond))));
+    b.sys.set_placement(Some(ShardMap::new([
+        (home, Place::Remote("border-a5".into())),
+        (there, Place::Local),
+    ])));
+    // B's driver at the pickup: its cell is A's, so A indexes it, B runs no such cell.
+    let (d, mut app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
+    let cell = a.sys.config().grid.cell_of(pickup);
+    eventually("A's cell indexes B's driver", || {
+        a.sys.cell_ref(&cell).is_some()
+    })
+    .await;
+    assert!(b.sys.cell_ref(&cell).is_none());
+    assert_eq!(a.sys.nearby(pickup, 5_000.0, 5, None).await.len(), 1);
+
+    // It drives across the border: out of A's cell, into B's, still found from A.
+    let to = DriverCommand::Location {
+        position: beyond,
+        heading: None,
+    };
+    driver_cmd(&b.sys, &d, &mut app, to).await;
+    let far = b.sys.config().grid.cell_of(beyond);
+    eventually("B's cell indexes it", || b.sys.cell_ref(&far).is_some()).await;
+    // The Remove crosses the link as a cast: A's cell lets it go soon after.
+    let (a_cell, until) = (a.sys.cell_ref(&cell).unwrap(), Instant::now() + WAIT);
+    while common::ask(&a_cell, CellMsg::Count).await != (0, 0) {
+        assert!(Instant::now() < until, "A's cell never let it go");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
+    assert_eq!(found.len(), 1);
+    assert!(found[0].position.distance_m(beyond) < 1.0);
+    stop([a, b]).await;
+}
+
+/// A ride's cast on two PostgreSQL nodes: B's driver `d` online across the border, A's
+/// rider `r` (of another entity shard); A holds the pickup's shard, the rider's and the
+/// city's, B the driver's cell shard and the driver's; each node's map places the other's.
+struct Ride {
+    a: Node,
+    b: Node,
+    d: DriverId,
+    d_app: App,
+    r: RiderId,
+    r_app: App,
+    /// Where the rider is picked up.
+    pickup: Point,
+    /// The driver's shard, and B's epoch of it.
+    sd: (ShardId, u64),
+}
+
+async fn ride(url: &str, names: (&str, &str), ports: (u16, u16)) -> Ride {
+    let (a, b) = pair((names.0, ports.0), (names.1, ports.1), Some(url)).await;
+    let (pickup_at, beyond) = across_the_border(&a.sys);
+    let (d, d_app) = online_driver(&b.sys, beyond.lat(), beyond.lng()).await;
+    let sd = entity_shard(d.as_str());
+    let (r, r_app) = loop {
+        let (r, app) = rider(&a.sys).await;
+        if entity_shard(r.as_str()) != sd {
+            break (r, app);
+        }
+    };
+    let (pickup, there) = (shard_at(&a.sys, pickup_at), shard_at(&a.sys, beyond));
+    let sr = entity_shard(r.as_str());
+    hold(
+        a.store.as_ref().unwrap(),
+        &[WHOLE_CITY, pickup, sr].into(),
+        names.0,
+    );
+    let epochs = hold(b.store.as_ref().unwrap(), &[there, sd].into(), names.1);
+    let remote = |n: &str| Place::Remote(n.into());
+    a.sys.set_placement(Some(ShardMap::new([
+        (pickup, Place::Local),
+        (sr, Place::Local),
+        (there, remote(names.1)),
+        (sd, remote(names.1)),
+    ])));
+    b.sys.set_placement(Some(ShardMap::new([
+        (there, Place::Local),
+        (sd, Place::Local),
+        (pickup, remote(names.0)),
+        (sr, remote(names.0)),
+    ])));
+    Ride {
+        a,
+        b,
+        d,
+        d_app,
+        r,
+        r_app,
+        pickup: pickup_at,
+        sd: (sd, epochs[&sd]),
+    }
+}
+
+fn stored_state(store: &Store, t: &TripId) -> (TripState, Option<DriverId>) {
+    let t = tokio::task::block_in_place(|| store.trip(t))
+        .unwrap()
+        .unwrap()
+        .trip;
+    (t.state(), t.driver_id().cloned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_on_a_offers_bs_driver_and_the_accept_commits_under_bs_fence() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_border_accept") else {
+        return;
+    };
+    let _one = ONE_PAIR.lock().await;
+    let mut w = ride(&url, ("border-a3", "border-b3"), (29305, 29306)).await;
+    let t = request(&w.a.sys, &w.r, &mut w.r_app, w.pickup.lat(), w.pickup.lng()).await;
+    assert_eq!(w.d_app.offer().await, t, "B's driver is offered A's trip");
+    driver_cmd(
+        &w.b.sys,
+        &w.d,
+        &mut w.d_app,
+        DriverCommand::Accept(t.clone()),
+    )
+    .await;
+
+    let store = w.a.store.clone().unwrap();
+    assert_eq!(
+        stored_state(&store, &t),
+        (TripState::DriverAssigned, Some(w.d.clone()))
+    );
+    let refused =
+        w.a.sys
+            .metrics()
+            .shard_refused
+            .with_label_values(&["accept_unfenced"])
+            .get();
+    assert_eq!(refused, 0, "the accept carried B's fence");
+    assert!(w.a.sys.metrics().search_cross_border.get() >= 1);
+    stop([w.a, w.b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_accept_with_a_stale_fence_is_refused_and_nothing_of_it_is_written() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_border_stale") else {
+        return;
+    };
+    let _one = ONE_PAIR.lock().await;
+    let mut w = ride(&url, ("border-a4", "border-b4"), (29307, 29308)).await;
+    let t = request(&w.a.sys, &w.r, &mut w.r_app, w.pickup.lat(), w.pickup.lng()).await;
+    assert_eq!(w.d_app.offer().await, t);
+
+    // Another node takes the driver's shard: B's fence of it is stale now.
+    let (sd, epoch) = w.sd;
+    tokio::task::block_in_place(|| {
+        let b_store = w.b.store.as_ref().unwrap();
+        b_store.release_lease(sd, "border-b4", epoch).unwrap();
+        let other = Store::open_postgres(PgOptions::new(&url), |_| {}).unwrap();
+        let l = other
+            .claim_lease(sd, "border-c4", Duration::from_secs(60))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.epoch, epoch + 1);
+    });
+    let req = w.d_app.drive(
+        &w.b.sys.driver_ref(&w.d).unwrap(),
+        DriverCommand::Accept(t.clone()),
+    );
+    match w
+        .d_app
+        .next_where("the accept's answer", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
+        .await
+    {
+        Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Unavailable),
+        m => panic!("the accept was taken: {m:?}"),
+    }
+    let store = w.a.store.clone().unwrap();
+    assert!(store.fenced_in(sd) >= 1, "refused for the driver's shard");
+    assert_eq!(stored_state(&store, &t), (TripState::Dispatching, None));
+    let history = tokio::task::block_in_place(|| store.history(&t)).unwrap();
+    assert!(
+        history.iter().all(|h| h.to != TripState::DriverAssigned),
+        "{history:?}"
+    );
+    stop([w.a, w.b]).await;
+}
