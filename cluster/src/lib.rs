@@ -259,6 +259,26 @@ fn node_name_of(full: &str) -> &str {
 /// Node-server events, kept in [`Shared`].
 struct Events(Arc<Shared>);
 
+impl Events {
+    /// Tracks an authenticated session the subscription never reported (see
+    /// [`Cluster::start_with`]): as if it had seen it open and authenticate. Skipped when
+    /// it is tracked already, or when its actor has stopped (its disconnect may have been
+    /// reported before this runs, and would then never remove it).
+    fn adopt(&self, ses: NodeServerSessionInformation) {
+        {
+            let inner = self.0.inner.lock();
+            if inner.sessions.contains_key(&ses.actor.get_id())
+                || ses.actor.get_status() != ractor::ActorStatus::Running
+            {
+                return;
+            }
+        }
+        tracing::info!(addr = %ses.peer_addr, incoming = ses.is_server, "cluster session adopted: it authenticated before membership subscribed");
+        self.node_session_opened(ses.clone());
+        self.node_session_authenticated(ses);
+    }
+}
+
 impl NodeEventSubscription for Events {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
         let mut inner = self.0.inner.lock();
@@ -437,6 +457,28 @@ impl Cluster {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(listen_err(e.to_string())),
             Err(e) => return Err(listen_err(e.to_string())),
+        }
+        // The subscription is cast right after the server is spawned, but the server's
+        // `pre_start` (which starts its listener) runs on another thread meanwhile: on a
+        // busy machine a peer's link can open and authenticate before the subscription is
+        // queued, and its events are then never seen (the peer was never counted: CI saw
+        // it once, "timed out waiting for 3 nodes list each other"). The server answers in
+        // order, so its sessions now include every one the subscription missed: adopt
+        // those. Bounded by the cluster's call timeout; failing it only logs.
+        match ractor::call_t!(
+            server,
+            NodeServerMessage::GetSessions,
+            u64::try_from(config.peer_timeout.as_millis()).unwrap_or(u64::MAX)
+        ) {
+            Ok(sessions) => {
+                let events = Events(shared.clone());
+                for ses in sessions.into_values() {
+                    events.adopt(ses);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: could not list the node server's sessions at start")
+            }
         }
         listening.await;
         // After the subscription: every link this node accepts is a session it tracks.
