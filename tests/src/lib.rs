@@ -40,8 +40,8 @@ mod ride;
 pub mod served;
 
 pub use dispatchd::{
-    ClusterFixture, Dispatchd, DispatchdBuilder, SHORT_TRIP_FLAGS, assert_clean_log, built_bin,
-    built_dispatchd, dispatchd_bin, reap, test_store_is_postgres,
+    ClusterFixture, Dispatchd, DispatchdBuilder, MATCHING_ENV, SHORT_TRIP_FLAGS, assert_clean_log,
+    built_bin, built_dispatchd, dispatchd_bin, reap, test_store_is_postgres,
 };
 pub use pg::PgServer;
 pub use ride::{DROPOFF, PICKUP, Ride, RidePlan, Scene, ride_to};
