@@ -7,7 +7,8 @@
 //!
 //! [`System::recover`] rebuilds everything; in sharded mode (docs/sharding.md §4)
 //! [`System::recover_shard`] rebuilds one shard (a cell shard's trips, an entity shard's
-//! drivers and riders reconciled against the live trips naming them, wherever those are)
+//! drivers and riders reconciled against the live trips naming them or of them, wherever
+//! those are)
 //! and [`System::end_shard`] stops one. Both recoveries share one path (`System::restore`).
 
 use std::collections::HashMap;
@@ -72,8 +73,10 @@ impl System {
     /// starts what [`System::recover`] would for it: a cell shard's live trips (an open
     /// offer gets a fresh timeout, an expired dispatch deadline ends `no_driver_found`);
     /// an entity shard's drivers and riders, their status reconciled against the live
-    /// trips naming the drivers (`Store::live_trips_of`, any shard) and the trips live on
-    /// this node; `WHOLE_CITY`'s pricing and surge settings. Then the shard is served here
+    /// trips naming the drivers (`Store::live_trips_of`, any shard), the live trips of
+    /// the riders (`Store::live_trips_of_riders`, any shard: a rider gets its active
+    /// trip, whose actor is not started here) and the trips live on this node;
+    /// `WHOLE_CITY`'s pricing and surge settings. Then the shard is served here
     /// ([`System::set_serving`]). PostgreSQL only (sled: `StoreError::Unsupported`).
     pub async fn recover_shard(
         &self,
@@ -85,11 +88,16 @@ impl System {
         let (loaded, elsewhere) = tokio::task::spawn_blocking(move || {
             let loaded = store.load_shard(shard, limit)?;
             let drivers: Vec<DriverId> = loaded.drivers.iter().map(|d| d.id.clone()).collect();
-            let elsewhere = if is_entity_shard(shard) && !drivers.is_empty() {
+            let mut elsewhere = if is_entity_shard(shard) && !drivers.is_empty() {
                 store.live_trips_of(&drivers, limit)?
             } else {
                 Vec::new()
             };
+            let riders: Vec<RiderId> = loaded.riders.iter().map(|r| r.id.clone()).collect();
+            if is_entity_shard(shard) && !riders.is_empty() {
+                // A trip found both ways is kept once (`restore` keys them by id).
+                elsewhere.extend(store.live_trips_of_riders(&riders, limit)?);
+            }
             Ok::<_, StoreError>((loaded, elsewhere))
         })
         .await
@@ -125,7 +133,8 @@ impl System {
 
     /// Starts the actors of what was loaded: its live trips (expired ones ended first),
     /// its drivers and riders reconciled against those trips, `elsewhere` (live trips of
-    /// other shards naming its drivers, not started here) and the trips live here.
+    /// other shards naming its drivers or of its riders, not started here) and the trips
+    /// live here.
     async fn restore(
         &self,
         loaded: Loaded,

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_actors::messages::{DriverCommand, DriverMsg, Group};
+use dispatch_actors::messages::{
+    DriverCommand, DriverMsg, Group, RideRequest, RiderCommand, RiderMsg,
+};
 use dispatch_actors::records::Identity;
 use dispatch_actors::session::{CLOSE_GOING_AWAY, Outbound, SHARD_MOVED};
 use dispatch_actors::{ErrorCode, Metrics, System, SystemConfig};
@@ -330,6 +332,77 @@ async fn sharded_writes_land_in_their_owners_shards_and_each_shard_recovers_and_
     assert_eq!(sys.actor_count(Group::Trip).await, 0);
     let v = sys.trip_view(&w.trips[0]).await.unwrap().unwrap();
     assert_eq!(v.state, TripState::DriverAssigned);
+    stop(sys, store).await;
+}
+
+/// A node that claims riders' shards but runs none of their trips (their pickups' shards
+/// are another node's, as after a takeover): each rider still knows its active trip, as
+/// after a single-node restart. t1 is an open offer to d1, whose shard is not recovered
+/// here (unless, 1 in 256, it is r1's): only its rider finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_riders_shard_recovered_where_its_trip_does_not_run_gives_the_rider_its_active_trip() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_rider_trip") else {
+        return;
+    };
+    let (sys, store) = start(&url, true).await;
+    let w = rides(&sys, &store).await;
+    stop(sys, store).await;
+
+    let (sys, store) = start(&url, true).await;
+    let cells = [cell_shard(&sys, P1), cell_shard(&sys, P3)];
+    for (r, t) in w.riders.iter().zip(&w.trips).take(2) {
+        let shard = entity_shard(r.as_str());
+        if !sys.serves(shard) {
+            let stats = sys.recover_shard(shard, 10_000).await.unwrap();
+            assert_eq!(stats.live_trips, 0, "a cell shard's trips are not started");
+        }
+        assert!(cells.iter().all(|c| !sys.serves(*c)));
+        assert!(sys.trip_ref(t).is_none(), "{t} runs elsewhere");
+        // A rider with an active trip has an actor from recovery on, knowing the trip.
+        let actor = sys
+            .rider_ref(r)
+            .expect("a rider with a live trip is started");
+        let record = ask(&actor, RiderMsg::Get).await;
+        assert_eq!(record.trip.map(|v| v.trip_id).as_ref(), Some(t), "{r}");
+        // Its app reconnects: the welcome shows the trip; a second request is refused.
+        let mut app = App::new(&sys);
+        app.attach_rider(&actor).await;
+        match app
+            .next_where("welcome", |m| matches!(m, Outbound::RiderWelcome { .. }))
+            .await
+        {
+            Outbound::RiderWelcome { trip, .. } => {
+                assert_eq!(trip.map(|v| v.trip_id).as_ref(), Some(t), "{r}")
+            }
+            _ => unreachable!(),
+        }
+        let ride = RideRequest::Direct {
+            pickup: Point::new(P1.0, P1.1).unwrap(),
+            dropoff: Point::new(P3.0, P3.1).unwrap(),
+            product: dispatch_engine::Product::Economy,
+        };
+        let req = app.ride(&actor, RiderCommand::RequestRide(ride));
+        match app
+            .next_where("the request's answer", |m| matches!(m, Outbound::TripUpdate { req: Some(q), .. } | Outbound::Error { req: Some(q), .. } if *q == req))
+            .await
+        {
+            Outbound::Error { error, .. } => assert_eq!(error.code, ErrorCode::Conflict, "{r}"),
+            m => panic!("{r} started a second trip: {m:?}"),
+        }
+    }
+    // t2 found nobody and ended: r2 has no active trip, and no actor until it connects.
+    let t2 = tokio::task::block_in_place(|| store.trip(&w.trips[2]))
+        .unwrap()
+        .unwrap();
+    assert!(t2.trip.state().is_final());
+    let r2 = &w.riders[2];
+    if !sys.serves(entity_shard(r2.as_str())) {
+        sys.recover_shard(entity_shard(r2.as_str()), 10_000)
+            .await
+            .unwrap();
+    }
+    assert!(sys.is_registered(&Identity::Rider(r2.clone())));
+    assert!(sys.rider_ref(r2).is_none());
     stop(sys, store).await;
 }
 

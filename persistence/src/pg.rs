@@ -25,7 +25,8 @@ use tokio_postgres::NoTls;
 
 use crate::lease::{self, FENCED, Fence, Lease, ShardId};
 use crate::store::{
-    Faults, KeyWrite, Range, Request, Rows, SHARD_PAGE, Sink, StoreError, Tree, TripColumns,
+    Faults, KeyWrite, NamedBy, Range, Request, Rows, SHARD_PAGE, Sink, StoreError, Tree,
+    TripColumns,
 };
 
 /// The versioned migrations, applied in order under an advisory lock.
@@ -41,6 +42,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         4,
         "shard columns",
         include_str!("../migrations/0004_shard_columns.sql"),
+    ),
+    (
+        5,
+        "trip rider",
+        include_str!("../migrations/0005_trip_rider.sql"),
     ),
 ];
 
@@ -541,17 +547,22 @@ impl Pg {
         }
     }
 
-    /// The `trips` rows that are live and name one of `drivers`, and those whose columns
-    /// predate migration 4 (not known yet), in key order; more than `limit` is
-    /// [`StoreError::TooLarge`].
+    /// The `trips` rows that are live and name one of `ids` (drivers or riders, `by`),
+    /// and those whose columns predate the migration that added them (not known yet), in
+    /// key order; more than `limit` is [`StoreError::TooLarge`].
     pub(crate) fn live_trips(
         &self,
-        drivers: Vec<String>,
+        by: NamedBy,
+        ids: Vec<String>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
         self.ready()?;
-        let what = || format!("the live trips of {} drivers", drivers.len());
-        if drivers.len() > limit {
+        let (sql, whose) = match by {
+            NamedBy::Driver => (LIVE_TRIPS, "drivers"),
+            NamedBy::Rider => (LIVE_TRIPS_BY_RIDER, "riders"),
+        };
+        let what = || format!("the live trips of {} {whose}", ids.len());
+        if ids.len() > limit {
             return Err(self.refuse_too_large(what(), limit));
         }
         let what = what();
@@ -559,8 +570,8 @@ impl Pg {
         let n = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
         let rows: Rows = self.run(async move {
             let c = pool.get().await.map_err(reason)?;
-            let st = c.prepare_cached(LIVE_TRIPS).await.map_err(reason)?;
-            Ok(c.query(&st, &[&drivers, &n])
+            let st = c.prepare_cached(sql).await.map_err(reason)?;
+            Ok(c.query(&st, &[&ids, &n])
                 .await
                 .map_err(reason)?
                 .into_iter()
@@ -736,6 +747,15 @@ impl Pg {
 const LIVE_TRIPS: &str = "\
 SELECT k, v FROM (\
 SELECT k, v FROM trips WHERE live AND driver = ANY($1::text[]) \
+UNION ALL SELECT k, v FROM trips WHERE live IS NULL) t ORDER BY k LIMIT $2";
+
+/// The live trips of one of the riders `$1`, the live trips whose rider is not known
+/// (written before migration 5; the same partial index holds them, a btree keeps NULLs)
+/// and the trips whose `live` is not known (written before migration 4).
+const LIVE_TRIPS_BY_RIDER: &str = "\
+SELECT k, v FROM (\
+SELECT k, v FROM trips WHERE live AND rider = ANY($1::text[]) \
+UNION ALL SELECT k, v FROM trips WHERE live AND rider IS NULL \
 UNION ALL SELECT k, v FROM trips WHERE live IS NULL) t ORDER BY k LIMIT $2";
 
 /// The prefix of a migration failure that means "the database is newer than us".
@@ -939,6 +959,7 @@ async fn write_group(
         let mut shards = Vec::new();
         let mut drivers: Vec<Option<&str>> = Vec::new();
         let mut live: Vec<Option<bool>> = Vec::new();
+        let mut riders: Vec<Option<&str>> = Vec::new();
         let mut gone: Vec<&[u8]> = Vec::new();
         for w in writes
             .range((tree, &[][..])..)
@@ -954,6 +975,7 @@ async fn write_group(
                     let c: Option<&TripColumns> = w.trip.as_ref();
                     drivers.push(c.and_then(|c| c.driver.as_deref()));
                     live.push(c.map(|c| c.live));
+                    riders.push(c.map(|c| c.rider.as_str()));
                 }
                 None => gone.push(&w.key),
             }
@@ -961,15 +983,19 @@ async fn write_group(
         if !keys.is_empty() {
             let t = tree.name();
             if tree == Tree::Trips {
-                // `driver` and `live` (migration 4): NULL when not known (a raw copy).
+                // `driver`, `live` (migration 4) and `rider` (migration 5): NULL when not
+                // known (a raw copy).
                 let sql = format!(
-                    "INSERT INTO {t} (k, v, ver, shard, driver, live) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::text[], $6::bool[]) \
-                     ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard, driver = excluded.driver, live = excluded.live WHERE {t}.ver <= excluded.ver"
+                    "INSERT INTO {t} (k, v, ver, shard, driver, live, rider) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::text[], $6::bool[], $7::text[]) \
+                     ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard, driver = excluded.driver, live = excluded.live, rider = excluded.rider WHERE {t}.ver <= excluded.ver"
                 );
                 let st = tx.prepare_cached(&sql).await.map_err(reason)?;
-                tx.execute(&st, &[&keys, &values, &versions, &shards, &drivers, &live])
-                    .await
-                    .map_err(reason)?;
+                tx.execute(
+                    &st,
+                    &[&keys, &values, &versions, &shards, &drivers, &live, &riders],
+                )
+                .await
+                .map_err(reason)?;
             } else {
                 let sql = format!(
                     "INSERT INTO {t} (k, v, ver, shard) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[]) \

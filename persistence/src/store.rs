@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dispatch_engine::{DriverId, Entry, EntryKey, QuoteId, TripId};
+use dispatch_engine::{DriverId, Entry, EntryKey, QuoteId, RiderId, TripId};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
@@ -84,7 +84,7 @@ pub enum StoreError {
     #[error("{0} needs the PostgreSQL store (--store postgres)")]
     Unsupported(&'static str),
     /// A read by shard found more than its bound (`Store::load_shard`,
-    /// `Store::live_trips_of`): nothing of it is returned.
+    /// `Store::live_trips_of`, `Store::live_trips_of_riders`): nothing of it is returned.
     #[error("{what} has more than {limit} records (the bound of one read); nothing was returned")]
     TooLarge { what: String, limit: usize },
 }
@@ -541,12 +541,24 @@ pub(crate) struct KeyWrite {
     pub trip: Option<TripColumns>,
 }
 
-/// The `trips` columns a driver shard's recovery finds a trip by (migration 4): the
-/// driver it names (assigned, else offered) and whether it is not final yet.
+/// The `trips` columns an entity shard's recovery finds a trip by: the driver it names
+/// (assigned, else offered) and whether it is not final yet (migration 4), its rider
+/// (migration 5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TripColumns {
     pub driver: Option<String>,
     pub live: bool,
+    pub rider: String,
+}
+
+/// Which column a live-trips query ([`Store::live_trips_of`],
+/// [`Store::live_trips_of_riders`]) looks the trips up by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NamedBy {
+    /// `trips.driver`: the assigned driver, else the open offer's.
+    Driver,
+    /// `trips.rider`.
+    Rider,
 }
 
 impl TripColumns {
@@ -558,6 +570,7 @@ impl TripColumns {
                 .or(t.trip.offer().map(|o| &o.driver_id))
                 .map(|d| d.as_str().to_owned()),
             live: !t.trip.state().is_final(),
+            rider: t.trip.rider_id.as_str().to_owned(),
         }
     }
 }
@@ -1085,30 +1098,65 @@ impl Store {
         drivers: &[DriverId],
         limit: usize,
     ) -> Result<Vec<StoredTrip>, StoreError> {
-        let pg = self.postgres("finding trips by driver")?;
-        pg.prepare()?;
-        self.read_fault()?;
-        let ids: Vec<String> = drivers.iter().map(|d| d.as_str().to_owned()).collect();
-        let rows = pg.live_trips(ids, limit)?;
+        let ids = drivers.iter().map(|d| d.as_str().to_owned()).collect();
         let wanted: BTreeSet<&DriverId> = drivers.iter().collect();
-        let mut out = Vec::new();
-        for (k, v) in rows {
-            let t: StoredTrip = self.decode(Tree::Trips.name(), &k, &v)?;
-            self.check_trip("trips", &t)?;
-            let names = t
+        self.live_trips_naming(NamedBy::Driver, ids, limit, |t| {
+            let mut names = t
                 .trip
                 .driver_id()
                 .into_iter()
                 .chain(t.trip.offer().map(|o| &o.driver_id));
-            if !t.trip.state().is_final() && names.into_iter().any(|d| wanted.contains(d)) {
+            names.any(|d| wanted.contains(d))
+        })
+    }
+
+    /// The live (not final) trips of `riders` (blocking, PostgreSQL only): what a rider
+    /// shard's recovery gives each rider as its active trip, wherever that trip's shard
+    /// (and node) is. Found by `trips.rider`/`trips.live` (migration 5); rows whose rider
+    /// or liveness predates it are decoded and filtered here. More than `limit` rows, or
+    /// more than `limit` riders asked, is [`StoreError::TooLarge`].
+    pub fn live_trips_of_riders(
+        &self,
+        riders: &[RiderId],
+        limit: usize,
+    ) -> Result<Vec<StoredTrip>, StoreError> {
+        let ids = riders.iter().map(|r| r.as_str().to_owned()).collect();
+        let wanted: BTreeSet<&RiderId> = riders.iter().collect();
+        self.live_trips_naming(NamedBy::Rider, ids, limit, |t| {
+            wanted.contains(&t.trip.rider_id)
+        })
+    }
+
+    /// The rows a live-trips query by `by` returns for `ids` (bounded by `limit`),
+    /// decoded, checked and kept when live and `names(trip)`: the rows whose columns are
+    /// not known yet come back too and are decided here.
+    fn live_trips_naming(
+        &self,
+        by: NamedBy,
+        ids: Vec<String>,
+        limit: usize,
+        names: impl Fn(&StoredTrip) -> bool,
+    ) -> Result<Vec<StoredTrip>, StoreError> {
+        let pg = self.postgres(match by {
+            NamedBy::Driver => "finding trips by driver",
+            NamedBy::Rider => "finding trips by rider",
+        })?;
+        pg.prepare()?;
+        self.read_fault()?;
+        let rows = pg.live_trips(by, ids, limit)?;
+        let mut out = Vec::new();
+        for (k, v) in rows {
+            let t: StoredTrip = self.decode(Tree::Trips.name(), &k, &v)?;
+            self.check_trip("trips", &t)?;
+            if !t.trip.state().is_final() && names(&t) {
                 out.push(t);
             }
         }
         Ok(out)
     }
 
-    /// Reads by shard ([`Store::load_shard`], [`Store::live_trips_of`]) refused for
-    /// passing their bound, each counted once.
+    /// Reads by shard ([`Store::load_shard`], [`Store::live_trips_of`],
+    /// [`Store::live_trips_of_riders`]) refused for passing their bound, each counted once.
     pub fn reads_too_large(&self) -> u64 {
         match &self.backend {
             Backend::Postgres(pg) => pg.too_large(),

@@ -1,8 +1,8 @@
 //! Storage by shard (issue 16, stage 2 of docs/sharding.md) against a real PostgreSQL
 //! database (a fresh one per test on `DISPATCH_TEST_DATABASE_URL`; without it these skip
 //! saying so, or fail when `CI` is set): each write lands under its shard and one shard
-//! reads back alone, a driver shard finds the live trips naming its drivers, a node
-//! renews all its leases at once, and a driver's accept on a trip's shard is fenced on
+//! reads back alone, a driver shard finds the live trips naming its drivers and a rider
+//! shard those of its riders, a node renews all its leases at once, and a driver's accept on a trip's shard is fenced on
 //! the driver's shard too.
 
 use std::collections::BTreeSet;
@@ -130,6 +130,12 @@ fn stored(trip: Trip) -> StoredTrip {
     StoredTrip { trip, driver: None }
 }
 
+/// `trip`, requested by `rider` instead.
+fn of(rider: &str, mut trip: Trip) -> Trip {
+    trip.rider_id = RiderId::new(rider);
+    trip
+}
+
 fn ids<T>(v: &[T], id: impl Fn(&T) -> String) -> BTreeSet<String> {
     v.iter().map(id).collect()
 }
@@ -244,6 +250,10 @@ fn on_sled_reads_by_shard_are_refused_clearly() {
         Err(StoreError::Unsupported(_))
     ));
     assert!(matches!(
+        s.live_trips_of_riders(&[RiderId::new("rdr_1")], 10),
+        Err(StoreError::Unsupported(_))
+    ));
+    assert!(matches!(
         s.renew_leases("n1", &[(0, 1)], Duration::from_secs(1)),
         Err(StoreError::Unsupported(_))
     ));
@@ -298,6 +308,103 @@ async fn the_live_trips_naming_a_set_of_drivers_are_found_whatever_their_shard()
     assert_eq!(s.reads_too_large(), 2, "both bounds' hits are counted");
     assert!(
         tokio::task::block_in_place(|| s.live_trips_of(&[], 1))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_trips_of_a_set_of_riders_are_found_whatever_their_shard() {
+    let Some(url) = dispatch_persistence::pg::test_database("shards_live_trips_riders") else {
+        return;
+    };
+    let s = open(&url);
+    s.commit(
+        Batch::in_shard(5)
+            .trip(stored(of("rdr_a", trip("trp_asked"))), None)
+            .then_in(6)
+            .trip(stored(of("rdr_b", accepted("trp_ride", "drv_1"))), None)
+            .trip(stored(of("rdr_c", cancelled("trp_done", "drv_2"))), None)
+            .trip(stored(of("rdr_x", offered("trp_other", "drv_3"))), None)
+            .then_in(7)
+            // Written before migration 5 (their rider not known), before migration 4
+            // (nothing known): made so below.
+            .trip(stored(of("rdr_c", trip("trp_old"))), None)
+            .trip(stored(of("rdr_x", trip("trp_old_other"))), None)
+            .trip(stored(of("rdr_d", trip("trp_older"))), None)
+            .trip(stored(of("rdr_y", trip("trp_older_other"))), None)
+            .trip(
+                stored(of("rdr_d", cancelled("trp_older_done", "drv_4"))),
+                None,
+            ),
+    )
+    .await
+    .unwrap();
+    let riders = sql(&url, |c| async move {
+        c.batch_execute(
+            "UPDATE trips SET rider = NULL WHERE k IN ('trp_old'::bytea, 'trp_old_other'::bytea); \
+             UPDATE trips SET rider = NULL, driver = NULL, live = NULL \
+             WHERE convert_from(k, 'UTF8') LIKE 'trp_older%'",
+        )
+        .await
+        .unwrap();
+        c.query(
+            "SELECT convert_from(k, 'UTF8'), rider FROM trips ORDER BY k",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
+        .collect::<Vec<_>>()
+    });
+    assert!(
+        riders.contains(&("trp_ride".to_owned(), Some("rdr_b".to_owned()))),
+        "every trip write names its rider: {riders:?}"
+    );
+    assert_eq!(riders.iter().filter(|r| r.1.is_none()).count(), 5);
+
+    let asked = ["rdr_a", "rdr_b", "rdr_c", "rdr_d"].map(RiderId::new);
+    let live = tokio::task::block_in_place(|| s.live_trips_of_riders(&asked, 100)).unwrap();
+    assert_eq!(
+        ids(&live, |t| t.trip.id.to_string()),
+        set(["trp_asked", "trp_ride", "trp_old", "trp_older"]),
+        "dispatching and accepted trips in two shards, and the rows from before decoded; \
+         not the final ones, nor other riders'"
+    );
+    // The ride is finished: no longer found.
+    let mut ride = of("rdr_b", accepted("trp_ride", "drv_1"));
+    let cancel = TripCommand::Cancel {
+        by: CancelledBy::Rider,
+        reason: None,
+    };
+    apply(&mut ride, cancel, 1_300);
+    s.commit(Batch::in_shard(6).trip(stored(ride), None))
+        .await
+        .unwrap();
+    // Not even read: only the five rows not known yet are, within a bound of five.
+    let live = tokio::task::block_in_place(|| s.live_trips_of_riders(&asked[1..2], 5)).unwrap();
+    assert!(live.is_empty(), "{live:?}");
+    // Bounded, in rows (rdr_a's live trip and the rows not known yet: six) and in riders
+    // asked.
+    assert!(matches!(
+        tokio::task::block_in_place(|| s.live_trips_of_riders(&asked[..1], 5)),
+        Err(StoreError::TooLarge { limit: 5, .. })
+    ));
+    assert_eq!(
+        tokio::task::block_in_place(|| s.live_trips_of_riders(&asked[..1], 6))
+            .unwrap()
+            .len(),
+        1
+    );
+    let many: Vec<RiderId> = (0..7).map(|i| RiderId::new(format!("rdr_n{i}"))).collect();
+    assert!(matches!(
+        tokio::task::block_in_place(|| s.live_trips_of_riders(&many, 5)),
+        Err(StoreError::TooLarge { limit: 5, .. })
+    ));
+    assert_eq!(s.reads_too_large(), 2, "both bounds' hits are counted");
+    assert!(
+        tokio::task::block_in_place(|| s.live_trips_of_riders(&[], 10))
             .unwrap()
             .is_empty()
     );
@@ -502,6 +609,26 @@ async fn a_stale_foreign_fence_refuses_the_accept_and_nothing_of_it_is_written()
     );
 }
 
+/// Brings the empty database of `c` to schema `version` as that schema's dispatchd left
+/// it: its migrations applied and recorded.
+async fn at_schema(c: &tokio_postgres::Client, version: usize) {
+    c.batch_execute(
+        "CREATE TABLE dispatch_schema_migrations (version integer PRIMARY KEY, \
+         name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    for (version, name, ddl) in &dispatch_persistence::pg::MIGRATIONS[..version] {
+        c.batch_execute(ddl).await.unwrap();
+        c.execute(
+            "INSERT INTO dispatch_schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
     let Some(url) = dispatch_persistence::pg::test_database("shards_migration_4") else {
@@ -534,21 +661,7 @@ async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
         ),
     ];
     let columns = sql(&url, move |c| async move {
-        c.batch_execute(
-            "CREATE TABLE dispatch_schema_migrations (version integer PRIMARY KEY, \
-             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .unwrap();
-        for (version, name, ddl) in &dispatch_persistence::pg::MIGRATIONS[..3] {
-            c.batch_execute(ddl).await.unwrap();
-            c.execute(
-                "INSERT INTO dispatch_schema_migrations (version, name) VALUES ($1, $2)",
-                &[version, name],
-            )
-            .await
-            .unwrap();
-        }
+        at_schema(&c, 3).await;
         for (table, k, v) in &rows {
             c.execute(
                 &format!("INSERT INTO {table} (k, v) VALUES ($1, $2)"),
@@ -604,7 +717,7 @@ async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
             .get(0);
         (v, shards, unknown)
     });
-    assert_eq!(version, 4);
+    assert_eq!(version, dispatch_persistence::pg::schema_version());
     assert_eq!(shards, vec![0; 5], "existing rows are the whole city's");
     assert_eq!(
         unknown, 2,
@@ -643,6 +756,124 @@ async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
         (r.get::<_, Option<String>>(0), r.get::<_, Option<bool>>(1))
     });
     assert_eq!(filled, (Some("drv_1".to_owned()), Some(true)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migration_5_applies_to_a_database_at_schema_4_with_rows_in_it() {
+    let Some(url) = dispatch_persistence::pg::test_database("shards_migration_5") else {
+        return;
+    };
+    // A database as schema 4 left it, with trips written then: `driver` and `live`
+    // known, no rider column.
+    let live = of("rdr_1", accepted("trp_live", "drv_1"));
+    // (k, v, driver, live)
+    type Row = (Vec<u8>, Vec<u8>, Option<String>, bool);
+    let rows: Vec<Row> = vec![
+        (
+            b"trp_live".to_vec(),
+            codec::encode(&stored(live.clone())),
+            Some("drv_1".into()),
+            true,
+        ),
+        (
+            b"trp_done".to_vec(),
+            codec::encode(&stored(of("rdr_1", cancelled("trp_done", "drv_2")))),
+            Some("drv_2".into()),
+            false,
+        ),
+        (
+            b"trp_other".to_vec(),
+            codec::encode(&stored(of("rdr_2", trip("trp_other")))),
+            None,
+            true,
+        ),
+    ];
+    let riders = sql(&url, move |c| async move {
+        at_schema(&c, 4).await;
+        for (k, v, driver, live) in &rows {
+            c.execute(
+                "INSERT INTO trips (k, v, shard, driver, live) VALUES ($1, $2, 9, $3, $4)",
+                &[k, v, driver, live],
+            )
+            .await
+            .unwrap();
+        }
+        c.query_one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = 'trips' AND column_name = 'rider'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    });
+    assert_eq!(riders, 0, "schema 4: trips have no rider column");
+
+    let s = open(&url);
+    assert_eq!(
+        tokio::task::block_in_place(|| s.load())
+            .unwrap()
+            .trips
+            .len(),
+        3
+    );
+    let (version, unknown, index) = sql(&url, |c| async move {
+        let v: i32 = c
+            .query_one("SELECT max(version) FROM dispatch_schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let unknown: i64 = c
+            .query_one("SELECT count(*) FROM trips WHERE rider IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let index: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'trips_live_rider'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (v, unknown, index)
+    });
+    assert_eq!(version, 5);
+    assert_eq!(
+        unknown, 3,
+        "what SQL cannot read of old trips is not made up"
+    );
+    assert_eq!(index, 1);
+    // The old live trip is found by its rider (decoded); the old final one and another
+    // rider's are not; the drivers' query is as before.
+    let found = tokio::task::block_in_place(|| {
+        s.live_trips_of_riders(&[RiderId::new("rdr_1"), RiderId::new("rdr_3")], 10)
+    })
+    .unwrap();
+    assert_eq!(ids(&found, |t| t.trip.id.to_string()), set(["trp_live"]));
+    let found =
+        tokio::task::block_in_place(|| s.live_trips_of(&["drv_1", "drv_2"].map(DriverId::new), 10))
+            .unwrap();
+    assert_eq!(ids(&found, |t| t.trip.id.to_string()), set(["trp_live"]));
+    // Its next write fills the rider in.
+    let mut arrived = live;
+    apply(
+        &mut arrived,
+        TripCommand::Arrived {
+            driver_id: DriverId::new("drv_1"),
+        },
+        1_400,
+    );
+    s.commit(Batch::in_shard(9).trip(stored(arrived), None))
+        .await
+        .unwrap();
+    let filled = sql(&url, |c| async move {
+        c.query_one("SELECT rider FROM trips WHERE k = 'trp_live'::bytea", &[])
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+    });
+    assert_eq!(filled.as_deref(), Some("rdr_1"));
 }
 
 #[test]
