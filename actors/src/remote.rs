@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::Context;
 use crate::error::ApiError;
+pub use crate::messages::WireFence;
 use crate::messages::{
     CellMsg, DriverMsg, Group, NewTrip, RiderMsg, SearchFilter, Spawn, TripArgs, TripLink, TripMsg,
 };
@@ -171,34 +172,6 @@ pub enum TripCast {
         position: Point,
         heading: Option<f64>,
     },
-}
-
-/// A fence on the wire: `(shard, epoch, holder)` of the node that sent a driver's command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireFence {
-    pub shard: u64,
-    pub epoch: u64,
-    pub holder: String,
-}
-
-impl From<dispatch_persistence::Fence> for WireFence {
-    fn from(f: dispatch_persistence::Fence) -> Self {
-        WireFence {
-            shard: f.shard,
-            epoch: f.epoch,
-            holder: f.holder,
-        }
-    }
-}
-
-impl From<WireFence> for dispatch_persistence::Fence {
-    fn from(f: WireFence) -> Self {
-        dispatch_persistence::Fence {
-            shard: f.shard,
-            epoch: f.epoch,
-            holder: f.holder,
-        }
-    }
 }
 
 /// A cast to an entity on another node.
@@ -1241,6 +1214,14 @@ impl Link for Via {
     fn trip(&self, node: &str, id: TripId, m: TripMsg) -> bool {
         self.go(node, Outgoing::trip(id, m), None)
     }
+    fn spawn_trip(
+        &self,
+        node: &str,
+        new: NewTrip,
+        reply: RpcReplyPort<Result<(), ApiError>>,
+    ) -> bool {
+        self.go(node, Ok(Outgoing::spawn_trip(new, reply)), None)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1541,6 +1522,21 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
             }
         }
         RoutedCall::SpawnTrip(new) => {
+            // Only the node that serves the pickup's shard starts its trips (sharded
+            // mode; always with it off): it is the one whose writes land there.
+            if !ctx.serves(ctx.shard_of_pickup(new.pickup)) {
+                ctx.metrics.shard_refused("not_served");
+                return Ok(Reply::Spawned(Err(ApiError::unavailable(
+                    "this node does not serve the pickup's shard now; retry",
+                ))));
+            }
+            // A second spawn of one trip (a retried call) never replaces the live one.
+            if reg.trip(&new.trip_id).is_some() {
+                return Ok(Reply::Spawned(Err(ApiError::conflict(format!(
+                    "the trip {} is already live here",
+                    new.trip_id
+                )))));
+            }
             let r = ctx
                 .spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))
                 .await;
