@@ -212,6 +212,29 @@ async fn a_riders_trip_runs_on_the_pickups_owner_and_the_rider_follows_and_cance
     // The rider is free again: a second trip starts on B too.
     let t2 = request(&w.a.sys, &r, &mut w.r_app, pickup.lat(), pickup.lng()).await;
     assert!(w.b.sys.trip_ref(&t2).is_some());
+
+    // B lets the pickup's shard go (its trip actors stop; the rider is not told): the
+    // rider's cancel reaches B's router, which finds no trip, reads its rider from the
+    // store and answers at once (live: `unavailable`, retry), well before the ticket
+    // would expire.
+    w.b.sys.end_shard(w.ps).await;
+    assert!(w.b.sys.trip_ref(&t2).is_none());
+    let cmd = RiderCommand::CancelRide {
+        trip_id: t2.clone(),
+        reason: None,
+    };
+    let started = Instant::now();
+    let req = w.r_app.ride(&a_rider, cmd);
+    let answer = w
+        .r_app
+        .next_where("the cancel's answer", |m| matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(refused(answer).code, ErrorCode::Unavailable);
     common::stop_nodes([w.a, w.b]).await;
 }
 
