@@ -214,6 +214,16 @@ impl WeakContext {
     }
 }
 
+/// Where a new trip starts ([`Context::trip_home`]).
+pub(crate) enum TripHome<'a> {
+    /// On this node, under its trip supervisor (single node, and every trip before stage 5).
+    Here,
+    /// On this node of the cluster, asked through its router.
+    There(Arc<str>, &'a Arc<dyn crate::placement::Link>),
+    /// No node holds the pickup's shard now.
+    Nobody,
+}
+
 /// How much longer than a search's deadline its remote cell calls may wait.
 const REMOTE_MARGIN: Duration = Duration::from_millis(250);
 
@@ -427,10 +437,21 @@ impl Context {
         &self,
         cell: CellId,
     ) -> Option<(Arc<str>, &Arc<dyn crate::placement::Link>)> {
+        self.remote_of(shard_of(cell))
+    }
+
+    /// Where a new trip picked up at `pickup` starts (docs/sharding.md §5): here, unless
+    /// sharded mode with a placement set and a router started places the pickup's shard
+    /// on another node, or on none.
+    pub(crate) fn trip_home(&self, pickup: Point) -> TripHome<'_> {
         if !self.config.sharded {
-            return None;
+            return TripHome::Here;
         }
-        self.placement.remote(shard_of(cell))
+        match self.placement.place(self.shard_of_pickup(pickup)) {
+            None | Some((crate::placement::Place::Local, _)) => TripHome::Here,
+            Some((crate::placement::Place::Remote(node), link)) => TripHome::There(node, link),
+            Some((crate::placement::Place::Nobody, _)) => TripHome::Nobody,
+        }
     }
 
     /// This node's fence of `shard`, if it holds one.

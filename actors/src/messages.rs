@@ -308,6 +308,40 @@ pub struct NewTrip {
     /// The request's time so far, by stage (never on the wire).
     #[serde(skip)]
     pub stages: Option<Box<crate::stages::StageClock>>,
+    /// A trip spawned on another node with a quote (sharded mode): the rider's node's
+    /// fence of the rider's shard, which the trip's first write (the quote's delete, in
+    /// the rider's shard) requires; `None` when the trip starts where the rider is.
+    #[serde(default)]
+    pub quote_fence: Option<WireFence>,
+}
+
+/// A fence on the wire: `(shard, epoch, holder)` of the node that sent a driver's command,
+/// or that asked another node to spawn a rider's trip (docs/sharding.md §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFence {
+    pub shard: u64,
+    pub epoch: u64,
+    pub holder: String,
+}
+
+impl From<dispatch_persistence::Fence> for WireFence {
+    fn from(f: dispatch_persistence::Fence) -> Self {
+        WireFence {
+            shard: f.shard,
+            epoch: f.epoch,
+            holder: f.holder,
+        }
+    }
+}
+
+impl From<WireFence> for dispatch_persistence::Fence {
+    fn from(f: WireFence) -> Self {
+        dispatch_persistence::Fence {
+            shard: f.shard,
+            epoch: f.epoch,
+            holder: f.holder,
+        }
+    }
 }
 
 pub enum TripArgs {

@@ -27,9 +27,18 @@ pub const TRIP_RELOADS: [&str; 4] = ["resumed", "finished", "not_stored", "retri
 
 /// Why sharded mode refused a command (`dispatch_shard_refused_total{cause}`):
 /// `not_served`, an app command, attach or quote for a driver or rider whose shard this
-/// node does not serve (not recovered yet, or ended); `accept_unfenced`, a driver's accept
-/// whose shard this node holds no fence for (docs/sharding.md §3).
-pub const SHARD_REFUSALS: &[&str] = &["not_served", "accept_unfenced"];
+/// node does not serve (not recovered yet, or ended), or a trip another node asked this
+/// one to start whose pickup's shard it does not serve; `accept_unfenced`, a driver's
+/// accept whose shard this node holds no fence for (docs/sharding.md §3); `no_owner`, a
+/// ride request whose pickup's shard no node holds now; `quote_unfenced`, a request with a
+/// quote for a trip on another node while this node holds no fence of the rider's shard
+/// (the quote's delete could not be fenced; docs/sharding.md §5).
+pub const SHARD_REFUSALS: &[&str] = &[
+    "not_served",
+    "accept_unfenced",
+    "no_owner",
+    "quote_unfenced",
+];
 
 /// Index of a group in [`GROUPS`].
 fn group_index(group: &str) -> usize {
@@ -396,7 +405,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "dispatch_shard_refused_total",
-                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for)",
+                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard, or a remote trip spawn's pickup shard, is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for; no_owner: a ride request whose pickup shard no node holds; quote_unfenced: a quoted request for a trip on another node while this node holds no fence of the rider's shard)",
                     ),
                     &["cause"],
                 )

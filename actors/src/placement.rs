@@ -18,7 +18,10 @@ use std::time::Duration;
 use dispatch_engine::shard::ShardId;
 use dispatch_engine::{CellId, DriverId, RiderId, TripId};
 
-use crate::messages::{CellMsg, DriverMsg, RiderMsg, TripMsg};
+use ractor::RpcReplyPort;
+
+use crate::error::ApiError;
+use crate::messages::{CellMsg, DriverMsg, NewTrip, RiderMsg, TripMsg};
 
 /// Where a shard's actors live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,14 @@ pub trait Link: Send + Sync {
     fn driver(&self, node: &str, id: DriverId, m: DriverMsg) -> bool;
     fn rider(&self, node: &str, id: RiderId, m: RiderMsg) -> bool;
     fn trip(&self, node: &str, id: TripId, m: TripMsg) -> bool;
+    /// Asks `node`'s router to start a new trip there (a call bounded by
+    /// `actor_call_timeout_ms`); `reply` gets whether it started, or is dropped (no answer).
+    fn spawn_trip(
+        &self,
+        node: &str,
+        new: NewTrip,
+        reply: RpcReplyPort<Result<(), ApiError>>,
+    ) -> bool;
 }
 
 /// The current shard map (none until set) and the link to other nodes (none until the
@@ -84,10 +95,16 @@ impl Placement {
     /// The node `shard` lives on when that is another node reachable by the link: a
     /// shard map is set, it places the shard remotely, and a router runs here.
     pub fn remote(&self, shard: ShardId) -> Option<(Arc<str>, &Arc<dyn Link>)> {
-        let link = self.link.get()?;
-        match self.current()?.place(shard) {
-            Place::Remote(node) => Some((node, link)),
-            Place::Local | Place::Nobody => None,
+        match self.place(shard)? {
+            (Place::Remote(node), link) => Some((node, link)),
+            (Place::Local | Place::Nobody, _) => None,
         }
+    }
+
+    /// Where `shard` lives and the link to it, when a shard map is set and a router runs
+    /// here; `None`: nothing is routed (every entity local, as before stage 5).
+    pub fn place(&self, shard: ShardId) -> Option<(Place, &Arc<dyn Link>)> {
+        let link = self.link.get()?;
+        Some((self.current()?.place(shard), link))
     }
 }

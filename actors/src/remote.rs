@@ -9,7 +9,8 @@
 //!   every linked node. A message names its entity ([`Routed`] for casts, [`RoutedCall`] for
 //!   calls); the router finds the local actor through the registry, starting a driver or
 //!   rider from its record as a session's attach does, and answers for a trip that is not
-//!   here as for a dead one ([`DriverMsg::TripFailed`] back to the sender, `unavailable`).
+//!   here as for a dead one ([`DriverMsg::TripFailed`] back to a driver, `unavailable`; a
+//!   rider answered from the stored trip by the engine's rule).
 //! - **Encoding**: JSON (`serde_json`, as the session relay), in a `ractor_cluster` cast or
 //!   call whose variant name carries the version ([`CAST_VARIANT`], [`CALL_VARIANT`]); a
 //!   call's reply is the JSON of `Result<Reply, Failure>` over `ractor_cluster`'s own reply
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use dispatch_engine::{
     Candidate, CellId, DriverId, DriverProfile, DriverStatus, Entry, IndexedDriver, Point, RiderId,
-    RiderProfile, Sender, Trip, TripCommand, TripDriver, TripId,
+    RiderProfile, Sender, Trip, TripCommand, TripDriver, TripId, refuse_without_trip,
 };
 use parking_lot::Mutex;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
@@ -43,6 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::Context;
 use crate::error::ApiError;
+pub use crate::messages::WireFence;
 use crate::messages::{
     CellMsg, DriverMsg, Group, NewTrip, RiderMsg, SearchFilter, Spawn, TripArgs, TripLink, TripMsg,
 };
@@ -171,34 +173,6 @@ pub enum TripCast {
         position: Point,
         heading: Option<f64>,
     },
-}
-
-/// A fence on the wire: `(shard, epoch, holder)` of the node that sent a driver's command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireFence {
-    pub shard: u64,
-    pub epoch: u64,
-    pub holder: String,
-}
-
-impl From<dispatch_persistence::Fence> for WireFence {
-    fn from(f: dispatch_persistence::Fence) -> Self {
-        WireFence {
-            shard: f.shard,
-            epoch: f.epoch,
-            holder: f.holder,
-        }
-    }
-}
-
-impl From<WireFence> for dispatch_persistence::Fence {
-    fn from(f: WireFence) -> Self {
-        dispatch_persistence::Fence {
-            shard: f.shard,
-            epoch: f.epoch,
-            holder: f.holder,
-        }
-    }
 }
 
 /// A cast to an entity on another node.
@@ -1241,6 +1215,14 @@ impl Link for Via {
     fn trip(&self, node: &str, id: TripId, m: TripMsg) -> bool {
         self.go(node, Outgoing::trip(id, m), None)
     }
+    fn spawn_trip(
+        &self,
+        node: &str,
+        new: NewTrip,
+        reply: RpcReplyPort<Result<(), ApiError>>,
+    ) -> bool {
+        self.go(node, Ok(Outgoing::spawn_trip(new, reply)), None)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1423,12 +1405,14 @@ impl Router {
     }
 
     /// A cast to a trip that is not here is answered as a dead trip's: a driver's command
-    /// is told `TripFailed` on the driver's node (its app is answered `unavailable`, retry).
+    /// is told `TripFailed` on the driver's node (its app is answered `unavailable`, retry);
+    /// a rider's, which names no rider, is answered by [`Router::no_trip_for_rider`].
     fn no_trip(&self, from: &str, id: TripId, m: TripCast, kind: &'static str) {
         self.remote.metrics.error(kind, &Failure::NotHere);
         let TripCast::Command {
+            cmd,
             from: sender,
-            ticket: Some(_),
+            ticket: Some(ticket),
             ..
         } = m
         else {
@@ -1436,11 +1420,43 @@ impl Router {
         };
         let back = match sender {
             Sender::Driver(d) => Routed::Driver(d, DriverCast::TripFailed(id)),
-            // A rider's command names no rider (the trip knows it): its ticket expires
-            // (`ticket_timeout`, answered `unavailable`).
-            _ => return,
+            Sender::Rider => return self.no_trip_for_rider(from, id, cmd, ticket),
+            Sender::Admin | Sender::System => return,
         };
         let _ = send(&self.remote, from, back);
+    }
+
+    /// A rider's command to a trip that is not here: the stored trip names its rider, who
+    /// is answered under the command's ticket as for a trip with no live actor (the
+    /// engine's rule: a live one `unavailable`, retry; an ended one `conflict`), rather
+    /// than waiting out its ticket. The read runs off the router's loop, in flight for
+    /// its sender (more: refused, counted); a trip the store does not have names no rider
+    /// to answer (its ticket expires, `unavailable`).
+    fn no_trip_for_rider(&self, from: &str, id: TripId, cmd: TripCommand, ticket: Ticket) {
+        let slot = match self.remote.inbound.take(from) {
+            Ok(s) => s,
+            Err(f) => return self.remote.metrics.error("trip_command", &f),
+        };
+        let (ctx, remote, from) = (self.ctx.clone(), self.remote.clone(), from.to_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let reloading = ctx.registry.reloading.contains(&id);
+            let key = id.clone();
+            let Ok(Some(t)) = ctx.read("trip", move |s| s.trip(&key)).await else {
+                return;
+            };
+            let rider = t.trip.rider_id.clone();
+            let outcome = Err(if reloading {
+                crate::error::trip_reloading()
+            } else {
+                refuse_without_trip(Some(&t.trip), &Sender::Rider, Some(&rider), &cmd).into()
+            });
+            let _ = send(
+                &remote,
+                &from,
+                Routed::Rider(rider, RiderCast::Answer { ticket, outcome }),
+            );
+        });
     }
 
     /// A call to its local actor, in a task in flight for its sender (more: refused).
@@ -1541,6 +1557,21 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
             }
         }
         RoutedCall::SpawnTrip(new) => {
+            // Only the node that serves the pickup's shard starts its trips (sharded
+            // mode; always with it off): it is the one whose writes land there.
+            if !ctx.serves(ctx.shard_of_pickup(new.pickup)) {
+                ctx.metrics.shard_refused("not_served");
+                return Ok(Reply::Spawned(Err(ApiError::unavailable(
+                    "this node does not serve the pickup's shard now; retry",
+                ))));
+            }
+            // A second spawn of one trip (a retried call) never replaces the live one.
+            if reg.trip(&new.trip_id).is_some() {
+                return Ok(Reply::Spawned(Err(ApiError::conflict(format!(
+                    "the trip {} is already live here",
+                    new.trip_id
+                )))));
+            }
             let r = ctx
                 .spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))
                 .await;

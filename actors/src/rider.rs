@@ -9,7 +9,7 @@ use dispatch_engine::{
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
-use crate::context::{Context, random_suffix};
+use crate::context::{Context, TripHome, random_suffix};
 use crate::error::{ApiError, ErrorCode};
 use crate::messages::{
     Group, NewTrip, RideRequest, RiderArgs, RiderCommand, RiderMsg, Spawn, Ticket, TripArgs,
@@ -17,6 +17,10 @@ use crate::messages::{
 };
 use crate::session::{Awaiting, CLOSE_REPLACED, Outbound, Responder};
 use crate::tracecontext::{Trace, TraceContext};
+
+/// How much longer than `actor_call_timeout_ms` a rider waits for another node's answer
+/// to a trip's start (the call itself is bounded by that timeout).
+const START_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub struct RiderActor {
     pub ctx: Context,
@@ -27,6 +31,18 @@ pub struct RiderActorState {
     st: RiderState,
     /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
     awaiting: Awaiting,
+    /// The trip last asked of another node (sharded mode, docs/sharding.md §5), until it
+    /// starts or is known not to have.
+    remote: Option<RemoteStart>,
+}
+
+/// A trip started on another node: where it is, and the quote it used, kept out of this
+/// node's quotes meanwhile (a quote buys one trip) and put back only if the trip is known
+/// not to have started, so nothing was written.
+struct RemoteStart {
+    trip_id: TripId,
+    pickup: Point,
+    quote: Option<crate::views::Quote>,
 }
 
 impl RiderActor {
@@ -135,6 +151,14 @@ impl RiderActor {
                 .metrics
                 .invariant("rider_two_trips", s.rec.id.as_str());
         }
+        let home = self.ctx.trip_home(pickup);
+        if let TripHome::Nobody = home {
+            s.st.end(&trip_id);
+            self.ctx.metrics.shard_refused("no_owner");
+            return responder.fail(ApiError::unavailable(
+                "no node serves the pickup's area now; retry",
+            ));
+        }
         let ticket = self.await_answer(myself, s, &trip_id, responder);
         let new = NewTrip {
             trip_id: trip_id.clone(),
@@ -150,7 +174,11 @@ impl RiderActor {
                 stages.mark(crate::stages::Stage::Rider);
                 Some(Box::new(stages))
             },
+            quote_fence: None,
         };
+        if let TripHome::There(node, link) = home {
+            return self.start_there(s, new, (&node, link.as_ref())).await;
+        }
         // Boxed: the spawn carries the new trip, and an unboxed future would make every
         // rider actor's task that large for its whole life.
         if let Err(e) = Box::pin(self.ctx.spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))).await
@@ -159,6 +187,101 @@ impl RiderActor {
             s.st.end(&trip_id);
             s.awaiting.answer(Some(ticket), Err(e));
         }
+    }
+
+    /// Starts the trip on the node that holds its pickup's shard (docs/sharding.md §5):
+    /// one call to that node's router, bounded by `actor_call_timeout_ms`. A request with
+    /// a quote carries this node's fence of the rider's shard, which the trip's first
+    /// write (the trip and the quote's delete, together) requires. Refused, or no answer:
+    /// the rider is answered and free to ask again; started: the trip's `TripStarted`
+    /// (or its failed first write) comes back through the router under the ticket.
+    async fn start_there(
+        &self,
+        s: &mut RiderActorState,
+        mut new: NewTrip,
+        (node, link): (&str, &dyn crate::placement::Link),
+    ) {
+        let (trip_id, ticket) = (new.trip_id.clone(), new.ticket);
+        let refuse = |s: &mut RiderActorState, e: ApiError| {
+            s.st.end(&trip_id);
+            s.awaiting.answer(ticket, Err(e));
+        };
+        if new.quote_id.is_some() {
+            match self.ctx.own_fence(self.ctx.shard_of_rider(&s.rec.id)) {
+                Some(f) => new.quote_fence = Some(f.into()),
+                None => {
+                    self.ctx.metrics.shard_refused("quote_unfenced");
+                    let e =
+                        ApiError::unavailable("this node holds no lease on the rider now; retry");
+                    return refuse(s, e);
+                }
+            }
+        }
+        let quote = new
+            .quote_id
+            .as_ref()
+            .and_then(|q| self.ctx.registry.quotes.remove(q))
+            .map(|(_, q)| q);
+        s.remote = Some(RemoteStart {
+            trip_id: trip_id.clone(),
+            pickup: new.pickup,
+            quote,
+        });
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let wait = self.ctx.call_timeout() + START_MARGIN;
+        let answer = if link.spawn_trip(node, new, tx.into()) {
+            tokio::time::timeout(wait, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        match answer {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                // Refused before anything was written: the quote is the rider's again.
+                self.restore_quote(s, &trip_id);
+                tracing::warn!(trip_id = %trip_id, node, error = %e, "the pickup's node refused the trip");
+                refuse(s, e)
+            }
+            // Whether it started is not known: the quote stays out of use (a
+            // `TripNotStarted` gives it back; a late `TripStarted` makes the trip the
+            // rider's after all).
+            None => refuse(
+                s,
+                ApiError::unavailable("the pickup's node did not answer; retry"),
+            ),
+        }
+    }
+
+    /// The quote a trip asked of another node used is the rider's again (that trip is
+    /// known not to have started).
+    fn restore_quote(&self, s: &mut RiderActorState, trip_id: &TripId) {
+        if s.remote.as_ref().is_some_and(|r| &r.trip_id == trip_id)
+            && let Some(q) = s.remote.take().and_then(|r| r.quote)
+        {
+            self.ctx.registry.quotes.insert(q.quote_id.clone(), q);
+        }
+    }
+
+    /// The node of this rider's trip `trip_id` when that trip's pickup shard is on
+    /// another node (sharded mode with a placement): from its last view, or from the
+    /// request that started it there.
+    fn trip_node<'a>(
+        &'a self,
+        s: &RiderActorState,
+        trip_id: &TripId,
+    ) -> Option<(
+        std::sync::Arc<str>,
+        &'a std::sync::Arc<dyn crate::placement::Link>,
+    )> {
+        let viewed = s.rec.trip.as_ref().filter(|t| &t.trip_id == trip_id);
+        let pickup = match viewed {
+            Some(t) => t.pickup,
+            None => s.remote.as_ref().filter(|r| &r.trip_id == trip_id)?.pickup,
+        };
+        self.ctx.remote_of(self.ctx.shard_of_pickup(pickup))
     }
 
     async fn cancel(
@@ -174,24 +297,45 @@ impl RiderActor {
             reason,
         };
         let mine = s.st.active_trip() == Some(&trip_id);
-        if let Some(t) = self.ctx.registry.trip(&trip_id).filter(|_| mine) {
-            let ticket = self.await_answer(myself, s, &trip_id, responder);
-            let msg = TripMsg::Command {
-                cmd,
-                from: Sender::Rider,
-                ticket: Some(ticket),
-                trace: None,
-                fence: None,
-            };
+        // Its trip runs here, or on another node (its pickup's shard is there): then the
+        // command crosses through that node's router, and the trip's answer comes back
+        // under the ticket.
+        let here = self.ctx.registry.trip(&trip_id).filter(|_| mine);
+        let route = match here {
+            Some(t) => Ok(t),
+            None => match self.trip_node(s, &trip_id).filter(|_| mine) {
+                Some(there) => Err(there),
+                None => return self.refuse(s, trip_id, cmd, responder).await,
+            },
+        };
+        let ticket = self.await_answer(myself, s, &trip_id, responder);
+        let msg = TripMsg::Command {
+            cmd,
+            from: Sender::Rider,
+            ticket: Some(ticket),
+            trace: None,
+            fence: None,
+        };
+        match route {
             // The trip actor may have stopped between the lookup and the cast.
-            if let Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) = t.cast(msg)
-                && let Some(r) = s.awaiting.take(ticket)
-            {
-                self.refuse(s, trip_id, cmd, r).await;
+            Ok(t) => {
+                if let Err(ractor::MessagingErr::SendErr(TripMsg::Command { cmd, .. })) =
+                    t.cast(msg)
+                    && let Some(r) = s.awaiting.take(ticket)
+                {
+                    self.refuse(s, trip_id, cmd, r).await;
+                }
             }
-            return;
+            Err((node, link)) => {
+                if !link.trip(&node, trip_id, msg)
+                    && let Some(r) = s.awaiting.take(ticket)
+                {
+                    r.fail(ApiError::unavailable(
+                        "the trip's node is not reachable; retry",
+                    ));
+                }
+            }
         }
-        self.refuse(s, trip_id, cmd, responder).await
     }
 
     /// No live trip takes the command: the engine's rule for ended trips answers.
@@ -236,6 +380,7 @@ impl Actor for RiderActor {
             st: RiderState::new(active),
             rec: args.record,
             awaiting: Awaiting::default(),
+            remote: None,
         })
     }
 
@@ -306,6 +451,10 @@ impl RiderActor {
                         .metrics
                         .invariant("rider_two_trips", s.rec.id.as_str());
                 }
+                // A trip started on another node used its quote for good.
+                if s.remote.as_ref().is_some_and(|r| r.trip_id == view.trip_id) {
+                    s.remote = None;
+                }
                 s.rec.trip = Some(view.clone());
                 self.commit(s);
                 match ticket.and_then(|t| s.awaiting.take(t)) {
@@ -325,6 +474,7 @@ impl RiderActor {
                 error,
             } => {
                 s.st.end(&trip_id);
+                self.restore_quote(s, &trip_id);
                 s.awaiting.answer(ticket, Err(error));
             }
             RiderMsg::Answer { ticket, outcome } => s.awaiting.answer(Some(ticket), outcome),

@@ -189,9 +189,9 @@ impl Supervisor {
     ) {
         let reg = &self.ctx.registry;
         reg.reloading.insert(id.clone());
-        if let Some(r) = reg.rider(rider) {
-            let _ = r.cast(RiderMsg::TripFailed(id.clone()));
-        }
+        // The rider and drivers may be on other nodes (sharded mode, stage 5): told
+        // through their routers, as the trip itself tells them.
+        self.ctx.tell_rider(rider, RiderMsg::TripFailed(id.clone()));
         let named: Vec<DriverId> = reg
             .trip_records
             .get(id)
@@ -205,9 +205,7 @@ impl Supervisor {
             })
             .unwrap_or_default();
         for d in named {
-            if let Some(a) = reg.driver(&d) {
-                let _ = a.cast(DriverMsg::TripFailed(id.clone()));
-            }
+            self.ctx.tell_driver(&d, DriverMsg::TripFailed(id.clone()));
         }
         self.reload(myself, reads, id.clone(), rider.clone(), 0);
     }
@@ -313,33 +311,31 @@ impl Supervisor {
             Ok(Some(record)) => {
                 let t = &record.trip;
                 let view = crate::views::TripView::of(t, record.driver.clone());
-                if let Some(r) = reg.rider(&rider) {
-                    let receipt =
-                        (t.state() == TripState::Completed).then(|| crate::trip::receipt(t));
-                    let _ = r.cast(RiderMsg::Trip {
-                        view: view.clone(),
-                        receipt,
-                        answers: None,
-                    });
-                }
-                if let Some(d) = t.driver_id().and_then(|d| reg.driver(d)) {
-                    let _ = d.cast(DriverMsg::Trip {
+                let receipt = (t.state() == TripState::Completed).then(|| crate::trip::receipt(t));
+                let msg = RiderMsg::Trip {
+                    view: view.clone(),
+                    receipt,
+                    answers: None,
+                };
+                self.ctx.tell_rider(&rider, msg);
+                if let Some(d) = t.driver_id() {
+                    let msg = DriverMsg::Trip {
                         view: Box::new(view),
                         link: TripLink::Released,
                         answers: None,
-                    });
+                    };
+                    self.ctx.tell_driver(d, msg);
                 }
                 reg.forget_finished(&trip);
                 "finished"
             }
             Ok(None) => {
-                if let Some(r) = reg.rider(&rider) {
-                    let _ = r.cast(RiderMsg::TripNotStarted {
-                        trip_id: trip.clone(),
-                        ticket: None,
-                        error: crate::error::ApiError::internal(),
-                    });
-                }
+                let msg = RiderMsg::TripNotStarted {
+                    trip_id: trip.clone(),
+                    ticket: None,
+                    error: crate::error::ApiError::internal(),
+                };
+                self.ctx.tell_rider(&rider, msg);
                 "not_stored"
             }
             Err(e) => {

@@ -150,9 +150,14 @@ impl TripActor {
         let mut batch = Batch::in_shard(shard).decided(stored, decision.journal.clone(), None);
         if let Some(q) = &new.quote_id {
             // The used quote is the rider's: it goes in the rider's shard.
-            batch = batch
-                .then_in(ctx.shard_of_rider(&new.rider_id))
-                .delete_quote(q.clone());
+            let rider_shard = ctx.shard_of_rider(&new.rider_id);
+            batch = batch.then_in(rider_shard).delete_quote(q.clone());
+            // A trip started here for a rider of another node (docs/sharding.md §5): that
+            // node's fence of the rider's shard, which it carried, is required, so the
+            // quote's delete lands with the trip under both owners' leases or not at all.
+            if let Some(f) = new.quote_fence.clone().filter(|f| f.shard == rider_shard) {
+                batch = batch.requires(f.into());
+            }
         }
         let committed = s.commit(&ctx.store, batch, Stage::FirstCommit).await;
         if let Err(e) = committed {

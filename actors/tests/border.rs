@@ -13,18 +13,19 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{App, WAIT, driver_cmd, eventually, hold, online_driver, request, rider};
+use common::{
+    App, Node, WAIT, driver_cmd, eventually, hold, online_driver, pg_system, request, rider,
+    stored_state,
+};
 use dispatch_actors::messages::{CellMsg, DriverCommand};
 use dispatch_actors::placement::{Place, ShardMap};
-use dispatch_actors::remote::{self, Remote};
+use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
-use dispatch_actors::{ErrorCode, Metrics, System, SystemConfig};
-use dispatch_cluster::Cluster;
+use dispatch_actors::{ErrorCode, System, SystemConfig};
 use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
-use dispatch_engine::{CellId, DispatchConfig, DriverId, Point, RiderId, TripId, TripState};
+use dispatch_engine::{CellId, DriverId, Point, RiderId, TripState};
 use dispatch_persistence::{PgOptions, Store};
 
 const COOKIE: &str = "border-router-cookie-0123456789ab";
@@ -35,19 +36,6 @@ static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const P1: (f64, f64) = (45.50, -73.57);
 /// How long a search waits at most on node A.
 const SEARCH_TIMEOUT_MS: u64 = 400;
-
-struct Node {
-    cluster: Cluster,
-    sys: System,
-    _remote: Arc<Remote>,
-    _dir: tempfile::TempDir,
-    /// The PostgreSQL store, when the pair has one.
-    store: Option<Arc<Store>>,
-}
-
-fn leak(s: &str) -> &'static str {
-    Box::leak(s.to_owned().into_boxed_str())
-}
 
 fn sharded(c: SystemConfig) -> SystemConfig {
     SystemConfig {
@@ -60,67 +48,28 @@ fn sharded(c: SystemConfig) -> SystemConfig {
 /// Two linked sharded nodes, each serving every entity shard (its sessions attach), on
 /// sled stores of their own, or both on the PostgreSQL database `pg`.
 async fn pair(a: (&str, u16), b: (&str, u16), pg: Option<&str>) -> (Node, Node) {
-    let start = |name: &'static str, port, peer| async move {
+    let start = || async move {
         let (sys, dir, store) = match pg {
             None => {
                 let (sys, dir) = common::start_with(sharded, None).await;
                 (sys, dir, None)
             }
             Some(url) => {
-                let store = Store::open_postgres(PgOptions::new(url), |_| {}).unwrap();
-                tokio::task::block_in_place(|| store.load()).unwrap();
-                let store = Arc::new(store);
-                let cfg = sharded(SystemConfig {
-                    dispatch: DispatchConfig {
-                        offer_timeout_ms: 10_000,
-                        dispatch_deadline_ms: 60_000,
-                    },
-                    ws_outbound_queue_max: 4096,
-                    ..SystemConfig::default()
-                });
-                let sys = System::start(cfg, Arc::new(Metrics::new()), store.clone())
-                    .await
-                    .unwrap();
+                let (sys, store) = pg_system(url, sharded).await;
                 (sys, tempfile::tempdir().unwrap(), Some(store))
             }
         };
         for s in 1..=256 {
             sys.set_serving(s, true);
         }
-        let (_router, remote) = sys
-            .start_router(name, remote::MAX_INFLIGHT_PER_PEER)
-            .await
-            .unwrap();
-        let cluster = Cluster::start(
-            common::cluster_config(name, port, peer, COOKIE),
-            &prometheus::Registry::new(),
-        )
-        .await
-        .unwrap();
-        Node {
-            cluster,
-            sys,
-            _remote: remote,
-            _dir: dir,
-            store,
-        }
+        (sys, dir, store)
     };
-    let (a_name, b_name) = (leak(a.0), leak(b.0));
-    let na = start(a_name, a.1, b.1).await;
-    let nb = start(b_name, b.1, a.1).await;
-    eventually("each node reaches the other's router over the link", || {
-        remote::router_of(&na._remote, b_name).is_some_and(|c| !c.get_id().is_local())
-            && remote::router_of(&nb._remote, a_name).is_some_and(|c| !c.get_id().is_local())
-    })
-    .await;
-    (na, nb)
+    let max = remote::MAX_INFLIGHT_PER_PEER;
+    common::pair((a, b), COOKIE, (max, max), start).await
 }
 
 async fn stop(nodes: impl IntoIterator<Item = Node>) {
-    for n in nodes {
-        n.cluster.stop().await;
-        n.sys.shutdown().await;
-    }
+    common::stop_nodes(nodes).await
 }
 
 fn point((lat, lng): (f64, f64)) -> Point {
@@ -328,14 +277,6 @@ async fn ride(url: &str, names: (&str, &str), ports: (u16, u16)) -> Ride {
         pickup: pickup_at,
         sd: (sd, epochs[&sd]),
     }
-}
-
-fn stored_state(store: &Store, t: &TripId) -> (TripState, Option<DriverId>) {
-    let t = tokio::task::block_in_place(|| store.trip(t))
-        .unwrap()
-        .unwrap()
-        .trip;
-    (t.state(), t.driver_id().cloned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{App, WAIT, eventually, online_driver, rider};
+use common::{App, Node, WAIT, eventually, online_driver, rider};
 use dispatch_actors::messages::{DriverMsg, NewTrip, SearchFilter, TripLink};
 use dispatch_actors::remote::{
     self, CALL_VARIANT, CAST_VARIANT, CellCall, CellCast, DriverCall, DriverCast, Failure,
@@ -24,7 +24,6 @@ use dispatch_actors::remote::{
 use dispatch_actors::session::Outbound;
 use dispatch_actors::views::{OfferView, TripView};
 use dispatch_actors::{ApiError, System};
-use dispatch_cluster::Cluster;
 use dispatch_engine::{
     CancelledBy, DriverId, IndexedDriver, Point, Product, QuoteTerms, RiderId, Sender, TripCommand,
     TripId, TripState,
@@ -35,53 +34,19 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 /// Held by each test for its whole run: one pair of nodes in the process at a time.
 static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// One node: its membership, its system and its router's side of the remote messages.
-struct Node {
-    cluster: Cluster,
-    sys: System,
-    remote: Arc<Remote>,
-    _dir: tempfile::TempDir,
-}
-
 /// Two linked nodes `a` and `b`, each with a router allowing `max_inflight` per peer,
 /// once each sees the other's router over the link.
 async fn pair(a: (&str, u16), b: (&str, u16), max_inflight: (usize, usize)) -> (Node, Node) {
-    let start = |name: &'static str, port, peer, max| async move {
+    let start = || async {
         let (sys, dir) = common::start_with(|c| c, None).await;
-        let (_router, remote) = sys.start_router(name, max).await.unwrap();
-        let cluster = Cluster::start(
-            common::cluster_config(name, port, peer, "remote-router-cookie-0123456789ab"),
-            &prometheus::Registry::new(),
-        )
-        .await
-        .unwrap();
-        Node {
-            cluster,
-            sys,
-            remote,
-            _dir: dir,
-        }
+        (sys, dir, None)
     };
-    let (a_name, b_name) = (leak(a.0), leak(b.0));
-    let na = start(a_name, a.1, b.1, max_inflight.0).await;
-    let nb = start(b_name, b.1, a.1, max_inflight.1).await;
-    eventually("each node reaches the other's router over the link", || {
-        remote::router_of(&na.remote, b_name).is_some_and(|c| !c.get_id().is_local())
-            && remote::router_of(&nb.remote, a_name).is_some_and(|c| !c.get_id().is_local())
-    })
-    .await;
-    (na, nb)
-}
-
-fn leak(s: &str) -> &'static str {
-    Box::leak(s.to_owned().into_boxed_str())
+    let cookie = "remote-router-cookie-0123456789ab";
+    common::pair((a, b), cookie, max_inflight, start).await
 }
 
 async fn stop(nodes: impl IntoIterator<Item = Node>) {
-    for n in nodes {
-        n.cluster.stop().await;
-        n.sys.shutdown().await;
-    }
+    common::stop_nodes(nodes).await
 }
 
 fn point(lat: f64, lng: f64) -> Point {
@@ -143,6 +108,7 @@ fn new_trip(rider: &RiderId, at: Point) -> NewTrip {
         ticket: None,
         trace: None,
         stages: None,
+        quote_fence: None,
     }
 }
 

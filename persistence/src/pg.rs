@@ -914,8 +914,12 @@ async fn write_group(
             }
         }
         for (i, p) in group.iter().enumerate() {
+            // A shard the batch requires a foreign fence of is vouched for by that
+            // fence (checked below), not by one of this node's.
+            let vouched = |s: &ShardId| p.requires.iter().any(|f| f.shard == *s);
             let own = p.shards.iter().find(|s| {
                 fences.on
+                    && !vouched(s)
                     && !fences
                         .by_shard
                         .get(s)

@@ -144,6 +144,10 @@ impl Batch {
     /// claimer then reads it. Otherwise the batch is refused whole
     /// ([`StoreError::Fenced`]). For a write on one shard that a foreign shard's owner
     /// vouches for (a driver's accept on the trip's shard, docs/sharding.md §3).
+    ///
+    /// The batch may also write in `fence.shard` itself though this node holds no fence
+    /// of it: the required lease stands for this node's own (a rider's quote deleted by a
+    /// trip started on another node, docs/sharding.md §5).
     pub fn requires(mut self, fence: Fence) -> Self {
         self.requires.push(fence);
         self

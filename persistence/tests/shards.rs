@@ -629,6 +629,69 @@ async fn at_schema(c: &tokio_postgres::Client, version: usize) {
     }
 }
 
+/// Stage 5's quote (docs/sharding.md §3): a trip's first write on the pickup's owner also
+/// deletes the rider's quote in the rider's shard, which another node holds. Without that
+/// node's fence, or with a stale one, nothing of it is written; under its live fence the
+/// batch writes in that shard too, though this node holds no fence of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_writes_in_a_shard_whose_foreign_fence_it_requires_and_a_stale_one_writes_nothing()
+{
+    let Some(url) = dispatch_persistence::pg::test_database("shards_vouched_write") else {
+        return;
+    };
+    let (trip_shard, rider_shard) = (7u64, 99u64);
+    let long = Duration::from_secs(60);
+    // Node R holds the rider's shard and wrote the quote; node B the pickup's shard.
+    let nr = open(&url);
+    let old = nr.claim_lease(rider_shard, "nr", long).unwrap().unwrap();
+    nr.fence(rider_shard, old.epoch, "nr").unwrap();
+    nr.commit(Batch::in_shard(rider_shard).quote(a_quote("qte_1")))
+        .await
+        .unwrap();
+    let nb = open(&url);
+    let tb = nb.claim_lease(trip_shard, "nb", long).unwrap().unwrap();
+    nb.fence(trip_shard, tb.epoch, "nb").unwrap();
+    let first = |required: Option<Fence>| {
+        let b = Batch::in_shard(trip_shard)
+            .trip(stored(offered("trp_1", "drv_1")), None)
+            .then_in(rider_shard)
+            .delete_quote(QuoteId::new("qte_1"));
+        match required {
+            Some(f) => b.requires(f),
+            None => b,
+        }
+    };
+    let fence = |holder: &str, epoch| Fence {
+        shard: rider_shard,
+        epoch,
+        holder: holder.into(),
+    };
+    let unchanged = |s: &Store| {
+        assert!(s.trip(&TripId::new("trp_1")).unwrap().is_none());
+        let quotes = s.load_shard(rider_shard, 10).unwrap().quotes;
+        assert_eq!(quotes.len(), 1, "the quote stays");
+    };
+    let fenced = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Fenced(why)) => assert!(why.contains("shard 99"), "{why}"),
+        other => panic!("expected Fenced, got {other:?}"),
+    };
+    // No fence of the rider's shard: B's own check refuses it.
+    fenced(nb.commit(first(None)).await);
+    unchanged(&nb);
+    // Another node takes the rider's shard: R's fence is stale.
+    nr.release_lease(rider_shard, "nr", old.epoch).unwrap();
+    let new = nb.claim_lease(rider_shard, "nr2", long).unwrap().unwrap();
+    fenced(nb.commit(first(Some(fence("nr", old.epoch)))).await);
+    unchanged(&nb);
+    // The live holder's fence vouches: the trip and the quote's delete land together.
+    nb.commit(first(Some(fence("nr2", new.epoch))))
+        .await
+        .unwrap();
+    assert!(nb.trip(&TripId::new("trp_1")).unwrap().is_some());
+    assert!(nb.load_shard(rider_shard, 10).unwrap().quotes.is_empty());
+    assert_eq!(nb.fenced_in(rider_shard), 2);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migration_4_applies_to_a_database_at_schema_3_with_rows_in_it() {
     let Some(url) = dispatch_persistence::pg::test_database("shards_migration_4") else {

@@ -214,6 +214,18 @@ impl App {
     }
 }
 
+/// The tests' configuration: 10 s offers, 60 s dispatch deadlines, a deep session queue.
+pub fn test_config() -> SystemConfig {
+    SystemConfig {
+        dispatch: DispatchConfig {
+            offer_timeout_ms: 10_000,
+            dispatch_deadline_ms: 60_000,
+        },
+        ws_outbound_queue_max: 4096,
+        ..SystemConfig::default()
+    }
+}
+
 /// A started system over a store in a fresh temporary directory (kept alive by the
 /// returned guard): 10 s offers, 60 s dispatch deadlines, the configuration changed by
 /// `tune`, and another payment provider if given.
@@ -223,20 +235,32 @@ pub async fn start_with(
 ) -> (System, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(dispatch_persistence::Store::open(dir.path(), |_| {}).unwrap());
-    let cfg = SystemConfig {
-        dispatch: DispatchConfig {
-            offer_timeout_ms: 10_000,
-            dispatch_deadline_ms: 60_000,
-        },
-        ws_outbound_queue_max: 4096,
-        ..SystemConfig::default()
-    };
     (
-        System::start_with_provider(tune(cfg), Arc::new(Metrics::new()), store, provider)
-            .await
-            .unwrap(),
+        System::start_with_provider(
+            tune(test_config()),
+            Arc::new(Metrics::new()),
+            store,
+            provider,
+        )
+        .await
+        .unwrap(),
         dir,
     )
+}
+
+/// A system on the PostgreSQL database at `url` (its store loaded), with
+/// [`start_with`]'s configuration changed by `tune`, and its store.
+pub async fn pg_system(
+    url: &str,
+    tune: impl FnOnce(SystemConfig) -> SystemConfig,
+) -> (System, Arc<Store>) {
+    let store = Store::open_postgres(dispatch_persistence::PgOptions::new(url), |_| {}).unwrap();
+    tokio::task::block_in_place(|| store.load()).unwrap();
+    let store = Arc::new(store);
+    let sys = System::start(tune(test_config()), Arc::new(Metrics::new()), store.clone())
+        .await
+        .unwrap();
+    (sys, store)
 }
 
 pub async fn driver_cmd(sys: &System, id: &DriverId, app: &mut App, cmd: DriverCommand) {
@@ -328,5 +352,90 @@ pub fn cluster_config(
         heartbeat: Duration::from_millis(100),
         peer_timeout: Duration::from_millis(1_000),
         tls: None,
+    }
+}
+
+/// One node of a linked pair (`border.rs`, `remote.rs`, `spawn.rs`): its membership, its
+/// system, its router's side of the remote messages, the directory of its sled store and
+/// its PostgreSQL store, when it has one.
+pub struct Node {
+    pub cluster: dispatch_cluster::Cluster,
+    pub sys: System,
+    pub remote: Arc<dispatch_actors::remote::Remote>,
+    pub dir: tempfile::TempDir,
+    pub store: Option<Arc<Store>>,
+}
+
+/// Starts `sys`'s router as node `name` (at most `max_inflight` messages in flight per
+/// peer each way) and a membership node on loopback `port` linking to the one on `peer`.
+pub async fn join(
+    sys: System,
+    (dir, store): (tempfile::TempDir, Option<Arc<Store>>),
+    (name, port, peer): (&str, u16, u16),
+    cookie: &str,
+    max_inflight: usize,
+) -> Node {
+    let (_router, remote) = sys.start_router(name, max_inflight).await.unwrap();
+    let cluster = dispatch_cluster::Cluster::start(
+        cluster_config(name, port, peer, cookie),
+        &prometheus::Registry::new(),
+    )
+    .await
+    .unwrap();
+    Node {
+        cluster,
+        sys,
+        remote,
+        dir,
+        store,
+    }
+}
+
+/// Two nodes, each a system `start` makes (with its sled directory and PostgreSQL store,
+/// if any), joined as `a` and `b` (name, port) with at most `max_inflight` (a's, b's)
+/// messages in flight per peer, once each reaches the other's router.
+pub async fn pair<F, Fut>(
+    (a, b): ((&str, u16), (&str, u16)),
+    cookie: &str,
+    max_inflight: (usize, usize),
+    start: F,
+) -> (Node, Node)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = (System, tempfile::TempDir, Option<Arc<Store>>)>,
+{
+    let (sys, dir, store) = start().await;
+    let na = join(sys, (dir, store), (a.0, a.1, b.1), cookie, max_inflight.0).await;
+    let (sys, dir, store) = start().await;
+    let nb = join(sys, (dir, store), (b.0, b.1, a.1), cookie, max_inflight.1).await;
+    linked((&na, a.0), (&nb, b.0)).await;
+    (na, nb)
+}
+
+/// A trip's state and driver as `store` holds them.
+pub fn stored_state(store: &Store, t: &TripId) -> (TripState, Option<DriverId>) {
+    let t = tokio::task::block_in_place(|| store.trip(t))
+        .unwrap()
+        .unwrap()
+        .trip;
+    (t.state(), t.driver_id().cloned())
+}
+
+/// Waits until each of two joined nodes reaches the other's router over the link.
+pub async fn linked(a: (&Node, &str), b: (&Node, &str)) {
+    let reaches = |from: &Node, to: &str| {
+        dispatch_actors::remote::router_of(&from.remote, to).is_some_and(|c| !c.get_id().is_local())
+    };
+    eventually("each node reaches the other's router over the link", || {
+        reaches(a.0, b.1) && reaches(b.0, a.1)
+    })
+    .await;
+}
+
+/// Stops each node's membership, then its system.
+pub async fn stop_nodes(nodes: impl IntoIterator<Item = Node>) {
+    for n in nodes {
+        n.cluster.stop().await;
+        n.sys.shutdown().await;
     }
 }
