@@ -82,7 +82,7 @@ pub const BATCH_RETRIES: [&str; 5] = [
     "waited_greedy",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 34] = [
+pub const BOUNDS: [&str; 35] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -95,6 +95,7 @@ pub const BOUNDS: [&str; 34] = [
     "console_feed_items",
     "console_feed_send",
     "console_feeds",
+    "end_shard_stop",
     "http_body_bytes",
     "jwks_refresh_rate",
     "location_rate",

@@ -484,8 +484,9 @@ impl System {
             .map(|r| r.id.clone())
             .collect();
 
-        // Stop them all, then wait (each bounded by the call timeout), so no handler still
-        // running puts a record back after it is removed below.
+        // Stop them all, then wait, so no handler still running puts a record back after
+        // it is removed below. One bound for the whole shard (the call timeout), however
+        // many actors it has; hitting it is counted (`end_shard_stop`).
         let cells: Vec<ractor::ActorCell> = (trips.iter().filter_map(|t| reg.trip(t)))
             .map(|a| a.get_cell())
             .chain(
@@ -504,11 +505,19 @@ impl System {
         for cell in &cells {
             cell.stop(Some("shard ended".into()));
         }
-        let wait = Some(ctx.call_timeout());
+        let deadline = tokio::time::Instant::now() + ctx.call_timeout();
+        let mut late = 0usize;
         for cell in cells {
-            if cell.wait(wait).await.is_err() {
-                tracing::warn!(shard, actor = ?cell.get_id(), "an actor of an ended shard did not stop in time");
+            if tokio::time::timeout_at(deadline, cell.wait(None))
+                .await
+                .is_err()
+            {
+                late += 1;
             }
+        }
+        if late > 0 {
+            ctx.metrics.bound_hit("end_shard_stop");
+            tracing::warn!(shard, late, "actors of an ended shard did not stop in time");
         }
 
         for id in &trips {

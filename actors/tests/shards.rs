@@ -596,3 +596,53 @@ async fn a_trip_failing_as_its_shard_ends_is_not_restarted_here() {
     assert_eq!(sys.actor_count(Group::Trip).await, 0);
     stop(sys, store).await;
 }
+
+/// Issue 16 §4, a gap closed: `end_shard` waits for its actors to stop within one bound
+/// for the whole shard (the call timeout), not one per actor, and counts hitting it.
+/// Six trips each in a search of a stalled cell do not stop for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_shard_waits_for_its_actors_within_one_bound() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_end_bound") else {
+        return;
+    };
+    let store = open(&url);
+    let cfg = SystemConfig {
+        actor_call_timeout_ms: 400,
+        search_timeout_ms: 3_000,
+        ..config(true)
+    };
+    let sys = System::start(cfg, Arc::new(Metrics::new()), store.clone())
+        .await
+        .unwrap();
+    let (d, _a) = online_driver(&sys, P1.0, P1.1).await;
+    let p1 = cell_shard(&sys, P1);
+    let mut riders = Vec::new();
+    for _ in 0..6 {
+        riders.push(rider(&sys).await);
+    }
+    let mut shards: BTreeSet<ShardId> = [p1, entity_shard(d.as_str())].into_iter().collect();
+    shards.extend(riders.iter().map(|(r, _)| entity_shard(r.as_str())));
+    hold_and_serve(&sys, &store, &shards);
+    let cell = sys.config().grid.cell_of(Point::new(P1.0, P1.1).unwrap());
+    assert!(sys.stall_cell(cell, Duration::from_secs(4)));
+    for (r, b) in &mut riders {
+        request(&sys, r, b, P1.0, P1.1).await;
+    }
+    let bound = || {
+        sys.metrics()
+            .bounds_hit
+            .with_label_values(&["end_shard_stop"])
+            .get()
+    };
+    assert_eq!(bound(), 0);
+    let started = std::time::Instant::now();
+    let ended = sys.end_shard(p1).await;
+    let took = started.elapsed();
+    assert_eq!(ended.trips, 6);
+    assert!(
+        took < Duration::from_millis(1_000),
+        "end_shard took {took:?} for one 400 ms bound"
+    );
+    assert_eq!(bound(), 1);
+    stop(sys, store).await;
+}
