@@ -28,8 +28,10 @@ pub const TRIP_RELOADS: [&str; 4] = ["resumed", "finished", "not_stored", "retri
 /// Why sharded mode refused a command (`dispatch_shard_refused_total{cause}`):
 /// `not_served`, an app command, attach or quote for a driver or rider whose shard this
 /// node does not serve (not recovered yet, or ended); `accept_unfenced`, a driver's accept
-/// whose shard this node holds no fence for (docs/sharding.md §3).
-pub const SHARD_REFUSALS: &[&str] = &["not_served", "accept_unfenced"];
+/// whose shard this node holds no fence for (docs/sharding.md §3); `start_not_served`,
+/// a driver or rider actor started on demand (attach, routed message) for a shard not
+/// served here, or stopped again because its shard ended as it started.
+pub const SHARD_REFUSALS: &[&str] = &["not_served", "accept_unfenced", "start_not_served"];
 
 /// Index of a group in [`GROUPS`].
 fn group_index(group: &str) -> usize {
@@ -397,7 +399,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "dispatch_shard_refused_total",
-                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for)",
+                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for; start_not_served: a driver or rider actor not started, or stopped as it started, because its shard is not served here)",
                     ),
                     &["cause"],
                 )

@@ -597,6 +597,103 @@ async fn a_trip_failing_as_its_shard_ends_is_not_restarted_here() {
     stop(sys, store).await;
 }
 
+/// `n` drivers registered in `shard` (which `sys` holds and serves), offline, and with no
+/// actor: their shard was ended and recovered, as after a claim.
+async fn dormant_drivers(sys: &System, shard: ShardId, n: usize) -> Vec<DriverId> {
+    let ids: Vec<DriverId> = (0..)
+        .map(|i| DriverId::with_suffix(&format!("dormant{i}")))
+        .filter(|d| entity_shard(d.as_str()) == shard)
+        .take(n)
+        .collect();
+    for d in &ids {
+        let profile = dispatch_engine::DriverProfile {
+            name: "Dormant".into(),
+            vehicle: common::vehicle(),
+        };
+        sys.register_driver_as(d.clone(), profile, common::rand_hash())
+            .await
+            .unwrap();
+    }
+    sys.end_shard(shard).await;
+    sys.recover_shard(shard, 100_000).await.unwrap();
+    common::eventually("no driver actor", || {
+        ids.iter().all(|d| sys.driver_ref(d).is_none())
+    })
+    .await;
+    ids
+}
+
+/// Issue 16 §4, a gap closed: attaches and routed messages start a driver's actor from
+/// its record on demand. Many of them racing `end_shard` leave no actor of the ended
+/// shard running here (the shard's next owner runs its drivers: two would be an orphan
+/// here), and those that lost the race are counted. A start that checked the shard just
+/// before it ended and registers its actor just after the shard's actors were looked up
+/// is one start wide, so the race is run ten times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_demand_starts_racing_end_shard_leave_no_actor_of_the_shard() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_start_race") else {
+        return;
+    };
+    let (sys, store) = start(&url, true).await;
+    let shard = entity_shard("any driver");
+    hold_and_serve(&sys, &store, &[shard].into_iter().collect());
+    let ids = dormant_drivers(&sys, shard, 300).await;
+    assert_eq!(sys.actor_count(Group::Driver).await, 0);
+
+    for round in 0..10 {
+        if round > 0 {
+            sys.recover_shard(shard, 100_000).await.unwrap();
+        }
+        // Every driver woken at once, half by an app's attach, half as the router does;
+        // the shard ends while those starts are queued at the supervisor.
+        let mut starts = Vec::new();
+        let mut inboxes = Vec::new();
+        for (i, d) in ids.iter().enumerate() {
+            let (sys, d) = (sys.clone(), d.clone());
+            if i % 2 == 0 {
+                let (session, inbox) = sys.new_session();
+                inboxes.push(inbox);
+                starts.push(tokio::spawn(async move {
+                    sys.attach(&Identity::Driver(d), session).await;
+                }));
+            } else {
+                starts.push(tokio::spawn(async move {
+                    sys.wake_driver(&d).await;
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2 + round)).await;
+        sys.end_shard(shard).await;
+        for s in starts {
+            s.await.unwrap();
+        }
+        assert!(!sys.serves(shard));
+        // None is left running (in the registry or not), and none comes back later.
+        let until = std::time::Instant::now() + WAIT;
+        while sys.actor_count(Group::Driver).await > 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "round {round}: an actor of the ended shard still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            ids.iter().all(|d| sys.driver_ref(d).is_none()),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sys.actor_count(Group::Driver).await, 0, "round {round}");
+    }
+    // The race was run: starts came after the shard stopped being served.
+    let refused = sys
+        .metrics()
+        .shard_refused
+        .with_label_values(&["start_not_served"])
+        .get();
+    assert!(refused > 0, "no start lost the race");
+    stop(sys, store).await;
+}
+
 /// Issue 16 §4, a gap closed: `end_shard` waits for its actors to stop within one bound
 /// for the whole shard (the call timeout), not one per actor, and counts hitting it.
 /// Six trips each in a search of a stalled cell do not stop for 3 s.
