@@ -694,6 +694,68 @@ async fn on_demand_starts_racing_end_shard_leave_no_actor_of_the_shard() {
     stop(sys, store).await;
 }
 
+/// A rider's command waiting on a trip (its cancel is in the trip's mailbox while the
+/// trip searches a stalled cell), then `end` ends one shard. The rider is answered
+/// `unavailable` for it at once, not at its ticket's timeout (or never).
+async fn command_waiting_as_a_shard_ends(end: impl FnOnce(&System, &RiderId) -> ShardId) {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_end_waiting") else {
+        return;
+    };
+    let (sys, store) = start(&url, true).await;
+    let (d, _a) = online_driver(&sys, P1.0, P1.1).await;
+    let (r, mut b) = rider(&sys).await;
+    let p1 = cell_shard(&sys, P1);
+    let shards: BTreeSet<ShardId> = [p1, entity_shard(d.as_str()), entity_shard(r.as_str())]
+        .into_iter()
+        .collect();
+    hold_and_serve(&sys, &store, &shards);
+    let cell = sys.config().grid.cell_of(Point::new(P1.0, P1.1).unwrap());
+    assert!(sys.stall_cell(cell, Duration::from_secs(3)));
+    // The trip's first search waits on the stalled cell (up to the 2 s search timeout).
+    let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
+    let req = b.ride(
+        &sys.rider_ref(&r).unwrap(),
+        RiderCommand::CancelRide {
+            trip_id: t.clone(),
+            reason: None,
+        },
+    );
+    // The rider hands it on to the trip, whose handler is still in its search.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shard = end(&sys, &r);
+    sys.end_shard(shard).await;
+    let ended = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_millis(1_500),
+        b.next_where("the cancel's answer", |m| {
+            matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer {:?} after the shard ended", ended.elapsed()));
+    match answer {
+        Outbound::Error { error, .. } => {
+            assert_eq!(error.code, ErrorCode::Unavailable, "{error:?}")
+        }
+        m => panic!("the cancel was taken: {m:?}"),
+    }
+    stop(sys, store).await;
+}
+
+/// Issue 16 §4, a gap closed: the trip's cell shard ends with the rider's cancel in the
+/// trip's mailbox; the rider's shard stays here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_in_an_ended_trips_mailbox_is_answered_unavailable_at_once() {
+    command_waiting_as_a_shard_ends(|sys, _| cell_shard(sys, P1)).await;
+}
+
+/// Issue 16 §4, a gap closed: the rider's own shard ends while its cancel awaits the
+/// trip's answer (the rider's actor holds it and stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_held_by_an_ended_riders_actor_is_answered_unavailable() {
+    command_waiting_as_a_shard_ends(|_, r| entity_shard(r.as_str())).await;
+}
+
 /// Issue 16 §4, a gap closed: `end_shard` waits for its actors to stop within one bound
 /// for the whole shard (the call timeout), not one per actor, and counts hitting it.
 /// Six trips each in a search of a stalled cell do not stop for 3 s.
