@@ -34,7 +34,7 @@ use crate::views::{Quote, TripView};
 
 /// An actor being started: a boxed future, so that what awaits it stays small.
 type Starting<'a> =
-    std::pin::Pin<Box<dyn Future<Output = Result<ActorCell, ApiError>> + Send + 'a>>;
+    std::pin::Pin<Box<dyn Future<Output = Result<Option<ActorCell>, ApiError>> + Send + 'a>>;
 
 /// The most reads of failed trips from the store in flight at once, by default (the
 /// supervisor reads them back; it lives here so that `context` imports no actor). A store
@@ -604,15 +604,33 @@ impl Context {
 
     /// Spawns an actor under its group's supervisor.
     pub(crate) async fn spawn(&self, group: Group, spawn: Spawn) -> Result<ActorCell, ApiError> {
+        self.ask_supervisor(group, |r| SupervisorMsg::Spawn(spawn, r))
+            .await
+    }
+
+    /// Spawns an actor on demand (`SupervisorMsg::SpawnServed`): `Ok(None)` when its
+    /// shard is not served here (sharded mode), so none runs.
+    pub(crate) async fn spawn_served(
+        &self,
+        group: Group,
+        spawn: Spawn,
+    ) -> Result<Option<ActorCell>, ApiError> {
+        self.ask_supervisor(group, |r| SupervisorMsg::SpawnServed(spawn, r))
+            .await
+    }
+
+    /// One spawn through a group's supervisor, bounded by the call timeout.
+    async fn ask_supervisor<T: Send + 'static>(
+        &self,
+        group: Group,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<T, String>>) -> SupervisorMsg,
+    ) -> Result<T, ApiError> {
         match self
             .supervisor(group)
-            .call(
-                |r| SupervisorMsg::Spawn(spawn, r),
-                Some(self.call_timeout()),
-            )
+            .call(msg, Some(self.call_timeout()))
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(Ok(cell))) => Ok(cell),
+            Ok(ractor::rpc::CallResult::Success(Ok(v))) => Ok(v),
             Ok(ractor::rpc::CallResult::Success(Err(e))) => {
                 tracing::error!(group = group.as_str(), error = %e, "spawn failed");
                 Err(ApiError::internal())
@@ -803,7 +821,7 @@ impl Context {
         // per session, even though the actor is started once. Boxed by a plain function,
         // so that the start arguments (~900 bytes) are not kept in this future either.
         let starting = self.spawn_boxed(group, start)?;
-        starting.await.ok()?;
+        starting.await.ok()??;
         get()
     }
 
@@ -812,7 +830,7 @@ impl Context {
         group: Group,
         start: impl FnOnce() -> Option<Spawn>,
     ) -> Option<Starting<'_>> {
-        Some(Box::pin(self.spawn(group, start()?)))
+        Some(Box::pin(self.spawn_served(group, start()?)))
     }
 
     /// A driver's actor, started on demand: recovery starts actors only for drivers that

@@ -571,6 +571,12 @@ pub enum Spawn {
 
 pub enum SupervisorMsg {
     Spawn(Spawn, RpcReplyPort<Result<ActorCell, String>>),
+    /// An on-demand start of a driver or rider actor (an attach, a routed message or
+    /// call): as `Spawn`, but sharded mode starts none for a shard not served here, and
+    /// stops again one whose shard stopped being served as it started (`System::end_shard`
+    /// racing it); both answer `Ok(None)`, counted
+    /// `dispatch_shard_refused_total{cause="start_not_served"}`.
+    SpawnServed(Spawn, RpcReplyPort<Result<Option<ActorCell>, String>>),
     /// Many spawns in one message (recovery); replies how many started.
     SpawnMany(Vec<Spawn>, RpcReplyPort<usize>),
     /// How many children are alive (for tests and stats).

@@ -32,12 +32,15 @@ pub const TRIP_RELOADS: [&str; 4] = ["resumed", "finished", "not_stored", "retri
 /// accept whose shard this node holds no fence for (docs/sharding.md §3); `no_owner`, a
 /// ride request whose pickup's shard no node holds now; `quote_unfenced`, a request with a
 /// quote for a trip on another node while this node holds no fence of the rider's shard
-/// (the quote's delete could not be fenced; docs/sharding.md §5).
+/// (the quote's delete could not be fenced; docs/sharding.md §5); `start_not_served`, a
+/// driver or rider actor started on demand (attach, routed message) for a shard not served
+/// here, or stopped again because its shard ended as it started.
 pub const SHARD_REFUSALS: &[&str] = &[
     "not_served",
     "accept_unfenced",
     "no_owner",
     "quote_unfenced",
+    "start_not_served",
 ];
 
 /// Index of a group in [`GROUPS`].
@@ -91,7 +94,7 @@ pub const BATCH_RETRIES: [&str; 5] = [
     "waited_greedy",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 34] = [
+pub const BOUNDS: [&str; 35] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -104,6 +107,7 @@ pub const BOUNDS: [&str; 34] = [
     "console_feed_items",
     "console_feed_send",
     "console_feeds",
+    "end_shard_stop",
     "http_body_bytes",
     "jwks_refresh_rate",
     "location_rate",
@@ -405,7 +409,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "dispatch_shard_refused_total",
-                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard, or a remote trip spawn's pickup shard, is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for; no_owner: a ride request whose pickup shard no node holds; quote_unfenced: a quoted request for a trip on another node while this node holds no fence of the rider's shard)",
+                        "Sharded mode: commands refused unavailable because of where a shard is (not_served: the entity's shard, or a remote trip spawn's pickup shard, is not served by this node; accept_unfenced: a driver's accept whose shard this node holds no fence for; no_owner: a ride request whose pickup shard no node holds; quote_unfenced: a quoted request for a trip on another node while this node holds no fence of the rider's shard; start_not_served: a driver or rider actor not started, or stopped as it started, because its shard is not served here)",
                     ),
                     &["cause"],
                 )

@@ -484,8 +484,36 @@ impl System {
             .map(|r| r.id.clone())
             .collect();
 
-        // Stop them all, then wait (each bounded by the call timeout), so no handler still
-        // running puts a record back after it is removed below.
+        // Their sessions close first (1001, "reconnect"), so that a command one of them
+        // still holds, in its mailbox or awaiting a trip's answer, is answered
+        // `unavailable` (retry, on the shard's next owner) as it is dropped with the
+        // stopped actor, not `internal` (see `Responder`'s drop).
+        let sessions = (drivers.iter())
+            .filter_map(|d| reg.driver_records.get(d).and_then(|r| r.session.clone()))
+            .chain(
+                (riders.iter())
+                    .filter_map(|r| reg.rider_records.get(r).and_then(|r| r.session.clone())),
+            );
+        for session in sessions {
+            session.close_because(CLOSE_GOING_AWAY, SHARD_MOVED);
+            stats.sessions += 1;
+        }
+        // Who waits on the trips (their riders and drivers, here or on other nodes): told
+        // once the trips stopped, below.
+        let waiting: Vec<(TripId, RiderId, Vec<DriverId>)> = (trips.iter())
+            .filter_map(|id| {
+                let t = &reg.trip_records.get(id)?.trip;
+                let drivers = (t.driver_id().into_iter())
+                    .chain(t.offer().map(|o| &o.driver_id))
+                    .cloned()
+                    .collect();
+                Some((id.clone(), t.rider_id.clone(), drivers))
+            })
+            .collect();
+
+        // Stop them all, then wait, so no handler still running puts a record back after
+        // it is removed below. One bound for the whole shard (the call timeout), however
+        // many actors it has; hitting it is counted (`end_shard_stop`).
         let cells: Vec<ractor::ActorCell> = (trips.iter().filter_map(|t| reg.trip(t)))
             .map(|a| a.get_cell())
             .chain(
@@ -504,11 +532,27 @@ impl System {
         for cell in &cells {
             cell.stop(Some("shard ended".into()));
         }
-        let wait = Some(ctx.call_timeout());
+        let deadline = tokio::time::Instant::now() + ctx.call_timeout();
+        let mut late = 0usize;
         for cell in cells {
-            if cell.wait(wait).await.is_err() {
-                tracing::warn!(shard, actor = ?cell.get_id(), "an actor of an ended shard did not stop in time");
+            if tokio::time::timeout_at(deadline, cell.wait(None))
+                .await
+                .is_err()
+            {
+                late += 1;
             }
+        }
+        if late > 0 {
+            ctx.metrics.bound_hit("end_shard_stop");
+            tracing::warn!(shard, late, "actors of an ended shard did not stop in time");
+        }
+        // A command a stopped trip held (in its mailbox) is answered by no one: its
+        // senders' actors answer it `unavailable` (retry) now, not at its ticket's timeout.
+        for (trip, rider, drivers) in waiting {
+            for d in &drivers {
+                ctx.tell_driver(d, DriverMsg::TripFailed(trip.clone()));
+            }
+            ctx.tell_rider(&rider, crate::messages::RiderMsg::TripFailed(trip));
         }
 
         for id in &trips {
@@ -523,10 +567,6 @@ impl System {
             reg.drivers.remove(id);
             ctx.moved.remove(id);
             if let Some((_, r)) = reg.driver_records.remove(id) {
-                if let Some(session) = &r.session {
-                    session.close_because(CLOSE_GOING_AWAY, SHARD_MOVED);
-                    stats.sessions += 1;
-                }
                 if let Some(cell) = r.cell.and_then(|c| reg.cell(&c)) {
                     let _ = cell.cast(crate::messages::CellMsg::Remove(id.clone()));
                 }
@@ -538,10 +578,6 @@ impl System {
         for id in &riders {
             reg.riders.remove(id);
             if let Some((_, r)) = reg.rider_records.remove(id) {
-                if let Some(session) = &r.session {
-                    session.close_because(CLOSE_GOING_AWAY, SHARD_MOVED);
-                    stats.sessions += 1;
-                }
                 reg.tokens.remove(&r.token_hash);
             }
             stats.riders += 1;

@@ -392,16 +392,24 @@ impl Awaiting {
 }
 
 impl Drop for Responder {
+    /// `internal`, except on a session closed because its account's shard moved
+    /// ([`SHARD_MOVED`], sharded mode's `System::end_shard`): the actor holding the
+    /// message was stopped with its shard, and the app retries on the shard's next owner,
+    /// so it is answered `unavailable`.
     fn drop(&mut self) {
-        self.settle(Err(ApiError::new(
-            ErrorCode::Internal,
-            "the request was lost; retry it",
-        )));
+        let moved = (self.session.as_ref())
+            .is_some_and(|s| s.close.reason.get().copied() == Some(SHARD_MOVED));
+        let error = if moved {
+            ApiError::unavailable(SHARD_MOVED)
+        } else {
+            ApiError::new(ErrorCode::Internal, "the request was lost; retry it")
+        };
+        self.settle(Err(error.clone()));
         if let (Some(req), Some(s)) = (self.req, self.session.take()) {
-            s.metrics.rejected(ErrorCode::Internal);
+            s.metrics.rejected(error.code);
             s.send(Outbound::Error {
                 req: Some(req),
-                error: ApiError::new(ErrorCode::Internal, "the request was lost; retry it"),
+                error,
             });
         }
     }

@@ -150,6 +150,65 @@ impl Supervisor {
         Ok(true)
     }
 
+    /// An on-demand start (`SupervisorMsg::SpawnServed`: an attach, a routed message or
+    /// call found no actor). Sharded mode: none starts for a shard not served here; and
+    /// as `System::end_shard` stops serving a shard *before* it looks for the shard's
+    /// actors in the registry, a new actor is checked again once it is there: either
+    /// `end_shard` finds (and stops) it, or it is stopped here (its driver taken out of
+    /// the cell it may have indexed itself in), so no actor outlives its shard here.
+    /// Both are counted (`dispatch_shard_refused_total{cause="start_not_served"}`).
+    async fn start_served(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        spawn: Spawn,
+    ) -> Result<Option<ActorCell>, String> {
+        let ctx = &self.ctx;
+        let shard = self.shard_of(&spawn);
+        let served = || shard.is_none_or(|s| ctx.serves(s));
+        if !served() {
+            ctx.metrics.shard_refused("start_not_served");
+            return Ok(None);
+        }
+        // What this start would add (an actor already running is someone else's), and
+        // the cell a driver that starts indexed puts itself in.
+        let (before, indexed) = match &spawn {
+            Spawn::Driver(a) => (
+                ctx.registry.driver(&a.record.id).map(|r| r.get_id()),
+                (a.record.status.is_indexed())
+                    .then(|| a.record.position.map(|p| (a.record.id.clone(), p)))
+                    .flatten(),
+            ),
+            Spawn::Rider(a) => (ctx.registry.rider(&a.record.id).map(|r| r.get_id()), None),
+            _ => (None, None),
+        };
+        let (entity, cell) = self.start_child(myself, spawn, false).await?;
+        if state.children.insert(cell.get_id(), entity).is_none() {
+            ctx.metrics.started(self.group.as_str());
+        }
+        if before == Some(cell.get_id()) || served() {
+            return Ok(Some(cell));
+        }
+        ctx.metrics.shard_refused("start_not_served");
+        tracing::info!(
+            group = self.group.as_str(),
+            shard,
+            "an actor started as its shard ended here; stopped"
+        );
+        cell.stop(Some("shard not served".into()));
+        if let Some((driver, at)) = indexed {
+            let (reg, wait) = (ctx.downgrade(), ctx.call_timeout());
+            let home = ctx.config.grid.cell_of(at);
+            tokio::spawn(async move {
+                let _ = cell.wait(Some(wait)).await;
+                if let Some(c) = reg.upgrade().and_then(|c| c.registry.cell(&home)) {
+                    let _ = c.cast(crate::messages::CellMsg::Remove(driver));
+                }
+            });
+        }
+        Ok(None)
+    }
+
     /// The spawn that brings a failed entity back from its last snapshot.
     fn restart_spec(&self, entity: &Entity) -> Option<Spawn> {
         let reg = &self.ctx.registry;
@@ -421,6 +480,10 @@ impl Actor for Supervisor {
                     self.ctx.metrics.started(self.group.as_str());
                 }
                 let _ = reply.send(res.map(|(_, c)| c));
+            }
+            SupervisorMsg::SpawnServed(spawn, reply) => {
+                let res = self.start_served(&myself, state, spawn).await;
+                let _ = reply.send(res);
             }
             SupervisorMsg::SpawnMany(spawns, reply) => {
                 let mut started = 0;

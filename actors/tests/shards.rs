@@ -596,3 +596,212 @@ async fn a_trip_failing_as_its_shard_ends_is_not_restarted_here() {
     assert_eq!(sys.actor_count(Group::Trip).await, 0);
     stop(sys, store).await;
 }
+
+/// `n` drivers registered in `shard` (which `sys` holds and serves), offline, and with no
+/// actor: their shard was ended and recovered, as after a claim.
+async fn dormant_drivers(sys: &System, shard: ShardId, n: usize) -> Vec<DriverId> {
+    let ids: Vec<DriverId> = (0..)
+        .map(|i| DriverId::with_suffix(&format!("dormant{i}")))
+        .filter(|d| entity_shard(d.as_str()) == shard)
+        .take(n)
+        .collect();
+    for d in &ids {
+        let profile = dispatch_engine::DriverProfile {
+            name: "Dormant".into(),
+            vehicle: common::vehicle(),
+        };
+        sys.register_driver_as(d.clone(), profile, common::rand_hash())
+            .await
+            .unwrap();
+    }
+    sys.end_shard(shard).await;
+    sys.recover_shard(shard, 100_000).await.unwrap();
+    common::eventually("no driver actor", || {
+        ids.iter().all(|d| sys.driver_ref(d).is_none())
+    })
+    .await;
+    ids
+}
+
+/// Issue 16 §4, a gap closed: attaches and routed messages start a driver's actor from
+/// its record on demand. Many of them racing `end_shard` leave no actor of the ended
+/// shard running here (the shard's next owner runs its drivers: two would be an orphan
+/// here), and those that lost the race are counted. A start that checked the shard just
+/// before it ended and registers its actor just after the shard's actors were looked up
+/// is one start wide, so the race is run ten times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_demand_starts_racing_end_shard_leave_no_actor_of_the_shard() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_start_race") else {
+        return;
+    };
+    let (sys, store) = start(&url, true).await;
+    let shard = entity_shard("any driver");
+    hold_and_serve(&sys, &store, &[shard].into_iter().collect());
+    let ids = dormant_drivers(&sys, shard, 300).await;
+    assert_eq!(sys.actor_count(Group::Driver).await, 0);
+
+    for round in 0..10 {
+        if round > 0 {
+            sys.recover_shard(shard, 100_000).await.unwrap();
+        }
+        // Every driver woken at once, half by an app's attach, half as the router does;
+        // the shard ends while those starts are queued at the supervisor.
+        let mut starts = Vec::new();
+        let mut inboxes = Vec::new();
+        for (i, d) in ids.iter().enumerate() {
+            let (sys, d) = (sys.clone(), d.clone());
+            if i % 2 == 0 {
+                let (session, inbox) = sys.new_session();
+                inboxes.push(inbox);
+                starts.push(tokio::spawn(async move {
+                    sys.attach(&Identity::Driver(d), session).await;
+                }));
+            } else {
+                starts.push(tokio::spawn(async move {
+                    sys.wake_driver(&d).await;
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2 + round)).await;
+        sys.end_shard(shard).await;
+        for s in starts {
+            s.await.unwrap();
+        }
+        assert!(!sys.serves(shard));
+        // None is left running (in the registry or not), and none comes back later.
+        let until = std::time::Instant::now() + WAIT;
+        while sys.actor_count(Group::Driver).await > 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "round {round}: an actor of the ended shard still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            ids.iter().all(|d| sys.driver_ref(d).is_none()),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sys.actor_count(Group::Driver).await, 0, "round {round}");
+    }
+    // The race was run: starts came after the shard stopped being served.
+    let refused = sys
+        .metrics()
+        .shard_refused
+        .with_label_values(&["start_not_served"])
+        .get();
+    assert!(refused > 0, "no start lost the race");
+    stop(sys, store).await;
+}
+
+/// A rider's command waiting on a trip (its cancel is in the trip's mailbox while the
+/// trip searches a stalled cell), then `end` ends one shard. The rider is answered
+/// `unavailable` for it at once, not at its ticket's timeout (or never).
+async fn command_waiting_as_a_shard_ends(end: impl FnOnce(&System, &RiderId) -> ShardId) {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_end_waiting") else {
+        return;
+    };
+    let (sys, store) = start(&url, true).await;
+    let (d, _a) = online_driver(&sys, P1.0, P1.1).await;
+    let (r, mut b) = rider(&sys).await;
+    let p1 = cell_shard(&sys, P1);
+    let shards: BTreeSet<ShardId> = [p1, entity_shard(d.as_str()), entity_shard(r.as_str())]
+        .into_iter()
+        .collect();
+    hold_and_serve(&sys, &store, &shards);
+    let cell = sys.config().grid.cell_of(Point::new(P1.0, P1.1).unwrap());
+    assert!(sys.stall_cell(cell, Duration::from_secs(3)));
+    // The trip's first search waits on the stalled cell (up to the 2 s search timeout).
+    let t = request(&sys, &r, &mut b, P1.0, P1.1).await;
+    let req = b.ride(
+        &sys.rider_ref(&r).unwrap(),
+        RiderCommand::CancelRide {
+            trip_id: t.clone(),
+            reason: None,
+        },
+    );
+    // The rider hands it on to the trip, whose handler is still in its search.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shard = end(&sys, &r);
+    sys.end_shard(shard).await;
+    let ended = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_millis(1_500),
+        b.next_where("the cancel's answer", |m| {
+            matches!(m, Outbound::Error { req: Some(q), .. } | Outbound::Ack { req: q } if *q == req)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer {:?} after the shard ended", ended.elapsed()));
+    match answer {
+        Outbound::Error { error, .. } => {
+            assert_eq!(error.code, ErrorCode::Unavailable, "{error:?}")
+        }
+        m => panic!("the cancel was taken: {m:?}"),
+    }
+    stop(sys, store).await;
+}
+
+/// Issue 16 §4, a gap closed: the trip's cell shard ends with the rider's cancel in the
+/// trip's mailbox; the rider's shard stays here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_in_an_ended_trips_mailbox_is_answered_unavailable_at_once() {
+    command_waiting_as_a_shard_ends(|sys, _| cell_shard(sys, P1)).await;
+}
+
+/// Issue 16 §4, a gap closed: the rider's own shard ends while its cancel awaits the
+/// trip's answer (the rider's actor holds it and stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_held_by_an_ended_riders_actor_is_answered_unavailable() {
+    command_waiting_as_a_shard_ends(|_, r| entity_shard(r.as_str())).await;
+}
+
+/// Issue 16 §4, a gap closed: `end_shard` waits for its actors to stop within one bound
+/// for the whole shard (the call timeout), not one per actor, and counts hitting it.
+/// Six trips each in a search of a stalled cell do not stop for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_shard_waits_for_its_actors_within_one_bound() {
+    let Some(url) = dispatch_persistence::pg::test_database("actors_shards_end_bound") else {
+        return;
+    };
+    let store = open(&url);
+    let cfg = SystemConfig {
+        actor_call_timeout_ms: 400,
+        search_timeout_ms: 3_000,
+        ..config(true)
+    };
+    let sys = System::start(cfg, Arc::new(Metrics::new()), store.clone())
+        .await
+        .unwrap();
+    let (d, _a) = online_driver(&sys, P1.0, P1.1).await;
+    let p1 = cell_shard(&sys, P1);
+    let mut riders = Vec::new();
+    for _ in 0..6 {
+        riders.push(rider(&sys).await);
+    }
+    let mut shards: BTreeSet<ShardId> = [p1, entity_shard(d.as_str())].into_iter().collect();
+    shards.extend(riders.iter().map(|(r, _)| entity_shard(r.as_str())));
+    hold_and_serve(&sys, &store, &shards);
+    let cell = sys.config().grid.cell_of(Point::new(P1.0, P1.1).unwrap());
+    assert!(sys.stall_cell(cell, Duration::from_secs(4)));
+    for (r, b) in &mut riders {
+        request(&sys, r, b, P1.0, P1.1).await;
+    }
+    let bound = || {
+        sys.metrics()
+            .bounds_hit
+            .with_label_values(&["end_shard_stop"])
+            .get()
+    };
+    assert_eq!(bound(), 0);
+    let started = std::time::Instant::now();
+    let ended = sys.end_shard(p1).await;
+    let took = started.elapsed();
+    assert_eq!(ended.trips, 6);
+    assert!(
+        took < Duration::from_millis(1_000),
+        "end_shard took {took:?} for one 400 ms bound"
+    );
+    assert_eq!(bound(), 1);
+    stop(sys, store).await;
+}
