@@ -15,6 +15,8 @@
 //!   node that does not own its shard (relayed to the owner) and gets `welcome` with its
 //!   trip; the trip moves again (the driver's `arrived`, seen by the rider on B) and
 //!   completes. The times from the kill are printed.
+//! - SIGTERM of C: it exits 0 and B holds every shard once membership drops C (C's
+//!   leases released at its shutdown, not left to expire).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -260,6 +262,34 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
         d.ok(json!({"type": cmd, "trip_id": trip})).await;
         assert_eq!(r.trip_in(state).await.trip_id, trip, "after {cmd}");
     }
+
+    // SIGTERM of C: it exits cleanly and its leases are released, so B holds every shard
+    // as soon as membership drops C, without waiting for a lease to run out.
+    let term = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &nodes[c].child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM failed");
+    let status = eventually_within("C exits after SIGTERM", SLOW, || {
+        let st = nodes[c].child.try_wait().expect("try_wait");
+        async move { st }
+    })
+    .await;
+    assert!(status.success(), "C's exit after SIGTERM: {status}");
+    eventually_within("B holds every shard after C's SIGTERM", SLOW, || async {
+        partitioned(&fx.db, &[NAMES[b]]).await.then_some(())
+    })
+    .await;
+    let took = term.elapsed();
+    println!("sharded: after C's SIGTERM, B held every shard {took:?} later");
+    // C renewed at most 400 ms before the signal: left to expire, its leases would end
+    // no sooner than 1.6 s after it.
+    assert!(
+        took < Duration::from_millis(TTL_MS * 3 / 4),
+        "C's shards were not released at its shutdown: B held them {took:?} after the SIGTERM"
+    );
     println!("sharded: the whole test took {:?}", started.elapsed());
 }
 
