@@ -1233,7 +1233,9 @@ impl Hosting {
         drop(permit);
         if answered {
             let acked = acks.then_some(&*acked);
-            self.forward(&key, &handle, (inbox, acked), &endpoint).await;
+            let shard = self.app.sharded.as_ref().and_then(|h| h.clock_of(&who));
+            self.forward(&key, &handle, (inbox, acked), (&endpoint, shard))
+                .await;
         }
         self.sessions.lock().remove(&key);
         gauge.dec();
@@ -1251,7 +1253,7 @@ impl Hosting {
         (node, session): &(String, u64),
         handle: &SessionHandle,
         (inbox, acked): (dispatch_actors::session::SessionInbox, Option<&AtomicU64>),
-        endpoint: &ActorCell,
+        (endpoint, shard): (&ActorCell, Option<Arc<super::shards::ShardSlot>>),
     ) {
         let (mut rx, closed) = inbox.into_parts();
         let in_flight_max = self.app.config.system.ws_outbound_queue_max as u64 + ACK_EVERY;
@@ -1270,8 +1272,11 @@ impl Hosting {
                 }
                 m = rx.recv() => {
                     let Some(m) = m else { break Some(1000) };
-                    // A leader past its lease's deadline tells nobody anything more.
-                    if self.app.term.as_ref().is_some_and(|t| !t.live()) {
+                    // A leader past its lease's deadline tells nobody anything more; in
+                    // sharded mode, nor a node past the deadline of the account's shard.
+                    if self.app.term.as_ref().is_some_and(|t| !t.live())
+                        || shard.as_ref().is_some_and(|s| !s.clock().live())
+                    {
                         break Some(CLOSE_GOING_AWAY);
                     }
                     let unacked = |a: &AtomicU64| sent.saturating_sub(a.load(Ordering::Acquire));

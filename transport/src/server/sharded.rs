@@ -48,8 +48,10 @@ use tower::ServiceExt;
 use super::http::{self, HttpError, QueryParams};
 use super::jwt::{self, Proof};
 use super::relay::{self, RelayTarget};
+use dispatch_actors::records::Identity;
+
 use super::shards::{
-    ControllerConfig, ShardController, ShardEnd, ShardHost, ShardMetrics, ShardView,
+    ControllerConfig, ShardController, ShardEnd, ShardHost, ShardMetrics, ShardSlot, ShardView,
 };
 use super::ws::TokenQuery;
 use super::{Config, Tasks, auth, new_app};
@@ -163,6 +165,13 @@ impl Here {
                 "no node serves this account's shard {shard} now: retry"
             )),
         }
+    }
+
+    /// The slot of `who`'s entity shard, whose lease clock a session of `who` checks
+    /// before each message (a node past that shard's deadline tells the app nothing more).
+    pub fn clock_of(&self, who: &Identity) -> Option<Arc<ShardSlot>> {
+        self.view
+            .slot(dispatch_engine::shard::entity_shard(jwt::identity_id(who)))
     }
 
     /// The shards the map gives this node that it does not serve yet (`None` before the
