@@ -15,6 +15,8 @@
 //!   node that does not own its shard (relayed to the owner) and gets `welcome` with its
 //!   trip; the trip moves again (the driver's `arrived`, seen by the rider on B) and
 //!   completes. The times from the kill are printed.
+//!   A's other driver, whose session was opened on C and relayed to A, is closed 1001 by
+//!   C and gets its `welcome` again through C.
 //! - SIGTERM of C: it exits 0 and B holds every shard once membership drops C (C's
 //!   leases released at its shutdown, not left to expire).
 
@@ -206,6 +208,12 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     let first = ride(&mut d, &mut r, TripState::Completed).await;
     println!("sharded: a ride across nodes completed ({first})");
 
+    // A second driver of A's, offline, its session opened on C and relayed to A.
+    let (idle_id, idle_token) = nodes[a].driver("Ines", "economy").await;
+    assert_eq!(owner_of(entity_shard(&idle_id), &NAMES), NAMES[a]);
+    let (mut idle, _) = connect_when_served(&nodes[c], "/v1/ws/driver", &idle_token).await;
+    idle.welcome().await;
+
     // A second ride, left accepted; then kill -9 of A (the driver's node).
     let trip = ride(&mut d, &mut r, TripState::DriverAssigned).await;
     let killed = Instant::now();
@@ -222,6 +230,21 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     .await;
     let claimed = killed.elapsed();
     println!("sharded: every shard of the killed node claimed {claimed:?} after the kill");
+    // The relayed session of A's account was closed 1001 by C ("reconnect"); it reconnects
+    // to C and gets its welcome from its new owner.
+    assert_eq!(
+        idle.closed_with().await,
+        Some(1001),
+        "the relayed session's close"
+    );
+    let (mut idle, _) = connect_when_served(&nodes[c], "/v1/ws/driver", &idle_token).await;
+    match idle.welcome().await {
+        ServerMessage::Welcome {
+            driver_id: Some(id),
+            ..
+        } => assert_eq!(id, idle_id),
+        m => panic!("the idle driver's welcome after the takeover: {m:?}"),
+    }
     assert!(
         claimed < Duration::from_millis(TTL_MS) + Duration::from_secs(8),
         "the takeover took {claimed:?}"
