@@ -24,6 +24,10 @@
 //!   heartbeats). With no host in [`HOST_GROUP`] the upgrade is 503 `unavailable`. An
 //!   `Attached` from a leader whose departure the standby saw after it sent the attach is
 //!   refused (503): nothing later would close that session ([`Departures`]).
+//! - **Sharded mode** (`--cluster-mode sharded`, `super::sharded`): every node runs a host
+//!   for the process in [`host_group`]`(node)`, and a node's front sends an upgrade to the
+//!   host of the account's owner (a [`RelayTarget`] extension); the rest is as above, the
+//!   "leader" being that owner.
 //! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
 //!   (full: 1008, counted as `relay_queue`); on the leader, what is in flight to the
 //!   standby (unacknowledged, [`ToHost::Ack`]) is at most that plus [`ACK_EVERY`] (more:
@@ -353,6 +357,17 @@ fn remote_member(group: &str) -> Option<ActorCell> {
     ractor::pg::get_members(&group.to_owned())
         .into_iter()
         .find(|c| !c.get_id().is_local())
+}
+
+/// The remote hosts: the leader's ([`HOST_GROUP`]) and every node's in sharded mode
+/// ([`host_group`]).
+fn remote_hosts() -> Vec<ActorCell> {
+    let sharded = format!("{HOST_GROUP}.");
+    ractor::pg::which_groups()
+        .into_iter()
+        .filter(|g| g == HOST_GROUP || g.starts_with(&sharded))
+        .filter_map(|g| remote_member(&g))
+        .collect()
 }
 
 /// What a relay actor does with each message that decoded.
@@ -699,7 +714,9 @@ impl Receive for Shared {
                 // Gone here (its socket closed, or the attach timed out): the leader
                 // forgets it too.
                 s.metrics.error("unknown_session");
-                if let Some(host) = remote_member(HOST_GROUP) {
+                // Which host sent it is not in the message: the leader's, or in sharded
+                // mode any node's (a host ignores a detach of a session it does not hold).
+                for host in remote_hosts() {
                     let detach = ToHost::Detach {
                         node: self.node.clone(),
                         session,
