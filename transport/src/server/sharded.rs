@@ -12,7 +12,7 @@
 //! (`System::set_placement`) follows the controller's shard map each time it changes:
 //! this node's shards `Local`, another live member's `Remote(node)`, the rest `Nobody`.
 //!
-//! One listener per node, through a front ([`Front`]):
+//! One listener per node, through a front (`Front`):
 //! - **WebSocket upgrades** (`/v1/ws/driver`, `/v1/ws/rider`) from any app: the session is
 //!   served by the owner of its account's entity shard (a JWT's id, or the shard an own
 //!   token names: `tok_<shard>.…`, [`super::auth::new_token_in`]): here when that is this
