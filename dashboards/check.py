@@ -67,14 +67,17 @@ KNOWN_MISSING.update({n: _CLUSTER_ONLY for n in [
     "dispatch_cluster_relayed_sessions", "dispatch_cluster_relay_messages_total",
     "dispatch_cluster_relay_attach_seconds_bucket", "dispatch_cluster_relay_errors_total",
     "dispatch_cluster_tls_refusals_total",
+    # The shard controller's: only with --cluster-mode sharded (the cluster scrape below
+    # runs a sharded pair too).
+    "dispatch_cluster_shards_held", "dispatch_cluster_shards_unowned",
+    "dispatch_cluster_shard_claims_total", "dispatch_cluster_shard_handoffs_total",
+    "dispatch_cluster_shard_ends_total", "dispatch_cluster_shard_renewals_failed_total",
+    "dispatch_cluster_shard_claim_errors_total", "dispatch_cluster_shard_claims_deferred_total",
 ]})
 # Names built but not yet exported by dispatchd in any mode, excused even against the
-# cluster scrape: the shard controller (transport/src/server/shards.rs, issue 16 stage 4)
-# registers them; dispatchd runs it in place of the single term in the next step, which
-# removes this entry (the check says when it is exported).
-NOT_WIRED: dict[str, str] = {
-    "dispatch_cluster_shards_unowned": "the shard controller's, not run by dispatchd yet (docs/sharding.md §7, stage 4)",
-}
+# cluster scrape (the check says when one is exported). None now: the shard controller's
+# series are exported with --cluster-mode sharded.
+NOT_WIRED: dict[str, str] = {}
 
 
 class Failure(Exception):
@@ -259,10 +262,11 @@ class Server:
             return ""
 
 
-def cluster_scrape(binary, tmp, database_url):
-    """Two real nodes in cluster mode (--node-name, --cluster-listen, each other as peers)
-    on a fresh database of `database_url`'s server: once one leads and both count two
-    members, the union of the sample names of their /metrics."""
+def cluster_scrape(binary, tmp, database_url, mode="leader"):
+    """Two real nodes in cluster mode (--node-name, --cluster-listen, each other as peers,
+    --cluster-mode `mode`) on a fresh database of `database_url`'s server: once one leads
+    (leader mode; both serve their shards in sharded mode) and both count two members,
+    the union of the sample names of their /metrics."""
     if not shutil.which("psql"):
         raise Failure("DISPATCH_TEST_DATABASE_URL is set but psql is not on PATH (apt-get install postgresql-client)")
     db = f"dispatch_dashcheck_{os.getpid()}_{secrets.token_hex(4)}"
@@ -284,11 +288,11 @@ def cluster_scrape(binary, tmp, database_url):
     procs = []
     try:
         for i, (port, cport) in enumerate(nodes):
-            log = open(os.path.join(tmp, f"cluster-n{i}.log"), "wb")
+            log = open(os.path.join(tmp, f"cluster-{mode}-n{i}.log"), "wb")
             procs.append(subprocess.Popen(
-                [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(tmp, f"cluster-n{i}"),
+                [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(tmp, f"cluster-{mode}-n{i}"),
                  "--node-name", f"n{i}", "--cluster-listen", f"127.0.0.1:{cport}", "--cluster-peers", peers,
-                 "--cluster-cookie-file", cookie], stdout=log, stderr=subprocess.STDOUT,
+                 "--cluster-cookie-file", cookie, "--cluster-mode", mode], stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=env))
         deadline = time.monotonic() + 60
         while True:
@@ -300,11 +304,11 @@ def cluster_scrape(binary, tmp, database_url):
                 except OSError:
                     texts.append("")
             members = [value(parse_scrape(t), "dispatch_cluster_members") for t in texts]
-            if ready == 1 and members == [2, 2]:
+            if ready == (1 if mode == "leader" else 2) and members == [2, 2]:
                 break
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise Failure(f"two cluster nodes: not one leader and two members each within 60 s "
-                              f"(ready {ready}, members {members}; logs in {tmp}/cluster-n*.log)")
+                raise Failure(f"two cluster nodes ({mode} mode): not ready and two members each within 60 s "
+                              f"(ready {ready}, members {members}; logs in {tmp}/cluster-{mode}-n*.log)")
             time.sleep(0.2)
         names = set()
         for t in texts:
@@ -617,9 +621,11 @@ def main():
             raise Skip("no DISPATCH_TEST_DATABASE_URL: cluster mode's series are not checked here (k8s/check.py does)")
         if not os.access(args.binary, os.X_OK):
             raise Failure(f"no server binary at {args.binary}")
-        cluster_names = cluster_scrape(args.binary, tmp, database_url)
-        say(f"cluster: two nodes in cluster mode on PostgreSQL export {len(cluster_names)} names, "
-            f"{len([n for n in cluster_names if n.startswith('dispatch_cluster_')])} of them dispatch_cluster_*")
+        for mode in ("leader", "sharded"):
+            names = cluster_scrape(args.binary, tmp, database_url, mode)
+            cluster_names |= names
+            say(f"cluster: two nodes in {mode} cluster mode on PostgreSQL export {len(names)} names, "
+                f"{len([n for n in names if n.startswith('dispatch_cluster_')])} of them dispatch_cluster_*")
     step("cluster scrape", cluster)
 
     def lint():

@@ -350,7 +350,13 @@ impl Context {
 
     /// Whether a driver is free to be offered a trip now, by its actor's last committed
     /// record (the cell index, which searches read, follows it a little later).
+    /// A driver of a shard on another node (sharded mode with a placement) has no record
+    /// here: the index's word is taken, and its actor's `ReserveOffer` stays the final
+    /// check (a refusal leaves it out of that trip's searches, as for a local one).
     pub(crate) fn driver_free(&self, d: &dispatch_engine::DriverId) -> bool {
+        if self.remote_of(self.shard_of_driver(d)).is_some() {
+            return true;
+        }
         self.registry.driver_records.get(d).is_some_and(|r| {
             r.status == dispatch_engine::DriverStatus::Available && r.session.is_some()
         })

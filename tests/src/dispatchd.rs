@@ -598,6 +598,30 @@ impl ClusterFixture {
         })
     }
 
+    /// `--cluster-peers` for nodes on 127.0.0.1 at `ports`: `127.0.0.1:<port>,…`.
+    pub fn peers(ports: &[u16]) -> String {
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A node in sharded cluster mode (`--cluster-mode sharded`): [`ClusterFixture::node`]
+    /// with its cluster port `ports[i]`, every port of `ports` as peers, and
+    /// `--lease-ttl-ms ttl_ms` renewed every 400 ms.
+    pub fn sharded_node(
+        &self,
+        name: &str,
+        (ports, i): (&[u16], usize),
+        admin: &str,
+        ttl_ms: u64,
+    ) -> DispatchdBuilder {
+        self.node(name, ports[i], &Self::peers(ports), admin)
+            .flags(&["--cluster-mode", "sharded", "--lease-renew-ms", "400"])
+            .flags(&["--lease-ttl-ms".to_owned(), ttl_ms.to_string()])
+    }
+
     /// A node `name` of the cluster on this database: its cluster port on 127.0.0.1:`port`,
     /// `peers` (`host:port,…`), heartbeats every 200 ms, a peer dead after 1 s.
     pub fn node(&self, name: &str, port: u16, peers: &str, admin: &str) -> DispatchdBuilder {

@@ -27,11 +27,7 @@ const PORTS: [u16; 2] = [31101, 31102];
 const BOUND_PORTS: [u16; 2] = [31103, 31104];
 
 fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
-    let peers = PORTS
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = ClusterFixture::peers(&PORTS);
     // A lease long enough that a loaded CI machine's slow renewal does not end the
     // leader's term mid-ride (the takeover after kill -9 waits this long).
     fx.node(&format!("n{i}"), PORTS[i], &peers, ADMIN).flags(&[

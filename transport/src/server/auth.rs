@@ -16,6 +16,31 @@ pub fn new_token() -> (String, [u8; 32]) {
     (token, hash)
 }
 
+/// A new token for an account of entity shard `shard` (sharded cluster mode,
+/// `docs/sharding.md` §4): `tok_<shard>.<256 random bits>`. Any node reads the shard from
+/// the token to route the request to the shard's owner, which alone holds the token's hash
+/// in its registry; the shard is part of what is hashed, so it cannot be changed.
+pub fn new_token_in(shard: u64) -> (String, [u8; 32]) {
+    let bytes: [u8; 32] = rand::random();
+    let token = format!("tok_{shard}.{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash(&token);
+    (token, hash)
+}
+
+/// The entity shard an own token names (`tok_<shard>.…`, [`new_token_in`]); `None` for a
+/// token without one (minted by a node not in sharded mode) or one that names no entity
+/// shard.
+pub fn token_shard(token: &str) -> Option<u64> {
+    let (shard, _) = token.strip_prefix("tok_")?.split_once('.')?;
+    if shard.is_empty() || shard.len() > 3 || !shard.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let shard: u64 = shard.parse().ok()?;
+    (1..=dispatch_engine::shard::ENTITY_SHARDS)
+        .contains(&shard)
+        .then_some(shard)
+}
+
 pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -138,6 +163,28 @@ mod tests {
             hash(&"x".repeat(20))
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sharded_token_names_its_shard_and_others_name_none() {
+        let (t, h) = new_token_in(17);
+        assert!(t.starts_with("tok_17."), "{t}");
+        assert_eq!(hash(&t), h);
+        assert_eq!(token_shard(&t), Some(17));
+        assert_eq!(token_shard(&new_token_in(256).0), Some(256));
+        for bad in [
+            new_token().0.as_str(),
+            "tok_0.x",
+            "tok_257.x",
+            "tok_.x",
+            "tok_-1.x",
+            "tok_1234.x",
+            "tok_12x.y",
+            "xyz_5.a",
+            "",
+        ] {
+            assert_eq!(token_shard(bad), None, "{bad}");
+        }
     }
 
     #[test]

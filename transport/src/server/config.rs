@@ -26,6 +26,17 @@ pub enum MatchingMode {
     Batch,
 }
 
+/// How the nodes of a cluster share the city (`--cluster-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterMode {
+    /// One leader serves the whole city under one lease; the others stand by and relay
+    /// sessions to it (`failover`).
+    Leader,
+    /// Every node serves the shards it owns (`docs/sharding.md`, `sharded`): its own
+    /// leases, actors and sessions; the others' through their routers and hosts.
+    Sharded,
+}
+
 /// Where durable state lives (`--store`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
@@ -272,6 +283,11 @@ pub struct Args {
     /// shards trips are stored in.
     #[arg(long, env = "DISPATCH_SERVICE_AREA")]
     pub service_area: Option<String>,
+    /// How the nodes share the city (cluster mode, with `--node-name`): `leader` (one
+    /// node serves it all, the others stand by; the default for now) or `sharded` (each
+    /// node serves the shards it owns, `docs/sharding.md`).
+    #[arg(long, env = "DISPATCH_CLUSTER_MODE", value_enum)]
+    pub cluster_mode: Option<ClusterMode>,
     /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
     #[command(flatten)]
     pub traces: crate::telemetry::TraceArgs,
@@ -331,6 +347,8 @@ pub struct ClusterConfig {
     pub lease_renew: std::time::Duration,
     /// The cell shards of `--service-area`, in order; `None` when it is not set.
     pub service_area: Option<std::sync::Arc<[dispatch_engine::shard::ShardId]>>,
+    /// `--cluster-mode`.
+    pub mode: ClusterMode,
 }
 
 fn check(ok: bool, what: &str) -> Result<(), String> {
@@ -595,6 +613,16 @@ impl Args {
             }
             (c, None) => c,
         };
+        let cluster = match (cluster, self.cluster_mode) {
+            (Some(mut c), Some(mode)) => {
+                c.mode = mode;
+                Some(c)
+            }
+            (None, Some(_)) => {
+                return Err("--cluster-mode needs --node-name (cluster mode)".to_owned());
+            }
+            (c, None) => c,
+        };
         Ok(Config {
             node_name: self.node_name,
             membership,
@@ -664,6 +692,7 @@ fn cluster_config(
         lease_ttl: std::time::Duration::from_millis(ttl_ms),
         lease_renew: std::time::Duration::from_millis(renew_ms),
         service_area: None,
+        mode: ClusterMode::Leader,
     }))
 }
 
@@ -893,6 +922,12 @@ mod tests {
         assert_eq!(c.lease_ttl.as_millis(), 5_000);
         assert_eq!(c.lease_renew.as_millis(), 1_666);
         assert!(c.service_area.is_none());
+        assert_eq!(c.mode, ClusterMode::Leader, "leader stays the default");
+        let c = with(&["--node-name", "n1", "--cluster-mode", "sharded"]);
+        assert_eq!(c.unwrap().cluster.unwrap().mode, ClusterMode::Sharded);
+        let e = with(&["--cluster-mode", "sharded"]).unwrap_err();
+        assert!(e.contains("--cluster-mode needs --node-name"), "{e}");
+        assert!(Args::try_parse_from(["dispatchd", "--cluster-mode", "ring"]).is_err());
         let c = with(&[
             "--node-name",
             "n1",

@@ -49,7 +49,7 @@ use super::config::ClusterConfig;
 use super::http::{self, HttpError};
 use super::shards::blocking;
 pub use super::shards::{TermClock, safety_margin};
-use super::{Config, Tasks, TransportMetrics, new_app, open_store};
+use super::{Config, Tasks, TransportMetrics, new_app};
 
 /// The one shard of this slice: the whole city.
 pub const SHARD: dispatch_persistence::ShardId = dispatch_persistence::WHOLE_CITY;
@@ -295,19 +295,18 @@ pub(super) async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let cluster = config.cluster.clone().expect("cluster mode");
-    let metrics = Arc::new(Metrics::new());
-    crate::telemetry::count_drops_in(metrics.bounds_hit.with_label_values(&["otlp_span_queue"]));
-    // Membership (`--cluster-listen`) first, so the member set forms while the store
-    // opens; it lives across terms, standing by included.
-    let membership = super::cluster::start(&config, &metrics).await?;
-    let (store, admin_token_hash) = open_store(&config, &metrics).await?;
-    metrics.set_slow_handler_ms(config.slow_handler_ms);
-    let store = Arc::new(store);
+    // Membership lives across terms, standing by included.
+    let super::ClusterBase {
+        metrics,
+        membership,
+        store,
+        admin_token_hash,
+        transport,
+        auth,
+        relay_metrics,
+    } = super::ClusterBase::start(&config).await?;
     let cm = ClusterMetrics::new(&metrics);
     let (quit_tx, quit) = watch::channel(false);
-    let transport = TransportMetrics::new(&metrics);
-    let auth = Arc::new(super::jwt::Auth::new(&config.auth, metrics.clone()));
-    let relay_metrics = super::relay::RelayMetrics::new(&metrics);
     let standby = match &membership {
         Some(m) => Some(
             super::relay::Standby::start(
@@ -337,19 +336,10 @@ pub(super) async fn run(
     tracing::info!(listen = %local, node = %cluster.node_name, store = %format!("{} {}", store.kind(), store.dir().display()),
         lease_ttl_ms = cluster.lease_ttl.as_millis() as u64, lease_renew_ms = cluster.lease_renew.as_millis() as u64,
         "dispatchd serving in cluster mode; standing by");
-    let (servers_tx, servers_stop) = watch::channel(false);
-    let mut servers = vec![serve(
-        listener,
-        front_router(&front, false),
-        servers_stop.clone(),
-    )];
-    if let Some(addr) = config.admin_listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--admin-listen): {e}"))?;
-        tracing::info!(admin_listen = %l.local_addr()?, "admin and metrics served apart");
-        servers.push(serve(l, front_router(&front, true), servers_stop));
-    }
+    let servers = super::serve_listeners(listener, &config, front_router(&front, false), || {
+        front_router(&front, true)
+    })
+    .await?;
     let node = Node {
         transport,
         auth,
@@ -375,16 +365,7 @@ pub(super) async fn run(
         }
     }
     // Open requests finish (bounded); every session of the last term is closed already.
-    let _ = servers_tx.send(true);
-    let wait = Duration::from_millis(node.config.shutdown_timeout_ms);
-    for s in servers {
-        if tokio::time::timeout(wait, s).await.is_err() {
-            tracing::warn!(
-                timeout_ms = node.config.shutdown_timeout_ms,
-                "graceful shutdown timed out; closing anyway"
-            );
-        }
-    }
+    super::stop_listeners(servers, &node.config).await;
     cm.count_fenced(&node.store);
     if let Some(s) = &standby {
         s.stop();
@@ -394,26 +375,6 @@ pub(super) async fn run(
     }
     tracing::info!("dispatchd stopped");
     result
-}
-
-fn serve(
-    listener: TcpListener,
-    router: Router,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the listener failed");
-        }
-    })
 }
 
 impl Node {
@@ -537,11 +498,19 @@ impl Node {
             stop_rx,
             Some(clock.clone()),
             self.membership.clone(),
+            None,
         );
         // The host of sessions relayed from standbys, for this term.
         let host = match &self.membership {
             Some(m) => {
-                match super::relay::spawn_host(app.clone(), m, self.relay_metrics.clone()).await {
+                match super::relay::spawn_host(
+                    app.clone(),
+                    m,
+                    self.relay_metrics.clone(),
+                    super::relay::HOST_GROUP.to_owned(),
+                )
+                .await
+                {
                     Ok(h) => Some(h),
                     Err(e) => {
                         tracing::warn!(error = %e, "no relayed sessions this term");

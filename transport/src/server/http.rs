@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dispatch_actors::records::Identity;
 use dispatch_actors::{ApiError, ErrorCode};
-use dispatch_engine::{DriverForm, DriverProfile, Point, RiderProfile, TripId};
+use dispatch_engine::{DriverForm, DriverId, DriverProfile, Point, RiderId, RiderProfile, TripId};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -410,8 +410,8 @@ async fn register_rider(
             .register_rider_as(id, profile, auth::new_token().1);
         return Ok(jwt::registered("rider_id", id.await?.as_str()));
     }
-    let (token, hash) = auth::new_token();
-    let id = app.system.register_rider(profile, hash).await?;
+    let (id, (token, hash)) = own_account(&app, (RiderId::with_suffix, RiderId::as_str))?;
+    let id = app.system.register_rider_as(id, profile, hash).await?;
     Ok((
         StatusCode::CREATED,
         Json(wire::RiderRegistered {
@@ -449,8 +449,8 @@ async fn register_driver(
             .register_driver_as(id, profile, auth::new_token().1);
         return Ok(jwt::registered("driver_id", id.await?.as_str()));
     }
-    let (token, hash) = auth::new_token();
-    let id = app.system.register_driver(profile, hash).await?;
+    let (id, (token, hash)) = own_account(&app, (DriverId::with_suffix, DriverId::as_str))?;
+    let id = app.system.register_driver_as(id, profile, hash).await?;
     Ok((
         StatusCode::CREATED,
         Json(wire::DriverRegistered {
@@ -460,6 +460,34 @@ async fn register_driver(
     )
         .into_response())
 }
+
+/// A new account's id and token. Sharded mode (`docs/sharding.md` §4): an id of an entity
+/// shard this node serves (drawn again until it is: a new id's shard is uniform, so a
+/// node serving a third of them needs ~3 draws; [`OWN_ID_DRAWS`] at most), and a token
+/// naming that shard, so any node can route the account's requests to its owner.
+fn own_account<I>(
+    app: &App,
+    (id, text): (impl Fn(&str) -> I, fn(&I) -> &str),
+) -> Result<(I, (String, [u8; 32])), HttpError> {
+    let draw = || id(&dispatch_actors::context::random_suffix());
+    if app.sharded.is_none() {
+        return Ok((draw(), auth::new_token()));
+    }
+    for _ in 0..OWN_ID_DRAWS {
+        let candidate = draw();
+        let shard = dispatch_engine::shard::entity_shard(text(&candidate));
+        if app.system.serves(shard) {
+            return Ok((candidate, auth::new_token_in(shard)));
+        }
+    }
+    Err(HttpError(ApiError::unavailable(
+        "this node serves no account shard now (starting, or its shards are moving): retry, or register on another node",
+    )))
+}
+
+/// At most this many ids are drawn for a new account in sharded mode: a node serving even
+/// 1 of the 256 entity shards finds one with probability 1 − (255/256)^4096 ≈ 1 − 10⁻⁷.
+const OWN_ID_DRAWS: usize = 4096;
 
 fn rider_only(c: &Caller) -> Result<dispatch_engine::RiderId, HttpError> {
     match &c.0 {

@@ -320,10 +320,34 @@ pub async fn identify(app: &App, token: &str) -> Result<Identity, HttpError> {
 /// What a bearer token proves before the registry is asked: a JWT's verified identity,
 /// or the hash of an own token. A standby verifies a token this far and its leader
 /// resolves the rest ([`resolve`]): only the leader holds the registry.
+/// `Own`'s `shard`: the entity shard the token names (`tok_<shard>.…`, minted in sharded
+/// mode), for routing; `None` for a token minted before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proof {
     Jwt(Identity),
-    Own([u8; 32]),
+    Own {
+        hash: [u8; 32],
+        shard: Option<dispatch_engine::shard::ShardId>,
+    },
+}
+
+impl Proof {
+    /// The entity shard of the account this proof names, as far as it tells without the
+    /// registry: a JWT's identity's, an own token's from its text.
+    pub fn shard(&self) -> Option<dispatch_engine::shard::ShardId> {
+        match self {
+            Proof::Jwt(who) => Some(dispatch_engine::shard::entity_shard(identity_id(who))),
+            Proof::Own { shard, .. } => *shard,
+        }
+    }
+}
+
+/// The id of a driver or rider, as text.
+pub fn identity_id(who: &Identity) -> &str {
+    match who {
+        Identity::Driver(id) => id.as_str(),
+        Identity::Rider(id) => id.as_str(),
+    }
 }
 
 /// The part of [`identify`] that needs no registry (401/503 as it documents).
@@ -334,7 +358,10 @@ pub async fn verify(a: &Auth, token: &str) -> Result<Proof, HttpError> {
     if !a.own_tokens {
         return Err(a.refuse(Refusal::Reason("own_tokens_off")));
     }
-    Ok(Proof::Own(auth::hash(token)))
+    Ok(Proof::Own {
+        hash: auth::hash(token),
+        shard: auth::token_shard(token),
+    })
 }
 
 /// The registered rider or driver a [`Proof`] names (403 for an unregistered JWT
@@ -343,13 +370,16 @@ pub async fn verify(a: &Auth, token: &str) -> Result<Proof, HttpError> {
 /// leader recovering after a takeover, a node starting).
 pub fn resolve(app: &App, proof: Proof) -> Result<Identity, HttpError> {
     super::http::ready(app)?;
+    if let Some(sharded) = &app.sharded {
+        sharded.check_here(app, &proof)?;
+    }
     match proof {
         Proof::Jwt(who) if app.system.is_registered(&who) => Ok(who),
         Proof::Jwt(who) => Err(HttpError(ApiError::forbidden(format!(
             "no {} is registered under this token's identity: register first, with this token as bearer",
             who.role()
         )))),
-        Proof::Own(hash) => app
+        Proof::Own { hash, .. } => app
             .system
             .authenticate(&hash)
             .ok_or_else(|| app.auth.refuse(Refusal::Reason("unknown_token"))),
@@ -406,6 +436,10 @@ pub async fn registrant(
             "a {role} is registered under this token's identity already"
         )))
     };
+    // Sharded mode: a JWT's id is its own, so only its shard's owner can register it.
+    if let Some(sharded) = &app.sharded {
+        sharded.check_here(app, &Proof::Jwt(who.clone()))?;
+    }
     if app.system.is_registered(&who) {
         return Err(conflict());
     }

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod relay;
 pub mod render;
+pub mod sharded;
 pub mod shards;
 pub mod ws;
 
@@ -117,6 +118,9 @@ pub struct AppInner {
     pub term: Option<Arc<failover::TermClock>>,
     /// Cluster membership (`--cluster-listen`), for `/admin/cluster`.
     pub cluster: Option<Arc<dispatch_cluster::Cluster>>,
+    /// Sharded cluster mode (`--cluster-mode sharded`): which accounts this node serves,
+    /// and who serves the others (`sharded::Here::check_here`).
+    pub sharded: Option<Arc<sharded::Here>>,
 }
 
 pub type App = Arc<AppInner>;
@@ -132,8 +136,14 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if config.cluster.is_some() {
-        return failover::run(listener, config, shutdown).await;
+    match config.cluster.as_ref().map(|c| c.mode) {
+        Some(config::ClusterMode::Leader) => {
+            return failover::run(listener, config, shutdown).await;
+        }
+        Some(config::ClusterMode::Sharded) => {
+            return sharded::run(listener, config, shutdown).await;
+        }
+        None => {}
     }
     let metrics = Arc::new(Metrics::new());
     // Spans dropped at the OTLP export's full queue (none when traces are off).
@@ -153,6 +163,7 @@ pub async fn run(
         (&system, &transport, &auth),
         admin_token_hash,
         stop_rx,
+        None,
         None,
         None,
     );
@@ -268,6 +279,7 @@ fn new_app(
     shutdown: watch::Receiver<bool>,
     term: Option<Arc<failover::TermClock>>,
     cluster: Option<Arc<dispatch_cluster::Cluster>>,
+    sharded: Option<Arc<sharded::Here>>,
 ) -> App {
     Arc::new(AppInner {
         transport: transport.clone(),
@@ -285,7 +297,103 @@ fn new_app(
         stop_reason: std::sync::OnceLock::new(),
         term,
         cluster,
+        sharded,
     })
+}
+
+/// What both cluster modes start with, shared across their terms and shards: the
+/// metrics, membership (`--cluster-listen`, first, so the member set forms while the
+/// store opens), the store and the admin token's hash, and the per-process transport
+/// series, token resolution and relay series.
+struct ClusterBase {
+    metrics: Arc<Metrics>,
+    membership: Option<Arc<dispatch_cluster::Cluster>>,
+    store: Arc<Store>,
+    admin_token_hash: [u8; 32],
+    transport: TransportMetrics,
+    auth: Arc<jwt::Auth>,
+    relay_metrics: relay::RelayMetrics,
+}
+
+impl ClusterBase {
+    async fn start(config: &Config) -> anyhow::Result<ClusterBase> {
+        let metrics = Arc::new(Metrics::new());
+        crate::telemetry::count_drops_in(
+            metrics.bounds_hit.with_label_values(&["otlp_span_queue"]),
+        );
+        let membership = cluster::start(config, &metrics).await?;
+        let (store, admin_token_hash) = open_store(config, &metrics).await?;
+        metrics.set_slow_handler_ms(config.slow_handler_ms);
+        Ok(ClusterBase {
+            transport: TransportMetrics::new(&metrics),
+            auth: Arc::new(jwt::Auth::new(&config.auth, metrics.clone())),
+            relay_metrics: relay::RelayMetrics::new(&metrics),
+            metrics,
+            membership,
+            store: Arc::new(store),
+            admin_token_hash,
+        })
+    }
+}
+
+/// Serves `listener` with `router` (the peer address available to handlers) until `stop`
+/// turns true; cluster modes run their listeners through this.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the listener failed");
+        }
+    })
+}
+
+/// The listeners of a cluster mode: `listener` with `client`, and `--admin-listen` (when
+/// set) with `admin`; they stop when the returned sender sends `true`.
+async fn serve_listeners(
+    listener: TcpListener,
+    config: &Config,
+    client: axum::Router,
+    admin: impl FnOnce() -> axum::Router,
+) -> anyhow::Result<(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>)> {
+    let (stop_tx, stop) = watch::channel(false);
+    let mut servers = vec![serve(listener, client, stop.clone())];
+    if let Some(addr) = config.admin_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--admin-listen): {e}"))?;
+        tracing::info!(admin_listen = %l.local_addr()?, "admin and metrics served apart");
+        servers.push(serve(l, admin(), stop));
+    }
+    Ok((stop_tx, servers))
+}
+
+/// Stops the listeners of [`serve_listeners`]: open requests finish, bounded by
+/// `--shutdown-timeout-ms`.
+async fn stop_listeners(
+    (stop, servers): (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>),
+    config: &Config,
+) {
+    let _ = stop.send(true);
+    let wait = Duration::from_millis(config.shutdown_timeout_ms);
+    for s in servers {
+        if tokio::time::timeout(wait, s).await.is_err() {
+            tracing::warn!(
+                timeout_ms = config.shutdown_timeout_ms,
+                "graceful shutdown timed out; closing anyway"
+            );
+        }
+    }
 }
 
 /// Recovers the state from the store in the background (the listener already answers

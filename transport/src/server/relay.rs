@@ -24,6 +24,10 @@
 //!   heartbeats). With no host in [`HOST_GROUP`] the upgrade is 503 `unavailable`. An
 //!   `Attached` from a leader whose departure the standby saw after it sent the attach is
 //!   refused (503): nothing later would close that session ([`Departures`]).
+//! - **Sharded mode** (`--cluster-mode sharded`, `super::sharded`): every node runs a host
+//!   for the process in [`host_group`]`(node)`, and a node's front sends an upgrade to the
+//!   host of the account's owner (a [`RelayTarget`] extension); the rest is as above, the
+//!   "leader" being that owner.
 //! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
 //!   (full: 1008, counted as `relay_queue`); on the leader, what is in flight to the
 //!   standby (unacknowledged, [`ToHost::Ack`]) is at most that plus [`ACK_EVERY`] (more:
@@ -38,6 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -66,8 +71,19 @@ use super::ws::{self, Command, ConnectionSlot, Env, TokenQuery};
 use super::{App, Config, TransportMetrics, auth};
 use crate::telemetry::OfferTrace;
 
-/// The process group of the leader's host actor.
+/// The process group of the leader's host actor (`--cluster-mode leader`).
 pub const HOST_GROUP: &str = "dispatch.relay.host";
+
+/// The process group of `node`'s host actor in sharded mode (`--cluster-mode sharded`):
+/// every node hosts the sessions of the accounts whose shards it owns.
+pub fn host_group(node: &str) -> String {
+    format!("{HOST_GROUP}.{node}")
+}
+
+/// The host group a relayed upgrade is sent to, when it is not [`HOST_GROUP`] (the
+/// leader's): set as a request extension by sharded mode's front, from the shard map.
+#[derive(Debug, Clone)]
+pub struct RelayTarget(pub String);
 
 /// The process group of `node`'s endpoint actor.
 pub fn endpoint_group(node: &str) -> String {
@@ -108,8 +124,16 @@ impl Role {
 /// What a standby verified of a bearer token (see [`jwt::Proof`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireProof {
-    Jwt { role: Role, id: String },
-    Own { hash: [u8; 32] },
+    Jwt {
+        role: Role,
+        id: String,
+    },
+    Own {
+        hash: [u8; 32],
+        /// The entity shard the token names (sharded mode); absent from older builds.
+        #[serde(default)]
+        shard: Option<u64>,
+    },
 }
 
 impl From<Proof> for WireProof {
@@ -119,7 +143,7 @@ impl From<Proof> for WireProof {
                 let (role, id) = Role::of(&who);
                 WireProof::Jwt { role, id }
             }
-            Proof::Own(hash) => WireProof::Own { hash },
+            Proof::Own { hash, shard } => WireProof::Own { hash, shard },
         }
     }
 }
@@ -128,7 +152,7 @@ impl From<WireProof> for Proof {
     fn from(p: WireProof) -> Self {
         match p {
             WireProof::Jwt { role, id } => Proof::Jwt(role.identity(id)),
-            WireProof::Own { hash } => Proof::Own(hash),
+            WireProof::Own { hash, shard } => Proof::Own { hash, shard },
         }
     }
 }
@@ -333,6 +357,17 @@ fn remote_member(group: &str) -> Option<ActorCell> {
     ractor::pg::get_members(&group.to_owned())
         .into_iter()
         .find(|c| !c.get_id().is_local())
+}
+
+/// The remote hosts: the leader's ([`HOST_GROUP`]) and every node's in sharded mode
+/// ([`host_group`]).
+fn remote_hosts() -> Vec<ActorCell> {
+    let sharded = format!("{HOST_GROUP}.");
+    ractor::pg::which_groups()
+        .into_iter()
+        .filter(|g| g == HOST_GROUP || g.starts_with(&sharded))
+        .filter_map(|g| remote_member(&g))
+        .collect()
 }
 
 /// What a relay actor does with each message that decoded.
@@ -679,7 +714,9 @@ impl Receive for Shared {
                 // Gone here (its socket closed, or the attach timed out): the leader
                 // forgets it too.
                 s.metrics.error("unknown_session");
-                if let Some(host) = remote_member(HOST_GROUP) {
+                // Which host sent it is not in the message: the leader's, or in sharded
+                // mode any node's (a host ignores a detach of a session it does not hold).
+                for host in remote_hosts() {
                     let detach = ToHost::Detach {
                         node: self.node.clone(),
                         session,
@@ -740,20 +777,27 @@ impl Receive for Shared {
 
 pub async fn driver_upgrade(
     State(s): State<Arc<Standby>>,
+    target: Option<Extension<RelayTarget>>,
     headers: HeaderMap,
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    relay_upgrade(s, &headers, &q, up, Role::Driver).await
+    relay_upgrade(s, group_of(target), &headers, &q, up, Role::Driver).await
 }
 
 pub async fn rider_upgrade(
     State(s): State<Arc<Standby>>,
+    target: Option<Extension<RelayTarget>>,
     headers: HeaderMap,
     QueryParams(q): QueryParams<TokenQuery>,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    relay_upgrade(s, &headers, &q, up, Role::Rider).await
+    relay_upgrade(s, group_of(target), &headers, &q, up, Role::Rider).await
+}
+
+/// The host group an upgrade goes to: the one its [`RelayTarget`] names, else the leader's.
+fn group_of(target: Option<Extension<RelayTarget>>) -> String {
+    target.map_or_else(|| HOST_GROUP.to_owned(), |Extension(t)| t.0)
 }
 
 /// Forgets a relayed session here and on the leader when dropped: after its socket
@@ -792,6 +836,7 @@ fn refused(e: ApiError) -> Response {
 /// leader's attach, then the session.
 async fn relay_upgrade(
     s: Arc<Standby>,
+    group: String,
     headers: &HeaderMap,
     q: &TokenQuery,
     up: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -817,10 +862,12 @@ async fn relay_upgrade(
         Ok(up) => up,
         Err(e) => return ws::not_an_upgrade(e),
     };
-    let Some(host) = remote_member(HOST_GROUP) else {
-        return refused(ApiError::unavailable(
-            "this node is a standby and no node holds the lease: retry, or connect to another node",
-        ));
+    let Some(host) = remote_member(&group) else {
+        return refused(ApiError::unavailable(if group == HOST_GROUP {
+            "this node is a standby and no node holds the lease: retry, or connect to another node"
+        } else {
+            "the node serving this account cannot be reached now: retry, or connect to another node"
+        }));
     };
     let env = Env::Relayed(s.clone());
     let slot = match ConnectionSlot::take(&env) {
@@ -858,7 +905,7 @@ async fn relay_upgrade(
     let answer = tokio::time::timeout(s.attach_timeout, async {
         tokio::select! {
             answer = rx => answer.ok(),
-            () = host_gone(host.get_id()) => {
+            () = host_gone(&group, host.get_id()) => {
                 s.shared.metrics.error("leader_lost");
                 None
             }
@@ -902,8 +949,8 @@ async fn relay_upgrade(
 
 /// Resolves once the host `id` is no longer in [`HOST_GROUP`]: its link closed (the leader
 /// died, or membership dropped it) or its term ended, so no answer will come.
-async fn host_gone(id: ractor::ActorId) {
-    while ractor::pg::get_members(&HOST_GROUP.to_owned())
+async fn host_gone(group: &str, id: ractor::ActorId) {
+    while ractor::pg::get_members(&group.to_owned())
         .iter()
         .any(|c| c.get_id() == id)
     {
@@ -1008,11 +1055,13 @@ impl AttachGate {
     }
 }
 
-/// Spawns the term's host and joins it to [`HOST_GROUP`]; stop it when the term ends.
+/// Spawns a host and joins it to `group`: [`HOST_GROUP`] for a leader's term (stop it
+/// when the term ends), [`host_group`] of this node in sharded mode (for the process).
 pub async fn spawn_host(
     app: App,
     cluster: &dispatch_cluster::Cluster,
     metrics: RelayMetrics,
+    group: String,
 ) -> anyhow::Result<ActorRef<Relay<ToHost>>> {
     let hosting = Arc::new(Hosting {
         app,
@@ -1022,7 +1071,7 @@ pub async fn spawn_host(
         members: cluster.members(),
         attaching: AttachGate::new(MAX_ATTACHING),
     });
-    RelayActor::spawn(hosting, HOST_GROUP.to_owned()).await
+    RelayActor::spawn(hosting, group).await
 }
 
 /// The host of one leader term.
@@ -1201,7 +1250,9 @@ impl Hosting {
         drop(permit);
         if answered {
             let acked = acks.then_some(&*acked);
-            self.forward(&key, &handle, (inbox, acked), &endpoint).await;
+            let shard = self.app.sharded.as_ref().and_then(|h| h.clock_of(&who));
+            self.forward(&key, &handle, (inbox, acked), (&endpoint, shard))
+                .await;
         }
         self.sessions.lock().remove(&key);
         gauge.dec();
@@ -1219,7 +1270,7 @@ impl Hosting {
         (node, session): &(String, u64),
         handle: &SessionHandle,
         (inbox, acked): (dispatch_actors::session::SessionInbox, Option<&AtomicU64>),
-        endpoint: &ActorCell,
+        (endpoint, shard): (&ActorCell, Option<Arc<super::shards::ShardSlot>>),
     ) {
         let (mut rx, closed) = inbox.into_parts();
         let in_flight_max = self.app.config.system.ws_outbound_queue_max as u64 + ACK_EVERY;
@@ -1238,8 +1289,11 @@ impl Hosting {
                 }
                 m = rx.recv() => {
                     let Some(m) = m else { break Some(1000) };
-                    // A leader past its lease's deadline tells nobody anything more.
-                    if self.app.term.as_ref().is_some_and(|t| !t.live()) {
+                    // A leader past its lease's deadline tells nobody anything more; in
+                    // sharded mode, nor a node past the deadline of the account's shard.
+                    if self.app.term.as_ref().is_some_and(|t| !t.live())
+                        || shard.as_ref().is_some_and(|s| !s.clock().live())
+                    {
                         break Some(CLOSE_GOING_AWAY);
                     }
                     let unacked = |a: &AtomicU64| sent.saturating_sub(a.load(Ordering::Acquire));
@@ -1329,7 +1383,10 @@ mod tests {
             node: "n1".into(),
             session: 7,
             role: Role::Driver,
-            proof: WireProof::Own { hash: [3; 32] },
+            proof: WireProof::Own {
+                hash: [3; 32],
+                shard: Some(3),
+            },
             acks: true,
         });
         let wire = m.clone().serialize().unwrap();

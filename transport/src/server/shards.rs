@@ -279,6 +279,8 @@ pub struct ShardView {
     cells: parking_lot::RwLock<Arc<HashMap<ShardId, Arc<ShardSlot>>>>,
     /// shard → owner among the live members, as of the last tick.
     map: parking_lot::RwLock<Arc<BTreeMap<ShardId, String>>>,
+    /// The same map, sent again each time it changes ([`ShardView::watch_map`]).
+    changes: watch::Sender<Arc<BTreeMap<ShardId, String>>>,
 }
 
 impl ShardView {
@@ -289,6 +291,7 @@ impl ShardView {
                 .collect(),
             cells: parking_lot::RwLock::new(Arc::new(HashMap::new())),
             map: parking_lot::RwLock::new(Arc::new(BTreeMap::new())),
+            changes: watch::channel(Arc::new(BTreeMap::new())).0,
         }
     }
 
@@ -309,6 +312,26 @@ impl ShardView {
     /// shard → owner among the live members as of the last tick (desired, not yet held).
     pub fn map(&self) -> Arc<BTreeMap<ShardId, String>> {
         self.map.read().clone()
+    }
+
+    /// The shard map, marked changed each time a tick finds it different (for the
+    /// placement of the node's actors).
+    pub fn watch_map(&self) -> watch::Receiver<Arc<BTreeMap<ShardId, String>>> {
+        self.changes.subscribe()
+    }
+
+    /// Replaces the map, telling the watchers when it differs from the last.
+    fn set_map(&self, map: BTreeMap<ShardId, String>) {
+        let map = Arc::new(map);
+        *self.map.write() = map.clone();
+        self.changes.send_if_modified(|last| {
+            if **last == *map {
+                false
+            } else {
+                *last = map;
+                true
+            }
+        });
     }
 
     /// The owner of `shard` in [`ShardView::map`].
@@ -336,6 +359,18 @@ impl ShardView {
         }
         *w = Arc::new(next);
     }
+}
+
+/// The shard of an account id and the rendezvous owner of a shard among members (for
+/// tools and tests that place accounts and trips on chosen nodes).
+pub use dispatch_engine::shard::{entity_shard, owner as shard_owner};
+
+/// The cell shard of a point: its H3 resolution-6 cell, where a trip picked up there is
+/// stored and served (`docs/sharding.md` §1). `None` off the globe.
+pub fn shard_at(lat: f64, lng: f64) -> Option<ShardId> {
+    let p = Point::new(lat, lng).ok()?;
+    let grid = Grid::new(6).ok()?;
+    Some(dispatch_engine::shard::shard_of(grid.cell_of(p)))
 }
 
 /// The most cell shards a service area or the store may name.
@@ -710,7 +745,7 @@ impl<H: ShardHost> ShardController<H> {
             .filter(|(_, o)| **o == me)
             .map(|(s, _)| *s)
             .collect();
-        *self.view.map.write() = Arc::new(map);
+        self.view.set_map(map);
         self.renew().await;
         self.check_fenced();
         // Handoffs: held, no longer desired.

@@ -81,8 +81,11 @@ async fn upgrade_as(
 /// What a session's loops need from the node that serves it.
 #[derive(Clone)]
 pub(super) enum Env {
-    /// This node's own term (or the single node): commands go to its actors.
-    Local(App),
+    /// This node's own term (or the single node): commands go to its actors. In sharded
+    /// mode, the lease clock of the session's account's shard ([`Here::clock_of`]).
+    ///
+    /// [`Here::clock_of`]: super::sharded::Here::clock_of
+    Local(App, Option<Arc<super::shards::ShardSlot>>),
     /// A standby's session, relayed to the leader's actors (see `relay`).
     Relayed(Arc<super::relay::Standby>),
 }
@@ -90,28 +93,28 @@ pub(super) enum Env {
 impl Env {
     pub(super) fn config(&self) -> &super::Config {
         match self {
-            Env::Local(app) => &app.config,
+            Env::Local(app, _) => &app.config,
             Env::Relayed(s) => &s.config,
         }
     }
 
     pub(super) fn metrics(&self) -> &dispatch_actors::Metrics {
         match self {
-            Env::Local(app) => &app.metrics,
+            Env::Local(app, _) => &app.metrics,
             Env::Relayed(s) => &s.metrics,
         }
     }
 
     fn transport(&self) -> &super::TransportMetrics {
         match self {
-            Env::Local(app) => &app.transport,
+            Env::Local(app, _) => &app.transport,
             Env::Relayed(s) => &s.transport,
         }
     }
 
     fn connections(&self) -> &std::sync::atomic::AtomicUsize {
         match self {
-            Env::Local(app) => &app.connections,
+            Env::Local(app, _) => &app.connections,
             Env::Relayed(s) => &s.connections,
         }
     }
@@ -120,7 +123,7 @@ impl Env {
     /// renders the leader's deadlines, as an app compares them with its own clock).
     fn now_ms(&self) -> u64 {
         match self {
-            Env::Local(app) => app.system.now_ms(),
+            Env::Local(app, _) => app.system.now_ms(),
             Env::Relayed(_) => std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -130,14 +133,14 @@ impl Env {
 
     fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
         match self {
-            Env::Local(app) => app.shutdown.clone(),
+            Env::Local(app, _) => app.shutdown.clone(),
             Env::Relayed(s) => s.shutdown.clone(),
         }
     }
 
     fn stop_reason(&self) -> &'static str {
         match self {
-            Env::Local(app) => app.stop_reason.get().copied(),
+            Env::Local(app, _) => app.stop_reason.get().copied(),
             Env::Relayed(_) => None,
         }
         .unwrap_or("server shutting down")
@@ -147,7 +150,10 @@ impl Env {
     /// leader checks its own before it sends).
     fn term_lost(&self) -> bool {
         match self {
-            Env::Local(app) => app.term.as_ref().is_some_and(|t| !t.live()),
+            Env::Local(app, shard) => {
+                app.term.as_ref().is_some_and(|t| !t.live())
+                    || shard.as_ref().is_some_and(|s| !s.clock().live())
+            }
             Env::Relayed(_) => false,
         }
     }
@@ -156,7 +162,7 @@ impl Env {
     /// has none, and its writer reads no clock for it.
     fn in_term(&self) -> bool {
         match self {
-            Env::Local(app) => app.term.is_some(),
+            Env::Local(app, shard) => app.term.is_some() || shard.is_some(),
             Env::Relayed(_) => false,
         }
     }
@@ -240,7 +246,7 @@ fn upgrade(
         ))
         .into_response();
     }
-    let slot = match ConnectionSlot::take(&Env::Local(app.clone())) {
+    let slot = match ConnectionSlot::take(&Env::Local(app.clone(), None)) {
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
@@ -408,7 +414,8 @@ async fn session(app: App, socket: WebSocket, role: Identity) {
         refuse_session(socket).await;
         return;
     }
-    let env = Env::Local(app.clone());
+    let shard = app.sharded.as_ref().and_then(|h| h.clock_of(&role));
+    let env = Env::Local(app.clone(), shard);
     let offers = OfferTrace::new();
     let detach = {
         let (app, role, id) = (app.clone(), role.clone(), handle.id);

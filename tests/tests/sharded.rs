@@ -1,0 +1,356 @@
+//! Sharded cluster mode (issue 16, stage 4's wiring; `docs/sharding.md` §4) with 3 real
+//! `dispatchd` processes (`--cluster-mode sharded --lease-ttl-ms 2000`) on one fresh
+//! PostgreSQL database, real membership links and real WebSockets.
+//!
+//! - Every shard (`WHOLE_CITY`, the 256 entity shards, the service area's cell shards) is
+//!   held by exactly the node the rendezvous map gives it, and each node counts exactly
+//!   its own (`dispatch_cluster_shards_held`).
+//! - A driver registered and connected on node A and a rider on node B (so their entity
+//!   shards are A's and B's; the pickup's cell shard is B's: until trips spawn on the
+//!   pickup's owner a trip runs on its rider's node) complete a ride: the offer, the
+//!   driver's commands and the trip's updates cross nodes through the routers. An account's
+//!   REST call on a node that does not serve it is `unavailable`, naming the owner.
+//! - kill -9 of A with the driver's second trip live (accepted): A's shards are claimed by
+//!   B and C within the lease's TTL and a few seconds; the driver reconnects through a
+//!   node that does not own its shard (relayed to the owner) and gets `welcome` with its
+//!   trip; the trip moves again (the driver's `arrived`, seen by the rider on B) and
+//!   completes. The times from the kill are printed.
+//!   A's other driver, whose session was opened on C and relayed to A, is closed 1001 by
+//!   C and gets its `welcome` again through C.
+//! - SIGTERM of C: it exits 0 and B holds every shard once membership drops C (C's
+//!   leases released at its shutdown, not left to expire).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dispatch_tests::cluster::all_list;
+use dispatch_tests::served::connect_when_served;
+use dispatch_tests::{ClusterFixture, Dispatchd, SHORT_TRIP_FLAGS, SLOW, eventually_within};
+use dispatch_transport::server::shards::{
+    entity_shard, service_area_shards, shard_at, shard_owner,
+};
+use dispatch_transport::wire::{ServerMessage, TripState};
+use serde_json::json;
+use tokio::time::Instant;
+
+const ADMIN: &str = "adm-sharded-0123456789abcdef0123";
+const COOKIE: &str = "sharded-test-cookie-0123456789";
+/// Cluster ports of this test's own (the helper's range 31000–31999).
+const PORTS: [u16; 3] = [31201, 31202, 31203];
+const NAMES: [&str; 3] = ["s1", "s2", "s3"];
+const TTL_MS: u64 = 2000;
+/// A box around the rides' pickup (a few resolution-6 cell shards).
+const AREA: &str = "40.735,-74.000,40.760,-73.970";
+const PICKUP: (f64, f64) = (40.7484, -73.9857);
+const DROPOFF: (f64, f64) = (40.7520, -73.9800);
+
+fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
+    fx.sharded_node(NAMES[i], (&PORTS, i), ADMIN, TTL_MS)
+        .flags(SHORT_TRIP_FLAGS)
+        .flags(&["--service-area", AREA, "--database-timeout-ms", "2000"])
+}
+
+/// Every candidate shard of the test's cluster.
+fn candidates() -> Vec<u64> {
+    let mut all: Vec<u64> = (0..=256).collect();
+    all.extend(service_area_shards(AREA).unwrap());
+    all
+}
+
+/// The live leases: shard → holder.
+async fn live_leases(db: &str) -> BTreeMap<u64, String> {
+    let (client, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT shard, holder FROM dispatch_leases WHERE expires_at > now()",
+            &[],
+        )
+        .await
+        .expect("read the leases");
+    conn.abort();
+    rows.iter()
+        .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1)))
+        .collect()
+}
+
+/// The owner the rendezvous map gives `shard` among `members`.
+fn owner_of(shard: u64, members: &[&str]) -> String {
+    shard_owner(shard, members).expect("members").to_owned()
+}
+
+/// Whether every candidate shard is held, live, by its owner among `members`.
+async fn partitioned(db: &str, members: &[&str]) -> bool {
+    let leases = live_leases(db).await;
+    candidates()
+        .iter()
+        .all(|s| leases.get(s).is_some_and(|h| *h == owner_of(*s, members)))
+}
+
+async fn answers_healthz(d: &Dispatchd) {
+    eventually_within("the node answers /healthz", SLOW, || async {
+        let r = d.http.get(d.url("/healthz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+async fn ready(d: &Dispatchd) -> bool {
+    match d.http.get(d.url("/readyz")).send().await {
+        Ok(r) => r.status() == 200,
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_killed_nodes_shards()
+{
+    let Some(fx) = ClusterFixture::new("sharded_three_nodes", COOKIE) else {
+        return;
+    };
+    let started = Instant::now();
+    let mut nodes: Vec<Dispatchd> = Vec::new();
+    for i in 0..3 {
+        nodes.push(node(&fx, i).spawn());
+        answers_healthz(&nodes[i]).await;
+    }
+    all_list(
+        &[
+            (&nodes[0], NAMES[0]),
+            (&nodes[1], NAMES[1]),
+            (&nodes[2], NAMES[2]),
+        ],
+        &NAMES,
+        "the three nodes see each other",
+    )
+    .await;
+
+    // Every shard held by exactly its owner, and each node serving all of its own.
+    eventually_within(
+        "every shard held by its owner, every node ready",
+        SLOW,
+        || async {
+            if !partitioned(&fx.db, &NAMES).await {
+                return None;
+            }
+            for d in &nodes {
+                if !ready(d).await {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    let all = candidates();
+    for (i, d) in nodes.iter().enumerate() {
+        let own = all
+            .iter()
+            .filter(|s| owner_of(**s, &NAMES) == NAMES[i])
+            .count();
+        assert!(own > 0, "{} owns no shard", NAMES[i]);
+        eventually_within("each node counts exactly its shards", SLOW, || async {
+            let held = d.metric_value("dispatch_cluster_shards_held").await as usize;
+            (held == own).then_some(())
+        })
+        .await;
+    }
+    println!(
+        "sharded: 3 nodes split {} shards in {:?}",
+        all.len(),
+        started.elapsed()
+    );
+
+    // B owns the pickup's cell shard; A is another node, C the third.
+    let b = NAMES
+        .iter()
+        .position(|n| *n == owner_of(shard_at(PICKUP.0, PICKUP.1).unwrap(), &NAMES))
+        .unwrap();
+    let a = (b + 1) % 3;
+    let c = (b + 2) % 3;
+    let (driver_id, driver_token) = nodes[a].driver("Dana", "economy").await;
+    let (rider_id, rider_token) = nodes[b].rider("Rui").await;
+    assert_eq!(
+        owner_of(entity_shard(&driver_id), &NAMES),
+        NAMES[a],
+        "registered on A: A's shard"
+    );
+    assert_eq!(
+        owner_of(entity_shard(&rider_id), &NAMES),
+        NAMES[b],
+        "registered on B: B's shard"
+    );
+    assert!(driver_token.starts_with(&format!("tok_{}.", entity_shard(&driver_id))));
+
+    // An account's REST call where it is not served: unavailable, naming the owner.
+    let (st, v) = nodes[c]
+        .post(
+            "/v1/quotes",
+            Some(&rider_token),
+            json!({"pickup": dispatch_tests::point(PICKUP), "dropoff": dispatch_tests::point(DROPOFF), "product": "economy"}),
+        )
+        .await;
+    assert_eq!(st, 503, "{v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(msg.contains(&format!("node {}", NAMES[b])), "{msg}");
+
+    // The driver on A, the rider on B: a ride across nodes, to its end.
+    let mut d = nodes[a].connect("driver", &driver_token).await;
+    d.welcome().await;
+    d.go_online(PICKUP).await;
+    let mut r = nodes[b].connect("rider", &rider_token).await;
+    r.welcome().await;
+    let first = ride(&mut d, &mut r, TripState::Completed).await;
+    println!("sharded: a ride across nodes completed ({first})");
+
+    // A second driver of A's, offline, its session opened on C and relayed to A.
+    let (idle_id, idle_token) = nodes[a].driver("Ines", "economy").await;
+    assert_eq!(owner_of(entity_shard(&idle_id), &NAMES), NAMES[a]);
+    let (mut idle, _) = connect_when_served(&nodes[c], "/v1/ws/driver", &idle_token).await;
+    idle.welcome().await;
+
+    // A second ride, left accepted; then kill -9 of A (the driver's node).
+    let trip = ride(&mut d, &mut r, TripState::DriverAssigned).await;
+    let killed = Instant::now();
+    nodes[a].child.kill().expect("kill -9 A");
+    let _ = nodes[a].child.wait();
+    drop(d);
+    let survivors = [NAMES[b], NAMES[c]];
+    let mut members = survivors.to_vec();
+    members.sort();
+
+    eventually_within("A's shards claimed by B and C", SLOW, || async {
+        partitioned(&fx.db, &members).await.then_some(())
+    })
+    .await;
+    let claimed = killed.elapsed();
+    println!("sharded: every shard of the killed node claimed {claimed:?} after the kill");
+    // The relayed session of A's account was closed 1001 by C ("reconnect"); it reconnects
+    // to C and gets its welcome from its new owner.
+    assert_eq!(
+        idle.closed_with().await,
+        Some(1001),
+        "the relayed session's close"
+    );
+    let (mut idle, _) = connect_when_served(&nodes[c], "/v1/ws/driver", &idle_token).await;
+    match idle.welcome().await {
+        ServerMessage::Welcome {
+            driver_id: Some(id),
+            ..
+        } => assert_eq!(id, idle_id),
+        m => panic!("the idle driver's welcome after the takeover: {m:?}"),
+    }
+    assert!(
+        claimed < Duration::from_millis(TTL_MS) + Duration::from_secs(8),
+        "the takeover took {claimed:?}"
+    );
+
+    // The driver reconnects through the node that does not own its shard (relayed).
+    let new_owner = owner_of(entity_shard(&driver_id), &members);
+    let via = if new_owner == NAMES[b] { c } else { b };
+    let (mut d, refused) = connect_when_served(&nodes[via], "/v1/ws/driver", &driver_token).await;
+    match d.welcome().await {
+        ServerMessage::Welcome {
+            driver_id: Some(id),
+            trip: Some(t),
+            ..
+        } => {
+            assert_eq!(id, driver_id);
+            assert_eq!(
+                (t.trip_id.as_str(), t.state),
+                (trip.as_str(), TripState::DriverAssigned)
+            );
+        }
+        m => panic!("the driver's welcome after the takeover: {m:?}"),
+    }
+    let welcomed = killed.elapsed();
+    // The live trip moves again: the driver's arrive, seen by the rider on B.
+    d.ok(json!({"type": "arrived", "trip_id": trip})).await;
+    let t = r.trip_in(TripState::DriverArrived).await;
+    assert_eq!(t.trip_id, trip);
+    let moved = killed.elapsed();
+    println!(
+        "sharded: after the kill, the driver welcomed again via {} (owner {new_owner}, {refused} refusals) at {welcomed:?}, its trip moving again at {moved:?}",
+        NAMES[via]
+    );
+    for (cmd, state) in [
+        ("start_trip", TripState::InProgress),
+        ("complete_trip", TripState::Completed),
+    ] {
+        d.ok(json!({"type": cmd, "trip_id": trip})).await;
+        assert_eq!(r.trip_in(state).await.trip_id, trip, "after {cmd}");
+    }
+
+    // SIGTERM of C: it exits cleanly and its leases are released, so B holds every shard
+    // as soon as membership drops C, without waiting for a lease to run out.
+    let term = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &nodes[c].child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM failed");
+    let status = eventually_within("C exits after SIGTERM", SLOW, || {
+        let st = nodes[c].child.try_wait().expect("try_wait");
+        async move { st }
+    })
+    .await;
+    assert!(status.success(), "C's exit after SIGTERM: {status}");
+    let exited = term.elapsed();
+    // Its leases were released as it stopped: none is live under its name once it exited
+    // (left to expire, they would outlive it by up to the TTL: C renewed at most 400 ms
+    // before the signal).
+    let held: Vec<u64> = live_leases(&fx.db)
+        .await
+        .into_iter()
+        .filter(|(_, h)| h == NAMES[c])
+        .map(|(s, _)| s)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "C exited {exited:?} after SIGTERM with {} live leases of its own: not released",
+        held.len()
+    );
+    eventually_within("B holds every shard after C's SIGTERM", SLOW, || async {
+        partitioned(&fx.db, &[NAMES[b]]).await.then_some(())
+    })
+    .await;
+    println!(
+        "sharded: C exited {exited:?} after its SIGTERM, its leases released; B held every shard {:?} after it",
+        term.elapsed()
+    );
+    println!("sharded: the whole test took {:?}", started.elapsed());
+}
+
+/// The rider requests a ride from `PICKUP`; the driver is offered it and accepts, then
+/// drives it on to `to` (assigned or completed). The trip's id.
+async fn ride(
+    d: &mut dispatch_tests::Client,
+    r: &mut dispatch_tests::Client,
+    to: TripState,
+) -> String {
+    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
+    let offer = d.offer().await;
+    assert_eq!(offer.trip_id, trip.trip_id);
+    let id = trip.trip_id.clone();
+    d.ok(json!({"type": "accept", "trip_id": id})).await;
+    r.trip_in(TripState::DriverAssigned).await;
+    if to == TripState::DriverAssigned {
+        return id;
+    }
+    for (cmd, state) in [
+        ("arrived", TripState::DriverArrived),
+        ("start_trip", TripState::InProgress),
+        ("complete_trip", TripState::Completed),
+    ] {
+        d.ok(json!({"type": cmd, "trip_id": id})).await;
+        let t = r.trip_in(state).await;
+        assert_eq!(t.trip_id, id, "the rider's update after {cmd}");
+    }
+    id
+}
