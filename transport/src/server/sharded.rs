@@ -137,7 +137,7 @@ impl Here {
                     return Ok(());
                 };
                 let everything =
-                    (1..=dispatch_engine::shard::ENTITY_SHARDS).all(|s| app.system.serves(s));
+                    (1..=dispatch_engine::shard::ENTITY_SHARDS).all(|s| self.serving(app, s));
                 if everything || app.system.authenticate(hash).is_some() {
                     return Ok(());
                 }
@@ -146,10 +146,18 @@ impl Here {
                 )));
             }
         };
-        if app.system.serves(shard) {
+        if self.serving(app, shard) {
             return Ok(());
         }
         Err(HttpError(self.elsewhere(shard)))
+    }
+
+    /// Whether `shard` is served here now: the System serves it *and* its lease clock's
+    /// deadline is ahead. The System stops serving a shard only when the controller ends
+    /// it, which a node woken from a pause past its leases does a tick later; until then
+    /// the clock alone says the lease may be someone else's (as a session checks it).
+    fn serving(&self, app: &super::App, shard: ShardId) -> bool {
+        app.system.serves(shard) && self.view.slot(shard).is_some_and(|s| s.serving())
     }
 
     /// Why an account of `shard` is not served here.
