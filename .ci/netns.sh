@@ -209,6 +209,16 @@ start_loadgen() { # DURATION NODES...
     bg+=("$loadgen")
 }
 [ -n "${LOADGEN_FLAGS+x}" ] || LOADGEN_FLAGS=()
+# The load (start_loadgen DURATION over n1..n3) and the cut case's probe, pinned to n1
+# (its log $work/probe-cut.jsonl, stopped by $work/stop-cut), 8 s in.
+load_and_cut_probe() { # DURATION
+    start_loadgen "$1" 1 2 3
+    "${CL[@]}" python3 .ci/partition_probe.py run "http://$CNET.1:$PORT" "$work/probe-cut.jsonl" "$work/stop-cut" \
+        >"$work/probe-cut.txt" 2>&1 &
+    bg+=("$!")
+    sleep 8
+    grep -q '"trip_update"' "$work/acks.jsonl" 2>/dev/null || say "(no trip_update acknowledged yet after 8 s)"
+}
 # The SIGSTOP case's clients on node I: a probe pinned to it (partition_probe.py run
 # --once, its log $work/probe-pause.jsonl, stopped by $work/stop-pause) and a rider
 # registered on it (its id in $rider2) with a session open, which asks for a ride once

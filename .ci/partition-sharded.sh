@@ -80,12 +80,7 @@ log_writes
 say "3 nodes ready: $total shards, held n1 $(held_by 1), n2 $(held_by 2), n3 $(held_by 3); membership 3 on each"
 
 # --- load -----------------------------------------------------------------------------
-start_loadgen 80s 1 2 3
-"${CL[@]}" python3 .ci/partition_probe.py run "http://$CNET.1:$PORT" "$work/probe-cut.jsonl" "$work/stop-cut" \
-    >"$work/probe-cut.txt" 2>&1 &
-bg+=("$!")
-sleep 8
-grep -q '"trip_update"' "$work/acks.jsonl" 2>/dev/null || say "(no trip_update acknowledged yet after 8 s)"
+load_and_cut_probe 80s
 
 # --- 1. the cut -----------------------------------------------------------------------
 # SKIP_CUT=1 leaves it out (to see a later phase fail alone with its property broken).

@@ -72,12 +72,7 @@ wait_until 30 "membership of 3 on every node" all_members 3 1 2 3
 say "n1 leads (epoch $(metric 1 dispatch_cluster_epoch)); n2, n3 stand by; membership 3 on each"
 
 # --- load -----------------------------------------------------------------------------
-start_loadgen 60s 1 2 3
-"${CL[@]}" python3 .ci/partition_probe.py run "http://$CNET.1:$PORT" "$work/probe-cut.jsonl" "$work/stop-cut" \
-    >"$work/probe-cut.txt" 2>&1 &
-bg+=("$!")
-sleep 8
-grep -q '"trip_update"' "$work/acks.jsonl" 2>/dev/null || say "(no trip_update acknowledged yet after 8 s)"
+load_and_cut_probe 60s
 
 # --- 1. impaired but healthy links: no takeover ---------------------------------------
 takeovers() {
