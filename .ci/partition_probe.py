@@ -2,7 +2,7 @@
 """A client pinned to one dispatchd node, for .ci/partition.sh (issue 16).
 
   partition_probe.py run BASE LOG STOPFILE [--once]   # e.g. http://10.232.0.1:33080
-  partition_probe.py check LOG AFTER_MS LABEL [--closed]
+  partition_probe.py check LOG AFTER_MS LABEL [--closed] [--until UNTIL_MS]
   partition_probe.py ride BASE TOKEN GOFILE LOG
 
 `ride` opens a rider session on BASE with TOKEN and, once GOFILE exists, asks for a ride
@@ -23,7 +23,9 @@ when, what came back, upgrades, closes.
 whatever is sent after that instant reaches the node after its local deadline, so it
 must be refused. It also needs proof that the probe could see a violation (answers
 before AFTER_MS) and that the node refused (an `unavailable` REST answer after it;
-with --closed, its session closed with 1001).
+with --closed, its session closed with 1001). With --until, answers that came back at or
+after UNTIL_MS are left out: in sharded mode a node that woke claims its shards again
+under new leases, and what it answers from then on is served, not stale.
 """
 
 import asyncio
@@ -152,8 +154,10 @@ def run(base, path, stop, once=False):
     asyncio.run(both())
 
 
-def check(path, after, label, closed):
+def check(path, after, label, closed, until=None):
     events = [json.loads(line) for line in open(path)]
+    if until is not None:
+        events = [e for e in events if e["kind"] not in ("rest", "frame", "upgrade") or e["at"] < until]
     sent_of = {e["req"]: e["sent"] for e in events if e["kind"] == "send"}
     answered = []  # (what, sent) of every answer the node gave
     for e in events:
@@ -219,9 +223,13 @@ def ride(base, token, go, path):
 def main():
     if len(sys.argv) in (5, 6) and sys.argv[1] == "run" and sys.argv[5:] in ([], ["--once"]):
         run(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:] == ["--once"])
-    elif len(sys.argv) in (5, 6) and sys.argv[1] == "check":
-        closed = sys.argv[5:] == ["--closed"]
-        sys.exit(0 if check(sys.argv[2], int(sys.argv[3]), sys.argv[4], closed) else 1)
+    elif len(sys.argv) in (5, 6, 7, 8) and sys.argv[1] == "check":
+        rest = sys.argv[5:]
+        closed = "--closed" in rest
+        until = int(rest[rest.index("--until") + 1]) if "--until" in rest[:-1] else None
+        if len(rest) != int(closed) + 2 * (until is not None):
+            sys.exit(__doc__)
+        sys.exit(0 if check(sys.argv[2], int(sys.argv[3]), sys.argv[4], closed, until) else 1)
     elif len(sys.argv) == 6 and sys.argv[1] == "ride":
         ride(*sys.argv[2:])
     else:

@@ -17,6 +17,10 @@
 #                                                  # 10 requests/s, 60 s (+10 s drain)
 #   ROUNDS=1 DRIVERS=200 RIDERS=50 DURATION=20 bash bench/cluster-latency.sh
 #
+# CLUSTER_MODE=sharded runs both sides with --cluster-mode sharded (the one node then owns
+# every shard; with 3, each serves its own shards and relays the sessions of the others'
+# accounts to their owners); the default, leader, is as described above.
+#
 # Needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL (an admin URL), or it starts one with
 # .ci/postgres.sh (and stops it after). Builds the release dispatchd and loadgen unless
 # BIN names a directory holding both. Ports BASE_PORT+1..3 (clients) and BASE_PORT+11..13
@@ -35,6 +39,7 @@ DRAIN=${DRAIN:-10}
 BASE_PORT=${BASE_PORT:-28200}
 # shellcheck source=lib.sh
 source bench/lib.sh
+cluster_mode
 bench_postgres
 admin=$DISPATCH_TEST_DATABASE_URL
 if [ -z "${BIN:-}" ]; then
@@ -83,12 +88,16 @@ run() {
       DISPATCH_STORE=postgres DISPATCH_DATABASE_URL=$url \
       "$BIN/dispatchd" --listen "127.0.0.1:$((BASE_PORT + i))" --data-dir "$work/d-$nodes-$round-n$i" \
       --node-name "n$i" --cluster-listen "127.0.0.1:$((BASE_PORT + 10 + i))" --cluster-peers "$peers" \
-      --cluster-cookie-file "$work/cookie" --lease-ttl-ms 6000 --lease-renew-ms 1000 \
+      --cluster-cookie-file "$work/cookie" --lease-ttl-ms 6000 --lease-renew-ms 1000 "${MODE_FLAGS[@]}" \
       >"$work/n$i-$nodes-$round.log" 2>&1 &
     pids+=("$!")
-    # n1 first, so that it holds the lease and the REST base (the first --url) is the leader.
-    if [ "$i" = 1 ]; then wait_for 60 "n1 ready" ready 1; fi
+    # Leader mode: n1 first, so that it holds the lease and the REST base (the first
+    # --url) is the leader.
+    if [ "$i" = 1 ] && [ "$CLUSTER_MODE" = leader ]; then wait_for 60 "n1 ready" ready 1; fi
   done
+  # Sharded mode: every node serving its shards.
+  # shellcheck disable=SC2046
+  if [ "$CLUSTER_MODE" = sharded ]; then wait_for 120 "every node ready" ready_all $(seq "$nodes"); fi
   # shellcheck disable=SC2046
   wait_for 60 "membership of $nodes" members_are "$nodes" $(seq "$nodes")
   local load0
@@ -128,7 +137,7 @@ EOF
   tail -n 1 "$work/runs.jsonl"
 }
 
-echo "== cluster-latency: $DRIVERS drivers + $RIDERS riders, $RATE requests/s, ${DURATION} s (+${DRAIN} s drain), $ROUNDS rounds; $(nproc) cores, load $(load); $("$BIN/dispatchd" --version 2>/dev/null || echo dispatchd)"
+echo "== cluster-latency ($CLUSTER_MODE mode): $DRIVERS drivers + $RIDERS riders, $RATE requests/s, ${DURATION} s (+${DRAIN} s drain), $ROUNDS rounds; $(nproc) cores, load $(load); $("$BIN/dispatchd" --version 2>/dev/null || echo dispatchd)"
 for r in $(seq "$ROUNDS"); do
   if ((r % 2)); then run 1 "$r"; run 3 "$r"; else run 3 "$r"; run 1 "$r"; fi
 done

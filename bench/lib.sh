@@ -83,3 +83,24 @@ members_are() {
   shift
   for i in "$@"; do [ "$(metric_sum dispatch_cluster_members "$i")" = "$n" ] || return 1; done
 }
+
+# cluster_mode (failover.sh, cluster-latency.sh): CLUSTER_MODE is leader (the default: one
+# node serves the city, the others stand by) or sharded (--cluster-mode sharded: each node
+# serves the shards it owns, the cell shards those of a box around loadgen's default city
+# disc). Sets MODE_FLAGS, the dispatchd flags for it.
+cluster_mode() {
+  CLUSTER_MODE=${CLUSTER_MODE:-leader}
+  case $CLUSTER_MODE in
+    leader) MODE_FLAGS=() ;;
+    sharded) MODE_FLAGS=(--cluster-mode sharded --service-area 45.48,-73.60,45.52,-73.53) ;;
+    *) echo "CLUSTER_MODE is leader or sharded, not '$CLUSTER_MODE'" >&2; exit 2 ;;
+  esac
+}
+
+# ready_all NODES...: every node's /readyz is 200 (sharded mode: each serves its shards).
+ready_all() {
+  local i
+  for i in "$@"; do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$((BASE_PORT + i))/readyz" 2>/dev/null || true)" = 200 ] || return 1
+  done
+}
