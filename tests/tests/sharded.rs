@@ -357,7 +357,7 @@ async fn a_ride_over_three_nodes_and_a_driver_crossing_a_shard_border_are_offere
     let at = |name: &str| NAMES.iter().position(|n| *n == name).unwrap();
 
     // C owns the pickup's cell shard, B the rider's account, A the driver's.
-    let c = at(&owner_of(shard_at(PICKUP.0, PICKUP.1).unwrap(), &NAMES));
+    let c = at(&owner_of(indexed_shard(PICKUP), &NAMES));
     let (a, b) = ((c + 1) % 3, (c + 2) % 3);
     let (driver_id, driver_token) = nodes[a].driver("Dana", "economy").await;
     let (rider_id, rider_token) = nodes[b].rider("Rui").await;
@@ -391,10 +391,7 @@ async fn a_ride_over_three_nodes_and_a_driver_crossing_a_shard_border_are_offere
     // A driver near a border: its cell shard X's owner is not the pickup's shard Y's
     // owner, and its own account is the third node's.
     let (here, there) = across_a_border();
-    let (sx, sy) = (
-        shard_at(here.0, here.1).unwrap(),
-        shard_at(there.0, there.1).unwrap(),
-    );
+    let (sx, sy) = (indexed_shard(here), indexed_shard(there));
     let (ox, oy) = (at(&owner_of(sx, &NAMES)), at(&owner_of(sy, &NAMES)));
     let t = 3 - ox - oy;
     let (mover_id, mover_token) = nodes[t].driver("Mo", "economy").await;
@@ -457,6 +454,14 @@ async fn remote_calls(d: &Dispatchd, kind: &str) -> f64 {
     .await
 }
 
+/// The cell shard where a driver at `p` is indexed and a trip picked up at `p` runs: the
+/// shard of its index cell (`--h3-resolution`, 7 by default), which near a border need not
+/// be [`shard_at`]'s (the resolution-6 cell of the point itself).
+fn indexed_shard(p: (f64, f64)) -> u64 {
+    let grid = dispatch_engine::Grid::new(7).unwrap();
+    dispatch_engine::shard::shard_of(grid.cell_of(dispatch_engine::Point::new(p.0, p.1).unwrap()))
+}
+
 /// Two points of the service area 0.003° of longitude (about 250 m) apart, on either side
 /// of a border between two cell shards whose owners among `NAMES` differ: (the west one,
 /// the east one).
@@ -466,10 +471,7 @@ fn across_a_border() -> ((f64, f64), (f64, f64)) {
         for j in 0..54 {
             let here = (40.736 + f64::from(i) * step, -73.999 + f64::from(j) * step);
             let there = (here.0, here.1 + 0.003);
-            let (sx, sy) = (
-                shard_at(here.0, here.1).unwrap(),
-                shard_at(there.0, there.1).unwrap(),
-            );
+            let (sx, sy) = (indexed_shard(here), indexed_shard(there));
             if sx != sy && owner_of(sx, &NAMES) != owner_of(sy, &NAMES) {
                 return (here, there);
             }
