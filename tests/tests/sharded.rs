@@ -19,6 +19,11 @@
 //!   C and gets its `welcome` again through C.
 //! - SIGTERM of C: it exits 0 and B holds every shard once membership drops C (C's
 //!   leases released at its shutdown, not left to expire).
+//! - (a second cluster) Issue 16 stage 5's cases: a ride with its rider's account on B, its
+//!   pickup's shard C's and its driver's account A's runs on C and completes, counted in the
+//!   nodes' metrics; a driver near a border between two nodes' cell shards is offered a
+//!   pickup across it (counted `dispatch_search_cross_border_total`), then moves across
+//!   and is offered the next pickup from its new shard's owner's cell.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -44,8 +49,8 @@ const AREA: &str = "40.735,-74.000,40.760,-73.970";
 const PICKUP: (f64, f64) = (40.7484, -73.9857);
 const DROPOFF: (f64, f64) = (40.7520, -73.9800);
 
-fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
-    fx.sharded_node(NAMES[i], (&PORTS, i), ADMIN, TTL_MS)
+fn node(fx: &ClusterFixture, ports: &[u16; 3], i: usize) -> dispatch_tests::DispatchdBuilder {
+    fx.sharded_node(NAMES[i], (ports, i), ADMIN, TTL_MS)
         .flags(SHORT_TRIP_FLAGS)
         .flags(&["--service-area", AREA, "--database-timeout-ms", "2000"])
 }
@@ -97,23 +102,12 @@ async fn answers_healthz(d: &Dispatchd) {
     .await;
 }
 
-async fn ready(d: &Dispatchd) -> bool {
-    match d.http.get(d.url("/readyz")).send().await {
-        Ok(r) => r.status() == 200,
-        Err(_) => false,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_killed_nodes_shards()
-{
-    let Some(fx) = ClusterFixture::new("sharded_three_nodes", COOKIE) else {
-        return;
-    };
-    let started = Instant::now();
+/// Spawns the 3 nodes on their cluster `ports` and waits until they see each other, every
+/// shard is held by its owner and every node is ready.
+async fn start_cluster(fx: &ClusterFixture, ports: &[u16; 3]) -> Vec<Dispatchd> {
     let mut nodes: Vec<Dispatchd> = Vec::new();
     for i in 0..3 {
-        nodes.push(node(&fx, i).spawn());
+        nodes.push(node(fx, ports, i).spawn());
         answers_healthz(&nodes[i]).await;
     }
     all_list(
@@ -126,7 +120,6 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
         "the three nodes see each other",
     )
     .await;
-
     // Every shard held by exactly its owner, and each node serving all of its own.
     eventually_within(
         "every shard held by its owner, every node ready",
@@ -144,6 +137,24 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
         },
     )
     .await;
+    nodes
+}
+
+async fn ready(d: &Dispatchd) -> bool {
+    match d.http.get(d.url("/readyz")).send().await {
+        Ok(r) => r.status() == 200,
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_killed_nodes_shards()
+{
+    let Some(fx) = ClusterFixture::new("sharded_three_nodes", COOKIE) else {
+        return;
+    };
+    let started = Instant::now();
+    let mut nodes = start_cluster(&fx, &PORTS).await;
     let all = candidates();
     for (i, d) in nodes.iter().enumerate() {
         let own = all
@@ -205,7 +216,7 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     d.go_online(PICKUP).await;
     let mut r = nodes[b].connect("rider", &rider_token).await;
     r.welcome().await;
-    let first = ride(&mut d, &mut r, TripState::Completed).await;
+    let first = ride(&mut d, &mut r, PICKUP, TripState::Completed).await;
     println!("sharded: a ride across nodes completed ({first})");
 
     // A second driver of A's, offline, its session opened on C and relayed to A.
@@ -215,7 +226,7 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     idle.welcome().await;
 
     // A second ride, left accepted; then kill -9 of A (the driver's node).
-    let trip = ride(&mut d, &mut r, TripState::DriverAssigned).await;
+    let trip = ride(&mut d, &mut r, PICKUP, TripState::DriverAssigned).await;
     let killed = Instant::now();
     nodes[a].child.kill().expect("kill -9 A");
     let _ = nodes[a].child.wait();
@@ -327,21 +338,174 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     println!("sharded: the whole test took {:?}", started.elapsed());
 }
 
-/// The rider requests a ride from `PICKUP`; the driver is offered it and accepts, then
+/// Cluster ports of the second test's own.
+const RIDE_PORTS: [u16; 3] = [31204, 31205, 31206];
+
+/// Issue 16 stage 5's cases over 3 real sharded nodes: the rider's account on B, the pickup's
+/// cell shard C's, the driver's account A's: the trip runs on C and completes, counted
+/// (B's `spawn_trip` calls, C's `driver_reserve_offer` calls, C's finished trip). Then a
+/// driver in one cell shard is offered a pickup across the border in a shard of another
+/// node (counted `dispatch_search_cross_border_total` there), moves across the border and
+/// is offered the next pickup, indexed now in its new shard's owner's cell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ride_over_three_nodes_and_a_driver_crossing_a_shard_border_are_offered_and_counted() {
+    let Some(fx) = ClusterFixture::new("sharded_ride_three_nodes", COOKIE) else {
+        return;
+    };
+    let started = Instant::now();
+    let nodes = start_cluster(&fx, &RIDE_PORTS).await;
+    let at = |name: &str| NAMES.iter().position(|n| *n == name).unwrap();
+
+    // C owns the pickup's cell shard, B the rider's account, A the driver's.
+    let c = at(&owner_of(indexed_shard(PICKUP), &NAMES));
+    let (a, b) = ((c + 1) % 3, (c + 2) % 3);
+    let (driver_id, driver_token) = nodes[a].driver("Dana", "economy").await;
+    let (rider_id, rider_token) = nodes[b].rider("Rui").await;
+    assert_eq!(owner_of(entity_shard(&driver_id), &NAMES), NAMES[a]);
+    assert_eq!(owner_of(entity_shard(&rider_id), &NAMES), NAMES[b]);
+    let mut d = nodes[a].connect("driver", &driver_token).await;
+    d.welcome().await;
+    d.go_online(PICKUP).await;
+    let mut r = nodes[b].connect("rider", &rider_token).await;
+    r.welcome().await;
+    ride(&mut d, &mut r, PICKUP, TripState::Completed).await;
+    // The trip ran on C: C counts it finished, A and B none.
+    eventually_within("C counts the trip completed", SLOW, || async {
+        (completed(&nodes[c]).await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(completed(&nodes[a]).await, 0.0, "a trip ended on A");
+    assert_eq!(completed(&nodes[b]).await, 0.0, "a trip ended on B");
+    // Counted as a ride across nodes: B asked C to start it, C offered it to A's driver.
+    assert_eq!(remote_calls(&nodes[b], "spawn_trip").await, 1.0);
+    assert_eq!(remote_calls(&nodes[c], "driver_reserve_offer").await, 1.0);
+    println!(
+        "sharded: a ride with its rider on {}, its trip on {}, its driver on {} completed ({:?})",
+        NAMES[b],
+        NAMES[c],
+        NAMES[a],
+        started.elapsed()
+    );
+    d.ok(json!({"type": "go_offline"})).await;
+
+    // A driver near a border: its cell shard X's owner is not the pickup's shard Y's
+    // owner, and its own account is the third node's.
+    let (here, there) = across_a_border();
+    let (sx, sy) = (indexed_shard(here), indexed_shard(there));
+    let (ox, oy) = (at(&owner_of(sx, &NAMES)), at(&owner_of(sy, &NAMES)));
+    let t = 3 - ox - oy;
+    let (mover_id, mover_token) = nodes[t].driver("Mo", "economy").await;
+    assert_eq!(owner_of(entity_shard(&mover_id), &NAMES), NAMES[t]);
+    let mut m = nodes[t].connect("driver", &mover_token).await;
+    m.welcome().await;
+    m.go_online(here).await;
+    let border_before = cross_border(&nodes[oy]).await;
+    let (_, first) = ride_offered(&mut m, &mut r, there, TripState::Completed).await;
+    assert!(
+        cross_border(&nodes[oy]).await > border_before,
+        "the offer across the border was not counted on {}",
+        NAMES[oy]
+    );
+    // It moves across the border: indexed in Y's cell on Y's owner (a `cell_upsert` cast
+    // delivered there), and offered the next pickup in its new shard.
+    let upserts = remote_calls(&nodes[oy], "cell_upsert").await;
+    m.ok(
+        json!({"type": "location", "lat": there.0, "lng": there.1, "ts": dispatch_tests::now_ms()}),
+    )
+    .await;
+    eventually_within(
+        "the driver indexed in its new shard's owner",
+        SLOW,
+        || async { (remote_calls(&nodes[oy], "cell_upsert").await > upserts).then_some(()) },
+    )
+    .await;
+    let (_, next) = ride_offered(&mut m, &mut r, there, TripState::Completed).await;
+    println!(
+        "sharded: a driver in {sx:x} ({}) offered a pickup in {sy:x} ({}) {} m away, then {} m away after crossing ({:?})",
+        NAMES[ox],
+        NAMES[oy],
+        first.pickup_distance_m,
+        next.pickup_distance_m,
+        started.elapsed()
+    );
+    assert!(
+        next.pickup_distance_m < first.pickup_distance_m,
+        "the next offer saw the driver where it was before crossing"
+    );
+}
+
+/// Trips a node counts completed.
+async fn completed(d: &Dispatchd) -> f64 {
+    d.metric("dispatch_trips_finished_total{state=\"completed\"}")
+        .await
+        .unwrap_or(0.0)
+}
+
+/// Searches a node counts as having asked a cell on another node.
+async fn cross_border(d: &Dispatchd) -> f64 {
+    d.metric_value("dispatch_search_cross_border_total").await
+}
+
+/// How many remote messages of `kind` a node counts (calls it made, casts it delivered).
+async fn remote_calls(d: &Dispatchd, kind: &str) -> f64 {
+    d.metric_value(&format!(
+        "dispatch_cluster_remote_seconds_count{{kind=\"{kind}\"}}"
+    ))
+    .await
+}
+
+/// The cell shard where a driver at `p` is indexed and a trip picked up at `p` runs: the
+/// shard of its index cell (`--h3-resolution`, 7 by default), which near a border need not
+/// be [`shard_at`]'s (the resolution-6 cell of the point itself).
+fn indexed_shard(p: (f64, f64)) -> u64 {
+    let grid = dispatch_engine::Grid::new(7).unwrap();
+    dispatch_engine::shard::shard_of(grid.cell_of(dispatch_engine::Point::new(p.0, p.1).unwrap()))
+}
+
+/// Two points of the service area 0.003° of longitude (about 250 m) apart, on either side
+/// of a border between two cell shards whose owners among `NAMES` differ: (the west one,
+/// the east one).
+fn across_a_border() -> ((f64, f64), (f64, f64)) {
+    let step = 0.0005;
+    for i in 0..48 {
+        for j in 0..54 {
+            let here = (40.736 + f64::from(i) * step, -73.999 + f64::from(j) * step);
+            let there = (here.0, here.1 + 0.003);
+            let (sx, sy) = (indexed_shard(here), indexed_shard(there));
+            if sx != sy && owner_of(sx, &NAMES) != owner_of(sy, &NAMES) {
+                return (here, there);
+            }
+        }
+    }
+    panic!("no border between two nodes' cell shards in {AREA}")
+}
+
+/// The rider requests a ride from `pickup`; the driver is offered it and accepts, then
 /// drives it on to `to` (assigned or completed). The trip's id.
 async fn ride(
     d: &mut dispatch_tests::Client,
     r: &mut dispatch_tests::Client,
+    pickup: (f64, f64),
     to: TripState,
 ) -> String {
-    let trip = r.request_ride(PICKUP, DROPOFF, "economy").await;
+    ride_offered(d, r, pickup, to).await.0
+}
+
+/// [`ride`], and the offer the driver was given.
+async fn ride_offered(
+    d: &mut dispatch_tests::Client,
+    r: &mut dispatch_tests::Client,
+    pickup: (f64, f64),
+    to: TripState,
+) -> (String, dispatch_transport::wire::Offer) {
+    let trip = r.request_ride(pickup, DROPOFF, "economy").await;
     let offer = d.offer().await;
     assert_eq!(offer.trip_id, trip.trip_id);
     let id = trip.trip_id.clone();
     d.ok(json!({"type": "accept", "trip_id": id})).await;
     r.trip_in(TripState::DriverAssigned).await;
     if to == TripState::DriverAssigned {
-        return id;
+        return (id, offer);
     }
     for (cmd, state) in [
         ("arrived", TripState::DriverArrived),
@@ -352,5 +516,5 @@ async fn ride(
         let t = r.trip_in(state).await;
         assert_eq!(t.trip_id, id, "the rider's update after {cmd}");
     }
-    id
+    (id, offer)
 }
