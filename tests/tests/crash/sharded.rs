@@ -188,7 +188,7 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
             let mut moved: BTreeMap<String, Duration> = BTreeMap::new();
             while moved.len() < live.len() && killed.elapsed() < SLOW * 2 {
                 {
-                    let l = ledger.lock().unwrap();
+                    let l = ledger.lock().unwrap_or_else(|e| e.into_inner());
                     for (id, v) in &live {
                         if !moved.contains_key(id)
                             && l.trips.get(id).is_some_and(|s| s.latest().0 > *v)
