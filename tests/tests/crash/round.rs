@@ -174,7 +174,10 @@ pub(crate) struct Round {
     pub(crate) tag: String,
     rng: StdRng,
     pub(crate) server: Dispatchd,
-    drivers: Vec<(String, String)>,
+    /// Where the apps of [`Round::load`] connect, each to the next in turn (in a sharded
+    /// cluster, any node: relayed to its account's owner); empty: `server`.
+    pub(crate) via: Vec<Endpoint>,
+    pub(crate) drivers: Vec<(String, String)>,
     pub(crate) riders: Vec<(String, String)>,
     /// Rider id → token.
     tokens: HashMap<String, String>,
@@ -207,6 +210,7 @@ impl Round {
             tag,
             rng: StdRng::seed_from_u64(seed),
             server,
+            via: Vec::new(),
             tokens: riders.iter().cloned().collect(),
             drivers,
             riders,
@@ -228,13 +232,15 @@ impl Round {
     pub(crate) async fn load(&mut self) -> (Apps, JoinHandle<()>) {
         let mut apps = Vec::new();
         let mut driver_sessions = Vec::new();
+        let mut nodes = self.via.iter().cycle();
+        let mut next = || nodes.next().unwrap_or(&self.server);
         for (id, token) in &self.drivers {
             let home = (
                 CENTER.0 + self.rng.random_range(-0.003..0.003),
                 CENTER.1 + self.rng.random_range(-0.003..0.003),
             );
             let (mut s, _) =
-                self.or_fail(Session::open(&self.server, "driver", id, token, &self.ledger).await);
+                self.or_fail(Session::open(next(), "driver", id, token, &self.ledger).await);
             self.or_fail(s.ok(location(home), "location").await);
             self.or_fail(s.ok(json!({"type": "go_online"}), "go_online").await);
             driver_sessions.push(s);
@@ -245,7 +251,7 @@ impl Round {
         }
         for (id, token) in &self.riders {
             let (s, _) =
-                self.or_fail(Session::open(&self.server, "rider", id, token, &self.ledger).await);
+                self.or_fail(Session::open(next(), "rider", id, token, &self.ledger).await);
             let mut mode = Mode::Chaos(Box::new(StdRng::seed_from_u64(self.rng.random())));
             let think = mode.think(50);
             let first = ride_request(&mut mode, think);
