@@ -211,8 +211,13 @@ impl System {
         // of other shards (an entity shard's recovery), then, newer than the store's copy,
         // those live on this node.
         let mut others: HashMap<TripId, StoredTrip> = HashMap::new();
-        for t in elsewhere {
+        for mut t in elsewhere {
             if !t.trip.state().is_final() {
+                // As for this node's own trips: the driver could not see the offer while
+                // its node was down, and the trip's owner gives it a fresh timeout when it
+                // resumes the trip. Without this the driver's `welcome` showed the stored
+                // deadline, already past after a takeover (`expires_in_ms: 0`).
+                t.trip.refresh_offer(now, &cfg);
                 others.insert(t.trip.id.clone(), t);
             }
         }
