@@ -6,8 +6,9 @@
 //! - **Authentication**: `ractor_cluster`'s cookie handshake (a challenge–response over the
 //!   shared secret, both ways). A peer that fails it is refused and counted
 //!   (`dispatch_cluster_auth_refusals_total`).
-//! - **Start-up**: membership subscribes to the `NodeServer`'s events before the server's
-//!   `pre_start` starts its listener, so it sees every session (issue 16).
+//! - **Start-up**: membership subscribes to the `NodeServer`'s events right after spawning it,
+//!   then adopts the sessions already authenticated; a session whose opening it missed is
+//!   tracked when its authentication is reported (issue 16: nodes started at once).
 //! - **Failure detection**: `ractor_cluster` keeps a silent peer's session open forever. Every
 //!   node casts a heartbeat to every remote member of [`HEARTBEAT_GROUP`] each
 //!   `heartbeat` interval; a peer not heard from within `peer_timeout` is declared dead, its
@@ -112,6 +113,20 @@ struct Session {
     peer_addr: String,
     /// The peer's name once it authenticated.
     name: Option<String>,
+}
+
+impl Session {
+    /// `ses`, opened now, not yet authenticated.
+    fn opened(ses: &NodeServerSessionInformation) -> Session {
+        Session {
+            actor: ses.actor.clone(),
+            opened: Instant::now(),
+            is_server: ses.is_server,
+            node_id: ses.node_id,
+            peer_addr: ses.peer_addr.clone(),
+            name: None,
+        }
+    }
 }
 
 /// State shared by the heartbeat actor, the node-server subscription and the dialer.
@@ -290,17 +305,9 @@ impl NodeEventSubscription for Events {
             ses.actor.stop(Some("too_many_pending".into()));
             return;
         }
-        inner.sessions.insert(
-            ses.actor.get_id(),
-            Session {
-                actor: ses.actor.clone(),
-                opened: Instant::now(),
-                is_server: ses.is_server,
-                node_id: ses.node_id,
-                peer_addr: ses.peer_addr.clone(),
-                name: None,
-            },
-        );
+        inner
+            .sessions
+            .insert(ses.actor.get_id(), Session::opened(&ses));
     }
 
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
@@ -311,7 +318,20 @@ impl NodeEventSubscription for Events {
         // (`--node-name` has no '@').
         peer.name = node_name_of(&peer.name).to_owned();
         let mut inner = self.0.inner.lock();
-        if let Some(s) = inner.sessions.get_mut(&ses.actor.get_id()) {
+        // A session opened before membership subscribed (its `node_session_opened` never
+        // came) and authenticated after [`Cluster::start_with`] listed the node server's
+        // sessions (then still unauthenticated, so not adopted) is tracked from here, or
+        // its peer would never be counted: its heartbeats not believed, and, when this
+        // node's name sorts first, this node's own dials of the peer losing ractor_cluster's
+        // duplicate-link election for good. Issue 16: 3 nodes started at once.
+        let id = ses.actor.get_id();
+        if !inner.sessions.contains_key(&id)
+            && ses.actor.get_status() == ractor::ActorStatus::Running
+        {
+            tracing::info!(addr = %ses.peer_addr, incoming = ses.is_server, "cluster session adopted: it opened before membership subscribed");
+            inner.sessions.insert(id, Session::opened(&ses));
+        }
+        if let Some(s) = inner.sessions.get_mut(&id) {
             s.name = Some(peer.name.clone());
             if !s.is_server {
                 let addr = s.peer_addr.clone();
@@ -388,15 +408,24 @@ impl Cluster {
         config: ClusterConfig,
         registry: &prometheus::Registry,
     ) -> Result<Cluster, ClusterError> {
-        Self::start_with(config, registry, std::future::ready(())).await
+        Self::start_with(
+            config,
+            registry,
+            |_| std::future::ready(()),
+            std::future::ready(()),
+        )
+        .await
     }
 
     /// [`Cluster::start`], awaiting `listening` once the node server has started (and its
     /// listener accepts) and before anything else: the test of issue 16 holds this open so
-    /// that a peer's link authenticates there.
-    async fn start_with(
+    /// that a peer's link authenticates there. `unsubscribed` is awaited right after the node
+    /// server is spawned, before membership subscribes to its events: the test of issue 16's
+    /// simultaneous start holds it until a peer's link is open.
+    async fn start_with<F: std::future::Future<Output = ()>>(
         config: ClusterConfig,
         registry: &prometheus::Registry,
+        unsubscribed: impl FnOnce(&ActorRef<NodeServerMessage>) -> F,
         listening: impl std::future::Future<Output = ()>,
     ) -> Result<Cluster, ClusterError> {
         let metrics = ClusterMetrics::new(registry);
@@ -447,6 +476,7 @@ impl Cluster {
         // ahead of every link's events.
         let (server, started) =
             ActorRuntime::spawn_instant(None, server, ()).map_err(|e| listen_err(e.to_string()))?;
+        unsubscribed(&server).await;
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "dispatch-membership".into(),
@@ -779,9 +809,14 @@ mod tests {
             .await;
             let _ = linked_tx.send(linked);
         };
-        let n1 = Cluster::start_with(config("n1", p1, p2), &prometheus::Registry::new(), window)
-            .await
-            .unwrap();
+        let n1 = Cluster::start_with(
+            config("n1", p1, p2),
+            &prometheus::Registry::new(),
+            |_| std::future::ready(()),
+            window,
+        )
+        .await
+        .unwrap();
         // Else this test would not test the window at all.
         assert!(
             linked.await.unwrap(),
@@ -801,5 +836,93 @@ mod tests {
             both,
             "n1 lists {seen1:?}, n2 lists {seen2:?}; both should list n1 and n2"
         );
+    }
+
+    /// Reports the first session the node server opens, then holds the server that long
+    /// (a busy node server): membership subscribes and lists the sessions meanwhile, before
+    /// that session can authenticate (its handshake needs the server's answers).
+    struct Probe(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+    impl NodeEventSubscription for Probe {
+        fn node_session_opened(&self, _: NodeServerSessionInformation) {
+            if let Some(tx) = self.0.lock().take() {
+                let _ = tx.send(());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
+        fn node_session_disconnected(&self, _: NodeServerSessionInformation) {}
+    }
+
+    /// Issue 16 (3 nodes started at once): a peer's link that opens before membership
+    /// subscribes to the node server's events and authenticates only after its start listed
+    /// the authenticated sessions must still be tracked, or that peer is never counted. `n2`
+    /// runs and dials `n1`; `n1` subscribes only once `n2` has that link open (as when a
+    /// peer dials the instant this node's listener starts), so its opening is never
+    /// reported and its handshake is still under way when `n1` lists its sessions (a busy node
+    /// server: [`Probe`]).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_opened_before_membership_subscribes_is_counted() {
+        let rounds: usize = std::env::var("DISPATCH_RACE_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let mut failed = Vec::new();
+        for round in 0..rounds {
+            let [p1, p2] = free_ports::<2>();
+            let n2 = Cluster::start(config("n2", p2, p1), &prometheus::Registry::new())
+                .await
+                .unwrap();
+            let (opened_tx, opened) = tokio::sync::oneshot::channel();
+            let probe = Probe(Mutex::new(Some(opened_tx)));
+            let n1 = Cluster::start_with(
+                config("n1", p1, p2),
+                &prometheus::Registry::new(),
+                |server| {
+                    // First in the server's queue, as membership's subscription would be.
+                    server
+                        .cast(NodeServerMessage::SubscribeToEvents {
+                            id: "test-probe".into(),
+                            subscription: Box::new(probe),
+                        })
+                        .unwrap();
+                    async move {
+                        tokio::time::timeout(Duration::from_secs(15), opened)
+                            .await
+                            .expect("n2 never opened a link to n1")
+                            .unwrap();
+                    }
+                },
+                std::future::ready(()),
+            )
+            .await
+            .unwrap();
+            let want = vec!["n1".to_owned(), "n2".to_owned()];
+            let (m1, m2) = (n1.members(), n2.members());
+            let both = wait_for(Duration::from_secs(10), || {
+                *m1.borrow() == want && *m2.borrow() == want
+            })
+            .await;
+            if !both {
+                let (seen1, seen2) = (m1.borrow().clone(), m2.borrow().clone());
+                eprintln!("round {round}: n1 lists {seen1:?}, n2 lists {seen2:?}");
+                failed.push(round);
+            }
+            n1.stop().await;
+            n2.stop().await;
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {rounds} rounds: n1 and n2 did not list each other within 10 s (rounds {failed:?})",
+            failed.len()
+        );
+    }
+
+    /// Free loopback ports (bound, then released).
+    fn free_ports<const N: usize>() -> [u16; N] {
+        let held: Vec<std::net::TcpListener> = (0..N)
+            .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap())
+            .collect();
+        std::array::from_fn(|i| held[i].local_addr().unwrap().port())
     }
 }
