@@ -153,12 +153,12 @@ sql() { ip netns exec dnx-db psql "$direct" -qAt -c "$1"; }
 # the writing transaction: a write by a node not holding the shard is one the fence should
 # have refused. Called once the nodes made the tables; read with `sql`.
 log_writes() {
-    sql "CREATE TABLE IF NOT EXISTS netns_writes (tbl text, shard bigint, writer text, holder text, epoch bigint, at timestamptz)" >/dev/null
+    sql "CREATE TABLE IF NOT EXISTS netns_writes (tbl text, shard bigint, writer text, holder text, epoch bigint, at timestamptz, op text)" >/dev/null
     sql "CREATE OR REPLACE FUNCTION netns_log_write() RETURNS trigger LANGUAGE plpgsql AS \$\$
 DECLARE s bigint;
 BEGIN
   IF TG_OP = 'DELETE' THEN s := OLD.shard; ELSE s := NEW.shard; END IF;
-  INSERT INTO netns_writes SELECT TG_TABLE_NAME, s, 'n' || split_part(host(inet_client_addr()), '.', 4), l.holder, l.epoch, clock_timestamp()
+  INSERT INTO netns_writes SELECT TG_TABLE_NAME, s, 'n' || split_part(host(inet_client_addr()), '.', 4), l.holder, l.epoch, clock_timestamp(), TG_OP
     FROM (SELECT 1) one LEFT JOIN dispatch_leases l ON l.shard = s;
   RETURN NULL;
 END \$\$" >/dev/null
