@@ -78,10 +78,17 @@ impl Endpoint {
     /// Waits (up to [`WAIT`]) until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
         eventually("the server to be ready", || async {
-            let r = self.http.get(self.url("/readyz")).send().await.ok()?;
-            (r.status() == 200).then_some(())
+            self.is_ready().await.then_some(())
         })
         .await
+    }
+
+    /// Whether `/readyz` answers 200 now (a server that does not answer is not ready).
+    pub async fn is_ready(&self) -> bool {
+        match self.http.get(self.url("/readyz")).send().await {
+            Ok(r) => r.status() == 200,
+            Err(_) => false,
+        }
     }
 
     /// Any method, with an optional JSON body: (status, JSON body or null), or the

@@ -129,7 +129,7 @@ async fn start_cluster(fx: &ClusterFixture, ports: &[u16; 3]) -> Vec<Dispatchd> 
                 return None;
             }
             for d in &nodes {
-                if !ready(d).await {
+                if !d.is_ready().await {
                     return None;
                 }
             }
@@ -138,13 +138,6 @@ async fn start_cluster(fx: &ClusterFixture, ports: &[u16; 3]) -> Vec<Dispatchd> 
     )
     .await;
     nodes
-}
-
-async fn ready(d: &Dispatchd) -> bool {
-    match d.http.get(d.url("/readyz")).send().await {
-        Ok(r) => r.status() == 200,
-        Err(_) => false,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

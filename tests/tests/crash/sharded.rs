@@ -101,13 +101,6 @@ async fn resume(r: &Round) -> usize {
     sent
 }
 
-async fn ready(d: &Dispatchd) -> bool {
-    match d.http.get(d.url("/readyz")).send().await {
-        Ok(r) => r.status() == 200,
-        Err(_) => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() {
     let Some(fx) = ClusterFixture::new("crash_sharded_kill9", COOKIE) else {
@@ -134,7 +127,7 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
                 return None;
             }
             for d in nodes.iter().flatten() {
-                if !ready(d).await {
+                if !d.is_ready().await {
                     return None;
                 }
             }
@@ -217,7 +210,7 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
         "the kept survivor holds and serves every shard",
         SLOW,
         || async {
-            (partitioned(&fx.db, &[NAMES[keep]]).await && ready(&kept).await).then_some(())
+            (partitioned(&fx.db, &[NAMES[keep]]).await && kept.is_ready().await).then_some(())
         },
     )
     .await;
