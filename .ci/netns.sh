@@ -172,13 +172,17 @@ END \$\$" >/dev/null
 printf 'partition-test-cookie-%s\n' "$RANDOM$RANDOM" >"$work/cookie"
 peers=$(for i in $(seq "$NODES"); do echo "$NET.$i:$CPORT"; done | paste -sd,)
 [ -n "${NODE_FLAGS+x}" ] || NODE_FLAGS=()
+# Each node's cluster port listens on 0.0.0.0:$CPORT, the same address on every host, as
+# the Kubernetes overlay's pods do (DISPATCH_CLUSTER_LISTEN=0.0.0.0:7070): with that, every
+# node once named itself 0.0.0.0:$CPORT to its peers, ractor_cluster dropped each link as
+# one to itself, and no membership formed (cluster/src/lib.rs advertised_host).
 start_node() { # I
     local i=$1
     ip netns exec "dnx-n$i" env DISPATCH_REGISTER_RATE_PER_S=1000000 DISPATCH_REGISTER_BURST=1000000 \
         DISPATCH_STORE=postgres DISPATCH_DATABASE_URL="${NODE_DB_URL:-$url}" \
         "$BIN/dispatchd" --listen "$CNET.$i:$PORT" --data-dir "$work/n$i" --node-name "n$i" \
         --lease-ttl-ms "$TTL" --lease-renew-ms "$RENEW" --database-timeout-ms 2000 \
-        --admin-token "$ADMIN" --cluster-listen "$NET.$i:$CPORT" --cluster-peers "$peers" \
+        --admin-token "$ADMIN" --cluster-listen "0.0.0.0:$CPORT" --cluster-peers "$peers" \
         --cluster-cookie-file "$work/cookie" --cluster-heartbeat-ms 200 --cluster-peer-timeout-ms 1000 \
         --offer-timeout-ms 3000 --dispatch-deadline-ms 15000 --snapshot-interval-ms 200 \
         --shutdown-timeout-ms 3000 "${NODE_FLAGS[@]}" >>"$work/n$i.log" 2>&1 &

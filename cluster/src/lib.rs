@@ -266,6 +266,21 @@ impl Shared {
     }
 }
 
+/// The host part of the name this node gives its peers (ractor_cluster's
+/// `<name>@<host>` and `connection_string` `<host>:<port>`): the listen address's IP, or,
+/// when that is unspecified (`0.0.0.0`, `::`, as a pod listens), the node's own name.
+/// ractor_cluster ends a session whose peer's `connection_string` equals this node's as a
+/// link to itself, so pods all listening on `0.0.0.0:7070` each dropped every peer
+/// ("self_connection") and membership never formed; node names are unique (required).
+fn advertised_host(config: &ClusterConfig) -> String {
+    let ip = config.listen.ip();
+    if ip.is_unspecified() {
+        config.node_name.clone()
+    } else {
+        ip.to_string()
+    }
+}
+
 /// A peer's member name from ractor_cluster's `<name>@<hostname>`.
 fn node_name_of(full: &str) -> &str {
     full.split('@').next().unwrap_or(full)
@@ -463,7 +478,7 @@ impl Cluster {
             port,
             config.cookie.0.clone(),
             config.node_name.clone(),
-            config.listen.ip().to_string(),
+            advertised_host(&config),
             encryption,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
