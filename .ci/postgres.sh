@@ -41,6 +41,9 @@ _dispatch_pg_main() {
         if [ "$(id -u)" = 0 ]; then chown "$user" "$base"; fi
         if ! "${as[@]}" "$bin/pg_ctl" -D "$base/data" status >/dev/null 2>&1; then
             if [ ! -f "$base/data/PG_VERSION" ]; then
+                # No cluster in it: what an interrupted `stop` (its rm cut short) leaves,
+                # which initdb refuses ("exists but is not empty").
+                rm -rf "$base/data"
                 printf 'dispatch\n' >"$base/pw" && chmod 644 "$base/pw"
                 "${as[@]}" "$bin/initdb" -D "$base/data" -U dispatch --pwfile="$base/pw" \
                     --auth=scram-sha-256 -E UTF8 >"$base/initdb.log" 2>&1 || {
