@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of, shard_of_point};
 use dispatch_engine::{
     Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, PaymentTerms, Point,
     Product, ProviderAnswer, QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats,
@@ -373,7 +373,7 @@ impl Context {
         if !self.config.sharded {
             return WHOLE_CITY;
         }
-        shard_of(self.config.grid.cell_of(pickup))
+        shard_of_point(self.config.grid, pickup)
     }
 
     /// The shard of a trip's writes.

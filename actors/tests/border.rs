@@ -24,7 +24,7 @@ use dispatch_actors::placement::{Place, ShardMap};
 use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
 use dispatch_actors::{ErrorCode, System, SystemConfig};
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of_point};
 use dispatch_engine::{CellId, DriverId, Point, RiderId, TripState};
 use dispatch_persistence::{PgOptions, Store};
 
@@ -77,7 +77,7 @@ fn point((lat, lng): (f64, f64)) -> Point {
 }
 
 fn shard_at(sys: &System, p: Point) -> ShardId {
-    shard_of(sys.config().grid.cell_of(p))
+    shard_of_point(sys.config().grid, p)
 }
 
 /// Two points ~60 m apart on either side of the first shard border east of P1 (in 20 m

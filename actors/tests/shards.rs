@@ -14,7 +14,7 @@ use dispatch_actors::messages::{
 use dispatch_actors::records::Identity;
 use dispatch_actors::session::{CLOSE_GOING_AWAY, Outbound, SHARD_MOVED};
 use dispatch_actors::{ErrorCode, Metrics, System, SystemConfig};
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of, shard_of_point};
 use dispatch_engine::{DispatchConfig, DriverId, DriverStatus, Point, RiderId, TripId, TripState};
 use dispatch_persistence::{Loaded, PgOptions, Store};
 
@@ -70,7 +70,7 @@ fn hold_and_serve(
 }
 
 fn cell_shard(sys: &System, (lat, lng): (f64, f64)) -> ShardId {
-    shard_of(sys.config().grid.cell_of(Point::new(lat, lng).unwrap()))
+    shard_of_point(sys.config().grid, Point::new(lat, lng).unwrap())
 }
 
 fn load(store: &Store, shard: ShardId) -> Loaded {

@@ -23,7 +23,7 @@ use dispatch_actors::placement::{Place, ShardMap};
 use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
 use dispatch_actors::{ApiError, ErrorCode, System, SystemConfig};
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of_point};
 use dispatch_engine::{DriverId, Point, Product, QuoteId, RiderId, TripId, TripState};
 use dispatch_persistence::{PgOptions, Store};
 
@@ -111,7 +111,7 @@ impl World {
 async fn world(url: &str, names: (&str, &str), ports: (u16, u16)) -> World {
     let (a, b) = pair(url, (names.0, ports.0), (names.1, ports.1)).await;
     let pickup = point(PICKUP);
-    let ps = shard_of(a.sys.config().grid.cell_of(pickup));
+    let ps = shard_of_point(a.sys.config().grid, pickup);
     // B's driver at the pickup: its cell (the pickup's shard) is indexed on B.
     let (d, d_app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
     let sd = entity_shard(d.as_str());
