@@ -446,6 +446,19 @@ impl Context {
         self.remote_of(shard_of(cell))
     }
 
+    /// Takes driver `id` out of `cell`'s index: through its node's router when the cell's
+    /// shard is on another node (stage 5), else in the cell here (none running: nothing
+    /// to take out). Every path that ends a driver's place in a cell goes through here, so
+    /// no cell on another node keeps offering a driver whose actor is gone.
+    pub(crate) fn unindex_driver(&self, id: &DriverId, cell: CellId) {
+        let remove = CellMsg::Remove(id.clone());
+        if let Some((node, link)) = self.remote_of_cell(cell) {
+            link.cell(&node, cell, remove, None);
+        } else if let Some(a) = self.registry.cell(&cell) {
+            let _ = a.cast(remove);
+        }
+    }
+
     /// Where a new trip picked up at `pickup` starts (docs/sharding.md §5): here, unless
     /// sharded mode with a placement set and a router started places the pickup's shard
     /// on another node, or on none.

@@ -130,12 +130,7 @@ impl DriverActor {
         if old != want
             && let Some(old) = old
         {
-            let remove = CellMsg::Remove(s.rec.id.clone());
-            if let Some((node, link)) = self.ctx.remote_of_cell(old) {
-                link.cell(&node, old, remove, None);
-            } else if let Some(a) = self.ctx.registry.cell(&old) {
-                let _ = a.cast(remove);
-            }
+            self.ctx.unindex_driver(&s.rec.id, old);
         }
         if let Some(cell) = want
             && let Some((node, link)) = self.ctx.remote_of_cell(cell)
