@@ -218,6 +218,9 @@ impl WeakContext {
 pub(crate) enum TripHome<'a> {
     /// On this node, under its trip supervisor (single node, and every trip before stage 5).
     Here,
+    /// On this node, which the placement names as the pickup's shard's (stage 5): started
+    /// only while the shard is served here, for `System::end_shard` may be ending it.
+    Owned,
     /// On this node of the cluster, asked through its router.
     There(Arc<str>, &'a Arc<dyn crate::placement::Link>),
     /// No node holds the pickup's shard now.
@@ -467,7 +470,8 @@ impl Context {
             return TripHome::Here;
         }
         match self.placement.place(self.shard_of_pickup(pickup)) {
-            None | Some((crate::placement::Place::Local, _)) => TripHome::Here,
+            None => TripHome::Here,
+            Some((crate::placement::Place::Local, _)) => TripHome::Owned,
             Some((crate::placement::Place::Remote(node), link)) => TripHome::There(node, link),
             Some((crate::placement::Place::Nobody, _)) => TripHome::Nobody,
         }

@@ -90,6 +90,12 @@ impl ApiError {
     }
 }
 
+/// The answer to a new trip whose pickup's shard this node does not serve now (not yet,
+/// or no longer: its shard is ending here): retry, on its owner.
+pub(crate) fn pickup_not_served() -> ApiError {
+    ApiError::unavailable("this node does not serve the pickup's shard now; retry")
+}
+
 /// The answer while a failed trip actor is read back from the store (docs/api.md, "A trip
 /// actor that fails"): nothing the command asked was applied, and a retry can succeed.
 pub(crate) fn trip_reloading() -> ApiError {

@@ -295,6 +295,8 @@ async fn ride(url: &str, names: (&str, &str), ports: (u16, u16)) -> Ride {
         names.0,
     );
     let epochs = hold(b.store.as_ref().unwrap(), &[there, sd].into(), names.1);
+    // A serves the pickup's shard: its owner starts trips there only while it does.
+    a.sys.set_serving(pickup, true);
     let remote = |n: &str| Place::Remote(n.into());
     a.sys.set_placement(Some(ShardMap::new([
         (pickup, Place::Local),

@@ -270,6 +270,14 @@ async fn a_request_whose_pickup_node_refuses_or_is_unreachable_is_unavailable_an
     assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
     assert_eq!(refusals(&w.a.sys, "no_owner"), 1);
 
+    // A's map names A as the pickup's owner, and A does not serve it (not yet, or no
+    // longer: `end_shard` stops serving first, then stops the shard's trips, and a trip
+    // started in between would outlive its shard here): none starts on A, counted.
+    w.place(Some(Place::Local));
+    let e = refused(ask_ride(&mut w, direct.clone()).await);
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+    assert_eq!(refusals(&w.a.sys, "start_not_served"), 1);
+
     // Nothing was written, and no trip runs on either node.
     assert!(w.trips_in_pickup_shard().is_empty());
     let a_rider = w.a.sys.rider_ref(&w.r).unwrap();
