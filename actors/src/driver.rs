@@ -621,7 +621,7 @@ impl DriverActor {
             DriverMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             DriverMsg::TripFailed(trip_id) => {
                 s.awaiting
-                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+                    .fail_trip(&trip_id, &crate::error::trip_stopped());
             }
             DriverMsg::Reindex => {
                 s.rec.cell = None;

@@ -491,7 +491,7 @@ impl RiderActor {
             RiderMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             RiderMsg::TripFailed(trip_id) => {
                 s.awaiting
-                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+                    .fail_trip(&trip_id, &crate::error::trip_stopped());
             }
             RiderMsg::Command(RiderCommand::Location(p), responder, _) => {
                 s.rec.position = Some(p);
