@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of, shard_of_point};
 use dispatch_engine::{
     Candidate, CellId, DispatchConfig, DriverId, DriverStatus, EtaModel, Grid, PaymentTerms, Point,
     Product, ProviderAnswer, QuoteId, RateCards, RiderId, RingSearch, SearchParams, SearchStats,
@@ -218,6 +218,9 @@ impl WeakContext {
 pub(crate) enum TripHome<'a> {
     /// On this node, under its trip supervisor (single node, and every trip before stage 5).
     Here,
+    /// On this node, which the placement names as the pickup's shard's (stage 5): started
+    /// only while the shard is served here, for `System::end_shard` may be ending it.
+    Owned,
     /// On this node of the cluster, asked through its router.
     There(Arc<str>, &'a Arc<dyn crate::placement::Link>),
     /// No node holds the pickup's shard now.
@@ -373,7 +376,7 @@ impl Context {
         if !self.config.sharded {
             return WHOLE_CITY;
         }
-        shard_of(self.config.grid.cell_of(pickup))
+        shard_of_point(self.config.grid, pickup)
     }
 
     /// The shard of a trip's writes.
@@ -446,6 +449,19 @@ impl Context {
         self.remote_of(shard_of(cell))
     }
 
+    /// Takes driver `id` out of `cell`'s index: through its node's router when the cell's
+    /// shard is on another node (stage 5), else in the cell here (none running: nothing
+    /// to take out). Every path that ends a driver's place in a cell goes through here, so
+    /// no cell on another node keeps offering a driver whose actor is gone.
+    pub(crate) fn unindex_driver(&self, id: &DriverId, cell: CellId) {
+        let remove = CellMsg::Remove(id.clone());
+        if let Some((node, link)) = self.remote_of_cell(cell) {
+            link.cell(&node, cell, remove, None);
+        } else if let Some(a) = self.registry.cell(&cell) {
+            let _ = a.cast(remove);
+        }
+    }
+
     /// Where a new trip picked up at `pickup` starts (docs/sharding.md §5): here, unless
     /// sharded mode with a placement set and a router started places the pickup's shard
     /// on another node, or on none.
@@ -454,7 +470,8 @@ impl Context {
             return TripHome::Here;
         }
         match self.placement.place(self.shard_of_pickup(pickup)) {
-            None | Some((crate::placement::Place::Local, _)) => TripHome::Here,
+            None => TripHome::Here,
+            Some((crate::placement::Place::Local, _)) => TripHome::Owned,
             Some((crate::placement::Place::Remote(node), link)) => TripHome::There(node, link),
             Some((crate::placement::Place::Nobody, _)) => TripHome::Nobody,
         }

@@ -130,12 +130,7 @@ impl DriverActor {
         if old != want
             && let Some(old) = old
         {
-            let remove = CellMsg::Remove(s.rec.id.clone());
-            if let Some((node, link)) = self.ctx.remote_of_cell(old) {
-                link.cell(&node, old, remove, None);
-            } else if let Some(a) = self.ctx.registry.cell(&old) {
-                let _ = a.cast(remove);
-            }
+            self.ctx.unindex_driver(&s.rec.id, old);
         }
         if let Some(cell) = want
             && let Some((node, link)) = self.ctx.remote_of_cell(cell)
@@ -626,7 +621,7 @@ impl DriverActor {
             DriverMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             DriverMsg::TripFailed(trip_id) => {
                 s.awaiting
-                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+                    .fail_trip(&trip_id, &crate::error::trip_stopped());
             }
             DriverMsg::Reindex => {
                 s.rec.cell = None;

@@ -90,6 +90,22 @@ impl ApiError {
     }
 }
 
+/// The answer to a new trip whose pickup's shard this node does not serve now (not yet,
+/// or no longer: its shard is ending here): retry, on its owner.
+pub(crate) fn pickup_not_served() -> ApiError {
+    ApiError::unavailable("this node does not serve the pickup's shard now; retry")
+}
+
+/// The answer to a command waiting on a trip whose actor stopped (`TripFailed`): it
+/// failed and is read back from the store, or its shard ended here (`System::end_shard`,
+/// a handoff) and the trip goes on on the shard's next owner. Which one, the message does
+/// not say (it crosses nodes as it is); both are retried the same way.
+pub(crate) fn trip_stopped() -> ApiError {
+    ApiError::unavailable(
+        "the trip's actor stopped: it failed and is being reloaded, or its shard moved to another node; retry",
+    )
+}
+
 /// The answer while a failed trip actor is read back from the store (docs/api.md, "A trip
 /// actor that fails"): nothing the command asked was applied, and a retry can succeed.
 pub(crate) fn trip_reloading() -> ApiError {

@@ -94,7 +94,7 @@ pub const BATCH_RETRIES: [&str; 5] = [
     "waited_greedy",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 35] = [
+pub const BOUNDS: [&str; 36] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -122,6 +122,7 @@ pub const BOUNDS: [&str; 35] = [
     "remote_inflight",
     "store_call_timeout",
     "store_write_failed",
+    "store_write_retry",
     "trip_reload_reads",
     "ws_frame_bytes",
     "ws_hard_max_bytes",

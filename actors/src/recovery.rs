@@ -572,8 +572,9 @@ impl System {
             reg.drivers.remove(id);
             ctx.moved.remove(id);
             if let Some((_, r)) = reg.driver_records.remove(id) {
-                if let Some(cell) = r.cell.and_then(|c| reg.cell(&c)) {
-                    let _ = cell.cast(crate::messages::CellMsg::Remove(id.clone()));
+                // Its cell may be on another node (the driver's place is not its shard's).
+                if let Some(cell) = r.cell {
+                    ctx.unindex_driver(id, cell);
                 }
                 reg.tokens.remove(&r.token_hash);
                 positions = positions.driver(r.stored());

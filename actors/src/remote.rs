@@ -1561,9 +1561,7 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
             // mode; always with it off): it is the one whose writes land there.
             if !ctx.serves(ctx.shard_of_pickup(new.pickup)) {
                 ctx.metrics.shard_refused("not_served");
-                return Ok(Reply::Spawned(Err(ApiError::unavailable(
-                    "this node does not serve the pickup's shard now; retry",
-                ))));
+                return Ok(Reply::Spawned(Err(crate::error::pickup_not_served())));
             }
             // A second spawn of one trip (a retried call) never replaces the live one.
             if reg.trip(&new.trip_id).is_some() {
@@ -1572,10 +1570,13 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
                     new.trip_id
                 )))));
             }
+            // Only while it is served: `end_shard` may start ending it meanwhile (it stops
+            // serving first; this checks again once the trip is registered).
             let r = ctx
-                .spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))
-                .await;
-            Ok(Reply::Spawned(r.map(drop)))
+                .spawn_served(Group::Trip, Spawn::Trip(TripArgs::New(new)))
+                .await
+                .and_then(|c| c.map(drop).ok_or_else(crate::error::pickup_not_served));
+            Ok(Reply::Spawned(r))
         }
     }
 }

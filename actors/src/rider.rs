@@ -176,13 +176,22 @@ impl RiderActor {
             },
             quote_fence: None,
         };
+        let owned = matches!(home, TripHome::Owned);
         if let TripHome::There(node, link) = home {
             return self.start_there(s, new, (&node, link.as_ref())).await;
         }
         // Boxed: the spawn carries the new trip, and an unboxed future would make every
-        // rider actor's task that large for its whole life.
-        if let Err(e) = Box::pin(self.ctx.spawn(Group::Trip, Spawn::Trip(TripArgs::New(new)))).await
-        {
+        // rider actor's task that large for its whole life. As the pickup shard's owner,
+        // only while it is served here (not while `end_shard` ends it).
+        let spawn = Spawn::Trip(TripArgs::New(new));
+        let started = if owned {
+            Box::pin(self.ctx.spawn_served(Group::Trip, spawn))
+                .await
+                .and_then(|c| c.map(drop).ok_or_else(crate::error::pickup_not_served))
+        } else {
+            Box::pin(self.ctx.spawn(Group::Trip, spawn)).await.map(drop)
+        };
+        if let Err(e) = started {
             tracing::error!(trip_id = %trip_id, error = %e, "could not start the trip actor");
             s.st.end(&trip_id);
             s.awaiting.answer(Some(ticket), Err(e));
@@ -482,7 +491,7 @@ impl RiderActor {
             RiderMsg::TicketExpired(ticket) => drop(s.awaiting.take(ticket)),
             RiderMsg::TripFailed(trip_id) => {
                 s.awaiting
-                    .fail_trip(&trip_id, &crate::error::trip_reloading());
+                    .fail_trip(&trip_id, &crate::error::trip_stopped());
             }
             RiderMsg::Command(RiderCommand::Location(p), responder, _) => {
                 s.rec.position = Some(p);

@@ -201,8 +201,8 @@ impl Supervisor {
             let home = ctx.config.grid.cell_of(at);
             tokio::spawn(async move {
                 let _ = cell.wait(Some(wait)).await;
-                if let Some(c) = reg.upgrade().and_then(|c| c.registry.cell(&home)) {
-                    let _ = c.cast(crate::messages::CellMsg::Remove(driver));
+                if let Some(ctx) = reg.upgrade() {
+                    ctx.unindex_driver(&driver, home);
                 }
             });
         }

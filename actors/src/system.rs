@@ -46,16 +46,19 @@ impl System {
     }
 
     /// Copies the store's count of calls that hit their time bound into
-    /// `dispatch_bound_hits_total{bound="store_call_timeout"}` (at scrape time).
+    /// `dispatch_bound_hits_total{bound="store_call_timeout"}`, and of group commits tried
+    /// again after a deadlock or a serialization failure (PostgreSQL) into
+    /// `{bound="store_write_retry"}` (at scrape time).
     pub fn count_store_timeouts(&self) {
-        let c = self
-            .ctx
-            .metrics
-            .bounds_hit
-            .with_label_values(&["store_call_timeout"]);
-        let now = self.ctx.store.timeouts();
-        if now > c.get() {
-            c.inc_by(now - c.get());
+        let store = &self.ctx.store;
+        for (bound, now) in [
+            ("store_call_timeout", store.timeouts()),
+            ("store_write_retry", store.write_retries()),
+        ] {
+            let c = self.ctx.metrics.bounds_hit.with_label_values(&[bound]);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
         }
     }
 

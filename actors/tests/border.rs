@@ -8,7 +8,7 @@
 //! PostgreSQL, one database for both nodes; without `DISPATCH_TEST_DATABASE_URL` these
 //! skip saying so, or fail when `CI` is set).
 //!
-//! Ports of this file's own range (29300–29349); one pair at a time ([`ONE_PAIR`], see
+//! Ports of this file's own range (29300–29349, and 31450–31451); one pair at a time ([`ONE_PAIR`], see
 //! `remote.rs`). The search tests use sled stores (a search writes nothing).
 
 mod common;
@@ -24,7 +24,7 @@ use dispatch_actors::placement::{Place, ShardMap};
 use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
 use dispatch_actors::{ErrorCode, System, SystemConfig};
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of_point};
 use dispatch_engine::{CellId, DriverId, Point, RiderId, TripState};
 use dispatch_persistence::{PgOptions, Store};
 
@@ -77,7 +77,7 @@ fn point((lat, lng): (f64, f64)) -> Point {
 }
 
 fn shard_at(sys: &System, p: Point) -> ShardId {
-    shard_of(sys.config().grid.cell_of(p))
+    shard_of_point(sys.config().grid, p)
 }
 
 /// Two points ~60 m apart on either side of the first shard border east of P1 (in 20 m
@@ -177,25 +177,36 @@ async fn a_remote_cell_that_does_not_answer_is_left_out_within_the_deadline_and_
     stop([a, b]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_driver_of_b_is_indexed_in_the_cells_owner_and_moves_across_the_border() {
-    let _one = ONE_PAIR.lock().await;
-    let (a, b) = pair(("border-a5", 29309), ("border-b5", 29310), None).await;
+/// Each node's map places the pickup's shard on A and the one across the border on B;
+/// B's driver online at the pickup: its cell is A's, so A indexes it. The pickup, the
+/// place across the border, the driver, its app and its cell.
+async fn b_driver_in_a_cell(
+    (a, b): (&Node, &Node),
+    (a_name, b_name): (&str, &str),
+) -> (Point, Point, DriverId, App, CellId) {
     let (pickup, beyond) = across_the_border(&a.sys);
     let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
     a.sys
-        .set_placement(Some(place(&a.sys, "border-b5", (pickup, beyond))));
+        .set_placement(Some(place(&a.sys, b_name, (pickup, beyond))));
     b.sys.set_placement(Some(ShardMap::new([
-        (home, Place::Remote("border-a5".into())),
+        (home, Place::Remote(a_name.into())),
         (there, Place::Local),
     ])));
-    // B's driver at the pickup: its cell is A's, so A indexes it, B runs no such cell.
-    let (d, mut app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
+    let (d, app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
     let cell = a.sys.config().grid.cell_of(pickup);
     eventually("A's cell indexes B's driver", || {
         a.sys.cell_ref(&cell).is_some()
     })
     .await;
+    (pickup, beyond, d, app, cell)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_of_b_is_indexed_in_the_cells_owner_and_moves_across_the_border() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a5", 29309), ("border-b5", 29310), None).await;
+    let (pickup, beyond, d, mut app, cell) =
+        b_driver_in_a_cell((&a, &b), ("border-a5", "border-b5")).await;
     assert!(b.sys.cell_ref(&cell).is_none());
     assert_eq!(a.sys.nearby(pickup, 5_000.0, 5, None).await.len(), 1);
 
@@ -216,6 +227,36 @@ async fn a_driver_of_b_is_indexed_in_the_cells_owner_and_moves_across_the_border
     let found = a.sys.nearby(pickup, 5_000.0, 5, None).await;
     assert_eq!(found.len(), 1);
     assert!(found[0].position.distance_m(beyond) < 1.0);
+    stop([a, b]).await;
+}
+
+/// B's driver indexed in A's cell leaves it when B ends the driver's shard (handed to
+/// another node): the Remove crosses the link, so A's cell does not go on offering a
+/// driver whose actor is gone from B (its `ReserveOffer` would find no actor there).
+/// Ports 31450–31451 (session 29's range for this fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_whose_shard_ends_on_b_leaves_a_s_cell() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a6", 31450), ("border-b6", 31451), None).await;
+    let (pickup, _, d, _app, cell) = b_driver_in_a_cell((&a, &b), ("border-a6", "border-b6")).await;
+    let a_cell = a.sys.cell_ref(&cell).unwrap();
+    let until = Instant::now() + WAIT;
+    while common::ask(&a_cell, CellMsg::Count).await != (1, 1) {
+        assert!(Instant::now() < until, "A's cell never indexed it");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let ended = b.sys.end_shard(entity_shard(d.as_str())).await;
+    assert_eq!(ended.drivers, 1);
+    let until = Instant::now() + WAIT;
+    while common::ask(&a_cell, CellMsg::Count).await != (0, 0) {
+        assert!(
+            Instant::now() < until,
+            "A's cell still offers a driver whose shard ended on B"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(a.sys.nearby(pickup, 5_000.0, 5, None).await.is_empty());
     stop([a, b]).await;
 }
 
@@ -254,6 +295,8 @@ async fn ride(url: &str, names: (&str, &str), ports: (u16, u16)) -> Ride {
         names.0,
     );
     let epochs = hold(b.store.as_ref().unwrap(), &[there, sd].into(), names.1);
+    // A serves the pickup's shard: its owner starts trips there only while it does.
+    a.sys.set_serving(pickup, true);
     let remote = |n: &str| Place::Remote(n.into());
     a.sys.set_placement(Some(ShardMap::new([
         (pickup, Place::Local),

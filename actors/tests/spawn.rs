@@ -23,7 +23,7 @@ use dispatch_actors::placement::{Place, ShardMap};
 use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
 use dispatch_actors::{ApiError, ErrorCode, System, SystemConfig};
-use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of};
+use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of_point};
 use dispatch_engine::{DriverId, Point, Product, QuoteId, RiderId, TripId, TripState};
 use dispatch_persistence::{PgOptions, Store};
 
@@ -111,7 +111,7 @@ impl World {
 async fn world(url: &str, names: (&str, &str), ports: (u16, u16)) -> World {
     let (a, b) = pair(url, (names.0, ports.0), (names.1, ports.1)).await;
     let pickup = point(PICKUP);
-    let ps = shard_of(a.sys.config().grid.cell_of(pickup));
+    let ps = shard_of_point(a.sys.config().grid, pickup);
     // B's driver at the pickup: its cell (the pickup's shard) is indexed on B.
     let (d, d_app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
     let sd = entity_shard(d.as_str());
@@ -269,6 +269,14 @@ async fn a_request_whose_pickup_node_refuses_or_is_unreachable_is_unavailable_an
     let e = refused(ask_ride(&mut w, direct.clone()).await);
     assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
     assert_eq!(refusals(&w.a.sys, "no_owner"), 1);
+
+    // A's map names A as the pickup's owner, and A does not serve it (not yet, or no
+    // longer: `end_shard` stops serving first, then stops the shard's trips, and a trip
+    // started in between would outlive its shard here): none starts on A, counted.
+    w.place(Some(Place::Local));
+    let e = refused(ask_ride(&mut w, direct.clone()).await);
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+    assert_eq!(refusals(&w.a.sys, "start_not_served"), 1);
 
     // Nothing was written, and no trip runs on either node.
     assert!(w.trips_in_pickup_shard().is_empty());

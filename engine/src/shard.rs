@@ -14,9 +14,9 @@
 //! with `RandomState` would give every node a different map), and never changes between
 //! versions without a coordinated restart of the whole cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::geo::CellId;
+use crate::geo::{CellId, Grid, Point};
 
 /// The H3 resolution of a shard: 6, cells of ~36 km² (edge ~3.2 km).
 ///
@@ -44,6 +44,131 @@ pub fn shard_of(cell: CellId) -> ShardId {
         None => cell.center_child(SHARD_RESOLUTION).unwrap_or(cell),
     };
     u64::from(shard)
+}
+
+/// The cell shard of a point on the index `grid` (`--h3-resolution`): the shard of the
+/// grid cell the point is in ([`shard_of`]), where a driver there is indexed and a trip
+/// picked up there is stored and served. The one definition: H3 children are not
+/// contained in their parent exactly, so near a shard border the resolution-6 cell of the
+/// point itself may be another shard (the neighbour of this one).
+pub fn shard_of_point(grid: Grid, p: Point) -> ShardId {
+    shard_of(grid.cell_of(p))
+}
+
+/// Samples inside a box are this far apart (km); along its edges, a quarter.
+const SAMPLE_KM: f64 = 1.0;
+
+/// Every shard a point of the box `south..=north`, `west..=east` (degrees; `west < east`,
+/// no antimeridian) maps to on `grid` ([`shard_of_point`]), with few extra:
+/// - the shard of every sample, every ~1 km inside and every ~250 m along the edges (this
+///   alone is exact for resolution 6 and coarser, up to a shard the box grazes by less
+///   than a sample step);
+/// - at resolution 7, the parents of every resolution-7 cell that touches the box: those
+///   of the samples, and their neighbours that touch it (a cell the box touches between
+///   samples ~0.7 km apart is a neighbour of a sample's, for a resolution-7 cell is more
+///   than 1.6 km across);
+/// - finer, also the parents of those cells' neighbours: a finer cell's resolution-7
+///   ancestor is the point's own resolution-7 cell or one of its neighbours.
+///
+/// The caller bounds the box's size (samples grow with its area).
+pub fn shards_in_box(
+    grid: Grid,
+    (south, west): (f64, f64),
+    (north, east): (f64, f64),
+) -> BTreeSet<ShardId> {
+    let km_lat = (north - south) * 111.2;
+    let mid = ((south + north) / 2.0).to_radians().cos().max(0.01);
+    let km_lng = (east - west) * 111.2 * mid;
+    let mut samples = Vec::new();
+    let mut add = |lat: f64, lng: f64| {
+        if let Ok(p) = Point::new(lat.clamp(south, north), lng.clamp(west, east)) {
+            samples.push(p);
+        }
+    };
+    let steps = |km: f64, per: f64| ((km / per).ceil() as usize).max(1);
+    let (ny, nx) = (steps(km_lat, SAMPLE_KM), steps(km_lng, SAMPLE_KM));
+    for i in 0..=ny {
+        let lat = south + (north - south) * i as f64 / ny as f64;
+        for j in 0..=nx {
+            add(lat, west + (east - west) * j as f64 / nx as f64);
+        }
+    }
+    let (ey, ex) = (
+        steps(km_lat, SAMPLE_KM / 4.0),
+        steps(km_lng, SAMPLE_KM / 4.0),
+    );
+    for i in 0..=ey {
+        let lat = south + (north - south) * i as f64 / ey as f64;
+        add(lat, west);
+        add(lat, east);
+    }
+    for j in 0..=ex {
+        let lng = west + (east - west) * j as f64 / ex as f64;
+        add(south, lng);
+        add(north, lng);
+    }
+    let mut found: BTreeSet<ShardId> = samples.iter().map(|p| shard_of_point(grid, *p)).collect();
+    if grid.resolution() <= 6 {
+        return found;
+    }
+    let r7 = Grid::new(7).expect("7 is a valid resolution");
+    let sampled: BTreeSet<CellId> = samples.iter().map(|p| r7.cell_of(*p)).collect();
+    let mut touching = sampled.clone();
+    for c in &sampled {
+        for n in r7.ring(*c, 1) {
+            if !touching.contains(&n) && touches_box(n, (south, west), (north, east)) {
+                touching.insert(n);
+            }
+        }
+    }
+    found.extend(touching.iter().map(|c| shard_of(*c)));
+    if grid.resolution() > 7 {
+        for c in &touching {
+            found.extend(r7.ring(*c, 1).into_iter().map(shard_of));
+        }
+    }
+    found
+}
+
+/// Whether `cell`'s boundary polygon meets the box, in the plane of latitude and longitude
+/// (a cell is small: its edges are taken as straight there), the box widened by ~10 m so
+/// that the error of that is on the side of taking a cell in.
+fn touches_box(cell: CellId, (south, west): (f64, f64), (north, east): (f64, f64)) -> bool {
+    const PAD: f64 = 1e-4;
+    let (s, w, n, e) = (south - PAD, west - PAD, north + PAD, east + PAD);
+    let poly: Vec<(f64, f64)> = cell.boundary().iter().map(|v| (v.lat(), v.lng())).collect();
+    let inside_box = |(y, x): (f64, f64)| (s..=n).contains(&y) && (w..=e).contains(&x);
+    if poly.iter().any(|v| inside_box(*v)) {
+        return true;
+    }
+    // A corner of the box inside the polygon (even-odd rule).
+    let inside_poly = |(y, x): (f64, f64)| {
+        let mut inside = false;
+        for i in 0..poly.len() {
+            let (a, b) = (poly[i], poly[(i + 1) % poly.len()]);
+            if (a.0 > y) != (b.0 > y) && x < a.1 + (y - a.0) / (b.0 - a.0) * (b.1 - a.1) {
+                inside = !inside;
+            }
+        }
+        inside
+    };
+    let corners = [(s, w), (s, e), (n, e), (n, w)];
+    if corners.iter().any(|c| inside_poly(*c)) {
+        return true;
+    }
+    // An edge of the polygon crossing an edge of the box.
+    let cross = |p: (f64, f64), q: (f64, f64), r: (f64, f64)| {
+        (q.1 - p.1) * (r.0 - p.0) - (q.0 - p.0) * (r.1 - p.1)
+    };
+    let meets = |a: (f64, f64), b: (f64, f64), c: (f64, f64), d: (f64, f64)| {
+        let (d1, d2) = (cross(c, d, a), cross(c, d, b));
+        let (d3, d4) = (cross(a, b, c), cross(a, b, d));
+        (d1 > 0.0) != (d2 > 0.0) && (d3 > 0.0) != (d4 > 0.0)
+    };
+    (0..poly.len()).any(|i| {
+        let (a, b) = (poly[i], poly[(i + 1) % poly.len()]);
+        (0..4).any(|k| meets(a, b, corners[k], corners[(k + 1) % 4]))
+    })
 }
 
 /// How many entity shards drivers and riders are spread over (`docs/sharding.md` §1).
@@ -163,6 +288,84 @@ mod tests {
         let coarse = cell.parent(h3o::Resolution::Three).unwrap();
         let s = h3o::CellIndex::try_from(shard_of(coarse)).unwrap();
         assert_eq!(s.resolution(), SHARD_RESOLUTION);
+    }
+
+    /// A point whose resolution-6 cell is not the shard of its resolution-7 cell (found
+    /// walking east from Montréal in ~20 m steps).
+    fn a_point_where_the_two_differ() -> crate::Point {
+        let (g6, g7) = (crate::Grid::new(6).unwrap(), crate::Grid::new(7).unwrap());
+        (0..5_000)
+            .map(|i| crate::Point::new(45.50, -73.60 + f64::from(i) * 0.00026).unwrap())
+            .find(|p| shard_of(g6.cell_of(*p)) != shard_of_point(g7, *p))
+            .expect("a point near a border within 100 km")
+    }
+
+    #[test]
+    fn a_point_s_shard_is_its_index_cell_s_parent_not_its_own_resolution_6_cell() {
+        let p = a_point_where_the_two_differ();
+        let g7 = crate::Grid::new(7).unwrap();
+        let own = shard_of(crate::Grid::new(6).unwrap().cell_of(p));
+        let shard = shard_of_point(g7, p);
+        assert_ne!(own, shard);
+        assert_eq!(
+            shard,
+            u64::from(g7.cell_of(p).parent(SHARD_RESOLUTION).unwrap())
+        );
+        // The two are neighbours: the parent reaches just across the border.
+        let own = h3o::CellIndex::try_from(own).unwrap();
+        let shard = h3o::CellIndex::try_from(shard).unwrap();
+        assert_eq!(own.grid_distance(shard), Ok(1));
+    }
+
+    /// Every point of a lattice ~100 m apart over the box `(s, w)`–`(n, e)` maps on `grid`
+    /// to a shard of `shards_in_box`: the points it misses.
+    fn uncovered(grid: crate::Grid, (s, w): (f64, f64), (n, e): (f64, f64)) -> Vec<crate::Point> {
+        let set = shards_in_box(grid, (s, w), (n, e));
+        let ny = (((n - s) / 0.0009) as usize).max(4);
+        let nx = (((e - w) / 0.0013) as usize).max(4);
+        let mut missed = Vec::new();
+        for i in 0..=ny {
+            for j in 0..=nx {
+                let lat = s + (n - s) * i as f64 / ny as f64;
+                let lng = w + (e - w) * j as f64 / nx as f64;
+                let p = crate::Point::new(lat, lng).unwrap();
+                if !set.contains(&shard_of_point(grid, p)) {
+                    missed.push(p);
+                }
+            }
+        }
+        missed
+    }
+
+    #[test]
+    fn a_box_s_shards_cover_every_point_of_it_at_every_index_resolution() {
+        let (sw, ne) = ((45.45, -73.70), (45.60, -73.50));
+        // And a box of ~100 m around a point whose own resolution-6 cell is not its shard.
+        let p = a_point_where_the_two_differ();
+        let (lat, lng) = (p.lat(), p.lng());
+        let small = ((lat - 0.0005, lng - 0.0005), (lat + 0.0005, lng + 0.0005));
+        for (sw, ne) in [small, (sw, ne)] {
+            for res in [7, 8, 9, 11, 6, 5] {
+                let grid = crate::Grid::new(res).unwrap();
+                let missed = uncovered(grid, sw, ne);
+                assert!(
+                    missed.is_empty(),
+                    "res {res}, box {sw:?}-{ne:?}: {} points, e.g. {:?}",
+                    missed.len(),
+                    missed.first()
+                );
+            }
+        }
+        // At resolution 7 the cover takes the parents of cells touching the box, not a
+        // whole ring more: the resolution-6 cells of the samples and a few rim neighbours.
+        let g6 = shards_in_box(crate::Grid::new(6).unwrap(), sw, ne);
+        let g7 = shards_in_box(crate::Grid::new(7).unwrap(), sw, ne);
+        assert!(
+            g7.len() <= g6.len() + g6.len() / 2 + 4,
+            "{} vs {}",
+            g7.len(),
+            g6.len()
+        );
     }
 
     #[test]

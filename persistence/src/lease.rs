@@ -91,10 +91,17 @@ WHERE shard = $1 AND holder = $2 AND epoch = $3 AND expires_at > clock_timestamp
 
 /// Every renewal of one holder in one statement: of the (shard, epoch) pairs given as
 /// two arrays, those it still holds live are extended; returns the shards renewed.
+///
+/// The rows are locked first, in shard order (`o`), as [`CHECK`] and [`CLAIM_ALL`] lock
+/// them: an `UPDATE … FROM unnest` locks them in the order of its plan (the heap's, where
+/// a claimed row's new version lands at the end), so a renewal and a commit's check over
+/// two of the same leases could each hold one the other waits for (a deadlock).
 pub(crate) const RENEW_ALL: &str = "\
+WITH o AS (SELECT l.shard FROM dispatch_leases l \
+JOIN unnest($2::int8[], $3::int8[]) AS f(shard, epoch) ON l.shard = f.shard AND l.epoch = f.epoch \
+WHERE l.holder = $1 AND l.expires_at > clock_timestamp() ORDER BY l.shard FOR UPDATE OF l) \
 UPDATE dispatch_leases l SET expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond' \
-FROM unnest($2::int8[], $3::int8[]) AS f(shard, epoch) \
-WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.holder = $1 AND l.expires_at > clock_timestamp() \
+FROM o WHERE l.shard = o.shard AND l.expires_at > clock_timestamp() \
 RETURNING l.shard";
 
 /// Many claims of one holder in one statement (`Store::claim_leases`): each of the shards

@@ -148,6 +148,29 @@ pub(crate) struct Pg {
     fenced: AtomicU64,
     /// Batches refused, by the shard whose fence refused them.
     fenced_by_shard: Mutex<BTreeMap<ShardId, u64>>,
+    /// Group commits tried again after PostgreSQL ended them in a deadlock or a
+    /// serialization failure ([`MAX_WRITE_RETRIES`]).
+    retried: Arc<AtomicU64>,
+}
+
+/// How many times a group commit PostgreSQL ended as a deadlock (40P01) or a
+/// serialization failure (40001) is tried again before its batches fail: the
+/// transaction was rolled back whole, so trying it again writes it once.
+pub(crate) const MAX_WRITE_RETRIES: u32 = 3;
+
+/// What a failure of [`write_group`] starts with when trying it again may succeed.
+const RETRYABLE: &str = "retryable: ";
+
+/// A failure of one call in a group commit's transaction: [`reason`], marked
+/// [`RETRYABLE`] when the server ended the transaction in a deadlock or a serialization
+/// failure.
+fn tx_failure(e: tokio_postgres::Error) -> String {
+    use tokio_postgres::error::SqlState;
+    let again = e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    });
+    let r = reason(&e);
+    if again { format!("{RETRYABLE}{r}") } else { r }
 }
 
 /// The fences of the shards this node holds. Unfenced (every write lands unchecked) until
@@ -243,6 +266,7 @@ impl Pg {
             fences: Mutex::new(Fences::default()),
             fenced: AtomicU64::new(0),
             fenced_by_shard: Mutex::new(BTreeMap::new()),
+            retried: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -698,6 +722,11 @@ impl Pg {
         f.by_shard.values().cloned().collect()
     }
 
+    /// Group commits tried again after a deadlock or a serialization failure.
+    pub(crate) fn write_retries(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn fenced(&self) -> u64 {
         self.fenced.load(Ordering::Relaxed)
     }
@@ -734,7 +763,7 @@ impl Pg {
         }];
         let fences = Fences::default();
         self.run(async move {
-            match write_group(pool, group, fences, Duration::ZERO, false).await {
+            match write_group(&pool, &group, &fences, Duration::ZERO, false).await {
                 Ok(mut outcomes) => outcomes.pop().map(|o| o.1).unwrap_or(Ok(())),
                 Err(e) => Err(e),
             }
@@ -867,16 +896,22 @@ type Outcome = (Option<ShardId>, Result<(), String>);
 /// (its outcome starts with [`FENCED`]) and none of its writes is applied; the others
 /// are. Then per table, an upsert of the last value per key of the batches kept, and a
 /// delete. `lose_reply`: commit, then answer as a lost connection would (tests).
-/// `Err`: the transaction failed, nothing of the group was written.
+/// `Err`: the transaction failed, nothing of the group was written ([`RETRYABLE`] when
+/// the server ended it in a deadlock or a serialization failure: the writer tries it
+/// again, at most [`MAX_WRITE_RETRIES`] times, counted).
+///
+/// Lock order: the lease rows in shard order (the check's `ORDER BY`, as a renewal and a
+/// claim take them), then per table in [`Tree::ALL`]'s order the upserted rows in key
+/// order, then the deleted ones.
 async fn write_group(
-    pool: Pool,
-    group: Vec<Planned>,
-    fences: Fences,
+    pool: &Pool,
+    group: &[Planned],
+    fences: &Fences,
     hold: Duration,
     lose_reply: bool,
 ) -> Result<Vec<Outcome>, String> {
     let mut c = pool.get().await.map_err(reason)?;
-    let tx = c.transaction().await.map_err(reason)?;
+    let tx = c.transaction().await.map_err(tx_failure)?;
     // The refusal of each batch, if any.
     let mut refused: Vec<Option<(ShardId, String)>> = vec![None; group.len()];
     // Every lease the group depends on: this node's fence of each shard it names (when
@@ -900,11 +935,11 @@ async fn write_group(
             let shards: Vec<i64> = checked.iter().map(|f| lease::column(f.0)).collect();
             let holders: Vec<&str> = checked.iter().map(|f| f.1.as_str()).collect();
             let epochs: Vec<i64> = checked.iter().map(|f| f.2 as i64).collect();
-            let st = tx.prepare_cached(lease::CHECK).await.map_err(reason)?;
+            let st = tx.prepare_cached(lease::CHECK).await.map_err(tx_failure)?;
             for row in tx
                 .query(&st, &[&shards, &holders, &epochs])
                 .await
-                .map_err(reason)?
+                .map_err(tx_failure)?
             {
                 held.insert((
                     row.get::<_, i64>(0) as ShardId,
@@ -993,28 +1028,28 @@ async fn write_group(
                     "INSERT INTO {t} (k, v, ver, shard, driver, live, rider) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::text[], $6::bool[], $7::text[]) \
                      ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard, driver = excluded.driver, live = excluded.live, rider = excluded.rider WHERE {t}.ver <= excluded.ver"
                 );
-                let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+                let st = tx.prepare_cached(&sql).await.map_err(tx_failure)?;
                 tx.execute(
                     &st,
                     &[&keys, &values, &versions, &shards, &drivers, &live, &riders],
                 )
                 .await
-                .map_err(reason)?;
+                .map_err(tx_failure)?;
             } else {
                 let sql = format!(
                     "INSERT INTO {t} (k, v, ver, shard) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[]) \
                      ON CONFLICT (k) DO UPDATE SET v = excluded.v, ver = excluded.ver, shard = excluded.shard WHERE {t}.ver <= excluded.ver"
                 );
-                let st = tx.prepare_cached(&sql).await.map_err(reason)?;
+                let st = tx.prepare_cached(&sql).await.map_err(tx_failure)?;
                 tx.execute(&st, &[&keys, &values, &versions, &shards])
                     .await
-                    .map_err(reason)?;
+                    .map_err(tx_failure)?;
             }
         }
         if !gone.is_empty() {
             let sql = format!("DELETE FROM {} WHERE k = ANY($1::bytea[])", tree.name());
-            let st = tx.prepare_cached(&sql).await.map_err(reason)?;
-            tx.execute(&st, &[&gone]).await.map_err(reason)?;
+            let st = tx.prepare_cached(&sql).await.map_err(tx_failure)?;
+            tx.execute(&st, &[&gone]).await.map_err(tx_failure)?;
         }
     }
     tx.commit().await.map_err(|e| {
@@ -1077,7 +1112,24 @@ impl Sink for PgSink {
         let lose = self.faults.take_lost_reply();
         let hold = self.faults.held_after_fence();
         let pool = self.pg.pool.clone();
-        let outcomes = match self.pg.run(write_group(pool, planned, fences, hold, lose)) {
+        let retried = self.pg.retried.clone();
+        let commit = async move {
+            let mut tries = 0;
+            loop {
+                match write_group(&pool, &planned, &fences, hold, lose).await {
+                    Err(e) if e.starts_with(RETRYABLE) && tries < MAX_WRITE_RETRIES => {
+                        tries += 1;
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(tries, error = %e, "group commit tried again");
+                    }
+                    Err(e) => {
+                        return Err(e.strip_prefix(RETRYABLE).map_or(e.clone(), str::to_owned));
+                    }
+                    Ok(o) => return Ok(o),
+                }
+            }
+        };
+        let outcomes = match self.pg.run(commit) {
             Ok(o) => o,
             Err(StoreError::Postgres { reason, .. }) => return all(reason),
             Err(other) => return all(other.to_string()),

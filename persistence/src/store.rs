@@ -908,6 +908,15 @@ impl Store {
         }
     }
 
+    /// How many group commits were tried again after PostgreSQL ended them in a deadlock
+    /// or a serialization failure (each at most a few times; then its batches fail).
+    pub fn write_retries(&self) -> u64 {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.write_retries(),
+            Backend::Sled(_) => 0,
+        }
+    }
+
     /// How many batches were refused for naming `shard` (counted under the first shard
     /// a batch names that is not held).
     pub fn fenced_in(&self, shard: ShardId) -> u64 {

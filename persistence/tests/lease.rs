@@ -561,3 +561,133 @@ async fn on_sled_shards_are_not_checked() {
     assert!(s.unfence(a).is_none() && s.fences().is_empty());
     assert_eq!(stored_name(&s, 1).as_deref(), Some("sled, any shard"));
 }
+
+/// Two leases of holder "n1", claimed higher shard first (so the heap holds the higher
+/// one's row first) and fenced; a raw connection that holds the higher shard's row
+/// `FOR UPDATE` in an open transaction; the runtime that drives it.
+struct Crossing {
+    s: Arc<Store>,
+    low: dispatch_persistence::Lease,
+    high: dispatch_persistence::Lease,
+    rt: tokio::runtime::Runtime,
+    raw: tokio_postgres::Client,
+}
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn crossing(url: &str) -> Crossing {
+    let s = Arc::new(open(url));
+    let high = s.claim_lease(9_002, "n1", LONG).unwrap().unwrap();
+    let low = s.claim_lease(9_001, "n1", LONG).unwrap().unwrap();
+    for l in [&low, &high] {
+        s.fence(l.shard, l.epoch, "n1").unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw = rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute(
+            "SELECT 1 FROM dispatch_leases WHERE shard = 9002 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+        c
+    });
+    Crossing {
+        s,
+        low,
+        high,
+        rt,
+        raw,
+    }
+}
+
+/// Runs `f` to its end on a runtime of its own (a commit from a thread of the test's).
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A batch naming both shards: its commit's check locks both lease rows `FOR SHARE`.
+fn both(c: &Crossing) -> Batch {
+    Batch::in_shard(c.low.shard)
+        .driver(driver(1, "Low"))
+        .then_in(c.high.shard)
+        .driver(driver(2, "High"))
+}
+
+/// A renewal of two leases and a commit whose check locks the same two: the renewal
+/// locks them in shard order, as the check does, so neither can hold a row the other
+/// waits for. Here the renewal starts first and waits on the higher row (a third
+/// connection holds it), the commit starts second; when the third lets go, both go
+/// through, and no commit had to be tried again. Renewing in the heap's order (the
+/// higher shard's row first), the renewal took the higher row and waited on the lower,
+/// which the commit's check held `FOR SHARE` while it waited on the higher: PostgreSQL
+/// ended one of them with "deadlock detected" (40P01); in the run that showed it, the
+/// renewal (a node that fails to renew loses its shards).
+#[test]
+fn a_renewal_and_a_commit_lock_leases_in_one_order_and_never_deadlock() {
+    let Some(url) = dispatch_persistence::pg::test_database("lease_lock_order") else {
+        return;
+    };
+    let c = crossing(&url);
+    let held = [(c.high.shard, c.high.epoch), (c.low.shard, c.low.epoch)];
+    let renewal = {
+        let s = c.s.clone();
+        std::thread::spawn(move || s.renew_leases("n1", &held, LONG))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let commit = {
+        let (s, b) = (c.s.clone(), both(&c));
+        std::thread::spawn(move || block_on(s.commit(b)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.rt.block_on(c.raw.batch_execute("COMMIT")).unwrap();
+    let renewed = renewal.join().unwrap().expect("the renewal");
+    assert_eq!(renewed, vec![c.low.shard, c.high.shard]);
+    commit.join().unwrap().expect("the commit");
+    assert_eq!(c.s.write_retries(), 0, "no commit was tried again");
+    assert!(c.s.driver(&DriverId::new("drv_2")).unwrap().is_some());
+}
+
+/// A group commit PostgreSQL ends in a deadlock is tried again (counted), and lands:
+/// the commit's check holds the lower lease row `FOR SHARE` and waits on the higher,
+/// which a third connection holds and then updates the lower (each waits on the other);
+/// the commit, waiting longest, is the one PostgreSQL ends. Its retry waits for the
+/// third connection's commit, then writes.
+#[test]
+fn a_commit_ended_by_a_deadlock_is_tried_again_and_counted() {
+    let Some(url) = dispatch_persistence::pg::test_database("lease_deadlock_retry") else {
+        return;
+    };
+    let c = crossing(&url);
+    let commit = {
+        let (s, b) = (c.s.clone(), both(&c));
+        std::thread::spawn(move || block_on(s.commit(b)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.rt.block_on(async {
+        c.raw
+            .execute(
+                "UPDATE dispatch_leases SET expires_at = expires_at WHERE shard = 9001",
+                &[],
+            )
+            .await
+            .unwrap();
+        c.raw.batch_execute("COMMIT").await.unwrap();
+    });
+    commit.join().unwrap().expect("the commit, tried again");
+    assert_eq!(c.s.write_retries(), 1);
+    assert!(c.s.driver(&DriverId::new("drv_1")).unwrap().is_some());
+}

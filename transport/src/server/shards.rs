@@ -365,28 +365,39 @@ impl ShardView {
 /// tools and tests that place accounts and trips on chosen nodes).
 pub use dispatch_engine::shard::{entity_shard, owner as shard_owner};
 
-/// The cell shard of a point: its H3 resolution-6 cell, where a trip picked up there is
-/// stored and served (`docs/sharding.md` §1). `None` off the globe.
+/// The index resolution of a node started without `--h3-resolution` (7).
+pub const DEFAULT_INDEX_RESOLUTION: u8 = 7;
+
+/// The cell shard of a point on a node of the default index resolution
+/// ([`DEFAULT_INDEX_RESOLUTION`]): the shard of its index cell, where a driver there is
+/// indexed and a trip picked up there is stored and served (`docs/sharding.md` §1,
+/// [`dispatch_engine::shard::shard_of_point`]). Near a shard border this need not be the
+/// resolution-6 cell of the point itself. `None` off the globe.
 pub fn shard_at(lat: f64, lng: f64) -> Option<ShardId> {
     let p = Point::new(lat, lng).ok()?;
-    let grid = Grid::new(6).ok()?;
-    Some(dispatch_engine::shard::shard_of(grid.cell_of(p)))
+    let grid = Grid::new(DEFAULT_INDEX_RESOLUTION).ok()?;
+    Some(dispatch_engine::shard::shard_of_point(grid, p))
 }
 
 /// The most cell shards a service area or the store may name.
 pub const MAX_CELL_SHARDS: usize = 20_000;
 
-/// Samples inside a service area are this far apart (km); along its edges, a quarter.
-const SAMPLE_KM: f64 = 1.0;
 /// A resolution-6 cell's average area (km²), for refusing a huge box before sampling it.
 const SHARD_KM2: f64 = 36.13;
 
-/// The shards (H3 resolution-6 cells) covering the box of two opposite corners, for
-/// `--service-area lat1,lng1,lat2,lng2`: every shard with a point of the box, sampled
-/// every ~1 km inside and every ~250 m along its edges, so a shard it only grazes is
-/// found too. Refused: a corner off the globe, a box of no area, one across the
-/// antimeridian, and one of more than [`MAX_CELL_SHARDS`] shards.
+/// [`service_area_shards_at`] for a node of the default index resolution.
 pub fn service_area_shards(text: &str) -> Result<Vec<ShardId>, String> {
+    let grid = Grid::new(DEFAULT_INDEX_RESOLUTION).map_err(|e| e.to_string())?;
+    service_area_shards_at(text, grid)
+}
+
+/// The cell shards of the box of two opposite corners, for `--service-area
+/// lat1,lng1,lat2,lng2` on a node whose index is `grid`: every shard a point of the box
+/// maps to ([`dispatch_engine::shard::shards_in_box`]: the parents of the index cells
+/// covering it, which near a border reach into a neighbouring resolution-6 cell). Refused:
+/// a corner off the globe, a box of no area, one across the antimeridian, and one of more
+/// than [`MAX_CELL_SHARDS`] shards.
+pub fn service_area_shards_at(text: &str, grid: Grid) -> Result<Vec<ShardId>, String> {
     let bad = |why: &str| format!("--service-area {text:?}: {why}");
     let v: Vec<f64> = text
         .split(',')
@@ -421,35 +432,7 @@ pub fn service_area_shards(text: &str) -> Result<Vec<ShardId>, String> {
     if estimate > (MAX_CELL_SHARDS as f64) * 1.2 {
         return Err(too_many());
     }
-    let grid = Grid::new(6).map_err(|e| bad(&e.to_string()))?;
-    let mut found = BTreeSet::new();
-    let mut add = |lat: f64, lng: f64| {
-        if let Ok(p) = Point::new(lat.clamp(s, n), lng.clamp(w, e)) {
-            found.insert(dispatch_engine::shard::shard_of(grid.cell_of(p)));
-        }
-    };
-    let steps = |km: f64, per: f64| ((km / per).ceil() as usize).max(1);
-    let (ny, nx) = (steps(km_lat, SAMPLE_KM), steps(km_lng, SAMPLE_KM));
-    for i in 0..=ny {
-        let lat = s + (n - s) * i as f64 / ny as f64;
-        for j in 0..=nx {
-            add(lat, w + (e - w) * j as f64 / nx as f64);
-        }
-    }
-    let (ey, ex) = (
-        steps(km_lat, SAMPLE_KM / 4.0),
-        steps(km_lng, SAMPLE_KM / 4.0),
-    );
-    for i in 0..=ey {
-        let lat = s + (n - s) * i as f64 / ey as f64;
-        add(lat, w);
-        add(lat, e);
-    }
-    for j in 0..=ex {
-        let lng = w + (e - w) * j as f64 / ex as f64;
-        add(s, lng);
-        add(n, lng);
-    }
+    let found = dispatch_engine::shard::shards_in_box(grid, (s, w), (n, e));
     if found.len() > MAX_CELL_SHARDS {
         return Err(too_many());
     }
@@ -1190,10 +1173,16 @@ mod tests {
         let shards = service_area_shards("45.45,-73.70,45.60,-73.50").unwrap();
         // ~16.7 km × ~15.6 km: ~260 km², 7 or so shards of 36 km², more with the rim.
         assert!((6..40).contains(&shards.len()), "{}", shards.len());
+        let fine = service_area_shards_at("45.45,-73.70,45.60,-73.50", Grid::new(9).unwrap());
         let grid = Grid::new(9).unwrap();
         for (lat, lng) in [(45.45, -73.70), (45.60, -73.50), (45.52, -73.61)] {
-            let s = dispatch_engine::shard::shard_of(grid.cell_of(Point::new(lat, lng).unwrap()));
-            assert!(shards.contains(&s), "({lat}, {lng})");
+            assert!(
+                shards.contains(&shard_at(lat, lng).unwrap()),
+                "({lat}, {lng})"
+            );
+            let p = Point::new(lat, lng).unwrap();
+            let s = dispatch_engine::shard::shard_of_point(grid, p);
+            assert!(fine.as_ref().unwrap().contains(&s), "({lat}, {lng})");
         }
         assert!(shards.iter().all(|s| *s > ENTITY_SHARDS));
         assert_eq!(
@@ -1215,6 +1204,34 @@ mod tests {
             let e = service_area_shards(bad).unwrap_err();
             assert!(e.starts_with("--service-area"), "{bad}: {e}");
         }
+    }
+
+    /// `shard_at` is where a dispatchd of the default `--h3-resolution` puts a trip picked
+    /// up at the point (its actors' `shard_of_pickup`), also where that is not the point's
+    /// own resolution-6 cell; and a service area of ~100 m around such a point names it.
+    #[test]
+    fn shard_at_is_the_shard_the_actors_use_near_a_border_too() {
+        let (g6, g7) = (Grid::new(6).unwrap(), Grid::new(7).unwrap());
+        let (lat, lng) = (0..5_000)
+            .map(|i| (45.50, -73.60 + f64::from(i) * 0.00026))
+            .find(|(lat, lng)| {
+                let p = Point::new(*lat, *lng).unwrap();
+                dispatch_engine::shard::shard_of(g6.cell_of(p))
+                    != dispatch_engine::shard::shard_of_point(g7, p)
+            })
+            .expect("a point near a border");
+        let p = Point::new(lat, lng).unwrap();
+        let actors = dispatch_engine::shard::shard_of_point(g7, p);
+        assert_eq!(shard_at(lat, lng), Some(actors));
+        let area = format!(
+            "{},{},{},{}",
+            lat - 0.0005,
+            lng - 0.0005,
+            lat + 0.0005,
+            lng + 0.0005
+        );
+        let shards = service_area_shards(&area).unwrap();
+        assert!(shards.contains(&actors), "{shards:?} lacks {actors}");
     }
 
     #[test]
