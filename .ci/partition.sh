@@ -43,6 +43,8 @@ cd "$(dirname "$0")/.."
 # several 100 ms round trips long there).
 TTL=${LEASE_TTL_MS:-4000}
 RENEW=${LEASE_RENEW_MS:-800}
+# Leader mode, said: sharded is dispatchd's default (.ci/partition-sharded.sh runs it).
+NODE_FLAGS=(--cluster-mode leader)
 # The namespaces, PostgreSQL, the cleanup and the helpers (start_node, metric, ...).
 # shellcheck source=netns.sh
 source .ci/netns.sh

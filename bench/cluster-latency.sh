@@ -5,7 +5,8 @@
 # even ones), then the medians of each side.
 #
 # Both sides run in cluster mode (--node-name, --cluster-listen, --cluster-peers, the
-# lease in PostgreSQL), so the only difference is the number of nodes: with 3, loadgen
+# leases in PostgreSQL), so the only difference is the number of nodes. CLUSTER_MODE=leader
+# (--cluster-mode leader; the README's Performance row was measured so): with 3, loadgen
 # spreads its WebSocket sessions over them (--spread: each client on a node chosen by a
 # hash of its token, about two thirds of them on the standbys, which relay them to the
 # leader through ractor_cluster); REST goes to the leader. Each run gets a fresh database.
@@ -13,13 +14,14 @@
 # (sessions relayed halfway through the run, relay messages over the run) and the load
 # average before and after.
 #
-#   bash bench/cluster-latency.sh                  # 2 rounds: 2,000 drivers + 500 riders,
-#                                                  # 10 requests/s, 60 s (+10 s drain)
+#   bash bench/cluster-latency.sh                  # sharded, 2 rounds: 2,000 drivers + 500
+#                                                  # riders, 10 requests/s, 60 s (+10 s drain)
 #   ROUNDS=1 DRIVERS=200 RIDERS=50 DURATION=20 bash bench/cluster-latency.sh
+#   CLUSTER_MODE=leader bash bench/cluster-latency.sh
 #
-# CLUSTER_MODE=sharded runs both sides with --cluster-mode sharded (the one node then owns
-# every shard; with 3, each serves its own shards and relays the sessions of the others'
-# accounts to their owners); the default, leader, is as described above.
+# CLUSTER_MODE=sharded (the default, as dispatchd's) runs both sides with --cluster-mode
+# sharded (the one node then owns every shard; with 3, each serves its own shards and
+# relays the sessions of the others' accounts to their owners).
 #
 # Needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL (an admin URL), or it starts one with
 # .ci/postgres.sh (and stops it after). Builds the release dispatchd and loadgen unless

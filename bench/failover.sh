@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Standby takeover under load (issue 16, item 6): PostgreSQL, three dispatchd nodes
+# Takeover under load (issue 16, item 6). CLUSTER_MODE=leader: PostgreSQL, three dispatchd nodes
 # (--node-name n1..n3, --lease-ttl-ms $LEASE_TTL_MS) and loadgen spreading its clients over
 # them (--url with the three, --spread, --reconnect, --ack-log; the nodes linked by
 # --cluster-listen/--cluster-peers, so standbys relay their sessions to the leader).
@@ -9,17 +9,17 @@
 # store (bench/ackcheck.py: the history has that version in that state; no trip with two
 # drivers, no driver in two trips).
 #
-# CLUSTER_MODE=sharded (--cluster-mode sharded, each node owning its shards): each round
+# CLUSTER_MODE=sharded (the default, as dispatchd's; --cluster-mode sharded, each node
+# owning its shards): each round
 # kills n1, n2, n3 in turn (kill -9) and times until every shard it held (in the store's
 # dispatch_leases at the kill) is held by a survivor and both survivors are ready (their
 # /readyz: every shard the map gives them served); then starts it again and waits until it
-# serves its shards again (handed back by the others) before the next round. The default,
-# CLUSTER_MODE=leader, is as described above.
+# serves its shards again (handed back by the others) before the next round.
 #
-#   bench/failover.sh            # needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL, or it
-#                                # starts one with .ci/postgres.sh (and stops it after)
+#   bench/failover.sh            # sharded; needs a PostgreSQL: DISPATCH_TEST_DATABASE_URL,
+#                                # or it starts one with .ci/postgres.sh (and stops it after)
 #   ROUNDS=5 PROFILE=release bench/failover.sh
-#   ROUNDS=3 CLUSTER_MODE=sharded bench/failover.sh
+#   ROUNDS=3 CLUSTER_MODE=leader bench/failover.sh
 #
 # Debug builds unless PROFILE=release. Ports BASE_PORT+1..3 (clients) and BASE_PORT+11..13
 # (cluster links); BASE_PORT 24100.

@@ -13,7 +13,9 @@ a live dispatchd.
 5. Every metric the dashboards and alerts name is a sample name in that scrape, or, for
    cluster mode's series (`dispatch_cluster_*`, which a single node does not export), in
    the scrapes of two real nodes in cluster mode on a fresh PostgreSQL database when
-   DISPATCH_TEST_DATABASE_URL names a server (CI's; needs psql). Without one those names
+   DISPATCH_TEST_DATABASE_URL names a server (CI's; needs psql): a pair in sharded mode
+   (the default) and a pair in leader mode, each of which must export its own mode's
+   series (MODE_SERIES). Without one those names
    are only warned about (KNOWN_MISSING) and left to k8s/check.py's live cluster. And
    the other way round: every `dispatch_` family in the scrape is on a dashboard or in an
    alert.
@@ -67,8 +69,8 @@ KNOWN_MISSING.update({n: _CLUSTER_ONLY for n in [
     "dispatch_cluster_relayed_sessions", "dispatch_cluster_relay_messages_total",
     "dispatch_cluster_relay_attach_seconds_bucket", "dispatch_cluster_relay_errors_total",
     "dispatch_cluster_tls_refusals_total",
-    # The shard controller's: only with --cluster-mode sharded (the cluster scrape below
-    # runs a sharded pair too).
+    # The shard controller's: only with --cluster-mode sharded, the default (the cluster
+    # scrape below runs a sharded pair, and a leader pair).
     "dispatch_cluster_shards_held", "dispatch_cluster_shards_unowned",
     "dispatch_cluster_shard_claims_total", "dispatch_cluster_shard_handoffs_total",
     "dispatch_cluster_shard_ends_total", "dispatch_cluster_shard_renewals_failed_total",
@@ -262,11 +264,27 @@ class Server:
             return ""
 
 
-def cluster_scrape(binary, tmp, database_url, mode="leader"):
+# What each cluster mode's scrape must show of the names above (the other mode need not):
+# the shard controller's series in sharded mode (the default), the lease of the one leader
+# in leader mode. Checked against each mode's own scrape, not only the union of both.
+MODE_SERIES = {
+    "sharded": ["dispatch_cluster_shards_held", "dispatch_cluster_shards_unowned",
+                "dispatch_cluster_shard_claims_total", "dispatch_cluster_shard_ends_total",
+                "dispatch_cluster_shard_renewals_failed_total", "dispatch_cluster_fenced_commits_total",
+                "dispatch_cluster_members",
+                "dispatch_cluster_peer_up"],
+    "leader": ["dispatch_cluster_leader", "dispatch_cluster_epoch", "dispatch_cluster_takeovers_total",
+               "dispatch_cluster_lease_renewals_failed_total", "dispatch_cluster_fenced_commits_total",
+               "dispatch_cluster_members",
+               "dispatch_cluster_peer_up"],
+}
+
+
+def cluster_scrape(binary, tmp, database_url, mode):
     """Two real nodes in cluster mode (--node-name, --cluster-listen, each other as peers,
-    --cluster-mode `mode`) on a fresh database of `database_url`'s server: once one leads
-    (leader mode; both serve their shards in sharded mode) and both count two members,
-    the union of the sample names of their /metrics."""
+    --cluster-mode `mode`, always said) on a fresh database of `database_url`'s server: once
+    one leads (leader mode; both serve their shards in sharded mode) and both count two
+    members, the union of the sample names of their /metrics."""
     if not shutil.which("psql"):
         raise Failure("DISPATCH_TEST_DATABASE_URL is set but psql is not on PATH (apt-get install postgresql-client)")
     db = f"dispatch_dashcheck_{os.getpid()}_{secrets.token_hex(4)}"
@@ -621,8 +639,12 @@ def main():
             raise Skip("no DISPATCH_TEST_DATABASE_URL: cluster mode's series are not checked here (k8s/check.py does)")
         if not os.access(args.binary, os.X_OK):
             raise Failure(f"no server binary at {args.binary}")
-        for mode in ("leader", "sharded"):
+        # The default mode first.
+        for mode in ("sharded", "leader"):
             names = cluster_scrape(args.binary, tmp, database_url, mode)
+            absent = [n for n in MODE_SERIES[mode] if n not in names]
+            if absent:
+                raise Failure(f"two nodes in {mode} cluster mode do not export {', '.join(absent)}")
             cluster_names |= names
             say(f"cluster: two nodes in {mode} cluster mode on PostgreSQL export {len(names)} names, "
                 f"{len([n for n in names if n.startswith('dispatch_cluster_')])} of them dispatch_cluster_*")

@@ -19,11 +19,15 @@ What it does (k8s/README.md, "The check"):
      /readyz and /metrics where the manifests look for them, takes the admin token from the
      environment, and stops on SIGTERM within its bound; the HEALTHCHECK program of the
      Dockerfile, compiled from the Dockerfile itself, is run against it.
-  5. the cluster overlay (several nodes, active/standby on PostgreSQL): its own facts
+  5. the cluster overlay (several nodes in sharded mode on PostgreSQL): its own facts
      (check_cluster), then three real dispatchd nodes with its ConfigMap on a fresh database
-     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: exactly one leads, SIGTERM it, another does;
-     the same for the cluster-tls overlay (TLS on the links, certificates made with openssl),
-     where plain bytes on a cluster port must also be refused and counted.
+     of DISPATCH_TEST_DATABASE_URL's PostgreSQL: every node ready, every shard held by
+     exactly one of them (the store's leases against each node's count), the shard metrics
+     and every cluster series the dashboards and alerts name exported; SIGTERM one: it
+     exits 0 with its leases released and the others hold every shard; a 4th node (the
+     HPA's next pod) joins and takes its share. The same for the cluster-tls overlay (TLS
+     on the links, certificates made with openssl), where plain bytes on a cluster port
+     must also be refused and counted.
 Ends with 'k8s: N passed, N failed' and exits non-zero on any failure.
 """
 
@@ -52,9 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "prod", "cluster", "cluster-tls"]
-# Overlays of several nodes (issue 16): active/standby over one PostgreSQL store. Their facts
-# differ from the one-node overlays' (replicas, an HPA, probes, no volume claim, the cluster
-# port, Secrets for the database URL and the cookie); check_cluster() checks those.
+# Overlays of several nodes (issue 16): sharded cluster mode over one PostgreSQL store. Their
+# facts differ from the one-node overlays' (replicas, an HPA, the readiness tolerance, no
+# volume claim, the cluster port, Secrets for the database URL and the cookie);
+# check_cluster() checks those.
 CLUSTER_OVERLAYS = {"cluster": 3, "cluster-tls": 3}
 # Overlays with TLS on the cluster links (--cluster-tls-*): the three files of a Secret.
 TLS_OVERLAYS = {"cluster-tls"}
@@ -68,16 +73,27 @@ CLUSTER_METRIC_PREFIXES = ("dispatch_cluster_", "dispatch_store_fenced")
 # Cluster names dashboards/ uses that dispatchd does not export yet (dashboards/check.py's
 # NOT_WIRED): none now.
 NOT_WIRED: set[str] = set()
-# The shard controller's series: exported only with --cluster-mode sharded, while these
-# manifests run the default leader mode (dashboards/check.py scrapes a sharded pair).
-SHARDED_ONLY = {
+# What the overlays run (DISPATCH_CLUSTER_MODE, said in the ConfigMap).
+CLUSTER_MODE = "sharded"
+# The shard controller's series: a sharded node must export every one of them.
+SHARD_METRICS = {
     "dispatch_cluster_shards_held", "dispatch_cluster_shards_unowned",
     "dispatch_cluster_shard_claims_total", "dispatch_cluster_shard_handoffs_total",
     "dispatch_cluster_shard_ends_total", "dispatch_cluster_shard_renewals_failed_total",
     "dispatch_cluster_shard_claim_errors_total", "dispatch_cluster_shard_claims_deferred_total",
+    "dispatch_cluster_fenced_commits_total",
 }
-# The lease epoch gauge, compared across a takeover.
-EPOCH_METRIC = "dispatch_cluster_epoch"
+# The one leader's lease (--cluster-mode leader, transport/src/server/failover.rs): not
+# exported by sharded nodes, whose shards' leases the series above count. The dashboards'
+# "Cluster" row and the DispatchClusterNoLeader/TwoLeaders/TakeoversFlapping/
+# LeaseRenewalsFailing alerts read them (dashboards/check.py scrapes a leader pair for them).
+LEADER_ONLY = {
+    "dispatch_cluster_leader", "dispatch_cluster_epoch", "dispatch_cluster_takeovers_total",
+    "dispatch_cluster_lease_renewals_failed_total",
+}
+# The entity shards (1..=256) and WHOLE_CITY (0): every sharded cluster's, service area or not
+# (docs/sharding.md §1).
+ENTITY_SHARDS = 256
 
 # Pinned tools. kubernetes-validate 1.37.0 carries the schemas of Kubernetes 1.24 to 1.37.
 PIP_PACKAGES = [
@@ -498,9 +514,9 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
         p = g.get("port")
         return g.get("path"), ports.get(p, p) if isinstance(p, str) else p
 
-    # A standby's /readyz is 503 for as long as another node leads: a startup probe on it
-    # would restart every standby once its budget ran out, so cluster overlays start on /healthz.
-    for name, want in (("startupProbe", LIVENESS_PATH if nodes else READINESS_PATH), ("readinessProbe", READINESS_PATH),
+    # A sharded node's /readyz is 200 once it serves every shard the map gives it: the startup
+    # probe waits for that (its share loaded), as a single node's waits for its recovery.
+    for name, want in (("startupProbe", READINESS_PATH), ("readinessProbe", READINESS_PATH),
                        ("livenessProbe", LIVENESS_PATH)):
         got = probe(name)
         C.ok(got == (want, ADMIN_PORT), f"{name} GET {got[0]} on port {got[1]}", f"expected {want} on {ADMIN_PORT}")
@@ -574,15 +590,24 @@ def check_manifests(overlay: str, objs: list[dict], help_env: set[str], image: d
 
 def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict[str, str],
                   mounts: dict[str, str], claims: set[str], ports: dict[str, int]) -> None:
-    """The facts of an overlay of several nodes (k8s/README.md, "Running several nodes")."""
+    """The facts of an overlay of several nodes in sharded mode (k8s/README.md, "Running
+    several nodes")."""
     spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
-    C.ok(spec["replicas"] == nodes, f"replicas: {spec['replicas']} (want {nodes}: one leader, the rest standbys)")
-    # OrderedReady would wait for each pod to be Ready before creating the next, and a
-    # standby never is; a RollingUpdate would likewise stop after the first updated standby.
+    C.ok(spec["replicas"] == nodes, f"replicas: {spec['replicas']} (want {nodes} nodes sharing the shards)")
+    C.ok(data.get("DISPATCH_CLUSTER_MODE") == CLUSTER_MODE,
+         f"DISPATCH_CLUSTER_MODE={data.get('DISPATCH_CLUSTER_MODE')} in the ConfigMap (want {CLUSTER_MODE}, said "
+         "so that a change of dispatchd's default never changes what the overlay runs)")
+    C.ok(bool(data.get("DISPATCH_SERVICE_AREA")), f"DISPATCH_SERVICE_AREA={data.get('DISPATCH_SERVICE_AREA')} "
+         "(the cell shards; without it a trip in a cell with no trips yet has no owner)")
+    # OrderedReady would start dispatchd-0 alone: it would claim and load the whole city,
+    # then hand it off again as each other pod came up.
     C.ok(spec.get("podManagementPolicy") == "Parallel", f"podManagementPolicy {spec.get('podManagementPolicy')} "
-         "is Parallel (a standby is never Ready: OrderedReady would never create the next pod)")
-    C.ok(spec.get("updateStrategy", {}) == {"type": "OnDelete"}, f"updateStrategy {spec.get('updateStrategy')} is "
-         "OnDelete (a rolling update waits for each pod to be Ready)")
+         "is Parallel (the pods start together and each claims only its share)")
+    # Every pod becomes Ready once it serves its shards, so a rolling update moves on, one
+    # pod (one handoff) at a time.
+    upd = spec.get("updateStrategy", {})
+    C.ok(upd.get("type") == "RollingUpdate" and upd.get("rollingUpdate", {}).get("maxUnavailable", 1) == 1,
+         f"updateStrategy {upd} is RollingUpdate, one pod at a time (each hands its shards off and back)")
 
     env = {e["name"]: e for e in ctr.get("env", [])}
     C.ok(data.get("DISPATCH_STORE") == "postgres", f"DISPATCH_STORE={data.get('DISPATCH_STORE')} (the shared store)")
@@ -609,6 +634,20 @@ def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict
          and data.get("DISPATCH_DATA_DIR") == DATA_DIR,
          f"no volumeClaimTemplate: {DATA_DIR} is an emptyDir (nothing durable there with the PostgreSQL store)")
 
+    # Timings of a handoff and a takeover against the probes and the grace period.
+    ttl = int(data.get("DISPATCH_LEASE_TTL_MS", "5000"))
+    renew = int(data.get("DISPATCH_LEASE_RENEW_MS", str(ttl // 3)))
+    rp = ctr.get("readinessProbe", {})
+    tolerance = rp.get("periodSeconds", 10) * rp.get("failureThreshold", 3)
+    C.ok(tolerance * 1000 >= 2 * ttl + renew,
+         f"readiness tolerates {tolerance} s of 503, at least twice the lease TTL plus a renewal "
+         f"({(2 * ttl + renew) / 1000:.0f} s): survivors taking over a lost pod's shards stay in the client Service")
+    shutdown_ms = int(data.get("DISPATCH_SHUTDOWN_TIMEOUT_MS", "10000"))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    C.ok(grace * 1000 > shutdown_ms + ttl,
+         f"terminationGracePeriodSeconds {grace} s > the shutdown bound {shutdown_ms} ms + a lease TTL: the "
+         "SIGTERM handoff (shards ended, leases released) finishes before the kubelet's SIGKILL")
+
     listen = data.get("DISPATCH_CLUSTER_LISTEN", ":0")
     C.ok(port_of(listen) == ports.get("cluster") == CLUSTER_PORT and listen.startswith(("0.0.0.0:", "[::]:")),
          f"DISPATCH_CLUSTER_LISTEN {listen} is the `cluster` container port, on every interface")
@@ -623,7 +662,8 @@ def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict
     hs = svcs.get(svc, {}).get("spec", {})
     hports = {p["name"]: ports.get(p["targetPort"], p["targetPort"]) for p in hs.get("ports", [])}
     C.ok(hports.get("cluster") == CLUSTER_PORT and hs.get("publishNotReadyAddresses") is True,
-         f"headless Service {svc} has the cluster port and publishes not-ready pods (standbys are never Ready)")
+         f"headless Service {svc} has the cluster port and publishes not-ready pods (a starting pod is a member "
+         "before it is Ready)")
     others = [n for n, s in svcs.items() if n != svc and any(ports.get(p["targetPort"], p["targetPort"]) == CLUSTER_PORT
                                                              for p in s["spec"]["ports"])]
     C.ok(not others, f"no other Service exposes {CLUSTER_PORT}", str(others))
@@ -646,7 +686,8 @@ def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict
 
     (pdb,) = named(objs, "PodDisruptionBudget").values()
     keep = pdb["spec"].get("minAvailable")
-    C.ok(isinstance(keep, int) and 2 <= keep < nodes, f"PodDisruptionBudget minAvailable {keep} < replicas {nodes}")
+    C.ok(isinstance(keep, int) and 2 <= keep < nodes,
+         f"PodDisruptionBudget minAvailable {keep}: at least 2 and below replicas {nodes} (one eviction at a time)")
     hpas = list(named(objs, "HorizontalPodAutoscaler").values())
     C.ok(len(hpas) == 1 and hpas[0]["apiVersion"] == "autoscaling/v2", f"one autoscaling/v2 HorizontalPodAutoscaler "
          f"({[h['metadata']['name'] for h in hpas]})")
@@ -656,13 +697,24 @@ def check_cluster(nodes: int, objs: list[dict], sts: dict, ctr: dict, data: dict
         C.ok((ref.get("apiVersion"), ref["kind"], ref["name"]) == ("apps/v1", "StatefulSet", sts["metadata"]["name"]),
              f"its scale target is the StatefulSet ({ref})")
         lo, hi = h.get("minReplicas", 1), h["maxReplicas"]
-        C.ok(isinstance(keep, int) and keep < lo <= nodes <= hi,
-             f"minReplicas {lo} > the PDB's minAvailable {keep}, and replicas {nodes} within [{lo}, {hi}]")
+        C.ok(isinstance(keep, int) and keep < lo == nodes < hi,
+             f"minReplicas {lo} > the PDB's minAvailable {keep}, = replicas {nodes} (the pods the peers name), "
+             f"and maxReplicas {hi} above it (scaling adds members that take shards)")
         cpu = [m for m in h.get("metrics", []) if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
         req = ctr.get("resources", {}).get("requests", {}).get("cpu")
         C.ok(len(cpu) == 1 and cpu[0]["resource"]["target"]["type"] == "Utilization" and req is not None,
              f"it scales on CPU utilisation ({cpu[0]['resource']['target'].get('averageUtilization') if cpu else None}% "
              f"of the request {req})")
+        # Each step moves ~1/N of the shards (sessions closed, shards loaded again): one pod
+        # at a time, the next step only after the last one's handoffs had time to settle.
+        for way, window in (("scaleDown", 300), ("scaleUp", 0)):
+            b = h.get("behavior", {}).get(way, {})
+            pol = b.get("policies", [])
+            C.ok(bool(pol) and b.get("selectPolicy") != "Disabled"
+                 and all(p["type"] == "Pods" and p["value"] == 1 and p["periodSeconds"] >= 60 for p in pol)
+                 and b.get("stabilizationWindowSeconds", 300 if way == "scaleDown" else 0) >= window,
+                 f"{way}: one pod per {[p['periodSeconds'] for p in pol]} s at most, stabilised "
+                 f"{b.get('stabilizationWindowSeconds')} s (>= {window})", str(b))
 
 
 # ----------------------------------------------------------------------- a live dispatchd
@@ -808,9 +860,11 @@ def tls_refusals(text: str, reason: str) -> float:
 
 
 def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, database_url: str | None) -> None:
-    """Active/standby on one machine: `nodes` real dispatchd processes with the overlay's
-    ConfigMap, one fresh PostgreSQL database, loopback ports and their own node names.
-    Exactly one becomes ready; SIGTERM it; another becomes ready."""
+    """Sharded mode on one machine: `nodes` real dispatchd processes with the overlay's
+    ConfigMap, one fresh PostgreSQL database, loopback ports and their own node names. Every
+    node becomes ready and every shard is held by exactly one of them; SIGTERM one: its
+    leases are released and the others hold every shard; a new node joins (as the HPA's
+    next pod would, not named in the peers) and takes its share."""
     section(f"k8s/overlays/{overlay}: {nodes} real dispatchd nodes with its ConfigMap and a real PostgreSQL")
     if not C.ok(database_url is not None, "a PostgreSQL to run against (DISPATCH_TEST_DATABASE_URL)",
                 "unset: `source .ci/postgres.sh start` first (or pass --skip-cluster-live)"):
@@ -825,135 +879,153 @@ def live_cluster(overlay: str, binary: Path, data: dict[str, str], nodes: int, d
     m = re.match(r"(postgres(?:ql)?://[^?]*/)[^/?]*(\?.*)?$", database_url)
     url = f"{m.group(1)}{db}{m.group(2) or ''}" if m else f"{database_url} dbname={db}"
     ttl_ms = int(data.get("DISPATCH_LEASE_TTL_MS", "5000"))
-    procs: list[subprocess.Popen | None] = []
+    bound = int(data.get("DISPATCH_SHUTDOWN_TIMEOUT_MS", "10000")) / 1000
+    # The overlay's pods, then one more: the pod a scale-up adds.
+    procs: list[subprocess.Popen | None] = [None] * (nodes + 1)
     with tempfile.TemporaryDirectory(prefix="dispatchd-k8s-cluster-") as tmp:
         cookie = Path(tmp, "cookie")
         cookie.write_text(secrets.token_hex(32))
         cookie.chmod(0o400)
-        addrs = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
-        # The overlay lists every pod, itself included; so does this.
-        peers = ",".join(f"127.0.0.1:{c}" for _, _, c in addrs)
+        addrs = [(free_port(), free_port(), free_port()) for _ in range(nodes + 1)]
+        # The overlay lists its `nodes` pods, itself included; so does this. The added pod is
+        # not listed (as dispatchd-3 is not in the overlay's peers): it dials them.
+        peers = ",".join(f"127.0.0.1:{c}" for _, _, c in addrs[:nodes])
         # A TLS overlay's files, made here (in the pod: the mounted Secret's).
         tls = make_test_tls(tmp) if any(k in data for k in TLS_KEYS) else {}
         token = secrets.token_urlsafe(24)
         logs = []
+
+        def start(i: int) -> None:
+            client, admin, clus = addrs[i]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+            env.update(data)
+            # What the pod gets beyond the ConfigMap (its name, the two Secrets), and loopback
+            # addresses instead of the pods' names and ports.
+            env.update(DISPATCH_LISTEN=f"127.0.0.1:{client}", DISPATCH_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+                       DISPATCH_CLUSTER_LISTEN=f"127.0.0.1:{clus}", DISPATCH_CLUSTER_PEERS=peers,
+                       DISPATCH_CLUSTER_COOKIE_FILE=str(cookie), DISPATCH_NODE_NAME=f"dispatchd-{i}",
+                       DISPATCH_DATABASE_URL=url, DISPATCH_DATA_DIR=f"{tmp}/data-{i}", DISPATCH_ADMIN_TOKEN=token)
+            env.update(tls)
+            log = open(f"{tmp}/log-{i}", "w+")
+            logs.append(log)
+            procs[i] = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def tail() -> str:
+            return "".join(f"\n--- dispatchd-{i}:\n" + Path(tmp, f"log-{i}").read_text()[-1500:]
+                           for i in range(nodes + 1) if Path(tmp, f"log-{i}").exists())
+
+        def scrape(i: int) -> str:
+            return get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1]
+
+        def leases() -> dict[int, str]:
+            """The live leases in the store: shard -> holder (one row per shard)."""
+            r = run(["psql", url, "-qAt", "-F", ",", "-c",
+                     "SELECT shard, holder FROM dispatch_leases WHERE expires_at > now()"], timeout=30)
+            return {int(a): b for a, _, b in (ln.partition(",") for ln in r.stdout.splitlines() if ln)}
+
+        def settled(live: list[int]) -> tuple[bool, str, dict[str, int]]:
+            """Every live node ready and counting the live nodes as members; every shard's lease
+            held by a live node, each node's dispatch_cluster_shards_held equal to the leases
+            the store has under its name (so no shard is counted by two nodes, nor one held
+            by nobody: shards 0..256 all there), and no node reading a shard unowned."""
+            ready = {i: get(f"http://127.0.0.1:{addrs[i][1]}{READINESS_PATH}") for i in live}
+            texts = {i: scrape(i) for i in live}
+            held = {f"dispatchd-{i}": scrape_value(texts[i], "dispatch_cluster_shards_held") for i in live}
+            unowned = {i: scrape_value(texts[i], "dispatch_cluster_shards_unowned") for i in live}
+            members = {i: scrape_value(texts[i], "dispatch_cluster_members") for i in live}
+            ls = leases()
+            by_holder = {h: sum(1 for v in ls.values() if v == h) for h in set(ls.values()) | set(held)}
+            detail = (f"ready {[(i, c, b[:100]) for i, (c, b) in ready.items()]}, members {members}, held {held}, "
+                      f"leases per holder {by_holder}, unowned {unowned}, "
+                      f"entity shards or 0 with no live lease {[s for s in range(ENTITY_SHARDS + 1) if s not in ls][:10]}")
+            ok = (all(c == 200 for c, _ in ready.values()) and all(v == len(live) for v in members.values())
+                  and set(ls.values()) <= set(held) and all(by_holder.get(h) == v for h, v in held.items())
+                  and all(s in ls for s in range(ENTITY_SHARDS + 1)) and all(v == 0 for v in unowned.values()))
+            return ok, detail, {h: by_holder.get(h, 0) for h in held}
+
+        def wait_settled(live: list[int], within: float) -> tuple[bool, str, dict[str, int], float]:
+            t0 = time.monotonic()
+            while True:
+                ok, detail, share = settled(live)
+                if ok or time.monotonic() - t0 > within or any(procs[i].poll() is not None for i in live):
+                    return ok, detail, share, time.monotonic() - t0
+                time.sleep(0.25)
+
         try:
-            for i, (client, admin, clus) in enumerate(addrs):
-                env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
-                env.update(data)
-                # What the pod gets beyond the ConfigMap (its name, the two Secrets), and loopback
-                # addresses instead of the pods' names and ports.
-                env.update(DISPATCH_LISTEN=f"127.0.0.1:{client}", DISPATCH_ADMIN_LISTEN=f"127.0.0.1:{admin}",
-                           DISPATCH_CLUSTER_LISTEN=f"127.0.0.1:{clus}", DISPATCH_CLUSTER_PEERS=peers,
-                           DISPATCH_CLUSTER_COOKIE_FILE=str(cookie), DISPATCH_NODE_NAME=f"dispatchd-{i}",
-                           DISPATCH_DATABASE_URL=url, DISPATCH_DATA_DIR=f"{tmp}/data-{i}", DISPATCH_ADMIN_TOKEN=token)
-                env.update(tls)
-                log = open(f"{tmp}/log-{i}", "w+")
-                logs.append(log)
-                procs.append(subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT))
-
-            def tail() -> str:
-                return "".join(f"\n--- dispatchd-{i}:\n" + Path(tmp, f"log-{i}").read_text()[-1500:] for i in range(nodes))
-
-            def states() -> dict[int, tuple[int, str]]:
-                return {i: get(f"http://127.0.0.1:{addrs[i][1]}{READINESS_PATH}")
-                        for i, p in enumerate(procs) if p is not None and p.poll() is None}
-
-            def one_leader(within: float) -> tuple[int | None, dict, float]:
-                """Waits until exactly one live node answers /readyz 200 and every other live one 503
-                naming it: a standby that knows the leader, not a node still recovering (503 too)
-                or one that has not read the lease yet."""
-                t0 = time.monotonic()
-                st: dict = {}
-                while time.monotonic() - t0 < within:
-                    st = states()
-                    ready = [i for i, (code, _) in st.items() if code == 200]
-                    if len(ready) == 1 and all(code == 503 and f"dispatchd-{ready[0]}" in body
-                                               for i, (code, body) in st.items() if i != ready[0]):
-                        return ready[0], st, time.monotonic() - t0
-                    time.sleep(0.1)
-                return None, st, time.monotonic() - t0
-
-            # Startup: connect, migrate, race for the lease. A minute is generous on any machine.
-            leader, st, took = one_leader(60)
-            if not C.ok(leader is not None and len(st) == nodes,
-                        f"exactly one of the {nodes} nodes is ready (/readyz 200), the others 503 naming it: "
-                        f"dispatchd-{leader} after {took:.1f} s",
-                        f"/readyz: { {i: (c, b[:120]) for i, (c, b) in st.items()} }, exited: "
-                        f"{[i for i, p in enumerate(procs) if p and p.poll() is not None]}{tail()}"):
+            for i in range(nodes):
+                start(i)
+            first = list(range(nodes))
+            # Startup: connect, migrate, wait for the peers, claim and load each share.
+            ok, detail, share, took = wait_settled(first, 90)
+            if not C.ok(ok, f"all {nodes} nodes ready (/readyz 200) and every shard held by exactly one of them "
+                        f"(the store's live leases per node = its dispatch_cluster_shards_held, none unowned) after "
+                        f"{took:.1f} s: {share}", detail + tail()):
                 return
-            standbys = [i for i in range(nodes) if i != leader]
-            s0 = standbys[0]
-            C.ok(get(f"http://127.0.0.1:{addrs[s0][1]}{LIVENESS_PATH}")[0] == 200,
-                 f"a standby's {LIVENESS_PATH} is 200 (liveness never restarts it)")
-            code, body = get(f"http://127.0.0.1:{addrs[s0][0]}/v1/riders", body=RIDER)
-            C.ok(code == 503 and '"unavailable"' in body,
-                 f"a standby answers a client route (POST /v1/riders) 503 unavailable ({code})", body[:200])
-            # Membership: every node counts all of them (dials and heartbeats take a moment).
-            t0, members = time.monotonic(), {}
-            while time.monotonic() - t0 < 30:
-                members = {i: scrape_value(get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1],
-                                           "dispatch_cluster_members") for i in range(nodes)}
-                if all(v == nodes for v in members.values()):
-                    break
-                time.sleep(0.2)
-            C.ok(all(v == nodes for v in members.values()),
-                 f"membership formed: every node counts {nodes} members (dispatch_cluster_members) after "
-                 f"{time.monotonic() - t0:.1f} s", str(members))
+            total = len(leases())
+            C.ok(all(v > 0 for v in share.values()), f"every node holds a share of the {total} shards: {share}")
+            C.ok(total > ENTITY_SHARDS + 1 if data.get("DISPATCH_SERVICE_AREA") else total == ENTITY_SHARDS + 1,
+                 f"{total} shards: the {ENTITY_SHARDS} account shards, shard 0 and "
+                 f"{total - ENTITY_SHARDS - 1} cell shards of DISPATCH_SERVICE_AREA")
+            code, body = get(f"http://127.0.0.1:{addrs[0][0]}/v1/riders", body=RIDER)
+            C.ok(code == 201, f"a node serves clients (POST /v1/riders {code}: an account drawn in a shard it serves)",
+                 body[:200])
             if tls:
                 # The links are TLS: plain bytes on a node's cluster port are refused as not TLS.
-                text = get(f"http://127.0.0.1:{addrs[0][1]}{METRICS_PATH}")[1]
-                before = tls_refusals(text, "not_tls")
-                with socket.create_connection(("127.0.0.1", addrs[0][2]), timeout=5) as s:
-                    s.sendall(b"\x00" * 7 + b"\x05hello")
+                before = tls_refusals(scrape(0), "not_tls")
+                with socket.create_connection(("127.0.0.1", addrs[0][2]), timeout=5) as sock:
+                    sock.sendall(b"\x00" * 7 + b"\x05hello")
                 t0, after = time.monotonic(), before
                 while time.monotonic() - t0 < 10 and after <= before:
                     time.sleep(0.1)
-                    after = tls_refusals(get(f"http://127.0.0.1:{addrs[0][1]}{METRICS_PATH}")[1], "not_tls")
+                    after = tls_refusals(scrape(0), "not_tls")
                 C.ok(0 <= before < after, "TLS on the links: plain bytes on a cluster port are refused and counted "
                      f"(dispatch_cluster_tls_refusals_total not_tls {before} -> {after})")
-            metrics = {i: get(f"http://127.0.0.1:{addrs[i][1]}{METRICS_PATH}")[1] for i in range(nodes)}
-            flags = {i: scrape_value(metrics[i], "dispatch_cluster_leader") for i in range(nodes)}
-            C.ok(flags == {i: float(i == leader) for i in range(nodes)},
-                 "dispatch_cluster_leader is 1 on the leader, 0 on the standbys", str(flags))
-            epoch = scrape_value(metrics[leader], EPOCH_METRIC)
+            # The series the dashboards and alerts name, against what sharded nodes export.
             used = set()
             for f in [*(ROOT / "dashboards").glob("*.json"), ROOT / "dashboards" / "alerts.yml"]:
                 used |= set(re.findall(r"\b(?:" + "|".join(CLUSTER_METRIC_PREFIXES) + r")[a-zA-Z0-9_]*[a-zA-Z0-9]",
                                        f.read_text()))
-            exported = {ln.split("{")[0].split(" ")[0] for t in metrics.values() for ln in t.splitlines()
+            exported = {ln.split("{")[0].split(" ")[0] for i in first for ln in scrape(i).splitlines()
                         if ln and not ln.startswith("#")}
+            C.ok(SHARD_METRICS <= exported, f"the shard controller's {len(SHARD_METRICS)} series are exported",
+                 f"missing: {sorted(SHARD_METRICS - exported)}")
+            C.ok(not LEADER_ONLY & exported, "no leader-mode series (the nodes run sharded, not leader)",
+                 str(sorted(LEADER_ONLY & exported)))
             missing = sorted(n for n in used if n not in exported and f"{n}_bucket" not in exported
-                             and n not in NOT_WIRED and n not in SHARDED_ONLY)
-            C.ok(bool(used) and not missing, f"the {len(used)} cluster metric names dashboards/ uses are in the nodes' "
-                 "scrapes", f"not exported: {missing}")
+                             and n not in NOT_WIRED and n not in LEADER_ONLY)
+            C.ok(bool(used) and not missing, f"the {len(used - LEADER_ONLY)} cluster metric names dashboards/ and "
+                 f"alerts.yml use outside leader mode's are in the nodes' scrapes", f"not exported: {missing}")
 
-            # The leader goes away as Kubernetes stops a pod: SIGTERM, then it must exit 0.
+            # A pod goes away as Kubernetes stops it (a drain, a rolling update, a scale-down):
+            # SIGTERM. Its shards end as a handoff: leases released, claimed by the others at once.
+            ls = leases()
+            victim = int(ls[0].rsplit("-", 1)[1])  # the holder of shard 0 (the operator's settings)
             t0 = time.monotonic()
-            procs[leader].send_signal(signal.SIGTERM)
-            bound = int(data.get("DISPATCH_SHUTDOWN_TIMEOUT_MS", "10000")) / 1000
+            procs[victim].send_signal(signal.SIGTERM)
             try:
-                code = procs[leader].wait(timeout=bound + 5)
+                code = procs[victim].wait(timeout=bound + 5)
             except subprocess.TimeoutExpired:
                 code = None
-            C.ok(code == 0, f"SIGTERM to the leader dispatchd-{leader}: exit {code} after "
+            C.ok(code == 0, f"SIGTERM to dispatchd-{victim} (shard 0's holder): exit {code} after "
                  f"{time.monotonic() - t0:.1f} s (bound {bound:.0f} s)")
-            # A standby takes over once the lease has run out (or at once, if the leader
-            # released it on its way out). The bound: twice the TTL plus start-up slack, far
-            # from anything this machine's speed decides.
-            new, st, took = one_leader(2 * ttl_ms / 1000 + 30)
-            C.ok(new is not None and new != leader and len(st) == nodes - 1,
-                 f"after the leader's SIGTERM, exactly one standby becomes ready (the other names it): dispatchd-{new}, "
-                 f"{time.monotonic() - t0:.1f} s after the signal (lease TTL {ttl_ms} ms)",
-                 f"/readyz: { {i: c for i, (c, _) in st.items()} }{tail()}")
-            if new is not None:
-                text = get(f"http://127.0.0.1:{addrs[new][1]}{METRICS_PATH}")[1]
-                e2 = scrape_value(text, EPOCH_METRIC)
-                C.ok(epoch is not None and e2 is not None and e2 > epoch,
-                     f"the new leader's lease epoch {e2} is above the old one's {epoch} (its writes fence the old)")
-                C.ok(scrape_value(text, "dispatch_cluster_leader") == 1.0, "dispatch_cluster_leader 1 on the new leader")
-                code, body = get(f"http://127.0.0.1:{addrs[new][0]}/v1/riders", body=RIDER)
-                C.ok(code == 201, f"the new leader serves clients (POST /v1/riders {code})", body[:200])
+            kept = sorted(s for s, h in leases().items() if h == f"dispatchd-{victim}")
+            C.ok(not kept, f"dispatchd-{victim} released its leases as it stopped (none live under its name at its "
+                 "exit, not left to expire)", f"{len(kept)} live: {kept[:10]}")
+            rest = [i for i in first if i != victim]
+            ok, detail, share, _ = wait_settled(rest, 2 * ttl_ms / 1000 + 30)
+            C.ok(ok, f"the other {len(rest)} hold every shard and are ready {time.monotonic() - t0:.1f} s after the "
+                 f"signal (lease TTL {ttl_ms} ms): {share}", detail + tail())
+            # Scale-up: the HPA's next pod, not in the peers, dials them and takes its share by
+            # handoff; the others' counts shrink to match.
+            joiner = nodes
+            t0 = time.monotonic()
+            start(joiner)
+            ok, detail, share, took = wait_settled([*rest, joiner], 90)
+            C.ok(ok and share.get(f"dispatchd-{joiner}", 0) > 0,
+                 f"a new node (dispatchd-{joiner}, not in the peers) joins, is ready and holds its share {took:.1f} s "
+                 f"after its start; every shard held by exactly one node: {share}", detail + tail())
+            code, body = get(f"http://127.0.0.1:{addrs[joiner][0]}/v1/riders", body=RIDER)
+            C.ok(code == 201, f"the new node serves clients (POST /v1/riders {code})", body[:200])
         finally:
             for p in procs:
                 if p is not None and p.poll() is None:

@@ -23,12 +23,15 @@ pub fn cluster_setup(test: &str, cookie: &str) -> Option<(String, tempfile::Temp
     Some((db, dir, file))
 }
 
-/// A node named `name` in cluster mode on the database `db`: its cluster port on loopback,
-/// the peers' ports (`localhost:<port>`: a DNS name, resolved on every dial, as a
+/// A node named `name` in cluster mode `mode` (`--cluster-mode`: `"leader"` or
+/// `"sharded"`, said even for the default) on the database `db`: its cluster port on
+/// loopback, the peers' ports (`localhost:<port>`: a DNS name, resolved on every dial, as a
 /// StatefulSet's peers are), the cookie in `cookie_file`, the given heartbeat and peer
 /// timeout, then `extra` flags.
+#[allow(clippy::too_many_arguments)]
 pub fn cluster_node(
     name: &str,
+    mode: &str,
     port: u16,
     peer_ports: &[u16],
     cookie_file: &Path,
@@ -43,6 +46,8 @@ pub fn cluster_node(
     let mut flags = vec![
         "--node-name".to_owned(),
         name.to_owned(),
+        "--cluster-mode".to_owned(),
+        mode.to_owned(),
         "--cluster-listen".to_owned(),
         format!("127.0.0.1:{port}"),
         "--cluster-peers".to_owned(),

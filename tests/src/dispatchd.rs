@@ -607,9 +607,9 @@ impl ClusterFixture {
             .join(",")
     }
 
-    /// A node in sharded cluster mode (`--cluster-mode sharded`): [`ClusterFixture::node`]
-    /// with its cluster port `ports[i]`, every port of `ports` as peers, and
-    /// `--lease-ttl-ms ttl_ms` renewed every 400 ms.
+    /// A node in sharded cluster mode (`--cluster-mode sharded`, the default, said
+    /// anyway): [`ClusterFixture::member`] with its cluster port `ports[i]`, every port of
+    /// `ports` as peers, and `--lease-ttl-ms ttl_ms` renewed every 400 ms.
     pub fn sharded_node(
         &self,
         name: &str,
@@ -617,14 +617,24 @@ impl ClusterFixture {
         admin: &str,
         ttl_ms: u64,
     ) -> DispatchdBuilder {
-        self.node(name, ports[i], &Self::peers(ports), admin)
+        self.member(name, ports[i], &Self::peers(ports), admin)
             .flags(&["--cluster-mode", "sharded", "--lease-renew-ms", "400"])
             .flags(&["--lease-ttl-ms".to_owned(), ttl_ms.to_string()])
     }
 
-    /// A node `name` of the cluster on this database: its cluster port on 127.0.0.1:`port`,
-    /// `peers` (`host:port,…`), heartbeats every 200 ms, a peer dead after 1 s.
-    pub fn node(&self, name: &str, port: u16, peers: &str, admin: &str) -> DispatchdBuilder {
+    /// A node in leader cluster mode (`--cluster-mode leader`: one node serves the whole
+    /// city, the others stand by and relay to it): [`ClusterFixture::member`] with the
+    /// mode said, since sharded is the default.
+    pub fn leader_node(&self, name: &str, port: u16, peers: &str, admin: &str) -> DispatchdBuilder {
+        self.member(name, port, peers, admin)
+            .flags(&["--cluster-mode", "leader"])
+    }
+
+    /// A node `name` of the cluster on this database, in no mode of its own (callers say
+    /// which: [`ClusterFixture::leader_node`], [`ClusterFixture::sharded_node`]): its
+    /// cluster port on 127.0.0.1:`port`, `peers` (`host:port,…`), heartbeats every 200 ms,
+    /// a peer dead after 1 s.
+    fn member(&self, name: &str, port: u16, peers: &str, admin: &str) -> DispatchdBuilder {
         // `sled_only`: the builder sets no database of its own; the env below sets ours.
         Dispatchd::builder(name)
             .sled_only()

@@ -114,6 +114,7 @@ fn tls_flags(dir: &Path, cert: &str, key: &str, ca: &str) -> Vec<String> {
 fn node(i: usize, cookie: &Path, db: &str, extra: &[String]) -> dispatch_tests::DispatchdBuilder {
     cluster_node(
         &format!("n{i}"),
+        "leader",
         PORTS[i],
         &PORTS[..3],
         cookie,

@@ -25,6 +25,7 @@ const PEER_TIMEOUT_MS: u64 = 1_000;
 fn node(i: usize, cookie_file: &std::path::Path, db: &str) -> dispatch_tests::DispatchdBuilder {
     cluster_node(
         &format!("n{i}"),
+        "leader",
         PORTS[i],
         &PORTS[..3],
         cookie_file,

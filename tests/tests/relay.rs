@@ -30,12 +30,8 @@ fn node(fx: &ClusterFixture, i: usize) -> dispatch_tests::DispatchdBuilder {
     let peers = ClusterFixture::peers(&PORTS);
     // A lease long enough that a loaded CI machine's slow renewal does not end the
     // leader's term mid-ride (the takeover after kill -9 waits this long).
-    fx.node(&format!("n{i}"), PORTS[i], &peers, ADMIN).flags(&[
-        "--lease-ttl-ms",
-        "6000",
-        "--lease-renew-ms",
-        "1000",
-    ])
+    fx.leader_node(&format!("n{i}"), PORTS[i], &peers, ADMIN)
+        .flags(&["--lease-ttl-ms", "6000", "--lease-renew-ms", "1000"])
 }
 
 /// A driver session on `d`, retried while `d` answers 503 (membership and the leader's
@@ -177,6 +173,7 @@ async fn a_paused_standby_s_session_is_closed_by_the_leader_past_what_it_may_hav
         let name = format!("b{i}");
         cluster_node(
             &name,
+            "leader",
             BOUND_PORTS[i],
             &BOUND_PORTS,
             &fx.cookie_file,

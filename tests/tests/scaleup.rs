@@ -58,7 +58,7 @@ fn peers() -> String {
 fn node(fx: &ClusterFixture, i: usize, peers: &str) -> dispatch_tests::DispatchdBuilder {
     // A lease long enough that a loaded CI machine's slow renewal does not end the
     // leader's term mid-run: the test checks that the leader never changes.
-    fx.node(&format!("n{i}"), PORTS[i], peers, ADMIN)
+    fx.leader_node(&format!("n{i}"), PORTS[i], peers, ADMIN)
         .flags(&["--lease-ttl-ms", "6000", "--lease-renew-ms", "1000"])
         .flags(SHORT_TRIP_FLAGS)
 }

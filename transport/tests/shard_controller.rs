@@ -243,6 +243,20 @@ async fn three_nodes_share_the_shards_a_stopped_ones_go_to_their_runners_up_and_
         assert_eq!(n.metrics.held.get(), mine, "{}", n.name);
         assert_eq!(n.metrics.claims.get(), mine as u64, "{}", n.name);
     }
+    // A write of n1's in a shard n2 holds is refused by n1's fenced store, and n1's
+    // controller counts it (`dispatch_cluster_fenced_commits_total`, as leader mode does).
+    assert_eq!(nodes[0].metrics.fenced_commits.get(), 0);
+    let theirs = *want.iter().find(|(_, o)| *o == "n2").unwrap().0;
+    match write_in(&nodes[0].store, theirs).await {
+        Err(StoreError::Fenced(_)) => {}
+        other => panic!("n1's write in n2's shard {theirs}: {other:?}"),
+    }
+    until(
+        Duration::from_secs(10),
+        "n1 counts its refused commit",
+        || nodes[0].metrics.fenced_commits.get() == 1,
+    )
+    .await;
 
     // n1 stops (kill -9 / SIGSTOP): no tick, no release, its fences left in its store.
     let n1 = nodes.remove(0);

@@ -45,6 +45,9 @@ fn node(pg: &PgServer, name: &str) -> DispatchdBuilder {
         .flags(&[
             "--node-name",
             name,
+            // Leader mode, said: sharded is the default.
+            "--cluster-mode",
+            "leader",
             "--lease-ttl-ms",
             TTL_MS,
             // Renewals more often than the default third: on a loaded 2-core CI machine

@@ -264,9 +264,9 @@ pub struct Args {
     pub shutdown_timeout_ms: u64,
     /// This node's name in a cluster (issue 16): unique, stable across restarts (a
     /// StatefulSet pod's name). Given, cluster mode is on: nodes that share one
-    /// PostgreSQL store (`--store postgres`) take turns holding the city's lease; the
-    /// holder serves, the others stand by and take over when it is lost. Unset: one
-    /// node, as always.
+    /// PostgreSQL store (`--store postgres`) share the city as `--cluster-mode` says
+    /// (by default each serves the shards it owns). Unset: one node, as always, whatever
+    /// `--cluster-mode` would say.
     #[arg(long, env = "DISPATCH_NODE_NAME")]
     node_name: Option<String>,
     /// How long a lease lasts without renewal (cluster mode): a dead or paused leader's
@@ -283,9 +283,9 @@ pub struct Args {
     /// shards trips are stored in.
     #[arg(long, env = "DISPATCH_SERVICE_AREA")]
     pub service_area: Option<String>,
-    /// How the nodes share the city (cluster mode, with `--node-name`): `leader` (one
-    /// node serves it all, the others stand by; the default for now) or `sharded` (each
-    /// node serves the shards it owns, `docs/sharding.md`).
+    /// How the nodes share the city (cluster mode, with `--node-name`): `sharded` (the
+    /// default: each node serves the shards it owns, `docs/sharding.md`) or `leader` (one
+    /// node serves it all, the others stand by and take over).
     #[arg(long, env = "DISPATCH_CLUSTER_MODE", value_enum)]
     pub cluster_mode: Option<ClusterMode>,
     /// Traces over OTLP: `--otlp-*` (see `crate::telemetry`).
@@ -605,7 +605,7 @@ impl Args {
         )?;
         let cluster = match (cluster, &self.service_area) {
             (Some(mut c), Some(area)) => {
-                c.service_area = Some(super::shards::service_area_shards(area)?.into());
+                c.service_area = Some(super::shards::service_area_shards_at(area, grid)?.into());
                 Some(c)
             }
             (None, Some(_)) => {
@@ -692,7 +692,8 @@ fn cluster_config(
         lease_ttl: std::time::Duration::from_millis(ttl_ms),
         lease_renew: std::time::Duration::from_millis(renew_ms),
         service_area: None,
-        mode: ClusterMode::Leader,
+        // The default mode; `--cluster-mode` overrides it in `build_and_validate`.
+        mode: ClusterMode::Sharded,
     }))
 }
 
@@ -922,11 +923,15 @@ mod tests {
         assert_eq!(c.lease_ttl.as_millis(), 5_000);
         assert_eq!(c.lease_renew.as_millis(), 1_666);
         assert!(c.service_area.is_none());
-        assert_eq!(c.mode, ClusterMode::Leader, "leader stays the default");
+        assert_eq!(c.mode, ClusterMode::Sharded, "sharded is the default");
+        let c = with(&["--node-name", "n1", "--cluster-mode", "leader"]);
+        assert_eq!(c.unwrap().cluster.unwrap().mode, ClusterMode::Leader);
         let c = with(&["--node-name", "n1", "--cluster-mode", "sharded"]);
         assert_eq!(c.unwrap().cluster.unwrap().mode, ClusterMode::Sharded);
-        let e = with(&["--cluster-mode", "sharded"]).unwrap_err();
-        assert!(e.contains("--cluster-mode needs --node-name"), "{e}");
+        for mode in ["sharded", "leader"] {
+            let e = with(&["--cluster-mode", mode]).unwrap_err();
+            assert!(e.contains("--cluster-mode needs --node-name"), "{e}");
+        }
         assert!(Args::try_parse_from(["dispatchd", "--cluster-mode", "ring"]).is_err());
         let c = with(&[
             "--node-name",
@@ -939,6 +944,26 @@ mod tests {
         .unwrap();
         let area = c.service_area.unwrap();
         assert!(area.len() > 5 && area.len() < 100, "{}", area.len());
+        // The node's own index resolution decides which shards the area's points map to.
+        let fine = with(&[
+            "--node-name",
+            "n1",
+            "--h3-resolution",
+            "9",
+            "--service-area",
+            "45.4,-73.7,45.6,-73.5",
+        ])
+        .unwrap()
+        .cluster
+        .unwrap()
+        .service_area
+        .unwrap();
+        let want = super::super::shards::service_area_shards_at(
+            "45.4,-73.7,45.6,-73.5",
+            Grid::new(9).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(&fine[..], &want[..]);
         let c = with(&[
             "--node-name",
             "n1",

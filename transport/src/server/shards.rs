@@ -479,6 +479,9 @@ pub struct ShardMetrics {
     pub renewals_failed: IntCounter,
     pub claim_errors: IntCounterVec,
     pub claims_deferred: IntCounter,
+    /// `dispatch_cluster_fenced_commits_total`, leader mode's family (`failover`) in
+    /// sharded mode: the store's refusals, brought up to `Store::fenced` every tick.
+    pub fenced_commits: IntCounter,
 }
 
 impl ShardMetrics {
@@ -524,6 +527,12 @@ impl ShardMetrics {
             "dispatch_cluster_shard_claims_deferred_total",
             "Desired shards left to a later tick by the bound on claims per tick",
         )?;
+        // The same family as leader mode's (`failover::ClusterMetrics`): the dashboards'
+        // and alerts' fenced-commit panels read it in either mode.
+        let fenced_commits = IntCounter::new(
+            "dispatch_cluster_fenced_commits_total",
+            "Commits the store refused because this node's lease had ended (nothing of them written)",
+        )?;
         for d in ["in", "out"] {
             handoffs.with_label_values(&[d]);
         }
@@ -541,6 +550,7 @@ impl ShardMetrics {
         registry.register(Box::new(renewals_failed.clone()))?;
         registry.register(Box::new(claim_errors.clone()))?;
         registry.register(Box::new(claims_deferred.clone()))?;
+        registry.register(Box::new(fenced_commits.clone()))?;
         Ok(ShardMetrics {
             held,
             unowned,
@@ -550,6 +560,7 @@ impl ShardMetrics {
             renewals_failed,
             claim_errors,
             claims_deferred,
+            fenced_commits,
         })
     }
 }
@@ -866,6 +877,10 @@ impl<H: ShardHost> ShardController<H> {
 
     /// Ends every held shard the store refused a commit for since its claim.
     fn check_fenced(&mut self) {
+        let (now, had) = (self.store.fenced(), self.metrics.fenced_commits.get());
+        if now > had {
+            self.metrics.fenced_commits.inc_by(now - had);
+        }
         let refused: Vec<ShardId> = self
             .held
             .iter()
