@@ -81,13 +81,17 @@ async fn connect(db: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A trip as the store has it: its version, and the driver it names (assigned, else
+/// offered: `trips.driver`).
+type Stored = (i64, Option<String>);
+
 /// The trips live (`trips.live`) on a shard whose lease names `holder` (a killed node's
-/// leases keep its name until claimed), each with its stored version; and how many live
-/// trips are on other shards.
-async fn live_on(db: &tokio_postgres::Client, holder: &str) -> (BTreeMap<String, i64>, i64) {
+/// leases keep its name until claimed), as stored; and how many live trips are on other
+/// shards.
+async fn live_on(db: &tokio_postgres::Client, holder: &str) -> (BTreeMap<String, Stored>, i64) {
     let rows = db
         .query(
-            "SELECT t.k, t.ver, l.holder = $1 FROM trips t \
+            "SELECT t.k, t.ver, l.holder = $1, t.driver FROM trips t \
              LEFT JOIN dispatch_leases l ON l.shard = t.shard WHERE t.live",
             &[&holder],
         )
@@ -98,7 +102,7 @@ async fn live_on(db: &tokio_postgres::Client, holder: &str) -> (BTreeMap<String,
     for r in rows {
         if r.get::<_, Option<bool>>(2) == Some(true) {
             let id = String::from_utf8(r.get(0)).expect("a trip id");
-            on.insert(id, r.get::<_, i64>(1));
+            on.insert(id, (r.get(1), r.get(3)));
         } else {
             elsewhere += 1;
         }
@@ -111,7 +115,7 @@ async fn live_on(db: &tokio_postgres::Client, holder: &str) -> (BTreeMap<String,
 /// risen (the instant the read returned), from `killed`.
 async fn watch_moves(
     db: tokio_postgres::Client,
-    live: BTreeMap<String, i64>,
+    live: BTreeMap<String, Stored>,
     killed: Instant,
 ) -> BTreeMap<String, Duration> {
     let keys: Vec<Vec<u8>> = live.keys().map(|k| k.as_bytes().to_vec()).collect();
@@ -124,7 +128,7 @@ async fn watch_moves(
         let at = killed.elapsed();
         for r in rows {
             let id = String::from_utf8(r.get(0)).expect("a trip id");
-            if r.get::<_, i64>(1) > live[&id] {
+            if r.get::<_, i64>(1) > live[&id].0 {
                 moved.entry(id).or_insert(at);
             }
         }
@@ -327,11 +331,14 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
         l.refused
     };
 
-    // Each trip's move, from the state clients last saw to the next one they were told.
+    // Each trip's move, from the state clients last saw to the next one they were told; a
+    // dispatching trip with no open offer in the store at the kill is "searching": its
+    // next offer waits for a match window (`--match-window-ms`, 2 s in the default batch
+    // mode) after its recovery, the one timer in these moves.
     let moves: BTreeMap<&String, String> = {
         let l = r.ledger.lock().unwrap();
         live.iter()
-            .map(|(id, v)| {
+            .map(|(id, (v, driver))| {
                 let seen = l.trips.get(id);
                 let at = |v: u64| {
                     seen.and_then(|s| s.at.get(&v))
@@ -340,11 +347,13 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
                 let next = seen
                     .and_then(|s| s.at.range(*v as u64 + 1..).next())
                     .map(|(_, x)| format!("{:?}", x.0));
-                let text = format!(
-                    "{}->{}",
-                    at(*v as u64).unwrap_or_else(|| format!("v{v}")),
-                    next.unwrap_or_else(|| "?".to_owned())
-                );
+                let from = at(*v as u64).unwrap_or_else(|| format!("v{v}"));
+                let from = match (from.as_str(), driver) {
+                    ("Dispatching", None) => "Dispatching (searching)".to_owned(),
+                    ("Dispatching", Some(_)) => "Dispatching (offered)".to_owned(),
+                    _ => from,
+                };
+                let text = format!("{from}->{}", next.unwrap_or_else(|| "?".to_owned()));
                 (id, text)
             })
             .collect()
@@ -366,14 +375,9 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
         let l = r.ledger.lock().unwrap();
         live.iter()
             .filter(|(id, _)| moved.get(*id).is_none_or(|t| *t > MOVED_WITHIN))
-            .map(|(id, v)| {
-                let driver = l
-                    .trips
-                    .get(id)
-                    .and_then(|s| s.at.get(&(*v as u64)))
-                    .and_then(|x| x.1.clone());
+            .map(|(id, (_, driver))| {
                 let told = driver.as_ref().and_then(|d| welcomes.get(d));
-                (id, &moves[id], driver.clone(), told, &l.anomalies)
+                (id, &moves[id], driver, told, &l.anomalies)
             })
             .map(|x| format!("{x:?}"))
             .collect()
