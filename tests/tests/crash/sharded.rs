@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use dispatch_tests::cluster::partitioned;
 use dispatch_tests::{
-    ClusterFixture, Dispatchd, Endpoint, SHORT_TRIP_FLAGS, SLOW, WAIT, assert_clean_log,
+    ClusterFixture, Dispatchd, Endpoint, SHORT_TRIP_FLAGS, SLOW, assert_clean_log,
     eventually_within,
 };
 use dispatch_transport::server::shards::{shard_at, shard_owner};
@@ -318,7 +318,7 @@ async fn kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition() 
     stop.send(true).expect("the drivers' apps listen");
     let mut welcomes = BTreeMap::new();
     for (d, (id, _)) in drivers.into_iter().zip(&r.drivers) {
-        let w = tokio::time::timeout(WAIT * 2, d)
+        let w = tokio::time::timeout(SLOW, d)
             .await
             .unwrap_or_else(|_| panic!("{tag} a driver's app did not stop"))
             .unwrap_or_else(|e| panic!("{tag} a driver's app failed: {e}"));
