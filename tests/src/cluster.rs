@@ -2,8 +2,11 @@
 //! a node in cluster mode on a shared PostgreSQL database, and the member set a node counts
 //! live, read from its `/metrics` (standbys serve no `/admin/`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use dispatch_transport::server::shards::{service_area_shards, shard_owner};
 
 use crate::{Dispatchd, DispatchdBuilder, SLOW, eventually_within};
 
@@ -88,6 +91,45 @@ pub async fn members(d: &Dispatchd, me: &str) -> Vec<String> {
     out.push(me.to_owned());
     out.sort();
     out
+}
+
+/// Every candidate shard of a sharded cluster whose `--service-area` is `area`: the whole
+/// city (0), the 256 entity shards, and the area's cell shards.
+pub fn candidate_shards(area: &str) -> Vec<u64> {
+    let mut all: Vec<u64> = (0..=256).collect();
+    all.extend(service_area_shards(area).expect("a valid service area"));
+    all
+}
+
+/// The live shard leases in the database `db` (`dispatch_leases`): shard → holder.
+pub async fn live_leases(db: &str) -> Result<BTreeMap<u64, String>, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT shard, holder FROM dispatch_leases WHERE expires_at > now()",
+            &[],
+        )
+        .await;
+    conn.abort();
+    Ok(rows?
+        .iter()
+        .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Whether every candidate shard of the cluster on `area` ([`candidate_shards`]) has a
+/// live lease in `db` held by the owner the rendezvous map gives it among `members`
+/// (false while the leases cannot be read: a predicate to poll).
+pub async fn partitioned(db: &str, area: &str, members: &[&str]) -> bool {
+    let Ok(leases) = live_leases(db).await else {
+        return false;
+    };
+    candidate_shards(area).iter().all(|s| {
+        leases
+            .get(s)
+            .is_some_and(|h| shard_owner(*s, members).is_some_and(|o| o == h))
+    })
 }
 
 pub fn names(of: &[&str]) -> Vec<String> {

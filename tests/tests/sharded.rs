@@ -25,15 +25,12 @@
 //!   pickup across it (counted `dispatch_search_cross_border_total`), then moves across
 //!   and is offered the next pickup from its new shard's owner's cell.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use dispatch_tests::cluster::all_list;
+use dispatch_tests::cluster::{self, all_list};
 use dispatch_tests::served::connect_when_served;
 use dispatch_tests::{ClusterFixture, Dispatchd, SHORT_TRIP_FLAGS, SLOW, eventually_within};
-use dispatch_transport::server::shards::{
-    entity_shard, service_area_shards, shard_at, shard_owner,
-};
+use dispatch_transport::server::shards::{entity_shard, shard_at, shard_owner};
 use dispatch_transport::wire::{ServerMessage, TripState};
 use serde_json::json;
 use tokio::time::Instant;
@@ -57,28 +54,7 @@ fn node(fx: &ClusterFixture, ports: &[u16; 3], i: usize) -> dispatch_tests::Disp
 
 /// Every candidate shard of the test's cluster.
 fn candidates() -> Vec<u64> {
-    let mut all: Vec<u64> = (0..=256).collect();
-    all.extend(service_area_shards(AREA).unwrap());
-    all
-}
-
-/// The live leases: shard → holder.
-async fn live_leases(db: &str) -> BTreeMap<u64, String> {
-    let (client, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test database");
-    let conn = tokio::spawn(conn);
-    let rows = client
-        .query(
-            "SELECT shard, holder FROM dispatch_leases WHERE expires_at > now()",
-            &[],
-        )
-        .await
-        .expect("read the leases");
-    conn.abort();
-    rows.iter()
-        .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1)))
-        .collect()
+    cluster::candidate_shards(AREA)
 }
 
 /// The owner the rendezvous map gives `shard` among `members`.
@@ -88,10 +64,7 @@ fn owner_of(shard: u64, members: &[&str]) -> String {
 
 /// Whether every candidate shard is held, live, by its owner among `members`.
 async fn partitioned(db: &str, members: &[&str]) -> bool {
-    let leases = live_leases(db).await;
-    candidates()
-        .iter()
-        .all(|s| leases.get(s).is_some_and(|h| *h == owner_of(*s, members)))
+    cluster::partitioned(db, AREA, members).await
 }
 
 async fn answers_healthz(d: &Dispatchd) {
@@ -309,8 +282,9 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     // Its leases were released as it stopped: none is live under its name once it exited
     // (left to expire, they would outlive it by up to the TTL: C renewed at most 400 ms
     // before the signal).
-    let held: Vec<u64> = live_leases(&fx.db)
+    let held: Vec<u64> = cluster::live_leases(&fx.db)
         .await
+        .expect("read the leases")
         .into_iter()
         .filter(|(_, h)| h == NAMES[c])
         .map(|(s, _)| s)

@@ -320,11 +320,25 @@ impl Mode {
 /// Runs an app until its connection is gone: each message is recorded, then `react`
 /// plans what to send (and when).
 pub(crate) async fn run_app(
+    s: Session,
+    mode: Mode,
+    plan: Vec<Planned>,
+    react: fn(&str, &mut Mode, &ServerMessage, &mut Vec<Planned>),
+) {
+    run_app_until(s, mode, plan, react, std::future::pending()).await;
+}
+
+/// [`run_app`] until `stop` resolves: then it sends nothing more and reads (recording
+/// them, up to [`WAIT`]) the replies to what it had sent. The session, still open, once
+/// stopped; `None` if its connection went away first.
+pub(crate) async fn run_app_until(
     mut s: Session,
     mut mode: Mode,
     mut plan: Vec<Planned>,
     react: fn(&str, &mut Mode, &ServerMessage, &mut Vec<Planned>),
-) {
+    stop: impl std::future::Future<Output = ()>,
+) -> Option<Session> {
+    tokio::pin!(stop);
     let me = s.id.clone();
     for m in std::mem::take(&mut s.backlog) {
         react(&me, &mut mode, &m, &mut plan);
@@ -333,8 +347,9 @@ pub(crate) async fn run_app(
         plan.sort_by_key(|p| p.at);
         let next = plan.first().map(|p| p.at);
         tokio::select! {
+            () = &mut stop => break,
             m = s.recv() => {
-                let Some(m) = m else { return };
+                let m = m?;
                 let retry = s.retry_of(&m, &mut mode);
                 // A trip_update of a version this app already has is not news (a trip
                 // actor that restarted sends its state again): an app that acted on it
@@ -355,11 +370,20 @@ pub(crate) async fn run_app(
                     s.send(&p.msg).await
                 };
                 if !sent {
-                    return;
+                    return None;
                 }
             }
         }
     }
+    let deadline = Instant::now() + WAIT;
+    while !s.pending.is_empty() {
+        match tokio::time::timeout_at(deadline, s.recv()).await {
+            Ok(Some(m)) => s.note(&m),
+            Ok(None) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(s)
 }
 
 /// A driver: accepts most offers (declines some, ignores a few), drives its trips

@@ -39,8 +39,8 @@ pub(crate) struct Ledger {
     /// Drivers whose `go_online` was acknowledged.
     pub(crate) online: HashSet<String>,
     pub(crate) anomalies: Vec<String>,
-    /// Set once the store is taken away on purpose: from then on an `unavailable`
-    /// answer is expected (counted in `refused`), not an anomaly.
+    /// Set while the store or a node is taken away on purpose: an `unavailable` answer is
+    /// then expected (counted in `refused`, retried by the apps), not an anomaly.
     pub(crate) store_outage: bool,
     pub(crate) refused: usize,
 }

@@ -22,8 +22,10 @@
 //! - `sharded::kill_9_of_a_sharded_node_under_load_loses_no_acknowledged_transition`
 //!   (issue 16 item 5): three `--cluster-mode sharded` nodes, the round's apps spread
 //!   over them; kill -9 of the node running the trips: its shards claimed by the
-//!   survivors, each live trip moving again within 10 s (max and median printed), and
-//!   the round's checks (fails without a test database under CI, skips outside it).
+//!   survivors, each live trip moving again within 10 s, timed in the store (its stored
+//!   version rising, max and median printed) while every driver's app comes back at
+//!   once, and the round's checks (fails without a test database under CI, skips
+//!   outside it).
 //! - `restart::a_clean_restart_keeps_every_live_trip_offer_token_and_quote`
 //! - `deadline::a_dispatch_deadline_that_passed_while_down_ends_the_trip`, and
 //!   `deadline::a_trip_whose_deadline_passed_while_down_is_not_offered_after_the_restart`
