@@ -86,13 +86,16 @@ members_are() {
 
 # cluster_mode (failover.sh, cluster-latency.sh): CLUSTER_MODE is leader (the default: one
 # node serves the city, the others stand by) or sharded (--cluster-mode sharded: each node
-# serves the shards it owns, the cell shards those of a box around loadgen's default city
-# disc). Sets MODE_FLAGS, the dispatchd flags for it.
+# serves the shards it owns, the cell shards those of the box around loadgen's default city
+# disc, 10 km around 45.5017,-73.5673: ±0.090° of latitude, ±0.128° of longitude). A
+# smaller box leaves pickups outside every cell shard: a 4 × 5 km one (3 cell shards) had
+# two thirds of loadgen's ride requests refused `unavailable` ("no node serves the pickup's
+# area"). Sets MODE_FLAGS, the dispatchd flags for it.
 cluster_mode() {
   CLUSTER_MODE=${CLUSTER_MODE:-leader}
   case $CLUSTER_MODE in
     leader) MODE_FLAGS=() ;;
-    sharded) MODE_FLAGS=(--cluster-mode sharded --service-area 45.48,-73.60,45.52,-73.53) ;;
+    sharded) MODE_FLAGS=(--cluster-mode sharded --service-area 45.41,-73.70,45.60,-73.43) ;;
     *) echo "CLUSTER_MODE is leader or sharded, not '$CLUSTER_MODE'" >&2; exit 2 ;;
   esac
 }
