@@ -89,12 +89,15 @@ members_are() {
 # those of a box around loadgen's default city disc) or leader (--cluster-mode leader: one
 # node serves the city, the others stand by; the README's leader-mode figures were measured
 # so, with CLUSTER_MODE=leader). Sets MODE_FLAGS, the dispatchd flags for it: the mode is
-# always said.
+# always said. The sharded box covers loadgen's default city disc, 10 km around
+# 45.5017,-73.5673 (±0.090° of latitude, ±0.128° of longitude): a smaller box leaves pickups
+# outside every cell shard (a 4 × 5 km one, 3 cell shards, had two thirds of loadgen's ride
+# requests refused `unavailable`: "no node serves the pickup's area").
 cluster_mode() {
   CLUSTER_MODE=${CLUSTER_MODE:-sharded}
   case $CLUSTER_MODE in
     leader) MODE_FLAGS=(--cluster-mode leader) ;;
-    sharded) MODE_FLAGS=(--cluster-mode sharded --service-area 45.48,-73.60,45.52,-73.53) ;;
+    sharded) MODE_FLAGS=(--cluster-mode sharded --service-area 45.41,-73.70,45.60,-73.43) ;;
     *) echo "CLUSTER_MODE is leader or sharded, not '$CLUSTER_MODE'" >&2; exit 2 ;;
   esac
 }
