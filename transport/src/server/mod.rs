@@ -12,6 +12,7 @@ pub mod config;
 pub mod console;
 pub mod decode;
 pub mod failover;
+pub mod forward;
 pub mod http;
 pub mod jwt;
 pub mod migrate;

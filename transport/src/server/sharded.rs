@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use super::forward::{self, ForwardMetrics, Forwarder};
 use super::http::{self, HttpError, QueryParams};
 use super::jwt::{self, Proof};
 use super::relay::{self, RelayTarget};
@@ -152,11 +153,20 @@ impl Here {
         Err(HttpError(self.elsewhere(shard)))
     }
 
+    /// `Ok` when `shard` is served here now; else `unavailable` naming its owner (a
+    /// forwarded request whose shard moved meanwhile: never forwarded again).
+    pub fn check_shard(&self, app: &super::App, shard: ShardId) -> Result<(), HttpError> {
+        if self.serving(app, shard) {
+            return Ok(());
+        }
+        Err(HttpError(self.elsewhere(shard)))
+    }
+
     /// Whether `shard` is served here now: the System serves it *and* its lease clock's
     /// deadline is ahead. The System stops serving a shard only when the controller ends
     /// it, which a node woken from a pause past its leases does a tick later; until then
     /// the clock alone says the lease may be someone else's (as a session checks it).
-    fn serving(&self, app: &super::App, shard: ShardId) -> bool {
+    pub fn serving(&self, app: &super::App, shard: ShardId) -> bool {
         app.system.serves(shard) && self.view.slot(shard).is_some_and(|s| s.serving())
     }
 
@@ -231,6 +241,18 @@ async fn follow_map(
                 }
                 let map = changes.borrow_and_update().clone();
                 system.set_placement(Some(placement(&map, &here.node)));
+                // The operator's settings are `WHOLE_CITY`'s owner's to write: a node
+                // that does not hold it reads them from the store as the map changes
+                // (and when told they changed, `forward.rs`), so its quotes price with
+                // them.
+                if !system.serves(dispatch_engine::shard::WHOLE_CITY) {
+                    let system = system.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = system.reload_settings().await {
+                            tracing::warn!(error = %e, "the operator's settings could not be read");
+                        }
+                    });
+                }
                 tracing::info!(
                     shards = map.len(),
                     here = map.values().filter(|o| **o == here.node).count(),
@@ -245,7 +267,7 @@ async fn follow_map(
 }
 
 /// The node's one listener (and `--admin-listen`): sessions to their account's owner,
-/// the rest to this node's routers.
+/// REST requests another node serves forwarded to it, the rest to this node's routers.
 struct Front {
     here: Arc<Here>,
     app: super::App,
@@ -253,6 +275,8 @@ struct Front {
     admin: Option<Router>,
     /// The relay's upgrade routes (with membership): sessions of accounts served elsewhere.
     relay: Option<Router>,
+    /// REST requests of shards served elsewhere (with membership; `forward.rs`).
+    forward: Option<Forwarder>,
 }
 
 impl Front {
@@ -268,10 +292,37 @@ impl Front {
             }
             _ => self.client.clone(),
         };
-        match router.oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
+        // The operator routes are on this listener: the admin one, or the only one.
+        let operator_routes = admin || self.admin.is_none();
+        let (method, path, headers) = (req.method(), req.uri().path(), req.headers());
+        let target = forward::route(&self.app, (method, path, headers), operator_routes).await;
+        let settings_write = target.is_some_and(|t| t.group == "settings")
+            && req.method() != axum::http::Method::GET;
+        let response = match (&self.forward, target) {
+            (Some(fwd), Some(t)) if !self.here.serving(&self.app, t.shard) => {
+                match self.here.view.owner(t.shard) {
+                    Some(o) if o != self.here.node => fwd.forward(&o, t, admin, req).await,
+                    // Nobody's, or this node's and loading: answered here (503).
+                    _ => run_local(router, req).await,
+                }
+            }
+            _ => run_local(router, req).await,
+        };
+        if settings_write && response.status().is_success() {
+            // Every other node prices with them from now on (and this one, if the
+            // write was forwarded).
+            if let Some(fwd) = &self.forward {
+                fwd.settings_changed();
+            }
+            if !self
+                .here
+                .serving(&self.app, dispatch_engine::shard::WHOLE_CITY)
+                && let Err(e) = self.app.system.reload_settings().await
+            {
+                tracing::warn!(error = %e, "the operator's settings could not be read again");
+            }
         }
+        response
     }
 
     fn readyz(&self) -> Response {
@@ -331,6 +382,13 @@ impl Front {
             Ok(r) => r,
             Err(never) => match never {},
         }
+    }
+}
+
+async fn run_local(router: Router, req: Request) -> Response {
+    match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
     }
 }
 
@@ -452,6 +510,10 @@ pub(super) async fn run(
         client: http::router(app.clone()),
         admin: config.admin_listen.map(|_| http::admin_router(app.clone())),
         relay: standby.as_ref().map(|s| s.router()),
+        forward: match &standby {
+            Some(s) => Some(Forwarder::new(s.clone(), ForwardMetrics::new(&metrics)?)),
+            None => None,
+        },
     });
     tokio::spawn(async move {
         shutdown.await;
