@@ -148,7 +148,7 @@ pub struct Forwarded {
 }
 
 /// The forward series: `dispatch_cluster_forwarded_total{route_group,outcome}` and
-/// `dispatch_cluster_forward_seconds{route_group}`, registered in sharded mode only.
+/// `dispatch_cluster_forward_seconds{route_group}`, registered in both cluster modes (only sharded mode forwards).
 #[derive(Clone)]
 pub struct ForwardMetrics {
     total: IntCounterVec,

@@ -45,7 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use super::forward::{self, ForwardMetrics, Forwarder};
+use super::forward::{self, Forwarder};
 use super::http::{self, HttpError, QueryParams};
 use super::jwt::{self, Proof};
 use super::relay::{self, RelayTarget};
@@ -437,6 +437,7 @@ pub(super) async fn run(
         transport,
         auth,
         relay_metrics,
+        forward_metrics,
     } = super::ClusterBase::start(&config).await?;
     let mut system_config = config.system.clone();
     system_config.sharded = true;
@@ -510,10 +511,9 @@ pub(super) async fn run(
         client: http::router(app.clone()),
         admin: config.admin_listen.map(|_| http::admin_router(app.clone())),
         relay: standby.as_ref().map(|s| s.router()),
-        forward: match &standby {
-            Some(s) => Some(Forwarder::new(s.clone(), ForwardMetrics::new(&metrics)?)),
-            None => None,
-        },
+        forward: standby
+            .as_ref()
+            .map(|s| Forwarder::new(s.clone(), forward_metrics)),
     });
     tokio::spawn(async move {
         shutdown.await;
