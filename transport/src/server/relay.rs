@@ -28,6 +28,11 @@
 //!   for the process in [`host_group`]`(node)`, and a node's front sends an upgrade to the
 //!   host of the account's owner (a [`RelayTarget`] extension); the rest is as above, the
 //!   "leader" being that owner.
+//! - **REST forwarded** (sharded mode, [`super::forward`]): a node casts a REST request
+//!   another node serves to that node's host ([`ToHost::Forward`]), which runs it through
+//!   its own router and casts the answer to the sender's endpoint
+//!   ([`ToEndpoint::Forwarded`]); a settings write is announced to every host
+//!   ([`ToHost::SettingsChanged`]).
 //! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
 //!   (full: 1008, counted as `relay_queue`); on the leader, what is in flight to the
 //!   standby (unacknowledged, [`ToHost::Ack`]) is at most that plus [`ACK_EVERY`] (more:

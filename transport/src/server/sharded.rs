@@ -18,9 +18,13 @@
 //!   token names: `tok_<shard>.…`, [`super::auth::new_token_in`]): here when that is this
 //!   node, else relayed to that node's host (`relay::host_group`), as a standby relays to
 //!   a leader in leader mode.
-//! - **REST**: served here; an account's routes (quotes, trips, nearby, earnings) only
-//!   where its shard is served, else `unavailable` naming the owner node
-//!   ([`Here::check_here`]); registrations draw an id in a shard this node serves.
+//! - **REST**: served here when this node serves what the request needs; else forwarded
+//!   through `ractor_cluster` to the node that does ([`super::forward`]: an account's
+//!   routes to its entity shard's owner, the operator's settings to `WHOLE_CITY`'s, one
+//!   entity's or trip's admin routes to its shard's), whose answer is the client's. A
+//!   node asked for an account it does not serve answers `unavailable` naming the owner
+//!   ([`Here::check_here`]; what a forwarded request whose shard moved meanwhile gets).
+//!   Registrations draw an id in a shard this node serves.
 //! - **`/readyz`**: 200 once every shard the map gives this node is served here; 503
 //!   naming how many are not yet. **`/metrics`**, **`/healthz`**: always.
 //!
@@ -294,8 +298,14 @@ impl Front {
         };
         // The operator routes are on this listener: the admin one, or the only one.
         let operator_routes = admin || self.admin.is_none();
-        let (method, path, headers) = (req.method(), req.uri().path(), req.headers());
-        let target = forward::route(&self.app, (method, path, headers), operator_routes).await;
+        // Without membership this node is the only one: nothing to forward.
+        let target = match &self.forward {
+            Some(_) => {
+                let (method, path, headers) = (req.method(), req.uri().path(), req.headers());
+                forward::route(&self.app, (method, path, headers), operator_routes).await
+            }
+            None => None,
+        };
         let settings_write = target.is_some_and(|t| t.group == "settings")
             && req.method() != axum::http::Method::GET;
         let response = match (&self.forward, target) {
