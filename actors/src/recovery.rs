@@ -111,6 +111,13 @@ impl System {
         Ok(stats)
     }
 
+    /// Sharded mode: reads the operator's stored pricing and surge settings again, on a
+    /// node that does not hold `WHOLE_CITY` (its owner wrote them; its quotes price with
+    /// them from now on).
+    pub async fn reload_settings(&self) -> Result<(), StoreError> {
+        self.restore_settings().await
+    }
+
     /// The operator's stored pricing and surge settings (`WHOLE_CITY`'s).
     async fn restore_settings(&self) -> Result<(), StoreError> {
         let ctx = &self.ctx;

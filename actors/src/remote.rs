@@ -214,7 +214,6 @@ pub enum RiderCall {
 /// The calls to a trip that cross nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TripCall {
-    Admin(TripCommand),
     Get,
 }
 
@@ -323,7 +322,6 @@ pub enum Reply {
     Driver(WireDriverRecord),
     Suspended(Result<WireDriverRecord, ApiError>),
     Rider(WireRiderRecord),
-    Admin(Result<(), ApiError>),
     Trip(WireTripRecord),
     /// `SpawnTrip`: started, or why not.
     Spawned(Result<(), ApiError>),
@@ -390,7 +388,7 @@ pub const CAUSES: [&str; 10] = [
 
 /// Every `kind` of the remote series: one per message that crosses, and `unknown` for a
 /// frame that did not decode far enough to tell.
-pub const KINDS: [&str; 25] = [
+pub const KINDS: [&str; 24] = [
     "cell_upsert",
     "cell_remove",
     "cell_query",
@@ -412,7 +410,6 @@ pub const KINDS: [&str; 25] = [
     "rider_get",
     "trip_command",
     "trip_driver_location",
-    "trip_admin",
     "trip_get",
     "spawn_trip",
     "unknown",
@@ -455,7 +452,6 @@ impl RoutedCall {
             RoutedCall::Driver(_, DriverCall::Get) => "driver_get",
             RoutedCall::Driver(_, DriverCall::Suspend(_)) => "driver_suspend",
             RoutedCall::Rider(_, RiderCall::Get) => "rider_get",
-            RoutedCall::Trip(_, TripCall::Admin(_)) => "trip_admin",
             RoutedCall::Trip(_, TripCall::Get) => "trip_get",
             RoutedCall::SpawnTrip(_) => "spawn_trip",
         }
@@ -765,16 +761,6 @@ impl Outgoing {
                     heading,
                 };
                 Ok(Outgoing::Cast(Routed::Trip(id, c)))
-            }
-            TripMsg::Admin { cmd, reply } => {
-                let to = answer(reply, |r| match r {
-                    Reply::Admin(a) => Some(a),
-                    _ => None,
-                });
-                Ok(Outgoing::Call(
-                    RoutedCall::Trip(id, TripCall::Admin(cmd)),
-                    to,
-                ))
             }
             TripMsg::Get(reply) => {
                 let to = answer(reply, |r| match r {
@@ -1542,14 +1528,6 @@ async fn answer_call(ctx: &Context, call: RoutedCall) -> Result<Reply, Failure> 
         RoutedCall::Trip(id, m) => {
             let a = reg.trip(&id);
             match (m, a) {
-                (TripCall::Admin(cmd), Some(a)) => {
-                    ask(&a, |reply| TripMsg::Admin { cmd, reply }, t)
-                        .await
-                        .map(Reply::Admin)
-                }
-                (TripCall::Admin(_), None) => Ok(Reply::Admin(Err(ApiError::unavailable(
-                    "the trip is not live on this node",
-                )))),
                 (TripCall::Get, Some(a)) => ask(&a, TripMsg::Get, t)
                     .await
                     .map(|r| Reply::Trip(r.into())),

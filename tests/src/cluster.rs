@@ -152,6 +152,12 @@ pub async fn all_list(nodes: &[(&Dispatchd, &str)], want: &[&str], what: &str) -
     start.elapsed()
 }
 
+/// Waits until each of `nodes` (named `names`, in order) lists all of them as members.
+pub async fn all_see_each_other(nodes: &[Dispatchd], names: &[&str], what: &str) -> Duration {
+    let pairs: Vec<(&Dispatchd, &str)> = nodes.iter().zip(names.iter().copied()).collect();
+    all_list(&pairs, names, what).await
+}
+
 /// Opens `count` idle TCP connections to `d`'s cluster port `port` that never start a
 /// handshake, and waits until `d` counts one closed past its cap of links waiting for a
 /// handshake (`dispatch_cluster_pending_refused_total`). Returns the connections: they stay

@@ -9,7 +9,7 @@
 //!   shards are A's and B's; the pickup's cell shard is B's: until trips spawn on the
 //!   pickup's owner a trip runs on its rider's node) complete a ride: the offer, the
 //!   driver's commands and the trip's updates cross nodes through the routers. An account's
-//!   REST call on a node that does not serve it is `unavailable`, naming the owner.
+//!   REST call on a node that does not serve it is forwarded to its owner and answered.
 //! - kill -9 of A with the driver's second trip live (accepted): A's shards are claimed by
 //!   B and C within the lease's TTL and a few seconds; the driver reconnects through a
 //!   node that does not own its shard (relayed to the owner) and gets `welcome` with its
@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use dispatch_tests::cluster::{self, all_list};
+use dispatch_tests::cluster::{self, all_see_each_other};
 use dispatch_tests::served::connect_when_served;
 use dispatch_tests::{ClusterFixture, Dispatchd, SHORT_TRIP_FLAGS, SLOW, eventually_within};
 use dispatch_transport::server::shards::{entity_shard, shard_at, shard_owner};
@@ -83,16 +83,7 @@ async fn start_cluster(fx: &ClusterFixture, ports: &[u16; 3]) -> Vec<Dispatchd> 
         nodes.push(node(fx, ports, i).spawn());
         answers_healthz(&nodes[i]).await;
     }
-    all_list(
-        &[
-            (&nodes[0], NAMES[0]),
-            (&nodes[1], NAMES[1]),
-            (&nodes[2], NAMES[2]),
-        ],
-        &NAMES,
-        "the three nodes see each other",
-    )
-    .await;
+    all_see_each_other(&nodes, &NAMES, "the three nodes see each other").await;
     // Every shard held by exactly its owner, and each node serving all of its own.
     eventually_within(
         "every shard held by its owner, every node ready",
@@ -161,7 +152,8 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
     );
     assert!(driver_token.starts_with(&format!("tok_{}.", entity_shard(&driver_id))));
 
-    // An account's REST call where it is not served: unavailable, naming the owner.
+    // An account's REST call where it is not served: forwarded to its owner, and answered
+    // as the owner answers it (tests/tests/forward.rs covers every route).
     let (st, v) = nodes[c]
         .post(
             "/v1/quotes",
@@ -169,12 +161,15 @@ async fn three_sharded_nodes_split_the_city_ride_across_nodes_and_take_over_a_ki
             json!({"pickup": dispatch_tests::point(PICKUP), "dropoff": dispatch_tests::point(DROPOFF), "product": "economy"}),
         )
         .await;
-    assert_eq!(st, 503, "{v}");
-    let msg = v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(msg.contains(&format!("node {}", NAMES[b])), "{msg}");
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        nodes[c]
+            .metric_value(
+                "dispatch_cluster_forwarded_total{outcome=\"answered\",route_group=\"account\"}"
+            )
+            .await,
+        1.0
+    );
 
     // The driver on A, the rider on B: a ride across nodes, to its end.
     let mut d = nodes[a].connect("driver", &driver_token).await;

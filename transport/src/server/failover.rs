@@ -304,6 +304,7 @@ pub(super) async fn run(
         transport,
         auth,
         relay_metrics,
+        ..
     } = super::ClusterBase::start(&config).await?;
     let cm = ClusterMetrics::new(&metrics);
     let (quit_tx, quit) = watch::channel(false);

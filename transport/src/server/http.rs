@@ -47,8 +47,9 @@ impl From<ApiError> for HttpError {
     }
 }
 
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
+impl HttpError {
+    /// Its status and JSON body.
+    pub fn parts(self) -> (StatusCode, wire::ErrorBody) {
         let e = self.0;
         let message = if e.code == ErrorCode::Internal {
             "internal error".to_owned()
@@ -61,7 +62,14 @@ impl IntoResponse for HttpError {
                 message,
             },
         };
-        (status(e.code), Json(body)).into_response()
+        (status(e.code), body)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.parts();
+        (status, Json(body)).into_response()
     }
 }
 

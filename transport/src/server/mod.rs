@@ -12,6 +12,7 @@ pub mod config;
 pub mod console;
 pub mod decode;
 pub mod failover;
+pub mod forward;
 pub mod http;
 pub mod jwt;
 pub mod migrate;
@@ -304,7 +305,8 @@ fn new_app(
 /// What both cluster modes start with, shared across their terms and shards: the
 /// metrics, membership (`--cluster-listen`, first, so the member set forms while the
 /// store opens), the store and the admin token's hash, and the per-process transport
-/// series, token resolution and relay series.
+/// series, token resolution, relay series and forward series (in both modes, at zero in
+/// leader mode, which forwards nothing: one set of names for every cluster's dashboards).
 struct ClusterBase {
     metrics: Arc<Metrics>,
     membership: Option<Arc<dispatch_cluster::Cluster>>,
@@ -313,6 +315,7 @@ struct ClusterBase {
     transport: TransportMetrics,
     auth: Arc<jwt::Auth>,
     relay_metrics: relay::RelayMetrics,
+    forward_metrics: forward::ForwardMetrics,
 }
 
 impl ClusterBase {
@@ -328,6 +331,7 @@ impl ClusterBase {
             transport: TransportMetrics::new(&metrics),
             auth: Arc::new(jwt::Auth::new(&config.auth, metrics.clone())),
             relay_metrics: relay::RelayMetrics::new(&metrics),
+            forward_metrics: forward::ForwardMetrics::new(&metrics)?,
             metrics,
             membership,
             store: Arc::new(store),

@@ -28,6 +28,11 @@
 //!   for the process in [`host_group`]`(node)`, and a node's front sends an upgrade to the
 //!   host of the account's owner (a [`RelayTarget`] extension); the rest is as above, the
 //!   "leader" being that owner.
+//! - **REST forwarded** (sharded mode, [`super::forward`]): a node casts a REST request
+//!   another node serves to that node's host ([`ToHost::Forward`]), which runs it through
+//!   its own router and casts the answer to the sender's endpoint
+//!   ([`ToEndpoint::Forwarded`]); a settings write is announced to every host
+//!   ([`ToHost::SettingsChanged`]).
 //! - **Bounds**: a relayed session's queue on the standby is `--ws-outbound-queue-max`
 //!   (full: 1008, counted as `relay_queue`); on the leader, what is in flight to the
 //!   standby (unacknowledged, [`ToHost::Ack`]) is at most that plus [`ACK_EVERY`] (more:
@@ -65,6 +70,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
+use super::forward;
 use super::http::{HttpError, QueryParams};
 use super::jwt::{self, Proof};
 use super::ws::{self, Command, ConnectionSlot, Env, TokenQuery};
@@ -188,6 +194,12 @@ pub enum ToHost {
         session: u64,
         delivered: u64,
     },
+    /// Sharded mode: a REST request for an account or a setting this host's node serves
+    /// (`super::forward`), answered by [`ToEndpoint::Forwarded`].
+    Forward(Box<forward::ForwardRequest>),
+    /// Sharded mode: the operator's settings (pricing, surge) changed in the store: read
+    /// them again.
+    SettingsChanged,
 }
 
 /// A standby acknowledges every this many messages it receives for a relayed session; the
@@ -218,6 +230,11 @@ pub enum ToEndpoint {
     Close {
         session: u64,
         code: u16,
+    },
+    /// The answer to [`ToHost::Forward`] number `id`.
+    Forwarded {
+        id: u64,
+        response: Box<forward::ForwardResponse>,
     },
 }
 
@@ -474,6 +491,8 @@ struct Shared {
     /// Locked before `departures` where both are.
     sessions: Mutex<HashMap<u64, Relaying>>,
     departures: Mutex<Departures>,
+    /// Forwarded REST requests waiting for their answer, by number.
+    forwards: Mutex<HashMap<u64, oneshot::Sender<forward::ForwardResponse>>>,
     metrics: RelayMetrics,
     actor_metrics: Arc<Metrics>,
     queue_max: usize,
@@ -490,6 +509,7 @@ impl Shared {
             node: node.to_owned(),
             sessions: Mutex::new(HashMap::new()),
             departures: Mutex::new(Departures::default()),
+            forwards: Mutex::new(HashMap::new()),
             metrics,
             actor_metrics,
             queue_max,
@@ -651,6 +671,70 @@ impl Standby {
             .with_state(self.clone())
     }
 
+    /// Sends a REST request to the host of `group` and waits, at most `timeout`, for its
+    /// answer (`super::forward`). The number and this node's name are set here.
+    pub(super) async fn forward_to(
+        &self,
+        group: &str,
+        mut request: forward::ForwardRequest,
+        timeout: Duration,
+    ) -> Result<forward::ForwardResponse, forward::Failure> {
+        let Some(host) = remote_member(group) else {
+            return Err(forward::Failure::Unreachable);
+        };
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        request.node = self.node.clone();
+        request.id = id;
+        let (tx, rx) = oneshot::channel();
+        self.shared.forwards.lock().insert(id, tx);
+        // Forgotten however this ends (answered, timed out, or the caller went away).
+        struct Pending<'a>(&'a Shared, u64);
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                self.0.forwards.lock().remove(&self.1);
+            }
+        }
+        let _pending = Pending(&self.shared, id);
+        if host
+            .send_message(Relay::Msg(ToHost::Forward(Box::new(request))))
+            .is_err()
+        {
+            self.shared.metrics.error("send_failed");
+            return Err(forward::Failure::Unreachable);
+        }
+        self.shared
+            .metrics
+            .messages
+            .with_label_values(&["to_leader"])
+            .inc();
+        let answer = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                answer = rx => answer.map_err(|_| forward::Failure::Unreachable),
+                () = host_gone(group, host.get_id()) => Err(forward::Failure::Unreachable),
+            }
+        })
+        .await;
+        answer.unwrap_or(Err(forward::Failure::Timeout))
+    }
+
+    /// Tells every other node's host that the operator's settings changed in the store.
+    pub(super) fn settings_changed(&self) {
+        for host in remote_hosts() {
+            if host
+                .send_message(Relay::Msg(ToHost::SettingsChanged))
+                .is_ok()
+            {
+                self.shared
+                    .metrics
+                    .messages
+                    .with_label_values(&["to_leader"])
+                    .inc();
+            } else {
+                self.shared.metrics.error("send_failed");
+            }
+        }
+    }
+
     pub fn stop(&self) {
         self.watcher.abort();
         ractor::pg::leave(endpoint_group(&self.node), vec![self.endpoint.get_cell()]);
@@ -702,12 +786,20 @@ impl Receive for Shared {
 
     fn receive(self: &Arc<Self>, msg: ToEndpoint) {
         let s = self;
-        let mut sessions = s.sessions.lock();
         let session = match &msg {
             ToEndpoint::Attached { session, .. }
             | ToEndpoint::Deliver { session, .. }
             | ToEndpoint::Close { session, .. } => *session,
+            ToEndpoint::Forwarded { id, .. } => *id,
         };
+        if let ToEndpoint::Forwarded { id, response } = msg {
+            // Gone: its caller gave up (timed out) and counted it.
+            if let Some(tx) = s.forwards.lock().remove(&id) {
+                let _ = tx.send(*response);
+            }
+            return;
+        }
+        let mut sessions = s.sessions.lock();
         let Some(r) = sessions.get_mut(&session) else {
             drop(sessions);
             if !matches!(msg, ToEndpoint::Close { .. }) {
@@ -771,6 +863,7 @@ impl Receive for Shared {
                 }
             }
             ToEndpoint::Close { code, .. } => r.handle.close(code),
+            ToEndpoint::Forwarded { .. } => {}
         }
     }
 }
@@ -1033,6 +1126,9 @@ pub struct Hosting {
     members: watch::Receiver<Vec<String>>,
     /// Attaches in progress, at most [`MAX_ATTACHING`].
     attaching: AttachGate,
+    /// Sharded mode: the routers forwarded REST requests run through, and the bound on
+    /// how many run at once ([`forward::HOST_IN_FLIGHT`]).
+    forwarding: Option<forward::Serving>,
 }
 
 /// Caps the attaches a host has in progress.
@@ -1064,12 +1160,13 @@ pub async fn spawn_host(
     group: String,
 ) -> anyhow::Result<ActorRef<Relay<ToHost>>> {
     let hosting = Arc::new(Hosting {
-        app,
         node: cluster.node_name().to_owned(),
         sessions: Mutex::new(HashMap::new()),
         metrics,
         members: cluster.members(),
         attaching: AttachGate::new(MAX_ATTACHING),
+        forwarding: app.sharded.is_some().then(|| forward::Serving::new(&app)),
+        app,
     });
     RelayActor::spawn(hosting, group).await
 }
@@ -1135,6 +1232,17 @@ impl Receive for Hosting {
                     h.acked.fetch_max(delivered, Ordering::AcqRel);
                 }
             }
+            ToHost::Forward(request) => self.forwarded(*request),
+            ToHost::SettingsChanged => {
+                if self.forwarding.is_some() {
+                    let system = self.app.system.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = system.reload_settings().await {
+                            tracing::warn!(error = %e, "the operator's settings could not be read again");
+                        }
+                    });
+                }
+            }
         }
     }
 }
@@ -1152,6 +1260,42 @@ struct Attach {
 const ENDPOINT_POLL: Duration = Duration::from_millis(20);
 
 impl Hosting {
+    /// A REST request another node forwarded (sharded mode): run through this node's own
+    /// router, in a task of its own, at most [`forward::HOST_IN_FLIGHT`] at once (more:
+    /// answered 503 at once); the answer goes to the sender's endpoint.
+    fn forwarded(self: &Arc<Self>, request: forward::ForwardRequest) {
+        let node = request.node.clone();
+        let id = request.id;
+        let Some(serving) = &self.forwarding else {
+            // Leader mode: nothing forwards to a leader's host.
+            self.metrics.error("malformed");
+            return;
+        };
+        let (permit, answer) = match serving.enter() {
+            Ok(permit) => (Some(permit), None),
+            Err(refusal) => (None, Some(refusal)),
+        };
+        let host = self.clone();
+        tokio::spawn(async move {
+            let response = match (permit, answer) {
+                (Some(_permit), _) => {
+                    let serving = host.forwarding.as_ref().expect("checked above");
+                    serving.serve(&host.app, request).await
+                }
+                (None, Some(refusal)) => refusal,
+                (None, None) => return,
+            };
+            let Some(endpoint) = host.endpoint(&node).await else {
+                return;
+            };
+            let answer = ToEndpoint::Forwarded {
+                id,
+                response: Box::new(response),
+            };
+            host.tell(&endpoint, answer);
+        });
+    }
+
     fn tell(&self, endpoint: &ActorCell, m: ToEndpoint) -> bool {
         let sent = endpoint.send_message(Relay::Msg(m)).is_ok();
         if sent {

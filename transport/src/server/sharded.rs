@@ -18,9 +18,13 @@
 //!   token names: `tok_<shard>.…`, [`super::auth::new_token_in`]): here when that is this
 //!   node, else relayed to that node's host (`relay::host_group`), as a standby relays to
 //!   a leader in leader mode.
-//! - **REST**: served here; an account's routes (quotes, trips, nearby, earnings) only
-//!   where its shard is served, else `unavailable` naming the owner node
-//!   ([`Here::check_here`]); registrations draw an id in a shard this node serves.
+//! - **REST**: served here when this node serves what the request needs; else forwarded
+//!   through `ractor_cluster` to the node that does ([`super::forward`]: an account's
+//!   routes to its entity shard's owner, the operator's settings to `WHOLE_CITY`'s, one
+//!   entity's or trip's admin routes to its shard's), whose answer is the client's. A
+//!   node asked for an account it does not serve answers `unavailable` naming the owner
+//!   ([`Here::check_here`]; what a forwarded request whose shard moved meanwhile gets).
+//!   Registrations draw an id in a shard this node serves.
 //! - **`/readyz`**: 200 once every shard the map gives this node is served here; 503
 //!   naming how many are not yet. **`/metrics`**, **`/healthz`**: always.
 //!
@@ -45,6 +49,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use super::forward::{self, Forwarder};
 use super::http::{self, HttpError, QueryParams};
 use super::jwt::{self, Proof};
 use super::relay::{self, RelayTarget};
@@ -152,11 +157,20 @@ impl Here {
         Err(HttpError(self.elsewhere(shard)))
     }
 
+    /// `Ok` when `shard` is served here now; else `unavailable` naming its owner (a
+    /// forwarded request whose shard moved meanwhile: never forwarded again).
+    pub fn check_shard(&self, app: &super::App, shard: ShardId) -> Result<(), HttpError> {
+        if self.serving(app, shard) {
+            return Ok(());
+        }
+        Err(HttpError(self.elsewhere(shard)))
+    }
+
     /// Whether `shard` is served here now: the System serves it *and* its lease clock's
     /// deadline is ahead. The System stops serving a shard only when the controller ends
     /// it, which a node woken from a pause past its leases does a tick later; until then
     /// the clock alone says the lease may be someone else's (as a session checks it).
-    fn serving(&self, app: &super::App, shard: ShardId) -> bool {
+    pub fn serving(&self, app: &super::App, shard: ShardId) -> bool {
         app.system.serves(shard) && self.view.slot(shard).is_some_and(|s| s.serving())
     }
 
@@ -231,6 +245,18 @@ async fn follow_map(
                 }
                 let map = changes.borrow_and_update().clone();
                 system.set_placement(Some(placement(&map, &here.node)));
+                // The operator's settings are `WHOLE_CITY`'s owner's to write: a node
+                // that does not hold it reads them from the store as the map changes
+                // (and when told they changed, `forward.rs`), so its quotes price with
+                // them.
+                if !system.serves(dispatch_engine::shard::WHOLE_CITY) {
+                    let system = system.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = system.reload_settings().await {
+                            tracing::warn!(error = %e, "the operator's settings could not be read");
+                        }
+                    });
+                }
                 tracing::info!(
                     shards = map.len(),
                     here = map.values().filter(|o| **o == here.node).count(),
@@ -245,7 +271,7 @@ async fn follow_map(
 }
 
 /// The node's one listener (and `--admin-listen`): sessions to their account's owner,
-/// the rest to this node's routers.
+/// REST requests another node serves forwarded to it, the rest to this node's routers.
 struct Front {
     here: Arc<Here>,
     app: super::App,
@@ -253,6 +279,8 @@ struct Front {
     admin: Option<Router>,
     /// The relay's upgrade routes (with membership): sessions of accounts served elsewhere.
     relay: Option<Router>,
+    /// REST requests of shards served elsewhere (with membership; `forward.rs`).
+    forward: Option<Forwarder>,
 }
 
 impl Front {
@@ -268,10 +296,43 @@ impl Front {
             }
             _ => self.client.clone(),
         };
-        match router.oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
+        // The operator routes are on this listener: the admin one, or the only one.
+        let operator_routes = admin || self.admin.is_none();
+        // Without membership this node is the only one: nothing to forward.
+        let target = match &self.forward {
+            Some(_) => {
+                let (method, path, headers) = (req.method(), req.uri().path(), req.headers());
+                forward::route(&self.app, (method, path, headers), operator_routes).await
+            }
+            None => None,
+        };
+        let settings_write = target.is_some_and(|t| t.group == "settings")
+            && req.method() != axum::http::Method::GET;
+        let response = match (&self.forward, target) {
+            (Some(fwd), Some(t)) if !self.here.serving(&self.app, t.shard) => {
+                match self.here.view.owner(t.shard) {
+                    Some(o) if o != self.here.node => fwd.forward(&o, t, admin, req).await,
+                    // Nobody's, or this node's and loading: answered here (503).
+                    _ => run_local(router, req).await,
+                }
+            }
+            _ => run_local(router, req).await,
+        };
+        if settings_write && response.status().is_success() {
+            // Every other node prices with them from now on (and this one, if the
+            // write was forwarded).
+            if let Some(fwd) = &self.forward {
+                fwd.settings_changed();
+            }
+            if !self
+                .here
+                .serving(&self.app, dispatch_engine::shard::WHOLE_CITY)
+                && let Err(e) = self.app.system.reload_settings().await
+            {
+                tracing::warn!(error = %e, "the operator's settings could not be read again");
+            }
         }
+        response
     }
 
     fn readyz(&self) -> Response {
@@ -334,6 +395,13 @@ impl Front {
     }
 }
 
+async fn run_local(router: Router, req: Request) -> Response {
+    match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
 fn front_router(front: &Arc<Front>, admin: bool) -> Router {
     let front = front.clone();
     Router::new().fallback(move |req: Request| front.clone().serve(req, admin))
@@ -379,6 +447,7 @@ pub(super) async fn run(
         transport,
         auth,
         relay_metrics,
+        forward_metrics,
     } = super::ClusterBase::start(&config).await?;
     let mut system_config = config.system.clone();
     system_config.sharded = true;
@@ -452,6 +521,9 @@ pub(super) async fn run(
         client: http::router(app.clone()),
         admin: config.admin_listen.map(|_| http::admin_router(app.clone())),
         relay: standby.as_ref().map(|s| s.router()),
+        forward: standby
+            .as_ref()
+            .map(|s| Forwarder::new(s.clone(), forward_metrics)),
     });
     tokio::spawn(async move {
         shutdown.await;
