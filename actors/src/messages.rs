@@ -36,6 +36,10 @@ pub struct DriverArgs {
     pub record: DriverRecord,
     /// Restarted by the supervisor from `record` after a failure.
     pub restarted: bool,
+    /// Started by recovery (`System::recover`, `recover_shard`), whose one sweep sends
+    /// the drivers still away offline after the grace period; any other start without a
+    /// session arms the actor's own grace timer.
+    pub recovered: bool,
 }
 
 /// What a driver's app asks for.

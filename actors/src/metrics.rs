@@ -94,7 +94,7 @@ pub const BATCH_RETRIES: [&str; 5] = [
     "waited_greedy",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 36] = [
+pub const BOUNDS: [&str; 37] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -112,6 +112,7 @@ pub const BOUNDS: [&str; 36] = [
     "jwks_refresh_rate",
     "location_rate",
     "max_connections",
+    "offer_refused_unindexed",
     "otlp_span_queue",
     "register_rate",
     "register_rate_keys",

@@ -331,6 +331,7 @@ impl System {
                 spawns.push(Spawn::Driver(DriverArgs {
                     record,
                     restarted: false,
+                    recovered: true,
                 }));
             }
         }
