@@ -406,6 +406,63 @@ async fn a_driver_who_refuses_an_offer_for_want_of_a_session_leaves_the_cell_it_
     stop([a, b]).await;
 }
 
+/// B is killed with two of its drivers indexed in A's cell (no `end_shard` takes them
+/// out). A's map changes: the first driver's shard leaves B (nobody holds it until its
+/// lease runs out, then its new owner), the second's stays. A's cell lets the first go
+/// at once, counted, and keeps the second; before, it offered the first for good (its
+/// new owner may index it elsewhere, from its last stored position). Ports 31504–31505.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_drivers_of_a_shard_that_leaves_its_node_leave_the_cells_of_the_others() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a9", 31504), ("border-b9", 31505), None).await;
+    let (pickup, beyond, d, _app, cell) =
+        b_driver_in_a_cell((&a, &b), ("border-a9", "border-b9")).await;
+    let sd = entity_shard(d.as_str());
+    let (d2, mut app2) = loop {
+        let (d2, app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
+        if entity_shard(d2.as_str()) != sd {
+            break (d2, app);
+        }
+    };
+    let a_cell = a.sys.cell_ref(&cell).unwrap();
+    counts(&a_cell, (2, 2), WAIT, "A's cell indexes both").await;
+
+    let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
+    let b_node = || Place::Remote("border-b9".into());
+    let with_sd = |p: Place| {
+        ShardMap::new([
+            (home, Place::Local),
+            (there, b_node()),
+            (entity_shard(d2.as_str()), b_node()),
+            (sd, p),
+        ])
+    };
+    a.sys.set_placement(Some(with_sd(b_node())));
+    let forgotten = || {
+        (a.sys.metrics().bounds_hit)
+            .with_label_values(&["cell_entry_owner_left"])
+            .get()
+    };
+    assert_eq!(forgotten(), 0, "an unchanged map forgets nobody");
+    // B is killed: its lease on `sd` runs out, nobody holds it.
+    a.sys.set_placement(Some(with_sd(Place::Nobody)));
+    let what = "A's cell lets the driver of the shard that left B go";
+    counts(&a_cell, (1, 1), Duration::from_secs(3), what).await;
+    assert_eq!(forgotten(), 1);
+    assert_eq!(a.sys.nearby(pickup, 5_000.0, 5, None).await.len(), 1);
+    // The one left is the other shard's driver: it goes when that driver goes offline.
+    driver_cmd(&b.sys, &d2, &mut app2, DriverCommand::GoOffline).await;
+    counts(
+        &a_cell,
+        (0, 0),
+        WAIT,
+        "the other shard's driver was the one kept",
+    )
+    .await;
+    assert_eq!(forgotten(), 1);
+    stop([a, b]).await;
+}
+
 /// A ride's cast on two PostgreSQL nodes: B's driver `d` online across the border, A's
 /// rider `r` (of another entity shard); A holds the pickup's shard, the rider's and the
 /// city's, B the driver's cell shard and the driver's; each node's map places the other's.
