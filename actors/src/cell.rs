@@ -1,6 +1,7 @@
 //! `CellActor`: the drivers of one H3 cell (`CellDrivers`). Location pings upsert into it;
 //! searches query it. It never waits on another actor.
 
+use dispatch_engine::shard::entity_shard;
 use dispatch_engine::{Candidate, CellDrivers, CellId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -94,6 +95,19 @@ impl CellActor {
             }
             CellMsg::Remove(id) => {
                 state.drivers.remove(&id);
+            }
+            CellMsg::Forget(shards) => {
+                let gone: Vec<_> = (state.drivers.iter())
+                    .filter(|d| shards.contains(&entity_shard(d.driver_id.as_str())))
+                    .map(|d| d.driver_id.clone())
+                    .collect();
+                for id in &gone {
+                    state.drivers.remove(id);
+                    self.ctx.metrics.bound_hit("cell_entry_owner_left");
+                }
+                if !gone.is_empty() {
+                    tracing::info!(cell = %state.cell, drivers = gone.len(), "drivers of shards that left their node taken out of the cell");
+                }
             }
             CellMsg::Query {
                 pickup,

@@ -864,6 +864,7 @@ impl Context {
             Some(Spawn::Driver(DriverArgs {
                 record,
                 restarted: false,
+                recovered: false,
             }))
         };
         self.on_demand(Group::Driver, || self.registry.driver(id), start)

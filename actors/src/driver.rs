@@ -29,8 +29,9 @@ pub struct DriverActorState {
     st: DriverState,
     /// The grace period ran out while the driver was busy: go offline once free.
     offline_when_free: bool,
-    /// Started by the supervisor after a failure (not by registration or recovery).
-    restarted: bool,
+    /// Started by recovery, whose one sweep ends the grace period of the drivers it
+    /// started (see `System::recover`); every other start arms its own timer.
+    recovered: bool,
     /// Commands sent to trips, awaiting the trip's answer (see `messages::Ticket`).
     awaiting: Awaiting,
 }
@@ -425,7 +426,7 @@ impl Actor for DriverActor {
             rec: args.record,
             st,
             offline_when_free: false,
-            restarted: args.restarted,
+            recovered: args.recovered,
             awaiting: Awaiting::default(),
         })
     }
@@ -442,9 +443,13 @@ impl Actor for DriverActor {
                 r.cell = s.rec.cell;
             }
         }
-        // Restarted while disconnected: the grace period starts again. (Recovered
-        // drivers share one sweep instead: see `System::recover`.)
-        if s.restarted && s.rec.session.is_none() && s.st.status().is_indexed() {
+        // Started while disconnected (restarted, or on demand: a routed offer or call for
+        // a driver whose app is not connected here, as after its node was killed and
+        // this one took its shard over): the grace period starts again, so a driver
+        // with no session leaves its cell within it however its actor was started; it
+        // is refused every offer meanwhile. (Recovered drivers share one sweep instead:
+        // see `System::recover`.) An attach makes the timer stale (the epoch rises).
+        if !s.recovered && s.rec.session.is_none() && s.st.status().is_indexed() {
             let epoch = s.rec.session_epoch;
             myself.send_after(
                 Duration::from_millis(self.ctx.config.session_grace_ms),

@@ -36,6 +36,10 @@ pub struct DriverArgs {
     pub record: DriverRecord,
     /// Restarted by the supervisor from `record` after a failure.
     pub restarted: bool,
+    /// Started by recovery (`System::recover`, `recover_shard`), whose one sweep sends
+    /// the drivers still away offline after the grace period; any other start without a
+    /// session arms the actor's own grace timer.
+    pub recovered: bool,
 }
 
 /// What a driver's app asks for.
@@ -495,6 +499,11 @@ pub enum CellMsg {
         ping: bool,
     },
     Remove(DriverId),
+    /// Sharded mode: take out every driver of these entity shards, which left a node this
+    /// one had them on (`System::set_placement`): a killed node's drivers, whose actors
+    /// no `end_shard` stopped, are not left here (their new owner's drivers index
+    /// themselves again with their next ping). Never crosses nodes.
+    Forget(std::sync::Arc<std::collections::HashSet<dispatch_engine::shard::ShardId>>),
     Query {
         pickup: Point,
         k: usize,
@@ -519,6 +528,7 @@ impl CellMsg {
             CellMsg::Upsert { ping: true, .. } => "location",
             CellMsg::Upsert { ping: false, .. } => "upsert",
             CellMsg::Remove(_) => "remove",
+            CellMsg::Forget(_) => "forget",
             CellMsg::Query { .. } => "query",
             CellMsg::Count(_) => "count",
             CellMsg::InjectPanic => "inject_panic",

@@ -94,7 +94,7 @@ pub const BATCH_RETRIES: [&str; 5] = [
     "waited_greedy",
 ];
 /// Every `bound` label value `bound_hit` is called with.
-pub const BOUNDS: [&str; 36] = [
+pub const BOUNDS: [&str; 38] = [
     "bad_messages",
     "batch_group_cap",
     "batch_leftover",
@@ -102,6 +102,7 @@ pub const BOUNDS: [&str; 36] = [
     "batch_wait",
     "batch_waiting",
     "batch_work_budget",
+    "cell_entry_owner_left",
     "cell_query_timeout",
     "cell_spawn_failed",
     "console_feed_items",
@@ -112,6 +113,7 @@ pub const BOUNDS: [&str; 36] = [
     "jwks_refresh_rate",
     "location_rate",
     "max_connections",
+    "offer_refused_unindexed",
     "otlp_span_queue",
     "register_rate",
     "register_rate_keys",

@@ -11,11 +11,11 @@
 //! an `Arc` of the current map (an `ArcSwap`-like pattern with std types); a swap takes
 //! the write lock only to replace the `Arc`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use dispatch_engine::shard::ShardId;
+use dispatch_engine::shard::{ShardId, is_entity_shard};
 use dispatch_engine::{CellId, DriverId, RiderId, TripId};
 
 use ractor::RpcReplyPort;
@@ -46,6 +46,20 @@ impl ShardMap {
 
     pub fn place(&self, shard: ShardId) -> Place {
         self.0.get(&shard).cloned().unwrap_or(Place::Nobody)
+    }
+
+    /// The entity shards this map places on another node and `next` does not place
+    /// there any more (`None`: every entity local): their drivers left that node, killed
+    /// or handed off.
+    pub fn left_their_node(&self, next: Option<&ShardMap>) -> HashSet<ShardId> {
+        (self.0.iter())
+            .filter(|(s, p)| {
+                matches!(p, Place::Remote(_))
+                    && is_entity_shard(**s)
+                    && next.is_none_or(|n| n.place(**s) != **p)
+            })
+            .map(|(s, _)| *s)
+            .collect()
     }
 }
 

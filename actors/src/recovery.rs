@@ -22,7 +22,7 @@ use dispatch_persistence::{Batch, Loaded, StoreError, StoredTrip};
 
 use crate::admin::cards;
 use crate::context::Context;
-use crate::messages::{DriverArgs, DriverMsg, Group, RiderArgs, Spawn, TripArgs};
+use crate::messages::{CellMsg, DriverArgs, DriverMsg, Group, RiderArgs, Spawn, TripArgs};
 use crate::records::{DriverRecord, Identity, RiderRecord, TripRecord};
 use crate::session::{CLOSE_GOING_AWAY, SHARD_MOVED};
 use crate::system::System;
@@ -338,6 +338,7 @@ impl System {
                 spawns.push(Spawn::Driver(DriverArgs {
                     record,
                     restarted: false,
+                    recovered: true,
                 }));
             }
         }
@@ -449,8 +450,23 @@ impl System {
     /// Sharded mode: where each shard's actors live now (stage 5), replacing the map
     /// before (`None`: every entity local). With a router started, searches, offers and
     /// a trip's messages to entities of a remote shard go through its node's router.
+    /// The drivers of an entity shard that leaves another node (`Remote(n)` before, not
+    /// now) are taken out of this node's cells, counted per entry in
+    /// `dispatch_bound_hits_total{bound="cell_entry_owner_left"}`: a killed node's
+    /// drivers (no `end_shard` took them out) are not offered for good; a driver that
+    /// runs on elsewhere is indexed again by its next ping.
     pub fn set_placement(&self, map: Option<crate::placement::ShardMap>) {
+        let left = match self.ctx.placement.current() {
+            Some(before) if self.ctx.config.sharded => before.left_their_node(map.as_ref()),
+            _ => Default::default(),
+        };
         self.ctx.placement.set(map);
+        if !left.is_empty() {
+            let left = std::sync::Arc::new(left);
+            for cell in self.ctx.registry.cells.iter() {
+                let _ = cell.cast(CellMsg::Forget(left.clone()));
+            }
+        }
     }
 
     /// Sharded mode: marks `shard` served here or not. While it is not, an app command,

@@ -217,6 +217,7 @@ impl Supervisor {
                 Spawn::Driver(DriverArgs {
                     record: r.clone(),
                     restarted: true,
+                    recovered: false,
                 })
             }),
             Entity::Rider(id) => reg.rider_records.get(id).map(|r| {

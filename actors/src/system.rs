@@ -163,6 +163,7 @@ impl System {
         let args = DriverArgs {
             record,
             restarted: false,
+            recovered: false,
         };
         self.enrol(
             Spawn::Driver(args),

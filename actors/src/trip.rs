@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use dispatch_engine::trip::OfferEnd;
 use dispatch_engine::{
-    AfterPayment, Candidate, Decision, DriverId, PaymentPlan, ProviderAnswer, Sender, Trip,
+    AfterPayment, Candidate, CellId, Decision, DriverId, PaymentPlan, ProviderAnswer, Sender, Trip,
     TripCommand, TripEffect, TripState,
 };
 use dispatch_persistence::{Batch, StoredTrip};
@@ -55,6 +55,10 @@ pub struct TripActorState {
     polling: bool,
     /// While a remote driver's command runs: the fence of its shard it carried.
     carried: Option<dispatch_persistence::Fence>,
+    /// Sharded mode: the cell each driver the trip's last search found was indexed in
+    /// (at most the search's `k`), so that a driver who refuses its offer for want of an
+    /// actor or a session (a ghost: its node was killed) is taken out of that cell.
+    found_in: Vec<(DriverId, CellId)>,
 }
 
 /// Where a trip is between batched-matching windows. Not stored: a restarted trip joins
@@ -276,8 +280,9 @@ impl TripActor {
         Ok(())
     }
 
-    /// The nearest available candidates of the trip's product, leaving out `exclude`.
-    async fn find(&self, s: &TripActorState, exclude: &Excluded) -> Vec<Candidate> {
+    /// The nearest available candidates of the trip's product, leaving out `exclude`
+    /// (sharded mode: the cells they were found in are kept, see `found_in`).
+    async fn find(&self, s: &mut TripActorState, exclude: &Excluded) -> Vec<Candidate> {
         let t = &s.rec.trip;
         let filter = SearchFilter {
             product: Some(t.product),
@@ -289,6 +294,12 @@ impl TripActor {
             .search(t.pickup, self.ctx.config.search, filter, s.trace)
             .await;
         tracing::debug!(trip_id = %t.id, found = found.len(), cells = stats.cells_searched, examined = stats.drivers_examined, "searched");
+        if self.ctx.config.sharded {
+            let grid = self.ctx.config.grid;
+            s.found_in = (found.iter())
+                .map(|c| (c.driver.driver_id.clone(), grid.cell_of(c.driver.position)))
+                .collect();
+        }
         found
     }
 
@@ -328,7 +339,8 @@ impl TripActor {
             // A retry leaves out the drivers its window just assigned (their offers are on
             // their way); a trip that waited looks again at everyone it did not try.
             Round::Retry => {
-                let found = self.find(s, &exclude.and(&s.taken)).await;
+                let exclude = exclude.and(&s.taken);
+                let found = self.find(s, &exclude).await;
                 return self.retry(myself, s, found, window_ms);
             }
             // A driver that only could not hold the trip's offer (it never saw it) is
@@ -374,7 +386,8 @@ impl TripActor {
             None => {
                 // Nobody free was left for it in the window (or the batcher was full or
                 // late): the next-best free ones, at once, if any freed up since.
-                let again = self.find(s, &exclude.and(&s.taken)).await;
+                let exclude = exclude.and(&s.taken);
+                let again = self.find(s, &exclude).await;
                 self.retry(myself, s, again, window_ms)
             }
         }
@@ -721,6 +734,7 @@ impl TripActor {
                         );
                     } else {
                         m.offers.with_label_values(&["refused"]).inc();
+                        self.unindex_ghost(s, &offer.driver_id);
                         work.push_back(Step::Command(
                             TripCommand::OfferRefused { seq: offer.seq },
                             Sender::System,
@@ -734,6 +748,33 @@ impl TripActor {
                 _ => {}
             }
         }
+    }
+
+    /// Sharded mode: a driver the trip's search found in a cell refused its offer. Unless
+    /// it is a driver of this node with a session (whose own actor keeps its place in the
+    /// index), it is taken out of that cell: a driver whose node was killed left its
+    /// entry there (no `end_shard` took it out), and its shard's new owner has no actor
+    /// for it, or one with no session, which refuses every offer; it may have been
+    /// indexed elsewhere from a stale stored position, so its own actor cannot find the
+    /// entry. Without this every trip near it would offer it again (a waiting trip every
+    /// poll). A live driver taken out so (it refused, holding another offer) is indexed
+    /// again by its next ping or status change. Counted (`bound="offer_refused_unindexed"`).
+    fn unindex_ghost(&self, s: &mut TripActorState, driver: &DriverId) {
+        let Some(i) = s.found_in.iter().position(|(d, _)| d == driver) else {
+            return;
+        };
+        let (_, cell) = s.found_in.swap_remove(i);
+        let live_here = self
+            .ctx
+            .remote_of(self.ctx.shard_of_driver(driver))
+            .is_none()
+            && (self.ctx.registry.driver_records.get(driver)).is_some_and(|r| r.session.is_some());
+        if live_here {
+            return;
+        }
+        self.ctx.unindex_driver(driver, cell);
+        self.ctx.metrics.bound_hit("offer_refused_unindexed");
+        tracing::info!(trip_id = %s.rec.trip.id, driver_id = %driver, cell = %cell, "a driver who refused its offer with no actor or session here is taken out of the cell it was found in");
     }
 
     /// A command's outcome goes the way its updates go (through the driver's or rider's
@@ -886,6 +927,7 @@ impl Actor for TripActor {
             handed: None,
             polling: false,
             carried: None,
+            found_in: Vec::new(),
         })
     }
 

@@ -19,14 +19,17 @@ use common::{
     App, Node, WAIT, driver_cmd, eventually, hold, online_driver, pg_system, request, rider,
     stored_state,
 };
-use dispatch_actors::messages::{CellMsg, DriverCommand};
+use dispatch_actors::messages::{CellMsg, DriverCommand, DriverMsg};
 use dispatch_actors::placement::{Place, ShardMap};
+use dispatch_actors::records::Identity;
 use dispatch_actors::remote;
 use dispatch_actors::session::Outbound;
+use dispatch_actors::views::OfferView;
 use dispatch_actors::{ErrorCode, System, SystemConfig};
 use dispatch_engine::shard::{ShardId, WHOLE_CITY, entity_shard, shard_of_point};
-use dispatch_engine::{CellId, DriverId, Point, RiderId, TripState};
+use dispatch_engine::{CellId, DriverId, DriverStatus, Point, Product, RiderId, TripId, TripState};
 use dispatch_persistence::{PgOptions, Store};
+use ractor::ActorRef;
 
 const COOKIE: &str = "border-router-cookie-0123456789ab";
 
@@ -48,14 +51,24 @@ fn sharded(c: SystemConfig) -> SystemConfig {
 /// Two linked sharded nodes, each serving every entity shard (its sessions attach), on
 /// sled stores of their own, or both on the PostgreSQL database `pg`.
 async fn pair(a: (&str, u16), b: (&str, u16), pg: Option<&str>) -> (Node, Node) {
+    pair_tuned(a, b, pg, sharded).await
+}
+
+/// [`pair`] with each node's configuration made by `tune`.
+async fn pair_tuned(
+    a: (&str, u16),
+    b: (&str, u16),
+    pg: Option<&str>,
+    tune: fn(SystemConfig) -> SystemConfig,
+) -> (Node, Node) {
     let start = || async move {
         let (sys, dir, store) = match pg {
             None => {
-                let (sys, dir) = common::start_with(sharded, None).await;
+                let (sys, dir) = common::start_with(tune, None).await;
                 (sys, dir, None)
             }
             Some(url) => {
-                let (sys, store) = pg_system(url, sharded).await;
+                let (sys, store) = pg_system(url, tune).await;
                 (sys, tempfile::tempdir().unwrap(), Some(store))
             }
         };
@@ -257,6 +270,196 @@ async fn a_driver_whose_shard_ends_on_b_leaves_a_s_cell() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(a.sys.nearby(pickup, 5_000.0, 5, None).await.is_empty());
+    stop([a, b]).await;
+}
+
+/// Polls `cell`'s count (available, all) until it is `want`, failing after `within`.
+async fn counts(cell: &ActorRef<CellMsg>, want: (usize, usize), within: Duration, what: &str) {
+    let until = Instant::now() + within;
+    loop {
+        let count = common::ask(cell, CellMsg::Count).await;
+        if count == want {
+            return;
+        }
+        assert!(Instant::now() < until, "never happened: {what} ({count:?})");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Detaches `app`'s session from B's driver `d` (indexed still, its grace timer armed):
+/// its actor.
+async fn detached(sys: &System, d: &DriverId, app: &App) -> ActorRef<DriverMsg> {
+    sys.detach(&Identity::Driver(d.clone()), app.handle.id);
+    let actor = sys.driver_ref(d).unwrap();
+    let rec = common::ask(&actor, DriverMsg::Get).await;
+    assert!(rec.session.is_none() && rec.status.is_indexed());
+    actor
+}
+
+/// The session grace period of [`a_driver_started_on_demand_with_no_session_leaves_a_s_cell`].
+const GRACE: Duration = Duration::from_millis(1_000);
+
+/// After its node was killed (no `end_shard`: its actor and its app's session are gone,
+/// and nobody took it out of A's cell), B's driver is started again on demand by its
+/// shard's owner (B here, standing for the node that took the shard over), from its
+/// record, with no session: as a routed offer or call for it starts it. It is refused
+/// every offer, and it leaves A's cell within the grace period; an on-demand start used
+/// to arm no grace timer (only a restarted actor did), so A's cell went on offering a
+/// driver with no session for good. Ports 31500–31501 (session 29's range for this fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_started_on_demand_with_no_session_leaves_a_s_cell() {
+    let _one = ONE_PAIR.lock().await;
+    let tune = |c| SystemConfig {
+        session_grace_ms: GRACE.as_millis() as u64,
+        ..sharded(c)
+    };
+    let (a, b) = pair_tuned(("border-a7", 31500), ("border-b7", 31501), None, tune).await;
+    let (pickup, _, d, app, cell) = b_driver_in_a_cell((&a, &b), ("border-a7", "border-b7")).await;
+    let a_cell = a.sys.cell_ref(&cell).unwrap();
+    counts(&a_cell, (1, 1), WAIT, "A's cell indexes it").await;
+
+    // The session goes, then the actor with its grace timer, and no one tells A's cell.
+    let first = detached(&b.sys, &d, &app).await;
+    first.stop(Some("its node was killed".into()));
+    first.wait(Some(WAIT)).await.unwrap();
+    eventually("the actor is gone", || b.sys.driver_ref(&d).is_none()).await;
+    let count = common::ask(&a_cell, CellMsg::Count).await;
+    assert_eq!(count, (1, 1), "the ghost is still in A's cell");
+
+    // Started on demand: indexed again from its record, with no session.
+    let started = Instant::now();
+    let again = b
+        .sys
+        .wake_driver(&d)
+        .await
+        .expect("started from its record");
+    let offer = OfferView {
+        trip_id: TripId::new("trp_ghost"),
+        pickup,
+        dropoff: pickup,
+        product: Product::Economy,
+        fare_cents: 1_000,
+        currency: "USD".into(),
+        pickup_distance_m: 0,
+        pickup_eta_s: 0,
+        expires_at_ms: u64::MAX,
+        trace: None,
+        queued_at: None,
+    };
+    let held = common::ask(&again, |r| DriverMsg::ReserveOffer(offer, r)).await;
+    assert!(!held, "a driver with no session is never offered a trip");
+
+    // Within the grace period (and a margin for the Remove's crossing), A lets it go.
+    let within = (GRACE + Duration::from_secs(3)).saturating_sub(started.elapsed());
+    let what = "A's cell lets the driver with no session go after its on-demand start";
+    counts(&a_cell, (0, 0), within, what).await;
+    let rec = common::ask(&again, DriverMsg::Get).await;
+    assert_eq!(rec.status, DriverStatus::Offline);
+    assert!(a.sys.nearby(pickup, 5_000.0, 5, None).await.is_empty());
+    stop([a, b]).await;
+}
+
+/// A trip on A finds B's driver in A's cell, but the driver has no session on B (its app
+/// was on a node that was killed, and B, its shard's owner now, has its actor from a
+/// stale record): B refuses the offer, and A's trip takes the driver out of the cell it
+/// found it in, at once and counted, so no other trip is offered it; the driver's own
+/// actor could not (it may be indexed elsewhere from a stale stored position), and its
+/// grace period (30 s here) is far off. Before, every trip near it offered it again, a
+/// waiting trip at every poll. Ports 31502–31503 (session 29's range for this fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_driver_who_refuses_an_offer_for_want_of_a_session_leaves_the_cell_it_was_found_in() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a8", 31502), ("border-b8", 31503), None).await;
+    let (pickup, beyond, d, app, cell) =
+        b_driver_in_a_cell((&a, &b), ("border-a8", "border-b8")).await;
+    let a_cell = a.sys.cell_ref(&cell).unwrap();
+    counts(&a_cell, (1, 1), WAIT, "A's cell indexes it").await;
+    detached(&b.sys, &d, &app).await;
+
+    // A routes the driver's shard to B, serves the pickup's, and its rider is its own.
+    let sd = entity_shard(d.as_str());
+    let (r, mut r_app) = loop {
+        let (r, app) = rider(&a.sys).await;
+        if entity_shard(r.as_str()) != sd {
+            break (r, app);
+        }
+    };
+    let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
+    a.sys.set_serving(home, true);
+    a.sys.set_placement(Some(ShardMap::new([
+        (home, Place::Local),
+        (there, Place::Remote("border-b8".into())),
+        (sd, Place::Remote("border-b8".into())),
+    ])));
+    request(&a.sys, &r, &mut r_app, pickup.lat(), pickup.lng()).await;
+    let what = "A's cell lets a driver go who refused its offer for want of a session";
+    counts(&a_cell, (0, 0), Duration::from_secs(3), what).await;
+    let counted = a
+        .sys
+        .metrics()
+        .bounds_hit
+        .with_label_values(&["offer_refused_unindexed"]);
+    assert_eq!(counted.get(), 1);
+    let refused = a.sys.metrics().offers.with_label_values(&["refused"]).get();
+    assert_eq!(refused, 1, "offered once, refused once");
+    assert!(a.sys.nearby(pickup, 5_000.0, 5, None).await.is_empty());
+    stop([a, b]).await;
+}
+
+/// B is killed with two of its drivers indexed in A's cell (no `end_shard` takes them
+/// out). A's map changes: the first driver's shard leaves B (nobody holds it until its
+/// lease runs out, then its new owner), the second's stays. A's cell lets the first go
+/// at once, counted, and keeps the second; before, it offered the first for good (its
+/// new owner may index it elsewhere, from its last stored position). Ports 31504–31505.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_drivers_of_a_shard_that_leaves_its_node_leave_the_cells_of_the_others() {
+    let _one = ONE_PAIR.lock().await;
+    let (a, b) = pair(("border-a9", 31504), ("border-b9", 31505), None).await;
+    let (pickup, beyond, d, _app, cell) =
+        b_driver_in_a_cell((&a, &b), ("border-a9", "border-b9")).await;
+    let sd = entity_shard(d.as_str());
+    let (d2, mut app2) = loop {
+        let (d2, app) = online_driver(&b.sys, pickup.lat(), pickup.lng()).await;
+        if entity_shard(d2.as_str()) != sd {
+            break (d2, app);
+        }
+    };
+    let a_cell = a.sys.cell_ref(&cell).unwrap();
+    counts(&a_cell, (2, 2), WAIT, "A's cell indexes both").await;
+
+    let (home, there) = (shard_at(&a.sys, pickup), shard_at(&a.sys, beyond));
+    let b_node = || Place::Remote("border-b9".into());
+    let with_sd = |p: Place| {
+        ShardMap::new([
+            (home, Place::Local),
+            (there, b_node()),
+            (entity_shard(d2.as_str()), b_node()),
+            (sd, p),
+        ])
+    };
+    a.sys.set_placement(Some(with_sd(b_node())));
+    let forgotten = || {
+        (a.sys.metrics().bounds_hit)
+            .with_label_values(&["cell_entry_owner_left"])
+            .get()
+    };
+    assert_eq!(forgotten(), 0, "an unchanged map forgets nobody");
+    // B is killed: its lease on `sd` runs out, nobody holds it.
+    a.sys.set_placement(Some(with_sd(Place::Nobody)));
+    let what = "A's cell lets the driver of the shard that left B go";
+    counts(&a_cell, (1, 1), Duration::from_secs(3), what).await;
+    assert_eq!(forgotten(), 1);
+    assert_eq!(a.sys.nearby(pickup, 5_000.0, 5, None).await.len(), 1);
+    // The one left is the other shard's driver: it goes when that driver goes offline.
+    driver_cmd(&b.sys, &d2, &mut app2, DriverCommand::GoOffline).await;
+    counts(
+        &a_cell,
+        (0, 0),
+        WAIT,
+        "the other shard's driver was the one kept",
+    )
+    .await;
+    assert_eq!(forgotten(), 1);
     stop([a, b]).await;
 }
 
