@@ -14,8 +14,17 @@
 //!   `dispatch_cluster_forwarded_total{route_group="account",outcome="too_large"}`.
 //! - A request whose owner was just killed -9 is 503 `unavailable` within a few seconds
 //!   (the owner's host leaves its group as its link closes; no waiting out the timeout).
+//! - A registration under a JWT (rider and driver) on a node that does not own the JWT
+//!   id's shard is 201, registered by the owner (asked again: 409 there and on the owner,
+//!   as the owner answers twice); the account then works through any node (a quote, the
+//!   driver's earnings). The registration limit counts it on the node asked, once: past
+//!   the burst, 429 there (`bound="register_rate"`), not forwarded; the owner neither
+//!   counted the forwarded ones nor refused them.
 
 use std::time::Duration;
+
+#[path = "support/idp.rs"]
+mod idp;
 
 use dispatch_tests::cluster::all_see_each_other;
 use dispatch_tests::{ClusterFixture, Dispatchd, SHORT_TRIP_FLAGS, SLOW, eventually_within};
@@ -35,8 +44,12 @@ const PICKUP: (f64, f64) = (40.7484, -73.9857);
 const DROPOFF: (f64, f64) = (40.7520, -73.9800);
 
 fn owner_of(shard: u64) -> usize {
-    let o = shard_owner(shard, &NAMES).expect("members");
-    NAMES.iter().position(|n| *n == o).unwrap()
+    owner_in(shard, &NAMES)
+}
+
+fn owner_in(shard: u64, names: &[&str]) -> usize {
+    let o = shard_owner(shard, names).expect("members");
+    names.iter().position(|n| *n == o).unwrap()
 }
 
 /// Registers accounts on `on` until one's entity shard is owned by `want`.
@@ -50,16 +63,25 @@ async fn rider_of(on: &Dispatchd, want: usize) -> (String, String) {
 }
 
 async fn start(fx: &ClusterFixture) -> Vec<Dispatchd> {
+    start_with(fx, (&PORTS, &NAMES), &[]).await
+}
+
+async fn start_with(
+    fx: &ClusterFixture,
+    (ports, names): (&[u16; 3], &[&str; 3]),
+    flags: &[&str],
+) -> Vec<Dispatchd> {
     let mut nodes: Vec<Dispatchd> = Vec::new();
-    for (i, name) in NAMES.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let d = fx
-            .sharded_node(name, (&PORTS, i), ADMIN, TTL_MS)
+            .sharded_node(name, (ports, i), ADMIN, TTL_MS)
             .flags(SHORT_TRIP_FLAGS)
             .flags(&["--service-area", AREA, "--database-timeout-ms", "2000"])
+            .flags(flags)
             .spawn();
         nodes.push(d);
     }
-    all_see_each_other(&nodes, &NAMES, "the three nodes see each other").await;
+    all_see_each_other(&nodes, names, "the three nodes see each other").await;
     eventually_within("every node ready", SLOW, || async {
         for d in &nodes {
             if !d.is_ready().await {
@@ -292,4 +314,138 @@ fn shard_at_trip() -> u64 {
     dispatch_engine::shard::shard_of(
         grid.cell_of(dispatch_engine::Point::new(PICKUP.0, PICKUP.1).unwrap()),
     )
+}
+
+/// Cluster ports of the JWT registration test (the `jwtreg` helper's range 31550–31559).
+const JWT_PORTS: [u16; 3] = [31550, 31551, 31552];
+const JWT_NAMES: [&str; 3] = ["g1", "g2", "g3"];
+/// The registration burst of each node in the JWT registration test (and a rate so low
+/// that none comes back during it).
+const BURST: usize = 3;
+
+/// A JWT subject of `role` whose id's entity shard `want` owns (`n`: a distinct start).
+fn subject_owned_by(role: &str, want: usize, n: usize) -> String {
+    let prefix = match role {
+        "rider" => dispatch_engine::RiderId::PREFIX,
+        _ => dispatch_engine::DriverId::PREFIX,
+    };
+    (n * 1000..)
+        .map(|i| format!("{role}-{i}"))
+        .find(|sub| owner_in(entity_shard(&format!("{prefix}{sub}")), &JWT_NAMES) == want)
+        .expect("a subject")
+}
+
+fn rider_body() -> Value {
+    json!({"name": "Riley", "phone": "+1 555 0100"})
+}
+
+fn driver_body() -> Value {
+    json!({"name": "Dana", "vehicle": {"make": "Toyota", "model": "Prius", "plate": "AB 123", "color": "blue", "product": "economy", "seats": 4}})
+}
+
+async fn register_rate_hits(d: &Dispatchd) -> f64 {
+    d.metric_value("dispatch_bound_hits_total{bound=\"register_rate\"}")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_registration_on_a_node_that_does_not_own_its_shard_is_forwarded_to_the_owner() {
+    let Some(fx) = ClusterFixture::new("forward_jwt_registration", COOKIE) else {
+        return;
+    };
+    let rsa = idp::Signer::rsa("rsa-1");
+    let provider = idp::Idp::serve(&[&rsa]).await;
+    let burst = BURST.to_string();
+    let limit = [
+        "--register-rate-per-s",
+        "0.001",
+        "--register-burst",
+        burst.as_str(),
+    ];
+    let flags: Vec<&str> = provider.flags(&limit);
+    let nodes = start_with(&fx, (&JWT_PORTS, &JWT_NAMES), &flags).await;
+    // X is asked, O owns the accounts' shards, T is the third node.
+    let (x, o) = (0, 1);
+    let t = 2;
+    let rider_sub = subject_owned_by("rider", o, 1);
+    let driver_sub = subject_owned_by("driver", o, 2);
+    let rider = rsa.sign(&idp::claims("rider", &rider_sub));
+    let driver = rsa.sign(&idp::claims("driver", &driver_sub));
+
+    // Registered on X, which does not own their shard: 201, by the owner.
+    let (st, v) = nodes[x]
+        .post("/v1/riders", Some(&rider), rider_body())
+        .await;
+    assert_eq!(st, 201, "the JWT rider registered on {}: {v}", JWT_NAMES[x]);
+    let rider_id = format!("{}{rider_sub}", dispatch_engine::RiderId::PREFIX);
+    assert_eq!(v["rider_id"], rider_id.as_str(), "{v}");
+    let (st, v) = nodes[x]
+        .post("/v1/drivers", Some(&driver), driver_body())
+        .await;
+    assert_eq!(
+        st, 201,
+        "the JWT driver registered on {}: {v}",
+        JWT_NAMES[x]
+    );
+    assert!(forwarded(&nodes[x], "registration", "answered").await >= 2.0);
+    // Asked again: what the owner answers to a second registration (409), there and here.
+    for i in [x, o] {
+        let (st, v) = nodes[i]
+            .post("/v1/riders", Some(&rider), rider_body())
+            .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (409, Some("conflict")),
+            "the rider again on {}: {v}",
+            JWT_NAMES[i]
+        );
+    }
+    // The accounts work through any node.
+    let quote = json!({"pickup": dispatch_tests::point(PICKUP), "dropoff": dispatch_tests::point(DROPOFF), "product": "economy"});
+    for i in 0..3 {
+        let (st, q) = nodes[i]
+            .post("/v1/quotes", Some(&rider), quote.clone())
+            .await;
+        assert_eq!(st, 201, "the JWT rider's quote on {}: {q}", JWT_NAMES[i]);
+        let (st, v) = nodes[i].get("/v1/drivers/me/earnings", Some(&driver)).await;
+        assert_eq!(
+            st, 200,
+            "the JWT driver's earnings on {}: {v}",
+            JWT_NAMES[i]
+        );
+    }
+
+    // The limit, on X: its 3 registrations so far (2 forwarded, the 409) are the burst;
+    // the next one from this address is 429 there and never reaches the owner.
+    let answered = forwarded(&nodes[x], "registration", "answered").await;
+    let late = rsa.sign(&idp::claims("rider", &subject_owned_by("rider", o, 3)));
+    let (st, v) = nodes[x].post("/v1/riders", Some(&late), rider_body()).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "past the burst on {}: {v}",
+        JWT_NAMES[x]
+    );
+    assert_eq!(register_rate_hits(&nodes[x]).await, 1.0);
+    assert_eq!(
+        forwarded(&nodes[x], "registration", "answered").await,
+        answered,
+        "a refused registration is not forwarded"
+    );
+    // The owner counted only the one registration asked of it (the 409): the forwarded
+    // ones were X's to count. Its burst has BURST - 1 left for this address.
+    assert_eq!(register_rate_hits(&nodes[o]).await, 0.0);
+    for n in 1..BURST {
+        let (st, v) = nodes[o].post("/v1/riders", None, rider_body()).await;
+        assert_eq!(st, 201, "own registration {n} on the owner: {v}");
+    }
+    let (st, v) = nodes[o].post("/v1/riders", None, rider_body()).await;
+    assert_eq!(st, 429, "the owner's own burst is spent: {v}");
+    // T, asked nothing to register yet, forwards one of its own for this address.
+    let (st, v) = nodes[t].post("/v1/riders", Some(&late), rider_body()).await;
+    assert_eq!(
+        st, 201,
+        "the late rider registered on {}: {v}",
+        JWT_NAMES[t]
+    );
 }

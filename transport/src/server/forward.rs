@@ -8,9 +8,16 @@
 //!   settings (`/admin/pricing`, `/admin/surge`, `/admin/surge/cells/{cell}`, read or
 //!   written) to the owner of `WHOLE_CITY` (shard 0); one driver's or rider's admin views
 //!   and suspensions to the owner of its entity shard; one trip's admin views, cancel
-//!   and refund to the owner of its pickup's cell shard. The rest is answered by the node
-//!   asked (`docs/api.md`, sharded section, says why per route). Registrations are not
-//!   forwarded: they draw an id in a shard the node asked serves.
+//!   and refund to the owner of its pickup's cell shard; a registration under a JWT
+//!   (`POST /v1/riders`, `POST /v1/drivers`: its id is the JWT's subject) to the owner of
+//!   that id's entity shard. The rest is answered by the node asked (`docs/api.md`,
+//!   sharded section, says why per route): an own-token registration draws its id in a
+//!   shard the node asked serves.
+//! - **Registration limit**: keyed by the client's address, which only the node asked
+//!   knows. It counts a forwarded registration there, once, before forwarding it (429
+//!   there, never forwarded, when over); the owner's limit skips a request carrying the
+//!   [`Forwarded`] extension (`ratelimit::limit_registration`), so the registration is
+//!   neither counted twice nor counted under the peer node.
 //! - **How**: the request (method, path and query, the headers the routes read, the body)
 //!   is a [`ForwardRequest`] cast to the owner's relay host (`relay::host_group(owner)`,
 //!   the actor that hosts relayed sessions), which runs it through its own router
@@ -87,7 +94,13 @@ const RESPONSE_HEADERS: [&str; 4] = [
 ];
 
 /// Every `route_group` of the forward series.
-pub const ROUTE_GROUPS: [&str; 4] = ["account", "settings", "entity_admin", "trip_admin"];
+pub const ROUTE_GROUPS: [&str; 5] = [
+    "account",
+    "registration",
+    "settings",
+    "entity_admin",
+    "trip_admin",
+];
 /// Every `outcome` of `dispatch_cluster_forwarded_total`.
 pub const OUTCOMES: [&str; 9] = [
     "answered",
@@ -214,6 +227,20 @@ pub async fn route(
         // others are answered here (401/403) as they would be there.
         admin::admin_token(app, &auth::hash(token)).ok()?;
         return admin_target(app, method, rest).await;
+    }
+    if *method == Method::POST && matches!(path, "/v1/riders" | "/v1/drivers") {
+        // A registration under a JWT: its id is the JWT's subject, so its entity shard is
+        // fixed and only that shard's owner can store it. Without a JWT (an own token is
+        // minted, its id drawn in a shard the node asked serves), or with a bearer that is
+        // no JWT or does not verify: answered here, as there.
+        let proof = jwt::verify(&app.auth, token).await.ok()?;
+        if !matches!(proof, jwt::Proof::Jwt(_)) {
+            return None;
+        }
+        return Some(Target {
+            shard: proof.shard()?,
+            group: "registration",
+        });
     }
     let account = matches!(
         path,

@@ -30,6 +30,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use ipnet::IpNet;
 
 use super::App;
+use super::forward::Forwarded;
 use super::http::HttpError;
 
 /// Addresses the limiter keeps state for, at most.
@@ -226,29 +227,43 @@ fn key(ip: IpAddr) -> IpAddr {
 }
 
 /// Middleware for the registration routes. A request without a peer address (served
-/// without connect info, as in-process tests may) is not limited.
+/// without connect info, as in-process tests may) is not limited, nor is one another node
+/// forwarded here (`forward.rs`, the [`Forwarded`] extension): the node asked counted it
+/// against its client's address before forwarding it ([`refusal`]), and this node never
+/// saw that address, so it neither counts it again nor counts it under the peer's.
 pub async fn limit_registration(State(app): State<App>, req: Request, next: Next) -> Response {
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
-        let client = app.register_limit.client(peer.ip(), req.headers());
-        if let Err(wait) = app.register_limit.check(client) {
-            let (bound, wait) = match wait {
-                Ok(wait) => ("register_rate", wait),
-                Err(()) => ("register_rate_keys", FULL_SWEEP_EVERY),
-            };
-            app.metrics.bound_hit(bound);
-            tracing::debug!(%client, bound, "registration refused: rate limited");
-            let mut r = HttpError(ApiError::new(
-                ErrorCode::RateLimited,
-                "too many registrations from this address; retry after the Retry-After seconds",
-            ))
-            .into_response();
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            return r;
-        }
+    if req.extensions().get::<Forwarded>().is_some() {
+        return next.run(req).await;
     }
-    next.run(req).await
+    match refusal(&app, &req) {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+/// One registration from `req`'s client counted against its address: `Some(429)` when it
+/// is over the limit (counted in `dispatch_bound_hits_total`), `None` when it may go on
+/// (or has no peer address). Called once per registration: by [`limit_registration`] on
+/// the node that runs it, or by the sharded front on the node asked before forwarding it.
+pub fn refusal(app: &App, req: &Request) -> Option<Response> {
+    let ConnectInfo(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied()?;
+    let client = app.register_limit.client(peer.ip(), req.headers());
+    let wait = app.register_limit.check(client).err()?;
+    let (bound, wait) = match wait {
+        Ok(wait) => ("register_rate", wait),
+        Err(()) => ("register_rate_keys", FULL_SWEEP_EVERY),
+    };
+    app.metrics.bound_hit(bound);
+    tracing::debug!(%client, bound, "registration refused: rate limited");
+    let mut r = HttpError(ApiError::new(
+        ErrorCode::RateLimited,
+        "too many registrations from this address; retry after the Retry-After seconds",
+    ))
+    .into_response();
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    Some(r)
 }
 
 #[cfg(test)]

@@ -311,7 +311,14 @@ impl Front {
         let response = match (&self.forward, target) {
             (Some(fwd), Some(t)) if !self.here.serving(&self.app, t.shard) => {
                 match self.here.view.owner(t.shard) {
-                    Some(o) if o != self.here.node => fwd.forward(&o, t, admin, req).await,
+                    Some(o) if o != self.here.node => {
+                        // The registration limit is per client address, known only here:
+                        // counted here, once (the owner's skips a forwarded request).
+                        match ratelimit_first(&self.app, t, &req) {
+                            Some(refused) => refused,
+                            None => fwd.forward(&o, t, admin, req).await,
+                        }
+                    }
                     // Nobody's, or this node's and loading: answered here (503).
                     _ => run_local(router, req).await,
                 }
@@ -393,6 +400,15 @@ impl Front {
             Err(never) => match never {},
         }
     }
+}
+
+/// A registration about to be forwarded, counted against its client's address here:
+/// `Some(429)` when over the limit (`ratelimit::refusal`).
+fn ratelimit_first(app: &super::App, t: forward::Target, req: &Request) -> Option<Response> {
+    if t.group != "registration" {
+        return None;
+    }
+    super::ratelimit::refusal(app, req)
 }
 
 async fn run_local(router: Router, req: Request) -> Response {
